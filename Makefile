@@ -1,0 +1,35 @@
+# One-command entry points. Each target creates .venv and installs the pinned requirements
+# itself, so a fresh clone needs nothing but python3 and make.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: venv demo test test-fast test-slurm lint docs bench clean
+
+$(STAMP): requirements.txt setup.py
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -r requirements.txt
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m flex_surgery demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest _test multi_gpu_tests -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check flex_surgery _test multi_gpu_tests benchmarks distributed
+
+docs: $(STAMP)
+	$(BIN)/python -m sphinx -W -b html docs docs/_build/html
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/retrieval_overhead.py
+	$(BIN)/python benchmarks/surgery.py
+
+clean:
+	rm -rf $(VENV) docs/_build .pytest_cache

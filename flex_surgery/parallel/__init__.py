@@ -1,0 +1,1 @@
+"""Meshes, layouts and autograd-aware collectives: how tensors are split across ranks."""
