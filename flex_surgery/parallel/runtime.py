@@ -1,0 +1,138 @@
+"""The seam between hooks and parallelism: how a hook gets the whole tensor and puts it back.
+
+A :class:`~flex_surgery.hooks.hook_function.HookFunction` never calls a collective itself. For
+each hook call it asks the model's runtime three questions, and the answers are the only place
+where parallelism enters the hook path:
+
+1. :meth:`Runtime.retrieve` -- "store a detached copy of the whole of this tensor": gathered to
+   the storing rank only (never an all-gather to everyone), copied off the device there.
+2. :meth:`Runtime.gather_for_edit` -- "give me the whole tensor where the editing function runs":
+   autograd-aware, full tensor on exactly one rank per hook call (the *edit leader*), ``None``
+   on the others.
+3. :meth:`Runtime.scatter_from_edit` -- "put the edited whole tensor back in its sharded form":
+   the mirror of 2, so gradients flow back through edit and gather.
+
+:class:`LocalRuntime` is the single-process answer (every question is the identity); the
+distributed runtime in :mod:`flex_surgery.parallel.distributed_runtime` answers them over a
+:class:`~flex_surgery.parallel.mesh.ParallelMesh` with layouts inferred from the module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+HOOK_TYPES = ("forward", "forward_pre", "full_backward", "full_backward_pre", "tensor")
+
+
+@dataclass(frozen=True)
+class HookSite:
+    """Where a hook call happens: which module (or parameter), which hook kind, what shape hint.
+
+    ``role`` says which tensor of the module the hook sees -- ``"output"``, ``"input"``,
+    ``"grad_output"``, ``"grad_input"`` or ``"param_grad"`` -- because under tensor parallelism a
+    module's input and output are sharded differently (a row-parallel linear takes a sharded
+    input and returns a replicated output), and gradients follow the layout of their tensor.
+    """
+
+    module_name: str
+    hook_type: str
+    role: str
+    module: nn.Module | None = field(default=None, compare=False, repr=False)
+    parameter: nn.Parameter | None = field(default=None, compare=False, repr=False)
+    expected_shape: tuple[int, ...] | None = None
+
+    @staticmethod
+    def role_for(hook_type: str) -> str:
+        return {
+            "forward": "output",
+            "forward_pre": "input",
+            "full_backward": "grad_input",
+            "full_backward_pre": "grad_output",
+            "tensor": "param_grad",
+        }[hook_type]
+
+
+class EditContext:
+    """What :meth:`Runtime.gather_for_edit` hands to :meth:`Runtime.scatter_from_edit`.
+
+    Opaque to the hook: the runtime keeps here whatever it needs to undo its gather (the layout,
+    the shard sizes, the autograd placeholder on non-leader ranks).
+    """
+
+    def __init__(self, site: HookSite, local: torch.Tensor, **state: Any) -> None:
+        self.site = site
+        self.local = local
+        self.state = state
+
+
+class Runtime:
+    """Interface of a hook runtime; :class:`LocalRuntime` is the one-process implementation."""
+
+    def retrieve(self, local: torch.Tensor, site: HookSite,
+                 store: Callable[[torch.Tensor], None]) -> None:
+        """Call ``store(full_detached_cpu_tensor)`` on the storing rank(s); no-op elsewhere."""
+        raise NotImplementedError
+
+    def gather_for_edit(self, local: torch.Tensor,
+                        site: HookSite) -> tuple[torch.Tensor | None, EditContext]:
+        """Whole tensor (autograd-connected) on the edit leader, ``None`` on the other ranks."""
+        raise NotImplementedError
+
+    def scatter_from_edit(self, full: torch.Tensor | None, ctx: EditContext) -> torch.Tensor:
+        """This rank's piece of the edited whole tensor, in the layout ``ctx.local`` had."""
+        raise NotImplementedError
+
+    def run_on_leader(self, ctx: EditContext, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on the edit leader; if it raises there, raise on every rank.
+
+        Every rank must learn within bounded time that the editing function failed, or the
+        non-leaders would wait forever in the next collective. Returns ``fn()``'s result on the
+        leader and ``None`` elsewhere.
+        """
+        raise NotImplementedError
+
+    def is_edit_leader(self, site: HookSite) -> bool:
+        raise NotImplementedError
+
+    def sync_trainable_modules(self, modules: dict[str, nn.Module]) -> None:
+        """Keep trainable modules used in editing functions identical on every rank."""
+        raise NotImplementedError
+
+
+def store_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A detached CPU copy that later in-place changes to ``tensor`` cannot reach.
+
+    ``tensor.cpu()`` on a CPU tensor returns the tensor itself, so the copy is explicit. For CUDA
+    tensors the copy is issued non-blocking.
+    """
+    return tensor.detach().to("cpu", copy=True, non_blocking=tensor.device.type == "cuda")
+
+
+class LocalRuntime(Runtime):
+    """One process, nothing sharded: every question is answered with the tensor itself."""
+
+    def retrieve(self, local: torch.Tensor, site: HookSite,
+                 store: Callable[[torch.Tensor], None]) -> None:
+        store(store_copy(local))
+
+    def gather_for_edit(self, local: torch.Tensor,
+                        site: HookSite) -> tuple[torch.Tensor | None, EditContext]:
+        return local, EditContext(site, local)
+
+    def scatter_from_edit(self, full: torch.Tensor | None, ctx: EditContext) -> torch.Tensor:
+        assert full is not None
+        return full
+
+    def run_on_leader(self, ctx: EditContext, fn: Callable[[], Any]) -> Any:
+        return fn()
+
+    def is_edit_leader(self, site: HookSite) -> bool:
+        return True
+
+    def sync_trainable_modules(self, modules: dict[str, nn.Module]) -> None:
+        return None
