@@ -103,6 +103,16 @@ class Runtime:
         """Keep trainable modules used in editing functions identical on every rank."""
         raise NotImplementedError
 
+    def full_parameter(self, name: str, parameter: torch.Tensor,
+                       owner: nn.Module | None) -> torch.Tensor:
+        """The whole of a (possibly sharded) parameter, as a detached CPU copy, on every rank.
+
+        ``name`` is the parameter's dotted path in the wrapped module and ``owner`` the module
+        that holds it (its layout says how the parameter is split). Every rank of the model's
+        group must call this together; each gets the same whole tensor.
+        """
+        raise NotImplementedError
+
 
 def store_copy(tensor: torch.Tensor) -> torch.Tensor:
     """A detached CPU copy that later in-place changes to ``tensor`` cannot reach.
@@ -136,3 +146,7 @@ class LocalRuntime(Runtime):
 
     def sync_trainable_modules(self, modules: dict[str, nn.Module]) -> None:
         return None
+
+    def full_parameter(self, name: str, parameter: torch.Tensor,
+                       owner: nn.Module | None) -> torch.Tensor:
+        return store_copy(parameter)
