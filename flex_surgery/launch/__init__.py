@@ -1,0 +1,26 @@
+"""Launching flex_surgery programs on many ranks: torchrun, SLURM through submitit, or locally.
+
+- :func:`launch` / :func:`submit`: run a function on N ranks and get every rank's result back
+  (or a :class:`LaunchError` naming each failed rank with its traceback).
+- :func:`init_from_env`: join the process group from inside code that torchrun, ``srun`` or a
+  submitit job already started.
+- :func:`run_script`: launch a Python file instead of a function.
+"""
+
+from flex_surgery.launch.environment import RankEnvironment, detect_environment, init_from_env
+from flex_surgery.launch.launcher import EXECUTORS, LaunchedJob, launch, run_script, submit
+from flex_surgery.launch.rank_task import LaunchError, RankOutcome, RankTask
+
+__all__ = [
+    "EXECUTORS",
+    "LaunchError",
+    "LaunchedJob",
+    "RankEnvironment",
+    "RankOutcome",
+    "RankTask",
+    "detect_environment",
+    "init_from_env",
+    "launch",
+    "run_script",
+    "submit",
+]

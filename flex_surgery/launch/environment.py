@@ -1,0 +1,181 @@
+"""Who am I in this job? Reading rank, world size and rendezvous from the launcher's variables.
+
+Every launcher describes a rank differently: torchrun exports ``RANK``/``WORLD_SIZE``/
+``MASTER_ADDR``/``MASTER_PORT``; a submitit task knows its rank through
+:class:`submitit.JobEnvironment`; a plain ``srun`` step has ``SLURM_PROCID``/``SLURM_NTASKS`` and
+a compressed node list. :func:`detect_environment` turns each of them into one
+:class:`RankEnvironment`, and :func:`init_from_env` exports it as the ``env://`` variables and
+starts the process group through :func:`flex_surgery.parallel.backend.init_distributed`, so the
+backend always follows from the device.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+from dataclasses import dataclass
+
+import torch
+
+from flex_surgery.parallel.backend import init_distributed
+
+__all__ = ["RankEnvironment", "detect_environment", "free_port", "init_from_env", "port_for_job"]
+
+# The range submitit's TorchDistributedEnvironment draws job ports from.
+_MIN_PORT, _MAX_PORT = 20000, 60000
+
+
+@dataclass(frozen=True)
+class RankEnvironment:
+    """One rank's place in the job, as the launcher described it.
+
+    ``launcher`` names where it came from: ``"torchrun"``, ``"submitit"``, ``"srun"``, ``"env"``
+    (``RANK``/``WORLD_SIZE`` set by something else) or ``"single"`` (no launcher: a world of one).
+    """
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    master_addr: str
+    master_port: int
+    launcher: str
+
+    def export(self) -> None:
+        """Write the ``env://`` variables ``torch.distributed`` reads, replacing stale ones.
+
+        Replacing matters: ``sbatch`` copies the submitting shell's environment into the job, so a
+        job submitted from inside another distributed run would otherwise inherit its ranks.
+        """
+        os.environ.update(
+            MASTER_ADDR=self.master_addr,
+            MASTER_PORT=str(self.master_port),
+            RANK=str(self.rank),
+            WORLD_SIZE=str(self.world_size),
+            LOCAL_RANK=str(self.local_rank),
+            LOCAL_WORLD_SIZE=str(self.local_world_size),
+        )
+
+
+def free_port() -> int:
+    """A TCP port that is free on this host right now (for single-host rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_for_job(job_id: str) -> int:
+    """The rendezvous port of a job: drawn from its id, so every task computes the same one.
+
+    This is submitit's own rule, applied without reading ``MASTER_PORT``, which ``sbatch`` may
+    have copied from the submitter.
+    """
+    return random.Random(job_id).randint(_MIN_PORT, _MAX_PORT)
+
+
+def _int_env(name: str, default: int | None = None) -> int:
+    value = os.environ.get(name)
+    if value is None:
+        if default is None:
+            raise KeyError(name)
+        return default
+    return int(value)
+
+
+def _from_torchrun() -> RankEnvironment:
+    world_size = _int_env("WORLD_SIZE")
+    return RankEnvironment(
+        rank=_int_env("RANK"),
+        world_size=world_size,
+        local_rank=_int_env("LOCAL_RANK", 0),
+        local_world_size=_int_env("LOCAL_WORLD_SIZE", world_size),
+        master_addr=os.environ["MASTER_ADDR"],
+        master_port=_int_env("MASTER_PORT"),
+        launcher="torchrun",
+    )
+
+
+def _from_job_environment(job_env, launcher: str, master_port: int | None) -> RankEnvironment:
+    """Shared by submitit tasks and plain ``srun`` steps: both read SLURM's (or submitit's) ids."""
+    if master_port is None:
+        master_port = port_for_job(job_env.job_id)
+    return RankEnvironment(
+        rank=job_env.global_rank,
+        world_size=job_env.num_tasks,
+        local_rank=job_env.local_rank,
+        local_world_size=job_env.num_tasks // max(1, job_env.num_nodes),
+        master_addr=job_env.hostnames[0],
+        master_port=master_port,
+        launcher=launcher,
+    )
+
+
+def _in_srun_step() -> bool:
+    """Inside ``srun`` (a job step), not in the batch script that would call it.
+
+    The batch script also has ``SLURM_PROCID=0`` and ``SLURM_NTASKS=N``, and treating it as
+    rank 0 would wait forever for the other ranks; only a step has ``SLURM_STEP_NUM_TASKS``.
+    """
+    return "SLURM_PROCID" in os.environ and "SLURM_STEP_NUM_TASKS" in os.environ
+
+
+def detect_environment(master_port: int | None = None) -> RankEnvironment:
+    """Describe this rank from whichever launcher started it; a world of one if none did.
+
+    Precedence: torchrun (``TORCHELASTIC_RUN_ID``) over submitit (``SUBMITIT_EXECUTOR``) over a
+    plain ``srun`` step over bare ``RANK``/``WORLD_SIZE``, because each later launcher may run
+    the earlier ones inside it (torchrun inside an ``srun`` step, for instance) and the innermost
+    one owns the ranks. ``master_port`` overrides the port submitit/srun jobs derive from the
+    job id (torchrun and bare ``env://`` always bring their own).
+    """
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        return _from_torchrun()
+    if os.environ.get("SUBMITIT_EXECUTOR"):
+        import submitit
+
+        return _from_job_environment(submitit.JobEnvironment(), "submitit", master_port)
+    if _in_srun_step():
+        from submitit.slurm.slurm import SlurmJobEnvironment
+
+        job_env = SlurmJobEnvironment()
+        if master_port is None:
+            # Steps of one job may run side by side: the step id keeps their ports apart.
+            step = os.environ.get("SLURM_STEP_ID", "0")
+            master_port = _int_env("MASTER_PORT", port_for_job(f"{job_env.job_id}.{step}"))
+        return _from_job_environment(job_env, "srun", master_port)
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        env = _from_torchrun()
+        return RankEnvironment(**{**env.__dict__, "launcher": "env"})
+    return RankEnvironment(
+        rank=0, world_size=1, local_rank=0, local_world_size=1, master_addr="127.0.0.1",
+        master_port=master_port or free_port(), launcher="single",
+    )
+
+
+def init_from_env(
+    device: torch.device | str | None = None,
+    *,
+    master_port: int | None = None,
+    timeout_s: float = 300.0,
+) -> RankEnvironment:
+    """Start ``torch.distributed`` for code already running under torchrun, srun or submitit.
+
+    Idempotent: if the default process group exists, the environment is only described. The
+    backend follows from ``device`` (default: this rank's CUDA device, else CPU) through
+    :func:`~flex_surgery.parallel.backend.init_distributed`.
+
+    Example, in a script started by ``torchrun --nproc-per-node 2 script.py`` or
+    ``srun -n 2 python script.py``::
+
+        from flex_surgery.launch import init_from_env
+        env = init_from_env()
+        print(env.rank, env.world_size, env.launcher)
+    """
+    import torch.distributed as dist
+
+    env = detect_environment(master_port)
+    if not dist.is_initialized():
+        env.export()
+        init_distributed(env.rank, env.world_size, device=device, timeout_s=timeout_s)
+    return env
