@@ -1,0 +1,173 @@
+"""Where the parts of a known architecture live: blocks, final norm, embedding, unembedding.
+
+A lookup table keyed by model class name, not a heuristic: an architecture that is not in the
+table raises :class:`UnknownArchitecture` (listing the known ones and how to register a new
+one) instead of guessing or returning ``None``. A part an architecture genuinely lacks (BERT's
+encoder has no final norm; bare encoders have no unembedding) is ``None`` in the table, and
+asking for it raises :class:`MissingPart`.
+
+Wrapped models are found through their wrappers: FSDP1 / checkpoint / ``torch.compile`` name
+tokens are removed (:func:`~flex_surgery.surgery.shards.clean_name`), and the first module whose
+class is in the table gives the prefix, so ``DDP(model)``, ``FSDP(model)`` or a FlexModel
+around the model resolve the same parts.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+
+from torch import nn
+
+__all__ = [
+    "ANATOMIES",
+    "Anatomy",
+    "Located",
+    "MissingPart",
+    "UnknownArchitecture",
+    "block_names",
+    "locate",
+    "register_anatomy",
+]
+
+
+@dataclass(frozen=True)
+class Anatomy:
+    """Dotted paths, relative to the model class the entry is keyed by.
+
+    ``blocks`` is the ``nn.ModuleList`` of transformer blocks; ``final_norm``, ``embed`` and
+    ``unembed`` are modules, or ``None`` where the architecture has none.
+    """
+
+    blocks: str
+    final_norm: str | None
+    embed: str | None
+    unembed: str | None
+
+
+_LLAMA_LM = Anatomy("model.layers", "model.norm", "model.embed_tokens", "lm_head")
+_LLAMA_BARE = Anatomy("layers", "norm", "embed_tokens", None)
+
+ANATOMIES: dict[str, Anatomy] = {
+    # Llama-style decoders (Mistral and Qwen2 share the layout).
+    "LlamaForCausalLM": _LLAMA_LM,
+    "MistralForCausalLM": _LLAMA_LM,
+    "Qwen2ForCausalLM": _LLAMA_LM,
+    "LlamaModel": _LLAMA_BARE,
+    "MistralModel": _LLAMA_BARE,
+    "Qwen2Model": _LLAMA_BARE,
+    # GPT-2
+    "GPT2LMHeadModel": Anatomy("transformer.h", "transformer.ln_f", "transformer.wte", "lm_head"),
+    "GPT2Model": Anatomy("h", "ln_f", "wte", None),
+    # OPT
+    "OPTForCausalLM": Anatomy("model.decoder.layers", "model.decoder.final_layer_norm",
+                              "model.decoder.embed_tokens", "lm_head"),
+    "OPTModel": Anatomy("decoder.layers", "decoder.final_layer_norm", "decoder.embed_tokens",
+                        None),
+    # BERT: post-norm blocks, no final norm.
+    "BertModel": Anatomy("encoder.layer", None, "embeddings.word_embeddings", None),
+    "BertForMaskedLM": Anatomy("bert.encoder.layer", None, "bert.embeddings.word_embeddings",
+                               "cls.predictions.decoder"),
+    # ViT (transformers 5 keeps the blocks at ``layers``).
+    "ViTModel": Anatomy("layers", "layernorm", "embeddings.patch_embeddings.projection", None),
+    "ViTForImageClassification": Anatomy("vit.layers", "vit.layernorm",
+                                         "vit.embeddings.patch_embeddings.projection",
+                                         "classifier"),
+}
+
+
+class UnknownArchitecture(KeyError):
+    """No module of the model has a class listed in :data:`ANATOMIES`."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0])
+
+
+class MissingPart(LookupError):
+    """The architecture has no such part (e.g. BERT's final norm)."""
+
+
+def register_anatomy(class_name: str, anatomy: Anatomy) -> None:
+    """Add (or replace) the entry for a model class, e.g. a custom research model."""
+    ANATOMIES[class_name] = anatomy
+
+
+@dataclass(frozen=True)
+class Located:
+    """An :class:`Anatomy` found inside a (possibly wrapped) model.
+
+    ``prefix`` is the clean name of the model class the entry is keyed by; the ``*_name``
+    methods return clean names usable as ``SurgicalTheater(layers=...)`` targets.
+    """
+
+    root: nn.Module
+    arch: str
+    prefix: str
+    anatomy: Anatomy
+
+    def _path(self, part: str) -> str:
+        rel = getattr(self.anatomy, part)
+        if rel is None:
+            raise MissingPart(f"{self.arch} has no {part.replace('_', ' ')}")
+        return f"{self.prefix}.{rel}" if self.prefix else rel
+
+    def module(self, part: str) -> nn.Module:
+        """The module of ``part`` (``"blocks"``, ``"final_norm"``, ``"embed"``, ``"unembed"``)."""
+        return _module_by_clean_name(self.root, self._path(part))
+
+    def name(self, part: str) -> str:
+        return self._path(part)
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.module("blocks")
+
+    def block_name(self, index: int) -> str:
+        """Clean name of block ``index`` (negative counts from the end, like a list)."""
+        n = len(self.blocks)
+        if not -n <= index < n:
+            raise IndexError(f"{self.arch} has {n} blocks (0..{n - 1}); got block index {index}")
+        return f"{self._path('blocks')}.{index % n}"
+
+
+def _clean_modules(root: nn.Module) -> dict[str, nn.Module]:
+    """Clean name -> outermost module with that name (the wrapper, if one wraps it)."""
+    from flex_surgery.surgery.shards import clean_name
+
+    table: dict[str, nn.Module] = {}
+    for name, module in root.named_modules():
+        table.setdefault(clean_name(name), module)
+    return table
+
+
+def _module_by_clean_name(root: nn.Module, name: str) -> nn.Module:
+    table = _clean_modules(root)
+    if name not in table:
+        close = difflib.get_close_matches(name, list(table), n=3)
+        raise MissingPart(f"no module named {name!r}; close matches: {close}")
+    return table[name]
+
+
+def _unwrap_names(root: nn.Module) -> list[tuple[str, nn.Module]]:
+    from flex_surgery.surgery.shards import clean_name
+
+    return [(clean_name(n), m) for n, m in root.named_modules()]
+
+
+def locate(model: nn.Module) -> Located:
+    """Find the first module of ``model`` whose class is in :data:`ANATOMIES`."""
+    for name, module in _unwrap_names(model):
+        arch = type(module).__name__
+        if arch in ANATOMIES:
+            return Located(model, arch, name, ANATOMIES[arch])
+    raise UnknownArchitecture(
+        f"no known architecture inside {type(model).__name__}; known: {sorted(ANATOMIES)}. "
+        "Name modules explicitly (e.g. layers='model.layers.0') or add an entry with "
+        "flex_surgery.anatomy.register_anatomy(class_name, Anatomy(...))"
+    )
+
+
+def block_names(model: nn.Module) -> list[str]:
+    """Clean names of the transformer blocks, in order."""
+    loc = locate(model)
+    return [loc.block_name(i) for i in range(len(loc.blocks))]

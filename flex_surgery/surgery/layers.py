@@ -1,0 +1,130 @@
+"""Temporary layer surgery: delete, reorder or replace transformer blocks inside a context.
+
+The live ``nn.ModuleList`` is never edited. Entering builds a *new* container from the chosen
+blocks (the block modules themselves are shared, not copied) and installs it in the parent
+module; leaving reinstalls the original container object in ``finally``. So the model after the
+context is the same object graph as before -- same container, same blocks, same parameters --
+whatever happened inside, and contexts nest LIFO by construction.
+
+Block indices follow :mod:`flex_surgery.anatomy`; other ``ModuleList``\\ s can be named with
+``container="..."``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from torch import nn
+
+from flex_surgery.surgery.shards import clean_name
+from flex_surgery.surgery.theater import SurgeryError, unwrap_model
+
+__all__ = ["LayerSurgery", "PassThrough", "delete_blocks", "permute_blocks", "replace_blocks"]
+
+
+class PassThrough(nn.Module):
+    """A block that returns its hidden states unchanged: the residual stream skips it.
+
+    Decoder blocks are called with extra keyword arguments (masks, position embeddings) and
+    in transformers 5 return the hidden states tensor; this accepts and ignores the extras.
+    """
+
+    def forward(self, hidden_states: Any, *args: Any, **kwargs: Any) -> Any:
+        return hidden_states
+
+
+def _parent_and_attr(root: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """Parent module and attribute of the module with clean name ``name`` (FSDP-aware)."""
+    for mname, module in root.named_modules():
+        for child_name, child in module.named_children():
+            full = f"{mname}.{child_name}" if mname else child_name
+            if clean_name(full) == name and isinstance(child, nn.ModuleList):
+                return module, child_name
+    raise ValueError(f"no nn.ModuleList named {name!r}")
+
+
+class LayerSurgery:
+    """Context manager: run the model with a different list of blocks, then put the old back.
+
+    Args:
+        model: the model (wrappers are looked through like in :class:`SurgicalTheater`).
+        order: the new sequence of block indices, e.g. ``[0, 2, 1, 3]`` (permute) or
+            ``[0, 1, 3]`` (delete block 2); repeats are allowed (a block run twice).
+        replace: ``{index: module}`` substitutions applied after ``order`` is taken from the
+            original indices (``{2: PassThrough()}`` skips block 2 but keeps the count).
+        container: name of the ``ModuleList`` to operate on; default: the architecture's
+            blocks via :mod:`flex_surgery.anatomy`.
+    """
+
+    def __init__(self, model: nn.Module, order: Sequence[int] | None = None,
+                 replace: Mapping[int, nn.Module] | None = None,
+                 container: str | None = None) -> None:
+        self.root = unwrap_model(model)
+        if container is None:
+            from flex_surgery.anatomy import locate
+
+            container = locate(self.root).name("blocks")
+        self.container = container
+        self.order = list(order) if order is not None else None
+        self.replace = dict(replace or {})
+        self._parent: nn.Module | None = None
+        self._original: nn.ModuleList | None = None
+        self._installed: nn.ModuleList | None = None
+
+    def __enter__(self) -> nn.ModuleList:
+        if self._installed is not None:
+            raise SurgeryError("this LayerSurgery is already active")
+        parent, attr = _parent_and_attr(self.root, self.container)
+        original = getattr(parent, attr)
+        n = len(original)
+        order = list(range(n)) if self.order is None else self.order
+        for i in [*order, *self.replace]:
+            if isinstance(i, bool) or not isinstance(i, int) or not -n <= i < n:
+                raise IndexError(f"{self.container} has {n} blocks (0..{n - 1}); got {i!r}")
+        replace = {i % n: m for i, m in self.replace.items()}
+        blocks = [replace.get(i % n, original[i % n]) for i in order]
+        new = nn.ModuleList(blocks)
+        setattr(parent, attr, new)
+        self._parent, self._attr, self._original, self._installed = parent, attr, original, new
+        return new
+
+    def __exit__(self, *exc: Any) -> bool:
+        if self._installed is None:
+            raise SurgeryError("exit of a LayerSurgery that is not active")
+        try:
+            current = getattr(self._parent, self._attr)
+            if current is not self._installed:
+                raise SurgeryError(
+                    f"{self.container} was replaced while this LayerSurgery was active (a "
+                    "nested surgery exited out of order?); the original was reinstalled"
+                )
+        finally:
+            setattr(self._parent, self._attr, self._original)
+            self._installed = None
+        return False
+
+
+def delete_blocks(model: nn.Module, indices: Sequence[int], **kw: Any) -> LayerSurgery:
+    """Run without the blocks at ``indices`` (the remaining ones keep their order)."""
+    from flex_surgery.anatomy import locate
+
+    root = unwrap_model(model)
+    container = kw.pop("container", None) or locate(root).name("blocks")
+    n = len(getattr(*_parent_and_attr(root, container)))
+    for i in indices:
+        if isinstance(i, bool) or not isinstance(i, int) or not -n <= i < n:
+            raise IndexError(f"{container} has {n} blocks (0..{n - 1}); got {i!r}")
+    drop = {i % n for i in indices}
+    return LayerSurgery(model, [i for i in range(n) if i not in drop], container=container, **kw)
+
+
+def permute_blocks(model: nn.Module, order: Sequence[int], **kw: Any) -> LayerSurgery:
+    """Run the blocks in ``order`` (any sequence of indices; repeats allowed)."""
+    return LayerSurgery(model, order=order, **kw)
+
+
+def replace_blocks(model: nn.Module, replacements: Mapping[int, nn.Module],
+                   **kw: Any) -> LayerSurgery:
+    """Run with ``replacements[i]`` in place of block ``i``."""
+    return LayerSurgery(model, replace=replacements, **kw)

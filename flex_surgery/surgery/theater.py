@@ -1,0 +1,551 @@
+"""SurgicalTheater: temporary in-place weight modifications, restored bit-exactly on exit.
+
+Validate every few steps (LoRA, full fine-tuning, RL) or sweep modifications (scale, ablate,
+perturb layers) without copying a model that barely fits in memory::
+
+    with SurgicalTheater(model, layers=[0, 1], modification_type="scale", factor=0.5):
+        val_loss = evaluate(model)
+    # every parameter is now bit-identical to before, in the same storage
+
+How it works: resolve the targets (module names, glob patterns, block indices via
+:mod:`flex_surgery.anatomy`) -> take each parameter's *local* view (:mod:`.shards`; under
+FSDP1/FSDP2/fairscale TP/DTensor TP only this rank's shard, no gather) -> snapshot exactly those
+elements (:mod:`.snapshot`) -> modify in place. On exit -- normal, exception or
+``KeyboardInterrupt`` -- the snapshots are copied back into the same storage. Nothing is ever
+subtracted: ``(w + d) - d != w`` in floating point.
+
+While a theater is active it also guards the training state around validation: module
+train/eval flags, ``requires_grad`` flags, CPU/CUDA RNG states and the ``.grad`` of every
+parameter are put back on exit; ``state_dict()`` returns the original weights; and an
+``optimizer.step()`` touching a modified parameter raises instead of training on them.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import hashlib
+import math
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from flex_surgery.surgery.shards import (
+    LocalShard,
+    clean_name,
+    local_shards,
+    reshard_for_surgery,
+)
+from flex_surgery.surgery.snapshot import Snapshot, take_snapshot
+
+__all__ = [
+    "MODIFICATION_TYPES",
+    "PARAMETER_SELECTIONS",
+    "NOISE_CHUNK_ELEMENTS",
+    "SurgeryError",
+    "SurgicalTheater",
+    "active_theaters",
+    "noise_seed",
+    "surgical_theater",
+    "unwrap_model",
+]
+
+MODIFICATION_TYPES = ("scale", "disable", "noise", "custom")
+PARAMETER_SELECTIONS = ("linear", "weights", "all")
+
+# Seeded noise is generated in blocks of whole dim-0 rows of at most this many elements, each
+# block from its own generator seeded by (seed, parameter name, block index). A rank generates
+# only the blocks that overlap its shard, so the transient memory is one block, and every layout
+# of the same parameter receives the same full-weight noise.
+NOISE_CHUNK_ELEMENTS = 1 << 20
+
+ParamFilter = Callable[[str, nn.Module, str], bool]
+LayerSpec = int | str
+
+_ACTIVE: list[SurgicalTheater] = []
+
+
+class SurgeryError(RuntimeError):
+    """Misuse of a theater: re-entering, exiting out of order, stepping a modified parameter."""
+
+
+def active_theaters() -> tuple[SurgicalTheater, ...]:
+    """The theaters currently entered, outermost first."""
+    return tuple(_ACTIVE)
+
+
+def noise_seed(seed: int, name: str, chunk: int) -> int:
+    """The generator seed of noise block ``chunk`` of parameter ``name`` (a stable 63-bit hash,
+    the same in every process and on every run)."""
+    digest = hashlib.sha256(f"{seed}/{name}/{chunk}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """Peel wrappers that add a name prefix (DDP's ``module.``, FlexModel's ``module.``), so
+    that parameter names -- and with them seeded noise -- are the same with or without them."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    while True:
+        if isinstance(model, DistributedDataParallel):
+            model = model.module
+        elif type(model).__name__ == "FlexModel" and isinstance(
+                getattr(model, "module", None), nn.Module):
+            model = model.module
+        else:
+            return model
+
+
+def _is_linear(module: nn.Module) -> bool:
+    if isinstance(module, nn.Linear):
+        return True
+    name = type(module).__name__
+    # transformers' GPT-2 Conv1D is a transposed Linear; fairscale's parallel linears.
+    return name in ("Conv1D", "ColumnParallelLinear", "RowParallelLinear")
+
+
+def _param_filter(params: str | ParamFilter) -> ParamFilter:
+    if callable(params):
+        return params
+    if params == "all":
+        return lambda name, module, pname: True
+    if params == "weights":
+        return lambda name, module, pname: pname == "weight"
+    if params == "linear":
+        return lambda name, module, pname: pname == "weight" and _is_linear(module)
+    raise ValueError(f"params must be one of {PARAMETER_SELECTIONS} or a callable, got {params!r}")
+
+
+@contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """Hold SIGINT while weights are being put back, then deliver it.
+
+    A Ctrl-C in the middle of the restore loop would leave half the model modified; the restore
+    is a sequence of memcpys, so delaying the interrupt by that long is harmless.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[Any] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(frame))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
+
+
+def _sync(tensors: Sequence[torch.Tensor]) -> None:
+    if any(t.is_cuda for t in tensors):
+        torch.cuda.synchronize()
+
+
+class SurgicalTheater:
+    """Context manager that modifies weights in place and restores them bit-exactly on exit.
+
+    Args:
+        model: the model (plain, DDP, FSDP1, FSDP2, fairscale TP, DTensor TP, or a FlexModel
+            around any of them). Names are those of the unwrapped model.
+        layers: what to modify. An ``int`` is a transformer-block index of a known architecture
+            (:mod:`flex_surgery.anatomy`; negative counts from the end); a ``str`` is a module
+            or parameter name, or a glob pattern over them (``"model.layers.*.mlp"``); a list
+            mixes both. ``None`` means the whole model. Unknown names raise ``ValueError`` with
+            close matches.
+        modification_type: ``"scale"`` (multiply by ``factor``), ``"disable"`` (set to zero),
+            ``"noise"`` (add Gaussian noise of std ``noise_scale``), ``"custom"``
+            (``modification_fn(tensor, **fn_kwargs)`` returns a delta that is added in place).
+            ``None`` with no ``modification_fn`` makes a pure validation guard (nothing is
+            modified; flags, RNG, grads, state_dict are still guarded).
+        factor, noise_scale: parameters of ``"scale"`` and ``"noise"``.
+        modification_fn: the custom function; implies ``modification_type="custom"``. It gets
+            this rank's local shard (or, with ``full_parameter=True``, the full parameter) and
+            must return a delta of the same shape without modifying its argument.
+        seed: noise and custom-function randomness. ``"noise"`` with an int seed adds, to each
+            parameter, the noise of generators seeded by ``noise_seed(seed, name, block)``: the
+            same full-weight noise for every layout (one process, DDP, FSDP, TP) and every run.
+            With ``seed=None`` a base seed is drawn from torch's global CPU generator on entry
+            (the only draw the theater makes; the RNG state is restored to just after it on
+            exit, so consecutive theaters draw different noise); ranks then agree only if their
+            global generators agree -- pass a seed under parallelism. For ``"custom"`` with an
+            int seed, the global RNG is seeded with ``noise_seed(seed, name, 0)`` around each
+            call (on the shard unless ``full_parameter``).
+        backup: where snapshots live: ``"device"`` (fastest, extra device memory = modified
+            local bytes) or ``"cpu"`` (zero extra device memory).
+        full_parameter: a custom function that needs the whole parameter (e.g. an SVD) gets it
+            gathered (a collective over the ranks sharing the parameter); its delta is then
+            cut to this rank's shard. Elementwise functions do not need it.
+        params: which parameters of the targeted modules are modified: ``"linear"`` (default:
+            the ``weight`` of ``nn.Linear``, GPT-2 ``Conv1D`` and fairscale parallel linears),
+            ``"weights"`` (every parameter called ``weight``, norms and embeddings included),
+            ``"all"``, or a callable ``(name, module, param_name) -> bool``. A parameter named
+            exactly in ``layers`` is always included.
+        guard_grads: set every ``.grad`` to ``None`` on entry and put the original gradient
+            tensors back on exit, so a backward during validation cannot leak into training.
+        **fn_kwargs: passed to ``modification_fn``.
+
+    Contexts nest and unwind LIFO; entering one that is active, or exiting any but the
+    innermost, raises :class:`SurgeryError`. Under parallelism every rank must enter and exit
+    the same theaters in the same order (``full_parameter`` gathers are collectives).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: LayerSpec | Sequence[LayerSpec] | None = None,
+        modification_type: str | None = None,
+        factor: float = 0.9,
+        noise_scale: float = 0.01,
+        modification_fn: Callable[..., torch.Tensor] | None = None,
+        seed: int | None = None,
+        backup: str = "device",
+        full_parameter: bool = False,
+        params: str | ParamFilter = "linear",
+        guard_grads: bool = True,
+        **fn_kwargs: Any,
+    ) -> None:
+        if modification_type is None and modification_fn is not None:
+            modification_type = "custom"
+        if modification_type is not None and modification_type not in MODIFICATION_TYPES:
+            raise ValueError(f"modification_type must be one of {MODIFICATION_TYPES} or None, "
+                             f"got {modification_type!r}")
+        if modification_type == "custom" and modification_fn is None:
+            raise ValueError("modification_type='custom' needs modification_fn")
+        if modification_fn is not None and modification_type != "custom":
+            raise ValueError(f"modification_fn is only used with 'custom', not "
+                             f"{modification_type!r}")
+        if backup not in ("device", "cpu"):
+            raise ValueError(f"backup must be 'device' or 'cpu', got {backup!r}")
+        if fn_kwargs and modification_type != "custom":
+            raise TypeError(f"unexpected arguments {sorted(fn_kwargs)} (only passed to a "
+                            "custom modification_fn)")
+        self.model = model
+        self.root = unwrap_model(model)
+        self.layers = layers
+        self.modification_type = modification_type
+        self.factor = factor
+        self.noise_scale = noise_scale
+        self.modification_fn = modification_fn
+        self.seed = seed
+        self.backup = backup
+        self.full_parameter = full_parameter
+        self.params = params
+        self._keep = _param_filter(params)
+        self.guard_grads = guard_grads
+        self.fn_kwargs = fn_kwargs
+        self._active = False
+        self._targets: list[LocalShard] = []
+        self._snapshots: list[Snapshot] = []
+        self._hooks: list[Any] = []
+        self._guard: dict[str, Any] = {}
+        self.stats: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ targets
+    def _resolve(self, shards: list[LocalShard]) -> list[LocalShard]:
+        """The local shards selected by ``layers`` and ``params``, in model order."""
+        if self.modification_type is None:
+            return []
+        floating = [s for s in shards if s.local.is_floating_point()]
+        if self.layers is None:
+            return [s for s in floating if self._keep(s.name, s.module, s.param_name)]
+        specs = (self.layers if isinstance(self.layers, (list, tuple)) else [self.layers])
+        module_names = {clean_name(n) for n, _ in self.root.named_modules()}
+        param_names = {n for s in floating for n in s.names}
+        prefixes: set[str] = set()
+        exact_params: set[str] = set()
+        for spec in specs:
+            for name in self._expand(spec, module_names, param_names):
+                (exact_params if name in param_names else prefixes).add(name)
+        selected = []
+        for s in floating:
+            if any(n in exact_params for n in s.names):
+                selected.append(s)
+            elif any(n.startswith(p + ".") or p == "" for n in s.names for p in prefixes):
+                if self._keep(s.name, s.module, s.param_name):
+                    selected.append(s)
+        if not selected:
+            raise ValueError(
+                f"layers={self.layers!r} with params={self.params!r} selects no parameter; "
+                "use params='weights' or 'all' to include norms, biases and embeddings"
+            )
+        return selected
+
+    def _expand(self, spec: LayerSpec, module_names: set[str],
+                param_names: set[str]) -> list[str]:
+        if isinstance(spec, bool) or not isinstance(spec, (int, str)):
+            raise TypeError(f"layers entries are block indices (int) or names (str), "
+                            f"got {spec!r}")
+        if isinstance(spec, int):
+            from flex_surgery.anatomy import locate
+
+            return [locate(self.root).block_name(spec)]
+        names = module_names | param_names
+        if any(c in spec for c in "*?["):
+            hits = sorted(n for n in names if fnmatch.fnmatchcase(n, spec))
+            if not hits:
+                raise ValueError(f"pattern {spec!r} matches no module or parameter; "
+                                 f"e.g. {sorted(names)[:5]}")
+            return hits
+        if spec not in names:
+            close = difflib.get_close_matches(spec, sorted(names), n=5)
+            raise ValueError(f"no module or parameter named {spec!r}; close matches: {close}")
+        return [spec]
+
+    # ------------------------------------------------------------ modifications
+    def _modify(self, shard: LocalShard, base_seed: int | None) -> None:
+        local = shard.local
+        kind = self.modification_type
+        if kind == "scale":
+            local.mul_(self.factor)
+        elif kind == "disable":
+            local.zero_()
+        elif kind == "noise":
+            self._add_noise(shard, base_seed)
+        elif kind == "custom":
+            self._add_custom(shard)
+
+    def _add_noise(self, shard: LocalShard, base_seed: int | None) -> None:
+        shape = shard.full_shape
+        n_rows = shape[0] if len(shape) else 1
+        row_numel = math.prod(shape[1:]) if len(shape) > 1 else 1
+        rows_per_chunk = max(1, NOISE_CHUNK_ELEMENTS // max(row_numel, 1))
+        first, last = shard.region.row_range(shape)
+        local = shard.local
+        for chunk in range(first // rows_per_chunk, -(-last // rows_per_chunk)):
+            row0 = chunk * rows_per_chunk
+            n = min(rows_per_chunk, n_rows - row0)
+            gen = torch.Generator(device=local.device)
+            gen.manual_seed(noise_seed(base_seed, shard.name, chunk))
+            rows = torch.randn((n, *shape[1:]), generator=gen, device=local.device,
+                               dtype=torch.float32)
+            rows.mul_(self.noise_scale)
+            hit = shard.region.take_rows(rows, row0, local)
+            if hit is not None:
+                dst, src = hit
+                dst.add_(src.to(dst.dtype))
+
+    def _add_custom(self, shard: LocalShard) -> None:
+        local = shard.local
+        if self.full_parameter:
+            arg, expected = shard.gather(), shard.full_shape
+        elif local.numel() == 0:
+            return  # this rank holds none of the parameter (FSDP1 flat shards)
+        else:
+            arg, expected = local, local.shape
+        with torch.random.fork_rng(devices=[arg.device] if arg.is_cuda else []):
+            if self.seed is not None:
+                torch.manual_seed(noise_seed(self.seed, shard.name, 0))
+            delta = self.modification_fn(arg, **self.fn_kwargs)
+        if not isinstance(delta, torch.Tensor) or tuple(delta.shape) != tuple(expected):
+            got = tuple(delta.shape) if isinstance(delta, torch.Tensor) else type(delta)
+            hint = ("" if self.full_parameter else
+                    "; it got this rank's shard -- pass full_parameter=True for the whole "
+                    "parameter")
+            raise ValueError(f"modification_fn must return a delta of shape {tuple(expected)} "
+                             f"for {shard.name}, got {got}{hint}")
+        if self.full_parameter:
+            delta = shard.region.take(delta)
+        local.add_(delta.detach().to(device=local.device, dtype=local.dtype))
+
+    # -------------------------------------------------------------------- guard
+    def _capture_guard(self) -> None:
+        modules = list(self.model.modules())
+        params = list(self.model.parameters())
+        self._guard = {
+            "training": [(m, m.training) for m in modules],
+            "requires_grad": [(p, p.requires_grad) for p in params],
+            "cpu_rng": torch.get_rng_state(),
+            "cuda_rng": (torch.cuda.get_rng_state_all()
+                         if torch.cuda.is_available() and torch.cuda.is_initialized() else None),
+            "grads": [(p, p.grad) for p in params] if self.guard_grads else [],
+        }
+        for p, _ in self._guard["grads"]:
+            p.grad = None
+
+    def _restore_guard(self) -> None:
+        g = self._guard
+        if not g:
+            return
+        for m, training in g["training"]:
+            m.training = training
+        for p, flag in g["requires_grad"]:
+            p.requires_grad_(flag)
+        for p, grad in g["grads"]:
+            p.grad = grad
+        torch.set_rng_state(g["cpu_rng"])
+        if g["cuda_rng"] is not None:
+            torch.cuda.set_rng_state_all(g["cuda_rng"])
+        self._guard = {}
+
+    def _install_hooks(self) -> None:
+        from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+        modified = {id(o) for s in self._targets for o in s.owners}
+        names = {id(o): s.name for s in self._targets for o in s.owners}
+
+        def refuse_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    if id(p) in modified:
+                        raise SurgeryError(
+                            f"optimizer.step() inside an active SurgicalTheater would train "
+                            f"modified weights ({names[id(p)]}); step after the context exits"
+                        )
+
+        if modified:
+            self._hooks.append(register_optimizer_step_pre_hook(refuse_step))
+        if not self._snapshots:
+            return
+        for module in self.model.modules():
+            pre = module.register_state_dict_pre_hook(_state_dict_pre_hook)
+            # Run before FSDP's own pre-hook, which gathers the (modified) shards.
+            module._state_dict_pre_hooks.move_to_end(pre.id, last=False)
+            self._hooks.append(pre)
+            self._hooks.append(module.register_state_dict_post_hook(_make_post_hook()))
+        self._module_ids = {id(m) for m in self.model.modules()}
+
+    def _remove_hooks(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        self._module_ids = set()
+
+    def _swap(self) -> None:
+        """Exchange modified and original contents (for ``state_dict`` inside the context)."""
+        reshard_for_surgery(self.root)
+        for snap in self._snapshots:
+            snap.swap()
+        _sync([s.local for s in self._snapshots])
+
+    # -------------------------------------------------------------- enter / exit
+    def __enter__(self) -> SurgicalTheater:
+        if self._active:
+            raise SurgeryError("this SurgicalTheater is already active; create a new one to "
+                               "nest contexts")
+        start = time.perf_counter()
+        self._capture_guard()
+        try:
+            base_seed = self.seed
+            if self.modification_type == "noise" and base_seed is None:
+                base_seed = int(torch.randint(0, 2**62, (1,)).item())
+                self._guard["cpu_rng"] = torch.get_rng_state()
+            reshard_for_surgery(self.root)
+            self._targets = self._resolve(local_shards(self.root))
+            for shard in self._targets:
+                self._snapshots.append(take_snapshot(shard.local, self.backup))
+                self._modify(shard, base_seed)
+            _sync([s.local for s in self._targets])
+            self._install_hooks()
+        except BaseException:
+            with _interrupts_deferred():
+                self._unwind()
+            raise
+        self._active = True
+        _ACTIVE.append(self)
+        self.stats = {
+            "modified_parameters": len(self._targets),
+            "modified_elements": sum(s.local.numel() for s in self._targets),
+            "modified_bytes": sum(s.local.numel() * s.local.element_size()
+                                  for s in self._targets),
+            "backup_bytes": sum(s.nbytes for s in self._snapshots),
+            "backup": self.backup,
+            "enter_s": time.perf_counter() - start,
+        }
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        if not self._active:
+            raise SurgeryError("exit of a SurgicalTheater that is not active")
+        if _ACTIVE[-1] is not self:
+            inner = len(_ACTIVE) - 1 - _ACTIVE.index(self)
+            raise SurgeryError(f"SurgicalTheater exited out of order: {inner} context(s) "
+                               "entered after it are still active; exit those first (LIFO)")
+        start = time.perf_counter()
+        with _interrupts_deferred():
+            try:
+                self._unwind()
+            finally:
+                _ACTIVE.pop()
+                self._active = False
+        self.stats["exit_s"] = time.perf_counter() - start
+        return False
+
+    def _unwind(self) -> None:
+        """Put every saved element back (newest first), then the guarded state."""
+        try:
+            reshard_for_surgery(self.root)  # drop gathered copies that saw the modification
+            for snap in reversed(self._snapshots):
+                snap.restore()
+            _sync([s.local for s in self._snapshots])
+        finally:
+            self._snapshots = []
+            self._targets = []
+            self._remove_hooks()
+            self._restore_guard()
+
+    # --------------------------------------------------------------- reporting
+    @property
+    def modified_names(self) -> list[str]:
+        """Names of the parameters modified by the active context."""
+        return [s.name for s in self._targets]
+
+    @property
+    def modifications_summary(self) -> dict[str, list[str]]:
+        """``{modification_type: [parameter names]}`` (SurgicalTheater's original report)."""
+        if not self._targets:
+            return {}
+        return {self.modification_type: self.modified_names}
+
+
+def surgical_theater(model: nn.Module, layers: LayerSpec | Sequence[LayerSpec] | None = None,
+                     modification_type: str = "scale", **kwargs: Any) -> SurgicalTheater:
+    """Shorthand for ``SurgicalTheater(model, layers, modification_type, **kwargs)``."""
+    return SurgicalTheater(model, layers, modification_type, **kwargs)
+
+
+# --------------------------------------------------------------- state_dict guard
+# One state_dict() call may run the pre/post hooks of many modules (and of several nested
+# theaters); the originals are swapped in once, by the first pre-hook, and swapped back by the
+# post-hook of that same module, i.e. at the end of the outermost state_dict() call.
+_SD_OWNER: list[nn.Module] = []
+
+
+def _theaters_on(module: nn.Module) -> list[SurgicalTheater]:
+    return [t for t in _ACTIVE if id(module) in getattr(t, "_module_ids", ())]
+
+
+def _state_dict_pre_hook(module: nn.Module, prefix: str, keep_vars: bool) -> None:
+    if _SD_OWNER:
+        return
+    theaters = _theaters_on(module)
+    if not theaters:
+        return
+    _SD_OWNER.append(module)
+    for t in reversed(theaters):  # innermost first: ends with the outermost's originals
+        t._swap()
+
+
+def _make_post_hook() -> Callable[..., None]:
+    def post(module: nn.Module, state_dict: dict[str, Any], prefix: str,
+             local_metadata: Any) -> None:
+        if not _SD_OWNER or _SD_OWNER[0] is not module:
+            return
+        theaters = _theaters_on(module)
+        storages = {s.local.untyped_storage().data_ptr()
+                    for t in theaters for s in t._snapshots}
+        for key, value in list(state_dict.items()):
+            if isinstance(value, torch.Tensor):
+                local = getattr(value, "_local_tensor", value)
+                if local.untyped_storage().data_ptr() in storages:
+                    state_dict[key] = value.detach().clone()  # do not alias live weights
+        for t in theaters:
+            t._swap()
+        _SD_OWNER.clear()
+
+    return post
