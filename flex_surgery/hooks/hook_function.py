@@ -1,0 +1,229 @@
+"""HookFunction: what one hook reads or edits, and the path of one hook call.
+
+A :class:`HookFunction` names a module (or, for gradient hooks, a parameter), optionally an
+editing function, and which tensor of the hooked value to work on. Registering it with a
+:class:`~flex_surgery.hooks.wrapper.FlexModel` binds it to one hook kind and to the model's
+runtime; from then on every call of the PyTorch hook takes the same short path::
+
+    unpack the tensor (unpack.py)
+      -> runtime.retrieve: store a detached copy of the whole tensor (value before editing)
+      -> no editing function: return None, PyTorch keeps the value untouched
+      -> runtime.gather_for_edit -> runtime.run_on_leader(editing function + checks)
+      -> runtime.scatter_from_edit -> repack
+
+Everything a call needs (the :class:`~flex_surgery.parallel.runtime.HookSite`, the output key,
+the store callback) is computed once at registration, so a call does no name lookups, and a
+disabled hook returns after reading one attribute.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from torch import nn
+
+from flex_surgery.hooks.errors import EditingFunctionError, ShapeMismatchError
+from flex_surgery.hooks.unpack import unpack
+from flex_surgery.parallel.runtime import HookSite, Runtime
+
+EditingFunction = Callable[[nn.Module, torch.Tensor, SimpleNamespace, nn.ModuleDict],
+                           torch.Tensor]
+
+
+def output_key(module_name: str, hook_type: str) -> str:
+    """Key of ``output_dict`` under which a hook stores what it sees.
+
+    Forward hooks use the bare module name (as FlexModel does); the other kinds append the role
+    of the tensor they see, so hooks of different kinds on one module never share a list:
+    ``name:input`` (forward-pre), ``name:grad_input`` (full backward), ``name:grad_output``
+    (full backward-pre), ``name:grad`` (parameter gradient; ``name`` is the parameter's path).
+    """
+    if hook_type == "forward":
+        return module_name
+    suffix = {"forward_pre": "input", "full_backward": "grad_input",
+              "full_backward_pre": "grad_output", "tensor": "grad"}[hook_type]
+    return f"{module_name}:{suffix}"
+
+
+def check_expected_shape(shape: Sequence[int], expected: tuple[int | None, ...] | None,
+                         owner: object) -> None:
+    """Raise if ``shape`` disagrees with ``expected`` (``None`` entries match any size)."""
+    if expected is None:
+        return
+    if len(shape) != len(expected) or any(
+        e is not None and e != s for s, e in zip(shape, expected)
+    ):
+        raise ShapeMismatchError(
+            f"{owner!r}: the whole tensor has shape {tuple(shape)} but expected_shape is "
+            f"{expected} (None matches any size)"
+        )
+
+
+@dataclass
+class SharedState:
+    """What every hook of one FlexModel shares: where to store, the save context, modules."""
+
+    output_dict: dict[str, list[torch.Tensor]] | None
+    save_ctx: SimpleNamespace
+    modules: nn.ModuleDict
+
+
+class HookFunction:
+    """Read and optionally edit one tensor of one module (or one parameter's gradient).
+
+    Args:
+        module_name: dotted name of the module in the wrapped model, as in
+            ``named_modules()``; for :meth:`FlexModel.register_hook` the dotted name of a
+            parameter (``"model.layers.0.mlp.up_proj.weight"``).
+        expected_shape: shape of the *whole* (unsharded) tensor; ``None`` entries match any
+            size. Optional: layouts come from the model; this only checks them, and a
+            disagreement raises :class:`~flex_surgery.hooks.errors.ShapeMismatchError`.
+        editing_function: ``fn(current_module, tensor, save_ctx, modules) -> tensor``. It gets
+            the whole tensor (autograd-connected) and returns a tensor of the same shape and
+            dtype that replaces it. ``current_module`` is the hooked module (for parameter
+            hooks, the module owning the parameter); ``save_ctx`` a namespace shared by every
+            hook across calls; ``modules`` the model's trainable modules.
+        unpack_idx: which tensor of the hooked value to work on, counting only tensor leaves
+            in pytree order (see :mod:`flex_surgery.hooks.unpack`).
+    """
+
+    def __init__(
+        self,
+        module_name: str,
+        expected_shape: Sequence[int | None] | None = None,
+        editing_function: EditingFunction | None = None,
+        unpack_idx: int = 0,
+    ) -> None:
+        if not isinstance(module_name, str):
+            raise TypeError(f"module_name must be a str, got {type(module_name).__name__}")
+        if expected_shape is not None:
+            expected_shape = tuple(expected_shape)
+            if not all(d is None or (isinstance(d, int) and d >= 0) for d in expected_shape):
+                raise ValueError(f"expected_shape entries must be ints >= 0 or None, got "
+                                 f"{expected_shape}")
+        if editing_function is not None and not callable(editing_function):
+            raise TypeError(f"editing_function must be callable, got "
+                            f"{type(editing_function).__name__}")
+        if isinstance(unpack_idx, bool) or not isinstance(unpack_idx, int) or unpack_idx < 0:
+            raise ValueError(f"unpack_idx must be an int >= 0, got {unpack_idx!r}")
+        self.module_name = module_name
+        self.expected_shape: tuple[int | None, ...] | None = expected_shape
+        self.editing_function = editing_function
+        self.unpack_idx = unpack_idx
+
+        # Bound by FlexModel at registration (see _bind); cleared by _unbind.
+        self.hook_type: str | None = None
+        self.output_key: str | None = None
+        self._site: HookSite | None = None
+        self._runtime: Runtime | None = None
+        self._shared: SharedState | None = None
+        self._owner: object | None = None
+        self._enabled = True
+
+    def __repr__(self) -> str:
+        kind = self.hook_type or "unregistered"
+        edit = "" if self.editing_function is None else ", editing"
+        return f"HookFunction({self.module_name!r}, {kind}{edit})"
+
+    @property
+    def is_registered(self) -> bool:
+        return self._owner is not None
+
+    # -- binding (called by FlexModel) -----------------------------------------------------
+
+    def _bind(self, owner: object, hook_type: str, site: HookSite, runtime: Runtime,
+              shared: SharedState) -> None:
+        self._owner = owner
+        self.hook_type = hook_type
+        self.output_key = output_key(self.module_name, hook_type)
+        self._site = site
+        self._runtime = runtime
+        self._shared = shared
+        self._enabled = True
+
+    def _unbind(self) -> None:
+        self._owner = None
+        self.hook_type = None
+        self.output_key = None
+        self._site = self._runtime = self._shared = None
+        self._enabled = True
+
+    def torch_hook(self) -> Callable[..., Any]:
+        """The callable to hand to PyTorch's registration function for this hook kind."""
+        return {
+            "forward": self._forward_hook,
+            "forward_pre": self._forward_pre_hook,
+            "full_backward": self._full_backward_hook,
+            "full_backward_pre": self._full_backward_pre_hook,
+            "tensor": self._tensor_hook,
+        }[self.hook_type]
+
+    # -- the PyTorch hooks: select the hooked value, return a replacement or None ----------
+
+    def _forward_hook(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        return self._call(output) if self._enabled else None
+
+    def _forward_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> Any:
+        # Registered with with_kwargs=True: a module called as attn(hidden_states=h) still has
+        # its tensor found; tensors of args come first, then those of kwargs.
+        return self._call((args, kwargs)) if self._enabled else None
+
+    def _full_backward_hook(self, module: nn.Module, grad_input: tuple,
+                            grad_output: tuple) -> Any:
+        return self._call(grad_input) if self._enabled else None
+
+    def _full_backward_pre_hook(self, module: nn.Module, grad_output: tuple) -> Any:
+        return self._call(grad_output) if self._enabled else None
+
+    def _tensor_hook(self, grad: torch.Tensor) -> Any:
+        return self._call(grad) if self._enabled else None
+
+    # -- one hook call ---------------------------------------------------------------------
+
+    def _call(self, value: Any) -> Any:
+        tensor, repack = unpack(value, self.unpack_idx, self)
+        runtime, site = self._runtime, self._site
+        if self._shared.output_dict is not None:
+            runtime.retrieve(tensor, site, self._store)
+        if self.editing_function is None:
+            return None
+        full, ctx = runtime.gather_for_edit(tensor, site)
+        edited = runtime.run_on_leader(ctx, partial(self._edit, full))
+        return repack(runtime.scatter_from_edit(edited, ctx))
+
+    def _store(self, full: torch.Tensor) -> None:
+        check_expected_shape(full.shape, self.expected_shape, self)
+        self._shared.output_dict.setdefault(self.output_key, []).append(full)
+
+    def _edit(self, full: torch.Tensor) -> torch.Tensor:
+        """Run the editing function on the whole tensor and check what it returns."""
+        check_expected_shape(full.shape, self.expected_shape, self)
+        shared = self._shared
+        result = self.editing_function(self._site.module, full, shared.save_ctx, shared.modules)
+        if result is None:
+            raise EditingFunctionError(
+                f"{self!r}: the editing function returned None; it must return the (edited) "
+                "tensor, e.g. end it with `return tensor`"
+            )
+        if not isinstance(result, torch.Tensor):
+            raise EditingFunctionError(
+                f"{self!r}: the editing function returned a {type(result).__name__}, "
+                "expected a torch.Tensor"
+            )
+        if result.shape != full.shape or result.dtype != full.dtype:
+            raise EditingFunctionError(
+                f"{self!r}: the editing function returned shape {tuple(result.shape)} dtype "
+                f"{result.dtype}; it must keep the input's shape {tuple(full.shape)} and dtype "
+                f"{full.dtype}"
+            )
+        if result.device != full.device:
+            raise EditingFunctionError(
+                f"{self!r}: the editing function returned a tensor on {result.device}; "
+                f"it must stay on {full.device}"
+            )
+        return result

@@ -1,0 +1,59 @@
+"""Find the tensor a hook works on inside whatever a module hands its hooks, and put it back.
+
+Modules return tensors, tuples, dicts, HF ``ModelOutput``s (which ``transformers`` registers as
+pytree nodes) and mixtures of those with non-tensor leaves (``None``, caches, ints). A hook works
+on exactly one tensor: the ``unpack_idx``-th tensor leaf of ``torch.utils._pytree``'s flattening,
+in the order pytree visits leaves (positional order for tuples/lists, insertion order for dicts
+and ``ModelOutput`` fields that are not ``None``). Repacking puts a replacement at the same leaf
+and rebuilds the original container type.
+
+A bare tensor -- the common case for linear layers, norms and MLPs -- skips pytree entirely.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+from flex_surgery.hooks.errors import UnpackError
+
+Repack = Callable[[torch.Tensor], Any]
+
+
+def _identity(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+def unpack(value: Any, unpack_idx: int, owner: object) -> tuple[torch.Tensor, Repack]:
+    """The ``unpack_idx``-th tensor in ``value`` and a function that puts a replacement back.
+
+    ``owner`` is only used to name the hook in the error raised when there is no such tensor.
+    """
+    if isinstance(value, torch.Tensor):
+        if unpack_idx != 0:
+            raise UnpackError(
+                f"{owner!r}: unpack_idx={unpack_idx} but the hooked value is a single tensor "
+                "(only unpack_idx=0 exists)"
+            )
+        return value, _identity
+
+    leaves, spec = pytree.tree_flatten(value)
+    tensor_positions = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
+    if unpack_idx >= len(tensor_positions):
+        n = len(tensor_positions)
+        found = f"{n} tensor(s), valid unpack_idx 0..{n - 1}" if n else "no tensor"
+        raise UnpackError(
+            f"{owner!r}: unpack_idx={unpack_idx} is out of range: the hooked "
+            f"{type(value).__name__} holds {found}"
+        )
+    position = tensor_positions[unpack_idx]
+
+    def repack(tensor: torch.Tensor) -> Any:
+        new_leaves = list(leaves)
+        new_leaves[position] = tensor
+        return pytree.tree_unflatten(new_leaves, spec)
+
+    return leaves[position], repack

@@ -1,0 +1,400 @@
+"""FlexModel: hooks that read and edit whole activations of a (possibly sharded) model.
+
+:class:`FlexModel` wraps any ``nn.Module`` without changing it: it registers PyTorch hooks that
+run :class:`~flex_surgery.hooks.hook_function.HookFunction`\\ s, and :meth:`FlexModel.restore`
+removes every one of them, and every attribute PyTorch set while registering them. All
+parallelism lives behind the model's :class:`~flex_surgery.parallel.runtime.Runtime` (from
+:func:`~flex_surgery.parallel.distributed_runtime.build_runtime`); this module never calls a
+collective, so the same code runs in one process and under DP/TP/PP/FSDP.
+
+PyTorch hooks are installed once, at registration, and stay installed until :meth:`restore` or
+:meth:`remove_hook_function`; choosing groups per call only flips a flag on each HookFunction.
+That keeps the order of several hooks on one module fixed (the order of registration), which
+matters when they edit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from flex_surgery.hooks.errors import HookRegistrationError, UnknownNameError, did_you_mean
+from flex_surgery.hooks.groups import ALL, HookGroups, HookSelection, name_matcher
+from flex_surgery.hooks.hook_function import (
+    EditingFunction,
+    HookFunction,
+    SharedState,
+    check_expected_shape,
+)
+from flex_surgery.parallel.distributed_runtime import build_runtime
+from flex_surgery.parallel.runtime import HOOK_TYPES, HookSite
+
+# PyTorch's registration method for each module hook kind, with the options we use.
+_MODULE_REGISTRATION = {
+    "forward": ("register_forward_hook", {}),
+    "forward_pre": ("register_forward_pre_hook", {"with_kwargs": True}),
+    "full_backward": ("register_full_backward_hook", {}),
+    "full_backward_pre": ("register_full_backward_pre_hook", {}),
+}
+
+# Names FlexModel 0.1.0 used for hook kinds, accepted by create_hook_group.
+_HOOK_TYPE_ALIASES = {"backward": "full_backward", "backward_pre": "full_backward_pre",
+                      "pre_forward": "forward_pre", "pre_backward": "full_backward_pre",
+                      "tensor_backward": "tensor", "parameter": "tensor"}
+
+_CREATE_HOOK_GROUP_OPTIONS = ("expected_shape", "editing_function", "unpack_idx", "hook_type")
+
+
+class FlexModel(nn.Module):
+    """Wrap ``module`` to retrieve and edit its activations and gradients with hooks.
+
+    Args:
+        module: the model; left invariant (``restore()`` gives it back with nothing attached).
+        output_dict: where hooks store what they see: ``output_dict[key]`` is a list with one
+            detached CPU tensor per hook call, the whole (unsharded) value before editing,
+            filled on the storing rank only. ``key`` is the module name for forward hooks and
+            ``name:input``, ``name:grad_input``, ``name:grad_output``, ``name:grad`` for the
+            other kinds (:attr:`HookFunction.output_key`). ``None`` stores nothing.
+        tensor_parallel_size, pipeline_parallel_size, data_parallel_size, process_group: how
+            the model is distributed; all 1/``None`` in one process.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        output_dict: dict[str, list[torch.Tensor]] | None,
+        tensor_parallel_size: int = 1,
+        pipeline_parallel_size: int = 1,
+        data_parallel_size: int = 1,
+        process_group: dist.ProcessGroup | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"FlexModel wraps an nn.Module, got {type(module).__name__}")
+        if output_dict is not None and not isinstance(output_dict, dict):
+            raise TypeError(f"output_dict must be a dict or None, got {type(output_dict).__name__}")
+        self.module = module
+        self.output_dict = output_dict
+        self.save_ctx = SimpleNamespace()
+        self.trainable_modules = nn.ModuleDict()
+        self.tp_size = tensor_parallel_size
+        self.pp_size = pipeline_parallel_size
+        self.dp_size = data_parallel_size
+        self.runtime = build_runtime(module, tensor_parallel_size, pipeline_parallel_size,
+                                     data_parallel_size, process_group)
+        self._shared = SharedState(output_dict, self.save_ctx, self.trainable_modules)
+        self._groups = HookGroups()
+        self._handles: dict[HookFunction, RemovableHandle] = {}
+        # What registering hooks changed besides the hook dicts, to put back in restore():
+        # modules whose `_is_full_backward_hook` flag we set, parameters whose
+        # `_backward_hooks` dict PyTorch created for us.
+        self._backward_flag_before: dict[nn.Module, bool | None] = {}
+        self._params_without_hooks_before: list[torch.Tensor] = []
+        self._selection_key: tuple | None = None
+        self._restored = False
+
+    # -- forward ------------------------------------------------------------------------------
+
+    def forward(self, *args: Any, groups: str | Sequence[str] = ALL, complement: bool = False,
+                **kwargs: Any) -> Any:
+        """Run the wrapped module with exactly the hooks of ``groups`` (or all others).
+
+        The selection holds for this forward and for the backward of its outputs, until the
+        next call chooses again. ``groups`` and ``complement`` are taken by FlexModel; every
+        other argument goes to the wrapped module.
+        """
+        self._check_usable()
+        self._select(groups, complement)
+        return self.module(*args, **kwargs)
+
+    def _select(self, groups: str | Sequence[str], complement: bool) -> None:
+        names = (groups,) if isinstance(groups, str) else tuple(groups)
+        key = (names, bool(complement), self._groups.version)
+        if key == self._selection_key:
+            return
+        active = self._groups.select(names, complement)
+        for hf in self._groups.hook_functions():
+            hf._enabled = hf in active
+        self._selection_key = key
+
+    # -- registration ---------------------------------------------------------------------------
+
+    def register_forward_hook(self, hook_function: HookFunction) -> None:
+        """Run ``hook_function`` on the module's output (``unpack_idx``-th tensor)."""
+        self._register(hook_function, "forward")
+
+    def register_forward_pre_hook(self, hook_function: HookFunction) -> None:
+        """Run ``hook_function`` on the module's input: tensors of args, then of kwargs."""
+        self._register(hook_function, "forward_pre")
+
+    def register_full_backward_hook(self, hook_function: HookFunction) -> None:
+        """Run ``hook_function`` on the gradient w.r.t. the module's inputs (``grad_input``)."""
+        self._register(hook_function, "full_backward")
+
+    def register_full_backward_pre_hook(self, hook_function: HookFunction) -> None:
+        """Run ``hook_function`` on the gradient w.r.t. the module's outputs (``grad_output``)."""
+        self._register(hook_function, "full_backward_pre")
+
+    def register_hook(self, hook_function: HookFunction) -> None:
+        """Run ``hook_function`` on a parameter's gradient; ``module_name`` is its dotted path."""
+        self._register(hook_function, "tensor")
+
+    def _register(self, hf: HookFunction, hook_type: str) -> None:
+        self._check_usable()
+        if not isinstance(hf, HookFunction):
+            raise TypeError(f"expected a HookFunction, got {type(hf).__name__}")
+        if hf.is_registered:
+            where = "this FlexModel" if hf._owner is self else "another FlexModel"
+            raise HookRegistrationError(
+                f"{hf!r} is already registered with {where}; create a new HookFunction for "
+                "another hook point"
+            )
+        if hf.editing_function is None and self.output_dict is None:
+            raise HookRegistrationError(
+                f"{hf!r} has no editing function and this FlexModel has no output_dict: it "
+                "would do nothing"
+            )
+        if hook_type == "tensor":
+            site, handle = self._register_parameter_hook(hf)
+        else:
+            site, handle = self._register_module_hook(hf, hook_type)
+        self._handles[hf] = handle
+        self._groups.add(hf)
+
+    def _register_module_hook(self, hf: HookFunction,
+                              hook_type: str) -> tuple[HookSite, RemovableHandle]:
+        module = self._resolve_module(hf.module_name)
+        site = HookSite(hf.module_name, hook_type, HookSite.role_for(hook_type), module=module,
+                        expected_shape=hf.expected_shape)
+        hf._bind(self, hook_type, site, self.runtime, self._shared)
+        if hook_type == "full_backward" and module not in self._backward_flag_before:
+            self._backward_flag_before[module] = module._is_full_backward_hook
+        method, options = _MODULE_REGISTRATION[hook_type]
+        return site, getattr(module, method)(hf.torch_hook(), **options)
+
+    def _register_parameter_hook(self, hf: HookFunction) -> tuple[HookSite, RemovableHandle]:
+        parameter, owner = self._resolve_parameter(hf.module_name)
+        if hf.unpack_idx != 0:
+            raise HookRegistrationError(
+                f"{hf!r}: a parameter gradient is one tensor; unpack_idx must be 0, "
+                f"got {hf.unpack_idx}"
+            )
+        if not parameter.requires_grad:
+            raise HookRegistrationError(
+                f"parameter {hf.module_name!r} does not require grad, so it gets no gradient "
+                "to hook; set requires_grad=True first"
+            )
+        site = HookSite(hf.module_name, "tensor", HookSite.role_for("tensor"), module=owner,
+                        parameter=parameter, expected_shape=hf.expected_shape)
+        hf._bind(self, "tensor", site, self.runtime, self._shared)
+        if parameter._backward_hooks is None and not any(
+            p is parameter for p in self._params_without_hooks_before
+        ):
+            self._params_without_hooks_before.append(parameter)
+        return site, parameter.register_hook(hf.torch_hook())
+
+    def remove_hook_function(self, hook_function: HookFunction) -> None:
+        """Unregister one hook function: its PyTorch hook and its group memberships go."""
+        self._check_usable()
+        if hook_function not in self._handles:
+            raise HookRegistrationError(f"{hook_function!r} is not registered with this "
+                                        "FlexModel")
+        self._handles.pop(hook_function).remove()
+        self._groups.discard(hook_function)
+        hook_function._unbind()
+
+    # -- groups ---------------------------------------------------------------------------------
+
+    def create_hook_group(
+        self,
+        group_name: str,
+        group_constructor: str | Any,
+        expected_shape: Sequence[int | None] | None = None,
+        editing_function: EditingFunction | None = None,
+        unpack_idx: int = 0,
+        hook_type: str = "forward",
+        **kwargs: Any,
+    ) -> list[HookFunction]:
+        """Create and register one HookFunction per module matching ``group_constructor``.
+
+        ``group_constructor`` is a name pattern (substring, glob, ``re:`` regex or compiled
+        pattern; see :mod:`flex_surgery.hooks.groups`) matched against module names, or
+        against parameter names when ``hook_type="tensor"``. All created hooks share
+        ``expected_shape``, ``editing_function`` and ``unpack_idx``, and are added to
+        ``group_name`` (and ``"all"``). Returns them in model order.
+        """
+        if kwargs:
+            unknown = next(iter(kwargs))
+            raise TypeError(
+                f"create_hook_group() got an unexpected keyword argument {unknown!r}"
+                f"{did_you_mean(unknown, _CREATE_HOOK_GROUP_OPTIONS)} "
+                f"(options: {', '.join(_CREATE_HOOK_GROUP_OPTIONS)})"
+            )
+        self._check_usable()
+        hook_type = _HOOK_TYPE_ALIASES.get(hook_type, hook_type)
+        if hook_type not in HOOK_TYPES:
+            raise ValueError(f"unknown hook_type {hook_type!r}; choose from {HOOK_TYPES}"
+                             f"{did_you_mean(str(hook_type), HOOK_TYPES)}")
+        matches = name_matcher(group_constructor)
+        candidates = self._parameter_names() if hook_type == "tensor" else self._module_names()
+        names = [n for n in candidates if n and matches(n)]
+        if not names:
+            kind = "parameter" if hook_type == "tensor" else "module"
+            raise UnknownNameError(
+                f"group constructor {group_constructor!r} matches no {kind} name of the wrapped "
+                f"{type(self.module).__name__}"
+                f"{did_you_mean(str(group_constructor), candidates)}"
+            )
+        created = [HookFunction(n, expected_shape, editing_function, unpack_idx) for n in names]
+        registered: list[HookFunction] = []
+        try:
+            for hf in created:
+                self._register(hf, hook_type)
+                registered.append(hf)
+        except Exception:
+            for hf in registered:  # all or nothing
+                self.remove_hook_function(hf)
+            raise
+        self._groups.update(created, group_name)
+        return created
+
+    def update_hook_groups(self, hook_functions: HookSelection, group_name: str) -> None:
+        """Add hook functions (one, a list, or a name pattern) to ``group_name``."""
+        self._groups.update(hook_functions, group_name)
+
+    def remove_hook_groups(self, hook_functions: HookSelection, group_name: str) -> None:
+        """Remove hook functions (one, a list, or a name pattern) from ``group_name``.
+
+        A pattern selects the matching hook functions that are in the group. Group ``"all"``
+        cannot be removed.
+        """
+        self._groups.remove(hook_functions, group_name)
+
+    def get_hook_function_groups(
+        self, hook_function: HookFunction | None = None
+    ) -> set[str] | dict[HookFunction, set[str]]:
+        """The groups of ``hook_function``; without an argument, of every hook function."""
+        if hook_function is not None:
+            return self._groups.groups_of(hook_function)
+        return {hf: self._groups.groups_of(hf) for hf in self._groups.hook_functions()}
+
+    def get_group_hook_functions(self, group_name: str) -> list[HookFunction]:
+        """The hook functions in ``group_name``, in registration order."""
+        return self._groups.members(group_name)
+
+    @property
+    def hook_groups(self) -> set[str]:
+        """Names of every existing group, ``"all"`` included."""
+        return self._groups.names()
+
+    @property
+    def hook_functions(self) -> list[HookFunction]:
+        """Every registered hook function, in registration order."""
+        return self._groups.hook_functions()
+
+    # -- shared state for editing functions -------------------------------------------------------
+
+    def register_trainable_module(self, name: str, module: nn.Module) -> None:
+        """Make ``module`` available to every editing function as ``modules[name]``.
+
+        Its parameters are parameters of this FlexModel (not of the wrapped module), so an
+        optimizer over ``flex.trainable_modules.parameters()`` trains it through the edits.
+        """
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"a trainable module is an nn.Module, got {type(module).__name__}")
+        if name in self.trainable_modules and self.trainable_modules[name] is not module:
+            raise HookRegistrationError(f"a different trainable module is already registered "
+                                        f"as {name!r}")
+        self.trainable_modules[name] = module
+        self.runtime.sync_trainable_modules(dict(self.trainable_modules.items()))
+
+    def get_module_parameter(self, parameter_name: str,
+                             expected_shape: Sequence[int | None] | None = None) -> torch.Tensor:
+        """The whole parameter ``parameter_name`` as a detached CPU copy (on every rank)."""
+        self._check_usable()
+        parameter, owner = self._resolve_parameter(parameter_name)
+        full = self.runtime.full_parameter(parameter_name, parameter, owner)
+        expected = None if expected_shape is None else tuple(expected_shape)
+        check_expected_shape(full.shape, expected, f"parameter {parameter_name!r}")
+        return full
+
+    # -- names ------------------------------------------------------------------------------------
+
+    @property
+    def wrapped_module_names(self) -> list[str]:
+        return self._module_names()
+
+    @property
+    def trainable_modules_names(self) -> list[str]:
+        return list(self.trainable_modules.keys())
+
+    def _module_names(self) -> list[str]:
+        return [n for n, _ in self.module.named_modules(remove_duplicate=False)]
+
+    def _parameter_names(self) -> list[str]:
+        return [n for n, _ in self.module.named_parameters(remove_duplicate=False)]
+
+    def _resolve_module(self, name: str) -> nn.Module:
+        try:
+            return self.module.get_submodule(name)
+        except AttributeError:
+            pass
+        hint = ""
+        if name in self._parameter_names():
+            hint = "; it is a parameter: use register_hook for its gradient"
+        raise UnknownNameError(
+            f"no module named {name!r} in the wrapped {type(self.module).__name__}"
+            f"{hint or did_you_mean(name, self._module_names())}"
+        )
+
+    def _resolve_parameter(self, name: str) -> tuple[nn.Parameter, nn.Module]:
+        owner_name, _, leaf = name.rpartition(".")
+        try:
+            owner = self.module.get_submodule(owner_name)
+            parameter = owner.get_parameter(leaf)
+        except AttributeError:
+            hint = ""
+            if name in self._module_names():
+                hint = "; it is a module: use register_forward_hook and friends"
+            raise UnknownNameError(
+                f"no parameter named {name!r} in the wrapped {type(self.module).__name__}"
+                f"{hint or did_you_mean(name, self._parameter_names())}"
+            ) from None
+        return parameter, owner
+
+    # -- restore ----------------------------------------------------------------------------------
+
+    def restore(self) -> nn.Module:
+        """Remove every hook and give back the wrapped module exactly as it was wrapped.
+
+        Afterwards this FlexModel cannot be used; its hook functions can be registered again
+        with a new one.
+        """
+        if self._restored:
+            return self.module
+        for hf in list(self._handles):
+            self.remove_hook_function(hf)
+        for module, before in self._backward_flag_before.items():
+            if not module._backward_hooks:
+                module._is_full_backward_hook = before
+        for parameter in self._params_without_hooks_before:
+            if not parameter._backward_hooks:
+                parameter._backward_hooks = None
+        self._backward_flag_before.clear()
+        self._params_without_hooks_before.clear()
+        self._restored = True
+        return self.module
+
+    def _check_usable(self) -> None:
+        if self._restored:
+            raise RuntimeError("this FlexModel was restored; wrap the module again to use hooks")
+
+    def extra_repr(self) -> str:
+        return f"hook_functions={len(self._handles)}, groups={sorted(self._groups.names())}"
+
