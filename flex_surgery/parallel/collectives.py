@@ -1,0 +1,294 @@
+"""Autograd-aware collectives over one process group: each one's backward is its mirror.
+
+In the tone of fairscale's ``model_parallel/mappings.py``: small ``torch.autograd.Function``
+classes plus functional wrappers.
+
+============================  ===========================  =================================
+function                      forward                      backward
+============================  ===========================  =================================
+:func:`gather_to_one`         concat shards on ``dst``     scatter the gradient from ``dst``
+:func:`scatter_from_one`      split ``src``'s tensor       gather the gradient to ``src``
+:func:`all_gather`            concat shards on all         sum gradients, keep own slice
+:func:`reduce_to_one`         sum summands on ``dst``      broadcast the gradient from ``dst``
+:func:`broadcast_from_one`    copy ``src``'s to all        sum gradients on ``src``
+:func:`keep_on_one`           ``src`` keeps, others zero   gradient stays on ``src``
+============================  ===========================  =================================
+
+Ranks that end up without the whole tensor get a zero-size *placeholder* that is still part of
+the autograd graph: handing it to the mirror collective keeps every rank's backward running the
+same collectives in the same order, even though only one rank did the work in between.
+
+Backends: gloo's ``gather``/``scatter``/``all_gather`` reject uneven sizes, so shards are padded
+to the largest one and trimmed after; the sizes are exchanged first unless the caller knows them.
+Only ``gather``, ``scatter``, ``all_gather``, ``all_reduce``, ``reduce`` and ``broadcast`` are
+used, which gloo and nccl both provide; the device is always the tensor's own.
+``group`` ``None`` means the default group; ``dst``/``src`` are ranks *within* the group.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "RemoteEditError", "all_gather", "broadcast_from_one", "broadcast_status", "exchange_sizes",
+    "gather_to_one", "keep_on_one", "reduce_to_one", "scatter_from_one",
+]
+
+Group = dist.ProcessGroup | None
+
+
+def _group_rank(group: Group) -> int:
+    return dist.get_rank(group)
+
+
+def _placeholder(like: torch.Tensor) -> torch.Tensor:
+    return like.new_empty(0)
+
+
+def exchange_sizes(local: torch.Tensor, dim: int, group: Group) -> tuple[int, ...]:
+    """Every rank's size along ``dim`` (a tiny all-gather)."""
+    n = dist.get_world_size(group)
+    mine = torch.tensor([local.shape[dim]], dtype=torch.int64, device=local.device)
+    out = [torch.empty_like(mine) for _ in range(n)]
+    dist.all_gather(out, mine, group=group)
+    return tuple(int(t.item()) for t in out)
+
+
+def _pad(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    if t.shape[dim] == size:
+        return t.contiguous()
+    shape = list(t.shape)
+    shape[dim] = size
+    out = t.new_zeros(shape)
+    out.narrow(dim, 0, t.shape[dim]).copy_(t)
+    return out
+
+
+def _padded_shape(shape: Sequence[int], dim: int, size: int) -> list[int]:
+    shape = list(shape)
+    shape[dim] = size
+    return shape
+
+
+def _sizes(local: torch.Tensor, dim: int, group: Group,
+           sizes: Sequence[int] | None) -> tuple[int, ...]:
+    if sizes is not None:
+        return tuple(sizes)
+    return exchange_sizes(local, dim, group)
+
+
+# -- plain (non-autograd) collectives -------------------------------------------------------
+def _gather(t: torch.Tensor, dim: int, group: Group, dst: int,
+            sizes: Sequence[int]) -> torch.Tensor | None:
+    top = max(sizes)
+    padded = _pad(t, dim, top)
+    if _group_rank(group) == dst:
+        bufs = [torch.empty_like(padded) for _ in sizes]
+        dist.gather(padded, bufs, group=group, group_dst=dst)
+        return torch.cat([b.narrow(dim, 0, s) for b, s in zip(bufs, sizes)], dim=dim)
+    dist.gather(padded, None, group=group, group_dst=dst)
+    return None
+
+
+def _scatter(full: torch.Tensor | None, dim: int, group: Group, src: int,
+             sizes: Sequence[int], local_shape: Sequence[int], like: torch.Tensor,
+             ) -> torch.Tensor:
+    top = max(sizes)
+    me = _group_rank(group)
+    out = like.new_empty(_padded_shape(local_shape, dim, top))
+    if me == src:
+        assert full is not None
+        pieces = [_pad(p, dim, top) for p in full.split(list(sizes), dim=dim)]
+        dist.scatter(out, pieces, group=group, group_src=src)
+    else:
+        dist.scatter(out, None, group=group, group_src=src)
+    return out.narrow(dim, 0, sizes[me])
+
+
+def _all_gather(t: torch.Tensor, dim: int, group: Group, sizes: Sequence[int]) -> torch.Tensor:
+    top = max(sizes)
+    padded = _pad(t, dim, top)
+    bufs = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(bufs, padded, group=group)
+    return torch.cat([b.narrow(dim, 0, s) for b, s in zip(bufs, sizes)], dim=dim)
+
+
+# -- autograd functions ---------------------------------------------------------------------
+class _GatherToOne(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t, dim, group, dst, sizes):
+        ctx.dim, ctx.group, ctx.dst, ctx.sizes = dim, group, dst, sizes
+        ctx.local_shape = tuple(t.shape)
+        full = _gather(t, dim, group, dst, sizes)
+        return full if full is not None else _placeholder(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        me = _group_rank(ctx.group)
+        piece = _scatter(grad if me == ctx.dst else None, ctx.dim, ctx.group, ctx.dst,
+                         ctx.sizes, ctx.local_shape, grad)
+        return piece, None, None, None, None
+
+
+class _ScatterFromOne(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, full, dim, group, src, sizes, local_shape):
+        ctx.dim, ctx.group, ctx.src, ctx.sizes = dim, group, src, sizes
+        return _scatter(full if _group_rank(group) == src else None, dim, group, src, sizes,
+                        local_shape, full).clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        full = _gather(grad, ctx.dim, ctx.group, ctx.src, ctx.sizes)
+        return (full if full is not None else _placeholder(grad)), None, None, None, None, None
+
+
+class _AllGather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t, dim, group, sizes):
+        ctx.dim, ctx.group, ctx.sizes = dim, group, sizes
+        return _all_gather(t, dim, group, sizes)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        me = _group_rank(ctx.group)
+        start = sum(ctx.sizes[:me])
+        return grad.narrow(ctx.dim, start, ctx.sizes[me]).clone(), None, None, None
+
+
+class _ReduceToOne(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t, group, dst):
+        ctx.group, ctx.dst, ctx.shape = group, dst, tuple(t.shape)
+        buf = t.contiguous().clone()
+        dist.reduce(buf, dst=dist.get_global_rank(group, dst) if group is not None else dst,
+                    group=group)
+        return buf if _group_rank(group) == dst else _placeholder(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        buf = grad.contiguous().clone() if _group_rank(ctx.group) == ctx.dst else \
+            grad.new_empty(ctx.shape)
+        dist.broadcast(buf, group=ctx.group, group_src=ctx.dst)
+        return buf, None, None
+
+
+class _BroadcastFromOne(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, full, group, src, shape):
+        ctx.group, ctx.src = group, src
+        me = _group_rank(group)
+        buf = full.contiguous().clone() if me == src else full.new_empty(shape)
+        dist.broadcast(buf, group=group, group_src=src)
+        return buf
+
+    @staticmethod
+    def backward(ctx, grad):
+        buf = grad.contiguous().clone()
+        dist.reduce(buf, dst=dist.get_global_rank(ctx.group, ctx.src)
+                    if ctx.group is not None else ctx.src, group=ctx.group)
+        return (buf if _group_rank(ctx.group) == ctx.src else _placeholder(grad)), None, None, \
+            None
+
+
+class _KeepOnOne(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, full, group, src, shape):
+        ctx.keep = _group_rank(group) == src
+        return full.clone() if ctx.keep else full.new_zeros(shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (grad if ctx.keep else _placeholder(grad)), None, None, None
+
+
+# -- functional API -------------------------------------------------------------------------
+def gather_to_one(t: torch.Tensor, dim: int, group: Group = None, dst: int = 0,
+                  sizes: Sequence[int] | None = None) -> torch.Tensor:
+    """Concatenate every rank's ``t`` along ``dim`` on group rank ``dst``.
+
+    Returns the whole tensor on ``dst`` and a zero-size placeholder elsewhere. Backward scatters
+    the gradient back. ``sizes`` (every rank's size along ``dim``) is exchanged if not given.
+    """
+    if dist.get_world_size(group) == 1:
+        return t
+    dim = dim % t.ndim
+    return _GatherToOne.apply(t, dim, group, dst, _sizes(t, dim, group, sizes))
+
+
+def scatter_from_one(full: torch.Tensor, dim: int, sizes: Sequence[int],
+                     local_shape: Sequence[int], group: Group = None,
+                     src: int = 0) -> torch.Tensor:
+    """Split ``src``'s ``full`` along ``dim`` into pieces of ``sizes``; every rank gets its own.
+
+    Non-``src`` ranks pass their placeholder (or any tensor of the right dtype/device) as
+    ``full``; ``local_shape`` is this rank's piece's shape. Backward gathers to ``src``.
+    """
+    if dist.get_world_size(group) == 1:
+        return full
+    dim = dim % len(local_shape)
+    return _ScatterFromOne.apply(full, dim, group, src, tuple(sizes), tuple(local_shape))
+
+
+def all_gather(t: torch.Tensor, dim: int, group: Group = None,
+               sizes: Sequence[int] | None = None) -> torch.Tensor:
+    """Concatenate every rank's ``t`` along ``dim`` on every rank (backward: reduce-scatter)."""
+    if dist.get_world_size(group) == 1:
+        return t
+    dim = dim % t.ndim
+    return _AllGather.apply(t, dim, group, _sizes(t, dim, group, sizes))
+
+
+def reduce_to_one(t: torch.Tensor, group: Group = None, dst: int = 0) -> torch.Tensor:
+    """Sum of every rank's ``t`` on ``dst``, placeholder elsewhere (backward: broadcast)."""
+    if dist.get_world_size(group) == 1:
+        return t
+    return _ReduceToOne.apply(t, group, dst)
+
+
+def broadcast_from_one(full: torch.Tensor, shape: Sequence[int], group: Group = None,
+                       src: int = 0) -> torch.Tensor:
+    """``src``'s ``full`` on every rank (backward: sum the gradients onto ``src``)."""
+    if dist.get_world_size(group) == 1:
+        return full
+    return _BroadcastFromOne.apply(full, group, src, tuple(shape))
+
+
+def keep_on_one(full: torch.Tensor, shape: Sequence[int], group: Group = None,
+                src: int = 0) -> torch.Tensor:
+    """``full`` on ``src`` and zeros of ``shape`` elsewhere: a split of ``full`` into summands
+    (the right inverse of :func:`reduce_to_one`); no communication."""
+    if dist.get_world_size(group) == 1:
+        return full
+    return _KeepOnOne.apply(full, group, src, tuple(shape))
+
+
+# -- status ---------------------------------------------------------------------------------
+class RemoteEditError(RuntimeError):
+    """An editing function failed on the edit leader; raised on every rank of the group."""
+
+
+def broadcast_status(error: str | None, group: Group = None, src: int = 0,
+                     device: torch.device | str = "cpu") -> None:
+    """Tell every rank whether ``src`` succeeded; raise :class:`RemoteEditError` everywhere if
+    not. ``error`` is the message on ``src`` (``None``: success) and ignored elsewhere.
+
+    Two small broadcasts at most (length, then the message bytes), so a failure reaches every
+    rank as fast as a success does -- nobody waits for a collective that will never come.
+    """
+    me = _group_rank(group)
+    payload = (error or "").encode() if me == src else b""
+    length = torch.tensor([len(payload)], dtype=torch.int64, device=device)
+    dist.broadcast(length, group=group, group_src=src)
+    n = int(length.item())
+    if n == 0:
+        return
+    data = (torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(device) if me == src
+            else torch.empty(n, dtype=torch.uint8, device=device))
+    dist.broadcast(data, group=group, group_src=src)
+    raise RemoteEditError(bytes(data.cpu().tolist()).decode(errors="replace"))
