@@ -1,0 +1,106 @@
+"""flex_surgery.launch on this machine: rank detection from each launcher's variables, and one
+real 2-rank world per executor that returns every rank's value and names the rank that failed."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from flex_surgery.launch import LaunchError, detect_environment, launch
+from flex_surgery.launch.environment import port_for_job
+
+HERE = str(Path(__file__).resolve().parent)
+
+_LAUNCH_VARS = (
+    "TORCHELASTIC_RUN_ID", "SUBMITIT_EXECUTOR", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS",
+    "SLURM_NTASKS", "SLURM_JOB_ID", "SLURM_JOB_NODELIST", "SLURM_LOCALID", "SLURM_NODEID",
+    "SLURM_JOB_NUM_NODES", "SLURM_STEP_ID", "RANK", "WORLD_SIZE", "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+)
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for name in _LAUNCH_VARS:
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def test_no_launcher_is_a_world_of_one(clean_env):
+    env = detect_environment()
+    assert (env.rank, env.world_size, env.launcher) == (0, 1, "single")
+
+
+def test_torchrun_variables(clean_env):
+    clean_env.setenv("TORCHELASTIC_RUN_ID", "abc")
+    for name, value in dict(RANK=3, WORLD_SIZE=4, LOCAL_RANK=1, LOCAL_WORLD_SIZE=2,
+                            MASTER_ADDR="node7", MASTER_PORT=29500).items():
+        clean_env.setenv(name, str(value))
+    env = detect_environment()
+    assert env == type(env)(3, 4, 1, 2, "node7", 29500, "torchrun")
+
+
+def _slurm_step(env, procid: int, localid: int, job_id: str = "123") -> None:
+    for name, value in dict(SLURM_JOB_ID=job_id, SLURM_NTASKS=4, SLURM_JOB_NUM_NODES=2,
+                            SLURM_JOB_NODELIST="gpu[03-04]", SLURM_PROCID=procid,
+                            SLURM_LOCALID=localid, SLURM_NODEID=procid // 2).items():
+        env.setenv(name, str(value))
+
+
+def test_srun_step_reads_slurm_ids_and_first_node(clean_env):
+    _slurm_step(clean_env, procid=3, localid=1)
+    clean_env.setenv("SLURM_STEP_NUM_TASKS", "4")
+    clean_env.setenv("SLURM_STEP_ID", "0")
+    env = detect_environment()
+    assert (env.rank, env.world_size, env.local_rank, env.local_world_size) == (3, 4, 1, 2)
+    assert (env.master_addr, env.launcher) == ("gpu03", "srun")
+    assert env.master_port == port_for_job("123.0")  # every task of the step agrees
+
+
+def test_batch_script_is_not_a_rank(clean_env):
+    """The sbatch script has SLURM_PROCID=0 too; taking it for rank 0 of 4 would hang."""
+    _slurm_step(clean_env, procid=0, localid=0)
+    assert detect_environment().launcher == "single"
+
+
+def test_submitit_task_uses_job_port_not_inherited_one(clean_env):
+    _slurm_step(clean_env, procid=2, localid=0, job_id="77")
+    clean_env.setenv("SUBMITIT_EXECUTOR", "slurm")
+    clean_env.setenv("MASTER_PORT", "1234")  # copied from the submitter by sbatch
+    env = detect_environment()
+    assert (env.rank, env.world_size, env.launcher) == (2, 4, "submitit")
+    assert env.master_port == port_for_job("77") != 1234
+    assert detect_environment(master_port=4321).master_port == 4321
+
+
+def _rank_report(fail_on: int):
+    """Every rank contributes to an all-reduce, then one rank raises after it."""
+    t = torch.tensor([float(dist.get_rank() + 1)])
+    dist.all_reduce(t)
+    report = (dist.get_rank(), dist.get_world_size(), dist.get_backend(), t.item())
+    if dist.get_rank() == fail_on:
+        raise ValueError(f"planted failure on rank {fail_on}")
+    return report
+
+
+def check_two_rank_launch(executor: str, folder: Path) -> None:
+    """rank 0's value comes back although rank 1 raised; the error names rank 1 and its cause."""
+    logging.getLogger("submitit").setLevel(logging.ERROR)
+    with pytest.raises(LaunchError) as caught:
+        launch(_rank_report, 1, nprocs=2, executor=executor, device="cpu",
+               folder=folder, python_path=[HERE], timeout_min=3)
+    err = caught.value
+    assert err.results == [(0, 2, "gloo", 3.0), None]
+    assert list(err.failures) == [1]
+    assert "planted failure on rank 1" in err.failures[1]
+    assert "ValueError" in str(err) and "first: rank 1" in str(err)
+    launcher = {"local": "submitit", "slurm": "submitit", "torchrun": "torchrun"}[executor]
+    assert [o.launcher for o in err.outcomes] == [launcher, launcher]
+
+
+def test_local_two_ranks_return_values_and_name_the_failed_rank(tmp_path):
+    check_two_rank_launch("local", tmp_path)
