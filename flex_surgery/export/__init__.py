@@ -1,0 +1,23 @@
+"""Export a model once with ``torch.export``; run it with new or surgically modified weights.
+
+``ExportedModel.export(model, ...)`` exports a private copy of ``model``; ``inject`` copies a
+checkpoint (state dict, module or file) into the program in place and ``weights`` swaps one in
+for a ``with`` block, restoring bit-exactly. See docs/export.md.
+"""
+
+from flex_surgery.export.exported import ExportedModel, WeightSource
+from flex_surgery.export.layout import WeightLayout, WeightMismatchError, WeightSlot
+from flex_surgery.export.program import OutputSelector, export_private_copy
+from flex_surgery.export.weight_files import load_weight_file, save_weight_file
+
+__all__ = [
+    "ExportedModel",
+    "OutputSelector",
+    "WeightLayout",
+    "WeightMismatchError",
+    "WeightSlot",
+    "WeightSource",
+    "export_private_copy",
+    "load_weight_file",
+    "save_weight_file",
+]

@@ -1,0 +1,202 @@
+"""Export once, then run the same program with other weights: injected, or swapped temporarily.
+
+``torch.export`` turns a module into a graph plus a ``state_dict``; the graph does not care which
+numbers sit in those tensors. So a fine-tuned checkpoint, or the weights of an eager model under
+surgery, can be copied *in place* into the program's tensors instead of paying for a re-export
+(seconds to minutes, and a recompile for compiled programs). This module is that copy, made
+safe:
+
+* the program owns its weights (``program.py`` exports a private copy), so injecting never
+  writes into the eager model and editing the eager model never leaks into the program;
+* every name, shape and dtype is checked before the first byte is written
+  (:class:`~flex_surgery.export.layout.WeightLayout`), so a failed injection leaves the program
+  untouched;
+* tied weights are one tensor in the program and are written once;
+* :meth:`ExportedModel.weights` swaps weights in for a ``with`` block and copies a snapshot back
+  afterwards -- bit-exact, never by subtracting a delta.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any, Union
+
+import torch
+from torch import nn
+
+from flex_surgery.export.layout import WeightLayout, WeightSlot
+from flex_surgery.export.program import OutputKey, export_private_copy
+from flex_surgery.export.weight_files import load_weight_file, save_weight_file
+
+__all__ = ["ExportedModel", "WeightSource"]
+
+#: What :meth:`ExportedModel.inject` accepts: a state dict keyed by eager names, a module with
+#: the same architecture, or the path of a weight file (safetensors or ``torch.save``).
+WeightSource = Union[Mapping[str, torch.Tensor], nn.Module, str, os.PathLike]
+
+_META_FILE = "flex_surgery_export.json"
+_META_VERSION = 1
+
+
+class ExportedModel:
+    """An ``ExportedProgram`` whose weights can be replaced without re-exporting.
+
+    Build one with :meth:`export` (from an eager module) or :meth:`load` (from :meth:`save`).
+    Call it like the eager module. Weight names are always the *eager* names
+    (``transformer.h.0.attn.c_attn.weight``), whatever prefix the program uses internally.
+    """
+
+    def __init__(self, program: torch.export.ExportedProgram, prefix: str = "",
+                 output: OutputKey = None):
+        """Wrap ``program`` as is. The program must own its weights: use :meth:`export` unless
+        ``program`` comes from ``torch.export.load`` or from exporting a module nobody else
+        holds, or injections will write through into that module."""
+        self.program = program
+        self.output = output
+        self.layout = WeightLayout(program.state_dict, prefix)
+        self._runner = program.module()
+        self._compiled: nn.Module | None = None
+        self._slots = {slot.names[0]: self._live_tensor(slot) for slot in self.layout.slots}
+
+    # -- construction ----------------------------------------------------------------------------
+    @classmethod
+    def export(cls, module: nn.Module, example_args: tuple = (),
+               example_kwargs: Mapping[str, Any] | None = None, dynamic_shapes: Any = None,
+               output: OutputKey = "logits", strict: bool = False) -> ExportedModel:
+        """``torch.export`` a private copy of ``module``.
+
+        ``output`` keeps only ``out[output]`` (``"logits"`` for Hugging Face language models;
+        ``None`` keeps the whole output). ``dynamic_shapes`` is keyed by ``module.forward``'s
+        argument names, as for ``torch.export.export``; ``strict`` is passed through.
+        """
+        program, prefix = export_private_copy(module, example_args, example_kwargs,
+                                              dynamic_shapes, output, strict)
+        return cls(program, prefix, output)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the program with its current weights (``torch.export.save``, a ``.pt2`` file)."""
+        meta = {"version": _META_VERSION, "prefix": self.layout.prefix, "output": self.output}
+        torch.export.save(self.program, path, extra_files={_META_FILE: json.dumps(meta)})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, weights: WeightSource | None = None) -> ExportedModel:
+        """Read a program written by :meth:`save`, then inject ``weights`` if given."""
+        extra = {_META_FILE: ""}
+        program = torch.export.load(path, extra_files=extra)
+        if not extra[_META_FILE]:
+            raise ValueError(f"{os.fspath(path)!r} was not written by ExportedModel.save; wrap a "
+                             f"torch.export.load result with ExportedModel(program, prefix=...)")
+        meta = json.loads(extra[_META_FILE])
+        exported = cls(program, meta["prefix"], meta["output"])
+        if weights is not None:
+            exported.inject(weights)
+        return exported
+
+    # -- running ---------------------------------------------------------------------------------
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        runner = self._compiled if self._compiled is not None else self._runner
+        return runner(*args, **kwargs)
+
+    def compile(self, **compile_kwargs: Any) -> ExportedModel:
+        """Run through ``torch.compile(program.module(), **compile_kwargs)`` from now on.
+
+        The compiled code reads the same parameter tensors, so later injections take effect
+        without recompiling (compiled kernels may differ from eager ones in the last bits).
+        """
+        self._compiled = torch.compile(self._runner, **compile_kwargs)
+        return self
+
+    # -- weights ---------------------------------------------------------------------------------
+    @property
+    def names(self) -> list[str]:
+        """Every eager weight name the program accepts, tied aliases included."""
+        return self.layout.names
+
+    @property
+    def tied(self) -> list[tuple[str, ...]]:
+        """Groups of eager names that share one tensor in the program."""
+        return self.layout.tied
+
+    def name_map(self) -> dict[str, str]:
+        """``{eager name: program state key}``."""
+        return self.layout.name_map()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The program's current weights under eager names (tied aliases included).
+
+        The tensors are detached *live views*: ``clone()`` them to keep a snapshot.
+        """
+        return {name: self._slots[slot.names[0]].detach()
+                for slot in self.layout.slots for name in slot.names}
+
+    def inject(self, source: WeightSource, strict: bool = True) -> list[str]:
+        """Copy new weights into the program in place; return the canonical names written.
+
+        Everything is validated first (names, shapes, dtypes, tied copies agreeing), so on a
+        :class:`~flex_surgery.export.layout.WeightMismatchError` the program is unchanged. With
+        ``strict=False``, weights absent from ``source`` keep their current values; unexpected
+        names are an error either way.
+        """
+        matched = self._match(source, strict)
+        self._write(matched)
+        return [slot.names[0] for slot, _ in matched]
+
+    @contextmanager
+    def weights(self, source: WeightSource, strict: bool = True) -> Iterator[ExportedModel]:
+        """Run the program with ``source``'s weights inside the block, then restore bit-exactly.
+
+        The tensors about to change are snapshotted (cloned), overwritten, and copied back on
+        exit -- also when the block raises. Blocks nest; each restores what it found.
+        """
+        matched = self._match(source, strict)
+        snapshot = [(slot, self._slots[slot.names[0]].detach().clone()) for slot, _ in matched]
+        try:
+            self._write(matched)
+            yield self
+        finally:
+            self._write(snapshot)
+
+    def save_weights(self, path: str | os.PathLike) -> None:
+        """Write the current weights (one entry per tied group) to safetensors or a torch file."""
+        save_weight_file({name: t for name, t in self._canonical_items()}, path)
+
+    # -- internals -------------------------------------------------------------------------------
+    def _live_tensor(self, slot: WeightSlot) -> torch.Tensor:
+        """The tensor the runner reads for ``slot``; it must alias the program's own entry."""
+        key = self.layout.program_key(slot.names[0])
+        live = _runner_state(self._runner)[key]
+        stored = self.program.state_dict[key]
+        if live.data_ptr() != stored.data_ptr():
+            raise RuntimeError(f"program.module() copied {key!r} instead of sharing it with "
+                               f"program.state_dict; in-place injection would be lost")
+        return live
+
+    def _canonical_items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for slot in self.layout.slots:
+            yield slot.names[0], self._slots[slot.names[0]].detach()
+
+    def _match(self, source: WeightSource, strict: bool) -> list[tuple[WeightSlot, torch.Tensor]]:
+        if isinstance(source, nn.Module):
+            weights: Mapping[str, torch.Tensor] = source.state_dict()
+        elif isinstance(source, (str, os.PathLike)):
+            weights = load_weight_file(source)
+        elif isinstance(source, Mapping):
+            weights = source
+        else:
+            raise TypeError(f"cannot inject weights from a {type(source).__name__}; pass a state "
+                            f"dict, a module or a weight file path")
+        return self.layout.match(weights, strict)
+
+    @torch.no_grad()
+    def _write(self, matched: list[tuple[WeightSlot, torch.Tensor]]) -> None:
+        for slot, value in matched:
+            self._slots[slot.names[0]].copy_(value)
+
+
+def _runner_state(runner: nn.Module) -> dict[str, torch.Tensor]:
+    state = dict(runner.named_parameters(remove_duplicate=False))
+    state.update(runner.named_buffers(remove_duplicate=False))
+    return state

@@ -1,0 +1,65 @@
+"""Run ``torch.export`` on a private copy of a module, optionally keeping one output only.
+
+Two facts about ``torch.export`` shape this module:
+
+* The program's ``state_dict`` tensors *alias* the exported module's parameters. Injecting new
+  weights into the program would silently rewrite the user's eager model (and surgery on the
+  eager model would leak into the program). Exporting a ``copy.deepcopy`` of the module gives
+  the program weights of its own; ``deepcopy`` keeps tied parameters tied.
+* Hugging Face models return a ``ModelOutput``. Deployments usually want one tensor, and a
+  graph that returns only that tensor is smaller and saves without pytree registrations. The
+  :class:`OutputSelector` wrapper picks ``out[output]`` inside the graph; it forwards the wrapped
+  module's signature so ``dynamic_shapes`` is keyed by the same argument names as for the
+  module itself. Its only cost is the ``module.`` prefix on program keys, which
+  :class:`~flex_surgery.export.layout.WeightLayout` strips.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from collections.abc import Mapping
+from typing import Any, Union
+
+import torch
+from torch import nn
+
+__all__ = ["OutputSelector", "export_private_copy"]
+
+OutputKey = Union[str, int, None]
+
+#: Prefix :class:`OutputSelector` puts in front of every eager name.
+SELECTOR_PREFIX = "module."
+
+
+class OutputSelector(nn.Module):
+    """Call ``module`` and return only ``out[output]`` (an attribute/key name, or an index)."""
+
+    def __init__(self, module: nn.Module, output: str | int):
+        super().__init__()
+        self.module = module
+        self.output = output
+        # torch.export reads argument names from ``inspect.signature(self.forward)``; expose the
+        # wrapped module's so callers key ``dynamic_shapes`` exactly as for the bare module.
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            return self.module(*args, **kwargs)[self.output]
+
+        forward.__signature__ = inspect.signature(module.forward)
+        self.forward = forward
+
+
+def export_private_copy(module: nn.Module, example_args: tuple = (),
+                        example_kwargs: Mapping[str, Any] | None = None,
+                        dynamic_shapes: Any = None, output: OutputKey = "logits",
+                        strict: bool = False) -> tuple[torch.export.ExportedProgram, str]:
+    """Export a deep copy of ``module``; return the program and the prefix of its weight keys.
+
+    The eager ``module`` is neither modified nor aliased by the result. Peak memory during the
+    call is about twice the module's weights.
+    """
+    private = copy.deepcopy(module)
+    root: nn.Module = private if output is None else OutputSelector(private, output)
+    prefix = "" if output is None else SELECTOR_PREFIX
+    program = torch.export.export(root, tuple(example_args), kwargs=dict(example_kwargs or {}),
+                                  dynamic_shapes=dynamic_shapes, strict=strict)
+    return program, prefix
