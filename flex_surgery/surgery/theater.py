@@ -244,6 +244,7 @@ class SurgicalTheater:
         self._snapshots: list[Snapshot] = []
         self._hooks: list[Any] = []
         self._guard: dict[str, Any] = {}
+        self._names: list[str] = []
         self.stats: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ targets
@@ -448,6 +449,7 @@ class SurgicalTheater:
             raise
         self._active = True
         _ACTIVE.append(self)
+        self._names = [s.name for s in self._targets]
         self.stats = {
             "modified_parameters": len(self._targets),
             "modified_elements": sum(s.local.numel() for s in self._targets),
@@ -492,13 +494,13 @@ class SurgicalTheater:
     # --------------------------------------------------------------- reporting
     @property
     def modified_names(self) -> list[str]:
-        """Names of the parameters modified by the active context."""
-        return [s.name for s in self._targets]
+        """Names of the parameters modified by the current (or last) entry."""
+        return list(self._names)
 
     @property
     def modifications_summary(self) -> dict[str, list[str]]:
         """``{modification_type: [parameter names]}`` (SurgicalTheater's original report)."""
-        if not self._targets:
+        if not self._names:
             return {}
         return {self.modification_type: self.modified_names}
 
