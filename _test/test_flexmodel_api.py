@@ -1,0 +1,249 @@
+"""FlexModel's shared state, restore(), DummyModule, parameters, and every bad-input error."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from flexmodel_helpers import POINTS, hooks_left, make, run
+from torch import nn
+
+from flex_surgery.hooks import (
+    DummyModule,
+    EditingFunctionError,
+    FlexModel,
+    HookFunction,
+    HookRegistrationError,
+    ShapeMismatchError,
+    UnknownNameError,
+    UnpackError,
+)
+
+MLP0, MLP1 = "model.layers.0.mlp", "model.layers.1.mlp"
+
+
+def test_save_ctx_carries_a_tensor_between_layers_and_calls():
+    model, inputs = make("llama")
+
+    raw_ctx = {}
+    h0 = model.get_submodule(MLP0).register_forward_hook(
+        lambda m, a, out: raw_ctx.__setitem__("h", out))
+    h1 = model.get_submodule(MLP1).register_forward_hook(
+        lambda m, a, out: out + raw_ctx["h"])
+    raw = run(lambda: model(**inputs), model, "model.norm")
+    h0.remove()
+    h1.remove()
+
+    def save(module, x, ctx, modules):
+        ctx.h = x
+        ctx.calls = getattr(ctx, "calls", 0) + 1
+        return x
+
+    def add_saved(module, x, ctx, modules):
+        return x + ctx.h
+
+    flex = FlexModel(model, None)
+    flex.register_forward_hook(HookFunction(MLP0, editing_function=save))
+    flex.register_forward_hook(HookFunction(MLP1, editing_function=add_saved))
+    edited = run(lambda: flex(**inputs), model, "model.norm")
+    flex(**inputs)
+    assert flex.save_ctx.calls == 2
+    flex.restore()
+
+    baseline = run(lambda: model(**inputs), model, "model.norm")
+    assert not torch.equal(raw[0], baseline[0])
+    assert torch.equal(edited[0], raw[0]) and torch.equal(edited[1][0], raw[1][0])
+    for name in raw[2]:
+        assert torch.equal(edited[2][name], raw[2][name]), name
+
+
+def test_trainable_module_in_editing_function_gets_gradients():
+    model, inputs = make("llama")
+    model.requires_grad_(False)
+    probe = nn.Linear(64, 64)
+    flex = FlexModel(model, {})
+    flex.register_trainable_module("probe", probe)
+    flex.register_forward_hook(HookFunction(
+        MLP0, editing_function=lambda m, x, ctx, modules: x + modules["probe"](x)))
+    flex(**inputs).logits.square().mean().backward()
+    flex_grad = probe.weight.grad.clone()
+    flex.restore()
+    assert any(p is probe.weight for p in flex.parameters())
+    assert flex_grad.abs().sum() > 0
+
+    probe.zero_grad(set_to_none=True)
+    handle = model.get_submodule(MLP0).register_forward_hook(lambda m, a, out: out + probe(out))
+    model(**inputs).logits.square().mean().backward()
+    handle.remove()
+    assert torch.equal(flex_grad, probe.weight.grad)
+
+
+def test_restore_leaves_nothing_behind():
+    model, inputs = make("gpt2")
+    points = POINTS["gpt2"]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    attributes = {n: set(vars(m)) for n, m in model.named_modules()}
+    reference = run(lambda: model(**inputs), model, points["later"])
+    assert hooks_left(model) == []
+
+    flex = FlexModel(model, {})
+    twice = lambda m, x, ctx, mods: x * 2  # noqa: E731
+    flex.register_forward_hook(HookFunction(points["attn"], editing_function=twice))
+    flex.register_forward_pre_hook(HookFunction(points["mlp"], editing_function=twice))
+    flex.register_full_backward_hook(HookFunction(points["mlp"], editing_function=twice))
+    flex.register_full_backward_pre_hook(HookFunction(points["mlp"]))
+    flex.register_hook(HookFunction(points["param"], editing_function=twice))
+    flex.create_hook_group("blocks", "*.ln_?")
+    flex.register_trainable_module("probe", nn.Linear(2, 2))
+    run(lambda: flex(**inputs), model, points["later"])
+    assert hooks_left(model)
+
+    restored = flex.restore()
+    assert restored is model
+    assert hooks_left(model) == []
+    assert {n: set(vars(m)) for n, m in model.named_modules()} == attributes
+    after = model.state_dict()
+    assert after.keys() == state.keys() and all(torch.equal(after[k], state[k]) for k in state)
+    again = run(lambda: model(**inputs), model, points["later"])
+    assert torch.equal(again[0], reference[0])
+    assert all(torch.equal(again[2][n], reference[2][n]) for n in reference[2])
+    with pytest.raises(RuntimeError, match="restored"):
+        flex(**inputs)
+
+
+def test_hook_function_can_move_to_a_new_flexmodel_after_restore():
+    model, inputs = make("llama")
+    hf = HookFunction(MLP0)
+    first = FlexModel(model, {})
+    first.register_forward_hook(hf)
+    with pytest.raises(HookRegistrationError, match="already registered with this"):
+        first.register_forward_pre_hook(hf)
+    with pytest.raises(HookRegistrationError, match="another FlexModel"):
+        FlexModel(model, {}).register_forward_hook(hf)
+    first.restore()
+    second_dict: dict = {}
+    second = FlexModel(model, second_dict)
+    second.register_forward_hook(hf)
+    second(**inputs)
+    assert len(second_dict[MLP0]) == 1
+    second.remove_hook_function(hf)
+    assert hooks_left(model) == [] and second.hook_functions == []
+    second(**inputs)
+    assert len(second_dict[MLP0]) == 1
+
+
+def test_dummy_module_is_a_hook_point():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), DummyModule(), nn.ReLU(), nn.Linear(8, 2))
+    x = torch.randn(3, 4)
+    plain = model(x)
+    output_dict: dict = {}
+    flex = FlexModel(model, output_dict)
+    flex.register_forward_hook(HookFunction("1", editing_function=lambda m, h, c, mods: -h))
+    edited = flex(x)
+    flex.restore()
+    hidden = model[0](x)
+    assert torch.equal(output_dict["1"][0], hidden)
+    assert torch.equal(edited, model[3](torch.relu(-hidden)))
+    assert not torch.equal(edited, plain)
+    assert list(DummyModule().parameters()) == []
+
+
+def test_get_module_parameter_returns_a_detached_cpu_copy():
+    model, _ = make("llama")
+    flex = FlexModel(model, {})
+    name = "model.layers.0.mlp.up_proj.weight"
+    weight = flex.get_module_parameter(name, expected_shape=(128, None))
+    assert torch.equal(weight, model.get_parameter(name))
+    assert not weight.requires_grad and weight.device.type == "cpu"
+    weight.add_(1)
+    assert not torch.equal(weight, model.get_parameter(name))
+    with pytest.raises(ShapeMismatchError, match="expected_shape"):
+        flex.get_module_parameter(name, expected_shape=(64, 64))
+    with pytest.raises(UnknownNameError, match="did you mean"):
+        flex.get_module_parameter("model.layers.0.mlp.up_proj.wieght")
+    flex.restore()
+
+
+# -- bad input: every one raises, naming what is wrong --------------------------------------
+
+
+def test_unknown_names_suggest_the_closest():
+    model, _ = make("llama")
+    flex = FlexModel(model, {})
+    with pytest.raises(UnknownNameError, match="did you mean 'model.layers.0.mlp'"):
+        flex.register_forward_hook(HookFunction("model.layer.0.mlp"))
+    with pytest.raises(UnknownNameError, match="it is a parameter: use register_hook"):
+        flex.register_forward_hook(HookFunction("model.layers.0.mlp.up_proj.weight"))
+    with pytest.raises(UnknownNameError, match="it is a module"):
+        flex.register_hook(HookFunction("model.layers.0.mlp.up_proj"))
+    with pytest.raises(UnknownNameError, match="matches no module name"):
+        flex.create_hook_group("g", "*.feed_forward")
+    assert flex.hook_functions == []
+    flex.restore()
+
+
+@pytest.mark.parametrize("result, message", [
+    (lambda x: None, "returned None"),
+    (lambda x: x.tolist(), "returned a list"),
+    (lambda x: x[:, :1], "must keep the input's shape"),
+    (lambda x: x.double(), "dtype"),
+])
+def test_bad_editing_function_results(result, message):
+    model, inputs = make("llama")
+    flex = FlexModel(model, {})
+    flex.register_forward_hook(HookFunction(MLP0, editing_function=lambda m, x, c, d: result(x)))
+    with pytest.raises(EditingFunctionError, match=message) as info:
+        flex(**inputs)
+    assert MLP0 in str(info.value)
+    flex.restore()
+
+
+def test_unpack_idx_out_of_range():
+    model, inputs = make("llama")
+    flex = FlexModel(model, {})
+    flex.register_forward_hook(HookFunction(POINTS["llama"]["attn"], unpack_idx=2))
+    with pytest.raises(UnpackError, match="unpack_idx=2 is out of range.*2 tensor"):
+        flex(**inputs)
+    with pytest.raises(HookRegistrationError, match="unpack_idx must be 0"):
+        flex.register_hook(HookFunction("model.layers.0.mlp.up_proj.weight", unpack_idx=1))
+    with pytest.raises(ValueError, match="unpack_idx"):
+        HookFunction(MLP0, unpack_idx=-1)
+    flex.restore()
+
+
+def test_expected_shape_disagreement():
+    model, inputs = make("llama")  # batch 2, seq 8, hidden 64
+    flex = FlexModel(model, {})
+    flex.register_forward_hook(HookFunction(MLP0, expected_shape=(2, None, 64)))
+    flex(**inputs)
+    flex.register_forward_hook(HookFunction(MLP1, expected_shape=(2, 8, 32)))
+    with pytest.raises(ShapeMismatchError, match=r"\(2, 8, 64\).*\(2, 8, 32\)"):
+        flex(**inputs)
+    flex.restore()
+
+    edit_only = FlexModel(model, None)
+    edit_only.register_forward_hook(HookFunction(
+        MLP0, expected_shape=(2, 8), editing_function=lambda m, x, c, d: x))
+    with pytest.raises(ShapeMismatchError, match=MLP0):
+        edit_only(**inputs)
+    edit_only.restore()
+
+
+def test_other_registration_errors():
+    model, _ = make("llama")
+    flex = FlexModel(model, None)
+    with pytest.raises(HookRegistrationError, match="would do nothing"):
+        flex.register_forward_hook(HookFunction(MLP0))
+    with pytest.raises(TypeError, match="did you mean 'editing_function'"):
+        flex.create_hook_group("g", "*.mlp", editing_fn=lambda m, x, c, d: x)
+    with pytest.raises(ValueError, match="unknown hook_type"):
+        flex.create_hook_group("g", "*.mlp", hook_type="backwards")
+    model.get_parameter("lm_head.weight").requires_grad_(False)
+    with pytest.raises(HookRegistrationError, match="does not require grad"):
+        flex.register_hook(HookFunction("lm_head.weight", editing_function=lambda *a: a[1]))
+    with pytest.raises(HookRegistrationError, match="already registered as 'p'"):
+        flex.register_trainable_module("p", nn.Linear(1, 1))
+        flex.register_trainable_module("p", nn.Linear(1, 1))
+    assert flex.hook_functions == []
+    flex.restore()
+    assert hooks_left(model) == []
