@@ -1,0 +1,293 @@
+"""ParallelMesh: the data-, tensor- and pipeline-parallel groups this rank belongs to.
+
+A hook that wants the whole of a sharded tensor needs to know *over which ranks* each dimension
+is split. That knowledge already exists in whatever framework runs the model -- fairscale's
+model-parallel state, a torch ``DeviceMesh`` (DTensor TP, FSDP2), HF transformers' TP mesh, the
+process group of DDP / FSDP1 -- so the mesh adopts those groups rather than building parallel
+ones that could order ranks differently (fairscale orders ranks ``(dp, pp, tp)``, Megatron and
+FlexModel ``(pp, dp, tp)``: they disagree as soon as pp > 1 and dp > 1). Only when nothing runs
+yet does :meth:`ParallelMesh.build` create groups, in FlexModel's ``(pp, dp, tp)`` order.
+
+An axis of size 1 has no group (``None``): collectives over it are skipped.
+
+The *stage group* holds the ranks of this rank's pipeline stage (all its dp x tp ranks); an
+editing function runs on the stage's first rank and reports success or failure over it. With
+pp == 1 the stage group is the whole world (``None`` means the default group).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+__all__ = ["AXES", "ParallelMesh", "MeshSizeError"]
+
+AXES = ("dp", "tp", "pp")
+
+
+class MeshSizeError(ValueError):
+    """The requested parallel sizes do not multiply to the number of ranks, or contradict the
+    groups that are already running."""
+
+
+@dataclass
+class ParallelMesh:
+    """Groups, sizes and this rank's coordinate for the ``dp``, ``tp`` and ``pp`` axes."""
+
+    groups: dict[str, dist.ProcessGroup | None]
+    sizes: dict[str, int]
+    coords: dict[str, int]
+    stage_group: dist.ProcessGroup | None = None
+    source: str = "built"
+    device_mesh: object | None = field(default=None, repr=False)
+
+    # -- queries ---------------------------------------------------------------------------
+    def size(self, axis: str) -> int:
+        return self.sizes[axis]
+
+    def rank(self, axis: str) -> int:
+        return self.coords[axis]
+
+    def group(self, axis: str) -> dist.ProcessGroup | None:
+        return self.groups[axis]
+
+    @property
+    def dp_size(self) -> int:
+        return self.sizes["dp"]
+
+    @property
+    def tp_size(self) -> int:
+        return self.sizes["tp"]
+
+    @property
+    def pp_size(self) -> int:
+        return self.sizes["pp"]
+
+    @property
+    def stage(self) -> int:
+        """This rank's pipeline stage (its ``pp`` coordinate)."""
+        return self.coords["pp"]
+
+    @property
+    def world_size(self) -> int:
+        return self.sizes["dp"] * self.sizes["tp"] * self.sizes["pp"]
+
+    def stage_leader(self) -> int:
+        """Global rank of the first rank (dp == tp == 0) of this rank's pipeline stage."""
+        group = self.stage_group
+        return dist.get_global_rank(group, 0) if group is not None else 0
+
+    def is_stage_leader(self) -> bool:
+        return self.coords["dp"] == 0 and self.coords["tp"] == 0
+
+    # -- constructors ----------------------------------------------------------------------
+    @classmethod
+    def build(cls, tp: int = 1, pp: int = 1, dp: int | None = None,
+              group: dist.ProcessGroup | None = None) -> ParallelMesh:
+        """Create groups for ``tp x pp x dp`` ranks, ordered ``(pp, dp, tp)`` (tp fastest).
+
+        Collective: every rank of ``group`` (default: the world) must call it with the same
+        sizes. ``dp`` defaults to whatever ``tp`` and ``pp`` leave over.
+        """
+        ranks = list(range(dist.get_world_size())) if group is None else \
+            dist.get_process_group_ranks(group)
+        world = len(ranks)
+        if dp is None:
+            if world % (tp * pp):
+                raise MeshSizeError(f"tp={tp} x pp={pp} does not divide the {world} ranks")
+            dp = world // (tp * pp)
+        _check_sizes(dict(dp=dp, tp=tp, pp=pp), world)
+        grid = torch.tensor(ranks).reshape(pp, dp, tp)
+        me = dist.get_rank()
+        pos = (grid == me).nonzero()
+        if pos.numel() == 0:
+            raise MeshSizeError(f"rank {me} is not part of the group the mesh is built on")
+        p, d, t = (int(x) for x in pos[0])
+        groups: dict[str, dist.ProcessGroup | None] = {}
+        # dim of the grid that varies along each axis; the others enumerate the groups.
+        for axis, dim in (("tp", 2), ("dp", 1), ("pp", 0)):
+            groups[axis] = _new_groups_along(grid, dim, me) if grid.shape[dim] > 1 else None
+        stage_group = None
+        if pp > 1 or group is not None:
+            stage_group = _new_groups_along(grid.reshape(pp, dp * tp), 1, me)
+        return cls(groups, dict(dp=dp, tp=tp, pp=pp), dict(dp=d, tp=t, pp=p), stage_group)
+
+    @classmethod
+    def from_fairscale(cls) -> ParallelMesh:
+        """Adopt fairscale's model-parallel state (``initialize_model_parallel``)."""
+        from fairscale.nn.model_parallel import initialize as fs
+
+        if not fs.model_parallel_is_initialized():
+            raise RuntimeError("fairscale model parallel is not initialised")
+        groups = {"tp": fs.get_model_parallel_group(), "dp": fs.get_data_parallel_group(),
+                  "pp": fs.get_pipeline_parallel_group()}
+        sizes = {a: dist.get_world_size(g) for a, g in groups.items()}
+        coords = {a: dist.get_rank(g) for a, g in groups.items()}
+        stage_group = None
+        if sizes["pp"] > 1:
+            # fairscale has no stage group; build one per stage from the (dp, pp, tp) grid.
+            world = dist.get_world_size()
+            grid = torch.arange(world).reshape(sizes["dp"], sizes["pp"], sizes["tp"])
+            per_stage = grid.permute(1, 0, 2).reshape(sizes["pp"], -1)
+            stage_group = _new_groups_along(per_stage, 1, dist.get_rank())
+        mesh = cls(_drop_trivial(groups, sizes), sizes, coords, stage_group, source="fairscale")
+        _check_sizes(sizes, dist.get_world_size())
+        return mesh
+
+    @classmethod
+    def from_device_mesh(cls, device_mesh, dim_names: Mapping[str, str] | None = None,
+                         ) -> ParallelMesh:
+        """Adopt a torch ``DeviceMesh``.
+
+        ``dim_names`` maps our axes to the mesh's dim names (default: dims named ``dp``/``tp``/
+        ``pp`` are used as such). An unnamed 1-D mesh is taken as ``tp`` unless ``dim_names``
+        says otherwise (``{"dp": 0}`` style is not needed: name the mesh dims instead).
+        """
+        names = device_mesh.mesh_dim_names
+        if names is None:
+            if device_mesh.ndim != 1:
+                raise ValueError("an unnamed multi-dimensional DeviceMesh is ambiguous; "
+                                 "name its dims (mesh_dim_names=('dp', 'tp'))")
+            axis = next(iter(dim_names)) if dim_names else "tp"
+            mapping = {axis: None}
+        else:
+            mapping = dict(dim_names) if dim_names else {a: a for a in AXES if a in names}
+            unknown = [n for n in names if n not in mapping.values()]
+            if unknown:
+                raise ValueError(f"DeviceMesh dims {unknown} are not mapped to any of {AXES}")
+        groups: dict[str, dist.ProcessGroup | None] = {a: None for a in AXES}
+        sizes = {a: 1 for a in AXES}
+        coords = {a: 0 for a in AXES}
+        for axis, name in mapping.items():
+            dim = 0 if name is None else names.index(name)
+            sizes[axis] = device_mesh.size(dim)
+            coords[axis] = device_mesh.get_local_rank(dim)
+            if sizes[axis] > 1:
+                groups[axis] = device_mesh.get_group(dim)
+        mesh_ranks = device_mesh.mesh.numel()
+        _check_sizes(sizes, mesh_ranks)
+        if mesh_ranks != dist.get_world_size():
+            raise MeshSizeError(f"the DeviceMesh covers {mesh_ranks} of {dist.get_world_size()} "
+                                "ranks; give it a dim for the rest (e.g. 'dp')")
+        if sizes["pp"] > 1:
+            raise NotImplementedError("pipeline stages from a DeviceMesh are not supported yet")
+        return cls(groups, sizes, coords, None, source="device_mesh",
+                   device_mesh=device_mesh)
+
+    @classmethod
+    def adopt(cls, module: nn.Module | None = None, tp: int | None = None,
+              pp: int | None = None, dp: int | None = None,
+              group: dist.ProcessGroup | None = None) -> ParallelMesh:
+        """The mesh of whatever already runs ``module``; built from the sizes otherwise.
+
+        Looked for, in order: HF transformers' TP mesh (``module.device_mesh``), the
+        ``DeviceMesh`` of DTensor parameters (DTensor TP, FSDP2, both on a 2-D mesh), fairscale's
+        model-parallel state, and the process group of a DDP / FSDP1 wrapper (taken as ``dp``).
+        Sizes that are given must match what is adopted.
+        """
+        found = _adopted_mesh(module) if module is not None else None
+        if found is None and _fairscale_initialised():
+            found = cls.from_fairscale()
+        if found is None and module is not None:
+            dp_group = _wrapper_process_group(module)
+            if dp_group is not None and dist.get_world_size(dp_group) == dist.get_world_size():
+                found = cls.build(tp=1, pp=1, dp=dist.get_world_size())
+                found.source = "data_parallel_wrapper"
+        if found is None:
+            return cls.build(tp=tp or 1, pp=pp or 1, dp=dp, group=group)
+        wanted = {"tp": tp, "pp": pp, "dp": dp}
+        for axis, size in wanted.items():
+            if size not in (None, 1) and size != found.sizes[axis]:
+                raise MeshSizeError(
+                    f"{axis} size {size} was requested but the running {found.source} groups "
+                    f"have {axis}={found.sizes[axis]}")
+        return found
+
+
+# -- helpers ---------------------------------------------------------------------------------
+def _check_sizes(sizes: Mapping[str, int], world: int) -> None:
+    if any(s < 1 for s in sizes.values()):
+        raise MeshSizeError(f"parallel sizes must be >= 1, got {dict(sizes)}")
+    prod = sizes["dp"] * sizes["tp"] * sizes["pp"]
+    if prod != world:
+        raise MeshSizeError(
+            f"dp={sizes['dp']} x tp={sizes['tp']} x pp={sizes['pp']} = {prod} does not match "
+            f"the world size {world}")
+
+
+def _drop_trivial(groups: dict[str, dist.ProcessGroup | None],
+                  sizes: Mapping[str, int]) -> dict[str, dist.ProcessGroup | None]:
+    return {a: (g if sizes[a] > 1 else None) for a, g in groups.items()}
+
+
+def _new_groups_along(grid: torch.Tensor, dim: int, me: int) -> dist.ProcessGroup:
+    """Create one group per line of ``grid`` along ``dim`` (collective); return ``me``'s."""
+    lines = grid.movedim(dim, -1).reshape(-1, grid.shape[dim])
+    mine = None
+    for line in lines.tolist():
+        g = dist.new_group(line)
+        if me in line:
+            mine = g
+    assert mine is not None
+    return mine
+
+
+def _fairscale_initialised() -> bool:
+    try:
+        from fairscale.nn.model_parallel import initialize as fs
+    except ImportError:
+        return False
+    return fs.model_parallel_is_initialized()
+
+
+def _wrapper_process_group(module: nn.Module) -> dist.ProcessGroup | None:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    if isinstance(module, DDP):
+        return module.process_group
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    except ImportError:  # pragma: no cover
+        return None
+    for m in module.modules():
+        if isinstance(m, FSDP):
+            return m.process_group
+    return None
+
+
+def _adopted_mesh(module: nn.Module) -> ParallelMesh | None:
+    """A mesh from HF's TP ``device_mesh`` or from the DeviceMesh of DTensor parameters."""
+    from torch.distributed.tensor import DTensor
+
+    hf_mesh = getattr(module, "device_mesh", None) or getattr(module, "_device_mesh", None)
+    if hf_mesh is not None and hasattr(hf_mesh, "mesh_dim_names"):
+        mesh = ParallelMesh.from_device_mesh(hf_mesh, {"tp": hf_mesh.mesh_dim_names[0]}
+                                             if hf_mesh.ndim == 1 and hf_mesh.mesh_dim_names
+                                             else None)
+        mesh.source = "hf_tp"
+        return mesh
+    meshes = []
+    for p in module.parameters():
+        if isinstance(p, DTensor):
+            m = p.device_mesh
+            root = m._get_root_mesh() if hasattr(m, "_get_root_mesh") else m
+            meshes.append(root)
+    if not meshes:
+        return None
+    device_mesh = max(meshes, key=lambda m: m.ndim)
+    if device_mesh.mesh_dim_names is None and device_mesh.ndim == 1:
+        axis = "dp" if _has_fsdp2(module) else "tp"
+        return ParallelMesh.from_device_mesh(device_mesh, {axis: None})
+    return ParallelMesh.from_device_mesh(device_mesh)
+
+
+def _has_fsdp2(module: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover
+        return False
+    return any(isinstance(m, FSDPModule) for m in module.modules())
