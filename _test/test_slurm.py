@@ -1,5 +1,6 @@
-"""A real SLURM job through submitit: a 4-task TP=2 x DP=2 fairscale model whose hooked activations
-must equal a single-process run of the same weights and inputs.
+"""A real SLURM job through submitit: a 4-task TP=2 x DP=2 fairscale model wrapped in FlexModel,
+whose stored and edited activations and gradients must equal a one-process run of the same
+weights and inputs.
 
 Needs a SLURM cluster (``make test-slurm`` starts one on localhost with
 ``scripts/slurm/local_cluster.sh``); without one every test here skips and says why.
@@ -70,59 +71,99 @@ class _TensorParallelMLP(nn.Module):
         return self.down(self.act(self.up(x)))
 
 
-def tp_dp_rank_body() -> dict:
-    """One rank of the TP=2 x DP=2 job: forward with a hook on the column-parallel layer.
+def _feature_scale() -> torch.Tensor:
+    """The edit: scale each hidden feature differently, so both TP shards change differently."""
+    return torch.linspace(0.0, 2.0, H)
 
-    Returns this rank's weight shards and inputs, so the test can rebuild the one-process model
-    without any collective, plus the whole hidden activation the hook saw (gathered over the
-    tensor-parallel group) and the model output.
+
+def tp_dp_rank_body() -> dict:
+    """One rank of the TP=2 x DP=2 job: FlexModel hooks on a fairscale tensor-parallel MLP.
+
+    A retrieval hook on the row-parallel ``down`` and an editing hook on the column-parallel
+    ``up`` (whose output is sharded over TP); then a backward pass. Returns this rank's weight
+    shards, inputs and gradients, so the test can rebuild the one-process model without any
+    collective, plus what the hooks stored (rank 0) and the shapes the editing function saw.
     """
     from fairscale.nn.model_parallel import initialize as fs
+
+    from flex_surgery.hooks.hook_function import HookFunction
+    from flex_surgery.hooks.wrapper import FlexModel
 
     fs.initialize_model_parallel(TP)
     torch.manual_seed(0)  # every rank draws the same master weights; fairscale keeps its slice
     model = _TensorParallelMLP()
     dp_rank, tp_rank = fs.get_data_parallel_rank(), fs.get_model_parallel_rank()
     x = torch.randn(2, 3, D, generator=torch.Generator().manual_seed(100 + dp_rank))
-    seen: list[torch.Tensor] = []
-    handle = model.up.register_forward_hook(lambda m, a, out: seen.append(out.detach()))
-    with torch.no_grad():
-        out = model(x)
-    handle.remove()
-    pieces = [torch.empty_like(seen[0]) for _ in range(TP)]
-    dist.all_gather(pieces, seen[0].contiguous(), group=fs.get_model_parallel_group())
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    edit_saw: list[tuple[int, ...]] = []
+
+    def scale_features(module, hidden, save_ctx, modules):
+        edit_saw.append(tuple(hidden.shape))
+        return hidden * _feature_scale()
+
+    stored: dict[str, list[torch.Tensor]] = {}
+    flex = FlexModel(model, stored, tensor_parallel_size=TP, data_parallel_size=DP)
+    flex.register_forward_hook(HookFunction("up", (None, 3, H), editing_function=scale_features))
+    flex.register_forward_hook(HookFunction("down", (None, 3, D)))
+    out = flex(x)
+    (out**2).sum().backward()
+    flex.restore()
     return dict(
-        rank=dist.get_rank(), dp_rank=dp_rank, tp_rank=tp_rank, x=x, out=out,
-        hidden=torch.cat(pieces, dim=-1), local_hidden_shape=tuple(seen[0].shape),
-        state={k: v.detach().clone() for k, v in model.state_dict().items()},
+        rank=dist.get_rank(), dp_rank=dp_rank, tp_rank=tp_rank, x=x, out=out.detach(),
+        stored={k: [t.clone() for t in v] for k, v in stored.items()}, edit_saw=edit_saw,
+        state=state, grads={k: p.grad.clone() for k, p in model.named_parameters()},
     )
 
 
-def _reference(ranks: list[dict], dp_rank: int) -> nn.Sequential:
-    """The one-process model, from the shards of the TP group of ``dp_rank``."""
+def _reference(ranks: list[dict], dp_rank: int) -> tuple[nn.Linear, nn.Linear]:
+    """The one-process layers, from the shards of the TP group of ``dp_rank``."""
     group = sorted((r for r in ranks if r["dp_rank"] == dp_rank), key=lambda r: r["tp_rank"])
     up, down = nn.Linear(D, H), nn.Linear(H, D)
-    up.weight.data = torch.cat([r["state"]["up.weight"] for r in group], dim=0)
-    up.bias.data = torch.cat([r["state"]["up.bias"] for r in group], dim=0)
-    down.weight.data = torch.cat([r["state"]["down.weight"] for r in group], dim=1)
-    down.bias.data = group[0]["state"]["down.bias"]
-    return nn.Sequential(up, nn.GELU(), down)
+    with torch.no_grad():
+        up.weight.copy_(torch.cat([r["state"]["up.weight"] for r in group], dim=0))
+        up.bias.copy_(torch.cat([r["state"]["up.bias"] for r in group], dim=0))
+        down.weight.copy_(torch.cat([r["state"]["down.weight"] for r in group], dim=1))
+        down.bias.copy_(group[0]["state"]["down.bias"])
+    return up, down
 
 
-def test_tp2_dp2_job_matches_single_process(tmp_path):
+def _run_reference(up: nn.Linear, down: nn.Linear, x: torch.Tensor):
+    hidden = up(x)
+    out = down(nn.functional.gelu(hidden * _feature_scale()))
+    (out**2).sum().backward()
+    return hidden.detach(), out.detach()
+
+
+def test_tp2_dp2_flexmodel_job_matches_single_process(tmp_path):
     ranks = launch(tp_dp_rank_body, nprocs=TP * DP, executor="slurm", device="cpu",
                    folder=tmp_path, python_path=[HERE], timeout_min=5)
     assert [r["rank"] for r in ranks] == [0, 1, 2, 3]
     # fairscale orders ranks (dp, pp, tp): TP groups {0,1} and {2,3}.
     assert [(r["dp_rank"], r["tp_rank"]) for r in ranks] == [(0, 0), (0, 1), (1, 0), (1, 1)]
     assert not torch.equal(ranks[0]["x"], ranks[2]["x"])  # DP ranks saw different data
-    for r in ranks:
-        assert r["local_hidden_shape"] == (2, 3, H // TP)  # the hook really saw a shard
-        ref = _reference(ranks, r["dp_rank"])
-        with torch.no_grad():
-            hidden, out = ref[0](r["x"]), ref(r["x"])
-        torch.testing.assert_close(r["hidden"], hidden, rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(r["out"], out, rtol=1e-5, atol=1e-6)
+    # The editing function ran once, on rank 0, on the whole hidden activation of both DP
+    # batches; hooks stored whole activations on rank 0 only.
+    assert [r["edit_saw"] for r in ranks] == [[(4, 3, H)], [], [], []]
+    assert [sorted(r["stored"]) for r in ranks] == [["down", "up"], [], [], []]
+
+    hidden_ref, out_ref = [], []
+    for dp_rank in range(DP):
+        up, down = _reference(ranks, dp_rank)
+        x = next(r["x"] for r in ranks if r["dp_rank"] == dp_rank)
+        hidden, out = _run_reference(up, down, x)
+        hidden_ref.append(hidden)
+        out_ref.append(out)
+        for r in (r for r in ranks if r["dp_rank"] == dp_rank):
+            torch.testing.assert_close(r["out"], out, rtol=1e-5, atol=1e-6)
+            rows = slice(r["tp_rank"] * H // TP, (r["tp_rank"] + 1) * H // TP)
+            torch.testing.assert_close(r["grads"]["up.weight"], up.weight.grad[rows],
+                                       rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(r["grads"]["down.weight"], down.weight.grad[:, rows],
+                                       rtol=1e-5, atol=1e-6)
+    (stored_up,), (stored_down,) = ranks[0]["stored"]["up"], ranks[0]["stored"]["down"]
+    torch.testing.assert_close(stored_up, torch.cat(hidden_ref), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(stored_down, torch.cat(out_ref), rtol=1e-5, atol=1e-6)
 
 
 def _fail_on_rank_one():
