@@ -8,8 +8,9 @@ import pytest
 import torch
 from torch.export import Dim
 
-from flex_surgery.export import ExportedModel, WeightMismatchError
+from flex_surgery.export import ExportedModel, WeightMismatchError, live_weights
 from flex_surgery.models import example_inputs, tiny_hf_model
+from flex_surgery.surgery import SurgicalTheater
 
 ARCHS = ("gpt2", "llama")
 
@@ -258,3 +259,71 @@ def test_load_rejects_plain_torch_export_files(case, tmp_path):
 def test_missing_weight_file(case, tmp_path):
     with pytest.raises(FileNotFoundError, match="no weight file"):
         case["exported"].inject(tmp_path / "absent.safetensors")
+
+
+# -- surgery: the program computes what the eager model under surgery computes --------------
+def test_live_weights_are_the_state_dict_outside_surgery(case):
+    live, sd = live_weights(case["eager"]), case["eager"].state_dict()
+    assert live.keys() == sd.keys()
+    assert all(live[k].data_ptr() == sd[k].data_ptr() for k in sd)
+
+
+def test_swap_in_surgically_modified_weights(case):
+    exported, eager, ids = case["exported"], case["eager"], case["ids"]
+    before_state, reference = snapshot(exported), run(exported, ids)
+    with SurgicalTheater(eager, layers=[0], modification_type="scale", factor=0.5):
+        modified = logits(eager, ids)
+        assert not torch.equal(modified, reference)
+        with exported.weights(eager):
+            assert torch.equal(run(exported, ids), modified)
+        assert torch.equal(run(exported, ids), reference)
+    assert_bit_equal(snapshot(exported), before_state)
+    assert torch.equal(logits(eager, ids), reference)
+
+
+def test_inject_bakes_surgery_into_the_program(restored):
+    exported, eager, ids = restored["exported"], restored["eager"], restored["ids"]
+    with SurgicalTheater(eager, layers="*.mlp*", modification_type="noise", noise_scale=0.1,
+                         seed=7):
+        modified = logits(eager, ids)
+        exported.inject(eager)
+    assert not torch.equal(logits(eager, ids), modified)  # the theater restored the eager model
+    assert torch.equal(run(exported, ids), modified)  # the program keeps the surgery
+
+
+# -- a plain module: positional inputs, whole outputs, buffers ----------------------------------
+class TiedWithBuffers(torch.nn.Module):
+    """Tied input/output weights, a persistent buffer (a checkpoint carries it) and a
+    non-persistent one (fixed at export, not injectable)."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.embed = torch.nn.Parameter(torch.randn(10, 4, generator=gen))
+        self.proj = torch.nn.Linear(4, 4)
+        torch.nn.init.normal_(self.proj.weight, generator=gen)
+        self.register_buffer("shift", torch.randn(4, generator=gen))
+        self.register_buffer("scale", torch.tensor(2.0), persistent=False)
+        self.unembed = torch.nn.Linear(4, 10, bias=False)
+        self.unembed.weight = self.embed
+
+    def forward(self, x, y):
+        h = self.proj(x @ self.embed + self.shift) * self.scale
+        return self.unembed(h), h.sum() + y
+
+
+def test_plain_module_whole_output_and_buffers(tmp_path):
+    model, other = TiedWithBuffers(0), TiedWithBuffers(1)
+    x, y = torch.randn(3, 10), torch.tensor(1.0)
+    exported = ExportedModel.export(model, example_args=(x, y), output=None)
+    assert exported.tied == [("embed", "unembed.weight")]
+    assert "shift" in exported.names and "scale" not in exported.names
+    assert exported.name_map()["proj.weight"] == "proj.weight"
+    for got, want in zip(exported(x, y), model(x, y)):
+        assert torch.equal(got, want)
+    exported.inject(other)
+    for got, want in zip(exported(x, y), other(x, y)):
+        assert torch.equal(got, want)
+    selected = ExportedModel.export(model, example_args=(x, y), output=1)
+    assert selected.name_map()["proj.weight"] == "module.proj.weight"
+    assert torch.equal(selected(x, y), model(x, y)[1])

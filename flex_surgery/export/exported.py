@@ -13,7 +13,8 @@ safe:
   untouched;
 * tied weights are one tensor in the program and are written once;
 * :meth:`ExportedModel.weights` swaps weights in for a ``with`` block and copies a snapshot back
-  afterwards -- bit-exact, never by subtracting a delta.
+  afterwards (:mod:`flex_surgery.surgery.snapshot`, as surgery does) -- bit-exact, never by
+  subtracting a delta.
 """
 
 from __future__ import annotations
@@ -30,11 +31,13 @@ from torch import nn
 from flex_surgery.export.layout import WeightLayout, WeightSlot
 from flex_surgery.export.program import OutputKey, export_private_copy
 from flex_surgery.export.weight_files import load_weight_file, save_weight_file
+from flex_surgery.surgery.snapshot import take_snapshot
 
-__all__ = ["ExportedModel", "WeightSource"]
+__all__ = ["ExportedModel", "WeightSource", "live_weights"]
 
 #: What :meth:`ExportedModel.inject` accepts: a state dict keyed by eager names, a module with
-#: the same architecture, or the path of a weight file (safetensors or ``torch.save``).
+#: the same architecture (its live weights, see :func:`live_weights`), or the path of a weight
+#: file (safetensors or ``torch.save``).
 WeightSource = Union[Mapping[str, torch.Tensor], nn.Module, str, os.PathLike]
 
 _META_FILE = "flex_surgery_export.json"
@@ -145,19 +148,23 @@ class ExportedModel:
         return [slot.names[0] for slot, _ in matched]
 
     @contextmanager
-    def weights(self, source: WeightSource, strict: bool = True) -> Iterator[ExportedModel]:
+    def weights(self, source: WeightSource, strict: bool = True,
+                backup: str = "device") -> Iterator[ExportedModel]:
         """Run the program with ``source``'s weights inside the block, then restore bit-exactly.
 
-        The tensors about to change are snapshotted (cloned), overwritten, and copied back on
-        exit -- also when the block raises. Blocks nest; each restores what it found.
+        The tensors about to change are snapshotted (next to them, or on the CPU with
+        ``backup="cpu"``), overwritten, and copied back on exit -- also when the block raises.
+        Blocks nest; each restores what it found.
         """
         matched = self._match(source, strict)
-        snapshot = [(slot, self._slots[slot.names[0]].detach().clone()) for slot, _ in matched]
+        snapshots = [take_snapshot(self._slots[slot.names[0]], backup) for slot, _ in matched]
         try:
             self._write(matched)
             yield self
         finally:
-            self._write(snapshot)
+            with torch.no_grad():
+                for snap in snapshots:
+                    snap.restore()
 
     def save_weights(self, path: str | os.PathLike) -> None:
         """Write the current weights (one entry per tied group) to safetensors or a torch file."""
@@ -180,7 +187,7 @@ class ExportedModel:
 
     def _match(self, source: WeightSource, strict: bool) -> list[tuple[WeightSlot, torch.Tensor]]:
         if isinstance(source, nn.Module):
-            weights: Mapping[str, torch.Tensor] = source.state_dict()
+            weights: Mapping[str, torch.Tensor] = live_weights(source)
         elif isinstance(source, (str, os.PathLike)):
             weights = load_weight_file(source)
         elif isinstance(source, Mapping):
@@ -194,6 +201,25 @@ class ExportedModel:
     def _write(self, matched: list[tuple[WeightSlot, torch.Tensor]]) -> None:
         for slot, value in matched:
             self._slots[slot.names[0]].copy_(value)
+
+
+def live_weights(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors ``module``'s forward computes with, under ``state_dict`` names.
+
+    Parameters and persistent buffers, read directly rather than through ``state_dict()``:
+    state-dict hooks may substitute other tensors (a :class:`~flex_surgery.surgery.SurgicalTheater`
+    makes ``state_dict()`` return the *original* weights while it is active), whereas injecting a
+    module means "make the program compute what this module computes now".
+    """
+    weights: dict[str, torch.Tensor] = {}
+    for prefix, sub in module.named_modules(remove_duplicate=False):
+        dot = prefix + "." if prefix else ""
+        for name, param in sub.named_parameters(recurse=False):
+            weights[dot + name] = param.detach()
+        for name, buf in sub.named_buffers(recurse=False):
+            if name not in sub._non_persistent_buffers_set:
+                weights[dot + name] = buf.detach()
+    return weights
 
 
 def _runner_state(runner: nn.Module) -> dict[str, torch.Tensor]:

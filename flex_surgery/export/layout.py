@@ -148,6 +148,8 @@ def _misfit(name: str, value: object, slot: WeightSlot) -> str | None:
     """Why ``value`` cannot fill ``slot``, or None when it can."""
     if not isinstance(value, torch.Tensor):
         return f"{name!r} is a {type(value).__name__}, not a tensor"
+    if _is_dtensor(value):
+        return f"{name!r} is a sharded DTensor; gather it with .full_tensor() first"
     if value.shape != slot.shape:
         return (f"shape mismatch for {name!r}: the program has {tuple(slot.shape)}, "
                 f"the new weight is {tuple(value.shape)}")
@@ -155,6 +157,14 @@ def _misfit(name: str, value: object, slot: WeightSlot) -> str | None:
         return (f"dtype mismatch for {name!r}: the program has {slot.dtype}, the new weight "
                 f"is {value.dtype} (cast it explicitly)")
     return None
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return False
+    return isinstance(t, DTensor)
 
 
 def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
