@@ -1,11 +1,354 @@
-"""Runtime over a ParallelMesh (placeholder until the distributed layer lands)."""
+"""DistributedRuntime: the hook seam over a ParallelMesh -- one process's view, on many ranks.
+
+For each hook call the tensor's :class:`~flex_surgery.parallel.layout.Layout` says, per mesh
+axis, whether it is sharded, a partial sum or replicated. The runtime walks the axes in gather
+order (``tp``, then ``dp``), one collective per axis, towards the *edit leader*: the first rank
+(dp == tp == 0) of this pipeline stage, which is global rank 0 without pipelining.
+
+* **retrieve** gathers a detached copy to the leader only (``dist.gather``: the other ranks send
+  and go on), or to every rank with ``store_on="all"``; replicated axes cost nothing.
+* **gather_for_edit / scatter_from_edit** do the same with autograd-aware collectives
+  (:mod:`~flex_surgery.parallel.collectives`), so the editing function runs once, on the leader,
+  on exactly the tensor one process would see, and gradients flow back through
+  gather -> edit -> scatter. Non-leaders carry a zero-size placeholder through the edit so that
+  their backward runs the same mirror collectives in the same order.
+* On a replicated axis the leader's copy stands for all (the others compute the same thing), the
+  edit is broadcast back, and in backward the leader's gradient is broadcast to the replicas.
+* **run_on_leader** runs the editing function on the leader and broadcasts success or the error
+  over the stage before anything is scattered, so a failure raises on every rank at once.
+
+Gradient scale under data parallelism (DDP, FSDP1, FSDP2 average parameter gradients over dp):
+with each rank's loss averaged over its local batch, the gradient a hook sees on an activation
+is ``dp`` times the gradient of the global-batch mean loss that one process would compute. The
+runtime therefore multiplies gathered activation gradients by ``1/dp`` and an edited gradient by
+``dp`` before scattering it back. Parameter gradients seen by hooks are each rank's local
+gradient; their gathered value is the dp *average* (what DDP's all-reduce produces), and an
+edited parameter gradient is handed back unchanged to every dp rank (whose average it is).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
+import torch
 import torch.distributed as dist
 from torch import nn
 
-from flex_surgery.parallel.runtime import LocalRuntime, Runtime
+from flex_surgery.parallel.collectives import (
+    RemoteEditError,
+    all_gather,
+    broadcast_from_one,
+    broadcast_status,
+    exchange_sizes,
+    gather_to_one,
+    keep_on_one,
+    reduce_to_one,
+    scatter_from_one,
+)
+from flex_surgery.parallel.layout import (
+    GATHER_ORDER,
+    Layout,
+    LayoutInference,
+    PartialSpec,
+    ShardSpec,
+    _fairscale_param_dim,
+    _is_dtensor,
+    chunk_sizes,
+    dtensor_layout,
+)
+from flex_surgery.parallel.mesh import ParallelMesh
+from flex_surgery.parallel.runtime import EditContext, HookSite, LocalRuntime, Runtime, store_copy
+
+__all__ = ["DistributedRuntime", "build_runtime"]
+
+STORE_ON = ("rank0", "all")
+
+
+class _ReplicaToOne(torch.autograd.Function):
+    """Replicated axis, gather side: the leader's copy stands for all (backward: broadcast)."""
+
+    @staticmethod
+    def forward(ctx, t, group, keep):
+        ctx.group, ctx.keep, ctx.shape = group, keep, tuple(t.shape)
+        return t.view_as(t) if keep else t.new_empty(0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        buf = grad.contiguous() if ctx.keep else grad.new_empty(ctx.shape)
+        dist.broadcast(buf, group=ctx.group, group_src=0)
+        return buf, None, None
+
+
+class _OneToReplicas(torch.autograd.Function):
+    """Replicated axis, scatter side: broadcast the edit (backward: keep the leader's grad)."""
+
+    @staticmethod
+    def forward(ctx, t, group, shape):
+        ctx.keep = dist.get_rank(group) == 0
+        buf = t.contiguous().clone() if ctx.keep else t.new_empty(shape)
+        dist.broadcast(buf, group=group, group_src=0)
+        return buf
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (grad if ctx.keep else grad.new_empty(0)), None, None
+
+
+class _SyncTrainablePoint(torch.autograd.Function):
+    """Identity whose backward schedules the trainable-module sync at the end of backward."""
+
+    @staticmethod
+    def forward(ctx, t, runtime):
+        ctx.runtime = runtime
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.runtime._queue_trainable_sync()
+        return grad, None
+
+
+class DistributedRuntime(Runtime):
+    """Hooks see whole tensors; sharding comes from ``mesh`` and layouts from ``module``.
+
+    Args:
+        module: the model (a DDP/FSDP wrapper, a TP model or both); its TP layers are watched
+            so that modules without parameters inherit the right layout.
+        mesh: the groups (usually :meth:`ParallelMesh.adopt`).
+        store_on: ``"rank0"`` -- retrieved tensors are stored on the stage leader only;
+            ``"all"`` -- on every rank.
+        batch_dim: the activation dim that data parallelism splits.
+    """
+
+    def __init__(self, module: nn.Module, mesh: ParallelMesh, store_on: str = "rank0",
+                 batch_dim: int = 0) -> None:
+        if store_on not in STORE_ON:
+            raise ValueError(f"store_on must be one of {STORE_ON}, got {store_on!r}")
+        self.module = module
+        self.mesh = mesh
+        self.store_on = store_on
+        self.layouts = LayoutInference(mesh, batch_dim)
+        self.layouts.watch(module)
+        self._trainable: dict[str, nn.Module] = {}
+        self._sync_queued = False
+
+    @property
+    def stage(self) -> int:
+        """This rank's pipeline stage."""
+        return self.mesh.stage
+
+    # -- layouts -----------------------------------------------------------------------------
+    def layout_of(self, local: torch.Tensor, site: HookSite) -> Layout:
+        """The layout of the tensor a hook at ``site`` sees (see :mod:`.layout`)."""
+        if site.role == "param_grad" and _is_dtensor(local):
+            layout = dtensor_layout(local, self.mesh)
+            if self.mesh.dp_size > 1 and layout.spec_for("dp") is None:
+                layout = Layout(layout.shards, layout.partials + (PartialSpec("dp", "avg"),))
+            return layout
+        return self.layouts.layout(local, site.module, site.role, site.parameter,
+                                   site.expected_shape)
+
+    def is_edit_leader(self, site: HookSite) -> bool:
+        return self.mesh.is_stage_leader()
+
+    def _takes_part(self, axis: str) -> bool:
+        """Whether this rank joins the step over ``axis``: it must be the first rank on every
+        axis gathered before it."""
+        for prior in GATHER_ORDER[:GATHER_ORDER.index(axis)]:
+            if self.mesh.rank(prior) != 0:
+                return False
+        return True
+
+    # -- the walk over the axes -----------------------------------------------------------------
+    def _gather(self, t: torch.Tensor, layout: Layout) -> tuple[torch.Tensor, list]:
+        """Walk ``t`` to the leader axis by axis; returns what this rank holds and the record
+        :meth:`_scatter` needs to walk back. Autograd-aware when ``t`` requires grad."""
+        record = []
+        for axis in GATHER_ORDER:
+            if self.mesh.size(axis) == 1 or not self._takes_part(axis):
+                continue
+            group = self.mesh.group(axis)
+            spec = layout.spec_for(axis)
+            shape = tuple(t.shape)
+            if isinstance(spec, ShardSpec):
+                sizes = spec.sizes or exchange_sizes(t, spec.dim, group)
+                record.append((axis, spec, sizes, shape))
+                t = gather_to_one(t, spec.dim, group, 0, sizes)
+            elif isinstance(spec, PartialSpec):
+                record.append((axis, spec, None, shape))
+                t = reduce_to_one(t, group, 0)
+                if spec.op == "avg" and dist.get_rank(group) == 0:
+                    t = t / self.mesh.size(axis)
+            else:
+                record.append((axis, None, None, shape))
+                t = _ReplicaToOne.apply(t, group, dist.get_rank(group) == 0)
+        if layout.grad_scale != 1.0 and self.mesh.is_stage_leader():
+            t = t * layout.grad_scale
+        return t, record
+
+    def _scatter(self, t: torch.Tensor, layout: Layout, record: list) -> torch.Tensor:
+        if layout.grad_scale != 1.0 and self.mesh.is_stage_leader():
+            t = t / layout.grad_scale
+        for axis, spec, sizes, shape in reversed(record):
+            group = self.mesh.group(axis)
+            if isinstance(spec, ShardSpec):
+                t = scatter_from_one(t, spec.dim, sizes, shape, group, 0)
+            elif isinstance(spec, PartialSpec):
+                t = broadcast_from_one(t, shape, group, 0) if spec.op == "avg" else \
+                    keep_on_one(t, shape, group, 0)
+            else:
+                t = _OneToReplicas.apply(t, group, shape)
+        return t
+
+    def _gather_to_all(self, t: torch.Tensor, layout: Layout) -> torch.Tensor:
+        for axis in GATHER_ORDER:
+            spec = layout.spec_for(axis)
+            group = self.mesh.group(axis)
+            if isinstance(spec, ShardSpec):
+                t = all_gather(t, spec.dim, group, spec.sizes)
+            elif isinstance(spec, PartialSpec):
+                t = t.clone()
+                dist.all_reduce(t, group=group)
+                if spec.op == "avg":
+                    t = t / self.mesh.size(axis)
+        return t * layout.grad_scale if layout.grad_scale != 1.0 else t
+
+    # -- the Runtime seam -----------------------------------------------------------------------
+    def retrieve(self, local: torch.Tensor, site: HookSite,
+                 store: Callable[[torch.Tensor], None]) -> None:
+        layout = self.layout_of(local, site)
+        plain = _local_of(local).detach()
+        with torch.no_grad():
+            if self.store_on == "all":
+                store(store_copy(self._gather_to_all(plain, layout)))
+                return
+            full, _ = self._gather(plain, layout)
+        if self.mesh.is_stage_leader():
+            store(store_copy(full))
+
+    def gather_for_edit(self, local: torch.Tensor,
+                        site: HookSite) -> tuple[torch.Tensor | None, EditContext]:
+        layout = self.layout_of(local, site)
+        held, record = self._gather(_local_of(local), layout)
+        ctx = EditContext(site, local, layout=layout, record=record, held=held)
+        return (held if self.mesh.is_stage_leader() else None), ctx
+
+    def scatter_from_edit(self, full: torch.Tensor | None, ctx: EditContext) -> torch.Tensor:
+        start = full if self.mesh.is_stage_leader() else ctx.state["held"]
+        piece = self._scatter(start, ctx.state["layout"], ctx.state["record"])
+        if self._trainable and piece.requires_grad:
+            piece = _SyncTrainablePoint.apply(piece, self)
+        return _like(piece, ctx.local)
+
+    def run_on_leader(self, ctx: EditContext, fn: Callable[[], Any]) -> Any:
+        site = ctx.site
+        result, error, cause = None, None, None
+        if self.mesh.is_stage_leader():
+            try:
+                result = fn()
+            except Exception as exc:  # reported to every rank below, then re-raised
+                cause = exc
+                error = (f"the editing function of hook {site.module_name!r} "
+                         f"({site.hook_type}) failed on rank {dist.get_rank()}: "
+                         f"{type(exc).__name__}: {exc}")
+        try:
+            broadcast_status(error, self.mesh.stage_group, 0, device=ctx.local.device)
+        except RemoteEditError as err:
+            raise RemoteEditError(f"rank {dist.get_rank()}: {err}") from cause
+        return result
+
+    # -- trainable modules ------------------------------------------------------------------------
+    def sync_trainable_modules(self, modules: dict[str, nn.Module]) -> None:
+        """Broadcast the modules' parameters from the leader now, and their gradients at the
+        end of every backward that went through an edit (only the leader computes them)."""
+        self._trainable = dict(modules)
+        with torch.no_grad():
+            for p in self._trainable_parameters():
+                dist.broadcast(p.data, group=self.mesh.stage_group, group_src=0)
+
+    def _trainable_parameters(self) -> list[torch.Tensor]:
+        return [p for _, m in sorted(self._trainable.items()) for p in m.parameters()]
+
+    def _queue_trainable_sync(self) -> None:
+        if self._sync_queued:
+            return
+        self._sync_queued = True
+        torch.autograd.Variable._execution_engine.queue_callback(self._sync_trainable_grads)
+
+    def _sync_trainable_grads(self) -> None:
+        self._sync_queued = False
+        leader = self.mesh.is_stage_leader()
+        for p in self._trainable_parameters():
+            if leader:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                buf = p.grad
+            else:
+                buf = torch.empty_like(p)
+            dist.broadcast(buf, group=self.mesh.stage_group, group_src=0)
+            if not leader:
+                p.grad = buf
+
+    # -- parameters -------------------------------------------------------------------------------
+    def full_parameter(self, name: str, parameter: torch.Tensor,
+                       owner: nn.Module | None) -> torch.Tensor:
+        if _is_dtensor(parameter):  # DTensor TP, HF TP, FSDP2 (and FSDP2 x TP)
+            return store_copy(parameter.full_tensor())
+        fsdp_root = _fsdp1_root(self.module)
+        if fsdp_root is not None:
+            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+            with FSDP.summon_full_params(fsdp_root, writeback=False):
+                return store_copy(_parameter_by_name(self.module, name))
+        dim = _fairscale_param_dim(owner, parameter) if owner is not None else None
+        if dim is not None and self.mesh.tp_size > 1:
+            sizes = chunk_sizes(parameter.shape[dim] * self.mesh.tp_size, self.mesh.tp_size)
+            with torch.no_grad():
+                return store_copy(all_gather(parameter.detach(), dim, self.mesh.group("tp"),
+                                             sizes))
+        return store_copy(parameter)
+
+
+def _local_of(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def _like(piece: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
+    """``piece`` in the form of ``original``: a DTensor again if the hook saw a DTensor."""
+    if not _is_dtensor(original):
+        return piece
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(piece, original.device_mesh, original.placements,
+                              run_check=False, shape=original.shape, stride=original.stride())
+
+
+def _fsdp1_root(module: nn.Module) -> nn.Module | None:
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    except ImportError:  # pragma: no cover
+        return None
+    for m in module.modules():
+        if isinstance(m, FSDP):
+            return m
+    return None
+
+
+def _parameter_by_name(module: nn.Module, name: str) -> torch.Tensor:
+    """``name`` inside ``module``, also when given without FSDP/DDP wrapper prefixes."""
+    wrappers = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "module.")
+    wanted = name
+    for w in wrappers:
+        wanted = wanted.replace(w, "")
+    for n, p in module.named_parameters(remove_duplicate=False):
+        clean = n
+        for w in wrappers:
+            clean = clean.replace(w, "")
+        if n == name or clean == wanted:
+            return p
+    owner, _, leaf = name.rpartition(".")
+    return getattr(module.get_submodule(owner), leaf)
 
 
 def build_runtime(
@@ -16,7 +359,19 @@ def build_runtime(
     process_group: dist.ProcessGroup | None = None,
     store_on: str = "rank0",
 ) -> Runtime:
-    """The runtime FlexModel uses: local for one process, distributed otherwise."""
+    """The runtime FlexModel uses: local for one process, distributed otherwise.
+
+    The mesh is adopted from what runs ``module`` (HF TP, DTensor/FSDP2, fairscale, DDP/FSDP1
+    groups) and built from the sizes otherwise; sizes of 1 mean "whatever is running" (dp takes
+    the ranks tp x pp leave over). Collective: every rank must call it.
+    """
     if not dist.is_initialized() or dist.get_world_size(process_group) == 1:
         return LocalRuntime()
-    raise NotImplementedError("the distributed runtime is not implemented yet")
+    mesh = ParallelMesh.adopt(
+        module,
+        tp=tensor_parallel_size if tensor_parallel_size != 1 else None,
+        pp=pipeline_parallel_size if pipeline_parallel_size != 1 else None,
+        dp=data_parallel_size if data_parallel_size != 1 else None,
+        group=process_group,
+    )
+    return DistributedRuntime(module, mesh, store_on=store_on)

@@ -1,0 +1,177 @@
+"""Shared pieces of the distributed equivalence tests: a tiny MLP stack in plain, fairscale-TP
+and DTensor-TP form with the same weights, the hook sites every layout is tested at, and one
+routine that runs FlexModel on a model and returns what the hooks stored, the output and the
+whole parameter gradients -- so every test compares a sharded run with a one-process run."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from flex_surgery import hooks as _hooks  # noqa: F401  (FlexModel lives there)
+from flex_surgery.hooks.hook_function import HookFunction
+from flex_surgery.hooks.wrapper import FlexModel
+
+H, FF, V, T = 8, 16, 6, 3
+
+
+class Block(nn.Module):
+    def __init__(self, up: nn.Module, down: nn.Module) -> None:
+        super().__init__()
+        self.up, self.act, self.down = up, nn.GELU(), down
+
+    def forward(self, x):
+        return x + self.down(self.act(self.up(x)))
+
+
+class Net(nn.Module):
+    def __init__(self, blocks: list[Block], head: nn.Module) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.head = head
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return self.head(x)
+
+
+def plain_net(seed: int = 0, ff: int = FF) -> Net:
+    g = torch.Generator().manual_seed(seed)
+
+    def linear(i, o):
+        lin = nn.Linear(i, o)
+        with torch.no_grad():
+            lin.weight.copy_(torch.randn(o, i, generator=g) / i ** 0.5)
+            lin.bias.copy_(torch.randn(o, generator=g) * 0.1)
+        return lin
+
+    return Net([Block(linear(H, ff), linear(ff, H)) for _ in range(2)], linear(H, V))
+
+
+def fairscale_net(plain: Net) -> Net:
+    """The same weights in fairscale TP layers (model parallel must be initialised)."""
+    from fairscale.nn.model_parallel import initialize as fs
+    from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+    tp, r = fs.get_model_parallel_world_size(), fs.get_model_parallel_rank()
+    blocks = []
+    for b in plain.blocks:
+        up = ColumnParallelLinear(H, b.up.out_features, gather_output=False)
+        down = RowParallelLinear(b.up.out_features, H, input_is_parallel=True)
+        n = b.up.out_features // tp
+        with torch.no_grad():
+            up.weight.copy_(b.up.weight[r * n:(r + 1) * n])
+            up.bias.copy_(b.up.bias[r * n:(r + 1) * n])
+            down.weight.copy_(b.down.weight[:, r * n:(r + 1) * n])
+            down.bias.copy_(b.down.bias)
+        blocks.append(Block(up, down))
+    head = ColumnParallelLinear(H, V, gather_output=True)
+    n = V // tp
+    with torch.no_grad():
+        head.weight.copy_(plain.head.weight[r * n:(r + 1) * n])
+        head.bias.copy_(plain.head.bias[r * n:(r + 1) * n])
+    return Net(blocks, head)
+
+
+def dtensor_plan(use_local_output: bool):
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    plan = {}
+    for i in range(2):
+        plan[f"blocks.{i}.up"] = ColwiseParallel(use_local_output=use_local_output)
+        plan[f"blocks.{i}.down"] = RowwiseParallel()
+    return plan
+
+
+# Hook sites: (module or parameter name in the plain model, hook kind). The backward ones sit
+# in block 1 because block 0's input does not require grad.
+SITES = [
+    ("blocks.0.up", "forward"),            # column output: tp-sharded
+    ("blocks.0.act", "forward"),           # no parameters, after a column layer: tp-sharded
+    ("blocks.0.down", "forward"),          # row output: replicated
+    ("blocks.0", "forward"),               # a block: replicated
+    ("blocks.1.down", "forward_pre"),      # row input: tp-sharded
+    ("blocks.1.up", "forward_pre"),        # column input: replicated
+    ("blocks.1.act", "full_backward"),     # grad of a sharded input
+    ("blocks.1.down", "full_backward"),
+    ("blocks.1.up", "full_backward_pre"),  # grad of a sharded output
+    ("blocks.1", "full_backward_pre"),     # grad of a replicated output
+]
+PARAM_SITES = ["blocks.1.up.weight", "blocks.1.down.weight", "blocks.1.down.bias"]
+
+_REGISTER = {"forward": "register_forward_hook", "forward_pre": "register_forward_pre_hook",
+             "full_backward": "register_full_backward_hook",
+             "full_backward_pre": "register_full_backward_pre_hook", "tensor": "register_hook"}
+
+
+def times_two(module, tensor, ctx, modules):
+    return tensor * 2
+
+
+def clean(name: str) -> str:
+    """A module/parameter name without DDP / FSDP wrapper components."""
+    for w in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module."):
+        name = name.replace(w, "")
+    name = name.replace("._fsdp_wrapped_module", "")
+    return name[len("module."):] if name.startswith("module.") else name
+
+
+def actual_names(model: nn.Module) -> dict[str, str]:
+    """Plain name -> name in the (wrapped) model; the innermost module wins."""
+    names = {}
+    for n, _ in model.named_modules():
+        names[clean(n)] = n
+    for n, _ in model.named_parameters():
+        names[clean(n)] = n
+    return names
+
+
+def local_group() -> dist.ProcessGroup:
+    """A one-rank group for this rank, so FlexModel uses the one-process runtime."""
+    groups = [dist.new_group([r]) for r in range(dist.get_world_size())]
+    return groups[dist.get_rank()]
+
+
+def run_flex(model: nn.Module, x: torch.Tensor, edit: bool, *,
+             sites=SITES, param_sites=PARAM_SITES, process_group=None,
+             loss_fn: Callable = lambda y: y.float().pow(2).mean(), **sizes):
+    """FlexModel on ``model`` with hooks at every site: (stored, output, flex)."""
+    stored: dict[str, list[torch.Tensor]] = {}
+    flex = FlexModel(model, stored, process_group=process_group, **sizes)
+    names = actual_names(model)
+    fn = times_two if edit else None
+    for name, kind in sites:
+        getattr(flex, _REGISTER[kind])(HookFunction(names[name], editing_function=fn))
+    for name in param_sites:
+        flex.register_hook(HookFunction(names[name], editing_function=fn))
+    out = flex(x)
+    loss_fn(out).backward()
+    renamed = {}
+    for key, vals in stored.items():
+        base, sep, role = key.partition(":")
+        renamed[clean(base) + sep + role] = vals
+    return renamed, out, flex
+
+
+def assert_stored_equal(got: dict, want: dict, **tol) -> None:
+    assert got.keys() == want.keys(), (sorted(got), sorted(want))
+    for key in want:
+        assert len(got[key]) == len(want[key]), key
+        for a, b in zip(got[key], want[key]):
+            assert a.shape == b.shape, (key, a.shape, b.shape)
+            torch.testing.assert_close(a, b, msg=lambda m, k=key: f"{k}: {m}", **tol)
+
+
+def assert_grads_equal(got: dict, want: dict, **tol) -> None:
+    assert got.keys() == want.keys(), (sorted(got), sorted(want))
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], msg=lambda m, k=key: f"{k}: {m}",
+                                   **tol)
+
+
+def plain_grads(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {clean(n): p.grad.detach().clone() for n, p in model.named_parameters()}
