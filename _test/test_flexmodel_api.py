@@ -247,3 +247,38 @@ def test_other_registration_errors():
     assert flex.hook_functions == []
     flex.restore()
     assert hooks_left(model) == []
+
+
+def test_names_resolve_through_activation_checkpoint_wrappers():
+    """Hooks address the model's own names; a recomputed forward stores nothing twice."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        apply_activation_checkpointing,
+    )
+
+    from flex_surgery.surgery.shards import clean_name
+
+    model, inputs = make("llama")
+    handle = model.get_submodule(MLP0).register_forward_hook(lambda m, a, out: out * 2)
+    raw = run(lambda: model(**inputs), model, "model.norm")
+    handle.remove()
+
+    apply_activation_checkpointing(model, check_fn=lambda m: type(m).__name__.endswith("Layer"))
+    assert "model.layers.0._checkpoint_wrapped_module.mlp" in dict(model.named_modules())
+    output_dict: dict = {}
+    flex = FlexModel(model, output_dict)
+    flex.register_forward_hook(HookFunction(MLP0, editing_function=lambda m, x, c, d: x * 2))
+    group = flex.create_hook_group("mlps", "*.mlp", hook_type="forward_pre")
+    grads = flex.create_hook_group("grads", "*.up_proj.weight", hook_type="tensor")
+    edited = run(lambda: flex(**inputs), model, "model.norm")
+    flex.restore()
+
+    assert [h.module_name for h in group] == [f"{MLP0}", f"{MLP1}"]
+    assert [h.module_name for h in grads] == [f"{MLP0}.up_proj.weight", f"{MLP1}.up_proj.weight"]
+    assert torch.equal(edited[0], raw[0])
+    assert {clean_name(n): g for n, g in edited[2].items()}.keys() == raw[2].keys()
+    for name, grad in edited[2].items():
+        assert torch.equal(grad, raw[2][clean_name(name)]), name
+    assert {k: len(v) for k, v in output_dict.items()} == {
+        MLP0: 1, f"{MLP0}:input": 1, f"{MLP1}:input": 1,
+        f"{MLP0}.up_proj.weight:grad": 1, f"{MLP1}.up_proj.weight:grad": 1}
+    assert hooks_left(model) == []

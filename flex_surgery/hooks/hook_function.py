@@ -64,6 +64,12 @@ def check_expected_shape(shape: Sequence[int], expected: tuple[int | None, ...] 
         )
 
 
+# A forward hook that fires while autograd runs a backward is activation checkpointing
+# recomputing the forward: the value was stored when the forward ran, so it is not stored
+# again, but edits are applied again so the recomputed forward matches the original one.
+_current_graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)
+
+
 @dataclass
 class SharedState:
     """What every hook of one FlexModel shares: where to store, the save context, modules."""
@@ -166,12 +172,16 @@ class HookFunction:
     # -- the PyTorch hooks: select the hooked value, return a replacement or None ----------
 
     def _forward_hook(self, module: nn.Module, args: tuple, output: Any) -> Any:
-        return self._call(output) if self._enabled else None
+        if not self._enabled:
+            return None
+        return self._call(output, store=_current_graph_task_id() == -1)
 
     def _forward_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> Any:
         # Registered with with_kwargs=True: a module called as attn(hidden_states=h) still has
         # its tensor found; tensors of args come first, then those of kwargs.
-        return self._call((args, kwargs)) if self._enabled else None
+        if not self._enabled:
+            return None
+        return self._call((args, kwargs), store=_current_graph_task_id() == -1)
 
     def _full_backward_hook(self, module: nn.Module, grad_input: tuple,
                             grad_output: tuple) -> Any:
@@ -185,10 +195,13 @@ class HookFunction:
 
     # -- one hook call ---------------------------------------------------------------------
 
-    def _call(self, value: Any) -> Any:
+    def _call(self, value: Any, store: bool = True) -> Any:
+        """One hook call; ``store=False`` for a forward re-run by activation checkpointing."""
+        if self.editing_function is None and not store:
+            return None
         tensor, repack = unpack(value, self.unpack_idx, self)
         runtime, site = self._runtime, self._site
-        if self._shared.output_dict is not None:
+        if store and self._shared.output_dict is not None:
             runtime.retrieve(tensor, site, self._store)
         if self.editing_function is None:
             return None
@@ -204,7 +217,13 @@ class HookFunction:
         """Run the editing function on the whole tensor and check what it returns."""
         check_expected_shape(full.shape, self.expected_shape, self)
         shared = self._shared
-        result = self.editing_function(self._site.module, full, shared.save_ctx, shared.modules)
+        try:
+            result = self.editing_function(self._site.module, full, shared.save_ctx,
+                                           shared.modules)
+        except Exception as error:
+            if hasattr(error, "add_note"):  # Python >= 3.11
+                error.add_note(f"raised by the editing function of {self!r}")
+            raise
         if result is None:
             raise EditingFunctionError(
                 f"{self!r}: the editing function returned None; it must return the (edited) "

@@ -34,6 +34,7 @@ from flex_surgery.hooks.hook_function import (
 )
 from flex_surgery.parallel.distributed_runtime import build_runtime
 from flex_surgery.parallel.runtime import HOOK_TYPES, HookSite
+from flex_surgery.surgery.shards import clean_name
 
 # PyTorch's registration method for each module hook kind, with the options we use.
 _MODULE_REGISTRATION = {
@@ -80,7 +81,6 @@ class FlexModel(nn.Module):
         if output_dict is not None and not isinstance(output_dict, dict):
             raise TypeError(f"output_dict must be a dict or None, got {type(output_dict).__name__}")
         self.module = module
-        self.output_dict = output_dict
         self.save_ctx = SimpleNamespace()
         self.trainable_modules = nn.ModuleDict()
         self.tp_size = tensor_parallel_size
@@ -98,6 +98,17 @@ class FlexModel(nn.Module):
         self._params_without_hooks_before: list[torch.Tensor] = []
         self._selection_key: tuple | None = None
         self._restored = False
+
+    @property
+    def output_dict(self) -> dict[str, list[torch.Tensor]] | None:
+        """Where hooks store what they see (may be replaced, e.g. by a fresh dict per step)."""
+        return self._shared.output_dict
+
+    @output_dict.setter
+    def output_dict(self, value: dict[str, list[torch.Tensor]] | None) -> None:
+        if value is not None and not isinstance(value, dict):
+            raise TypeError(f"output_dict must be a dict or None, got {type(value).__name__}")
+        self._shared.output_dict = value
 
     # -- forward ------------------------------------------------------------------------------
 
@@ -145,7 +156,7 @@ class FlexModel(nn.Module):
         """Run ``hook_function`` on a parameter's gradient; ``module_name`` is its dotted path."""
         self._register(hook_function, "tensor")
 
-    def _register(self, hf: HookFunction, hook_type: str) -> None:
+    def _register(self, hf: HookFunction, hook_type: str, table: dict | None = None) -> None:
         self._check_usable()
         if not isinstance(hf, HookFunction):
             raise TypeError(f"expected a HookFunction, got {type(hf).__name__}")
@@ -161,15 +172,15 @@ class FlexModel(nn.Module):
                 "would do nothing"
             )
         if hook_type == "tensor":
-            site, handle = self._register_parameter_hook(hf)
+            site, handle = self._register_parameter_hook(hf, table)
         else:
-            site, handle = self._register_module_hook(hf, hook_type)
+            site, handle = self._register_module_hook(hf, hook_type, table)
         self._handles[hf] = handle
         self._groups.add(hf)
 
-    def _register_module_hook(self, hf: HookFunction,
-                              hook_type: str) -> tuple[HookSite, RemovableHandle]:
-        module = self._resolve_module(hf.module_name)
+    def _register_module_hook(self, hf: HookFunction, hook_type: str,
+                              table: dict | None) -> tuple[HookSite, RemovableHandle]:
+        module = self._resolve_module(hf.module_name, table)
         site = HookSite(hf.module_name, hook_type, HookSite.role_for(hook_type), module=module,
                         expected_shape=hf.expected_shape)
         hf._bind(self, hook_type, site, self.runtime, self._shared)
@@ -178,8 +189,9 @@ class FlexModel(nn.Module):
         method, options = _MODULE_REGISTRATION[hook_type]
         return site, getattr(module, method)(hf.torch_hook(), **options)
 
-    def _register_parameter_hook(self, hf: HookFunction) -> tuple[HookSite, RemovableHandle]:
-        parameter, owner = self._resolve_parameter(hf.module_name)
+    def _register_parameter_hook(self, hf: HookFunction,
+                                 table: dict | None) -> tuple[HookSite, RemovableHandle]:
+        parameter, owner = self._resolve_parameter(hf.module_name, table)
         if hf.unpack_idx != 0:
             raise HookRegistrationError(
                 f"{hf!r}: a parameter gradient is one tensor; unpack_idx must be 0, "
@@ -242,7 +254,8 @@ class FlexModel(nn.Module):
             raise ValueError(f"unknown hook_type {hook_type!r}; choose from {HOOK_TYPES}"
                              f"{did_you_mean(str(hook_type), HOOK_TYPES)}")
         matches = name_matcher(group_constructor)
-        candidates = self._parameter_names() if hook_type == "tensor" else self._module_names()
+        table = self._parameter_table() if hook_type == "tensor" else self._module_table()
+        candidates = list(table)
         names = [n for n in candidates if n and matches(n)]
         if not names:
             kind = "parameter" if hook_type == "tensor" else "module"
@@ -255,7 +268,7 @@ class FlexModel(nn.Module):
         registered: list[HookFunction] = []
         try:
             for hf in created:
-                self._register(hf, hook_type)
+                self._register(hf, hook_type, table)
                 registered.append(hf)
         except Exception:
             for hf in registered:  # all or nothing
@@ -337,36 +350,54 @@ class FlexModel(nn.Module):
     def _module_names(self) -> list[str]:
         return [n for n, _ in self.module.named_modules(remove_duplicate=False)]
 
-    def _parameter_names(self) -> list[str]:
-        return [n for n, _ in self.module.named_parameters(remove_duplicate=False)]
+    def _module_table(self) -> dict[str, nn.Module]:
+        """Modules by their wrapper-free name (see :func:`clean_name`).
 
-    def _resolve_module(self, name: str) -> nn.Module:
-        try:
-            return self.module.get_submodule(name)
-        except AttributeError:
-            pass
+        FSDP1, activation checkpointing and ``torch.compile`` insert wrapper modules into
+        paths; hooks are addressed by the names of the model as written, and land on the
+        innermost module of that name (``named_modules`` lists a wrapper before what it wraps,
+        so the later entry wins).
+        """
+        return {clean_name(n): m for n, m in self.module.named_modules(remove_duplicate=False)}
+
+    def _parameter_table(self) -> dict[str, tuple[nn.Parameter, nn.Module]]:
+        """``(parameter, owning module)`` by wrapper-free dotted parameter name."""
+        table = {}
+        for module_name, module in self.module.named_modules(remove_duplicate=False):
+            for leaf, parameter in module._parameters.items():
+                if parameter is not None:
+                    name = f"{module_name}.{leaf}" if module_name else leaf
+                    table[clean_name(name)] = (parameter, module)
+        return table
+
+    def _resolve_module(self, name: str,
+                        table: dict[str, nn.Module] | None = None) -> nn.Module:
+        table = self._module_table() if table is None else table
+        module = table.get(clean_name(name))
+        if module is not None:
+            return module
         hint = ""
-        if name in self._parameter_names():
+        if clean_name(name) in self._parameter_table():
             hint = "; it is a parameter: use register_hook for its gradient"
         raise UnknownNameError(
             f"no module named {name!r} in the wrapped {type(self.module).__name__}"
-            f"{hint or did_you_mean(name, self._module_names())}"
+            f"{hint or did_you_mean(name, table)}"
         )
 
-    def _resolve_parameter(self, name: str) -> tuple[nn.Parameter, nn.Module]:
-        owner_name, _, leaf = name.rpartition(".")
-        try:
-            owner = self.module.get_submodule(owner_name)
-            parameter = owner.get_parameter(leaf)
-        except AttributeError:
-            hint = ""
-            if name in self._module_names():
-                hint = "; it is a module: use register_forward_hook and friends"
-            raise UnknownNameError(
-                f"no parameter named {name!r} in the wrapped {type(self.module).__name__}"
-                f"{hint or did_you_mean(name, self._parameter_names())}"
-            ) from None
-        return parameter, owner
+    def _resolve_parameter(
+        self, name: str, table: dict[str, tuple[nn.Parameter, nn.Module]] | None = None
+    ) -> tuple[nn.Parameter, nn.Module]:
+        table = self._parameter_table() if table is None else table
+        found = table.get(clean_name(name))
+        if found is not None:
+            return found
+        hint = ""
+        if clean_name(name) in self._module_table():
+            hint = "; it is a module: use register_forward_hook and friends"
+        raise UnknownNameError(
+            f"no parameter named {name!r} in the wrapped {type(self.module).__name__}"
+            f"{hint or did_you_mean(name, table)}"
+        )
 
     # -- restore ----------------------------------------------------------------------------------
 
