@@ -9,7 +9,6 @@ import math
 import pytest
 import torch
 from test_surgery_support import differing_bytes, raw_state, special_values
-from torch import nn
 
 from flex_surgery.models import example_inputs, tiny_hf_model
 from flex_surgery.surgery import SurgeryError, SurgicalTheater, active_theaters, noise_seed

@@ -33,6 +33,7 @@ from torch import nn
 __all__ = [
     "BlockRegion",
     "FlatRegion",
+    "IndexRegion",
     "LocalShard",
     "clean_name",
     "local_shards",
@@ -77,18 +78,19 @@ class BlockRegion:
             return 0, 1
         return self.offsets[0], self.offsets[0] + self.shape[0]
 
-    def take_rows(self, rows: torch.Tensor, row0: int,
-                  local: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(part of ``local``, matching part of ``rows``) for the rows ``row0 ..`` of the full."""
+    def add_rows(self, local: torch.Tensor, rows: torch.Tensor, row0: int) -> None:
+        """Add to ``local`` its part of ``rows``: whole dim-0 rows ``row0 ..`` of a full-shape
+        tensor (the unit of chunked noise generation)."""
         if local.dim() == 0:
-            return local, rows.reshape(())
+            local.add_(rows.reshape(()).to(local.dtype))
+            return
         lo = max(row0, self.offsets[0])
         hi = min(row0 + rows.shape[0], self.offsets[0] + self.shape[0])
         if lo >= hi:
-            return None
+            return
         inner = tuple(slice(o, o + s) for o, s in zip(self.offsets[1:], self.shape[1:]))
         part = rows[(slice(lo - row0, hi - row0), *inner)]
-        return local[lo - self.offsets[0]: hi - self.offsets[0]], part
+        local[lo - self.offsets[0]: hi - self.offsets[0]].add_(part.to(local.dtype))
 
 
 @dataclass(frozen=True)
@@ -107,18 +109,49 @@ class FlatRegion:
             return 0, 0
         return self.start // row, math.ceil(self.stop / row)
 
-    def take_rows(self, rows: torch.Tensor, row0: int,
-                  local: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def add_rows(self, local: torch.Tensor, rows: torch.Tensor, row0: int) -> None:
         row = _row_numel(rows.shape[1:]) if rows.dim() > 1 else 1
         first = row0 * row
         lo = max(first, self.start)
         hi = min(first + rows.numel(), self.stop)
-        if lo >= hi:
-            return None
-        return local[lo - self.start: hi - self.start], rows.reshape(-1)[lo - first: hi - first]
+        if lo < hi:
+            part = rows.reshape(-1)[lo - first: hi - first]
+            local[lo - self.start: hi - self.start].add_(part.to(local.dtype))
 
 
-Region = BlockRegion | FlatRegion
+@dataclass(frozen=True)
+class IndexRegion:
+    """``local == full[ix_(indices[0], indices[1], ...)]``: each dim holds an arbitrary list of
+    global indices (DTensor layouts with ``_StridedShard``, e.g. FSDP2 over tensor parallel)."""
+
+    indices: tuple[torch.Tensor, ...]
+
+    def take(self, full: torch.Tensor) -> torch.Tensor:
+        if full.dim() == 0:
+            return full
+        return full[torch.meshgrid(*[i.to(full.device) for i in self.indices], indexing="ij")]
+
+    def row_range(self, full_shape: torch.Size) -> tuple[int, int]:
+        if len(full_shape) == 0:
+            return 0, 1
+        rows = self.indices[0]
+        if rows.numel() == 0:
+            return 0, 0
+        return int(rows.min()), int(rows.max()) + 1
+
+    def add_rows(self, local: torch.Tensor, rows: torch.Tensor, row0: int) -> None:
+        if local.dim() == 0:
+            local.add_(rows.reshape(()).to(local.dtype))
+            return
+        dim0 = self.indices[0].to(rows.device)
+        hit = ((dim0 >= row0) & (dim0 < row0 + rows.shape[0])).nonzero().flatten()
+        if hit.numel() == 0:
+            return
+        sub = IndexRegion((dim0[hit] - row0, *self.indices[1:])).take(rows)
+        local.index_add_(0, hit.to(local.device), sub.to(local.dtype))
+
+
+Region = BlockRegion | FlatRegion | IndexRegion
 
 
 def _row_numel(shape: torch.Size | tuple[int, ...]) -> int:
@@ -182,7 +215,8 @@ def reshard_for_surgery(model: nn.Module) -> None:
     for module in model.modules():
         if fsdp1 is not None and isinstance(module, fsdp1):
             handle = getattr(module, "_handle", None)
-            if handle is not None and handle.uses_sharded_strategy:
+            if (handle is not None and handle.uses_sharded_strategy
+                    and hasattr(handle.flat_param, "_local_shard")):  # lazily initialised
                 handle.reshard(True)
                 handle.post_reshard()
         elif fsdp2 is not None and isinstance(module, fsdp2):
@@ -200,24 +234,55 @@ def _is_dtensor(t: torch.Tensor) -> bool:
 def _dtensor_shard(name: str, module: nn.Module, pname: str, param) -> LocalShard:
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    from torch.distributed.tensor.placement_types import _StridedShard
 
-    for p in param.placements:
-        if type(p) not in (Shard, Replicate):
-            raise NotImplementedError(
-                f"{name}: placement {p} is not supported by surgery (only Shard and Replicate); "
-                "strided or partial layouts need a gather -- edit the parameter before sharding"
-            )
     local = param._local_tensor
-    shape, offset = compute_local_shape_and_global_offset(
-        param.shape, param.device_mesh, param.placements
-    )
+    strided = False
+    for p in param.placements:
+        if isinstance(p, _StridedShard):
+            strided = True
+        elif type(p) not in (Shard, Replicate):
+            raise NotImplementedError(
+                f"{name}: placement {p} is not supported by surgery (Shard, _StridedShard and "
+                "Replicate are); edit a partial-sum tensor after reducing it"
+            )
+    if strided:
+        region = _strided_region(param)
+        shape = tuple(len(i) for i in region.indices)
+    else:
+        shape, offset = compute_local_shape_and_global_offset(
+            param.shape, param.device_mesh, param.placements
+        )
+        region = BlockRegion(tuple(offset), tuple(shape))
     if tuple(local.shape) != tuple(shape):  # FSDP2 may pad the local storage
         local = local[tuple(slice(0, s) for s in shape)]
     return LocalShard(
-        name=name, aliases=(), local=local, full_shape=param.shape,
-        region=BlockRegion(tuple(offset), tuple(shape)), module=module, param_name=pname,
-        gather=lambda: param.detach().full_tensor(), owners=(param,), kind="dtensor",
+        name=name, aliases=(), local=local, full_shape=param.shape, region=region,
+        module=module, param_name=pname, gather=lambda: param.detach().full_tensor(),
+        owners=(param,), kind="dtensor",
     )
+
+
+def _strided_region(param) -> IndexRegion:
+    """Global indices held locally along each dim, by splitting an ``arange`` per dim with the
+    same placements (a local split: ``src_data_rank=None`` communicates nothing)."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    indices = []
+    for d, size in enumerate(param.shape):
+        placements = []
+        for p in param.placements:
+            if isinstance(p, _StridedShard) and p.dim == d:
+                placements.append(_StridedShard(0, split_factor=p.split_factor))
+            elif isinstance(p, Shard) and p.dim == d:
+                placements.append(Shard(0))
+            else:
+                placements.append(Replicate())
+        ar = torch.arange(size, device=param._local_tensor.device)
+        dt = distribute_tensor(ar, param.device_mesh, placements, src_data_rank=None)
+        indices.append(dt._local_tensor.clone())
+    return IndexRegion(tuple(indices))
 
 
 def _fairscale_partition(module: nn.Module, pname: str) -> int | None:
@@ -286,7 +351,9 @@ def _fsdp1_shards(fsdp_module: nn.Module, prefix: str) -> Iterator[LocalShard]:
     handle = fsdp_module._handle
     fp = handle.flat_param
     sharded = handle.uses_sharded_strategy
-    local_flat = fp._local_shard if sharded else fp.data
+    # Before FSDP's lazy init (first forward) the flat parameter already holds the shard but
+    # ``_local_shard`` is not set yet; afterwards it is the same storage.
+    local_flat = getattr(fp, "_local_shard", fp.data) if sharded else fp.data
     group = fsdp_module.process_group
     # Offsets of each original parameter in the unsharded (padded) flat parameter.
     offsets, pos = [], 0

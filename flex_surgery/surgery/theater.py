@@ -326,10 +326,7 @@ class SurgicalTheater:
             rows = torch.randn((n, *shape[1:]), generator=gen, device=local.device,
                                dtype=torch.float32)
             rows.mul_(self.noise_scale)
-            hit = shard.region.take_rows(rows, row0, local)
-            if hit is not None:
-                dst, src = hit
-                dst.add_(src.to(dst.dtype))
+            shard.region.add_rows(local, rows, row0)
 
     def _add_custom(self, shard: LocalShard) -> None:
         local = shard.local

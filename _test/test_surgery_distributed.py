@@ -1,0 +1,228 @@
+"""SurgicalTheater under DDP, FSDP1 (both use_orig_params), FSDP2, fairscale TP, DTensor TP and
+DP x TP: the modified forward equals the single-process modified forward of the same weights,
+for scale, disable, seeded noise and custom deltas (elementwise and full-parameter); after exit
+every local shard is byte-identical, in the same storage, and the forward is the original one.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from rank_pool import distributed
+from test_surgery_support import differing_bytes, raw_state
+from torch import nn
+
+from flex_surgery.models import example_inputs, tiny_hf_model
+from flex_surgery.surgery import SurgeryError, SurgicalTheater
+from flex_surgery.surgery.shards import local_shards, reshard_for_surgery
+
+
+def _shrink(p: torch.Tensor) -> torch.Tensor:
+    return -0.25 * p
+
+
+def _center_rows(p: torch.Tensor) -> torch.Tensor:
+    """Not elementwise: needs the whole row, so it asks for the full parameter."""
+    return -p.mean(dim=-1, keepdim=True).expand_as(p).clone()
+
+
+MODIFICATIONS = [
+    dict(modification_type="scale", factor=0.5),
+    dict(modification_type="disable", layers=[1]),
+    dict(modification_type="noise", noise_scale=0.05, seed=11),
+    dict(modification_type="noise", noise_scale=0.05, seed=12, layers=[0], params="all"),
+    dict(modification_fn=_shrink),
+    dict(modification_fn=_center_rows, full_parameter=True),
+]
+
+
+def _logits(out) -> torch.Tensor:
+    logits = out.logits if hasattr(out, "logits") else out
+    return logits.full_tensor() if hasattr(logits, "full_tensor") else logits
+
+
+def _clean_key(key: str) -> str:
+    return key.removeprefix("module.")
+
+
+def _full(value: torch.Tensor) -> torch.Tensor:
+    return value.full_tensor() if hasattr(value, "full_tensor") else value
+
+
+def _check_equivalence(model: nn.Module, make_ref, inputs: dict, *, exact: bool,
+                       check_state_dict: bool = True,
+                       blocks: tuple[str, ...] | None = None) -> None:
+    """The body every layout runs: compare with the unsharded run, then check restoration.
+
+    ``blocks`` names the blocks of a model that is not in the anatomy table (for ``layers=[i]``).
+    """
+    tol = dict(rtol=0, atol=0) if exact else dict(rtol=1e-5, atol=1e-5)
+    ref = make_ref()
+    ref_state = {k: v.clone() for k, v in ref.state_dict().items()}
+    with torch.no_grad():
+        base = _logits(model(**inputs))  # leaves FSDP roots gathered: the hard case
+        torch.testing.assert_close(base, _logits(ref(**inputs)), **tol)
+    before = raw_state(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for mod in MODIFICATIONS:
+        if blocks is not None and "layers" in mod:
+            mod = {**mod, "layers": [blocks[i] for i in mod["layers"]]}
+        with torch.no_grad():
+            with SurgicalTheater(ref, **mod):
+                want = _logits(ref(**inputs))
+            with SurgicalTheater(model, **mod) as theater:
+                got = _logits(model(**inputs))
+                assert theater.modified_names, mod
+                with pytest.raises(SurgeryError, match="optimizer.step"):
+                    opt.step()
+                if check_state_dict and mod.get("seed") == 11:
+                    sd = model.state_dict()
+                    for key, value in sd.items():
+                        key = _clean_key(key)
+                        if key in ref_state:
+                            assert torch.equal(_full(value), ref_state[key]), key
+                    del sd
+            assert not torch.allclose(want, base), mod  # the modification does something
+            torch.testing.assert_close(got, want, **tol, msg=lambda m, mod=mod: f"{mod}: {m}")
+            assert differing_bytes(before, raw_state(model)) == 0, mod
+            after = _logits(model(**inputs))
+            torch.testing.assert_close(after, base, rtol=0, atol=0)
+
+
+def _llama():
+    return tiny_hf_model("llama")
+
+
+def _inputs():
+    return example_inputs("llama", seed=dist.get_rank() % 2)  # data parallel: batches differ
+
+
+@distributed(world_size=2)
+def test_ddp():
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    _check_equivalence(DDP(_llama()), _llama, _inputs(), exact=True)
+
+
+@pytest.mark.parametrize("use_orig_params", [True, False])
+@distributed(world_size=2)
+def test_fsdp1(use_orig_params):
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    model = FSDP(_llama(), auto_wrap_policy=ModuleWrapPolicy({LlamaDecoderLayer}),
+                 use_orig_params=use_orig_params, device_id=torch.device("cpu"))
+    shards = local_shards(model)
+    assert {s.kind for s in shards} == {"fsdp1"}
+    # Each rank holds about half of the elements, and no full parameter is materialised.
+    local = sum(s.local.numel() for s in shards)
+    total = sum(p.numel() for p in _llama().parameters())
+    assert local <= total // 2 + 64
+    _check_equivalence(model, _llama, _inputs(), exact=False)
+
+
+@distributed(world_size=2)
+def test_fsdp2():
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (2,))
+    model = _llama()
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    reshard_for_surgery(model)
+    assert {s.kind for s in local_shards(model)} == {"dtensor"}
+    _check_equivalence(model, _llama, _inputs(), exact=False)
+
+
+def _tp_plan():
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    plan = {}
+    for i in range(2):
+        for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                     "mlp.gate_proj", "mlp.up_proj"):
+            plan[f"model.layers.{i}.{name}"] = ColwiseParallel()
+        for name in ("self_attn.o_proj", "mlp.down_proj"):
+            plan[f"model.layers.{i}.{name}"] = RowwiseParallel()
+    return plan
+
+
+@distributed(world_size=2)
+def test_dtensor_tp():
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    mesh = init_device_mesh("cpu", (2,))
+    model = parallelize_module(_llama(), mesh, _tp_plan())
+    inputs = example_inputs("llama")  # TP: every rank sees the same batch
+    _check_equivalence(model, _llama, inputs, exact=False)
+
+
+@distributed(world_size=4)
+def test_fsdp2_over_dtensor_tp():
+    """DP x TP: FSDP2 on the "dp" mesh dimension over DTensor TP on "tp" (strided shards)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    model = parallelize_module(_llama(), mesh["tp"], _tp_plan())
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh["dp"])
+    fully_shard(model, mesh=mesh["dp"])
+    dp_rank = mesh["dp"].get_local_rank()
+    _check_equivalence(model, _llama, example_inputs("llama", seed=dp_rank), exact=False)
+
+
+class _MLP(nn.Module):
+    """A two-layer MLP, either plain or fairscale-parallel, with the same parameter names."""
+
+    def __init__(self, up: nn.Module, down: nn.Module) -> None:
+        super().__init__()
+        self.up, self.down = up, down
+
+    def forward(self, x):
+        return self.down(torch.nn.functional.gelu(self.up(x)))
+
+
+def _fairscale_pair():
+    from fairscale.nn.model_parallel import layers as fs
+
+    torch.manual_seed(0)
+    up = fs.ColumnParallelLinear(16, 32, gather_output=False, keep_master_weight_for_test=True)
+    down = fs.RowParallelLinear(32, 16, input_is_parallel=True, keep_master_weight_for_test=True)
+    par = _MLP(up, down)
+    ref_up, ref_down = nn.Linear(16, 32), nn.Linear(32, 16)
+    with torch.no_grad():
+        ref_up.weight.copy_(up.master_weight)
+        ref_down.weight.copy_(down.master_weight)
+        # fairscale initialises biases to zero; the replicated bias of the row layer is full.
+        ref_up.bias.zero_()
+        ref_down.bias.copy_(down.bias)
+    del up.master_weight, down.master_weight
+    return par, _MLP(ref_up, ref_down)
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_fairscale_tp(world_size):
+    """TP=2; on 4 ranks fairscale adds DP=2 (DP x TP)."""
+    from rank_pool import get_pool
+
+    get_pool(world_size).run(_fairscale_body)
+
+
+@distributed(world_size=2)
+def _fairscale_body():
+    from fairscale.nn.model_parallel import initialize as fs_init
+
+    fs_init.initialize_model_parallel(2)
+    par, ref = _fairscale_pair()
+    assert {s.kind for s in local_shards(par) if s.name != "down.bias"} == {"fairscale"}
+    gen = torch.Generator().manual_seed(fs_init.get_data_parallel_rank())
+    x = torch.randn(3, 16, generator=gen)
+    _check_equivalence(par, lambda: _fairscale_pair()[1], {"x": x}, exact=False,
+                       check_state_dict=False, blocks=("up", "down"))
