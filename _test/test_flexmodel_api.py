@@ -282,3 +282,16 @@ def test_names_resolve_through_activation_checkpoint_wrappers():
         MLP0: 1, f"{MLP0}:input": 1, f"{MLP1}:input": 1,
         f"{MLP0}.up_proj.weight:grad": 1, f"{MLP1}.up_proj.weight:grad": 1}
     assert hooks_left(model) == []
+
+
+def test_docs_examples_run():
+    """Every python block of docs/hooks.md runs as written (they share one namespace)."""
+    import pathlib
+    import re
+
+    page = pathlib.Path(__file__).resolve().parents[1] / "docs" / "hooks.md"
+    blocks = re.findall(r"```python\n(.*?)```", page.read_text(), re.S)
+    assert len(blocks) >= 5
+    namespace: dict = {}
+    for i, block in enumerate(blocks):
+        exec(compile(block, f"{page.name}[{i}]", "exec"), namespace)
