@@ -4,6 +4,8 @@ real 2-rank world per executor that returns every rank's value and names the ran
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,9 +13,11 @@ import torch
 import torch.distributed as dist
 
 from flex_surgery.launch import LaunchError, detect_environment, launch
+from flex_surgery.launch.cluster_config import load_cluster_config
 from flex_surgery.launch.environment import port_for_job
 
 HERE = str(Path(__file__).resolve().parent)
+RECIPES = Path(HERE).parent / "distributed"
 
 _LAUNCH_VARS = (
     "TORCHELASTIC_RUN_ID", "SUBMITIT_EXECUTOR", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS",
@@ -75,6 +79,31 @@ def test_submitit_task_uses_job_port_not_inherited_one(clean_env):
     assert (env.rank, env.world_size, env.launcher) == (2, 4, "submitit")
     assert env.master_port == port_for_job("77") != 1234
     assert detect_environment(master_port=4321).master_port == 4321
+
+
+def test_cluster_config_file_with_environment_overrides(tmp_path):
+    (tmp_path / "recipes").mkdir()
+    path = tmp_path / "recipes" / "cluster.env"
+    path.write_text("# comment\nFLEX_PARTITION='gpu'\nFLEX_NODES=2\nFLEX_TASKS_PER_NODE=4\n"
+                    "FLEX_GPUS_PER_NODE=4\nFLEX_MEM_GB=\nFLEX_JOB_DIR=jobs\nFLEX_ACCOUNT=lab\n")
+    config = load_cluster_config(path, environ={"FLEX_NODES": "3"})
+    options = config.launch_options()
+    assert (options["nprocs"], options["nodes"], options["partition"]) == (12, 3, "gpu")
+    assert (options["gpus_per_node"], options["mem_gb"]) == (4, None)
+    assert options["slurm_account"] == "lab"
+    assert options["folder"] == str(tmp_path / "jobs")  # relative to the repository
+
+
+def test_shell_recipes_read_the_same_config():
+    """slurm_submit.sh --dry-run prints the sbatch line built from cluster.env + environment."""
+    env = {"PATH": "/usr/bin:/bin", "FLEX_NODES": "2", "FLEX_PARTITION": "gpu",
+           "FLEX_GPUS_PER_NODE": "8", "FLEX_TASKS_PER_NODE": "8", "FLEX_PYTHON": sys.executable}
+    out = subprocess.run([str(RECIPES / "slurm_submit.sh"), "--dry-run", "x.py", "--flag"],
+                         env=env, capture_output=True, text=True, check=True).stdout
+    expected_time = load_cluster_config(RECIPES / "cluster.env").time_min
+    for flag in ("--nodes=2", "--partition=gpu", "--gpus-per-node=8", "--ntasks-per-node=8",
+                 f"--time={expected_time}", "slurm_job.sh srun x.py --flag"):
+        assert flag in out, (flag, out)
 
 
 def _rank_report(fail_on: int):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -199,3 +200,16 @@ def test_init_from_env_under_plain_srun():
     assert proc.returncode == 0, proc.stderr
     lines = sorted(line for line in proc.stdout.splitlines() if line.startswith("RESULT"))
     assert lines == ["RESULT srun 0 2 gloo 3.0", "RESULT srun 1 2 gloo 3.0"]
+
+
+def test_slurm_recipe_runs_check_cluster(tmp_path):
+    """distributed/slurm_submit.sh with cluster.env's settings (2 ranks via the environment)."""
+    env = {**os.environ, "FLEX_TASKS_PER_NODE": "2", "FLEX_JOB_DIR": str(tmp_path),
+           "FLEX_PYTHON": sys.executable, "FLEX_TIME_MIN": "3"}
+    proc = subprocess.run([str(REPO / "distributed" / "slurm_submit.sh"), "--wait",
+                           "distributed/check_cluster.py"], env=env, capture_output=True,
+                          text=True, timeout=180)
+    logs = "".join(p.read_text() for p in tmp_path.glob("*.out"))
+    assert proc.returncode == 0, proc.stderr + logs
+    pattern = r"^rank (\d)/2 on \S+ via srun, backend gloo, device cpu: sum 3$"
+    assert sorted(re.findall(pattern, logs, flags=re.M)) == ["0", "1"], logs

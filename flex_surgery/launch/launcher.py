@@ -45,23 +45,33 @@ EXECUTORS = ("local", "slurm", "torchrun", "auto")
 PACKAGE_ROOT = str(Path(flex_surgery.__file__).resolve().parent.parent)
 
 
-def run_script(path: str, *argv: str) -> None:
-    """Run a Python file as ``__main__`` with ``sys.argv = [path, *argv]``: launch a script.
+def run_script(target: str, *argv: str) -> None:
+    """Run a Python file, or a module by name, as ``__main__`` with ``sys.argv`` set: launch a
+    program instead of a function.
 
+    ``target`` is a path when it ends in ``.py`` or names a file, else a module
+    (``"flex_surgery"`` runs ``flex_surgery/__main__.py``, as ``python -m`` would).
     ``launch(run_script, "examples/demo.py", "--steps", "2", nprocs=2)`` runs the script on two
     ranks with the process group already initialised (the script's own
     :func:`~flex_surgery.launch.init_from_env` call then finds it).
     """
     saved = sys.argv
-    sys.argv = [path, *argv]
+    sys.argv = [target, *argv]
     try:
-        runpy.run_path(path, run_name="__main__")
+        if target.endswith(".py") or os.path.isfile(target):
+            runpy.run_path(target, run_name="__main__")
+        else:
+            runpy.run_module(target, run_name="__main__", alter_sys=True)
     finally:
         sys.argv = saved
 
 
 class LaunchedJob:
-    """A job in flight. :meth:`results` waits and returns every rank's value, in rank order."""
+    """A job in flight. :meth:`results` waits and returns every rank's value, in rank order.
+
+    ``folder`` holds the job's files, per-rank logs included (submitit's ``<job>_<rank>_log.out``
+    and ``.err``, or torchrun's ``torchrun.log``).
+    """
 
     job_id: str
     folder: Path
@@ -97,9 +107,10 @@ def _normalise(outcome: Any, rank: int) -> RankOutcome:
 class _SubmititJob(LaunchedJob):
     """A submitit job (local or SLURM) with one task per rank."""
 
-    def __init__(self, job: Any, nprocs: int, folder: Path) -> None:
-        self._job, self.nprocs, self.folder = job, nprocs, folder
+    def __init__(self, job: Any, nprocs: int) -> None:
+        self._job, self.nprocs = job, nprocs
         self.job_id = str(job.job_id)
+        self.folder = Path(job.paths.folder)  # the job's own folder: pickles and per-rank logs
 
     def done(self) -> bool:
         return self._job.done()
@@ -123,7 +134,8 @@ class _TorchrunJob(LaunchedJob):
     """``torchrun --standalone`` on this machine; each worker pickles its outcome to the folder."""
 
     def __init__(self, task: RankTask, nprocs: int, folder: Path, timeout_min: float) -> None:
-        self.nprocs, self.folder = nprocs, folder
+        self.nprocs = nprocs
+        self.folder = folder = Path(tempfile.mkdtemp(prefix="torchrun_", dir=folder))
         self._deadline = time.monotonic() + 60 * timeout_min
         (folder / "task.pkl").write_bytes(cloudpickle.dumps(task))
         env = dict(os.environ)
@@ -249,7 +261,7 @@ def submit(
     parameters.update(executor_parameters)
     sub.update_parameters(**parameters)
     job = sub.submit(task)
-    return _SubmititJob(job, nprocs, folder)
+    return _SubmititJob(job, nprocs)
 
 
 def _visible_gpus() -> int:
