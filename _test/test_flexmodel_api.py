@@ -295,3 +295,32 @@ def test_docs_examples_run():
     namespace: dict = {}
     for i, block in enumerate(blocks):
         exec(compile(block, f"{page.name}[{i}]", "exec"), namespace)
+
+
+def test_unpack_counts_tensor_leaves_in_pytree_order():
+    from torch.utils import _pytree as pytree
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    from flex_surgery.hooks.unpack import unpack
+
+    a, b, c = torch.zeros(1), torch.ones(2), torch.full((3,), 2.0)
+    values = [
+        (a, None, b),                       # flat tuple: fast path
+        [None, a, b],
+        {"x": a, "skip": 3, "y": (b, None, c)},
+        ((a, b), "s", [c]),                 # nested tuple: pytree path
+        BaseModelOutputWithPooling(last_hidden_state=a, pooler_output=b),
+    ]
+    for value in values:
+        tensors = [x for x in pytree.tree_leaves(value) if isinstance(x, torch.Tensor)]
+        for idx, expected in enumerate(tensors):
+            found, repack = unpack(value, idx, "hook")
+            assert found is expected
+            replacement = torch.full_like(expected, -1.0)
+            rebuilt = repack(replacement)
+            assert type(rebuilt) is type(value)
+            new = [x for x in pytree.tree_leaves(rebuilt) if isinstance(x, torch.Tensor)]
+            assert new[idx] is replacement
+            assert all(n is t for i, (n, t) in enumerate(zip(new, tensors)) if i != idx)
+        with pytest.raises(UnpackError, match=f"holds {len(tensors)} tensor"):
+            unpack(value, len(tensors), "hook")

@@ -12,7 +12,7 @@ A bare tensor -- the common case for linear layers, norms and MLPs -- skips pytr
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -40,16 +40,11 @@ def unpack(value: Any, unpack_idx: int, owner: object) -> tuple[torch.Tensor, Re
             )
         return value, _identity
 
+    if type(value) is tuple and all(v is None or isinstance(v, torch.Tensor) for v in value):
+        return _unpack_flat_tuple(value, unpack_idx, owner)
+
     leaves, spec = pytree.tree_flatten(value)
-    tensor_positions = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
-    if unpack_idx >= len(tensor_positions):
-        n = len(tensor_positions)
-        found = f"{n} tensor(s), valid unpack_idx 0..{n - 1}" if n else "no tensor"
-        raise UnpackError(
-            f"{owner!r}: unpack_idx={unpack_idx} is out of range: the hooked "
-            f"{type(value).__name__} holds {found}"
-        )
-    position = tensor_positions[unpack_idx]
+    position = _tensor_position(leaves, unpack_idx, value, owner)
 
     def repack(tensor: torch.Tensor) -> Any:
         new_leaves = list(leaves)
@@ -57,3 +52,33 @@ def unpack(value: Any, unpack_idx: int, owner: object) -> tuple[torch.Tensor, Re
         return pytree.tree_unflatten(new_leaves, spec)
 
     return leaves[position], repack
+
+
+def _unpack_flat_tuple(value: tuple, unpack_idx: int,
+                       owner: object) -> tuple[torch.Tensor, Repack]:
+    """Same result as the pytree path for a tuple of tensors and ``None``s, without pytree.
+
+    Attention layers and backward hooks (``grad_input``/``grad_output``) hand over such tuples
+    on every call; this path costs a fraction of a flatten/unflatten.
+    """
+    position = _tensor_position(value, unpack_idx, value, owner)
+
+    def repack(tensor: torch.Tensor) -> tuple:
+        return value[:position] + (tensor,) + value[position + 1:]
+
+    return value[position], repack
+
+
+def _tensor_position(leaves: Sequence[Any], unpack_idx: int, value: Any, owner: object) -> int:
+    """Index in ``leaves`` of the ``unpack_idx``-th tensor."""
+    seen = 0
+    for position, leaf in enumerate(leaves):
+        if isinstance(leaf, torch.Tensor):
+            if seen == unpack_idx:
+                return position
+            seen += 1
+    found = f"{seen} tensor(s), valid unpack_idx 0..{seen - 1}" if seen else "no tensor"
+    raise UnpackError(
+        f"{owner!r}: unpack_idx={unpack_idx} is out of range: the hooked "
+        f"{type(value).__name__} holds {found}"
+    )
