@@ -6,6 +6,8 @@ every local shard is byte-identical, in the same storage, and the forward is the
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -51,7 +53,7 @@ def _full(value: torch.Tensor) -> torch.Tensor:
 
 
 def _check_equivalence(model: nn.Module, make_ref, inputs: dict, *, exact: bool,
-                       check_state_dict: bool = True,
+                       check_state_dict: bool = True, sharded: bool = True,
                        blocks: tuple[str, ...] | None = None) -> None:
     """The body every layout runs: compare with the unsharded run, then check restoration.
 
@@ -74,6 +76,11 @@ def _check_equivalence(model: nn.Module, make_ref, inputs: dict, *, exact: bool,
             with SurgicalTheater(model, **mod) as theater:
                 got = _logits(model(**inputs))
                 assert theater.modified_names, mod
+                stats = theater.stats  # extra memory: exactly the local modified bytes
+                full = sum(math.prod(s.full_shape) * s.local.element_size()
+                           for s in theater._targets)
+                assert stats["backup_bytes"] == stats["modified_bytes"] > 0
+                assert (stats["modified_bytes"] < full) == sharded
                 with pytest.raises(SurgeryError, match="optimizer.step"):
                     opt.step()
                 if check_state_dict and mod.get("seed") == 11:
@@ -102,7 +109,7 @@ def _inputs():
 def test_ddp():
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    _check_equivalence(DDP(_llama()), _llama, _inputs(), exact=True)
+    _check_equivalence(DDP(_llama()), _llama, _inputs(), exact=True, sharded=False)
 
 
 @pytest.mark.parametrize("use_orig_params", [True, False])

@@ -50,7 +50,8 @@ class LayerSurgery:
     Args:
         model: the model (wrappers are looked through like in :class:`SurgicalTheater`).
         order: the new sequence of block indices, e.g. ``[0, 2, 1, 3]`` (permute) or
-            ``[0, 1, 3]`` (delete block 2); repeats are allowed (a block run twice).
+            ``[0, 1, 3]`` (delete block 2); repeats are allowed (``[0, 0, 1]`` runs block 0
+            twice) but not more blocks than the container has.
         replace: ``{index: module}`` substitutions applied after ``order`` is taken from the
             original indices (``{2: PassThrough()}`` skips block 2 but keeps the count).
         container: name of the ``ModuleList`` to operate on; default: the architecture's
@@ -82,6 +83,12 @@ class LayerSurgery:
         for i in [*order, *self.replace]:
             if isinstance(i, bool) or not isinstance(i, int) or not -n <= i < n:
                 raise IndexError(f"{self.container} has {n} blocks (0..{n - 1}); got {i!r}")
+        if len(order) > n:
+            raise ValueError(
+                f"{len(order)} blocks requested but {self.container} has {n}: transformers "
+                "models run only the first config.num_hidden_layers blocks, so extra ones would "
+                "be skipped silently"
+            )
         replace = {i % n: m for i, m in self.replace.items()}
         blocks = [replace.get(i % n, original[i % n]) for i in order]
         new = nn.ModuleList(blocks)

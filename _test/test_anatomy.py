@@ -1,0 +1,94 @@
+"""The per-architecture table: every listed part exists in the real transformers classes, wrapped
+models resolve through their wrappers, and unknown architectures or missing parts raise."""
+
+from __future__ import annotations
+
+import pytest
+from torch import nn
+
+from flex_surgery.anatomy import (
+    ANATOMIES,
+    Anatomy,
+    MissingPart,
+    UnknownArchitecture,
+    block_names,
+    locate,
+    register_anatomy,
+)
+from flex_surgery.models import TINY_ARCHITECTURES, tiny_hf_model
+
+EXPECTED = {  # arch: (blocks, final norm class name or None, unembedding present)
+    "llama": ("model.layers", "LlamaRMSNorm", True),
+    "gpt2": ("transformer.h", "LayerNorm", True),
+    "opt": ("model.decoder.layers", "LayerNorm", True),
+    "bert": ("encoder.layer", None, False),
+    "vit": ("layers", "LayerNorm", False),
+}
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHITECTURES)
+def test_tiny_models_resolve_every_part(arch):
+    model = tiny_hf_model(arch)
+    loc = locate(model)
+    blocks, norm, has_unembed = EXPECTED[arch]
+    assert loc.name("blocks") == blocks
+    assert isinstance(loc.blocks, nn.ModuleList) and len(loc.blocks) == 2
+    assert block_names(model) == [f"{blocks}.0", f"{blocks}.1"]
+    assert isinstance(loc.module("embed"), (nn.Embedding, nn.Conv2d))
+    if norm is None:
+        with pytest.raises(MissingPart, match="final norm"):
+            loc.module("final_norm")
+    else:
+        assert type(loc.module("final_norm")).__name__ == norm
+    if has_unembed:
+        assert loc.module("unembed").weight.shape[0] == 128  # vocabulary
+    else:
+        with pytest.raises(MissingPart):
+            loc.module("unembed")
+
+
+@pytest.mark.parametrize("cls", ["MistralForCausalLM", "Qwen2ForCausalLM"])
+def test_llama_family_entries_match_the_real_classes(cls):
+    import transformers as tf
+
+    config_cls = getattr(tf, cls.replace("ForCausalLM", "Config"))
+    config = config_cls(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                        num_attention_heads=2, num_key_value_heads=1)
+    model = getattr(tf, cls)(config)
+    loc = locate(model)
+    assert len(loc.blocks) == 3 and loc.block_name(-1) == "model.layers.2"
+    assert loc.module("final_norm") is model.model.norm and loc.module("unembed") is model.lm_head
+
+
+def test_bare_model_inside_a_wrapper_gets_a_prefix():
+    wrapper = nn.Module()
+    wrapper.inner = tiny_hf_model("gpt2").transformer
+    loc = locate(wrapper)
+    assert (loc.arch, loc.prefix) == ("GPT2Model", "inner")
+    assert loc.block_name(1) == "inner.h.1"
+    with pytest.raises(IndexError, match="2 blocks"):
+        loc.block_name(2)
+
+
+def test_unknown_architecture_raises_with_the_known_ones():
+    with pytest.raises(UnknownArchitecture, match="LlamaForCausalLM.*register_anatomy"):
+        locate(nn.Sequential(nn.Linear(2, 2)))
+
+
+def test_register_a_custom_architecture():
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stack = nn.ModuleList([nn.Linear(2, 2)])
+            self.out = nn.Linear(2, 2)
+
+    register_anatomy("Tiny", Anatomy("stack", None, None, "out"))
+    try:
+        assert block_names(Tiny()) == ["stack.0"]
+    finally:
+        del ANATOMIES["Tiny"]
+
+
+def test_table_has_no_silent_gaps():
+    for name, anatomy in ANATOMIES.items():
+        assert anatomy.blocks, name  # every entry knows its blocks
