@@ -24,6 +24,9 @@ runtime therefore multiplies gathered activation gradients by ``1/dp`` and an ed
 ``dp`` before scattering it back. Parameter gradients seen by hooks are each rank's local
 gradient; their gathered value is the dp *average* (what DDP's all-reduce produces), and an
 edited parameter gradient is handed back unchanged to every dp rank (whose average it is).
+The gradient flowing backward *through* an edit of an activation is scaled the same way
+(``Layout.backward_scale``), so editing functions and trainable modules used in them get the
+one-process gradient.
 """
 
 from __future__ import annotations
@@ -93,6 +96,19 @@ class _OneToReplicas(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return (grad if ctx.keep else grad.new_empty(0)), None, None
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; multiplies the gradient by ``scale`` (see ``Layout.backward_scale``)."""
+
+    @staticmethod
+    def forward(ctx, t, scale):
+        ctx.scale = scale
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
 
 
 class _SyncTrainablePoint(torch.autograd.Function):
@@ -183,13 +199,19 @@ class DistributedRuntime(Runtime):
             else:
                 record.append((axis, None, None, shape))
                 t = _ReplicaToOne.apply(t, group, dist.get_rank(group) == 0)
-        if layout.grad_scale != 1.0 and self.mesh.is_stage_leader():
-            t = t * layout.grad_scale
+        if self.mesh.is_stage_leader():
+            if layout.grad_scale != 1.0:
+                t = t * layout.grad_scale
+            if layout.backward_scale != 1.0 and t.requires_grad:
+                t = _ScaleGrad.apply(t, 1.0 / layout.backward_scale)
         return t, record
 
     def _scatter(self, t: torch.Tensor, layout: Layout, record: list) -> torch.Tensor:
-        if layout.grad_scale != 1.0 and self.mesh.is_stage_leader():
-            t = t / layout.grad_scale
+        if self.mesh.is_stage_leader():
+            if layout.grad_scale != 1.0:
+                t = t / layout.grad_scale
+            if layout.backward_scale != 1.0 and t.requires_grad:
+                t = _ScaleGrad.apply(t, layout.backward_scale)
         for axis, spec, sizes, shape in reversed(record):
             group = self.mesh.group(axis)
             if isinstance(spec, ShardSpec):

@@ -36,6 +36,9 @@ Activation gradients carry ``grad_scale = 1 / dp``: with a loss averaged over th
 the local activation gradient is ``dp`` times the gradient of the global-mean loss that one
 process would compute (DDP/FSDP then average parameter gradients over ``dp``). The runtime
 multiplies by ``grad_scale`` after gathering and divides by it before scattering an edit back.
+Activations carry ``backward_scale = 1 / dp`` for the same reason: the gradient that flows back
+*through* an editing function is scaled by it on the way in and by ``dp`` on the way out, so
+the editing function (and trainable modules in it) see the one-process gradient.
 """
 
 from __future__ import annotations
@@ -85,6 +88,7 @@ class Layout:
     shards: tuple[ShardSpec, ...] = ()
     partials: tuple[PartialSpec, ...] = ()
     grad_scale: float = 1.0
+    backward_scale: float = 1.0
 
     @property
     def is_replicated(self) -> bool:
@@ -333,8 +337,11 @@ class LayoutInference:
         if role not in ACTIVATION_ROLES or local.ndim == 0:
             return layout
         dim = self.batch_dim % local.ndim
-        scale = 1.0 / self.mesh.dp_size if role.startswith("grad") else 1.0
-        return Layout(layout.shards + (ShardSpec("dp", dim),), layout.partials, scale)
+        scale = 1.0 / self.mesh.dp_size
+        grad_role = role.startswith("grad")
+        return Layout(layout.shards + (ShardSpec("dp", dim),), layout.partials,
+                      grad_scale=scale if grad_role else 1.0,
+                      backward_scale=1.0 if grad_role else scale)
 
     def _from_hint(self, local: torch.Tensor, expected: Sequence[int | None]) -> Layout:
         """tp shards read off an ``expected_shape`` hint (the dp batch dim is added later)."""

@@ -1,0 +1,158 @@
+"""DistributedRuntime behaviour beyond plain equivalence: a failing editing function fails every
+rank fast, hook groups chosen per call, trainable modules kept identical on every rank,
+whole parameters, ``store_on="all"``."""
+
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+from parallel_cases import (
+    H,
+    fairscale_net,
+    local_group,
+    plain_net,
+    times_two,
+)
+from rank_pool import distributed
+from torch import nn
+
+from flex_surgery.hooks.hook_function import HookFunction
+from flex_surgery.hooks.wrapper import FlexModel
+from flex_surgery.parallel.collectives import RemoteEditError
+from flex_surgery.parallel.distributed_runtime import DistributedRuntime
+from flex_surgery.parallel.mesh import ParallelMesh
+from flex_surgery.parallel.runtime import HookSite
+
+
+def _x(batch=2):
+    torch.set_default_dtype(torch.float64)  # reset by the rank pool after each body
+    return torch.randn(batch, 3, H, generator=torch.Generator().manual_seed(1))
+
+
+def _fails(module, tensor, ctx, modules):
+    raise ValueError("bad edit")
+
+
+@distributed(world_size=4)
+def test_failing_editing_function_fails_every_rank_fast():
+    from fairscale.nn.model_parallel import initialize as fs
+
+    fs.initialize_model_parallel(2)  # tp 2 x dp 2
+    x = _x()
+    flex = FlexModel(fairscale_net(plain_net()), {}, tensor_parallel_size=2)
+    flex.register_forward_hook(HookFunction("blocks.0.act", editing_function=_fails))
+    start = time.monotonic()
+    with pytest.raises(RemoteEditError, match=r"'blocks.0.act' \(forward\) failed on rank 0: "
+                                              r"ValueError: bad edit"):
+        flex(x)
+    assert time.monotonic() - start < 10
+    # every rank is still in step: the next collectives and a clean forward work
+    flex.restore()
+    t = torch.ones(1)
+    dist.all_reduce(t)
+    assert t.item() == 4
+    flex = FlexModel(flex.module, {}, tensor_parallel_size=2)
+    flex.register_forward_hook(HookFunction("blocks.0.act", editing_function=times_two))
+    flex(x)
+
+
+@distributed(world_size=2)
+def test_hook_groups_apply_per_call():
+    from fairscale.nn.model_parallel import initialize as fs
+
+    fs.initialize_model_parallel(2)
+    x = _x()
+
+    def flex_for(model, **kw):
+        stored = {}
+        flex = FlexModel(model, stored, **kw)
+        flex.create_hook_group("edit", "blocks.0.act", editing_function=times_two)
+        flex.create_hook_group("read", "blocks.1.up")
+        return flex, stored
+
+    ref, ref_stored = flex_for(plain_net(), process_group=local_group())
+    tp, stored = flex_for(fairscale_net(plain_net()), tensor_parallel_size=2)
+    for groups in ("read", "edit", "read", "all"):
+        torch.testing.assert_close(tp(x, groups=groups), ref(x, groups=groups))
+        if dist.get_rank() == 0:
+            assert stored.keys() == ref_stored.keys()
+            for key in ref_stored:
+                assert len(stored[key]) == len(ref_stored[key])
+                for a, b in zip(stored[key], ref_stored[key]):
+                    torch.testing.assert_close(a, b)
+    assert len(ref_stored["blocks.1.up"]) == 3 and len(ref_stored["blocks.0.act"]) == 2
+
+
+def _projected(module, tensor, ctx, modules):
+    return modules["proj"](tensor)
+
+
+@distributed(world_size=4)
+def test_trainable_modules_stay_identical_and_get_one_process_gradients():
+    """DP x TP: fairscale TP 2 inside DDP over dp 2; the trainable projection runs only on
+    rank 0 but every rank ends with rank 0's weights and the one-process gradient."""
+    from fairscale.nn.model_parallel import initialize as fs
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    fs.initialize_model_parallel(2)
+    x = _x(4)
+    dp = fs.get_data_parallel_rank()
+
+    def proj(seed):
+        torch.manual_seed(seed)
+        return nn.Linear(H, H)
+
+    ref = FlexModel(plain_net(), None, process_group=local_group())
+    ref.register_trainable_module("proj", proj(0))
+    ref.register_forward_hook(HookFunction("blocks.0.down", editing_function=_projected))
+    ref(x).pow(2).mean().backward()
+
+    flex = FlexModel(DDP(fairscale_net(plain_net()), process_group=fs.get_data_parallel_group()),
+                     None, tensor_parallel_size=2)
+    flex.register_trainable_module("proj", proj(dist.get_rank()))  # differs until synced
+    flex.register_forward_hook(HookFunction("module.blocks.0.down",
+                                            editing_function=_projected))
+    flex(x[2 * dp:2 * dp + 2]).pow(2).mean().backward()
+    mine, theirs = flex.trainable_modules["proj"], ref.trainable_modules["proj"]
+    for a, b in zip(mine.parameters(), theirs.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-12)
+
+
+@distributed(world_size=2)
+def test_whole_parameters_under_tp():
+    from fairscale.nn.model_parallel import initialize as fs
+    from parallel_cases import dtensor_plan
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    fs.initialize_model_parallel(2)
+    _x()
+    plain = plain_net()
+    flex = FlexModel(fairscale_net(plain_net()), {}, tensor_parallel_size=2)
+    for name in ("blocks.0.up.weight", "blocks.0.up.bias", "blocks.1.down.weight",
+                 "blocks.1.down.bias", "head.weight"):
+        assert torch.equal(flex.get_module_parameter(name), plain.get_parameter(name))
+    fs.destroy_model_parallel()
+    mesh = init_device_mesh("cpu", (2,))
+    flex = FlexModel(parallelize_module(plain_net(), mesh, dtensor_plan(True)), {})
+    for name in ("blocks.0.up.weight", "blocks.1.down.weight"):
+        assert torch.equal(flex.get_module_parameter(name), plain.get_parameter(name))
+
+
+@distributed(world_size=2)
+def test_store_on_all_stores_the_whole_tensor_on_every_rank():
+    from fairscale.nn.model_parallel import initialize as fs
+
+    fs.initialize_model_parallel(2)
+    x = _x()
+    model = fairscale_net(plain_net())
+    runtime = DistributedRuntime(model, ParallelMesh.from_fairscale(), store_on="all")
+    site = HookSite("blocks.0.up", "forward", "output", module=model.blocks[0].up)
+    local = model.blocks[0].up(x)
+    stored = []
+    runtime.retrieve(local, site, stored.append)
+    want = plain_net().blocks[0].up(x)
+    assert len(stored) == 1
+    torch.testing.assert_close(stored[0], want.detach())
