@@ -29,6 +29,7 @@ from torch import nn
 
 from flex_surgery.hooks.errors import EditingFunctionError, ShapeMismatchError
 from flex_surgery.hooks.unpack import unpack
+from flex_surgery.parallel.pipeline import is_metadata_pass
 from flex_surgery.parallel.runtime import HookSite, Runtime
 
 EditingFunction = Callable[[nn.Module, torch.Tensor, SimpleNamespace, nn.ModuleDict],
@@ -200,6 +201,8 @@ class HookFunction:
         if self.editing_function is None and not store:
             return None
         tensor, repack = unpack(value, self.unpack_idx, self)
+        if is_metadata_pass(tensor):  # a pipeline stage's shape inference: not a real call
+            return None
         runtime, site = self._runtime, self._site
         if store and self._shared.output_dict is not None:
             runtime.retrieve(tensor, site, self._store)

@@ -33,6 +33,7 @@ from flex_surgery.hooks.hook_function import (
     check_expected_shape,
 )
 from flex_surgery.parallel.distributed_runtime import build_runtime
+from flex_surgery.parallel.pipeline import StageLink, collect_stage_outputs
 from flex_surgery.parallel.runtime import HOOK_TYPES, HookSite
 from flex_surgery.surgery.shards import clean_name
 
@@ -133,6 +134,26 @@ class FlexModel(nn.Module):
         for hf in self._groups.hook_functions():
             hf._enabled = hf in active
         self._selection_key = key
+
+    def select_hook_groups(self, groups: str | Sequence[str] = ALL,
+                           complement: bool = False) -> None:
+        """Choose the hooks of ``groups`` for calls of the wrapped module that do not go
+        through :meth:`forward` (a pipelining schedule calls its stage module directly)."""
+        self._check_usable()
+        self._select(groups, complement)
+
+    def sync_pipeline_outputs(self, link: StageLink | None = None) -> None:
+        """Move what the hooks of every pipeline stage stored to global rank 0's
+        ``output_dict`` (see :func:`~flex_surgery.parallel.pipeline.collect_stage_outputs`).
+
+        Every rank calls it after the pipeline step; a no-op without pipelining. With a
+        :class:`~flex_surgery.parallel.pipeline.StageLink` a failed stage makes it raise
+        instead of wait.
+        """
+        self._check_usable()
+        runtime = self.runtime
+        collect_stage_outputs(self.output_dict, getattr(runtime, "mesh", None),
+                              getattr(runtime, "store_on", "rank0"), link)
 
     # -- registration ---------------------------------------------------------------------------
 

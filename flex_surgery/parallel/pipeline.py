@@ -1,0 +1,350 @@
+"""Pipeline parallelism for hooks: stage-to-stage traffic that fails fast, and collection.
+
+Under pipeline parallelism each rank holds one *stage* of the model, so a hook on a module of
+stage ``k`` fires on the ranks of stage ``k`` only. Three things follow, and this module holds
+them:
+
+1. **Collection.** The hook's value is stored on the stage's leader (its dp == tp == 0 rank),
+   but ``output_dict`` is read on global rank 0. Rank 0 cannot wait for later stages inside its
+   own forward (a hand-split pipeline would deadlock: stage 1 has not run yet), so collection
+   is a separate step that every rank calls after the pipeline step:
+   :func:`collect_stage_outputs` (``FlexModel.sync_pipeline_outputs``). Each stage leader
+   *moves* its entries to rank 0 (they are removed where they were), so ``output_dict`` on rank
+   0 then holds, per key, one tensor per hook call, micro-batch by micro-batch in the order the
+   stage ran them -- exactly the list one process running the micro-batches in turn would hold.
+   ``torch.cat(output_dict[key])`` gives the whole batch.
+
+2. **Metadata inference is not a hook call.** ``torch.distributed.pipelining``'s
+   ``PipelineStage`` (built without ``input_args``/``output_args``) runs an extra forward, and
+   for training an extra backward, on its first step to learn the shapes it will send. Those
+   passes must neither be stored nor run editing functions. :func:`skip_metadata_inference`
+   marks them: it wraps the stage's ``_prepare_forward_infra`` / ``_prepare_backward_infra`` (the
+   two methods the schedules call for inference in torch >= 2.9, and ``_shape_inference`` in
+   older versions, which ran it on ``meta`` tensors) in :func:`metadata_inference`, a
+   process-wide flag that hooks check (:func:`is_metadata_pass`; a process-wide counter rather
+   than a thread-local, because CUDA backward runs on autograd's device threads). A hook also
+   ignores ``meta`` tensors, which carry no values at all. Stages from ``pipeline(...)``
+   ``.build_stage`` know their shapes from tracing and run no such pass.
+
+3. **A failure must not hang the other stages.** If an editing function fails on stage 1,
+   every rank of stage 1 raises at once (the runtime broadcasts the status over the stage). The
+   other stages are then waiting in a receive (or a send: gloo's send waits for the matching
+   receive) that will never complete. :class:`StageLink` carries the stage-to-stage traffic on
+   its own process groups (one per pipeline line, with their own timeout) and a failure flag in
+   the default store: inside :meth:`StageLink.step`, a rank that raises sets the flag; its own
+   sends and receives (hand-split stages) poll the flag while they wait and raise
+   :class:`PipelineStageError` within milliseconds. ``torch.distributed.pipelining`` schedules
+   wait inside torch, where nothing can be polled: give the stage ``group=link.group`` and the
+   waiting ranks raise when the link's timeout expires (``timeout_s``), naming the failed
+   stage. Either way the link is spent afterwards (its groups may hold half-finished
+   operations): build a new one for the next step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import functools
+import pickle
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from flex_surgery.parallel.backend import default_device
+from flex_surgery.parallel.mesh import ParallelMesh
+
+__all__ = [
+    "PipelineStageError",
+    "StageLink",
+    "collect_stage_outputs",
+    "in_metadata_inference",
+    "is_metadata_pass",
+    "metadata_inference",
+    "skip_metadata_inference",
+]
+
+
+# -- metadata inference ----------------------------------------------------------------------
+_inference_depth = 0
+
+# Methods of torch.distributed.pipelining stages that run the shape/metadata inference passes:
+# torch >= 2.9 (forward and backward, on real tensors) and older versions (forward, on meta).
+_INFERENCE_METHODS = ("_prepare_forward_infra", "_prepare_backward_infra", "_shape_inference")
+
+
+@contextlib.contextmanager
+def metadata_inference() -> Iterator[None]:
+    """Mark the passes run inside as shape inference: hooks neither store nor edit there."""
+    global _inference_depth
+    _inference_depth += 1
+    try:
+        yield
+    finally:
+        _inference_depth -= 1
+
+
+def in_metadata_inference() -> bool:
+    """Whether a :func:`metadata_inference` block is running in this process."""
+    return _inference_depth > 0
+
+
+def is_metadata_pass(tensor: torch.Tensor) -> bool:
+    """Whether a hook seeing ``tensor`` is part of a shape-inference pass, not a real call."""
+    return _inference_depth > 0 or tensor.is_meta
+
+
+def skip_metadata_inference(stage: Any) -> Any:
+    """Make ``stage`` (a ``torch.distributed.pipelining`` stage) run its shape-inference passes
+    inside :func:`metadata_inference`, so hooks ignore them. Returns the stage.
+
+    Call it once per stage, before the schedule's first ``step``. It relies on the private
+    method names in ``_INFERENCE_METHODS``; if a torch version has none of them, it raises
+    rather than silently recording the extra pass.
+    """
+    wrapped = 0
+    for name in _INFERENCE_METHODS:
+        method = getattr(stage, name, None)
+        if method is None or getattr(method, "_flex_inference", False):
+            wrapped += method is not None
+            continue
+
+        @functools.wraps(method)
+        def marked(*args: Any, __method: Callable = method, **kwargs: Any) -> Any:
+            with metadata_inference():
+                return __method(*args, **kwargs)
+
+        marked._flex_inference = True  # type: ignore[attr-defined]
+        setattr(stage, name, marked)
+        wrapped += 1
+    if not wrapped:
+        raise TypeError(f"{type(stage).__name__} has none of {_INFERENCE_METHODS}: cannot tell "
+                        "its shape-inference pass from a real one in this torch version; build "
+                        "the stage with input_args/output_args so that it runs none")
+    return stage
+
+
+# -- stage-to-stage traffic ------------------------------------------------------------------
+class PipelineStageError(RuntimeError):
+    """A pipeline stage failed (or timed out); raised on the ranks that were waiting on it."""
+
+
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64,
+           torch.int32, torch.uint8, torch.bool)
+_HEADER = 10  # dtype code, ndim, up to 8 dims
+
+
+class StageLink:
+    """Send and receive between neighbouring pipeline stages without hanging on a failure.
+
+    Args:
+        mesh: this rank's groups; the link runs along its ``pp`` axis (one *line* of stages per
+            dp x tp coordinate, e.g. ranks (0, 2) and (1, 3) for tp = pp = 2).
+        timeout_s: how long any one send/receive of this link may wait, and the timeout of
+            its process groups (what bounds a wait inside a ``torch.distributed.pipelining``
+            schedule given ``group=link.group``).
+        device: where headers and received tensors live (default: this rank's device).
+
+    Collective over the whole world (it creates the line groups): every rank builds its link
+    at the same point. Tensors travel with a header (dtype and shape), so the receiver needs
+    no shapes in advance.
+    """
+
+    def __init__(self, mesh: ParallelMesh, timeout_s: float = 60.0,
+                 device: torch.device | str | None = None) -> None:
+        self.mesh = mesh
+        self.timeout_s = timeout_s
+        self.device = torch.device(device) if device is not None else default_device()
+        pp_group = mesh.group("pp")
+        mine = (dist.get_process_group_ranks(pp_group) if pp_group is not None
+                else [dist.get_rank()])
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, (mine, uuid.uuid4().hex if dist.get_rank() == 0
+                                          else None))
+        self._key = f"flex_surgery/stage_link/{gathered[0][1]}/failed"
+        self.ranks: list[int] = mine
+        timeout = datetime.timedelta(seconds=timeout_s)
+        self.group: dist.ProcessGroup | None = None
+        for line in sorted({tuple(lr) for lr, _ in gathered}):
+            group = dist.new_group(list(line), timeout=timeout)
+            if list(line) == mine:
+                self.group = group
+        self._store = dist.distributed_c10d._get_default_store()
+
+    # -- where this rank is ------------------------------------------------------------------
+    @property
+    def stage(self) -> int:
+        return self.ranks.index(dist.get_rank())
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.ranks)
+
+    @property
+    def is_first(self) -> bool:
+        return self.stage == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.stage == self.num_stages - 1
+
+    # -- failure -----------------------------------------------------------------------------
+    def failure(self) -> str | None:
+        """The failure some rank reported on this link, or ``None``."""
+        if not self._store.check([self._key]):
+            return None
+        return self._store.get(self._key).decode(errors="replace")
+
+    def fail(self, reason: str) -> None:
+        """Report a failure to every rank of the link (their waits raise)."""
+        self._store.set(self._key, reason)
+
+    @contextlib.contextmanager
+    def step(self) -> Iterator[StageLink]:
+        """Run one pipeline step: an exception raised inside is reported to every rank.
+
+        Waits of other ranks on this link then raise :class:`PipelineStageError` naming this
+        rank's error. A timeout inside a pipelining schedule is re-raised as
+        :class:`PipelineStageError` naming the stage that failed, if one did.
+        """
+        earlier = self.failure()
+        if earlier is not None:
+            raise PipelineStageError(f"this StageLink is spent (an earlier step failed: "
+                                     f"{earlier}); build a new one")
+        try:
+            yield self
+        except PipelineStageError:
+            raise
+        except BaseException as exc:
+            remote = self.failure()
+            if remote is not None:  # we only waited on a stage that had failed
+                raise PipelineStageError(f"rank {dist.get_rank()} (stage {self.stage}) gave up "
+                                         f"waiting: {remote}") from exc
+            self.fail(f"stage {self.stage} (rank {dist.get_rank()}) failed: "
+                      f"{type(exc).__name__}: {exc}")
+            raise
+
+    def _wait(self, work: dist.Work, what: str) -> None:
+        """Wait for ``work`` while watching the failure flag and the timeout."""
+        deadline = time.monotonic() + self.timeout_s
+        delay = 1e-5
+        while not work.is_completed():
+            failure = self.failure()
+            if failure is not None:
+                raise PipelineStageError(f"rank {dist.get_rank()} (stage {self.stage}) stopped "
+                                         f"waiting to {what}: {failure}")
+            if time.monotonic() > deadline:
+                self.fail(f"rank {dist.get_rank()} (stage {self.stage}) timed out after "
+                          f"{self.timeout_s:g} s waiting to {what}")
+                raise PipelineStageError(self.failure())
+            time.sleep(delay)
+            delay = min(2 * delay, 2e-3)
+        work.wait()
+
+    # -- tensors -------------------------------------------------------------------------------
+    def send(self, tensor: torch.Tensor, stage: int) -> None:
+        """Send ``tensor`` (detached) to the rank of ``stage`` on this line."""
+        t = tensor.detach().contiguous()
+        if t.ndim > _HEADER - 2:
+            raise ValueError(f"StageLink sends tensors of at most {_HEADER - 2} dims")
+        header = torch.zeros(_HEADER, dtype=torch.int64, device=t.device)
+        header[0], header[1] = _DTYPES.index(t.dtype), t.ndim
+        header[2:2 + t.ndim] = torch.tensor(t.shape, dtype=torch.int64)
+        peer = self.ranks[stage]
+        self._wait(dist.isend(header, peer, group=self.group), f"send to stage {stage}")
+        self._wait(dist.isend(t, peer, group=self.group), f"send to stage {stage}")
+
+    def recv(self, stage: int) -> torch.Tensor:
+        """Receive the next tensor the rank of ``stage`` on this line sends."""
+        peer = self.ranks[stage]
+        header = torch.empty(_HEADER, dtype=torch.int64, device=self.device)
+        self._wait(dist.irecv(header, peer, group=self.group), f"receive from stage {stage}")
+        code, ndim = int(header[0]), int(header[1])
+        shape = [int(s) for s in header[2:2 + ndim]]
+        out = torch.empty(shape, dtype=_DTYPES[code], device=self.device)
+        self._wait(dist.irecv(out, peer, group=self.group), f"receive from stage {stage}")
+        return out
+
+    def send_forward(self, activation: torch.Tensor) -> None:
+        """Send this stage's output to the next stage."""
+        self.send(activation, self.stage + 1)
+
+    def recv_forward(self, requires_grad: bool = False) -> torch.Tensor:
+        """This stage's input from the previous stage (a leaf; ``requires_grad`` for training,
+        so that :meth:`send_backward` can return its gradient)."""
+        return self.recv(self.stage - 1).requires_grad_(requires_grad)
+
+    def send_backward(self, input_grad: torch.Tensor) -> None:
+        """Send the gradient of this stage's input back to the previous stage."""
+        self.send(input_grad, self.stage - 1)
+
+    def recv_backward(self) -> torch.Tensor:
+        """The gradient of this stage's output, from the next stage."""
+        return self.recv(self.stage + 1)
+
+    # -- objects -------------------------------------------------------------------------------
+    def send_object(self, obj: Any, stage: int) -> None:
+        data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+        self.send(data.to(self.device), stage)
+
+    def recv_object(self, stage: int) -> Any:
+        return pickle.loads(self.recv(stage).cpu().numpy().tobytes())
+
+
+# -- collection ------------------------------------------------------------------------------
+def collect_stage_outputs(output_dict: dict[str, list[torch.Tensor]] | None,
+                          mesh: ParallelMesh | None, store_on: str = "rank0",
+                          link: StageLink | None = None) -> None:
+    """Move what each stage's hooks stored to global rank 0 (every rank calls this).
+
+    A no-op without pipelining (``mesh`` ``None`` or pp == 1). With ``store_on="rank0"`` the
+    stage leaders send their entries (then drop them) to rank 0, stage by stage; rank 0 appends
+    them to its lists. With ``store_on="all"`` every rank of a pipeline line ends up with the
+    entries of every stage. With a ``link`` the transfer fails fast if a stage has failed;
+    without one it uses the mesh's ``pp`` group and blocking sends.
+    """
+    if mesh is None or mesh.pp_size == 1 or output_dict is None:
+        return
+    if link is None:
+        link = _BlockingLine(mesh)
+    everywhere = store_on == "all"
+    if not everywhere and not mesh.is_stage_leader():
+        return
+    theirs: list[dict[str, list[torch.Tensor]]] = []
+    if everywhere:  # each stage in turn sends its own entries to all the others
+        mine = {key: list(values) for key, values in output_dict.items()}
+        for stage in range(link.num_stages):
+            if stage != link.stage:
+                theirs.append(link.recv_object(stage))
+                continue
+            for peer in range(link.num_stages):
+                if peer != stage:
+                    link.send_object(mine, peer)
+    elif link.is_first:
+        theirs = [link.recv_object(stage) for stage in range(1, link.num_stages)]
+    else:
+        link.send_object(output_dict, 0)
+        output_dict.clear()
+    for entries in theirs:
+        for key, values in entries.items():
+            output_dict.setdefault(key, []).extend(values)
+
+
+class _BlockingLine(StageLink):
+    """A :class:`StageLink` over the mesh's own ``pp`` group, waiting without a failure flag
+    (what collection uses when the caller has no link)."""
+
+    def __init__(self, mesh: ParallelMesh) -> None:  # noqa: D107 - no collective: reuse groups
+        self.mesh = mesh
+        self.device = default_device()
+        self.group = mesh.group("pp")
+        self.ranks = dist.get_process_group_ranks(self.group)
+
+    def failure(self) -> str | None:
+        return None
+
+    def _wait(self, work: dist.Work, what: str) -> None:
+        work.wait()
