@@ -265,6 +265,7 @@ def _adopted_mesh(module: nn.Module) -> ParallelMesh | None:
 
     hf_mesh = getattr(module, "device_mesh", None) or getattr(module, "_device_mesh", None)
     if hf_mesh is not None and hasattr(hf_mesh, "mesh_dim_names"):
+        hf_mesh = _without_trivial_dims(hf_mesh)
         mesh = ParallelMesh.from_device_mesh(hf_mesh, {"tp": hf_mesh.mesh_dim_names[0]}
                                              if hf_mesh.ndim == 1 and hf_mesh.mesh_dim_names
                                              else None)
@@ -291,3 +292,18 @@ def _has_fsdp2(module: nn.Module) -> bool:
     except ImportError:  # pragma: no cover
         return False
     return any(isinstance(m, FSDPModule) for m in module.modules())
+
+
+def _without_trivial_dims(device_mesh):
+    """The sub-mesh of the dims with more than one rank.
+
+    transformers >= 5.2 keeps a 3-D ``(pp, fsdp, tp)`` mesh even for TP alone; its size-1 dims
+    carry no sharding and have names our axes do not know.
+    """
+    names = device_mesh.mesh_dim_names
+    if names is None or device_mesh.ndim == 1:
+        return device_mesh
+    kept = tuple(n for i, n in enumerate(names) if device_mesh.size(i) > 1)
+    if not kept or kept == tuple(names):
+        return device_mesh
+    return device_mesh[kept]
