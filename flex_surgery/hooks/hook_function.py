@@ -30,7 +30,7 @@ from torch import nn
 from flex_surgery.hooks.errors import EditingFunctionError, ShapeMismatchError
 from flex_surgery.hooks.unpack import unpack
 from flex_surgery.parallel.pipeline import is_metadata_pass
-from flex_surgery.parallel.runtime import HookSite, Runtime
+from flex_surgery.parallel.runtime import EditContext, HookSite, Runtime
 
 EditingFunction = Callable[[nn.Module, torch.Tensor, SimpleNamespace, nn.ModuleDict],
                            torch.Tensor]
@@ -51,14 +51,15 @@ def output_key(module_name: str, hook_type: str) -> str:
     return f"{module_name}:{suffix}"
 
 
+def shape_matches(shape: Sequence[int], expected: tuple[int | None, ...]) -> bool:
+    return len(shape) == len(expected) and all(
+        e is None or e == s for s, e in zip(shape, expected))
+
+
 def check_expected_shape(shape: Sequence[int], expected: tuple[int | None, ...] | None,
                          owner: object) -> None:
     """Raise if ``shape`` disagrees with ``expected`` (``None`` entries match any size)."""
-    if expected is None:
-        return
-    if len(shape) != len(expected) or any(
-        e is not None and e != s for s, e in zip(shape, expected)
-    ):
+    if expected is not None and not shape_matches(shape, expected):
         raise ShapeMismatchError(
             f"{owner!r}: the whole tensor has shape {tuple(shape)} but expected_shape is "
             f"{expected} (None matches any size)"
@@ -131,6 +132,9 @@ class HookFunction:
         self._shared: SharedState | None = None
         self._owner: object | None = None
         self._enabled = True
+        # Retrieval-only shape checks (see _confirm_expected_shape).
+        self._checked_local_shapes: set[torch.Size] = set()
+        self._bad_full_shape: torch.Size | None = None
 
     def __repr__(self) -> str:
         kind = self.hook_type or "unregistered"
@@ -152,6 +156,7 @@ class HookFunction:
         self._runtime = runtime
         self._shared = shared
         self._enabled = True
+        self._checked_local_shapes.clear()
 
     def _unbind(self) -> None:
         self._owner = None
@@ -206,6 +211,9 @@ class HookFunction:
         runtime, site = self._runtime, self._site
         if store and self._shared.output_dict is not None:
             runtime.retrieve(tensor, site, self._store)
+            if self.expected_shape is not None and \
+                    tensor.shape not in self._checked_local_shapes:
+                self._confirm_expected_shape(tensor)
         if self.editing_function is None:
             return None
         full, ctx = runtime.gather_for_edit(tensor, site)
@@ -213,8 +221,26 @@ class HookFunction:
         return repack(runtime.scatter_from_edit(edited, ctx))
 
     def _store(self, full: torch.Tensor) -> None:
-        check_expected_shape(full.shape, self.expected_shape, self)
+        if self.expected_shape is not None and not shape_matches(full.shape, self.expected_shape):
+            self._bad_full_shape = full.shape  # raised on every rank by _confirm_expected_shape
+            return
         self._shared.output_dict.setdefault(self.output_key, []).append(full)
+
+    def _confirm_expected_shape(self, local: torch.Tensor) -> None:
+        """Raise a shape mismatch seen by the storing rank on every rank.
+
+        Only the storing rank sees the whole tensor, and an error raised there alone would
+        leave the other ranks waiting in their next collective; ``run_on_leader`` reports it
+        to all. A local shape that passed once always gathers to the same whole shape, so the
+        check (one small collective when distributed) runs once per local shape.
+        """
+        self._runtime.run_on_leader(EditContext(self._site, local), self._raise_bad_shape)
+        self._checked_local_shapes.add(local.shape)
+
+    def _raise_bad_shape(self) -> None:
+        bad, self._bad_full_shape = self._bad_full_shape, None
+        if bad is not None:
+            check_expected_shape(bad, self.expected_shape, self)
 
     def _edit(self, full: torch.Tensor) -> torch.Tensor:
         """Run the editing function on the whole tensor and check what it returns."""
