@@ -213,3 +213,14 @@ def test_slurm_recipe_runs_check_cluster(tmp_path):
     assert proc.returncode == 0, proc.stderr + logs
     pattern = r"^rank (\d)/2 on \S+ via srun, backend gloo, device cpu: sum 3$"
     assert sorted(re.findall(pattern, logs, flags=re.M)) == ["0", "1"], logs
+
+
+def test_gpu_test_runner_collects_every_rank(tmp_path):
+    """multi_gpu_tests/run_on_slurm.py, on CPU ranks (--cpu), against this SLURM cluster."""
+    env = {**os.environ, "FLEX_JOB_DIR": str(tmp_path)}
+    proc = subprocess.run([sys.executable, str(REPO / "multi_gpu_tests" / "run_on_slurm.py"),
+                           "--cpu", "--nprocs", "2", "--time-min", "3", "collectives"],
+                          env=env, capture_output=True, text=True, timeout=240, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for rank in (0, 1):  # the CUDA-only test skips on CPU ranks; the other four run
+        assert f"rank {rank}: PASS  4 passed, 1 skipped" in proc.stdout, proc.stdout
