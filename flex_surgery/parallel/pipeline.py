@@ -46,6 +46,7 @@ import contextlib
 import datetime
 import functools
 import pickle
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -227,11 +228,30 @@ class StageLink:
                       f"{type(exc).__name__}: {exc}")
             raise
 
-    def _wait(self, work: dist.Work, what: str) -> None:
-        """Wait for ``work`` while watching the failure flag and the timeout."""
+    def _run(self, transfer: Callable[[], Any], what: str) -> Any:
+        """Run the blocking ``transfer`` while watching the failure flag and the timeout.
+
+        gloo's send/recv ``Work`` neither reports completion before ``wait()`` nor survives a
+        timed ``wait``, so the transfer waits on a daemon thread and this rank polls. On a
+        failure the thread is left behind, blocked on the spent link's groups until their
+        timeout.
+        """
+        box: dict[str, Any] = {}
+
+        def target() -> None:
+            try:
+                box["value"] = transfer()
+            except BaseException as exc:  # handed to the caller below
+                box["error"] = exc
+
+        thread = threading.Thread(target=target, name="flex-stage-link", daemon=True)
+        thread.start()
         deadline = time.monotonic() + self.timeout_s
         delay = 1e-5
-        while not work.is_completed():
+        while True:
+            thread.join(delay)
+            if not thread.is_alive():
+                break
             failure = self.failure()
             if failure is not None:
                 raise PipelineStageError(f"rank {dist.get_rank()} (stage {self.stage}) stopped "
@@ -240,9 +260,10 @@ class StageLink:
                 self.fail(f"rank {dist.get_rank()} (stage {self.stage}) timed out after "
                           f"{self.timeout_s:g} s waiting to {what}")
                 raise PipelineStageError(self.failure())
-            time.sleep(delay)
             delay = min(2 * delay, 2e-3)
-        work.wait()
+        if "error" in box:
+            raise box["error"]
+        return box.get("value")
 
     # -- tensors -------------------------------------------------------------------------------
     def send(self, tensor: torch.Tensor, stage: int) -> None:
@@ -254,19 +275,27 @@ class StageLink:
         header[0], header[1] = _DTYPES.index(t.dtype), t.ndim
         header[2:2 + t.ndim] = torch.tensor(t.shape, dtype=torch.int64)
         peer = self.ranks[stage]
-        self._wait(dist.isend(header, peer, group=self.group), f"send to stage {stage}")
-        self._wait(dist.isend(t, peer, group=self.group), f"send to stage {stage}")
+
+        def transfer() -> None:
+            dist.send(header, peer, group=self.group)
+            dist.send(t, peer, group=self.group)
+
+        self._run(transfer, f"send to stage {stage}")
 
     def recv(self, stage: int) -> torch.Tensor:
         """Receive the next tensor the rank of ``stage`` on this line sends."""
         peer = self.ranks[stage]
-        header = torch.empty(_HEADER, dtype=torch.int64, device=self.device)
-        self._wait(dist.irecv(header, peer, group=self.group), f"receive from stage {stage}")
-        code, ndim = int(header[0]), int(header[1])
-        shape = [int(s) for s in header[2:2 + ndim]]
-        out = torch.empty(shape, dtype=_DTYPES[code], device=self.device)
-        self._wait(dist.irecv(out, peer, group=self.group), f"receive from stage {stage}")
-        return out
+
+        def transfer() -> torch.Tensor:
+            header = torch.empty(_HEADER, dtype=torch.int64, device=self.device)
+            dist.recv(header, peer, group=self.group)
+            code, ndim = int(header[0]), int(header[1])
+            shape = [int(s) for s in header[2:2 + ndim]]
+            out = torch.empty(shape, dtype=_DTYPES[code], device=self.device)
+            dist.recv(out, peer, group=self.group)
+            return out
+
+        return self._run(transfer, f"receive from stage {stage}")
 
     def send_forward(self, activation: torch.Tensor) -> None:
         """Send this stage's output to the next stage."""
@@ -346,5 +375,5 @@ class _BlockingLine(StageLink):
     def failure(self) -> str | None:
         return None
 
-    def _wait(self, work: dist.Work, what: str) -> None:
-        work.wait()
+    def _run(self, transfer: Callable[[], Any], what: str) -> Any:
+        return transfer()

@@ -1,0 +1,125 @@
+"""Hand-split pipeline stages (each rank holds an ``nn.Module`` stage, activations move over a
+StageLink) through FlexModel equal one process: what every hook kind stores (collected on rank
+0, one entry per micro-batch), the outputs and the parameter gradients, with and without an x2
+editing function; hook groups per call; a failing editing function makes every rank fail fast."""
+
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+from parallel_cases import plain_net
+from pipeline_cases import (
+    TOL,
+    assert_stored_equal,
+    hand_split_step,
+    inputs,
+    reference,
+    register_sites,
+    two_stages,
+)
+from rank_pool import distributed
+
+from flex_surgery.hooks.hook_function import HookFunction
+from flex_surgery.hooks.wrapper import FlexModel
+from flex_surgery.parallel.collectives import RemoteEditError
+from flex_surgery.parallel.pipeline import PipelineStageError, StageLink
+
+N_MICRO = 2
+
+
+@distributed(world_size=2)
+def test_hand_split_two_stages_equal_one_process():
+    x, _, x_mbs, t_mbs = inputs(4, N_MICRO)
+    for edit in (False, True):
+        case = f"edit={edit}"
+        ref_stored, ref_out, ref_grads = reference(x_mbs, t_mbs, edit)
+        stage = two_stages(plain_net(), dist.get_rank())
+        stored: dict = {}
+        flex = FlexModel(stage, stored, pipeline_parallel_size=2)
+        assert flex.runtime.mesh.stage == dist.get_rank()
+        register_sites(flex, edit)
+        link = StageLink(flex.runtime.mesh)
+        out = hand_split_step(flex, link, x_mbs, t_mbs)
+        before = {k: len(v) for k, v in stored.items()}
+        flex.sync_pipeline_outputs(link)
+        if dist.get_rank() == 0:
+            assert_stored_equal(stored, ref_stored, **TOL)
+            assert all(len(v) == N_MICRO for v in stored.values())
+            assert any(k.startswith("blocks.1") for k in stored) and before.keys() < stored.keys()
+        else:
+            assert before and stored == {}  # moved to rank 0, not copied
+            torch.testing.assert_close(out, ref_out, **TOL)
+        for name, p in stage.named_parameters():
+            torch.testing.assert_close(p.grad, ref_grads[name], **TOL,
+                                       msg=lambda m, n=name, c=case: f"{c} {n}: {m}")
+        flex.restore()
+
+
+@distributed(world_size=2)
+def test_hook_groups_per_call_and_store_on_all():
+    """Group "up" on one step, its complement on the next; ``sync`` is a no-op for pp == 1."""
+    _, _, x_mbs, t_mbs = inputs(2, 1)
+    stage = two_stages(plain_net(), dist.get_rank())
+    stored: dict = {}
+    flex = FlexModel(stage, stored, pipeline_parallel_size=2)
+    flex.create_hook_group("up", "*.up")
+    flex.create_hook_group("down", "*.down")
+    link = StageLink(flex.runtime.mesh)
+    hand_split_step(flex, link, x_mbs, t_mbs, groups="up")
+    flex.sync_pipeline_outputs(link)
+    hand_split_step(flex, link, x_mbs, t_mbs, groups="down")
+    flex.sync_pipeline_outputs(link)
+    if dist.get_rank() == 0:
+        assert {k: len(v) for k, v in stored.items()} == {
+            "blocks.0.up": 1, "blocks.1.up": 1, "blocks.0.down": 1, "blocks.1.down": 1}
+    else:
+        assert stored == {}
+    flex.restore()
+    # store_on="all": every rank of the pipeline line ends up with every stage's entries.
+    flex = FlexModel(two_stages(plain_net(), dist.get_rank()), {}, pipeline_parallel_size=2)
+    flex.runtime.store_on = "all"
+    flex.register_forward_hook(HookFunction(f"blocks.{dist.get_rank()}.up"))
+    link = StageLink(flex.runtime.mesh)
+    hand_split_step(flex, link, x_mbs, t_mbs)
+    flex.sync_pipeline_outputs()  # without a link: the mesh's pp group
+    assert sorted(flex.output_dict) == ["blocks.0.up", "blocks.1.up"]
+
+
+@distributed(world_size=2)
+def _failing_edit(failing_stage: int):
+    """Run a step whose editing function raises on ``failing_stage``; report what each rank
+    saw and how long it took."""
+    _, _, x_mbs, t_mbs = inputs(4, N_MICRO)
+    stage = two_stages(plain_net(), dist.get_rank())
+    flex = FlexModel(stage, {}, pipeline_parallel_size=2)
+
+    def boom(module, tensor, ctx, modules):
+        raise ValueError("edit exploded")
+
+    if dist.get_rank() == failing_stage:
+        flex.register_forward_hook(HookFunction(f"blocks.{failing_stage}.down",
+                                                editing_function=boom))
+    link = StageLink(flex.runtime.mesh, timeout_s=60)
+    start = time.monotonic()
+    try:
+        hand_split_step(flex, link, x_mbs, t_mbs)
+        flex.sync_pipeline_outputs(link)
+    except Exception as exc:  # what each rank raised is the result
+        return type(exc).__name__, str(exc), time.monotonic() - start
+    return None, "", time.monotonic() - start
+
+
+@pytest.mark.parametrize("failing_stage", [0, 1])
+def test_failing_edit_fails_every_rank_fast(failing_stage):
+    from rank_pool import get_pool
+
+    results = get_pool(2).run(_failing_edit, {"failing_stage": failing_stage})
+    for rank, (kind, message, seconds) in enumerate(results):
+        assert seconds < 10, (rank, seconds)
+        assert "edit exploded" in message, (rank, message)
+        if rank == failing_stage:
+            assert kind == RemoteEditError.__name__ and "blocks." in message, message
+        else:
+            assert kind == PipelineStageError.__name__, (kind, message)
+            assert f"stage {failing_stage}" in message, message
