@@ -1,0 +1,144 @@
+"""``torch.distributed.pipelining`` schedules (GPipe, 1F1B; 2 ranks, 4 micro-batches) through
+FlexModel equal one process: what every hook kind stores (collected on rank 0, one entry per
+micro-batch), the outputs and the parameter gradients, with and without an x2 editing
+function -- for hand-built ``PipelineStage``\\ s (whose first step runs an extra shape-inference
+forward and backward, which must not be recorded) and for stages split by ``pipeline()``."""
+
+import pytest
+import torch
+import torch.distributed as dist
+from parallel_cases import plain_net
+from pipeline_cases import (
+    TOL,
+    assert_stored_equal,
+    inputs,
+    loss_fn,
+    reference,
+    register_sites,
+    two_stages,
+)
+from rank_pool import distributed
+
+from flex_surgery.hooks.hook_function import HookFunction
+from flex_surgery.hooks.wrapper import FlexModel
+from flex_surgery.parallel.pipeline import StageLink, skip_metadata_inference
+
+N_MICRO = 4
+
+
+def _schedule(name: str):
+    from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe
+
+    return {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[name]
+
+
+def _run_schedule(flex, stage, schedule, link, x, target):
+    """One schedule step on this rank; the merged outputs on the last stage."""
+    sched = _schedule(schedule)(stage, n_microbatches=N_MICRO, loss_fn=loss_fn)
+    with link.step():
+        if link.is_first:
+            sched.step(x)
+            out = None
+        else:
+            out = sched.step(target=target)
+    flex.sync_pipeline_outputs(link)
+    return out
+
+
+def _check(stored, out, stage_module, ref, case, names=None):
+    ref_stored, ref_out, ref_grads = ref
+    if dist.get_rank() == 0:
+        assert_stored_equal(stored, ref_stored, **TOL)
+        assert all(len(v) == N_MICRO for v in stored.values()), case
+    else:
+        assert stored == {}, case
+        torch.testing.assert_close(out, ref_out, **TOL)
+    names = names or {}
+    for name, p in stage_module.named_parameters():
+        torch.testing.assert_close(p.grad, ref_grads[names.get(name, name)], **TOL,
+                                   msg=lambda m, n=name, c=case: f"{c} {n}: {m}")
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+@distributed(world_size=2)
+def test_pipeline_stage_schedule_equals_one_process(schedule):
+    from torch.distributed.pipelining import PipelineStage
+
+    x, target, x_mbs, t_mbs = inputs(8, N_MICRO)
+    rank = dist.get_rank()
+    for edit in (False, True):
+        ref = reference(x_mbs, t_mbs, edit)
+        stage_module = two_stages(plain_net(), rank)
+        stored: dict = {}
+        flex = FlexModel(stage_module, stored, pipeline_parallel_size=2)
+        register_sites(flex, edit)
+        link = StageLink(flex.runtime.mesh)
+        stage = skip_metadata_inference(
+            PipelineStage(stage_module, rank, 2, torch.device("cpu"), group=link.group))
+        out = _run_schedule(flex, stage, schedule, link, x, target)
+        _check(stored, out, stage_module, ref, f"{schedule} edit={edit}")
+
+
+@distributed(world_size=2)
+def test_pipeline_split_gpipe_equals_one_process():
+    """Stages cut by ``pipeline()`` keep the whole model's module names; hooks fire on them."""
+    from torch.distributed.pipelining import SplitPoint, pipeline
+
+    x, target, x_mbs, t_mbs = inputs(8, N_MICRO)
+    rank = dist.get_rank()
+    for edit in (False, True):
+        ref = reference(x_mbs, t_mbs, edit)
+        pipe = pipeline(plain_net(), mb_args=(x_mbs[0],),
+                        split_spec={"blocks.1": SplitPoint.BEGINNING})
+        stage_module = pipe.get_stage_module(rank)
+        stored: dict = {}
+        flex = FlexModel(stage_module, stored, pipeline_parallel_size=2)
+        assert register_sites(flex, edit)
+        link = StageLink(flex.runtime.mesh)
+        stage = skip_metadata_inference(
+            pipe.build_stage(rank, torch.device("cpu"), group=link.group))
+        out = _run_schedule(flex, stage, "gpipe", link, x, target)
+        _check(stored, out, stage_module, ref, f"pipeline() edit={edit}")
+
+
+@pytest.mark.parametrize("skip", [True, False])
+@distributed(world_size=2)
+def test_shape_inference_pass_is_not_recorded(skip):
+    """With :func:`skip_metadata_inference` a hook stores once per micro-batch and its editing
+    function runs once per micro-batch; without it the first step's shape-inference pass is
+    one more call (which is what makes this test able to fail)."""
+    from torch.distributed.pipelining import PipelineStage
+
+    x, target, _, _ = inputs(8, N_MICRO)
+    rank = dist.get_rank()
+    stage_module = two_stages(plain_net(), rank)
+    stored: dict = {}
+    flex = FlexModel(stage_module, stored, pipeline_parallel_size=2)
+    edits = []
+
+    def count(module, tensor, ctx, modules):
+        edits.append(tuple(tensor.shape))
+        return tensor
+
+    flex.register_forward_hook(HookFunction(f"blocks.{rank}.up", editing_function=count))
+    flex.register_full_backward_hook(HookFunction(f"blocks.{rank}.act"))
+    link = StageLink(flex.runtime.mesh)
+    stage = PipelineStage(stage_module, rank, 2, torch.device("cpu"), group=link.group)
+    if skip:
+        skip_metadata_inference(stage)
+    counts = []
+    for _ in range(2):
+        _run_schedule(flex, stage, "gpipe", link, x, target)
+        counts.append(len(edits))
+    calls = {"edits": counts[-1]}
+    if rank == 0:
+        calls.update({k: len(v) for k, v in stored.items()})
+    stored_keys = [f"blocks.{i}.{k}" for i in (0, 1) for k in ("up", "act:grad_input")]
+    assert sorted(calls) == sorted(["edits"] + (stored_keys if rank == 0 else []))
+    # Each new schedule infers shapes again on its first step: 5 calls for 4 micro-batches.
+    per_step = N_MICRO if skip else N_MICRO + 1
+    assert counts == [per_step, 2 * per_step]
+    if skip:
+        assert set(calls.values()) == {2 * N_MICRO}, calls
+    elif rank == 0:  # (the first stage runs no backward inference)
+        assert calls["blocks.0.up"] == calls["blocks.1.up"] == 2 * per_step, calls
