@@ -22,6 +22,7 @@ import pickle
 import runpy
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -175,11 +176,11 @@ class _TorchrunJob(LaunchedJob):
 
     def cancel(self) -> None:
         if self._proc.poll() is None:
-            os.killpg(self._proc.pid, 15)  # torchrun and its workers: their own session
+            os.killpg(self._proc.pid, signal.SIGTERM)  # torchrun and its workers: own session
             try:
                 self._proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
-                os.killpg(self._proc.pid, 9)
+                os.killpg(self._proc.pid, signal.SIGKILL)
                 self._proc.wait()
 
 
