@@ -15,7 +15,13 @@ $(STAMP): requirements.txt setup.py
 
 venv: $(STAMP)
 
-demo: $(STAMP)
+DEMO_STAMP := $(VENV)/.demo-installed
+
+$(DEMO_STAMP): requirements-demo.txt $(STAMP)
+	$(BIN)/python -m pip install -q --no-deps -r requirements-demo.txt
+	touch $(DEMO_STAMP)
+
+demo: $(DEMO_STAMP)
 	$(BIN)/python -m flex_surgery demo
 
 test: $(STAMP)
