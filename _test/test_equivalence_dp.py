@@ -101,10 +101,13 @@ def test_fsdp1_equals_one_process(use_orig_params):
     x = _setup()
     local_x = _local(x, dist.get_rank(), 2)
     for edit in (False, True):
-        ref_stored, ref_out, ref_grads, ref_model = _reference(x, edit, param_sites=[])
+        # parameter names exist only with use_orig_params (otherwise: flat parameters)
+        param_sites = PARAM_SITES if use_orig_params else []
+        ref_stored, ref_out, ref_grads, ref_model = _reference(x, edit, param_sites)
         model = FSDP(plain_net(), auto_wrap_policy=ModuleWrapPolicy({Block}),
                      use_orig_params=use_orig_params, device_id=torch.device("cpu"))
-        stored, out, flex = run_flex(model, local_x, edit, param_sites=[])
+        stored, out, flex = run_flex(model, local_x, edit, param_sites=param_sites,
+                                     param_hooks_via_runtime=True)
         _check(stored, ref_stored, out, _local(ref_out, dist.get_rank(), 2))
         assert_grads_equal(_grads_by_sgd_step(model, functools.partial(_fsdp1_params, model)),
                            ref_grads, **TOL)
@@ -123,12 +126,12 @@ def test_fsdp2_equals_one_process():
     mesh = init_device_mesh("cpu", (2,))
     local_x = _local(x, dist.get_rank(), 2)
     for edit in (False, True):
-        ref_stored, ref_out, ref_grads, ref_model = _reference(x, edit, param_sites=[])
+        ref_stored, ref_out, ref_grads, ref_model = _reference(x, edit)
         model = plain_net()
         for block in model.blocks:
             fully_shard(block, mesh=mesh)
         fully_shard(model, mesh=mesh)
-        stored, out, flex = run_flex(model, local_x, edit, param_sites=[])
+        stored, out, flex = run_flex(model, local_x, edit, param_hooks_via_runtime=True)
         assert flex.runtime.mesh.sizes == {"dp": 2, "tp": 1, "pp": 1}
         _check(stored, ref_stored, out, _local(ref_out, dist.get_rank(), 2))
         grads = {clean(n): p.grad.full_tensor() for n, p in model.named_parameters()}
@@ -148,12 +151,12 @@ def test_fsdp2_x_dtensor_tp_on_a_2d_mesh_equals_one_process():
     dp_rank = mesh.get_local_rank("dp")
     local_x = _local(x, dp_rank, 2)
     for edit in (False, True):
-        ref_stored, ref_out, ref_grads, _ = _reference(x, edit, param_sites=[])
+        ref_stored, ref_out, ref_grads, _ = _reference(x, edit)
         model = parallelize_module(plain_net(), mesh["tp"], dtensor_plan(True))
         for block in model.blocks:
             fully_shard(block, mesh=mesh["dp"])
         fully_shard(model, mesh=mesh["dp"])
-        stored, out, flex = run_flex(model, local_x, edit, param_sites=[])
+        stored, out, flex = run_flex(model, local_x, edit, param_hooks_via_runtime=True)
         assert flex.runtime.mesh.sizes == {"dp": 2, "tp": 2, "pp": 1}
         _check(stored, ref_stored, out, _local(ref_out, dp_rank, 2))
         assert_grads_equal(_dtensor_grads(model), ref_grads, **TOL)

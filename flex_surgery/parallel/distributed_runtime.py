@@ -31,6 +31,7 @@ one-process gradient.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from typing import Any
 
@@ -313,6 +314,33 @@ class DistributedRuntime(Runtime):
                 p.grad = buf
 
     # -- parameters -------------------------------------------------------------------------------
+    def register_parameter_hook(self, name: str, parameter: torch.Tensor,
+                                owner: nn.Module | None,
+                                hook: Callable[[torch.Tensor], Any]) -> Any:
+        """Under FSDP1/FSDP2 the hook goes on the tensor the owner really uses in forward.
+
+        FSDP1 sets fresh unsharded views as the owner's attributes before each forward; FSDP2
+        swaps in one unsharded parameter that lives across steps. A forward-pre hook on the
+        owner attaches ``hook`` to whatever stands there, once per tensor. That tensor's
+        gradient is the whole parameter's gradient of the local batch; its layout is a dp
+        average, and the (edited) value returned is what FSDP then reduce-scatters.
+        """
+        if owner is None or not _fsdp_substitutes_parameters(self.module):
+            return parameter.register_hook(hook)
+        leaf = name.rpartition(".")[2]
+        tag = f"_flex_surgery_hook_{next(_HOOK_IDS)}"  # marks tensors that already have it
+        handles = _Handles()
+
+        def attach(module: nn.Module, args: Any) -> None:
+            live = getattr(module, leaf)
+            if isinstance(live, torch.Tensor) and live.requires_grad and \
+                    not getattr(live, tag, False):
+                setattr(live, tag, True)
+                handles.add(live.register_hook(hook))
+
+        handles.pre_hook = owner.register_forward_pre_hook(attach)
+        return handles
+
     def full_parameter(self, name: str, parameter: torch.Tensor,
                        owner: nn.Module | None) -> torch.Tensor:
         if _is_dtensor(parameter):  # DTensor TP, HF TP, FSDP2 (and FSDP2 x TP)
@@ -330,6 +358,36 @@ class DistributedRuntime(Runtime):
                 return store_copy(all_gather(parameter.detach(), dim, self.mesh.group("tp"),
                                              sizes))
         return store_copy(parameter)
+
+
+_HOOK_IDS = itertools.count()
+
+
+class _Handles:
+    """Removes a forward-pre hook and every tensor hook it attached."""
+
+    def __init__(self) -> None:
+        self.pre_hook: Any = None
+        self._tensor_hooks: list[Any] = []
+
+    def add(self, handle: Any) -> None:
+        # forget hooks of tensors that are gone (FSDP1 makes fresh views every forward)
+        self._tensor_hooks = [h for h in self._tensor_hooks if h.hooks_dict_ref() is not None]
+        self._tensor_hooks.append(handle)
+
+    def remove(self) -> None:
+        if self.pre_hook is not None:
+            self.pre_hook.remove()
+        for handle in self._tensor_hooks:
+            handle.remove()
+        self._tensor_hooks.clear()
+
+
+def _fsdp_substitutes_parameters(module: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return _fsdp1_root(module) is not None or any(isinstance(m, FSDPModule)
+                                                  for m in module.modules())
 
 
 def _local_of(t: torch.Tensor) -> torch.Tensor:

@@ -103,6 +103,18 @@ class Runtime:
         """Keep trainable modules used in editing functions identical on every rank."""
         raise NotImplementedError
 
+    def register_parameter_hook(self, name: str, parameter: torch.Tensor,
+                                owner: nn.Module | None,
+                                hook: Callable[[torch.Tensor], Any]) -> Any:
+        """Call ``hook(grad)`` whenever ``parameter``'s gradient is computed; return a handle
+        with ``remove()``.
+
+        In one process (and under DDP or tensor parallelism) that is ``parameter.register_hook``.
+        FSDP runs forward with tensors that stand in for the registered parameters (unsharded
+        views / parameters), so a distributed runtime attaches the hook to those instead.
+        """
+        return parameter.register_hook(hook)
+
     def full_parameter(self, name: str, parameter: torch.Tensor,
                        owner: nn.Module | None) -> torch.Tensor:
         """The whole of a (possibly sharded) parameter, as a detached CPU copy, on every rank.
