@@ -27,6 +27,9 @@ from torch import nn
 __all__ = ["AXES", "ParallelMesh", "MeshSizeError"]
 
 AXES = ("dp", "tp", "pp")
+# DeviceMesh dim names taken as our axes (HF transformers names its mesh (pp, fsdp, tp)).
+AXIS_NAMES = {"dp": ("dp", "fsdp", "data_parallel"), "tp": ("tp", "tensor_parallel"),
+              "pp": ("pp", "pipeline_parallel")}
 
 
 class MeshSizeError(ValueError):
@@ -144,8 +147,8 @@ class ParallelMesh:
         """Adopt a torch ``DeviceMesh``.
 
         ``dim_names`` maps our axes to the mesh's dim names (default: dims named ``dp``/``tp``/
-        ``pp`` are used as such). An unnamed 1-D mesh is taken as ``tp`` unless ``dim_names``
-        says otherwise (``{"dp": 0}`` style is not needed: name the mesh dims instead).
+        ``pp``, or an alias from :data:`AXIS_NAMES` such as HF's ``fsdp``). An unnamed 1-D mesh
+        is taken as ``tp`` unless ``dim_names`` names the axis (``{"dp": None}``).
         """
         names = device_mesh.mesh_dim_names
         if names is None:
@@ -155,7 +158,8 @@ class ParallelMesh:
             axis = next(iter(dim_names)) if dim_names else "tp"
             mapping = {axis: None}
         else:
-            mapping = dict(dim_names) if dim_names else {a: a for a in AXES if a in names}
+            mapping = dict(dim_names) if dim_names else \
+                {a: n for a in AXES for n in AXIS_NAMES[a] if n in names}
             unknown = [n for n in names if n not in mapping.values()]
             if unknown:
                 raise ValueError(f"DeviceMesh dims {unknown} are not mapped to any of {AXES}")
