@@ -4,6 +4,8 @@ micro-batch), the outputs and the parameter gradients, with and without an x2 ed
 function -- for hand-built ``PipelineStage``\\ s (whose first step runs an extra shape-inference
 forward and backward, which must not be recorded) and for stages split by ``pipeline()``."""
 
+import time
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -142,3 +144,47 @@ def test_shape_inference_pass_is_not_recorded(skip):
         assert set(calls.values()) == {2 * N_MICRO}, calls
     elif rank == 0:  # (the first stage runs no backward inference)
         assert calls["blocks.0.up"] == calls["blocks.1.up"] == 2 * per_step, calls
+
+
+@distributed(world_size=2)
+def _failing_edit_in_schedule(timeout_s: float):
+    from torch.distributed.pipelining import PipelineStage
+
+    x, target, _, _ = inputs(8, N_MICRO)
+    rank = dist.get_rank()
+    stage_module = two_stages(plain_net(), rank)
+    flex = FlexModel(stage_module, {}, pipeline_parallel_size=2)
+
+    def boom(module, tensor, ctx, modules):
+        raise ValueError("edit exploded")
+
+    if rank == 1:
+        flex.register_forward_hook(HookFunction("blocks.1.down", editing_function=boom))
+    link = StageLink(flex.runtime.mesh, timeout_s=timeout_s)
+    stage = skip_metadata_inference(
+        PipelineStage(stage_module, rank, 2, torch.device("cpu"), group=link.group))
+    start = time.monotonic()
+    try:
+        _run_schedule(flex, stage, "gpipe", link, x, target)
+    except Exception as exc:  # what each rank raised (and its cause) is the result
+        cause = exc.__cause__ or exc.__context__
+        return type(exc).__name__, f"{exc} <- {cause!r}", time.monotonic() - start
+    return None, "", time.monotonic() - start
+
+
+def test_failing_edit_in_schedule_ends_within_the_link_timeout():
+    """Stage 1 fails at once; stage 0 waits inside the schedule until the link's timeout and
+    then raises naming stage 1's error."""
+    from rank_pool import get_pool
+
+    from flex_surgery.parallel.collectives import RemoteEditError
+    from flex_surgery.parallel.pipeline import PipelineStageError
+
+    (kind0, msg0, s0), (kind1, msg1, s1) = get_pool(2).run(_failing_edit_in_schedule,
+                                                           {"timeout_s": 2.0})
+    # The schedule wraps the stage's error in a RuntimeError naming the stage.
+    assert kind1 == "RuntimeError" and RemoteEditError.__name__ in msg1, msg1
+    assert "edit exploded" in msg1 and s1 < 2, (msg1, s1)
+    assert kind0 == PipelineStageError.__name__, (kind0, msg0)
+    assert "stage 1" in msg0 and "edit exploded" in msg0, msg0
+    assert 1.5 < s0 < 10, s0

@@ -224,8 +224,7 @@ class StageLink:
             if remote is not None:  # we only waited on a stage that had failed
                 raise PipelineStageError(f"rank {dist.get_rank()} (stage {self.stage}) gave up "
                                          f"waiting: {remote}") from exc
-            self.fail(f"stage {self.stage} (rank {dist.get_rank()}) failed: "
-                      f"{type(exc).__name__}: {exc}")
+            self.fail(f"stage {self.stage} (rank {dist.get_rank()}) failed: {_describe(exc)}")
             raise
 
     def _run(self, transfer: Callable[[], Any], what: str) -> Any:
@@ -321,6 +320,17 @@ class StageLink:
 
     def recv_object(self, stage: int) -> Any:
         return pickle.loads(self.recv(stage).cpu().numpy().tobytes())
+
+
+def _describe(exc: BaseException) -> str:
+    """``Type: message`` of ``exc`` and of what caused it (a pipelining schedule wraps a
+    stage's error in a ``RuntimeError`` that names the stage but not the error)."""
+    parts, seen = [], set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        parts.append(f"{type(exc).__name__}: {' '.join(str(exc).split())}")
+        exc = exc.__cause__ or exc.__context__
+    return " <- ".join(parts)
 
 
 # -- collection ------------------------------------------------------------------------------
