@@ -188,3 +188,32 @@ def test_failing_edit_in_schedule_ends_within_the_link_timeout():
     assert kind0 == PipelineStageError.__name__, (kind0, msg0)
     assert "stage 1" in msg0 and "edit exploded" in msg0, msg0
     assert 1.5 < s0 < 10, s0
+
+
+@distributed(world_size=2)
+def test_hook_groups_chosen_per_step_under_a_schedule():
+    """A schedule calls the stage module directly: groups are chosen with select_hook_groups."""
+    from torch.distributed.pipelining import PipelineStage
+
+    x, target, _, _ = inputs(8, N_MICRO)
+    rank = dist.get_rank()
+    stage_module = two_stages(plain_net(), rank)
+    stored: dict = {}
+    flex = FlexModel(stage_module, stored, pipeline_parallel_size=2)
+    flex.create_hook_group("up", "*.up")
+    flex.create_hook_group("act", "*.act")
+    link = StageLink(flex.runtime.mesh)
+    stage = skip_metadata_inference(
+        PipelineStage(stage_module, rank, 2, torch.device("cpu"), group=link.group))
+    flex.select_hook_groups("up")
+    _run_schedule(flex, stage, "gpipe", link, x, target)
+    seen_first = sorted(stored)
+    flex.select_hook_groups("up", complement=True)
+    _run_schedule(flex, stage, "gpipe", link, x, target)
+    if rank == 0:
+        assert seen_first == ["blocks.0.up", "blocks.1.up"]
+        assert {k: len(v) for k, v in stored.items()} == {
+            "blocks.0.up": N_MICRO, "blocks.1.up": N_MICRO,
+            "blocks.0.act": N_MICRO, "blocks.1.act": N_MICRO}
+    else:
+        assert stored == {}

@@ -239,6 +239,8 @@ class StageLink:
 
         def target() -> None:
             try:
+                if self.device.type == "cuda":  # the thread's current device is NCCL's device
+                    torch.cuda.set_device(self.device)
                 box["value"] = transfer()
             except BaseException as exc:  # handed to the caller below
                 box["error"] = exc
