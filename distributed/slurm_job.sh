@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The batch script slurm_submit.sh hands to sbatch: `slurm_job.sh srun|torchrun PROGRAM ARGS...`.
+# The batch script slurm_submit.sh hands to sbatch:
+# `slurm_job.sh srun|torchrun|single PROGRAM ARGS...`.
 # Runs inside the allocation, so SLURM_* describe it; cluster.env is read again (through
 # common.sh) so the ranks see the same settings as the submitter.
 set -euo pipefail
@@ -14,5 +15,8 @@ if [[ "$mode" == torchrun ]]; then
         --nnodes="$SLURM_JOB_NUM_NODES" --nproc-per-node="$FLEX_TASKS_PER_NODE" \
         --rdzv-backend=c10d --rdzv-id="$SLURM_JOB_ID" \
         --rdzv-endpoint="$head_node:$FLEX_RDZV_PORT" "$@"
+fi
+if [[ "$mode" == single ]]; then
+    exec "$FLEX_PYTHON" "$@"
 fi
 exec srun --kill-on-bad-exit=1 "$FLEX_PYTHON" "$@"

@@ -1,9 +1,12 @@
 """Run a flex_surgery program on N ranks through flex_surgery.launch, with cluster.env's settings.
 
-    python distributed/submit.py                              # python -m flex_surgery demo
+    python distributed/submit.py                              # distributed/check_cluster.py
     python distributed/submit.py examples/foo.py --steps 2    # a script
-    python distributed/submit.py --executor local -m flex_surgery demo
+    python distributed/submit.py --executor local -m mypackage.train
     python distributed/submit.py --nprocs 2 --executor torchrun examples/foo.py
+
+Every rank runs the program (which joins with flex_surgery.launch.init_from_env, or finds the
+process group already started). The demo starts its own ranks: use demo.sh for it.
 
 Unlike slurm_submit.sh, this waits for the job and reports every rank: its return (a script's is
 None) or its traceback. ``--executor``/``--nprocs`` override cluster.env for one run (on one
@@ -32,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("program", nargs=argparse.REMAINDER,
                         help="script path or -m module, then its arguments")
     args = parser.parse_args(argv)
-    program = args.program or ["-m", "flex_surgery", "demo"]
+    program = args.program or [str(REPO_ROOT / "distributed" / "check_cluster.py")]
     target, *program_args = program[1:] if program[0] == "-m" else program
     config = load_cluster_config(args.config)
     options = config.launch_options()
