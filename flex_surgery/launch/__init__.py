@@ -4,15 +4,18 @@
   (or a :class:`LaunchError` naming each failed rank with its traceback).
 - :func:`init_from_env`: join the process group from inside code that torchrun, ``srun`` or a
   submitit job already started.
-- :func:`run_script`: launch a Python file instead of a function.
+- :func:`run_script`: launch a Python file (or module) instead of a function.
+- :func:`load_cluster_config`: the ``distributed/cluster.env`` settings as launch options.
 """
 
+from flex_surgery.launch.cluster_config import ClusterConfig, load_cluster_config
 from flex_surgery.launch.environment import RankEnvironment, detect_environment, init_from_env
 from flex_surgery.launch.launcher import EXECUTORS, LaunchedJob, launch, run_script, submit
 from flex_surgery.launch.rank_task import LaunchError, RankOutcome, RankTask
 
 __all__ = [
     "EXECUTORS",
+    "ClusterConfig",
     "LaunchError",
     "LaunchedJob",
     "RankEnvironment",
@@ -21,6 +24,7 @@ __all__ = [
     "detect_environment",
     "init_from_env",
     "launch",
+    "load_cluster_config",
     "run_script",
     "submit",
 ]
