@@ -7,10 +7,10 @@ parallelism lives behind the model's :class:`~flex_surgery.parallel.runtime.Runt
 :func:`~flex_surgery.parallel.distributed_runtime.build_runtime`); this module never calls a
 collective, so the same code runs in one process and under DP/TP/PP/FSDP.
 
-PyTorch hooks are installed once, at registration, and stay installed until :meth:`restore` or
-:meth:`remove_hook_function`; choosing groups per call only flips a flag on each HookFunction.
-That keeps the order of several hooks on one module fixed (the order of registration), which
-matters when they edit.
+PyTorch hooks are installed once, at registration, and stay installed until
+:meth:`FlexModel.restore` or :meth:`FlexModel.remove_hook_function`; choosing groups per call
+only flips a flag on each HookFunction. That keeps the order of several hooks on one module
+fixed (the order of registration), which matters when they edit.
 """
 
 from __future__ import annotations
@@ -230,7 +230,10 @@ class FlexModel(nn.Module):
             p is parameter for p in self._params_without_hooks_before
         ):
             self._params_without_hooks_before.append(parameter)
-        return site, parameter.register_hook(hf.torch_hook())
+        # Through the runtime: under FSDP the tensor autograd sees is not the registered one.
+        handle = self.runtime.register_parameter_hook(hf.module_name, parameter, owner,
+                                                      hf.torch_hook())
+        return site, handle
 
     def remove_hook_function(self, hook_function: HookFunction) -> None:
         """Unregister one hook function: its PyTorch hook and its group memberships go."""
