@@ -13,7 +13,7 @@ from torch import nn
 
 from flex_surgery.models import example_inputs, tiny_hf_model
 from flex_surgery.parallel.collectives import all_gather
-from flex_surgery.parallel.layout import _fairscale_param_dim
+from flex_surgery.parallel.layout import fairscale_param_dim
 
 TOL = dict(rtol=1e-6, atol=1e-9)  # float64 weights; HF runs the softmax in float32
 
@@ -148,7 +148,7 @@ class FairscaleLlama(nn.Module):
         with torch.no_grad():
             for name, p in self.named_parameters():
                 owner = modules[name.rpartition(".")[0]]
-                dim = _fairscale_param_dim(owner, p)
+                dim = fairscale_param_dim(owner, p)
                 w = full[name]
                 if dim is not None:
                     w = w.chunk(tp, dim)[r]
@@ -182,7 +182,7 @@ def test_fairscale_llama_with_hf_weights_equals_hf_in_one_process():
         grads = {}
         modules = dict(model.named_modules())
         for name, p in model.named_parameters():
-            dim = _fairscale_param_dim(modules[name.rpartition(".")[0]], p)
+            dim = fairscale_param_dim(modules[name.rpartition(".")[0]], p)
             grads[name] = p.grad if dim is None else all_gather(p.grad, dim,
                                                                 fs.get_model_parallel_group())
         assert_grads_equal(grads, {n: p.grad for n, p in hf.named_parameters()}, **TOL)

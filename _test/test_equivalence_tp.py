@@ -21,7 +21,7 @@ from parallel_cases import (
 from rank_pool import distributed
 
 from flex_surgery.parallel.collectives import all_gather
-from flex_surgery.parallel.layout import _fairscale_param_dim
+from flex_surgery.parallel.layout import fairscale_param_dim
 
 TOL = dict(rtol=1e-9, atol=1e-12)  # float64: only summation order differs
 
@@ -41,7 +41,7 @@ def _fairscale_grads(model, tp_group):
     grads = {}
     for mod_name, mod in model.named_modules():
         for p_name, p in mod.named_parameters(recurse=False):
-            dim = _fairscale_param_dim(mod, p)
+            dim = fairscale_param_dim(mod, p)
             g = p.grad.detach()
             if dim is not None:
                 g = all_gather(g, dim, tp_group)

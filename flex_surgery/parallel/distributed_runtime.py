@@ -56,10 +56,10 @@ from flex_surgery.parallel.layout import (
     LayoutInference,
     PartialSpec,
     ShardSpec,
-    _fairscale_param_dim,
-    _is_dtensor,
     chunk_sizes,
     dtensor_layout,
+    fairscale_param_dim,
+    is_dtensor,
 )
 from flex_surgery.parallel.mesh import ParallelMesh
 from flex_surgery.parallel.runtime import EditContext, HookSite, LocalRuntime, Runtime, store_copy
@@ -150,6 +150,10 @@ class DistributedRuntime(Runtime):
         self._trainable: dict[str, nn.Module] = {}
         self._sync_queued = False
 
+    def close(self) -> None:
+        """Remove the layout tracker's hooks from the model."""
+        self.layouts.unwatch()
+
     @property
     def stage(self) -> int:
         """This rank's pipeline stage."""
@@ -158,7 +162,7 @@ class DistributedRuntime(Runtime):
     # -- layouts -----------------------------------------------------------------------------
     def layout_of(self, local: torch.Tensor, site: HookSite) -> Layout:
         """The layout of the tensor a hook at ``site`` sees (see :mod:`.layout`)."""
-        if site.role == "param_grad" and _is_dtensor(local):
+        if site.role == "param_grad" and is_dtensor(local):
             layout = dtensor_layout(local, self.mesh)
             if self.mesh.dp_size > 1 and layout.spec_for("dp") is None:
                 layout = Layout(layout.shards, layout.partials + (PartialSpec("dp", "avg"),))
@@ -343,7 +347,7 @@ class DistributedRuntime(Runtime):
 
     def full_parameter(self, name: str, parameter: torch.Tensor,
                        owner: nn.Module | None) -> torch.Tensor:
-        if _is_dtensor(parameter):  # DTensor TP, HF TP, FSDP2 (and FSDP2 x TP)
+        if is_dtensor(parameter):  # DTensor TP, HF TP, FSDP2 (and FSDP2 x TP)
             return store_copy(parameter.full_tensor())
         fsdp_root = _fsdp1_root(self.module)
         if fsdp_root is not None:
@@ -351,7 +355,7 @@ class DistributedRuntime(Runtime):
 
             with FSDP.summon_full_params(fsdp_root, writeback=False):
                 return store_copy(_parameter_by_name(self.module, name))
-        dim = _fairscale_param_dim(owner, parameter) if owner is not None else None
+        dim = fairscale_param_dim(owner, parameter) if owner is not None else None
         if dim is not None and self.mesh.tp_size > 1:
             sizes = chunk_sizes(parameter.shape[dim] * self.mesh.tp_size, self.mesh.tp_size)
             with torch.no_grad():
@@ -391,12 +395,12 @@ def _fsdp_substitutes_parameters(module: nn.Module) -> bool:
 
 
 def _local_of(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if _is_dtensor(t) else t
+    return t.to_local() if is_dtensor(t) else t
 
 
 def _like(piece: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
     """``piece`` in the form of ``original``: a DTensor again if the hook saw a DTensor."""
-    if not _is_dtensor(original):
+    if not is_dtensor(original):
         return piece
     from torch.distributed.tensor import DTensor
 

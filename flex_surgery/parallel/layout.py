@@ -55,7 +55,7 @@ from flex_surgery.parallel.mesh import ParallelMesh
 
 __all__ = [
     "Layout", "LayoutError", "LayoutInference", "PartialSpec", "ShardSpec", "TPLayer",
-    "chunk_sizes", "tp_layer",
+    "chunk_sizes", "dtensor_layout", "fairscale_param_dim", "is_dtensor", "tp_layer",
 ]
 
 GATHER_ORDER = ("tp", "dp")
@@ -171,7 +171,7 @@ def _fairscale_layers():
             layers.VocabParallelEmbedding, layers.ParallelEmbedding)
 
 
-def _is_dtensor(t: object) -> bool:
+def is_dtensor(t: object) -> bool:
     from torch.distributed.tensor import DTensor
 
     return isinstance(t, DTensor)
@@ -188,7 +188,7 @@ def mesh_axis_of(device_mesh, mesh_dim: int, mesh: ParallelMesh) -> str | None:
 
 def _tp_shard_dim(weight: torch.Tensor, mesh: ParallelMesh) -> int | None:
     """The tensor dim a DTensor weight is sharded along over ``tp``, if any."""
-    if mesh.tp_size == 1 or not _is_dtensor(weight):
+    if mesh.tp_size == 1 or not is_dtensor(weight):
         return None
     for i, p in enumerate(weight.placements):
         if p.is_shard() and mesh_axis_of(weight.device_mesh, i, mesh) == "tp":
@@ -255,7 +255,7 @@ class LayoutInference:
     def _tp_layer_ran(self, module, args, output):
         info = self.tp_layer(module)
         out = output[0] if isinstance(output, tuple) else output
-        if not isinstance(out, torch.Tensor) or _is_dtensor(out):
+        if not isinstance(out, torch.Tensor) or is_dtensor(out):
             self._current = None
             return
         spec = self._tp_output_shard(info, out)
@@ -313,7 +313,7 @@ class LayoutInference:
                parameter: torch.Tensor | None = None,
                expected_shape: Sequence[int | None] | None = None) -> Layout:
         """The layout of ``local``, the tensor a hook on ``module`` sees in ``role``."""
-        if _is_dtensor(local):
+        if is_dtensor(local):
             layout = dtensor_layout(local, self.mesh)
             return self._add_dp(layout, local, role)
         if role == "param_grad":
@@ -368,7 +368,7 @@ class LayoutInference:
     def _param_layout(self, module: nn.Module | None, parameter: torch.Tensor | None) -> Layout:
         shards: tuple[ShardSpec, ...] = ()
         if module is not None and parameter is not None and self.mesh.tp_size > 1:
-            dim = _fairscale_param_dim(module, parameter)
+            dim = fairscale_param_dim(module, parameter)
             if dim is not None:
                 full = parameter.shape[dim] * self.mesh.tp_size
                 shards = (ShardSpec("tp", dim, self._tp_sizes(full)),)
@@ -376,7 +376,7 @@ class LayoutInference:
         return Layout(shards, partials)
 
 
-def _fairscale_param_dim(module: nn.Module, parameter: torch.Tensor) -> int | None:
+def fairscale_param_dim(module: nn.Module, parameter: torch.Tensor) -> int | None:
     """The dim along which a fairscale TP layer's parameter is split (None: replicated)."""
     fs = _fairscale_layers()
     if fs is None:
@@ -391,3 +391,6 @@ def _fairscale_param_dim(module: nn.Module, parameter: torch.Tensor) -> int | No
     if isinstance(module, emb):
         return 1
     return None
+
+
+_fairscale_param_dim = fairscale_param_dim  # earlier private name, still imported by callers

@@ -199,8 +199,10 @@ class ParallelMesh:
         if found is None and module is not None:
             dp_group = _wrapper_process_group(module)
             if dp_group is not None and dist.get_world_size(dp_group) == dist.get_world_size():
-                found = cls.build(tp=1, pp=1, dp=dist.get_world_size())
-                found.source = "data_parallel_wrapper"
+                found = cls({"dp": dp_group, "tp": None, "pp": None},
+                            {"dp": dist.get_world_size(dp_group), "tp": 1, "pp": 1},
+                            {"dp": dist.get_rank(dp_group), "tp": 0, "pp": 0},
+                            source="data_parallel_wrapper")
         if found is None:
             return cls.build(tp=tp or 1, pp=pp or 1, dp=dp, group=group)
         wanted = {"tp": tp, "pp": pp, "dp": dp}

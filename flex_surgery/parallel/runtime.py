@@ -103,6 +103,11 @@ class Runtime:
         """Keep trainable modules used in editing functions identical on every rank."""
         raise NotImplementedError
 
+    def close(self) -> None:
+        """Remove whatever the runtime attached to the model (``FlexModel.restore`` calls it);
+        nothing for one process."""
+        return None
+
     def register_parameter_hook(self, name: str, parameter: torch.Tensor,
                                 owner: nn.Module | None,
                                 hook: Callable[[torch.Tensor], Any]) -> Any:
