@@ -31,8 +31,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import cloudpickle
-
 import flex_surgery
 from flex_surgery.launch.environment import free_port
 from flex_surgery.launch.rank_task import LaunchError, RankOutcome, RankTask
@@ -138,6 +136,8 @@ class _TorchrunJob(LaunchedJob):
         self.nprocs = nprocs
         self.folder = folder = Path(tempfile.mkdtemp(prefix="torchrun_", dir=folder))
         self._deadline = time.monotonic() + 60 * timeout_min
+        import cloudpickle
+
         (folder / "task.pkl").write_bytes(cloudpickle.dumps(task))
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_ROOT, env.get("PYTHONPATH")) if p)

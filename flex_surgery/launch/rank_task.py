@@ -23,8 +23,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import cloudpickle
-
 __all__ = ["LaunchError", "RankOutcome", "RankTask"]
 
 
@@ -93,9 +91,12 @@ class RankTask:
     @classmethod
     def wrap(cls, fn, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
              **options: Any) -> RankTask:
+        import cloudpickle  # submitit's dependency; imported here so init_from_env needs neither
+
         return cls(payload=cloudpickle.dumps((fn, tuple(args), dict(kwargs or {}))), **options)
 
     def __call__(self) -> RankOutcome:
+        import cloudpickle
         import torch.distributed as dist
 
         from flex_surgery.launch.environment import detect_environment, init_from_env
