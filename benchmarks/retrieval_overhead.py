@@ -12,7 +12,7 @@ one run, medians over the repetitions:
 A ratio <= 1 means a hook costs no more than the collective one would write by hand. Prints the
 ratios and writes them to ``results/retrieval_overhead.json``.
 
-    python benchmarks/retrieval_overhead.py [--reps 30]
+    python benchmarks/retrieval_overhead.py [--reps 30] [--device cpu]
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def _rank_main(rank: int, port: int, reps: int) -> None:
+def _rank_main(rank: int, port: int, reps: int, device_type: str | None) -> None:
     from fairscale.nn.model_parallel import initialize as fs
 
     from flex_surgery.hooks.hook_function import HookFunction
@@ -70,7 +70,7 @@ def _rank_main(rank: int, port: int, reps: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
     torch.set_num_threads(max(1, (os.cpu_count() or WORLD) // WORLD))
-    device = default_device()
+    device = default_device() if device_type in (None, "cuda") else torch.device(device_type)
     init_distributed(rank, WORLD, device=device)
     fs.initialize_model_parallel(WORLD)
     torch.manual_seed(0)
@@ -145,11 +145,16 @@ def _rank_main(rank: int, port: int, reps: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=30)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                        help="default: CUDA when there are 2 GPUs, else CPU")
     args = parser.parse_args()
+    if args.device is None and torch.cuda.device_count() < WORLD:
+        args.device = "cpu"
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.start_processes(_rank_main, args=(port, args.reps), nprocs=WORLD, start_method="fork")
+    mp.start_processes(_rank_main, args=(port, args.reps, args.device), nprocs=WORLD,
+                       start_method="fork")
 
 
 if __name__ == "__main__":
