@@ -7,6 +7,8 @@ import re
 import pytest
 import torch
 from flexmodel_helpers import make
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from flex_surgery.hooks import FlexModel, GroupError, HookFunction, UnknownGroupError
 from flex_surgery.hooks import wrapper as wrapper_module
@@ -186,3 +188,50 @@ def test_selection_holds_for_the_backward_of_that_call():
     flex(**inputs, groups="fw").logits.sum().backward()
     assert sorted(output_dict) == ["model.layers.0.mlp", "model.layers.1.mlp"]
     flex.restore()
+
+
+def _linear_stack():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(*[torch.nn.Linear(3, 3) for _ in range(5)])
+
+
+GROUP_NAMES = ("a", "b", "c")
+
+
+@settings(max_examples=40, deadline=None)
+@given(ops=st.lists(st.tuples(st.sampled_from(["add", "remove"]),
+                              st.sets(st.integers(0, 4), min_size=1),
+                              st.sampled_from(GROUP_NAMES)), max_size=12),
+       chosen=st.sets(st.sampled_from(GROUP_NAMES + ("all",)), min_size=1),
+       complement=st.booleans())
+def test_groups_behave_like_sets(ops, chosen, complement):
+    """Random adds/removes, then one call: exactly the reference set of hooks stores."""
+    output_dict: dict = {}
+    flex = FlexModel(_linear_stack(), output_dict)
+    hooks = flex.create_hook_group("a", "re:\\d")
+    reference = {i: {"all", "a"} for i in range(5)}
+    for op, members, group in ops:
+        selected = [hooks[i] for i in sorted(members)]
+        if op == "add":
+            flex.update_hook_groups(selected, group)
+            for i in members:
+                reference[i].add(group)
+        elif all(group in reference[i] for i in members):
+            flex.remove_hook_groups(selected, group)
+            for i in members:
+                reference[i].discard(group)
+        else:
+            with pytest.raises((GroupError, UnknownGroupError)):
+                flex.remove_hook_groups(selected, group)
+    for i, hf in enumerate(hooks):
+        assert flex.get_hook_function_groups(hf) == reference[i]
+
+    known = {"all", "a"} | {g for op, _, g in ops if op == "add"}  # emptied groups stay known
+    if not chosen <= known:
+        with pytest.raises(UnknownGroupError):
+            flex(torch.ones(1, 3), groups=sorted(chosen), complement=complement)
+        return
+    flex(torch.ones(1, 3), groups=sorted(chosen), complement=complement)
+    expected = {str(i) for i in range(5) if reference[i].isdisjoint(chosen) == complement}
+    assert set(output_dict) == expected
+    assert all(len(v) == 1 for v in output_dict.values())
