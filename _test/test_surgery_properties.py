@@ -4,6 +4,8 @@ models holding -0.0, infinities and NaN payloads, ends with zero differing bytes
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -12,6 +14,7 @@ from test_surgery_support import differing_bytes, raw_state, special_values
 from torch import nn
 
 from flex_surgery.surgery import SurgicalTheater, active_theaters
+from flex_surgery.surgery.shards import BlockRegion, FlatRegion, IndexRegion
 
 
 class _Net(nn.Module):
@@ -128,3 +131,39 @@ def test_property_harness_sees_a_missing_restore(monkeypatch):
         _nest(model, [dict(modification_type="scale", factor=0.5)], ("body", 1), 0,
               torch.randn(3, 8))
     assert differing_bytes(before, raw_state(model)) > 0
+
+
+@st.composite
+def shard_of(draw):
+    """A full shape and one region of it, of each kind surgery uses."""
+    shape = tuple(draw(st.lists(st.integers(1, 6), min_size=0, max_size=3)))
+    numel = math.prod(shape)
+    kind = draw(st.sampled_from(["block", "flat", "index"]))
+    if kind == "flat" or not shape:
+        start = draw(st.integers(0, numel))
+        return shape, FlatRegion(start, draw(st.integers(start, numel)))
+    if kind == "block":
+        offsets, sizes = [], []
+        for n in shape:
+            o = draw(st.integers(0, n - 1))
+            offsets.append(o)
+            sizes.append(draw(st.integers(1, n - o)))
+        return shape, BlockRegion(tuple(offsets), tuple(sizes))
+    indices = tuple(torch.tensor(draw(st.lists(st.integers(0, n - 1), min_size=1, max_size=n,
+                                               unique=True))) for n in shape)
+    return shape, IndexRegion(indices)
+
+
+@settings(max_examples=60, deadline=None)
+@given(case=shard_of(), rows_per_block=st.integers(1, 7))
+def test_blockwise_noise_lands_where_the_full_noise_would(case, rows_per_block):
+    """Adding a full tensor block of rows by block to a shard equals cutting the shard out of
+    the whole tensor -- the property that makes seeded noise layout-independent."""
+    shape, region = case
+    full = torch.randn(shape)
+    want = region.take(full)
+    local = torch.zeros(want.shape)
+    rows = full.reshape(1) if not shape else full
+    for row0 in range(0, rows.shape[0], rows_per_block):
+        region.add_rows(local, rows[row0: row0 + rows_per_block], row0)
+    assert torch.equal(local, want)

@@ -86,17 +86,20 @@ def test_noise_without_seed_differs_between_contexts_and_leaves_rng_as_after_one
     assert torch.equal(torch.rand(3), expected_next)
 
 
-def test_noise_chunks_agree_with_an_unchunked_parameter(monkeypatch):
-    """Chunked generation is a pure function of (seed, name, block): shrinking the block size
-    changes the noise, but the same block size always gives the same noise."""
+def test_noise_is_generated_in_blocks_of_rows_from_per_block_generators(monkeypatch):
     import flex_surgery.surgery.theater as theater
 
     m = _fresh()
-    monkeypatch.setattr(theater, "NOISE_CHUNK_ELEMENTS", 64 * 7)  # 7 rows per block
-    with SurgicalTheater(m, layers="lm_head", modification_type="noise", seed=1):
-        a = m.lm_head.weight.detach().clone()
-    with SurgicalTheater(m, layers="lm_head", modification_type="noise", seed=1):
-        assert torch.equal(m.lm_head.weight, a)
+    w = m.lm_head.weight  # 128 x 64
+    orig = w.detach().clone()
+    monkeypatch.setattr(theater, "NOISE_CHUNK_ELEMENTS", 64 * 7 + 5)  # 7 whole rows per block
+    blocks = []
+    for k, row0 in enumerate(range(0, 128, 7)):
+        gen = torch.Generator().manual_seed(noise_seed(5, "lm_head.weight", k))
+        blocks.append(torch.randn((min(7, 128 - row0), 64), generator=gen))
+    with SurgicalTheater(m, layers="lm_head", modification_type="noise", seed=5,
+                         noise_scale=1.0):
+        assert torch.equal(w, orig + torch.cat(blocks))
 
 
 def test_custom_delta_is_added_and_gets_kwargs():

@@ -110,7 +110,7 @@ class FlatRegion:
         return self.start // row, math.ceil(self.stop / row)
 
     def add_rows(self, local: torch.Tensor, rows: torch.Tensor, row0: int) -> None:
-        row = _row_numel(rows.shape[1:]) if rows.dim() > 1 else 1
+        row = _row_numel(rows.shape)
         first = row0 * row
         lo = max(first, self.start)
         hi = min(first + rows.numel(), self.stop)
