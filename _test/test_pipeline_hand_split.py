@@ -58,7 +58,7 @@ def test_hand_split_two_stages_equal_one_process():
 
 @distributed(world_size=2)
 def test_hook_groups_per_call_and_store_on_all():
-    """Group "up" on one step, its complement on the next; ``sync`` is a no-op for pp == 1."""
+    """Group "up" on one step, group "down" on the next: each step records its own group."""
     _, _, x_mbs, t_mbs = inputs(2, 1)
     stage = two_stages(plain_net(), dist.get_rank())
     stored: dict = {}
@@ -123,3 +123,21 @@ def test_failing_edit_fails_every_rank_fast(failing_stage):
         else:
             assert kind == PipelineStageError.__name__, (kind, message)
             assert f"stage {failing_stage}" in message, message
+
+
+@distributed(world_size=2)
+def test_sync_is_a_no_op_without_pipelining():
+    """dp = 2, pp = 1: every rank keeps what it stored (rank 0 all of it, rank 1 nothing)."""
+    x, _, _, _ = inputs(4, 1)
+    stored: dict = {}
+    flex = FlexModel(plain_net(), stored, data_parallel_size=2)
+    flex.register_forward_hook(HookFunction("blocks.1.up"))
+    flex(x.chunk(2)[dist.get_rank()])
+    before = {k: [t.clone() for t in v] for k, v in stored.items()}
+    flex.sync_pipeline_outputs()
+    assert stored.keys() == before.keys() and all(
+        torch.equal(a, b) for k in stored for a, b in zip(stored[k], before[k]))
+    if dist.get_rank() == 0:
+        assert [tuple(t.shape) for t in stored["blocks.1.up"]] == [(4, 3, 16)]
+    else:
+        assert stored == {}

@@ -19,7 +19,7 @@ them:
    for training an extra backward, on its first step to learn the shapes it will send. Those
    passes must neither be stored nor run editing functions. :func:`skip_metadata_inference`
    marks them: it wraps the stage's ``_prepare_forward_infra`` / ``_prepare_backward_infra`` (the
-   two methods the schedules call for inference in torch >= 2.9, and ``_shape_inference`` in
+   two methods the schedules call for inference in recent torch, and ``_shape_inference`` in
    older versions, which ran it on ``meta`` tensors) in :func:`metadata_inference`, a
    process-wide flag that hooks check (:func:`is_metadata_pass`; a process-wide counter rather
    than a thread-local, because CUDA backward runs on autograd's device threads). A hook also
@@ -73,7 +73,8 @@ __all__ = [
 _inference_depth = 0
 
 # Methods of torch.distributed.pipelining stages that run the shape/metadata inference passes:
-# torch >= 2.9 (forward and backward, on real tensors) and older versions (forward, on meta).
+# the first two in recent torch (2.13: forward and backward, on real tensors), the last in older
+# versions (forward only, on meta tensors).
 _INFERENCE_METHODS = ("_prepare_forward_infra", "_prepare_backward_infra", "_shape_inference")
 
 
@@ -109,23 +110,28 @@ def skip_metadata_inference(stage: Any) -> Any:
     wrapped = 0
     for name in _INFERENCE_METHODS:
         method = getattr(stage, name, None)
-        if method is None or getattr(method, "_flex_inference", False):
-            wrapped += method is not None
+        if method is None:
             continue
-
-        @functools.wraps(method)
-        def marked(*args: Any, __method: Callable = method, **kwargs: Any) -> Any:
-            with metadata_inference():
-                return __method(*args, **kwargs)
-
-        marked._flex_inference = True  # type: ignore[attr-defined]
-        setattr(stage, name, marked)
+        if not getattr(method, "_flex_inference", False):
+            setattr(stage, name, _marked(method))
         wrapped += 1
     if not wrapped:
         raise TypeError(f"{type(stage).__name__} has none of {_INFERENCE_METHODS}: cannot tell "
                         "its shape-inference pass from a real one in this torch version; build "
                         "the stage with input_args/output_args so that it runs none")
     return stage
+
+
+def _marked(method: Callable) -> Callable:
+    """``method`` run inside :func:`metadata_inference`."""
+
+    @functools.wraps(method)
+    def marked(*args: Any, **kwargs: Any) -> Any:
+        with metadata_inference():
+            return method(*args, **kwargs)
+
+    marked._flex_inference = True  # type: ignore[attr-defined]
+    return marked
 
 
 # -- stage-to-stage traffic ------------------------------------------------------------------
