@@ -219,6 +219,7 @@ def submit(
     kwargs: dict[str, Any] | None = None,
     name: str = "flex_surgery",
     collective_timeout_s: float = 300.0,
+    rank0_only: bool = False,
     **executor_parameters: Any,
 ) -> LaunchedJob:
     """Start ``fn(*args, **kwargs)`` on ``nprocs`` ranks and return the job without waiting.
@@ -226,6 +227,10 @@ def submit(
     ``device`` picks the backend on every rank (``None``: the rank's CUDA device where there is
     one, else CPU -- NCCL or gloo follows). ``python_path`` entries go first on ``sys.path`` in
     every rank before ``fn`` is unpickled (for functions defined outside installed packages).
+    ``rank0_only`` drops the return values of ranks other than 0 on the ranks themselves
+    (their :class:`RankOutcome` still reports success or the traceback).
+    ``collective_timeout_s`` bounds every collective, so a rank stuck waiting for a dead peer
+    fails instead of hanging until the job's ``timeout_min``.
     ``executor_parameters`` go to submitit's ``update_parameters`` unchanged (for example
     ``slurm_account="lab"``, ``slurm_constraint="a100"``, ``slurm_qos="high"``).
     """
@@ -241,7 +246,7 @@ def submit(
     master_port = free_port() if executor == "local" else None
     task = RankTask.wrap(fn, args, kwargs, device=device, master_port=master_port,
                          python_path=[str(Path(p).resolve()) for p in python_path],
-                         timeout_s=collective_timeout_s)
+                         timeout_s=collective_timeout_s, rank0_only=rank0_only)
     if executor == "torchrun":
         return _TorchrunJob(task, nprocs, folder, timeout_min)
 
@@ -272,8 +277,9 @@ def _visible_gpus() -> int:
 
 
 def launch(fn: Callable[..., Any], *args: Any, nprocs: int, executor: str = "local",
-           **options: Any) -> list[Any]:
-    """Run ``fn(*args)`` on ``nprocs`` ranks and return every rank's value, in rank order.
+           rank0_only: bool = False, **options: Any) -> Any:
+    """Run ``fn(*args)`` on ``nprocs`` ranks and return every rank's value, in rank order
+    (with ``rank0_only``: rank 0's value alone, the others are dropped on their ranks).
 
     Blocks until the job ends. If any rank raises, :class:`LaunchError` carries each rank's
     traceback (``err.failures``) and the values of the ranks that succeeded (``err.results``).
@@ -291,4 +297,6 @@ def launch(fn: Callable[..., Any], *args: Any, nprocs: int, executor: str = "loc
 
         assert launch(world_sum, 1.0, nprocs=2) == [3.0, 3.0]
     """
-    return submit(fn, *args, nprocs=nprocs, executor=executor, **options).results()
+    results = submit(fn, *args, nprocs=nprocs, executor=executor, rank0_only=rank0_only,
+                     **options).results()
+    return results[0] if rank0_only else results

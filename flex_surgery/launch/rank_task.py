@@ -80,6 +80,8 @@ class RankTask:
     ``payload`` is ``cloudpickle.dumps((fn, args, kwargs))``. ``device`` picks the backend
     (``None``: this rank's CUDA device if there is one, else CPU). ``master_port`` pins the
     rendezvous port (the local launcher picks a free one); ``None`` lets the job derive it.
+    With ``rank0_only``, the other ranks drop their return value instead of pickling it back
+    (large per-rank results cost transfer and memory in the launching process).
     """
 
     payload: bytes
@@ -87,6 +89,7 @@ class RankTask:
     master_port: int | None = None
     python_path: Sequence[str] = ()
     timeout_s: float = 300.0
+    rank0_only: bool = False
 
     @classmethod
     def wrap(cls, fn, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
@@ -113,6 +116,8 @@ class RankTask:
             init_from_env(self.device, master_port=self.master_port, timeout_s=self.timeout_s)
             fn, args, kwargs = cloudpickle.loads(self.payload)
             value = fn(*args, **kwargs)
+            if self.rank0_only and rank != 0:
+                value = None
             outcome = RankOutcome(rank=rank, ok=True, value=value, launcher=launcher)
         except BaseException:  # noqa: BLE001 - every failure must reach the caller, with its rank
             outcome = RankOutcome(rank=rank, ok=False, error=traceback.format_exc(),
