@@ -327,3 +327,16 @@ def test_plain_module_whole_output_and_buffers(tmp_path):
     selected = ExportedModel.export(model, example_args=(x, y), output=1)
     assert selected.name_map()["proj.weight"] == "module.proj.weight"
     assert torch.equal(selected(x, y), model(x, y)[1])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_program_takes_a_cpu_checkpoint():
+    eager = tiny_hf_model("llama", seed=0).cuda()
+    other = tiny_hf_model("llama", seed=1)
+    ids = example_inputs("llama")["input_ids"].cuda()
+    exported = ExportedModel.export(eager, example_kwargs={"input_ids": ids})
+    before = snapshot(exported)
+    with exported.weights(other.state_dict()):  # CPU tensors into the CUDA program
+        swapped = run(exported, ids)
+    assert_bit_equal(snapshot(exported), before)
+    torch.testing.assert_close(swapped, logits(other.cuda(), ids), rtol=0, atol=0)

@@ -61,7 +61,7 @@ class ExportedModel:
         self.output = output
         self.layout = WeightLayout(program.state_dict, prefix)
         self._runner = program.module()
-        self._compiled: nn.Module | None = None
+        self._compiled: Any = None  # torch.compile'd module or AOTInductor runner
         self._slots = {slot.names[0]: self._live_tensor(slot) for slot in self.layout.slots}
 
     # -- construction ----------------------------------------------------------------------------
@@ -110,6 +110,33 @@ class ExportedModel:
         without recompiling (compiled kernels may differ from eager ones in the last bits).
         """
         self._compiled = torch.compile(self._runner, **compile_kwargs)
+        return self
+
+    def compile_aoti(self, package_path: str | os.PathLike | None = None,
+                     **inductor_configs: Any) -> ExportedModel:
+        """Compile ahead of time with AOTInductor and run through the compiled package from now on.
+
+        The weights stay out of the compiled library (``aot_inductor.package_constants_in_so=
+        False``) and the runner is pointed at the program's own tensors (``user_managed=True``),
+        so :meth:`inject` and :meth:`weights` keep working with no extra copy and no recompile.
+        Needs a C++ compiler (and the CUDA toolchain for a CUDA program); even a tiny model
+        takes tens of seconds. The package is written to ``package_path`` (a temporary file when
+        None) and holds no weights: load it with ``torch._inductor.aoti_load_package`` and give
+        it weights with ``load_constants``, keyed by :meth:`name_map`'s program keys.
+        """
+        import tempfile
+
+        if package_path is None:
+            package_path = os.path.join(tempfile.mkdtemp(prefix="flex_surgery_aoti_"), "model.pt2")
+        os.makedirs(os.path.dirname(os.path.abspath(package_path)), exist_ok=True)
+        configs = {"aot_inductor.package_constants_in_so": False, **inductor_configs}
+        path = torch._inductor.aoti_compile_and_package(
+            self.program, package_path=os.fspath(package_path), inductor_configs=configs)
+        runner = torch._inductor.aoti_load_package(path)
+        live = {**self.program.constants, **self.program.state_dict}
+        runner.load_constants({fqn: live[fqn] for fqn in runner.get_constant_fqns()},
+                              check_full_update=True, user_managed=True)
+        self._compiled = runner
         return self
 
     # -- weights ---------------------------------------------------------------------------------

@@ -108,10 +108,10 @@ class WeightLayout:
         unexpected = [k for k in weights if k not in self._slot_of]
         if unexpected:
             hint = _prefix_hint(unexpected, self.names)
+            shown = 3 if hint else _MAX_LISTED  # the hint explains them all
             listed = ", ".join(f"{k!r}{'' if hint else _suggestion(k, self.names)}"
-                               for k in unexpected[:_MAX_LISTED])
-            more = (f" (and {len(unexpected) - _MAX_LISTED} more)"
-                    if len(unexpected) > _MAX_LISTED else "")
+                               for k in unexpected[:shown])
+            more = f" (and {len(unexpected) - shown} more)" if len(unexpected) > shown else ""
             problems.append(f"unexpected key(s): {listed}{more}{hint}")
 
         matched: list[tuple[WeightSlot, torch.Tensor]] = []

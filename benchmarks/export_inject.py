@@ -1,0 +1,147 @@
+"""What does injecting new weights into an exported program save over re-exporting?
+
+For a tiny GPT-2 (~0.1M parameters) and a GPT-2-shaped model of ~40M parameters, times:
+
+* ``export``: ``ExportedModel.export`` (private copy + ``torch.export``), what a new checkpoint
+  would cost without injection; and ``torch.export.export`` alone, for reference;
+* ``inject``: ``ExportedModel.inject`` from a module, from a state dict, and from a safetensors
+  file (file read included); ``swap``: entering and leaving ``ExportedModel.weights``;
+* ``load_state_dict``: the same weights into an eager model that already exists;
+* ``program_load``: ``ExportedModel.load`` of the saved ``.pt2`` (what a server pays at start);
+* ``forward``: one forward pass of the exported program, for scale.
+
+Prints the ratios and writes ``results/export_inject.json``. Run: ``python
+benchmarks/export_inject.py [--quick] [--device cuda] [--out PATH]``. Timings are medians
+over repeats (CUDA work synchronised before each clock read).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.export import Dim
+
+from flex_surgery.export import ExportedModel
+from flex_surgery.models import example_inputs, tiny_hf_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SIZES = {
+    "tiny": {},
+    "gpt2-40m": dict(vocab_size=32000, n_embd=512, n_layer=8, n_head=8, n_positions=512),
+}
+
+
+def median_seconds(fn, repeats: int, device: torch.device) -> float:
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench_size(overrides: dict, export_repeats: int, inject_repeats: int,
+               device: torch.device) -> dict:
+    eager = tiny_hf_model("gpt2", seed=0, **overrides).to(device)
+    other = tiny_hf_model("gpt2", seed=1, **overrides).to(device)
+    ids = example_inputs("gpt2", batch=1, seq=32)["input_ids"].to(device)
+    kwargs = {"input_ids": ids}
+    dynamic = {"input_ids": {1: Dim("seq", min=2, max=128)}}
+    n_params = sum(p.numel() for p in eager.parameters())
+
+    def export():
+        return ExportedModel.export(eager, example_kwargs=kwargs, dynamic_shapes=dynamic)
+
+    exported = export()
+    t = {}
+    t["export"] = median_seconds(export, export_repeats, device)
+    t["torch_export_only"] = median_seconds(
+        lambda: torch.export.export(eager, (), kwargs=kwargs, dynamic_shapes=dynamic,
+                                    strict=False), export_repeats, device)
+    other_sd = other.state_dict()
+    cpu_sd = {k: v.cpu() for k, v in other_sd.items()}
+    t["inject_module"] = median_seconds(lambda: exported.inject(other), inject_repeats, device)
+    t["inject_state_dict"] = median_seconds(lambda: exported.inject(other_sd), inject_repeats,
+                                            device)
+    if device.type != "cpu":
+        t["inject_cpu_state_dict"] = median_seconds(lambda: exported.inject(cpu_sd),
+                                                    inject_repeats, device)
+
+    def swap():
+        with exported.weights(other):
+            pass
+
+    t["swap_enter_exit"] = median_seconds(swap, inject_repeats, device)
+    fresh = tiny_hf_model("gpt2", seed=2, **overrides).to(device)
+    t["load_state_dict"] = median_seconds(lambda: fresh.load_state_dict(other_sd),
+                                          inject_repeats, device)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        weights, program = Path(tmp) / "w.safetensors", Path(tmp) / "p.pt2"
+        exported.save_weights(weights)
+        exported.save(program)
+        t["inject_safetensors_file"] = median_seconds(lambda: exported.inject(weights),
+                                                      inject_repeats, device)
+        t["program_load"] = median_seconds(lambda: ExportedModel.load(program), export_repeats,
+                                           device)
+
+    with torch.no_grad():
+        exported.inject(other)
+        same = torch.equal(exported(input_ids=ids), other(input_ids=ids).logits)
+        t["forward"] = median_seconds(lambda: exported(input_ids=ids), inject_repeats, device)
+
+    ratios = {
+        "export_over_inject_module": t["export"] / t["inject_module"],
+        "export_over_inject_safetensors_file": t["export"] / t["inject_safetensors_file"],
+        "load_state_dict_over_inject_state_dict": t["load_state_dict"] / t["inject_state_dict"],
+    }
+    return {"params": n_params, "seconds": t, "ratios": ratios,
+            "injected_output_equals_eager": same}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny model only, fewer repeats")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--out", default=str(ROOT / "results" / "export_inject.json"))
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    results = {"torch": torch.__version__, "machine": platform.machine(), "device": str(device),
+               "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                               else platform.processor() or platform.machine()),
+               "threads": torch.get_num_threads(), "models": {}}
+    for name, overrides in SIZES.items():
+        if args.quick and name != "tiny":
+            continue
+        export_repeats = 3 if name == "tiny" else 2
+        inject_repeats = 3 if args.quick else (20 if name == "tiny" else 5)
+        r = bench_size(overrides, export_repeats, inject_repeats, device)
+        results["models"][name] = r
+        s = r["seconds"]
+        print(f"{name} ({r['params'] / 1e6:.1f}M params)")
+        for key, value in s.items():
+            print(f"  {key:<26} {value * 1e3:10.2f} ms")
+        for key, value in r["ratios"].items():
+            print(f"  {key:<40} {value:8.1f}x")
+        print(f"  injected program output == eager output: {r['injected_output_equals_eager']}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
