@@ -324,3 +324,24 @@ def test_unpack_counts_tensor_leaves_in_pytree_order():
             assert all(n is t for i, (n, t) in enumerate(zip(new, tensors)) if i != idx)
         with pytest.raises(UnpackError, match=f"holds {len(tensors)} tensor"):
             unpack(value, len(tensors), "hook")
+
+
+def test_unpack_inputs_matches_pytree_order_of_args_then_kwargs():
+    from torch.utils import _pytree as pytree
+
+    from flex_surgery.hooks.unpack import unpack_inputs
+
+    a, b, c = torch.zeros(1), torch.ones(2), torch.full((3,), 2.0)
+    for args, kwargs in [((a,), {}), ((a, None, b), {"mask": c}), ((), {"h": a, "p": (b, c)}),
+                         ((a, 3), {"x": b})]:
+        tensors = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
+        for idx, expected in enumerate(tensors):
+            found, repack = unpack_inputs(args, kwargs, idx, "hook")
+            assert found is expected
+            new_args, new_kwargs = repack(c)
+            rebuilt = [x for x in pytree.tree_leaves((new_args, new_kwargs))
+                       if isinstance(x, torch.Tensor)]
+            assert rebuilt[idx] is c and type(new_args) is tuple and type(new_kwargs) is dict
+            assert all(r is t for i, (r, t) in enumerate(zip(rebuilt, tensors)) if i != idx)
+        with pytest.raises(UnpackError):
+            unpack_inputs(args, kwargs, len(tensors), "hook")

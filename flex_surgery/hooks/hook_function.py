@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from flex_surgery.hooks.errors import EditingFunctionError, ShapeMismatchError
-from flex_surgery.hooks.unpack import unpack
+from flex_surgery.hooks.unpack import unpack, unpack_inputs
 from flex_surgery.parallel.pipeline import is_metadata_pass
 from flex_surgery.parallel.runtime import EditContext, HookSite, Runtime
 
@@ -187,7 +187,7 @@ class HookFunction:
         # its tensor found; tensors of args come first, then those of kwargs.
         if not self._enabled:
             return None
-        return self._call((args, kwargs), store=_current_graph_task_id() == -1)
+        return self._call((args, kwargs), store=_current_graph_task_id() == -1, inputs=True)
 
     def _full_backward_hook(self, module: nn.Module, grad_input: tuple,
                             grad_output: tuple) -> Any:
@@ -201,11 +201,17 @@ class HookFunction:
 
     # -- one hook call ---------------------------------------------------------------------
 
-    def _call(self, value: Any, store: bool = True) -> Any:
-        """One hook call; ``store=False`` for a forward re-run by activation checkpointing."""
+    def _call(self, value: Any, store: bool = True, inputs: bool = False) -> Any:
+        """One hook call on ``value`` (``(args, kwargs)`` when ``inputs``).
+
+        ``store=False`` for a forward re-run by activation checkpointing.
+        """
         if self.editing_function is None and not store:
             return None
-        tensor, repack = unpack(value, self.unpack_idx, self)
+        if inputs:
+            tensor, repack = unpack_inputs(*value, self.unpack_idx, self)
+        else:
+            tensor, repack = unpack(value, self.unpack_idx, self)
         if is_metadata_pass(tensor):  # a pipeline stage's shape inference: not a real call
             return None
         runtime, site = self._runtime, self._site

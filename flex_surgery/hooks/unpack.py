@@ -54,6 +54,20 @@ def unpack(value: Any, unpack_idx: int, owner: object) -> tuple[torch.Tensor, Re
     return leaves[position], repack
 
 
+def unpack_inputs(args: tuple, kwargs: dict, unpack_idx: int,
+                  owner: object) -> tuple[torch.Tensor, Repack]:
+    """:func:`unpack` of a module's inputs ``(args, kwargs)``; the repack gives both back.
+
+    Tensors of ``args`` come first, then those of ``kwargs``, as pytree orders ``(args,
+    kwargs)``. The common call -- tensors passed positionally -- skips pytree.
+    """
+    if all(a is None or isinstance(a, torch.Tensor) for a in args) and \
+            unpack_idx < sum(isinstance(a, torch.Tensor) for a in args):
+        tensor, repack_args = _unpack_flat_tuple(args, unpack_idx, owner)
+        return tensor, lambda new: (repack_args(new), kwargs)
+    return unpack((args, kwargs), unpack_idx, owner)
+
+
 def _unpack_flat_tuple(value: tuple, unpack_idx: int,
                        owner: object) -> tuple[torch.Tensor, Repack]:
     """Same result as the pytree path for a tuple of tensors and ``None``s, without pytree.
