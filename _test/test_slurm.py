@@ -1,6 +1,10 @@
-"""A real SLURM job through submitit: a 4-task TP=2 x DP=2 fairscale model wrapped in FlexModel,
-whose stored and edited activations and gradients must equal a one-process run of the same
-weights and inputs.
+"""Launching on a real SLURM cluster.
+
+The main check is a 4-task TP=2 x DP=2 job submitted through submitit: a fairscale model wrapped
+in FlexModel, whose stored and edited activations and gradients must equal a one-process run of
+the same weights and inputs. Around it: a failing SLURM task is named with its traceback, a
+plain ``srun`` script finds its rank with ``init_from_env``, the ``distributed/`` recipe and the
+GPU-test runner (on CPU ranks) work against the cluster.
 
 Needs a SLURM cluster (``make test-slurm`` starts one on localhost with
 ``scripts/slurm/local_cluster.sh``); without one every test here skips and says why.
