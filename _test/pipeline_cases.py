@@ -57,11 +57,12 @@ def inputs(batch: int, n_micro: int, seed: int = 1):
     return x, target, list(x.chunk(n_micro)), list(target.chunk(n_micro))
 
 
-def register_sites(flex: FlexModel, edit: bool, group: str | None = None) -> list[str]:
+def register_sites(flex: FlexModel, edit: bool, group: str | None = None,
+                   editing_function=times_two) -> list[str]:
     """Hooks at every site that exists in ``flex``'s module; returns the output keys."""
     names = {n for n, _ in flex.module.named_modules()}
     params = {n for n, _ in flex.module.named_parameters()}
-    fn = times_two if edit else None
+    fn = editing_function if edit else None
     keys = []
     for name, kind in STAGE_SITES:
         if name in names:

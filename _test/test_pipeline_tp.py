@@ -58,7 +58,13 @@ def _tp_x_pp_case(dp: int) -> None:
         mesh = flex.runtime.mesh
         assert (mesh.source, mesh.sizes, mesh.stage) == (
             "fairscale", {"dp": dp, "tp": 2, "pp": 2}, stage)
-        register_sites(flex, edit)
+        edits = []
+
+        def counted_times_two(module, tensor, ctx, modules, edits=edits):
+            edits.append(tuple(tensor.shape))
+            return tensor * 2
+
+        n_hooks = len(register_sites(flex, edit, editing_function=counted_times_two))
         link = StageLink(mesh)
         assert link.ranks == dist.get_process_group_ranks(fs.get_pipeline_parallel_group())
         out = hand_split_step(flex, link, [mine(x) for x in x_mbs], [mine(t) for t in t_mbs])
@@ -67,6 +73,8 @@ def _tp_x_pp_case(dp: int) -> None:
                 dist.all_reduce(p.grad, group=fs.get_data_parallel_group())
                 p.grad /= dp
         flex.sync_pipeline_outputs(link)
+        # Each editing function ran once per call, on its stage's leader only.
+        assert len(edits) == (n_hooks * N_MICRO if edit and mesh.is_stage_leader() else 0)
         if dist.get_rank() == 0:
             assert_stored_equal(stored, ref_stored, **TOL)
             assert all(len(v) == N_MICRO for v in stored.values())
