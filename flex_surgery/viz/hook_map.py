@@ -168,7 +168,7 @@ def hook_map(model: nn.Module, title: str | None = None) -> HookMap:
     if flex is not None:
         for hf, groups in flex.get_hook_function_groups().items():
             _attach_hook(by_name, hf, groups)
-    title = title or f"hook map of {type(root_module).__name__}"
+    title = title or f"hook map of {_type_name(root_module)}"
     return HookMap(root, title, _header(root, flex, root_module))
 
 
@@ -197,7 +197,7 @@ def _build(module: nn.Module, name: str, leaf: str,
         if inner is None:
             break
         module = inner
-    node = ModuleNode(name=name, leaf=leaf, type_name=type(module).__name__,
+    node = ModuleNode(name=name, leaf=leaf, type_name=_type_name(module),
                       wrappers=wrappers, integer_input=_takes_integer_ids(module))
     node.params = [_param_info(s) for s in shards.get(id(module), [])]
     for child_leaf, child in module.named_children():
@@ -206,6 +206,14 @@ def _build(module: nn.Module, name: str, leaf: str,
         child_name = clean_name(f"{name}.{child_leaf}" if name else child_leaf)
         node.children.append(_build(child, child_name, child_leaf, shards))
     return node
+
+
+def _type_name(module: nn.Module) -> str:
+    """The class as written: FSDP2's ``fully_shard`` swaps in a subclass named ``FSDP<Class>``."""
+    cls = type(module)
+    if _wrapper_kind(module) == "FSDP2" and cls.__name__.startswith("FSDP"):
+        cls = next((b for b in cls.__bases__ if not b.__name__.startswith("FSDP")), cls)
+    return cls.__name__
 
 
 def _wrapper_kind(module: nn.Module) -> str | None:
@@ -265,8 +273,11 @@ def _param_info(shard: LocalShard) -> ParamInfo:
 
 
 def _placement_str(p: Any) -> str:
-    text = str(p)
-    return text.replace("dim=", "") if "Shard" in text else text
+    if type(p).__name__ == "Shard":  # str() abbreviates to "S(0)" in recent torch
+        return f"Shard({p.dim})"
+    if p.is_partial():
+        return "Partial"
+    return str(p)
 
 
 def _attach_hook(by_name: dict[str, ModuleNode], hf: Any, groups: set[str]) -> None:
