@@ -156,3 +156,27 @@ def test_store_on_all_stores_the_whole_tensor_on_every_rank():
     want = plain_net().blocks[0].up(x)
     assert len(stored) == 1
     torch.testing.assert_close(stored[0], want.detach())
+
+
+@distributed(world_size=4)
+def test_a_flexmodel_on_a_subgroup_of_the_world():
+    """Two independent data-parallel FlexModels, on ranks {0, 1} and {2, 3}."""
+    rank = dist.get_rank()
+    halves = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    half = halves[rank // 2]
+    x = _x(4)
+    model = plain_net(seed=rank // 2)
+    stored = {}
+    flex = FlexModel(model, stored, process_group=half)
+    assert flex.runtime.mesh.sizes == {"dp": 2, "tp": 1, "pp": 1}
+    flex.register_forward_hook(HookFunction("blocks.0.up", editing_function=times_two))
+    out = flex(x[2 * (rank % 2):2 * (rank % 2) + 2])
+    ref_stored = {}
+    ref = FlexModel(plain_net(seed=rank // 2), ref_stored, process_group=local_group())
+    ref.register_forward_hook(HookFunction("blocks.0.up", editing_function=times_two))
+    ref_out = ref(x)
+    torch.testing.assert_close(out, ref_out[2 * (rank % 2):2 * (rank % 2) + 2])
+    if rank % 2 == 0:  # each half stores on its own first rank
+        torch.testing.assert_close(stored["blocks.0.up"][0], ref_stored["blocks.0.up"][0])
+    else:
+        assert stored == {}

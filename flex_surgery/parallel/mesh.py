@@ -94,7 +94,8 @@ class ParallelMesh:
         """Create groups for ``tp x pp x dp`` ranks, ordered ``(pp, dp, tp)`` (tp fastest).
 
         Collective: every rank of ``group`` (default: the world) must call it with the same
-        sizes. ``dp`` defaults to whatever ``tp`` and ``pp`` leave over.
+        sizes; with a ``group``, only its ranks take part. ``dp`` defaults to whatever ``tp``
+        and ``pp`` leave over.
         """
         ranks = list(range(dist.get_world_size())) if group is None else \
             dist.get_process_group_ranks(group)
@@ -113,10 +114,12 @@ class ParallelMesh:
         groups: dict[str, dist.ProcessGroup | None] = {}
         # dim of the grid that varies along each axis; the others enumerate the groups.
         for axis, dim in (("tp", 2), ("dp", 1), ("pp", 0)):
-            groups[axis] = _new_groups_along(grid, dim, me) if grid.shape[dim] > 1 else None
+            groups[axis] = (_new_groups_along(grid, dim, me, local=group is not None)
+                            if grid.shape[dim] > 1 else None)
         stage_group = None
         if pp > 1 or group is not None:
-            stage_group = _new_groups_along(grid.reshape(pp, dp * tp), 1, me)
+            stage_group = _new_groups_along(grid.reshape(pp, dp * tp), 1, me,
+                                            local=group is not None)
         return cls(groups, dict(dp=dp, tp=tp, pp=pp), dict(dp=d, tp=t, pp=p), stage_group)
 
     @classmethod
@@ -230,12 +233,17 @@ def _drop_trivial(groups: dict[str, dist.ProcessGroup | None],
     return {a: (g if sizes[a] > 1 else None) for a, g in groups.items()}
 
 
-def _new_groups_along(grid: torch.Tensor, dim: int, me: int) -> dist.ProcessGroup:
-    """Create one group per line of ``grid`` along ``dim`` (collective); return ``me``'s."""
+def _new_groups_along(grid: torch.Tensor, dim: int, me: int,
+                      local: bool = False) -> dist.ProcessGroup:
+    """Create one group per line of ``grid`` along ``dim`` (collective); return ``me``'s.
+
+    ``local``: only the ranks of ``grid`` call this (a mesh inside a sub-group of the world),
+    so the groups synchronise among their own members only.
+    """
     lines = grid.movedim(dim, -1).reshape(-1, grid.shape[dim])
     mine = None
     for line in lines.tolist():
-        g = dist.new_group(line)
+        g = dist.new_group(line, use_local_synchronization=local)
         if me in line:
             mine = g
     assert mine is not None
