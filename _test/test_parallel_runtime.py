@@ -57,30 +57,43 @@ def test_failing_editing_function_fails_every_rank_fast():
     flex(x)
 
 
+@pytest.mark.parametrize("parallel", ["fairscale_tp", "ddp"])
 @distributed(world_size=2)
-def test_hook_groups_apply_per_call():
+def test_hook_groups_apply_per_call(parallel):
     from fairscale.nn.model_parallel import initialize as fs
+    from torch.nn.parallel import DistributedDataParallel as DDP
 
-    fs.initialize_model_parallel(2)
-    x = _x()
+    x = _x(4)
 
-    def flex_for(model, **kw):
+    def flex_for(model, prefix="", **kw):
         stored = {}
         flex = FlexModel(model, stored, **kw)
-        flex.create_hook_group("edit", "blocks.0.act", editing_function=times_two)
-        flex.create_hook_group("read", "blocks.1.up")
+        flex.create_hook_group("edit", f"{prefix}blocks.0.act", editing_function=times_two)
+        flex.create_hook_group("read", f"{prefix}blocks.1.up")
         return flex, stored
 
     ref, ref_stored = flex_for(plain_net(), process_group=local_group())
-    tp, stored = flex_for(fairscale_net(plain_net()), tensor_parallel_size=2)
+    if parallel == "ddp":
+        dist_flex, stored = flex_for(DDP(plain_net()), prefix="module.")
+        mine = slice(2 * dist.get_rank(), 2 * dist.get_rank() + 2)
+        stored_keys = {f"module.{k}": k for k in ("blocks.0.act", "blocks.1.up")}
+    else:
+        fs.initialize_model_parallel(2)
+        dist_flex, stored = flex_for(fairscale_net(plain_net()), tensor_parallel_size=2)
+        mine = slice(None)
+        stored_keys = {k: k for k in ("blocks.0.act", "blocks.1.up")}
     for groups in ("read", "edit", "read", "all"):
-        torch.testing.assert_close(tp(x, groups=groups), ref(x, groups=groups))
+        torch.testing.assert_close(dist_flex(x[mine], groups=groups),
+                                   ref(x, groups=groups)[mine])
+        seen = {stored_keys[k]: v for k, v in stored.items()}
         if dist.get_rank() == 0:
-            assert stored.keys() == ref_stored.keys()
+            assert seen.keys() == ref_stored.keys()
             for key in ref_stored:
-                assert len(stored[key]) == len(ref_stored[key])
-                for a, b in zip(stored[key], ref_stored[key]):
+                assert len(seen[key]) == len(ref_stored[key])
+                for a, b in zip(seen[key], ref_stored[key]):
                     torch.testing.assert_close(a, b)
+        else:
+            assert seen == {}
     assert len(ref_stored["blocks.1.up"]) == 3 and len(ref_stored["blocks.0.act"]) == 2
 
 

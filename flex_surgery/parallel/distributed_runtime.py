@@ -442,12 +442,14 @@ def build_runtime(
     data_parallel_size: int = 1,
     process_group: dist.ProcessGroup | None = None,
     store_on: str = "rank0",
+    batch_dim: int = 0,
 ) -> Runtime:
     """The runtime FlexModel uses: local for one process, distributed otherwise.
 
     The mesh is adopted from what runs ``module`` (HF TP, DTensor/FSDP2, fairscale, DDP/FSDP1
     groups) and built from the sizes otherwise; sizes of 1 mean "whatever is running" (dp takes
-    the ranks tp x pp leave over). Collective: every rank must call it.
+    the ranks tp x pp leave over). ``batch_dim`` is the activation dim data parallelism splits
+    (1 for ``[seq, batch, hidden]`` models). Collective: every rank must call it.
     """
     if not dist.is_initialized() or dist.get_world_size(process_group) == 1:
         return LocalRuntime()
@@ -458,4 +460,4 @@ def build_runtime(
         dp=data_parallel_size if data_parallel_size != 1 else None,
         group=process_group,
     )
-    return DistributedRuntime(module, mesh, store_on=store_on)
+    return DistributedRuntime(module, mesh, store_on=store_on, batch_dim=batch_dim)
