@@ -141,3 +141,24 @@ def test_sync_is_a_no_op_without_pipelining():
         assert [tuple(t.shape) for t in stored["blocks.1.up"]] == [(4, 3, 16)]
     else:
         assert stored == {}
+
+
+@distributed(world_size=2)
+def test_stage_link_carries_any_shape_and_dtype():
+    """The header gives the receiver each tensor's dtype and shape; objects travel pickled."""
+    link = StageLink(FlexModel(torch.nn.Linear(2, 2), {}, pipeline_parallel_size=2).runtime.mesh)
+    sent = [torch.randn(2, 3, 4).bfloat16(), torch.tensor(7), torch.tensor([True, False]),
+            torch.empty(0, 4, dtype=torch.float64), torch.arange(6).reshape(3, 2).t()]
+    if link.is_first:
+        for t in sent:
+            link.send_forward(t)
+        link.send_object({"a": [sent[0]]}, 1)
+        assert torch.equal(link.recv_backward(), sent[1])
+        with pytest.raises(ValueError, match="dtype"):
+            link.send_forward(torch.zeros(2, dtype=torch.complex64))
+    else:
+        got = [link.recv_forward() for _ in sent]
+        for a, b in zip(got, sent):
+            assert a.dtype == b.dtype and torch.equal(a, b), (a, b)
+        assert torch.equal(link.recv_object(0)["a"][0], sent[0])
+        link.send_backward(got[1])

@@ -276,8 +276,9 @@ class StageLink:
     def send(self, tensor: torch.Tensor, stage: int) -> None:
         """Send ``tensor`` (detached) to the rank of ``stage`` on this line."""
         t = tensor.detach().contiguous()
-        if t.ndim > _HEADER - 2:
-            raise ValueError(f"StageLink sends tensors of at most {_HEADER - 2} dims")
+        if t.ndim > _HEADER - 2 or t.dtype not in _DTYPES:
+            raise ValueError(f"StageLink sends tensors of at most {_HEADER - 2} dims with a "
+                             f"dtype in {_DTYPES}; got {t.ndim} dims of {t.dtype}")
         header = torch.zeros(_HEADER, dtype=torch.int64, device=t.device)
         header[0], header[1] = _DTYPES.index(t.dtype), t.ndim
         header[2:2 + t.ndim] = torch.tensor(t.shape, dtype=torch.int64)
