@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from rank_pool import distributed
-from test_surgery_support import differing_bytes, raw_state
+from test_surgery_support import differing_bytes, raw, raw_state
 from torch import nn
 
 import flex_surgery.surgery.theater as theater_module
@@ -110,6 +110,24 @@ def _compare_modifications(model, ref, inputs, base, before, opt, ref_state, tol
             torch.testing.assert_close(after, base, rtol=0, atol=0)
 
 
+def _check_grad_guard(model: nn.Module, inputs: dict) -> None:
+    """A backward during validation does not reach the gradients accumulated before it."""
+    from flex_surgery.surgery.theater import _all_parameters
+
+    _logits(model(**inputs)).sum().backward()
+    grads = [(p, p.grad, raw_grad(p)) for p in _all_parameters(model) if p.grad is not None]
+    assert grads
+    with SurgicalTheater(model, modification_type="scale", factor=3.0):
+        (_logits(model(**inputs)) ** 2).sum().backward()
+    for p, grad, saved in grads:
+        assert p.grad is grad and torch.equal(raw_grad(p), saved)
+    model.zero_grad(set_to_none=True)
+
+
+def raw_grad(p: torch.Tensor) -> torch.Tensor:
+    return raw(p.grad)
+
+
 def _llama():
     return tiny_hf_model("llama")
 
@@ -122,7 +140,9 @@ def _inputs():
 def test_ddp():
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    _check_equivalence(DDP(_llama()), _llama, _inputs(), exact=True, sharded=False)
+    model = DDP(_llama())
+    _check_grad_guard(model, _inputs())
+    _check_equivalence(model, _llama, _inputs(), exact=True, sharded=False)
 
 
 @pytest.mark.parametrize("use_orig_params", [True, False])
@@ -140,6 +160,7 @@ def test_fsdp1(use_orig_params):
     local = sum(s.local.numel() for s in shards)
     total = sum(p.numel() for p in _llama().parameters())
     assert local <= total // 2 + 64
+    _check_grad_guard(model, _inputs())
     _check_equivalence(model, _llama, _inputs(), exact=False)
 
 
@@ -155,6 +176,7 @@ def test_fsdp2():
     fully_shard(model, mesh=mesh)
     reshard_for_surgery(model)
     assert {s.kind for s in local_shards(model)} == {"dtensor"}
+    _check_grad_guard(model, _inputs())
     _check_equivalence(model, _llama, _inputs(), exact=False)
 
 

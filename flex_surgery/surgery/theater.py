@@ -63,7 +63,7 @@ PARAMETER_SELECTIONS = ("linear", "weights", "all")
 # block from its own generator seeded by (seed, parameter name, block index). A rank generates
 # only the blocks that overlap its shard, so the transient memory is one block, and every layout
 # of the same parameter receives the same full-weight noise.
-NOISE_CHUNK_ELEMENTS = 1 << 20
+NOISE_CHUNK_ELEMENTS = 1 << 16
 
 ParamFilter = Callable[[str, nn.Module, str], bool]
 LayerSpec = int | str
@@ -354,7 +354,7 @@ class SurgicalTheater:
     # -------------------------------------------------------------------- guard
     def _capture_guard(self) -> None:
         modules = list(self.model.modules())
-        params = list(self.model.parameters())
+        params = _all_parameters(self.model)
         self._guard = {
             "training": [(m, m.training) for m in modules],
             "requires_grad": [(p, p.requires_grad) for p in params],
@@ -500,6 +500,18 @@ class SurgicalTheater:
         if not self._names:
             return {}
         return {self.modification_type: self.modified_names}
+
+
+def _all_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Every parameter object, including FSDP1 ``FlatParameter``\\ s that
+    ``use_orig_params=True`` hides from ``parameters()`` (they hold the real gradients)."""
+    params = {id(p): p for p in model.parameters()}
+    for module in model.modules():
+        handle = getattr(module, "_handle", None)
+        flat = getattr(handle, "flat_param", None)
+        if isinstance(flat, nn.Parameter):
+            params.setdefault(id(flat), flat)
+    return list(params.values())
 
 
 def surgical_theater(model: nn.Module, layers: LayerSpec | Sequence[LayerSpec] | None = None,
