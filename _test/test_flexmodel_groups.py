@@ -235,3 +235,46 @@ def test_groups_behave_like_sets(ops, chosen, complement):
     expected = {str(i) for i in range(5) if reference[i].isdisjoint(chosen) == complement}
     assert set(output_dict) == expected
     assert all(len(v) == 1 for v in output_dict.values())
+
+
+def test_disabled_module_backward_hooks_leave_the_graph_alone_and_keep_their_order():
+    model, inputs = make("llama")
+    mlp = model.get_submodule("model.layers.0.mlp")
+
+    def raw_grads():
+        model.zero_grad(set_to_none=True)
+        model(**inputs).logits.sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    plain = raw_grads()
+    h1 = mlp.register_full_backward_hook(lambda m, gin, gout: (gin[0] * 2,))
+    h2 = mlp.register_full_backward_hook(lambda m, gin, gout: (gin[0] + 1,))
+    ordered = raw_grads()  # (g * 2) + 1, not (g + 1) * 2
+    h1.remove()
+    h2.remove()
+
+    output_dict: dict = {}
+    flex = FlexModel(model, output_dict)
+    first = HookFunction("model.layers.0.mlp", editing_function=lambda m, g, c, d: g * 2)
+    second = HookFunction("model.layers.0.mlp", editing_function=lambda m, g, c, d: g + 1)
+    flex.register_full_backward_hook(first)
+    flex.register_full_backward_hook(second)
+    flex.update_hook_groups(first, "first")
+    flex.create_hook_group("read", "re:model.norm")
+
+    def flex_grads(groups):
+        model.zero_grad(set_to_none=True)
+        out = flex(**inputs, groups=groups).logits
+        out.sum().backward()
+        return out, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    out, grads = flex_grads("read")
+    assert not mlp._backward_hooks and not mlp._backward_pre_hooks
+    assert all(torch.equal(grads[n], plain[n]) for n in plain)
+    out, grads = flex_grads(["first", "read"])  # only `first`
+    assert len(mlp._backward_hooks) == 1
+    out, grads = flex_grads("all")  # both again, in registration order
+    assert all(torch.equal(grads[n], ordered[n]) for n in ordered)
+    assert any(not torch.equal(ordered[n], plain[n]) for n in plain)
+    flex.restore()
+    assert not mlp._backward_hooks

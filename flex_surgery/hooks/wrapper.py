@@ -7,10 +7,12 @@ parallelism lives behind the model's :class:`~flex_surgery.parallel.runtime.Runt
 :func:`~flex_surgery.parallel.distributed_runtime.build_runtime`); this module never calls a
 collective, so the same code runs in one process and under DP/TP/PP/FSDP.
 
-PyTorch hooks are installed once, at registration, and stay installed until
-:meth:`FlexModel.restore` or :meth:`FlexModel.remove_hook_function`; choosing groups per call
-only flips a flag on each HookFunction. That keeps the order of several hooks on one module
-fixed (the order of registration), which matters when they edit.
+PyTorch hooks are installed at registration and stay until :meth:`FlexModel.restore` or
+:meth:`FlexModel.remove_hook_function`; choosing groups per call flips a flag on each
+HookFunction, which keeps the order of several hooks on one module fixed (registration order
+matters when they edit). Module backward hooks are the exception: a disabled one is taken off
+its module, because their mere presence makes every forward wrap the module's inputs and
+outputs in extra autograd nodes; they are put back in registration order.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ _MODULE_REGISTRATION = {
     "full_backward": ("register_full_backward_hook", {}),
     "full_backward_pre": ("register_full_backward_pre_hook", {}),
 }
+
+_MODULE_BACKWARD_KINDS = ("full_backward", "full_backward_pre")
 
 # Names FlexModel 0.1.0 used for hook kinds, accepted by create_hook_group.
 _HOOK_TYPE_ALIASES = {"backward": "full_backward", "backward_pre": "full_backward_pre",
@@ -91,7 +95,8 @@ class FlexModel(nn.Module):
                                      data_parallel_size, process_group)
         self._shared = SharedState(output_dict, self.save_ctx, self.trainable_modules)
         self._groups = HookGroups()
-        self._handles: dict[HookFunction, RemovableHandle] = {}
+        # None: a module backward hook that is disabled, hence not installed (see _select).
+        self._handles: dict[HookFunction, RemovableHandle | None] = {}
         # What registering hooks changed besides the hook dicts, to put back in restore():
         # modules whose `_is_full_backward_hook` flag we set, parameters whose
         # `_backward_hooks` dict PyTorch created for us.
@@ -131,9 +136,34 @@ class FlexModel(nn.Module):
         if key == self._selection_key:
             return
         active = self._groups.select(names, complement)
+        reinstall: dict[int, nn.Module] = {}
         for hf in self._groups.hook_functions():
-            hf._enabled = hf in active
+            enabled = hf in active
+            if hf._enabled != enabled:
+                hf._enabled = enabled
+                if hf.hook_type in _MODULE_BACKWARD_KINDS:
+                    reinstall[id(hf._site.module)] = hf._site.module
+        for module in reinstall.values():
+            self._install_backward_hooks(module)
         self._selection_key = key
+
+    def _install_backward_hooks(self, module: nn.Module) -> None:
+        """Install exactly the enabled module backward hooks of ``module``, in registration order.
+
+        A module with any full backward (pre) hook has its inputs and outputs wrapped in
+        autograd nodes at every forward, so a disabled one is taken off the module rather than
+        only flagged; reinstalling all of them keeps their relative order.
+        """
+        mine = [hf for hf in self._handles
+                if hf.hook_type in _MODULE_BACKWARD_KINDS and hf._site.module is module]
+        for hf in mine:
+            if self._handles[hf] is not None:
+                self._handles[hf].remove()
+                self._handles[hf] = None
+        for hf in mine:
+            if hf._enabled:
+                method, options = _MODULE_REGISTRATION[hf.hook_type]
+                self._handles[hf] = getattr(module, method)(hf.torch_hook(), **options)
 
     def select_hook_groups(self, groups: str | Sequence[str] = ALL,
                            complement: bool = False) -> None:
@@ -241,7 +271,9 @@ class FlexModel(nn.Module):
         if hook_function not in self._handles:
             raise HookRegistrationError(f"{hook_function!r} is not registered with this "
                                         "FlexModel")
-        self._handles.pop(hook_function).remove()
+        handle = self._handles.pop(hook_function)
+        if handle is not None:
+            handle.remove()
         self._groups.discard(hook_function)
         hook_function._unbind()
 
