@@ -3,6 +3,8 @@ parallelism across (DP x TP x PP on 8 ranks, fairscale's (dp, pp, tp) rank order
 ParallelMesh) equal one process: what every hook kind stores (collected on global rank 0), the
 outputs and the whole parameter gradients, with and without an x2 editing function."""
 
+import time
+
 import torch
 import torch.distributed as dist
 from parallel_cases import clean, fairscale_net, plain_net
@@ -17,6 +19,7 @@ from pipeline_cases import (
 )
 from rank_pool import distributed
 
+from flex_surgery.hooks.hook_function import HookFunction
 from flex_surgery.hooks.wrapper import FlexModel
 from flex_surgery.parallel.collectives import all_gather
 from flex_surgery.parallel.layout import _fairscale_param_dim
@@ -99,3 +102,37 @@ def test_tp_x_pp_equals_one_process():
 @distributed(world_size=8)
 def test_dp_x_tp_x_pp_equals_one_process():
     _tp_x_pp_case(dp=2)
+
+
+@distributed(world_size=4)
+def _failing_edit_tp_x_pp():
+    from fairscale.nn.model_parallel import initialize as fs
+
+    fs.initialize_model_parallel(2, pipeline_length=2)
+    stage = dist.get_rank(fs.get_pipeline_parallel_group())
+    _, _, x_mbs, t_mbs = inputs(4, N_MICRO)
+    flex = FlexModel(two_stages(fairscale_net(plain_net()), stage), {}, tensor_parallel_size=2,
+                     pipeline_parallel_size=2)
+
+    def boom(module, tensor, ctx, modules):
+        raise ValueError("edit exploded")
+
+    if stage == 1:
+        flex.register_forward_hook(HookFunction("blocks.1.act", editing_function=boom))
+    link = StageLink(flex.runtime.mesh)
+    start = time.monotonic()
+    try:
+        hand_split_step(flex, link, x_mbs, t_mbs)
+        flex.sync_pipeline_outputs(link)
+    except Exception as exc:  # what each rank raised is the result
+        return stage, type(exc).__name__, str(exc), time.monotonic() - start
+    return stage, None, "", time.monotonic() - start
+
+
+def test_failing_edit_on_a_tp_stage_fails_every_rank_fast():
+    """Both TP ranks of stage 1 raise the editing error; both ranks of stage 0 stop waiting."""
+    from rank_pool import get_pool
+
+    for stage, kind, message, seconds in get_pool(4).run(_failing_edit_tp_x_pp):
+        assert seconds < 10 and "edit exploded" in message, (stage, seconds, message)
+        assert kind == ("RemoteEditError" if stage == 1 else "PipelineStageError"), (kind, message)
