@@ -14,7 +14,9 @@ from flex_surgery.parallel.collectives import (
     exchange_sizes,
     gather_to_one,
     keep_on_one,
+    one_to_replicas,
     reduce_to_one,
+    replica_to_one,
     scatter_from_one,
 )
 
@@ -98,6 +100,15 @@ def _check_sums(world):
     (out * 2).sum().backward()
     if rank == 0:
         assert torch.equal(y.grad, torch.full((2, 3), 2.0 * world))
+
+    # replicas (identical copies computed on redundantly): one process's gradient on each
+    r = torch.full((2,), 5.0, requires_grad=True)
+    one = replica_to_one(r, None)
+    assert one.numel() == (2 if rank == 0 else 0)
+    back = one_to_replicas(one * 3 if rank == 0 else one, (2,), None)
+    assert torch.equal(back, torch.full((2,), 15.0))
+    (back * 2).sum().backward()
+    assert torch.equal(r.grad, torch.full((2,), 6.0))
 
     z = (torch.ones(2, 3) if rank == 0 else torch.zeros(0)).requires_grad_()
     kept = keep_on_one(z, (2, 3), None, 0)

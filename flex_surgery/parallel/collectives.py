@@ -12,6 +12,8 @@ function                      forward                      backward
 :func:`reduce_to_one`         sum summands on ``dst``      broadcast the gradient from ``dst``
 :func:`broadcast_from_one`    copy ``src``'s to all        sum gradients on ``src``
 :func:`keep_on_one`           ``src`` keeps, others zero   gradient stays on ``src``
+:func:`replica_to_one`        rank 0's replica only        broadcast the gradient
+:func:`one_to_replicas`       broadcast to the replicas    keep rank 0's gradient
 ============================  ===========================  =================================
 
 Ranks that end up without the whole tensor get a zero-size *placeholder* that is still part of
@@ -34,7 +36,8 @@ import torch.distributed as dist
 
 __all__ = [
     "RemoteEditError", "all_gather", "broadcast_from_one", "broadcast_status", "exchange_sizes",
-    "gather_to_one", "keep_on_one", "reduce_to_one", "scatter_from_one",
+    "gather_to_one", "keep_on_one", "one_to_replicas", "reduce_to_one", "replica_to_one",
+    "scatter_from_one",
 ]
 
 Group = dist.ProcessGroup | None
@@ -207,6 +210,32 @@ class _KeepOnOne(torch.autograd.Function):
         return (grad if ctx.keep else _placeholder(grad)), None, None, None
 
 
+class _ReplicaToOne(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t, group):
+        ctx.group, ctx.keep, ctx.shape = group, _group_rank(group) == 0, tuple(t.shape)
+        return t.view_as(t) if ctx.keep else _placeholder(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        buf = grad.contiguous() if ctx.keep else grad.new_empty(ctx.shape)
+        dist.broadcast(buf, group=ctx.group, group_src=0)
+        return buf, None
+
+
+class _OneToReplicas(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t, group, shape):
+        ctx.keep = _group_rank(group) == 0
+        buf = t.contiguous().clone() if ctx.keep else t.new_empty(shape)
+        dist.broadcast(buf, group=group, group_src=0)
+        return buf
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (grad if ctx.keep else _placeholder(grad)), None, None
+
+
 # -- functional API -------------------------------------------------------------------------
 def gather_to_one(t: torch.Tensor, dim: int, group: Group = None, dst: int = 0,
                   sizes: Sequence[int] | None = None) -> torch.Tensor:
@@ -266,6 +295,24 @@ def keep_on_one(full: torch.Tensor, shape: Sequence[int], group: Group = None,
     if dist.get_world_size(group) == 1:
         return full
     return _KeepOnOne.apply(full, group, src, tuple(shape))
+
+
+def replica_to_one(t: torch.Tensor, group: Group = None) -> torch.Tensor:
+    """For a tensor every rank holds an identical copy of (and computes on redundantly): group
+    rank 0's copy stands for all, the others get a placeholder. No communication forward;
+    backward broadcasts rank 0's gradient, since every replica's gradient is that one."""
+    if dist.get_world_size(group) == 1:
+        return t
+    return _ReplicaToOne.apply(t, group)
+
+
+def one_to_replicas(t: torch.Tensor, shape: Sequence[int], group: Group = None) -> torch.Tensor:
+    """Group rank 0's ``t`` as every rank's replica (the others pass their placeholder and the
+    replica's ``shape``). Backward keeps rank 0's gradient: the replicas' gradients are copies
+    of it, not summands."""
+    if dist.get_world_size(group) == 1:
+        return t
+    return _OneToReplicas.apply(t, group, tuple(shape))
 
 
 # -- status ---------------------------------------------------------------------------------

@@ -47,7 +47,9 @@ from flex_surgery.parallel.collectives import (
     exchange_sizes,
     gather_to_one,
     keep_on_one,
+    one_to_replicas,
     reduce_to_one,
+    replica_to_one,
     scatter_from_one,
 )
 from flex_surgery.parallel.layout import (
@@ -67,36 +69,6 @@ from flex_surgery.parallel.runtime import EditContext, HookSite, LocalRuntime, R
 __all__ = ["DistributedRuntime", "build_runtime"]
 
 STORE_ON = ("rank0", "all")
-
-
-class _ReplicaToOne(torch.autograd.Function):
-    """Replicated axis, gather side: the leader's copy stands for all (backward: broadcast)."""
-
-    @staticmethod
-    def forward(ctx, t, group, keep):
-        ctx.group, ctx.keep, ctx.shape = group, keep, tuple(t.shape)
-        return t.view_as(t) if keep else t.new_empty(0)
-
-    @staticmethod
-    def backward(ctx, grad):
-        buf = grad.contiguous() if ctx.keep else grad.new_empty(ctx.shape)
-        dist.broadcast(buf, group=ctx.group, group_src=0)
-        return buf, None, None
-
-
-class _OneToReplicas(torch.autograd.Function):
-    """Replicated axis, scatter side: broadcast the edit (backward: keep the leader's grad)."""
-
-    @staticmethod
-    def forward(ctx, t, group, shape):
-        ctx.keep = dist.get_rank(group) == 0
-        buf = t.contiguous().clone() if ctx.keep else t.new_empty(shape)
-        dist.broadcast(buf, group=group, group_src=0)
-        return buf
-
-    @staticmethod
-    def backward(ctx, grad):
-        return (grad if ctx.keep else grad.new_empty(0)), None, None
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -203,7 +175,7 @@ class DistributedRuntime(Runtime):
                     t = t / self.mesh.size(axis)
             else:
                 record.append((axis, None, None, shape))
-                t = _ReplicaToOne.apply(t, group, dist.get_rank(group) == 0)
+                t = replica_to_one(t, group)
         if self.mesh.is_stage_leader():
             if layout.grad_scale != 1.0:
                 t = t * layout.grad_scale
@@ -225,7 +197,7 @@ class DistributedRuntime(Runtime):
                 t = broadcast_from_one(t, shape, group, 0) if spec.op == "avg" else \
                     keep_on_one(t, shape, group, 0)
             else:
-                t = _OneToReplicas.apply(t, group, shape)
+                t = one_to_replicas(t, shape, group)
         return t
 
     def _gather_to_all(self, t: torch.Tensor, layout: Layout) -> torch.Tensor:
