@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
 from flex_surgery.anatomy import block_names
 from flex_surgery.hooks import FlexModel
@@ -92,6 +93,14 @@ def _max_diffs(ours: dict[str, list[torch.Tensor]],
     return diffs
 
 
+def _shape_recorder(table: dict[str, tuple[int, ...]], name: str):
+    def record(module: nn.Module, args: Any, output: Any) -> None:
+        first = next(t for t in tree_leaves(output) if isinstance(t, torch.Tensor))
+        table[name] = tuple(first.shape)
+
+    return record
+
+
 class _Clock:
     def __init__(self) -> None:
         self.times: dict[str, float] = {}
@@ -128,13 +137,22 @@ def demo_rank(folder: str, input_ids: list[int], max_blocks: int | None = None,
     result: dict[str, Any] = {"rank": rank, "world_size": dist.get_world_size(),
                               "num_blocks": len(blocks), "edited_module": edited}
 
-    # 1. every retrieval group at once (= everything but the edit group)
+    # 1. every retrieval group at once (= everything but the edit group), noting the shape of
+    # what each hooked module holds on this rank, to show which activations were sharded
+    local_shapes: dict[str, tuple[int, ...]] = {}
+    edits = set(flex.get_group_hook_functions(EDIT_GROUP))
+    watched = {hf.module_name for hf in flex.hook_functions if hf not in edits}
+    handles = [module.register_forward_hook(_shape_recorder(local_shapes, name))
+               for name, module in model.named_modules() if name in watched]
     base = next_token_logprobs(flex, ids, groups=EDIT_GROUP, complement=True)
+    for handle in handles:
+        handle.remove()
     retrieved = flex.output_dict
     if ref_flex is not None:
         ref_base = next_token_logprobs(ref_flex, ids, groups=EDIT_GROUP, complement=True)
         diffs = _max_diffs(retrieved, ref_flex.output_dict)
-        result["retrieval"] = {"count": len(diffs), "diffs": diffs,
+        sharded = sorted(k for k, v in retrieved.items() if tuple(v[0].shape) != local_shapes[k])
+        result["retrieval"] = {"count": len(diffs), "diffs": diffs, "sharded": sharded,
                                "logprob_diff": (base - ref_base).abs().max().item(),
                                "reference_top1": int(ref_base.argmax())}
     if rank == 0:

@@ -45,10 +45,10 @@ def format_report(source: ModelSource, result: dict[str, Any], prompt: str,
         diffs = retrieval["diffs"]
         worst_key = max(diffs, key=lambda k: diffs[k][1])
         shapes = result["shapes"]
-        sharded = sum(1 for k in diffs if ".q_proj" in k or ".up_proj" in k)
+        sharded = len(retrieval["sharded"])
         lines.append(
             f"FlexModel retrieval: {retrieval['count']} activations gathered to rank 0 "
-            f"({sharded} of them column-sharded on every rank), each equal to one process: "
+            f"({sharded} of them held as shards by the ranks), each equal to one process: "
             f"max |diff| {_fmt(max(d[0] for d in diffs.values()))}, worst relative "
             f"{_fmt(diffs[worst_key][1])} ({worst_key} {tuple(shapes[worst_key])})")
 
@@ -132,6 +132,8 @@ def plot_sweep(source: ModelSource, result: dict[str, Any], path: Path) -> Path:
     ax.set_ylabel(f"change in log p({tok.decode([top])!r})")
     ax.set_title(f"{source.name}, tensor parallel over {result['world_size']} ranks: "
                  f"which block does the prediction need?", fontsize=10)
+    low = min(change + [0.0])
+    ax.set_ylim(low * 1.18 - 0.2, max(change + [0.0]) + 0.3)  # room for the labels below bars
     ax.set_xticks(blocks)
     ax.tick_params(axis="x", labelsize=7)
     for r, c in zip(rows, change):
