@@ -385,7 +385,7 @@ class _BlockingLine(StageLink):
     """A :class:`StageLink` over the mesh's own ``pp`` group, waiting without a failure flag
     (what collection uses when the caller has no link)."""
 
-    def __init__(self, mesh: ParallelMesh) -> None:  # noqa: D107 - no collective: reuse groups
+    def __init__(self, mesh: ParallelMesh) -> None:  # no collective: reuses the mesh groups
         self.mesh = mesh
         self.device = default_device()
         self.group = mesh.group("pp")
