@@ -241,18 +241,22 @@ class DistributedRuntime(Runtime):
         return _like(piece, ctx.local)
 
     def run_on_leader(self, ctx: EditContext, fn: Callable[[], Any]) -> Any:
-        site = ctx.site
+        return self._run_reporting(ctx.site, "the editing function", fn, ctx.local.device)
+
+    def _run_reporting(self, site: HookSite, what: str, fn: Callable[[], Any],
+                       device: torch.device) -> Any:
+        """Run ``fn`` on the leader and broadcast success or its error over the stage; on
+        failure every rank raises :class:`RemoteEditError` naming the hook and the rank."""
         result, error, cause = None, None, None
         if self.mesh.is_stage_leader():
             try:
                 result = fn()
             except Exception as exc:  # reported to every rank below, then re-raised
                 cause = exc
-                error = (f"the editing function of hook {site.module_name!r} "
-                         f"({site.hook_type}) failed on rank {dist.get_rank()}: "
-                         f"{type(exc).__name__}: {exc}")
+                error = (f"{what} of hook {site.module_name!r} ({site.hook_type}) failed on "
+                         f"rank {dist.get_rank()}: {type(exc).__name__}: {exc}")
         try:
-            broadcast_status(error, self.mesh.stage_group, 0, device=ctx.local.device)
+            broadcast_status(error, self.mesh.stage_group, 0, device=device)
         except RemoteEditError as err:
             raise RemoteEditError(f"rank {dist.get_rank()}: {err}") from cause
         return result
