@@ -14,7 +14,6 @@ from torch import nn
 from flex_surgery import hooks as _hooks  # noqa: F401  (FlexModel lives there)
 from flex_surgery.hooks.hook_function import HookFunction
 from flex_surgery.hooks.wrapper import FlexModel
-from flex_surgery.parallel.runtime import HookSite
 
 H, FF, V, T = 8, 16, 6, 3
 
@@ -137,32 +136,9 @@ def local_group() -> dist.ProcessGroup:
     return groups[dist.get_rank()]
 
 
-def runtime_parameter_hook(flex: FlexModel, name: str, edit: bool,
-                           stored: dict[str, list[torch.Tensor]]) -> None:
-    """A parameter-gradient hook placed with ``Runtime.register_parameter_hook`` (which knows
-    where FSDP keeps the tensors autograd sees), doing what HookFunction does per call."""
-    runtime = flex.runtime
-    owner_name, _, leaf = name.rpartition(".")
-    owner = flex.module.get_submodule(owner_name)
-    parameter = owner.get_parameter(leaf)
-    site = HookSite(name, "tensor", "param_grad", module=owner, parameter=parameter)
-    key = f"{clean(name)}:grad"
-
-    def hook(grad):
-        runtime.retrieve(grad, site, lambda t: stored.setdefault(key, []).append(t))
-        if not edit:
-            return None
-        full, ctx = runtime.gather_for_edit(grad, site)
-        edited = runtime.run_on_leader(ctx, lambda: full * 2)
-        return runtime.scatter_from_edit(edited, ctx)
-
-    runtime.register_parameter_hook(name, parameter, owner, hook)
-
-
 def run_flex(model: nn.Module, x: torch.Tensor, edit: bool, *,
              sites=SITES, param_sites=PARAM_SITES, process_group=None,
-             loss_fn: Callable = lambda y: y.float().pow(2).mean(),
-             param_hooks_via_runtime: bool = False, **sizes):
+             loss_fn: Callable = lambda y: y.float().pow(2).mean(), **sizes):
     """FlexModel on ``model`` with hooks at every site: (stored, output, flex)."""
     stored: dict[str, list[torch.Tensor]] = {}
     flex = FlexModel(model, stored, process_group=process_group, **sizes)
@@ -171,10 +147,7 @@ def run_flex(model: nn.Module, x: torch.Tensor, edit: bool, *,
     for name, kind in sites:
         getattr(flex, _REGISTER[kind])(HookFunction(names[name], editing_function=fn))
     for name in param_sites:
-        if param_hooks_via_runtime:
-            runtime_parameter_hook(flex, names[name], edit, stored)
-        else:
-            flex.register_hook(HookFunction(names[name], editing_function=fn))
+        flex.register_hook(HookFunction(names[name], editing_function=fn))
     out = flex(x)
     loss_fn(out).backward()
     renamed = {}

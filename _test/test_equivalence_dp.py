@@ -106,8 +106,7 @@ def test_fsdp1_equals_one_process(use_orig_params):
         ref_stored, ref_out, ref_grads, ref_model = _reference(x, edit, param_sites)
         model = FSDP(plain_net(), auto_wrap_policy=ModuleWrapPolicy({Block}),
                      use_orig_params=use_orig_params, device_id=torch.device("cpu"))
-        stored, out, flex = run_flex(model, local_x, edit, param_sites=param_sites,
-                                     param_hooks_via_runtime=True)
+        stored, out, flex = run_flex(model, local_x, edit, param_sites=param_sites)
         _check(stored, ref_stored, out, _local(ref_out, dist.get_rank(), 2))
         assert_grads_equal(_grads_by_sgd_step(model, functools.partial(_fsdp1_params, model)),
                            ref_grads, **TOL)
@@ -131,7 +130,7 @@ def test_fsdp2_equals_one_process():
         for block in model.blocks:
             fully_shard(block, mesh=mesh)
         fully_shard(model, mesh=mesh)
-        stored, out, flex = run_flex(model, local_x, edit, param_hooks_via_runtime=True)
+        stored, out, flex = run_flex(model, local_x, edit)
         assert flex.runtime.mesh.sizes == {"dp": 2, "tp": 1, "pp": 1}
         _check(stored, ref_stored, out, _local(ref_out, dist.get_rank(), 2))
         grads = {clean(n): p.grad.full_tensor() for n, p in model.named_parameters()}
@@ -156,7 +155,7 @@ def test_fsdp2_x_dtensor_tp_on_a_2d_mesh_equals_one_process():
         for block in model.blocks:
             fully_shard(block, mesh=mesh["dp"])
         fully_shard(model, mesh=mesh["dp"])
-        stored, out, flex = run_flex(model, local_x, edit, param_hooks_via_runtime=True)
+        stored, out, flex = run_flex(model, local_x, edit)
         assert flex.runtime.mesh.sizes == {"dp": 2, "tp": 2, "pp": 1}
         _check(stored, ref_stored, out, _local(ref_out, dp_rank, 2))
         assert_grads_equal(_dtensor_grads(model), ref_grads, **TOL)
