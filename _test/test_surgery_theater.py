@@ -338,12 +338,14 @@ def _train(validate: bool) -> dict[str, torch.Tensor]:
         ids = data[step % 4]
         loss = m(input_ids=ids, labels=ids).loss
         loss.backward()
-        if validate and step % 5 == 4:
-            for kind in ("noise", "scale", "disable"):
-                with SurgicalTheater(m, modification_type=kind, params="all"), torch.no_grad():
-                    m.eval()
-                    val = m(input_ids=data[0], labels=data[0]).loss
-                    assert math.isfinite(val.item()) or kind == "disable"
+        if validate and step % 5 == 4:  # every 5 steps, a different modification
+            kind = ("noise", "scale", "disable", "custom")[step // 5]
+            fn = (lambda p: torch.randn_like(p)) if kind == "custom" else None
+            with SurgicalTheater(m, modification_type=kind, modification_fn=fn,
+                                 params="all"), torch.no_grad():
+                m.eval()
+                val = m(input_ids=data[0], labels=data[0]).loss
+                assert math.isfinite(val.item())
         opt.step()
         opt.zero_grad()
     return {n: p.detach().clone() for n, p in m.named_parameters()}
