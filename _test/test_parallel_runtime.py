@@ -193,3 +193,15 @@ def test_a_flexmodel_on_a_subgroup_of_the_world():
         torch.testing.assert_close(stored["blocks.0.up"][0], ref_stored["blocks.0.up"][0])
     else:
         assert stored == {}
+
+
+@distributed(world_size=2)
+def test_close_leaves_the_model_without_runtime_hooks():
+    from fairscale.nn.model_parallel import initialize as fs
+
+    fs.initialize_model_parallel(2)
+    model = fairscale_net(plain_net())
+    runtime = DistributedRuntime(model, ParallelMesh.from_fairscale())
+    assert any(m._forward_hooks for m in model.modules())
+    runtime.close()
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
