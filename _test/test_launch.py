@@ -116,9 +116,15 @@ def _rank_report(fail_on: int):
     return report
 
 
-def check_two_rank_launch(executor: str, folder: Path) -> None:
-    """rank 0's value comes back although rank 1 raised; the error names rank 1 and its cause."""
+def check_two_rank_launch(executor: str, folder: Path, monkeypatch) -> None:
+    """rank 0's value comes back although rank 1 raised; the error names rank 1 and its cause.
+
+    Launched as if from inside another torchrun job, whose variables the ranks must not take.
+    """
     logging.getLogger("submitit").setLevel(logging.ERROR)
+    for name, value in dict(TORCHELASTIC_RUN_ID="outer", RANK=5, WORLD_SIZE=8,
+                            MASTER_ADDR="elsewhere", MASTER_PORT=1).items():
+        monkeypatch.setenv(name, str(value))
     with pytest.raises(LaunchError) as caught:
         launch(_rank_report, 1, nprocs=2, executor=executor, device="cpu",
                folder=folder, python_path=[HERE], timeout_min=3)
@@ -131,5 +137,5 @@ def check_two_rank_launch(executor: str, folder: Path) -> None:
     assert [o.launcher for o in err.outcomes] == [launcher, launcher]
 
 
-def test_local_two_ranks_return_values_and_name_the_failed_rank(tmp_path):
-    check_two_rank_launch("local", tmp_path)
+def test_local_two_ranks_return_values_and_name_the_failed_rank(tmp_path, monkeypatch):
+    check_two_rank_launch("local", tmp_path, monkeypatch)

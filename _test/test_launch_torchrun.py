@@ -15,8 +15,8 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def test_torchrun_two_ranks_return_values_and_name_the_failed_rank(tmp_path):
-    check_two_rank_launch("torchrun", tmp_path)
+def test_torchrun_two_ranks_return_values_and_name_the_failed_rank(tmp_path, monkeypatch):
+    check_two_rank_launch("torchrun", tmp_path, monkeypatch)
 
 
 def test_rank0_only_returns_rank_zeros_value(tmp_path):

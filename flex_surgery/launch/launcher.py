@@ -43,6 +43,11 @@ EXECUTORS = ("local", "slurm", "torchrun", "auto")
 # PYTHONPATH so that they run the caller's code even where the package is not installed.
 PACKAGE_ROOT = str(Path(flex_surgery.__file__).resolve().parent.parent)
 
+# What a launcher's ranks carry that a job started from one of them must not inherit.
+INHERITED_RANK_VARIABLES = ("TORCHELASTIC_RUN_ID", "RANK", "WORLD_SIZE", "LOCAL_RANK",
+                            "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR",
+                            "MASTER_PORT")
+
 
 def run_script(target: str, *argv: str) -> None:
     """Run a Python file, or a module by name, as ``__main__`` with ``sys.argv`` set: launch a
@@ -141,8 +146,7 @@ class _TorchrunJob(LaunchedJob):
         (folder / "task.pkl").write_bytes(cloudpickle.dumps(task))
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
-        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
-                    "TORCHELASTIC_RUN_ID"):
+        for key in INHERITED_RANK_VARIABLES:
             env.pop(key, None)  # a launch from inside a distributed run must not inherit its ranks
         self._log = open(folder / "torchrun.log", "wb")  # noqa: SIM115 - closed in outcomes()
         self._proc = subprocess.Popen(
@@ -261,7 +265,10 @@ def submit(
         name=name, nodes=nodes, tasks_per_node=nprocs // nodes, timeout_min=timeout_min,
         gpus_per_node=gpus_per_node, cpus_per_task=cpus_per_task, mem_gb=mem_gb,
     )
-    parameters[f"{executor}_setup"] = [pythonpath]
+    # A job submitted from inside a distributed run inherits its variables (sbatch exports the
+    # environment, the local executor copies it); torchrun's would outrank the job's own ranks.
+    stale = "unset " + " ".join(INHERITED_RANK_VARIABLES)
+    parameters[f"{executor}_setup"] = [stale, pythonpath]
     if partition is not None:
         parameters["slurm_partition"] = partition
     parameters.update(executor_parameters)
