@@ -199,23 +199,31 @@ class StageLink:
         return self.stage == self.num_stages - 1
 
     # -- failure -----------------------------------------------------------------------------
-    def failure(self) -> str | None:
-        """The failure some rank reported on this link, or ``None``."""
+    def _reported(self) -> tuple[int, str] | None:
+        """``(stage, reason)`` of the failure some rank reported on this link, or ``None``."""
         if not self._store.check([self._key]):
             return None
-        return self._store.get(self._key).decode(errors="replace")
+        stage, _, reason = self._store.get(self._key).decode(errors="replace").partition("\n")
+        return int(stage), reason
+
+    def failure(self) -> str | None:
+        """The failure some rank reported on this link, or ``None``."""
+        reported = self._reported()
+        return None if reported is None else reported[1]
 
     def fail(self, reason: str) -> None:
-        """Report a failure to every rank of the link (their waits raise)."""
-        self._store.set(self._key, reason)
+        """Report a failure of this rank's stage to every rank of the link (their waits
+        raise)."""
+        self._store.set(self._key, f"{self.stage}\n{reason}")
 
     @contextlib.contextmanager
     def step(self) -> Iterator[StageLink]:
         """Run one pipeline step: an exception raised inside is reported to every rank.
 
         Waits of other ranks on this link then raise :class:`PipelineStageError` naming this
-        rank's error. A timeout inside a pipelining schedule is re-raised as
-        :class:`PipelineStageError` naming the stage that failed, if one did.
+        rank's error. An error raised here after *another* stage failed (a timeout inside a
+        pipelining schedule that waited on it) is re-raised as :class:`PipelineStageError`
+        naming that stage's failure; the ranks of the failed stage keep their own errors.
         """
         earlier = self.failure()
         if earlier is not None:
@@ -226,11 +234,13 @@ class StageLink:
         except PipelineStageError:
             raise
         except BaseException as exc:
-            remote = self.failure()
-            if remote is not None:  # we only waited on a stage that had failed
+            reported = self._reported()
+            if reported is not None and reported[0] != self.stage:  # we waited on a failed stage
                 raise PipelineStageError(f"rank {dist.get_rank()} (stage {self.stage}) gave up "
-                                         f"waiting: {remote}") from exc
-            self.fail(f"stage {self.stage} (rank {dist.get_rank()}) failed: {_describe(exc)}")
+                                         f"waiting: {reported[1]}") from exc
+            if reported is None:
+                self.fail(f"stage {self.stage} (rank {dist.get_rank()}) failed: "
+                          f"{_describe(exc)}")
             raise
 
     def _run(self, transfer: Callable[[], Any], what: str) -> Any:
