@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -128,7 +128,6 @@ class TPLayer:
     when it must be decided from the observed shape (DTensor weights).
     """
 
-    module: nn.Module = field(compare=False, repr=False)
     full_in: int | None
     full_out: int | None
     input_sharded: bool | None
@@ -142,13 +141,13 @@ def tp_layer(module: nn.Module, mesh: ParallelMesh) -> TPLayer | None:
     if fs is not None:
         col, row, vocab_emb, emb = fs
         if isinstance(module, col):
-            return TPLayer(module, module.in_features, module.out_features, False,
+            return TPLayer(module.in_features, module.out_features, False,
                            not module.gather_output, exact=True)
         if isinstance(module, row):
-            return TPLayer(module, module.in_features, module.out_features,
+            return TPLayer(module.in_features, module.out_features,
                            module.input_is_parallel, False, exact=True)
         if isinstance(module, (vocab_emb, emb)):
-            return TPLayer(module, None, module.embedding_dim, False, False, exact=True)
+            return TPLayer(None, module.embedding_dim, False, False, exact=True)
     weight = getattr(module, "weight", None)
     placement = _tp_shard_dim(weight, mesh) if weight is not None else None
     if placement is None:
@@ -156,10 +155,10 @@ def tp_layer(module: nn.Module, mesh: ParallelMesh) -> TPLayer | None:
     full = tuple(weight.shape)
     if isinstance(module, nn.Embedding):
         # Shard(1): embedding dim split -> output sharded; Shard(0): vocab split -> replicated.
-        return TPLayer(module, None, full[1], False, None if placement == 1 else False, False)
+        return TPLayer(None, full[1], False, None if placement == 1 else False, False)
     if placement == 0:  # colwise Linear: weight (out, in) split on out
-        return TPLayer(module, full[1], full[0], False, None, exact=False)
-    return TPLayer(module, full[1], full[0], None, False, exact=False)
+        return TPLayer(full[1], full[0], False, None, exact=False)
+    return TPLayer(full[1], full[0], None, False, exact=False)
 
 
 def _fairscale_layers():
