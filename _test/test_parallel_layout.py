@@ -97,6 +97,11 @@ def test_uneven_data_parallel_batches():
                        [3 * rank:])
     out.sum().backward()
     assert torch.equal(leaf.grad, torch.ones_like(local))
+    # a tensor without a batch dim (the same on every dp rank), told by expected_shape
+    table = torch.arange(6.0).reshape(1, 6)
+    stored = _retrieve(runtime, table, _site(nn.Identity(), (1, 6)))
+    assert stored is None or torch.equal(stored, table)
+    assert (stored is not None) == (rank == 0)
 
 
 @distributed(world_size=2)

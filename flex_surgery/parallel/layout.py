@@ -26,7 +26,9 @@ Inference rules (:class:`LayoutInference`), for the tensor a hook sees:
   ``RowParallelLinear`` is replicated. Gradients take the layout recorded in the last forward.
 * **data parallel** (DDP, FSDP1, FSDP2): activations and their gradients are the local
   micro-batch: ``batch_dim`` (0 by default) is sharded over ``dp`` with sizes exchanged at run
-  time. Parameter gradients are a partial *average* over ``dp`` (DDP/FSDP average them).
+  time -- unless ``expected_shape`` gives that dim the local size: then every dp rank holds the
+  tensor whole (no batch dim, e.g. rotary tables) and it is replicated over ``dp``. Parameter
+  gradients are a partial *average* over ``dp`` (DDP/FSDP average them).
 * ``expected_shape`` (the unsharded shape, ``None`` for "any") is checked: dims where the local
   size is smaller than the expected one are sharded (the batch dim over ``dp``, others over
   ``tp``). It decides for modules whose layout comes from shapes; for fairscale TP layers a
@@ -328,14 +330,17 @@ class LayoutInference:
                     f"{type(module).__name__} ({role}): local shape {tuple(local.shape)} is "
                     f"sharded as {layout}")
             layout = hinted
-        return self._add_dp(layout, local, role)
+        return self._add_dp(layout, local, role, expected_shape)
 
-    def _add_dp(self, layout: Layout, local: torch.Tensor, role: str) -> Layout:
+    def _add_dp(self, layout: Layout, local: torch.Tensor, role: str,
+                expected_shape: Sequence[int | None] | None = None) -> Layout:
         if self.mesh.dp_size == 1 or layout.spec_for("dp") is not None:
             return layout
         if role not in ACTIVATION_ROLES or local.ndim == 0:
             return layout
         dim = self.batch_dim % local.ndim
+        if expected_shape is not None and expected_shape[dim] == local.shape[dim]:
+            return layout  # every dp rank holds it whole (no batch dim): replicated over dp
         scale = 1.0 / self.mesh.dp_size
         grad_role = role.startswith("grad")
         return Layout(layout.shards + (ShardSpec("dp", dim),), layout.partials,
