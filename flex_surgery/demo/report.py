@@ -56,7 +56,8 @@ def format_report(source: ModelSource, result: dict[str, Any], prompt: str,
     for call in result["group_calls"]:
         groups = "+".join(call["groups"])
         stored = call["stored"]
-        what = f"stored {len(stored)} tensors" if stored else "stored nothing"
+        what = (f"stored {len(stored)} tensor{'s' * (len(stored) != 1)}" if stored
+                else "stored nothing")
         effect = ("logits unchanged" if call["unchanged"] else
                   f"logprob({word}) {pred['logprob']:.2f} -> {call['logprob']:.2f}, "
                   f"top-1 {tok.decode([call['top1']])!r}")
