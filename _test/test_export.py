@@ -4,6 +4,8 @@ rejects weights that do not fit -- leaving itself untouched."""
 
 from __future__ import annotations
 
+import zipfile
+
 import pytest
 import torch
 from torch.export import Dim
@@ -340,3 +342,17 @@ def test_cuda_program_takes_a_cpu_checkpoint():
         swapped = run(exported, ids)
     assert_bit_equal(snapshot(exported), before)
     torch.testing.assert_close(swapped, logits(other.cuda(), ids), rtol=0, atol=0)
+
+
+def test_weightless_program_file_needs_and_takes_weights(case, tmp_path):
+    exported, ids = case["exported"], case["ids"]
+    exported.save(tmp_path / "graph.pt2", weights=False)
+    archive = zipfile.ZipFile(tmp_path / "graph.pt2").infolist()
+    assert sum(e.file_size for e in archive if "/data/weights/weight_" in e.filename) == 0
+    with pytest.raises(ValueError, match="holds no weights"):
+        ExportedModel.load(tmp_path / "graph.pt2")
+    with pytest.raises(WeightMismatchError, match="missing key"):
+        ExportedModel.load(tmp_path / "graph.pt2", weights={})
+    loaded = ExportedModel.load(tmp_path / "graph.pt2", weights=case["other"])
+    assert loaded.tied == exported.tied
+    assert torch.equal(run(loaded, ids), logits(case["other"], ids))

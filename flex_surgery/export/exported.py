@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from flex_surgery.export.layout import WeightLayout, WeightSlot
-from flex_surgery.export.program import OutputKey, export_private_copy
+from flex_surgery.export.program import OutputKey, export_private_copy, with_state
 from flex_surgery.export.weight_files import load_weight_file, save_weight_file
 from flex_surgery.surgery.snapshot import take_snapshot
 
@@ -79,20 +79,37 @@ class ExportedModel:
                                               dynamic_shapes, output, strict)
         return cls(program, prefix, output)
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the program with its current weights (``torch.export.save``, a ``.pt2`` file)."""
-        meta = {"version": _META_VERSION, "prefix": self.layout.prefix, "output": self.output}
-        torch.export.save(self.program, path, extra_files={_META_FILE: json.dumps(meta)})
+    def save(self, path: str | os.PathLike, weights: bool = True) -> None:
+        """Write the program (``torch.export.save``, a ``.pt2`` file) with its current weights,
+        or, with ``weights=False``, the graph alone: :meth:`load` then needs ``weights=``.
+
+        Weightless files keep a large model's weights in one place (a checkpoint written by
+        :meth:`save_weights` or by training) instead of one more copy inside every program.
+        """
+        meta = {"version": _META_VERSION, "prefix": self.layout.prefix, "output": self.output,
+                "weights": weights}
+        program = self.program
+        if not weights:
+            device = {str(t.device) for t in self._slots.values()}
+            meta.update(tied=self.tied, device=device.pop() if len(device) == 1 else None)
+            program = with_state(program, self._state_on("meta"))
+        torch.export.save(program, path, extra_files={_META_FILE: json.dumps(meta)})
 
     @classmethod
     def load(cls, path: str | os.PathLike, weights: WeightSource | None = None) -> ExportedModel:
-        """Read a program written by :meth:`save`, then inject ``weights`` if given."""
+        """Read a program written by :meth:`save`, then inject ``weights`` if given (required,
+        and checked strictly, for a program saved with ``weights=False``)."""
         extra = {_META_FILE: ""}
         program = torch.export.load(path, extra_files=extra)
         if not extra[_META_FILE]:
             raise ValueError(f"{os.fspath(path)!r} was not written by ExportedModel.save; wrap a "
                              f"torch.export.load result with ExportedModel(program, prefix=...)")
         meta = json.loads(extra[_META_FILE])
+        if not meta["weights"]:
+            if weights is None:
+                raise ValueError(f"{os.fspath(path)!r} holds no weights (saved with "
+                                 f"weights=False); pass weights= to load")
+            program = _materialize(program, meta)
         exported = cls(program, meta["prefix"], meta["output"])
         if weights is not None:
             exported.inject(weights)
@@ -208,6 +225,14 @@ class ExportedModel:
                                f"program.state_dict; in-place injection would be lost")
         return live
 
+    def _state_on(self, device: str) -> dict[str, torch.Tensor]:
+        """Program state keys -> new empty tensors on ``device``, one per slot (ties kept)."""
+        state = {}
+        for slot in self.layout.slots:
+            empty = torch.empty(slot.shape, dtype=slot.dtype, device=device)
+            state.update({self.layout.prefix + name: empty for name in slot.names})
+        return state
+
     def _canonical_items(self) -> Iterator[tuple[str, torch.Tensor]]:
         for slot in self.layout.slots:
             yield slot.names[0], self._slots[slot.names[0]].detach()
@@ -228,6 +253,24 @@ class ExportedModel:
     def _write(self, matched: list[tuple[WeightSlot, torch.Tensor]]) -> None:
         for slot, value in matched:
             self._slots[slot.names[0]].copy_(value)
+
+
+def _materialize(program: torch.export.ExportedProgram, meta: dict) -> torch.export.ExportedProgram:
+    """Give a program saved without weights empty storage, tied names sharing one tensor.
+
+    Its meta tensors carry shapes and dtypes but no identity, so ties come from ``meta``.
+    """
+    if meta.get("device") is None:
+        raise ValueError("a weightless program needs one device for all its weights")
+    prefix, state = meta["prefix"], {}
+    groups = {name: group for group in meta["tied"] for name in group}
+    for key, old in program.state_dict.items():
+        if key in state:
+            continue
+        empty = torch.empty(old.shape, dtype=old.dtype, device=meta["device"])
+        for name in groups.get(key[len(prefix):], [key[len(prefix):]]):
+            state[prefix + name] = empty
+    return with_state(program, state)
 
 
 def live_weights(module: nn.Module) -> dict[str, torch.Tensor]:

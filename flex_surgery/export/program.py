@@ -24,7 +24,7 @@ from typing import Any, Union
 import torch
 from torch import nn
 
-__all__ = ["OutputSelector", "export_private_copy"]
+__all__ = ["OutputSelector", "export_private_copy", "with_state"]
 
 OutputKey = Union[str, int, None]
 
@@ -63,3 +63,28 @@ def export_private_copy(module: nn.Module, example_args: tuple = (),
     program = torch.export.export(root, tuple(example_args), kwargs=dict(example_kwargs or {}),
                                   dynamic_shapes=dynamic_shapes, strict=strict)
     return program, prefix
+
+
+def with_state(program: torch.export.ExportedProgram,
+               state: Mapping[str, torch.Tensor]) -> torch.export.ExportedProgram:
+    """The same graph over other state tensors (same keys, shapes and dtypes).
+
+    Used to save a program without its weights (``state`` of meta tensors) and to give a program
+    loaded that way real storage again. Entries are wrapped as ``nn.Parameter`` where the
+    program's were. Constants (non-persistent buffers, lifted tensors) are kept: they are fixed
+    at export and usually tiny.
+    """
+    wrapped: dict[int, torch.Tensor] = {}
+    new_state = {}
+    for key, old in program.state_dict.items():
+        new = state[key]
+        if isinstance(old, nn.Parameter) and not isinstance(new, nn.Parameter):
+            if id(new) not in wrapped:  # one Parameter per tensor keeps tied entries tied
+                wrapped[id(new)] = nn.Parameter(new, requires_grad=old.requires_grad)
+            new = wrapped[id(new)]
+        new_state[key] = new
+    return torch.export.ExportedProgram(
+        root=program.graph_module, graph=program.graph, graph_signature=program.graph_signature,
+        state_dict=new_state, range_constraints=program.range_constraints,
+        module_call_graph=program.module_call_graph, example_inputs=None,
+        constants=program.constants, verifiers=program.verifiers)
