@@ -356,3 +356,19 @@ def test_weightless_program_file_needs_and_takes_weights(case, tmp_path):
     loaded = ExportedModel.load(tmp_path / "graph.pt2", weights=case["other"])
     assert loaded.tied == exported.tied
     assert torch.equal(run(loaded, ids), logits(case["other"], ids))
+
+
+def test_swap_restores_special_values_bit_for_bit():
+    model = TiedWithBuffers(0)
+    x, y = torch.randn(3, 10), torch.tensor(1.0)
+    exported = ExportedModel.export(model, example_args=(x, y), output=None)
+    weird = torch.tensor([-0.0, float("inf"), float("-inf"), 1e-45])  # -0, infinities, subnormal
+    nan_payload = torch.tensor([0x7FC00123], dtype=torch.int32).view(torch.float32)
+    with torch.no_grad():
+        exported.state_dict()["shift"].copy_(weird)
+        exported.state_dict()["proj.bias"][:1].copy_(nan_payload)
+    before = snapshot(exported)
+    for _ in range(3):
+        with exported.weights(TiedWithBuffers(1)):
+            pass
+    assert_bit_equal(snapshot(exported), before)
