@@ -87,6 +87,13 @@ def test_inject_from_state_dict_and_back(restored):
     assert torch.equal(run(exported, ids), logits(restored["eager"], ids))
 
 
+def test_inject_from_another_exported_model(restored):
+    exported, ids = restored["exported"], restored["ids"]
+    other_program = ExportedModel.export(restored["other"], example_kwargs={"input_ids": ids})
+    exported.inject(other_program)
+    assert torch.equal(run(exported, ids), logits(restored["other"], ids))
+
+
 # -- ownership: no aliasing in either direction ---------------------------------------------------
 def test_program_shares_no_storage_with_eager_model(case):
     eager_ptrs = {p.untyped_storage().data_ptr() for p in case["eager"].state_dict().values()}

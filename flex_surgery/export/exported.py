@@ -36,9 +36,9 @@ from flex_surgery.surgery.snapshot import take_snapshot
 __all__ = ["ExportedModel", "WeightSource", "live_weights"]
 
 #: What :meth:`ExportedModel.inject` accepts: a state dict keyed by eager names, a module with
-#: the same architecture (its live weights, see :func:`live_weights`), or the path of a weight
-#: file (safetensors or ``torch.save``).
-WeightSource = Union[Mapping[str, torch.Tensor], nn.Module, str, os.PathLike]
+#: the same architecture (its live weights, see :func:`live_weights`), another ExportedModel of
+#: it, or the path of a weight file (safetensors or ``torch.save``).
+WeightSource = Union[Mapping[str, torch.Tensor], nn.Module, "ExportedModel", str, os.PathLike]
 
 _META_FILE = "flex_surgery_export.json"
 _META_VERSION = 1
@@ -238,8 +238,10 @@ class ExportedModel:
             yield slot.names[0], self._slots[slot.names[0]].detach()
 
     def _match(self, source: WeightSource, strict: bool) -> list[tuple[WeightSlot, torch.Tensor]]:
-        if isinstance(source, nn.Module):
-            weights: Mapping[str, torch.Tensor] = live_weights(source)
+        if isinstance(source, ExportedModel):
+            weights: Mapping[str, torch.Tensor] = source.state_dict()
+        elif isinstance(source, nn.Module):
+            weights = live_weights(source)
         elif isinstance(source, (str, os.PathLike)):
             weights = load_weight_file(source)
         elif isinstance(source, Mapping):
