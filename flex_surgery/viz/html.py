@@ -11,13 +11,15 @@ from __future__ import annotations
 from html import escape
 from typing import TYPE_CHECKING
 
+from flex_surgery.viz.hook_map import _SHORT_KIND
+
 if TYPE_CHECKING:
     from flex_surgery.viz.hook_map import HookMap, ModuleNode, ParamInfo
 
 _CSS = """
 body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#1f2328}
 h1{font-size:20px;margin:0 0 4px} .hdr{color:#57606a;margin:2px 0}
-details{margin-left:18px} summary{cursor:pointer;white-space:nowrap}
+details{margin-left:18px} details.table{margin:16px 0 0} summary{cursor:pointer;white-space:nowrap}
 summary::marker{color:#8c959f} .leaf{margin-left:18px;padding-left:14px;white-space:nowrap}
 .name{font-family:ui-monospace,SFMono-Regular,Menlo,monospace;font-weight:600}
 .type{color:#0969da;margin-left:6px} .count{color:#8250df;margin-left:4px}
@@ -41,13 +43,18 @@ def render_html(hmap: HookMap, collapse: bool = True) -> str:
     parts.append(
         '<div class="legend">Every module takes <b>forward</b>, <b>forward_pre</b> and '
         "<b>full_backward_pre</b> hooks, and <b>full_backward</b> unless its inputs are integer "
-        "ids; parameters take <b>tensor</b> (gradient) hooks. "
+        "ids; parameters take <b>tensor</b> (gradient) hooks: listed per module as "
+        "[fwd pre bwd bwd_pre grad]. "
         '<span class="badge hook">read</span> hooks store the whole tensor, '
         '<span class="badge hook edit">edit</span> hooks replace it. Shapes read '
         "<i>full placement &rarr; local</i>; the picture shows the weight cut into shards, this "
         "rank's shard filled.</div>")
+    parts.append(_node(hmap.root, "", 1, collapse, top=True))
     hooks = hmap.hooks
-    if hooks:
+    if hooks:  # every hook once, uncollapsed; open by default only when short
+        is_open = " open" if len(hooks) <= 12 else ""
+        parts.append(f'<details class="table"{is_open}><summary><b>{len(hooks)} registered '
+                     "hooks</b></summary>")
         parts.append("<table><tr><th>module</th><th>kind</th><th>does</th><th>groups</th>"
                      "<th>output_dict key</th></tr>")
         for name, h in hooks:
@@ -57,8 +64,7 @@ def render_html(hmap: HookMap, collapse: bool = True) -> str:
                 f"<td>{'edit' if h.edits else 'read'}</td>"
                 f"<td>{escape(', '.join(('all',) + h.groups))}</td>"
                 f"<td><code>{escape(h.key or '')}</code></td></tr>")
-        parts.append("</table>")
-    parts.append(_node(hmap.root, hmap.root.type_name, 1, collapse, top=True))
+        parts.append("</table></details>")
     parts.append("</body></html>")
     return "\n".join(parts)
 
@@ -66,7 +72,7 @@ def render_html(hmap: HookMap, collapse: bool = True) -> str:
 def _node(node: ModuleNode, label: str, count: int, collapse: bool, top: bool = False) -> str:
     from flex_surgery.viz.hook_map import collapsed_children
 
-    head = [f'<span class="name">{escape(label or "(model)")}</span>']
+    head = [f'<span class="name">{escape(label)}</span>'] if label else []
     if count > 1:
         head.append(f'<span class="count">&times;{count}</span>')
     head.append(f'<span class="type">{escape(node.type_name)}</span>')
@@ -75,7 +81,8 @@ def _node(node: ModuleNode, label: str, count: int, collapse: bool, top: bool = 
         cls = "hook edit" if h.edits else "hook"
         head.append(f'<span class="badge {cls}" title="{escape(h.key or "")}">'
                     f"{escape(h.label())}</span>")
-    head.append(f'<span class="kinds">[{escape(" ".join(node.hookable))}]</span>')
+    kinds = " ".join(_SHORT_KIND[k] for k in node.hookable)
+    head.append(f'<span class="kinds" title="hook kinds that apply">[{kinds}]</span>')
     head += [_param(p) for p in node.params]
     if not node.children:
         return f'<div class="leaf">{"".join(head)}</div>'
