@@ -21,7 +21,7 @@ def python_blocks(page: Path) -> list[str]:
     return re.findall(r"```python\n(.*?)```", page.read_text(encoding="utf-8"), re.S)
 
 
-@pytest.mark.parametrize("page", ["quickstart.md", "layouts/single.md"])
+@pytest.mark.parametrize("page", ["quickstart.md", "hook_map.md", "layouts/single.md"])
 def test_single_process_page_runs(page):
     namespace = {"__name__": "docs_example"}  # skips `if __name__ == "__main__":` launches
     for block in python_blocks(DOCS / page):
