@@ -205,3 +205,19 @@ def test_close_leaves_the_model_without_runtime_hooks():
     assert any(m._forward_hooks for m in model.modules())
     runtime.close()
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+@distributed(world_size=2)
+def test_flexmodel_restore_under_tp_leaves_no_hook():
+    from fairscale.nn.model_parallel import initialize as fs
+    from flexmodel_helpers import hooks_left
+
+    fs.initialize_model_parallel(2)
+    model = fairscale_net(plain_net())
+    stored: dict = {}
+    flex = FlexModel(model, stored, tensor_parallel_size=2)
+    flex.register_forward_hook(HookFunction("blocks.0.up", editing_function=times_two))
+    flex(torch.randn(2, 3, plain_net().blocks[0].up.in_features))
+    assert hooks_left(model)
+    assert flex.restore() is model
+    assert hooks_left(model) == []

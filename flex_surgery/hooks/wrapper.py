@@ -36,7 +36,7 @@ from flex_surgery.hooks.hook_function import (
 )
 from flex_surgery.parallel.distributed_runtime import build_runtime
 from flex_surgery.parallel.pipeline import StageLink, collect_stage_outputs
-from flex_surgery.parallel.runtime import HOOK_TYPES, HookSite
+from flex_surgery.parallel.runtime import HOOK_TYPES, HookSite, wait_for_host_copies
 from flex_surgery.surgery.shards import clean_name
 
 # PyTorch's registration method for each module hook kind, with the options we use.
@@ -69,6 +69,9 @@ class FlexModel(nn.Module):
             other kinds (:attr:`HookFunction.output_key`). ``None`` stores nothing.
         tensor_parallel_size, pipeline_parallel_size, data_parallel_size, process_group: how
             the model is distributed; all 1/``None`` in one process.
+        store_on: ``"rank0"`` stores retrieved tensors on global rank 0 only (on each pipeline
+            stage's leader until :meth:`sync_pipeline_outputs`); ``"all"`` on every rank.
+        batch_dim: the activation dimension that data parallelism splits.
     """
 
     def __init__(
@@ -79,6 +82,9 @@ class FlexModel(nn.Module):
         pipeline_parallel_size: int = 1,
         data_parallel_size: int = 1,
         process_group: dist.ProcessGroup | None = None,
+        *,
+        store_on: str = "rank0",
+        batch_dim: int = 0,
     ) -> None:
         super().__init__()
         if not isinstance(module, nn.Module):
@@ -92,7 +98,8 @@ class FlexModel(nn.Module):
         self.pp_size = pipeline_parallel_size
         self.dp_size = data_parallel_size
         self.runtime = build_runtime(module, tensor_parallel_size, pipeline_parallel_size,
-                                     data_parallel_size, process_group)
+                                     data_parallel_size, process_group, store_on=store_on,
+                                     batch_dim=batch_dim)
         self._shared = SharedState(output_dict, self.save_ctx, self.trainable_modules)
         self._groups = HookGroups()
         # None: a module backward hook that is disabled, hence not installed (see _select).
@@ -128,7 +135,9 @@ class FlexModel(nn.Module):
         """
         self._check_usable()
         self._select(groups, complement)
-        return self.module(*args, **kwargs)
+        output = self.module(*args, **kwargs)
+        wait_for_host_copies()  # stored activations are complete when forward returns
+        return output
 
     def _select(self, groups: str | Sequence[str], complement: bool) -> None:
         names = (groups,) if isinstance(groups, str) else tuple(groups)
@@ -475,6 +484,7 @@ class FlexModel(nn.Module):
                 parameter._backward_hooks = None
         self._backward_flag_before.clear()
         self._params_without_hooks_before.clear()
+        self.runtime.close()  # the runtime's own hooks (layout tracking) go too
         self._restored = True
         return self.module
 

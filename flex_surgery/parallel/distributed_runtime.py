@@ -324,20 +324,20 @@ class DistributedRuntime(Runtime):
     def full_parameter(self, name: str, parameter: torch.Tensor,
                        owner: nn.Module | None) -> torch.Tensor:
         if is_dtensor(parameter):  # DTensor TP, HF TP, FSDP2 (and FSDP2 x TP)
-            return store_copy(parameter.full_tensor())
+            return store_copy(parameter.full_tensor(), blocking=True)
         fsdp_root = _fsdp1_root(self.module)
         if fsdp_root is not None:
             from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
             with FSDP.summon_full_params(fsdp_root, writeback=False):
-                return store_copy(_parameter_by_name(self.module, name))
+                return store_copy(_parameter_by_name(self.module, name), blocking=True)
         dim = fairscale_param_dim(owner, parameter) if owner is not None else None
         if dim is not None and self.mesh.tp_size > 1:
             sizes = chunk_sizes(parameter.shape[dim] * self.mesh.tp_size, self.mesh.tp_size)
             with torch.no_grad():
                 return store_copy(all_gather(parameter.detach(), dim, self.mesh.group("tp"),
-                                             sizes))
-        return store_copy(parameter)
+                                             sizes), blocking=True)
+        return store_copy(parameter, blocking=True)
 
 
 _HOOK_IDS = itertools.count()

@@ -131,13 +131,39 @@ class Runtime:
         raise NotImplementedError
 
 
-def store_copy(tensor: torch.Tensor) -> torch.Tensor:
+_PENDING_HOST_COPIES: list[torch.cuda.Event] = []
+
+
+def store_copy(tensor: torch.Tensor, blocking: bool = False) -> torch.Tensor:
     """A detached CPU copy that later in-place changes to ``tensor`` cannot reach.
 
-    ``tensor.cpu()`` on a CPU tensor returns the tensor itself, so the copy is explicit. For CUDA
-    tensors the copy is issued non-blocking.
+    ``tensor.cpu()`` on a CPU tensor returns the tensor itself, so the copy is explicit. A CUDA
+    tensor is copied into pinned memory without blocking, so a retrieval-only hook does not
+    stall the forward; the copy is complete once :func:`wait_for_host_copies` returns, which
+    FlexModel calls at the end of every forward and (for copies made by backward hooks) at the
+    end of every backward. ``blocking=True`` waits for this copy at once.
     """
-    return tensor.detach().to("cpu", copy=True, non_blocking=tensor.device.type == "cuda")
+    tensor = tensor.detach()
+    if tensor.device.type != "cuda":
+        return tensor.to("cpu", copy=True)
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    if blocking:
+        torch.cuda.current_stream(tensor.device).synchronize()
+        return host
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(tensor.device))
+    if not _PENDING_HOST_COPIES and torch._C._current_graph_task_id() != -1:
+        # Inside backward: make sure the copy has landed when backward() returns.
+        torch.autograd.Variable._execution_engine.queue_callback(wait_for_host_copies)
+    _PENDING_HOST_COPIES.append(event)
+    return host
+
+
+def wait_for_host_copies() -> None:
+    """Block until every non-blocking device-to-host copy made by :func:`store_copy` is done."""
+    while _PENDING_HOST_COPIES:
+        _PENDING_HOST_COPIES.pop().synchronize()
 
 
 class LocalRuntime(Runtime):
@@ -166,4 +192,4 @@ class LocalRuntime(Runtime):
 
     def full_parameter(self, name: str, parameter: torch.Tensor,
                        owner: nn.Module | None) -> torch.Tensor:
-        return store_copy(parameter)
+        return store_copy(parameter, blocking=True)
