@@ -62,7 +62,9 @@ class ExportedModel:
         self.layout = WeightLayout(program.state_dict, prefix)
         self._runner = program.module()
         self._compiled: Any = None  # torch.compile'd module or AOTInductor runner
-        self._slots = {slot.names[0]: self._live_tensor(slot) for slot in self.layout.slots}
+        runner_state = _runner_state(self._runner)
+        self._slots = {slot.names[0]: self._live_tensor(slot, runner_state)
+                       for slot in self.layout.slots}
 
     # -- construction ----------------------------------------------------------------------------
     @classmethod
@@ -90,8 +92,10 @@ class ExportedModel:
                 "weights": weights}
         program = self.program
         if not weights:
-            device = {str(t.device) for t in self._slots.values()}
-            meta.update(tied=self.tied, device=device.pop() if len(device) == 1 else None)
+            devices = {str(t.device) for t in self._slots.values()}
+            if len(devices) != 1:
+                raise ValueError(f"weights=False needs all weights on one device, not {devices}")
+            meta.update(tied=self.tied, device=devices.pop())
             program = with_state(program, self._state_on("meta"))
         torch.export.save(program, path, extra_files={_META_FILE: json.dumps(meta)})
 
@@ -215,10 +219,11 @@ class ExportedModel:
         save_weight_file({name: t for name, t in self._canonical_items()}, path)
 
     # -- internals -------------------------------------------------------------------------------
-    def _live_tensor(self, slot: WeightSlot) -> torch.Tensor:
+    def _live_tensor(self, slot: WeightSlot, runner_state: dict[str, torch.Tensor]
+                     ) -> torch.Tensor:
         """The tensor the runner reads for ``slot``; it must alias the program's own entry."""
         key = self.layout.program_key(slot.names[0])
-        live = _runner_state(self._runner)[key]
+        live = runner_state[key]
         stored = self.program.state_dict[key]
         if live.data_ptr() != stored.data_ptr():
             raise RuntimeError(f"program.module() copied {key!r} instead of sharing it with "
@@ -262,8 +267,6 @@ def _materialize(program: torch.export.ExportedProgram, meta: dict) -> torch.exp
 
     Its meta tensors carry shapes and dtypes but no identity, so ties come from ``meta``.
     """
-    if meta.get("device") is None:
-        raise ValueError("a weightless program needs one device for all its weights")
     prefix, state = meta["prefix"], {}
     groups = {name: group for group in meta["tied"] for name in group}
     for key, old in program.state_dict.items():
