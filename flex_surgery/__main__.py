@@ -9,11 +9,16 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
 
 def _demo(args: argparse.Namespace) -> int:
+    # The demo is sized for a CPU machine and its ranks compute on CPU (gloo follows from the
+    # device). Hide GPUs before torch is imported: HF's TP loader binds every rank to
+    # cuda:LOCAL_RANK whenever an accelerator is visible, which one GPU cannot serve.
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
     from flex_surgery.demo import DemoConfig, main_exit_code, run_demo
 
     config = DemoConfig(model=args.model, nprocs=args.nprocs, prompt=args.prompt,
