@@ -201,7 +201,7 @@ def _fsdp2_class():
     return FSDPModule
 
 
-def reshard_for_surgery(model: nn.Module) -> None:
+def reshard_for_surgery(model: nn.Module, modules: list[nn.Module] | None = None) -> None:
     """Put every FSDP unit of ``model`` in its sharded state, with no unsharded copy left.
 
     Why: after a forward, FSDP1 keeps the *root* unit's gathered flat parameter allocated and
@@ -209,10 +209,10 @@ def reshard_for_surgery(model: nn.Module) -> None:
     local shard would then be invisible to the next forward (or an edit of the unsharded copy
     lost at the next reshard). Freeing the unsharded copies makes the next forward gather from
     the shards again -- on entering (so edits take effect) and on leaving (so the restored
-    weights do).
+    weights do). ``modules`` is ``list(model.modules())`` when the caller has it already.
     """
     fsdp1, fsdp2 = _fsdp1_class(), _fsdp2_class()
-    for module in model.modules():
+    for module in model.modules() if modules is None else modules:
         if fsdp1 is not None and isinstance(module, fsdp1):
             handle = getattr(module, "_handle", None)
             if (handle is not None and handle.uses_sharded_strategy

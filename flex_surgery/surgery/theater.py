@@ -245,6 +245,9 @@ class SurgicalTheater:
         self._hooks: list[Any] = []
         self._guard: dict[str, Any] = {}
         self._names: list[str] = []
+        self._modules: list[nn.Module] = []
+        self._sharded = False
+        self._module_ids: set[int] = set()
         self.stats: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ targets
@@ -353,8 +356,8 @@ class SurgicalTheater:
 
     # -------------------------------------------------------------------- guard
     def _capture_guard(self) -> None:
-        modules = list(self.model.modules())
-        params = _all_parameters(self.model)
+        modules = self._modules
+        params = _all_parameters(modules)
         self._guard = {
             "training": [(m, m.training) for m in modules],
             "requires_grad": [(p, p.requires_grad) for p in params],
@@ -371,7 +374,8 @@ class SurgicalTheater:
         if not g:
             return
         for m, training in g["training"]:
-            m.training = training
+            if m.training != training:  # nn.Module.__setattr__ is slow; most are unchanged
+                m.training = training
         for p, flag in g["requires_grad"]:
             p.requires_grad_(flag)
         for p, grad in g["grads"]:
@@ -400,13 +404,13 @@ class SurgicalTheater:
             self._hooks.append(register_optimizer_step_pre_hook(refuse_step))
         if not self._snapshots:
             return
-        for module in self.model.modules():
+        for module in self._modules:
             pre = module.register_state_dict_pre_hook(_state_dict_pre_hook)
             # Run before FSDP's own pre-hook, which gathers the (modified) shards.
             module._state_dict_pre_hooks.move_to_end(pre.id, last=False)
             self._hooks.append(pre)
             self._hooks.append(module.register_state_dict_post_hook(_make_post_hook()))
-        self._module_ids = {id(m) for m in self.model.modules()}
+        self._module_ids = {id(m) for m in self._modules}
 
     def _remove_hooks(self) -> None:
         for h in self._hooks:
@@ -414,9 +418,13 @@ class SurgicalTheater:
         self._hooks = []
         self._module_ids = set()
 
+    def _reshard(self) -> None:
+        if self._sharded:
+            reshard_for_surgery(self.root, self._modules)
+
     def _swap(self) -> None:
         """Exchange modified and original contents (for ``state_dict`` inside the context)."""
-        reshard_for_surgery(self.root)
+        self._reshard()
         for snap in self._snapshots:
             snap.swap()
         _sync([s.local for s in self._snapshots])
@@ -427,14 +435,17 @@ class SurgicalTheater:
             raise SurgeryError("this SurgicalTheater is already active; create a new one to "
                                "nest contexts")
         start = time.perf_counter()
+        self._modules = list(self.model.modules())
+        self._sharded = any(_is_fsdp(m) for m in self._modules)
         self._capture_guard()
         try:
             base_seed = self.seed
             if self.modification_type == "noise" and base_seed is None:
                 base_seed = int(torch.randint(0, 2**62, (1,)).item())
                 self._guard["cpu_rng"] = torch.get_rng_state()
-            reshard_for_surgery(self.root)
-            self._targets = self._resolve(local_shards(self.root))
+            self._reshard()
+            if self.modification_type is not None:
+                self._targets = self._resolve(local_shards(self.root))
             for shard in self._targets:
                 self._snapshots.append(take_snapshot(shard.local, self.backup))
                 self._modify(shard, base_seed)
@@ -478,7 +489,7 @@ class SurgicalTheater:
     def _unwind(self) -> None:
         """Put every saved element back (newest first), then the guarded state."""
         try:
-            reshard_for_surgery(self.root)  # drop gathered copies that saw the modification
+            self._reshard()  # drop gathered copies that saw the modification
             for snap in reversed(self._snapshots):
                 snap.restore()
             _sync([s.local for s in self._snapshots])
@@ -487,6 +498,7 @@ class SurgicalTheater:
             self._targets = []
             self._remove_hooks()
             self._restore_guard()
+            self._modules = []
 
     # --------------------------------------------------------------- reporting
     @property
@@ -502,16 +514,28 @@ class SurgicalTheater:
         return {self.modification_type: self.modified_names}
 
 
-def _all_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """Every parameter object, including FSDP1 ``FlatParameter``\\ s that
-    ``use_orig_params=True`` hides from ``parameters()`` (they hold the real gradients)."""
-    params = {id(p): p for p in model.parameters()}
-    for module in model.modules():
+def _all_parameters(modules: nn.Module | list[nn.Module]) -> list[nn.Parameter]:
+    """Every parameter object of these modules (or of a model), including FSDP1
+    ``FlatParameter``\\ s that ``use_orig_params=True`` hides from ``parameters()`` (they hold
+    the real gradients)."""
+    if isinstance(modules, nn.Module):
+        modules = list(modules.modules())
+    params: dict[int, nn.Parameter] = {}
+    for module in modules:
+        for p in module._parameters.values():
+            if p is not None:
+                params.setdefault(id(p), p)
         handle = getattr(module, "_handle", None)
         flat = getattr(handle, "flat_param", None)
         if isinstance(flat, nn.Parameter):
             params.setdefault(id(flat), flat)
     return list(params.values())
+
+
+def _is_fsdp(module: nn.Module) -> bool:
+    """FSDP1 or FSDP2 unit: the model keeps gathered copies that surgery must drop."""
+    return type(module).__name__ == "FullyShardedDataParallel" or any(
+        cls.__name__ == "FSDPModule" for cls in type(module).__mro__)
 
 
 def surgical_theater(model: nn.Module, layers: LayerSpec | Sequence[LayerSpec] | None = None,
