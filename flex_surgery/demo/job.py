@@ -10,7 +10,6 @@ turns into the report; the other ranks return their own restore check.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -116,14 +115,14 @@ def demo_rank(folder: str, input_ids: list[int], max_blocks: int | None = None,
               check_reference: bool = True) -> dict[str, Any]:
     """The demo on this rank (every rank of the default process group calls it)."""
     rank = dist.get_rank()
-    say: Callable[..., None] = print if rank == 0 else (lambda *a, **k: None)
     clock = _Clock()
     model = load_tensor_parallel(folder)
     solo = dist.new_group([0])  # rank 0's reference runs in a world of its own
     reference = load_whole(folder) if check_reference and rank == 0 else None
     clock.lap("load")
-    say(f"[rank 0] sharded over {dist.get_world_size()} ranks in {clock.times['load']:.1f} s",
-        flush=True)
+    if rank == 0:
+        print(f"[rank 0] sharded over {dist.get_world_size()} ranks in "
+              f"{clock.times['load']:.1f} s", flush=True)
     ids = torch.tensor([input_ids])
     blocks = block_names(model)
     edited = f"{blocks[len(blocks) // 2]}.mlp.up_proj"
@@ -136,14 +135,31 @@ def demo_rank(folder: str, input_ids: list[int], max_blocks: int | None = None,
         register_groups(ref_flex, edited)
     result: dict[str, Any] = {"rank": rank, "world_size": dist.get_world_size(),
                               "num_blocks": len(blocks), "edited_module": edited}
+    base = retrieve_everything(flex, ref_flex, ids, result)
+    clock.lap("retrieve")
+    result["group_calls"] = toggle_groups(flex, ref_flex, ids, base)
+    flex.restore()
+    if ref_flex is not None:
+        ref_flex.restore()
+    clock.lap("groups")
+    n = len(blocks) if max_blocks is None else min(max_blocks, len(blocks))
+    result["sweep"] = ablation_sweep(model, reference, ids, int(base.argmax()), n)
+    clock.lap("sweep")
+    result["timings"] = clock.times
+    return result
 
-    # 1. every retrieval group at once (= everything but the edit group), noting the shape of
-    # what each hooked module holds on this rank, to show which activations were sharded
+
+def retrieve_everything(flex: FlexModel, ref_flex: FlexModel | None, ids: torch.Tensor,
+                        result: dict[str, Any]) -> torch.Tensor:
+    """One call with every retrieval group (everything but the edit group), each stored
+    activation compared with one process; adds the prediction, and on rank 0 the hook map, to
+    ``result``. Returns the next-token log-probabilities."""
+    # What each hooked module holds on this rank, to show which activations were sharded.
     local_shapes: dict[str, tuple[int, ...]] = {}
     edits = set(flex.get_group_hook_functions(EDIT_GROUP))
     watched = {hf.module_name for hf in flex.hook_functions if hf not in edits}
     handles = [module.register_forward_hook(_shape_recorder(local_shapes, name))
-               for name, module in model.named_modules() if name in watched]
+               for name, module in flex.module.named_modules() if name in watched]
     base = next_token_logprobs(flex, ids, groups=EDIT_GROUP, complement=True)
     for handle in handles:
         handle.remove()
@@ -155,7 +171,7 @@ def demo_rank(folder: str, input_ids: list[int], max_blocks: int | None = None,
         result["retrieval"] = {"count": len(diffs), "diffs": diffs, "sharded": sharded,
                                "logprob_diff": (base - ref_base).abs().max().item(),
                                "reference_top1": int(ref_base.argmax())}
-    if rank == 0:
+    if dist.get_rank() == 0:
         from flex_surgery.viz import hook_map
 
         result["shapes"] = {k: tuple(v[0].shape) for k, v in retrieved.items()}
@@ -165,9 +181,14 @@ def demo_rank(folder: str, input_ids: list[int], max_blocks: int | None = None,
     top = int(base.argmax())
     result["prediction"] = {"top1": top, "logprob": base[top].item(),
                             "top5": base.topk(5).indices.tolist()}
-    clock.lap("retrieve")
+    return base
 
-    # 2. hook groups chosen per call
+
+def toggle_groups(flex: FlexModel, ref_flex: FlexModel | None, ids: torch.Tensor,
+                  base: torch.Tensor) -> list[dict[str, Any]]:
+    """Three calls choosing different groups: what each stored, and how the prediction moved
+    (the edit group must change it only in the call that selects it)."""
+    top = int(base.argmax())
     calls = []
     for groups in (["resid"], [EDIT_GROUP, "logits"], ["logits"]):
         flex.output_dict = {}
@@ -180,19 +201,20 @@ def demo_rank(folder: str, input_ids: list[int], max_blocks: int | None = None,
             call["reference_diff"] = (lp - next_token_logprobs(ref_flex, ids, groups=groups)
                                       ).abs().max().item()
         calls.append(call)
-    result["group_calls"] = calls
-    flex.restore()
-    if ref_flex is not None:
-        ref_flex.restore()
-    clock.lap("groups")
+    return calls
 
-    # 3. ablate each block with a SurgicalTheater; check the restore after every step
-    before = [(s.name, s.local.detach().clone(), s.local.data_ptr()) for s in local_shards(model)]
-    n = len(blocks) if max_blocks is None else min(max_blocks, len(blocks))
+
+def ablation_sweep(model: nn.Module, reference: nn.Module | None, ids: torch.Tensor, top: int,
+                   num_blocks: int) -> list[dict[str, Any]]:
+    """Zero each block's linear weights in a SurgicalTheater, measure the prediction, and check
+    after every step that this rank's shards are byte-identical, in the same storage, to before
+    (agreed over all ranks)."""
     from tqdm.auto import tqdm
 
+    rank = dist.get_rank()
+    before = [(s.name, s.local.detach().clone(), s.local.data_ptr()) for s in local_shards(model)]
     rows = []
-    for i in tqdm(range(n), desc="ablating blocks", disable=rank != 0, leave=False):
+    for i in tqdm(range(num_blocks), desc="ablating blocks", disable=rank != 0, leave=False):
         with SurgicalTheater(model, layers=[i], modification_type="disable") as theater:
             lp = next_token_logprobs(model, ids)
         now = local_shards(model)
@@ -210,7 +232,4 @@ def demo_rank(folder: str, input_ids: list[int], max_blocks: int | None = None,
                 ref_lp = next_token_logprobs(reference, ids)
             row["reference_diff"] = (lp - ref_lp).abs().max().item()
         rows.append(row)
-    result["sweep"] = rows
-    clock.lap("sweep")
-    result["timings"] = clock.times
-    return result
+    return rows
