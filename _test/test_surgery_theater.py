@@ -355,3 +355,28 @@ def test_training_with_validation_ends_with_the_same_weights():
     plain, validated = _train(False), _train(True)
     for name, w in plain.items():
         assert torch.equal(w.view(torch.uint8), validated[name].view(torch.uint8)), name
+
+
+def test_ctrl_c_during_the_restore_is_delivered_after_it(monkeypatch):
+    import os
+    import signal
+
+    from flex_surgery.surgery.snapshot import Snapshot
+
+    m = _fresh()
+    before = raw_state(m)
+    restore = Snapshot.restore
+    sent = []
+
+    def interrupted_restore(self):
+        if not sent:
+            sent.append(True)
+            os.kill(os.getpid(), signal.SIGINT)  # arrives in the middle of the restore loop
+        restore(self)
+
+    monkeypatch.setattr(Snapshot, "restore", interrupted_restore)
+    with pytest.raises(KeyboardInterrupt):
+        with SurgicalTheater(m, modification_type="scale", params="all"):
+            pass
+    assert sent and differing_bytes(before, raw_state(m)) == 0
+    assert active_theaters() == ()
