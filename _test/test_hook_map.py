@@ -161,3 +161,17 @@ def test_hf_tensor_parallel_llama_is_mapped(tmp_path):
     assert "HF tensor-parallel plan" in text
     assert _line(text, r"0\.\.1 x2 LlamaDecoderLayer")
     assert _line(text, r"up_proj Linear \| weight 128x64 tp:Shard\(0\)->64x64 <= fwd:read\[up\]")
+
+
+def test_inspect_cli_sharded_over_forked_ranks(tmp_path, capsys):
+    from flex_surgery.__main__ import main
+
+    out = tmp_path / "tp.html"
+    assert main(["inspect", "llama", "--tp", "2", "--group", "up=*.up_proj",
+                 "--html", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "on rank 0 of 2" in printed and "mesh: dp=1 tp=2 pp=1" in printed
+    assert _line(printed, r"up_proj Linear \| weight 128x64 tp:Shard\(0\)->64x64 <= fwd:read\[up\]")
+    assert "shard 0 of 2" in out.read_text()
+    with pytest.raises(SystemExit, match="--tp needs"):
+        main(["inspect", "gpt2", "--tp", "2"])

@@ -12,6 +12,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -41,27 +42,82 @@ def _load_for_inspect(name: str):
     raise SystemExit(f"unknown model {name!r}: choose smollm2 or one of {TINY_ARCHITECTURES}")
 
 
-def _inspect(args: argparse.Namespace) -> int:
+def _parse_groups(specs: Sequence[str]) -> list[tuple[str, str, str]]:
+    """``NAME[:KIND]=PATTERN`` options as ``(group, hook kind, pattern)``."""
+    groups = []
+    for spec in specs:
+        group, sep, pattern = spec.partition("=")
+        if not sep or not group or not pattern:
+            raise SystemExit(f"--group takes NAME[:KIND]=PATTERN, got {spec!r}")
+        group, _, kind = group.partition(":")
+        groups.append((group, kind or "forward", pattern))
+    return groups
+
+
+def _hook_map_of(model, groups: list[tuple[str, str, str]], title: str):
     from flex_surgery.hooks import FlexModel
     from flex_surgery.viz import hook_map
 
-    model = _load_for_inspect(args.model)
     target = model
-    if args.group:
+    if groups:
         target = FlexModel(model, {})
-        for spec in args.group:
-            group, sep, pattern = spec.partition("=")
-            if not sep or not group or not pattern:
-                raise SystemExit(f"--group takes NAME=PATTERN, got {spec!r}")
-            kind = "forward"
-            if ":" in group:
-                group, kind = group.split(":", 1)
+        for group, kind, pattern in groups:
             target.create_hook_group(group, pattern, hook_type=kind)
-    hmap = hook_map(target, title=f"hook map of {args.model} ({type(model).__name__})")
-    print(hmap.text(collapse=not args.expand, max_depth=args.depth))
+    return hook_map(target, title=title)
+
+
+def _sharded_map(folder: str, groups: list[tuple[str, str, str]], title: str, collapse: bool,
+                 depth: int | None) -> tuple[str, str] | None:
+    """On every rank: load with HF's TP plan and map; rank 0 returns the text and the HTML."""
+    import torch.distributed as dist
+
+    from flex_surgery.demo.job import load_tensor_parallel
+
+    hmap = _hook_map_of(load_tensor_parallel(folder), groups, title)
+    if dist.get_rank() != 0:
+        return None
+    return hmap.text(collapse=collapse, max_depth=depth), hmap.html(collapse=collapse)
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    groups = _parse_groups(args.group)
+    collapse = not args.expand
+    if args.tp > 1:
+        text, page = _inspect_sharded(args, groups, collapse)
+    else:
+        model = _load_for_inspect(args.model)
+        hmap = _hook_map_of(model, groups, f"hook map of {args.model} ({type(model).__name__})")
+        text, page = hmap.text(collapse=collapse, max_depth=args.depth), hmap.html(collapse)
+    print(text)
     if args.html:
-        print(f"wrote {hmap.save_html(args.html, collapse=not args.expand)}")
+        path = Path(args.html)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(page, encoding="utf-8")
+        print(f"wrote {path}")
     return 0
+
+
+def _inspect_sharded(args: argparse.Namespace, groups: list[tuple[str, str, str]],
+                     collapse: bool) -> tuple[str, str]:
+    """The map of rank 0 of ``args.tp`` ranks holding the model under HF tensor parallelism."""
+    if args.model not in ("llama", "smollm2"):
+        raise SystemExit("--tp needs a model with an HF tensor-parallel plan: llama or smollm2")
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""  # CPU ranks, as in the demo
+    import shutil
+
+    from flex_surgery.demo.config import DemoConfig
+    from flex_surgery.demo.ranks import fork_ranks
+    from flex_surgery.demo.source import prepare_source
+
+    source = prepare_source(DemoConfig(model="tiny" if args.model == "llama" else "smollm2"))
+    try:
+        source.check_nprocs(args.tp)
+        title = f"hook map of {args.model} on rank 0 of {args.tp} (HF tensor parallelism)"
+        return fork_ranks(_sharded_map, str(source.folder), groups, title, collapse, args.depth,
+                          nprocs=args.tp)[0]
+    finally:
+        if source.folder.name.startswith("flex_surgery_tiny_"):
+            shutil.rmtree(source.folder, ignore_errors=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--group", action="append", default=[], metavar="NAME[:KIND]=PATTERN",
                          help="register a hook group first, e.g. resid='re:model\\.layers\\.\\d+'"
                               " or grads:tensor='*.q_proj.weight' (repeatable)")
+    inspect.add_argument("--tp", type=int, default=1,
+                         help="load with HF tensor parallelism over this many forked CPU ranks "
+                              "and map rank 0 (llama, smollm2)")
     inspect.add_argument("--html", default=None, help="also write the map as standalone HTML")
     inspect.add_argument("--depth", type=int, default=None, help="print at most this deep")
     inspect.add_argument("--expand", action="store_true",
