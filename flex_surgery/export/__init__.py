@@ -6,6 +6,7 @@ for a ``with`` block, restoring bit-exactly. See docs/export.md.
 """
 
 from flex_surgery.export.exported import ExportedModel, WeightSource, live_weights
+from flex_surgery.export.gather import full_weights
 from flex_surgery.export.layout import WeightLayout, WeightMismatchError, WeightSlot
 from flex_surgery.export.program import OutputSelector, export_private_copy
 from flex_surgery.export.weight_files import load_weight_file, save_weight_file
@@ -18,6 +19,7 @@ __all__ = [
     "WeightSlot",
     "WeightSource",
     "export_private_copy",
+    "full_weights",
     "live_weights",
     "load_weight_file",
     "save_weight_file",
