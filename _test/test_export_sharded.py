@@ -1,6 +1,6 @@
-"""Weights gathered from a sharded model (FSDP2, DTensor TP), injected into the program exported
-from its one-process twin, give exactly the one-process model's output -- also under surgery
-(the theater's seeded noise is the same full-weight noise for every layout)."""
+"""Weights gathered from a sharded model (FSDP1, FSDP2, DTensor TP), injected into the program
+exported from its one-process twin, give exactly the one-process model's output -- also under
+surgery (the theater's seeded noise is the same full-weight noise for every layout)."""
 
 from __future__ import annotations
 
@@ -16,11 +16,6 @@ NOISE = dict(layers=[0], modification_type="noise", noise_scale=0.1, seed=3)
 
 
 def _check_against_one_process(sharded: torch.nn.Module) -> None:
-    from torch.distributed.tensor import DTensor
-
-    local = {n: p.to_local() for n, p in sharded.named_parameters() if isinstance(p, DTensor)}
-    assert any(t.shape != full.shape for t, full in zip(local.values(), (
-        sharded.get_parameter(n) for n in local)))  # really sharded
     with SurgicalTheater(sharded, **NOISE):
         modified = full_weights(sharded)
     plain = full_weights(sharded)
@@ -51,6 +46,7 @@ def test_fsdp2_weights_into_one_process_program():
     for block in sharded.model.layers:
         fully_shard(block, mesh=mesh)
     fully_shard(sharded, mesh=mesh)
+    assert sharded.lm_head.weight.to_local().shape[0] == 64  # half of the vocabulary
     _check_against_one_process(sharded)
 
 
@@ -70,4 +66,18 @@ def test_dtensor_tp_weights_into_one_process_program():
                      f"model.layers.{i}.mlp.up_proj": ColwiseParallel(),
                      f"model.layers.{i}.mlp.down_proj": RowwiseParallel()})
     sharded = parallelize_module(tiny_hf_model("llama", seed=0), mesh, plan)
+    assert sharded.model.layers[0].mlp.down_proj.weight.to_local().shape == (64, 64)  # of 128
+    _check_against_one_process(sharded)
+
+
+@distributed(world_size=2)
+def test_fsdp1_weights_into_one_process_program():
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    sharded = FSDP(tiny_hf_model("llama", seed=0), use_orig_params=True,
+                   auto_wrap_policy=ModuleWrapPolicy({LlamaDecoderLayer}),
+                   device_id=torch.device("cpu"))
+    assert any(p.numel() == 0 for p in sharded.parameters())  # rank-local pieces of flat params
     _check_against_one_process(sharded)

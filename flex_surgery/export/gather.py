@@ -34,7 +34,8 @@ def full_weights(model: nn.Module, runtime: Runtime | None = None) -> dict[str, 
     owners = dict(model.named_modules(remove_duplicate=False))
     gathered: dict[int, torch.Tensor] = {}
     weights: dict[str, torch.Tensor] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
+    # a list first: gathering FSDP1 parameters (summon_full_params) re-registers them
+    for name, param in list(model.named_parameters(remove_duplicate=False)):
         if id(param) not in gathered:
             gathered[id(param)] = runtime.full_parameter(name, param,
                                                          owners[name.rpartition(".")[0]])
