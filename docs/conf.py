@@ -43,5 +43,7 @@ autodoc_preserve_defaults = True
 # installed (requirements.txt), so nothing is mocked.
 
 html_theme = "alabaster"
+# Room for 100-column code lines next to the sidebar.
+html_theme_options = {"page_width": "1240px", "sidebar_width": "240px"}
 html_title = f"flex_surgery {release}"
 html_static_path: list[str] = []
