@@ -179,12 +179,16 @@ def _fail_on_rank_one():
     return dist.get_rank(), t.item(), os.environ.get("SLURM_JOB_ID") is not None
 
 
-def test_slurm_failure_names_the_rank(tmp_path):
+def test_slurm_failure_names_the_rank_and_rank0_only_drops_the_rest(tmp_path):
     with pytest.raises(LaunchError) as caught:
-        launch(_fail_on_rank_one, nprocs=2, executor="slurm", device="cpu", folder=tmp_path,
-               python_path=[HERE], timeout_min=3)
-    assert caught.value.results == [(0, 2.0, True), None]
-    assert "planted failure in a SLURM task" in caught.value.failures[1]
+        launch(_fail_on_rank_one, nprocs=3, executor="slurm", device="cpu", folder=tmp_path,
+               python_path=[HERE], timeout_min=3, rank0_only=True)
+    err = caught.value
+    assert "planted failure in a SLURM task" in err.failures[1]
+    assert list(err.failures) == [1]
+    # rank 2 succeeded, but with rank0_only its value was dropped on the rank itself
+    assert [(o.rank, o.ok, o.value) for o in err.outcomes] == [
+        (0, True, (0, 3.0, True)), (1, False, None), (2, True, None)]
 
 
 def test_init_from_env_under_plain_srun():
