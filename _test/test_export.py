@@ -87,6 +87,7 @@ def test_inject_from_state_dict_and_back(restored):
     assert torch.equal(run(exported, ids), logits(restored["eager"], ids))
 
 
+@pytest.mark.parametrize("case", ["gpt2"], indirect=True)  # tied weights
 def test_inject_from_another_exported_model(restored):
     exported, ids = restored["exported"], restored["ids"]
     other_program = ExportedModel.export(restored["other"], example_kwargs={"input_ids": ids})
@@ -351,6 +352,7 @@ def test_cuda_program_takes_a_cpu_checkpoint():
     torch.testing.assert_close(swapped, logits(other.cuda(), ids), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("case", ["gpt2"], indirect=True)  # tied weights
 def test_weightless_program_file_needs_and_takes_weights(case, tmp_path):
     exported, ids = case["exported"], case["ids"]
     exported.save(tmp_path / "graph.pt2", weights=False)
