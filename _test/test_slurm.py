@@ -18,6 +18,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -210,15 +211,31 @@ def test_init_from_env_under_plain_srun():
     assert lines == ["RESULT srun 0 2 gloo 3.0", "RESULT srun 1 2 gloo 3.0"]
 
 
+def _wait_for_job(job_id: str, timeout_s: float = 180.0) -> str:
+    """The final state of a SLURM job (``sbatch --wait`` polls every few seconds; this faster)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        info = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True,
+                              text=True).stdout
+        state = re.search(r"JobState=(\S+)", info)
+        if state and state.group(1) not in ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING"):
+            return state.group(1)
+        time.sleep(0.3)
+    raise TimeoutError(f"SLURM job {job_id} still running after {timeout_s} s")
+
+
 def test_slurm_recipe_runs_check_cluster(tmp_path):
     """distributed/slurm_submit.sh with cluster.env's settings (2 ranks via the environment)."""
     env = {**os.environ, "FLEX_TASKS_PER_NODE": "2", "FLEX_JOB_DIR": str(tmp_path),
            "FLEX_PYTHON": sys.executable, "FLEX_TIME_MIN": "3"}
-    proc = subprocess.run([str(REPO / "distributed" / "slurm_submit.sh"), "--wait",
+    proc = subprocess.run([str(REPO / "distributed" / "slurm_submit.sh"),
                            "distributed/check_cluster.py"], env=env, capture_output=True,
-                          text=True, timeout=180)
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    job_id = re.search(r"Submitted batch job (\d+)", proc.stdout).group(1)
+    state = _wait_for_job(job_id)
     logs = "".join(p.read_text() for p in tmp_path.glob("*.out"))
-    assert proc.returncode == 0, proc.stderr + logs
+    assert state == "COMPLETED", logs
     pattern = r"^rank (\d)/2 on \S+ via srun, backend gloo, device cpu: sum 3$"
     assert sorted(re.findall(pattern, logs, flags=re.M)) == ["0", "1"], logs
 
