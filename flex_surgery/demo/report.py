@@ -46,11 +46,11 @@ def format_report(source: ModelSource, result: dict[str, Any], prompt: str,
         worst_key = max(diffs, key=lambda k: diffs[k][1])
         shapes = result["shapes"]
         sharded = len(retrieval["sharded"])
-        lines.append(
-            f"FlexModel retrieval: {retrieval['count']} activations gathered to rank 0 "
-            f"({sharded} of them held as shards by the ranks), each equal to one process: "
-            f"max |diff| {_fmt(max(d[0] for d in diffs.values()))}, worst relative "
-            f"{_fmt(diffs[worst_key][1])} ({worst_key} {tuple(shapes[worst_key])})")
+        lines.append(f"FlexModel retrieval: {retrieval['count']} activations gathered to rank 0 "
+                     f"({sharded} of them held as shards by the ranks)")
+        lines.append(f"  each equal to one process: max |diff| "
+                     f"{_fmt(max(d[0] for d in diffs.values()))}, worst relative "
+                     f"{_fmt(diffs[worst_key][1])} ({worst_key} {tuple(shapes[worst_key])})")
 
     lines.append("hook groups, chosen per call:")
     for call in result["group_calls"]:
