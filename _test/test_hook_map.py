@@ -131,6 +131,25 @@ def test_dtensor_tp_and_fsdp2_sharding_is_shown():
 
 
 @distributed(world_size=2)
+def test_fsdp1_flat_shards_are_shown():
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    torch.manual_seed(0)
+    model = FSDP(nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 4)),
+                 auto_wrap_policy=ModuleWrapPolicy({nn.Linear}), device_id=torch.device("cpu"),
+                 use_orig_params=True)
+    text = hook_map(FlexModel(model, {})).text()
+    assert "mesh: dp=2 tp=1 pp=1" in text
+    assert _line(text, r"^Sequential <FSDP1 unit>$")
+    # 48 + 6 elements of the first unit, 27 per rank: rank 0 has weight[0:27], no bias
+    expected = (r"weight 6x8 fsdp1 flat\[0:27\]->27 \| bias 6 fsdp1 flat, none here->0"
+                if dist.get_rank() == 0 else
+                r"weight 6x8 fsdp1 flat\[27:48\]->21 \| bias 6 fsdp1 flat\[0:6\]->6")
+    assert _line(text, r"- 0 Linear <FSDP1 unit> \| " + expected)
+
+
+@distributed(world_size=2)
 def test_fairscale_sharding_is_shown():
     from fairscale.nn.model_parallel import initialize_model_parallel
     from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallelLinear

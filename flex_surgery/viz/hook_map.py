@@ -247,7 +247,8 @@ def _param_info(shard: LocalShard) -> ParamInfo:
     local = tuple(shard.local.shape)
     if shard.kind == "fsdp1":
         start, stop = shard.region.start, shard.region.stop
-        return ParamInfo(shard.param_name, full, local, "fsdp1", f"fsdp1 flat[{start}:{stop}]")
+        where = f"flat[{start}:{stop}]" if stop > start else "flat, none here"
+        return ParamInfo(shard.param_name, full, local, "fsdp1", f"fsdp1 {where}")
     if shard.kind == "dtensor":
         param = shard.owners[0]
         names = param.device_mesh.mesh_dim_names or tuple(
