@@ -194,3 +194,12 @@ def test_inspect_cli_sharded_over_forked_ranks(tmp_path, capsys):
     assert "shard 0 of 2" in out.read_text()
     with pytest.raises(SystemExit, match="--tp needs"):
         main(["inspect", "gpt2", "--tp", "2"])
+
+
+@distributed(world_size=2)
+def test_pipeline_stage_is_in_the_header():
+    rank = dist.get_rank()
+    stage = nn.Sequential(nn.Linear(4, 4), nn.Tanh())  # this rank's stage of a 2-stage model
+    text = hook_map(FlexModel(stage, {}, pipeline_parallel_size=2)).text()
+    assert f"mesh: dp=1 tp=1 pp=2 (from built); this rank: dp=0 tp=0 pp={rank}, " \
+           f"pipeline stage {rank} of 2" in text
