@@ -20,9 +20,9 @@ setup(
     extras_require={
         "test": ["pytest", "pytest-timeout", "hypothesis", "transformers>=4.40", "fairscale"],
         "examples": ["transformers>=4.40", "fairscale", "submitit", "tqdm", "matplotlib",
-                     "accelerate"],
+                     "accelerate", "gguf"],
         "launch": ["submitit"],
-        "docs": ["sphinx"],
+        "docs": ["sphinx", "myst-parser"],
     },
     entry_points={"console_scripts": ["flex-surgery=flex_surgery.__main__:main"]},
 )

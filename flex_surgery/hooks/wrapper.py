@@ -492,6 +492,16 @@ class FlexModel(nn.Module):
         if self._restored:
             raise RuntimeError("this FlexModel was restored; wrap the module again to use hooks")
 
+    def hook_map(self, title: str | None = None):
+        """The module tree with hookable points, registered hooks, groups and sharding.
+
+        Returns a :class:`~flex_surgery.viz.HookMap`: ``print()`` it for a terminal tree, or
+        ``.save_html(path)`` for a standalone page. See :func:`flex_surgery.viz.hook_map`.
+        """
+        from flex_surgery.viz import hook_map
+
+        return hook_map(self, title=title)
+
     def extra_repr(self) -> str:
         return f"hook_functions={len(self._handles)}, groups={sorted(self._groups.names())}"
 
