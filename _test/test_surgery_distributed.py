@@ -32,7 +32,7 @@ def _center_rows(p: torch.Tensor) -> torch.Tensor:
 
 MODIFICATIONS = [
     dict(modification_type="scale", factor=0.5),
-    dict(modification_type="disable", layers=[1]),
+    dict(modification_type="disable", layers=[1], backup="cpu"),
     dict(modification_type="noise", noise_scale=0.05, seed=11),
     dict(modification_type="noise", noise_scale=0.05, seed=12, layers=[0], params="all"),
     dict(modification_fn=_shrink),
