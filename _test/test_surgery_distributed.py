@@ -268,3 +268,33 @@ def _fairscale_body():
     x = torch.randn(3, 16, generator=gen)
     _check_equivalence(par, lambda: _fairscale_pair()[1], {"x": x}, exact=False,
                        check_state_dict=False, blocks=("up", "down"))
+
+
+@distributed(world_size=4)
+def test_masks_under_fsdp2_over_tp_match_one_process():
+    """Full-shape masks cut per shard (strided FSDP2 x TP shards, no gather)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    from flex_surgery.surgery import MaskTheater, continuous_mask
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    model = parallelize_module(_llama(), mesh["tp"], _tp_plan())
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh["dp"])
+    fully_shard(model, mesh=mesh["dp"])
+    ref = _llama()
+    gen = torch.Generator().manual_seed(0)
+    masks = {n: continuous_mask(torch.randn(p.shape, generator=gen))
+             for n, p in ref.named_parameters() if n.startswith("model.layers.1.")}
+    inputs = example_inputs("llama", seed=mesh["dp"].get_local_rank())
+    before = raw_state(model)
+    with torch.no_grad():
+        with MaskTheater(ref, masks):
+            want = ref(**inputs).logits
+        with MaskTheater(model, masks):
+            got = _logits(model(**inputs))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(want, ref(**inputs).logits)
+    assert differing_bytes(before, raw_state(model)) == 0

@@ -380,3 +380,25 @@ def test_ctrl_c_during_the_restore_is_delivered_after_it(monkeypatch):
             pass
     assert sent and differing_bytes(before, raw_state(m)) == 0
     assert active_theaters() == ()
+
+
+def test_mask_theater_multiplies_by_full_shape_masks_and_restores():
+    from flex_surgery.surgery import MaskTheater, continuous_mask, hard_mask
+
+    m = _fresh(torch.bfloat16)
+    before = raw_state(m)
+    w = m.model.layers[0].mlp.up_proj.weight
+    orig = w.detach().clone()
+    logits = torch.randn(w.shape, generator=torch.Generator().manual_seed(0))
+    soft = continuous_mask(logits, temperature=0.5)
+    with MaskTheater(m, {"model.layers.0.mlp.up_proj.weight": soft,
+                         "model.norm.weight": hard_mask(torch.randn(64))}) as t:
+        assert torch.equal(w, orig * soft.to(torch.bfloat16))
+        assert sorted(t.modified_names) == ["model.layers.0.mlp.up_proj.weight",
+                                            "model.norm.weight"]
+    assert differing_bytes(before, raw_state(m)) == 0
+    with pytest.raises(ValueError, match="full shape"):
+        MaskTheater(m, {"lm_head.weight": torch.ones(3)}).__enter__()
+    with pytest.raises(ValueError, match="parameter names"):
+        MaskTheater(m, {"model.norm": torch.ones(64)}).__enter__()
+    assert differing_bytes(before, raw_state(m)) == 0

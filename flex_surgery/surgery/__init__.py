@@ -7,6 +7,7 @@ from flex_surgery.surgery.layers import (
     permute_blocks,
     replace_blocks,
 )
+from flex_surgery.surgery.masks import MaskTheater, continuous_mask, hard_mask
 from flex_surgery.surgery.shards import LocalShard, local_shards
 from flex_surgery.surgery.theater import (
     SurgeryError,
@@ -19,11 +20,14 @@ from flex_surgery.surgery.theater import (
 __all__ = [
     "LayerSurgery",
     "LocalShard",
+    "MaskTheater",
     "PassThrough",
     "SurgeryError",
     "SurgicalTheater",
     "active_theaters",
+    "continuous_mask",
     "delete_blocks",
+    "hard_mask",
     "local_shards",
     "noise_seed",
     "permute_blocks",
