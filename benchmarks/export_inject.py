@@ -8,10 +8,12 @@ For a tiny GPT-2 (~0.1M parameters) and a GPT-2-shaped model of ~40M parameters,
   file (file read included); ``swap``: entering and leaving ``ExportedModel.weights``;
 * ``load_state_dict``: the same weights into an eager model that already exists;
 * ``program_load``: ``ExportedModel.load`` of the saved ``.pt2`` (what a server pays at start);
-* ``forward``: one forward pass of the exported program, for scale.
+* ``forward``: one forward pass of the exported program, for scale;
+* with ``--aoti``: AOTInductor compilation of the tiny model, which injection also spares
+  (the compiled package reads the injected weights).
 
 Prints the ratios and writes ``results/export_inject.json``. Run: ``python
-benchmarks/export_inject.py [--quick] [--device cuda] [--out PATH]``. Timings are medians
+benchmarks/export_inject.py [--quick] [--aoti] [--device cuda] [--out PATH]``. Timings are medians
 over repeats (CUDA work synchronised before each clock read).
 """
 
@@ -53,7 +55,7 @@ def median_seconds(fn, repeats: int, device: torch.device) -> float:
 
 
 def bench_size(overrides: dict, export_repeats: int, inject_repeats: int,
-               device: torch.device) -> dict:
+               device: torch.device, aoti: bool = False) -> dict:
     eager = tiny_hf_model("gpt2", seed=0, **overrides).to(device)
     other = tiny_hf_model("gpt2", seed=1, **overrides).to(device)
     ids = example_inputs("gpt2", batch=1, seq=32)["input_ids"].to(device)
@@ -101,9 +103,17 @@ def bench_size(overrides: dict, export_repeats: int, inject_repeats: int,
         exported.inject(other)
         same = torch.equal(exported(input_ids=ids), other(input_ids=ids).logits)
         t["forward"] = median_seconds(lambda: exported(input_ids=ids), inject_repeats, device)
+        if aoti:
+            t["compile_aoti"] = median_seconds(exported.compile_aoti, 1, device)
+            t["inject_module_aoti"] = median_seconds(lambda: exported.inject(eager),
+                                                     inject_repeats, device)
+            torch.testing.assert_close(exported(input_ids=ids), eager(input_ids=ids).logits,
+                                       rtol=1e-4, atol=1e-4)
 
     ratios = {
         "export_over_inject_module": t["export"] / t["inject_module"],
+        **({"compile_aoti_over_inject_module": t["compile_aoti"] / t["inject_module_aoti"]}
+           if aoti else {}),
         "export_over_inject_safetensors_file": t["export"] / t["inject_safetensors_file"],
         "load_state_dict_over_inject_state_dict": t["load_state_dict"] / t["inject_state_dict"],
     }
@@ -115,6 +125,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny model only, fewer repeats")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--aoti", action="store_true",
+                        help="also time AOTInductor compilation of the tiny model (~30 s)")
     parser.add_argument("--out", default=str(ROOT / "results" / "export_inject.json"))
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -128,7 +140,8 @@ def main() -> None:
             continue
         export_repeats = 3 if name == "tiny" else 2
         inject_repeats = 3 if args.quick else (20 if name == "tiny" else 5)
-        r = bench_size(overrides, export_repeats, inject_repeats, device)
+        r = bench_size(overrides, export_repeats, inject_repeats, device,
+                       aoti=args.aoti and name == "tiny")
         results["models"][name] = r
         s = r["seconds"]
         print(f"{name} ({r['params'] / 1e6:.1f}M params)")
