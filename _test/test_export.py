@@ -165,6 +165,7 @@ def test_partial_swap_touches_only_named_weights(case):
 # -- tied weights --------------------------------------------------------------------------------
 def test_tied_weights_are_one_slot(case):
     exported = case["exported"]
+    assert f"{len(exported.layout.slots)} weight tensors" in repr(exported)
     if case["arch"] == "gpt2":
         assert exported.tied == [("transformer.wte.weight", "lm_head.weight")]
     else:  # the tiny llama unties its embeddings

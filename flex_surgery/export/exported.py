@@ -119,6 +119,11 @@ class ExportedModel:
             exported.inject(weights)
         return exported
 
+    def __repr__(self) -> str:
+        runner = "eager" if self._compiled is None else type(self._compiled).__name__
+        return (f"ExportedModel({len(self.layout.slots)} weight tensors, "
+                f"{len(self.tied)} tied group(s), output={self.output!r}, runner={runner})")
+
     # -- running ---------------------------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         runner = self._compiled if self._compiled is not None else self._runner
