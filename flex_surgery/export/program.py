@@ -7,7 +7,8 @@ Two facts about ``torch.export`` shape this module:
   eager model would leak into the program). Exporting a ``copy.deepcopy`` of the module gives
   the program weights of its own; ``deepcopy`` keeps tied parameters tied.
 * Hugging Face models return a ``ModelOutput``. Deployments usually want one tensor, and a
-  graph that returns only that tensor is smaller and saves without pytree registrations. The
+  graph that returns only that tensor drops whatever else the model computes for its other
+  outputs, and loads without ``transformers`` having registered its output classes. The
   :class:`OutputSelector` wrapper picks ``out[output]`` inside the graph; it forwards the wrapped
   module's signature so ``dynamic_shapes`` is keyed by the same argument names as for the
   module itself. Its only cost is the ``module.`` prefix on program keys, which
