@@ -298,3 +298,57 @@ def test_masks_under_fsdp2_over_tp_match_one_process():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(want, ref(**inputs).logits)
     assert differing_bytes(before, raw_state(model)) == 0
+
+
+def _train_sharded(wrap, validate: bool) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    model = wrap(_llama())
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    data = [example_inputs("llama", seed=2 * s + dist.get_rank() % 2)["input_ids"]
+            for s in range(4)]
+    for step in range(20):
+        ids = data[step % 4]
+        model(input_ids=ids, labels=ids).loss.backward()
+        if validate and step % 5 == 4:
+            kind = ("noise", "scale", "disable", "noise")[step // 5]
+            with SurgicalTheater(model, modification_type=kind, seed=step,
+                                 params="all"), torch.no_grad():
+                model.eval()
+                model(input_ids=data[0], labels=data[0])
+                if step == 9:
+                    model.state_dict()  # a checkpoint during validation
+        opt.step()
+        opt.zero_grad()
+    return raw_state(model)
+
+
+def _fsdp1_flat(model):
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    return FSDP(model, auto_wrap_policy=ModuleWrapPolicy({LlamaDecoderLayer}),
+                use_orig_params=False, device_id=torch.device("cpu"))
+
+
+def _fsdp2(model):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (2,))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+@pytest.mark.parametrize("wrap", ["fsdp1_flat", "fsdp2"])
+@distributed(world_size=2)
+def test_sharded_training_with_validation_ends_with_the_same_shards(wrap):
+    """AdamW, 20 steps, validation (with a state_dict) every 5 steps inside a theater: every
+    local shard ends bit-identical to the run without validation."""
+    wrap_fn = {"fsdp1_flat": _fsdp1_flat, "fsdp2": _fsdp2}[wrap]
+    plain, validated = _train_sharded(wrap_fn, False), _train_sharded(wrap_fn, True)
+    assert plain.keys() == validated.keys()
+    for name, (data, _) in plain.items():
+        assert torch.equal(data, validated[name][0]), name
