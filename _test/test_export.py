@@ -80,6 +80,14 @@ def test_injected_weights_equal_eager_with_those_weights(restored):
     assert torch.equal(run(exported, longer), logits(restored["other"], longer))
 
 
+def test_inject_through_a_flexmodel_wrapper(restored):
+    from flex_surgery.hooks import FlexModel
+
+    exported, ids = restored["exported"], restored["ids"]
+    exported.inject(FlexModel(restored["other"], output_dict={}))
+    assert torch.equal(run(exported, ids), logits(restored["other"], ids))
+
+
 def test_inject_from_state_dict_and_back(restored):
     exported, ids = restored["exported"], restored["ids"]
     exported.inject(restored["other"].state_dict())

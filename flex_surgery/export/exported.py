@@ -32,6 +32,7 @@ from flex_surgery.export.layout import WeightLayout, WeightSlot
 from flex_surgery.export.program import OutputKey, export_private_copy, with_state
 from flex_surgery.export.weight_files import load_weight_file, save_weight_file
 from flex_surgery.surgery.snapshot import take_snapshot
+from flex_surgery.surgery.theater import unwrap_model
 
 __all__ = ["ExportedModel", "WeightSource", "live_weights"]
 
@@ -251,7 +252,7 @@ class ExportedModel:
         if isinstance(source, ExportedModel):
             weights: Mapping[str, torch.Tensor] = source.state_dict()
         elif isinstance(source, nn.Module):
-            weights = live_weights(source)
+            weights = live_weights(unwrap_model(source))  # no DDP/FlexModel "module." prefix
         elif isinstance(source, (str, os.PathLike)):
             weights = load_weight_file(source)
         elif isinstance(source, Mapping):

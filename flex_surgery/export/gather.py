@@ -15,6 +15,7 @@ from torch import nn
 
 from flex_surgery.parallel.runtime import Runtime, store_copy
 from flex_surgery.surgery.shards import clean_name
+from flex_surgery.surgery.theater import unwrap_model
 
 __all__ = ["full_weights"]
 
@@ -27,6 +28,7 @@ def full_weights(model: nn.Module, runtime: Runtime | None = None) -> dict[str, 
     rank of the model's group must call it, in the same order. ``runtime`` defaults to
     :func:`~flex_surgery.parallel.distributed_runtime.build_runtime` (itself collective).
     """
+    model = unwrap_model(model)  # DDP / FlexModel add a "module." prefix, not a layout
     if runtime is None:
         from flex_surgery.parallel.distributed_runtime import build_runtime
 
