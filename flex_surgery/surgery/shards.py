@@ -9,15 +9,17 @@ full, unsharded parameter (so seeded noise and full-parameter edits agree across
 
 - plain parameters (single process, DDP): the parameter itself, region = everything;
 - DTensor parameters (FSDP2 ``fully_shard``, DTensor TP ``parallelize_module``, both on a 2-D
-  mesh): ``to_local()``, region = the block given by the placements;
+  mesh): the local tensor, region = the block (or index lists) given by the placements;
 - fairscale model-parallel layers: the local ``weight``/``bias`` partitioned along the layer's
   partition dimension;
 - FSDP1 ``FlatParameter`` (``use_orig_params`` True or False): a 1-D slice of the flat local
   shard, region = a range of the flattened original parameter (``_shard_param_infos``).
 
-The two region kinds are :class:`BlockRegion` and :class:`FlatRegion`; both can cut the local
-part out of a full-shape tensor, or out of a block of whole rows of it (what chunked noise
-generation produces).
+The region kinds are :class:`BlockRegion` (a block of the full tensor), :class:`FlatRegion` (a
+range of the flattened tensor) and :class:`IndexRegion` (per-dim index lists, for
+``_StridedShard`` layouts such as FSDP2 over TP); each can cut the local part out of a
+full-shape tensor (``take``) or add its part of a block of whole rows (``add_rows``, what
+chunked noise generation produces).
 """
 
 from __future__ import annotations
