@@ -9,11 +9,26 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_configure(config):
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def pytest_collection_finish(session):
+    """Fork the rank pools the selected tests need before any test runs.
+
+    Forking is only safe while the parent has not started autograd's device threads: once a
+    CUDA backward ran in the pytest process, forked children cannot use autograd. Forking
+    right after collection (every test module is imported, no test has run) avoids that.
+    """
+    from rank_pool import get_pool
+
+    sizes = {getattr(item.function, "world_size", None) for item in session.items
+             if hasattr(item, "function")}
+    for world_size in sorted(s for s in sizes if s):
+        get_pool(world_size)
+
+
 def pytest_sessionfinish(session, exitstatus):
     from rank_pool import close_all_pools
 
     close_all_pools()
-
-
-def pytest_configure(config):
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
