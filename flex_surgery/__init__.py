@@ -1,3 +1,113 @@
-"""flex_surgery: read, edit and temporarily modify sharded PyTorch models as if on one GPU."""
+"""flex_surgery: read, edit and temporarily modify sharded PyTorch models as if on one GPU.
+
+The public API, by concern:
+
+* hooks that see whole tensors -- :class:`FlexModel`, :class:`HookFunction`, :class:`DummyModule`
+* the parallel layer they stand on -- :class:`ParallelMesh`, :class:`StageLink`,
+  :func:`init_distributed`
+* temporary, bit-exactly restored surgery -- :class:`SurgicalTheater`, :class:`LayerSurgery`,
+  :class:`MaskTheater`
+* weights decoupled from an exported runtime -- :class:`ExportedModel`
+* launching under torchrun / SLURM -- :func:`launch`, :func:`submit`, :func:`init_from_env`
+  (imported on first use: they need ``submitit``)
+* the hook map -- :func:`hook_map`
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+from flex_surgery.export import ExportedModel, WeightMismatchError, full_weights, live_weights
+from flex_surgery.hooks import (
+    DummyModule,
+    EditingFunctionError,
+    FlexModel,
+    FlexModelError,
+    GroupError,
+    HookFunction,
+    HookRegistrationError,
+    ShapeMismatchError,
+    UnknownGroupError,
+    UnknownNameError,
+    UnpackError,
+)
+from flex_surgery.parallel.backend import backend_for_device, init_distributed
+from flex_surgery.parallel.collectives import RemoteEditError
+from flex_surgery.parallel.layout import Layout, LayoutError
+from flex_surgery.parallel.mesh import MeshSizeError, ParallelMesh
+from flex_surgery.parallel.pipeline import PipelineStageError, StageLink, skip_metadata_inference
+from flex_surgery.surgery import (
+    LayerSurgery,
+    MaskTheater,
+    PassThrough,
+    SurgeryError,
+    SurgicalTheater,
+    delete_blocks,
+    permute_blocks,
+    replace_blocks,
+    surgical_theater,
+)
+from flex_surgery.viz import HookMap, hook_map
 
 __version__ = "0.1.0"
+
+# Launching needs submitit, an optional dependency: resolve these names on first use.
+_LAZY = {
+    "launch": "flex_surgery.launch",
+    "submit": "flex_surgery.launch",
+    "init_from_env": "flex_surgery.launch",
+    "LaunchError": "flex_surgery.launch",
+    "ClusterConfig": "flex_surgery.launch",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'flex_surgery' has no attribute {name!r}")
+
+
+__all__ = [
+    "ClusterConfig",
+    "DummyModule",
+    "EditingFunctionError",
+    "ExportedModel",
+    "FlexModel",
+    "FlexModelError",
+    "GroupError",
+    "HookFunction",
+    "HookMap",
+    "HookRegistrationError",
+    "LaunchError",
+    "LayerSurgery",
+    "Layout",
+    "LayoutError",
+    "MaskTheater",
+    "MeshSizeError",
+    "ParallelMesh",
+    "PassThrough",
+    "PipelineStageError",
+    "RemoteEditError",
+    "ShapeMismatchError",
+    "StageLink",
+    "SurgeryError",
+    "SurgicalTheater",
+    "UnknownGroupError",
+    "UnknownNameError",
+    "UnpackError",
+    "WeightMismatchError",
+    "backend_for_device",
+    "delete_blocks",
+    "full_weights",
+    "hook_map",
+    "init_distributed",
+    "init_from_env",
+    "launch",
+    "live_weights",
+    "permute_blocks",
+    "replace_blocks",
+    "skip_metadata_inference",
+    "submit",
+    "surgical_theater",
+]
