@@ -29,6 +29,7 @@ def main() -> None:
     expected = env.world_size * (env.world_size + 1) / 2
     print(f"rank {env.rank}/{env.world_size} on {socket.gethostname()} via {env.launcher}, "
           f"backend {dist.get_backend()}, device {device}: sum {t.item():g}", flush=True)
+    dist.destroy_process_group()
     if t.item() != expected:
         raise SystemExit(f"rank {env.rank}: all_reduce gave {t.item()}, expected {expected}")
 

@@ -11,6 +11,7 @@ backend always follows from the device.
 
 from __future__ import annotations
 
+import atexit
 import os
 import random
 import socket
@@ -163,7 +164,10 @@ def init_from_env(
 
     Idempotent: if the default process group exists, the environment is only described. The
     backend follows from ``device`` (default: this rank's CUDA device, else CPU) through
-    :func:`~flex_surgery.parallel.backend.init_distributed`.
+    :func:`~flex_surgery.parallel.backend.init_distributed`. A group started here is destroyed
+    at interpreter exit unless the program did it first: a gloo group still alive while Python
+    shuts down can abort the process ("terminate called without an active exception"), which
+    ``srun`` then reports as a failed task.
 
     Example, in a script started by ``torchrun --nproc-per-node 2 script.py`` or
     ``srun -n 2 python script.py``::
@@ -178,4 +182,12 @@ def init_from_env(
     if not dist.is_initialized():
         env.export()
         init_distributed(env.rank, env.world_size, device=device, timeout_s=timeout_s)
+        atexit.register(_destroy_at_exit)
     return env
+
+
+def _destroy_at_exit() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
