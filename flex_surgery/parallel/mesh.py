@@ -288,9 +288,7 @@ def _adopted_mesh(module: nn.Module) -> ParallelMesh | None:
     meshes = []
     for p in module.parameters():
         if isinstance(p, DTensor):
-            m = p.device_mesh
-            root = m._get_root_mesh() if hasattr(m, "_get_root_mesh") else m
-            meshes.append(root)
+            meshes.append(_root_mesh(p.device_mesh))
     if not meshes:
         return None
     device_mesh = max(meshes, key=lambda m: m.ndim)
@@ -298,6 +296,21 @@ def _adopted_mesh(module: nn.Module) -> ParallelMesh | None:
         axis = "dp" if _has_fsdp2(module) else "tp"
         return ParallelMesh.from_device_mesh(device_mesh, {axis: None})
     return ParallelMesh.from_device_mesh(device_mesh)
+
+
+def _root_mesh(device_mesh):
+    """The mesh ``device_mesh`` was sliced from (a TP mesh cut from a ``("dp", "tp")`` mesh
+    tells the DP axis too), when that mesh's dims are all axes we know.
+
+    torch's root-mesh registry is process-global and keyed by equality, so it can also answer
+    with a mesh an unrelated, earlier model was sliced from (say an HSDP ``dp_replicate`` mesh);
+    such a root is ignored and the parameter's own mesh is used.
+    """
+    root = device_mesh._get_root_mesh() if hasattr(device_mesh, "_get_root_mesh") else None
+    if root is None or root is device_mesh or root.mesh_dim_names is None:
+        return device_mesh
+    known = {n for names in AXIS_NAMES.values() for n in names}
+    return root if set(root.mesh_dim_names) <= known else device_mesh
 
 
 def _has_fsdp2(module: nn.Module) -> bool:
