@@ -255,7 +255,7 @@ def test_names_resolve_through_activation_checkpoint_wrappers():
         apply_activation_checkpointing,
     )
 
-    from flex_surgery.surgery.shards import clean_name
+    from flex_surgery.naming import clean_name
 
     model, inputs = make("llama")
     handle = model.get_submodule(MLP0).register_forward_hook(lambda m, a, out: out * 2)

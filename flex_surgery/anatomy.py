@@ -7,7 +7,7 @@ encoder has no final norm; bare encoders have no unembedding) is ``None`` in the
 asking for it raises :class:`MissingPart`.
 
 Wrapped models are found through their wrappers: FSDP1 / checkpoint / ``torch.compile`` name
-tokens are removed (:func:`~flex_surgery.surgery.shards.clean_name`), and the first module whose
+tokens are removed (:func:`~flex_surgery.naming.clean_name`), and the first module whose
 class is in the table gives the prefix, so ``DDP(model)``, ``FSDP(model)`` or a FlexModel
 around the model resolve the same parts.
 """
@@ -132,7 +132,7 @@ class Located:
 
 def _clean_modules(root: nn.Module) -> dict[str, nn.Module]:
     """Clean name -> outermost module with that name (the wrapper, if one wraps it)."""
-    from flex_surgery.surgery.shards import clean_name
+    from flex_surgery.naming import clean_name
 
     table: dict[str, nn.Module] = {}
     for name, module in root.named_modules():
@@ -149,7 +149,7 @@ def _module_by_clean_name(root: nn.Module, name: str) -> nn.Module:
 
 
 def _unwrap_names(root: nn.Module) -> list[tuple[str, nn.Module]]:
-    from flex_surgery.surgery.shards import clean_name
+    from flex_surgery.naming import clean_name
 
     return [(clean_name(n), m) for n, m in root.named_modules()]
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from flex_surgery.naming import clean_name
 from flex_surgery.parallel.runtime import Runtime, store_copy
-from flex_surgery.surgery.shards import clean_name
 from flex_surgery.surgery.theater import unwrap_model
 
 __all__ = ["full_weights"]
@@ -23,7 +23,7 @@ __all__ = ["full_weights"]
 def full_weights(model: nn.Module, runtime: Runtime | None = None) -> dict[str, torch.Tensor]:
     """Every parameter and persistent buffer of ``model``, whole, as CPU copies, on every rank.
 
-    Names are wrapper-free (:func:`~flex_surgery.surgery.shards.clean_name`), i.e. those of the
+    Names are wrapper-free (:func:`~flex_surgery.naming.clean_name`), i.e. those of the
     unsharded model; tied parameters are gathered once and share the result. Collective: every
     rank of the model's group must call it, in the same order. ``runtime`` defaults to
     :func:`~flex_surgery.parallel.distributed_runtime.build_runtime` (itself collective).

@@ -34,10 +34,10 @@ from flex_surgery.hooks.hook_function import (
     SharedState,
     check_expected_shape,
 )
+from flex_surgery.naming import clean_name
 from flex_surgery.parallel.distributed_runtime import build_runtime
 from flex_surgery.parallel.pipeline import StageLink, collect_stage_outputs
 from flex_surgery.parallel.runtime import HOOK_TYPES, HookSite, wait_for_host_copies
-from flex_surgery.surgery.shards import clean_name
 
 # PyTorch's registration method for each module hook kind, with the options we use.
 _MODULE_REGISTRATION = {

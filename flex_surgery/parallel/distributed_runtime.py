@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from flex_surgery.naming import clean_name
 from flex_surgery.parallel.collectives import (
     RemoteEditError,
     all_gather,
@@ -396,16 +397,10 @@ def _fsdp1_root(module: nn.Module) -> nn.Module | None:
 
 
 def _parameter_by_name(module: nn.Module, name: str) -> torch.Tensor:
-    """``name`` inside ``module``, also when given without FSDP/DDP wrapper prefixes."""
-    wrappers = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "module.")
-    wanted = name
-    for w in wrappers:
-        wanted = wanted.replace(w, "")
+    """``name`` inside ``module``, also when given without FSDP/checkpoint wrapper components."""
+    wanted = clean_name(name)
     for n, p in module.named_parameters(remove_duplicate=False):
-        clean = n
-        for w in wrappers:
-            clean = clean.replace(w, "")
-        if n == name or clean == wanted:
+        if n == name or clean_name(n) == wanted:
             return p
     owner, _, leaf = name.rpartition(".")
     return getattr(module.get_submodule(owner), leaf)

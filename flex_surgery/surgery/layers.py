@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import nn
 
-from flex_surgery.surgery.shards import clean_name
+from flex_surgery.naming import clean_name
 from flex_surgery.surgery.theater import SurgeryError, unwrap_model
 
 __all__ = ["LayerSurgery", "PassThrough", "delete_blocks", "permute_blocks", "replace_blocks"]

@@ -32,32 +32,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from flex_surgery.naming import clean_name
+
 __all__ = [
     "BlockRegion",
     "FlatRegion",
     "IndexRegion",
     "LocalShard",
-    "clean_name",
     "local_shards",
     "reshard_for_surgery",
 ]
-
-# Names that wrappers insert into module paths; surgery speaks the unwrapped model's names.
-_WRAPPER_TOKENS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
-_WRAPPER_LEAVES = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod")
-
-
-def clean_name(name: str) -> str:
-    """The module/parameter name with FSDP1, activation-checkpoint and compile wrappers removed."""
-    for token in _WRAPPER_TOKENS:
-        name = name.replace(token, "")
-    for leaf in _WRAPPER_LEAVES:
-        if name == leaf:
-            return ""
-        if name.endswith("." + leaf):
-            name = name[: -len(leaf) - 1]
-    return name
-
 
 def _join(*parts: str) -> str:
     return ".".join(p for p in parts if p)

@@ -36,12 +36,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from flex_surgery.surgery.shards import (
-    LocalShard,
-    clean_name,
-    local_shards,
-    reshard_for_surgery,
-)
+from flex_surgery.naming import clean_name
+from flex_surgery.surgery.shards import LocalShard, local_shards, reshard_for_surgery
 from flex_surgery.surgery.snapshot import Snapshot, take_snapshot
 
 __all__ = [

@@ -27,7 +27,8 @@ from typing import Any
 import torch.distributed as dist
 from torch import nn
 
-from flex_surgery.surgery.shards import LocalShard, clean_name, local_shards
+from flex_surgery.naming import clean_name
+from flex_surgery.surgery.shards import LocalShard, local_shards
 
 __all__ = ["HookInfo", "HookMap", "ModuleNode", "ParamInfo", "hook_map"]
 
