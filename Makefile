@@ -44,8 +44,10 @@ docs: $(STAMP)
 	$(BIN)/python -m sphinx -W -b html docs docs/_build/html
 
 bench: $(STAMP)
+	$(BIN)/python benchmarks/rank_pool_dispatch.py
 	$(BIN)/python benchmarks/retrieval_overhead.py
 	$(BIN)/python benchmarks/surgery.py
+	$(BIN)/python benchmarks/export_inject.py
 
 clean:
 	rm -rf $(VENV) docs/_build .pytest_cache
