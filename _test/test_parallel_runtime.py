@@ -221,3 +221,35 @@ def test_flexmodel_restore_under_tp_leaves_no_hook():
     assert hooks_left(model)
     assert flex.restore() is model
     assert hooks_left(model) == []
+
+
+def _double_in_place(module, tensor, ctx, modules):
+    return tensor.mul_(2)
+
+
+@distributed(world_size=2)
+def test_stored_value_is_the_one_before_an_in_place_edit_under_tp():
+    """Storing and editing share one gather; the stored copy must not see the in-place edit."""
+    from fairscale.nn.model_parallel import initialize as fs
+
+    fs.initialize_model_parallel(2)
+    x = torch.randn(2, 3, plain_net().blocks[0].up.in_features, generator=torch.Generator()
+                    .manual_seed(1))
+    results = []
+    for model in (fairscale_net(plain_net()), plain_net()):
+        stored: dict = {}
+        flex = FlexModel(model, stored, process_group=None if len(results) == 0
+                         else local_group())
+        flex.register_forward_hook(HookFunction("blocks.0.up", editing_function=_double_in_place))
+        flex.register_forward_hook(HookFunction("blocks.1.up"))
+        out = flex(x)
+        results.append((stored, out))
+        flex.restore()
+    (tp_stored, tp_out), (ref_stored, ref_out) = results
+    torch.testing.assert_close(tp_out, ref_out)
+    if dist.get_rank() == 0:
+        for key in ("blocks.0.up", "blocks.1.up"):
+            torch.testing.assert_close(tp_stored[key][0], ref_stored[key][0])
+        with torch.no_grad():
+            reference = plain_net().blocks[0].up(x)
+        torch.testing.assert_close(tp_stored["blocks.0.up"][0], reference)

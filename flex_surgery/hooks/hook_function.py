@@ -6,9 +6,10 @@ editing function, and which tensor of the hooked value to work on. Registering i
 runtime; from then on every call of the PyTorch hook takes the same short path::
 
     unpack the tensor (unpack.py)
-      -> runtime.retrieve: store a detached copy of the whole tensor (value before editing)
-      -> no editing function: return None, PyTorch keeps the value untouched
-      -> runtime.gather_for_edit -> runtime.run_on_leader(editing function + checks)
+      -> no editing function: runtime.retrieve stores a detached copy of the whole tensor;
+         return None, PyTorch keeps the value untouched
+      -> runtime.gather_for_edit -> runtime.retrieve_gathered (the same whole tensor, stored
+         before editing) -> runtime.run_on_leader(editing function + checks)
       -> runtime.scatter_from_edit -> repack
 
 Everything a call needs (the :class:`~flex_surgery.parallel.runtime.HookSite`, the output key,
@@ -215,14 +216,16 @@ class HookFunction:
         if is_metadata_pass(tensor):  # a pipeline stage's shape inference: not a real call
             return None
         runtime, site = self._runtime, self._site
-        if store and self._shared.output_dict is not None:
-            runtime.retrieve(tensor, site, self._store)
-            if self.expected_shape is not None and \
-                    tensor.shape not in self._checked_local_shapes:
-                self._confirm_expected_shape(tensor)
+        storing = store and self._shared.output_dict is not None
         if self.editing_function is None:
+            if storing:
+                runtime.retrieve(tensor, site, self._store)
+                self._confirm_expected_shape_once(tensor)
             return None
         full, ctx = runtime.gather_for_edit(tensor, site)
+        if storing:  # one gather serves both storing and editing
+            runtime.retrieve_gathered(full, ctx, self._store)
+            self._confirm_expected_shape_once(tensor)
         edited = runtime.run_on_leader(ctx, partial(self._edit, full))
         return repack(runtime.scatter_from_edit(edited, ctx))
 
@@ -231,6 +234,10 @@ class HookFunction:
             self._bad_full_shape = full.shape  # raised on every rank by _confirm_expected_shape
             return
         self._shared.output_dict.setdefault(self.output_key, []).append(full)
+
+    def _confirm_expected_shape_once(self, local: torch.Tensor) -> None:
+        if self.expected_shape is not None and local.shape not in self._checked_local_shapes:
+            self._confirm_expected_shape(local)
 
     def _confirm_expected_shape(self, local: torch.Tensor) -> None:
         """Raise a shape mismatch seen by the storing rank on every rank.

@@ -223,9 +223,19 @@ class DistributedRuntime(Runtime):
             if self.store_on == "all":
                 store(store_copy(self._gather_to_all(plain, layout)))
                 return
-            full, _ = self._gather(plain, layout)
+            full, record = self._gather(plain, layout)
         if self.mesh.is_stage_leader():
-            store(store_copy(full))
+            # A tensor gathered (or reduced) on the CPU is already a private copy; copy only
+            # what may still alias the model's own activation, or lives on a device.
+            fresh = full.device.type == "cpu" and any(spec is not None for _, spec, _, _ in record)
+            store(full if fresh else store_copy(full))
+
+    def retrieve_gathered(self, full: torch.Tensor | None, ctx: EditContext,
+                          store: Callable[[torch.Tensor], None]) -> None:
+        if self.store_on == "all":  # every rank stores: the leader's gather is not enough
+            self.retrieve(ctx.local, ctx.site, store)
+        elif self.mesh.is_stage_leader():
+            store(store_copy(full))  # always a copy: the editing function may edit in place
 
     def gather_for_edit(self, local: torch.Tensor,
                         site: HookSite) -> tuple[torch.Tensor | None, EditContext]:

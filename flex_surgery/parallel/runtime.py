@@ -83,6 +83,16 @@ class Runtime:
         """Whole tensor (autograd-connected) on the edit leader, ``None`` on the other ranks."""
         raise NotImplementedError
 
+    def retrieve_gathered(self, full: torch.Tensor | None, ctx: EditContext,
+                          store: Callable[[torch.Tensor], None]) -> None:
+        """Like :meth:`retrieve`, for a hook that also edits: store the whole tensor that
+        :meth:`gather_for_edit` already gathered instead of gathering it a second time.
+
+        Called before the editing function runs, so the stored value is the one before editing
+        even if the function edits in place.
+        """
+        raise NotImplementedError
+
     def scatter_from_edit(self, full: torch.Tensor | None, ctx: EditContext) -> torch.Tensor:
         """This rank's piece of the edited whole tensor, in the layout ``ctx.local`` had."""
         raise NotImplementedError
@@ -176,6 +186,10 @@ class LocalRuntime(Runtime):
     def gather_for_edit(self, local: torch.Tensor,
                         site: HookSite) -> tuple[torch.Tensor | None, EditContext]:
         return local, EditContext(site, local)
+
+    def retrieve_gathered(self, full: torch.Tensor | None, ctx: EditContext,
+                          store: Callable[[torch.Tensor], None]) -> None:
+        store(store_copy(full))
 
     def scatter_from_edit(self, full: torch.Tensor | None, ctx: EditContext) -> torch.Tensor:
         assert full is not None
