@@ -22,7 +22,7 @@ from rank_pool import distributed
 from flex_surgery.hooks.hook_function import HookFunction
 from flex_surgery.hooks.wrapper import FlexModel
 from flex_surgery.parallel.collectives import all_gather
-from flex_surgery.parallel.layout import _fairscale_param_dim
+from flex_surgery.parallel.layout import fairscale_param_dim
 from flex_surgery.parallel.pipeline import StageLink
 
 N_MICRO = 2
@@ -33,7 +33,7 @@ def _whole_grads(stage_module, tp_group) -> dict[str, torch.Tensor]:
     grads = {}
     for mod_name, mod in stage_module.named_modules():
         for p_name, p in mod.named_parameters(recurse=False):
-            dim = _fairscale_param_dim(mod, p)
+            dim = fairscale_param_dim(mod, p)
             g = p.grad.detach()
             grads[clean(f"{mod_name}.{p_name}")] = g if dim is None else all_gather(g, dim,
                                                                                    tp_group)

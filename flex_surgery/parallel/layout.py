@@ -396,5 +396,3 @@ def fairscale_param_dim(module: nn.Module, parameter: torch.Tensor) -> int | Non
         return 1
     return None
 
-
-_fairscale_param_dim = fairscale_param_dim  # earlier private name, still imported by callers
