@@ -96,6 +96,8 @@ def _rank_main(rank: int, world_size: int, port: int, conn: Connection) -> None:
             break
         key, kwargs = msg
         try:
+            # Every body starts from the same RNG state on every rank, whatever ran before it.
+            torch.manual_seed(0)
             result = _resolve(key)(**kwargs)
             conn.send(("ok", result))
         except BaseException:

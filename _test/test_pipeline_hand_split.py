@@ -147,7 +147,9 @@ def test_sync_is_a_no_op_without_pipelining():
 def test_stage_link_carries_any_shape_and_dtype():
     """The header gives the receiver each tensor's dtype and shape; objects travel pickled."""
     link = StageLink(FlexModel(torch.nn.Linear(2, 2), {}, pipeline_parallel_size=2).runtime.mesh)
-    sent = [torch.randn(2, 3, 4).bfloat16(), torch.tensor(7), torch.tensor([True, False]),
+    g = torch.Generator().manual_seed(0)  # both ranks build the same tensors
+    sent = [torch.randn(2, 3, 4, generator=g).bfloat16(), torch.tensor(7),
+            torch.tensor([True, False]),
             torch.empty(0, 4, dtype=torch.float64), torch.arange(6).reshape(3, 2).t()]
     if link.is_first:
         for t in sent:
