@@ -253,3 +253,19 @@ def test_stored_value_is_the_one_before_an_in_place_edit_under_tp():
         with torch.no_grad():
             reference = plain_net().blocks[0].up(x)
         torch.testing.assert_close(tp_stored["blocks.0.up"][0], reference)
+
+
+@distributed(world_size=2)
+def test_ranks_without_an_output_dict_still_take_part_in_retrieval():
+    """A common pattern: only rank 0 passes a dict. The other rank must still send its shard."""
+    from fairscale.nn.model_parallel import initialize as fs
+
+    fs.initialize_model_parallel(2)
+    x = torch.randn(2, 3, plain_net().blocks[0].up.in_features)
+    stored: dict | None = {} if dist.get_rank() == 0 else None
+    flex = FlexModel(fairscale_net(plain_net()), stored, tensor_parallel_size=2)
+    flex.register_forward_hook(HookFunction("blocks.0.up"))
+    flex(x)
+    if dist.get_rank() == 0:
+        with torch.no_grad():
+            torch.testing.assert_close(stored["blocks.0.up"][0], plain_net().blocks[0].up(x))

@@ -31,7 +31,7 @@ from torch import nn
 from flex_surgery.hooks.errors import EditingFunctionError, ShapeMismatchError
 from flex_surgery.hooks.unpack import unpack, unpack_inputs
 from flex_surgery.parallel.pipeline import is_metadata_pass
-from flex_surgery.parallel.runtime import EditContext, HookSite, Runtime
+from flex_surgery.parallel.runtime import EditContext, HookSite, LocalRuntime, Runtime
 
 EditingFunction = Callable[[nn.Module, torch.Tensor, SimpleNamespace, nn.ModuleDict],
                            torch.Tensor]
@@ -216,7 +216,10 @@ class HookFunction:
         if is_metadata_pass(tensor):  # a pipeline stage's shape inference: not a real call
             return None
         runtime, site = self._runtime, self._site
-        storing = store and self._shared.output_dict is not None
+        # Retrieval is a collective: every rank takes part even if its own output_dict is None
+        # (a rank that keeps nothing), or the storing rank would wait for it forever.
+        storing = store and (self._shared.output_dict is not None
+                             or not isinstance(runtime, LocalRuntime))
         if self.editing_function is None:
             if storing:
                 runtime.retrieve(tensor, site, self._store)
@@ -230,6 +233,8 @@ class HookFunction:
         return repack(runtime.scatter_from_edit(edited, ctx))
 
     def _store(self, full: torch.Tensor) -> None:
+        if self._shared.output_dict is None:  # this rank takes part but keeps nothing
+            return
         if self.expected_shape is not None and not shape_matches(full.shape, self.expected_shape):
             self._bad_full_shape = full.shape  # raised on every rank by _confirm_expected_shape
             return

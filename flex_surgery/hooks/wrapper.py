@@ -37,7 +37,12 @@ from flex_surgery.hooks.hook_function import (
 from flex_surgery.naming import clean_name
 from flex_surgery.parallel.distributed_runtime import build_runtime
 from flex_surgery.parallel.pipeline import StageLink, collect_stage_outputs
-from flex_surgery.parallel.runtime import HOOK_TYPES, HookSite, wait_for_host_copies
+from flex_surgery.parallel.runtime import (
+    HOOK_TYPES,
+    HookSite,
+    LocalRuntime,
+    wait_for_host_copies,
+)
 
 # PyTorch's registration method for each module hook kind, with the options we use.
 _MODULE_REGISTRATION = {
@@ -66,7 +71,9 @@ class FlexModel(nn.Module):
             detached CPU tensor per hook call, the whole (unsharded) value before editing,
             filled on the storing rank only. ``key`` is the module name for forward hooks and
             ``name:input``, ``name:grad_input``, ``name:grad_output``, ``name:grad`` for the
-            other kinds (:attr:`HookFunction.output_key`). ``None`` stores nothing.
+            other kinds (:attr:`HookFunction.output_key`). ``None``: this rank keeps nothing
+            (distributed, it still takes part in the gathers, so passing a dict on rank 0
+            only is fine).
         tensor_parallel_size, pipeline_parallel_size, data_parallel_size, process_group: how
             the model is distributed; all 1/``None`` in one process.
         store_on: ``"rank0"`` stores retrieved tensors on global rank 0 only (on each pipeline
@@ -226,7 +233,9 @@ class FlexModel(nn.Module):
                 f"{hf!r} is already registered with {where}; create a new HookFunction for "
                 "another hook point"
             )
-        if hf.editing_function is None and self.output_dict is None:
+        if hf.editing_function is None and self.output_dict is None and \
+                isinstance(self.runtime, LocalRuntime):
+            # (Distributed, a rank without an output_dict still sends its shard to the storer.)
             raise HookRegistrationError(
                 f"{hf!r} has no editing function and this FlexModel has no output_dict: it "
                 "would do nothing"
