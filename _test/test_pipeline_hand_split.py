@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
-from parallel_cases import plain_net
+from parallel_cases import plain_net, times_two
 from pipeline_cases import (
     TOL,
     assert_stored_equal,
@@ -164,3 +164,61 @@ def test_stage_link_carries_any_shape_and_dtype():
             assert a.dtype == b.dtype and torch.equal(a, b), (a, b)
         assert torch.equal(link.recv_object(0)["a"][0], sent[0])
         link.send_backward(got[1])
+
+
+@distributed(world_size=2)
+def test_every_rank_can_register_every_hook():
+    """SPMD registration: both stages register hooks on every module of the whole model; each
+    fires on the stage that owns its module, groups may hold remote hooks, and a name that no
+    stage has is still an error on every rank."""
+    from pipeline_cases import _REGISTER, STAGE_PARAM_SITES, STAGE_SITES
+
+    from flex_surgery.hooks.errors import UnknownNameError
+
+    _, _, x_mbs, t_mbs = inputs(4, N_MICRO)
+    ref_stored, _, _ = reference(x_mbs, t_mbs, edit=True)
+    stage = two_stages(plain_net(), dist.get_rank())
+    stored: dict = {}
+    flex = FlexModel(stage, stored, pipeline_parallel_size=2)
+    hooks = []
+    for name, kind in STAGE_SITES:  # no filtering by stage
+        hf = HookFunction(name, editing_function=times_two)
+        getattr(flex, _REGISTER[kind])(hf)
+        hooks.append(hf)
+    for name in STAGE_PARAM_SITES:
+        hf = HookFunction(name, editing_function=times_two)
+        flex.register_hook(hf)
+        hooks.append(hf)
+    remote = [hf for hf in hooks if hf.is_remote]
+    assert remote and len(remote) < len(hooks)
+    assert all(not hf.module_name.startswith(f"blocks.{dist.get_rank()}") for hf in remote)
+    flex.update_hook_groups(hooks, "everything")
+    assert flex.create_hook_group("heads", "head") == ([] if dist.get_rank() == 0 else
+                                                       flex.get_group_hook_functions("heads"))
+    with pytest.raises(UnknownNameError, match="no module named 'blocks.7.up'"):
+        flex.register_forward_hook(HookFunction("blocks.7.up"))
+    link = StageLink(flex.runtime.mesh)
+    hand_split_step(flex, link, x_mbs, t_mbs, groups="everything")
+    flex.sync_pipeline_outputs(link)
+    if dist.get_rank() == 0:
+        assert_stored_equal(stored, ref_stored, **TOL)
+    flex.restore()
+    assert not any(hf.is_registered for hf in hooks)
+
+
+@distributed(world_size=2)
+def test_a_stage_without_an_output_dict_still_sends_its_entries():
+    _, _, x_mbs, t_mbs = inputs(2, 1)
+    ref_stored, _, _ = reference(x_mbs, t_mbs, edit=False)
+    stage = two_stages(plain_net(), dist.get_rank())
+    stored: dict | None = {} if dist.get_rank() == 0 else None
+    flex = FlexModel(stage, stored, pipeline_parallel_size=2)
+    keys = register_sites(flex, edit=False)
+    link = StageLink(flex.runtime.mesh)
+    hand_split_step(flex, link, x_mbs, t_mbs)
+    flex.sync_pipeline_outputs(link)
+    if dist.get_rank() == 0:
+        assert any(k.startswith("blocks.1") for k in stored)
+        assert_stored_equal(stored, {k: v for k, v in ref_stored.items() if k in stored}, **TOL)
+    else:
+        assert keys

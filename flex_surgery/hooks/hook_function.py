@@ -159,6 +159,20 @@ class HookFunction:
         self._enabled = True
         self._checked_local_shapes.clear()
 
+    def _bind_remote(self, owner: object, hook_type: str) -> None:
+        """Registered for a module that lives on another pipeline stage: it never fires here
+        (the owning stage runs it), but counts as registered and can join groups."""
+        self._owner = owner
+        self.hook_type = hook_type
+        self.output_key = output_key(self.module_name, hook_type)
+        self._site = self._runtime = self._shared = None
+        self._enabled = True
+
+    @property
+    def is_remote(self) -> bool:
+        """Registered for a module of another pipeline stage (see :meth:`_bind_remote`)."""
+        return self._owner is not None and self._site is None
+
     def _unbind(self) -> None:
         self._owner = None
         self.hook_type = None

@@ -36,7 +36,7 @@ from flex_surgery.hooks.hook_function import (
 )
 from flex_surgery.naming import clean_name
 from flex_surgery.parallel.distributed_runtime import build_runtime
-from flex_surgery.parallel.pipeline import StageLink, collect_stage_outputs
+from flex_surgery.parallel.pipeline import StageLink, collect_stage_outputs, names_on_other_stages
 from flex_surgery.parallel.runtime import (
     HOOK_TYPES,
     HookSite,
@@ -107,7 +107,12 @@ class FlexModel(nn.Module):
         self.runtime = build_runtime(module, tensor_parallel_size, pipeline_parallel_size,
                                      data_parallel_size, process_group, store_on=store_on,
                                      batch_dim=batch_dim)
-        self._shared = SharedState(output_dict, self.save_ctx, self.trainable_modules)
+        self._shared = SharedState(None, self.save_ctx, self.trainable_modules)
+        # Under pipelining: names of the other stages, so every rank can register every hook.
+        self._remote_names = names_on_other_stages(
+            set(self._module_table()) | set(self._parameter_table()),
+            getattr(self.runtime, "mesh", None))
+        self.output_dict = output_dict
         self._groups = HookGroups()
         # None: a module backward hook that is disabled, hence not installed (see _select).
         self._handles: dict[HookFunction, RemovableHandle | None] = {}
@@ -122,13 +127,18 @@ class FlexModel(nn.Module):
     @property
     def output_dict(self) -> dict[str, list[torch.Tensor]] | None:
         """Where hooks store what they see (may be replaced, e.g. by a fresh dict per step)."""
-        return self._shared.output_dict
+        return self._output_dict
 
     @output_dict.setter
     def output_dict(self, value: dict[str, list[torch.Tensor]] | None) -> None:
         if value is not None and not isinstance(value, dict):
             raise TypeError(f"output_dict must be a dict or None, got {type(value).__name__}")
-        self._shared.output_dict = value
+        self._output_dict = value
+        # Under pipelining a stage leader stores its stage's tensors until
+        # sync_pipeline_outputs moves them to rank 0: it needs somewhere to keep them even if
+        # the user gave this rank no dict (a dict on rank 0 only is a natural SPMD pattern).
+        staging = value is None and self._remote_names
+        self._shared.output_dict = {} if staging else value
 
     # -- forward ------------------------------------------------------------------------------
 
@@ -157,7 +167,7 @@ class FlexModel(nn.Module):
             enabled = hf in active
             if hf._enabled != enabled:
                 hf._enabled = enabled
-                if hf.hook_type in _MODULE_BACKWARD_KINDS:
+                if hf.hook_type in _MODULE_BACKWARD_KINDS and not hf.is_remote:
                     reinstall[id(hf._site.module)] = hf._site.module
         for module in reinstall.values():
             self._install_backward_hooks(module)
@@ -171,7 +181,8 @@ class FlexModel(nn.Module):
         only flagged; reinstalling all of them keeps their relative order.
         """
         mine = [hf for hf in self._handles
-                if hf.hook_type in _MODULE_BACKWARD_KINDS and hf._site.module is module]
+                if hf.hook_type in _MODULE_BACKWARD_KINDS and not hf.is_remote
+                and hf._site.module is module]
         for hf in mine:
             if self._handles[hf] is not None:
                 self._handles[hf].remove()
@@ -198,8 +209,10 @@ class FlexModel(nn.Module):
         """
         self._check_usable()
         runtime = self.runtime
-        collect_stage_outputs(self.output_dict, getattr(runtime, "mesh", None),
+        collect_stage_outputs(self._shared.output_dict, getattr(runtime, "mesh", None),
                               getattr(runtime, "store_on", "rank0"), link)
+        if self._output_dict is None and self._shared.output_dict is not None:
+            self._shared.output_dict.clear()  # staging only: this rank keeps nothing
 
     # -- registration ---------------------------------------------------------------------------
 
@@ -240,10 +253,16 @@ class FlexModel(nn.Module):
                 f"{hf!r} has no editing function and this FlexModel has no output_dict: it "
                 "would do nothing"
             )
-        if hook_type == "tensor":
-            site, handle = self._register_parameter_hook(hf, table)
-        else:
-            site, handle = self._register_module_hook(hf, hook_type, table)
+        try:
+            if hook_type == "tensor":
+                site, handle = self._register_parameter_hook(hf, table)
+            else:
+                site, handle = self._register_module_hook(hf, hook_type, table)
+        except UnknownNameError:
+            if clean_name(hf.module_name) not in self._remote_names:
+                raise
+            hf._bind_remote(self, hook_type)  # the stage that owns the module runs it
+            handle = None
         self._handles[hf] = handle
         self._groups.add(hf)
 
@@ -331,6 +350,8 @@ class FlexModel(nn.Module):
         table = self._parameter_table() if hook_type == "tensor" else self._module_table()
         candidates = list(table)
         names = [n for n in candidates if n and matches(n)]
+        if not names and any(matches(n) for n in self._remote_names):
+            return []  # every match lives on another pipeline stage
         if not names:
             kind = "parameter" if hook_type == "tensor" else "module"
             raise UnknownNameError(

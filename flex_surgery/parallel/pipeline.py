@@ -364,8 +364,10 @@ def collect_stage_outputs(output_dict: dict[str, list[torch.Tensor]] | None,
     entries of every stage. With a ``link`` the transfer fails fast if a stage has failed;
     without one it uses the mesh's ``pp`` group and blocking sends.
     """
-    if mesh is None or mesh.pp_size == 1 or output_dict is None:
+    if mesh is None or mesh.pp_size == 1:
         return
+    # A rank without an output_dict keeps nothing but still takes part (peers wait for it).
+    kept = output_dict if output_dict is not None else {}
     if link is None:
         link = _BlockingLine(mesh)
     everywhere = store_on == "all"
@@ -373,7 +375,7 @@ def collect_stage_outputs(output_dict: dict[str, list[torch.Tensor]] | None,
         return
     theirs: list[dict[str, list[torch.Tensor]]] = []
     if everywhere:  # each stage in turn sends its own entries to all the others
-        mine = {key: list(values) for key, values in output_dict.items()}
+        mine = {key: list(values) for key, values in kept.items()}
         for stage in range(link.num_stages):
             if stage != link.stage:
                 theirs.append(link.recv_object(stage))
@@ -384,11 +386,25 @@ def collect_stage_outputs(output_dict: dict[str, list[torch.Tensor]] | None,
     elif link.is_first:
         theirs = [link.recv_object(stage) for stage in range(1, link.num_stages)]
     else:
-        link.send_object(output_dict, 0)
-        output_dict.clear()
+        link.send_object(kept, 0)
+        kept.clear()
     for entries in theirs:
         for key, values in entries.items():
-            output_dict.setdefault(key, []).extend(values)
+            kept.setdefault(key, []).extend(values)
+
+
+def names_on_other_stages(names: set[str], mesh: ParallelMesh | None) -> frozenset[str]:
+    """The module and parameter names that live on the other pipeline stages of this rank's
+    pipeline line (one ``all_gather_object`` over the ``pp`` group; empty without pipelining).
+
+    With them FlexModel lets every rank run the same registration code: a hook on a module of
+    another stage is accepted and fires there, while a name no stage has is still an error.
+    """
+    if mesh is None or mesh.pp_size == 1:
+        return frozenset()
+    everyone: list[list[str] | None] = [None] * mesh.pp_size
+    dist.all_gather_object(everyone, sorted(names), group=mesh.group("pp"))
+    return frozenset(n for stage_names in everyone for n in stage_names or ()) - names
 
 
 class _BlockingLine(StageLink):
