@@ -17,7 +17,7 @@ outputs in extra autograd nodes; they are put back in registration order.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import SimpleNamespace
 from typing import Any
 
@@ -467,30 +467,28 @@ class FlexModel(nn.Module):
 
     def _resolve_module(self, name: str,
                         table: dict[str, nn.Module] | None = None) -> nn.Module:
-        table = self._module_table() if table is None else table
-        module = table.get(clean_name(name))
-        if module is not None:
-            return module
-        hint = ""
-        if clean_name(name) in self._parameter_table():
-            hint = "; it is a parameter: use register_hook for its gradient"
-        raise UnknownNameError(
-            f"no module named {name!r} in the wrapped {type(self.module).__name__}"
-            f"{hint or did_you_mean(name, table)}"
-        )
+        return self._lookup(name, "module", self._module_table() if table is None else table,
+                            self._parameter_table,
+                            "it is a parameter: use register_hook for its gradient")
 
     def _resolve_parameter(
         self, name: str, table: dict[str, tuple[nn.Parameter, nn.Module]] | None = None
     ) -> tuple[nn.Parameter, nn.Module]:
-        table = self._parameter_table() if table is None else table
+        return self._lookup(name, "parameter",
+                            self._parameter_table() if table is None else table,
+                            self._module_table,
+                            "it is a module: use register_forward_hook and friends")
+
+    def _lookup(self, name: str, kind: str, table: dict[str, Any],
+                other_table: Callable[[], dict[str, Any]], other_hint: str) -> Any:
+        """``table[clean_name(name)]``, or an UnknownNameError that says what the name is
+        instead (a module given to a parameter hook, or the reverse) or the closest names."""
         found = table.get(clean_name(name))
         if found is not None:
             return found
-        hint = ""
-        if clean_name(name) in self._module_table():
-            hint = "; it is a module: use register_forward_hook and friends"
+        hint = f"; {other_hint}" if clean_name(name) in other_table() else ""
         raise UnknownNameError(
-            f"no parameter named {name!r} in the wrapped {type(self.module).__name__}"
+            f"no {kind} named {name!r} in the wrapped {type(self.module).__name__}"
             f"{hint or did_you_mean(name, table)}"
         )
 
