@@ -39,6 +39,7 @@ __all__ = [
     "FlatRegion",
     "IndexRegion",
     "LocalShard",
+    "fsdp1_param_offsets",
     "local_shards",
     "reshard_for_surgery",
 ]
@@ -332,6 +333,17 @@ def _plain_shard(name: str, module: nn.Module, pname: str, param: nn.Parameter) 
     )
 
 
+def fsdp1_param_offsets(flat_param: nn.Parameter) -> list[int]:
+    """Offset of each original parameter of an FSDP1 ``FlatParameter`` in the unsharded (padded)
+    flat parameter, i.e. in the concatenation of every rank's local shard."""
+    offsets, pos = [], 0
+    for numel, is_pad in zip(flat_param._numels_with_padding, flat_param._is_padding_mask):
+        if not is_pad:
+            offsets.append(pos)
+        pos += numel
+    return offsets
+
+
 def _fsdp1_shards(fsdp_module: nn.Module, prefix: str) -> Iterator[LocalShard]:
     """One :class:`LocalShard` per original parameter of an FSDP1 unit's ``FlatParameter``."""
     handle = fsdp_module._handle
@@ -341,12 +353,7 @@ def _fsdp1_shards(fsdp_module: nn.Module, prefix: str) -> Iterator[LocalShard]:
     # ``_local_shard`` is not set yet; afterwards it is the same storage.
     local_flat = getattr(fp, "_local_shard", fp.data) if sharded else fp.data
     group = fsdp_module.process_group
-    # Offsets of each original parameter in the unsharded (padded) flat parameter.
-    offsets, pos = [], 0
-    for numel, is_pad in zip(fp._numels_with_padding, fp._is_padding_mask):
-        if not is_pad:
-            offsets.append(pos)
-        pos += numel
+    offsets = fsdp1_param_offsets(fp)
     gathered: dict[str, torch.Tensor] = {}
 
     def gather_flat() -> torch.Tensor:
