@@ -6,11 +6,12 @@ surgery, can be copied *in place* into the program's tensors instead of paying f
 (seconds to minutes, and a recompile for compiled programs). This module is that copy, made
 safe:
 
-* the program owns its weights (``program.py`` exports a private copy), so injecting never
-  writes into the eager model and editing the eager model never leaks into the program;
-* every name, shape and dtype is checked before the first byte is written
-  (:class:`~flex_surgery.export.layout.WeightLayout`), so a failed injection leaves the program
-  untouched;
+* the program owns its weights (``program.py`` exports a private copy; a program exported
+  elsewhere gets copies of its own when wrapped), so injecting never writes into the eager model
+  and editing the eager model never leaks into the program;
+* every name, shape and dtype is checked before the first byte is written, and the write itself
+  is :func:`~flex_surgery.export.inject.inject_weights`'s (one path for plain programs and this
+  class), so a failed injection leaves the program untouched;
 * tied weights are one tensor in the program and are written once;
 * :meth:`ExportedModel.weights` swaps weights in for a ``with`` block and copies a snapshot back
   afterwards (:mod:`flex_surgery.surgery.snapshot`, as surgery does) -- bit-exact, never by
@@ -28,7 +29,14 @@ from typing import Any, Union
 import torch
 from torch import nn
 
-from flex_surgery.export.layout import WeightLayout, WeightSlot
+from flex_surgery.export.inject import (
+    copy_matched,
+    declare_owner,
+    owns_weights,
+    program_layout,
+    write_weights,
+)
+from flex_surgery.export.layout import WeightSlot
 from flex_surgery.export.program import OutputKey, export_private_copy, with_state
 from flex_surgery.export.weight_files import load_weight_file, save_weight_file
 from flex_surgery.surgery.snapshot import take_snapshot
@@ -55,12 +63,17 @@ class ExportedModel:
 
     def __init__(self, program: torch.export.ExportedProgram, prefix: str = "",
                  output: OutputKey = None):
-        """Wrap ``program`` as is. The program must own its weights: use :meth:`export` unless
-        ``program`` comes from ``torch.export.load`` or from exporting a module nobody else
-        holds, or injections will write through into that module."""
+        """Wrap ``program``; ``prefix`` is what its root put in front of the model's names.
+
+        A program straight from ``torch.export.export`` shares its tensors with the exported
+        module; unless it is known to own them (made by :meth:`export` or :meth:`load`) it is
+        given copies of its own first, so injecting never writes into that module.
+        """
         self.program = program
         self.output = output
-        self.layout = WeightLayout(program.state_dict, prefix)
+        self.layout = program_layout(program, prefix)
+        if not owns_weights(program):
+            write_weights(program, self.layout, {}, strict=False)  # copies of its own
         self._runner = program.module()
         self._compiled: Any = None  # torch.compile'd module or AOTInductor runner
         runner_state = _runner_state(self._runner)
@@ -106,6 +119,7 @@ class ExportedModel:
         and checked strictly, for a program saved with ``weights=False``)."""
         extra = {_META_FILE: ""}
         program = torch.export.load(path, extra_files=extra)
+        declare_owner(program)  # its tensors were just read from the file: nobody else has them
         if not extra[_META_FILE]:
             raise ValueError(f"{os.fspath(path)!r} was not written by ExportedModel.save; wrap a "
                              f"torch.export.load result with ExportedModel(program, prefix=...)")
@@ -197,8 +211,7 @@ class ExportedModel:
         ``strict=False``, weights absent from ``source`` keep their current values; unexpected
         names are an error either way.
         """
-        matched = self._match(source, strict)
-        self._write(matched)
+        matched = write_weights(self.program, self.layout, self._weights_of(source), strict)
         return [slot.names[0] for slot, _ in matched]
 
     @contextmanager
@@ -210,10 +223,10 @@ class ExportedModel:
         ``backup="cpu"``), overwritten, and copied back on exit -- also when the block raises.
         Blocks nest; each restores what it found.
         """
-        matched = self._match(source, strict)
+        matched = self.layout.match(self._weights_of(source), strict)
         snapshots = [take_snapshot(self._slots[slot.names[0]], backup) for slot, _ in matched]
         try:
-            self._write(matched)
+            copy_matched(self.program, self.layout, matched)
             yield self
         finally:
             with torch.no_grad():
@@ -248,7 +261,8 @@ class ExportedModel:
         for slot in self.layout.slots:
             yield slot.names[0], self._slots[slot.names[0]].detach()
 
-    def _match(self, source: WeightSource, strict: bool) -> list[tuple[WeightSlot, torch.Tensor]]:
+    def _weights_of(self, source: WeightSource) -> Mapping[str, torch.Tensor]:
+        """``source`` as a mapping of eager names to tensors."""
         if isinstance(source, ExportedModel):
             weights: Mapping[str, torch.Tensor] = source.state_dict()
         elif isinstance(source, nn.Module):
@@ -260,12 +274,7 @@ class ExportedModel:
         else:
             raise TypeError(f"cannot inject weights from a {type(source).__name__}; pass a state "
                             f"dict, a module or a weight file path")
-        return self.layout.match(weights, strict)
-
-    @torch.no_grad()
-    def _write(self, matched: list[tuple[WeightSlot, torch.Tensor]]) -> None:
-        for slot, value in matched:
-            self._slots[slot.names[0]].copy_(value)
+        return weights
 
 
 def _materialize(program: torch.export.ExportedProgram, meta: dict) -> torch.export.ExportedProgram:
@@ -281,7 +290,9 @@ def _materialize(program: torch.export.ExportedProgram, meta: dict) -> torch.exp
         empty = torch.empty(old.shape, dtype=old.dtype, device=meta["device"])
         for name in groups.get(key[len(prefix):], [key[len(prefix):]]):
             state[prefix + name] = empty
-    return with_state(program, state)
+    program = with_state(program, state)
+    declare_owner(program)
+    return program
 
 
 def live_weights(module: nn.Module) -> dict[str, torch.Tensor]:

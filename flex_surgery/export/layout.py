@@ -15,7 +15,7 @@ so a wrong checkpoint is diagnosed in one go rather than one key at a time.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -59,8 +59,12 @@ class WeightLayout:
     ``prefix`` is what the export wrapper put in front of every eager name ("" when none).
     """
 
-    def __init__(self, program_state: Mapping[str, torch.Tensor], prefix: str = ""):
+    def __init__(self, program_state: Mapping[str, torch.Tensor], prefix: str = "",
+                 constants: Iterable[str] = ()):
         self.prefix = prefix
+        #: Eager names the graph reads as constants fixed at export (non-persistent buffers):
+        #: naming one in new weights is reported as such rather than as an unknown key.
+        self.constants = frozenset(constants)
         by_storage: dict[tuple, list[str]] = {}
         for key, tensor in program_state.items():
             if not key.startswith(prefix):
@@ -105,7 +109,13 @@ class WeightLayout:
         would otherwise leave the program silently running on its old weights.
         """
         problems: list[str] = []
-        unexpected = [k for k in weights if k not in self._slot_of]
+        fixed = [k for k in weights if k in self.constants]
+        if fixed:
+            problems.append(f"{', '.join(repr(k) for k in fixed[:_MAX_LISTED])}: non-persistent "
+                            f"buffer(s), constants fixed at export that cannot be injected "
+                            f"(leave them out, as model.state_dict() does)")
+        unexpected = [k for k in weights if k not in self._slot_of and k not in self.constants]
+        hint = ""
         if unexpected:
             hint = _prefix_hint(unexpected, self.names)
             shown = 3 if hint else _MAX_LISTED  # the hint explains them all
@@ -113,6 +123,11 @@ class WeightLayout:
                                for k in unexpected[:shown])
             more = f" (and {len(unexpected) - shown} more)" if len(unexpected) > shown else ""
             problems.append(f"unexpected key(s): {listed}{more}{hint}")
+
+        n_given = len(weights) - len(fixed)
+        if len(unexpected) > 1 and 2 * len(unexpected) >= n_given and not hint:
+            problems.append(f"{len(unexpected)} of the {n_given} given names are not weights of "
+                            f"the program: are these the weights of another architecture?")
 
         matched: list[tuple[WeightSlot, torch.Tensor]] = []
         missing: list[str] = []

@@ -25,6 +25,8 @@ from typing import Any, Union
 import torch
 from torch import nn
 
+from flex_surgery.export.inject import declare_owner
+
 __all__ = ["OutputSelector", "export_private_copy", "with_state"]
 
 OutputKey = Union[str, int, None]
@@ -63,6 +65,7 @@ def export_private_copy(module: nn.Module, example_args: tuple = (),
     prefix = "" if output is None else SELECTOR_PREFIX
     program = torch.export.export(root, tuple(example_args), kwargs=dict(example_kwargs or {}),
                                   dynamic_shapes=dynamic_shapes, strict=strict)
+    declare_owner(program)
     return program, prefix
 
 
