@@ -10,6 +10,7 @@ from flex_surgery.surgery.layers import (
 from flex_surgery.surgery.masks import MaskTheater, continuous_mask, hard_mask
 from flex_surgery.surgery.shards import LocalShard, local_shards
 from flex_surgery.surgery.theater import (
+    RestoreError,
     SurgeryError,
     SurgicalTheater,
     active_theaters,
@@ -22,6 +23,7 @@ __all__ = [
     "LocalShard",
     "MaskTheater",
     "PassThrough",
+    "RestoreError",
     "SurgeryError",
     "SurgicalTheater",
     "active_theaters",

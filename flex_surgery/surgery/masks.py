@@ -16,8 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from flex_surgery.surgery.shards import LocalShard
-from flex_surgery.surgery.theater import SurgicalTheater
+from flex_surgery.surgery.theater import Edit, SurgicalTheater
 
 __all__ = ["MaskTheater", "continuous_mask", "hard_mask"]
 
@@ -56,9 +55,10 @@ class MaskTheater(SurgicalTheater):
         self.masks = dict(masks)
         self.modification_type = "mask"  # reported by modifications_summary
 
-    def _modify(self, shard: LocalShard, base_seed: int | None) -> None:
+    def _modify(self, edit: Edit, base_seed: int | None) -> None:
+        shard = edit.shard
         name = next((n for n in shard.names if n in self.masks), None)
-        if name is None:
+        if name is None or edit.factors:
             raise ValueError(f"masks are keyed by parameter names; {shard.name} was selected "
                              f"through a module name in {sorted(self.masks)}")
         mask = self.masks[name]
@@ -66,4 +66,6 @@ class MaskTheater(SurgicalTheater):
             raise ValueError(f"mask for {name} has shape {tuple(mask.shape)}, the parameter "
                              f"{tuple(shard.full_shape)} (masks are given at the full shape)")
         local = shard.local
+        # A mask is a factor, not a delta: boolean masks need the cast, and a float mask is
+        # documented to be applied in the parameter's dtype.
         local.mul_(shard.region.take(mask).to(device=local.device, dtype=local.dtype))

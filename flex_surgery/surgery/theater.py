@@ -16,8 +16,10 @@ subtracted: ``(w + d) - d != w`` in floating point.
 
 While a theater is active it also guards the training state around validation: module
 train/eval flags, ``requires_grad`` flags, CPU/CUDA RNG states and the ``.grad`` of every
-parameter are put back on exit; ``state_dict()`` returns the original weights; and an
-``optimizer.step()`` touching a modified parameter raises instead of training on them.
+parameter are put back on exit; ``state_dict()`` returns the original weights
+(:mod:`.checkpoint_guard`, which never writes the live weights); and an ``optimizer.step()``
+touching a modified parameter raises instead of training on them. PEFT LoRA layers are one
+linear whose effective weight is modified (:mod:`.lora`).
 """
 
 from __future__ import annotations
@@ -31,12 +33,15 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from flex_surgery.naming import clean_name
+from flex_surgery.surgery.checkpoint_guard import install_checkpoint_guard
+from flex_surgery.surgery.lora import LoraLinear, adapter_delta, lora_layers, peel_peft
 from flex_surgery.surgery.shards import LocalShard, local_shards, reshard_for_surgery
 from flex_surgery.surgery.snapshot import Snapshot, take_snapshot
 
@@ -44,6 +49,8 @@ __all__ = [
     "MODIFICATION_TYPES",
     "PARAMETER_SELECTIONS",
     "NOISE_CHUNK_ELEMENTS",
+    "Edit",
+    "RestoreError",
     "SurgeryError",
     "SurgicalTheater",
     "active_theaters",
@@ -56,9 +63,10 @@ MODIFICATION_TYPES = ("scale", "disable", "noise", "custom")
 PARAMETER_SELECTIONS = ("linear", "weights", "all")
 
 # Seeded noise is generated in blocks of whole dim-0 rows of at most this many elements, each
-# block from its own generator seeded by (seed, parameter name, block index). A rank generates
-# only the blocks that overlap its shard, so the transient memory is one block, and every layout
-# of the same parameter receives the same full-weight noise.
+# block from its own CPU generator seeded by (seed, parameter name, block index) and copied to
+# the parameter's device. A rank generates only the blocks that overlap its shard, so the
+# transient memory is one block, and every layout of the same parameter -- on CPU or CUDA --
+# receives the same full-weight noise.
 NOISE_CHUNK_ELEMENTS = 1 << 16
 
 ParamFilter = Callable[[str, nn.Module, str], bool]
@@ -69,6 +77,29 @@ _ACTIVE: list[SurgicalTheater] = []
 
 class SurgeryError(RuntimeError):
     """Misuse of a theater: re-entering, exiting out of order, stepping a modified parameter."""
+
+
+class RestoreError(SurgeryError):
+    """Putting the weights back failed part-way (e.g. a device error). The theater keeps every
+    snapshot and stays active; :meth:`SurgicalTheater.restore` retries."""
+
+
+@dataclass
+class Edit:
+    """One modification as the user sees it: ``shard`` holds the values the modification is
+    defined on, ``name`` is the name the user knows it by (noise seeds, messages). For a PEFT
+    LoRA layer, ``shard`` is the base weight, ``name`` the effective weight's name, ``factors``
+    the adapters' ``B`` weights scaled or zeroed with it, and ``lora`` the layer."""
+
+    shard: LocalShard
+    name: str
+    factors: tuple[LocalShard, ...] = ()
+    lora: LoraLinear | None = None
+
+    @property
+    def shards(self) -> tuple[LocalShard, ...]:
+        """Every local view this edit writes."""
+        return (self.shard, *self.factors)
 
 
 def active_theaters() -> tuple[SurgicalTheater, ...]:
@@ -222,7 +253,7 @@ class SurgicalTheater:
             raise TypeError(f"unexpected arguments {sorted(fn_kwargs)} (only passed to a "
                             "custom modification_fn)")
         self.model = model
-        self.root = unwrap_model(model)
+        self.root = peel_peft(unwrap_model(model))
         self.layers = layers
         self.modification_type = modification_type
         self.factor = factor
@@ -236,45 +267,91 @@ class SurgicalTheater:
         self.guard_grads = guard_grads
         self.fn_kwargs = fn_kwargs
         self._active = False
-        self._targets: list[LocalShard] = []
+        self._targets: list[LocalShard] = []  # every view written, parallel to _snapshots
         self._snapshots: list[Snapshot] = []
+        self._shard_of: dict[int, LocalShard] = {}
         self._hooks: list[Any] = []
         self._guard: dict[str, Any] = {}
         self._names: list[str] = []
         self._modules: list[nn.Module] = []
         self._sharded = False
-        self._module_ids: set[int] = set()
         self.stats: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ targets
-    def _resolve(self, shards: list[LocalShard]) -> list[LocalShard]:
-        """The local shards selected by ``layers`` and ``params``, in model order."""
+    def _resolve(self, shards: list[LocalShard]) -> list[Edit]:
+        """The edits selected by ``layers`` and ``params``, in model order.
+
+        One pass over the local shards: a parameter named exactly is a raw edit; otherwise a
+        module name or pattern selects the parameters under it that ``params`` keeps, where a
+        PEFT LoRA layer counts as one linear (its base weight plus adapter factors, under the
+        effective weight's name) and its adapter parameters are never selected on their own.
+        """
         if self.modification_type is None:
             return []
         floating = [s for s in shards if s.local.is_floating_point()]
-        if self.layers is None:
-            return [s for s in floating if self._keep(s.name, s.module, s.param_name)]
-        specs = (self.layers if isinstance(self.layers, (list, tuple)) else [self.layers])
+        loras = lora_layers(self.root)
+        self._shard_of = {id(o): s for s in shards for o in s.owners}
+        inside = {pid: lora for lora in loras.values() for pid in lora.internals}
         module_names = {clean_name(n) for n, _ in self.root.named_modules()}
         param_names = {n for s in floating for n in s.names}
+        param_names |= {loras[id(s.module)].effective_name(s.param_name)
+                        for s in floating if id(s.module) in loras}
         prefixes: set[str] = set()
-        exact_params: set[str] = set()
+        exact: set[str] = set()
+        if self.layers is None:
+            prefixes.add("")  # the whole model
+        specs = (() if self.layers is None else
+                 self.layers if isinstance(self.layers, (list, tuple)) else [self.layers])
         for spec in specs:
             for name in self._expand(spec, module_names, param_names):
-                (exact_params if name in param_names else prefixes).add(name)
-        selected = []
+                (exact if name in param_names else prefixes).add(name)
+
+        def under(name: str, within: str | None = None) -> bool:
+            """Selected by a prefix (one below the LoRA layer ``within``, if given)."""
+            return any((p == "" or name.startswith(p + "."))
+                       and (within is None or p.startswith(within + "."))
+                       for p in prefixes)
+
+        edits: list[Edit] = []
         for s in floating:
-            if any(n in exact_params for n in s.names):
-                selected.append(s)
-            elif any(n.startswith(p + ".") or p == "" for n in s.names for p in prefixes):
-                if self._keep(s.name, s.module, s.param_name):
-                    selected.append(s)
-        if not selected:
+            lora = loras.get(id(s.module))
+            owner = next((inside[id(o)] for o in s.owners if id(o) in inside), None)
+            if any(n in exact for n in s.names):
+                edits.append(Edit(s, s.name))
+            elif lora is not None:
+                effective = lora.effective_name(s.param_name)
+                if effective in exact or (under(effective) and not under(effective, lora.name)
+                                          and self._keep(effective, lora.base, s.param_name)):
+                    edits.append(self._lora_edit(s, lora, effective))
+                elif (any(under(n, lora.name) for n in s.names)
+                      and self._keep(s.name, s.module, s.param_name)):
+                    edits.append(Edit(s, s.name))
+            elif owner is not None:  # an adapter's own parameter: only from below the layer
+                if (any(under(n, owner.name) for n in s.names)
+                        and self._keep(s.name, s.module, s.param_name)):
+                    edits.append(Edit(s, s.name))
+            elif any(under(n) for n in s.names) and self._keep(s.name, s.module, s.param_name):
+                edits.append(Edit(s, s.name))
+        if not edits and self.layers is not None:
             raise ValueError(
                 f"layers={self.layers!r} with params={self.params!r} selects no parameter; "
                 "use params='weights' or 'all' to include norms, biases and embeddings"
             )
-        return selected
+        seen: dict[int, str] = {}
+        for e in edits:
+            for s in e.shards:
+                if id(s) in seen:
+                    raise ValueError(f"{s.name} is selected twice ({seen[id(s)]} and {e.name}); "
+                                     "name either the LoRA layer or its parameters, not both")
+                seen[id(s)] = e.name
+        return edits
+
+    def _lora_edit(self, shard: LocalShard, lora: LoraLinear, effective: str) -> Edit:
+        lora.check_editable(shard.param_name)
+        factors = ()
+        if shard.param_name == "weight":
+            factors = tuple(self._shard_of[id(p)] for p in lora.factor_params())
+        return Edit(shard, effective, factors, lora if shard.param_name == "weight" else None)
 
     def _expand(self, spec: LayerSpec, module_names: set[str],
                 param_names: set[str]) -> list[str]:
@@ -298,46 +375,55 @@ class SurgicalTheater:
         return [spec]
 
     # ------------------------------------------------------------ modifications
-    def _modify(self, shard: LocalShard, base_seed: int | None) -> None:
-        local = shard.local
+    def _modify(self, edit: Edit, base_seed: int | None) -> None:
         kind = self.modification_type
         if kind == "scale":
-            local.mul_(self.factor)
+            for s in edit.shards:
+                s.local.mul_(self.factor)
         elif kind == "disable":
-            local.zero_()
+            for s in edit.shards:
+                s.local.zero_()
         elif kind == "noise":
-            self._add_noise(shard, base_seed)
+            self._add_noise(edit.shard, edit.name, base_seed)
         elif kind == "custom":
-            self._add_custom(shard)
+            self._add_custom(edit)
 
-    def _add_noise(self, shard: LocalShard, base_seed: int | None) -> None:
+    def _add_noise(self, shard: LocalShard, name: str, base_seed: int | None) -> None:
+        """Add this rank's part of the full-shape noise of parameter ``name``: block ``k`` of
+        whole rows drawn in fp32 by a CPU generator seeded with ``noise_seed(seed, name, k)``,
+        scaled, copied to the parameter's device and added (so CPU and CUDA agree)."""
         shape = shard.full_shape
         n_rows = shape[0] if len(shape) else 1
         row_numel = math.prod(shape[1:]) if len(shape) > 1 else 1
         rows_per_chunk = max(1, NOISE_CHUNK_ELEMENTS // max(row_numel, 1))
         first, last = shard.region.row_range(shape)
         local = shard.local
+        gen = torch.Generator(device="cpu")
         for chunk in range(first // rows_per_chunk, -(-last // rows_per_chunk)):
             row0 = chunk * rows_per_chunk
             n = min(rows_per_chunk, n_rows - row0)
-            gen = torch.Generator(device=local.device)
-            gen.manual_seed(noise_seed(base_seed, shard.name, chunk))
-            rows = torch.randn((n, *shape[1:]), generator=gen, device=local.device,
-                               dtype=torch.float32)
+            gen.manual_seed(noise_seed(base_seed, name, chunk))
+            rows = torch.randn((n, *shape[1:]), generator=gen, dtype=torch.float32)
             rows.mul_(self.noise_scale)
-            shard.region.add_rows(local, rows, row0)
+            shard.region.add_rows(local, rows.to(local.device), row0)
 
-    def _add_custom(self, shard: LocalShard) -> None:
+    def _add_custom(self, edit: Edit) -> None:
+        shard = edit.shard
         local = shard.local
+        # The adapters' part of a LoRA layer's effective weight (gathers: before any return).
+        adapters = adapter_delta(edit.lora, self._shard_of) if edit.lora is not None else None
         if self.full_parameter:
-            arg, expected = shard.gather(), shard.full_shape
+            arg, expected, where = shard.gather(), shard.full_shape, "the parameter"
         elif local.numel() == 0:
             return  # this rank holds none of the parameter (FSDP1 flat shards)
         else:
-            arg, expected = local, local.shape
+            arg, expected, where = local, local.shape, "the local shard it got"
+        if adapters is not None:  # as PEFT merges: the delta in the weight's dtype, added
+            part = adapters if self.full_parameter else shard.region.take(adapters)
+            arg = arg + part.to(device=arg.device, dtype=arg.dtype)
         with torch.random.fork_rng(devices=[arg.device] if arg.is_cuda else []):
             if self.seed is not None:
-                torch.manual_seed(noise_seed(self.seed, shard.name, 0))
+                torch.manual_seed(noise_seed(self.seed, edit.name, 0))
             delta = self.modification_fn(arg, **self.fn_kwargs)
         if not isinstance(delta, torch.Tensor) or tuple(delta.shape) != tuple(expected):
             got = tuple(delta.shape) if isinstance(delta, torch.Tensor) else type(delta)
@@ -345,10 +431,16 @@ class SurgicalTheater:
                     "; it got this rank's shard -- pass full_parameter=True for the whole "
                     "parameter")
             raise ValueError(f"modification_fn must return a delta of shape {tuple(expected)} "
-                             f"for {shard.name}, got {got}{hint}")
+                             f"for {edit.name}, got {got}{hint}")
+        if delta.dtype != arg.dtype or delta.device != arg.device:
+            raise TypeError(
+                f"modification_fn for {edit.name} returned a delta of {delta.dtype} on "
+                f"{delta.device}, but {where} is {arg.dtype} on {arg.device}; the theater never "
+                "casts silently: return a delta like its argument (e.g. delta.to(p))"
+            )
         if self.full_parameter:
             delta = shard.region.take(delta)
-        local.add_(delta.detach().to(device=local.device, dtype=local.dtype))
+        local.add_(delta.detach())
 
     # -------------------------------------------------------------------- guard
     def _capture_guard(self) -> None:
@@ -382,6 +474,8 @@ class SurgicalTheater:
         self._guard = {}
 
     def _install_hooks(self) -> None:
+        """The optimizer guard (a global step pre-hook) and the checkpoint guard; every handle
+        is kept as soon as it exists, so a failure part-way leaves none bound."""
         from torch.optim.optimizer import register_optimizer_step_pre_hook
 
         modified = {id(o) for s in self._targets for o in s.owners}
@@ -398,32 +492,17 @@ class SurgicalTheater:
 
         if modified:
             self._hooks.append(register_optimizer_step_pre_hook(refuse_step))
-        if not self._snapshots:
-            return
-        for module in self._modules:
-            pre = module.register_state_dict_pre_hook(_state_dict_pre_hook)
-            # Run before FSDP's own pre-hook, which gathers the (modified) shards.
-            module._state_dict_pre_hooks.move_to_end(pre.id, last=False)
-            self._hooks.append(pre)
-            self._hooks.append(module.register_state_dict_post_hook(_make_post_hook()))
-        self._module_ids = {id(m) for m in self._modules}
+        if self._snapshots:
+            self._hooks.extend(install_checkpoint_guard(self._modules, self._targets,
+                                                        self._snapshots, SurgeryError))
 
     def _remove_hooks(self) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
-        self._module_ids = set()
+        while self._hooks:
+            self._hooks.pop().remove()
 
     def _reshard(self) -> None:
         if self._sharded:
             reshard_for_surgery(self.root, self._modules)
-
-    def _swap(self) -> None:
-        """Exchange modified and original contents (for ``state_dict`` inside the context)."""
-        self._reshard()
-        for snap in self._snapshots:
-            snap.swap()
-        _sync([s.local for s in self._snapshots])
 
     # -------------------------------------------------------------- enter / exit
     def __enter__(self) -> SurgicalTheater:
@@ -440,16 +519,22 @@ class SurgicalTheater:
                 base_seed = int(torch.randint(0, 2**62, (1,)).item())
                 self._guard["cpu_rng"] = torch.get_rng_state()
             self._reshard()
-            if self.modification_type is not None:
-                self._targets = self._resolve(local_shards(self.root))
-            for shard in self._targets:
-                self._snapshots.append(take_snapshot(shard.local, self.backup))
-                self._modify(shard, base_seed)
+            edits = self._resolve(local_shards(self.root))
+            for edit in edits:
+                for shard in edit.shards:  # every view an edit writes is saved before it
+                    self._snapshots.append(take_snapshot(shard.local, self.backup))
+                    self._targets.append(shard)
+                self._modify(edit, base_seed)
             _sync([s.local for s in self._targets])
             self._install_hooks()
         except BaseException:
-            with _interrupts_deferred():
-                self._unwind()
+            try:
+                with _interrupts_deferred():
+                    self._unwind()
+            except RestoreError:
+                self._active = True  # what could not be rolled back can be retried: restore()
+                _ACTIVE.append(self)
+                raise
             raise
         self._active = True
         _ACTIVE.append(self)
@@ -466,6 +551,14 @@ class SurgicalTheater:
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        self.restore()
+        return False
+
+    def restore(self) -> None:
+        """Put every modified element and the guarded state back and leave the context (what
+        ``__exit__`` does). If putting the weights back fails part-way, :class:`RestoreError`
+        is raised and the theater stays active with all its snapshots and guards: call
+        ``restore()`` again to retry."""
         if not self._active:
             raise SurgeryError("exit of a SurgicalTheater that is not active")
         if _ACTIVE[-1] is not self:
@@ -474,27 +567,37 @@ class SurgicalTheater:
                                "entered after it are still active; exit those first (LIFO)")
         start = time.perf_counter()
         with _interrupts_deferred():
-            try:
-                self._unwind()
-            finally:
-                _ACTIVE.pop()
-                self._active = False
+            self._unwind()
+            _ACTIVE.pop()
+            self._active = False
         self.stats["exit_s"] = time.perf_counter() - start
-        return False
 
     def _unwind(self) -> None:
-        """Put every saved element back (newest first), then the guarded state."""
+        """Put every saved element back (newest first), then the guarded state. Snapshots are
+        dropped only once all of them are back: a failed restore can be run again."""
+        self._restore_weights()
+        self._snapshots = []
+        self._targets = []
+        self._remove_hooks()
+        self._restore_guard()
+        self._modules = []
+
+    def _restore_weights(self) -> None:
+        name = None
         try:
             self._reshard()  # drop gathered copies that saw the modification
-            for snap in reversed(self._snapshots):
+            for shard, snap in zip(reversed(self._targets), reversed(self._snapshots)):
+                name = shard.name
                 snap.restore()
+            name = None
             _sync([s.local for s in self._snapshots])
-        finally:
-            self._snapshots = []
-            self._targets = []
-            self._remove_hooks()
-            self._restore_guard()
-            self._modules = []
+        except Exception as exc:
+            where = f" at {name}" if name else ""
+            raise RestoreError(
+                f"putting the weights back failed{where} ({type(exc).__name__}: {exc}); every "
+                "snapshot is kept and the theater stays active (optimizer and checkpoint "
+                "guards included): call restore() on it to retry"
+            ) from exc
 
     # --------------------------------------------------------------- reporting
     @property
@@ -538,45 +641,3 @@ def surgical_theater(model: nn.Module, layers: LayerSpec | Sequence[LayerSpec] |
                      modification_type: str = "scale", **kwargs: Any) -> SurgicalTheater:
     """Shorthand for ``SurgicalTheater(model, layers, modification_type, **kwargs)``."""
     return SurgicalTheater(model, layers, modification_type, **kwargs)
-
-
-# --------------------------------------------------------------- state_dict guard
-# One state_dict() call may run the pre/post hooks of many modules (and of several nested
-# theaters); the originals are swapped in once, by the first pre-hook, and swapped back by the
-# post-hook of that same module, i.e. at the end of the outermost state_dict() call.
-_SD_OWNER: list[nn.Module] = []
-
-
-def _theaters_on(module: nn.Module) -> list[SurgicalTheater]:
-    return [t for t in _ACTIVE if id(module) in getattr(t, "_module_ids", ())]
-
-
-def _state_dict_pre_hook(module: nn.Module, prefix: str, keep_vars: bool) -> None:
-    if _SD_OWNER:
-        return
-    theaters = _theaters_on(module)
-    if not theaters:
-        return
-    _SD_OWNER.append(module)
-    for t in reversed(theaters):  # innermost first: ends with the outermost's originals
-        t._swap()
-
-
-def _make_post_hook() -> Callable[..., None]:
-    def post(module: nn.Module, state_dict: dict[str, Any], prefix: str,
-             local_metadata: Any) -> None:
-        if not _SD_OWNER or _SD_OWNER[0] is not module:
-            return
-        theaters = _theaters_on(module)
-        storages = {s.local.untyped_storage().data_ptr()
-                    for t in theaters for s in t._snapshots}
-        for key, value in list(state_dict.items()):
-            if isinstance(value, torch.Tensor):
-                local = getattr(value, "_local_tensor", value)
-                if local.untyped_storage().data_ptr() in storages:
-                    state_dict[key] = value.detach().clone()  # do not alias live weights
-        for t in theaters:
-            t._swap()
-        _SD_OWNER.clear()
-
-    return post

@@ -1,0 +1,230 @@
+"""The checkpoint guard and restoration under faults, in one process: a state_dict() that raises
+inside a theater leaves the weights modified while inside, restored bit-exactly on exit, and the
+guard working for the next call; a restore that fails part-way keeps its snapshots and can be
+retried; nesting unwinds LIFO; an optimizer step inside raises; no silent casts; one noise
+generator rule."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from test_surgery_support import differing_bytes, raw_state, special_values
+
+from flex_surgery.models import example_inputs, tiny_hf_model
+from flex_surgery.surgery import RestoreError, SurgeryError, SurgicalTheater, active_theaters
+from flex_surgery.surgery.checkpoint_guard import ORIGINAL_MARK
+
+
+class _CheckpointHookFailed(Exception):
+    pass
+
+
+def _llama(dtype=torch.float32, special=True):
+    """A tiny Llama; with ``special``, holding -0.0, infinities and NaN payloads (for byte
+    checks; the logits are then NaN)."""
+    m = tiny_hf_model("llama", dtype=dtype)
+    if special:
+        special_values(m)
+    return m
+
+
+def _original_state(m):
+    return {k: v.clone() for k, v in m.state_dict().items()}
+
+
+def _assert_bits_equal(sd, want):
+    assert sd.keys() == want.keys()
+    for k, v in want.items():
+        assert torch.equal(sd[k].view(torch.uint8), v.view(torch.uint8)), k
+
+
+def _failing_post_hook(module, state_dict, prefix, local_metadata):
+    raise _CheckpointHookFailed("checkpoint hook failed")
+
+
+@pytest.mark.parametrize("where", ["root", "block"])
+def test_state_dict_that_raises_inside_leaves_weights_modified_then_restored(where):
+    m = _llama(special=False)
+    before = raw_state(m)
+    orig = _original_state(m)
+    x = example_inputs("llama")
+    with SurgicalTheater(m, modification_type="scale", factor=0.5, params="all"):
+        modified = raw_state(m)
+        logits = m(**x).logits
+        target = m if where == "root" else m.model.layers[0].mlp
+        handle = target.register_state_dict_post_hook(_failing_post_hook)
+        for _ in range(2):
+            with pytest.raises(_CheckpointHookFailed):
+                m.state_dict()
+            # nothing was swapped: the model still computes with (and holds) the modification
+            assert differing_bytes(modified, raw_state(m)) == 0
+            assert torch.equal(m(**x).logits, logits)
+        handle.remove()
+        _assert_bits_equal(m.state_dict(), orig)  # the guard still works for later calls
+        assert differing_bytes(modified, raw_state(m)) == 0
+    assert differing_bytes(before, raw_state(m)) == 0
+    assert active_theaters() == ()
+
+
+def test_torch_save_to_a_full_disk_inside_surgery():
+    class FullDisk(io.RawIOBase):
+        def writable(self):
+            return True
+
+        def write(self, b):
+            raise OSError(28, "No space left on device")
+
+    m = _llama()
+    before = raw_state(m)
+    with SurgicalTheater(m, modification_type="noise", seed=1, params="all"):
+        modified = raw_state(m)
+        with pytest.raises((OSError, RuntimeError)):
+            torch.save(m.state_dict(), FullDisk())
+        assert differing_bytes(modified, raw_state(m)) == 0
+    assert differing_bytes(before, raw_state(m)) == 0
+
+
+def test_state_dict_never_writes_live_weights():
+    """Exception safety by construction: during state_dict() the parameters hold the
+    modification (a hook that reads them sees modified values) and returned entries never
+    alias them."""
+    m = _llama()
+    orig = _original_state(m)
+    seen = {}
+
+    def spy(module, state_dict, prefix, local_metadata):
+        seen["w"] = module.weight.detach().clone()
+
+    m.lm_head.register_state_dict_post_hook(spy)
+    with SurgicalTheater(m, layers="lm_head", modification_type="scale", factor=2.0):
+        live = m.lm_head.weight
+        sd = m.state_dict(keep_vars=True)
+        # the model's own hook saw the modified weight
+        assert torch.equal(seen["w"].view(torch.uint8), live.detach().view(torch.uint8))
+        assert isinstance(sd["lm_head.weight"], torch.nn.Parameter)
+        assert sd["lm_head.weight"].data_ptr() != live.data_ptr()
+        assert getattr(sd["lm_head.weight"], ORIGINAL_MARK)
+        assert torch.equal(sd["lm_head.weight"].detach().view(torch.uint8),
+                           orig["lm_head.weight"].view(torch.uint8))
+
+
+def test_nested_theaters_state_dict_gives_the_outermost_originals():
+    m = _llama()
+    orig = _original_state(m)
+    with SurgicalTheater(m, layers=0, modification_type="scale", factor=2.0):
+        with SurgicalTheater(m, layers=[0, 1], modification_type="noise", seed=3):
+            with SurgicalTheater(m, layers="lm_head", modification_type="disable"):
+                _assert_bits_equal(m.state_dict(), orig)
+                layer0 = m.model.layers[0].state_dict()
+                for k, v in layer0.items():
+                    assert torch.equal(v.view(torch.uint8),
+                                       orig[f"model.layers.0.{k}"].view(torch.uint8)), k
+
+
+def test_restore_that_fails_part_way_keeps_snapshots_and_can_be_retried(monkeypatch):
+    from flex_surgery.surgery.snapshot import Snapshot
+
+    m = _llama()
+    before = raw_state(m)
+    target = m.model.layers[1].mlp.up_proj.weight
+    restore = Snapshot.restore
+    failures = []
+
+    def flaky(self):
+        if self.local.data_ptr() == target.data_ptr() and not failures:
+            failures.append(True)
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        restore(self)
+
+    monkeypatch.setattr(Snapshot, "restore", flaky)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    theater = SurgicalTheater(m, modification_type="scale", factor=0.5, params="all")
+    with pytest.raises(RestoreError, match="up_proj") as info:
+        with theater:
+            pass
+    assert isinstance(info.value.__cause__, RuntimeError)
+    assert active_theaters() == (theater,)  # still active, guards in place
+    assert differing_bytes(before, raw_state(m)) > 0
+    with pytest.raises(SurgeryError, match="optimizer.step"):
+        opt.step()
+    theater.restore()  # the retry puts everything back
+    assert differing_bytes(before, raw_state(m)) == 0
+    assert active_theaters() == ()
+    with pytest.raises(SurgeryError, match="not active"):
+        theater.restore()
+
+
+def test_failed_restore_of_an_inner_theater_blocks_the_outer_until_retried(monkeypatch):
+    from flex_surgery.surgery.snapshot import Snapshot
+
+    m = _llama()
+    before = raw_state(m)
+    restore = Snapshot.restore
+    fail = [True]
+
+    def flaky(self):
+        if fail[0]:
+            fail[0] = False
+            raise RuntimeError("device error")
+        restore(self)
+
+    outer = SurgicalTheater(m, layers=0, modification_type="scale", factor=2.0)
+    inner = SurgicalTheater(m, layers=[0, 1], modification_type="noise", seed=1)
+    outer.__enter__()
+    inner.__enter__()
+    monkeypatch.setattr(Snapshot, "restore", flaky)
+    with pytest.raises(RestoreError):
+        inner.__exit__(None, None, None)
+    with pytest.raises(SurgeryError, match="out of order"):
+        outer.__exit__(None, None, None)
+    inner.restore()
+    outer.__exit__(None, None, None)
+    assert differing_bytes(before, raw_state(m)) == 0
+    assert active_theaters() == ()
+
+
+def test_custom_delta_of_another_dtype_or_device_is_an_error():
+    m = _llama(torch.bfloat16)
+    before = raw_state(m)
+    with pytest.raises(TypeError, match=r"lm_head.weight.*torch.float32.*torch.bfloat16"):
+        with SurgicalTheater(m, layers="lm_head", modification_fn=lambda p: p.float() * 0.1):
+            pass
+    assert differing_bytes(before, raw_state(m)) == 0
+    with pytest.raises(TypeError, match=r"on meta.*on cpu"):
+        with SurgicalTheater(m, layers="lm_head",
+                             modification_fn=lambda p: torch.empty_like(p, device="meta")):
+            pass
+    assert differing_bytes(before, raw_state(m)) == 0 and active_theaters() == ()
+
+
+def test_seeded_noise_is_drawn_on_a_cpu_generator_and_copied(monkeypatch):
+    """The generator rule: CPU generator per (seed, name, block), fp32, scaled, then copied
+    to the parameter's device -- so a CUDA layout gets the CPU noise (checked for real by
+    _test/test_surgery_cuda.py)."""
+    made = []
+    real = torch.Generator
+
+    def recording(device="cpu"):
+        made.append(torch.device(device).type)
+        return real(device=device)
+
+    import flex_surgery.surgery.theater as theater
+
+    monkeypatch.setattr(theater.torch, "Generator", recording)
+    m = _llama()
+    with SurgicalTheater(m, layers=0, modification_type="noise", seed=0):
+        pass
+    assert made and set(made) == {"cpu"}
+
+
+def test_optimizer_step_inside_surgery_raises_and_training_continues_after():
+    m = _llama(special=False)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    x = example_inputs("llama")
+    m(**x).logits.sum().backward()
+    with SurgicalTheater(m, modification_type="noise", seed=0):
+        with pytest.raises(SurgeryError, match="optimizer.step"):
+            opt.step()
+    opt.step()
