@@ -231,3 +231,74 @@ def stored_mismatches(got: dict, want: dict, **tol) -> list[str]:
             elif not torch.allclose(a, b, **tol):
                 problems.append(f"{key}: values differ by up to {(a - b).abs().max().item():.3g}")
     return sorted(problems)
+
+
+# -- pipeline parallelism with Megatron's schedules --------------------------------------------
+MICROBATCHES = 3
+
+
+def build_gpt_stage(pp: int, device: torch.device | str = "cpu",
+                    dtype: torch.dtype = torch.float64) -> nn.Module:
+    """This rank's pipeline stage of the GPTModel (TP=1): the embedding on the first stage,
+    the output layer on the last; input and output embeddings untied (tied ones need the
+    embedding group's gradient all-reduce of Megatron's training loop)."""
+    from megatron.core import parallel_state
+
+    return build_gpt(
+        tp=1, device=device, dtype=dtype, pipeline_model_parallel_size=pp,
+        pipeline_dtype=dtype, batch_p2p_sync=torch.cuda.is_available(),  # no CUDA: no sync
+        model_kwargs=dict(pre_process=parallel_state.is_pipeline_first_stage(),
+                          post_process=parallel_state.is_pipeline_last_stage(),
+                          share_embeddings_and_output_weights=False))
+
+
+def global_names(model: nn.Module) -> dict[str, str]:
+    """Parameter name in this stage -> name in the whole model (a stage numbers its layers
+    from 0; ``layer_number`` is the 1-based global index)."""
+    names = {}
+    for name in dict(model.named_parameters()):
+        parts = name.split(".")
+        if parts[:2] == ["decoder", "layers"]:
+            layer = model.decoder.layers[int(parts[2])]
+            parts[2] = str(layer.layer_number - 1)
+        names[name] = ".".join(parts)
+    return names
+
+
+def load_whole(model: nn.Module, whole: dict[str, torch.Tensor]) -> None:
+    """Copy the whole model's weights ``whole`` (by global name) into this stage."""
+    names = global_names(model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(whole[names[name]])
+
+
+def schedule_step(model: nn.Module, device: torch.device | str = "cpu"
+                  ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+    """One forward/backward of :data:`MICROBATCHES` micro-batches through Megatron's schedule
+    for the initialised pipeline size (1F1B for PP > 1, no pipelining for PP = 1): the losses
+    (last stage only; empty elsewhere) and this stage's gradients under global names."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    ids, pos, mask = gpt_inputs(device)
+    batches = [(ids.roll(k, 1), pos, mask, ids.roll(k - 1, 1)) for k in range(MICROBATCHES)]
+
+    def forward_step(data_iterator, stage):
+        ids, pos, mask, labels = next(data_iterator)
+        out = stage(ids, pos, mask, labels=labels)  # last stage: per-token loss [b, s]
+
+        def loss_func(per_token):
+            loss = (per_token * torch.linspace(0.5, 1.5, per_token.numel(), device=device,
+                                               dtype=per_token.dtype).view_as(per_token)).sum()
+            return loss, {"loss": loss.detach().clone()}
+
+        return out, loss_func
+
+    model.zero_grad(set_to_none=True)
+    reduced = get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter(batches), model=[model],
+        num_microbatches=MICROBATCHES, seq_length=SEQ, micro_batch_size=BATCH,
+        forward_only=False)
+    names = global_names(model)
+    grads = {names[n]: p.grad.detach().cpu().clone() for n, p in model.named_parameters()}
+    return [r["loss"].cpu() for r in reduced], grads
