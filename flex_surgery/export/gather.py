@@ -1,11 +1,13 @@
 """Whole weights of a sharded model, for a program exported from its one-process twin.
 
-A model trained or modified under FSDP1/FSDP2, DTensor TP or HF TP keeps only shards on each
-rank, but its parameter names are those of the unsharded module (once wrapper tokens are
-stripped). So the exported program of the one-process model accepts its weights once every
-parameter is gathered whole. Gathering goes through the runtime's ``full_parameter`` -- the
-one place that knows how each parallelism splits a parameter -- so this module only walks the
-names.
+A model trained or modified under FSDP1/FSDP2, DTensor TP, HF TP, fairscale or Megatron-core TP
+keeps only shards on each rank, but its parameter names are those of the unsharded module (once
+wrapper tokens are stripped). So the exported program of the one-process model accepts its
+weights once every parameter is gathered whole. How each parameter is split is framework
+knowledge: this module walks the framework registry's shard views
+(:func:`flex_surgery.parallel.frameworks.parameter_views`, the same views surgery edits) and
+gathers each -- a parameter no framework owns that differs across the tensor-parallel ranks is
+an :class:`~flex_surgery.parallel.frameworks.UnknownLayoutError`, never this rank's piece.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 from torch import nn
 
 from flex_surgery.naming import clean_name
+from flex_surgery.parallel import frameworks
 from flex_surgery.parallel.runtime import Runtime, store_copy
 from flex_surgery.surgery.theater import unwrap_model
 
@@ -25,23 +28,18 @@ def full_weights(model: nn.Module, runtime: Runtime | None = None) -> dict[str, 
 
     Names are wrapper-free (:func:`~flex_surgery.naming.clean_name`), i.e. those of the
     unsharded model; tied parameters are gathered once and share the result. Collective: every
-    rank of the model's group must call it, in the same order. ``runtime`` defaults to
-    :func:`~flex_surgery.parallel.distributed_runtime.build_runtime` (itself collective).
+    rank of the model's group must call it, in the same order. ``runtime`` (e.g. a FlexModel's)
+    supplies the tensor-parallel group replicated parameters are checked over; by default the
+    group of a running Megatron / fairscale state.
     """
     model = unwrap_model(model)  # DDP / FlexModel add a "module." prefix, not a layout
-    if runtime is None:
-        from flex_surgery.parallel.distributed_runtime import build_runtime
-
-        runtime = build_runtime(model)
-    owners = dict(model.named_modules(remove_duplicate=False))
-    gathered: dict[int, torch.Tensor] = {}
+    tp_group = frameworks.tensor_parallel_group(getattr(runtime, "mesh", None))
     weights: dict[str, torch.Tensor] = {}
-    # a list first: gathering FSDP1 parameters (summon_full_params) re-registers them
-    for name, param in list(model.named_parameters(remove_duplicate=False)):
-        if id(param) not in gathered:
-            gathered[id(param)] = runtime.full_parameter(name, param,
-                                                         owners[name.rpartition(".")[0]])
-        weights[clean_name(name)] = gathered[id(param)]
+    with torch.no_grad():
+        for view in frameworks.parameter_views(model, tp_group):
+            full = store_copy(view.gather(), blocking=True)
+            for name in view.names:
+                weights[name] = full
     for prefix, sub in model.named_modules(remove_duplicate=False):
         for leaf, buf in sub.named_buffers(recurse=False):
             if leaf not in sub._non_persistent_buffers_set:  # buffers are never sharded

@@ -50,9 +50,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from flex_surgery.parallel import frameworks
+from flex_surgery.parallel.frameworks.base import HIDDEN, ActivationShard, LayoutError, TPLayer
+from flex_surgery.parallel.frameworks.dtensor import is_dtensor, mesh_axis_of
 from flex_surgery.parallel.mesh import ParallelMesh
 
 __all__ = [
@@ -62,10 +64,6 @@ __all__ = [
 
 GATHER_ORDER = ("tp", "dp")
 ACTIVATION_ROLES = ("output", "input", "grad_output", "grad_input")
-
-
-class LayoutError(ValueError):
-    """The observed shape contradicts the module's sharding or the ``expected_shape`` hint."""
 
 
 @dataclass(frozen=True)
@@ -121,80 +119,10 @@ def chunk_sizes(full: int, parts: int) -> tuple[int, ...]:
     return tuple(max(0, min(step, full - i * step)) for i in range(parts))
 
 
-# -- TP layers -------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class TPLayer:
-    """What a tensor-parallel layer does to the last dim of its input and output.
-
-    ``*_sharded`` is ``True``/``False`` when the module says so exactly (fairscale), ``None``
-    when it must be decided from the observed shape (DTensor weights).
-    """
-
-    full_in: int | None
-    full_out: int | None
-    input_sharded: bool | None
-    output_sharded: bool | None
-    exact: bool
-
-
+# -- TP layers (answered by the framework registry) -----------------------------------------
 def tp_layer(module: nn.Module, mesh: ParallelMesh) -> TPLayer | None:
     """The TP description of ``module``, or ``None`` if it is not a tensor-parallel layer."""
-    fs = _fairscale_layers()
-    if fs is not None:
-        col, row, vocab_emb, emb = fs
-        if isinstance(module, col):
-            return TPLayer(module.in_features, module.out_features, False,
-                           not module.gather_output, exact=True)
-        if isinstance(module, row):
-            return TPLayer(module.in_features, module.out_features,
-                           module.input_is_parallel, False, exact=True)
-        if isinstance(module, (vocab_emb, emb)):
-            return TPLayer(None, module.embedding_dim, False, False, exact=True)
-    weight = getattr(module, "weight", None)
-    placement = _tp_shard_dim(weight, mesh) if weight is not None else None
-    if placement is None:
-        return None
-    full = tuple(weight.shape)
-    if isinstance(module, nn.Embedding):
-        # Shard(1): embedding dim split -> output sharded; Shard(0): vocab split -> replicated.
-        return TPLayer(None, full[1], False, None if placement == 1 else False, False)
-    if placement == 0:  # colwise Linear: weight (out, in) split on out
-        return TPLayer(full[1], full[0], False, None, exact=False)
-    return TPLayer(full[1], full[0], None, False, exact=False)
-
-
-def _fairscale_layers():
-    try:
-        from fairscale.nn.model_parallel import layers
-    except ImportError:  # pragma: no cover
-        return None
-    return (layers.ColumnParallelLinear, layers.RowParallelLinear,
-            layers.VocabParallelEmbedding, layers.ParallelEmbedding)
-
-
-def is_dtensor(t: object) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(t, DTensor)
-
-
-def mesh_axis_of(device_mesh, mesh_dim: int, mesh: ParallelMesh) -> str | None:
-    """Which of our axes a DeviceMesh dim is, by comparing the ranks of their groups."""
-    ranks = dist.get_process_group_ranks(device_mesh.get_group(mesh_dim))
-    for axis, group in mesh.groups.items():
-        if group is not None and dist.get_process_group_ranks(group) == ranks:
-            return axis
-    return None
-
-
-def _tp_shard_dim(weight: torch.Tensor, mesh: ParallelMesh) -> int | None:
-    """The tensor dim a DTensor weight is sharded along over ``tp``, if any."""
-    if mesh.tp_size == 1 or not is_dtensor(weight):
-        return None
-    for i, p in enumerate(weight.placements):
-        if p.is_shard() and mesh_axis_of(weight.device_mesh, i, mesh) == "tp":
-            return p.dim
-    return None
+    return frameworks.tp_layer(module, mesh)
 
 
 def dtensor_layout(t, mesh: ParallelMesh) -> Layout:
@@ -214,7 +142,24 @@ def dtensor_layout(t, mesh: ParallelMesh) -> Layout:
     return Layout(tuple(shards), tuple(partials))
 
 
+def fairscale_param_dim(module: nn.Module, parameter: torch.Tensor) -> int | None:
+    """The dim along which a tensor-parallel layer's parameter is split (``None``: replicated);
+    fairscale and Megatron-core layers (see :func:`flex_surgery.parallel.frameworks.
+    tp_partition_dim`)."""
+    return frameworks.tp_partition_dim(module, parameter)
+
+
 # -- inference -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Produced:
+    """What the TP layer that ran last produced: its output's local shape and tp shard
+    (``None``: replicated), or the name of a module whose split is unknown."""
+
+    shape: tuple[int, ...]
+    spec: ShardSpec | None
+    unknown: str | None = None
+
+
 class LayoutInference:
     """Infers layouts for hook sites of one model over one mesh (see the module docstring)."""
 
@@ -223,21 +168,34 @@ class LayoutInference:
         self.batch_dim = batch_dim
         self._tp: weakref.WeakKeyDictionary[nn.Module, TPLayer | None] = \
             weakref.WeakKeyDictionary()
-        # The TP layer that ran last, and its output's tp shard (None: replicated).
-        self._current: tuple[int, ShardSpec] | None = None
-        self._entry: weakref.WeakKeyDictionary[nn.Module, tuple | None] = \
+        self._names: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
+        self._unknown: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
+        self._sequence_parallel = False
+        # What the TP layer that ran last produced (None: no TP layer has run yet).
+        self._current: _Produced | None = None
+        self._entry: weakref.WeakKeyDictionary[nn.Module, _Produced | None] = \
             weakref.WeakKeyDictionary()
-        self._exit: weakref.WeakKeyDictionary[nn.Module, tuple | None] = \
+        self._exit: weakref.WeakKeyDictionary[nn.Module, _Produced | None] = \
             weakref.WeakKeyDictionary()
         self._handles: list = []
 
     # The tracker: remembers, per module, the TP layer output state at its entry and exit.
     def watch(self, model: nn.Module) -> None:
-        """Track which TP layer ran last, so non-TP modules inherit its output layout."""
+        """Track which TP layer ran last, so non-TP modules inherit its output layout.
+
+        Collective over ``tp``: modules that no framework owns but whose parameters differ
+        across the tp ranks are found here (one all-gather of fingerprints); their activations,
+        and those of modules after them, have no known layout.
+        """
         if self.mesh.tp_size == 1:
             return
+        for name, m in model.named_modules():
+            self._names.setdefault(m, name)
+        self._sequence_parallel = frameworks.sequence_parallel(model)
+        for name, m in frameworks.split_unknown_modules(model, self.mesh.group("tp")).items():
+            self._unknown[m] = name
         for m in model.modules():
-            if self.tp_layer(m) is not None:
+            if self.tp_layer(m) is not None or m in self._unknown:
                 self._handles.append(m.register_forward_hook(self._tp_layer_ran))
             self._handles.append(m.register_forward_pre_hook(self._enter))
             self._handles.append(m.register_forward_hook(self._leave))
@@ -254,39 +212,83 @@ class LayoutInference:
         self._exit[module] = self._current
 
     def _tp_layer_ran(self, module, args, output):
-        info = self.tp_layer(module)
         out = output[0] if isinstance(output, tuple) else output
         if not isinstance(out, torch.Tensor) or is_dtensor(out):
             self._current = None
             return
-        spec = self._tp_output_shard(info, out)
-        self._current = (out.shape[-1], spec) if spec is not None else None
+        if module in self._unknown:
+            self._current = _Produced(tuple(out.shape), None, self._describe(module))
+            return
+        info = self.tp_layer(module)
+        spec = self._dim_shard(info.output, out, info.exact, module, "output")
+        self._current = _Produced(tuple(out.shape), spec)
 
     def tp_layer(self, module: nn.Module) -> TPLayer | None:
         if module not in self._tp:
             self._tp[module] = tp_layer(module, self.mesh)
         return self._tp[module]
 
-    def _tp_sizes(self, full: int) -> tuple[int, ...]:
-        return chunk_sizes(full, self.mesh.tp_size)
+    def _describe(self, module: nn.Module | None) -> str:
+        if module is None:
+            return "<unknown module>"
+        name = self._names.get(module)
+        return f"{name!r} ({type(module).__name__})" if name else type(module).__name__
 
-    def _last_dim_shard(self, sharded: bool | None, full: int | None,
-                        local: torch.Tensor) -> ShardSpec | None:
-        if full is None or local.ndim == 0 or sharded is False:
+    def _dim_shard(self, shard: ActivationShard | None, local: torch.Tensor, exact: bool,
+                   module: nn.Module, role: str) -> ShardSpec | None:
+        """The tp shard of ``local`` that ``shard`` describes, checked against its shape."""
+        if shard is None or local.ndim == 0:
             return None
-        sizes = self._tp_sizes(full)
+        dim = local.ndim - 1 if shard.dim == HIDDEN else shard.dim
+        if dim >= local.ndim:
+            return None
+        tp, size = self.mesh.tp_size, local.shape[dim]
+        if shard.full is None:  # equal shards (Megatron's sequence dim)
+            return ShardSpec("tp", dim, (size,) * tp) if shard.sharded is not False else None
+        sizes = chunk_sizes(shard.full, tp)
         mine = sizes[self.mesh.rank("tp")]
+        sharded = shard.sharded
         if sharded is None:  # decide from the observed shape
-            sharded = local.shape[-1] == mine and full != mine
+            sharded = size == mine and shard.full != mine
+            if not sharded and exact and size != shard.full:
+                raise LayoutError(
+                    f"{self._describe(module)} {role}: dim {dim} has size {size}, neither the "
+                    f"full {shard.full} nor this rank's tp shard {mine}")
         if not sharded:
             return None
-        if local.shape[-1] != mine:
-            raise LayoutError(f"local last dim {local.shape[-1]} is not this rank's tp shard "
-                              f"{mine} of {full}")
-        return ShardSpec("tp", local.ndim - 1, sizes)
+        if size != mine:
+            raise LayoutError(f"{self._describe(module)} {role}: local dim {dim} is {size}, "
+                              f"not this rank's tp shard {mine} of {shard.full}")
+        return ShardSpec("tp", dim, sizes)
 
-    def _tp_output_shard(self, info: TPLayer, out: torch.Tensor) -> ShardSpec | None:
-        return self._last_dim_shard(info.output_sharded, info.full_out, out)
+    def _inherited(self, module: nn.Module, state: _Produced | None,
+                   local: torch.Tensor, role: str) -> ShardSpec | None:
+        """The layout a module without its own TP description inherits from the TP layer that
+        produced its tensor -- or an error when the tensor cannot be that layer's output."""
+        if state is None or local.ndim == 0:
+            return None
+        if state.unknown is not None:
+            raise frameworks.UnknownLayoutError(
+                f"the {role} of {self._describe(module)} comes from {state.unknown}, whose "
+                f"parameters differ across the tensor-parallel ranks but which no framework "
+                f"owns, so how it is split is unknown; {frameworks.HOW_TO_DECLARE}")
+        spec = state.spec
+        if spec is None:
+            if self._sequence_parallel and tuple(local.shape) != state.shape:
+                raise frameworks.UnknownLayoutError(
+                    f"the {role} of {self._describe(module)} has shape {tuple(local.shape)} "
+                    f"after a replicated tensor of shape {state.shape}, in a model with "
+                    f"sequence parallelism: it may be split on the sequence dim, and nothing "
+                    f"says so; {frameworks.HOW_TO_DECLARE}")
+            return None
+        last = spec.dim == len(state.shape) - 1
+        dim = local.ndim - 1 if last else spec.dim
+        if dim < local.ndim and local.shape[dim] == state.shape[spec.dim]:
+            return replace(spec, dim=dim)
+        raise frameworks.UnknownLayoutError(
+            f"the {role} of {self._describe(module)} has shape {tuple(local.shape)}, but the "
+            f"tensor-parallel layer that ran before it produced shape {state.shape} split on "
+            f"dim {spec.dim} (a reshaped or reduced tp shard?); {frameworks.HOW_TO_DECLARE}")
 
     def _tp_spec(self, module: nn.Module | None, role: str, local: torch.Tensor,
                  in_forward: bool) -> tuple[ShardSpec | None, bool]:
@@ -296,19 +298,18 @@ class LayoutInference:
         info = self.tp_layer(module)
         is_out = role in ("output", "grad_output")
         if info is not None:
-            if is_out:
-                return self._last_dim_shard(info.output_sharded, info.full_out, local), info.exact
-            return self._last_dim_shard(info.input_sharded, info.full_in, local), info.exact
+            shard = info.output if is_out else info.input
+            return self._dim_shard(shard, local, info.exact, module, role), info.exact
+        if module in self._unknown:
+            raise frameworks.UnknownLayoutError(
+                f"{self._describe(module)} holds parameters that differ across the "
+                f"tensor-parallel ranks, but no framework owns it, so the layout of its {role} "
+                f"is unknown; {frameworks.HOW_TO_DECLARE}")
         if in_forward and role in ("output", "input"):
             state = self._current
         else:
             state = (self._exit if is_out else self._entry).get(module)
-        if state is None or local.ndim == 0:
-            return None, False
-        local_size, spec = state
-        if local.shape[-1] != local_size:
-            return None, False
-        return replace(spec, dim=local.ndim - 1), False
+        return self._inherited(module, state, local, role), False
 
     def layout(self, local: torch.Tensor, module: nn.Module | None, role: str,
                parameter: torch.Tensor | None = None,
@@ -320,16 +321,20 @@ class LayoutInference:
         if role == "param_grad":
             return self._param_layout(module, parameter)
         in_forward = role in ("output", "input")
+        exact = module is not None and self.mesh.tp_size > 1 and \
+            getattr(self.tp_layer(module), "exact", False)
+        if expected_shape is not None and not exact:
+            layout = self._from_hint(local, expected_shape)  # the hint decides
+            return self._add_dp(layout, local, role, expected_shape)
         tp_spec, exact = self._tp_spec(module, role, local, in_forward)
         layout = Layout((tp_spec,) if tp_spec is not None else ())
         if expected_shape is not None:
             hinted = self._from_hint(local, expected_shape)
-            if hinted != layout and exact:
+            if hinted != layout:
                 raise LayoutError(
                     f"expected_shape {tuple(expected_shape)} contradicts the layout of "
-                    f"{type(module).__name__} ({role}): local shape {tuple(local.shape)} is "
+                    f"{self._describe(module)} ({role}): local shape {tuple(local.shape)} is "
                     f"sharded as {layout}")
-            layout = hinted
         return self._add_dp(layout, local, role, expected_shape)
 
     def _add_dp(self, layout: Layout, local: torch.Tensor, role: str,
@@ -372,27 +377,14 @@ class LayoutInference:
     def _param_layout(self, module: nn.Module | None, parameter: torch.Tensor | None) -> Layout:
         shards: tuple[ShardSpec, ...] = ()
         if module is not None and parameter is not None and self.mesh.tp_size > 1:
-            dim = fairscale_param_dim(module, parameter)
+            if module in self._unknown:
+                raise frameworks.UnknownLayoutError(
+                    f"the gradient of a parameter of {self._describe(module)}: the module's "
+                    f"parameters differ across the tensor-parallel ranks but no framework owns "
+                    f"it; {frameworks.HOW_TO_DECLARE}")
+            dim = frameworks.tp_partition_dim(module, parameter)
             if dim is not None:
                 full = parameter.shape[dim] * self.mesh.tp_size
-                shards = (ShardSpec("tp", dim, self._tp_sizes(full)),)
+                shards = (ShardSpec("tp", dim, chunk_sizes(full, self.mesh.tp_size)),)
         partials = (PartialSpec("dp", "avg"),) if self.mesh.dp_size > 1 else ()
         return Layout(shards, partials)
-
-
-def fairscale_param_dim(module: nn.Module, parameter: torch.Tensor) -> int | None:
-    """The dim along which a fairscale TP layer's parameter is split (None: replicated)."""
-    fs = _fairscale_layers()
-    if fs is None:
-        return None
-    col, row, vocab_emb, emb = fs
-    if isinstance(module, col):
-        return 0
-    if isinstance(module, row):
-        return 1 if parameter is module.weight else None
-    if isinstance(module, vocab_emb):
-        return 0
-    if isinstance(module, emb):
-        return 1
-    return None
-

@@ -1,12 +1,14 @@
 """ParallelMesh: the data-, tensor- and pipeline-parallel groups this rank belongs to.
 
 A hook that wants the whole of a sharded tensor needs to know *over which ranks* each dimension
-is split. That knowledge already exists in whatever framework runs the model -- fairscale's
-model-parallel state, a torch ``DeviceMesh`` (DTensor TP, FSDP2), HF transformers' TP mesh, the
-process group of DDP / FSDP1 -- so the mesh adopts those groups rather than building parallel
-ones that could order ranks differently (fairscale orders ranks ``(dp, pp, tp)``, Megatron and
-FlexModel ``(pp, dp, tp)``: they disagree as soon as pp > 1 and dp > 1). Only when nothing runs
-yet does :meth:`ParallelMesh.build` create groups, in FlexModel's ``(pp, dp, tp)`` order.
+is split. That knowledge already exists in whatever framework runs the model -- Megatron-core's
+``parallel_state``, fairscale's model-parallel state, a torch ``DeviceMesh`` (DTensor TP, FSDP2),
+HF transformers' TP mesh, the process group of DDP / FSDP1; each framework's module in
+:mod:`flex_surgery.parallel.frameworks` reads its own -- so the mesh adopts those groups rather
+than building parallel ones that could order ranks differently (fairscale orders ranks
+``(dp, pp, tp)``, Megatron and FlexModel ``(pp, dp, tp)``: they disagree as soon as pp > 1 and
+dp > 1). Only when nothing runs yet does :meth:`ParallelMesh.build` create groups, in
+FlexModel's ``(pp, dp, tp)`` order.
 
 An axis of size 1 has no group (``None``): collectives over it are skipped.
 
@@ -84,6 +86,14 @@ class ParallelMesh:
         group = self.stage_group
         return dist.get_global_rank(group, 0) if group is not None else 0
 
+    def created_groups(self) -> list[dist.ProcessGroup]:
+        """The groups this mesh created itself, which its owner frees
+        (:mod:`flex_surgery.parallel.group_lifetime`): every group of a built mesh; of an
+        adopted one only the stage group (the frameworks have none; their groups are theirs)."""
+        made = [*self.groups.values(), self.stage_group] if self.source == "built" else \
+            [self.stage_group]
+        return [g for g in made if g is not None]
+
     def is_stage_leader(self) -> bool:
         return self.coords["dp"] == 0 and self.coords["tp"] == 0
 
@@ -114,12 +124,13 @@ class ParallelMesh:
         groups: dict[str, dist.ProcessGroup | None] = {}
         # dim of the grid that varies along each axis; the others enumerate the groups.
         for axis, dim in (("tp", 2), ("dp", 1), ("pp", 0)):
-            groups[axis] = (_new_groups_along(grid, dim, me, local=group is not None)
+            groups[axis] = (_new_groups_along(grid, dim, me, local=group is not None,
+                                              parent=group)
                             if grid.shape[dim] > 1 else None)
         stage_group = None
         if pp > 1 or group is not None:
             stage_group = _new_groups_along(grid.reshape(pp, dp * tp), 1, me,
-                                            local=group is not None)
+                                            local=group is not None, parent=group)
         return cls(groups, dict(dp=dp, tp=tp, pp=pp), dict(dp=d, tp=t, pp=p), stage_group)
 
     @classmethod
@@ -191,21 +202,16 @@ class ParallelMesh:
               group: dist.ProcessGroup | None = None) -> ParallelMesh:
         """The mesh of whatever already runs ``module``; built from the sizes otherwise.
 
-        Looked for, in order: HF transformers' TP mesh (``module.device_mesh``), the
-        ``DeviceMesh`` of DTensor parameters (DTensor TP, FSDP2, both on a 2-D mesh), fairscale's
+        The running groups are asked of the framework registry
+        (:func:`flex_surgery.parallel.frameworks.adopt_groups`), in order: HF transformers' TP
+        mesh (``module.device_mesh``), the ``DeviceMesh`` of DTensor parameters (DTensor TP,
+        FSDP2, both on a 2-D mesh), Megatron-core's ``parallel_state``, fairscale's
         model-parallel state, and the process group of a DDP / FSDP1 wrapper (taken as ``dp``).
         Sizes that are given must match what is adopted.
         """
-        found = _adopted_mesh(module) if module is not None else None
-        if found is None and _fairscale_initialised():
-            found = cls.from_fairscale()
-        if found is None and module is not None:
-            dp_group = _wrapper_process_group(module)
-            if dp_group is not None and dist.get_world_size(dp_group) == dist.get_world_size():
-                found = cls({"dp": dp_group, "tp": None, "pp": None},
-                            {"dp": dist.get_world_size(dp_group), "tp": 1, "pp": 1},
-                            {"dp": dist.get_rank(dp_group), "tp": 0, "pp": 0},
-                            source="data_parallel_wrapper")
+        from flex_surgery.parallel import frameworks
+
+        found = frameworks.adopt_groups(module)
         if found is None:
             return cls.build(tp=tp or 1, pp=pp or 1, dp=dp, group=group)
         wanted = {"tp": tp, "pp": pp, "dp": dp}
@@ -233,69 +239,25 @@ def _drop_trivial(groups: dict[str, dist.ProcessGroup | None],
     return {a: (g if sizes[a] > 1 else None) for a, g in groups.items()}
 
 
-def _new_groups_along(grid: torch.Tensor, dim: int, me: int,
-                      local: bool = False) -> dist.ProcessGroup:
+def _new_groups_along(grid: torch.Tensor, dim: int, me: int, local: bool = False,
+                      parent: dist.ProcessGroup | None = None) -> dist.ProcessGroup:
     """Create one group per line of ``grid`` along ``dim`` (collective); return ``me``'s.
 
     ``local``: only the ranks of ``grid`` call this (a mesh inside a sub-group of the world),
-    so the groups synchronise among their own members only.
+    so the groups synchronise among their own members only. The groups wait as long as
+    ``parent`` (default: the world) does: ``new_group`` alone would not inherit its timeout.
     """
+    from flex_surgery.parallel.group_lifetime import group_timeout
+
+    timeout = group_timeout(parent)
     lines = grid.movedim(dim, -1).reshape(-1, grid.shape[dim])
     mine = None
     for line in lines.tolist():
-        g = dist.new_group(line, use_local_synchronization=local)
+        g = dist.new_group(line, use_local_synchronization=local, timeout=timeout)
         if me in line:
             mine = g
     assert mine is not None
     return mine
-
-
-def _fairscale_initialised() -> bool:
-    try:
-        from fairscale.nn.model_parallel import initialize as fs
-    except ImportError:
-        return False
-    return fs.model_parallel_is_initialized()
-
-
-def _wrapper_process_group(module: nn.Module) -> dist.ProcessGroup | None:
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    if isinstance(module, DDP):
-        return module.process_group
-    try:
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-    except ImportError:  # pragma: no cover
-        return None
-    for m in module.modules():
-        if isinstance(m, FSDP):
-            return m.process_group
-    return None
-
-
-def _adopted_mesh(module: nn.Module) -> ParallelMesh | None:
-    """A mesh from HF's TP ``device_mesh`` or from the DeviceMesh of DTensor parameters."""
-    from torch.distributed.tensor import DTensor
-
-    hf_mesh = getattr(module, "device_mesh", None) or getattr(module, "_device_mesh", None)
-    if hf_mesh is not None and hasattr(hf_mesh, "mesh_dim_names"):
-        hf_mesh = _without_trivial_dims(hf_mesh)
-        mesh = ParallelMesh.from_device_mesh(hf_mesh, {"tp": hf_mesh.mesh_dim_names[0]}
-                                             if hf_mesh.ndim == 1 and hf_mesh.mesh_dim_names
-                                             else None)
-        mesh.source = "hf_tp"
-        return mesh
-    meshes = []
-    for p in module.parameters():
-        if isinstance(p, DTensor):
-            meshes.append(_root_mesh(p.device_mesh))
-    if not meshes:
-        return None
-    device_mesh = max(meshes, key=lambda m: m.ndim)
-    if device_mesh.mesh_dim_names is None and device_mesh.ndim == 1:
-        axis = "dp" if _has_fsdp2(module) else "tp"
-        return ParallelMesh.from_device_mesh(device_mesh, {axis: None})
-    return ParallelMesh.from_device_mesh(device_mesh)
 
 
 def _root_mesh(device_mesh):
@@ -311,14 +273,6 @@ def _root_mesh(device_mesh):
         return device_mesh
     known = {n for names in AXIS_NAMES.values() for n in names}
     return root if set(root.mesh_dim_names) <= known else device_mesh
-
-
-def _has_fsdp2(module: nn.Module) -> bool:
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # pragma: no cover
-        return False
-    return any(isinstance(m, FSDPModule) for m in module.modules())
 
 
 def _without_trivial_dims(device_mesh):

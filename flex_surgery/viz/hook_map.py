@@ -11,10 +11,11 @@ its registered hooks, their kinds and groups, and its parallel mesh are shown to
 
 Sharding is read from where the model keeps it, through
 :func:`~flex_surgery.surgery.shards.local_shards` (the same per-parameter view surgery edits):
-DTensor placements (DTensor TP, HF TP plans, FSDP2), fairscale's partition dims, FSDP1 flat
-shards; wrappers (FSDP1 units, FSDP2 modules, DDP, activation checkpointing) are shown on the
-module they wrap. The map describes *this rank*: under pipeline parallelism a rank holds only
-its stage's modules, and the header says which stage that is.
+DTensor placements (DTensor TP, HF TP plans, FSDP2), fairscale's and Megatron-core's partition
+dims, FSDP1 flat shards -- each answered by its framework's module in
+:mod:`flex_surgery.parallel.frameworks`; wrappers (FSDP1 units, FSDP2 modules, DDP, activation
+checkpointing) are shown on the module they wrap. The map describes *this rank*: under pipeline
+parallelism a rank holds only its stage's modules, and the header says which stage that is.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch.distributed as dist
 from torch import nn
 
 from flex_surgery.naming import clean_name
+from flex_surgery.parallel import frameworks
 from flex_surgery.surgery.shards import LocalShard, local_shards
 
 __all__ = ["HookInfo", "HookMap", "ModuleNode", "ParamInfo", "hook_map"]
@@ -62,7 +64,7 @@ class ParamInfo:
     name: str
     full_shape: tuple[int, ...]
     local_shape: tuple[int, ...]
-    scheme: str  # "plain", "dtensor", "fairscale", "fsdp1"
+    scheme: str  # the framework: "plain", "dtensor", "fairscale", "megatron", "fsdp1"
     placement: str  # e.g. "tp:Shard(0)", "fsdp1 flat", "" when whole
     shard_dim: int | None = None  # the dim split over ranks, if one is
     shard_index: int = 0
@@ -218,18 +220,9 @@ def _type_name(module: nn.Module) -> str:
 
 
 def _wrapper_kind(module: nn.Module) -> str | None:
-    from torch.nn.parallel import DistributedDataParallel
-
-    if isinstance(module, DistributedDataParallel):
-        return "DDP"
-    try:
-        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
-    except ImportError:  # pragma: no cover
-        return None
-    if isinstance(module, FullyShardedDataParallel):
-        return "FSDP1 unit"
-    if isinstance(module, FSDPModule):
-        return "FSDP2"
+    kind = frameworks.wrapper_kind(module)  # DDP, FSDP1 unit, FSDP2
+    if kind is not None:
+        return kind
     if type(module).__name__ == "CheckpointWrapper":
         return "checkpoint"
     if type(module).__name__ == "OptimizedModule":
@@ -264,9 +257,8 @@ def _param_info(shard: LocalShard) -> ParamInfo:
                 count = param.device_mesh.size(i)
         return ParamInfo(shard.param_name, full, local, "dtensor", " ".join(parts) or
                          "replicated", shard_dim, index, count)
-    differing = [d for d, (f, s) in enumerate(zip(full, local)) if f != s]
-    if differing:  # fairscale: one partition dim
-        d = differing[0]
+    if shard.partition_dim is not None and full != local:  # fairscale, Megatron: one dim
+        d = shard.partition_dim
         count = full[d] // max(local[d], 1)
         index = shard.region.offsets[d] // max(local[d], 1)
         return ParamInfo(shard.param_name, full, local, shard.kind, f"tp:Shard({d})", d,

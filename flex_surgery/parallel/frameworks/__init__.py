@@ -1,0 +1,278 @@
+"""The framework registry: one module per parallelism framework, one place to ask.
+
+Activation layouts (:mod:`flex_surgery.parallel.layout`), surgery's shard views and
+``full_parameter`` (:mod:`flex_surgery.surgery.shards`), ``FlexModel.get_module_parameter``,
+export's whole weights, the hook map and mesh adoption (:mod:`flex_surgery.parallel.mesh`) all
+ask the functions here; none of them imports a framework's classes. Each framework answers the
+protocol of :class:`~flex_surgery.parallel.frameworks.base.Framework`:
+
+==============  ===============================================================================
+module          framework
+==============  ===============================================================================
+``megatron``    Megatron-core ``tensor_parallel`` layers, ``LanguageModelEmbedding``,
+                ``parallel_state`` groups
+``fairscale``   fairscale ``model_parallel`` layers and state
+``dtensor``     DTensor parameters: DTensor TP, HF ``tp_plan``, FSDP2 storage; DeviceMesh groups
+``fsdp``        FSDP1 flat parameters and FSDP2 modules (wrappers, resharding)
+``ddp``         DistributedDataParallel (wrapper, data-parallel group)
+==============  ===============================================================================
+
+Unknown means error: a parameter no framework owns is replicated only if it *is* the same on
+every tensor-parallel rank -- :func:`split_unknown_modules` checks that (one collective), and a
+full parameter of such a module raises :class:`UnknownLayoutError` naming it instead of
+returning this rank's piece.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from flex_surgery.naming import clean_name
+from flex_surgery.parallel.frameworks.base import (
+    HIDDEN,
+    SEQUENCE,
+    ActivationShard,
+    Framework,
+    LayoutError,
+    TPLayer,
+    differs_across,
+)
+from flex_surgery.parallel.frameworks.ddp import DDP
+from flex_surgery.parallel.frameworks.dtensor import DTensorTP, is_dtensor, mesh_axis_of
+from flex_surgery.parallel.frameworks.fairscale import FairscaleTP
+from flex_surgery.parallel.frameworks.fsdp import FSDP1, FSDP2
+from flex_surgery.parallel.frameworks.megatron import MegatronCore, MegatronLayoutError
+from flex_surgery.parallel.frameworks.views import (
+    BlockRegion,
+    FlatRegion,
+    IndexRegion,
+    LocalShard,
+    Region,
+    plain_shard,
+)
+
+__all__ = [
+    "FRAMEWORKS", "HIDDEN", "SEQUENCE", "ActivationShard", "BlockRegion", "FlatRegion",
+    "Framework", "IndexRegion", "LayoutError", "LocalShard", "MegatronLayoutError", "Region",
+    "TPLayer", "UnknownLayoutError", "adopt_groups", "batch_dim", "fsdp1_root",
+    "full_parameter", "is_dtensor", "keeps_unsharded_copies", "mesh_axis_of", "owner",
+    "parameter_view", "parameter_views", "reshard", "sequence_parallel",
+    "split_unknown_modules", "substitutes_parameters", "tensor_parallel_group", "tp_layer",
+    "tp_partition_dim", "wrapper_kind",
+]
+
+MEGATRON, FAIRSCALE, DTENSOR = MegatronCore(), FairscaleTP(), DTensorTP()
+FSDP_1, FSDP_2, DDP_ = FSDP1(), FSDP2(), DDP()
+
+#: Every registered framework. Order matters where two could answer: frameworks that say
+#: exactly how a module is split (from its attributes) come before those read from shapes.
+FRAMEWORKS: tuple[Framework, ...] = (MEGATRON, FAIRSCALE, DTENSOR, FSDP_1, FSDP_2, DDP_)
+#: The tensor-parallel frameworks, in the order layouts and shard views are asked.
+TENSOR_PARALLEL: tuple[Framework, ...] = (MEGATRON, FAIRSCALE, DTENSOR)
+#: The order running groups are adopted in.
+GROUP_SOURCES: tuple[Framework, ...] = (DTENSOR, MEGATRON, FAIRSCALE, DDP_, FSDP_1)
+
+HOW_TO_DECLARE = (
+    "declare the layout: give the hook an explicit expected_shape (the unsharded shape), or "
+    "build the module from a supported tensor-parallel framework (fairscale, Megatron-core, "
+    "DTensor / parallelize_module); see docs/architecture.md, 'Adding a framework'")
+
+
+class UnknownLayoutError(LayoutError):
+    """flex_surgery cannot tell how a tensor is split across ranks, and does not guess."""
+
+
+# -- activations -------------------------------------------------------------------------------
+def owner(module: nn.Module) -> Framework | None:
+    """The tensor-parallel framework ``module`` belongs to, if any."""
+    return next((f for f in TENSOR_PARALLEL if f.owns(module)), None)
+
+
+def tp_layer(module: nn.Module, mesh) -> TPLayer | None:
+    """How ``module`` splits its activations over ``tp`` (``None``: not a TP layer)."""
+    for framework in TENSOR_PARALLEL:
+        answer = framework.tp_layer(module, mesh)
+        if answer is not None:
+            return answer
+    return None
+
+
+def sequence_parallel(model: nn.Module) -> bool:
+    """Whether any module of ``model`` runs sequence parallelism."""
+    return any(f.sequence_parallel(m) for m in model.modules() for f in TENSOR_PARALLEL)
+
+
+def batch_dim(model: nn.Module) -> int:
+    """The activation dim data parallelism splits: 1 for Megatron (``[s, b, h]``), else 0."""
+    for m in model.modules():
+        for f in TENSOR_PARALLEL:
+            answer = f.batch_dim(m)
+            if answer is not None:
+                return answer
+    return 0
+
+
+# -- parameters --------------------------------------------------------------------------------
+def tp_partition_dim(module: nn.Module, parameter: torch.Tensor) -> int | None:
+    """The dim ``module``'s ``parameter`` is split along over ``tp`` by a framework that splits
+    parameters of plain tensors (fairscale, Megatron); ``None`` when it is not."""
+    pname = next((n for n, p in module._parameters.items() if p is parameter), None)
+    if pname is None:
+        return None
+    for framework in (MEGATRON, FAIRSCALE):
+        dim = framework.partition_dim(module, pname, parameter)
+        if dim is not None:
+            return dim
+    return None
+
+
+def tensor_parallel_group(mesh=None) -> dist.ProcessGroup | None:
+    """The tensor-parallel group replicated parameters are checked over: the mesh's, else the
+    one a running framework set up (Megatron, fairscale); ``None`` when there is none."""
+    if mesh is not None:
+        return mesh.group("tp") if mesh.tp_size > 1 else None
+    return next((g for f in TENSOR_PARALLEL if (g := f.tensor_parallel_group()) is not None),
+                None)
+
+
+def _checked_plain(name: str, module: nn.Module, pname: str, param: nn.Parameter,
+                   tp_group: dist.ProcessGroup | None) -> LocalShard:
+    """A view of a parameter no framework owns; its ``gather`` checks that it *is* replicated
+    over ``tp_group`` and raises :class:`UnknownLayoutError` otherwise."""
+    local = param.data
+    if tp_group is None:
+        return plain_shard(name, module, pname, param)
+
+    def gather() -> torch.Tensor:
+        if differs_across([local], tp_group)[0]:
+            raise UnknownLayoutError(
+                f"parameter {name!r} of module {type(module).__name__} differs across the "
+                f"tensor-parallel ranks, but no framework says how it is split, so its full "
+                f"value is unknown; {HOW_TO_DECLARE}")
+        return local
+
+    return plain_shard(name, module, pname, param, gather=gather)
+
+
+def parameter_view(name: str, module: nn.Module, pname: str, param: nn.Parameter,
+                   tp_group: dist.ProcessGroup | None = None) -> LocalShard:
+    """This rank's in-place view of one parameter that lives on its module."""
+    for framework in TENSOR_PARALLEL:
+        view = framework.parameter_shard(name, module, pname, param)
+        if view is not None:
+            return view
+    return _checked_plain(name, module, pname, param, tp_group)
+
+
+def parameter_views(model: nn.Module, tp_group: dist.ProcessGroup | None = None,
+                    ) -> list[LocalShard]:
+    """Every original parameter of ``model`` once (tied ones once, with their aliases), in the
+    same order on every rank, as this rank's in-place view.
+
+    ``tp_group``: the group over which parameters no framework owns must be replicated (their
+    ``gather`` checks it); default :func:`tensor_parallel_group`.
+    """
+    if tp_group is None:
+        tp_group = tensor_parallel_group()
+    shards, handled = FSDP_1.model_shards(model)
+    by_param: dict[int, LocalShard] = {id(o): s for s in shards for o in s.owners}
+    for mname, module in model.named_modules():
+        for pname, param in module._parameters.items():
+            if param is None or (id(module), pname) in handled:
+                continue
+            name = clean_name(f"{mname}.{pname}" if mname else pname)
+            seen = by_param.get(id(param))
+            if seen is not None:
+                if name not in seen.names:
+                    seen.aliases = (*seen.aliases, name)
+                continue
+            view = parameter_view(name, module, pname, param, tp_group)
+            by_param[id(param)] = view
+            shards.append(view)
+    return shards
+
+
+def full_parameter(model: nn.Module, name: str, parameter: torch.Tensor,
+                   owner_module: nn.Module | None, tp_group: dist.ProcessGroup | None,
+                   ) -> torch.Tensor:
+    """The whole of one parameter (collective over the ranks that share it).
+
+    Under FSDP1 the parameter lives in a flat parameter, found by its wrapper-free name; else
+    the owning module's framework says how it is split. A parameter no framework owns must be
+    the same on every rank of ``tp_group`` (checked), or :class:`UnknownLayoutError` is raised.
+    """
+    if is_dtensor(parameter):  # DTensor TP, HF TP, FSDP2 (and FSDP2 x TP)
+        return parameter.detach().full_tensor()
+    if fsdp1_root(model) is not None:
+        wanted = clean_name(name)
+        for view in parameter_views(model, tp_group):
+            if wanted in view.names:
+                return view.gather()
+        raise KeyError(f"no parameter {name!r} in the FSDP model")
+    if owner_module is None:
+        raise ValueError(f"the module holding {name!r} is needed to tell how it is split")
+    leaf = name.rpartition(".")[2]
+    return parameter_view(clean_name(name), owner_module, leaf, parameter, tp_group).gather()
+
+
+def split_unknown_modules(model: nn.Module, tp_group: dist.ProcessGroup | None,
+                          ) -> dict[str, nn.Module]:
+    """Modules no framework owns whose parameters differ across the ranks of ``tp_group``
+    (by name). Collective over ``tp_group``: every rank calls it on the same model."""
+    if tp_group is None:
+        return {}
+    candidates = []
+    for view in parameter_views(model, tp_group):
+        if view.kind == "plain" and view.local.is_floating_point():
+            candidates.append(view)
+    differs = differs_across([v.local for v in candidates], tp_group)
+    found: dict[str, nn.Module] = {}
+    for view, d in zip(candidates, differs):
+        if d:
+            found.setdefault(view.name.rpartition(".")[0], view.module)
+    return found
+
+
+# -- wrappers and groups -------------------------------------------------------------------------
+def wrapper_kind(module: nn.Module) -> str | None:
+    """``"DDP"``, ``"FSDP1 unit"``, ``"FSDP2"`` for a framework's wrapper, else ``None``."""
+    for framework in (DDP_, FSDP_1, FSDP_2):
+        kind = framework.wrapper_kind(module)
+        if kind is not None:
+            return kind
+    return None
+
+
+def substitutes_parameters(model: nn.Module) -> bool:
+    """Whether forward runs with stand-ins for registered parameters somewhere in ``model``."""
+    return any(f.substitutes_parameters(m) for m in model.modules() for f in (FSDP_1, FSDP_2))
+
+
+def keeps_unsharded_copies(modules: list[nn.Module]) -> bool:
+    """Whether any module may keep gathered copies that surgery must drop (FSDP1/FSDP2)."""
+    return any(FSDP_1.owns(m) or FSDP_2.owns(m) for m in modules)
+
+
+def reshard(modules) -> None:
+    """Drop every unsharded copy FSDP keeps after a forward (see ``Framework.reshard``)."""
+    for module in modules:
+        FSDP_1.reshard(module)
+        FSDP_2.reshard(module)
+
+
+def fsdp1_root(model: nn.Module) -> nn.Module | None:
+    """The outermost FSDP1 unit of ``model``, if any."""
+    return next((m for m in model.modules() if FSDP_1.owns(m)), None)
+
+
+def adopt_groups(model: nn.Module | None):
+    """The :class:`~flex_surgery.parallel.mesh.ParallelMesh` of whatever already runs ``model``
+    (HF TP / DeviceMesh, Megatron, fairscale, DDP, FSDP1 -- in that order), or ``None``."""
+    for framework in GROUP_SOURCES:
+        mesh = framework.groups(model)
+        if mesh is not None:
+            return mesh
+    return None
+

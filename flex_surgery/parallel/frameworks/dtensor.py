@@ -1,0 +1,152 @@
+"""DTensor parameters: DTensor TP (``parallelize_module``), HF transformers' ``tp_plan``, and
+the DTensor storage of FSDP2 (alone or on a 2-D mesh with TP).
+
+Activations: a module whose weight is a DTensor sharded over ``tp`` is a TP layer whose layout
+is read from shapes (not exact): weight ``Shard(0)`` (Linear) / ``Shard(1)`` (Embedding) makes
+it column-wise -- its output's last dim is sharded when the observed size is this rank's chunk
+of the full size; weight ``Shard(1)`` (Linear) makes it row-wise -- its input's last dim is
+sharded by the same shape check, its output replicated. Activations that are DTensors carry
+their own placements (:func:`flex_surgery.parallel.layout.dtensor_layout`).
+
+Parameters: the local tensor, region given by the placements (a block for ``Shard``, index
+lists for ``_StridedShard``); ``full_tensor()`` gathers.
+
+Groups: HF's TP mesh (``model.device_mesh``), else the ``DeviceMesh`` of DTensor parameters
+(its root mesh when the TP mesh was sliced from a ``("dp", "tp")`` mesh).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from flex_surgery.parallel.frameworks.base import HIDDEN, ActivationShard, Framework, TPLayer
+from flex_surgery.parallel.frameworks.views import BlockRegion, IndexRegion, LocalShard
+
+__all__ = ["DTensorTP", "is_dtensor", "mesh_axis_of"]
+
+
+def is_dtensor(t: object) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def mesh_axis_of(device_mesh, mesh_dim: int, mesh) -> str | None:
+    """Which of our axes a DeviceMesh dim is, by comparing the ranks of their groups."""
+    ranks = dist.get_process_group_ranks(device_mesh.get_group(mesh_dim))
+    for axis, group in mesh.groups.items():
+        if group is not None and dist.get_process_group_ranks(group) == ranks:
+            return axis
+    return None
+
+
+def _tp_shard_dim(weight: torch.Tensor, mesh) -> int | None:
+    """The tensor dim a DTensor weight is sharded along over ``tp``, if any."""
+    if mesh.tp_size == 1 or not is_dtensor(weight):
+        return None
+    for i, p in enumerate(weight.placements):
+        if p.is_shard() and mesh_axis_of(weight.device_mesh, i, mesh) == "tp":
+            return p.dim
+    return None
+
+
+class DTensorTP(Framework):
+    name = "dtensor"
+
+    def owns(self, module: nn.Module) -> bool:
+        return any(is_dtensor(p) for p in module.parameters(recurse=False))
+
+    def tp_layer(self, module, mesh) -> TPLayer | None:
+        weight = getattr(module, "weight", None)
+        placement = _tp_shard_dim(weight, mesh) if weight is not None else None
+        if placement is None:
+            return None
+        full = tuple(weight.shape)
+        if isinstance(module, nn.Embedding):
+            # Shard(1): embedding dim split -> output sharded; Shard(0): vocab split -> replicated
+            out = ActivationShard(HIDDEN, full[1], sharded=None) if placement == 1 else None
+            return TPLayer(None, out, exact=False)
+        if placement == 0:  # colwise Linear: weight (out, in) split on out
+            return TPLayer(None, ActivationShard(HIDDEN, full[0], sharded=None), exact=False)
+        return TPLayer(ActivationShard(HIDDEN, full[1], sharded=None), None, exact=False)
+
+    def parameter_shard(self, name, module, pname, param) -> LocalShard | None:
+        if not is_dtensor(param):
+            return None
+        from torch.distributed.tensor import Replicate, Shard
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+        from torch.distributed.tensor.placement_types import _StridedShard
+
+        local = param._local_tensor
+        strided = False
+        for p in param.placements:
+            if isinstance(p, _StridedShard):
+                strided = True
+            elif type(p) not in (Shard, Replicate):
+                raise NotImplementedError(
+                    f"{name}: placement {p} is not supported by surgery (Shard, _StridedShard "
+                    "and Replicate are); edit a partial-sum tensor after reducing it")
+        if strided:
+            region = _strided_region(param)
+            shape = tuple(len(i) for i in region.indices)
+        else:
+            shape, offset = compute_local_shape_and_global_offset(
+                param.shape, param.device_mesh, param.placements)
+            region = BlockRegion(tuple(offset), tuple(shape))
+        if tuple(local.shape) != tuple(shape):  # FSDP2 may pad the local storage
+            local = local[tuple(slice(0, s) for s in shape)]
+        sharded = [p.dim for p in param.placements if p.is_shard()]
+        return LocalShard(
+            name=name, aliases=(), local=local, full_shape=param.shape, region=region,
+            module=module, param_name=pname, gather=lambda: param.detach().full_tensor(),
+            owners=(param,), kind=self.name,
+            partition_dim=sharded[0] if len(set(sharded)) == 1 else None,
+        )
+
+    def groups(self, model):
+        from flex_surgery.parallel.frameworks.fsdp import FSDP2
+        from flex_surgery.parallel.mesh import ParallelMesh, _root_mesh, _without_trivial_dims
+
+        if model is None:
+            return None
+        hf_mesh = getattr(model, "device_mesh", None) or getattr(model, "_device_mesh", None)
+        if hf_mesh is not None and hasattr(hf_mesh, "mesh_dim_names"):
+            hf_mesh = _without_trivial_dims(hf_mesh)
+            mesh = ParallelMesh.from_device_mesh(hf_mesh, {"tp": hf_mesh.mesh_dim_names[0]}
+                                                 if hf_mesh.ndim == 1 and hf_mesh.mesh_dim_names
+                                                 else None)
+            mesh.source = "hf_tp"
+            return mesh
+        meshes = [_root_mesh(p.device_mesh) for p in model.parameters() if is_dtensor(p)]
+        if not meshes:
+            return None
+        device_mesh = max(meshes, key=lambda m: m.ndim)
+        if device_mesh.mesh_dim_names is None and device_mesh.ndim == 1:
+            fsdp2 = FSDP2()
+            axis = "dp" if any(fsdp2.owns(m) for m in model.modules()) else "tp"
+            return ParallelMesh.from_device_mesh(device_mesh, {axis: None})
+        return ParallelMesh.from_device_mesh(device_mesh)
+
+
+def _strided_region(param) -> IndexRegion:
+    """Global indices held locally along each dim, by splitting an ``arange`` per dim with the
+    same placements (a local split: ``src_data_rank=None`` communicates nothing)."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    indices = []
+    for d, size in enumerate(param.shape):
+        placements = []
+        for p in param.placements:
+            if isinstance(p, _StridedShard) and p.dim == d:
+                placements.append(_StridedShard(0, split_factor=p.split_factor))
+            elif isinstance(p, Shard) and p.dim == d:
+                placements.append(Shard(0))
+            else:
+                placements.append(Replicate())
+        ar = torch.arange(size, device=param._local_tensor.device)
+        dt = distribute_tensor(ar, param.device_mesh, placements, src_data_rank=None)
+        indices.append(dt._local_tensor.clone())
+    return IndexRegion(tuple(indices))

@@ -1,0 +1,198 @@
+"""Fully sharded data parallelism: FSDP1 (``FullyShardedDataParallel``) and FSDP2
+(``fully_shard``).
+
+Activations: not split by FSDP (inside forward every rank computes with whole weights on its
+local batch), so only the data-parallel batch dim is sharded.
+
+Parameters: FSDP1 keeps the original parameters of a unit in one ``FlatParameter``; this rank
+holds a 1-D slice of it, so each original parameter's view is a range of its flattened
+elements (``_shard_param_infos``), possibly empty. FSDP2 stores parameters as DTensors
+(answered by :mod:`.dtensor`).
+
+Both substitute parameters during forward (FSDP1 sets fresh unsharded views on the owning
+module, FSDP2 swaps in unsharded parameters), so gradient hooks go on those, and both may keep
+unsharded copies after a forward (:meth:`reshard` drops them).
+
+Groups: an FSDP1 unit's ``process_group`` is the data-parallel group (when it spans the world);
+FSDP2's mesh is found through its DTensor parameters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from flex_surgery.naming import clean_name
+from flex_surgery.parallel.frameworks.base import Framework
+from flex_surgery.parallel.frameworks.views import FlatRegion, LocalShard
+
+__all__ = ["FSDP1", "FSDP2", "fsdp1_param_offsets"]
+
+
+def _join(*parts: str) -> str:
+    return ".".join(p for p in parts if p)
+
+
+def _fsdp1_class():
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # pragma: no cover - torch without distributed
+        return None
+    return FullyShardedDataParallel
+
+
+def _fsdp2_class():
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover
+        return None
+    return FSDPModule
+
+
+class FSDP1(Framework):
+    name = "fsdp1"
+
+    def owns(self, module: nn.Module) -> bool:
+        cls = _fsdp1_class()
+        return cls is not None and isinstance(module, cls)
+
+    def wrapper_kind(self, module: nn.Module) -> str | None:
+        return "FSDP1 unit" if self.owns(module) else None
+
+    def substitutes_parameters(self, module: nn.Module) -> bool:
+        return self.owns(module)
+
+    def reshard(self, module: nn.Module) -> None:
+        if not self.owns(module):
+            return
+        handle = getattr(module, "_handle", None)
+        if (handle is not None and handle.uses_sharded_strategy
+                and hasattr(handle.flat_param, "_local_shard")):  # lazily initialised
+            handle.reshard(True)
+            handle.post_reshard()
+
+    def model_shards(self, model):
+        shards: list[LocalShard] = []
+        handled: set[tuple[int, str]] = set()
+        for mname, module in model.named_modules():
+            if not self.owns(module) or module._handle is None:
+                continue
+            fp = module._handle.flat_param
+            for pinfo in fp._param_infos:
+                handled.add((id(pinfo.module), pinfo.param_name))
+            for spi in fp._shared_param_infos:
+                handled.add((id(spi.module), spi.param_name))
+            handled.add((id(module), "_flat_param"))
+            handled.add((id(module._fsdp_wrapped_module), "_flat_param"))
+            shards.extend(_fsdp1_shards(module, _join(mname, "_fsdp_wrapped_module")))
+        return shards, handled
+
+    def groups(self, model):
+        if model is None:
+            return None
+        unit = next((m for m in model.modules() if self.owns(m)), None)
+        if unit is None:
+            return None
+        return _data_parallel_mesh(unit.process_group, "data_parallel_wrapper")
+
+
+class FSDP2(Framework):
+    name = "fsdp2"
+
+    def owns(self, module: nn.Module) -> bool:
+        cls = _fsdp2_class()
+        return cls is not None and isinstance(module, cls)
+
+    def wrapper_kind(self, module: nn.Module) -> str | None:
+        return "FSDP2" if self.owns(module) else None
+
+    def substitutes_parameters(self, module: nn.Module) -> bool:
+        return self.owns(module)
+
+    def reshard(self, module: nn.Module) -> None:
+        if self.owns(module):
+            module.reshard()
+
+
+def _data_parallel_mesh(group: dist.ProcessGroup, source: str):
+    """A dp-only mesh over ``group`` when it spans the world (else ``None``: not adoptable)."""
+    from flex_surgery.parallel.mesh import ParallelMesh
+
+    if dist.get_world_size(group) != dist.get_world_size():
+        return None
+    return ParallelMesh({"dp": group, "tp": None, "pp": None},
+                        {"dp": dist.get_world_size(group), "tp": 1, "pp": 1},
+                        {"dp": dist.get_rank(group), "tp": 0, "pp": 0}, source=source)
+
+
+def fsdp1_param_offsets(flat_param: nn.Parameter) -> list[int]:
+    """Offset of each original parameter of an FSDP1 ``FlatParameter`` in the unsharded (padded)
+    flat parameter, i.e. in the concatenation of every rank's local shard."""
+    offsets, pos = [], 0
+    for numel, is_pad in zip(flat_param._numels_with_padding, flat_param._is_padding_mask):
+        if not is_pad:
+            offsets.append(pos)
+        pos += numel
+    return offsets
+
+
+def _fsdp1_shards(fsdp_module: nn.Module, prefix: str) -> Iterator[LocalShard]:
+    """One :class:`LocalShard` per original parameter of an FSDP1 unit's ``FlatParameter``."""
+    handle = fsdp_module._handle
+    fp = handle.flat_param
+    sharded = handle.uses_sharded_strategy
+    # Before FSDP's lazy init (first forward) the flat parameter already holds the shard but
+    # ``_local_shard`` is not set yet; afterwards it is the same storage.
+    local_flat = getattr(fp, "_local_shard", fp.data) if sharded else fp.data
+    group = fsdp_module.process_group
+    offsets = fsdp1_param_offsets(fp)
+    gathered: dict[str, torch.Tensor] = {}
+
+    def gather_flat() -> torch.Tensor:
+        if "flat" not in gathered:
+            if not sharded:
+                gathered["flat"] = local_flat
+            else:
+                world = dist.get_world_size(group)
+                out = torch.empty(local_flat.numel() * world, dtype=local_flat.dtype,
+                                  device=local_flat.device)
+                dist.all_gather_into_tensor(out, local_flat.contiguous(), group=group)
+                gathered["flat"] = out
+        return gathered["flat"]
+
+    aliases: dict[tuple[int, str], list[str]] = {}
+    for spi in fp._shared_param_infos:
+        key = (id(spi.prim_module), spi.prim_param_name)
+        aliases.setdefault(key, []).append(
+            clean_name(_join(prefix, spi.module_name, spi.param_name)))
+    for i, (pinfo, shape, numel) in enumerate(zip(fp._param_infos, fp._shapes, fp._numels)):
+        name = clean_name(_join(prefix, fp._fqns[i]))
+        if sharded:
+            sinfo = fp._shard_param_infos[i]
+            if sinfo.in_shard:
+                local = local_flat[sinfo.offset_in_shard: sinfo.offset_in_shard
+                                   + sinfo.numel_in_shard]
+                region = FlatRegion(sinfo.intra_param_start_idx, sinfo.intra_param_end_idx + 1)
+            else:
+                local = local_flat[:0]
+                region = FlatRegion(0, 0)
+        else:
+            local = local_flat[offsets[i]: offsets[i] + numel]
+            region = FlatRegion(0, numel)
+        owners = [fp]
+        orig = pinfo.module._parameters.get(pinfo.param_name)
+        if isinstance(orig, nn.Parameter) and orig is not fp:
+            owners.append(orig)
+
+        def gather(i=i, shape=shape, numel=numel) -> torch.Tensor:
+            return gather_flat()[offsets[i]: offsets[i] + numel].view(shape)
+
+        yield LocalShard(
+            name=name,
+            aliases=tuple(aliases.get((id(pinfo.module), pinfo.param_name), ())),
+            local=local, full_shape=torch.Size(shape), region=region, module=pinfo.module,
+            param_name=pinfo.param_name, gather=gather, owners=tuple(owners), kind="fsdp1",
+        )

@@ -1,0 +1,192 @@
+"""Megatron-core's tensor-parallel layers (``megatron.core.tensor_parallel``) and its groups.
+
+Activations are Megatron's ``[sequence, batch, hidden]`` (the data-parallel batch dim is 1).
+Layers return ``(output, bias)``; the bias is not yet added with ``skip_bias_add``. What they do
+to activations, read from the module's attributes:
+
+- ``ColumnParallelLinear``: output last-dim sharded (``output_size / tp`` wide) unless gathered
+  (``gather_output``, or ``runtime_gather_output`` at call time: the observed width decides
+  between exactly those two); input replicated, or -- with ``sequence_parallel`` -- sharded on
+  the sequence dim (the layer all-gathers it from dim 0).
+- ``RowParallelLinear``: input last-dim sharded if ``input_is_parallel``; output replicated
+  (all-reduced), or with ``sequence_parallel`` reduce-scattered onto the sequence dim.
+- ``VocabParallelEmbedding``: output replicated, or sequence-sharded with
+  ``reduce_scatter_embeddings`` (it also turns ``[b, s, h]`` into ``[s, b, h]``).
+- ``LanguageModelEmbedding`` (GPT's embedding): output sequence-sharded under sequence
+  parallelism (it scatters or reduce-scatters), replicated otherwise.
+
+Parameters carry their own split: ``tensor_model_parallel`` (split at all), ``partition_dim``
+and ``partition_stride``. A stride above 1 (interleaved partitions) is refused, not guessed.
+
+Groups: ``megatron.core.parallel_state`` once initialised -- tensor, data and pipeline parallel,
+ranks ordered ``(pp, dp, tp)``; nothing needs to be passed to FlexModel.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from flex_surgery.parallel.frameworks.base import (
+    HIDDEN,
+    SEQUENCE,
+    ActivationShard,
+    Framework,
+    TPLayer,
+    loaded,
+)
+from flex_surgery.parallel.frameworks.views import LocalShard, block_shard
+
+__all__ = ["MegatronCore", "MegatronLayoutError"]
+
+_LAYERS = "megatron.core.tensor_parallel.layers"
+_EMBEDDING = "megatron.core.models.common.embeddings.language_model_embedding"
+_STATE = "megatron.core.parallel_state"
+
+
+class MegatronLayoutError(NotImplementedError):
+    """A Megatron parameter or group layout flex_surgery does not handle (it is not guessed)."""
+
+
+def _layers():
+    if not loaded(_LAYERS):
+        return None
+    from megatron.core.tensor_parallel import layers
+
+    return layers
+
+
+def _embedding_class():
+    if not loaded(_EMBEDDING):
+        return None
+    from megatron.core.models.common.embeddings.language_model_embedding import (
+        LanguageModelEmbedding,
+    )
+
+    return LanguageModelEmbedding
+
+
+def _split_parameters(module: nn.Module) -> bool:
+    return any(getattr(p, "tensor_model_parallel", False)
+               for p in module.parameters(recurse=False))
+
+
+class MegatronCore(Framework):
+    name = "megatron"
+
+    def owns(self, module: nn.Module) -> bool:
+        layers = _layers()
+        if layers is not None and isinstance(module, (
+                layers.ColumnParallelLinear, layers.RowParallelLinear,
+                layers.VocabParallelEmbedding)):
+            return True
+        emb = _embedding_class()
+        if emb is not None and isinstance(module, emb):
+            return True
+        return _split_parameters(module)
+
+    # -- activations -------------------------------------------------------------------------
+    def tp_layer(self, module, mesh) -> TPLayer | None:
+        layers = _layers()
+        if layers is None:
+            return None
+        seq = ActivationShard(SEQUENCE)
+        if isinstance(module, layers.ColumnParallelLinear):
+            return TPLayer(seq if module.sequence_parallel else None,
+                           ActivationShard(HIDDEN, module.output_size, sharded=None),
+                           exact=True)
+        if isinstance(module, layers.RowParallelLinear):
+            inp = ActivationShard(HIDDEN, module.input_size) if module.input_is_parallel \
+                else None
+            return TPLayer(inp, seq if module.sequence_parallel else None, exact=True)
+        if isinstance(module, layers.VocabParallelEmbedding):
+            return TPLayer(None, seq if module.reduce_scatter_embeddings else None, exact=True)
+        emb = _embedding_class()
+        if emb is not None and isinstance(module, emb):
+            scatters = module.config.sequence_parallel and module.scatter_to_sequence_parallel
+            return TPLayer(None, seq if scatters else None, exact=True)
+        return None
+
+    def sequence_parallel(self, module: nn.Module) -> bool:
+        layers = _layers()
+        if layers is not None:
+            if isinstance(module, (layers.ColumnParallelLinear, layers.RowParallelLinear)):
+                return bool(module.sequence_parallel)
+            if isinstance(module, layers.VocabParallelEmbedding):
+                return bool(module.reduce_scatter_embeddings)
+        emb = _embedding_class()
+        return emb is not None and isinstance(module, emb) and \
+            bool(module.config.sequence_parallel)
+
+    def batch_dim(self, module: nn.Module) -> int | None:
+        return 1 if self.owns(module) else None
+
+    # -- parameters --------------------------------------------------------------------------
+    def partition_dim(self, module, pname, param) -> int | None:
+        if not getattr(param, "tensor_model_parallel", False) or param.dim() == 0:
+            return None
+        return getattr(param, "partition_dim", None)
+
+    def parameter_shard(self, name, module, pname, param) -> LocalShard | None:
+        if not getattr(param, "tensor_model_parallel", False) or param.dim() == 0:
+            return None
+        stride = getattr(param, "partition_stride", 1)
+        if stride != 1:
+            raise MegatronLayoutError(
+                f"{name} ({type(module).__name__}): partition_stride={stride} (interleaved "
+                "partitions) is not supported; its elements cannot be mapped to the full "
+                "parameter")
+        dim = getattr(param, "partition_dim", None)
+        if dim is None or not 0 <= dim < param.dim():
+            raise MegatronLayoutError(f"{name}: tensor_model_parallel without a valid "
+                                      f"partition_dim ({dim})")
+        return block_shard(name, module, pname, param, dim, self._tp_group(module),
+                           kind=self.name)
+
+    @staticmethod
+    def _tp_group(module: nn.Module):
+        group = getattr(module, "tp_group", None)
+        if group is not None:
+            return group
+        from megatron.core import parallel_state
+
+        return parallel_state.get_tensor_model_parallel_group()
+
+    # -- groups ------------------------------------------------------------------------------
+    def tensor_parallel_group(self):
+        if not loaded(_STATE):
+            return None
+        from megatron.core import parallel_state as ps
+
+        if not ps.model_parallel_is_initialized() or \
+                ps.get_tensor_model_parallel_world_size() == 1:
+            return None
+        return ps.get_tensor_model_parallel_group()
+
+    def groups(self, model):
+        if not loaded(_STATE):
+            return None
+        from megatron.core import parallel_state as ps
+
+        if not ps.model_parallel_is_initialized():
+            return None
+        import torch
+        import torch.distributed as dist
+
+        from flex_surgery.parallel.mesh import ParallelMesh, _check_sizes, _new_groups_along
+
+        if ps.get_context_parallel_world_size() > 1:
+            raise MegatronLayoutError("Megatron context parallelism (cp > 1) is not supported: "
+                                      "activations split over cp are not described")
+        groups = {"tp": ps.get_tensor_model_parallel_group(),
+                  "dp": ps.get_data_parallel_group(),
+                  "pp": ps.get_pipeline_model_parallel_group()}
+        sizes = {a: dist.get_world_size(g) for a, g in groups.items()}
+        coords = {a: dist.get_rank(g) for a, g in groups.items()}
+        _check_sizes(sizes, dist.get_world_size())
+        stage_group = None
+        if sizes["pp"] > 1:
+            # Megatron has no group of one stage's ranks; its order is (pp, dp, tp).
+            grid = torch.arange(dist.get_world_size()).reshape(sizes["pp"], -1)
+            stage_group = _new_groups_along(grid, 1, dist.get_rank())
+        return ParallelMesh({a: (g if sizes[a] > 1 else None) for a, g in groups.items()},
+                            sizes, coords, stage_group, source="megatron")
