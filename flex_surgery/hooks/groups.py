@@ -103,6 +103,19 @@ class HookGroups:
         self._check_registered(hooks)
         return hooks
 
+    def create(self, group_name: str) -> None:
+        """Make ``group_name`` exist with no member here (yet).
+
+        Under pipelining a group's hooks may all live on other stages; the group must still
+        exist on this one, so that every stage accepts ``flex(x, groups=group_name)`` -- a
+        stage that raised UnknownGroupError there would leave the others waiting for it.
+        """
+        if not isinstance(group_name, str) or not group_name:
+            raise ValueError(f"a group name is a non-empty str, got {group_name!r}")
+        if group_name not in self._names:
+            self._names.add(group_name)
+            self.version += 1
+
     def update(self, selection: HookSelection, group_name: str) -> None:
         """Add the selected hook functions to ``group_name``, creating it if new."""
         if not isinstance(group_name, str) or not group_name:

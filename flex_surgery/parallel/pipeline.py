@@ -49,6 +49,7 @@ import pickle
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -56,6 +57,8 @@ import torch
 import torch.distributed as dist
 
 from flex_surgery.parallel.backend import default_device
+from flex_surgery.parallel.collectives import announce_process
+from flex_surgery.parallel.group_lifetime import OwnedGroups, free_dropped
 from flex_surgery.parallel.mesh import ParallelMesh
 
 __all__ = [
@@ -158,6 +161,11 @@ class StageLink:
     Collective over the whole world (it creates the line groups): every rank builds its link
     at the same point. Tensors travel with a header (dtype and shape), so the receiver needs
     no shapes in advance.
+
+    :meth:`close` (or leaving ``with StageLink(mesh) as link:``) destroys the line groups; every
+    rank calls it at the same point. A link dropped without closing has its groups destroyed
+    when every rank has dropped it, at the next ``StageLink`` or ``FlexModel`` built over the
+    world (see :mod:`flex_surgery.parallel.group_lifetime`).
     """
 
     def __init__(self, mesh: ParallelMesh, timeout_s: float = 60.0,
@@ -165,6 +173,8 @@ class StageLink:
         self.mesh = mesh
         self.timeout_s = timeout_s
         self.device = torch.device(device) if device is not None else default_device()
+        free_dropped(None)  # a collective point over the world: free links dropped earlier
+        announce_process()
         pp_group = mesh.group("pp")
         mine = (dist.get_process_group_ranks(pp_group) if pp_group is not None
                 else [dist.get_rank()])
@@ -180,6 +190,26 @@ class StageLink:
             if list(line) == mine:
                 self.group = group
         self._store = dist.distributed_c10d._get_default_store()
+        self._owned = OwnedGroups([self.group], None)
+        self._finalizer = weakref.finalize(self, self._owned.drop)
+
+    def close(self) -> None:
+        """Destroy the link's process groups (every rank, at the same point); a second call is
+        fine. The link cannot be used afterwards.
+
+        A link whose step failed keeps its groups: a rank's abandoned transfer may still wait
+        on them (see :meth:`_run`), and tearing a group down under a waiting operation can
+        block until its timeout. They go with the process.
+        """
+        self._finalizer.detach()
+        if self.failure() is None:
+            self._owned.free()
+
+    def __enter__(self) -> StageLink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # -- where this rank is ------------------------------------------------------------------
     @property
@@ -418,6 +448,9 @@ class _BlockingLine(StageLink):
         self.ranks = dist.get_process_group_ranks(self.group)
 
     def failure(self) -> str | None:
+        return None
+
+    def close(self) -> None:  # the mesh's groups are the mesh owner's to free
         return None
 
     def _run(self, transfer: Callable[[], Any], what: str) -> Any:

@@ -106,6 +106,15 @@ class Runtime:
         """
         raise NotImplementedError
 
+    def whole_shape(self, local: torch.Tensor, site: HookSite) -> tuple[int, ...]:
+        """The shape of the whole tensor ``local`` is a piece of, the same on every rank.
+
+        Collective (every rank of the stage calls it for the same hook call), and made before
+        anything is gathered: a check against ``expected_shape`` on its answer fails on every
+        rank at once, at the call whose tensor does not match.
+        """
+        raise NotImplementedError
+
     def is_edit_leader(self, site: HookSite) -> bool:
         raise NotImplementedError
 
@@ -197,6 +206,9 @@ class LocalRuntime(Runtime):
 
     def run_on_leader(self, ctx: EditContext, fn: Callable[[], Any]) -> Any:
         return fn()
+
+    def whole_shape(self, local: torch.Tensor, site: HookSite) -> tuple[int, ...]:
+        return tuple(local.shape)
 
     def is_edit_leader(self, site: HookSite) -> bool:
         return True
