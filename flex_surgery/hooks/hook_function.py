@@ -31,7 +31,7 @@ from torch import nn
 from flex_surgery.hooks.errors import EditingFunctionError, ShapeMismatchError
 from flex_surgery.hooks.unpack import unpack, unpack_inputs
 from flex_surgery.parallel.pipeline import is_metadata_pass
-from flex_surgery.parallel.runtime import EditContext, HookSite, LocalRuntime, Runtime
+from flex_surgery.parallel.runtime import HookSite, LocalRuntime, Runtime
 
 EditingFunction = Callable[[nn.Module, torch.Tensor, SimpleNamespace, nn.ModuleDict],
                            torch.Tensor]
@@ -133,9 +133,6 @@ class HookFunction:
         self._shared: SharedState | None = None
         self._owner: object | None = None
         self._enabled = True
-        # Retrieval-only shape checks (see _confirm_expected_shape).
-        self._checked_local_shapes: set[torch.Size] = set()
-        self._bad_full_shape: torch.Size | None = None
 
     def __repr__(self) -> str:
         kind = self.hook_type or "unregistered"
@@ -157,7 +154,6 @@ class HookFunction:
         self._runtime = runtime
         self._shared = shared
         self._enabled = True
-        self._checked_local_shapes.clear()
 
     def _bind_remote(self, owner: object, hook_type: str) -> None:
         """Registered for a module that lives on another pipeline stage: it never fires here
@@ -230,6 +226,11 @@ class HookFunction:
         if is_metadata_pass(tensor):  # a pipeline stage's shape inference: not a real call
             return None
         runtime, site = self._runtime, self._site
+        if self.expected_shape is not None:
+            # Every call, on every rank, before anything is gathered: the whole shape is agreed
+            # by all ranks (uneven data-parallel batches differ from call to call), so a
+            # mismatch raises everywhere at this call and nothing of it is stored.
+            check_expected_shape(runtime.whole_shape(tensor, site), self.expected_shape, self)
         # Retrieval is a collective: every rank takes part even if its own output_dict is None
         # (a rank that keeps nothing), or the storing rank would wait for it forever.
         storing = store and (self._shared.output_dict is not None
@@ -237,42 +238,17 @@ class HookFunction:
         if self.editing_function is None:
             if storing:
                 runtime.retrieve(tensor, site, self._store)
-                self._confirm_expected_shape_once(tensor)
             return None
         full, ctx = runtime.gather_for_edit(tensor, site)
         if storing:  # one gather serves both storing and editing
             runtime.retrieve_gathered(full, ctx, self._store)
-            self._confirm_expected_shape_once(tensor)
         edited = runtime.run_on_leader(ctx, partial(self._edit, full))
         return repack(runtime.scatter_from_edit(edited, ctx))
 
     def _store(self, full: torch.Tensor) -> None:
         if self._shared.output_dict is None:  # this rank takes part but keeps nothing
             return
-        if self.expected_shape is not None and not shape_matches(full.shape, self.expected_shape):
-            self._bad_full_shape = full.shape  # raised on every rank by _confirm_expected_shape
-            return
         self._shared.output_dict.setdefault(self.output_key, []).append(full)
-
-    def _confirm_expected_shape_once(self, local: torch.Tensor) -> None:
-        if self.expected_shape is not None and local.shape not in self._checked_local_shapes:
-            self._confirm_expected_shape(local)
-
-    def _confirm_expected_shape(self, local: torch.Tensor) -> None:
-        """Raise a shape mismatch seen by the storing rank on every rank.
-
-        Only the storing rank sees the whole tensor, and an error raised there alone would
-        leave the other ranks waiting in their next collective; ``run_on_leader`` reports it
-        to all. A local shape that passed once always gathers to the same whole shape, so the
-        check (one small collective when distributed) runs once per local shape.
-        """
-        self._runtime.run_on_leader(EditContext(self._site, local), self._raise_bad_shape)
-        self._checked_local_shapes.add(local.shape)
-
-    def _raise_bad_shape(self) -> None:
-        bad, self._bad_full_shape = self._bad_full_shape, None
-        if bad is not None:
-            check_expected_shape(bad, self.expected_shape, self)
 
     def _edit(self, full: torch.Tensor) -> torch.Tensor:
         """Run the editing function on the whole tensor and check what it returns."""

@@ -351,6 +351,7 @@ class FlexModel(nn.Module):
         candidates = list(table)
         names = [n for n in candidates if n and matches(n)]
         if not names and any(matches(n) for n in self._remote_names):
+            self._groups.create(group_name)  # the group exists on every stage
             return []  # every match lives on another pipeline stage
         if not names:
             kind = "parameter" if hook_type == "tensor" else "module"
