@@ -32,6 +32,7 @@ one-process gradient.
 from __future__ import annotations
 
 import itertools
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -43,19 +44,23 @@ from flex_surgery.parallel import frameworks
 from flex_surgery.parallel.collectives import (
     RemoteEditError,
     all_gather,
+    announce_process,
     broadcast_from_one,
     broadcast_status,
     exchange_sizes,
     gather_to_one,
     keep_on_one,
+    naming_lost_ranks,
     one_to_replicas,
     reduce_to_one,
     replica_to_one,
     scatter_from_one,
 )
+from flex_surgery.parallel.group_lifetime import OwnedGroups, free_dropped
 from flex_surgery.parallel.layout import (
     GATHER_ORDER,
     Layout,
+    LayoutError,
     LayoutInference,
     PartialSpec,
     ShardSpec,
@@ -108,10 +113,13 @@ class DistributedRuntime(Runtime):
             ``"all"`` -- on every rank.
         batch_dim: the activation dim that data parallelism splits; ``None``: the one the
             model's framework uses (1 for Megatron's ``[s, b, h]``, else 0).
+        mesh_parent: the group whose ranks built ``mesh`` (default: the world); the groups
+            the mesh created are freed with this runtime (:meth:`close`).
     """
 
     def __init__(self, module: nn.Module, mesh: ParallelMesh, store_on: str = "rank0",
-                 batch_dim: int | None = None) -> None:
+                 batch_dim: int | None = None,
+                 mesh_parent: dist.ProcessGroup | None = None) -> None:
         if store_on not in STORE_ON:
             raise ValueError(f"store_on must be one of {STORE_ON}, got {store_on!r}")
         self.module = module
@@ -123,10 +131,20 @@ class DistributedRuntime(Runtime):
         self.layouts.watch(module)
         self._trainable: dict[str, nn.Module] = {}
         self._sync_queued = False
+        announce_process()  # lets a survivor of a failed collective name the lost rank
+        # The groups a mesh built for this runtime are this runtime's to free: at close(), or,
+        # if it is dropped without closing, queued by the finalizer for the next runtime that
+        # all ranks build (see flex_surgery.parallel.group_lifetime).
+        self._owned = OwnedGroups(mesh.created_groups(), mesh_parent)
+        self._finalizer = weakref.finalize(self, _release, self.layouts, self._owned)
 
     def close(self) -> None:
-        """Remove the layout tracker's hooks from the model."""
+        """Remove the layout tracker's hooks from the model and destroy the process groups
+        this runtime's mesh created. Every rank calls it at the same point (``FlexModel.close``,
+        ``restore`` or the end of its ``with`` block); a second call does nothing."""
+        self._finalizer.detach()
         self.layouts.unwatch()
+        self._owned.free()
 
     @property
     def stage(self) -> int:
@@ -143,6 +161,67 @@ class DistributedRuntime(Runtime):
             return layout
         return self.layouts.layout(local, site.module, site.role, site.parameter,
                                    site.expected_shape)
+
+    def whole_shape(self, local: torch.Tensor, site: HookSite) -> tuple[int, ...]:
+        """The shape of the whole tensor, agreed by every rank of the stage before anything is
+        gathered: one small all-gather over the stage group.
+
+        Each rank infers the layout of its own piece from what it sees; the ranks exchange what
+        they found and their local shapes. A rank that cannot tell, ranks that disagree (uneven
+        data-parallel batches where one rank's batch happens to equal ``expected_shape`` and the
+        other's does not), or pieces that cannot be put together raise :class:`LayoutError` on
+        every rank, at this call, instead of walking into different collectives. The whole shape
+        is computed on every rank from the exchanged shapes, so a check against
+        ``expected_shape`` fails on every rank at the call whose tensor does not match.
+        """
+        plain = _local_of(local)
+        failure: LayoutError | None = None
+        layout = None
+        try:
+            layout = self.layout_of(local, site)
+        except LayoutError as exc:  # every rank learns of it below
+            failure = exc
+        row = self._describe(plain, layout, failure is not None)
+        group = self.mesh.stage_group
+        rows = [torch.empty_like(row) for _ in range(dist.get_world_size(group))]
+        with naming_lost_ranks(group, "layout agreement"):
+            dist.all_gather(rows, row, group=group)
+        table = [r.tolist() for r in rows]
+        ranks = dist.get_process_group_ranks(group) if group is not None else \
+            list(range(dist.get_world_size()))
+        where = f"{site.module_name!r} ({site.role} of a {site.hook_type} hook)"
+        failed = [ranks[i] for i, r in enumerate(table) if r[0]]
+        if failure is not None:
+            raise failure
+        if failed:
+            raise LayoutError(f"{where}: rank(s) {failed} could not tell how the tensor is split "
+                              "(their error says why); every rank stops at this call")
+        signatures = {tuple(r[3:8]) for r in table}
+        if len(signatures) > 1:
+            seen = "; ".join(f"rank {ranks[i]}: {_signature_text(r)}"
+                             for i, r in enumerate(table))
+            raise LayoutError(f"{where}: the ranks disagree on how the tensor is split ({seen}); "
+                              "give expected_shape with None for the dims that vary (e.g. the "
+                              "batch dim of uneven data-parallel batches)")
+        return _whole_shape(table, ranks, where)
+
+    def _describe(self, plain: torch.Tensor, layout: Layout | None,
+                  failed: bool) -> torch.Tensor:
+        """One rank's row of :meth:`whole_shape`'s exchange: ``[failed, tp coordinate, dp
+        coordinate, ndim, tp kind, tp dim, dp kind, dp dim, shape...]``."""
+        row = torch.full((_ROW,), -1, dtype=torch.int64)
+        row[0] = int(failed or plain.ndim > _ROW - _HEAD)
+        row[1], row[2] = self.mesh.rank("tp"), self.mesh.rank("dp")
+        if layout is not None and not row[0]:
+            row[3] = plain.ndim
+            for i, axis in enumerate(GATHER_ORDER):
+                spec = layout.spec_for(axis)
+                kind = 0 if spec is None else 1 if isinstance(spec, ShardSpec) else \
+                    3 if spec.op == "avg" else 2
+                row[4 + 2 * i] = kind
+                row[5 + 2 * i] = spec.dim if isinstance(spec, ShardSpec) else -1
+            row[_HEAD:_HEAD + plain.ndim] = torch.tensor(plain.shape, dtype=torch.int64)
+        return row.to(plain.device)
 
     def is_edit_leader(self, site: HookSite) -> bool:
         return self.mesh.is_stage_leader()
@@ -246,32 +325,55 @@ class DistributedRuntime(Runtime):
         return (held if self.mesh.is_stage_leader() else None), ctx
 
     def scatter_from_edit(self, full: torch.Tensor | None, ctx: EditContext) -> torch.Tensor:
-        start = full if self.mesh.is_stage_leader() else ctx.state["held"]
+        if self.mesh.is_stage_leader():
+            start = full
+        else:
+            # Whether the backward of the scatter runs (a collective) must not depend on this
+            # rank's placeholder: the leader's edited tensor decides, broadcast with the status
+            # by run_on_leader. A frozen model with a trainable module in the editing function
+            # has an edited tensor that requires grad and placeholders that do not.
+            start = ctx.state["held"]
+            wanted = ctx.state.get("requires_grad")
+            if wanted is not None and start.requires_grad != wanted:
+                start = start.detach().requires_grad_(wanted)
         piece = self._scatter(start, ctx.state["layout"], ctx.state["record"])
         if self._trainable and piece.requires_grad:
             piece = _SyncTrainablePoint.apply(piece, self)
         return _like(piece, ctx.local)
 
     def run_on_leader(self, ctx: EditContext, fn: Callable[[], Any]) -> Any:
-        return self._run_reporting(ctx.site, "the editing function", fn, ctx.local.device)
+        result, requires_grad = self._run_reporting(ctx.site, "the editing function", fn,
+                                                    ctx.local.device)
+        ctx.state["requires_grad"] = requires_grad
+        return result
 
     def _run_reporting(self, site: HookSite, what: str, fn: Callable[[], Any],
-                       device: torch.device) -> Any:
-        """Run ``fn`` on the leader and broadcast success or its error over the stage; on
-        failure every rank raises :class:`RemoteEditError` naming the hook and the rank."""
+                       device: torch.device) -> tuple[Any, bool]:
+        """Run ``fn`` on the leader and broadcast success or its error over the stage, with
+        whether its (tensor) result requires grad; on failure every rank raises.
+
+        Any ``BaseException`` counts: a ``KeyboardInterrupt`` or ``SystemExit`` on the leader
+        is reported to the other ranks (as :class:`RemoteEditError`) before the leader re-raises
+        it unchanged, so no rank is left waiting for a collective the leader will never join.
+        An ``Exception`` becomes :class:`RemoteEditError` on every rank, caused by the original.
+        """
         result, error, cause = None, None, None
         if self.mesh.is_stage_leader():
             try:
                 result = fn()
-            except Exception as exc:  # reported to every rank below, then re-raised
+            except BaseException as exc:  # reported to every rank below, then re-raised
                 cause = exc
                 error = (f"{what} of hook {site.module_name!r} ({site.hook_type}) failed on "
                          f"rank {dist.get_rank()}: {type(exc).__name__}: {exc}")
+        requires_grad = isinstance(result, torch.Tensor) and result.requires_grad
         try:
-            broadcast_status(error, self.mesh.stage_group, 0, device=device)
+            requires_grad = broadcast_status(error, self.mesh.stage_group, 0, device=device,
+                                             flag=requires_grad)
         except RemoteEditError as err:
+            if cause is not None and not isinstance(cause, Exception):
+                raise cause from None  # KeyboardInterrupt/SystemExit keep their type here
             raise RemoteEditError(f"rank {dist.get_rank()}: {err}") from cause
-        return result
+        return result, requires_grad
 
     # -- trainable modules ------------------------------------------------------------------------
     def sync_trainable_modules(self, modules: dict[str, nn.Module]) -> None:
@@ -279,8 +381,9 @@ class DistributedRuntime(Runtime):
         end of every backward that went through an edit (only the leader computes them)."""
         self._trainable = dict(modules)
         with torch.no_grad():
-            for p in self._trainable_parameters():
-                dist.broadcast(p.data, group=self.mesh.stage_group, group_src=0)
+            with naming_lost_ranks(self.mesh.stage_group, "trainable module sync"):
+                for p in self._trainable_parameters():
+                    dist.broadcast(p.data, group=self.mesh.stage_group, group_src=0)
 
     def _trainable_parameters(self) -> list[torch.Tensor]:
         return [p for _, m in sorted(self._trainable.items()) for p in m.parameters()]
@@ -301,7 +404,8 @@ class DistributedRuntime(Runtime):
                 buf = p.grad
             else:
                 buf = torch.empty_like(p)
-            dist.broadcast(buf, group=self.mesh.stage_group, group_src=0)
+            with naming_lost_ranks(self.mesh.stage_group, "trainable gradient sync"):
+                dist.broadcast(buf, group=self.mesh.stage_group, group_src=0)
             if not leader:
                 p.grad = buf
 
@@ -342,6 +446,50 @@ class DistributedRuntime(Runtime):
             full = frameworks.full_parameter(self.module, name, parameter, owner,
                                              frameworks.tensor_parallel_group(self.mesh))
         return store_copy(full, blocking=True)
+
+
+_HEAD, _ROW = 8, 24  # whole_shape's exchange: 8 header entries, then up to 16 dims
+
+_KINDS = {0: "replicated", 1: "sharded", 2: "partial sum", 3: "partial average"}
+
+
+def _signature_text(row: list[int]) -> str:
+    parts = []
+    for i, axis in enumerate(GATHER_ORDER):
+        kind, dim = row[4 + 2 * i], row[5 + 2 * i]
+        parts.append(f"{axis} {_KINDS.get(kind, '?')}" + (f" on dim {dim}" if kind == 1 else ""))
+    return ", ".join(parts) + f", local shape {tuple(row[_HEAD:_HEAD + row[3]])}"
+
+
+def _whole_shape(table: list[list[int]], ranks: list[int], where: str) -> tuple[int, ...]:
+    """The whole shape from every rank's row (see ``DistributedRuntime.whole_shape``): a dim
+    sharded over an axis is the sum of the pieces along that axis (the ranks that are first on
+    the other axis); every other dim must be the same on every rank."""
+    ndim = table[0][3]
+    shape = [table[0][_HEAD + d] for d in range(ndim)]
+    sharded = {}
+    for i in range(len(GATHER_ORDER)):
+        if table[0][4 + 2 * i] == 1:
+            sharded[table[0][5 + 2 * i]] = i
+    for d in range(ndim):
+        if d in sharded:
+            i = sharded[d]
+            other = 2 if i == 0 else 1  # the row column of the other axis' coordinate
+            shape[d] = sum(r[_HEAD + d] for r in table if r[other] == 0)
+            continue
+        sizes = {r[_HEAD + d] for r in table}
+        if len(sizes) > 1:
+            seen = ", ".join(f"rank {ranks[k]}: {r[_HEAD + d]}" for k, r in enumerate(table))
+            raise LayoutError(f"{where}: dim {d} is not split, yet its size differs between "
+                              f"ranks ({seen}); the pieces cannot form one tensor")
+    return tuple(shape)
+
+
+def _release(layouts: LayoutInference, owned: OwnedGroups) -> None:
+    """What a dropped, unclosed runtime leaves: the tracker's hooks go now (local work); its
+    groups are queued for the next collective point, never destroyed from a finalizer."""
+    layouts.unwatch()
+    owned.drop()
 
 
 _HOOK_IDS = itertools.count()
@@ -400,6 +548,9 @@ def build_runtime(
     """
     if not dist.is_initialized() or dist.get_world_size(process_group) == 1:
         return LocalRuntime()
+    # A collective point over these ranks: free the groups of runtimes that every rank has
+    # dropped without closing (see flex_surgery.parallel.group_lifetime).
+    free_dropped(process_group)
     mesh = ParallelMesh.adopt(
         module,
         tp=tensor_parallel_size if tensor_parallel_size != 1 else None,
@@ -407,4 +558,5 @@ def build_runtime(
         dp=data_parallel_size if data_parallel_size != 1 else None,
         group=process_group,
     )
-    return DistributedRuntime(module, mesh, store_on=store_on, batch_dim=batch_dim)
+    return DistributedRuntime(module, mesh, store_on=store_on, batch_dim=batch_dim,
+                              mesh_parent=process_group)

@@ -86,6 +86,14 @@ class ParallelMesh:
         group = self.stage_group
         return dist.get_global_rank(group, 0) if group is not None else 0
 
+    def created_groups(self) -> list[dist.ProcessGroup]:
+        """The groups this mesh created itself, which its owner frees
+        (:mod:`flex_surgery.parallel.group_lifetime`): every group of a built mesh; of an
+        adopted one only the stage group (the frameworks have none; their groups are theirs)."""
+        made = [*self.groups.values(), self.stage_group] if self.source == "built" else \
+            [self.stage_group]
+        return [g for g in made if g is not None]
+
     def is_stage_leader(self) -> bool:
         return self.coords["dp"] == 0 and self.coords["tp"] == 0
 
@@ -116,12 +124,13 @@ class ParallelMesh:
         groups: dict[str, dist.ProcessGroup | None] = {}
         # dim of the grid that varies along each axis; the others enumerate the groups.
         for axis, dim in (("tp", 2), ("dp", 1), ("pp", 0)):
-            groups[axis] = (_new_groups_along(grid, dim, me, local=group is not None)
+            groups[axis] = (_new_groups_along(grid, dim, me, local=group is not None,
+                                              parent=group)
                             if grid.shape[dim] > 1 else None)
         stage_group = None
         if pp > 1 or group is not None:
             stage_group = _new_groups_along(grid.reshape(pp, dp * tp), 1, me,
-                                            local=group is not None)
+                                            local=group is not None, parent=group)
         return cls(groups, dict(dp=dp, tp=tp, pp=pp), dict(dp=d, tp=t, pp=p), stage_group)
 
     @classmethod
@@ -230,17 +239,21 @@ def _drop_trivial(groups: dict[str, dist.ProcessGroup | None],
     return {a: (g if sizes[a] > 1 else None) for a, g in groups.items()}
 
 
-def _new_groups_along(grid: torch.Tensor, dim: int, me: int,
-                      local: bool = False) -> dist.ProcessGroup:
+def _new_groups_along(grid: torch.Tensor, dim: int, me: int, local: bool = False,
+                      parent: dist.ProcessGroup | None = None) -> dist.ProcessGroup:
     """Create one group per line of ``grid`` along ``dim`` (collective); return ``me``'s.
 
     ``local``: only the ranks of ``grid`` call this (a mesh inside a sub-group of the world),
-    so the groups synchronise among their own members only.
+    so the groups synchronise among their own members only. The groups wait as long as
+    ``parent`` (default: the world) does: ``new_group`` alone would not inherit its timeout.
     """
+    from flex_surgery.parallel.group_lifetime import group_timeout
+
+    timeout = group_timeout(parent)
     lines = grid.movedim(dim, -1).reshape(-1, grid.shape[dim])
     mine = None
     for line in lines.tolist():
-        g = dist.new_group(line, use_local_synchronization=local)
+        g = dist.new_group(line, use_local_synchronization=local, timeout=timeout)
         if me in line:
             mine = g
     assert mine is not None
