@@ -57,8 +57,13 @@ class MaskTheater(SurgicalTheater):
 
     def _modify(self, edit: Edit, base_seed: int | None) -> None:
         shard = edit.shard
+        if edit.lora is not None:
+            raise NotImplementedError(
+                f"{edit.name} is the effective weight of a PEFT LoRA layer, which a mask cannot "
+                f"multiply through its factors; mask {shard.name} and the adapter weights by "
+                "their own names")
         name = next((n for n in shard.names if n in self.masks), None)
-        if name is None or edit.factors:
+        if name is None:
             raise ValueError(f"masks are keyed by parameter names; {shard.name} was selected "
                              f"through a module name in {sorted(self.masks)}")
         mask = self.masks[name]

@@ -348,10 +348,12 @@ class SurgicalTheater:
 
     def _lora_edit(self, shard: LocalShard, lora: LoraLinear, effective: str) -> Edit:
         lora.check_editable(shard.param_name)
-        factors = ()
-        if shard.param_name == "weight":
+        if shard.param_name != "weight":  # LoRA adds nothing to the base layer's bias
+            return Edit(shard, effective)
+        factors: tuple[LocalShard, ...] = ()
+        if self.modification_type in ("scale", "disable"):  # W + BA*s -> f*W + (f*B)A*s
             factors = tuple(self._shard_of[id(p)] for p in lora.factor_params())
-        return Edit(shard, effective, factors, lora if shard.param_name == "weight" else None)
+        return Edit(shard, effective, factors, lora)
 
     def _expand(self, spec: LayerSpec, module_names: set[str],
                 param_names: set[str]) -> list[str]:
