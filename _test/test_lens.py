@@ -1,0 +1,324 @@
+"""The logit lens equals a hand-computed one-process lens, and sharded runs equal the one-process
+lens of the same weights: HF ``tp_plan`` (vocabulary-parallel ``lm_head``), fairscale
+``ColumnParallelLinear`` / tied ``VocabParallelEmbedding`` / replicated heads, data parallelism,
+and hand-split pipeline stages. Bad input is a clear error that leaves no hook behind."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from parallel_cases import Block, local_group
+from rank_pool import distributed
+from torch import nn
+
+from flex_surgery.anatomy import Anatomy, UnknownArchitecture, register_anatomy
+from flex_surgery.lens import LensError, LensResult, LogitLens, logit_lens, plot_lens
+from flex_surgery.models import example_inputs, tiny_hf_model
+
+H, FF, V, N_BLOCKS = 16, 32, 20, 4
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+class LensTinyLM(nn.Module):
+    """Embedding -> blocks -> norm -> head, any part optional (a pipeline stage holds some).
+    A head that is an embedding is tied: logits = h @ weight.T, gathered over TP when it is a
+    ``VocabParallelEmbedding``."""
+
+    def __init__(self, embed, blocks, norm, head) -> None:
+        super().__init__()
+        self.embed, self.blocks, self.norm, self.head = embed, nn.ModuleList(blocks), norm, head
+
+    def forward(self, x):
+        if self.embed is not None:
+            x = self.embed(x)
+        for block in self.blocks:
+            x = block(x)
+        if self.head is None:
+            return x
+        h = self.norm(x)
+        if type(self.head).__name__ == "VocabParallelEmbedding":
+            from fairscale.nn.model_parallel.mappings import gather_from_model_parallel_region
+
+            return gather_from_model_parallel_region(F.linear(h, self.head.weight))
+        if isinstance(self.head, nn.Embedding):
+            return F.linear(h, self.head.weight)
+        return self.head(h)
+
+
+register_anatomy("LensTinyLM", Anatomy("blocks", "norm", "embed", "head"))
+
+
+def plain_lm(seed: int = 0, tied: bool = False) -> LensTinyLM:
+    g = torch.Generator().manual_seed(seed)
+
+    def linear(i, o):
+        lin = nn.Linear(i, o)
+        with torch.no_grad():
+            lin.weight.copy_(torch.randn(o, i, generator=g) / i ** 0.5)
+            lin.bias.copy_(torch.randn(o, generator=g) * 0.1)
+        return lin
+
+    embed = nn.Embedding(V, H)
+    norm = nn.LayerNorm(H)
+    with torch.no_grad():
+        embed.weight.copy_(torch.randn(V, H, generator=g))
+        norm.weight.copy_(1 + 0.1 * torch.randn(H, generator=g))
+        norm.bias.copy_(0.1 * torch.randn(H, generator=g))
+    blocks = [Block(linear(H, FF), linear(FF, H)) for _ in range(N_BLOCKS)]
+    return LensTinyLM(embed, blocks, norm, embed if tied else linear(H, V)).eval()
+
+
+def fairscale_lm(plain: LensTinyLM, head: str) -> LensTinyLM:
+    """The same weights with fairscale TP blocks and a ``head`` of kind "column" (a
+    ColumnParallelLinear), "vocab" (tied VocabParallelEmbedding) or "replicated" (plain)."""
+    from fairscale.nn.model_parallel import initialize as fs
+    from fairscale.nn.model_parallel.layers import (
+        ColumnParallelLinear,
+        RowParallelLinear,
+        VocabParallelEmbedding,
+    )
+
+    tp, r = fs.get_model_parallel_world_size(), fs.get_model_parallel_rank()
+    f, v = FF // tp, V // tp
+    blocks = []
+    for b in plain.blocks:
+        up = ColumnParallelLinear(H, FF, gather_output=False)
+        down = RowParallelLinear(FF, H, input_is_parallel=True)
+        with torch.no_grad():
+            up.weight.copy_(b.up.weight[r * f:(r + 1) * f])
+            up.bias.copy_(b.up.bias[r * f:(r + 1) * f])
+            down.weight.copy_(b.down.weight[:, r * f:(r + 1) * f])
+            down.bias.copy_(b.down.bias)
+        blocks.append(Block(up, down))
+    embed = VocabParallelEmbedding(V, H)
+    with torch.no_grad():
+        embed.weight.copy_(plain.embed.weight[r * v:(r + 1) * v])
+    if head == "column":
+        out = ColumnParallelLinear(H, V, gather_output=True)
+        with torch.no_grad():
+            out.weight.copy_(plain.head.weight[r * v:(r + 1) * v])
+            out.bias.copy_(plain.head.bias[r * v:(r + 1) * v])
+    elif head == "vocab":
+        out = embed
+    else:
+        out = plain.head
+    return LensTinyLM(embed, blocks, plain.norm, out).eval()
+
+
+def reference_lens(model: LensTinyLM, ids: torch.Tensor, k: int, translators=None):
+    """By hand, in one process: top-k of log_softmax(head(norm(h_i [+ T_i(h_i)])))."""
+    outs = []
+    hooks = [b.register_forward_hook(lambda m, a, o: outs.append(o)) for b in model.blocks]
+    with torch.no_grad():
+        logits = model(ids)
+        for h in hooks:
+            h.remove()
+        tops = []
+        for i, h in enumerate(outs):
+            if translators and i in translators:
+                h = h + translators[i](h)
+            w = model.head.weight
+            b = getattr(model.head, "bias", None) if isinstance(model.head, nn.Linear) else None
+            tops.append(F.linear(model.norm(h), w, b).log_softmax(-1).topk(k))
+    tokens = torch.stack([t.indices for t in tops])
+    logprobs = torch.stack([t.values for t in tops])
+    return tokens, logprobs, logits
+
+
+def assert_same(got: LensResult, tokens, logprobs) -> None:
+    assert got.tokens.shape == tokens.shape, (got.tokens.shape, tokens.shape)
+    assert torch.equal(got.tokens, tokens), (got.tokens - tokens).abs().max()
+    torch.testing.assert_close(got.logprobs, logprobs, **TOL)
+
+
+def ids_for(batch: int = 3, seq: int = 5, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, V, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+# -- one process ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("k", [1, 5, V])
+def test_one_process_equals_hand_computed_lens(tied, k):
+    model = plain_lm(tied=tied)
+    ids = ids_for()
+    tokens, logprobs, logits = reference_lens(model, ids, k)
+    got = logit_lens(model, ids, top_k=k)
+    assert got.layers == list(range(N_BLOCKS))
+    assert_same(got, tokens, logprobs)
+    # The last block's lens is the model's own prediction.
+    assert torch.equal(got.tokens[-1, ..., 0], logits.argmax(-1))
+    assert not any(b._forward_hooks for b in model.blocks)  # no hook left behind
+
+
+def test_layers_positions_and_translators():
+    model = plain_lm()
+    ids = ids_for()
+    g = torch.Generator().manual_seed(3)
+    translators = {1: nn.Linear(H, H), -1: nn.Linear(H, H)}
+    for t in translators.values():
+        with torch.no_grad():
+            t.weight.copy_(0.3 * torch.randn(H, H, generator=g))
+    tokens, logprobs, _ = reference_lens(model, ids, 3, {1: translators[1], 3: translators[-1]})
+    got = logit_lens(model, ids, layers=[3, 1], top_k=3, translators=translators,
+                     positions=[-1, 0])
+    assert got.layers == [3, 1]
+    assert_same(got, tokens[[3, 1]][:, :, [-1, 0]], logprobs[[3, 1]][:, :, [-1, 0]])
+    toks, lps = got.at(1)
+    assert torch.equal(toks, tokens[1][:, [-1, 0]])
+    # A zero translator is the identity (tuned lens initialisation).
+    zero = nn.Linear(H, H)
+    nn.init.zeros_(zero.weight)
+    nn.init.zeros_(zero.bias)
+    plain = logit_lens(model, ids, top_k=3)
+    same = logit_lens(model, ids, top_k=3, translators={2: zero})
+    assert torch.equal(plain.tokens, same.tokens) and torch.equal(plain.logprobs, same.logprobs)
+
+
+def test_hf_llama_lens_and_repeated_calls():
+    model = tiny_hf_model("llama", num_hidden_layers=3)
+    ids = example_inputs("llama", batch=2, seq=6)["input_ids"]
+    outs = []
+    hooks = [b.register_forward_hook(lambda m, a, o: outs.append(o)) for b in model.model.layers]
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+        for h in hooks:
+            h.remove()
+        want = [model.lm_head(model.model.norm(o)).log_softmax(-1).topk(4) for o in outs]
+    with LogitLens(model, top_k=4) as lens:
+        for _ in range(2):  # residuals of one call do not leak into the next
+            got = lens(input_ids=ids)
+            assert_same(got, torch.stack([w.indices for w in want]),
+                        torch.stack([w.values for w in want]))
+    assert torch.equal(got.tokens[-1, ..., 0], logits.argmax(-1))
+    assert not any(b._forward_hooks for b in model.model.layers)
+
+
+def test_bad_input_is_a_clear_error_and_leaves_no_hook(tmp_path):
+    bare = tiny_hf_model("llama")  # with a head, but asked about a bare encoder below
+    with pytest.raises(LensError, match="no unembedding"):
+        LogitLens(bare.model)  # LlamaModel: no LM head
+    with pytest.raises(UnknownArchitecture, match="known"):
+        LogitLens(nn.Sequential(nn.Linear(2, 2)))
+    with pytest.raises(IndexError, match="2 blocks"):
+        LogitLens(bare, layers=[0, 2])
+    with pytest.raises(ValueError, match="twice"):
+        LogitLens(bare, layers=[1, -1])
+    with pytest.raises(ValueError, match="top_k"):
+        LogitLens(bare, top_k=0)
+    with pytest.raises(ValueError, match="does not read"):
+        LogitLens(bare, layers=[0], translators={1: nn.Identity()})
+    assert not any(m._forward_hooks for m in bare.modules())
+    with LogitLens(bare) as lens, pytest.raises(LensError, match="did not run"):
+        lens.result()  # nothing ran yet
+
+
+def test_plot_writes_a_png(tmp_path):
+    model = plain_lm()
+    got = logit_lens(model, ids_for(batch=1, seq=4), top_k=2)
+    path = plot_lens(got, tmp_path / "lens.png", decode=lambda i: f"t{i}",
+                     input_tokens=["a", "b", "c", "d"])
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# -- sharded equals one process ----------------------------------------------------------
+@distributed(world_size=2)
+def test_hf_tp_plan_vocab_parallel_head_equals_one_process(tmp_path):
+    import transformers as tf
+    from torch.distributed.tensor import DTensor
+
+    for tied in (False, True):
+        folder = tmp_path / f"tiny-llama-{tied}"
+        if dist.get_rank() == 0:
+            tiny_hf_model("llama", num_hidden_layers=3, tie_word_embeddings=tied).save_pretrained(
+                folder)
+        dist.barrier()
+        ids = example_inputs("llama", batch=2, seq=6)["input_ids"]
+        ref = logit_lens(tiny_hf_model("llama", num_hidden_layers=3, tie_word_embeddings=tied),
+                         {"input_ids": ids}, top_k=5, process_group=local_group())
+        model = tf.LlamaForCausalLM.from_pretrained(
+            folder, distributed_config=tf.DistributedConfig(tp_plan="auto"),
+            dtype=torch.float32).eval()
+        assert isinstance(model.lm_head.weight, DTensor)
+        with LogitLens(model, top_k=5) as lens:
+            assert lens._unembed.weight.shape[0] == 64  # this rank's half of the vocabulary
+            got = lens(input_ids=ids)
+        assert_same(got, ref.tokens, ref.logprobs)
+
+
+@pytest.mark.parametrize("head", ["column", "vocab", "replicated"])
+@distributed(world_size=2)
+def test_fairscale_heads_equal_one_process(head):
+    from fairscale.nn.model_parallel import initialize as fs
+
+    fs.initialize_model_parallel(2)
+    try:
+        plain = plain_lm(tied=head == "vocab")
+        ids = ids_for()
+        for k in (3, 12):  # 12 > V / tp: fewer candidates than k on each rank
+            tokens, logprobs, _ = reference_lens(plain, ids, k)
+            model = fairscale_lm(plain, head)
+            with LogitLens(model, top_k=k, tensor_parallel_size=2) as lens:
+                assert lens._unembed.weight.shape[0] == V // 2
+                got = lens(ids)
+            assert_same(got, tokens, logprobs)
+    finally:
+        fs.destroy_model_parallel()
+
+
+@distributed(world_size=2)
+def test_a_plain_head_that_differs_across_ranks_is_an_error():
+    from fairscale.nn.model_parallel import initialize as fs
+
+    fs.initialize_model_parallel(2)
+    try:
+        model = fairscale_lm(plain_lm(), "replicated")
+        model.head = nn.Linear(H, V // 2)  # a hand-made shard nothing declares
+        with torch.no_grad():
+            model.head.weight.fill_(dist.get_rank())
+        with pytest.raises(LensError, match="differs across tensor-parallel ranks"):
+            LogitLens(model, tensor_parallel_size=2)
+        assert not any(m._forward_hooks for m in model.blocks)
+    finally:
+        fs.destroy_model_parallel()
+
+
+@distributed(world_size=2)
+def test_data_parallel_equals_one_process_on_the_whole_batch():
+    plain = plain_lm()
+    ids = ids_for(batch=3)  # uneven: rows 0-1 on rank 0, row 2 on rank 1
+    tokens, logprobs, _ = reference_lens(plain, ids, 4)
+    mine = ids[:2] if dist.get_rank() == 0 else ids[2:]
+    got = logit_lens(plain, mine, top_k=4, data_parallel_size=2)
+    assert_same(got, tokens, logprobs)
+
+
+def _stage(plain: LensTinyLM, stage: int, split: int) -> LensTinyLM:
+    blocks = list(plain.blocks)
+    if stage == 0:
+        return LensTinyLM(plain.embed, blocks[:split], None, None)
+    return LensTinyLM(None, blocks[split:], plain.norm, plain.head)
+
+
+@distributed(world_size=2)
+def test_pipeline_stages_equal_one_process():
+    from flex_surgery.parallel.pipeline import StageLink
+
+    plain = plain_lm()
+    ids = ids_for(batch=4)
+    tokens, logprobs, _ = reference_lens(plain, ids, 3)
+    rank = dist.get_rank()
+    stage = _stage(plain_lm(), rank, split=1)  # stage 0: block 0; stage 1: blocks 1-3 + head
+    with LogitLens(stage, layers=[3, 0, 2], top_k=3, pipeline_parallel_size=2) as lens:
+        assert list(lens.surgery.block_indices) == ([0] if rank == 0 else [1, 2, 3])
+        assert lens._head_stage == 1
+        link = StageLink(lens.mesh)
+        with link.step(), torch.no_grad():
+            for micro in ids.chunk(2):  # two micro-batches, concatenated in order
+                if link.is_first:
+                    link.send_forward(stage(micro))
+                else:
+                    stage(link.recv_forward())
+        got = lens.result(link)
+    assert_same(got, tokens[[3, 0, 2]], logprobs[[3, 0, 2]])

@@ -1,0 +1,495 @@
+"""The logit lens on sharded models: what each block's residual stream would predict.
+
+For each chosen block ``i`` the lens takes the block's output ``h_i`` (the residual stream),
+optionally passes it through a per-layer translator (``h + T_i(h)``, tuned-lens's
+parametrisation, so an untrained zero translator is the identity), applies the model's final norm
+and its unembedding, and keeps the ``top_k`` tokens and their log-probabilities at every
+position. The last block's row is the model's own prediction.
+
+How it runs on a sharded model -- every step reuses the machinery the hooks use:
+
+* **Residuals** come from FlexModel retrieval hooks on the blocks with ``store_on="all"``: every
+  rank of the stage gets the whole residual (gathered over data parallelism; replicated over
+  tensor parallelism, where block outputs already are).
+* **Pipeline parallelism:** the residuals of each stage travel along the pipeline line with
+  :func:`~flex_surgery.parallel.pipeline.collect_stage_outputs` (the stage traffic of
+  :class:`~flex_surgery.parallel.pipeline.StageLink`), so the stage holding the head has all of
+  them. Blocks are numbered globally (:class:`~flex_surgery.surgery.model_surgery.ModelSurgery`).
+* **Vocabulary-parallel unembedding** (fairscale/Megatron ``ColumnParallelLinear`` or
+  ``VocabParallelEmbedding`` heads, HF ``tp_plan`` ``lm_head`` with a ``Shard(0)`` DTensor
+  weight): each tensor-parallel rank computes the logits of its vocabulary slice only. The
+  top-k is exact without gathering the vocabulary: every rank keeps its local top-k and its
+  local log-sum-exp; one all-gather of ``2k + 1`` numbers per position gives every rank the
+  candidates (the global top-k is among the union of the local ones) and the global
+  log-sum-exp (the log-sum-exp of the local ones), hence exact log-probabilities. A replicated
+  unembedding is split the same way, so the ranks share the work.
+* **Data parallelism:** the head stage's replicas split the positions between them.
+* The result reaches every rank with one all-reduce of the (small) top-k tables.
+
+The lens is computed without autograd; translators are a hook point for a tuned lens (e.g.
+``{i: tuned[i + 1]}`` for a ``tuned_lens.TunedLens``, whose index counts the embedding output).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from flex_surgery.anatomy import MissingPart, locate
+from flex_surgery.surgery.model_surgery import ModelSurgery
+from flex_surgery.surgery.theater import unwrap_model
+
+__all__ = ["LensError", "LensResult", "LogitLens", "logit_lens", "plot_lens"]
+
+
+class LensError(RuntimeError):
+    """The lens cannot run on this model (no known head, an unembedding split it cannot
+    follow, a block that did not run, ...)."""
+
+
+@dataclass
+class LensResult:
+    """Top-k predictions of the residual stream after each block.
+
+    ``tokens[j]`` and ``logprobs[j]`` belong to block ``layers[j]`` (global index); their
+    shape is the residual's leading dims (``[batch, seq]`` for Hugging Face models) then
+    ``top_k``, best first.
+    """
+
+    layers: list[int]
+    tokens: torch.Tensor
+    logprobs: torch.Tensor
+
+    @property
+    def top_k(self) -> int:
+        return self.tokens.shape[-1]
+
+    def top1(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(tokens, probabilities)`` of the best token, shape ``[layers, *positions]``."""
+        return self.tokens[..., 0], self.logprobs[..., 0].exp()
+
+    def at(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(tokens, logprobs)`` of block ``layer`` (a global index present in ``layers``)."""
+        return self.tokens[self.layers.index(layer)], self.logprobs[self.layers.index(layer)]
+
+
+# -- the unembedding of this rank --------------------------------------------------------------
+@dataclass
+class _Unembedding:
+    """This rank's slice of the unembedding: ``logits = h @ weight.T + bias`` for the vocabulary
+    ids ``offset .. offset + len(weight) - 1`` of ``vocab_size``."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    offset: int
+    vocab_size: int
+
+
+_LINEAR_HEADS = ("Linear", "ColumnParallelLinear")
+_EMBEDDING_HEADS = ("Embedding", "VocabParallelEmbedding")
+
+
+def _weight_rows(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(weight [vocab, hidden], bias)`` of a head module, as the module holds them."""
+    kind = type(module).__name__
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
+        raise LensError(f"the unembedding {kind} has no 2-D weight")
+    if kind == "Conv1D":  # transformers' GPT-2 style: weight is [hidden, vocab]
+        return weight.t(), getattr(module, "bias", None)
+    if isinstance(module, nn.Linear) or kind in _LINEAR_HEADS:
+        return weight, getattr(module, "bias", None)
+    if isinstance(module, nn.Embedding) or kind in _EMBEDDING_HEADS:
+        return weight, None
+    raise LensError(
+        f"the unembedding is a {kind}; the lens knows nn.Linear, nn.Embedding (tied), "
+        "transformers' Conv1D, and fairscale / Megatron-core ColumnParallelLinear and "
+        "VocabParallelEmbedding")
+
+
+def _local_unembedding(module: nn.Module, mesh: Any) -> _Unembedding:
+    """How this rank computes its part of the logits (see the module docstring)."""
+    from flex_surgery.parallel.layout import (
+        chunk_sizes,
+        dtensor_layout,
+        fairscale_param_dim,
+        is_dtensor,
+    )
+
+    weight, bias = _weight_rows(module)
+    tp = mesh.tp_size if mesh is not None else 1
+    tp_rank = mesh.rank("tp") if tp > 1 else 0
+    kind = type(module).__name__
+    if is_dtensor(weight):  # DTensor TP, HF tp_plan
+        shards = dtensor_layout(weight, mesh).shards if mesh is not None else ()
+        local_bias = bias.to_local() if bias is not None and is_dtensor(bias) else bias
+        if len(shards) == 1 and shards[0].axis == "tp" and shards[0].dim == 0:
+            sizes = shards[0].sizes or chunk_sizes(weight.shape[0], tp)
+            return _Unembedding(weight.to_local(), local_bias, sum(sizes[:tp_rank]),
+                                weight.shape[0])
+        if shards:
+            raise LensError(f"the unembedding {kind}'s weight is split as {shards}; the lens "
+                            "follows a vocabulary split over tensor parallelism only")
+        weight, bias = weight.to_local(), local_bias  # replicated
+    else:
+        dim = fairscale_param_dim(module, module.weight)  # fairscale, Megatron-core
+        if dim is not None:
+            if dim != (1 if kind == "Conv1D" else 0) or tp == 1:
+                raise LensError(f"the unembedding {kind} is split along its hidden dimension; "
+                                "the lens needs whole hidden vectors (a vocabulary split)")
+            sizes = _gathered_sizes(weight.shape[0], mesh.group("tp"))
+            return _Unembedding(weight, bias, sum(sizes[:tp_rank]), sum(sizes))
+    if tp == 1:
+        return _Unembedding(weight, bias, 0, weight.shape[0])
+    _check_replicated(weight, mesh.group("tp"), kind)
+    # A replicated head: the tensor-parallel ranks still share the work by vocabulary.
+    sizes = chunk_sizes(weight.shape[0], tp)
+    start = sum(sizes[:tp_rank])
+    rows = slice(start, start + sizes[tp_rank])
+    return _Unembedding(weight[rows], None if bias is None else bias[rows], start,
+                        weight.shape[0])
+
+
+def _gathered_sizes(size: int, group: dist.ProcessGroup) -> list[int]:
+    sizes: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(sizes, int(size), group=group)
+    return [int(s) for s in sizes]
+
+
+def _fingerprint(t: torch.Tensor) -> tuple:
+    t = t.detach().double()
+    return tuple(t.shape), float(t.sum()), float((t * t).sum())
+
+
+def _check_replicated(weight: torch.Tensor, group: dist.ProcessGroup, kind: str) -> None:
+    """A head no tensor-parallel framework owns must be the same on every rank (unknown means
+    error: a hand-made shard would otherwise give wrong tokens silently)."""
+    prints: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(prints, _fingerprint(weight), group=group)
+    if any(p != prints[0] for p in prints):
+        raise LensError(
+            f"the unembedding {kind} is a plain module that differs across tensor-parallel "
+            "ranks, so how its vocabulary is split is unknown; build it from a tensor-parallel "
+            "layer (fairscale / Megatron ColumnParallelLinear, VocabParallelEmbedding, an HF "
+            "tp_plan) or keep it whole on every rank")
+
+
+# -- the lens -----------------------------------------------------------------------------------
+class LogitLens:
+    """The logit lens of a (possibly sharded) model; build it once, run it many times.
+
+    Args:
+        model: the model, or this rank's pipeline stage / tensor-parallel shard of it
+            (DDP / FSDP / FlexModel wrappers are looked through). Its architecture must be in
+            :mod:`flex_surgery.anatomy` with an unembedding.
+        layers: global block indices to read (negative counts from the end); default: all.
+        top_k: how many tokens to keep per position.
+        translators: ``{block index: module}``; the lens reads ``h + module(h)`` for that
+            block (a tuned lens's affine translators). Must be identical on every rank.
+        positions: only these positions of the dim before the hidden one (HF: the sequence),
+            e.g. ``[-1]``; default: all.
+        tensor_parallel_size, pipeline_parallel_size, data_parallel_size, process_group: as
+            for :class:`~flex_surgery.hooks.FlexModel` (the running groups are adopted).
+
+    Collective: every rank of the model builds it, calls it, and closes it together.
+    ``lens(*args, **kwargs)`` runs the model on the arguments and returns a
+    :class:`LensResult` on every rank. Under pipeline parallelism run the pipeline step
+    yourself (the lens's hooks record the residuals), then call :meth:`result` on every rank.
+    """
+
+    def __init__(self, model: nn.Module, layers: Sequence[int] | None = None, top_k: int = 5,
+                 *, translators: Mapping[int, nn.Module] | None = None,
+                 positions: Sequence[int] | None = None, tensor_parallel_size: int = 1,
+                 pipeline_parallel_size: int = 1, data_parallel_size: int = 1,
+                 process_group: dist.ProcessGroup | None = None) -> None:
+        from flex_surgery.hooks import FlexModel, HookFunction
+
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")
+        self.model = model
+        self.top_k = top_k
+        self.positions = None if positions is None else list(positions)
+        root = unwrap_model(model)
+        self._located = locate(root)  # UnknownArchitecture: names the known ones
+        self._stored: dict[str, Any] = {}
+        options = {"store_on": "all"}
+        if "keep" in inspect.signature(FlexModel).parameters:
+            options["keep"] = "all"  # one entry per call: micro-batches are concatenated
+        self.flex = FlexModel(root, self._stored, tensor_parallel_size, pipeline_parallel_size,
+                              data_parallel_size, process_group, **options)
+        try:
+            self.mesh = getattr(self.flex.runtime, "mesh", None)
+            self.group = process_group
+            pp_group = self.mesh.group("pp") if self.mesh is not None and \
+                self.mesh.pp_size > 1 else None
+            self.surgery = ModelSurgery(root, pipeline_group=pp_group)
+            n = self.surgery.num_layers
+            chosen = list(range(n)) if layers is None else list(layers)
+            for i in chosen:
+                self.surgery._check_index(i)
+            self.layers = [i % n for i in chosen]
+            if len(set(self.layers)) != len(self.layers):
+                raise ValueError(f"layers {list(chosen)} name a block twice")
+            self.translators = self._check_translators(translators or {})
+            self._head_stage, self._norm, self._unembed = self._find_head()
+            self._keys: dict[str, int] = {}
+            for g in self.layers:
+                j = g - self.surgery.offset
+                if g in self.surgery.block_indices:
+                    name = f"{self.surgery.container}.{j}"
+                    self.flex.register_forward_hook(HookFunction(name))
+                    self._keys[name] = g
+        except BaseException:
+            self.flex.restore()
+            raise
+
+    # -- set-up ---------------------------------------------------------------------------------
+    def _check_translators(self, translators: Mapping[int, nn.Module]) -> dict[int, nn.Module]:
+        out = {}
+        for i, module in translators.items():
+            self.surgery._check_index(i)
+            if (i % self.surgery.num_layers) not in self.layers:
+                raise ValueError(f"a translator is given for block {i}, which the lens does not "
+                                 f"read (layers={self.layers})")
+            if not isinstance(module, nn.Module):
+                raise TypeError(f"translator for block {i} must be an nn.Module, got "
+                                f"{type(module).__name__}")
+            out[i % self.surgery.num_layers] = module
+        if out and self._world() > 1:
+            prints = [(i, *(_fingerprint(p) for p in m.parameters()))
+                      for i, m in sorted(out.items())]
+            everyone: list[Any] = [None] * self._world()
+            dist.all_gather_object(everyone, prints, group=self.group)
+            if any(p != everyone[0] for p in everyone):
+                raise LensError("translators differ across ranks; give every rank the same "
+                                "translator weights (broadcast them first)")
+        return out
+
+    def _world(self) -> int:
+        return dist.get_world_size(self.group) if self.mesh is not None else 1
+
+    def _find_head(self) -> tuple[int, nn.Module | None, _Unembedding | None]:
+        """``(head stage, final norm, this rank's unembedding)``; the latter two only on the
+        head stage. The stages agree on which holds the head (one gather under pipelining)."""
+        loc = self._located
+        if loc.anatomy.unembed is None:
+            raise LensError(f"{loc.arch} has no unembedding in flex_surgery.anatomy, so the lens "
+                            "has nothing to decode with; use a model with an LM head (e.g. "
+                            "LlamaForCausalLM rather than LlamaModel) or register_anatomy(...) "
+                            "with unembed=")
+        try:
+            unembed = loc.module("unembed")
+        except MissingPart:
+            unembed = None  # this pipeline stage does not hold the head
+        norm = None
+        if unembed is not None and loc.anatomy.final_norm is not None:
+            try:
+                norm = loc.module("final_norm")
+            except MissingPart as err:
+                raise LensError(f"this stage holds {loc.name('unembed')} but not the final "
+                                f"norm {loc.name('final_norm')}: {err}") from err
+        has = [unembed is not None]
+        pp = self.surgery.stage_sizes
+        if len(pp) > 1:
+            has = [None] * len(pp)
+            dist.all_gather_object(has, unembed is not None, group=self.surgery.pipeline_group)
+        if sum(bool(h) for h in has) != 1:
+            raise LensError(f"{loc.arch}: the lens needs exactly one pipeline stage holding the "
+                            f"unembedding {loc.name('unembed')}; stages holding it: "
+                            f"{[s for s, h in enumerate(has) if h]}")
+        head = next(s for s, h in enumerate(has) if h)
+        local = _local_unembedding(unembed, self.mesh) if unembed is not None else None
+        return head, norm, local
+
+    # -- running --------------------------------------------------------------------------------
+    def __call__(self, *args: Any, **kwargs: Any) -> LensResult:
+        """Run the model on ``args``/``kwargs`` and return the lens (every rank)."""
+        self.reset()
+        with torch.no_grad():
+            self.model(*args, **kwargs)
+        return self.result()
+
+    def reset(self) -> None:
+        """Forget the residuals recorded so far."""
+        self._stored.clear()
+
+    def result(self, link: Any = None) -> LensResult:
+        """The lens of the residuals recorded since the last call (every rank calls it).
+
+        ``link``: the :class:`~flex_surgery.parallel.pipeline.StageLink` of the pipeline step,
+        so a failed stage raises instead of hanging; without one the mesh's pipeline group
+        carries the residuals. Micro-batches recorded by several calls of a block are
+        concatenated in call order along the first dim.
+        """
+        from flex_surgery.parallel.pipeline import collect_stage_outputs
+
+        residuals: dict[str, list[torch.Tensor]] = {}
+        for name, values in self._stored.items():
+            calls = values if isinstance(values, list) else [values]
+            residuals[str(self._keys[name])] = [torch.cat(calls, dim=0)] if calls else []
+        self._stored.clear()
+        if len(self.surgery.stage_sizes) > 1:
+            collect_stage_outputs(residuals, self.mesh, "all", link)
+        missing = [g for g in self.layers if not residuals.get(str(g))]
+        if missing:
+            raise LensError(f"blocks {missing} did not run since the last result (run the "
+                            "model between results; a block removed by layer surgery has no "
+                            "output)")
+        hidden = [residuals[str(g)][0] for g in self.layers]
+        if self.positions is not None:
+            hidden = [h[..., self.positions, :] for h in hidden]
+        lead = tuple(hidden[0].shape[:-1])
+        if any(tuple(h.shape[:-1]) != lead for h in hidden):
+            raise LensError(f"residuals of different shapes: {[tuple(h.shape) for h in hidden]}")
+        return self._decode(hidden, lead)
+
+    def _decode(self, hidden: list[torch.Tensor], lead: tuple[int, ...]) -> LensResult:
+        """Top-k of every residual, assembled on every rank (see the module docstring)."""
+        k, n_layers = self.top_k, len(self.layers)
+        rows = math.prod(lead)
+        mesh = self.mesh
+        dp = mesh.dp_size if mesh is not None else 1
+        dp_rank = mesh.rank("dp") if dp > 1 else 0
+        start, count = _rows_of(rows, dp, dp_rank)
+        table = torch.zeros(n_layers, rows, 2 * k, dtype=torch.float64)
+        if self._unembed is not None:
+            packed = torch.stack([self._local_topk(g, h.reshape(rows, -1)[start:start + count])
+                                  for g, h in zip(self.layers, hidden)])
+            tokens, logprobs = self._merge(packed)
+            tp_rank = mesh.rank("tp") if mesh is not None and mesh.tp_size > 1 else 0
+            if tp_rank == 0:
+                table[:, start:start + count, :k] = logprobs.double()
+                table[:, start:start + count, k:] = tokens.double()
+        if mesh is not None:
+            dist.all_reduce(table, group=self.group)  # exactly one rank filled each row
+        return LensResult(list(self.layers), table[..., k:].long().reshape(n_layers, *lead, k),
+                          table[..., :k].float().reshape(n_layers, *lead, k))
+
+    def _local_topk(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        """``[rows, 2k + 1]``: this rank's top-k logits, their vocabulary ids, and the
+        log-sum-exp of its slice (float64, -inf / -1 where the slice has fewer than k ids)."""
+        u, k = self._unembed, self.top_k
+        h = h.to(device=u.weight.device, dtype=u.weight.dtype)
+        with torch.no_grad():
+            translator = self.translators.get(layer)
+            if translator is not None:
+                h = h + translator(h)
+            if self._norm is not None:
+                h = self._norm.forward(h)  # no hooks: this is not a call of the model
+            logits = F.linear(h, u.weight, u.bias).float()
+        out = torch.full((h.shape[0], 2 * k + 1), -math.inf, dtype=torch.float64)
+        out[:, k:2 * k] = -1
+        kk = min(k, logits.shape[-1])
+        if kk:
+            values, ids = logits.topk(kk, dim=-1)
+            out[:, :kk] = values.double().cpu()
+            out[:, k:k + kk] = (ids + u.offset).double().cpu()
+            out[:, 2 * k] = torch.logsumexp(logits, dim=-1).double().cpu()
+        return out
+
+    def _merge(self, packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Global top-k ids and log-probabilities from every tensor-parallel rank's candidates:
+        one all-gather of ``[layers, rows, 2k + 1]``."""
+        k = self.top_k
+        mesh = self.mesh
+        if mesh is not None and mesh.tp_size > 1:
+            parts = [torch.empty_like(packed) for _ in range(mesh.tp_size)]
+            dist.all_gather(parts, packed, group=mesh.group("tp"))
+        else:
+            parts = [packed]
+        values = torch.cat([p[..., :k] for p in parts], dim=-1)
+        ids = torch.cat([p[..., k:2 * k] for p in parts], dim=-1)
+        lse = torch.logsumexp(torch.stack([p[..., 2 * k] for p in parts], dim=-1), dim=-1)
+        # Ties broken by the smaller id, whatever the rank order.
+        order = torch.argsort(ids, dim=-1, stable=True)
+        values, ids = values.gather(-1, order), ids.gather(-1, order)
+        best = torch.argsort(values, dim=-1, descending=True, stable=True)[..., :k]
+        top_values, top_ids = values.gather(-1, best), ids.gather(-1, best)
+        return top_ids.long(), (top_values - lse.unsqueeze(-1)).float()
+
+    def close(self) -> None:
+        """Remove the lens's hooks (every rank)."""
+        self.flex.restore()
+
+    def __enter__(self) -> LogitLens:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _rows_of(rows: int, parts: int, index: int) -> tuple[int, int]:
+    """``(start, count)`` of part ``index`` when ``rows`` are split into ``parts`` chunks."""
+    from flex_surgery.parallel.layout import chunk_sizes
+
+    sizes = chunk_sizes(rows, parts)
+    return sum(sizes[:index]), sizes[index]
+
+
+def logit_lens(model: nn.Module, inputs: Any, layers: Sequence[int] | None = None,
+               top_k: int = 5, *, translators: Mapping[int, nn.Module] | None = None,
+               positions: Sequence[int] | None = None, **parallel: Any) -> LensResult:
+    """The logit lens of ``model`` on ``inputs`` (a dict of keyword arguments, a tuple of
+    positional ones, or one tensor), on every rank. See :class:`LogitLens` for the arguments;
+    build a :class:`LogitLens` to run it repeatedly or under pipeline parallelism."""
+    with LogitLens(model, layers, top_k, translators=translators, positions=positions,
+                   **parallel) as lens:
+        if isinstance(inputs, Mapping):
+            return lens(**inputs)
+        if isinstance(inputs, tuple):
+            return lens(*inputs)
+        return lens(inputs)
+
+
+# -- the plot -------------------------------------------------------------------------------------
+def plot_lens(result: LensResult, path: str | Path, decode: Callable[[int], str] | None = None,
+              input_tokens: Sequence[str] | None = None, batch_index: int = 0,
+              title: str | None = None) -> Path:
+    """A layers x positions heat map of the top-1 probability, each cell labelled with its
+    top-1 token, saved as PNG. ``decode(id)`` turns ids into text (default: the id);
+    ``input_tokens`` label the positions."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tokens, probs = result.top1()
+    if tokens.ndim == 3:
+        tokens, probs = tokens[:, batch_index], probs[:, batch_index]
+    elif tokens.ndim != 2:
+        raise ValueError(f"plot_lens plots [layers, positions]; got top-1 of shape "
+                         f"{tuple(tokens.shape)}")
+    decode = decode or str
+    n_layers, n_pos = tokens.shape
+    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * n_pos, 0.9 + 0.32 * n_layers))
+    image = ax.imshow(probs.numpy(), aspect="auto", origin="lower", cmap="Blues", vmin=0,
+                      vmax=1)
+    for i in range(n_layers):
+        for j in range(n_pos):
+            text = decode(int(tokens[i, j])).replace("\n", "\\n")
+            ax.text(j, i, text if len(text) <= 10 else text[:9] + "…", ha="center",
+                    va="center", fontsize=7, color="white" if probs[i, j] > 0.55 else "black")
+    ax.set_yticks(range(n_layers), [str(g) for g in result.layers])
+    ax.set_ylabel("block")
+    if input_tokens is not None:
+        ax.set_xticks(range(n_pos), [t.replace("\n", "\\n") for t in input_tokens],
+                      rotation=45, ha="right")
+    else:
+        ax.set_xlabel("position")
+    fig.colorbar(image, ax=ax, label="top-1 probability")
+    ax.set_title(title or "logit lens: top-1 token per block and position")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,289 @@
+"""ModelSurgery: the Arrakis / tuned-lens layer-surgery API over flex_surgery's one layer path.
+
+Arrakis (``arrakis.src.core_arrakis.model_surgery.ModelSurgery``) and tuned-lens
+(``tuned_lens.model_surgery``) expose getters for a transformer's parts and context managers
+that delete, permute or replace its layers. This class has the same names and semantics, so code
+written for them switches by changing the import -- but every getter answers from
+:mod:`flex_surgery.anatomy` (a table, not a heuristic: unknown architectures are an error) and
+every context manager is a :class:`~flex_surgery.surgery.layers.LayerSurgery` (the original
+container object is reinstalled on exit, whatever happens inside).
+
+Pipeline parallelism: each stage holds a contiguous run of the blocks, in an ``nn.ModuleList``
+of its own. Indices given to this class are *global* block indices; the stages agree once, at
+construction, on how many blocks each holds (one ``all_gather_object`` over the pipeline group),
+and each stage then applies only what concerns its own blocks. Deleting every block of a stage
+and permutations that would move a block to another stage are errors (a block's weights live on
+its stage), raised on every rank before anything is changed.
+
+Tensor parallelism: a replacement block must run on this rank's shard the way the block it
+replaces does. It must be parameter-free (e.g. :class:`~flex_surgery.surgery.layers.PassThrough`)
+or have the block's parameters with the same names, local shapes and partitioning (DTensor
+placements, fairscale/Megatron partition dims); anything else is an error naming the parameter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch.distributed as dist
+from torch import nn
+
+from flex_surgery.anatomy import locate
+from flex_surgery.surgery.layers import LayerSurgery, _parent_and_attr
+from flex_surgery.surgery.theater import SurgeryError, unwrap_model
+
+__all__ = ["ModelSurgery", "ShardingMismatchError"]
+
+
+class ShardingMismatchError(SurgeryError):
+    """A replacement block is not sharded like the tensor-parallel block it replaces."""
+
+
+def _pipeline_group_of(model: nn.Module) -> dist.ProcessGroup | None:
+    """The pipeline group of a FlexModel's runtime (``None`` without pipelining)."""
+    mesh = getattr(getattr(model, "runtime", None), "mesh", None)
+    if mesh is None or mesh.pp_size == 1:
+        return None
+    return mesh.group("pp")
+
+
+class ModelSurgery:
+    """Getters for a model's parts and temporary layer surgery, with global block indices.
+
+    Args:
+        model: the model, or this pipeline stage of it (wrappers -- DDP, FSDP, FlexModel --
+            are looked through).
+        pipeline_group: the process group of this rank's pipeline line (one rank per stage,
+            in stage order). Default: the pipeline group of a FlexModel passed as ``model``,
+            else none (the model holds every block). Collective over that group.
+        container: the ``nn.ModuleList`` of blocks, by clean name; default: the architecture's
+            blocks from :mod:`flex_surgery.anatomy`.
+
+    Raises :class:`~flex_surgery.anatomy.UnknownArchitecture` when the model's class is not in
+    the anatomy table and no ``container`` is given.
+    """
+
+    def __init__(self, model: nn.Module, pipeline_group: dist.ProcessGroup | None = None,
+                 container: str | None = None) -> None:
+        self.model = model
+        self.root = unwrap_model(model)
+        self.located = locate(self.root) if container is None else None
+        self.container = container if container is not None else self.located.name("blocks")
+        self.pipeline_group = pipeline_group if pipeline_group is not None else \
+            _pipeline_group_of(model)
+        local = len(self._layers())
+        if self.pipeline_group is None or dist.get_world_size(self.pipeline_group) == 1:
+            self.stage_sizes: list[int] = [local]
+            self.stage = 0
+        else:
+            sizes: list[Any] = [None] * dist.get_world_size(self.pipeline_group)
+            dist.all_gather_object(sizes, local, group=self.pipeline_group)
+            self.stage_sizes = [int(s) for s in sizes]
+            self.stage = dist.get_rank(self.pipeline_group)
+        self.offset = sum(self.stage_sizes[:self.stage])
+
+    # -- where things are ---------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        """Blocks of the whole model (every stage)."""
+        return sum(self.stage_sizes)
+
+    @property
+    def block_indices(self) -> range:
+        """Global indices of the blocks this stage holds."""
+        return range(self.offset, self.offset + self.stage_sizes[self.stage])
+
+    def stage_of(self, index: int) -> int:
+        """The pipeline stage holding global block ``index``."""
+        self._check_index(index)
+        index %= self.num_layers
+        start = 0
+        for stage, size in enumerate(self.stage_sizes):
+            if index < start + size:
+                return stage
+            start += size
+        raise AssertionError("unreachable")
+
+    def _layers(self) -> nn.ModuleList:
+        parent, attr = _parent_and_attr(self.root, self.container)
+        return getattr(parent, attr)
+
+    # -- getters (Arrakis / tuned-lens names) ------------------------------------------------
+    def get_model(self) -> nn.Module:
+        """The model given to the constructor (Arrakis)."""
+        return self.model
+
+    def get_transformer_layers(self) -> tuple[str, nn.ModuleList]:
+        """``(path, layers)``: the clean name of the blocks' ``ModuleList`` and the list itself
+        (tuned-lens's return value; under pipelining, this stage's blocks)."""
+        return self.container, self._layers()
+
+    def get_final_norm(self) -> nn.Module:
+        """The final norm (:class:`~flex_surgery.anatomy.MissingPart` if the architecture has
+        none, or this pipeline stage does not hold it)."""
+        return self._part("final_norm")
+
+    def get_unembedding(self) -> nn.Module:
+        """The unembedding (LM head) module; tuned-lens calls it ``get_unembedding_matrix``."""
+        return self._part("unembed")
+
+    def _part(self, part: str) -> nn.Module:
+        if self.located is None:
+            self.located = locate(self.root)
+        return self.located.module(part)
+
+    # -- checks --------------------------------------------------------------------------------
+    def _check_index(self, index: Any) -> None:
+        n = self.num_layers
+        if isinstance(index, bool) or not isinstance(index, int) or not -n <= index < n:
+            raise IndexError(f"{self.container} has {n} blocks (indices 0..{n - 1}, or -{n}..-1 "
+                             f"from the end); got {index!r}")
+
+    def _local(self, index: int) -> int | None:
+        """This stage's position of global block ``index`` (``None``: another stage's)."""
+        index %= self.num_layers
+        return index - self.offset if index in self.block_indices else None
+
+    # -- context managers ------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def delete_layers(self, indices: Sequence[int]) -> Iterator[nn.Module]:
+        """Run without the blocks at ``indices`` (global; the others keep their order).
+
+        Yields the model, as Arrakis does. Deleting every block of a pipeline stage is an error.
+        """
+        indices = list(indices)
+        for i in indices:
+            self._check_index(i)
+        drop = {i % self.num_layers for i in indices}
+        for stage, size in enumerate(self.stage_sizes):
+            start = sum(self.stage_sizes[:stage])
+            if size and set(range(start, start + size)) <= drop:
+                where = f"pipeline stage {stage} (blocks {start}..{start + size - 1})" \
+                    if len(self.stage_sizes) > 1 else "the model"
+                raise SurgeryError(
+                    f"deleting blocks {sorted(drop)} would leave {where} without blocks; "
+                    "keep at least one block per stage (or replace blocks with PassThrough())")
+        keep = [j for j in range(self.stage_sizes[self.stage])
+                if self.offset + j not in drop]
+        with LayerSurgery(self.model, order=keep, container=self.container):
+            yield self.model
+
+    @contextlib.contextmanager
+    def permute_layers(self, order: Sequence[int]) -> Iterator[nn.Module]:
+        """Run the blocks in ``order``: a permutation of all global block indices (position
+        ``p`` runs block ``order[p]``). Yields the model.
+
+        Unlike tuned-lens's ``permute_layers``, dropping or repeating blocks is an error here
+        (use :meth:`delete_layers`, or :func:`~flex_surgery.surgery.permute_blocks` which
+        allows repeats). Under pipelining a block stays on its stage: ``order`` may only
+        reorder blocks within each stage.
+        """
+        order = list(order)
+        n = self.num_layers
+        if len(order) != n:
+            raise ValueError(f"permute_layers needs a permutation of all {n} block indices "
+                             f"(0..{n - 1}); got {len(order)} indices: {order}")
+        for i in order:
+            self._check_index(i)
+        normal = [i % n for i in order]
+        if sorted(normal) != list(range(n)):
+            missing = sorted(set(range(n)) - set(normal))
+            repeated = sorted({i for i in normal if normal.count(i) > 1})
+            raise ValueError(f"permute_layers needs each of the {n} block indices exactly once; "
+                             f"missing {missing}, repeated {repeated}")
+        for position, block in enumerate(normal):
+            if self.stage_of(position) != self.stage_of(block):
+                raise SurgeryError(
+                    f"permutation moves block {block} from pipeline stage "
+                    f"{self.stage_of(block)} to position {position} on stage "
+                    f"{self.stage_of(position)}: a block's weights live on its stage, so "
+                    "blocks may only be reordered within a stage")
+        local = [normal[self.offset + j] - self.offset
+                 for j in range(self.stage_sizes[self.stage])]
+        with LayerSurgery(self.model, order=local, container=self.container):
+            yield self.model
+
+    @contextlib.contextmanager
+    def replace_layers(self, indices: Sequence[int],
+                       replacements: Sequence[nn.Module]) -> Iterator[nn.Module]:
+        """Run with ``replacements[k]`` in place of block ``indices[k]`` (global). Yields the
+        model.
+
+        Every rank passes the same lists; a stage uses the replacements of its own blocks.
+        Under tensor parallelism each replacement is checked against the block it replaces
+        (see the module docstring) and :class:`ShardingMismatchError` names what differs.
+        """
+        indices, replacements = list(indices), list(replacements)
+        if len(indices) != len(replacements):
+            raise ValueError(f"replace_layers got {len(indices)} indices but "
+                             f"{len(replacements)} replacements; give one module per index")
+        for i in indices:
+            self._check_index(i)
+        normal = [i % self.num_layers for i in indices]
+        if len(set(normal)) != len(normal):
+            raise ValueError(f"replace_layers got block indices {indices} with repeats")
+        for r in replacements:
+            if not isinstance(r, nn.Module):
+                raise TypeError(f"a replacement is an nn.Module, got {type(r).__name__}")
+        layers = self._layers()
+        mine = {}
+        for g, r in zip(normal, replacements):
+            j = self._local(g)
+            if j is not None:
+                check_replacement_sharding(layers[j], r, f"block {g}")
+                mine[j] = r
+        with LayerSurgery(self.model, replace=mine, container=self.container):
+            yield self.model
+
+
+# -- tensor-parallel compatibility of a replacement -------------------------------------------
+def _partitioning(module: nn.Module) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Parameter name -> (local shape, how it is partitioned) for every parameter of
+    ``module``; ``"plain"`` for a parameter no tensor-parallel framework owns."""
+    from flex_surgery.parallel.layout import fairscale_param_dim, is_dtensor
+
+    table = {}
+    for mname, sub in module.named_modules():
+        for pname, p in sub.named_parameters(recurse=False):
+            name = f"{mname}.{pname}" if mname else pname
+            if is_dtensor(p):
+                how = "DTensor " + ", ".join(str(pl) for pl in p.placements)
+                shape = tuple(p.to_local().shape)
+            else:
+                dim = fairscale_param_dim(sub, p)
+                how = "plain" if dim is None else f"{type(sub).__name__} split on dim {dim}"
+                shape = tuple(p.shape)
+            table[name] = (shape, how)
+    return table
+
+
+def check_replacement_sharding(block: nn.Module, replacement: nn.Module, what: str) -> None:
+    """Raise :class:`ShardingMismatchError` if ``replacement`` cannot stand in for the
+    tensor-parallel ``block`` on this rank; nothing to check when ``block`` is not sharded."""
+    original = _partitioning(block)
+    if all(how == "plain" for _, how in original.values()):
+        return  # not tensor-parallel: any module may replace it
+    new = _partitioning(replacement)
+    if not new:
+        return  # parameter-free: runs the same on every rank
+    problems = []
+    for name in sorted(set(original) | set(new)):
+        if name not in new:
+            problems.append(f"{name}: missing (the block has {original[name][1]}, "
+                            f"local shape {list(original[name][0])})")
+        elif name not in original:
+            problems.append(f"{name}: not a parameter of the block it replaces")
+        elif new[name] != original[name]:
+            problems.append(f"{name}: {new[name][1]}, local shape {list(new[name][0])}; "
+                            f"expected {original[name][1]}, local shape "
+                            f"{list(original[name][0])}")
+    if problems:
+        raise ShardingMismatchError(
+            f"the replacement for {what} ({type(replacement).__name__}) is not sharded like the "
+            f"tensor-parallel block it replaces ({type(block).__name__}): "
+            + "; ".join(problems)
+            + ". Under tensor parallelism a replacement must be parameter-free (e.g. "
+            "PassThrough()) or shard its parameters like the block (same names, local shapes "
+            "and partitioning)")
