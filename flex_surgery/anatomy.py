@@ -135,7 +135,9 @@ def _clean_modules(root: nn.Module) -> dict[str, nn.Module]:
     from flex_surgery.naming import clean_name
 
     table: dict[str, nn.Module] = {}
-    for name, module in root.named_modules():
+    # remove_duplicate=False: a module shared under two names (a head tied to the embedding by
+    # sharing the module itself) is found under both.
+    for name, module in root.named_modules(remove_duplicate=False):
         table.setdefault(clean_name(name), module)
     return table
 
