@@ -6,7 +6,7 @@ The public API, by concern:
 * the parallel layer they stand on -- :class:`ParallelMesh`, :class:`StageLink`,
   :func:`init_distributed`
 * temporary, bit-exactly restored surgery -- :class:`SurgicalTheater`, :class:`LayerSurgery`,
-  :class:`MaskTheater`
+  :class:`MaskTheater`; trainable circuit masks -- :class:`CircuitModel`, :class:`CircuitConfig`
 * weights decoupled from an exported runtime -- :class:`ExportedModel`
 * launching under torchrun / SLURM -- :func:`launch`, :func:`submit`, :func:`init_from_env`
   (imported on first use: they need ``submitit``)
@@ -48,6 +48,7 @@ from flex_surgery.surgery import (
     replace_blocks,
     surgical_theater,
 )
+from flex_surgery.surgery.circuits import CircuitConfig, CircuitModel
 from flex_surgery.viz import HookMap, hook_map
 
 __version__ = "0.1.0"
@@ -69,6 +70,8 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "CircuitConfig",
+    "CircuitModel",
     "ClusterConfig",
     "DummyModule",
     "EditingFunctionError",

@@ -1,0 +1,314 @@
+"""One continuous-sparsification mask on one layer: shard-local mask parameters, how they are
+turned into a mask (soft, hard, ablated, sampled), and how they multiply the live weight.
+
+Why shard-local: a mask has one logit per weight, so a full-shape mask on every rank would cost
+as much memory as the model. Each rank holds (and trains) the logits of the weights it holds;
+the :class:`~flex_surgery.parallel.frameworks.views.LocalShard` of a weight says which elements
+of the full weight those are (its *region*), and everything that must agree with the one-process
+model is derived from that region:
+
+- the L0 statistics are sums over the whole mask: each rank sums its part, ranks that hold the
+  same region (data-parallel replicas, replicated biases) are counted once (a *leader* per
+  region), and the parts are all-reduced;
+- sampled ablations and random re-initialisations are drawn at the full shape from a generator
+  seeded by (seed, layer, draw), exactly as one process would draw them, and each rank keeps
+  its region of the draw;
+- gradients reach the local logits through the framework's own autograd: a DTensor mask for
+  DTensor TP, an all-gather whose backward averages over the data-parallel mesh for FSDP2 (the
+  gradient FSDP itself would compute), and an all-reduce of the gradient where a neuron mask is
+  replicated along a fairscale layer's partition dim.
+
+The mask never writes the base weight: a forward pre-hook puts ``weight * mask`` in the
+module's parameter slot for the duration of the module's forward, and a forward hook (run even
+when the forward raises) puts the original object back.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from flex_surgery.parallel.frameworks.views import BlockRegion, IndexRegion, LocalShard, Region
+from flex_surgery.surgery.masks import hard_mask
+from flex_surgery.surgery.theater import noise_seed
+
+__all__ = ["ABLATIONS", "MASK_UNITS", "LayerMask", "world_group"]
+
+ABLATIONS = ("none", "zero_ablate", "random_ablate", "randomly_sampled", "complement_sampled")
+MASK_UNITS = ("weight", "neuron")
+
+
+def world_group() -> dist.ProcessGroup | None:
+    """The group every rank holding the model belongs to (``None`` in one process)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.group.WORLD
+    return None
+
+
+def neuron_dim(module: nn.Module) -> int:
+    """The output-neuron dim of a target's weight: 1 for GPT-2's ``Conv1D`` (``[in, out]``),
+    0 for every other supported layer (``[out, in, *kernel]``)."""
+    return 1 if type(module).__name__ == "Conv1D" else 0
+
+
+def _collapse(region: Region, keep: int, full_shape: torch.Size) -> Region:
+    """The region of a neuron mask (size 1 on every dim but ``keep``) inside a weight region."""
+    if isinstance(region, BlockRegion):
+        return BlockRegion(
+            tuple(o if d == keep else 0 for d, o in enumerate(region.offsets)),
+            tuple(s if d == keep else 1 for d, s in enumerate(region.shape)))
+    if isinstance(region, IndexRegion):
+        return IndexRegion(tuple(i if d == keep else torch.zeros(1, dtype=torch.long)
+                                 for d, i in enumerate(region.indices)))
+    raise TypeError(f"region {type(region).__name__} cannot hold a mask")
+
+
+def _region_key(region: Region) -> tuple:
+    if isinstance(region, BlockRegion):
+        return ("block", region.offsets, region.shape)
+    return ("index", tuple(tuple(i.tolist()) for i in region.indices))
+
+
+class _AllReduceGrad(torch.autograd.Function):
+    """Identity forward, gradient summed over ``group``: a mask replicated on every rank of a
+    tensor-parallel group that multiplies a weight sharded over it gets a partial gradient on
+    each rank (fairscale's ``copy_to_model_parallel_region``, for any group)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+@dataclass
+class MaskedParam:
+    """The mask of one parameter (``weight`` or ``bias``) of a target layer.
+
+    ``logits`` are this rank's mask parameters; ``full_shape``/``region`` place them in the
+    full mask (for a neuron mask the full shape is the weight's with 1 on every non-neuron dim);
+    ``param_full_shape`` is the full shape of the masked parameter; ``leader`` says whether this
+    rank counts its region in global sums (one rank per distinct region).
+    """
+
+    pname: str
+    logits: nn.Parameter
+    full_shape: torch.Size
+    region: Region
+    param_full_shape: torch.Size
+    shard: LocalShard
+    tp_group: dist.ProcessGroup | None
+    leader: bool = True
+    sampled: torch.Tensor | None = field(default=None, repr=False)
+    random_values: torch.Tensor | None = field(default=None, repr=False)
+    draws: int = 0
+
+    @property
+    def fan(self) -> int:
+        """Weights covered by one mask element (the fan-in of a neuron; 1 for a weight mask)."""
+        return math.prod(self.param_full_shape) // math.prod(self.full_shape)
+
+    def flat_index(self) -> torch.Tensor:
+        """Positions of the local logits in the flattened full mask."""
+        full = torch.arange(math.prod(self.full_shape)).reshape(self.full_shape)
+        return self.region.take(full).reshape(-1)
+
+    def gather(self, local: torch.Tensor) -> torch.Tensor:
+        """The full mask from each rank's local part (collective; exact: one leader writes each
+        element, every other rank adds zeros)."""
+        group = world_group()
+        if group is None:
+            return local.detach().reshape(self.full_shape).clone()
+        full = torch.zeros(math.prod(self.full_shape), dtype=torch.float32, device=local.device)
+        if self.leader:
+            full[self.flat_index().to(local.device)] = local.detach().reshape(-1).float()
+        dist.all_reduce(full, group=group)
+        return full.reshape(self.full_shape)
+
+
+def _generator(seed: int, name: str, draw: int, device: torch.device) -> torch.Generator:
+    gen = torch.Generator(device=device)
+    gen.manual_seed(noise_seed(seed, name, draw))
+    return gen
+
+
+class LayerMask:
+    """The continuous-sparsification mask of one target layer (weight, optionally bias).
+
+    Built by :class:`~flex_surgery.surgery.circuits.CircuitModel`; ``views`` are the layer's
+    :class:`LocalShard` views by parameter name.
+    """
+
+    def __init__(self, name: str, module: nn.Module, views: dict[str, LocalShard], *,
+                 mask_unit: str, mask_bias: bool, mask_init_value: float, seed: int,
+                 tp_group: dist.ProcessGroup | None) -> None:
+        self.name, self.module, self.seed = name, module, seed
+        self.mask_unit, self.mask_init_value = mask_unit, mask_init_value
+        self.ablation = "none"
+        self.use_masks = True
+        self.force_resample = False
+        self.params: dict[str, MaskedParam] = {}
+        for pname in ("weight", "bias"):
+            if pname not in views or (pname == "bias" and not mask_bias):
+                continue
+            view = views[pname]
+            full_shape, region = view.full_shape, view.region
+            if pname == "weight" and mask_unit == "neuron":
+                keep = neuron_dim(module)
+                full_shape = torch.Size(s if d == keep else 1 for d, s in enumerate(full_shape))
+                region = _collapse(region, keep, view.full_shape)
+            local_shape = tuple(region.take(torch.empty(full_shape, device="meta")).shape)
+            logits = nn.Parameter(torch.full(local_shape, float(mask_init_value),
+                                             dtype=view.local.dtype, device=view.local.device))
+            self.params[pname] = MaskedParam(pname, logits, full_shape, region, view.full_shape,
+                                             view, tp_group)
+
+    # -- masks -------------------------------------------------------------------------------
+    def mask(self, pname: str, training: bool, temperature: float) -> torch.Tensor:
+        """This rank's mask of ``pname`` (neuron masks unexpanded), as NeuroSurgeon's
+        ``_compute_mask``: soft ``sigmoid(temperature * logits)`` while training, else the hard
+        mask, its complement (``zero_ablate``/``random_ablate``) or a sampled one."""
+        mp = self.params[pname]
+        logits = mp.logits
+        hard = not training or not logits.requires_grad
+        if not hard:
+            if self.ablation != "none":
+                raise ValueError(f"ablation {self.ablation!r} is for evaluation: call "
+                                 "circuit.eval() first (masks cannot be ablated while training)")
+            return torch.sigmoid(temperature * logits)
+        if self.ablation == "none":
+            return hard_mask(logits).to(logits.dtype)
+        if self.ablation in ("zero_ablate", "random_ablate"):
+            return (logits <= 0).to(logits.dtype)
+        return self._sampled(mp).to(logits.dtype)
+
+    def _sampled(self, mp: MaskedParam) -> torch.Tensor:
+        """A random mask removing as many elements as the trained mask keeps, drawn at the full
+        shape from a seeded generator (from everywhere, or from the complement of the trained
+        mask), cut to this rank's region; drawn once, again after ``force_resample``."""
+        if mp.sampled is not None and not self.force_resample:
+            return mp.sampled
+        self.force_resample = False
+        full = mp.gather(mp.logits)
+        keep = int((full > 0).sum())
+        gen = _generator(self.seed, f"{self.name}.{mp.pname}/{self.ablation}", mp.draws,
+                         torch.device("cpu"))
+        mp.draws += 1
+        flat = full.reshape(-1).cpu()
+        if self.ablation == "complement_sampled":
+            complement = (flat < 0).nonzero().flatten()
+            if keep > complement.numel():
+                raise ValueError(f"{self.name}.{mp.pname}: complement_sampled needs at most half "
+                                 f"of the mask kept ({keep} kept, {complement.numel()} removed)")
+            chosen = complement[torch.randperm(complement.numel(), generator=gen)[:keep]]
+        else:
+            chosen = torch.randperm(flat.numel(), generator=gen)[:keep]
+        sampled = torch.ones(flat.numel())
+        sampled[chosen] = 0.0
+        mp.sampled = mp.region.take(sampled.reshape(mp.full_shape)).to(mp.logits.device)
+        return mp.sampled
+
+    def _random_values(self, mp: MaskedParam) -> torch.Tensor:
+        """Fresh values for ``random_ablate`` at the parameter's full shape (Kaiming-uniform
+        weights, uniform(+-1/sqrt(fan_in)) biases, as ``nn.Linear`` initialises), seeded, cut
+        to this rank's shard."""
+        if mp.random_values is None:
+            gen = _generator(self.seed, f"{self.name}.{mp.pname}", -1, torch.device("cpu"))
+            weight_shape = self.params["weight"].param_full_shape if "weight" in self.params \
+                else mp.shard.full_shape
+            if mp.pname == "weight":
+                full = torch.empty(mp.param_full_shape)
+                nn.init.kaiming_uniform_(full, a=math.sqrt(5), generator=gen)
+            else:
+                fan_in, _ = nn.init._calculate_fan_in_and_fan_out(torch.empty(weight_shape,
+                                                                               device="meta"))
+                bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+                full = torch.empty(mp.param_full_shape).uniform_(-bound, bound, generator=gen)
+            local = mp.shard.local
+            mp.random_values = mp.shard.region.take(full).to(device=local.device,
+                                                             dtype=local.dtype)
+        return mp.random_values
+
+    # -- statistics --------------------------------------------------------------------------
+    def l0_terms(self, training: bool, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this rank's L0 with gradient, this rank's leader-only L0 for the global value):
+        the number of weights the mask keeps (neuron masks count every weight of a neuron)."""
+        total = leader = None
+        for mp in self.params.values():
+            part = self.mask(mp.pname, training, temperature).sum() * mp.fan
+            total = part if total is None else total + part
+            lead = part if mp.leader else torch.zeros_like(part)
+            leader = lead if leader is None else leader + lead
+        return total, leader
+
+    def max_l0(self) -> int:
+        return sum(math.prod(mp.param_full_shape) for mp in self.params.values())
+
+    # -- forward -----------------------------------------------------------------------------
+    def masked(self, pname: str, live: torch.Tensor, training: bool,
+               temperature: float) -> torch.Tensor:
+        """``live * mask`` (or the ``random_ablate`` blend) in the form ``live`` has now."""
+        mp = self.params[pname]
+        mask = self._lift(mp, self.mask(pname, training, temperature), live)
+        if self.ablation == "random_ablate" and not (training and mp.logits.requires_grad):
+            rand = self._lift_values(mp, self._random_values(mp), live)
+            return live * mask + (1 - mask) * rand
+        return live * mask
+
+    def _lift(self, mp: MaskedParam, local: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+        """Bring a local mask to the form of the weight the module computes with."""
+        from flex_surgery.parallel.frameworks import is_dtensor
+
+        stored = mp.shard.owners[0] if mp.shard.owners else None
+        if is_dtensor(live):  # DTensor tensor parallelism: a DTensor mask of the same layout
+            return self._as_dtensor(mp, local, live)
+        if stored is not None and is_dtensor(stored):  # FSDP2 mid-forward: the full weight
+            from torch.distributed.tensor import Partial
+
+            placements = stored.placements
+            return self._as_dtensor(mp, local, stored).full_tensor(
+                grad_placements=[Partial("avg")] * len(placements))
+        if mp.tp_group is not None and mp.shard.partition_dim is not None and \
+                mp.full_shape[mp.shard.partition_dim] == 1 and \
+                mp.param_full_shape[mp.shard.partition_dim] > 1:
+            return _AllReduceGrad.apply(local, mp.tp_group)
+        return local
+
+    def _lift_values(self, mp: MaskedParam, local: torch.Tensor,
+                     live: torch.Tensor) -> torch.Tensor:
+        from flex_surgery.parallel.frameworks import is_dtensor
+
+        if is_dtensor(live):
+            from torch.distributed.tensor import DTensor
+
+            return DTensor.from_local(local, live.device_mesh, live.placements,
+                                      shape=live.shape, stride=live.stride())
+        stored = mp.shard.owners[0] if mp.shard.owners else None
+        if stored is not None and is_dtensor(stored):
+            from torch.distributed.tensor import DTensor
+
+            return DTensor.from_local(local, stored.device_mesh, stored.placements,
+                                      shape=stored.shape, stride=stored.stride()).full_tensor()
+        return local
+
+    @staticmethod
+    def _as_dtensor(mp: MaskedParam, local: torch.Tensor, like: torch.Tensor):
+        from torch.distributed.tensor import DTensor, Replicate
+
+        placements = [Replicate() if p.is_shard() and mp.full_shape[p.dim] == 1
+                      and mp.param_full_shape[p.dim] > 1 else p for p in like.placements]
+        stride = torch.empty(mp.full_shape, device="meta").stride()
+        return DTensor.from_local(local, like.device_mesh, placements, shape=mp.full_shape,
+                                  stride=stride)
+
+    def region_keys(self) -> list[tuple]:
+        return [_region_key(mp.region) for mp in self.params.values()]

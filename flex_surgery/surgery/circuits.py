@@ -1,0 +1,385 @@
+"""Circuit discovery by continuous sparsification, on one process or a sharded model.
+
+:class:`CircuitModel` follows NeuroSurgeon's ``CircuitModel``/``CircuitConfig`` (same names,
+hyperparameters, ablation modes and L0 statistics) so experiments written for it run here, and
+adds what it cannot do: tensor-parallel (fairscale, DTensor) and FSDP2 models, with each rank
+holding and training the mask of its own shard (see :mod:`flex_surgery.surgery.circuit_masks`),
+and training with the ``transformers`` ``Trainer``
+(:class:`~flex_surgery.surgery.circuit_training.TemperatureCallback`).
+
+Unlike NeuroSurgeon, target layers are not replaced: the masked weight is put in the layer's
+parameter slot by a forward pre-hook for the duration of its forward. Module and parameter names
+stay those of the model (hooks, :class:`~flex_surgery.surgery.masks.MaskTheater` and state dicts
+keep working), the base weights are never written, and :meth:`CircuitModel.remove_masks` gives
+back the original model unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from flex_surgery.naming import clean_name
+from flex_surgery.parallel import frameworks
+from flex_surgery.parallel.frameworks.base import differs_across
+from flex_surgery.surgery.circuit_masks import ABLATIONS, MASK_UNITS, LayerMask, world_group
+
+__all__ = ["CircuitConfig", "CircuitModel", "anneal_temperature", "temperature_at"]
+
+MASK_METHODS = ("continuous_sparsification",)
+_HPARAM_DEFAULTS: dict[str, Any] = {"ablation": "none", "mask_unit": "weight",
+                                    "mask_bias": False, "mask_init_value": 0.0}
+SUPPORTED_LAYERS = ("nn.Linear", "nn.Conv1d", "nn.Conv2d", "transformers Conv1D",
+                    "fairscale ColumnParallelLinear", "fairscale RowParallelLinear",
+                    "DTensor-TP and FSDP2 nn.Linear")
+
+
+@dataclass
+class CircuitConfig:
+    """What to mask and how (NeuroSurgeon's ``CircuitConfig``).
+
+    Args:
+        mask_method: ``"continuous_sparsification"`` (the only method here).
+        mask_hparams: ``ablation`` (one of :data:`ABLATIONS`, default ``"none"``),
+            ``mask_unit`` (``"weight"`` or ``"neuron"``), ``mask_bias`` (mask biases too),
+            ``mask_init_value`` (initial mask logit; positive keeps weights at first).
+        target_layers: module names of the layers to mask (as in ``named_modules()`` of the
+            unwrapped model).
+        freeze_base: keep the model's own parameters frozen and its modules in eval mode.
+        add_l0: add ``l0_lambda * L0`` to the ``loss`` the model returns while training.
+        l0_lambda: weight of the L0 penalty.
+        seed: seed of the sampled ablations and ``random_ablate`` values (the same draws in
+            every process and every layout).
+    """
+
+    mask_method: str = "continuous_sparsification"
+    mask_hparams: dict[str, Any] = field(default_factory=dict)
+    target_layers: list[str] = field(default_factory=list)
+    freeze_base: bool = True
+    add_l0: bool = True
+    l0_lambda: float = 1e-8
+    seed: int = 0
+
+    def hparams(self) -> dict[str, Any]:
+        """``mask_hparams`` with defaults filled in, checked."""
+        if self.mask_method not in MASK_METHODS:
+            raise ValueError(f"mask_method {self.mask_method!r} is not supported; expected one "
+                             f"of {MASK_METHODS}")
+        unknown = sorted(set(self.mask_hparams) - set(_HPARAM_DEFAULTS))
+        if unknown:
+            raise ValueError(f"unknown mask_hparams {unknown}; expected keys "
+                             f"{sorted(_HPARAM_DEFAULTS)}")
+        hp = {**_HPARAM_DEFAULTS, **self.mask_hparams}
+        _check_ablation(hp["ablation"])
+        if hp["mask_unit"] not in MASK_UNITS:
+            raise ValueError(f"mask_unit {hp['mask_unit']!r}; expected one of {MASK_UNITS}")
+        if not self.target_layers:
+            raise ValueError("target_layers is empty: name the layers to mask")
+        return hp
+
+
+def _check_ablation(ablation: str) -> None:
+    if ablation not in ABLATIONS:
+        raise ValueError(f"ablation {ablation!r}; expected one of {ABLATIONS}")
+
+
+def _supported(module: nn.Module) -> bool:
+    if type(module) in (nn.Linear, nn.Conv1d, nn.Conv2d):
+        return True
+    if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)) and \
+            frameworks.wrapper_kind(module) == "FSDP2":  # fully_shard's dynamic subclass
+        return True
+    tf = sys.modules.get("transformers.pytorch_utils")
+    if tf is not None and type(module) is tf.Conv1D:
+        return True
+    fs = sys.modules.get("fairscale.nn.model_parallel.layers")
+    return fs is not None and type(module) in (fs.ColumnParallelLinear, fs.RowParallelLinear)
+
+
+def _resolve_targets(model: nn.Module, names: Iterable[str]) -> dict[str, nn.Module]:
+    """``{clean name: module}`` for each target, or a ValueError naming every bad one."""
+    modules = {clean_name(n): m for n, m in model.named_modules()}
+    found, problems = {}, []
+    for name in names:
+        module = modules.get(clean_name(name))
+        if module is None:
+            close = [n for n in modules if n and (name.split(".")[-1] in n)][:5]
+            problems.append(f"{name!r} matches no module" +
+                            (f" (did you mean one of {close}?)" if close else ""))
+        elif not _supported(module):
+            problems.append(f"{name!r} is a {type(module).__module__}.{type(module).__name__}, "
+                            f"not a supported layer ({', '.join(SUPPORTED_LAYERS)})")
+        else:
+            found[clean_name(name)] = module
+    if problems:
+        raise ValueError("cannot mask these target layers: " + "; ".join(problems))
+    return found
+
+
+def _layer_views(model: nn.Module, targets: dict[str, nn.Module],
+                 mask_bias: bool) -> dict[str, dict[str, frameworks.LocalShard]]:
+    """This rank's shard view of each masked parameter (the one place that asks the framework
+    registry how a weight is split); refuses layouts a mask cannot follow."""
+    frameworks.reshard(model.modules())
+    tp_group = frameworks.tensor_parallel_group()
+    views: dict[str, dict[str, frameworks.LocalShard]] = {}
+    for name, module in targets.items():
+        views[name] = {}
+        for pname in ("weight", "bias"):
+            param = module._parameters.get(pname)
+            if param is None:
+                if pname == "weight":
+                    raise ValueError(f"{name} has no weight to mask")
+                if mask_bias:  # NeuroSurgeon's behaviour: mask what there is
+                    warnings.warn(f"cannot mask the bias of {name}: it has none", stacklevel=3)
+                continue
+            if pname == "bias" and not mask_bias:
+                continue
+            view = frameworks.parameter_view(f"{name}.{pname}", module, pname, param, tp_group)
+            if view.kind not in ("plain", "fairscale", "dtensor"):
+                raise frameworks.UnknownLayoutError(
+                    f"{name}.{pname} is a {view.kind} shard; circuit masks follow plain, "
+                    "fairscale-TP, DTensor-TP and FSDP2 parameters (use FSDP2 instead of FSDP1)")
+            views[name][pname] = view
+    plain = [(n, v["weight"]) for n, v in views.items() if v["weight"].kind == "plain"]
+    if tp_group is not None and plain:
+        differ = differs_across([v.local for _, v in plain], tp_group)
+        bad = [n for (n, _), d in zip(plain, differ) if d]
+        if bad:
+            raise frameworks.UnknownLayoutError(
+                f"target layers {bad} differ across tensor-parallel ranks but no framework says "
+                f"how they are split, so their full masks are unknown; {frameworks.HOW_TO_DECLARE}")
+    return views
+
+
+def _elect_leaders(layers: list[LayerMask]) -> None:
+    """One rank per distinct region of each mask counts it in global sums (collective);
+    regions that do not tile the full mask exactly are refused."""
+    group = world_group()
+    if group is None:
+        return
+    mine = [layer.region_keys() for layer in layers]
+    every: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(every, mine, group=group)
+    rank = dist.get_rank(group)
+    for i, layer in enumerate(layers):
+        for j, mp in enumerate(layer.params.values()):
+            keys = [every[r][i][j] for r in range(len(every))]
+            mp.leader = keys.index(keys[rank]) == rank
+            distinct = {k: None for k in keys}
+            covered = sum(_key_numel(k) for k in distinct)
+            if covered != math.prod(mp.full_shape):
+                raise frameworks.UnknownLayoutError(
+                    f"the shards of {layer.name}.{mp.pname} cover {covered} of "
+                    f"{math.prod(mp.full_shape)} elements across ranks; cannot place its mask")
+
+
+def _key_numel(key: tuple) -> int:
+    if key[0] == "block":
+        return math.prod(key[2])
+    return math.prod(len(i) for i in key[1])
+
+
+class CircuitModel(nn.Module):
+    """Wrap ``model`` with trainable continuous-sparsification masks on ``config.target_layers``.
+
+    Every rank of a sharded model builds it with the same config (construction is collective).
+    Train the masks (``circuit.parameters()`` are the masks when ``freeze_base``), anneal
+    :attr:`temperature`, then evaluate the hard mask (``circuit.eval()``), ablate it
+    (:meth:`set_ablate_mode`) or hand it to :class:`~flex_surgery.surgery.masks.MaskTheater`
+    (:meth:`hard_masks`).
+    """
+
+    def __init__(self, config: CircuitConfig, model: nn.Module) -> None:
+        super().__init__()
+        hp = config.hparams()
+        targets = _resolve_targets(model, config.target_layers)
+        views = _layer_views(model, targets, hp["mask_bias"])
+        tp_group = frameworks.tensor_parallel_group()
+        layers = [LayerMask(name, targets[name], views[name], mask_unit=hp["mask_unit"],
+                            mask_bias=hp["mask_bias"], mask_init_value=hp["mask_init_value"],
+                            seed=config.seed, tp_group=tp_group) for name in targets]
+        _elect_leaders(layers)
+        self.config = config
+        self.wrapped_model = model
+        self.mask_logits = nn.ParameterDict({
+            f"{layer.name}.{p}".replace(".", "-"): mp.logits
+            for layer in layers for p, mp in layer.params.items()})
+        self._layers = {layer.name: layer for layer in layers}
+        self._temperature = 1.0
+        self._saved_flags = ([p.requires_grad for p in model.parameters()],
+                             [m.training for m in model.modules()])
+        self._handles: list[Any] = []
+        for layer in layers:
+            self._handles.append(layer.module.register_forward_pre_hook(self._pre_hook(layer)))
+            self._handles.append(layer.module.register_forward_hook(
+                self._post_hook(layer), prepend=True, always_call=True))
+        if config.freeze_base:
+            for p in model.parameters():
+                p.requires_grad_(False)
+        self.set_ablate_mode(hp["ablation"])
+        self.train(True)
+
+    # -- hooks -------------------------------------------------------------------------------
+    def _pre_hook(self, layer: LayerMask):
+        saved: list[dict[str, torch.Tensor]] = []
+        layer.saved = saved  # type: ignore[attr-defined]
+
+        def pre(module: nn.Module, args: Any) -> None:
+            live = {p: module._parameters[p] for p in layer.params}
+            saved.append(live)
+            if layer.use_masks:
+                for p, value in live.items():
+                    module._parameters[p] = layer.masked(p, value, self.training,
+                                                         self._temperature)
+        return pre
+
+    @staticmethod
+    def _post_hook(layer: LayerMask):
+        def post(module: nn.Module, args: Any, output: Any) -> None:
+            saved = layer.saved  # type: ignore[attr-defined]
+            if saved:
+                module._parameters.update(saved.pop())
+        return post
+
+    # -- modes -------------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> CircuitModel:
+        """Masks train (soft) or evaluate (hard); with ``freeze_base`` the model's own modules
+        stay in eval mode (dropout off), as in NeuroSurgeon."""
+        self.training = mode
+        self.wrapped_model.train(False if self.config.freeze_base else mode)
+        return self
+
+    @property
+    def temperature(self) -> float:
+        """The soft mask is ``sigmoid(temperature * logits)``; raise it to anneal."""
+        return self._temperature
+
+    @temperature.setter
+    def temperature(self, value: float) -> None:
+        if not value > 0:
+            raise ValueError(f"temperature must be > 0, got {value}")
+        self._temperature = float(value)
+
+    def set_ablate_mode(self, ablation: str, force_resample: bool = False) -> None:
+        """How the eval mask is made: ``none`` (the trained mask), ``zero_ablate`` (its
+        complement), ``random_ablate`` (kept weights re-initialised), ``randomly_sampled`` /
+        ``complement_sampled`` (a seeded random mask removing as many weights, from everywhere
+        or from outside the trained mask)."""
+        _check_ablation(ablation)
+        for layer in self._layers.values():
+            if layer.ablation != ablation:
+                for mp in layer.params.values():
+                    mp.sampled, mp.draws = None, 0
+            layer.ablation = ablation
+            layer.force_resample = force_resample
+
+    def use_masks(self, on: bool, names: Iterable[str] | None = None) -> None:
+        """Turn the masks of all layers (or of the named ones) on or off."""
+        chosen = list(self._layers) if names is None else [clean_name(n) for n in names]
+        unknown = [n for n in chosen if n not in self._layers]
+        if unknown:
+            raise ValueError(f"no masks on {unknown}; masked layers: {list(self._layers)}")
+        for n in chosen:
+            self._layers[n].use_masks = on
+
+    # -- forward and L0 ----------------------------------------------------------------------
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The model's forward; while training with ``add_l0``, ``l0_lambda * L0`` is added to
+        the ``loss`` of the output (when the model computed one)."""
+        output = self.wrapped_model(*args, **kwargs)
+        if self.config.add_l0 and self.training and getattr(output, "loss", None) is not None:
+            output.loss = output.loss + self.config.l0_lambda * self.l0_loss()
+        return output
+
+    def l0_loss(self) -> torch.Tensor:
+        """The soft L0 of the whole mask (global value; each rank's gradient is that of its own
+        mask elements, as in one process). Collective under distribution."""
+        local = leader = None
+        for layer in self._layers.values():
+            t, lead = layer.l0_terms(self.training, self._temperature)
+            local = t if local is None else local + t
+            leader = lead if leader is None else leader + lead
+        group = world_group()
+        if group is None:
+            return local
+        total = leader.detach().clone()
+        dist.all_reduce(total, group=group)
+        return local + (total - local.detach())
+
+    @torch.no_grad()
+    def compute_l0_statistics(self) -> dict[str, Any]:
+        """``total_l0``, ``max_l0``, ``layer2l0``, ``layer2maxl0`` of the eval (hard) mask in
+        the current ablation mode, over the full model (collective under distribution)."""
+        names = list(self._layers)
+        values = torch.stack([self._layers[n].l0_terms(False, self._temperature)[1].float()
+                              for n in names])
+        group = world_group()
+        if group is not None:
+            dist.all_reduce(values, group=group)
+        layer2l0 = {n: float(v) for n, v in zip(names, values.tolist())}
+        layer2maxl0 = {n: self._layers[n].max_l0() for n in names}
+        return {"total_l0": float(sum(layer2l0.values())),
+                "max_l0": int(sum(layer2maxl0.values())),
+                "layer2l0": layer2l0, "layer2maxl0": layer2maxl0}
+
+    # -- handing the circuit on --------------------------------------------------------------
+    @torch.no_grad()
+    def hard_masks(self) -> dict[str, torch.Tensor]:
+        """``{parameter name: full-shape bool mask}`` of the eval mask in the current ablation
+        mode -- what :class:`~flex_surgery.surgery.masks.MaskTheater` takes. Collective under
+        distribution (each full mask is assembled from the shards)."""
+        if any(layer.ablation == "random_ablate" for layer in self._layers.values()):
+            raise ValueError("random_ablate replaces weights, it is not a multiplicative mask; "
+                             "choose none, zero_ablate, randomly_sampled or complement_sampled")
+        out: dict[str, torch.Tensor] = {}
+        for layer in self._layers.values():
+            for pname, mp in layer.params.items():
+                full = mp.gather(layer.mask(pname, False, self._temperature)) > 0.5
+                out[f"{layer.name}.{pname}"] = full.expand(mp.param_full_shape).clone()
+        return out
+
+    def remove_masks(self) -> nn.Module:
+        """Take the masks off and give back the model as it was: hooks removed, the original
+        ``requires_grad`` and train/eval flags restored (its weights were never written)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        grads, modes = self._saved_flags
+        for p, g in zip(self.wrapped_model.parameters(), grads):
+            p.requires_grad_(g)
+        for m, t in zip(self.wrapped_model.modules(), modes):
+            m.training = t
+        return self.wrapped_model
+
+    @property
+    def masked_layers(self) -> list[str]:
+        return list(self._layers)
+
+
+def temperature_at(epoch: float, total_epochs: float, final_temperature: float,
+                   initial_temperature: float = 1.0) -> float:
+    """The continuous-sparsification schedule: exponential from ``initial_temperature`` to
+    ``final_temperature`` over ``total_epochs`` (NeuroSurgeon's ``temp *= final ** (1 / N)``
+    after each epoch, from 1), constant afterwards."""
+    if total_epochs <= 0 or final_temperature <= 0 or initial_temperature <= 0:
+        raise ValueError("total_epochs and both temperatures must be > 0")
+    progress = min(max(epoch / total_epochs, 0.0), 1.0)
+    return initial_temperature * (final_temperature / initial_temperature) ** progress
+
+
+def anneal_temperature(circuit: CircuitModel, epoch: float, total_epochs: float,
+                       final_temperature: float, initial_temperature: float = 1.0) -> float:
+    """Set ``circuit.temperature`` for the end of ``epoch`` (call it after each epoch of a
+    hand-written loop) and return it."""
+    circuit.temperature = temperature_at(epoch, total_epochs, final_temperature,
+                                         initial_temperature)
+    return circuit.temperature
