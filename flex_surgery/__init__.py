@@ -11,6 +11,8 @@ The public API, by concern:
 * launching under torchrun / SLURM -- :func:`launch`, :func:`submit`, :func:`init_from_env`
   (imported on first use: they need ``submitit``)
 * the hook map -- :func:`hook_map`
+* layers and the logit lens -- :class:`ModelSurgery` (Arrakis / tuned-lens names),
+  :func:`logit_lens`, :class:`LogitLens`, :func:`plot_lens`
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from flex_surgery.hooks import (
     UnknownNameError,
     UnpackError,
 )
+from flex_surgery.lens import LensResult, LogitLens, logit_lens, plot_lens
 from flex_surgery.parallel.backend import backend_for_device, init_distributed
 from flex_surgery.parallel.collectives import RemoteEditError
 from flex_surgery.parallel.layout import Layout, LayoutError
@@ -49,6 +52,7 @@ from flex_surgery.surgery import (
     surgical_theater,
 )
 from flex_surgery.surgery.circuits import CircuitConfig, CircuitModel
+from flex_surgery.surgery.model_surgery import ModelSurgery
 from flex_surgery.viz import HookMap, hook_map
 
 __version__ = "0.1.0"
@@ -86,8 +90,11 @@ __all__ = [
     "LayerSurgery",
     "Layout",
     "LayoutError",
+    "LensResult",
+    "LogitLens",
     "MaskTheater",
     "MeshSizeError",
+    "ModelSurgery",
     "ParallelMesh",
     "PassThrough",
     "PipelineStageError",
@@ -108,7 +115,9 @@ __all__ = [
     "init_from_env",
     "launch",
     "live_weights",
+    "logit_lens",
     "permute_blocks",
+    "plot_lens",
     "replace_blocks",
     "skip_metadata_inference",
     "submit",
