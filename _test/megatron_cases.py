@@ -69,7 +69,7 @@ class PlainMLP(nn.Module):
                 p.copy_(torch.randn(p.shape, generator=g) / 2)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        x = self.embed(ids).transpose(0, 1)  # [b, s, h] -> [s, b, h]
+        x = self.embed(ids.transpose(0, 1))  # ids [b, s] -> activations [s, b, h]
         return self.down(self.act(self.up(x)))
 
 

@@ -153,7 +153,7 @@ def fairscale_param_dim(module: nn.Module, parameter: torch.Tensor) -> int | Non
 @dataclass(frozen=True)
 class _Produced:
     """What the TP layer that ran last produced: its output's local shape and tp shard
-    (``None``: replicated), or the name of a module whose split is unknown."""
+    (``None``: replicated), or why its split is unknown."""
 
     shape: tuple[int, ...]
     spec: ShardSpec | None
@@ -217,10 +217,16 @@ class LayoutInference:
             self._current = None
             return
         if module in self._unknown:
-            self._current = _Produced(tuple(out.shape), None, self._describe(module))
+            self._current = _Produced(
+                tuple(out.shape), None, f"it comes from {self._describe(module)}, whose "
+                "parameters differ across the tensor-parallel ranks but which no framework owns")
             return
         info = self.tp_layer(module)
-        spec = self._dim_shard(info.output, out, info.exact, module, "output")
+        try:
+            spec = self._dim_shard(info.output, out, info.exact, module, "output")
+        except LayoutError as exc:  # raised for the hooks that depend on it, not the forward
+            self._current = _Produced(tuple(out.shape), None, str(exc))
+            return
         self._current = _Produced(tuple(out.shape), spec)
 
     def tp_layer(self, module: nn.Module) -> TPLayer | None:
@@ -269,9 +275,8 @@ class LayoutInference:
             return None
         if state.unknown is not None:
             raise frameworks.UnknownLayoutError(
-                f"the {role} of {self._describe(module)} comes from {state.unknown}, whose "
-                f"parameters differ across the tensor-parallel ranks but which no framework "
-                f"owns, so how it is split is unknown; {frameworks.HOW_TO_DECLARE}")
+                f"how the {role} of {self._describe(module)} is split cannot be told: "
+                f"{state.unknown}; {frameworks.HOW_TO_DECLARE}")
         spec = state.spec
         if spec is None:
             if self._sequence_parallel and tuple(local.shape) != state.shape:
@@ -376,6 +381,7 @@ class LayoutInference:
 
     def _param_layout(self, module: nn.Module | None, parameter: torch.Tensor | None) -> Layout:
         shards: tuple[ShardSpec, ...] = ()
+        partials: tuple[PartialSpec, ...] = ()
         if module is not None and parameter is not None and self.mesh.tp_size > 1:
             if module in self._unknown:
                 raise frameworks.UnknownLayoutError(
@@ -386,5 +392,8 @@ class LayoutInference:
             if dim is not None:
                 full = parameter.shape[dim] * self.mesh.tp_size
                 shards = (ShardSpec("tp", dim, chunk_sizes(full, self.mesh.tp_size)),)
-        partials = (PartialSpec("dp", "avg"),) if self.mesh.dp_size > 1 else ()
+            elif frameworks.tp_grad_is_partial(module, parameter):
+                partials = (PartialSpec("tp", "sum"),)
+        if self.mesh.dp_size > 1:
+            partials = (*partials, PartialSpec("dp", "avg"))
         return Layout(shards, partials)

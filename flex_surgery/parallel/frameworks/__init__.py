@@ -59,8 +59,8 @@ __all__ = [
     "TPLayer", "UnknownLayoutError", "adopt_groups", "batch_dim", "fsdp1_root",
     "full_parameter", "is_dtensor", "keeps_unsharded_copies", "mesh_axis_of", "owner",
     "parameter_view", "parameter_views", "reshard", "sequence_parallel",
-    "split_unknown_modules", "substitutes_parameters", "tensor_parallel_group", "tp_layer",
-    "tp_partition_dim", "wrapper_kind",
+    "split_unknown_modules", "substitutes_parameters", "tensor_parallel_group",
+    "tp_grad_is_partial", "tp_layer", "tp_partition_dim", "wrapper_kind",
 ]
 
 MEGATRON, FAIRSCALE, DTENSOR = MegatronCore(), FairscaleTP(), DTensorTP()
@@ -126,6 +126,14 @@ def tp_partition_dim(module: nn.Module, parameter: torch.Tensor) -> int | None:
         if dim is not None:
             return dim
     return None
+
+
+def tp_grad_is_partial(module: nn.Module, parameter: torch.Tensor) -> bool:
+    """Whether the gradient of ``module``'s replicated ``parameter`` is a per-rank summand over
+    ``tp`` until the framework reduces it (see ``Framework.grad_is_partial``)."""
+    pname = next((n for n, p in module._parameters.items() if p is parameter), None)
+    return pname is not None and any(f.grad_is_partial(module, pname, parameter)
+                                     for f in TENSOR_PARALLEL)
 
 
 def tensor_parallel_group(mesh=None) -> dist.ProcessGroup | None:

@@ -105,6 +105,12 @@ class Framework:
         """
         return None
 
+    def grad_is_partial(self, module: nn.Module, pname: str, param: torch.Tensor) -> bool:
+        """Whether each tensor-parallel rank's gradient of this replicated parameter is only a
+        summand until the framework reduces it (Megatron's sequence-parallel norms and row
+        biases: each rank saw a slice of the sequence)."""
+        return False
+
     def parameter_shard(self, name: str, module: nn.Module, pname: str,
                         param: nn.Parameter) -> LocalShard | None:
         """This rank's view of ``module.<pname>`` (clean name ``name``); ``None``: not mine."""

@@ -126,6 +126,11 @@ class MegatronCore(Framework):
             return None
         return getattr(param, "partition_dim", None)
 
+    def grad_is_partial(self, module, pname, param) -> bool:
+        # finalize_model_grads all-reduces these over TP after backward
+        return bool(getattr(param, "sequence_parallel", False)) and \
+            not getattr(param, "tensor_model_parallel", False)
+
     def parameter_shard(self, name, module, pname, param) -> LocalShard | None:
         if not getattr(param, "tensor_model_parallel", False) or param.dim() == 0:
             return None
