@@ -78,7 +78,8 @@ class FlexModel(nn.Module):
             the model is distributed; all 1/``None`` in one process.
         store_on: ``"rank0"`` stores retrieved tensors on global rank 0 only (on each pipeline
             stage's leader until :meth:`sync_pipeline_outputs`); ``"all"`` on every rank.
-        batch_dim: the activation dimension that data parallelism splits.
+        batch_dim: the activation dimension that data parallelism splits; ``None`` (default):
+            the one the model's framework uses (1 for Megatron-core's ``[s, b, h]``, else 0).
     """
 
     def __init__(
@@ -91,7 +92,7 @@ class FlexModel(nn.Module):
         process_group: dist.ProcessGroup | None = None,
         *,
         store_on: str = "rank0",
-        batch_dim: int = 0,
+        batch_dim: int | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(module, nn.Module):
