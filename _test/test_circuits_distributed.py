@@ -1,0 +1,139 @@
+"""Circuit masks on sharded models equal the one-process circuit: fairscale TP=2, DTensor TP=2 and
+FSDP2 over 2 ranks. Each rank holds and trains the mask of its own shard; after N training
+steps every local mask is its slice of the one-process mask, and the L0 statistics, the hard
+masks handed to MaskTheater, the sampled ablations and the ablated outputs are those of one
+process."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from parallel_cases import H, dtensor_plan, fairscale_net, plain_net
+from rank_pool import distributed
+
+from flex_surgery.surgery import MaskTheater
+from flex_surgery.surgery.circuits import CircuitConfig, CircuitModel, anneal_temperature
+
+TARGETS = ["blocks.0.up", "blocks.0.down", "blocks.1.up", "blocks.1.down", "head"]
+STEPS = 6
+HPARAMS = [dict(mask_unit="weight", mask_bias=True), dict(mask_unit="neuron", mask_bias=True)]
+
+
+def _config(hp: dict) -> CircuitConfig:
+    return CircuitConfig(mask_hparams=dict(mask_init_value=0.05, **hp), target_layers=TARGETS,
+                         l0_lambda=2e-2, seed=3)
+
+
+def _data(rows: slice | None = None):
+    gen = torch.Generator().manual_seed(7)
+    x, y = torch.randn(8, H, generator=gen), torch.randn(8, 6, generator=gen)
+    return (x, y) if rows is None else (x[rows], y[rows])
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _train(circuit: CircuitModel, x: torch.Tensor, y: torch.Tensor) -> list[float]:
+    opt = torch.optim.SGD(circuit.mask_logits.parameters(), lr=2.0)
+    l0 = []
+    for step in range(STEPS):
+        loss = F.mse_loss(_full(circuit(x)), y) + circuit.config.l0_lambda * circuit.l0_loss()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        anneal_temperature(circuit, step + 1, STEPS, final_temperature=20.0)
+        l0.append(circuit.compute_l0_statistics()["total_l0"])
+    return l0
+
+
+def _compare(par_model, hp: dict, rows: slice | None = None) -> None:
+    """Train the sharded circuit and a one-process twin on the same data; compare everything."""
+    flags = [(p.requires_grad, p.data_ptr()) for p in par_model.parameters()]
+    hooks = [(len(m._forward_pre_hooks), len(m._forward_hooks)) for m in par_model.modules()]
+    ref = CircuitModel(_config(hp), plain_net(0))
+    par = CircuitModel(_config(hp), par_model)
+    shard = par._layers["blocks.0.up"].params["weight"].logits
+    assert 2 * shard.numel() == ref._layers["blocks.0.up"].params["weight"].logits.numel()
+    x, y = _data()
+    ref_l0 = _train(ref, x, y)
+    px, py = _data(rows)
+    par_l0 = _train(par, px, py)
+    assert par_l0 == ref_l0  # hard-mask L0 after every step: exact
+    moved = 0
+    for name, layer in par._layers.items():
+        for pname, mp in layer.params.items():
+            want = ref._layers[name].params[pname].logits.detach()
+            torch.testing.assert_close(mp.logits.detach(), mp.region.take(want),
+                                       rtol=1e-5, atol=1e-6)
+            moved += int(((want > 0) != (torch.tensor(0.05) > 0)).sum())
+    assert moved > 0  # the L0 penalty removed weights: the comparison can fail
+    with torch.no_grad():
+        torch.testing.assert_close(par.l0_loss(), ref.l0_loss(), rtol=1e-5, atol=1e-4)
+        par.eval(), ref.eval()
+        assert par.compute_l0_statistics() == ref.compute_l0_statistics()
+        for mode in ("none", "zero_ablate", "randomly_sampled", "complement_sampled",
+                     "random_ablate"):
+            par.set_ablate_mode(mode), ref.set_ablate_mode(mode)
+            torch.testing.assert_close(_full(par(px)), ref(px),
+                                       rtol=1e-5, atol=1e-5)
+            if mode != "random_ablate":
+                got, want = par.hard_masks(), ref.hard_masks()
+                assert got.keys() == want.keys()
+                assert all(torch.equal(got[k], want[k]) for k in want), mode
+                stats = par.compute_l0_statistics()
+                assert stats == ref.compute_l0_statistics(), mode
+        # The trained circuit as a hard mask through MaskTheater, on the sharded model itself.
+        par.set_ablate_mode("none"), ref.set_ablate_mode("none")
+        masks, want = par.hard_masks(), _full(par(px))
+        par.use_masks(False)
+        with MaskTheater(par.wrapped_model, masks):
+            torch.testing.assert_close(_full(par.wrapped_model(px)), want, rtol=0, atol=0)
+    before = {n: p.detach().clone() for n, p in par.wrapped_model.named_parameters()}
+    model = par.remove_masks()
+    for n, p in model.named_parameters():
+        assert torch.equal(_full(p), _full(before[n])), n
+    assert [(p.requires_grad, p.data_ptr()) for p in model.parameters()] == flags
+    assert [(len(m._forward_pre_hooks), len(m._forward_hooks)) for m in model.modules()] == hooks
+
+
+@pytest.mark.parametrize("hp", HPARAMS, ids=["weight", "neuron"])
+@distributed(world_size=2)
+def test_fairscale_tp(hp):
+    from fairscale.nn.model_parallel import initialize as fs
+
+    fs.initialize_model_parallel(2)
+    try:
+        _compare(fairscale_net(plain_net(0)), hp)
+    finally:
+        fs.destroy_model_parallel()
+
+
+@pytest.mark.parametrize("hp", HPARAMS, ids=["weight", "neuron"])
+@distributed(world_size=2)
+def test_dtensor_tp(hp):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    mesh = init_device_mesh("cpu", (2,))
+    _compare(parallelize_module(plain_net(0), mesh, dtensor_plan(use_local_output=True)), hp)
+
+
+@pytest.mark.parametrize("hp", HPARAMS, ids=["weight", "neuron"])
+@distributed(world_size=2)
+def test_fsdp2(hp):
+    """Data parallel: each rank trains on half of the batch; the mask gradients are averaged
+    over the ranks as FSDP averages weight gradients, so the one-process twin sees the whole
+    batch."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (2,))
+    model = plain_net(0)
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    rank = dist.get_rank()
+    _compare(model, hp, rows=slice(4 * rank, 4 * rank + 4))
