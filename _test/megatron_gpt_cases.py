@@ -150,8 +150,9 @@ def forward_backward(model: nn.Module, wrapper: nn.Module | None = None,
 
 
 # -- under FlexModel ---------------------------------------------------------------------------
-# (module or parameter name, hook kind, unpack_idx). Megatron's activations are [s, b, h];
-# with sequence parallelism those outside the TP regions are split on the sequence dim.
+# (module or parameter name, hook kind, unpack_idx[, whole shape]). Megatron's activations are
+# [s, b, h]; with sequence parallelism those outside the TP regions are split on the sequence
+# dim.
 RETRIEVAL_SITES = [
     ("embedding", "forward", 0),                        # [s, b, h]; SP: [s/tp, b, h]
     ("embedding.word_embeddings", "forward", 0),        # vocab-parallel, [b, s, h]
@@ -159,10 +160,16 @@ RETRIEVAL_SITES = [
     ("decoder.layers.1", "forward_pre", 0),             # called with keyword arguments only
     ("decoder", "forward", 0),                          # TransformerBlock (keywords only)
     ("decoder.layers.0.self_attention.linear_qkv", "forward", 0),  # column: [s, b, 3h/tp]
+    # Heads split over TP, [s, b, h/tp]: a module without parameters whose output is not the
+    # shape of the TP layer before it; its layout is declared by the whole shape.
+    ("decoder.layers.0.self_attention.core_attention", "forward", 0, (SEQ, BATCH, HIDDEN)),
     ("decoder.layers.0.self_attention.linear_proj", "forward_pre", 0),  # row input [s, b, h/tp]
     ("decoder.layers.0.self_attention.linear_proj", "forward", 0),  # row: (out, bias)
     ("decoder.layers.0.mlp.linear_fc1", "forward", 0),  # column: (out [s, b, ff/tp], bias)
     ("decoder.layers.0.mlp.linear_fc2", "forward", 0),  # row
+    ("decoder.layers.0.self_attention", "forward", 0),  # (out, bias), keywords only
+    ("decoder.layers.0.mlp", "forward", 0),             # (out, bias)
+    ("decoder.layers.0.pre_mlp_layernorm", "forward", 0),  # SP: [s/tp, b, h]
     ("decoder.layers.1.mlp.linear_fc1", "full_backward", 0),      # grad of its input
     ("decoder.layers.1.mlp.linear_fc2", "full_backward_pre", 0),  # grad of its output
     ("decoder.layers.1.mlp.linear_fc1.weight", "tensor", 0),     # column weight's gradient
@@ -199,9 +206,10 @@ def run_flex(model: nn.Module, sites, edit: bool, process_group=None,
     stored: dict[str, list[torch.Tensor]] = {}
     flex = FlexModel(model, stored, process_group=process_group)
     edits = (times_two, times_two_by_position)
-    for i, (name, kind, idx) in enumerate(sites):
+    for i, (name, kind, idx, *expected_shape) in enumerate(sites):
         getattr(flex, _REGISTER[kind])(HookFunction(
-            name, editing_function=edits[i % 2] if edit else None, unpack_idx=idx))
+            name, editing_function=edits[i % 2] if edit else None, unpack_idx=idx,
+            expected_shape=expected_shape[0] if expected_shape else None))
     logits, grads = forward_backward(model, wrapper=flex, device=device)
     mesh = getattr(flex.runtime, "mesh", None)
     flex.restore()

@@ -1,11 +1,24 @@
 """A real Megatron-core ``GPTModel`` (local layer spec, 2 layers) at TP=2, with and without
 sequence parallelism, on two CPU ranks: its forward and backward equal the TP=1 model with the
-same full weights, and ``SurgicalTheater`` edits on its shards give the TP=1 model's logits."""
+same full weights; under FlexModel (Megatron's groups adopted, no sizes given) hooks on its
+blocks, its tensor-parallel layers and its embeddings retrieve and edit the whole tensors of the
+TP=1 model; ``SurgicalTheater`` edits on its shards give the TP=1 model's logits."""
 
 import pytest
 import torch
 import torch.distributed as dist
-from megatron_gpt_cases import build_gpt, forward_backward, full_tensors, gpt_inputs, gpt_parallel
+from megatron_gpt_cases import (
+    EDIT_SITES,
+    RETRIEVAL_SITES,
+    build_gpt,
+    forward_backward,
+    full_tensors,
+    gpt_inputs,
+    gpt_parallel,
+    local_group,
+    run_flex,
+    stored_mismatches,
+)
 from rank_pool import distributed
 
 pytest.importorskip("megatron.core", reason="megatron-core is not installed")
@@ -43,31 +56,103 @@ def test_megatron_gpt_tp2_equals_tp1():
         _assert_all_close(grads, ref_grads, f"sp={sp} grad", **TOL)
 
 
+# -- under FlexModel: Megatron's groups adopted, no sizes given ---------------------------------
+def _flex_reference(sites, edit: bool):
+    """What FlexModel on the TP=1 twin (one-process runtime) stores, its logits and grads."""
+    with gpt_parallel(tp=1):
+        stored, logits, grads, _ = run_flex(build_gpt(tp=1), sites, edit, local_group())
+    return stored, logits, grads
+
+
+@distributed(world_size=2)
+def test_flexmodel_adopts_megatron_groups_and_gives_whole_parameters():
+    """No sizes given: the mesh is Megatron's (tp=2, not dp=2), and ``get_module_parameter``
+    of column-, row-, vocab-parallel and replicated parameters is the TP=1 parameter."""
+    from flex_surgery import FlexModel
+
+    names = ["decoder.layers.0.self_attention.linear_qkv.weight",
+             "decoder.layers.0.self_attention.linear_qkv.bias",
+             "decoder.layers.0.mlp.linear_fc2.weight", "decoder.layers.0.mlp.linear_fc2.bias",
+             "embedding.word_embeddings.weight", "decoder.final_layernorm.weight",
+             "output_layer.weight"]
+    with gpt_parallel(tp=1):
+        ref_weights = full_tensors(build_gpt(tp=1))
+    with gpt_parallel(tp=2):
+        flex = FlexModel(build_gpt(tp=2), None)
+        mesh = flex.runtime.mesh
+        whole = {n: flex.get_module_parameter(n) for n in names}
+        flex.restore()
+    assert (mesh.source, mesh.sizes) == ("megatron", {"dp": 1, "tp": 2, "pp": 1}), mesh
+    _assert_all_close(whole, {n: ref_weights[n] for n in names}, "get_module_parameter",
+                      rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("sequence_parallel", [False, True])
 @distributed(world_size=2)
-def test_megatron_gpt_theater_scale_equals_tp1(sequence_parallel):
-    """Scaling one block's MLP weights on each rank's shard gives the TP=1 logits with the
-    same scaling; every parameter is bit-identical afterwards."""
+def test_megatron_gpt_retrieval_equals_tp1(sequence_parallel):
+    """Forward, forward-pre (keyword-only blocks), full backward (pre) and gradient hooks on
+    blocks, column-/row-parallel layers and the embeddings store the TP=1 tensors."""
+    ref_stored, ref_logits, ref_grads = _flex_reference(RETRIEVAL_SITES, edit=False)
+    with gpt_parallel(tp=2):
+        model = build_gpt(tp=2, sequence_parallel=sequence_parallel)
+        stored, logits, grads, _ = run_flex(model, RETRIEVAL_SITES, edit=False)
+    torch.testing.assert_close(logits, ref_logits, **TOL)
+    _assert_all_close(grads, ref_grads, "grad", **TOL)
+    if dist.get_rank() == 0:
+        # every site stored one tensor (hooks of several kinds on one module may share a key)
+        assert sum(map(len, ref_stored.values())) == len(RETRIEVAL_SITES), sorted(ref_stored)
+        problems = stored_mismatches(stored, ref_stored, **TOL)
+        assert not problems, "\n".join(problems)
+    else:
+        assert stored == {}
+
+
+@pytest.mark.parametrize("sequence_parallel", [False, True])
+@distributed(world_size=2)
+def test_megatron_gpt_editing_equals_tp1(sequence_parallel):
+    """Doubling a column-parallel output, and a block output plus a position-dependent term:
+    logits and whole gradients of TP=1 with the same edits."""
+    _, ref_logits, ref_grads = _flex_reference(EDIT_SITES, edit=True)
+    _, plain_logits, _ = _flex_reference([], edit=False)
+    with gpt_parallel(tp=2):
+        model = build_gpt(tp=2, sequence_parallel=sequence_parallel)
+        _, logits, grads, _ = run_flex(model, EDIT_SITES, edit=True)
+    assert not torch.allclose(ref_logits, plain_logits)  # the edits change the logits
+    torch.testing.assert_close(logits, ref_logits, **TOL)
+    _assert_all_close(grads, ref_grads, "grad", **TOL)
+
+
+# -- SurgicalTheater on each rank's shard -----------------------------------------------------
+def _theater_logits(model, **theater):
+    """Logits inside the theater, the names it modified, and whether every parameter is
+    bit-identical after it."""
     from flex_surgery.surgery import SurgicalTheater
 
-    scale = dict(layers="decoder.layers.1.mlp", modification_type="scale", factor=0.5)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with SurgicalTheater(model, **theater) as surgery, torch.no_grad():
+        logits = model(*gpt_inputs()).cpu()
+    restored = all(torch.equal(p.detach(), before[n]) for n, p in model.named_parameters())
+    return logits, sorted(surgery.modified_names), restored
 
-    def scaled_logits(model):
-        before = {n: p.detach().clone() for n, p in model.named_parameters()}
-        with SurgicalTheater(model, **scale) as theater, torch.no_grad():
-            logits = model(*gpt_inputs()).cpu()
-        after = {n: p.detach() for n, p in model.named_parameters()}
-        restored = all(torch.equal(after[n], before[n]) for n in before)
-        return logits, sorted(theater.modified_names), restored
 
+@pytest.mark.parametrize("sequence_parallel", [False, True])
+@pytest.mark.parametrize("modification", [
+    dict(modification_type="scale", factor=0.5),
+    dict(modification_type="noise", noise_scale=0.5, seed=3),  # the full-shape noise of TP=1
+], ids=["scale", "noise"])
+@distributed(world_size=2)
+def test_megatron_gpt_theater_equals_tp1(modification, sequence_parallel):
+    """Modifying one block's MLP weights on each rank's shard gives the TP=1 logits with the
+    same modification; every parameter is bit-identical afterwards."""
+    theater = dict(layers="decoder.layers.1.mlp", **modification)
     with gpt_parallel(tp=1):
         model = build_gpt(tp=1)
         with torch.no_grad():
             plain = model(*gpt_inputs()).cpu()
-        ref_logits, ref_names, _ = scaled_logits(model)
+        ref_logits, ref_names, _ = _theater_logits(model, **theater)
     with gpt_parallel(tp=2):
-        logits, names, restored = scaled_logits(build_gpt(tp=2,
-                                                          sequence_parallel=sequence_parallel))
+        model = build_gpt(tp=2, sequence_parallel=sequence_parallel)
+        logits, names, restored = _theater_logits(model, **theater)
     assert ref_names == ["decoder.layers.1.mlp.linear_fc1.weight",
                          "decoder.layers.1.mlp.linear_fc2.weight"], ref_names
     assert names == ref_names
