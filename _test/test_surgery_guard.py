@@ -10,6 +10,8 @@ import io
 
 import pytest
 import torch
+import torch.distributed as dist
+from rank_pool import distributed
 from test_surgery_support import differing_bytes, raw_state, special_values
 
 from flex_surgery.models import example_inputs, tiny_hf_model
@@ -228,3 +230,151 @@ def test_optimizer_step_inside_surgery_raises_and_training_continues_after():
         with pytest.raises(SurgeryError, match="optimizer.step"):
             opt.step()
     opt.step()
+
+
+# ------------------------------------------------------------------- sharded layouts
+def _logits(out) -> torch.Tensor:
+    logits = out.logits
+    return logits.full_tensor() if hasattr(logits, "full_tensor") else logits
+
+
+def _tp_plan():
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    plan = {}
+    for i in range(2):
+        for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                     "mlp.gate_proj", "mlp.up_proj"):
+            plan[f"model.layers.{i}.{name}"] = ColwiseParallel()
+        for name in ("self_attn.o_proj", "mlp.down_proj"):
+            plan[f"model.layers.{i}.{name}"] = RowwiseParallel()
+    return plan
+
+
+def _wrap(layout: str):
+    """The tiny Llama in ``layout`` and the module a failing checkpoint hook is put on."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    model = tiny_hf_model("llama")
+    if layout == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        wrapped = DDP(model)
+        return wrapped, model.model.layers[0]
+    if layout.startswith("fsdp1"):
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+        from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+        wrapped = FSDP(model, auto_wrap_policy=ModuleWrapPolicy({LlamaDecoderLayer}),
+                       use_orig_params=layout == "fsdp1_orig", device_id=torch.device("cpu"))
+        # FSDP1 keeps its gather context open through its units' state_dict: a hook that
+        # raises in there breaks FSDP itself, so the failing hook sits on the root, after it.
+        return wrapped, wrapped
+    mesh = init_device_mesh("cpu", (2,))
+    if layout == "fsdp2":
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        return model, model.model.layers[0]
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    model = parallelize_module(model, mesh, _tp_plan())
+    return model, model.model.layers[1].mlp
+
+
+def _full_state(sd):
+    return {k.removeprefix("module."): (v.full_tensor() if hasattr(v, "full_tensor") else v)
+            for k, v in sd.items()}
+
+
+@pytest.mark.parametrize("layout", ["ddp", "fsdp1_orig", "fsdp1_flat", "fsdp2", "dtensor_tp"])
+@distributed(world_size=2)
+def test_failing_checkpoint_inside_sharded_surgery(layout):
+    """A checkpoint hook that raises inside surgery: the weights stay modified inside, the next
+    state_dict() returns the originals (equal to the single-process model's), and exit restores
+    every local shard bit for bit."""
+    model, inner = _wrap(layout)
+    ref = {k: v.clone() for k, v in tiny_hf_model("llama").state_dict().items()}
+    x = example_inputs("llama")  # the same batch on every rank (TP needs it)
+    before = raw_state(model)
+    with torch.no_grad():
+        base = _logits(model(**x))  # leaves FSDP roots gathered
+        with SurgicalTheater(model, modification_type="noise", seed=5, noise_scale=0.05,
+                             params="all"):
+            logits = _logits(model(**x))
+            modified = raw_state(model)
+            for target in {id(model): model, id(inner): inner}.values():
+                handle = target.register_state_dict_post_hook(_failing_post_hook)
+                with pytest.raises(_CheckpointHookFailed):
+                    model.state_dict()
+                handle.remove()
+                assert differing_bytes(modified, raw_state(model)) == 0
+                torch.testing.assert_close(_logits(model(**x)), logits, rtol=0, atol=0)
+            got = _full_state(model.state_dict())
+            assert got.keys() == ref.keys()
+            for k, v in ref.items():
+                assert torch.equal(got[k], v), k
+        assert not torch.allclose(logits, base)
+    assert differing_bytes(before, raw_state(model)) == 0
+    torch.testing.assert_close(_logits(model(**x)), base, rtol=0, atol=0)
+
+
+def _same_entry(a, b) -> bool:
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    if isinstance(a, ShardedTensor):
+        sa, sb = a.local_shards(), b.local_shards()
+        return len(sa) == len(sb) and all(
+            x.metadata.shard_offsets == y.metadata.shard_offsets and torch.equal(x.tensor, y.tensor)
+            for x, y in zip(sa, sb))
+    if hasattr(a, "_local_tensor"):
+        return a.placements == b.placements and torch.equal(a._local_tensor, b._local_tensor)
+    return a.device == b.device and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("config", ["full_rank0", "sharded"])
+@distributed(world_size=2)
+def test_fsdp1_state_dict_types_inside_surgery_equal_the_ones_outside(config):
+    from torch.distributed.fsdp import FullStateDictConfig, ShardedStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    model, _ = _wrap("fsdp1_flat")
+    kind, cfg = {
+        "full_rank0": (StateDictType.FULL_STATE_DICT, FullStateDictConfig(rank0_only=True)),
+        "sharded": (StateDictType.SHARDED_STATE_DICT, ShardedStateDictConfig()),
+    }[config]
+    with torch.no_grad():
+        model(**example_inputs("llama"))  # FSDP's lazy initialisation
+    with FSDP.state_dict_type(model, kind, cfg):
+        outside = model.state_dict()
+        with SurgicalTheater(model, layers=[0, "lm_head"], modification_type="scale",
+                             factor=0.5, params="all"):
+            inside = model.state_dict()
+    assert inside.keys() == outside.keys()
+    assert outside or (config == "full_rank0" and dist.get_rank() != 0)
+    for k in outside:
+        assert _same_entry(inside[k], outside[k]), k
+
+
+@distributed(world_size=2)
+def test_fsdp1_local_state_dict_inside_surgery_is_an_error_and_harmless():
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp import StateDictType
+
+    model, _ = _wrap("fsdp1_orig")
+    x = example_inputs("llama")
+    before = raw_state(model)
+    with torch.no_grad():
+        base = _logits(model(**x))
+        with SurgicalTheater(model, modification_type="scale", factor=0.5):
+            logits = _logits(model(**x))
+            with FSDP.state_dict_type(model, StateDictType.LOCAL_STATE_DICT):
+                with pytest.raises(SurgeryError, match="LOCAL_STATE_DICT"):
+                    model.state_dict()
+            torch.testing.assert_close(_logits(model(**x)), logits, rtol=0, atol=0)
+            model.state_dict()  # FULL_STATE_DICT again: fine
+    assert differing_bytes(before, raw_state(model)) == 0
+    torch.testing.assert_close(_logits(model(**x)), base, rtol=0, atol=0)

@@ -16,12 +16,13 @@ Which entries hold modified values:
   a modified local view (same storage, same offset). It is replaced by a copy of the value with
   the snapshot written over this rank's elements -- a DTensor stays a DTensor with the same
   placements. These hooks sit on the modules that own modified parameters.
-- FSDP1 ``FULL_STATE_DICT`` (FSDP1's default): FSDP gathers the flat parameter and returns
-  clones of the full (modified) parameters. A hook on the FSDP unit, registered after FSDP's own
-  post-hook and so running after it, gathers the *original* flat parameter (this rank's local
-  shard with the snapshots written over a copy; one all-gather per unit and call, on every rank,
-  the same collective FSDP itself just ran) and replaces the unit's modified entries with their
-  originals. FSDP1's ``SHARDED_STATE_DICT`` / ``LOCAL_STATE_DICT`` inside a theater raise
+- FSDP1 ``FULL_STATE_DICT`` (FSDP1's default) and ``SHARDED_STATE_DICT``: FSDP gathers the
+  flat parameter and returns clones (or chunks) of the full, modified parameters. A hook on the
+  FSDP unit, registered after FSDP's own post-hook and so running after it, gathers the
+  *original* flat parameter (a copy of this rank's local shard with the snapshots written in;
+  one all-gather per unit and call, on every rank, like FSDP's own) and replaces the unit's
+  modified entries with their originals, cut as FSDP cuts them for ``SHARDED_STATE_DICT``.
+  ``LOCAL_STATE_DICT`` inside a theater raises
   :class:`~flex_surgery.surgery.theater.SurgeryError`.
 
 Nested theaters: every theater installs its own hooks, outermost first, and hooks run in the
@@ -74,7 +75,7 @@ def install_checkpoint_guard(
             unit = _fsdp1_unit_targets(module, fsdp1)
             if unit:
                 handles.append(module.register_state_dict_post_hook(
-                    _fsdp1_full_hook(module, unit, error)))
+                    _fsdp1_unit_hook(module, unit, error)))
     except BaseException:
         for h in handles:  # a registration that fails part-way leaves no hook bound
             h.remove()
@@ -170,7 +171,7 @@ def _original_flat(unit: nn.Module, items: list[tuple[int, Snapshot]]) -> torch.
     return out
 
 
-def _fsdp1_full_hook(unit: nn.Module, items: list[tuple[int, Snapshot]],
+def _fsdp1_unit_hook(unit: nn.Module, items: list[tuple[int, Snapshot]],
                      error: type[Exception]) -> Callable[..., None]:
     from torch.distributed.fsdp import StateDictType
     from torch.distributed.fsdp._state_dict_utils import _param_name_infos
@@ -180,11 +181,12 @@ def _fsdp1_full_hook(unit: nn.Module, items: list[tuple[int, Snapshot]],
     def post(module: nn.Module, state_dict: dict[str, Any], prefix: str,
              local_metadata: Any) -> None:
         kind = getattr(unit, "_state_dict_type", StateDictType.FULL_STATE_DICT)
-        if kind != StateDictType.FULL_STATE_DICT:  # the same on every rank
+        if kind not in (StateDictType.FULL_STATE_DICT, StateDictType.SHARDED_STATE_DICT):
+            # Same on every rank; LOCAL_STATE_DICT opens no FSDP context, so raising is clean.
             raise error(
                 f"state_dict() inside an active SurgicalTheater supports FSDP1's "
-                f"FULL_STATE_DICT, not {kind.name}: the checkpoint would hold modified weights. "
-                "Write the checkpoint after the theater exits."
+                f"FULL_STATE_DICT and SHARDED_STATE_DICT, not {kind.name}: the checkpoint would "
+                "hold modified weights. Write it after the theater exits."
             )
         fp = unit._handle.flat_param
         full = _original_flat(unit, items)  # a collective: every rank, whatever it returns
@@ -196,9 +198,12 @@ def _fsdp1_full_hook(unit: nn.Module, items: list[tuple[int, Snapshot]],
         for (fqn, _, _), i in zip(_param_name_infos(unit, unit), indices):
             key = prefix + fqn
             value = state_dict.get(key)
-            if i not in modified or not isinstance(value, torch.Tensor) or _is_marked(value):
+            if i not in modified or value is None or _is_marked(value):
                 continue
             original = full[offsets[i]: offsets[i] + fp._numels[i]].view(fp._shapes[i])
+            if kind == StateDictType.SHARDED_STATE_DICT:
+                state_dict[key] = _mark(_fsdp1_chunk(unit, original))
+                continue
             if value.dtype != original.dtype or value.shape != original.shape:
                 raise error(f"state_dict entry {key} is {value.dtype} {tuple(value.shape)}, "
                             f"the parameter {original.dtype} {tuple(original.shape)}: FSDP1 "
@@ -206,3 +211,21 @@ def _fsdp1_full_hook(unit: nn.Module, items: list[tuple[int, Snapshot]],
             state_dict[key] = _mark(original.to(value.device, copy=True))
 
     return post
+
+
+def _fsdp1_chunk(unit: nn.Module, full: torch.Tensor) -> Any:
+    """``full`` cut the way FSDP1's SHARDED_STATE_DICT cuts a parameter (its own function, with
+    its own arguments; no communication)."""
+    from torch.distributed.fsdp._fsdp_extensions import _ext_chunk_dtensor, _ext_chunk_tensor
+
+    config = unit._state_dict_config
+    if not config._use_dtensor:
+        out = _ext_chunk_tensor(
+            tensor=full, rank=unit.rank, world_size=unit.world_size,
+            num_devices_per_node=unit._device_handle.device_count(), pg=unit.process_group,
+            fsdp_extension=unit._fsdp_extension,
+        )
+    else:
+        out = _ext_chunk_dtensor(tensor=full, rank=unit.rank, device_mesh=unit._device_mesh,
+                                 fsdp_extension=unit._fsdp_extension)
+    return out.cpu() if config.offload_to_cpu else out
