@@ -34,8 +34,9 @@ def test_cuda_memory_and_bit_exact_restore(dtype, backup, kind):
     assert differing_bytes(before, raw_state(model)) == 0
 
 
-def test_cuda_noise_matches_itself_and_not_cpu_by_design():
-    """Seeded noise is a function of (seed, name, device type): CUDA and CPU generators differ."""
+def test_cuda_noise_equals_cpu_noise():
+    """Seeded noise is a function of (seed, name) only: it is drawn on CPU generators and copied
+    to the device, so a CUDA model gets exactly the CPU model's noise."""
     cpu = tiny_hf_model("llama")
     gpu = tiny_hf_model("llama").cuda()
     with SurgicalTheater(cpu, layers="lm_head", modification_type="noise", seed=1):
@@ -44,4 +45,4 @@ def test_cuda_noise_matches_itself_and_not_cpu_by_design():
         b = gpu.lm_head.weight.detach().cpu()
     with SurgicalTheater(gpu, layers="lm_head", modification_type="noise", seed=1):
         assert torch.equal(gpu.lm_head.weight.cpu(), b)
-    assert not torch.equal(a, b)
+    assert torch.equal(a, b)
