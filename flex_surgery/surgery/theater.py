@@ -195,14 +195,17 @@ class SurgicalTheater:
             this rank's local shard (or, with ``full_parameter=True``, the full parameter) and
             must return a delta of the same shape without modifying its argument.
         seed: noise and custom-function randomness. ``"noise"`` with an int seed adds, to each
-            parameter, the noise of generators seeded by ``noise_seed(seed, name, block)``: the
-            same full-weight noise for every layout (one process, DDP, FSDP, TP) and every run.
+            parameter, the noise of CPU generators seeded by ``noise_seed(seed, name, block)``,
+            copied to the parameter's device: the same full-weight noise for every layout (one
+            process, DDP, FSDP, TP), on CPU and CUDA, on every run.
             With ``seed=None`` a base seed is drawn from torch's global CPU generator on entry
             (the only draw the theater makes; the RNG state is restored to just after it on
             exit, so consecutive theaters draw different noise); ranks then agree only if their
             global generators agree -- pass a seed under parallelism. For ``"custom"`` with an
             int seed, the global RNG is seeded with ``noise_seed(seed, name, 0)`` around each
-            call (on the shard unless ``full_parameter``).
+            call (on the shard unless ``full_parameter``). The delta must have the dtype and
+            device of the function's argument: another one is a ``TypeError`` naming the
+            parameter (the theater never casts silently).
         backup: where snapshots live: ``"device"`` (fastest, extra device memory = modified
             local bytes) or ``"cpu"`` (zero extra device memory).
         full_parameter: a custom function that needs the whole parameter (e.g. an SVD) gets it
@@ -217,9 +220,14 @@ class SurgicalTheater:
             tensors back on exit, so a backward during validation cannot leak into training.
         **fn_kwargs: passed to ``modification_fn``.
 
+    A PEFT LoRA layer is one linear whose effective weight ``W + B @ A * scaling`` is modified
+    (:mod:`flex_surgery.surgery.lora`); PEFT's wrappers are looked through for names.
+
     Contexts nest and unwind LIFO; entering one that is active, or exiting any but the
-    innermost, raises :class:`SurgeryError`. Under parallelism every rank must enter and exit
-    the same theaters in the same order (``full_parameter`` gathers are collectives).
+    innermost, raises :class:`SurgeryError`. If putting the weights back fails part-way, exit
+    raises :class:`RestoreError` and the theater stays active with all its snapshots;
+    :meth:`restore` retries. Under parallelism every rank must enter and exit the same theaters
+    in the same order (``full_parameter`` gathers are collectives).
     """
 
     def __init__(
