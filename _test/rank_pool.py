@@ -12,7 +12,10 @@ code. Arguments (pytest parameters, ``tmp_path``) are pickled.
 
 A rank that raises makes the test fail with every failing rank's traceback. A rank that does not
 answer within the timeout (a hung collective) makes the test fail too; the pool is then killed
-and forked again for the next test, so one hang never takes the session down.
+and forked again for the next test, so one hang never takes the session down. A rank whose
+process dies (``os._exit``, a crash) is reported as ``died`` and the world is replaced the same
+way: its peers' process group is broken. Fault-injection tests that *expect* ranks to fail or
+die use :meth:`RankPool.run_outcomes`, which returns every rank's outcome instead of raising.
 """
 
 from __future__ import annotations
@@ -152,10 +155,11 @@ class RankPool:
                 try:
                     replies[rank] = conn.recv()
                 except EOFError:
+                    self._procs[rank].join(timeout=1)
                     code = self._procs[rank].exitcode
-                    replies[rank] = ("err", f"rank process died (exit code {code})")
+                    replies[rank] = ("died", f"rank process died (exit code {code})")
                 del pending[rank]
-            if any(v[0] == "err" for v in replies.values()) and pending:
+            if any(v[0] in ("err", "died") for v in replies.values()) and pending:
                 # One rank failed: its peers may be stuck in a collective. Give them a short
                 # grace period, not the whole timeout.
                 deadline = min(deadline, time.monotonic() + 10.0)
@@ -188,6 +192,26 @@ class RankPool:
                 self.close(force=True)  # a hung or dead rank: this world is unusable
             raise RankFailure(self._format(bad, f"running {fn.__qualname__}"))
         return [replies[r][1] for r in range(self.world_size)]
+
+    def run_outcomes(
+        self, fn: Callable[..., Any], kwargs: dict[str, Any] | None = None,
+        timeout_s: float | None = None,
+    ) -> dict[int, tuple[str, Any]]:
+        """Run a registered body on every rank and return every rank's ``(kind, value)``:
+        ``("ok", result)``, ``("err", traceback)``, ``("died", why)`` or ``("timeout", why)``.
+
+        For tests that inject faults and check how each rank fails. A world that lost or hung a
+        rank is closed here and forked again by the next :func:`get_pool`.
+        """
+        key = (fn.__module__, fn.__qualname__)
+        if key not in _BODIES:
+            raise ValueError(f"{key} is not registered; decorate it with @distributed")
+        for conn in self._conns:
+            conn.send((key, kwargs or {}))
+        replies = self._collect(timeout_s or self.timeout_s)
+        if any(kind in ("died", "timeout") for kind, _ in replies.values()):
+            self.close(force=True)
+        return replies
 
     @property
     def alive(self) -> bool:

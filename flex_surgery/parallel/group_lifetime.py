@@ -14,7 +14,8 @@ So groups are destroyed only at points every rank of the group reaches in the sa
 * **explicitly** -- :meth:`OwnedGroups.free`, called by ``FlexModel.close()`` / ``restore()`` /
   leaving its ``with`` block (through ``DistributedRuntime.close``) and by ``StageLink.close``.
   Every rank calls these at the same point of an SPMD program, so the groups go at once, in
-  creation order.
+  creation order, each after a barrier on itself (no member still works on it; a group whose
+  barrier fails because a peer is gone is left to the process's end).
 * **after garbage collection** -- an owner dropped without being closed is collected at a time of
   gc's choosing, which differs between ranks (reference cycles), so its finalizer destroys
   nothing: it only *queues* the groups (:meth:`OwnedGroups.drop`). The next collective point
@@ -98,8 +99,15 @@ class OwnedGroups:
         self.freed = True
         world = dist.distributed_c10d._world
         for g in self.groups:
-            if dist.is_initialized() and g in world.pg_map:
-                dist.destroy_process_group(g)
+            if not dist.is_initialized() or g not in world.pg_map:
+                continue
+            try:
+                # Every member has finished its work on the group before any tears it down: a
+                # peer still running (or connecting) next to a closing group fails there.
+                dist.barrier(group=g)
+            except RuntimeError:
+                continue  # a peer is gone: leave the broken group to the process's end
+            dist.destroy_process_group(g)
         self.groups = []
 
     def drop(self) -> None:
