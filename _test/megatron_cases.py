@@ -21,6 +21,7 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 H, FF, V = 8, 32, 16  # hidden, column width, vocabulary
@@ -38,6 +39,7 @@ def megatron_parallel(tensor_parallel: int = 2, pipeline_parallel: int = 1) -> I
     current_device = torch.cuda.current_device
     if not torch.cuda.is_available():
         torch.cuda.current_device = lambda: "cpu"  # Megatron allocates on current_device()
+    existing = set(dist.distributed_c10d._world.pg_map)
     try:
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tensor_parallel,
@@ -46,6 +48,11 @@ def megatron_parallel(tensor_parallel: int = 2, pipeline_parallel: int = 1) -> I
     finally:
         if parallel_state.model_parallel_is_initialized():
             parallel_state.destroy_model_parallel()
+        # destroy_model_parallel forgets most of its groups without destroying them; each gloo
+        # group keeps its threads and sockets, so a pool rank that lives for the whole session
+        # would grow by some twenty groups per body.
+        for group in [g for g in dist.distributed_c10d._world.pg_map if g not in existing]:
+            dist.destroy_process_group(group)
         torch.cuda.current_device = current_device
 
 

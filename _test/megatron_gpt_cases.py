@@ -25,6 +25,7 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 from megatron_cases import megatron_parallel
+from parallel_cases import local_group  # noqa: F401  (re-exported: one cached group per rank)
 from torch import nn
 
 SEED = 1234
@@ -214,13 +215,6 @@ def run_flex(model: nn.Module, sites, edit: bool, process_group=None,
     mesh = getattr(flex.runtime, "mesh", None)
     flex.restore()
     return stored, logits, grads, mesh
-
-
-def local_group() -> dist.ProcessGroup:
-    """A one-rank group for this rank: FlexModel on the TP=1 twin runs its one-process
-    runtime (collective: every rank creates every group)."""
-    groups = [dist.new_group([r]) for r in range(dist.get_world_size())]
-    return groups[dist.get_rank()]
 
 
 def stored_mismatches(got: dict, want: dict, **tol) -> list[str]:

@@ -130,10 +130,21 @@ def actual_names(model: nn.Module) -> dict[str, str]:
     return names
 
 
+_LOCAL_GROUPS: dict[int, dist.ProcessGroup] = {}  # id of the default group -> this rank's group
+
+
 def local_group() -> dist.ProcessGroup:
-    """A one-rank group for this rank, so FlexModel uses the one-process runtime."""
-    groups = [dist.new_group([r]) for r in range(dist.get_world_size())]
-    return groups[dist.get_rank()]
+    """A one-rank group for this rank, so FlexModel uses the one-process runtime.
+
+    Created once per pool rank (collective: every rank creates every rank's group) and reused:
+    each gloo group holds threads and sockets for the life of the process, so making new ones in
+    every test body would grow a long-lived pool rank without bound.
+    """
+    world = id(dist.distributed_c10d._get_default_group())
+    if world not in _LOCAL_GROUPS:
+        groups = [dist.new_group([r]) for r in range(dist.get_world_size())]
+        _LOCAL_GROUPS[world] = groups[dist.get_rank()]
+    return _LOCAL_GROUPS[world]
 
 
 def run_flex(model: nn.Module, x: torch.Tensor, edit: bool, *,
