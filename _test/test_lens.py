@@ -322,3 +322,81 @@ def test_pipeline_stages_equal_one_process():
                     stage(link.recv_forward())
         got = lens.result(link)
     assert_same(got, tokens[[3, 0, 2]], logprobs[[3, 0, 2]])
+
+
+@distributed(world_size=4)
+def test_tensor_parallel_pipeline_stages_equal_one_process():
+    """fairscale TP=2 inside each of 2 pipeline stages: residuals travel along both pipeline
+    lines, the head stage's two ranks decode their vocabulary halves."""
+    from fairscale.nn.model_parallel import initialize as fs
+
+    from flex_surgery.parallel.pipeline import StageLink
+
+    fs.initialize_model_parallel(2, pipeline_length=2)
+    try:
+        plain, ids = plain_lm(), ids_for(batch=2)
+        tokens, logprobs, _ = reference_lens(plain, ids, 4)
+        stage_id = dist.get_rank(fs.get_pipeline_parallel_group())
+        stage = _stage(fairscale_lm(plain_lm(), "column"), stage_id, split=2)
+        with LogitLens(stage, top_k=4, tensor_parallel_size=2,
+                       pipeline_parallel_size=2) as lens:
+            assert lens.mesh.sizes == {"dp": 1, "tp": 2, "pp": 2}
+            link = StageLink(lens.mesh)
+            with link.step(), torch.no_grad():
+                if link.is_first:
+                    link.send_forward(stage(ids))
+                else:
+                    stage(link.recv_forward())
+            got = lens.result(link)
+        assert_same(got, tokens, logprobs)
+    finally:
+        fs.destroy_model_parallel()
+
+
+# -- the command line ---------------------------------------------------------------------------
+def test_cli_lens_on_the_tiny_llama_under_tp2_equals_one_process(tmp_path, capsys):
+    import json
+
+    from flex_surgery.__main__ import main
+
+    assert main(["lens", "--model", "tiny", "--tp", "2", "--reference", "--top-k", "3",
+                 "--out", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "lens.json").read_text())
+    assert summary["tensor_parallel"] == 2 and len(summary["last_position"]) == 2
+    assert summary["one_process"]["same_tokens"]
+    assert summary["one_process"]["max_logprob_diff"] < 1e-4
+    assert (tmp_path / "lens.png").read_bytes()[:4] == b"\x89PNG"
+    assert "prediction:" in capsys.readouterr().out
+
+
+def test_cli_plan_keeps_attention_whole_when_heads_do_not_split():
+    from flex_surgery.lens_cli import lens_plan
+
+    assert lens_plan(4, 2, 2) == "auto"
+    plan = lens_plan(9, 3, 2)  # SmolLM2-135M over 2 ranks
+    assert set(plan.values()) == {"replicate"} and "model.layers.*.self_attn.q_proj" in plan
+
+
+@pytest.mark.skipif(__import__("os").environ.get("FLEX_DEMO_SMOLLM2") != "1",
+                    reason="set FLEX_DEMO_SMOLLM2=1 to run the lens on the real SmolLM2 (~1 min)")
+def test_smollm2_lens_says_paris_under_tp2_as_in_one_process(tmp_path):
+    from flex_surgery.lens_cli import run_lens
+
+    tp2 = run_lens("The capital of France is", model="smollm2", tp=2, reference=True,
+                   out=tmp_path / "tp2", echo=lambda s: None)
+    solo = run_lens("The capital of France is", model="smollm2", tp=1, out=tmp_path / "tp1",
+                    echo=lambda s: None)
+    assert tp2["prediction"] == solo["prediction"] == " Paris"
+    assert tp2["one_process"]["same_tokens"], tp2["one_process"]
+    assert len(tp2["last_position"]) == 30
+
+
+def test_docs_example_runs(tmp_path, monkeypatch):
+    import re
+    from pathlib import Path
+
+    page = Path(__file__).resolve().parent.parent / "docs" / "lens.md"
+    monkeypatch.chdir(tmp_path)  # the example writes lens.png
+    for block in re.findall(r"```python\n(.*?)```", page.read_text(), re.S):
+        exec(compile(block, str(page), "exec"), {"__name__": "docs_example"})
+    assert (tmp_path / "lens.png").is_file()

@@ -184,3 +184,14 @@ def test_tensor_parallel_replacements_are_checked_for_sharding():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     finally:
         fs.destroy_model_parallel()
+
+
+def test_docs_example_runs():
+    import re
+    from pathlib import Path
+
+    page = Path(__file__).resolve().parent.parent / "docs" / "model_surgery.md"
+    blocks = re.findall(r"```python\n(.*?)```", page.read_text(), re.S)
+    assert blocks
+    for block in blocks:
+        exec(compile(block, str(page), "exec"), {"__name__": "docs_example"})

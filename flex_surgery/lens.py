@@ -476,6 +476,7 @@ def plot_lens(result: LensResult, path: str | Path, decode: Callable[[int], str]
     for i in range(n_layers):
         for j in range(n_pos):
             text = decode(int(tokens[i, j])).replace("\n", "\\n")
+            text = text if text.strip() else "␣" * max(1, len(text))  # whitespace made visible
             ax.text(j, i, text if len(text) <= 10 else text[:9] + "…", ha="center",
                     va="center", fontsize=7, color="white" if probs[i, j] > 0.55 else "black")
     ax.set_yticks(range(n_layers), [str(g) for g in result.layers])
