@@ -84,13 +84,17 @@ def register_sites(flex: FlexModel, edit: bool, group: str | None = None,
 def reference(x_mbs, t_mbs, edit: bool):
     """One process, whole model, micro-batch by micro-batch: (stored, outputs, grads).
 
+    Stored under per-kind keys (``key_by_hook_kind``): a schedule runs all forwards before the
+    backwards, so hooks of several kinds on one module would interleave differently in a
+    shared list.
+
     Per micro-batch the loss is ``loss_fn(out, target)``; the parameter gradients are divided
     by the number of micro-batches at the end, as ``torch.distributed.pipelining`` schedules
     do (``scale_grads``), so hooks see the unscaled per-micro-batch gradients.
     """
     model = plain_net()
     stored: dict[str, list[torch.Tensor]] = {}
-    flex = FlexModel(model, stored, process_group=local_group())
+    flex = FlexModel(model, stored, process_group=local_group(), key_by_hook_kind=True)
     register_sites(flex, edit)
     outs = []
     for x, t in zip(x_mbs, t_mbs):

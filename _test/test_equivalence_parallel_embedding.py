@@ -89,8 +89,7 @@ def test_fairscale_embeddings_equal_one_process(kind):
     whole = flex.get_module_parameter("embed.weight")
     torch.testing.assert_close(whole, ref.embed.weight.detach())
     if dist.get_rank() == 0:
-        assert got.keys() == want.keys() == {"embed", "act", "embed.weight:grad",
-                                             "up:grad_input"}
+        assert got.keys() == want.keys() == {"embed", "act", "embed.weight", "up"}
         for key in want:
             for a, b in zip(got[key], want[key]):
                 torch.testing.assert_close(a, b)

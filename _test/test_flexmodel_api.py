@@ -118,7 +118,7 @@ def test_hook_function_can_move_to_a_new_flexmodel_after_restore():
     with pytest.raises(HookRegistrationError, match="already registered with this"):
         first.register_forward_pre_hook(hf)
     with pytest.raises(HookRegistrationError, match="another FlexModel"):
-        FlexModel(model, {}).register_forward_hook(hf)
+        FlexModel(make("llama")[0], {}).register_forward_hook(hf)
     first.restore()
     second_dict: dict = {}
     second = FlexModel(model, second_dict)
@@ -278,9 +278,9 @@ def test_names_resolve_through_activation_checkpoint_wrappers():
     assert {clean_name(n): g for n, g in edited[2].items()}.keys() == raw[2].keys()
     for name, grad in edited[2].items():
         assert torch.equal(grad, raw[2][clean_name(name)]), name
+    # Forward and forward-pre hooks on MLP0 share its key, as in FlexModel.
     assert {k: len(v) for k, v in output_dict.items()} == {
-        MLP0: 1, f"{MLP0}:input": 1, f"{MLP1}:input": 1,
-        f"{MLP0}.up_proj.weight:grad": 1, f"{MLP1}.up_proj.weight:grad": 1}
+        MLP0: 2, MLP1: 1, f"{MLP0}.up_proj.weight": 1, f"{MLP1}.up_proj.weight": 1}
     assert hooks_left(model) == []
 
 
@@ -345,3 +345,231 @@ def test_unpack_inputs_matches_pytree_order_of_args_then_kwargs():
             assert all(r is t for i, (r, t) in enumerate(zip(rebuilt, tensors)) if i != idx)
         with pytest.raises(UnpackError):
             unpack_inputs(args, kwargs, len(tensors), "hook")
+
+
+# -- FlexModel 0.1.0's storage, keys and lifetime ------------------------------------------------
+
+
+def _point_net():
+    """Linear -> ReLU -> Linear with an input that requires grad, so every hook kind fires."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+    return net, torch.randn(2, 4, requires_grad=True)
+
+
+def _raw_values_in_call_order(net, x, name):
+    """What plain PyTorch hooks on ``net[name]`` and its weight see, in the order they fire."""
+    module = net.get_submodule(name)
+    seen: list[tuple[str, torch.Tensor]] = []
+    handles = [
+        module.register_forward_pre_hook(lambda m, a: seen.append(("pre", a[0].detach()))),
+        module.register_forward_hook(lambda m, a, o: seen.append(("fwd", o.detach()))),
+        module.register_full_backward_pre_hook(
+            lambda m, go: seen.append(("bwd_pre", go[0].detach()))),
+        module.register_full_backward_hook(lambda m, gi, go: seen.append(("bwd", gi[0].detach()))),
+        module.weight.register_hook(lambda g: seen.append(("grad", g.detach()))),
+    ]
+    net(x).pow(2).sum().backward()
+    for h in handles:
+        h.remove()
+    net.zero_grad(set_to_none=True)
+    x.grad = None
+    return seen
+
+
+def _register_every_kind(flex, name):
+    flex.register_forward_pre_hook(HookFunction(name))
+    flex.register_forward_hook(HookFunction(name))
+    flex.register_full_backward_pre_hook(HookFunction(name))
+    flex.register_full_backward_hook(HookFunction(name))
+    flex.register_hook(HookFunction(f"{name}.weight"))
+
+
+def test_every_hook_kind_stores_under_the_registered_name_in_call_order():
+    """As FlexModel 0.1.0: the key is the registered name whatever the hook kind, and kinds
+    on one module share its list, one tensor per call in the order the hooks fire."""
+    net, x = _point_net()
+    raw = _raw_values_in_call_order(net, x, "2")
+    output_dict: dict = {}
+    flex = FlexModel(net, output_dict)
+    _register_every_kind(flex, "2")
+    flex(x).pow(2).sum().backward()
+    flex.close()
+
+    assert sorted(output_dict) == ["2", "2.weight"]
+    module_calls = [t for kind, t in raw if kind != "grad"]
+    assert len(output_dict["2"]) == len(module_calls) == 4
+    assert all(torch.equal(a, b) for a, b in zip(output_dict["2"], module_calls))
+    assert [t.shape for t in output_dict["2"]] == [(2, 6), (2, 3), (2, 3), (2, 6)]
+    (grad,) = [t for kind, t in raw if kind == "grad"]
+    assert len(output_dict["2.weight"]) == 1 and torch.equal(output_dict["2.weight"][0], grad)
+
+
+def test_key_by_hook_kind_gives_each_kind_its_own_key():
+    net, x = _point_net()
+    raw = dict(_raw_values_in_call_order(net, x, "2"))
+    output_dict: dict = {}
+    flex = FlexModel(net, output_dict, key_by_hook_kind=True)
+    _register_every_kind(flex, "2")
+    flex(x).pow(2).sum().backward()
+    flex.close()
+
+    keys = {"2:input": "pre", "2": "fwd", "2:grad_output": "bwd_pre", "2:grad_input": "bwd",
+            "2.weight:grad": "grad"}
+    assert sorted(output_dict) == sorted(keys)
+    for key, kind in keys.items():
+        assert len(output_dict[key]) == 1 and torch.equal(output_dict[key][0], raw[kind]), key
+
+
+def test_a_hook_that_fires_twice_per_forward_appends_twice_and_keep_last_keeps_a_tensor():
+    """A module called twice in one forward (weight sharing): FlexModel appends both calls;
+    keep="last" keeps the latest call's tensor itself."""
+    torch.manual_seed(0)
+    shared = nn.Linear(3, 3)
+    net = nn.Sequential(shared, nn.Tanh(), shared)
+    x = torch.randn(2, 3)
+    first = shared(x).detach()
+    second = shared(torch.tanh(first)).detach()
+
+    all_calls: dict = {}
+    with FlexModel(net, all_calls) as flex:
+        flex.register_forward_hook(HookFunction("0"))
+        flex(x)
+        flex(x)
+    assert [torch.equal(t, e) for t, e in zip(all_calls["0"], [first, second] * 2)] == [True] * 4
+
+    last: dict = {}
+    with FlexModel(net, last, keep="last") as flex:
+        flex.register_forward_hook(HookFunction("0"))
+        flex.register_forward_hook(HookFunction("1"))
+        flex(x)
+    assert type(last["0"]) is torch.Tensor and torch.equal(last["0"], second)
+    assert torch.equal(last["1"], torch.tanh(first))
+    with pytest.raises(ValueError, match="keep must be one of"):
+        FlexModel(net, {}, keep="first")
+
+
+@pytest.mark.parametrize("how", ["rebind", "del"])
+def test_dropping_the_flexmodel_removes_its_hooks_without_gc(how):
+    """``model = flex.module`` or ``del flex``: reference counting alone finalizes the
+    FlexModel (nothing on the model keeps it alive), every hook goes, a plain forward is the
+    plain model's, and its HookFunctions can be registered again."""
+    import gc
+    import weakref
+
+    model, inputs = make("gpt2")
+    points = POINTS["gpt2"]
+    reference = run(lambda: model(**inputs), model, points["later"])
+    hfs = [HookFunction(points["attn"], editing_function=lambda m, x, c, d: x * 2),
+           HookFunction(points["mlp"]), HookFunction(points["param"])]
+    gc.disable()
+    try:
+        flex = FlexModel(model, {})
+        flex.register_forward_hook(hfs[0])
+        flex.register_full_backward_hook(hfs[1])
+        flex.register_hook(hfs[2])
+        flex.create_hook_group("norms", "*.ln_?")
+        alive = weakref.ref(flex)
+        assert hooks_left(model)
+        if how == "rebind":
+            flex = flex.module
+        else:
+            del flex
+        assert alive() is None
+        assert hooks_left(model) == []
+    finally:
+        gc.enable()
+    again = run(lambda: model(**inputs), model, points["later"])
+    assert torch.equal(again[0], reference[0])
+    assert all(torch.equal(again[2][n], reference[2][n]) for n in reference[2])
+    assert not any(hf.is_registered for hf in hfs)
+    FlexModel(model, {}).register_forward_hook(hfs[0])  # reusable
+
+
+def test_close_and_with_block_remove_hooks_at_once():
+    model, inputs = make("llama")
+    closes = []
+    with FlexModel(model, {}) as flex:
+        flex.runtime.close = lambda: closes.append(1)  # the runtime frees what it created
+        flex.register_full_backward_hook(HookFunction(MLP0))
+        flex.register_hook(HookFunction(f"{MLP0}.up_proj.weight"))
+        assert hooks_left(model)
+    assert hooks_left(model) == [] and closes == [1]
+    flex.close()  # idempotent
+    assert closes == [1]
+    with pytest.raises(RuntimeError, match="closed"):
+        flex(**inputs)
+    with pytest.raises(RuntimeError, match="closed"):
+        with flex:
+            pass
+
+    flex = FlexModel(model, {})
+    flex.register_forward_hook(HookFunction(MLP0))
+    with pytest.raises(KeyError):
+        with flex:
+            raise KeyError("the with block's exception propagates; hooks still go")
+    assert hooks_left(model) == []
+
+
+def test_a_registration_that_fails_part_way_leaves_no_hook_bound(monkeypatch):
+    model, inputs = make("llama")
+    flex = FlexModel(model, {})
+
+    # The parameter hook fails after its HookFunction was bound.
+    def broken(*args, **kwargs):
+        raise RuntimeError("cannot hook this parameter")
+
+    monkeypatch.setattr(flex.runtime, "register_parameter_hook", broken)
+    hf = HookFunction(f"{MLP0}.up_proj.weight")
+    with pytest.raises(RuntimeError, match="cannot hook"):
+        flex.register_hook(hf)
+    assert not hf.is_registered and hf.hook_type is None and flex.hook_functions == []
+    monkeypatch.undo()
+
+    # The module hook fails inside PyTorch's registration.
+    mlp = model.get_submodule(MLP0)
+    monkeypatch.setattr(mlp, "register_full_backward_hook", broken, raising=False)
+    hf_module = HookFunction(MLP0)
+    with pytest.raises(RuntimeError):
+        flex.register_full_backward_hook(hf_module)
+    assert not hf_module.is_registered and flex.hook_functions == []
+    monkeypatch.undo()
+    assert hooks_left(model) == []
+
+    # A group fails on its second module: the first one is taken off again.
+    calls = []
+    original = type(mlp).register_forward_hook
+
+    def second_fails(module, *args, **kwargs):
+        calls.append(module)
+        if len(calls) == 2:
+            raise RuntimeError("second registration fails")
+        return original(module, *args, **kwargs)
+
+    monkeypatch.setattr(type(mlp), "register_forward_hook", second_fails)
+    with pytest.raises(RuntimeError, match="second registration"):
+        flex.create_hook_group("mlps", "*.mlp")
+    monkeypatch.undo()
+    assert len(calls) == 2 and flex.hook_functions == [] and hooks_left(model) == []
+
+    # Afterwards the same HookFunctions register normally.
+    flex.register_hook(hf)
+    flex.register_full_backward_hook(hf_module)
+    flex(**inputs).logits.sum().backward()
+    assert set(flex.output_dict) == {MLP0, f"{MLP0}.up_proj.weight"}
+    flex.close()
+    assert hooks_left(model) == []
+
+
+def test_flexmodel_0_1_0_attribute_names():
+    """``output_ptr`` is FlexModel 0.1.0's name of the output dict; ``all_modules_names``
+    lists wrapped then trainable module names (0.1.0's raises AttributeError)."""
+    net = nn.Sequential(nn.Linear(2, 2))
+    first, second = {}, {}
+    flex = FlexModel(net, first)
+    assert flex.output_ptr is first
+    flex.output_ptr = second
+    assert flex.output_dict is second
+    flex.register_trainable_module("probe", nn.Linear(2, 2))
+    assert flex.all_modules_names == ["", "0", "probe"]
+    flex.close()

@@ -178,7 +178,8 @@ def test_disabled_hooks_do_no_work(monkeypatch):
 
 def test_selection_holds_for_the_backward_of_that_call():
     output_dict: dict = {}
-    model, inputs, flex = llama_flex(output_dict)
+    model, inputs = make("llama")
+    flex = FlexModel(model, output_dict, key_by_hook_kind=True)  # tells the kinds apart
     flex.create_hook_group("bw", "*.mlp", hook_type="full_backward")
     flex.create_hook_group("fw", "*.mlp")
     flex(**inputs, groups="bw").logits.sum().backward()

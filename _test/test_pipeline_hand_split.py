@@ -36,7 +36,7 @@ def test_hand_split_two_stages_equal_one_process():
         ref_stored, ref_out, ref_grads = reference(x_mbs, t_mbs, edit)
         stage = two_stages(plain_net(), dist.get_rank())
         stored: dict = {}
-        flex = FlexModel(stage, stored, pipeline_parallel_size=2)
+        flex = FlexModel(stage, stored, pipeline_parallel_size=2, key_by_hook_kind=True)
         assert flex.runtime.mesh.stage == dist.get_rank()
         register_sites(flex, edit)
         link = StageLink(flex.runtime.mesh)
@@ -179,7 +179,7 @@ def test_every_rank_can_register_every_hook():
     ref_stored, _, _ = reference(x_mbs, t_mbs, edit=True)
     stage = two_stages(plain_net(), dist.get_rank())
     stored: dict = {}
-    flex = FlexModel(stage, stored, pipeline_parallel_size=2)
+    flex = FlexModel(stage, stored, pipeline_parallel_size=2, key_by_hook_kind=True)
     hooks = []
     for name, kind in STAGE_SITES:  # no filtering by stage
         hf = HookFunction(name, editing_function=times_two)
@@ -212,7 +212,7 @@ def test_a_stage_without_an_output_dict_still_sends_its_entries():
     ref_stored, _, _ = reference(x_mbs, t_mbs, edit=False)
     stage = two_stages(plain_net(), dist.get_rank())
     stored: dict | None = {} if dist.get_rank() == 0 else None
-    flex = FlexModel(stage, stored, pipeline_parallel_size=2)
+    flex = FlexModel(stage, stored, pipeline_parallel_size=2, key_by_hook_kind=True)
     keys = register_sites(flex, edit=False)
     link = StageLink(flex.runtime.mesh)
     hand_split_step(flex, link, x_mbs, t_mbs)

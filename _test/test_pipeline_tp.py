@@ -57,7 +57,7 @@ def _tp_x_pp_case(dp: int) -> None:
         stage_module = two_stages(fairscale_net(plain_net()), stage)
         stored: dict = {}
         flex = FlexModel(stage_module, stored, tensor_parallel_size=2, pipeline_parallel_size=2,
-                         data_parallel_size=dp)
+                         data_parallel_size=dp, key_by_hook_kind=True)
         mesh = flex.runtime.mesh
         assert (mesh.source, mesh.sizes, mesh.stage) == (
             "fairscale", {"dp": dp, "tp": 2, "pp": 2}, stage)

@@ -127,11 +127,14 @@ def demo_rank(folder: str, input_ids: list[int], max_blocks: int | None = None,
     blocks = block_names(model)
     edited = f"{blocks[len(blocks) // 2]}.mlp.up_proj"
 
-    flex = FlexModel(model, {})
+    # keep="all" (FlexModel's default, spelled out): output_dict[name] is a list with one
+    # tensor per call, compared entry by entry with one process; keep="last" would store the
+    # latest call's tensor itself.
+    flex = FlexModel(model, {}, keep="all")
     register_groups(flex, edited)
     ref_flex = None
     if reference is not None:
-        ref_flex = FlexModel(reference, {}, process_group=solo)
+        ref_flex = FlexModel(reference, {}, process_group=solo, keep="all")
         register_groups(ref_flex, edited)
     result: dict[str, Any] = {"rank": rank, "world_size": dist.get_world_size(),
                               "num_blocks": len(blocks), "edited_module": edited}

@@ -19,6 +19,7 @@ disabled hook returns after reading one attribute.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -37,19 +38,26 @@ EditingFunction = Callable[[nn.Module, torch.Tensor, SimpleNamespace, nn.ModuleD
                            torch.Tensor]
 
 
-def output_key(module_name: str, hook_type: str) -> str:
+# What ``output_key(..., by_hook_kind=True)`` appends to the name, per hook kind.
+KIND_SUFFIXES = {"forward": "", "forward_pre": ":input", "full_backward": ":grad_input",
+                 "full_backward_pre": ":grad_output", "tensor": ":grad"}
+
+# What ``output_dict`` keeps per key: every call's tensor in a list, or the latest call's.
+KEEP_MODES = ("all", "last")
+
+
+def output_key(module_name: str, hook_type: str, by_hook_kind: bool = False) -> str:
     """Key of ``output_dict`` under which a hook stores what it sees.
 
-    Forward hooks use the bare module name (as FlexModel does); the other kinds append the role
-    of the tensor they see, so hooks of different kinds on one module never share a list:
-    ``name:input`` (forward-pre), ``name:grad_input`` (full backward), ``name:grad_output``
-    (full backward-pre), ``name:grad`` (parameter gradient; ``name`` is the parameter's path).
+    By default the name the hook was registered with, for every hook kind, as in FlexModel
+    0.1.0: hooks of several kinds on one module then share one entry, in call order. With
+    ``by_hook_kind`` the kinds other than forward append the role of the tensor they see, so
+    they never share: ``name:input`` (forward-pre), ``name:grad_input`` (full backward),
+    ``name:grad_output`` (full backward-pre), ``name:grad`` (parameter gradient).
     """
-    if hook_type == "forward":
-        return module_name
-    suffix = {"forward_pre": "input", "full_backward": "grad_input",
-              "full_backward_pre": "grad_output", "tensor": "grad"}[hook_type]
-    return f"{module_name}:{suffix}"
+    if hook_type not in KIND_SUFFIXES:
+        raise ValueError(f"unknown hook type {hook_type!r}; choose from {tuple(KIND_SUFFIXES)}")
+    return module_name + KIND_SUFFIXES[hook_type] if by_hook_kind else module_name
 
 
 def shape_matches(shape: Sequence[int], expected: tuple[int | None, ...]) -> bool:
@@ -77,9 +85,10 @@ _current_graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)
 class SharedState:
     """What every hook of one FlexModel shares: where to store, the save context, modules."""
 
-    output_dict: dict[str, list[torch.Tensor]] | None
+    output_dict: dict[str, Any] | None
     save_ctx: SimpleNamespace
     modules: nn.ModuleDict
+    keep: str = "all"  # one of KEEP_MODES
 
 
 class HookFunction:
@@ -131,7 +140,7 @@ class HookFunction:
         self._site: HookSite | None = None
         self._runtime: Runtime | None = None
         self._shared: SharedState | None = None
-        self._owner: object | None = None
+        self._owner: weakref.ref | None = None
         self._enabled = True
 
     def __repr__(self) -> str:
@@ -141,33 +150,41 @@ class HookFunction:
 
     @property
     def is_registered(self) -> bool:
-        return self._owner is not None
+        return self.owner is not None
+
+    @property
+    def owner(self) -> object | None:
+        """The FlexModel this hook function is registered with (``None`` when unregistered,
+        or when that FlexModel was dropped)."""
+        return None if self._owner is None else self._owner()
 
     # -- binding (called by FlexModel) -----------------------------------------------------
 
-    def _bind(self, owner: object, hook_type: str, site: HookSite, runtime: Runtime,
+    def _bind(self, owner: object, hook_type: str, key: str, site: HookSite, runtime: Runtime,
               shared: SharedState) -> None:
-        self._owner = owner
+        # A weak reference: PyTorch's hook dicts hold this HookFunction, and a strong one would
+        # keep the FlexModel alive as long as the model, so its finalizer could never run.
+        self._owner = weakref.ref(owner)
         self.hook_type = hook_type
-        self.output_key = output_key(self.module_name, hook_type)
+        self.output_key = key
         self._site = site
         self._runtime = runtime
         self._shared = shared
         self._enabled = True
 
-    def _bind_remote(self, owner: object, hook_type: str) -> None:
+    def _bind_remote(self, owner: object, hook_type: str, key: str) -> None:
         """Registered for a module that lives on another pipeline stage: it never fires here
         (the owning stage runs it), but counts as registered and can join groups."""
-        self._owner = owner
+        self._owner = weakref.ref(owner)
         self.hook_type = hook_type
-        self.output_key = output_key(self.module_name, hook_type)
+        self.output_key = key
         self._site = self._runtime = self._shared = None
         self._enabled = True
 
     @property
     def is_remote(self) -> bool:
         """Registered for a module of another pipeline stage (see :meth:`_bind_remote`)."""
-        return self._owner is not None and self._site is None
+        return self.owner is not None and self._site is None
 
     def _unbind(self) -> None:
         self._owner = None
@@ -248,7 +265,10 @@ class HookFunction:
     def _store(self, full: torch.Tensor) -> None:
         if self._shared.output_dict is None:  # this rank takes part but keeps nothing
             return
-        self._shared.output_dict.setdefault(self.output_key, []).append(full)
+        if self._shared.keep == "last":
+            self._shared.output_dict[self.output_key] = full
+        else:
+            self._shared.output_dict.setdefault(self.output_key, []).append(full)
 
     def _edit(self, full: torch.Tensor) -> torch.Tensor:
         """Run the editing function on the whole tensor and check what it returns."""

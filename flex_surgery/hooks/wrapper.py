@@ -7,7 +7,8 @@ parallelism lives behind the model's :class:`~flex_surgery.parallel.runtime.Runt
 :func:`~flex_surgery.parallel.distributed_runtime.build_runtime`); this module never calls a
 collective, so the same code runs in one process and under DP/TP/PP/FSDP.
 
-PyTorch hooks are installed at registration and stay until :meth:`FlexModel.restore` or
+PyTorch hooks are installed at registration and stay until :meth:`FlexModel.close` (also
+:meth:`FlexModel.restore`, leaving a ``with`` block, or dropping the FlexModel) or
 :meth:`FlexModel.remove_hook_function`; choosing groups per call flips a flag on each
 HookFunction, which keeps the order of several hooks on one module fixed (registration order
 matters when they edit). Module backward hooks are the exception: a disabled one is taken off
@@ -17,6 +18,8 @@ outputs in extra autograd nodes; they are put back in registration order.
 
 from __future__ import annotations
 
+import gc
+import weakref
 from collections.abc import Callable, Sequence
 from types import SimpleNamespace
 from typing import Any
@@ -29,10 +32,12 @@ from torch.utils.hooks import RemovableHandle
 from flex_surgery.hooks.errors import HookRegistrationError, UnknownNameError, did_you_mean
 from flex_surgery.hooks.groups import ALL, HookGroups, HookSelection, name_matcher
 from flex_surgery.hooks.hook_function import (
+    KEEP_MODES,
     EditingFunction,
     HookFunction,
     SharedState,
     check_expected_shape,
+    output_key,
 )
 from flex_surgery.naming import clean_name
 from flex_surgery.parallel.distributed_runtime import build_runtime
@@ -59,7 +64,59 @@ _HOOK_TYPE_ALIASES = {"backward": "full_backward", "backward_pre": "full_backwar
                       "pre_forward": "forward_pre", "pre_backward": "full_backward_pre",
                       "tensor_backward": "tensor", "parameter": "tensor"}
 
+# The FlexModel each module is wrapped by (weakly), so that a second one is refused: two
+# FlexModels on one model would each gather and edit the same activations, in an order neither
+# controls.
+_WRAPPED_BY: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
 _CREATE_HOOK_GROUP_OPTIONS = ("expected_shape", "editing_function", "unpack_idx", "hook_type")
+
+
+def _check_not_wrapped(module: nn.Module) -> None:
+    """Refuse to wrap a FlexModel, or a module another live FlexModel wraps (nothing is
+    modified yet when this raises, and every rank raises alike)."""
+    if isinstance(module, FlexModel):
+        raise HookRegistrationError(
+            "the module is a FlexModel; wrap the model itself (flex.module), or register more "
+            "hooks on this FlexModel and choose them per call with groups")
+    for attempt in range(2):
+        ref = _WRAPPED_BY.get(module)
+        current = ref() if ref is not None else None
+        if current is None or current._restored:
+            return
+        if attempt == 0:
+            gc.collect()  # a FlexModel that was dropped but not yet collected does not count
+    raise HookRegistrationError(
+        f"this {type(module).__name__} is already wrapped by a FlexModel; close() or restore() "
+        "that one first, or register more hooks on it and choose them per call with groups")
+
+
+def _detach_hooks(handles: dict[HookFunction, RemovableHandle | None],
+                  backward_flag_before: dict[nn.Module, bool | None],
+                  params_without_hooks_before: list[torch.Tensor],
+                  runtime_unwatch: Callable[[], None] | None) -> None:
+    """Take every hook of one FlexModel off the model and undo what registering them set.
+
+    :meth:`FlexModel.close` runs it, and so does the FlexModel's ``weakref.finalize`` when the
+    FlexModel is dropped without closing (it is given the FlexModel's containers, never the
+    FlexModel, which it would keep alive). A finalizer runs on one rank at a time of gc's
+    choosing, so this is local work only: no collective, no process group freed.
+    """
+    for hf, handle in list(handles.items()):
+        if handle is not None:
+            handle.remove()
+        hf._unbind()
+    handles.clear()
+    for module, before in backward_flag_before.items():
+        if not module._backward_hooks:
+            module._is_full_backward_hook = before
+    for parameter in params_without_hooks_before:
+        if not parameter._backward_hooks:
+            parameter._backward_hooks = None
+    backward_flag_before.clear()
+    params_without_hooks_before.clear()
+    if runtime_unwatch is not None:
+        runtime_unwatch()  # the runtime's own hooks (layout tracking under TP)
 
 
 class FlexModel(nn.Module):
@@ -67,25 +124,35 @@ class FlexModel(nn.Module):
 
     Args:
         module: the model; left invariant (``restore()`` gives it back with nothing attached).
-        output_dict: where hooks store what they see: ``output_dict[key]`` is a list with one
-            detached CPU tensor per hook call, the whole (unsharded) value before editing,
-            filled on the storing rank only. ``key`` is the module name for forward hooks and
-            ``name:input``, ``name:grad_input``, ``name:grad_output``, ``name:grad`` for the
-            other kinds (:attr:`HookFunction.output_key`). ``None``: this rank keeps nothing
-            (distributed, it still takes part in the gathers, so passing a dict on rank 0
-            only is fine).
+        output_dict: where hooks store what they see, as FlexModel 0.1.0 does:
+            ``output_dict[name]`` is a list that grows by one detached CPU tensor per hook
+            call, the whole (unsharded) value before editing, filled on the storing rank only.
+            ``name`` is the name the hook was registered with, for every hook kind
+            (:attr:`HookFunction.output_key`). ``None``: this rank keeps nothing (distributed,
+            it still takes part in the gathers, so passing a dict on rank 0 only is fine).
         tensor_parallel_size, pipeline_parallel_size, data_parallel_size, process_group: how
             the model is distributed; all 1/``None`` in one process.
         store_on: ``"rank0"`` stores retrieved tensors on global rank 0 only (on each pipeline
             stage's leader until :meth:`sync_pipeline_outputs`); ``"all"`` on every rank.
         batch_dim: the activation dimension that data parallelism splits; ``None`` (default):
             the one the model's framework uses (1 for Megatron-core's ``[s, b, h]``, else 0).
+        keep: ``"all"`` (FlexModel's behaviour): a list per key, one tensor per hook call;
+            ``"last"``: the tensor of the latest call, replacing the previous one (not with
+            pipelining, whose stages' calls are collected as lists).
+        key_by_hook_kind: ``False`` (FlexModel's behaviour): every hook kind stores under the
+            registered name, so several kinds on one module share one list, in call order.
+            ``True``: non-forward kinds get their own keys ``name:input``,
+            ``name:grad_input``, ``name:grad_output`` and ``name:grad``.
+
+    Dropping the FlexModel (``model = flex.module``, ``del flex``) removes its hooks from the
+    model, as FlexModel 0.1.0's finalizer does; :meth:`close` (or leaving ``with FlexModel(...)
+    as flex:``) does it at once and also frees what the runtime created.
     """
 
     def __init__(
         self,
         module: nn.Module,
-        output_dict: dict[str, list[torch.Tensor]] | None,
+        output_dict: dict[str, Any] | None,
         tensor_parallel_size: int = 1,
         pipeline_parallel_size: int = 1,
         data_parallel_size: int = 1,
@@ -93,13 +160,20 @@ class FlexModel(nn.Module):
         *,
         store_on: str = "rank0",
         batch_dim: int | None = None,
+        keep: str = "all",
+        key_by_hook_kind: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(module, nn.Module):
             raise TypeError(f"FlexModel wraps an nn.Module, got {type(module).__name__}")
         if output_dict is not None and not isinstance(output_dict, dict):
             raise TypeError(f"output_dict must be a dict or None, got {type(output_dict).__name__}")
+        if keep not in KEEP_MODES:
+            raise ValueError(f"keep must be one of {KEEP_MODES}, got {keep!r}")
+        _check_not_wrapped(module)
         self.module = module
+        self.keep = keep
+        self.key_by_hook_kind = bool(key_by_hook_kind)
         self.save_ctx = SimpleNamespace()
         self.trainable_modules = nn.ModuleDict()
         self.tp_size = tensor_parallel_size
@@ -108,11 +182,15 @@ class FlexModel(nn.Module):
         self.runtime = build_runtime(module, tensor_parallel_size, pipeline_parallel_size,
                                      data_parallel_size, process_group, store_on=store_on,
                                      batch_dim=batch_dim)
-        self._shared = SharedState(None, self.save_ctx, self.trainable_modules)
+        self._shared = SharedState(None, self.save_ctx, self.trainable_modules, keep)
         # Under pipelining: names of the other stages, so every rank can register every hook.
+        mesh = getattr(self.runtime, "mesh", None)
         self._remote_names = names_on_other_stages(
-            set(self._module_table()) | set(self._parameter_table()),
-            getattr(self.runtime, "mesh", None))
+            set(self._module_table()) | set(self._parameter_table()), mesh)
+        if keep == "last" and mesh is not None and mesh.pp_size > 1:
+            self.runtime.close()
+            raise ValueError("keep='last' is not available with pipeline parallelism: every "
+                             "stage's calls are collected on rank 0 as lists; use keep='all'")
         self.output_dict = output_dict
         self._groups = HookGroups()
         # None: a module backward hook that is disabled, hence not installed (see _select).
@@ -124,14 +202,19 @@ class FlexModel(nn.Module):
         self._params_without_hooks_before: list[torch.Tensor] = []
         self._selection_key: tuple | None = None
         self._restored = False
+        _WRAPPED_BY[module] = weakref.ref(self)
+        layouts = getattr(self.runtime, "layouts", None)
+        self._finalizer = weakref.finalize(
+            self, _detach_hooks, self._handles, self._backward_flag_before,
+            self._params_without_hooks_before, getattr(layouts, "unwatch", None))
 
     @property
-    def output_dict(self) -> dict[str, list[torch.Tensor]] | None:
+    def output_dict(self) -> dict[str, Any] | None:
         """Where hooks store what they see (may be replaced, e.g. by a fresh dict per step)."""
         return self._output_dict
 
     @output_dict.setter
-    def output_dict(self, value: dict[str, list[torch.Tensor]] | None) -> None:
+    def output_dict(self, value: dict[str, Any] | None) -> None:
         if value is not None and not isinstance(value, dict):
             raise TypeError(f"output_dict must be a dict or None, got {type(value).__name__}")
         self._output_dict = value
@@ -140,6 +223,15 @@ class FlexModel(nn.Module):
         # the user gave this rank no dict (a dict on rank 0 only is a natural SPMD pattern).
         staging = value is None and self._remote_names
         self._shared.output_dict = {} if staging else value
+
+    @property
+    def output_ptr(self) -> dict[str, Any] | None:
+        """FlexModel 0.1.0's name for :attr:`output_dict`."""
+        return self.output_dict
+
+    @output_ptr.setter
+    def output_ptr(self, value: dict[str, Any] | None) -> None:
+        self.output_dict = value
 
     # -- forward ------------------------------------------------------------------------------
 
@@ -242,7 +334,7 @@ class FlexModel(nn.Module):
         if not isinstance(hf, HookFunction):
             raise TypeError(f"expected a HookFunction, got {type(hf).__name__}")
         if hf.is_registered:
-            where = "this FlexModel" if hf._owner is self else "another FlexModel"
+            where = "this FlexModel" if hf.owner is self else "another FlexModel"
             raise HookRegistrationError(
                 f"{hf!r} is already registered with {where}; create a new HookFunction for "
                 "another hook point"
@@ -254,32 +346,44 @@ class FlexModel(nn.Module):
                 f"{hf!r} has no editing function and this FlexModel has no output_dict: it "
                 "would do nothing"
             )
+        key = output_key(hf.module_name, hook_type, self.key_by_hook_kind)
         try:
             if hook_type == "tensor":
-                site, handle = self._register_parameter_hook(hf, table)
+                handle = self._register_parameter_hook(hf, key, table)
             else:
-                site, handle = self._register_module_hook(hf, hook_type, table)
+                handle = self._register_module_hook(hf, hook_type, key, table)
         except UnknownNameError:
+            hf._unbind()
             if clean_name(hf.module_name) not in self._remote_names:
                 raise
-            hf._bind_remote(self, hook_type)  # the stage that owns the module runs it
+            hf._bind_remote(self, hook_type, key)  # the stage that owns the module runs it
             handle = None
-        self._handles[hf] = handle
-        self._groups.add(hf)
+        except BaseException:
+            hf._unbind()  # a registration that fails part-way leaves nothing bound
+            raise
+        try:
+            self._handles[hf] = handle
+            self._groups.add(hf)
+        except BaseException:
+            self._handles.pop(hf, None)
+            if handle is not None:
+                handle.remove()
+            hf._unbind()
+            raise
 
-    def _register_module_hook(self, hf: HookFunction, hook_type: str,
-                              table: dict | None) -> tuple[HookSite, RemovableHandle]:
+    def _register_module_hook(self, hf: HookFunction, hook_type: str, key: str,
+                              table: dict | None) -> RemovableHandle:
         module = self._resolve_module(hf.module_name, table)
         site = HookSite(hf.module_name, hook_type, HookSite.role_for(hook_type), module=module,
                         expected_shape=hf.expected_shape)
-        hf._bind(self, hook_type, site, self.runtime, self._shared)
+        hf._bind(self, hook_type, key, site, self.runtime, self._shared)
         if hook_type == "full_backward" and module not in self._backward_flag_before:
             self._backward_flag_before[module] = module._is_full_backward_hook
         method, options = _MODULE_REGISTRATION[hook_type]
-        return site, getattr(module, method)(hf.torch_hook(), **options)
+        return getattr(module, method)(hf.torch_hook(), **options)
 
-    def _register_parameter_hook(self, hf: HookFunction,
-                                 table: dict | None) -> tuple[HookSite, RemovableHandle]:
+    def _register_parameter_hook(self, hf: HookFunction, key: str,
+                                 table: dict | None) -> RemovableHandle:
         parameter, owner = self._resolve_parameter(hf.module_name, table)
         if hf.unpack_idx != 0:
             raise HookRegistrationError(
@@ -293,15 +397,14 @@ class FlexModel(nn.Module):
             )
         site = HookSite(hf.module_name, "tensor", HookSite.role_for("tensor"), module=owner,
                         parameter=parameter, expected_shape=hf.expected_shape)
-        hf._bind(self, "tensor", site, self.runtime, self._shared)
+        hf._bind(self, "tensor", key, site, self.runtime, self._shared)
         if parameter._backward_hooks is None and not any(
             p is parameter for p in self._params_without_hooks_before
         ):
             self._params_without_hooks_before.append(parameter)
         # Through the runtime: under FSDP the tensor autograd sees is not the registered one.
-        handle = self.runtime.register_parameter_hook(hf.module_name, parameter, owner,
-                                                      hf.torch_hook())
-        return site, handle
+        return self.runtime.register_parameter_hook(hf.module_name, parameter, owner,
+                                                    hf.torch_hook())
 
     def remove_hook_function(self, hook_function: HookFunction) -> None:
         """Unregister one hook function: its PyTorch hook and its group memberships go."""
@@ -444,6 +547,11 @@ class FlexModel(nn.Module):
     def trainable_modules_names(self) -> list[str]:
         return list(self.trainable_modules.keys())
 
+    @property
+    def all_modules_names(self) -> list[str]:
+        """Names of the wrapped module's submodules, then of the trainable modules."""
+        return self.wrapped_module_names + self.trainable_modules_names
+
     def _module_names(self) -> list[str]:
         return [n for n, _ in self.module.named_modules(remove_duplicate=False)]
 
@@ -494,33 +602,41 @@ class FlexModel(nn.Module):
             f"{hint or did_you_mean(name, table)}"
         )
 
-    # -- restore ----------------------------------------------------------------------------------
+    # -- close / restore ----------------------------------------------------------------------
 
-    def restore(self) -> nn.Module:
-        """Remove every hook and give back the wrapped module exactly as it was wrapped.
+    def close(self) -> None:
+        """Remove every hook now and free what the runtime created (its process groups).
 
-        Afterwards this FlexModel cannot be used; its hook functions can be registered again
-        with a new one.
+        Every rank calls it (the runtime may free groups). Afterwards this FlexModel cannot be
+        used; its hook functions can be registered again with a new one. Idempotent.
+        Leaving ``with FlexModel(...) as flex:`` calls it; dropping the FlexModel without it
+        still removes the hooks (a finalizer); the process groups its runtime built are then
+        freed when every rank has dropped it, at the next FlexModel built on every rank
+        (:mod:`flex_surgery.parallel.group_lifetime`).
         """
         if self._restored:
-            return self.module
-        for hf in list(self._handles):
-            self.remove_hook_function(hf)
-        for module, before in self._backward_flag_before.items():
-            if not module._backward_hooks:
-                module._is_full_backward_hook = before
-        for parameter in self._params_without_hooks_before:
-            if not parameter._backward_hooks:
-                parameter._backward_hooks = None
-        self._backward_flag_before.clear()
-        self._params_without_hooks_before.clear()
-        self.runtime.close()  # the runtime's own hooks (layout tracking) go too
+            return
         self._restored = True
+        self._groups = HookGroups()
+        self._finalizer()  # _detach_hooks, once
+        self.runtime.close()
+
+    def restore(self) -> nn.Module:
+        """:meth:`close`, then give back the wrapped module exactly as it was wrapped."""
+        self.close()
         return self.module
+
+    def __enter__(self) -> FlexModel:
+        self._check_usable()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def _check_usable(self) -> None:
         if self._restored:
-            raise RuntimeError("this FlexModel was restored; wrap the module again to use hooks")
+            raise RuntimeError("this FlexModel was closed or restored (close(), restore() or the "
+                               "end of its with block); wrap the module again to use hooks")
 
     def hook_map(self, title: str | None = None):
         """The module tree with hookable points, registered hooks, groups and sharding.

@@ -1,0 +1,154 @@
+"""FlexModel 0.1.0's own tests, unchanged, run against flex_surgery.
+
+The wheel ``flex-model==0.1.0`` ships FlexModel's tests. This test downloads it once into
+``.cache/flex_model-0.1.0/`` (skipped, with pip's reason, when no package index is reachable),
+extracts ``_test/core/test_hook_function.py`` and ``_test/core/test_wrapper.py`` byte for byte,
+and runs them in a separate pytest process with ``flex_model`` pointing at flex_surgery: a
+separate process because FlexModel's test package is also called ``_test``, and because those
+tests start and destroy the default process group. What the tests need from a GPU node (OPT-350m,
+``.cuda()``, an NCCL group) comes from ``flexmodel_compat_conftest.py``, copied in as their
+``conftest.py``. ``FLEX_COMPAT_TARGET=flex_model`` runs the same files against FlexModel 0.1.0
+itself, which must then pass all 12: the proof that the harness is fair.
+
+Every behaviour test must pass. The others inspect FlexModel's private attributes
+(``_shared_state``, ``_hook_fn_group_manager``), which flex_surgery does not have; they are
+listed, with why, in docs/migration.md.
+
+FlexModel's tests only look at the first stored tensor, so ``flexmodel_compat_probe.py`` also
+runs one script against FlexModel 0.1.0 itself and against flex_surgery and requires the same
+``output_dict`` (keys, value types, every tensor in order) and the same model after the wrapper
+is dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+REQUIREMENT = "flex-model==0.1.0"
+CACHE = Path(os.environ.get("FLEX_MODEL_WHEEL_CACHE", REPO / ".cache" / "flex_model-0.1.0"))
+CONFTEST = Path(__file__).resolve().parent / "flexmodel_compat_conftest.py"
+AGAINST_FLEX_MODEL = os.environ.get("FLEX_COMPAT_TARGET") == "flex_model"
+
+TEST_FILES = ("_test/core/test_hook_function.py", "_test/core/test_wrapper.py")
+# What those files import besides flex_model.
+SUPPORT_FILES = ("_test/__init__.py", "_test/core/__init__.py", "_test/multi_gpu/__init__.py",
+                 "_test/multi_gpu/testing_utils.py")
+
+BEHAVIOUR_TESTS = {
+    "test_hook_function.test_forward_hooks",
+    "test_hook_function.test_full_backward_hooks",
+    "test_hook_function.test_tensor_hooks",
+    "test_hook_function.test_forward_pre_hooks",
+    "test_hook_function.test_full_backward_pre_hooks",
+    "test_wrapper.test_trainable_module_gradient",
+    "test_wrapper.test_save_ctx",
+    "test_wrapper.test_destroy",
+}
+# Tests that read FlexModel's private attributes (see docs/migration.md).
+PRIVATE_ATTRIBUTE_TESTS = {
+    "test_wrapper.test_register_forward_hook": "HookFunction._shared_state",
+    "test_wrapper.test_register_trainable_module": "HookFunction._shared_state",
+    "test_wrapper.test_FlexModel_group_all": "FlexModel._hook_fn_group_manager",
+    "test_wrapper.test_FlexModel_group_creation": "FlexModel._hook_fn_group_manager",
+}
+
+
+def _wheel() -> Path:
+    """FlexModel 0.1.0's wheel, downloaded into the cache the first time."""
+    found = sorted(CACHE.glob("flex_model-0.1.0-*.whl"))
+    if found:
+        return found[0]
+    CACHE.mkdir(parents=True, exist_ok=True)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+             "--timeout", "20", "--retries", "1", REQUIREMENT, "-d", str(CACHE)],
+            capture_output=True, text=True, timeout=180)
+    except subprocess.TimeoutExpired:
+        pytest.skip(f"pip download {REQUIREMENT} timed out: no package index reachable")
+    found = sorted(CACHE.glob("flex_model-0.1.0-*.whl"))
+    if done.returncode != 0 or not found:
+        reason = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        pytest.skip(f"cannot download {REQUIREMENT} (no package index reachable?): {reason}")
+    return found[0]
+
+
+def _python_env(*front: Path) -> dict[str, str]:
+    path = [*map(str, front), str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+
+
+def _run_flexmodel_tests(wheel: Path, workdir: Path) -> tuple[dict[str, str], str]:
+    """Run FlexModel's test files from ``wheel`` in ``workdir``; outcome per test, output."""
+    with zipfile.ZipFile(wheel) as archive:
+        for name in TEST_FILES + SUPPORT_FILES:
+            target = workdir / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(archive.read(name))
+    shutil.copy(CONFTEST, workdir / "conftest.py")
+    (workdir / "pytest.ini").write_text("[pytest]\n")
+    report = workdir / "report.xml"
+    # A pure-Python wheel imports from its zip.
+    env = _python_env(wheel) if AGAINST_FLEX_MODEL else _python_env()
+    timeout = float(os.environ.get("FLEX_TEST_TIMEOUT", "600"))
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir",
+         str(workdir), "-c", str(workdir / "pytest.ini"), f"--junitxml={report}",
+         *TEST_FILES],
+        cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
+    output = done.stdout + done.stderr
+    assert report.exists(), f"FlexModel's tests did not run:\n{output[-4000:]}"
+    outcomes = {}
+    for case in ET.parse(report).getroot().iter("testcase"):
+        module = case.get("classname", "").rsplit(".", 1)[-1]
+        failed = case.find("failure") is not None or case.find("error") is not None
+        skipped = case.find("skipped") is not None
+        outcome = "failed" if failed else "skipped" if skipped else "passed"
+        outcomes[f"{module}.{case.get('name')}"] = outcome
+    return outcomes, output
+
+
+def test_flexmodel_0_1_0_behaviour_tests_pass_on_flex_surgery(tmp_path):
+    outcomes, output = _run_flexmodel_tests(_wheel(), tmp_path)
+    assert set(outcomes) == BEHAVIOUR_TESTS | set(PRIVATE_ATTRIBUTE_TESTS), (
+        f"FlexModel's test files hold other tests than expected: {sorted(outcomes)}")
+    must_pass = set(outcomes) if AGAINST_FLEX_MODEL else BEHAVIOUR_TESTS
+    not_passed = {t: o for t, o in outcomes.items() if t in must_pass and o != "passed"}
+    assert not not_passed, f"FlexModel behaviour tests not passing: {not_passed}\n{output[-6000:]}"
+    passed = sum(o == "passed" for o in outcomes.values())
+    target = "FlexModel 0.1.0 itself" if AGAINST_FLEX_MODEL else "flex_surgery"
+    print(f"FlexModel 0.1.0's tests on {target}: {passed} passed, "
+          f"{len(outcomes) - passed} failed (private attributes: "
+          f"{sorted(t for t in PRIVATE_ATTRIBUTE_TESTS if outcomes[t] != 'passed')})")
+
+
+def _probe(target: str, wheel: Path) -> dict:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**_python_env(wheel), "PROBE_PORT": str(port)}
+    done = subprocess.run([sys.executable, str(Path(__file__).parent / "flexmodel_compat_probe.py"),
+                           target], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"probe on {target} failed:\n{done.stderr[-4000:]}"
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_output_dict_and_dropped_wrapper_equal_flexmodel_0_1_0_itself():
+    wheel = _wheel()
+    theirs, ours = _probe("flex_model", wheel), _probe("flex_surgery", wheel)
+    assert theirs["hooks_while_wrapped"] > 0 and theirs["hooks_left_after_drop"] == 0
+    assert theirs["stored"].keys() == ours["stored"].keys()
+    for key, value in theirs["stored"].items():
+        assert ours["stored"][key] == value, key
+    assert ours == theirs
