@@ -15,7 +15,7 @@ import torch.distributed as dist
 from rank_pool import distributed
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
-LAYOUT_PAGES = ("ddp", "fsdp", "fairscale_tp", "dtensor_tp", "hf_tp", "pipeline")
+LAYOUT_PAGES = ("ddp", "fsdp", "fairscale_tp", "dtensor_tp", "hf_tp", "megatron", "pipeline")
 
 
 def python_blocks(page: Path) -> list[str]:

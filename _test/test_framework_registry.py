@@ -1,0 +1,263 @@
+"""The framework registry: its protocol, and "unknown means error".
+
+Protocol: every framework answers "not mine" for plain modules; asking the registry never
+imports a framework library; each framework owns its layers, says how their activations and
+parameters are split, and adopts its groups; a Megatron parameter it cannot map (interleaved
+partitions) is refused.
+
+Unknown means error, each case at TP=2 with Megatron-core's groups: a module whose parameters
+differ across the TP ranks but that no framework owns, a TP activation that a module reshapes,
+and a sequence-parallel activation that nothing declares. Hooks on them (and on what follows),
+the full parameter, surgery with ``full_parameter`` and export's whole weights raise an error
+that names the module and says how to declare the layout, on every rank, and leave nothing
+modified; with the declared ``expected_shape`` the hooks equal one process. Before the registry
+each of these stored or returned rank 0's piece as if it were the whole tensor.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+from megatron_cases import FF, B, H, S, megatron_mlp, megatron_parallel, plain_mlp, token_ids
+from rank_pool import distributed
+from torch import nn
+
+from flex_surgery.export import full_weights
+from flex_surgery.hooks.hook_function import HookFunction
+from flex_surgery.hooks.wrapper import FlexModel
+from flex_surgery.parallel import frameworks
+from flex_surgery.parallel.layout import LayoutError
+from flex_surgery.parallel.mesh import ParallelMesh
+from flex_surgery.surgery import SurgicalTheater
+
+TOL = dict(rtol=1e-6, atol=1e-6)
+
+
+# -- the protocol --------------------------------------------------------------------------------
+def test_plain_modules_belong_to_no_framework():
+    lin = nn.Linear(3, 4)
+    assert frameworks.owner(lin) is None
+    assert all(not f.owns(lin) for f in frameworks.FRAMEWORKS)
+    assert frameworks.wrapper_kind(lin) is None
+    assert frameworks.batch_dim(lin) == 0
+    assert not frameworks.sequence_parallel(lin)
+    assert not frameworks.substitutes_parameters(lin)
+    tied = nn.Linear(3, 4, bias=False)
+    tied.weight = lin.weight
+    views = frameworks.parameter_views(nn.Sequential(lin, tied))  # tied: once, with its alias
+    assert [(v.name, v.aliases, v.kind) for v in views] == [
+        ("0.weight", ("1.weight",), "plain"), ("0.bias", (), "plain")]
+    assert torch.equal(views[0].gather(), lin.weight)
+
+
+def test_asking_the_registry_imports_no_framework_library():
+    code = ("import sys; from torch import nn; from flex_surgery.parallel import frameworks as f; "
+            "m = nn.Sequential(nn.Linear(2, 2)); f.parameter_views(m); f.owner(m[0]); "
+            "f.adopt_groups(m); f.sequence_parallel(m); "
+            "print(sorted(n for n in ('fairscale', 'megatron') if n in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=300)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_megatron_interleaved_partitions_are_refused():
+    """``partition_stride > 1`` interleaves partitions: the elements cannot be mapped to the
+    full parameter, so the view is an error rather than a wrong block."""
+    import megatron.core.tensor_parallel  # noqa: F401  (loads the framework's classes)
+
+    lin = nn.Linear(4, 4)
+    lin.weight.tensor_model_parallel, lin.weight.partition_dim = True, 0
+    lin.weight.partition_stride = 2
+    assert frameworks.owner(lin) is frameworks.MEGATRON
+    with pytest.raises(frameworks.MegatronLayoutError, match="partition_stride=2"):
+        frameworks.parameter_views(lin)
+    lin.weight.partition_stride = 1
+    assert frameworks.tp_partition_dim(lin, lin.weight) == 0
+    assert frameworks.tp_partition_dim(lin, lin.bias) is None
+
+
+@distributed(world_size=2)
+def test_each_framework_answers_for_its_layers():
+    with megatron_parallel(2):
+        model = megatron_mlp()
+        mesh = ParallelMesh.adopt(model)
+        assert mesh.source == "megatron" and mesh.tp_size == 2
+        up, down, embed = model.up, model.down, model.embed
+        assert {frameworks.owner(m) for m in (up, down, embed)} == {frameworks.MEGATRON}
+        assert frameworks.owner(model.act) is None
+        col, row = frameworks.tp_layer(up, mesh), frameworks.tp_layer(down, mesh)
+        assert col.input is None and col.output.dim == frameworks.HIDDEN
+        assert col.output.full == FF and col.exact
+        assert row.input.full == FF and row.output is None
+        assert frameworks.batch_dim(model) == 1
+        views = {v.name: v for v in frameworks.parameter_views(model)}
+        assert {n: (v.kind, v.partition_dim) for n, v in views.items()} == {
+            "embed.weight": ("megatron", 0), "up.weight": ("megatron", 0),
+            "up.bias": ("megatron", 0), "down.weight": ("megatron", 1),
+            "down.bias": ("plain", None)}
+        assert views["up.weight"].full_shape == (FF, H)
+        assert views["up.weight"].region.offsets == (FF // 2 * dist.get_rank(), 0)
+    from fairscale.nn.model_parallel import initialize as fs_init
+    from fairscale.nn.model_parallel import layers as fs
+
+    fs_init.initialize_model_parallel(2)
+    col = fs.ColumnParallelLinear(H, FF, gather_output=False)
+    mesh = ParallelMesh.adopt(col)
+    assert mesh.source == "fairscale"
+    assert frameworks.owner(col) is frameworks.FAIRSCALE
+    assert frameworks.tp_layer(col, mesh).output.full == FF
+    assert frameworks.parameter_views(col)[0].kind == "fairscale"
+
+
+# -- unknown means error -------------------------------------------------------------------------
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+class HandSplitLinear(nn.Linear):
+    """This rank's rows of a column-parallel linear, cut by hand: no framework knows it."""
+
+    def forward(self, x):
+        return super().forward(x), None
+
+
+def _hand_split(plain: nn.Linear) -> HandSplitLinear:
+    tp, r = dist.get_world_size(), dist.get_rank()
+    n = plain.out_features // tp
+    lin = HandSplitLinear(plain.in_features, n)
+    with torch.no_grad():
+        lin.weight.copy_(plain.weight[r * n:(r + 1) * n])
+        lin.bias.copy_(plain.bias[r * n:(r + 1) * n])
+    return lin
+
+
+class SplitHeads(nn.Module):
+    """``[s, b, n]`` -> ``[s, b, heads, n / heads]``: a reshape of a TP-sharded activation."""
+
+    def forward(self, x):
+        return x.unflatten(-1, (-1, 8))
+
+
+class ScatterSequence(nn.Module):
+    """Megatron's functional scatter onto the sequence dim (identity for the unsharded twin):
+    what comes out is sequence-sharded, but no module's attributes say so."""
+
+    def __init__(self, sharded: bool) -> None:
+        super().__init__()
+        self.sharded = sharded
+
+    def forward(self, x):
+        if not self.sharded:
+            return x
+        from megatron.core.tensor_parallel import scatter_to_sequence_parallel_region
+
+        return scatter_to_sequence_parallel_region(x)
+
+
+class Pipeline(nn.Module):
+    """``embed -> [scatter] -> up -> act -> [heads -> merge] -> down``, for both twins."""
+
+    def __init__(self, mlp: nn.Module, heads: bool = False, scatter: nn.Module | None = None):
+        super().__init__()
+        self.embed, self.up, self.act, self.down = mlp.embed, mlp.up, mlp.act, mlp.down
+        self.scatter = scatter if scatter is not None else nn.Identity()
+        self.heads = SplitHeads() if heads else nn.Identity()
+
+    def forward(self, ids):
+        x = self.scatter(self.embed(ids.transpose(0, 1)))
+        h = self.heads(self.act(_first(self.up(x))))
+        return _first(self.down(h.flatten(2) if h.dim() == 4 else h))
+
+
+def _stored(model: nn.Module, name: str, expected_shape=None) -> torch.Tensor | None:
+    stored: dict = {}
+    flex = FlexModel(model, stored)
+    try:
+        flex.register_forward_hook(HookFunction(name, expected_shape=expected_shape))
+        flex(token_ids())
+        return stored[name][0] if stored else None
+    finally:
+        flex.restore()
+
+
+def _raises_everywhere(fn, module_name: str) -> None:
+    """``fn`` fails on every rank, with a message that names the module and the remedy (the
+    ranks that could not tell say so; the others learn it from them)."""
+    with pytest.raises(LayoutError) as info:
+        fn()
+    if isinstance(info.value, frameworks.UnknownLayoutError):
+        assert module_name in str(info.value) and "expected_shape" in str(info.value)
+
+
+def _check_hooks(model, twin, unknown: list[str], declared: dict[str, tuple]):
+    for name in unknown:
+        _raises_everywhere(lambda n=name: _stored(model, n), name)
+    for name, shape in declared.items():
+        got, want = _stored(model, name, shape), _stored(twin, name)
+        if dist.get_rank() == 0:
+            assert got.shape == want.shape == shape
+            torch.testing.assert_close(got, want, **TOL)
+
+
+@distributed(world_size=2)
+def test_a_split_module_no_framework_owns_is_an_error():
+    """A hand-split column linear: hooks on it and after it, its full parameter, surgery with
+    ``full_parameter`` and export raise (before: rank 0's half stored / returned as whole)."""
+    with megatron_parallel(2):
+        plain = plain_mlp()
+        mlp = megatron_mlp(plain)
+        mlp.up = _hand_split(plain.up)
+        model, twin = Pipeline(mlp), Pipeline(plain_mlp())
+        with torch.no_grad():
+            assert list(frameworks.split_unknown_modules(
+                model, frameworks.tensor_parallel_group())) == ["up"]
+        _check_hooks(model, twin, unknown=["up", "act"],
+                     declared={"up": (S, B, FF), "act": (S, B, FF)})
+        flex = FlexModel(model, {})
+        try:
+            with pytest.raises(frameworks.UnknownLayoutError, match="'up.weight'.*expected_shape"):
+                flex.get_module_parameter("up.weight")
+            assert torch.equal(flex.get_module_parameter("down.weight"), plain.down.weight)
+        finally:
+            flex.restore()
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        with pytest.raises(frameworks.UnknownLayoutError, match="'up.weight'"):
+            with SurgicalTheater(model, layers="up.weight", full_parameter=True,
+                                 modification_fn=lambda w: torch.zeros_like(w)):
+                pass
+        for n, p in model.named_parameters():
+            assert torch.equal(p, before[n]), n  # nothing left modified
+        with pytest.raises(frameworks.UnknownLayoutError, match="'up.weight'"):
+            full_weights(model)
+
+
+@distributed(world_size=2)
+def test_a_reshaped_tp_activation_is_an_error_unless_declared():
+    """The column output reshaped into heads: its last dim is no longer the column's shard
+    (before: stored as replicated -- rank 0's heads only)."""
+    with megatron_parallel(2):
+        model = Pipeline(megatron_mlp(), heads=True)
+        twin = Pipeline(plain_mlp(), heads=True)
+        _check_hooks(model, twin, unknown=["heads"], declared={"heads": (S, B, FF // 8, 8)})
+
+
+@distributed(world_size=2)
+def test_an_undeclared_sequence_parallel_activation_is_an_error():
+    """A functional scatter onto the sequence dim in a sequence-parallel model: the tensor's
+    shape is not the replicated one before it, and nothing says how it is split (before:
+    rank 0's half of the sequence stored as the whole)."""
+    with megatron_parallel(2):
+        plain = plain_mlp()
+        sp, replicated_embedding = megatron_mlp(plain, True), megatron_mlp(plain, False)
+        sp.embed = replicated_embedding.embed
+        model = Pipeline(sp, scatter=ScatterSequence(True))
+        twin = Pipeline(plain_mlp(), scatter=ScatterSequence(False))
+        _check_hooks(model, twin, unknown=["scatter"], declared={"scatter": (S, B, H)})
+        # what the TP layers declare needs no hint: the row output is sequence-sharded
+        got, want = _stored(model, "down"), _stored(twin, "down")
+        if dist.get_rank() == 0:
+            torch.testing.assert_close(got, want, **TOL)
