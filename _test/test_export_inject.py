@@ -6,6 +6,7 @@ the program left exactly as it was."""
 from __future__ import annotations
 
 import importlib.util
+import re
 import sys
 from pathlib import Path
 
@@ -225,6 +226,13 @@ def test_inject_weights_into_an_exported_models_program_reaches_it():
     assert owns_weights(exported.program)  # a private copy: written in place from the start
     inject_weights(exported.program, other.state_dict(), prefix="module.")
     assert torch.equal(exported(input_ids=ids), logits(other, ids))
+
+
+def test_docs_example_runs():
+    page = (ROOT / "docs" / "export.md").read_text(encoding="utf-8")
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", page, re.S)
+                if "inject_weights(program" in b]
+    exec(compile(block, "docs/export.md", "exec"), {"__name__": "docs_example"})
 
 
 # -- the continual-learning example, reduced -------------------------------------------------------

@@ -29,6 +29,11 @@ __all__ = ["inject_weights", "owns_weights"]
 
 #: Programs whose state tensors belong to them alone: in-place writes reach no other module.
 _OWNING: weakref.WeakSet[torch.export.ExportedProgram] = weakref.WeakSet()
+#: program -> {prefix: layout}. A layout depends on names, shapes, dtypes and which names are
+#: tied, none of which an injection changes; reusing it keeps repeated injections at the cost
+#: of the copy.
+_LAYOUTS: weakref.WeakKeyDictionary[torch.export.ExportedProgram, dict[str, WeightLayout]] = (
+    weakref.WeakKeyDictionary())
 
 Matched = list[tuple[WeightSlot, torch.Tensor]]
 
@@ -83,6 +88,9 @@ def program_layout(program: torch.export.ExportedProgram, prefix: str = "") -> W
     if not isinstance(program, torch.export.ExportedProgram):
         raise TypeError(f"inject_weights needs a torch.export.ExportedProgram, not a "
                         f"{type(program).__name__}")
+    cached = _LAYOUTS.get(program, {}).get(prefix)
+    if cached is not None and len(cached.names) == len(program.state_dict):
+        return cached
     signature = program.graph_signature
     fixed = set(signature.non_persistent_buffers)
     expected = [*signature.parameters, *(b for b in signature.buffers if b not in fixed)]
@@ -95,7 +103,9 @@ def program_layout(program: torch.export.ExportedProgram, prefix: str = "") -> W
                          f"(only in the signature: {sorted(set(expected) - set(state))[:4]}, "
                          f"only in the state dict: {sorted(set(state) - set(expected))[:4]})")
     constants = [k[len(prefix):] for k in fixed if k.startswith(prefix)]
-    return WeightLayout(state, prefix, constants=constants)
+    layout = WeightLayout(state, prefix, constants=constants)
+    _LAYOUTS.setdefault(program, {})[prefix] = layout
+    return layout
 
 
 def write_weights(program: torch.export.ExportedProgram, layout: WeightLayout,
