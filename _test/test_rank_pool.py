@@ -65,3 +65,21 @@ def test_hung_collective_times_out_and_pool_is_replaced():
     finally:
         pool.close(force=True)
     assert get_pool(2).run(_rank_and_size) == [(0, 2), (1, 2)]
+
+
+@distributed(world_size=2)
+def _rank_one_dies():
+    import os
+
+    if dist.get_rank() == 1:
+        os._exit(5)
+    return "survived"
+
+
+def test_a_dead_rank_is_reported_and_the_world_replaced():
+    pool = get_pool(2)
+    outcomes = pool.run_outcomes(_rank_one_dies, timeout_s=30)
+    assert outcomes[0] == ("ok", "survived")
+    assert outcomes[1][0] == "died" and "exit code 5" in outcomes[1][1]
+    assert not pool.alive
+    assert get_pool(2).run(_rank_and_size) == [(0, 2), (1, 2)]  # forked again

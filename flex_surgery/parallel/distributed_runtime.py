@@ -175,11 +175,11 @@ class DistributedRuntime(Runtime):
         ``expected_shape`` fails on every rank at the call whose tensor does not match.
         """
         plain = _local_of(local)
-        failure: LayoutError | None = None
+        failure: Exception | None = None
         layout = None
         try:
             layout = self.layout_of(local, site)
-        except LayoutError as exc:  # every rank learns of it below
+        except Exception as exc:  # every rank learns of it below, then this rank re-raises it
             failure = exc
         row = self._describe(plain, layout, failure is not None)
         group = self.mesh.stage_group
