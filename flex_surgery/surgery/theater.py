@@ -7,8 +7,8 @@ perturb layers) without copying a model that barely fits in memory::
         val_loss = evaluate(model)
     # every parameter is now bit-identical to before, in the same storage
 
-How it works: resolve the targets (module names, glob patterns, block indices via
-:mod:`flex_surgery.anatomy`) -> take each parameter's *local* view (:mod:`.shards`; under
+How it works: resolve the targets (:mod:`.targets`: module names, glob patterns, block indices
+via :mod:`flex_surgery.anatomy`) -> take each parameter's *local* view (:mod:`.shards`; under
 FSDP1/FSDP2/fairscale TP/DTensor TP only this rank's shard, no gather) -> snapshot exactly those
 elements (:mod:`.snapshot`) -> modify in place. On exit -- normal, exception or
 ``KeyboardInterrupt`` -- the snapshots are copied back into the same storage. Nothing is ever
@@ -16,16 +16,14 @@ subtracted: ``(w + d) - d != w`` in floating point.
 
 While a theater is active it also guards the training state around validation: module
 train/eval flags, ``requires_grad`` flags, CPU/CUDA RNG states and the ``.grad`` of every
-parameter are put back on exit; ``state_dict()`` returns the original weights
-(:mod:`.checkpoint_guard`, which never writes the live weights); and an ``optimizer.step()``
-touching a modified parameter raises instead of training on them. PEFT LoRA layers are one
-linear whose effective weight is modified (:mod:`.lora`).
+parameter are put back on exit (:mod:`.training_guard`); ``state_dict()`` returns the original
+weights (:mod:`.checkpoint_guard`, which never writes the live weights); and an
+``optimizer.step()`` touching a modified parameter raises instead of training on them. PEFT
+LoRA layers are one linear whose effective weight is modified (:mod:`.lora`).
 """
 
 from __future__ import annotations
 
-import difflib
-import fnmatch
 import hashlib
 import math
 import signal
@@ -33,17 +31,25 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from flex_surgery.naming import clean_name
 from flex_surgery.surgery.checkpoint_guard import install_checkpoint_guard
-from flex_surgery.surgery.lora import LoraLinear, adapter_delta, lora_layers, peel_peft
+from flex_surgery.surgery.lora import adapter_delta, peel_peft
 from flex_surgery.surgery.shards import LocalShard, local_shards, reshard_for_surgery
 from flex_surgery.surgery.snapshot import Snapshot, take_snapshot
+from flex_surgery.surgery.targets import (
+    PARAMETER_SELECTIONS,
+    Edit,
+    LayerSpec,
+    ParamFilter,
+    param_filter,
+    resolve_edits,
+)
+from flex_surgery.surgery.training_guard import TrainingState
+from flex_surgery.surgery.training_guard import all_parameters as _all_parameters  # noqa: F401
 
 __all__ = [
     "MODIFICATION_TYPES",
@@ -60,7 +66,6 @@ __all__ = [
 ]
 
 MODIFICATION_TYPES = ("scale", "disable", "noise", "custom")
-PARAMETER_SELECTIONS = ("linear", "weights", "all")
 
 # Seeded noise is generated in blocks of whole dim-0 rows of at most this many elements, each
 # block from its own CPU generator seeded by (seed, parameter name, block index) and copied to
@@ -68,9 +73,6 @@ PARAMETER_SELECTIONS = ("linear", "weights", "all")
 # transient memory is one block, and every layout of the same parameter -- on CPU or CUDA --
 # receives the same full-weight noise.
 NOISE_CHUNK_ELEMENTS = 1 << 16
-
-ParamFilter = Callable[[str, nn.Module, str], bool]
-LayerSpec = int | str
 
 _ACTIVE: list[SurgicalTheater] = []
 
@@ -82,24 +84,6 @@ class SurgeryError(RuntimeError):
 class RestoreError(SurgeryError):
     """Putting the weights back failed part-way (e.g. a device error). The theater keeps every
     snapshot and stays active; :meth:`SurgicalTheater.restore` retries."""
-
-
-@dataclass
-class Edit:
-    """One modification as the user sees it: ``shard`` holds the values the modification is
-    defined on, ``name`` is the name the user knows it by (noise seeds, messages). For a PEFT
-    LoRA layer, ``shard`` is the base weight, ``name`` the effective weight's name, ``factors``
-    the adapters' ``B`` weights scaled or zeroed with it, and ``lora`` the layer."""
-
-    shard: LocalShard
-    name: str
-    factors: tuple[LocalShard, ...] = ()
-    lora: LoraLinear | None = None
-
-    @property
-    def shards(self) -> tuple[LocalShard, ...]:
-        """Every local view this edit writes."""
-        return (self.shard, *self.factors)
 
 
 def active_theaters() -> tuple[SurgicalTheater, ...]:
@@ -127,26 +111,6 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             model = model.module
         else:
             return model
-
-
-def _is_linear(module: nn.Module) -> bool:
-    if isinstance(module, nn.Linear):
-        return True
-    name = type(module).__name__
-    # transformers' GPT-2 Conv1D is a transposed Linear; fairscale's parallel linears.
-    return name in ("Conv1D", "ColumnParallelLinear", "RowParallelLinear")
-
-
-def _param_filter(params: str | ParamFilter) -> ParamFilter:
-    if callable(params):
-        return params
-    if params == "all":
-        return lambda name, module, pname: True
-    if params == "weights":
-        return lambda name, module, pname: pname == "weight"
-    if params == "linear":
-        return lambda name, module, pname: pname == "weight" and _is_linear(module)
-    raise ValueError(f"params must be one of {PARAMETER_SELECTIONS} or a callable, got {params!r}")
 
 
 @contextmanager
@@ -271,7 +235,7 @@ class SurgicalTheater:
         self.backup = backup
         self.full_parameter = full_parameter
         self.params = params
-        self._keep = _param_filter(params)
+        param_filter(params)  # an unknown selection is an error here, not on entry
         self.guard_grads = guard_grads
         self.fn_kwargs = fn_kwargs
         self._active = False
@@ -279,7 +243,7 @@ class SurgicalTheater:
         self._snapshots: list[Snapshot] = []
         self._shard_of: dict[int, LocalShard] = {}
         self._hooks: list[Any] = []
-        self._guard: dict[str, Any] = {}
+        self._state: TrainingState | None = None
         self._names: list[str] = []
         self._modules: list[nn.Module] = []
         self._sharded = False
@@ -287,102 +251,11 @@ class SurgicalTheater:
 
     # ------------------------------------------------------------------ targets
     def _resolve(self, shards: list[LocalShard]) -> list[Edit]:
-        """The edits selected by ``layers`` and ``params``, in model order.
-
-        One pass over the local shards: a parameter named exactly is a raw edit; otherwise a
-        module name or pattern selects the parameters under it that ``params`` keeps, where a
-        PEFT LoRA layer counts as one linear (its base weight plus adapter factors, under the
-        effective weight's name) and its adapter parameters are never selected on their own.
-        """
         if self.modification_type is None:
             return []
-        floating = [s for s in shards if s.local.is_floating_point()]
-        loras = lora_layers(self.root)
         self._shard_of = {id(o): s for s in shards for o in s.owners}
-        inside = {pid: lora for lora in loras.values() for pid in lora.internals}
-        module_names = {clean_name(n) for n, _ in self.root.named_modules()}
-        param_names = {n for s in floating for n in s.names}
-        param_names |= {loras[id(s.module)].effective_name(s.param_name)
-                        for s in floating if id(s.module) in loras}
-        prefixes: set[str] = set()
-        exact: set[str] = set()
-        if self.layers is None:
-            prefixes.add("")  # the whole model
-        specs = (() if self.layers is None else
-                 self.layers if isinstance(self.layers, (list, tuple)) else [self.layers])
-        for spec in specs:
-            for name in self._expand(spec, module_names, param_names):
-                (exact if name in param_names else prefixes).add(name)
-
-        def under(name: str, within: str | None = None) -> bool:
-            """Selected by a prefix (one below the LoRA layer ``within``, if given)."""
-            return any((p == "" or name.startswith(p + "."))
-                       and (within is None or p.startswith(within + "."))
-                       for p in prefixes)
-
-        edits: list[Edit] = []
-        for s in floating:
-            lora = loras.get(id(s.module))
-            owner = next((inside[id(o)] for o in s.owners if id(o) in inside), None)
-            if any(n in exact for n in s.names):
-                edits.append(Edit(s, s.name))
-            elif lora is not None:
-                effective = lora.effective_name(s.param_name)
-                if effective in exact or (under(effective) and not under(effective, lora.name)
-                                          and self._keep(effective, lora.base, s.param_name)):
-                    edits.append(self._lora_edit(s, lora, effective))
-                elif (any(under(n, lora.name) for n in s.names)
-                      and self._keep(s.name, s.module, s.param_name)):
-                    edits.append(Edit(s, s.name))
-            elif owner is not None:  # an adapter's own parameter: only from below the layer
-                if (any(under(n, owner.name) for n in s.names)
-                        and self._keep(s.name, s.module, s.param_name)):
-                    edits.append(Edit(s, s.name))
-            elif any(under(n) for n in s.names) and self._keep(s.name, s.module, s.param_name):
-                edits.append(Edit(s, s.name))
-        if not edits and self.layers is not None:
-            raise ValueError(
-                f"layers={self.layers!r} with params={self.params!r} selects no parameter; "
-                "use params='weights' or 'all' to include norms, biases and embeddings"
-            )
-        seen: dict[int, str] = {}
-        for e in edits:
-            for s in e.shards:
-                if id(s) in seen:
-                    raise ValueError(f"{s.name} is selected twice ({seen[id(s)]} and {e.name}); "
-                                     "name either the LoRA layer or its parameters, not both")
-                seen[id(s)] = e.name
-        return edits
-
-    def _lora_edit(self, shard: LocalShard, lora: LoraLinear, effective: str) -> Edit:
-        lora.check_editable(shard.param_name)
-        if shard.param_name != "weight":  # LoRA adds nothing to the base layer's bias
-            return Edit(shard, effective)
-        factors: tuple[LocalShard, ...] = ()
-        if self.modification_type in ("scale", "disable"):  # W + BA*s -> f*W + (f*B)A*s
-            factors = tuple(self._shard_of[id(p)] for p in lora.factor_params())
-        return Edit(shard, effective, factors, lora)
-
-    def _expand(self, spec: LayerSpec, module_names: set[str],
-                param_names: set[str]) -> list[str]:
-        if isinstance(spec, bool) or not isinstance(spec, (int, str)):
-            raise TypeError(f"layers entries are block indices (int) or names (str), "
-                            f"got {spec!r}")
-        if isinstance(spec, int):
-            from flex_surgery.anatomy import locate
-
-            return [locate(self.root).block_name(spec)]
-        names = module_names | param_names
-        if any(c in spec for c in "*?["):
-            hits = sorted(n for n in names if fnmatch.fnmatchcase(n, spec))
-            if not hits:
-                raise ValueError(f"pattern {spec!r} matches no module or parameter; "
-                                 f"e.g. {sorted(names)[:5]}")
-            return hits
-        if spec not in names:
-            close = difflib.get_close_matches(spec, sorted(names), n=5)
-            raise ValueError(f"no module or parameter named {spec!r}; close matches: {close}")
-        return [spec]
+        return resolve_edits(self.root, shards, self.layers, self.params, self._shard_of,
+                             with_factors=self.modification_type in ("scale", "disable"))
 
     # ------------------------------------------------------------ modifications
     def _modify(self, edit: Edit, base_seed: int | None) -> None:
@@ -453,36 +326,6 @@ class SurgicalTheater:
         local.add_(delta.detach())
 
     # -------------------------------------------------------------------- guard
-    def _capture_guard(self) -> None:
-        modules = self._modules
-        params = _all_parameters(modules)
-        self._guard = {
-            "training": [(m, m.training) for m in modules],
-            "requires_grad": [(p, p.requires_grad) for p in params],
-            "cpu_rng": torch.get_rng_state(),
-            "cuda_rng": (torch.cuda.get_rng_state_all()
-                         if torch.cuda.is_available() and torch.cuda.is_initialized() else None),
-            "grads": [(p, p.grad) for p in params] if self.guard_grads else [],
-        }
-        for p, _ in self._guard["grads"]:
-            p.grad = None
-
-    def _restore_guard(self) -> None:
-        g = self._guard
-        if not g:
-            return
-        for m, training in g["training"]:
-            if m.training != training:  # nn.Module.__setattr__ is slow; most are unchanged
-                m.training = training
-        for p, flag in g["requires_grad"]:
-            p.requires_grad_(flag)
-        for p, grad in g["grads"]:
-            p.grad = grad
-        torch.set_rng_state(g["cpu_rng"])
-        if g["cuda_rng"] is not None:
-            torch.cuda.set_rng_state_all(g["cuda_rng"])
-        self._guard = {}
-
     def _install_hooks(self) -> None:
         """The optimizer guard (a global step pre-hook) and the checkpoint guard; every handle
         is kept as soon as it exists, so a failure part-way leaves none bound."""
@@ -522,14 +365,14 @@ class SurgicalTheater:
         start = time.perf_counter()
         self._modules = list(self.model.modules())
         self._sharded = any(_is_fsdp(m) for m in self._modules)
-        self._capture_guard()
+        self._state = TrainingState.capture(self._modules, self.guard_grads)
         try:
             base_seed = self.seed
             if self.modification_type == "noise" and base_seed is None:
                 base_seed = int(torch.randint(0, 2**62, (1,)).item())
-                self._guard["cpu_rng"] = torch.get_rng_state()
+                self._state.cpu_rng = torch.get_rng_state()
             self._reshard()
-            edits = self._resolve(local_shards(self.root))
+            edits = self._resolve(local_shards(self.root))  # :mod:`.targets`
             for edit in edits:
                 for shard in edit.shards:  # every view an edit writes is saved before it
                     self._snapshots.append(take_snapshot(shard.local, self.backup))
@@ -589,7 +432,9 @@ class SurgicalTheater:
         self._snapshots = []
         self._targets = []
         self._remove_hooks()
-        self._restore_guard()
+        if self._state is not None:
+            self._state.restore()
+            self._state = None
         self._modules = []
 
     def _restore_weights(self) -> None:
@@ -621,24 +466,6 @@ class SurgicalTheater:
         if not self._names:
             return {}
         return {self.modification_type: self.modified_names}
-
-
-def _all_parameters(modules: nn.Module | list[nn.Module]) -> list[nn.Parameter]:
-    """Every parameter object of these modules (or of a model), including FSDP1
-    ``FlatParameter``\\ s that ``use_orig_params=True`` hides from ``parameters()`` (they hold
-    the real gradients)."""
-    if isinstance(modules, nn.Module):
-        modules = list(modules.modules())
-    params: dict[int, nn.Parameter] = {}
-    for module in modules:
-        for p in module._parameters.values():
-            if p is not None:
-                params.setdefault(id(p), p)
-        handle = getattr(module, "_handle", None)
-        flat = getattr(handle, "flat_param", None)
-        if isinstance(flat, nn.Parameter):
-            params.setdefault(id(flat), flat)
-    return list(params.values())
 
 
 def _is_fsdp(module: nn.Module) -> bool:

@@ -1,0 +1,170 @@
+"""Which local views a theater writes: ``layers`` and ``params`` resolved to :class:`Edit`\\ s.
+
+Names are those of the unwrapped model (:func:`~flex_surgery.naming.clean_name`; DDP, FlexModel
+and PEFT wrappers peeled by the theater). ``layers`` entries are block indices (through
+:mod:`flex_surgery.anatomy`), module or parameter names, or glob patterns over them; ``params``
+says which parameters under a selected module are kept. A parameter named exactly is always a
+raw edit of that parameter. A PEFT LoRA layer counts as one linear (:mod:`.lora`): selecting it,
+or anything above it, edits its effective weight -- the base weight plus, for ``scale`` and
+``disable``, the adapters' ``B`` factors -- under the name it has after merging; its adapter
+parameters are never selected on their own.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from torch import nn
+
+from flex_surgery.naming import clean_name
+from flex_surgery.surgery.lora import LoraLinear, lora_layers
+from flex_surgery.surgery.shards import LocalShard
+
+__all__ = ["PARAMETER_SELECTIONS", "Edit", "LayerSpec", "ParamFilter", "param_filter",
+           "resolve_edits"]
+
+PARAMETER_SELECTIONS = ("linear", "weights", "all")
+
+ParamFilter = Callable[[str, nn.Module, str], bool]
+LayerSpec = int | str
+
+
+@dataclass
+class Edit:
+    """One modification as the user sees it: ``shard`` holds the values the modification is
+    defined on, ``name`` is the name the user knows it by (noise seeds, messages). For a PEFT
+    LoRA layer, ``shard`` is the base weight, ``name`` the effective weight's name, ``factors``
+    the adapters' ``B`` weights scaled or zeroed with it, and ``lora`` the layer."""
+
+    shard: LocalShard
+    name: str
+    factors: tuple[LocalShard, ...] = ()
+    lora: LoraLinear | None = None
+
+    @property
+    def shards(self) -> tuple[LocalShard, ...]:
+        """Every local view this edit writes."""
+        return (self.shard, *self.factors)
+
+
+def _is_linear(module: nn.Module) -> bool:
+    if isinstance(module, nn.Linear):
+        return True
+    name = type(module).__name__
+    # transformers' GPT-2 Conv1D is a transposed Linear; fairscale's parallel linears.
+    return name in ("Conv1D", "ColumnParallelLinear", "RowParallelLinear")
+
+
+def param_filter(params: str | ParamFilter) -> ParamFilter:
+    """The ``(name, module, param_name) -> bool`` test of a ``params`` argument."""
+    if callable(params):
+        return params
+    if params == "all":
+        return lambda name, module, pname: True
+    if params == "weights":
+        return lambda name, module, pname: pname == "weight"
+    if params == "linear":
+        return lambda name, module, pname: pname == "weight" and _is_linear(module)
+    raise ValueError(f"params must be one of {PARAMETER_SELECTIONS} or a callable, got {params!r}")
+
+
+def resolve_edits(root: nn.Module, shards: list[LocalShard],
+                  layers: LayerSpec | Sequence[LayerSpec] | None, params: str | ParamFilter,
+                  shard_of: dict[int, LocalShard], with_factors: bool) -> list[Edit]:
+    """The edits selected by ``layers`` and ``params`` among ``shards``, in model order.
+
+    ``shard_of`` maps ``id`` of every parameter object to its shard; ``with_factors``: the
+    modification is linear in the weight (``scale``, ``disable``), so LoRA ``B`` factors are
+    written with the base weight.
+    """
+    keep = param_filter(params)
+    floating = [s for s in shards if s.local.is_floating_point()]
+    loras = lora_layers(root)
+    inside = {pid: lora for lora in loras.values() for pid in lora.internals}
+    module_names = {clean_name(n) for n, _ in root.named_modules()}
+    param_names = {n for s in floating for n in s.names}
+    param_names |= {loras[id(s.module)].effective_name(s.param_name)
+                    for s in floating if id(s.module) in loras}
+    prefixes: set[str] = set()
+    exact: set[str] = set()
+    if layers is None:
+        prefixes.add("")  # the whole model
+    specs = () if layers is None else layers if isinstance(layers, (list, tuple)) else [layers]
+    for spec in specs:
+        for name in _expand(root, spec, module_names, param_names):
+            (exact if name in param_names else prefixes).add(name)
+
+    def under(name: str, within: str | None = None) -> bool:
+        """Selected by a prefix (one below the LoRA layer ``within``, if given)."""
+        return any((p == "" or name.startswith(p + "."))
+                   and (within is None or p.startswith(within + "."))
+                   for p in prefixes)
+
+    edits: list[Edit] = []
+    for s in floating:
+        lora = loras.get(id(s.module))
+        owner = next((inside[id(o)] for o in s.owners if id(o) in inside), None)
+        if any(n in exact for n in s.names):
+            edits.append(Edit(s, s.name))
+        elif lora is not None:
+            effective = lora.effective_name(s.param_name)
+            if effective in exact or (under(effective) and not under(effective, lora.name)
+                                      and keep(effective, lora.base, s.param_name)):
+                edits.append(_lora_edit(s, lora, effective, shard_of, with_factors))
+            elif any(under(n, lora.name) for n in s.names) and keep(s.name, s.module,
+                                                                    s.param_name):
+                edits.append(Edit(s, s.name))
+        elif owner is not None:  # an adapter's own parameter: only from below the layer
+            if any(under(n, owner.name) for n in s.names) and keep(s.name, s.module,
+                                                                   s.param_name):
+                edits.append(Edit(s, s.name))
+        elif any(under(n) for n in s.names) and keep(s.name, s.module, s.param_name):
+            edits.append(Edit(s, s.name))
+    if not edits and layers is not None:
+        raise ValueError(
+            f"layers={layers!r} with params={params!r} selects no parameter; "
+            "use params='weights' or 'all' to include norms, biases and embeddings"
+        )
+    seen: dict[int, str] = {}
+    for e in edits:
+        for s in e.shards:
+            if id(s) in seen:
+                raise ValueError(f"{s.name} is selected twice ({seen[id(s)]} and {e.name}); "
+                                 "name either the LoRA layer or its parameters, not both")
+            seen[id(s)] = e.name
+    return edits
+
+
+def _lora_edit(shard: LocalShard, lora: LoraLinear, effective: str,
+               shard_of: dict[int, LocalShard], with_factors: bool) -> Edit:
+    lora.check_editable(shard.param_name)
+    if shard.param_name != "weight":  # LoRA adds nothing to the base layer's bias
+        return Edit(shard, effective)
+    factors: tuple[LocalShard, ...] = ()
+    if with_factors:  # W + BA*s -> f*W + (f*B)A*s
+        factors = tuple(shard_of[id(p)] for p in lora.factor_params())
+    return Edit(shard, effective, factors, lora)
+
+
+def _expand(root: nn.Module, spec: LayerSpec, module_names: set[str],
+            param_names: set[str]) -> list[str]:
+    if isinstance(spec, bool) or not isinstance(spec, (int, str)):
+        raise TypeError(f"layers entries are block indices (int) or names (str), got {spec!r}")
+    if isinstance(spec, int):
+        from flex_surgery.anatomy import locate
+
+        return [locate(root).block_name(spec)]
+    names = module_names | param_names
+    if any(c in spec for c in "*?["):
+        hits = sorted(n for n in names if fnmatch.fnmatchcase(n, spec))
+        if not hits:
+            raise ValueError(f"pattern {spec!r} matches no module or parameter; "
+                             f"e.g. {sorted(names)[:5]}")
+        return hits
+    if spec not in names:
+        close = difflib.get_close_matches(spec, sorted(names), n=5)
+        raise ValueError(f"no module or parameter named {spec!r}; close matches: {close}")
+    return [spec]

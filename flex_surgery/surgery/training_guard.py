@@ -1,0 +1,76 @@
+"""The training state a validation inside a theater must not disturb, saved and put back.
+
+Validating in the middle of training flips modules to eval, may change ``requires_grad``,
+consumes random numbers (dropout) and, with a backward, accumulates gradients. A theater saves
+all of it on entry and puts it back on exit, so the training run continues exactly as if the
+validation had not happened: module train/eval flags, ``requires_grad`` of every parameter, the
+CPU and CUDA RNG states, and (``guard_grads``) the ``.grad`` tensors themselves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["TrainingState", "all_parameters"]
+
+
+def all_parameters(modules: nn.Module | list[nn.Module]) -> list[nn.Parameter]:
+    """Every parameter object of these modules (or of a model), including FSDP1
+    ``FlatParameter``\\ s that ``use_orig_params=True`` hides from ``parameters()`` (they hold
+    the real gradients)."""
+    if isinstance(modules, nn.Module):
+        modules = list(modules.modules())
+    params: dict[int, nn.Parameter] = {}
+    for module in modules:
+        for p in module._parameters.values():
+            if p is not None:
+                params.setdefault(id(p), p)
+        handle = getattr(module, "_handle", None)
+        flat = getattr(handle, "flat_param", None)
+        if isinstance(flat, nn.Parameter):
+            params.setdefault(id(flat), flat)
+    return list(params.values())
+
+
+@dataclass
+class TrainingState:
+    """Flags, RNG states and gradients of ``modules`` at :meth:`capture` time."""
+
+    training: list[tuple[nn.Module, bool]] = field(default_factory=list)
+    requires_grad: list[tuple[nn.Parameter, bool]] = field(default_factory=list)
+    grads: list[tuple[nn.Parameter, Any]] = field(default_factory=list)
+    cpu_rng: torch.Tensor | None = None
+    cuda_rng: list[torch.Tensor] | None = None
+
+    @classmethod
+    def capture(cls, modules: list[nn.Module], guard_grads: bool) -> TrainingState:
+        """Save the state; with ``guard_grads`` every ``.grad`` is then set to ``None``."""
+        params = all_parameters(modules)
+        state = cls(
+            training=[(m, m.training) for m in modules],
+            requires_grad=[(p, p.requires_grad) for p in params],
+            grads=[(p, p.grad) for p in params] if guard_grads else [],
+            cpu_rng=torch.get_rng_state(),
+            cuda_rng=(torch.cuda.get_rng_state_all()
+                      if torch.cuda.is_available() and torch.cuda.is_initialized() else None),
+        )
+        for p, _ in state.grads:
+            p.grad = None
+        return state
+
+    def restore(self) -> None:
+        for m, training in self.training:
+            if m.training != training:  # nn.Module.__setattr__ is slow; most are unchanged
+                m.training = training
+        for p, flag in self.requires_grad:
+            p.requires_grad_(flag)
+        for p, grad in self.grads:
+            p.grad = grad
+        if self.cpu_rng is not None:
+            torch.set_rng_state(self.cpu_rng)
+        if self.cuda_rng is not None:
+            torch.cuda.set_rng_state_all(self.cuda_rng)
