@@ -195,6 +195,26 @@ def test_hf_llama_lens_and_repeated_calls():
     assert not any(b._forward_hooks for b in model.model.layers)
 
 
+def test_lens_on_a_model_wrapped_by_a_flexmodel_sees_its_edits():
+    from flex_surgery import FlexModel, HookFunction
+
+    ids = ids_for()
+    doubled = plain_lm()
+    handle = doubled.blocks[1].register_forward_hook(lambda m, a, o: o * 2)
+    tokens, logprobs, _ = reference_lens(doubled, ids, 4)
+    handle.remove()
+    model = plain_lm()
+    flex = FlexModel(model, {})
+    try:
+        flex.register_forward_hook(HookFunction("blocks.1", editing_function=lambda m, t, c, x:
+                                                t * 2))
+        got = logit_lens(flex, ids, top_k=4)
+    finally:
+        flex.restore()
+    assert_same(got, tokens, logprobs)
+    assert not torch.equal(got.tokens, logit_lens(model, ids, top_k=4).tokens)
+
+
 def test_bad_input_is_a_clear_error_and_leaves_no_hook(tmp_path):
     bare = tiny_hf_model("llama")  # with a head, but asked about a bare encoder below
     with pytest.raises(LensError, match="no unembedding"):
@@ -313,6 +333,8 @@ def test_pipeline_stages_equal_one_process():
     with LogitLens(stage, layers=[3, 0, 2], top_k=3, pipeline_parallel_size=2) as lens:
         assert list(lens.surgery.block_indices) == ([0] if rank == 0 else [1, 2, 3])
         assert lens._head_stage == 1
+        with pytest.raises(LensError, match="run the pipeline step yourself"):
+            lens(ids)
         link = StageLink(lens.mesh)
         with link.step(), torch.no_grad():
             for micro in ids.chunk(2):  # two micro-batches, concatenated in order
@@ -322,6 +344,16 @@ def test_pipeline_stages_equal_one_process():
                     stage(link.recv_forward())
         got = lens.result(link)
     assert_same(got, tokens[[3, 0, 2]], logprobs[[3, 0, 2]])
+
+
+@distributed(world_size=2)
+def test_pipeline_stages_must_agree_on_one_head():
+    both = LensTinyLM(None, list(plain_lm().blocks)[2 * dist.get_rank():][:2], plain_lm().norm,
+                      plain_lm().head)  # every stage holds a head: which one decodes?
+    with pytest.raises(LensError, match=r"exactly one pipeline stage .* stages holding it: "
+                                        r"\[0, 1\]"):
+        LogitLens(both, pipeline_parallel_size=2)
+    assert not any(b._forward_hooks for b in both.blocks)
 
 
 @distributed(world_size=4)

@@ -8,9 +8,11 @@ position. The last block's row is the model's own prediction.
 
 How it runs on a sharded model -- every step reuses the machinery the hooks use:
 
-* **Residuals** come from FlexModel retrieval hooks on the blocks with ``store_on="all"``: every
-  rank of the stage gets the whole residual (gathered over data parallelism; replicated over
-  tensor parallelism, where block outputs already are).
+* **Residuals** are read by a forward hook on each block that hands the output to the hooks'
+  runtime (:meth:`~flex_surgery.parallel.runtime.Runtime.retrieve`, what a retrieval-only
+  HookFunction calls) with ``store_on="all"``: every rank of the stage gets the whole residual
+  (gathered over data parallelism; replicated over tensor parallelism, where block outputs
+  already are). The lens has its own runtime, so the model may be wrapped by a FlexModel too.
 * **Pipeline parallelism:** the residuals of each stage travel along the pipeline line with
   :func:`~flex_surgery.parallel.pipeline.collect_stage_outputs` (the stage traffic of
   :class:`~flex_surgery.parallel.pipeline.StageLink`), so the stage holding the head has all of
@@ -32,7 +34,6 @@ The lens is computed without autograd; translators are a hook point for a tuned 
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flex_surgery.anatomy import MissingPart, locate
+from flex_surgery.parallel.runtime import HookSite, wait_for_host_copies
 from flex_surgery.surgery.model_surgery import ModelSurgery
 from flex_surgery.surgery.theater import unwrap_model
 
@@ -211,7 +213,7 @@ class LogitLens:
                  positions: Sequence[int] | None = None, tensor_parallel_size: int = 1,
                  pipeline_parallel_size: int = 1, data_parallel_size: int = 1,
                  process_group: dist.ProcessGroup | None = None) -> None:
-        from flex_surgery.hooks import FlexModel, HookFunction
+        from flex_surgery.parallel.distributed_runtime import build_runtime
 
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
             raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")
@@ -220,14 +222,14 @@ class LogitLens:
         self.positions = None if positions is None else list(positions)
         root = unwrap_model(model)
         self._located = locate(root)  # UnknownArchitecture: names the known ones
-        self._stored: dict[str, Any] = {}
-        options = {"store_on": "all"}
-        if "keep" in inspect.signature(FlexModel).parameters:
-            options["keep"] = "all"  # one entry per call: micro-batches are concatenated
-        self.flex = FlexModel(root, self._stored, tensor_parallel_size, pipeline_parallel_size,
-                              data_parallel_size, process_group, **options)
+        self._stored: dict[int, list[torch.Tensor]] = {}
+        self._handles: list[Any] = []
+        # The hooks' runtime (layouts, gathers) with store_on="all": every rank of a stage gets
+        # the whole residual. Its own, not a FlexModel's, so a FlexModel may wrap the model too.
+        self.runtime = build_runtime(root, tensor_parallel_size, pipeline_parallel_size,
+                                     data_parallel_size, process_group, store_on="all")
         try:
-            self.mesh = getattr(self.flex.runtime, "mesh", None)
+            self.mesh = getattr(self.runtime, "mesh", None)
             self.group = process_group
             pp_group = self.mesh.group("pp") if self.mesh is not None and \
                 self.mesh.pp_size > 1 else None
@@ -241,15 +243,15 @@ class LogitLens:
                 raise ValueError(f"layers {list(chosen)} name a block twice")
             self.translators = self._check_translators(translators or {})
             self._head_stage, self._norm, self._unembed = self._find_head()
-            self._keys: dict[str, int] = {}
+            _, blocks = self.surgery.get_transformer_layers()
             for g in self.layers:
-                j = g - self.surgery.offset
                 if g in self.surgery.block_indices:
-                    name = f"{self.surgery.container}.{j}"
-                    self.flex.register_forward_hook(HookFunction(name))
-                    self._keys[name] = g
+                    block = blocks[g - self.surgery.offset]
+                    site = HookSite(f"{self.surgery.container}.{g - self.surgery.offset}",
+                                    "forward", "output", module=block)
+                    self._handles.append(block.register_forward_hook(self._tap(site, g)))
         except BaseException:
-            self.flex.restore()
+            self.close()
             raise
 
     # -- set-up ---------------------------------------------------------------------------------
@@ -290,37 +292,66 @@ class LogitLens:
             unembed = loc.module("unembed")
         except MissingPart:
             unembed = None  # this pipeline stage does not hold the head
-        norm = None
-        if unembed is not None and loc.anatomy.final_norm is not None:
+        norm, local, problem = None, None, None
+        if unembed is not None:
             try:
-                norm = loc.module("final_norm")
+                if loc.anatomy.final_norm is not None:
+                    norm = loc.module("final_norm")
+                local = _local_unembedding(unembed, self.mesh)
             except MissingPart as err:
-                raise LensError(f"this stage holds {loc.name('unembed')} but not the final "
-                                f"norm {loc.name('final_norm')}: {err}") from err
-        has = [unembed is not None]
-        pp = self.surgery.stage_sizes
-        if len(pp) > 1:
-            has = [None] * len(pp)
-            dist.all_gather_object(has, unembed is not None, group=self.surgery.pipeline_group)
-        if sum(bool(h) for h in has) != 1:
+                problem = (f"this stage holds {loc.name('unembed')} but not the final norm "
+                           f"{loc.name('final_norm')}: {err}")
+            except LensError as err:
+                problem = str(err)
+        # Under pipelining the stages agree on where the head is and on any error, so every
+        # rank raises (or goes on) together.
+        mine = (unembed is not None, problem)
+        stages = [mine]
+        if len(self.surgery.stage_sizes) > 1:
+            stages = [None] * len(self.surgery.stage_sizes)
+            dist.all_gather_object(stages, mine, group=self.surgery.pipeline_group)
+        errors = [p for _, p in stages if p]
+        if errors:
+            raise LensError(errors[0])
+        holding = [s for s, (has, _) in enumerate(stages) if has]
+        if len(holding) != 1:
             raise LensError(f"{loc.arch}: the lens needs exactly one pipeline stage holding the "
-                            f"unembedding {loc.name('unembed')}; stages holding it: "
-                            f"{[s for s, h in enumerate(has) if h]}")
-        head = next(s for s, h in enumerate(has) if h)
-        local = _local_unembedding(unembed, self.mesh) if unembed is not None else None
-        return head, norm, local
+                            f"unembedding {loc.name('unembed')}; stages holding it: {holding}")
+        return holding[0], norm, local
 
     # -- running --------------------------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> LensResult:
         """Run the model on ``args``/``kwargs`` and return the lens (every rank)."""
+        if len(self.surgery.stage_sizes) > 1:
+            raise LensError("under pipeline parallelism run the pipeline step yourself (the "
+                            "lens records the residuals), then call result(link) on every rank")
         self.reset()
         with torch.no_grad():
             self.model(*args, **kwargs)
         return self.result()
 
+    def _tap(self, site: HookSite, block: int) -> Callable[..., None]:
+        """The forward hook of one block: the runtime stores the whole residual (as a
+        retrieval-only HookFunction does), keyed by the block's global index."""
+        from flex_surgery.hooks.unpack import unpack
+        from flex_surgery.parallel.pipeline import is_metadata_pass
+
+        store = self._stored.setdefault(block, [])
+        graph_task = getattr(torch._C, "_current_graph_task_id", lambda: -1)
+
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if graph_task() != -1:  # activation checkpointing re-running the forward
+                return
+            tensor, _ = unpack(output, 0, site.module_name)
+            if not is_metadata_pass(tensor):
+                self.runtime.retrieve(tensor, site, store.append)
+
+        return hook
+
     def reset(self) -> None:
         """Forget the residuals recorded so far."""
-        self._stored.clear()
+        for calls in self._stored.values():
+            calls.clear()
 
     def result(self, link: Any = None) -> LensResult:
         """The lens of the residuals recorded since the last call (every rank calls it).
@@ -332,11 +363,10 @@ class LogitLens:
         """
         from flex_surgery.parallel.pipeline import collect_stage_outputs
 
-        residuals: dict[str, list[torch.Tensor]] = {}
-        for name, values in self._stored.items():
-            calls = values if isinstance(values, list) else [values]
-            residuals[str(self._keys[name])] = [torch.cat(calls, dim=0)] if calls else []
-        self._stored.clear()
+        wait_for_host_copies()  # device-to-host copies of the residuals have landed
+        residuals = {str(g): [torch.cat(calls, dim=0)]
+                     for g, calls in self._stored.items() if calls}
+        self.reset()
         if len(self.surgery.stage_sizes) > 1:
             collect_stage_outputs(residuals, self.mesh, "all", link)
         missing = [g for g in self.layers if not residuals.get(str(g))]
@@ -418,7 +448,10 @@ class LogitLens:
 
     def close(self) -> None:
         """Remove the lens's hooks (every rank)."""
-        self.flex.restore()
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self.runtime.close()
 
     def __enter__(self) -> LogitLens:
         return self
