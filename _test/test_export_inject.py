@@ -81,7 +81,7 @@ def test_injected_program_equals_eager_at_every_length(arch, dynamic):
         assert torch.equal(program.module()(input_ids=ids).logits, logits(eager, ids)), seq
 
 
-def test_program_is_detached_once_then_written_in_place():
+def test_program_is_detached_once_then_written_in_place(tmp_path):
     eager, other = tiny_hf_model("gpt2", seed=0), tiny_hf_model("gpt2", seed=1)
     program = export_plain(eager, dynamic=True)
     assert program.state_dict["lm_head.weight"] is eager.lm_head.weight  # torch.export aliases
@@ -103,6 +103,10 @@ def test_program_is_detached_once_then_written_in_place():
     inject_weights(program, eager.state_dict())
     assert {k: v.data_ptr() for k, v in program.state_dict.items()} == ptrs  # in place
     assert torch.equal(runner(input_ids=ids).logits, logits(eager, ids))
+
+    path = tmp_path / "injected.pt2"  # the injected weights are what torch.export.save writes
+    torch.export.save(program, path)
+    assert torch.equal(torch.export.load(path).module()(input_ids=ids).logits, logits(eager, ids))
 
 
 def test_one_name_of_a_tied_group_fills_it():
