@@ -1,6 +1,7 @@
 """Property tests: any sequence of nested theaters, with any modification, injected exceptions
-(in the body, or while entering), interleaved state_dict calls and forwards, on fp32/bf16/fp16
-models holding -0.0, infinities and NaN payloads, ends with zero differing bytes."""
+(in the body, while entering, or in a checkpoint hook during state_dict), interleaved
+state_dict calls (which return the original weights) and forwards, on fp32/bf16/fp16 models
+holding -0.0, infinities and NaN payloads, ends with zero differing bytes."""
 
 from __future__ import annotations
 
@@ -74,7 +75,29 @@ def _failing_delta(after: int):
     return fn
 
 
-def _nest(model, specs, fault, level, x):
+def _failing_checkpoint(module, state_dict, prefix, local_metadata):
+    raise _Injected("in a checkpoint hook")
+
+
+def _bytes(sd):
+    return {k: v.detach().reshape(-1).clone().view(torch.uint8) for k, v in sd.items()}
+
+
+def _checkpoint_fails(model, where: int) -> None:
+    """A state_dict() whose hook (on the root, a block's linear or the head) raises: nothing of
+    the model changes."""
+    live = raw_state(model)
+    target = [model, model.blocks[0]["fc"], model.head][where]
+    handle = target.register_state_dict_post_hook(_failing_checkpoint)
+    try:
+        with pytest.raises(_Injected):
+            model.state_dict()
+    finally:
+        handle.remove()
+    assert differing_bytes(live, raw_state(model)) == 0
+
+
+def _nest(model, specs, fault, level, x, original=None):
     if level == len(specs):
         model(x)
         if fault == ("body", level):
@@ -87,10 +110,16 @@ def _nest(model, specs, fault, level, x):
         spec.pop("factor", None), spec.pop("seed", None), spec.pop("noise_scale", None)
     with SurgicalTheater(model, **spec):
         model(x)
-        if level % 2:
-            model.state_dict()
+        if fault is not None and fault[0] == "checkpoint" and fault[1] == level:
+            _checkpoint_fails(model, fault[2])
+        if level % 2 or (fault is not None and fault[0] == "checkpoint"):
+            if original is not None:  # a checkpoint inside holds the original weights
+                sd = _bytes(model.state_dict())
+                assert sd.keys() == original.keys()
+                for k, v in sd.items():
+                    assert torch.equal(v, original[k]), k
             model.train(not model.training)
-        _nest(model, specs, fault, level + 1, x)
+        _nest(model, specs, fault, level + 1, x, original)
         if fault == ("body", level):
             raise KeyboardInterrupt
 
@@ -101,7 +130,8 @@ def _nest(model, specs, fault, level, x):
     specs=st.lists(theater_spec(), min_size=1, max_size=3),
     fault=st.one_of(st.none(),
                     st.tuples(st.just("body"), st.integers(0, 3)),
-                    st.tuples(st.just("enter"), st.integers(0, 2), st.integers(0, 4))),
+                    st.tuples(st.just("enter"), st.integers(0, 2), st.integers(0, 4)),
+                    st.tuples(st.just("checkpoint"), st.integers(0, 2), st.integers(0, 2))),
     seed=st.integers(0, 3),
 )
 def test_any_nested_sequence_restores_every_byte(dtype, specs, fault, seed):
@@ -111,8 +141,9 @@ def test_any_nested_sequence_restores_every_byte(dtype, specs, fault, seed):
     x = torch.randn(3, 8, dtype=dtype)
     before = raw_state(model)
     training = model.training
+    original = _bytes(model.state_dict())
     try:
-        _nest(model, specs, fault, 0, x)
+        _nest(model, specs, fault, 0, x, original)
     except (_Injected, KeyboardInterrupt, ValueError):
         pass  # ValueError: a target with no parameter of the chosen kind
     assert active_theaters() == ()
