@@ -20,7 +20,7 @@ from parallel_cases import H, fairscale_net, plain_net, times_two
 from rank_pool import distributed
 
 from flex_surgery.hooks import FlexModel, HookFunction
-from flex_surgery.parallel.group_lifetime import live_group_count
+from flex_surgery.parallel.group_lifetime import free_dropped, live_group_count
 from flex_surgery.parallel.mesh import ParallelMesh
 from flex_surgery.parallel.pipeline import StageLink
 
@@ -31,6 +31,13 @@ RSS_BOUND_MB = 16
 def _rss_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * 4096 / 2 ** 20
+
+
+def _settled_group_count() -> int:
+    """Live groups once what earlier bodies dropped is freed (collective over the world)."""
+    gc.collect()
+    free_dropped(None)
+    return live_group_count()
 
 
 def _hook_count(model: torch.nn.Module) -> int:
@@ -51,7 +58,7 @@ def test_a_thousand_forwards_under_tp2_leak_nothing():
     torch.set_default_dtype(torch.float64)
     net = fairscale_net(plain_net())
     x = torch.randn(2, 3, H)
-    hooks_before, groups_before = _hook_count(net), live_group_count()
+    hooks_before, groups_before = _hook_count(net), _settled_group_count()
     stored: dict = {}
     flex, rss_start = None, None
     for i in range(1000):
@@ -96,7 +103,7 @@ def test_flexmodels_that_build_their_mesh_free_its_group():
     torch.set_default_dtype(torch.float64)
     model = plain_net()
     x = torch.randn(2, 3, H)
-    start = live_group_count()
+    start = _settled_group_count()
     for _ in range(50):  # made and closed: freed at once
         flex = FlexModel(model, {}, data_parallel_size=2)
         assert live_group_count() == start + 1
@@ -118,7 +125,7 @@ def test_flexmodels_that_build_their_mesh_free_its_group():
 @distributed(world_size=2, timeout_s=BOUND_S)
 def test_stage_links_free_their_groups():
     mesh = ParallelMesh.build(pp=2)
-    start = live_group_count()
+    start = _settled_group_count()
     with StageLink(mesh) as link:
         link.send_object("ping", 1 - link.stage) if link.is_first else link.recv_object(0)
         assert live_group_count() == start + 1

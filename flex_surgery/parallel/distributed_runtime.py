@@ -132,17 +132,19 @@ class DistributedRuntime(Runtime):
         self._trainable: dict[str, nn.Module] = {}
         self._sync_queued = False
         announce_process()  # lets a survivor of a failed collective name the lost rank
-        # The groups a mesh built for this runtime are this runtime's to free: at close(), or,
-        # if it is dropped without closing, queued by the finalizer for the next runtime that
-        # all ranks build (see flex_surgery.parallel.group_lifetime).
+        # The groups the mesh created are this runtime's to free: at close(), or, once the mesh
+        # is dropped without closing (it may outlive the runtime: a StageLink built on it),
+        # queued for the next runtime that all ranks build (flex_surgery.parallel.group_lifetime).
         self._owned = OwnedGroups(mesh.created_groups(), mesh_parent)
-        self._finalizer = weakref.finalize(self, _release, self.layouts, self._owned)
+        self._finalizer = weakref.finalize(self, self.layouts.unwatch)
+        self._mesh_finalizer = weakref.finalize(mesh, self._owned.drop)
 
     def close(self) -> None:
         """Remove the layout tracker's hooks from the model and destroy the process groups
         this runtime's mesh created. Every rank calls it at the same point (``FlexModel.close``,
         ``restore`` or the end of its ``with`` block); a second call does nothing."""
         self._finalizer.detach()
+        self._mesh_finalizer.detach()
         self.layouts.unwatch()
         self._owned.free()
 
@@ -483,13 +485,6 @@ def _whole_shape(table: list[list[int]], ranks: list[int], where: str) -> tuple[
             raise LayoutError(f"{where}: dim {d} is not split, yet its size differs between "
                               f"ranks ({seen}); the pieces cannot form one tensor")
     return tuple(shape)
-
-
-def _release(layouts: LayoutInference, owned: OwnedGroups) -> None:
-    """What a dropped, unclosed runtime leaves: the tracker's hooks go now (local work); its
-    groups are queued for the next collective point, never destroyed from a finalizer."""
-    layouts.unwatch()
-    owned.drop()
 
 
 _HOOK_IDS = itertools.count()
