@@ -378,3 +378,28 @@ def test_fsdp1_local_state_dict_inside_surgery_is_an_error_and_harmless():
             model.state_dict()  # FULL_STATE_DICT again: fine
     assert differing_bytes(before, raw_state(model)) == 0
     torch.testing.assert_close(_logits(model(**x)), base, rtol=0, atol=0)
+
+
+def test_a_hook_registration_that_fails_part_way_leaves_no_hook_bound(monkeypatch):
+    from torch.optim.optimizer import _global_optimizer_pre_hooks
+
+    m = _llama()
+    before = raw_state(m)
+    register = torch.nn.Module.register_state_dict_post_hook
+    calls = []
+
+    def fails_on_third(self, hook):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("registration failed")
+        return register(self, hook)
+
+    monkeypatch.setattr(torch.nn.Module, "register_state_dict_post_hook", fails_on_third)
+    optimizer_hooks = len(_global_optimizer_pre_hooks)
+    with pytest.raises(RuntimeError, match="registration failed"):
+        with SurgicalTheater(m, modification_type="scale", params="all"):
+            pytest.fail("body must not run")
+    assert len(calls) == 3
+    assert all(not mod._state_dict_hooks for mod in m.modules())
+    assert len(_global_optimizer_pre_hooks) == optimizer_hooks
+    assert differing_bytes(before, raw_state(m)) == 0 and active_theaters() == ()

@@ -176,3 +176,31 @@ def test_selecting_a_factor_twice_is_an_error():
         SurgicalTheater(lora, layers=[0, "model.layers.0.self_attn.q_proj.lora_B.default.weight"],
                         modification_type="scale").__enter__()
     assert active_theaters() == ()
+
+
+def test_the_effective_weight_by_name_and_conv1d_layers():
+    """GPT-2's Conv1D LoRA layers (``fan_in_fan_out``) and a LoRA weight named as after merging."""
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_hf_model("gpt2")
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], lora_dropout=0.0,
+                     fan_in_fan_out=True)
+    lora = get_peft_model(model, cfg)
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    lora.eval()
+    merged = _merged(lora)
+    x = example_inputs("gpt2")
+    before = raw_state(lora)
+    for layers in ("transformer.h.0.attn.c_attn.weight", [1]):
+        for kind in sorted(MODIFICATIONS):
+            with torch.no_grad():
+                with SurgicalTheater(lora, layers=layers, **MODIFICATIONS[kind]):
+                    got = lora(**x).logits
+                with SurgicalTheater(merged, layers=layers, **MODIFICATIONS[kind]):
+                    want = merged(**x).logits
+            torch.testing.assert_close(got, want, **TIGHT, msg=lambda m, k=kind: f"{k}: {m}")
+            assert differing_bytes(before, raw_state(lora)) == 0, kind
