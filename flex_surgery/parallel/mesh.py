@@ -135,25 +135,11 @@ class ParallelMesh:
 
     @classmethod
     def from_fairscale(cls) -> ParallelMesh:
-        """Adopt fairscale's model-parallel state (``initialize_model_parallel``)."""
-        from fairscale.nn.model_parallel import initialize as fs
+        """Adopt fairscale's model-parallel state (``initialize_model_parallel``); see
+        :mod:`flex_surgery.parallel.frameworks.fairscale`."""
+        from flex_surgery.parallel.frameworks.fairscale import fairscale_mesh
 
-        if not fs.model_parallel_is_initialized():
-            raise RuntimeError("fairscale model parallel is not initialised")
-        groups = {"tp": fs.get_model_parallel_group(), "dp": fs.get_data_parallel_group(),
-                  "pp": fs.get_pipeline_parallel_group()}
-        sizes = {a: dist.get_world_size(g) for a, g in groups.items()}
-        coords = {a: dist.get_rank(g) for a, g in groups.items()}
-        stage_group = None
-        if sizes["pp"] > 1:
-            # fairscale has no stage group; build one per stage from the (dp, pp, tp) grid.
-            world = dist.get_world_size()
-            grid = torch.arange(world).reshape(sizes["dp"], sizes["pp"], sizes["tp"])
-            per_stage = grid.permute(1, 0, 2).reshape(sizes["pp"], -1)
-            stage_group = _new_groups_along(per_stage, 1, dist.get_rank())
-        mesh = cls(_drop_trivial(groups, sizes), sizes, coords, stage_group, source="fairscale")
-        _check_sizes(sizes, dist.get_world_size())
-        return mesh
+        return fairscale_mesh()
 
     @classmethod
     def from_device_mesh(cls, device_mesh, dim_names: Mapping[str, str] | None = None,

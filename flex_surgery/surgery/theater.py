@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from flex_surgery.parallel import frameworks
 from flex_surgery.surgery.checkpoint_guard import install_checkpoint_guard
 from flex_surgery.surgery.lora import adapter_delta, peel_peft
 from flex_surgery.surgery.shards import LocalShard, local_shards, reshard_for_surgery
@@ -241,7 +242,7 @@ class SurgicalTheater:
         self._active = False
         self._targets: list[LocalShard] = []  # every view written, parallel to _snapshots
         self._snapshots: list[Snapshot] = []
-        self._shard_of: dict[int, LocalShard] = {}
+        self._shard_at: dict[tuple[int, str], LocalShard] = {}
         self._hooks: list[Any] = []
         self._state: TrainingState | None = None
         self._names: list[str] = []
@@ -253,8 +254,8 @@ class SurgicalTheater:
     def _resolve(self, shards: list[LocalShard]) -> list[Edit]:
         if self.modification_type is None:
             return []
-        self._shard_of = {id(o): s for s in shards for o in s.owners}
-        return resolve_edits(self.root, shards, self.layers, self.params, self._shard_of,
+        self._shard_at = {(id(s.module), s.param_name): s for s in shards}
+        return resolve_edits(self.root, shards, self.layers, self.params, self._shard_at,
                              with_factors=self.modification_type in ("scale", "disable"))
 
     # ------------------------------------------------------------ modifications
@@ -294,7 +295,7 @@ class SurgicalTheater:
         shard = edit.shard
         local = shard.local
         # The adapters' part of a LoRA layer's effective weight (gathers: before any return).
-        adapters = adapter_delta(edit.lora, self._shard_of) if edit.lora is not None else None
+        adapters = adapter_delta(edit.lora, self._shard_at) if edit.lora is not None else None
         if self.full_parameter:
             arg, expected, where = shard.gather(), shard.full_shape, "the parameter"
         elif local.numel() == 0:
@@ -364,7 +365,7 @@ class SurgicalTheater:
                                "nest contexts")
         start = time.perf_counter()
         self._modules = list(self.model.modules())
-        self._sharded = any(_is_fsdp(m) for m in self._modules)
+        self._sharded = frameworks.keeps_unsharded_copies(self._modules)
         self._state = TrainingState.capture(self._modules, self.guard_grads)
         try:
             base_seed = self.seed
@@ -466,12 +467,6 @@ class SurgicalTheater:
         if not self._names:
             return {}
         return {self.modification_type: self.modified_names}
-
-
-def _is_fsdp(module: nn.Module) -> bool:
-    """FSDP1 or FSDP2 unit: the model keeps gathered copies that surgery must drop."""
-    return type(module).__name__ == "FullyShardedDataParallel" or any(
-        cls.__name__ == "FSDPModule" for cls in type(module).__mro__)
 
 
 def surgical_theater(model: nn.Module, layers: LayerSpec | Sequence[LayerSpec] | None = None,

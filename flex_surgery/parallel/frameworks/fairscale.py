@@ -26,7 +26,7 @@ from flex_surgery.parallel.frameworks.base import (
 )
 from flex_surgery.parallel.frameworks.views import LocalShard, block_shard
 
-__all__ = ["FairscaleTP"]
+__all__ = ["FairscaleTP", "fairscale_mesh"]
 
 _LAYERS = "fairscale.nn.model_parallel.layers"
 
@@ -104,6 +104,36 @@ class FairscaleTP(Framework):
 
         if not fs_init.model_parallel_is_initialized():
             return None
-        from flex_surgery.parallel.mesh import ParallelMesh
+        return fairscale_mesh()
 
-        return ParallelMesh.from_fairscale()
+
+def fairscale_mesh():
+    """A :class:`~flex_surgery.parallel.mesh.ParallelMesh` of fairscale's own groups."""
+    import torch
+    import torch.distributed as dist
+    from fairscale.nn.model_parallel import initialize as fs
+
+    from flex_surgery.parallel.mesh import (
+        ParallelMesh,
+        _check_sizes,
+        _drop_trivial,
+        _new_groups_along,
+    )
+
+    if not fs.model_parallel_is_initialized():
+        raise RuntimeError("fairscale model parallel is not initialised")
+    groups = {"tp": fs.get_model_parallel_group(), "dp": fs.get_data_parallel_group(),
+              "pp": fs.get_pipeline_parallel_group()}
+    sizes = {a: dist.get_world_size(g) for a, g in groups.items()}
+    coords = {a: dist.get_rank(g) for a, g in groups.items()}
+    stage_group = None
+    if sizes["pp"] > 1:
+        # fairscale has no stage group; build one per stage from its (dp, pp, tp) grid.
+        grid = torch.arange(dist.get_world_size()).reshape(sizes["dp"], sizes["pp"],
+                                                           sizes["tp"])
+        per_stage = grid.permute(1, 0, 2).reshape(sizes["pp"], -1)
+        stage_group = _new_groups_along(per_stage, 1, dist.get_rank())
+    mesh = ParallelMesh(_drop_trivial(groups, sizes), sizes, coords, stage_group,
+                        source="fairscale")
+    _check_sizes(sizes, dist.get_world_size())
+    return mesh
