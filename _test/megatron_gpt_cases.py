@@ -84,20 +84,31 @@ def build_gpt(tp: int, sequence_parallel: bool = False, seed: int = SEED,
     return model.to(device=device, dtype=dtype)  # the norms ignore params_dtype
 
 
-def gpt_inputs(device: torch.device | str = "cpu"
+def gpt_inputs(device: torch.device | str = "cpu", rows: slice = slice(None)
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(input_ids [b, s], position_ids [b, s], attention_mask [b, 1, s, s])``; the mask is
-    boolean, True where attention is masked (causal)."""
+    """``(input_ids [b, s], position_ids [b, s], attention_mask [b, 1, s, s])``, the batch
+    rows ``rows`` of them; the mask is boolean, True where attention is masked (causal)."""
     ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
     pos = torch.arange(SEQ).expand(BATCH, SEQ)
     mask = torch.triu(torch.ones(SEQ, SEQ, dtype=torch.bool), 1).expand(BATCH, 1, SEQ, SEQ)
-    return ids.to(device), pos.to(device), mask.to(device)
+    return ids[rows].to(device), pos[rows].to(device), mask[rows].to(device)
 
 
-def loss_of(logits: torch.Tensor) -> torch.Tensor:
-    """A loss that weighs every logit differently, so a wrong shard order shows in the grads."""
-    weights = torch.linspace(-1.0, 1.0, logits.numel(), dtype=logits.dtype,
-                             device=logits.device).view_as(logits)
+def data_parallel_rows() -> slice:
+    """The batch rows of this rank's data-parallel replica (Megatron's dp group)."""
+    from megatron.core import parallel_state
+
+    dp = parallel_state.get_data_parallel_world_size()
+    rank = parallel_state.get_data_parallel_rank()
+    assert BATCH % dp == 0, (BATCH, dp)
+    return slice(rank * BATCH // dp, (rank + 1) * BATCH // dp)
+
+
+def loss_of(logits: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
+    """A loss that weighs every logit differently, so a wrong shard order shows in the grads;
+    ``logits`` are the batch rows ``rows`` of the whole ``[b, s, V]`` logits."""
+    weights = torch.linspace(-1.0, 1.0, BATCH * SEQ * VOCAB, dtype=logits.dtype,
+                             device=logits.device).view(BATCH, SEQ, VOCAB)[rows]
     return (logits * weights).sum()
 
 
@@ -139,14 +150,28 @@ def full_tensors(model: nn.Module, grads: bool = False) -> dict[str, torch.Tenso
 
 
 def forward_backward(model: nn.Module, wrapper: nn.Module | None = None,
-                     device: torch.device | str = "cpu", **forward_kwargs
-                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Logits (gathered, ``[b, s, V]``) and whole parameter gradients of one forward/backward
-    of ``model`` (called through ``wrapper``, e.g. a FlexModel, when given)."""
+                     device: torch.device | str = "cpu", data_parallel: bool = False,
+                     **forward_kwargs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Logits (gathered over TP, ``[b, s, V]``) and whole parameter gradients of one
+    forward/backward of ``model`` (called through ``wrapper``, e.g. a FlexModel, when given).
+
+    ``data_parallel``: this rank runs its replica's rows of the batch only, as DDP does: its
+    loss is ``dp`` times its rows' share of the whole loss (the whole loss is the dp *mean* of
+    the local ones, DDP's convention, which FlexModel's gradient scaling follows) and the
+    gradients are averaged over Megatron's dp group, so they are the whole batch's.
+    """
+    from megatron.core import parallel_state
+
+    dp = parallel_state.get_data_parallel_world_size() if data_parallel else 1
+    rows = data_parallel_rows() if data_parallel else slice(None)
     model.zero_grad(set_to_none=True)
-    logits = (wrapper or model)(*gpt_inputs(device), **forward_kwargs)
-    loss_of(logits).backward()
+    logits = (wrapper or model)(*gpt_inputs(device, rows), **forward_kwargs)
+    (loss_of(logits, rows) * dp).backward()
     finish_grads(model)
+    if dp > 1:
+        for p in model.parameters():
+            dist.all_reduce(p.grad, group=parallel_state.get_data_parallel_group())
+            p.grad /= dp
     return logits.detach().cpu(), full_tensors(model, grads=True)
 
 
@@ -154,31 +179,70 @@ def forward_backward(model: nn.Module, wrapper: nn.Module | None = None,
 # (module or parameter name, hook kind, unpack_idx[, whole shape]). Megatron's activations are
 # [s, b, h]; with sequence parallelism those outside the TP regions are split on the sequence
 # dim.
+CORE_ATTENTION = (SEQ, BATCH, HIDDEN)  # its whole output shape (see below)
 RETRIEVAL_SITES = [
     ("embedding", "forward", 0),                        # [s, b, h]; SP: [s/tp, b, h]
-    ("embedding.word_embeddings", "forward", 0),        # vocab-parallel, [b, s, h]
+    ("embedding.position_embeddings", "forward", 0),    # plain nn.Embedding, [b, s, h]
     ("decoder.layers.0", "forward", 0),                 # TransformerLayer -> (hidden, context)
     ("decoder.layers.1", "forward_pre", 0),             # called with keyword arguments only
     ("decoder", "forward", 0),                          # TransformerBlock (keywords only)
+    ("decoder.layers.0.input_layernorm", "forward", 0),  # SP: [s/tp, b, h]
+    ("decoder.layers.0.self_attention", "forward", 0),  # (out, bias), keywords only
+    ("decoder.layers.0.self_attention.linear_qkv", "forward_pre", 0),  # SP: [s/tp, b, h]
     ("decoder.layers.0.self_attention.linear_qkv", "forward", 0),  # column: [s, b, 3h/tp]
     # Heads split over TP, [s, b, h/tp]: a module without parameters whose output is not the
     # shape of the TP layer before it; its layout is declared by the whole shape.
-    ("decoder.layers.0.self_attention.core_attention", "forward", 0, (SEQ, BATCH, HIDDEN)),
+    ("decoder.layers.0.self_attention.core_attention", "forward", 0, CORE_ATTENTION),
     ("decoder.layers.0.self_attention.linear_proj", "forward_pre", 0),  # row input [s, b, h/tp]
     ("decoder.layers.0.self_attention.linear_proj", "forward", 0),  # row: (out, bias)
-    ("decoder.layers.0.mlp.linear_fc1", "forward", 0),  # column: (out [s, b, ff/tp], bias)
-    ("decoder.layers.0.mlp.linear_fc2", "forward", 0),  # row
-    ("decoder.layers.0.self_attention", "forward", 0),  # (out, bias), keywords only
-    ("decoder.layers.0.mlp", "forward", 0),             # (out, bias)
     ("decoder.layers.0.pre_mlp_layernorm", "forward", 0),  # SP: [s/tp, b, h]
-    ("decoder.layers.1.mlp.linear_fc1", "full_backward", 0),      # grad of its input
-    ("decoder.layers.1.mlp.linear_fc2", "full_backward_pre", 0),  # grad of its output
-    ("decoder.layers.1.mlp.linear_fc1.weight", "tensor", 0),     # column weight's gradient
+    ("decoder.layers.0.mlp", "forward", 0),             # (out, bias)
+    ("decoder.layers.0.mlp.linear_fc1", "forward", 0),  # column: (out [s, b, ff/tp], bias)
+    ("decoder.layers.0.mlp.linear_fc1", "forward", 1),  # its bias, [ff/tp] per rank
+    ("decoder.layers.0.mlp.linear_fc2", "forward", 0),  # row
+    ("decoder.final_layernorm", "forward", 0),          # SP: [s/tp, b, h]
+    ("output_layer", "forward_pre", 0),                 # SP: [s/tp, b, h]
     ("output_layer", "forward", 0),                     # gathered logits [s, b, V]
+    # backward: gradients of inputs and outputs, and of parameters
+    ("decoder.layers.1.self_attention.linear_qkv", "full_backward", 0),
+    ("decoder.layers.1.self_attention.linear_proj", "full_backward", 0),  # [s, b, h/tp]
+    ("decoder.layers.1.mlp", "full_backward_pre", 0),
+    ("decoder.layers.1.mlp.linear_fc1", "full_backward", 0),      # SP: [s/tp, b, h]
+    ("decoder.layers.1.mlp.linear_fc2", "full_backward_pre", 0),  # SP: [s/tp, b, h]
+    ("decoder.layers.1.mlp.linear_fc2", "full_backward", 0),      # [s, b, ff/tp]
+    ("decoder.layers.1.mlp.linear_fc1.weight", "tensor", 0),      # column weight
+    ("decoder.layers.1.self_attention.linear_proj.weight", "tensor", 0),  # row weight
+    ("decoder.layers.1.self_attention.linear_proj.bias", "tensor", 0),    # replicated
+    ("decoder.layers.1.input_layernorm.weight", "tensor", 0),  # SP: partial on each rank
+    ("embedding.word_embeddings.weight", "tensor", 0),          # vocab-parallel
+    ("output_layer.weight", "tensor", 0),
 ]
-# A column-parallel output and a block output.
-EDIT_SITES = [("decoder.layers.0.mlp.linear_fc1", "forward", 0),
-              ("decoder.layers.1", "forward", 0)]
+# Megatron's vocab-parallel embedding outputs [b, s, h] (batch first; GPT's embedding then
+# transposes): stored under tensor parallelism, and left out of data-parallel runs.
+WORD_EMBEDDINGS = ("embedding.word_embeddings", "forward", 0)
+# Under data parallelism the batch is on dim 1 of Megatron's activations; a tensor with the
+# batch elsewhere declares its whole shape. A bias returned by a layer (no batch dim) is left
+# out: its declared whole shape is refused as contradicting the layer's TP layout.
+WHOLE_SHAPES = {("embedding.position_embeddings", "forward", 0): (BATCH, SEQ, HIDDEN)}
+DATA_PARALLEL_SITES = [site + (WHOLE_SHAPES[site],) if site in WHOLE_SHAPES else site
+                       for site in RETRIEVAL_SITES
+                       if site != ("decoder.layers.0.mlp.linear_fc1", "forward", 1)]
+
+# Edits on every kind of site: embeddings, column and row outputs, the core attention, the
+# keyword-only input of a block, a block output, a row input, the gradient of a column output,
+# a parameter gradient, the logits.
+EDIT_SITES = [
+    ("embedding", "forward", 0),
+    ("decoder.layers.0.self_attention.core_attention", "forward", 0, CORE_ATTENTION),
+    ("decoder.layers.0.self_attention.linear_proj", "forward", 0),
+    ("decoder.layers.0.mlp.linear_fc1", "forward", 0),
+    ("decoder.layers.1", "forward_pre", 0),
+    ("decoder.layers.1.mlp.linear_fc2", "forward_pre", 0),
+    ("decoder.layers.1", "forward", 0),
+    ("decoder.layers.1.mlp.linear_fc1", "full_backward_pre", 0),
+    ("decoder.layers.1.mlp.linear_fc2.weight", "tensor", 0),
+    ("output_layer", "forward", 0),
+]
 
 _REGISTER = {"forward": "register_forward_hook", "forward_pre": "register_forward_pre_hook",
              "full_backward": "register_full_backward_hook",
@@ -198,10 +262,11 @@ def times_two_by_position(module, tensor, ctx, modules):
 
 
 def run_flex(model: nn.Module, sites, edit: bool, process_group=None,
-             device: torch.device | str = "cpu"):
+             device: torch.device | str = "cpu", data_parallel: bool = False):
     """FlexModel on ``model`` (sizes not given: adopted) with a hook at every site:
     ``(stored, logits, whole gradients, mesh)``; the model is given back afterwards. When
-    ``edit``, the hooks alternate :func:`times_two` and :func:`times_two_by_position`."""
+    ``edit``, the hooks alternate :func:`times_two` and :func:`times_two_by_position`.
+    ``data_parallel``: see :func:`forward_backward`."""
     from flex_surgery import FlexModel, HookFunction
 
     stored: dict[str, list[torch.Tensor]] = {}
@@ -211,7 +276,8 @@ def run_flex(model: nn.Module, sites, edit: bool, process_group=None,
         getattr(flex, _REGISTER[kind])(HookFunction(
             name, editing_function=edits[i % 2] if edit else None, unpack_idx=idx,
             expected_shape=expected_shape[0] if expected_shape else None))
-    logits, grads = forward_backward(model, wrapper=flex, device=device)
+    logits, grads = forward_backward(model, wrapper=flex, device=device,
+                                     data_parallel=data_parallel)
     mesh = getattr(flex.runtime, "mesh", None)
     flex.restore()
     return stored, logits, grads, mesh

@@ -8,9 +8,12 @@ import pytest
 import torch
 import torch.distributed as dist
 from megatron_gpt_cases import (
+    DATA_PARALLEL_SITES,
     EDIT_SITES,
     RETRIEVAL_SITES,
+    WORD_EMBEDDINGS,
     build_gpt,
+    data_parallel_rows,
     forward_backward,
     full_tensors,
     gpt_inputs,
@@ -91,16 +94,18 @@ def test_flexmodel_adopts_megatron_groups_and_gives_whole_parameters():
 @distributed(world_size=2)
 def test_megatron_gpt_retrieval_equals_tp1(sequence_parallel):
     """Forward, forward-pre (keyword-only blocks), full backward (pre) and gradient hooks on
-    blocks, column-/row-parallel layers and the embeddings store the TP=1 tensors."""
-    ref_stored, ref_logits, ref_grads = _flex_reference(RETRIEVAL_SITES, edit=False)
+    blocks, column-/row-parallel layers, the core attention and the embeddings store the TP=1
+    tensors; the logits and gradients are unchanged."""
+    sites = RETRIEVAL_SITES + [WORD_EMBEDDINGS]
+    ref_stored, ref_logits, ref_grads = _flex_reference(sites, edit=False)
     with gpt_parallel(tp=2):
         model = build_gpt(tp=2, sequence_parallel=sequence_parallel)
-        stored, logits, grads, _ = run_flex(model, RETRIEVAL_SITES, edit=False)
+        stored, logits, grads, _ = run_flex(model, sites, edit=False)
     torch.testing.assert_close(logits, ref_logits, **TOL)
     _assert_all_close(grads, ref_grads, "grad", **TOL)
     if dist.get_rank() == 0:
         # every site stored one tensor (hooks of several kinds on one module may share a key)
-        assert sum(map(len, ref_stored.values())) == len(RETRIEVAL_SITES), sorted(ref_stored)
+        assert sum(map(len, ref_stored.values())) == len(sites), sorted(ref_stored)
         problems = stored_mismatches(stored, ref_stored, **TOL)
         assert not problems, "\n".join(problems)
     else:
@@ -110,7 +115,7 @@ def test_megatron_gpt_retrieval_equals_tp1(sequence_parallel):
 @pytest.mark.parametrize("sequence_parallel", [False, True])
 @distributed(world_size=2)
 def test_megatron_gpt_editing_equals_tp1(sequence_parallel):
-    """Doubling a column-parallel output, and a block output plus a position-dependent term:
+    """Edits (doubling, or doubling plus a position-dependent term) on every kind of site:
     logits and whole gradients of TP=1 with the same edits."""
     _, ref_logits, ref_grads = _flex_reference(EDIT_SITES, edit=True)
     _, plain_logits, _ = _flex_reference([], edit=False)
@@ -120,6 +125,37 @@ def test_megatron_gpt_editing_equals_tp1(sequence_parallel):
     assert not torch.allclose(ref_logits, plain_logits)  # the edits change the logits
     torch.testing.assert_close(logits, ref_logits, **TOL)
     _assert_all_close(grads, ref_grads, "grad", **TOL)
+
+
+@pytest.mark.parametrize("sequence_parallel", [False, True])
+@distributed(world_size=4)
+def test_megatron_gpt_dp2_tp2_equals_tp1(sequence_parallel):
+    """Megatron's dp=2 x tp=2 grid (ranks ordered (pp, dp, tp)), each replica running its half
+    of the batch as DDP would: retrieval stores the TP=1 tensors of the whole batch (batch on
+    dim 1 of Megatron's activations), edits give the TP=1 logits of its rows and the whole
+    gradients."""
+    with gpt_parallel(tp=1):
+        ref_stored, ref_logits, ref_grads, _ = run_flex(build_gpt(tp=1), DATA_PARALLEL_SITES,
+                                                        False, local_group())
+        _, ref_edited, ref_edited_grads, _ = run_flex(build_gpt(tp=1), EDIT_SITES, True,
+                                                      local_group())
+    with gpt_parallel(tp=2):
+        rows = data_parallel_rows()
+        model = build_gpt(tp=2, sequence_parallel=sequence_parallel)
+        stored, logits, grads, mesh = run_flex(model, DATA_PARALLEL_SITES, False,
+                                               data_parallel=True)
+        _, edited, edited_grads, _ = run_flex(model, EDIT_SITES, True, data_parallel=True)
+    assert (mesh.source, mesh.sizes) == ("megatron", {"dp": 2, "tp": 2, "pp": 1}), mesh
+    assert rows != slice(0, 2)  # each replica has part of the batch
+    torch.testing.assert_close(logits, ref_logits[rows], **TOL)
+    _assert_all_close(grads, ref_grads, "grad", **TOL)
+    torch.testing.assert_close(edited, ref_edited[rows], **TOL)
+    _assert_all_close(edited_grads, ref_edited_grads, "edited grad", **TOL)
+    if dist.get_rank() == 0:
+        problems = stored_mismatches(stored, ref_stored, **TOL)
+        assert not problems, "\n".join(problems)
+    else:
+        assert stored == {}
 
 
 # -- SurgicalTheater on each rank's shard -----------------------------------------------------
