@@ -9,30 +9,34 @@ Inference rules (:class:`LayoutInference`), for the tensor a hook sees:
 
 * **DTensor** (DTensor TP with ``use_local_output=False``, hooks registered before
   ``parallelize_module``): its placements, mapped onto the mesh axes by process group.
-* **fairscale TP layers** (exact, from the module's attributes):
-  ``ColumnParallelLinear`` output is last-dim sharded unless ``gather_output``; input replicated.
-  ``RowParallelLinear`` input is last-dim sharded if ``input_is_parallel``; output replicated.
-  ``VocabParallelEmbedding`` and ``ParallelEmbedding`` outputs are replicated (both reduce or
-  gather before returning).
-* **modules with DTensor TP weights** (``parallelize_module`` with ``use_local_output=True``, HF
-  TP): a weight ``Shard(0)`` (Linear) / ``Shard(1)`` (Embedding) makes the layer column-wise: its
-  output's last dim is sharded when the observed local size is this rank's chunk of the full
-  size; a weight ``Shard(1)`` (Linear) makes it row-wise: its input's last dim is sharded by the
-  same shape check; the output is replicated.
+* **tensor-parallel layers**: what the framework registry says
+  (:func:`flex_surgery.parallel.frameworks.tp_layer`, a ``TPLayer`` per module). Exact, from
+  the module's attributes, for fairscale (column output last-dim sharded unless
+  ``gather_output``, row input last-dim sharded if ``input_is_parallel``, embeddings replicated)
+  and Megatron-core (the same, plus sequence parallelism: column input, row output and
+  embedding output split on the sequence dim 0 of ``[s, b, h]``); read from shapes for modules
+  with DTensor TP weights (``parallelize_module`` with ``use_local_output=True``, HF TP): a
+  dim is sharded when the observed local size is this rank's chunk of the full size.
 * **any other module** takes the layout of the output of the *innermost TP layer that produced
   it*: the TP layer that ran last before the module returned (for ``output``) or started (for
-  ``input``), if the observed last-dim size matches that layer's local output size; replicated
-  over tp otherwise. A GELU after a ``ColumnParallelLinear`` is sharded; a block ending with a
-  ``RowParallelLinear`` is replicated. Gradients take the layout recorded in the last forward.
+  ``input``). A GELU after a ``ColumnParallelLinear`` is sharded; a block ending with a
+  ``RowParallelLinear`` is replicated; a norm after a sequence-parallel row layer is split on
+  the sequence dim. Gradients take the layout recorded in the last forward.
+* **unknown means error** (:class:`~flex_surgery.parallel.frameworks.UnknownLayoutError`): a
+  tensor whose shape does not show the split of the TP layer that produced it (a reshaped
+  shard), a tensor of another shape than the replicated one before it in a model with sequence
+  parallelism, and the tensors of (and after) a module whose parameters differ across the tp
+  ranks but that no framework owns -- unless an ``expected_shape`` declares the layout.
 * **data parallel** (DDP, FSDP1, FSDP2): activations and their gradients are the local
-  micro-batch: ``batch_dim`` (0 by default) is sharded over ``dp`` with sizes exchanged at run
-  time -- unless ``expected_shape`` gives that dim the local size: then every dp rank holds the
-  tensor whole (no batch dim, e.g. rotary tables) and it is replicated over ``dp``. Parameter
-  gradients are a partial *average* over ``dp`` (DDP/FSDP average them).
+  micro-batch: ``batch_dim`` (the framework's: 1 for Megatron, else 0) is sharded over ``dp``
+  with sizes exchanged at run time -- unless ``expected_shape`` gives that dim the local size:
+  then every dp rank holds the tensor whole (no batch dim, e.g. rotary tables) and it is
+  replicated over ``dp``. Parameter gradients are a partial *average* over ``dp`` (DDP/FSDP
+  average them); Megatron's sequence-parallel parameters' gradients a partial *sum* over ``tp``.
 * ``expected_shape`` (the unsharded shape, ``None`` for "any") is checked: dims where the local
   size is smaller than the expected one are sharded (the batch dim over ``dp``, others over
-  ``tp``). It decides for modules whose layout comes from shapes; for fairscale TP layers a
-  disagreement with the module is an error, as is a shape no layout can explain.
+  ``tp``). It decides for modules whose layout comes from shapes or is unknown; for exact TP
+  layers a disagreement with the module is an error, as is a shape no layout can explain.
 
 Activation gradients carry ``grad_scale = 1 / dp``: with a loss averaged over the local batch,
 the local activation gradient is ``dp`` times the gradient of the global-mean loss that one
