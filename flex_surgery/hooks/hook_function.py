@@ -100,7 +100,9 @@ class HookFunction:
             parameter (``"model.layers.0.mlp.up_proj.weight"``).
         expected_shape: shape of the *whole* (unsharded) tensor; ``None`` entries match any
             size. Optional: layouts come from the model; this only checks them, and a
-            disagreement raises :class:`~flex_surgery.hooks.errors.ShapeMismatchError`.
+            disagreement raises :class:`~flex_surgery.hooks.errors.ShapeMismatchError`. Checked
+            at every call, on every rank, before anything is gathered (distributed: the ranks
+            first agree on the layout and the whole shape, one small all-gather per call).
         editing_function: ``fn(current_module, tensor, save_ctx, modules) -> tensor``. It gets
             the whole tensor (autograd-connected) and returns a tensor of the same shape and
             dtype that replaces it. ``current_module`` is the hooked module (for parameter
