@@ -137,3 +137,44 @@ def test_fsdp2(hp):
     fully_shard(model, mesh=mesh)
     rank = dist.get_rank()
     _compare(model, hp, rows=slice(4 * rank, 4 * rank + 4))
+
+
+@distributed(world_size=2)
+def test_unknown_layout_is_refused_and_nothing_is_modified():
+    """A plain nn.Linear whose weight differs across the TP ranks: no framework says how it is
+    split, so its mask cannot be placed."""
+    from fairscale.nn.model_parallel import initialize as fs
+
+    from flex_surgery.parallel.frameworks import UnknownLayoutError
+
+    fs.initialize_model_parallel(2)
+    try:
+        model = fairscale_net(plain_net(0))
+        torch.manual_seed(dist.get_rank())
+        model.head = torch.nn.Linear(H, 6)  # a different head on each rank
+        hooks = [(len(m._forward_pre_hooks), len(m._forward_hooks)) for m in model.modules()]
+        flags = [p.requires_grad for p in model.parameters()]
+        with pytest.raises(UnknownLayoutError, match=r"\['head'\] differ across"):
+            CircuitModel(_config(HPARAMS[0]), model)
+        assert [(len(m._forward_pre_hooks), len(m._forward_hooks))
+                for m in model.modules()] == hooks
+        assert [p.requires_grad for p in model.parameters()] == flags
+    finally:
+        fs.destroy_model_parallel()
+
+
+@distributed(world_size=2)
+def test_tp_example_finds_the_circuit():
+    """docs/examples/circuit_tp.py in reduced size on the 2-rank pool."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "docs" / "examples" / "circuit_tp.py"
+    spec = importlib.util.spec_from_file_location("circuit_tp", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = module.example(steps=60, epochs=3, plot=None)
+    assert out["l0"] < 0.2 * out["max_l0"]
+    assert out["accuracy"] > 0.8
+    inputs = out["first_layer_inputs"]
+    assert inputs[0] + inputs[1] > sum(inputs[2:])

@@ -16,6 +16,7 @@ back the original model unchanged.
 
 from __future__ import annotations
 
+import difflib
 import math
 import sys
 import warnings
@@ -111,7 +112,7 @@ def _resolve_targets(model: nn.Module, names: Iterable[str]) -> dict[str, nn.Mod
     for name in names:
         module = modules.get(clean_name(name))
         if module is None:
-            close = [n for n in modules if n and (name.split(".")[-1] in n)][:5]
+            close = difflib.get_close_matches(name, [n for n in modules if n], n=5)
             problems.append(f"{name!r} matches no module" +
                             (f" (did you mean one of {close}?)" if close else ""))
         elif not _supported(module):
