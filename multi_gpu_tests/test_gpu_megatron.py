@@ -1,9 +1,10 @@
 """Megatron-core on GPUs, where it is installed: flex_surgery's collectives over Megatron's own
 tensor-parallel group gather exactly what Megatron's mapping gathers ([seq, batch, hidden]
 activations, hidden split over TP); a real ``GPTModel`` (local layer spec) at TP=2, with and
-without sequence parallelism, equals the TP=1 model with the same full weights over NCCL; and
-the same model split in two pipeline stages and run by Megatron's 1F1B schedule equals the
-schedule without pipelining (losses and gradients).
+without sequence parallelism, equals the TP=1 model with the same full weights over NCCL, and
+so do FlexModel's retrieval and edits on it; and the same model split in two pipeline stages
+and run by Megatron's 1F1B schedule equals the schedule without pipelining (losses and
+gradients).
 
 The GPTModel is the one of the CPU tests (``_test/megatron_gpt_cases.py``), in float64.
 """
@@ -88,6 +89,39 @@ def test_megatron_gpt_tp2_equals_tp1(device, sequence_parallel):
     _assert_all_close(weights, ref_weights, "weight")
     torch.testing.assert_close(logits, ref_logits, **TOL)
     _assert_all_close(grads, ref_grads, "grad")
+
+
+@pytest.mark.world_size(2)
+@pytest.mark.parametrize("sequence_parallel", [False, True])
+def test_megatron_gpt_flexmodel_tp2_equals_tp1(device, sequence_parallel):
+    """Under FlexModel (Megatron's groups adopted), hooks on the TP=2 GPTModel store the TP=1
+    tensors, and edits give the TP=1 logits and gradients (every data-parallel replica runs
+    its rows of the batch)."""
+    _skip_unless_divisible(2)
+    cases = _gpt_cases()
+    sites = cases.DATA_PARALLEL_SITES
+    with cases.gpt_parallel(tp=1):
+        ref_stored, ref_logits, ref_grads, _ = cases.run_flex(
+            cases.build_gpt(tp=1, device=device), sites, False, cases.local_group(), device)
+        _, ref_edited, ref_edited_grads, _ = cases.run_flex(
+            cases.build_gpt(tp=1, device=device), cases.EDIT_SITES, True, cases.local_group(),
+            device)
+    with cases.gpt_parallel(tp=2):
+        rows = cases.data_parallel_rows()
+        model = cases.build_gpt(tp=2, sequence_parallel=sequence_parallel, device=device)
+        stored, logits, grads, _ = cases.run_flex(model, sites, False, device=device,
+                                                  data_parallel=True)
+        _, edited, edited_grads, _ = cases.run_flex(model, cases.EDIT_SITES, True,
+                                                    device=device, data_parallel=True)
+    torch.testing.assert_close(logits, ref_logits[rows], **TOL)
+    _assert_all_close(grads, ref_grads, "grad")
+    torch.testing.assert_close(edited, ref_edited[rows], **TOL)
+    _assert_all_close(edited_grads, ref_edited_grads, "edited grad")
+    if dist.get_rank() == 0:
+        problems = cases.stored_mismatches(stored, ref_stored, **TOL)
+        assert not problems, "\n".join(problems)
+    else:
+        assert stored == {}
 
 
 @pytest.mark.world_size(2)
