@@ -8,6 +8,8 @@ import copy
 
 import pytest
 import torch
+import torch.distributed as dist
+from rank_pool import distributed
 from test_surgery_support import differing_bytes, raw_state
 
 from flex_surgery.models import example_inputs, tiny_hf_model
@@ -204,3 +206,50 @@ def test_the_effective_weight_by_name_and_conv1d_layers():
                     want = merged(**x).logits
             torch.testing.assert_close(got, want, **TIGHT, msg=lambda m, k=kind: f"{k}: {m}")
             assert differing_bytes(before, raw_state(lora)) == 0, kind
+
+
+@pytest.mark.parametrize("layout", ["fsdp1_orig", "fsdp1_flat", "fsdp2"])
+@distributed(world_size=2)
+def test_lora_under_fsdp_equals_the_merged_model(layout):
+    """Each rank edits its shards of the base weight and of B (custom gathers A and B): the
+    sharded LoRA model equals the one-process merged model, and every shard comes back."""
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    lora = _lora_model()
+    merged = _merged(lora)
+    inner = lora.base_model.model
+    if layout == "fsdp2":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (2,))
+        for layer in inner.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(inner, mesh=mesh)
+    else:
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+        if layout == "fsdp1_flat":  # one flat parameter needs one requires_grad
+            for p in lora.parameters():
+                p.requires_grad_(True)
+        lora.base_model.model = FSDP(inner, auto_wrap_policy=ModuleWrapPolicy({LlamaDecoderLayer}),
+                                     use_orig_params=layout == "fsdp1_orig",
+                                     device_id=torch.device("cpu"))
+    x = example_inputs("llama", seed=dist.get_rank())
+    with torch.no_grad():
+        base = lora(**x).logits
+        torch.testing.assert_close(base, merged(**x).logits, **TIGHT)
+    before = raw_state(lora)
+    # _effective_shift reads the whole weight (its mean): sharded, it needs full_parameter.
+    mods = {**MODIFICATIONS, "custom": {**MODIFICATIONS["custom"], "full_parameter": True},
+            "custom_elementwise": dict(modification_fn=lambda p: -0.3 * p)}
+    for kind in sorted(mods):
+        with torch.no_grad():
+            with SurgicalTheater(lora, layers=[0], **mods[kind]):
+                got = lora(**x).logits
+            with SurgicalTheater(merged, layers=[0], **mods[kind]):
+                want = merged(**x).logits
+        assert not torch.allclose(want, base, **TIGHT), kind
+        torch.testing.assert_close(got, want, **TIGHT, msg=lambda m, k=kind: f"{k}: {m}")
+        assert differing_bytes(before, raw_state(lora)) == 0, kind

@@ -62,7 +62,7 @@ class LoraLinear:
     name: str
     layer: nn.Module
     base: nn.Module
-    internals: frozenset[int]  # ids of the adapter parameters (lora_A, lora_B, ...)
+    internals: frozenset[int]  # ids of the modules holding adapter parameters (lora_A, ...)
 
     @property
     def adapters(self) -> tuple[str, ...]:
@@ -98,9 +98,10 @@ class LoraLinear:
                 "to modify them one by one."
             )
 
-    def factor_params(self) -> list[nn.Parameter]:
-        """The ``B`` (up-projection) weights of the contributing adapters."""
-        return [self.layer.lora_B[a].weight for a in self.adapters]
+    def factor_places(self) -> list[tuple[int, str]]:
+        """``(id(module), "weight")`` of the ``B`` (up-projection) weights of the contributing
+        adapters (places, not parameter objects: FSDP1 replaces the objects)."""
+        return [(id(self.layer.lora_B[a]), "weight") for a in self.adapters]
 
 
 def lora_layers(root: nn.Module) -> dict[int, LoraLinear]:
@@ -114,21 +115,24 @@ def lora_layers(root: nn.Module) -> dict[int, LoraLinear]:
         if not isinstance(module, LoraLayer):
             continue
         base = module.get_base_layer()
-        base_ids = {id(p) for p in base.parameters()}
-        internals = frozenset(id(p) for p in module.parameters() if id(p) not in base_ids)
+        base_ids = {id(m) for m in base.modules()}
+        internals = frozenset(id(m) for m in module.modules()
+                              if id(m) not in base_ids and m is not module)
         found[id(base)] = LoraLinear(clean_name(name), module, base, internals)
     return found
 
 
-def adapter_delta(lora: LoraLinear, shard_of: dict[int, LocalShard]) -> torch.Tensor | None:
+def adapter_delta(lora: LoraLinear,
+                  shard_at: dict[tuple[int, str], LocalShard]) -> torch.Tensor | None:
     """``Σ_a transpose(B_a @ A_a) * scaling_a`` over the contributing adapters, at the full
-    weight's shape in fp32 (``None`` when none contributes). Sharded factors are gathered
+    weight's shape in fp32 (``None`` when none contributes). ``shard_at`` maps
+    ``(id(module), param_name)`` to the local shard. Sharded factors are gathered
     (collectives: every rank calls this for the same layers in the same order)."""
     total = None
     layer = lora.layer
     for a in lora.adapters:
-        weight_a = shard_of[id(layer.lora_A[a].weight)].gather().float()
-        weight_b = shard_of[id(layer.lora_B[a].weight)].gather().float()
+        weight_a = shard_at[(id(layer.lora_A[a]), "weight")].gather().float()
+        weight_b = shard_at[(id(layer.lora_B[a]), "weight")].gather().float()
         delta = weight_b @ weight_a
         if getattr(layer, "fan_in_fan_out", False):
             delta = delta.T

@@ -73,17 +73,18 @@ def param_filter(params: str | ParamFilter) -> ParamFilter:
 
 def resolve_edits(root: nn.Module, shards: list[LocalShard],
                   layers: LayerSpec | Sequence[LayerSpec] | None, params: str | ParamFilter,
-                  shard_of: dict[int, LocalShard], with_factors: bool) -> list[Edit]:
+                  shard_at: dict[tuple[int, str], LocalShard],
+                  with_factors: bool) -> list[Edit]:
     """The edits selected by ``layers`` and ``params`` among ``shards``, in model order.
 
-    ``shard_of`` maps ``id`` of every parameter object to its shard; ``with_factors``: the
+    ``shard_at`` maps ``(id(module), param_name)`` to its shard; ``with_factors``: the
     modification is linear in the weight (``scale``, ``disable``), so LoRA ``B`` factors are
     written with the base weight.
     """
     keep = param_filter(params)
     floating = [s for s in shards if s.local.is_floating_point()]
     loras = lora_layers(root)
-    inside = {pid: lora for lora in loras.values() for pid in lora.internals}
+    inside = {mid: lora for lora in loras.values() for mid in lora.internals}
     module_names = {clean_name(n) for n, _ in root.named_modules()}
     param_names = {n for s in floating for n in s.names}
     param_names |= {loras[id(s.module)].effective_name(s.param_name)
@@ -106,14 +107,14 @@ def resolve_edits(root: nn.Module, shards: list[LocalShard],
     edits: list[Edit] = []
     for s in floating:
         lora = loras.get(id(s.module))
-        owner = next((inside[id(o)] for o in s.owners if id(o) in inside), None)
+        owner = inside.get(id(s.module))
         if any(n in exact for n in s.names):
             edits.append(Edit(s, s.name))
         elif lora is not None:
             effective = lora.effective_name(s.param_name)
             if effective in exact or (under(effective) and not under(effective, lora.name)
                                       and keep(effective, lora.base, s.param_name)):
-                edits.append(_lora_edit(s, lora, effective, shard_of, with_factors))
+                edits.append(_lora_edit(s, lora, effective, shard_at, with_factors))
             elif any(under(n, lora.name) for n in s.names) and keep(s.name, s.module,
                                                                     s.param_name):
                 edits.append(Edit(s, s.name))
@@ -139,13 +140,13 @@ def resolve_edits(root: nn.Module, shards: list[LocalShard],
 
 
 def _lora_edit(shard: LocalShard, lora: LoraLinear, effective: str,
-               shard_of: dict[int, LocalShard], with_factors: bool) -> Edit:
+               shard_at: dict[tuple[int, str], LocalShard], with_factors: bool) -> Edit:
     lora.check_editable(shard.param_name)
     if shard.param_name != "weight":  # LoRA adds nothing to the base layer's bias
         return Edit(shard, effective)
     factors: tuple[LocalShard, ...] = ()
     if with_factors:  # W + BA*s -> f*W + (f*B)A*s
-        factors = tuple(shard_of[id(p)] for p in lora.factor_params())
+        factors = tuple(shard_at[place] for place in lora.factor_places())
     return Edit(shard, effective, factors, lora)
 
 

@@ -242,7 +242,7 @@ class SurgicalTheater:
         self._active = False
         self._targets: list[LocalShard] = []  # every view written, parallel to _snapshots
         self._snapshots: list[Snapshot] = []
-        self._shard_of: dict[int, LocalShard] = {}
+        self._shard_at: dict[tuple[int, str], LocalShard] = {}
         self._hooks: list[Any] = []
         self._state: TrainingState | None = None
         self._names: list[str] = []
@@ -254,8 +254,8 @@ class SurgicalTheater:
     def _resolve(self, shards: list[LocalShard]) -> list[Edit]:
         if self.modification_type is None:
             return []
-        self._shard_of = {id(o): s for s in shards for o in s.owners}
-        return resolve_edits(self.root, shards, self.layers, self.params, self._shard_of,
+        self._shard_at = {(id(s.module), s.param_name): s for s in shards}
+        return resolve_edits(self.root, shards, self.layers, self.params, self._shard_at,
                              with_factors=self.modification_type in ("scale", "disable"))
 
     # ------------------------------------------------------------ modifications
@@ -295,7 +295,7 @@ class SurgicalTheater:
         shard = edit.shard
         local = shard.local
         # The adapters' part of a LoRA layer's effective weight (gathers: before any return).
-        adapters = adapter_delta(edit.lora, self._shard_of) if edit.lora is not None else None
+        adapters = adapter_delta(edit.lora, self._shard_at) if edit.lora is not None else None
         if self.full_parameter:
             arg, expected, where = shard.gather(), shard.full_shape, "the parameter"
         elif local.numel() == 0:
