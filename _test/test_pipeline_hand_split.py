@@ -222,3 +222,13 @@ def test_a_stage_without_an_output_dict_still_sends_its_entries():
         assert_stored_equal(stored, {k: v for k, v in ref_stored.items() if k in stored}, **TOL)
     else:
         assert keys
+
+
+@distributed(world_size=2)
+def test_keep_last_is_refused_with_pipelining():
+    """Stages' calls are collected on rank 0 as lists, so keep="last" is an error on every
+    rank, and the model can then be wrapped with keep="all"."""
+    stage = two_stages(plain_net(), dist.get_rank())
+    with pytest.raises(ValueError, match="keep='last' is not available with pipeline"):
+        FlexModel(stage, {}, pipeline_parallel_size=2, keep="last")
+    FlexModel(stage, {}, pipeline_parallel_size=2).close()
