@@ -152,6 +152,13 @@ def test_one_process_equals_hand_computed_lens(tied, k):
     assert not any(b._forward_hooks for b in model.blocks)  # no hook left behind
 
 
+def test_rows_decoded_in_chunks_equal_one_matmul(monkeypatch):
+    model, ids = plain_lm(), ids_for(batch=3, seq=5)
+    tokens, logprobs, _ = reference_lens(model, ids, 4)
+    monkeypatch.setattr(LogitLens, "CHUNK_ELEMENTS", 7 * V)  # 7 of the 60 rows per matmul
+    assert_same(logit_lens(model, ids, top_k=4), tokens, logprobs)
+
+
 def test_layers_positions_and_translators():
     model = plain_lm()
     ids = ids_for()

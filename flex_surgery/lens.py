@@ -392,8 +392,9 @@ class LogitLens:
         start, count = _rows_of(rows, dp, dp_rank)
         table = torch.zeros(n_layers, rows, 2 * k, dtype=torch.float64)
         if self._unembed is not None:
-            packed = torch.stack([self._local_topk(g, h.reshape(rows, -1)[start:start + count])
-                                  for g, h in zip(self.layers, hidden)])
+            decoded = torch.cat([self._decoded_input(g, h.reshape(rows, -1)[start:start + count])
+                                 for g, h in zip(self.layers, hidden)])
+            packed = self._local_topk(decoded).reshape(n_layers, count, 2 * k + 1)
             tokens, logprobs = self._merge(packed)
             tp_rank = mesh.rank("tp") if mesh is not None and mesh.tp_size > 1 else 0
             if tp_rank == 0:
@@ -404,10 +405,9 @@ class LogitLens:
         return LensResult(list(self.layers), table[..., k:].long().reshape(n_layers, *lead, k),
                           table[..., :k].float().reshape(n_layers, *lead, k))
 
-    def _local_topk(self, layer: int, h: torch.Tensor) -> torch.Tensor:
-        """``[rows, 2k + 1]``: this rank's top-k logits, their vocabulary ids, and the
-        log-sum-exp of its slice (float64, -inf / -1 where the slice has fewer than k ids)."""
-        u, k = self._unembed, self.top_k
+    def _decoded_input(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        """What the unembedding reads for block ``layer``: norm(h [+ translator(h)])."""
+        u = self._unembed
         h = h.to(device=u.weight.device, dtype=u.weight.dtype)
         with torch.no_grad():
             translator = self.translators.get(layer)
@@ -415,15 +415,31 @@ class LogitLens:
                 h = h + translator(h)
             if self._norm is not None:
                 h = self._norm.forward(h)  # no hooks: this is not a call of the model
-            logits = F.linear(h, u.weight, u.bias).float()
+        return h
+
+    # Rows unembedded per matmul: every block's rows go through the same weight, so they are
+    # decoded together (the weight is read once per chunk, not once per block), in chunks
+    # whose logits stay under this many elements.
+    CHUNK_ELEMENTS = 1 << 24
+
+    def _local_topk(self, h: torch.Tensor) -> torch.Tensor:
+        """``[rows, 2k + 1]``: this rank's top-k logits of each row, their vocabulary ids, and
+        the log-sum-exp of its slice (float64; -inf / -1 where the slice has fewer than k)."""
+        u, k = self._unembed, self.top_k
         out = torch.full((h.shape[0], 2 * k + 1), -math.inf, dtype=torch.float64)
         out[:, k:2 * k] = -1
-        kk = min(k, logits.shape[-1])
-        if kk:
-            values, ids = logits.topk(kk, dim=-1)
-            out[:, :kk] = values.double().cpu()
-            out[:, k:k + kk] = (ids + u.offset).double().cpu()
-            out[:, 2 * k] = torch.logsumexp(logits, dim=-1).double().cpu()
+        kk = min(k, u.weight.shape[0])
+        if not kk or not h.shape[0]:
+            return out
+        step = max(1, self.CHUNK_ELEMENTS // u.weight.shape[0])
+        with torch.no_grad():
+            for first in range(0, h.shape[0], step):
+                logits = F.linear(h[first:first + step], u.weight, u.bias).float()
+                values, ids = logits.topk(kk, dim=-1)
+                rows = slice(first, first + logits.shape[0])
+                out[rows, :kk] = values.double().cpu()
+                out[rows, k:k + kk] = (ids + u.offset).double().cpu()
+                out[rows, 2 * k] = torch.logsumexp(logits, dim=-1).double().cpu()
         return out
 
     def _merge(self, packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
