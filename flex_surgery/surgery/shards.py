@@ -32,18 +32,15 @@ from __future__ import annotations
 from torch import nn
 
 from flex_surgery.parallel import frameworks
-from flex_surgery.parallel.frameworks.fsdp import fsdp1_param_offsets
-from flex_surgery.parallel.frameworks.views import BlockRegion, FlatRegion, IndexRegion, LocalShard
+from flex_surgery.parallel.frameworks.fsdp import fsdp1_param_offsets as fsdp1_param_offsets
+from flex_surgery.parallel.frameworks.views import BlockRegion as BlockRegion
+from flex_surgery.parallel.frameworks.views import FlatRegion as FlatRegion
+from flex_surgery.parallel.frameworks.views import IndexRegion as IndexRegion
+from flex_surgery.parallel.frameworks.views import LocalShard
 
-__all__ = [
-    "BlockRegion",
-    "FlatRegion",
-    "IndexRegion",
-    "LocalShard",
-    "fsdp1_param_offsets",
-    "local_shards",
-    "reshard_for_surgery",
-]
+# The view types (LocalShard, the regions) are defined in flex_surgery.parallel.frameworks.views
+# and importable from here.
+__all__ = ["local_shards", "reshard_for_surgery"]
 
 
 def reshard_for_surgery(model: nn.Module, modules: list[nn.Module] | None = None) -> None:

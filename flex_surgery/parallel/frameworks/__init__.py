@@ -30,37 +30,31 @@ import torch.distributed as dist
 from torch import nn
 
 from flex_surgery.naming import clean_name
-from flex_surgery.parallel.frameworks.base import (
-    HIDDEN,
-    SEQUENCE,
-    ActivationShard,
-    Framework,
-    LayoutError,
-    TPLayer,
-    differs_across,
-)
+from flex_surgery.parallel.frameworks.base import HIDDEN as HIDDEN
+from flex_surgery.parallel.frameworks.base import SEQUENCE as SEQUENCE
+from flex_surgery.parallel.frameworks.base import ActivationShard as ActivationShard
+from flex_surgery.parallel.frameworks.base import Framework, LayoutError, differs_across
+from flex_surgery.parallel.frameworks.base import TPLayer as TPLayer
 from flex_surgery.parallel.frameworks.ddp import DDP
-from flex_surgery.parallel.frameworks.dtensor import DTensorTP, is_dtensor, mesh_axis_of
+from flex_surgery.parallel.frameworks.dtensor import DTensorTP, is_dtensor
+from flex_surgery.parallel.frameworks.dtensor import mesh_axis_of as mesh_axis_of
 from flex_surgery.parallel.frameworks.fairscale import FairscaleTP
 from flex_surgery.parallel.frameworks.fsdp import FSDP1, FSDP2
-from flex_surgery.parallel.frameworks.megatron import MegatronCore, MegatronLayoutError
-from flex_surgery.parallel.frameworks.views import (
-    BlockRegion,
-    FlatRegion,
-    IndexRegion,
-    LocalShard,
-    Region,
-    plain_shard,
-)
+from flex_surgery.parallel.frameworks.megatron import MegatronCore
+from flex_surgery.parallel.frameworks.megatron import MegatronLayoutError as MegatronLayoutError
+from flex_surgery.parallel.frameworks.views import BlockRegion as BlockRegion
+from flex_surgery.parallel.frameworks.views import FlatRegion as FlatRegion
+from flex_surgery.parallel.frameworks.views import IndexRegion as IndexRegion
+from flex_surgery.parallel.frameworks.views import LocalShard, plain_shard
+from flex_surgery.parallel.frameworks.views import Region as Region
 
+# Defined here; the protocol's types live in .base and .views (importable from here too).
 __all__ = [
-    "FRAMEWORKS", "HIDDEN", "SEQUENCE", "ActivationShard", "BlockRegion", "FlatRegion",
-    "Framework", "IndexRegion", "LayoutError", "LocalShard", "MegatronLayoutError", "Region",
-    "TPLayer", "UnknownLayoutError", "adopt_groups", "batch_dim", "fsdp1_root",
-    "full_parameter", "is_dtensor", "keeps_unsharded_copies", "mesh_axis_of", "owner",
-    "parameter_view", "parameter_views", "reshard", "sequence_parallel",
-    "split_unknown_modules", "substitutes_parameters", "tensor_parallel_group",
-    "tp_grad_is_partial", "tp_layer", "tp_partition_dim", "wrapper_kind",
+    "FRAMEWORKS", "UnknownLayoutError", "adopt_groups", "batch_dim", "fsdp1_root",
+    "full_parameter", "keeps_unsharded_copies", "owner", "parameter_view", "parameter_views",
+    "reshard", "sequence_parallel", "split_unknown_modules", "substitutes_parameters",
+    "tensor_parallel_group", "tp_grad_is_partial", "tp_layer", "tp_partition_dim",
+    "wrapper_kind",
 ]
 
 MEGATRON, FAIRSCALE, DTENSOR = MegatronCore(), FairscaleTP(), DTensorTP()
