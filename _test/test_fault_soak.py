@@ -104,11 +104,16 @@ def test_flexmodels_that_build_their_mesh_free_its_group():
     model = plain_net()
     x = torch.randn(2, 3, H)
     start = _settled_group_count()
-    for _ in range(50):  # made and closed: freed at once
-        flex = FlexModel(model, {}, data_parallel_size=2)
-        assert live_group_count() == start + 1
-        flex(x)
-        flex.close()
+    for i in range(60):  # made and closed (close, restore, a with block): freed at once
+        if i % 3 == 2:
+            with FlexModel(model, {}, data_parallel_size=2) as flex:
+                assert live_group_count() == start + 1
+                flex(x)
+        else:
+            flex = FlexModel(model, {}, data_parallel_size=2)
+            assert live_group_count() == start + 1
+            flex(x)
+            flex.close() if i % 3 == 0 else flex.restore()
         assert live_group_count() == start
     for _ in range(100):  # made and dropped in an evaluation loop
         flex = FlexModel(model, {}, data_parallel_size=2)
