@@ -1,8 +1,9 @@
 """A real Megatron-core ``GPTModel`` (local layer spec, 2 layers) at TP=2, with and without
-sequence parallelism, on two CPU ranks: its forward and backward equal the TP=1 model with the
-same full weights; under FlexModel (Megatron's groups adopted, no sizes given) hooks on its
-blocks, its tensor-parallel layers and its embeddings retrieve and edit the whole tensors of the
-TP=1 model; ``SurgicalTheater`` edits on its shards give the TP=1 model's logits."""
+sequence parallelism, on two CPU ranks (and dp=2 x tp=2 on four): its forward and backward
+equal the TP=1 model with the same full weights; under FlexModel (Megatron's groups adopted, no
+sizes given) hooks on its blocks, its tensor-parallel layers and its embeddings retrieve and
+edit the whole tensors of the TP=1 model; ``SurgicalTheater`` / ``MaskTheater`` edits on its
+shards give the TP=1 model's logits and restore bit-exactly; ``full_weights`` is its TP=1 state."""
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import torch.distributed as dist
 from megatron_gpt_cases import (
     DATA_PARALLEL_SITES,
     EDIT_SITES,
+    HIDDEN,
     RETRIEVAL_SITES,
     WORD_EMBEDDINGS,
     build_gpt,
@@ -159,39 +161,101 @@ def test_megatron_gpt_dp2_tp2_equals_tp1(sequence_parallel):
 
 
 # -- SurgicalTheater on each rank's shard -----------------------------------------------------
-def _theater_logits(model, **theater):
-    """Logits inside the theater, the names it modified, and whether every parameter is
-    bit-identical after it."""
-    from flex_surgery.surgery import SurgicalTheater
+QKV = "decoder.layers.0.self_attention.linear_qkv.weight"  # column-parallel, [3h, h]
+FC2 = "decoder.layers.0.mlp.linear_fc2.weight"             # row-parallel, [h, ff]
+WORDS = "embedding.word_embeddings.weight"                 # vocab-parallel, [V, h]
+MLP1 = ["decoder.layers.1.mlp.linear_fc1.weight", "decoder.layers.1.mlp.linear_fc2.weight"]
 
+
+def _zero_rows(p, rows):
+    """A delta that zeroes whole rows of the full parameter (spanning both shards of QKV)."""
+    delta = torch.zeros_like(p)
+    delta[rows] = -p[rows]
+    return delta
+
+
+def _remove_top_singular_direction(p):
+    """A delta that needs the whole matrix: minus its top singular component."""
+    u, s, vh = torch.linalg.svd(p, full_matrices=False)
+    return -s[0] * torch.outer(u[:, 0], vh[0])
+
+
+def _masks():
+    g = torch.Generator().manual_seed(5)
+    return {QKV: torch.rand(3 * HIDDEN, HIDDEN, generator=g) > 0.3,  # boolean
+            FC2: torch.rand(HIDDEN, 4 * HIDDEN, generator=g, dtype=torch.float64)}  # continuous
+
+
+# name -> (theater arguments, the parameters it modifies; None: not checked by name)
+THEATERS = {
+    "scale": (dict(layers="decoder.layers.1.mlp", modification_type="scale", factor=0.5), MLP1),
+    # seeded: the full-shape noise of one process, cut to each shard
+    "noise": (dict(layers="decoder.layers.1.mlp", modification_type="noise", noise_scale=0.5,
+                   seed=3), MLP1),
+    "noise_all_parameters": (dict(modification_type="noise", noise_scale=0.1, seed=1,
+                                  params="all"), None),
+    "disable_attention": (dict(layers="decoder.layers.0.self_attention",
+                               modification_type="disable"), None),
+    "zero_rows_full_parameter": (dict(layers=[QKV, WORDS], modification_type="custom",
+                                      modification_fn=_zero_rows, rows=[5, 100],
+                                      full_parameter=True), sorted([QKV, WORDS])),
+    "svd_full_parameter": (dict(layers=[FC2], modification_type="custom",
+                                modification_fn=_remove_top_singular_direction,
+                                full_parameter=True), [FC2]),
+    "masks": (None, sorted([QKV, FC2])),
+}
+
+
+def _theater_logits(model, case: str):
+    """Logits inside the theater ``case``, the names it modified, and whether every parameter
+    is bit-identical after it."""
+    from flex_surgery.surgery import MaskTheater, SurgicalTheater
+
+    arguments, _ = THEATERS[case]
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    with SurgicalTheater(model, **theater) as surgery, torch.no_grad():
+    theater = MaskTheater(model, _masks()) if arguments is None else \
+        SurgicalTheater(model, **arguments)
+    with theater, torch.no_grad():
         logits = model(*gpt_inputs()).cpu()
     restored = all(torch.equal(p.detach(), before[n]) for n, p in model.named_parameters())
-    return logits, sorted(surgery.modified_names), restored
+    return logits, sorted(theater.modified_names), restored
 
 
 @pytest.mark.parametrize("sequence_parallel", [False, True])
-@pytest.mark.parametrize("modification", [
-    dict(modification_type="scale", factor=0.5),
-    dict(modification_type="noise", noise_scale=0.5, seed=3),  # the full-shape noise of TP=1
-], ids=["scale", "noise"])
+@pytest.mark.parametrize("case", list(THEATERS))
 @distributed(world_size=2)
-def test_megatron_gpt_theater_equals_tp1(modification, sequence_parallel):
-    """Modifying one block's MLP weights on each rank's shard gives the TP=1 logits with the
-    same modification; every parameter is bit-identical afterwards."""
-    theater = dict(layers="decoder.layers.1.mlp", **modification)
+def test_megatron_gpt_theater_equals_tp1(case, sequence_parallel):
+    """Each modification made on each rank's shard (elementwise, seeded noise cut from the
+    full-shape noise, full-parameter functions, full-shape masks) gives the TP=1 logits with
+    the same modification; every parameter is bit-identical afterwards."""
     with gpt_parallel(tp=1):
         model = build_gpt(tp=1)
         with torch.no_grad():
             plain = model(*gpt_inputs()).cpu()
-        ref_logits, ref_names, _ = _theater_logits(model, **theater)
+        ref_logits, ref_names, _ = _theater_logits(model, case)
     with gpt_parallel(tp=2):
         model = build_gpt(tp=2, sequence_parallel=sequence_parallel)
-        logits, names, restored = _theater_logits(model, **theater)
-    assert ref_names == ["decoder.layers.1.mlp.linear_fc1.weight",
-                         "decoder.layers.1.mlp.linear_fc2.weight"], ref_names
+        logits, names, restored = _theater_logits(model, case)
+    expected_names = THEATERS[case][1]
+    if expected_names is not None:
+        assert ref_names == expected_names, ref_names
     assert names == ref_names
     assert not torch.allclose(ref_logits, plain)
     torch.testing.assert_close(logits, ref_logits, **TOL)
     assert restored
+
+
+@distributed(world_size=2)
+def test_megatron_gpt_export_full_weights_equal_tp1():
+    """``full_weights`` of the TP=2 model (Megatron's TP group found by itself) is the TP=1
+    model's state, parameter for parameter and buffer for buffer."""
+    from flex_surgery.export import full_weights
+
+    with gpt_parallel(tp=1):
+        ref = full_weights(build_gpt(tp=1))
+    with gpt_parallel(tp=2):
+        got = full_weights(build_gpt(tp=2))
+    assert got.keys() == ref.keys(), sorted(set(got) ^ set(ref))
+    wrong = [(k, tuple(got[k].shape), tuple(ref[k].shape)) for k in ref
+             if got[k].shape != ref[k].shape or not torch.equal(got[k], ref[k])]
+    assert not wrong, wrong
