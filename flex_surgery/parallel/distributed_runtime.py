@@ -113,13 +113,15 @@ class DistributedRuntime(Runtime):
             ``"all"`` -- on every rank.
         batch_dim: the activation dim that data parallelism splits; ``None``: the one the
             model's framework uses (1 for Megatron's ``[s, b, h]``, else 0).
-        mesh_parent: the group whose ranks built ``mesh`` (default: the world); the groups
-            the mesh created are freed with this runtime (:meth:`close`).
+        mesh_parent: the group whose ranks built ``mesh`` (default: the world).
+        owns_mesh: ``mesh`` was made for this runtime (:func:`build_runtime`): the groups it
+            created are freed with the runtime (:meth:`close`). A mesh passed in by the caller
+            stays the caller's.
     """
 
     def __init__(self, module: nn.Module, mesh: ParallelMesh, store_on: str = "rank0",
                  batch_dim: int | None = None,
-                 mesh_parent: dist.ProcessGroup | None = None) -> None:
+                 mesh_parent: dist.ProcessGroup | None = None, owns_mesh: bool = False) -> None:
         if store_on not in STORE_ON:
             raise ValueError(f"store_on must be one of {STORE_ON}, got {store_on!r}")
         self.module = module
@@ -135,7 +137,7 @@ class DistributedRuntime(Runtime):
         # The groups the mesh created are this runtime's to free: at close(), or, once the mesh
         # is dropped without closing (it may outlive the runtime: a StageLink built on it),
         # queued for the next runtime that all ranks build (flex_surgery.parallel.group_lifetime).
-        self._owned = OwnedGroups(mesh.created_groups(), mesh_parent)
+        self._owned = OwnedGroups(mesh.created_groups() if owns_mesh else (), mesh_parent)
         self._finalizer = weakref.finalize(self, self.layouts.unwatch)
         self._mesh_finalizer = weakref.finalize(mesh, self._owned.drop)
 
@@ -554,4 +556,4 @@ def build_runtime(
         group=process_group,
     )
     return DistributedRuntime(module, mesh, store_on=store_on, batch_dim=batch_dim,
-                              mesh_parent=process_group)
+                              mesh_parent=process_group, owns_mesh=True)
