@@ -230,3 +230,21 @@ def test_data_parallel_batch_dim_is_one():
         if dist.get_rank() == 0:
             assert_stored_equal(stored, ref_stored, **TOL)
         flex.restore()
+
+
+@distributed(world_size=2)
+def test_hook_map_shows_megatron_sharding():
+    """The hook map reads Megatron's partition dims through the registry."""
+    from flex_surgery.viz.hook_map import hook_map
+
+    with megatron_parallel(2):
+        root = hook_map(megatron_mlp()).root
+        params = {f"{node.name}.{p.name}": p for node in root.children for p in node.params}
+        rank = dist.get_rank()
+        up, down, bias = params["up.weight"], params["down.weight"], params["down.bias"]
+        assert (up.scheme, up.shard_dim, up.num_shards, up.shard_index) == ("megatron", 0, 2, rank)
+        assert up.full_shape == (FF, H) and up.local_shape == (FF // 2, H)
+        assert (down.shard_dim, down.placement, down.shard_index) == (1, "tp:Shard(1)", rank)
+        assert not bias.sharded
+        assert params["embed.weight"].placement == "tp:Shard(0)"
+        assert root.children[0].integer_input  # the vocab-parallel embedding takes token ids
