@@ -261,3 +261,23 @@ def test_an_undeclared_sequence_parallel_activation_is_an_error():
         got, want = _stored(model, "down"), _stored(twin, "down")
         if dist.get_rank() == 0:
             torch.testing.assert_close(got, want, **TOL)
+
+
+@distributed(world_size=4)
+def test_megatron_pipeline_groups_are_adopted_in_its_rank_order():
+    """TP=2 x PP=2: Megatron orders ranks (pp, dp, tp); the stage group (which Megatron does
+    not have) holds one stage's ranks."""
+    from megatron.core import parallel_state
+
+    with megatron_parallel(2, pipeline_parallel=2):
+        mesh = ParallelMesh.adopt(None)
+        rank = dist.get_rank()
+        assert mesh.source == "megatron"
+        assert mesh.sizes == {"dp": 1, "tp": 2, "pp": 2}
+        assert mesh.stage == parallel_state.get_pipeline_model_parallel_rank() == rank // 2
+        assert dist.get_process_group_ranks(mesh.group("tp")) == [rank // 2 * 2, rank // 2 * 2 + 1]
+        assert dist.get_process_group_ranks(mesh.group("pp")) == [rank % 2, rank % 2 + 2]
+        assert dist.get_process_group_ranks(mesh.stage_group) == \
+            dist.get_process_group_ranks(mesh.group("tp"))
+        for group in mesh.created_groups():
+            dist.destroy_process_group(group)
