@@ -13,9 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Snapshot", "take_snapshot", "swap_in_place"]
-
-_SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+__all__ = ["Snapshot", "take_snapshot"]
 
 
 @dataclass
@@ -33,10 +31,6 @@ class Snapshot:
         """Copy the saved bits back into the live storage, in place."""
         self.local.copy_(self.backup, non_blocking=self.backup.device != self.local.device)
 
-    def swap(self) -> None:
-        """Exchange live and saved contents in place (used to expose originals temporarily)."""
-        swap_in_place(self.local, self.backup)
-
 
 def take_snapshot(local: torch.Tensor, backup: str = "device") -> Snapshot:
     """Save ``local``'s elements: ``backup="device"`` clones next to it, ``"cpu"`` to host memory
@@ -50,26 +44,3 @@ def take_snapshot(local: torch.Tensor, backup: str = "device") -> Snapshot:
     else:
         raise ValueError(f"backup must be 'device' or 'cpu', got {backup!r}")
     return Snapshot(local, saved)
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    if t.dtype.is_floating_point or t.dtype.is_complex:
-        return t.view(_SAME_SIZE_INT[t.element_size()])
-    return t
-
-
-def swap_in_place(a: torch.Tensor, b: torch.Tensor) -> None:
-    """Swap the contents of two equal-shape, equal-dtype tensors bit-exactly.
-
-    On one device this is an XOR swap: no temporary memory. Across devices it goes through one
-    temporary copy of ``a``.
-    """
-    if a.device == b.device:
-        x, y = _bits(a), _bits(b)
-        x.bitwise_xor_(y)
-        y.bitwise_xor_(x)
-        x.bitwise_xor_(y)
-    else:
-        tmp = a.to(b.device, copy=True)
-        a.copy_(b)
-        b.copy_(tmp)
