@@ -362,3 +362,33 @@ def test_hf_trainer_trains_a_circuit(tmp_path):
     assert callback.history[1][1] == pytest.approx(10.0)
     assert all(not torch.equal(before[k], v) for k, v in circuit.mask_logits.items())
     assert all(torch.equal(p, base[n]) for n, p in model.named_parameters())
+
+
+DOCS = __import__("pathlib").Path(__file__).resolve().parent.parent / "docs"
+
+
+def test_docs_page_runs():
+    import re
+
+    namespace = {"__name__": "docs_example"}
+    page = DOCS / "circuits.md"
+    for block in re.findall(r"```python\n(.*?)```", page.read_text(encoding="utf-8"), re.S):
+        exec(compile(block, str(page), "exec"), namespace)
+
+
+def test_vit_example_finds_a_conv2d_circuit():
+    """docs/examples/circuit_vit.py in reduced size: the patch-embedding Conv2d is masked and
+    the circuit shrinks while the task is still solved."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("circuit_vit",
+                                                  DOCS / "examples" / "circuit_vit.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = module.example(dense_steps=60, steps=40, epochs=4)
+    assert out["l0"] < 0.1 * out["max_l0"]
+    assert out["history"][-1] < out["history"][0]
+    assert out["dense_accuracy"] > 0.9
+    assert out["accuracy"] > out["dense_accuracy"] - 0.1
+    red, green, blue = out["patch_weights_per_channel"]
+    assert red > green and red > blue
