@@ -41,7 +41,7 @@ def task(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x, (x[:, 0].mean((1, 2)) > 0).long()
 
 
-def example(dense_steps: int = 100, steps: int = 100, epochs: int = 5, batch: int = 128) -> dict:
+def example(dense_steps: int = 60, steps: int = 40, epochs: int = 4, batch: int = 128) -> dict:
     start = time.perf_counter()
     torch.manual_seed(0)
     model = Classifier().train()
