@@ -164,6 +164,21 @@ def test_unknown_layout_is_refused_and_nothing_is_modified():
 
 
 @distributed(world_size=2)
+def test_ddp_is_refused_and_nothing_is_modified():
+    """Under DDP the mask gradients would not be averaged over the replicas: refused."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from flex_surgery.parallel.frameworks import UnknownLayoutError
+
+    model = DDP(plain_net(0))
+    hooks = [(len(m._forward_pre_hooks), len(m._forward_hooks)) for m in model.modules()]
+    with pytest.raises(UnknownLayoutError, match=r"do not support \['DDP'\]"):
+        CircuitModel(CircuitConfig(target_layers=["module.head"]), model)
+    assert [(len(m._forward_pre_hooks), len(m._forward_hooks)) for m in model.modules()] == hooks
+    assert all(p.requires_grad for p in model.parameters())
+
+
+@distributed(world_size=2)
 def test_tp_example_finds_the_circuit():
     """docs/examples/circuit_tp.py in reduced size on the 2-rank pool."""
     import importlib.util

@@ -129,6 +129,11 @@ def _layer_views(model: nn.Module, targets: dict[str, nn.Module],
                  mask_bias: bool) -> dict[str, dict[str, frameworks.LocalShard]]:
     """This rank's shard view of each masked parameter (the one place that asks the framework
     registry how a weight is split); refuses layouts a mask cannot follow."""
+    wrappers = {frameworks.wrapper_kind(m) for m in model.modules()} - {None, "FSDP2"}
+    if wrappers:
+        raise frameworks.UnknownLayoutError(
+            f"circuit masks do not support {sorted(wrappers)}: mask gradients would not be "
+            "averaged over the data-parallel replicas (use FSDP2, or wrap the CircuitModel)")
     frameworks.reshard(model.modules())
     tp_group = frameworks.tensor_parallel_group()
     views: dict[str, dict[str, frameworks.LocalShard]] = {}
@@ -144,6 +149,10 @@ def _layer_views(model: nn.Module, targets: dict[str, nn.Module],
                 continue
             if pname == "bias" and not mask_bias:
                 continue
+            if frameworks.is_dtensor(param) and param.device_mesh.ndim > 1:
+                raise frameworks.UnknownLayoutError(
+                    f"{name}.{pname} is a DTensor on a {param.device_mesh.ndim}-D mesh (FSDP2 "
+                    "over tensor parallelism); circuit masks follow 1-D DTensor layouts only")
             view = frameworks.parameter_view(f"{name}.{pname}", module, pname, param, tp_group)
             if view.kind not in ("plain", "fairscale", "dtensor"):
                 raise frameworks.UnknownLayoutError(
