@@ -48,6 +48,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/retrieval_overhead.py
 	$(BIN)/python benchmarks/surgery.py
 	$(BIN)/python benchmarks/export_inject.py
+	$(BIN)/python benchmarks/lens.py
+	$(BIN)/python benchmarks/masks.py
 
 clean:
 	rm -rf $(VENV) docs/_build .pytest_cache
