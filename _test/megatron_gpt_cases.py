@@ -86,10 +86,12 @@ def build_gpt(tp: int, sequence_parallel: bool = False, seed: int = SEED,
 
 def gpt_inputs(device: torch.device | str = "cpu", rows: slice = slice(None)
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(input_ids [b, s], position_ids [b, s], attention_mask [b, 1, s, s])``, the batch
-    rows ``rows`` of them; the mask is boolean, True where attention is masked (causal)."""
+    """``(input_ids [b, s], position_ids [b, s] (shifted per row), attention_mask
+    [b, 1, s, s])``, the batch rows ``rows`` of them; the mask is boolean, True where attention
+    is masked (causal)."""
     ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
-    pos = torch.arange(SEQ).expand(BATCH, SEQ)
+    # rows differ, so a batch row stored in the wrong place shows in the position embeddings
+    pos = (torch.arange(SEQ) + torch.arange(BATCH)[:, None]) % SEQ
     mask = torch.triu(torch.ones(SEQ, SEQ, dtype=torch.bool), 1).expand(BATCH, 1, SEQ, SEQ)
     return ids[rows].to(device), pos[rows].to(device), mask[rows].to(device)
 
@@ -188,15 +190,18 @@ RETRIEVAL_SITES = [
     ("decoder", "forward", 0),                          # TransformerBlock (keywords only)
     ("decoder.layers.0.input_layernorm", "forward", 0),  # SP: [s/tp, b, h]
     ("decoder.layers.0.self_attention", "forward", 0),  # (out, bias), keywords only
+    ("decoder.layers.0.self_attention", "forward", 1),  # linear_proj's bias, replicated
     ("decoder.layers.0.self_attention.linear_qkv", "forward_pre", 0),  # SP: [s/tp, b, h]
     ("decoder.layers.0.self_attention.linear_qkv", "forward", 0),  # column: [s, b, 3h/tp]
-    # Heads split over TP, [s, b, h/tp]: a module without parameters whose output is not the
-    # shape of the TP layer before it; its layout is declared by the whole shape.
-    ("decoder.layers.0.self_attention.core_attention", "forward", 0, CORE_ATTENTION),
+    # Heads split over TP, [s, b, h/tp]: declared by Megatron's framework (the edit sites give
+    # its whole shape as well, checked against that).
+    ("decoder.layers.0.self_attention.core_attention", "forward", 0),
     ("decoder.layers.0.self_attention.linear_proj", "forward_pre", 0),  # row input [s, b, h/tp]
     ("decoder.layers.0.self_attention.linear_proj", "forward", 0),  # row: (out, bias)
+    ("decoder.layers.0.self_attention.linear_proj", "forward", 1),  # its bias, replicated
     ("decoder.layers.0.pre_mlp_layernorm", "forward", 0),  # SP: [s/tp, b, h]
     ("decoder.layers.0.mlp", "forward", 0),             # (out, bias)
+    ("decoder.layers.0.mlp", "forward", 1),             # linear_fc2's bias, replicated
     ("decoder.layers.0.mlp.linear_fc1", "forward", 0),  # column: (out [s, b, ff/tp], bias)
     ("decoder.layers.0.mlp.linear_fc1", "forward", 1),  # its bias, [ff/tp] per rank
     ("decoder.layers.0.mlp.linear_fc2", "forward", 0),  # row
@@ -218,15 +223,11 @@ RETRIEVAL_SITES = [
     ("output_layer.weight", "tensor", 0),
 ]
 # Megatron's vocab-parallel embedding outputs [b, s, h] (batch first; GPT's embedding then
-# transposes): stored under tensor parallelism, and left out of data-parallel runs.
+# transposes); under data parallelism its (true) whole shape is declared too, and accepted.
 WORD_EMBEDDINGS = ("embedding.word_embeddings", "forward", 0)
-# Under data parallelism the batch is on dim 1 of Megatron's activations; a tensor with the
-# batch elsewhere declares its whole shape. A bias returned by a layer (no batch dim) is left
-# out: its declared whole shape is refused as contradicting the layer's TP layout.
-WHOLE_SHAPES = {("embedding.position_embeddings", "forward", 0): (BATCH, SEQ, HIDDEN)}
-DATA_PARALLEL_SITES = [site + (WHOLE_SHAPES[site],) if site in WHOLE_SHAPES else site
-                       for site in RETRIEVAL_SITES
-                       if site != ("decoder.layers.0.mlp.linear_fc1", "forward", 1)]
+# Under data parallelism the batch is on dim 1 of Megatron's activations and on dim 0 of the
+# embedding tables' (told by the framework); a bias returned by a layer is not split over dp.
+DATA_PARALLEL_SITES = RETRIEVAL_SITES + [WORD_EMBEDDINGS + ((BATCH, SEQ, HIDDEN),)]
 
 # Edits on every kind of site: embeddings, column and row outputs, the core attention, the
 # keyword-only input of a block, a block output, a row input, the gradient of a column output,

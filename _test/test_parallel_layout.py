@@ -133,3 +133,42 @@ def test_expected_shape_decides_and_is_checked():
     with pytest.raises(LayoutError, match="cannot be a shard"):
         runtime.layout_of(out, _site(nn.Identity(), (2, 3, 9)))
     assert runtime.layout_of(out, _site(col)) == Layout((ShardSpec("tp", 2, (3, 3)),))
+
+
+def _sizes_only_mesh(dp: int, tp: int, tp_rank: int = 0) -> ParallelMesh:
+    """Sizes and coordinates without groups: layouts are inferred without a collective."""
+    return ParallelMesh({"dp": None, "tp": None, "pp": None}, {"dp": dp, "tp": tp, "pp": 1},
+                        {"dp": 0, "tp": tp_rank, "pp": 0})
+
+
+def test_a_tensor_without_the_batch_dim_is_never_split_over_dp_on_another_dim():
+    """Batch dim 1 (Megatron's ``[s, b, h]``) and a 1-D tensor (a bias a layer returns): dim 0
+    is not the batch; the hint's tp split is kept, nothing is concatenated over dp, and
+    without a hint it is an error naming the module, not a guess."""
+    from flex_surgery.parallel.frameworks import UnknownLayoutError
+    from flex_surgery.parallel.layout import LayoutInference
+
+    layouts = LayoutInference(_sizes_only_mesh(dp=2, tp=2), batch_dim=1)
+    bias = torch.zeros(3)
+    assert layouts.layout(bias, nn.Identity(), "output", expected_shape=(6,)) == \
+        Layout((ShardSpec("tp", 0, (3, 3)),))
+    assert layouts.layout(bias, nn.Identity(), "output", expected_shape=(3,)) == Layout()
+    with pytest.raises(UnknownLayoutError, match="data parallelism splits"):
+        layouts.layout(bias, nn.Identity(), "output")
+    # with the batch dim present, dp splits it
+    got = layouts.layout(torch.zeros(4, 1, 3), nn.Identity(), "output",
+                         expected_shape=(4, 2, 6))
+    assert got.shards == (ShardSpec("tp", 2, (3, 3)), ShardSpec("dp", 1))
+
+
+def test_a_parameter_handed_on_as_an_activation_is_not_split_over_dp():
+    """A layer that returns its own bias (Megatron's ``skip_bias_add``): the tensor is the
+    parameter, the same on every data-parallel rank."""
+    from flex_surgery.parallel.layout import LayoutInference
+
+    layouts = LayoutInference(_sizes_only_mesh(dp=2, tp=1), batch_dim=0)
+    linear = nn.Linear(3, 4)
+    layouts.watch(linear)
+    assert layouts.layout(linear.bias, linear, "output") == Layout()
+    assert layouts.layout(linear.bias.detach() + 0, linear, "output").spec_for("dp") == \
+        ShardSpec("dp", 0)

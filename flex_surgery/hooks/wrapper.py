@@ -375,7 +375,7 @@ class FlexModel(nn.Module):
                               table: dict | None) -> RemovableHandle:
         module = self._resolve_module(hf.module_name, table)
         site = HookSite(hf.module_name, hook_type, HookSite.role_for(hook_type), module=module,
-                        expected_shape=hf.expected_shape)
+                        expected_shape=hf.expected_shape, unpack_idx=hf.unpack_idx)
         hf._bind(self, hook_type, key, site, self.runtime, self._shared)
         if hook_type == "full_backward" and module not in self._backward_flag_before:
             self._backward_flag_before[module] = module._is_full_backward_hook

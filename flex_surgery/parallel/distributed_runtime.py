@@ -164,7 +164,7 @@ class DistributedRuntime(Runtime):
                 layout = Layout(layout.shards, layout.partials + (PartialSpec("dp", "avg"),))
             return layout
         return self.layouts.layout(local, site.module, site.role, site.parameter,
-                                   site.expected_shape)
+                                   site.expected_shape, site.unpack_idx)
 
     def whole_shape(self, local: torch.Tensor, site: HookSite) -> tuple[int, ...]:
         """The shape of the whole tensor, agreed by every rank of the stage before anything is

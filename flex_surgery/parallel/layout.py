@@ -28,11 +28,19 @@ Inference rules (:class:`LayoutInference`), for the tensor a hook sees:
   parallelism, and the tensors of (and after) a module whose parameters differ across the tp
   ranks but that no framework owns -- unless an ``expected_shape`` declares the layout.
 * **data parallel** (DDP, FSDP1, FSDP2): activations and their gradients are the local
-  micro-batch: ``batch_dim`` (the framework's: 1 for Megatron, else 0) is sharded over ``dp``
-  with sizes exchanged at run time -- unless ``expected_shape`` gives that dim the local size:
-  then every dp rank holds the tensor whole (no batch dim, e.g. rotary tables) and it is
-  replicated over ``dp``. Parameter gradients are a partial *average* over ``dp`` (DDP/FSDP
-  average them); Megatron's sequence-parallel parameters' gradients a partial *sum* over ``tp``.
+  micro-batch: ``batch_dim`` (the framework's: 1 for Megatron, else 0; per module where the
+  framework says so -- Megatron's embedding tables, token ids and logits are batch-first) is
+  sharded over ``dp`` with sizes exchanged at run time -- unless ``expected_shape`` gives that
+  dim the local size: then every dp rank holds the tensor whole (no batch dim, e.g. rotary
+  tables) and it is replicated over ``dp``. A tensor that has no dim ``batch_dim`` is never
+  split over ``dp`` along another dim: without ``expected_shape`` it is an error naming the
+  module. A tensor that *is* one of the model's parameters (a bias a Megatron layer returns
+  unadded) is split like that parameter and never over ``dp``. Parameter gradients are a
+  partial *average* over ``dp`` (DDP/FSDP average them); Megatron's sequence-parallel
+  parameters' gradients a partial *sum* over ``tp``.
+* **elements of a layer's value** (``unpack_idx``): an exact TP layer's description covers its
+  first tensor and, for layers that return ``(output, bias)`` (Megatron), the bias (split like
+  the bias parameter); any other tensor of its value needs ``expected_shape``.
 * ``expected_shape`` (the unsharded shape, ``None`` for "any") is checked: dims where the local
   size is smaller than the expected one are sharded (the batch dim over ``dp``, others over
   ``tp``). It decides for modules whose layout comes from shapes or is unknown; for exact TP
@@ -182,6 +190,11 @@ class LayoutInference:
         self._exit: weakref.WeakKeyDictionary[nn.Module, _Produced | None] = \
             weakref.WeakKeyDictionary()
         self._handles: list = []
+        # Per module, (input, output) batch dims where the framework says they differ from
+        # ``batch_dim``; and every parameter by identity (a layer may return one as an output).
+        self._batch_dims: weakref.WeakKeyDictionary[nn.Module, tuple[int, int]] = \
+            weakref.WeakKeyDictionary()
+        self._parameters: dict[int, tuple[weakref.ref, nn.Module]] = {}
 
     # The tracker: remembers, per module, the TP layer output state at its entry and exit.
     def watch(self, model: nn.Module) -> None:
@@ -191,10 +204,13 @@ class LayoutInference:
         across the tp ranks are found here (one all-gather of fingerprints); their activations,
         and those of modules after them, have no known layout.
         """
-        if self.mesh.tp_size == 1:
-            return
         for name, m in model.named_modules():
             self._names.setdefault(m, name)
+            for p in m.parameters(recurse=False):
+                self._parameters.setdefault(id(p), (weakref.ref(p), m))
+        self._batch_dims.update(frameworks.batch_dims(model))
+        if self.mesh.tp_size == 1:
+            return
         self._sequence_parallel = frameworks.sequence_parallel(model)
         for name, m in frameworks.split_unknown_modules(model, self.mesh.group("tp")).items():
             self._unknown[m] = name
@@ -322,37 +338,102 @@ class LayoutInference:
 
     def layout(self, local: torch.Tensor, module: nn.Module | None, role: str,
                parameter: torch.Tensor | None = None,
-               expected_shape: Sequence[int | None] | None = None) -> Layout:
-        """The layout of ``local``, the tensor a hook on ``module`` sees in ``role``."""
+               expected_shape: Sequence[int | None] | None = None,
+               unpack_idx: int = 0) -> Layout:
+        """The layout of ``local``, the tensor a hook on ``module`` sees in ``role``
+        (``unpack_idx``: which tensor of the hooked value it is)."""
         if is_dtensor(local):
             layout = dtensor_layout(local, self.mesh)
-            return self._add_dp(layout, local, role)
+            return self._add_dp(layout, local, module, role)
         if role == "param_grad":
             return self._param_layout(module, parameter)
+        owner = self._parameter_owner(local) if role in ("output", "input") else None
+        if owner is not None:  # a parameter handed on as an activation: split like itself
+            return self._checked(self._param_layout(owner, local, with_dp=False), local,
+                                 module, role, expected_shape, batch=None)
         in_forward = role in ("output", "input")
-        exact = module is not None and self.mesh.tp_size > 1 and \
-            getattr(self.tp_layer(module), "exact", False)
+        info = self.tp_layer(module) if module is not None and self.mesh.tp_size > 1 else None
+        exact = getattr(info, "exact", False)
+        if exact and unpack_idx > 0:
+            return self._other_element(info, local, module, role, expected_shape, unpack_idx)
         if expected_shape is not None and not exact:
-            layout = self._from_hint(local, expected_shape)  # the hint decides
-            return self._add_dp(layout, local, role, expected_shape)
+            layout = self._from_hint(local, expected_shape,
+                                     self._batch_dim(module, role, local))  # the hint decides
+            return self._add_dp(layout, local, module, role, expected_shape)
         tp_spec, exact = self._tp_spec(module, role, local, in_forward)
         layout = Layout((tp_spec,) if tp_spec is not None else ())
-        if expected_shape is not None:
-            hinted = self._from_hint(local, expected_shape)
-            if hinted != layout:
-                raise LayoutError(
-                    f"expected_shape {tuple(expected_shape)} contradicts the layout of "
-                    f"{self._describe(module)} ({role}): local shape {tuple(local.shape)} is "
-                    f"sharded as {layout}")
-        return self._add_dp(layout, local, role, expected_shape)
+        layout = self._checked(layout, local, module, role, expected_shape,
+                               self._batch_dim(module, role, local))
+        return self._add_dp(layout, local, module, role, expected_shape)
 
-    def _add_dp(self, layout: Layout, local: torch.Tensor, role: str,
-                expected_shape: Sequence[int | None] | None = None) -> Layout:
+    def _checked(self, layout: Layout, local: torch.Tensor, module: nn.Module | None,
+                 role: str, expected_shape: Sequence[int | None] | None,
+                 batch: int | None) -> Layout:
+        """``layout`` (tp only), after checking that an ``expected_shape`` agrees with it."""
+        if expected_shape is not None and self._from_hint(local, expected_shape, batch) != \
+                Layout(layout.shards):
+            raise LayoutError(
+                f"expected_shape {tuple(expected_shape)} contradicts the layout of "
+                f"{self._describe(module)} ({role}): local shape {tuple(local.shape)} is "
+                f"sharded as {layout}")
+        return layout
+
+    def _other_element(self, info: TPLayer, local: torch.Tensor, module: nn.Module,
+                       role: str, expected_shape: Sequence[int | None] | None,
+                       unpack_idx: int) -> Layout:
+        """A tensor other than the first of an exact TP layer's value: the bias the layer
+        returns (split like its bias parameter, never over dp or the sequence), or -- for
+        elements the framework does not describe -- the ``expected_shape`` hint, else an error.
+        """
+        if info.returns_bias and unpack_idx == 1 and role in ("output", "grad_output"):
+            if role == "grad_output":
+                raise frameworks.UnknownLayoutError(
+                    f"the gradient of the bias {self._describe(module)} returns is summed over "
+                    f"the batch and the sequence on each rank, a split flex_surgery does not "
+                    f"describe; hook the bias parameter's gradient instead")
+            spec = self._dim_shard(info.bias, local, True, module, "returned bias")
+            layout = Layout((spec,) if spec is not None else ())
+            return self._checked(layout, local, module, role, expected_shape, batch=None)
+        if expected_shape is None:
+            raise frameworks.UnknownLayoutError(
+                f"tensor {unpack_idx} of the {role} of {self._describe(module)}: its framework "
+                f"describes only the first tensor (and a returned bias); "
+                f"{frameworks.HOW_TO_DECLARE}")
+        batch = self._batch_dim(module, role, local)
+        return self._add_dp(self._from_hint(local, expected_shape, batch), local, module, role,
+                            expected_shape)
+
+    def _parameter_owner(self, local: torch.Tensor) -> nn.Module | None:
+        """The module holding ``local`` when it *is* one of the model's parameters (Megatron's
+        layers return their bias unadded), else ``None``."""
+        entry = self._parameters.get(id(local))
+        return entry[1] if entry is not None and entry[0]() is local else None
+
+    def _batch_dim(self, module: nn.Module | None, role: str,
+                   local: torch.Tensor) -> int | None:
+        """The dim of ``local`` data parallelism splits; ``None`` when ``local`` has no such
+        dim (then it cannot be split over dp, and is never concatenated along another dim)."""
+        dims = self._batch_dims.get(module) if module is not None else None
+        dim = self.batch_dim if dims is None else \
+            dims[0 if role in ("input", "grad_input") else 1]
+        return dim % local.ndim if -local.ndim <= dim < local.ndim else None
+
+    def _add_dp(self, layout: Layout, local: torch.Tensor, module: nn.Module | None,
+                role: str, expected_shape: Sequence[int | None] | None = None) -> Layout:
         if self.mesh.dp_size == 1 or layout.spec_for("dp") is not None:
             return layout
-        if role not in ACTIVATION_ROLES or local.ndim == 0:
+        if role not in ACTIVATION_ROLES:
             return layout
-        dim = self.batch_dim % local.ndim
+        dim = self._batch_dim(module, role, local)
+        if dim is None:
+            if expected_shape is not None:
+                return layout  # declared: every dp rank holds it whole (no batch dim)
+            raise frameworks.UnknownLayoutError(
+                f"the {role} of {self._describe(module)} has shape {tuple(local.shape)}, "
+                f"without dim {self.batch_dim if module not in self._batch_dims else 'batch'} "
+                f"that data parallelism splits: how it differs across the data-parallel ranks "
+                f"cannot be told; {frameworks.HOW_TO_DECLARE} (its whole shape equals the "
+                f"local one if every data-parallel rank holds it whole)")
         if expected_shape is not None and expected_shape[dim] == local.shape[dim]:
             return layout  # every dp rank holds it whole (no batch dim): replicated over dp
         scale = 1.0 / self.mesh.dp_size
@@ -361,13 +442,14 @@ class LayoutInference:
                       grad_scale=scale if grad_role else 1.0,
                       backward_scale=1.0 if grad_role else scale)
 
-    def _from_hint(self, local: torch.Tensor, expected: Sequence[int | None]) -> Layout:
-        """tp shards read off an ``expected_shape`` hint (the dp batch dim is added later)."""
+    def _from_hint(self, local: torch.Tensor, expected: Sequence[int | None],
+                   batch: int | None) -> Layout:
+        """tp shards read off an ``expected_shape`` hint (the dp batch dim ``batch`` is added
+        later; ``None``: ``local`` has no batch dim)."""
         if len(expected) != local.ndim:
             raise LayoutError(f"expected_shape {tuple(expected)} has {len(expected)} dims, the "
                               f"tensor {local.ndim}")
         shards = []
-        batch = self.batch_dim % local.ndim if local.ndim else None
         for d, (have, want) in enumerate(zip(local.shape, expected)):
             if want is None or have == want:
                 continue
@@ -383,7 +465,8 @@ class LayoutInference:
                               f"sharded over tp")
         return Layout(tuple(shards))
 
-    def _param_layout(self, module: nn.Module | None, parameter: torch.Tensor | None) -> Layout:
+    def _param_layout(self, module: nn.Module | None, parameter: torch.Tensor | None,
+                      with_dp: bool = True) -> Layout:
         shards: tuple[ShardSpec, ...] = ()
         partials: tuple[PartialSpec, ...] = ()
         if module is not None and parameter is not None and self.mesh.tp_size > 1:
@@ -396,8 +479,8 @@ class LayoutInference:
             if dim is not None:
                 full = parameter.shape[dim] * self.mesh.tp_size
                 shards = (ShardSpec("tp", dim, chunk_sizes(full, self.mesh.tp_size)),)
-            elif frameworks.tp_grad_is_partial(module, parameter):
+            elif with_dp and frameworks.tp_grad_is_partial(module, parameter):
                 partials = (PartialSpec("tp", "sum"),)
-        if self.mesh.dp_size > 1:
+        if with_dp and self.mesh.dp_size > 1:
             partials = (*partials, PartialSpec("dp", "avg"))
         return Layout(shards, partials)

@@ -45,6 +45,9 @@ class HookSite:
     module: nn.Module | None = field(default=None, compare=False, repr=False)
     parameter: nn.Parameter | None = field(default=None, compare=False, repr=False)
     expected_shape: tuple[int, ...] | None = None
+    #: Which tensor of the hooked value the hook sees: a layer's outputs may be split
+    #: differently (Megatron's ``(output, bias)``).
+    unpack_idx: int = 0
 
     @staticmethod
     def role_for(hook_type: str) -> str:

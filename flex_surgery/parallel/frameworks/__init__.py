@@ -50,7 +50,7 @@ from flex_surgery.parallel.frameworks.views import Region as Region
 
 # Defined here; the protocol's types live in .base and .views (importable from here too).
 __all__ = [
-    "FRAMEWORKS", "UnknownLayoutError", "adopt_groups", "batch_dim", "fsdp1_root",
+    "FRAMEWORKS", "UnknownLayoutError", "adopt_groups", "batch_dim", "batch_dims", "fsdp1_root",
     "full_parameter", "keeps_unsharded_copies", "owner", "parameter_view", "parameter_views",
     "reshard", "sequence_parallel", "split_unknown_modules", "substitutes_parameters",
     "tensor_parallel_group", "tp_grad_is_partial", "tp_layer", "tp_partition_dim",
@@ -106,6 +106,15 @@ def batch_dim(model: nn.Module) -> int:
             if answer is not None:
                 return answer
     return 0
+
+
+def batch_dims(model: nn.Module) -> dict[nn.Module, tuple[int, int]]:
+    """``(input, output)`` batch dims of the modules whose batch is not on
+    :func:`batch_dim` (see ``Framework.batch_dims``)."""
+    found: dict[nn.Module, tuple[int, int]] = {}
+    for f in TENSOR_PARALLEL:
+        found.update(f.batch_dims(model))
+    return found
 
 
 # -- parameters --------------------------------------------------------------------------------

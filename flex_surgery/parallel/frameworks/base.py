@@ -72,6 +72,11 @@ class TPLayer:
     input: ActivationShard | None
     output: ActivationShard | None
     exact: bool
+    #: The layer returns ``(output, bias)`` (Megatron): element 1 of its output is the bias it
+    #: has not added, split like the bias parameter (``bias``; ``None``: replicated) and never
+    #: over data parallelism or the sequence.
+    returns_bias: bool = False
+    bias: ActivationShard | None = None
 
 
 class Framework:
@@ -98,6 +103,12 @@ class Framework:
     def batch_dim(self, module: nn.Module) -> int | None:
         """The activation dim data parallelism splits, if this framework fixes it."""
         return None
+
+    def batch_dims(self, model: nn.Module) -> dict[nn.Module, tuple[int, int]]:
+        """``(input batch dim, output batch dim)`` of the modules of ``model`` whose batch is
+        not on the model's :meth:`batch_dim` (Megatron's batch-first embeddings and model
+        inputs in a model whose activations are ``[s, b, h]``)."""
+        return {}
 
     # -- parameters --------------------------------------------------------------------------
     def partition_dim(self, module: nn.Module, pname: str, param: torch.Tensor) -> int | None:

@@ -13,7 +13,12 @@ to activations, read from the module's attributes:
 - ``VocabParallelEmbedding``: output replicated, or sequence-sharded with
   ``reduce_scatter_embeddings`` (it also turns ``[b, s, h]`` into ``[s, b, h]``).
 - ``LanguageModelEmbedding`` (GPT's embedding): output sequence-sharded under sequence
-  parallelism (it scatters or reduce-scatters), replicated otherwise.
+  parallelism (it scatters or reduce-scatters), replicated otherwise. Its tables look tokens up
+  batch-first (``[b, s, h]``: data parallelism splits dim 0 there), as GPT's inputs and logits.
+- ``DotProductAttention`` (core attention): heads split over tp -- query input on dim 2,
+  output ``[s, b, heads * d / tp]`` on the last dim.
+- The bias a linear layer returns (element 1, not yet added with ``skip_bias_add``) is split
+  like its bias parameter: column last dim over tp, row replicated; never over dp.
 
 Parameters carry their own split: ``tensor_model_parallel`` (split at all), ``partition_dim``
 and ``partition_stride``. A stride above 1 (interleaved partitions) is refused, not guessed.
@@ -41,6 +46,8 @@ __all__ = ["MegatronCore", "MegatronLayoutError"]
 _LAYERS = "megatron.core.tensor_parallel.layers"
 _EMBEDDING = "megatron.core.models.common.embeddings.language_model_embedding"
 _STATE = "megatron.core.parallel_state"
+_ATTENTION = "megatron.core.transformer.dot_product_attention"
+_LANGUAGE_MODULE = "megatron.core.models.common.language_module.language_module"
 
 
 class MegatronLayoutError(NotImplementedError):
@@ -65,6 +72,22 @@ def _embedding_class():
     return LanguageModelEmbedding
 
 
+def _attention_class():
+    if not loaded(_ATTENTION):
+        return None
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    return DotProductAttention
+
+
+def _language_module_class():
+    if not loaded(_LANGUAGE_MODULE):
+        return None
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+
+    return LanguageModule
+
+
 def _split_parameters(module: nn.Module) -> bool:
     return any(getattr(p, "tensor_model_parallel", False)
                for p in module.parameters(recurse=False))
@@ -82,6 +105,9 @@ class MegatronCore(Framework):
         emb = _embedding_class()
         if emb is not None and isinstance(module, emb):
             return True
+        attention = _attention_class()
+        if attention is not None and isinstance(module, attention):
+            return True
         return _split_parameters(module)
 
     # -- activations -------------------------------------------------------------------------
@@ -93,17 +119,26 @@ class MegatronCore(Framework):
         if isinstance(module, layers.ColumnParallelLinear):
             return TPLayer(seq if module.sequence_parallel else None,
                            ActivationShard(HIDDEN, module.output_size, sharded=None),
-                           exact=True)
+                           exact=True, returns_bias=True,
+                           bias=ActivationShard(HIDDEN, module.output_size))
         if isinstance(module, layers.RowParallelLinear):
             inp = ActivationShard(HIDDEN, module.input_size) if module.input_is_parallel \
                 else None
-            return TPLayer(inp, seq if module.sequence_parallel else None, exact=True)
+            return TPLayer(inp, seq if module.sequence_parallel else None, exact=True,
+                           returns_bias=True)
         if isinstance(module, layers.VocabParallelEmbedding):
             return TPLayer(None, seq if module.reduce_scatter_embeddings else None, exact=True)
         emb = _embedding_class()
         if emb is not None and isinstance(module, emb):
             scatters = module.config.sequence_parallel and module.scatter_to_sequence_parallel
             return TPLayer(None, seq if scatters else None, exact=True)
+        attention = _attention_class()
+        if attention is not None and isinstance(module, attention):
+            # heads split over tp: query [s, b, heads / tp, d] in, [s, b, heads * d / tp] out
+            heads = module.config.num_attention_heads
+            return TPLayer(ActivationShard(2, heads),
+                           ActivationShard(HIDDEN, module.config.kv_channels * heads),
+                           exact=True)
         return None
 
     def sequence_parallel(self, module: nn.Module) -> bool:
@@ -119,6 +154,28 @@ class MegatronCore(Framework):
 
     def batch_dim(self, module: nn.Module) -> int | None:
         return 1 if self.owns(module) else None
+
+    def batch_dims(self, model: nn.Module) -> dict[nn.Module, tuple[int, int]]:
+        # Token ids and GPT's logits are [b, s(, V)]; LanguageModelEmbedding looks its tables up
+        # batch-first and transposes the sum to [s, b, h]; its dropout runs after the transpose.
+        # A VocabParallelEmbedding that reduce-scatters transposes [b, s, h] itself; one that
+        # does not keeps whatever order its caller's ids have (the model's rule, outside GPT).
+        layers, emb, lm = _layers(), _embedding_class(), _language_module_class()
+        found: dict[nn.Module, tuple[int, int]] = {}
+        for m in model.modules():
+            if lm is not None and isinstance(m, lm):
+                found[m] = (0, 0)
+            if emb is not None and isinstance(m, emb):
+                found[m] = (0, 1)
+                for table in ("word_embeddings", "position_embeddings", "tokentype_embeddings"):
+                    child = getattr(m, table, None)
+                    if isinstance(child, nn.Module):
+                        for sub in child.modules():
+                            found[sub] = (0, 0)
+            if layers is not None and isinstance(m, layers.VocabParallelEmbedding) and \
+                    m.reduce_scatter_embeddings:
+                found[m] = (0, 1)
+        return found
 
     # -- parameters --------------------------------------------------------------------------
     def partition_dim(self, module, pname, param) -> int | None:
