@@ -193,3 +193,25 @@ def test_tp_example_finds_the_circuit():
     assert out["accuracy"] > 0.8
     inputs = out["first_layer_inputs"]
     assert inputs[0] + inputs[1] > sum(inputs[2:])
+
+
+@distributed(world_size=4)
+def test_fairscale_tp_with_data_parallel_replicas_is_refused():
+    """fairscale TP=2 on 4 ranks: two data-parallel replicas would train their masks apart with
+    nothing averaging them, so the masks are refused on every rank, nothing modified."""
+    from fairscale.nn.model_parallel import initialize as fs
+
+    from flex_surgery.parallel.frameworks import UnknownLayoutError
+
+    fs.initialize_model_parallel(2)
+    try:
+        model = fairscale_net(plain_net(0))
+        hooks = [(len(m._forward_pre_hooks), len(m._forward_hooks)) for m in model.modules()]
+        flags = [p.requires_grad for p in model.parameters()]
+        with pytest.raises(UnknownLayoutError, match="2 data-parallel replicas"):
+            CircuitModel(_config(HPARAMS[0]), model)
+        assert [(len(m._forward_pre_hooks), len(m._forward_hooks))
+                for m in model.modules()] == hooks
+        assert [p.requires_grad for p in model.parameters()] == flags
+    finally:
+        fs.destroy_model_parallel()

@@ -159,6 +159,7 @@ def _layer_views(model: nn.Module, targets: dict[str, nn.Module],
                     f"{name}.{pname} is a {view.kind} shard; circuit masks follow plain, "
                     "fairscale-TP, DTensor-TP and FSDP2 parameters (use FSDP2 instead of FSDP1)")
             views[name][pname] = view
+    _refuse_unaveraged_replicas(views, tp_group)
     plain = [(n, v["weight"]) for n, v in views.items() if v["weight"].kind == "plain"]
     if tp_group is not None and plain:
         differ = differs_across([v.local for _, v in plain], tp_group)
@@ -168,6 +169,41 @@ def _layer_views(model: nn.Module, targets: dict[str, nn.Module],
                 f"target layers {bad} differ across tensor-parallel ranks but no framework says "
                 f"how they are split, so their full masks are unknown; {frameworks.HOW_TO_DECLARE}")
     return views
+
+
+def _refuse_unaveraged_replicas(views: dict[str, dict[str, frameworks.LocalShard]],
+                               tp_group: dist.ProcessGroup | None) -> None:
+    """Refuse masks held whole by data-parallel replicas that nothing averages over.
+
+    A mask is trained consistently only over the ranks whose framework splits (or averages) its
+    weight: the DTensor mesh (DTensor TP, FSDP2, whose all-gather averages the gradient) or the
+    tensor-parallel group. Ranks beyond those are data-parallel replicas training on other
+    batches; no hook averages the mask gradients over them, so their masks would drift apart
+    while the L0 statistics count one of them. Every rank sees the same world and group sizes,
+    so every rank raises alike.
+
+    A model with no parallel layout at all on several ranks is taken as what the tests and the
+    examples use it for, the one-process twin built on every rank; its statistics are counted
+    once across the ranks, so its ranks must train it on the same data.
+    """
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    tp = dist.get_world_size(tp_group) if tp_group is not None else 1
+    bad = []
+    for name, params in views.items():
+        for pname, view in params.items():
+            if view.kind == "plain" and tp_group is None:
+                continue  # a model without parallelism: every rank's own circuit (see below)
+            covered = tp
+            if view.kind == "dtensor":
+                covered = view.module._parameters[view.param_name].device_mesh.size()
+            if covered < world:
+                bad.append(f"{name}.{pname}")
+    if bad:
+        raise frameworks.UnknownLayoutError(
+            f"circuit masks on {bad} would be trained by {world // max(1, tp)} data-parallel "
+            "replicas that nothing averages mask gradients over (fairscale tensor parallelism "
+            "with a data-parallel group, or DTensor on a sub-mesh); use FSDP2 for "
+            "data parallelism, or give each replica its own process group")
 
 
 def _elect_leaders(layers: list[LayerMask]) -> None:
