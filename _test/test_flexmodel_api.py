@@ -449,6 +449,28 @@ def test_a_hook_that_fires_twice_per_forward_appends_twice_and_keep_last_keeps_a
         FlexModel(net, {}, keep="first")
 
 
+def test_keep_last_refuses_two_hook_kinds_on_one_key():
+    """keep='last' holds one tensor per key: a backward hook sharing the forward hook's key would
+    replace the stored activation with a gradient, so it is refused (nothing bound); with
+    key_by_hook_kind=True both are kept, each its own tensor."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 3), nn.Tanh())
+    x = torch.randn(2, 3, requires_grad=True)
+    with FlexModel(net, {}, keep="last") as flex:
+        flex.register_forward_hook(HookFunction("0"))
+        backward = HookFunction("0")
+        with pytest.raises(HookRegistrationError, match="key_by_hook_kind=True"):
+            flex.register_full_backward_hook(backward)
+        assert not backward.is_registered and len(flex.hook_functions) == 1
+    stored: dict = {}
+    with FlexModel(net, stored, keep="last", key_by_hook_kind=True) as flex:
+        flex.register_forward_hook(HookFunction("0"))
+        flex.register_full_backward_hook(HookFunction("0"))
+        flex(x).sum().backward()
+    assert torch.equal(stored["0"], net[0](x).detach())
+    assert stored["0:grad_input"].shape == (2, 3)
+
+
 @pytest.mark.parametrize("how", ["rebind", "del"])
 def test_dropping_the_flexmodel_removes_its_hooks_without_gc(how):
     """``model = flex.module`` or ``del flex``: reference counting alone finalizes the

@@ -347,6 +347,16 @@ class FlexModel(nn.Module):
                 "would do nothing"
             )
         key = output_key(hf.module_name, hook_type, self.key_by_hook_kind)
+        if self.keep == "last":
+            clash = next((other for other in self._handles
+                          if other.output_key == key and other.hook_type != hook_type), None)
+            if clash is not None:
+                # One tensor per key: the later hook kind would silently replace what the
+                # earlier one stored (a gradient in place of the activation).
+                raise HookRegistrationError(
+                    f"{hf!r} ({hook_type}) would store under {key!r}, where {clash!r} "
+                    f"({clash.hook_type}) stores, and keep='last' keeps one tensor per key; "
+                    "pass key_by_hook_kind=True to FlexModel to keep them apart")
         try:
             if hook_type == "tensor":
                 handle = self._register_parameter_hook(hf, key, table)
