@@ -33,6 +33,8 @@ from flex_surgery.hooks.errors import EditingFunctionError, ShapeMismatchError
 from flex_surgery.hooks.unpack import unpack, unpack_inputs
 from flex_surgery.parallel.pipeline import is_metadata_pass
 from flex_surgery.parallel.runtime import HookSite, LocalRuntime, Runtime
+from flex_surgery.store.hooks import store_call
+from flex_surgery.store.reduce import apply_reduce, resolve_reduce
 
 EditingFunction = Callable[[nn.Module, torch.Tensor, SimpleNamespace, nn.ModuleDict],
                            torch.Tensor]
@@ -89,6 +91,8 @@ class SharedState:
     save_ctx: SimpleNamespace
     modules: nn.ModuleDict
     keep: str = "all"  # one of KEEP_MODES
+    binding: Any = None  # a StoreBinding when FlexModel was given store=
+    batch_dim: int = 0  # the activation dim data parallelism splits (for reduce=)
 
 
 class HookFunction:
@@ -110,6 +114,8 @@ class HookFunction:
             hook across calls; ``modules`` the model's trainable modules.
         unpack_idx: which tensor of the hooked value to work on, counting only tensor leaves
             in pytree order (see :mod:`flex_surgery.hooks.unpack`).
+        reduce: store a statistic of the whole tensor instead of the tensor:
+            ``"mean_over_batch"``, ``"last_token"`` or a callable (see ``docs/store.md``).
     """
 
     def __init__(
@@ -118,6 +124,7 @@ class HookFunction:
         expected_shape: Sequence[int | None] | None = None,
         editing_function: EditingFunction | None = None,
         unpack_idx: int = 0,
+        reduce: Any = None,
     ) -> None:
         if not isinstance(module_name, str):
             raise TypeError(f"module_name must be a str, got {type(module_name).__name__}")
@@ -135,6 +142,7 @@ class HookFunction:
         self.expected_shape: tuple[int | None, ...] | None = expected_shape
         self.editing_function = editing_function
         self.unpack_idx = unpack_idx
+        self.reduce = resolve_reduce(reduce)
 
         # Bound by FlexModel at registration (see _bind); cleared by _unbind.
         self.hook_type: str | None = None
@@ -253,6 +261,7 @@ class HookFunction:
         # Retrieval is a collective: every rank takes part even if its own output_dict is None
         # (a rank that keeps nothing), or the storing rank would wait for it forever.
         storing = store and (self._shared.output_dict is not None
+                             or self._shared.binding is not None
                              or not isinstance(runtime, LocalRuntime))
         if self.editing_function is None:
             if storing:
@@ -264,9 +273,15 @@ class HookFunction:
         edited = runtime.run_on_leader(ctx, partial(self._edit, full))
         return repack(runtime.scatter_from_edit(edited, ctx))
 
-    def _store(self, full: torch.Tensor) -> None:
-        if self._shared.output_dict is None:  # this rank takes part but keeps nothing
+    def _store(self, full: torch.Tensor, rows: Any = None) -> None:
+        shared = self._shared
+        if shared.binding is not None:
+            store_call(shared.binding, self.output_key, full, self.reduce, shared.batch_dim, rows)
             return
+        if shared.output_dict is None:  # this rank takes part but keeps nothing
+            return
+        if self.reduce is not None:
+            full = apply_reduce(self.reduce, full, shared.batch_dim)
         if self._shared.keep == "last":
             self._shared.output_dict[self.output_key] = full
         else:

@@ -48,6 +48,8 @@ from flex_surgery.parallel.runtime import (
     LocalRuntime,
     wait_for_host_copies,
 )
+from flex_surgery.store.base import Store
+from flex_surgery.store.hooks import bind_store, check_reduce
 
 # PyTorch's registration method for each module hook kind, with the options we use.
 _MODULE_REGISTRATION = {
@@ -143,6 +145,10 @@ class FlexModel(nn.Module):
             registered name, so several kinds on one module share one list, in call order.
             ``True``: non-forward kinds get their own keys ``name:input``,
             ``name:grad_input``, ``name:grad_output`` and ``name:grad``.
+        store: a :class:`~flex_surgery.store.Store` (e.g. a
+            :class:`~flex_surgery.store.DiskStore`) that receives what the hooks retrieve,
+            instead of ``output_dict`` (pass ``None`` for it). Every rank passes one; only the
+            storing ranks write to it. See ``docs/store.md``.
 
     Dropping the FlexModel (``model = flex.module``, ``del flex``) removes its hooks from the
     model, as FlexModel 0.1.0's finalizer does; :meth:`close` (or leaving ``with FlexModel(...)
@@ -162,6 +168,7 @@ class FlexModel(nn.Module):
         batch_dim: int | None = None,
         keep: str = "all",
         key_by_hook_kind: bool = False,
+        store: Store | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(module, nn.Module):
@@ -182,7 +189,12 @@ class FlexModel(nn.Module):
         self.runtime = build_runtime(module, tensor_parallel_size, pipeline_parallel_size,
                                      data_parallel_size, process_group, store_on=store_on,
                                      batch_dim=batch_dim)
-        self._shared = SharedState(None, self.save_ctx, self.trainable_modules, keep)
+        self._shared = SharedState(None, self.save_ctx, self.trainable_modules, keep,
+                                   batch_dim=getattr(getattr(self.runtime, "layouts", None),
+                                                     "batch_dim", 0))
+        self.store = store
+        if store is not None:
+            self._shared.binding = bind_store(store, module, self.runtime, output_dict, store_on)
         # Under pipelining: names of the other stages, so every rank can register every hook.
         mesh = getattr(self.runtime, "mesh", None)
         self._remote_names = names_on_other_stages(
@@ -339,8 +351,10 @@ class FlexModel(nn.Module):
                 f"{hf!r} is already registered with {where}; create a new HookFunction for "
                 "another hook point"
             )
+        check_reduce(hf.reduce, getattr(self.runtime, "store_on", "rank0"),
+                     self.store is not None, hf)
         if hf.editing_function is None and self.output_dict is None and \
-                isinstance(self.runtime, LocalRuntime):
+                self.store is None and isinstance(self.runtime, LocalRuntime):
             # (Distributed, a rank without an output_dict still sends its shard to the storer.)
             raise HookRegistrationError(
                 f"{hf!r} has no editing function and this FlexModel has no output_dict: it "

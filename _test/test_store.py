@@ -1,0 +1,204 @@
+"""Stores behind FlexModel in one process: exact round-trips, reductions and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from flex_surgery.hooks import FlexModel, HookFunction
+from flex_surgery.models import example_inputs, tiny_hf_model
+from flex_surgery.store import DiskStore, MemoryStore, Store, StoreError, WriteMeta
+from flex_surgery.store import disk as disk_module
+
+POINTS = ("model.layers.0.mlp", "model.layers.1", "model.norm")
+
+
+def run_with(output_dict=None, store=None, steps=3, reduce=None, edit=None, batch=4):
+    """Three forwards of one tiny llama with hooks on POINTS; different inputs per step."""
+    model = tiny_hf_model("llama")
+    flex = FlexModel(model, output_dict, store=store)
+    for name in POINTS:
+        flex.register_forward_hook(HookFunction(name, reduce=reduce, editing_function=edit))
+    logits = []
+    for step in range(steps):
+        logits.append(flex(**example_inputs("llama", batch=batch, seed=step)).logits)
+    flex.close()
+    return logits
+
+
+def reference(steps=3, reduce=None, batch=4):
+    out: dict = {}
+    run_with(out, steps=steps, reduce=reduce, batch=batch)
+    return out
+
+
+def test_stores_implement_the_protocol(tmp_path):
+    assert isinstance(MemoryStore(), Store)
+    with DiskStore(tmp_path) as store:
+        assert isinstance(store, Store)
+
+
+def test_memory_store_holds_what_output_dict_holds():
+    ref = reference()
+    store = MemoryStore()
+    run_with(store=store)
+    assert store.data.keys() == ref.keys()
+    for name in POINTS:
+        for step, tensor in enumerate(ref[name]):
+            assert torch.equal(store.data[name][step], tensor)
+            assert torch.equal(store.read(name, step), tensor)
+    assert store.host_bytes == sum(t.numel() * t.element_size() for v in ref.values() for t in v)
+
+
+@pytest.mark.parametrize("buffer_bytes", [1, 4096, 1 << 30])
+def test_disk_store_reads_back_bit_identical_tensors(tmp_path, buffer_bytes):
+    ref = reference()
+    with DiskStore(tmp_path, buffer_bytes=buffer_bytes) as store:
+        run_with(store=store)
+    files = sorted(p.name for p in tmp_path.glob("*.safetensors"))
+    assert files and not list(tmp_path.glob(".*.tmp"))  # renamed into place, nothing half-written
+    if buffer_bytes == 1:
+        assert len(files) == 3 * len(POINTS)  # one file per flush
+    reader = DiskStore(tmp_path)  # another process's view: only the directory
+    assert reader.names() == sorted(POINTS)
+    for name in POINTS:
+        assert reader.steps(name) == [0, 1, 2]
+        for step, tensor in enumerate(ref[name]):
+            got = reader.read(name, step)
+            assert got.dtype == tensor.dtype and torch.equal(got, tensor)
+            assert torch.equal(reader.read(name, step, batch=slice(1, 3)), tensor[1:3])
+    reader.close()
+
+
+def test_disk_store_editing_hooks_store_the_value_before_the_edit(tmp_path):
+    def double(module, x, ctx, modules):
+        return x * 2
+
+    ref: dict = {}
+    ref_logits = run_with(ref, edit=double, steps=1)
+    with DiskStore(tmp_path) as store:
+        logits = run_with(store=store, edit=double, steps=1)
+        for name in POINTS:
+            assert torch.equal(store.read(name, 0), ref[name][0])
+    assert torch.equal(logits[0], ref_logits[0])
+
+
+def test_index_maps_every_tensor_to_its_file_and_key(tmp_path):
+    with DiskStore(tmp_path, buffer_bytes=1) as store:
+        run_with(store=store, steps=2)
+    index = json.loads((tmp_path / "index-rank0.json").read_text())
+    assert index["fingerprint"]["mesh"] == {"dp": 1, "pp": 1, "tp": 1}
+    entry = index["entries"][0]
+    assert {"name", "step", "micro_batch", "batch_start", "batch_stop", "writer", "file",
+            "key", "shape", "dtype"} <= entry.keys()
+    assert (tmp_path / entry["file"]).exists()
+
+
+def test_reopened_store_continues_after_what_it_holds(tmp_path):
+    ref = reference(steps=4)
+    with DiskStore(tmp_path) as store:
+        run_with(store=store, steps=2)
+    with DiskStore(tmp_path) as store:  # the same model and mesh: appended
+        run_with(store=store, steps=4)
+    reader = DiskStore(tmp_path)
+    assert reader.steps(POINTS[0]) == list(range(6))
+    assert torch.equal(reader.read(POINTS[0], 1), ref[POINTS[0]][1])
+    assert torch.equal(reader.read(POINTS[0], 5), ref[POINTS[0]][3])
+
+
+def test_store_of_another_model_is_refused_and_left_intact(tmp_path):
+    with DiskStore(tmp_path) as store:
+        run_with(store=store, steps=1)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    other = tiny_hf_model("gpt2")
+    with pytest.raises(StoreError, match="holds a run of"):
+        FlexModel(other, None, store=DiskStore(tmp_path))
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_read_of_unknown_hook_or_step_says_what_exists(tmp_path):
+    with DiskStore(tmp_path) as store:
+        run_with(store=store, steps=1)
+        with pytest.raises(StoreError, match="nothing stored under 'nope'.*model.norm"):
+            store.read("nope")
+        with pytest.raises(StoreError, match=r"no step 7; stored steps: \[0\]"):
+            store.read("model.norm", 7)
+    with pytest.raises(StoreError, match="nothing stored"):
+        MemoryStore().read("x")
+
+
+def test_unwritable_directory_is_refused_at_once(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(StoreError, match="not writable"):
+        DiskStore(blocker / "store")
+
+
+def test_full_disk_error_surfaces_and_keeps_what_was_written(tmp_path, monkeypatch):
+    store = DiskStore(tmp_path, buffer_bytes=1)
+    ones = torch.ones(4, 3)
+    store.put("a", ones, WriteMeta(step=0))
+    store.flush()
+    written = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def no_space(tensors, path, metadata=None):
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(disk_module, "save_file", no_space)
+    store.put("a", ones * 2, WriteMeta(step=1))  # handed to the writer thread
+    with pytest.raises(StoreError, match="No space left"):
+        store.flush()
+    with pytest.raises(StoreError, match="No space left"):  # never swallowed
+        store.put("a", ones, WriteMeta(step=2))
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == written
+    assert torch.equal(DiskStore(tmp_path).read("a", 0), ones)
+    with pytest.raises(StoreError):
+        store.close()
+
+
+def test_host_memory_stays_bounded_by_the_buffer(tmp_path):
+    store = DiskStore(tmp_path, buffer_bytes=1000)
+    for step in range(50):
+        store.put("a", torch.full((100,), float(step)), WriteMeta(step=step))  # 400 bytes
+        assert store.host_bytes <= 2 * 1000 + 400
+    store.close()
+    assert store.host_bytes == 0
+    assert torch.equal(DiskStore(tmp_path).read("a", 49), torch.full((100,), 49.0))
+
+
+@pytest.mark.parametrize("reduce", ["mean_over_batch", "last_token", "callable"])
+def test_reduce_equals_the_reduction_of_the_stored_tensor(tmp_path, reduce):
+    fn = (lambda t: t.norm(dim=-1)) if reduce == "callable" else reduce
+    ref = reference(steps=1)
+    reduced: dict = {}
+    run_with(reduced, steps=1, reduce=fn)
+    with DiskStore(tmp_path) as store:
+        run_with(store=store, steps=1, reduce=fn)
+    for name in POINTS:
+        full = ref[name][0]
+        if reduce == "mean_over_batch":
+            want = full.mean(0, keepdim=True)
+        elif reduce == "last_token":
+            want = full[:, -1:]
+        else:
+            want = full.norm(dim=-1)
+        assert torch.equal(reduced[name][0], want)
+        assert torch.equal(DiskStore(tmp_path).read(name, 0), want)
+
+
+def test_bad_arguments_are_refused(tmp_path):
+    model = tiny_hf_model("llama")
+    with pytest.raises(ValueError, match="reduce must be one of"):
+        HookFunction("model.norm", reduce="median")
+    with pytest.raises(ValueError, match="not both"):
+        FlexModel(model, {}, store=MemoryStore())
+    with pytest.raises(TypeError, match="must implement"):
+        FlexModel(model, None, store={})
+    with pytest.raises(ValueError, match="buffer_bytes"):
+        DiskStore(tmp_path, buffer_bytes=0)
+    assert not os.path.exists(tmp_path / "store.json")

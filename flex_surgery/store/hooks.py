@@ -1,0 +1,116 @@
+"""What a hook call hands to a store: the (reduced) tensor and where it sits in the dataset.
+
+Kept apart from :mod:`flex_surgery.hooks` so the hook path only learns of stores through one
+function, :func:`store_call`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from flex_surgery.store.base import WriteMeta
+from flex_surgery.store.reduce import apply_reduce
+
+
+@dataclass(frozen=True)
+class Rows:
+    """The rows of the global batch a stored tensor holds (a data-parallel replica's slice)."""
+
+    dim: int
+    start: int
+    stop: int
+    total: int
+
+
+@dataclass
+class StoreBinding:
+    """A FlexModel's store and the per-name step counters of this process."""
+
+    store: Any
+    writer: int = 0
+    steps: dict[str, int] = field(default_factory=dict)
+
+    def next_step(self, name: str) -> int:
+        step = self.steps.get(name)
+        if step is None:  # a reopened store continues after the steps it holds
+            step = self.store.next_step(name) if hasattr(self.store, "next_step") else 0
+        self.steps[name] = step + 1
+        return step
+
+
+def store_call(binding: StoreBinding, name: str, full: torch.Tensor, reduce: Any,
+               batch_dim: int, rows: Rows | None) -> None:
+    """Hand one hook call's tensor to the store, reduced first when ``reduce`` is given.
+
+    ``rows`` is ``None`` for the whole tensor; a replica's slice otherwise. A mean over the
+    batch of a slice is stored as its sum and row count, which :func:`merge_pieces` adds up
+    over replicas on read, so it equals the mean one process computes over the whole batch
+    (up to float summation order; see ``docs/store.md``).
+    """
+    step = binding.next_step(name)
+    start, stop = (0, -1) if rows is None else (rows.start, rows.stop)
+    meta = WriteMeta(step=step, batch_start=start, batch_stop=stop, batch_dim=batch_dim,
+                     writer=binding.writer)
+    if reduce is None:
+        binding.store.put(name, full, meta)
+    elif reduce == "mean_over_batch" and rows is not None:
+        total = full.to(torch.float64 if not full.is_floating_point() else full.dtype)
+        total = total.sum(dim=batch_dim, keepdim=True)
+        count = torch.tensor(full.shape[batch_dim], dtype=torch.int64)
+        binding.store.put(name, total, WriteMeta(**{**meta.__dict__, "kind": "sum"}))
+        binding.store.put(name, count, WriteMeta(**{**meta.__dict__, "kind": "count"}))
+    else:
+        binding.store.put(name, apply_reduce(reduce, full, batch_dim), meta)
+
+
+def check_reduce(reduce: Any, store_on: str, has_store: bool, owner: object) -> None:
+    """Refuse, at registration and on every rank, a reduction a replica's slice cannot give.
+
+    With ``store_on="replica_leaders"`` each replica reduces only its own rows: a callable could
+    compute anything, so it is refused; a mean over the batch is kept as sum and count, which
+    only a store can combine on read (an ``output_dict`` would hold per-replica means).
+    """
+    if store_on != "replica_leaders" or reduce is None or reduce == "last_token":
+        return
+    if callable(reduce):
+        raise ValueError(f"{owner!r}: a reduce callable sees only one replica's rows with "
+                         "store_on='replica_leaders', which is not what one process computes; "
+                         "use store_on='rank0', or reduce='mean_over_batch'/'last_token'")
+    if not has_store:
+        raise ValueError(f"{owner!r}: reduce='mean_over_batch' with store_on='replica_leaders' "
+                         "needs store= (a store combines each replica's sum and count on read)")
+
+
+def bind_store(store: Any, module: Any, runtime: Any, output_dict: Any,
+               store_on: str) -> StoreBinding:
+    """Check ``store`` against FlexModel's other arguments and attach it to this run.
+
+    The run's fingerprint (model and mesh, :func:`model_fingerprint`) is recorded by the store,
+    so a directory written by another model or mesh is refused before anything is written.
+    Raises on a bad combination; FlexModel then frees its runtime.
+    """
+    from flex_surgery.store.base import Store, model_fingerprint
+
+    try:
+        if not isinstance(store, Store):
+            raise TypeError(f"store must implement flex_surgery.store.Store (put, read, flush, "
+                            f"close, attach, host_bytes), got {type(store).__name__}")
+        if output_dict is not None:
+            raise ValueError("give either output_dict or store, not both (pass None for "
+                             "output_dict)")
+        if store_on == "all":
+            raise ValueError("store= with store_on='all' would store every rank's copy of every "
+                             "tensor; use store_on='rank0' or 'replica_leaders'")
+        mesh = getattr(runtime, "mesh", None)
+        sizes = {"tp": 1, "pp": 1, "dp": 1} if mesh is None else \
+            {axis: mesh.size(axis) for axis in ("tp", "pp", "dp")}
+        store.attach(model_fingerprint(module, sizes))
+    except BaseException:
+        runtime.close()
+        raise
+    import torch.distributed as dist
+    writer = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return StoreBinding(store, writer=writer)
