@@ -172,3 +172,26 @@ def test_a_parameter_handed_on_as_an_activation_is_not_split_over_dp():
     assert layouts.layout(linear.bias, linear, "output") == Layout()
     assert layouts.layout(linear.bias.detach() + 0, linear, "output").spec_for("dp") == \
         ShardSpec("dp", 0)
+
+
+@distributed(world_size=4)
+def test_a_tensor_declared_whole_over_dp_must_be_the_same_on_every_dp_rank():
+    """dp=2 x tp=2, batch dim 1 (Megatron's ``[s, b, h]``): a batch-first ``[b, s, h]`` tensor
+    declared by its whole shape looks like a tp shard on dim 0 and whole over dp; the dp ranks
+    hold different rows, so it is an error on every rank, not the tp ranks' copies of one
+    replica's rows put side by side. A tensor that is the same on every dp rank is stored."""
+    from flex_surgery.parallel.mesh import ParallelMesh
+
+    mesh = ParallelMesh.build(tp=2, dp=2)
+    runtime = DistributedRuntime(nn.Identity(), mesh, batch_dim=1)
+    x = torch.randn(2, 4, 3, generator=torch.Generator().manual_seed(0))
+    rows = x[mesh.rank("dp"):mesh.rank("dp") + 1]  # [1, 4, 3]: this replica's batch row
+    site = _site(nn.Identity(), (2, 4, 3))
+    with pytest.raises(LayoutError, match="data-parallel ranks hold different values"):
+        runtime.whole_shape(rows, site)
+    same = x[mesh.rank("tp"):mesh.rank("tp") + 1]  # a true tp shard, equal over dp
+    assert runtime.whole_shape(same, site) == (2, 4, 3)
+    stored = _retrieve(runtime, same, site)
+    assert stored is None or torch.equal(stored, x)
+    assert (stored is not None) == (dist.get_rank() == 0)
+    runtime.close()

@@ -58,6 +58,7 @@ from flex_surgery.parallel.collectives import (
 )
 from flex_surgery.parallel.group_lifetime import OwnedGroups, free_dropped
 from flex_surgery.parallel.layout import (
+    ACTIVATION_ROLES,
     GATHER_ORDER,
     Layout,
     LayoutError,
@@ -207,7 +208,27 @@ class DistributedRuntime(Runtime):
             raise LayoutError(f"{where}: the ranks disagree on how the tensor is split ({seen}); "
                               "give expected_shape with None for the dims that vary (e.g. the "
                               "batch dim of uneven data-parallel batches)")
-        return _whole_shape(table, ranks, where)
+        shape = _whole_shape(table, ranks, where)
+        self._check_same_over_dp(plain, layout, site, where)
+        return shape
+
+    def _check_same_over_dp(self, plain: torch.Tensor, layout: Layout, site: HookSite,
+                            where: str) -> None:
+        """An activation the hint leaves whole over ``dp`` (its batch dim is the local size)
+        must *be* the same on every data-parallel rank: a batch on another dim than
+        ``batch_dim`` (which the hint would then cut over ``tp``) or a per-rank value (a loss)
+        is an error, not rank 0's piece. One small all-gather over ``dp``; every rank of the
+        stage agreed on ``layout`` above, so all take this path."""
+        if self.mesh.dp_size == 1 or site.role not in ACTIVATION_ROLES or \
+                layout.spec_for("dp") is not None:
+            return
+        if frameworks.differs_across([plain.detach()], self.mesh.group("dp"))[0]:
+            raise LayoutError(
+                f"{where}: expected_shape {site.expected_shape} leaves the tensor whole on every "
+                f"data-parallel rank (the dim data parallelism splits has the local size), but "
+                f"the data-parallel ranks hold different values: its batch is on another "
+                f"dim (pass FlexModel's batch_dim, or give that dim as None), or it is a "
+                f"per-rank value that cannot be stored as one tensor")
 
     def _describe(self, plain: torch.Tensor, layout: Layout | None,
                   failed: bool) -> torch.Tensor:

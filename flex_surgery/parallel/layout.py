@@ -34,10 +34,11 @@ Inference rules (:class:`LayoutInference`), for the tensor a hook sees:
   dim the local size: then every dp rank holds the tensor whole (no batch dim, e.g. rotary
   tables) and it is replicated over ``dp``. A tensor that has no dim ``batch_dim`` is never
   split over ``dp`` along another dim: without ``expected_shape`` it is an error naming the
-  module. A tensor that *is* one of the model's parameters (a bias a Megatron layer returns
-  unadded) is split like that parameter and never over ``dp``. Parameter gradients are a
-  partial *average* over ``dp`` (DDP/FSDP average them); Megatron's sequence-parallel
-  parameters' gradients a partial *sum* over ``tp``.
+  module. A tensor ``expected_shape`` leaves whole over ``dp`` is checked to be the same on
+  every dp rank (``DistributedRuntime.whole_shape``). A tensor that *is* one of the model's
+  parameters (a bias a Megatron layer returns unadded) is split like that parameter and never
+  over ``dp``. Parameter gradients are a partial *average* over ``dp`` (DDP/FSDP average
+  them); Megatron's sequence-parallel parameters' gradients a partial *sum* over ``tp``.
 * **elements of a layer's value** (``unpack_idx``): an exact TP layer's description covers its
   first tensor and, for layers that return ``(output, bias)`` (Megatron), the bias (split like
   the bias parameter); any other tensor of its value needs ``expected_shape``.
