@@ -1,4 +1,4 @@
-"""Command line: ``python -m flex_surgery demo | inspect <model> | lens``.
+"""Command line: ``python -m flex_surgery demo | inspect <model> | lens | plan``.
 
 ``demo``     shard a real pretrained model over several ranks and read, edit and ablate it
              (see :mod:`flex_surgery.demo`); ``make demo`` runs it with the defaults.
@@ -6,6 +6,8 @@
              ``smollm2``), optionally with hook groups registered, and write it as HTML.
 ``lens``     the logit lens of a prompt (top-1 token per block and position, as PNG), in one
              process or with ``--tp N`` over forked ranks (see :mod:`flex_surgery.lens_cli`).
+``plan``     bytes gathered, moved and stored per hook and storing rank for a model config on a
+             mesh, without building the model (see :mod:`flex_surgery.plan`).
 """
 
 from __future__ import annotations
@@ -174,6 +176,13 @@ def build_parser() -> argparse.ArgumentParser:
     lens.add_argument("--reference", action="store_true",
                       help="with --tp: also run one process and compare")
     lens.set_defaults(func=_lens)
+
+    plan = sub.add_parser("plan", help="bytes that retrieving activations gathers, moves and "
+                                       "stores, from a config and a mesh (no weights built)")
+    from flex_surgery.plan.cli import add_arguments, run
+
+    add_arguments(plan)
+    plan.set_defaults(func=run)
     return parser
 
 

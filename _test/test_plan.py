@@ -1,0 +1,149 @@
+"""The planner: shapes from a meta forward, bytes per hook and storing rank, bad input, the CLI,
+and its numbers against what a real run stores and gathers (one process and forked ranks)."""
+
+import json
+
+import pytest
+import torch
+
+from flex_surgery.__main__ import main
+from flex_surgery.hooks import FlexModel, HookFunction
+from flex_surgery.models import tiny_hf_model
+from flex_surgery.models.tiny import example_inputs
+from flex_surgery.plan import (
+    MeshSizes,
+    PlanError,
+    hook_shapes,
+    parse_bytes,
+    parse_mesh,
+    parse_tokens,
+    place_hooks,
+    plan,
+    plan_hooks,
+)
+
+MiB, GiB = 2**20, 2**30
+RESIDUALS = r"re:model\.layers\.\d+"
+
+
+def _stored_bytes(output_dict):
+    return {k: sum(t.numel() * t.element_size() for t in v) for k, v in output_dict.items()}
+
+
+def _tiny_plan(model, mesh, batch, seq, patterns, store="memory"):
+    config = model.config
+    shapes = hook_shapes(config, batch, seq, torch.float32, patterns)
+    return plan_hooks(place_hooks(config, shapes, mesh), mesh, batch, seq, torch.float32, store)
+
+
+def test_70b_example_from_the_config():
+    p = plan("llama-70b", parse_mesh("tp=8,pp=4,dp=8"), 8, 4096, torch.bfloat16, [RESIDUALS])
+    assert len(p.hooks) == 80
+    assert {h.replica_bytes for h in p.hooks} == {512 * MiB}  # per residual, block, replica
+    assert {h.shape for h in p.hooks} == {(8, 4096, 8192)}
+    assert p.stored == 320 * GiB and p.stored_per_rank[0] == 320 * GiB
+    # dp: 7 replica slices per hook; pp: stages 1..3 (60 blocks) send their 4 GiB to rank 0
+    assert p.moved == 80 * 7 * 512 * MiB + 60 * 4 * GiB
+    assert [h.stage for h in p.hooks] == [i // 20 for i in range(80)]
+    leaders = plan("llama-70b", parse_mesh("tp=8,pp=4,dp=8"), 8, 4096, torch.bfloat16,
+                   [RESIDUALS], store="replica_leaders")
+    assert leaders.moved == 0  # residuals are replicated over tp; nothing crosses replicas
+    assert len(leaders.stored_per_rank) == 32
+    assert set(leaders.stored_per_rank.values()) == {20 * 512 * MiB}
+    assert leaders.stored == 320 * GiB
+
+
+def test_tp_split_comes_from_the_models_plan():
+    p = plan("llama-8b", parse_mesh("tp=4"), 1, 16, torch.bfloat16,
+             [r"re:model\.layers\.0(\.self_attn\.[qo]_proj)?"])
+    split = {h.name: h.tp_sharded for h in p.hooks}
+    assert split == {"model.layers.0": False, "model.layers.0.self_attn.q_proj": True,
+                     "model.layers.0.self_attn.o_proj": False}
+    q = next(h for h in p.hooks if h.name.endswith("q_proj"))
+    assert q.moved == q.replica_bytes * 3 // 4
+
+
+def test_disk_bounds_host_memory_by_its_buffer():
+    mesh = parse_mesh("dp=2")
+    mem = plan("smollm2-135m", mesh, 4, 256, torch.bfloat16, [RESIDUALS])
+    disk = plan("smollm2-135m", mesh, 4, 256, torch.bfloat16, [RESIDUALS], store="disk",
+                disk_buffer=MiB)
+    assert disk.stored == mem.stored and disk.moved == mem.moved
+    largest = max(h.gathered for h in mem.hooks)
+    assert disk.peak == MiB + largest < mem.peak == mem.stored + largest
+
+
+def test_budget_refusal_names_hooks_bytes_and_what_fits():
+    p = plan("llama-70b", parse_mesh("tp=8,pp=4,dp=8"), 8, 4096, torch.bfloat16, [RESIDUALS])
+    p.check_budget(400 * GiB)  # fits
+    with pytest.raises(PlanError) as err:
+        p.check_budget(64 * GiB)
+    text = str(err.value)
+    assert "model.layers.0" in text and "324.00 GiB" in text and "rank 0" in text
+    assert "store='replica_leaders'" in text and "reduce='last_token'" in text
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(model="llama-700b"), "unknown model"),
+    (dict(mesh="tp=3"), "does not divide the 64 attention heads"),
+    (dict(mesh="pp=3"), "does not divide the 80 blocks"),
+    (dict(model="gpt2", mesh="tp=2", hooks=["transformer.h.0"]), "no tensor-parallel plan"),
+    (dict(hooks=["nothing.here.*"]), "matches"),
+])
+def test_bad_input_is_refused_clearly(kwargs, words):
+    args = dict(model="llama-70b", mesh="tp=8", hooks=[RESIDUALS])
+    args.update(kwargs)
+    with pytest.raises(PlanError, match=words):
+        plan(args["model"], parse_mesh(args["mesh"]), 1, 8, torch.bfloat16, args["hooks"])
+
+
+@pytest.mark.parametrize("text", ["8by4096", "8x", "0x16", "x", "8x4096x2"])
+def test_malformed_tokens(text):
+    with pytest.raises(PlanError, match="--tokens"):
+        parse_tokens(text)
+
+
+@pytest.mark.parametrize("text", ["tp8", "tp=8,xp=2", "tp=0", "tp=2,tp=2", "tp=two"])
+def test_malformed_mesh(text):
+    with pytest.raises(PlanError, match="--mesh"):
+        parse_mesh(text)
+
+
+def test_sizes():
+    assert parse_bytes("64GiB") == 64 * GiB and parse_bytes("1e9") == 10**9
+    assert parse_bytes("500MB") == 500 * 10**6
+    with pytest.raises(PlanError):
+        parse_bytes("lots")
+
+
+def test_cli_prints_the_plan_and_refuses_over_budget(capsys, tmp_path):
+    args = ["plan", "--model", "smollm2-135m", "--mesh", "tp=3,dp=2", "--tokens", "2x16",
+            "--hooks", RESIDUALS]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "model.layers.29" in out and "total (30 hooks)" in out and "storing ranks" in out
+    assert main(args + ["--budget", "100KiB"]) == 2
+    assert "over the budget" in capsys.readouterr().out
+    assert main(args[:-4] + ["--tokens", "2by16", "--hooks", RESIDUALS]) == 2
+    assert "--tokens" in capsys.readouterr().out
+    config = tiny_hf_model("llama").config.to_dict()
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert main(["plan", "--model", str(tmp_path), "--tokens", "1x8", "--hooks",
+                 RESIDUALS]) == 0
+    assert "total (2 hooks)" in capsys.readouterr().out
+
+
+def test_planner_matches_one_process_run():
+    """What one process's FlexModel stores equals the planner's bytes, hook by hook."""
+    model = tiny_hf_model("llama")
+    patterns = [RESIDUALS, "*.mlp.up_proj", "model.norm", "lm_head"]
+    batch, seq = 2, 8
+    p = _tiny_plan(model, MeshSizes(), batch, seq, patterns)
+    out: dict = {}
+    flex = FlexModel(model, out)
+    for h in p.hooks:
+        flex.register_forward_hook(HookFunction(h.name))
+    flex(**example_inputs("llama", batch=batch, seq=seq))
+    assert _stored_bytes(out) == {h.name: h.stored for h in p.hooks}
+    assert p.stored_per_rank == {0: sum(_stored_bytes(out).values())}
+    assert p.moved == 0
