@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from rank_pool import distributed
 
 from flex_surgery.__main__ import main
 from flex_surgery.hooks import FlexModel, HookFunction
@@ -147,3 +148,94 @@ def test_planner_matches_one_process_run():
     assert _stored_bytes(out) == {h.name: h.stored for h in p.hooks}
     assert p.stored_per_rank == {0: sum(_stored_bytes(out).values())}
     assert p.moved == 0
+
+
+# -- forked ranks: the planner against what the runtime gathers and stores -----------------------
+
+class _GatherCounter:
+    """Wraps the runtime's gather so a test sees the bytes each gather brings to its
+    destination from the other ranks (whole result minus the destination's own piece)."""
+
+    def __init__(self, monkeypatch) -> None:
+        import flex_surgery.parallel.distributed_runtime as runtime
+
+        self.moved = 0
+        original = runtime.gather_to_one
+
+        def counting(t, dim, group=None, dst=0, sizes=None):
+            out = original(t, dim, group, dst, sizes)
+            import torch.distributed as dist
+
+            if dist.get_rank(group) == dst:
+                self.moved += (out.numel() - t.numel()) * out.element_size()
+            return out
+
+        monkeypatch.setattr(runtime, "gather_to_one", counting)
+
+
+def _total_over_ranks(value: int) -> int:
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(t)
+    return int(t.item())
+
+
+HOOKED = [RESIDUALS, "*.self_attn.q_proj", "*.self_attn.o_proj", "*.mlp.up_proj"]
+
+
+def _run_hooked(model, plan_, inputs, **flex_kwargs):
+    out: dict = {}
+    flex = FlexModel(model, out, **flex_kwargs)
+    try:
+        for h in plan_.hooks:
+            flex.register_forward_hook(HookFunction(h.name))
+        with torch.no_grad():
+            flex(**inputs)
+        return out
+    finally:
+        flex.close()
+
+
+def _check_against_run(p, out, counter):
+    import torch.distributed as dist
+
+    stored = _stored_bytes(out)
+    if dist.get_rank() == 0:
+        assert stored == {h.name: h.stored for h in p.hooks}
+        assert sum(stored.values()) == p.stored_per_rank[0]
+    else:
+        assert stored == {}
+    assert _total_over_ranks(counter.moved) == p.moved
+
+
+@distributed(world_size=2)
+def test_planner_matches_tensor_parallel_run(tmp_path, monkeypatch):
+    import torch.distributed as dist
+    import transformers as tf
+
+    folder = tmp_path / "tiny-llama"
+    if dist.get_rank() == 0:
+        tiny_hf_model("llama").save_pretrained(folder)
+    dist.barrier()
+    model = tf.LlamaForCausalLM.from_pretrained(folder, tp_plan="auto", dtype=torch.float32)
+    batch, seq = 2, 6
+    p = _tiny_plan(model, MeshSizes(tp=2), batch, seq, HOOKED)
+    assert any(h.tp_sharded for h in p.hooks) and p.moved > 0
+    counter = _GatherCounter(monkeypatch)
+    out = _run_hooked(model, p, example_inputs("llama", batch=batch, seq=seq))
+    _check_against_run(p, out, counter)
+
+
+@distributed(world_size=2)
+def test_planner_matches_data_parallel_run(monkeypatch):
+    import torch.distributed as dist
+
+    model = tiny_hf_model("llama")
+    batch, seq = 3, 5  # per replica
+    p = _tiny_plan(model, MeshSizes(dp=2), batch, seq, HOOKED)
+    ids = example_inputs("llama", batch=2 * batch, seq=seq)["input_ids"]
+    mine = ids[dist.get_rank() * batch:(dist.get_rank() + 1) * batch]
+    counter = _GatherCounter(monkeypatch)
+    out = _run_hooked(model, p, {"input_ids": mine}, data_parallel_size=2)
+    _check_against_run(p, out, counter)
