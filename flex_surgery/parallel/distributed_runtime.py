@@ -70,10 +70,11 @@ from flex_surgery.parallel.layout import (
 )
 from flex_surgery.parallel.mesh import ParallelMesh
 from flex_surgery.parallel.runtime import EditContext, HookSite, LocalRuntime, Runtime, store_copy
+from flex_surgery.store.hooks import Rows
 
 __all__ = ["DistributedRuntime", "build_runtime"]
 
-STORE_ON = ("rank0", "all")
+STORE_ON = ("rank0", "all", "replica_leaders")
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -111,7 +112,8 @@ class DistributedRuntime(Runtime):
             so that modules without parameters inherit the right layout.
         mesh: the groups (usually :meth:`ParallelMesh.adopt`).
         store_on: ``"rank0"`` -- retrieved tensors are stored on the stage leader only;
-            ``"all"`` -- on every rank.
+            ``"all"`` -- on every rank; ``"replica_leaders"`` -- a tensor split over dp is
+            gathered over tp only and each replica's leader (tp rank 0) stores its batch rows.
         batch_dim: the activation dim that data parallelism splits; ``None``: the one the
             model's framework uses (1 for Megatron's ``[s, b, h]``, else 0).
         mesh_parent: the group whose ranks built ``mesh`` (default: the world).
@@ -260,11 +262,12 @@ class DistributedRuntime(Runtime):
         return True
 
     # -- the walk over the axes -----------------------------------------------------------------
-    def _gather(self, t: torch.Tensor, layout: Layout) -> tuple[torch.Tensor, list]:
+    def _gather(self, t: torch.Tensor, layout: Layout,
+                axes: tuple[str, ...] = GATHER_ORDER) -> tuple[torch.Tensor, list]:
         """Walk ``t`` to the leader axis by axis; returns what this rank holds and the record
         :meth:`_scatter` needs to walk back. Autograd-aware when ``t`` requires grad."""
         record = []
-        for axis in GATHER_ORDER:
+        for axis in axes:
             if self.mesh.size(axis) == 1 or not self._takes_part(axis):
                 continue
             group = self.mesh.group(axis)
@@ -328,12 +331,33 @@ class DistributedRuntime(Runtime):
             if self.store_on == "all":
                 store(store_copy(self._gather_to_all(plain, layout)))
                 return
+            if self.store_on == "replica_leaders" and self.mesh.dp_size > 1 and \
+                    isinstance(layout.spec_for("dp"), ShardSpec):
+                self._retrieve_replica_rows(plain, layout, store)
+                return
             full, record = self._gather(plain, layout)
         if self.mesh.is_stage_leader():
             # A tensor gathered (or reduced) on the CPU is already a private copy; copy only
             # what may still alias the model's own activation, or lives on a device.
             fresh = full.device.type == "cpu" and any(spec is not None for _, spec, _, _ in record)
             store(full if fresh else store_copy(full))
+
+    def _retrieve_replica_rows(self, plain: torch.Tensor, layout: Layout,
+                               store: Callable[..., None]) -> None:
+        """``store_on="replica_leaders"``: no activation crosses replicas. The tensor is gathered
+        over tp only; each replica's leader stores its rows with their place in the global
+        batch (the replicas' sizes are exchanged: one small all-gather over dp)."""
+        spec = layout.spec_for("dp")
+        sizes = spec.sizes or exchange_sizes(plain, spec.dim, self.mesh.group("dp"))
+        full, record = self._gather(plain, layout, axes=("tp",))
+        if self.mesh.rank("tp") != 0:
+            return
+        if layout.grad_scale != 1.0 and not self.mesh.is_stage_leader():  # _gather scaled it
+            full = full * layout.grad_scale
+        start = sum(sizes[:self.mesh.rank("dp")])
+        rows = Rows(spec.dim, start, start + sizes[self.mesh.rank("dp")], sum(sizes))
+        fresh = full.device.type == "cpu" and any(spec is not None for _, spec, _, _ in record)
+        store(full if fresh else store_copy(full), rows)
 
     def retrieve_gathered(self, full: torch.Tensor | None, ctx: EditContext,
                           store: Callable[[torch.Tensor], None]) -> None:

@@ -38,7 +38,7 @@ _MANIFEST = "store.json"
 
 
 def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # writers may race on store.json
     tmp.write_text(text)
     os.replace(tmp, path)
 
@@ -100,23 +100,35 @@ class DiskStore:
     def attach(self, fingerprint: dict[str, Any]) -> None:
         """Bind the store to one run; a directory written by another model or mesh is refused.
 
-        The first run records its fingerprint in ``store.json``; a later run with the same one
-        appends (its steps continue after those stored), any other raises before anything is
-        written.
+        ``store.json`` records the mesh of the first run, and each writer's index the model it
+        stored from (pipeline stages hold different modules, so the model is per writer). A
+        later run with the same ones appends (its steps continue after those stored); any other
+        raises before anything is written.
         """
         manifest = self.directory / _MANIFEST
+        recorded = {"mesh": fingerprint.get("mesh")}
+        own = None
+        if self._index_path.exists():
+            own = json.loads(self._index_path.read_text()).get("fingerprint")
         if manifest.exists():
-            recorded = json.loads(manifest.read_text())["fingerprint"]
-            if recorded != fingerprint:
-                raise StoreError(
-                    f"the store {str(self.directory)!r} holds a run of {recorded}; this run is "
-                    f"{fingerprint}. Use a new directory (nothing in this one was changed).")
-        else:
-            try:
-                _write_atomically(manifest, json.dumps({"fingerprint": fingerprint}, indent=1))
-            except OSError as error:
-                raise StoreError(f"cannot write {str(manifest)!r}: {error}") from error
+            recorded = json.loads(manifest.read_text())
+        if recorded.get("mesh") != fingerprint.get("mesh") or own not in (None, fingerprint):
+            raise StoreError(
+                f"the store {str(self.directory)!r} holds a run of {own or recorded}; this run "
+                f"is {fingerprint}. Use a new directory (nothing in this one was changed).")
         self.fingerprint = fingerprint
+        try:
+            if not manifest.exists():
+                _write_atomically(manifest, json.dumps(recorded, indent=1))
+            if own is None:
+                self._write_index(self._entries)
+        except OSError as error:
+            raise StoreError(f"cannot write to {str(self.directory)!r}: {error}") from error
+
+    def _write_index(self, entries: list[dict[str, Any]]) -> None:
+        index = {"writer": self.writer, "fingerprint": self.fingerprint, "entries": entries}
+        _write_atomically(self._index_path, json.dumps(index))
+        self._entries = entries
 
     # -- writing -------------------------------------------------------------------------------
     @property
@@ -193,10 +205,7 @@ class DiskStore:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        index = {"writer": self.writer, "fingerprint": self.fingerprint,
-                 "entries": self._entries + entries}
-        _write_atomically(self._index_path, json.dumps(index))
-        self._entries = index["entries"]
+        self._write_index(self._entries + entries)
 
     def _raise_pending(self) -> None:
         if self._error is not None:

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from flex_surgery.store.base import WriteMeta
+from flex_surgery.store.base import StoreError, WriteMeta
 from flex_surgery.store.reduce import apply_reduce
 
 
@@ -107,10 +107,36 @@ def bind_store(store: Any, module: Any, runtime: Any, output_dict: Any,
         mesh = getattr(runtime, "mesh", None)
         sizes = {"tp": 1, "pp": 1, "dp": 1} if mesh is None else \
             {axis: mesh.size(axis) for axis in ("tp", "pp", "dp")}
-        store.attach(model_fingerprint(module, sizes))
+        failure = None
+        try:
+            store.attach(model_fingerprint(module, sizes))
+        except Exception as error:  # every rank learns of it below, then this rank re-raises
+            failure = error
+        _agree_on_failure(failure, mesh)
     except BaseException:
         runtime.close()
         raise
     import torch.distributed as dist
     writer = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     return StoreBinding(store, writer=writer)
+
+
+def _agree_on_failure(failure: Exception | None, mesh: Any) -> None:
+    """Raise on every rank if the store refused the run on any: one writer may find a directory
+    of another run where the others find nothing, and a rank that went on alone would wait
+    forever in the first hook's collective."""
+    if mesh is None:
+        if failure is not None:
+            raise failure
+        return
+    import torch.distributed as dist
+
+    flag = torch.tensor([0 if failure is None else 1], dtype=torch.int64)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=mesh.stage_group)
+    if mesh.pp_size > 1:  # stage, then pipeline: the maximum over every rank of the run
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=mesh.group("pp"))
+    if failure is not None:
+        raise failure
+    if flag.item():
+        raise StoreError("another rank's store refused this run (its error says why); nothing "
+                         "was written")

@@ -1,0 +1,208 @@
+"""Stores under DP x TP (4 ranks), FSDP2 (2) and a hand-split pipeline (2): what a DiskStore
+gives back is bit-identical to what the in-memory ``output_dict`` of the same run holds, with
+``store_on="rank0"`` and with ``"replica_leaders"`` (each replica's leader writes its rows)."""
+
+import shutil
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+from parallel_cases import (
+    _REGISTER,
+    PARAM_SITES,
+    SITES,
+    actual_names,
+    dtensor_plan,
+    local_group,
+    plain_net,
+)
+from pipeline_cases import hand_split_step, inputs, register_sites, two_stages
+from rank_pool import distributed
+
+from flex_surgery.hooks import FlexModel, HookFunction
+from flex_surgery.parallel.pipeline import StageLink
+from flex_surgery.store import DiskStore, StoreError
+
+BATCH = 4
+FORWARD_SITES = [(n, k) for n, k in SITES if k == "forward"]
+
+
+def _shared_dir() -> str:
+    """One fresh directory every rank writes to (made by rank 0)."""
+    box = [tempfile.mkdtemp(prefix="flex_store_") if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _done_with(directory: str) -> None:
+    dist.barrier()
+    if dist.get_rank() == 0:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _x():
+    torch.set_default_dtype(torch.float64)  # reset by the rank pool after each body
+    return torch.randn(BATCH, 3, 8, generator=torch.Generator().manual_seed(1))
+
+
+def _run(model, x, *, store=None, store_on="rank0", sites=SITES, param_sites=PARAM_SITES,
+         reduce=None, process_group=None):
+    """Two forward/backward steps with hooks at ``sites``; returns the output_dict (or None)."""
+    stored = {} if store is None else None
+    flex = FlexModel(model, stored, store=store, store_on=store_on, process_group=process_group)
+    names = actual_names(model)
+    for name, kind in sites:
+        getattr(flex, _REGISTER[kind])(HookFunction(names[name], reduce=reduce))
+    for name in param_sites:
+        flex.register_hook(HookFunction(names[name]))
+    for _ in range(2):
+        flex(x).pow(2).mean().backward()
+    flex.close()
+    if store is not None:
+        store.close()
+    return stored
+
+
+def _assert_store_equals(directory: str, stored: dict) -> set:
+    """On rank 0: every tensor of ``stored`` read back bit-identical; returns the writers."""
+    reader = DiskStore(directory)
+    assert reader.names() == sorted(stored)
+    for key, tensors in stored.items():
+        assert reader.steps(key) == list(range(len(tensors))), key
+        for step, tensor in enumerate(tensors):
+            got = reader.read(key, step)
+            assert got.dtype == tensor.dtype and torch.equal(got, tensor), (key, step)
+    return {e["writer"] for e in reader.index()}
+
+
+def _fsdp2_x_tp():
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    model = parallelize_module(plain_net(), mesh["tp"], dtensor_plan(True))
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh["dp"])
+    fully_shard(model, mesh=mesh["dp"])
+    return model, mesh.get_local_rank("dp"), mesh.get_local_rank("tp")
+
+
+def _fsdp2():
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (2,))
+    model = plain_net()
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model, dist.get_rank(), 0
+
+
+@distributed(world_size=4)
+def test_disk_store_equals_the_in_memory_store_under_fsdp2_x_tp():
+    _check_layout(_fsdp2_x_tp)
+
+
+@distributed(world_size=2)
+def test_disk_store_equals_the_in_memory_store_under_fsdp2():
+    _check_layout(_fsdp2)
+
+
+def _check_layout(make):
+    x = _x()
+    model, dp_rank, tp_rank = make()
+    local_x = x.chunk(2)[dp_rank]
+    ref = _run(model, local_x)
+    for store_on in ("rank0", "replica_leaders"):
+        directory = _shared_dir()
+        model, _, _ = make()
+        _run(model, local_x, store=DiskStore(directory, buffer_bytes=2048), store_on=store_on)
+        dist.barrier()
+        if dist.get_rank() == 0:
+            writers = _assert_store_equals(directory, ref)
+            if store_on == "rank0":
+                assert writers == {0}
+            else:  # every replica's leader wrote its rows; no other rank wrote anything
+                assert len(writers) == 2 and 0 in writers
+        _done_with(directory)
+
+
+@distributed(world_size=2)
+def test_replica_leaders_mean_over_batch_equals_the_one_process_mean():
+    x = _x()
+    one: dict = {}
+    flex = FlexModel(plain_net(), one, process_group=local_group())
+    for name, kind in FORWARD_SITES:
+        getattr(flex, _REGISTER[kind])(HookFunction(name))
+    for _ in range(2):
+        flex(x).pow(2).mean().backward()
+    flex.close()
+
+    directory = _shared_dir()
+    model, dp_rank, _ = _fsdp2()
+    _run(model, x.chunk(2)[dp_rank], store=DiskStore(directory), store_on="replica_leaders",
+         sites=FORWARD_SITES, param_sites=[], reduce="mean_over_batch")
+    dist.barrier()
+    reader = DiskStore(directory)
+    for name, _ in FORWARD_SITES:
+        key = actual_names(model)[name]
+        for step in range(2):
+            want = one[name][step].mean(0, keepdim=True)
+            torch.testing.assert_close(reader.read(key, step), want, rtol=1e-12, atol=1e-14)
+    _done_with(directory)
+
+    model, _, _ = _fsdp2()
+    flex = FlexModel(model, None, store=DiskStore(tempfile.mkdtemp()), store_on="replica_leaders")
+    with pytest.raises(ValueError, match="one replica's rows"):  # every rank, at registration
+        flex.register_forward_hook(HookFunction(actual_names(model)["blocks.0"],
+                                                reduce=lambda t: t.sum()))
+    flex.close()
+
+
+@distributed(world_size=2)
+def test_pipeline_stage_leaders_write_their_own_stage():
+    _, _, x_mbs, t_mbs = inputs(4, 2)
+    stage = two_stages(plain_net(), dist.get_rank())
+    ref: dict = {}
+    flex = FlexModel(stage, ref, pipeline_parallel_size=2, key_by_hook_kind=True)
+    register_sites(flex, False)
+    link = StageLink(flex.runtime.mesh)
+    hand_split_step(flex, link, x_mbs, t_mbs)
+    flex.sync_pipeline_outputs(link)
+    flex.restore()
+
+    directory = _shared_dir()
+    stage = two_stages(plain_net(), dist.get_rank())
+    store = DiskStore(directory)
+    flex = FlexModel(stage, None, pipeline_parallel_size=2, key_by_hook_kind=True, store=store)
+    register_sites(flex, False)
+    link = StageLink(flex.runtime.mesh)
+    hand_split_step(flex, link, x_mbs, t_mbs)
+    flex.restore()
+    store.close()
+    dist.barrier()
+    if dist.get_rank() == 0:
+        assert _assert_store_equals(directory, ref) == {0, 1}  # each stage wrote its own
+    _done_with(directory)
+
+
+@distributed(world_size=2)
+def test_store_of_another_mesh_is_refused_on_every_rank():
+    directory = _shared_dir()
+    x = _x()
+    model, dp_rank, _ = _fsdp2()
+    _run(model, x.chunk(2)[dp_rank], store=DiskStore(directory), sites=FORWARD_SITES,
+         param_sites=[])
+    dist.barrier()
+    if dist.get_rank() == 0:  # a one-process run of the same model into the same directory
+        with pytest.raises(StoreError, match="holds a run of"):
+            FlexModel(plain_net(), None, store=DiskStore(directory), process_group=local_group())
+    dist.barrier()
+    # Only rank 0 holds an index with a fingerprint of another model: every rank refuses.
+    stage = two_stages(plain_net(), dist.get_rank())
+    with pytest.raises(StoreError):
+        FlexModel(stage, None, pipeline_parallel_size=2, store=DiskStore(directory))
+    _done_with(directory)
