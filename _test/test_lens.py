@@ -321,6 +321,42 @@ def test_data_parallel_equals_one_process_on_the_whole_batch():
     assert_same(got, tokens, logprobs)
 
 
+@distributed(world_size=2)
+def test_translators_that_differ_across_ranks_raise_on_every_rank():
+    """Translators are checked with one exchange every rank enters, whatever it was given:
+    given on one rank only, with a local error on one rank only, or permuted weights (same
+    sum and sum of squares) -- the same error on every rank instead of a hang."""
+    model, rank = plain_lm(), dist.get_rank()
+    ids = ids_for(batch=2)
+    base = nn.Linear(H, H)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(5)  # the same weights on every rank
+        base.weight.copy_(torch.randn(H, H, generator=g) * 0.3)
+        base.bias.copy_(torch.randn(H, generator=g) * 0.1)
+    permuted = nn.Linear(H, H)
+    with torch.no_grad():
+        permuted.weight.copy_(base.weight.flip(0))
+        permuted.bias.copy_(base.bias)
+    cases = [
+        ({1: base} if rank == 0 else {}, LensError, "translators differ across ranks"),
+        ({1: base} if rank == 0 else {1: "not a module"}, TypeError, "on rank 1.*nn.Module"),
+        ({1: base} if rank == 0 else {1: base, 9: base}, IndexError, "on rank 1.*got 9"),
+        ({1: base} if rank == 1 else {1: base, 2: base}, ValueError,
+         "on rank 0.*block 2, which the lens does not read"),
+        ({1: base if rank == 0 else permuted}, LensError, "translators differ across ranks"),
+    ]
+    for translators, error, match in cases:
+        with pytest.raises(error, match=match):
+            LogitLens(model, layers=[0, 1], translators=translators, data_parallel_size=2)
+        assert not any(m._forward_hooks for m in model.blocks)
+    # The same translators everywhere: the lens runs, equal to one process.
+    tokens, logprobs, _ = reference_lens(model, ids, 3, {1: base})
+    mine = ids[:1] if rank == 0 else ids[1:]
+    got = logit_lens(model, mine, layers=[0, 1], top_k=3, translators={1: base},
+                     data_parallel_size=2)
+    assert_same(got, tokens[[0, 1]], logprobs[[0, 1]])
+
+
 def _stage(plain: LensTinyLM, stage: int, split: int) -> LensTinyLM:
     blocks = list(plain.blocks)
     if stage == 0:

@@ -186,6 +186,61 @@ def test_tensor_parallel_replacements_are_checked_for_sharding():
         fs.destroy_model_parallel()
 
 
+@distributed(world_size=4)
+def test_a_mismatched_replacement_on_one_pipeline_stage_raises_on_every_rank():
+    """fairscale TP=2 in each of 2 pipeline stages: block 3 lives on stage 1 only, yet every
+    rank raises (the others would otherwise run the forward and wait for it)."""
+    from fairscale.nn.model_parallel import initialize as fs
+
+    fs.initialize_model_parallel(2, pipeline_length=2)
+    try:
+        stage_id = dist.get_rank(fs.get_pipeline_parallel_group())
+        stage = pipeline_stage(fairscale_lm(plain_lm(), "column"), stage_id, split=2)
+        surgery = ModelSurgery(stage, pipeline_group=fs.get_pipeline_parallel_group())
+        container, blocks = stage.blocks, list(stage.blocks)
+        whole = Block(nn.Linear(H, 32), nn.Linear(32, H))
+        with pytest.raises(ShardingMismatchError, match=r"block 3 .*up.weight: plain"):
+            with surgery.replace_layers([3], [whole]):
+                pass
+        assert stage.blocks is container and list(stage.blocks) == blocks
+    finally:
+        fs.destroy_model_parallel()
+
+
+@distributed(world_size=2)
+def test_uneven_dtensor_shards_mismatched_on_one_rank_raise_on_every_rank():
+    """DTensor TP with uneven shards (3 rows over 2 ranks: 2 and 1): a replacement of 4 rows
+    has rank 0's local shapes, not rank 1's; both ranks raise."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+
+    mesh = init_device_mesh("cpu", (2,))
+    plan = {"up": ColwiseParallel(), "down": RowwiseParallel()}
+
+    def block(ff: int) -> Block:
+        torch.manual_seed(0)
+        return parallelize_module(Block(nn.Linear(H, ff), nn.Linear(ff, H)), mesh, plan)
+
+    from test_lens import LensTinyLM
+
+    model = LensTinyLM(None, [block(3), block(3)], None, None)
+    assert model.blocks[0].up.weight.to_local().shape[0] == (2 if dist.get_rank() == 0 else 1)
+    surgery = ModelSurgery(model)
+    container = model.blocks
+    with pytest.raises(ShardingMismatchError, match=r"block 1 .*up.weight"):
+        with surgery.replace_layers([1], [block(4)]):
+            pass
+    assert model.blocks is container
+    alike = block(3)  # sharded like the block: accepted on every rank
+    with surgery.replace_layers([1], [alike]):
+        assert model.blocks[1] is alike
+    assert model.blocks is container
+
+
 def test_docs_example_runs():
     import re
     from pathlib import Path

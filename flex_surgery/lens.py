@@ -234,14 +234,7 @@ class LogitLens:
             pp_group = self.mesh.group("pp") if self.mesh is not None and \
                 self.mesh.pp_size > 1 else None
             self.surgery = ModelSurgery(root, pipeline_group=pp_group)
-            n = self.surgery.num_layers
-            chosen = list(range(n)) if layers is None else list(layers)
-            for i in chosen:
-                self.surgery._check_index(i)
-            self.layers = [i % n for i in chosen]
-            if len(set(self.layers)) != len(self.layers):
-                raise ValueError(f"layers {list(chosen)} name a block twice")
-            self.translators = self._check_translators(translators or {})
+            self.layers, self.translators = self._agreed_choice(layers, translators or {})
             self._head_stage, self._norm, self._unembed = self._find_head()
             _, blocks = self.surgery.get_transformer_layers()
             for g in self.layers:
@@ -255,26 +248,67 @@ class LogitLens:
             raise
 
     # -- set-up ---------------------------------------------------------------------------------
-    def _check_translators(self, translators: Mapping[int, nn.Module]) -> dict[int, nn.Module]:
-        out = {}
+    def _agreed_choice(self, layers: Sequence[int] | None,
+                       translators: Mapping[int, nn.Module],
+                       ) -> tuple[list[int], dict[int, nn.Module]]:
+        """The blocks to read and their translators, checked so that every rank raises the
+        same error or none does.
+
+        A mistake only one rank makes (an index out of range, a translator for a block the lens
+        does not read, one that is not a module, translators given on some ranks only or with
+        other weights) would otherwise stop that rank alone while the others wait for it in
+        the next collective. So each rank's local error and translator layout are exchanged
+        first (one ``all_gather_object``, entered by every rank whatever it was given), then
+        the weights are compared with the registry's
+        :func:`~flex_surgery.parallel.frameworks.base.differs_across`."""
+        from flex_surgery.parallel.frameworks.base import differs_across
+
+        chosen, out, problem = [], {}, None
+        try:
+            chosen = self._local_choice(layers, translators, out)
+        except (IndexError, ValueError, TypeError) as err:
+            problem = err
+        if self._world() == 1:
+            if problem is not None:
+                raise problem
+            return chosen, out
+        layout = [(i, [(name, tuple(p.shape), str(p.dtype)) for name, p in m.named_parameters()])
+                  for i, m in sorted(out.items())]
+        mine = (None if problem is None else (type(problem).__name__, str(problem)), layout)
+        everyone: list[Any] = [None] * self._world()
+        dist.all_gather_object(everyone, mine, group=self.group)
+        for rank, (error, _) in enumerate(everyone):
+            if error is not None:
+                kind = {"IndexError": IndexError, "TypeError": TypeError}.get(error[0],
+                                                                              ValueError)
+                raise kind(f"on rank {rank}: {error[1]}")
+        if any(theirs != layout for _, theirs in everyone) or any(differs_across(
+                [p for _, m in sorted(out.items()) for p in m.parameters()], self.group)):
+            raise LensError("translators differ across ranks; give every rank the same "
+                            "translator weights (broadcast them first)")
+        return chosen, out
+
+    def _local_choice(self, layers: Sequence[int] | None, translators: Mapping[int, nn.Module],
+                      out: dict[int, nn.Module]) -> list[int]:
+        """This rank's checks of ``layers`` and ``translators`` (filled into ``out``, by global
+        block index); the chosen global block indices."""
+        n = self.surgery.num_layers
+        given = list(range(n)) if layers is None else list(layers)
+        for i in given:
+            self.surgery._check_index(i)
+        chosen = [i % n for i in given]
+        if len(set(chosen)) != len(chosen):
+            raise ValueError(f"layers {given} name a block twice")
         for i, module in translators.items():
             self.surgery._check_index(i)
-            if (i % self.surgery.num_layers) not in self.layers:
+            if (i % n) not in chosen:
                 raise ValueError(f"a translator is given for block {i}, which the lens does not "
-                                 f"read (layers={self.layers})")
+                                 f"read (layers={chosen})")
             if not isinstance(module, nn.Module):
                 raise TypeError(f"translator for block {i} must be an nn.Module, got "
                                 f"{type(module).__name__}")
-            out[i % self.surgery.num_layers] = module
-        if out and self._world() > 1:
-            prints = [(i, *(_fingerprint(p) for p in m.parameters()))
-                      for i, m in sorted(out.items())]
-            everyone: list[Any] = [None] * self._world()
-            dist.all_gather_object(everyone, prints, group=self.group)
-            if any(p != everyone[0] for p in everyone):
-                raise LensError("translators differ across ranks; give every rank the same "
-                                "translator weights (broadcast them first)")
-        return out
+            out[i % n] = module
+        return chosen
 
     def _world(self) -> int:
         return dist.get_world_size(self.group) if self.mesh is not None else 1

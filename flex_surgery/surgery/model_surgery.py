@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torch import nn
 
 from flex_surgery.anatomy import locate
+from flex_surgery.parallel.frameworks.base import LayoutError
 from flex_surgery.surgery.layers import LayerSurgery, _parent_and_attr
 from flex_surgery.surgery.theater import SurgeryError, unwrap_model
 
@@ -228,62 +229,126 @@ class ModelSurgery:
             if not isinstance(r, nn.Module):
                 raise TypeError(f"a replacement is an nn.Module, got {type(r).__name__}")
         layers = self._layers()
-        mine = {}
+        mine, problems = {}, []
         for g, r in zip(normal, replacements):
             j = self._local(g)
             if j is not None:
-                check_replacement_sharding(layers[j], r, f"block {g}")
+                problems += sharding_problems(layers[j], r, f"block {g}")
                 mine[j] = r
+        # Only the stage holding a block (and, with uneven shards, only some tensor-parallel
+        # ranks) can see a mismatch; the ranks agree before anyone runs, so all raise together.
+        problems = self._agree(problems)
+        if problems:
+            raise ShardingMismatchError("; ".join(problems) + _HOW_TO_REPLACE)
         with LayerSurgery(self.model, replace=mine, container=self.container):
             yield self.model
 
+    def _agreement_groups(self) -> list[dist.ProcessGroup]:
+        """The groups over which a check only some ranks can make is shared, so that all the
+        model's ranks hear it: tensor (and data) parallel, then pipeline. Gathering over each
+        in turn reaches every rank of the grid. Taken from the FlexModel's mesh, else from the
+        running frameworks (fairscale / Megatron state, the DeviceMesh of DTensor parameters);
+        no collective is needed to find them."""
+        from flex_surgery.parallel import frameworks
+        from flex_surgery.parallel.mesh import _root_mesh
+
+        groups: list[dist.ProcessGroup | None] = []
+        mesh = getattr(getattr(self.model, "runtime", None), "mesh", None)
+        if mesh is not None:
+            groups += [mesh.group(axis) for axis in ("tp", "dp") if mesh.size(axis) > 1]
+        else:
+            groups.append(frameworks.tensor_parallel_group())
+            device_mesh = next((_root_mesh(p.device_mesh) for p in self.root.parameters()
+                                if frameworks.is_dtensor(p)), None)
+            if device_mesh is not None:
+                groups += [device_mesh.get_group(d) for d in range(device_mesh.ndim)
+                           if device_mesh.size(d) > 1]
+        groups.append(self.pipeline_group)
+        unique: list[dist.ProcessGroup] = []
+        for g in groups:
+            if g is not None and dist.get_world_size(g) > 1 and all(g is not u for u in unique):
+                unique.append(g)
+        return unique
+
+    def _agree(self, problems: list[str]) -> list[str]:
+        """Every rank's ``problems``, on every rank, in rank order (each once, with the ranks
+        that found it). Collective over :meth:`_agreement_groups` (nothing to do in one
+        process)."""
+        groups = self._agreement_groups()
+        if not groups:
+            return problems
+        found: list[tuple[int, str]] = [(dist.get_rank(), p) for p in problems]
+        for group in groups:
+            everyone: list[Any] = [None] * dist.get_world_size(group)
+            dist.all_gather_object(everyone, found, group=group)
+            found = sorted({item for part in everyone for item in part})
+        ranks: dict[str, list[int]] = {}
+        for rank, problem in found:
+            ranks.setdefault(problem, []).append(rank)
+        return [f"{p} (rank{'s' if len(r) > 1 else ''} {', '.join(map(str, r))})"
+                for p, r in ranks.items()]
+
 
 # -- tensor-parallel compatibility of a replacement -------------------------------------------
-def _partitioning(module: nn.Module) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Parameter name -> (local shape, how it is partitioned) for every parameter of
-    ``module``; ``"plain"`` for a parameter no tensor-parallel framework owns."""
-    from flex_surgery.parallel.layout import fairscale_param_dim, is_dtensor
+_HOW_TO_REPLACE = (". Under tensor parallelism a replacement must be parameter-free (e.g. "
+                   "PassThrough()) or shard its parameters like the block (same names, local "
+                   "and full shapes, framework and partition dim)")
+
+
+def _partitioning(module: nn.Module) -> dict[str, tuple[tuple, str]]:
+    """Parameter name -> (what must match, how it is split, in words) for every parameter of
+    ``module``, as the framework registry's shard view answers it
+    (:func:`~flex_surgery.parallel.frameworks.parameter_view`): its local shape, full shape,
+    framework (``"plain"`` for a parameter no tensor-parallel framework owns) and partition dim.
+    """
+    from flex_surgery.parallel import frameworks
 
     table = {}
     for mname, sub in module.named_modules():
         for pname, p in sub.named_parameters(recurse=False):
             name = f"{mname}.{pname}" if mname else pname
-            if is_dtensor(p):
-                how = "DTensor " + ", ".join(str(pl) for pl in p.placements)
-                shape = tuple(p.to_local().shape)
+            view = frameworks.parameter_view(name, sub, pname, p)
+            if view.kind == "plain":
+                how = "plain"
+            elif view.partition_dim is not None:
+                how = f"{type(sub).__name__} ({view.kind}) split on dim {view.partition_dim}"
+            elif tuple(view.local.shape) == tuple(view.full_shape):
+                how = f"{type(sub).__name__} ({view.kind}) replicated"
             else:
-                dim = fairscale_param_dim(sub, p)
-                how = "plain" if dim is None else f"{type(sub).__name__} split on dim {dim}"
-                shape = tuple(p.shape)
-            table[name] = (shape, how)
+                how = f"{type(sub).__name__} ({view.kind}) split on several dims"
+            key = (tuple(view.local.shape), tuple(view.full_shape), view.kind,
+                   view.partition_dim)
+            shape = f"local shape {list(view.local.shape)}"
+            if tuple(view.local.shape) != tuple(view.full_shape):
+                shape += f" of {list(view.full_shape)}"
+            table[name] = (key, f"{how}, {shape}")
     return table
 
 
-def check_replacement_sharding(block: nn.Module, replacement: nn.Module, what: str) -> None:
-    """Raise :class:`ShardingMismatchError` if ``replacement`` cannot stand in for the
-    tensor-parallel ``block`` on this rank; nothing to check when ``block`` is not sharded."""
-    original = _partitioning(block)
-    if all(how == "plain" for _, how in original.values()):
-        return  # not tensor-parallel: any module may replace it
-    new = _partitioning(replacement)
+def sharding_problems(block: nn.Module, replacement: nn.Module, what: str) -> list[str]:
+    """Why ``replacement`` cannot stand in for the tensor-parallel ``block`` on this rank
+    (empty: it can; nothing to check when ``block`` is not sharded). Local: the caller shares
+    the answer with the other ranks before acting on it."""
+    try:
+        original = _partitioning(block)
+        if all(key[2] == "plain" for key, _ in original.values()):
+            return []  # not tensor-parallel: any module may replace it
+        new = _partitioning(replacement)
+    except (LayoutError, NotImplementedError) as err:
+        return [f"{what}: {err}"]
     if not new:
-        return  # parameter-free: runs the same on every rank
+        return []  # parameter-free: runs the same on every rank
     problems = []
     for name in sorted(set(original) | set(new)):
         if name not in new:
-            problems.append(f"{name}: missing (the block has {original[name][1]}, "
-                            f"local shape {list(original[name][0])})")
+            problems.append(f"{name}: missing (the block has {original[name][1]})")
         elif name not in original:
             problems.append(f"{name}: not a parameter of the block it replaces")
-        elif new[name] != original[name]:
-            problems.append(f"{name}: {new[name][1]}, local shape {list(new[name][0])}; "
-                            f"expected {original[name][1]}, local shape "
-                            f"{list(original[name][0])}")
-    if problems:
-        raise ShardingMismatchError(
-            f"the replacement for {what} ({type(replacement).__name__}) is not sharded like the "
-            f"tensor-parallel block it replaces ({type(block).__name__}): "
-            + "; ".join(problems)
-            + ". Under tensor parallelism a replacement must be parameter-free (e.g. "
-            "PassThrough()) or shard its parameters like the block (same names, local shapes "
-            "and partitioning)")
+        elif new[name][0] != original[name][0]:
+            problems.append(f"{name}: {new[name][1]}; expected {original[name][1]}")
+    if not problems:
+        return []
+    return [f"the replacement for {what} ({type(replacement).__name__}) is not sharded like "
+            f"the tensor-parallel block it replaces ({type(block).__name__}): "
+            + "; ".join(problems)]
+
