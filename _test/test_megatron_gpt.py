@@ -26,6 +26,8 @@ from megatron_gpt_cases import (
 )
 from rank_pool import distributed
 
+from flex_surgery.parallel.frameworks import UnknownLayoutError
+
 pytest.importorskip("megatron.core", reason="megatron-core is not installed")
 
 TOL = dict(rtol=1e-9, atol=1e-11)  # float64; TP changes only the summation order
@@ -135,7 +137,8 @@ def test_megatron_gpt_dp2_tp2_equals_tp1(sequence_parallel):
     """Megatron's dp=2 x tp=2 grid (ranks ordered (pp, dp, tp)), each replica running its half
     of the batch as DDP would: retrieval stores the TP=1 tensors of the whole batch (batch on
     dim 1 of Megatron's activations), edits give the TP=1 logits of its rows and the whole
-    gradients."""
+    gradients. A block's second input (the attention mask) is refused without a declared
+    shape."""
     with gpt_parallel(tp=1):
         ref_stored, ref_logits, ref_grads, _ = run_flex(build_gpt(tp=1), DATA_PARALLEL_SITES,
                                                         False, local_group())
@@ -147,6 +150,11 @@ def test_megatron_gpt_dp2_tp2_equals_tp1(sequence_parallel):
         stored, logits, grads, mesh = run_flex(model, DATA_PARALLEL_SITES, False,
                                                data_parallel=True)
         _, edited, edited_grads, _ = run_flex(model, EDIT_SITES, True, data_parallel=True)
+        # a block's attention mask ([b, 1, s, s], or broadcast [1, 1, s, s]): its batch dim is
+        # not the activations' dim 1, and nothing says where it is -- an error, not a guess
+        with pytest.raises(UnknownLayoutError, match="(?s)input of .*decoder"):
+            run_flex(build_gpt(tp=2, sequence_parallel=sequence_parallel),
+                     [("decoder", "forward_pre", 1)], False, data_parallel=True)
     assert (mesh.source, mesh.sizes) == ("megatron", {"dp": 2, "tp": 2, "pp": 1}), mesh
     assert rows != slice(0, 2)  # each replica has part of the batch
     torch.testing.assert_close(logits, ref_logits[rows], **TOL)

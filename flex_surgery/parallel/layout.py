@@ -360,12 +360,12 @@ class LayoutInference:
         if expected_shape is not None and not exact:
             layout = self._from_hint(local, expected_shape,
                                      self._batch_dim(module, role, local))  # the hint decides
-            return self._add_dp(layout, local, module, role, expected_shape)
+            return self._add_dp(layout, local, module, role, expected_shape, unpack_idx)
         tp_spec, exact = self._tp_spec(module, role, local, in_forward)
         layout = Layout((tp_spec,) if tp_spec is not None else ())
         layout = self._checked(layout, local, module, role, expected_shape,
                                self._batch_dim(module, role, local))
-        return self._add_dp(layout, local, module, role, expected_shape)
+        return self._add_dp(layout, local, module, role, expected_shape, unpack_idx)
 
     def _checked(self, layout: Layout, local: torch.Tensor, module: nn.Module | None,
                  role: str, expected_shape: Sequence[int | None] | None,
@@ -420,11 +420,19 @@ class LayoutInference:
         return dim % local.ndim if -local.ndim <= dim < local.ndim else None
 
     def _add_dp(self, layout: Layout, local: torch.Tensor, module: nn.Module | None,
-                role: str, expected_shape: Sequence[int | None] | None = None) -> Layout:
+                role: str, expected_shape: Sequence[int | None] | None = None,
+                unpack_idx: int = 0) -> Layout:
         if self.mesh.dp_size == 1 or layout.spec_for("dp") is not None:
             return layout
         if role not in ACTIVATION_ROLES:
             return layout
+        if expected_shape is None and unpack_idx > 0 and role in ("input", "grad_input") and \
+                module is not None and frameworks.first_input_only(module):
+            raise frameworks.UnknownLayoutError(
+                f"tensor {unpack_idx} of the {role} of {self._describe(module)}: its framework "
+                f"gives the batch dim of the first input tensor only (a mask or rotary table "
+                f"may have its batch elsewhere, or be broadcast), so how it is split over the "
+                f"data-parallel ranks cannot be told; {frameworks.HOW_TO_DECLARE}")
         dim = self._batch_dim(module, role, local)
         if dim is None:
             if expected_shape is not None:

@@ -50,7 +50,8 @@ from flex_surgery.parallel.frameworks.views import Region as Region
 
 # Defined here; the protocol's types live in .base and .views (importable from here too).
 __all__ = [
-    "FRAMEWORKS", "UnknownLayoutError", "adopt_groups", "batch_dim", "batch_dims", "fsdp1_root",
+    "FRAMEWORKS", "UnknownLayoutError", "adopt_groups", "batch_dim", "batch_dims",
+    "first_input_only", "fsdp1_root",
     "full_parameter", "keeps_unsharded_copies", "owner", "parameter_view", "parameter_views",
     "reshard", "sequence_parallel", "split_unknown_modules", "substitutes_parameters",
     "tensor_parallel_group", "tp_grad_is_partial", "tp_layer", "tp_partition_dim",
@@ -106,6 +107,12 @@ def batch_dim(model: nn.Module) -> int:
             if answer is not None:
                 return answer
     return 0
+
+
+def first_input_only(module: nn.Module) -> bool:
+    """Whether only the first input tensor of ``module`` has a batch dim its framework can tell
+    (see ``Framework.first_input_only``)."""
+    return any(f.first_input_only(module) for f in TENSOR_PARALLEL)
 
 
 def batch_dims(model: nn.Module) -> dict[nn.Module, tuple[int, int]]:

@@ -104,6 +104,13 @@ class Framework:
         """The activation dim data parallelism splits, if this framework fixes it."""
         return None
 
+    def first_input_only(self, module: nn.Module) -> bool:
+        """Whether only the first tensor of ``module``'s input has the batch where the model
+        says: the rest (attention masks ``[b, 1, s, s]`` or broadcast ``[1, 1, s, s]``, rotary
+        tables) have no batch dim the framework can tell, so data parallelism cannot split them
+        without an ``expected_shape``."""
+        return False
+
     def batch_dims(self, model: nn.Module) -> dict[nn.Module, tuple[int, int]]:
         """``(input batch dim, output batch dim)`` of the modules of ``model`` whose batch is
         not on the model's :meth:`batch_dim` (Megatron's batch-first embeddings and model

@@ -48,6 +48,7 @@ _EMBEDDING = "megatron.core.models.common.embeddings.language_model_embedding"
 _STATE = "megatron.core.parallel_state"
 _ATTENTION = "megatron.core.transformer.dot_product_attention"
 _LANGUAGE_MODULE = "megatron.core.models.common.language_module.language_module"
+_MODULE = "megatron.core.transformer.module"
 
 
 class MegatronLayoutError(NotImplementedError):
@@ -154,6 +155,15 @@ class MegatronCore(Framework):
 
     def batch_dim(self, module: nn.Module) -> int | None:
         return 1 if self.owns(module) else None
+
+    def first_input_only(self, module: nn.Module) -> bool:
+        # Megatron's modules take hidden states (or token ids) first, then masks, rotary
+        # embeddings and packing parameters whose batch dim, if any, is not the activations'.
+        if not loaded(_MODULE):
+            return False
+        from megatron.core.transformer.module import MegatronModule
+
+        return isinstance(module, MegatronModule)
 
     def batch_dims(self, model: nn.Module) -> dict[nn.Module, tuple[int, int]]:
         # Token ids and GPT's logits are [b, s(, V)]; LanguageModelEmbedding looks its tables up
