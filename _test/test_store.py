@@ -202,3 +202,13 @@ def test_bad_arguments_are_refused(tmp_path):
     with pytest.raises(ValueError, match="buffer_bytes"):
         DiskStore(tmp_path, buffer_bytes=0)
     assert not os.path.exists(tmp_path / "store.json")
+
+
+def test_store_page_example_runs():
+    import re
+    from pathlib import Path
+
+    page = Path(__file__).resolve().parent.parent / "docs" / "store.md"
+    namespace = {"__name__": "docs_example"}
+    for block in re.findall(r"```python\n(.*?)```", page.read_text(encoding="utf-8"), re.S):
+        exec(compile(block, str(page), "exec"), namespace)

@@ -31,6 +31,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from flex_surgery.parallel.runtime import wait_for_host_copies
 from flex_surgery.store.base import StoreError, WriteMeta
 from flex_surgery.store.merge import merge_pieces
 
@@ -160,6 +161,9 @@ class DiskStore:
     def _hand_over(self) -> None:
         if not self._buffer:
             return
+        # Tensors copied from a GPU land in pinned memory without blocking (store_copy); the
+        # thread must not write one before its copy is complete.
+        wait_for_host_copies()
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="flex-surgery-disk-store",
                                             daemon=True)
