@@ -307,6 +307,13 @@ def test_a_plain_head_that_differs_across_ranks_is_an_error():
         with pytest.raises(LensError, match="differs across tensor-parallel ranks"):
             LogitLens(model, tensor_parallel_size=2)
         assert not any(m._forward_hooks for m in model.blocks)
+        # Same shape, sum and sum of squares, rows in another order on rank 1.
+        model.head = plain_lm().head
+        if dist.get_rank() == 1:
+            with torch.no_grad():
+                model.head.weight.copy_(model.head.weight.flip(0))
+        with pytest.raises(LensError, match="differs across tensor-parallel ranks"):
+            LogitLens(model, tensor_parallel_size=2)
     finally:
         fs.destroy_model_parallel()
 

@@ -23,7 +23,8 @@ How it runs on a sharded model -- every step reuses the machinery the hooks use:
   top-k is exact without gathering the vocabulary: every rank keeps its local top-k and its
   local log-sum-exp; one all-gather of ``2k + 1`` numbers per position gives every rank the
   candidates (the global top-k is among the union of the local ones) and the global
-  log-sum-exp (the log-sum-exp of the local ones), hence exact log-probabilities. A replicated
+  log-sum-exp (the log-sum-exp of the local ones), hence exact log-probabilities. The rows a
+  rank holds are the framework registry's shard view of the weight. A replicated
   unembedding is split the same way, so the ranks share the work.
 * **Data parallelism:** the head stage's replicas split the positions between them.
 * The result reaches every rank with one all-reduce of the (small) top-k tables.
@@ -34,6 +35,7 @@ The lens is computed without autograd; translators are a hook point for a tuned 
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -119,70 +121,75 @@ def _weight_rows(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 def _local_unembedding(module: nn.Module, mesh: Any) -> _Unembedding:
-    """How this rank computes its part of the logits (see the module docstring)."""
-    from flex_surgery.parallel.layout import (
-        chunk_sizes,
-        dtensor_layout,
-        fairscale_param_dim,
-        is_dtensor,
-    )
+    """How this rank computes its part of the logits (see the module docstring).
 
-    weight, bias = _weight_rows(module)
-    tp = mesh.tp_size if mesh is not None else 1
-    tp_rank = mesh.rank("tp") if tp > 1 else 0
+    Which vocabulary rows this rank holds is the framework registry's shard view of the weight
+    (:func:`~flex_surgery.parallel.frameworks.parameter_view`: fairscale, Megatron-core,
+    DTensor / HF ``tp_plan``); a weight no framework owns must be the same on every
+    tensor-parallel rank (checked). The tensor-parallel ranks then exchange their row ranges
+    (one ``all_gather_object``, entered by all of them whatever they hold) and go on only if
+    the ranges tile the vocabulary exactly -- a split along the hidden dim, over another axis
+    than tensor parallelism, or with strided rows is an error on every rank.
+    """
+    from flex_surgery.parallel import frameworks
+    from flex_surgery.parallel.frameworks.base import differs_across
+    from flex_surgery.parallel.layout import chunk_sizes
+
     kind = type(module).__name__
-    if is_dtensor(weight):  # DTensor TP, HF tp_plan
-        shards = dtensor_layout(weight, mesh).shards if mesh is not None else ()
-        local_bias = bias.to_local() if bias is not None and is_dtensor(bias) else bias
-        if len(shards) == 1 and shards[0].axis == "tp" and shards[0].dim == 0:
-            sizes = shards[0].sizes or chunk_sizes(weight.shape[0], tp)
-            return _Unembedding(weight.to_local(), local_bias, sum(sizes[:tp_rank]),
-                                weight.shape[0])
-        if shards:
-            raise LensError(f"the unembedding {kind}'s weight is split as {shards}; the lens "
-                            "follows a vocabulary split over tensor parallelism only")
-        weight, bias = weight.to_local(), local_bias  # replicated
-    else:
-        dim = fairscale_param_dim(module, module.weight)  # fairscale, Megatron-core
-        if dim is not None:
-            if dim != (1 if kind == "Conv1D" else 0) or tp == 1:
-                raise LensError(f"the unembedding {kind} is split along its hidden dimension; "
-                                "the lens needs whole hidden vectors (a vocabulary split)")
-            sizes = _gathered_sizes(weight.shape[0], mesh.group("tp"))
-            return _Unembedding(weight, bias, sum(sizes[:tp_rank]), sum(sizes))
-    if tp == 1:
-        return _Unembedding(weight, bias, 0, weight.shape[0])
-    _check_replicated(weight, mesh.group("tp"), kind)
-    # A replicated head: the tensor-parallel ranks still share the work by vocabulary.
-    sizes = chunk_sizes(weight.shape[0], tp)
-    start = sum(sizes[:tp_rank])
-    rows = slice(start, start + sizes[tp_rank])
-    return _Unembedding(weight[rows], None if bias is None else bias[rows], start,
-                        weight.shape[0])
-
-
-def _gathered_sizes(size: int, group: dist.ProcessGroup) -> list[int]:
-    sizes: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(sizes, int(size), group=group)
-    return [int(s) for s in sizes]
-
-
-def _fingerprint(t: torch.Tensor) -> tuple:
-    t = t.detach().double()
-    return tuple(t.shape), float(t.sum()), float((t * t).sum())
-
-
-def _check_replicated(weight: torch.Tensor, group: dist.ProcessGroup, kind: str) -> None:
-    """A head no tensor-parallel framework owns must be the same on every rank (unknown means
-    error: a hand-made shard would otherwise give wrong tokens silently)."""
-    prints: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(prints, _fingerprint(weight), group=group)
-    if any(p != prints[0] for p in prints):
+    _, bias = _weight_rows(module)  # a head the lens knows, with a 2-D weight
+    vocab_dim = 1 if kind == "Conv1D" else 0  # of the stored weight
+    tp = mesh.tp_size if mesh is not None else 1
+    tp_group = mesh.group("tp") if tp > 1 else None
+    view = frameworks.parameter_view(f"{kind}.weight", module, "weight", module.weight)
+    bias_view = None if bias is None else \
+        frameworks.parameter_view(f"{kind}.bias", module, "bias", bias)
+    vocab, hidden = view.full_shape[vocab_dim], view.full_shape[1 - vocab_dim]
+    problem = None
+    if not isinstance(view.region, frameworks.BlockRegion):
+        problem = (f"the unembedding {kind}'s weight is split into strided rows "
+                   f"({view.kind}); the lens follows a vocabulary split into blocks")
+    elif view.local.shape[1 - vocab_dim] != hidden:
+        problem = (f"the unembedding {kind} is split along its hidden dimension; the lens "
+                   "needs whole hidden vectors (a vocabulary split)")
+    start = view.region.offsets[vocab_dim] if problem is None else 0
+    piece = (problem, view.kind, start, int(view.local.shape[vocab_dim]), int(vocab))
+    pieces = [piece]
+    if tp_group is not None:
+        pieces = [None] * tp
+        dist.all_gather_object(pieces, piece, group=tp_group)
+    problems = [p[0] for p in pieces if p[0]]
+    if problems:
+        raise LensError(problems[0])
+    if view.kind == "plain" and tp_group is not None and differs_across([view.local],
+                                                                          tp_group)[0]:
         raise LensError(
             f"the unembedding {kind} is a plain module that differs across tensor-parallel "
             "ranks, so how its vocabulary is split is unknown; build it from a tensor-parallel "
             "layer (fairscale / Megatron ColumnParallelLinear, VocabParallelEmbedding, an HF "
             "tp_plan) or keep it whole on every rank")
+    weight = view.local.t() if vocab_dim else view.local
+    local_bias = None if bias_view is None else bias_view.local
+    tp_rank = mesh.rank("tp") if tp > 1 else 0
+    if all(count == vocab for *_, count, _ in pieces):
+        # Whole on every rank: the tensor-parallel ranks still share the work by vocabulary.
+        sizes = chunk_sizes(vocab, tp)
+        first = sum(sizes[:tp_rank])
+        rows = slice(first, first + sizes[tp_rank])
+        return _Unembedding(weight[rows], None if local_bias is None else local_bias[rows],
+                            first, vocab)
+    ranges = sorted((first, count) for _, _, first, count, _ in pieces)
+    if any(v != vocab for *_, v in pieces) or \
+            [first for first, _ in ranges] != list(itertools.accumulate(
+                [0] + [count for _, count in ranges[:-1]])) or \
+            sum(count for _, count in ranges) != vocab:
+        raise LensError(
+            f"the unembedding {kind}'s vocabulary rows (first, count) per tensor-parallel rank "
+            f"are {[(p[2], p[3]) for p in pieces]} of {vocab}: they do not split the "
+            "vocabulary over tensor parallelism exactly (a split over another axis, or "
+            "overlapping rows); the lens follows a vocabulary split over tensor parallelism only")
+    if local_bias is not None and local_bias.shape[0] != weight.shape[0]:
+        local_bias = local_bias[start:start + weight.shape[0]]  # a bias kept whole
+    return _Unembedding(weight, local_bias, start, vocab)
 
 
 # -- the lens -----------------------------------------------------------------------------------

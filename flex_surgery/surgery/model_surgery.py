@@ -17,8 +17,11 @@ its stage), raised on every rank before anything is changed.
 
 Tensor parallelism: a replacement block must run on this rank's shard the way the block it
 replaces does. It must be parameter-free (e.g. :class:`~flex_surgery.surgery.layers.PassThrough`)
-or have the block's parameters with the same names, local shapes and partitioning (DTensor
-placements, fairscale/Megatron partition dims); anything else is an error naming the parameter.
+or have the block's parameters with the same names and shard views (the framework registry's
+:func:`~flex_surgery.parallel.frameworks.parameter_view`: local and full shape, framework,
+partition dim); anything else is an error naming the parameter. Only the ranks holding a block
+can check its replacement, so the ranks share their findings before anything changes and all
+raise together.
 """
 
 from __future__ import annotations
