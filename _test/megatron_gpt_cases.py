@@ -196,6 +196,7 @@ RETRIEVAL_SITES = [
     # Heads split over TP, [s, b, h/tp]: declared by Megatron's framework (the edit sites give
     # its whole shape as well, checked against that).
     ("decoder.layers.0.self_attention.core_attention", "forward", 0),
+    ("decoder.layers.0.self_attention.core_attention", "forward_pre", 0),  # query, heads / tp
     ("decoder.layers.0.self_attention.linear_proj", "forward_pre", 0),  # row input [s, b, h/tp]
     ("decoder.layers.0.self_attention.linear_proj", "forward", 0),  # row: (out, bias)
     ("decoder.layers.0.self_attention.linear_proj", "forward", 1),  # its bias, replicated
@@ -205,10 +206,14 @@ RETRIEVAL_SITES = [
     ("decoder.layers.0.mlp.linear_fc1", "forward", 0),  # column: (out [s, b, ff/tp], bias)
     ("decoder.layers.0.mlp.linear_fc1", "forward", 1),  # its bias, [ff/tp] per rank
     ("decoder.layers.0.mlp.linear_fc2", "forward", 0),  # row
+    ("decoder.layers.0.mlp.linear_fc2", "forward", 1),  # its bias, replicated
     ("decoder.final_layernorm", "forward", 0),          # SP: [s/tp, b, h]
     ("output_layer", "forward_pre", 0),                 # SP: [s/tp, b, h]
     ("output_layer", "forward", 0),                     # gathered logits [s, b, V]
     # backward: gradients of inputs and outputs, and of parameters
+    ("embedding", "full_backward_pre", 0),              # SP: [s/tp, b, h]
+    ("embedding.position_embeddings", "full_backward_pre", 0),  # [b, s, h]
+    ("decoder.layers.0.self_attention.core_attention", "full_backward_pre", 0),
     ("decoder.layers.1.self_attention.linear_qkv", "full_backward", 0),
     ("decoder.layers.1.self_attention.linear_proj", "full_backward", 0),  # [s, b, h/tp]
     ("decoder.layers.1.mlp", "full_backward_pre", 0),
