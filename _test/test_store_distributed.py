@@ -131,7 +131,7 @@ def _check_layout(make):
 
 
 @distributed(world_size=2)
-def test_replica_leaders_mean_over_batch_equals_the_one_process_mean():
+def test_mean_over_batch_equals_the_one_process_mean():
     x = _x()
     one: dict = {}
     flex = FlexModel(plain_net(), one, process_group=local_group())
@@ -141,18 +141,22 @@ def test_replica_leaders_mean_over_batch_equals_the_one_process_mean():
         flex(x).pow(2).mean().backward()
     flex.close()
 
-    directory = _shared_dir()
-    model, dp_rank, _ = _fsdp2()
-    _run(model, x.chunk(2)[dp_rank], store=DiskStore(directory), store_on="replica_leaders",
-         sites=FORWARD_SITES, param_sites=[], reduce="mean_over_batch")
-    dist.barrier()
-    reader = DiskStore(directory)
-    for name, _ in FORWARD_SITES:
-        key = actual_names(model)[name]
-        for step in range(2):
-            want = one[name][step].mean(0, keepdim=True)
-            torch.testing.assert_close(reader.read(key, step), want, rtol=1e-12, atol=1e-14)
-    _done_with(directory)
+    for store_on in ("rank0", "replica_leaders"):  # rank0: reduced on the storing rank
+        directory = _shared_dir()
+        model, dp_rank, _ = _fsdp2()
+        _run(model, x.chunk(2)[dp_rank], store=DiskStore(directory), store_on=store_on,
+             sites=FORWARD_SITES, param_sites=[], reduce="mean_over_batch")
+        dist.barrier()
+        reader = DiskStore(directory)
+        for name, _ in FORWARD_SITES:
+            key = actual_names(model)[name]
+            for step in range(2):
+                want = one[name][step].mean(0, keepdim=True)
+                got = reader.read(key, step)
+                if store_on == "rank0":
+                    assert torch.equal(got, want), key
+                torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+        _done_with(directory)
 
     model, _, _ = _fsdp2()
     flex = FlexModel(model, None, store=DiskStore(tempfile.mkdtemp()), store_on="replica_leaders")

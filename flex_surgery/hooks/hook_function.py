@@ -32,7 +32,7 @@ from torch import nn
 from flex_surgery.hooks.errors import EditingFunctionError, ShapeMismatchError
 from flex_surgery.hooks.unpack import unpack, unpack_inputs
 from flex_surgery.parallel.pipeline import is_metadata_pass
-from flex_surgery.parallel.runtime import HookSite, LocalRuntime, Runtime
+from flex_surgery.parallel.runtime import HookSite, LocalRuntime, Runtime, store_copy
 from flex_surgery.store.hooks import store_call
 from flex_surgery.store.reduce import apply_reduce, resolve_reduce
 
@@ -264,7 +264,10 @@ class HookFunction:
                              or self._shared.binding is not None
                              or not isinstance(runtime, LocalRuntime))
         if self.editing_function is None:
-            if storing:
+            if storing and self.reduce is not None and \
+                    getattr(runtime, "store_on", "rank0") == "rank0":
+                self._reduce_then_store(tensor, site)
+            elif storing:
                 runtime.retrieve(tensor, site, self._store)
             return None
         full, ctx = runtime.gather_for_edit(tensor, site)
@@ -273,14 +276,24 @@ class HookFunction:
         edited = runtime.run_on_leader(ctx, partial(self._edit, full))
         return repack(runtime.scatter_from_edit(edited, ctx))
 
-    def _store(self, full: torch.Tensor, rows: Any = None) -> None:
+    def _reduce_then_store(self, tensor: torch.Tensor, site: HookSite) -> None:
+        """``reduce=`` with one storing rank: gather the whole tensor to it, reduce it where it
+        lives (on the device), and copy only the reduction to the host."""
+        with torch.no_grad():
+            full, _ = self._runtime.gather_for_edit(tensor.detach(), site)
+            if full is not None:  # the storing rank
+                reduced = apply_reduce(self.reduce, full.detach(), self._shared.batch_dim)
+                self._store(store_copy(reduced), reduced=True)
+
+    def _store(self, full: torch.Tensor, rows: Any = None, reduced: bool = False) -> None:
         shared = self._shared
+        reduce = None if reduced else self.reduce
         if shared.binding is not None:
-            store_call(shared.binding, self.output_key, full, self.reduce, shared.batch_dim, rows)
+            store_call(shared.binding, self.output_key, full, reduce, shared.batch_dim, rows)
             return
         if shared.output_dict is None:  # this rank takes part but keeps nothing
             return
-        if self.reduce is not None:
+        if reduce is not None:
             full = apply_reduce(self.reduce, full, shared.batch_dim)
         if self._shared.keep == "last":
             self._shared.output_dict[self.output_key] = full
