@@ -7,13 +7,16 @@
 * FlexModels that build their own mesh (dp=2) made and dropped in an evaluation loop, and made
   and closed: each creates a process group; the closed ones free it at once, the dropped ones
   at the next FlexModel every rank builds, so the count stays bounded (it used to grow by one
-  group, ~125 KB on gloo, per FlexModel). ``StageLink`` frees its groups the same way.
+  group, ~125 KB on gloo, per FlexModel). ``StageLink`` frees its groups the same way (a closed
+  link at the next collective point).
+* A runtime or a FlexModel whose construction fails part-way leaves no group behind.
 """
 
 from __future__ import annotations
 
 import gc
 
+import pytest
 import torch
 import torch.distributed as dist
 from parallel_cases import H, fairscale_net, plain_net, times_two
@@ -134,11 +137,71 @@ def test_stage_links_free_their_groups():
     with StageLink(mesh) as link:
         link.send_object("ping", 1 - link.stage) if link.is_first else link.recv_object(0)
         assert live_group_count() == start + 1
+    assert live_group_count() == start + 1  # closing queues (no collective) ...
+    assert free_dropped(None) == 1  # ... the next collective point over the world frees
     assert live_group_count() == start
     for _ in range(5):
         StageLink(mesh)  # dropped at once
     gc.collect()
     StageLink(mesh).close()
+    free_dropped(None)
     assert live_group_count() == start
     for group in mesh.created_groups():
         dist.destroy_process_group(group)
+
+
+def _refuse(*args: object, **kwargs: object) -> None:
+    raise RuntimeError("injected failure")
+
+
+@distributed(world_size=2, timeout_s=BOUND_S)
+def test_a_runtime_that_fails_while_being_built_leaves_no_group_behind():
+    """The layout tracker fails after it registered its hooks (an unknown layout, a lost rank):
+    the groups the runtime's mesh built are queued, the hooks removed. Before, the groups were
+    owned only after that point and stayed for the life of the process."""
+    from flex_surgery.parallel.layout import LayoutInference
+
+    torch.set_default_dtype(torch.float64)
+    model = plain_net()
+    start = _settled_group_count()
+    watch = LayoutInference.watch
+
+    def watch_then_fail(self, module):
+        watch(self, module)
+        _refuse()
+
+    LayoutInference.watch = watch_then_fail
+    try:
+        with pytest.raises(RuntimeError, match="injected"):
+            FlexModel(model, {}, data_parallel_size=2)
+    finally:
+        LayoutInference.watch = watch
+    gc.collect()
+    FlexModel(model, {}, data_parallel_size=2).close()  # the next collective point frees
+    assert live_group_count() == start
+    assert _hook_count(model) == 0
+
+
+@distributed(world_size=2, timeout_s=BOUND_S)
+def test_a_flexmodel_that_fails_after_building_its_runtime_leaves_no_group_behind():
+    """FlexModel's construction fails after its runtime was built while the traceback (which
+    holds the half-built FlexModel, hence the runtime and its mesh) is kept: the runtime's
+    groups are queued at once and freed at the next FlexModel, not kept as long as the
+    traceback lives."""
+    from flex_surgery.hooks import wrapper
+
+    torch.set_default_dtype(torch.float64)
+    model = plain_net()
+    start = _settled_group_count()
+    names = wrapper.names_on_other_stages
+    wrapper.names_on_other_stages = _refuse
+    try:
+        with pytest.raises(RuntimeError, match="injected") as kept:
+            FlexModel(model, {}, data_parallel_size=2)
+    finally:
+        wrapper.names_on_other_stages = names
+    gc.collect()
+    FlexModel(model, {}, data_parallel_size=2).close()
+    assert live_group_count() == start
+    assert _hook_count(model) == 0
+    assert kept.traceback  # the traceback (and the half-built FlexModel) lived until here

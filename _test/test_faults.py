@@ -10,7 +10,10 @@ pool's message naming it, well before any CI timeout. Cases:
   ``LostRankError`` naming it within the process-group timeout (a short one here), and the
   ``SurgicalTheater`` around the step leaves no modified weight behind;
 * a checkpoint written inside surgery while a ``state_dict`` hook raises, and an optimizer step
-  attempted inside surgery.
+  attempted inside surgery;
+* one rank failing where its peer does not (a stage that fails just after the other closed the
+  link, an exception that ends one rank's ``with FlexModel`` block): the rank leaving runs no
+  collective, and the groups are freed where every rank agrees.
 
 The soak and the bad-input catalogue live in ``test_fault_soak.py`` and
 ``test_fault_bad_inputs.py``.
@@ -19,6 +22,7 @@ The soak and the bad-input catalogue live in ``test_fault_soak.py`` and
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import time
 
@@ -31,6 +35,8 @@ from rank_pool import distributed, get_pool
 
 from flex_surgery.hooks import FlexModel, HookFunction
 from flex_surgery.parallel.collectives import LostRankError, RemoteEditError
+from flex_surgery.parallel.group_lifetime import free_dropped, live_group_count
+from flex_surgery.parallel.mesh import ParallelMesh
 from flex_surgery.parallel.pipeline import PipelineStageError, StageLink
 from flex_surgery.surgery import SurgeryError, SurgicalTheater
 
@@ -215,3 +221,78 @@ def test_an_optimizer_step_inside_surgery_is_refused_and_changes_nothing():
     assert not torch.equal(model.blocks[0].up.weight, before["blocks.0.up.weight"])
     flex.restore()
     _everyone_here()
+
+
+# -- leaving a link or a FlexModel when one rank failed: no collective ---------------------------
+def _signal(name: str) -> None:
+    dist.distributed_c10d._get_default_store().set(f"test_faults/{name}", "1")
+
+
+def _await(name: str, timeout_s: float) -> None:
+    store = dist.distributed_c10d._get_default_store()
+    store.wait([f"test_faults/{name}"], datetime.timedelta(seconds=timeout_s))
+
+
+@distributed(world_size=2, timeout_s=BOUND_S)
+def test_a_stage_failing_after_its_peer_closed_the_link_does_not_hold_the_peer():
+    """Stage 0 closes the link while stage 1 has not failed yet; stage 1 fails a moment later.
+    Stage 0's close returns at once (it used to read "no failure" and wait in a barrier on the
+    link's group that stage 1, seeing the failure, never joined). At the next collective point
+    the ranks agree that the link failed: its group is discarded on both, not torn down."""
+    mesh = ParallelMesh.build(pp=2)
+    free_dropped(None)
+    link = StageLink(mesh, timeout_s=PG_TIMEOUT_S)
+    key = link._key.rsplit("/", 2)[1]
+    if link.is_first:
+        start = time.monotonic()
+        link.close()
+        took = time.monotonic() - start
+        _signal(f"{key}/closed")
+        assert took < 1.0, f"close() waited {took:.1f} s for the other stage"
+    else:
+        _await(f"{key}/closed", 4 * PG_TIMEOUT_S)
+        link.fail("stage 1 failed after stage 0 closed the link")
+        link.close()
+    assert link._owned.groups and not link._owned.freed  # queued, nothing torn down yet
+    free_dropped(None)  # the agreed point: every rank finds the link spent
+    assert link._owned.freed and link._owned.groups == []
+    _everyone_here()
+    for group in mesh.created_groups():
+        dist.destroy_process_group(group)
+
+
+@distributed(world_size=2, timeout_s=BOUND_S)
+def test_an_exception_on_one_rank_leaves_the_with_block_without_a_collective():
+    """An exception ends rank 0's ``with FlexModel(...)`` block while rank 1 is still inside:
+    rank 0 removes its hooks and queues the groups at once (it used to wait in a barrier on the
+    runtime's groups, which rank 1 was not going to join there). Rank 1 leaves later, also on
+    an exception; the next FlexModel built on both frees the groups."""
+    torch.set_default_dtype(torch.float64)
+    model = plain_net()
+    gc.collect()
+    free_dropped(None)
+    groups = live_group_count()
+    x = torch.randn(2, 3, H)
+    start = time.monotonic()
+    with pytest.raises(ValueError, match="this rank alone"):
+        with FlexModel(model, {}, data_parallel_size=2) as flex:
+            flex.register_forward_hook(HookFunction("blocks.0", editing_function=times_two))
+            flex(x)
+            created = live_group_count() - groups
+            assert created > 0
+            if dist.get_rank() == 0:
+                start = time.monotonic()
+                raise ValueError("this rank alone")
+            _await("with_block/left", 4 * PG_TIMEOUT_S)
+            raise ValueError("this rank alone, later")
+    if dist.get_rank() == 0:
+        took = time.monotonic() - start
+        _signal("with_block/left")
+        assert took < 1.0, f"leaving the block waited {took:.1f} s on the other rank"
+    assert all(not m._forward_hooks for m in model.modules()), "hooks were left on the model"
+    assert live_group_count() == groups + created  # queued, not torn down
+    FlexModel(model, {}, data_parallel_size=2).close()
+    assert live_group_count() == groups
+    _everyone_here()
+    if dist.get_rank() == 0:
+        dist.distributed_c10d._get_default_store().delete_key("test_faults/with_block/left")

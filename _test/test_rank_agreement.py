@@ -5,11 +5,14 @@ rank's own history or local data: the shape check against ``expected_shape`` und
 data-parallel batches, "does the edited piece require grad" with a frozen model and a trainable
 module, "does this group exist" on a pipeline stage without the group's modules, "which rank
 leads" on a ``DeviceMesh`` whose first coordinate is not global rank 0, and a
-``BaseException`` in an editing function. Each body ends with an all-reduce that every rank must
+``BaseException`` in an editing function, and "is this model already wrapped" when one rank
+still holds the old FlexModel. Each body ends with an all-reduce that every rank must
 reach: a rank left behind in a collective makes the pool's timeout fail the test.
 """
 
 from __future__ import annotations
+
+import gc
 
 import pytest
 import torch
@@ -26,7 +29,7 @@ from pipeline_cases import two_stages
 from rank_pool import distributed
 from torch import nn
 
-from flex_surgery.hooks import FlexModel, HookFunction, ShapeMismatchError
+from flex_surgery.hooks import FlexModel, HookFunction, HookRegistrationError, ShapeMismatchError
 from flex_surgery.parallel.collectives import RemoteEditError
 
 TIMEOUT_S = 25  # a hang fails the test within this bound, naming the ranks that did not answer
@@ -216,4 +219,27 @@ def test_keyboard_interrupt_on_the_leader_reaches_every_rank():
         with pytest.raises(RemoteEditError, match="KeyboardInterrupt"):
             flex(x)
     flex.restore()
+    _everyone_here()
+
+
+# -- "is this model already wrapped" on one rank only ------------------------------------------
+@distributed(world_size=2, timeout_s=TIMEOUT_S)
+def test_a_model_still_wrapped_on_one_rank_only_is_refused_on_every_rank():
+    """Rank 0 still holds the old FlexModel (a results dict, a traceback), rank 1 dropped it.
+    Wrapping the model again raises HookRegistrationError on both ranks, at the same point
+    (rank 0 used to raise alone while rank 1 waited in the runtime's first exchange)."""
+    torch.set_default_dtype(torch.float64)
+    model = plain_net()
+    old = FlexModel(model, {}, data_parallel_size=2)
+    kept = {"flex": old} if dist.get_rank() == 0 else {}
+    del old
+    gc.collect()
+    with pytest.raises(HookRegistrationError, match="already wrapped by a FlexModel"):
+        FlexModel(model, {}, data_parallel_size=2)
+    kept.clear()
+    gc.collect()
+    flex = FlexModel(model, {}, data_parallel_size=2)  # dropped on every rank now: it wraps
+    flex.register_forward_hook(HookFunction("blocks.0", editing_function=lambda m, t, c, ms: t))
+    flex(torch.randn(2, 3, H))
+    flex.close()
     _everyone_here()

@@ -41,6 +41,7 @@ from flex_surgery.hooks.hook_function import (
 )
 from flex_surgery.naming import clean_name
 from flex_surgery.parallel.distributed_runtime import build_runtime
+from flex_surgery.parallel.group_lifetime import RefusedOnEveryRank
 from flex_surgery.parallel.pipeline import StageLink, collect_stage_outputs, names_on_other_stages
 from flex_surgery.parallel.runtime import (
     HOOK_TYPES,
@@ -74,9 +75,14 @@ _WRAPPED_BY: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _CREATE_HOOK_GROUP_OPTIONS = ("expected_shape", "editing_function", "unpack_idx", "hook_type")
 
 
-def _check_not_wrapped(module: nn.Module) -> None:
-    """Refuse to wrap a FlexModel, or a module another live FlexModel wraps (nothing is
-    modified yet when this raises, and every rank raises alike)."""
+def _check_not_wrapped(module: nn.Module) -> str | None:
+    """Refuse to wrap a FlexModel (the same on every rank: it raises at once); return why this
+    rank refuses to wrap a module another live FlexModel wraps, or ``None``.
+
+    Whether the old FlexModel is still alive is this rank's own state (one rank may still hold
+    it in a results dict, a traceback, IPython's ``_``), so that answer is not raised here: the
+    ranks exchange it in :func:`~flex_surgery.parallel.group_lifetime.free_dropped`, which
+    building the runtime runs, and every rank raises if any refused. Nothing is modified yet."""
     if isinstance(module, FlexModel):
         raise HookRegistrationError(
             "the module is a FlexModel; wrap the model itself (flex.module), or register more "
@@ -85,12 +91,12 @@ def _check_not_wrapped(module: nn.Module) -> None:
         ref = _WRAPPED_BY.get(module)
         current = ref() if ref is not None else None
         if current is None or current._restored:
-            return
+            return None
         if attempt == 0:
             gc.collect()  # a FlexModel that was dropped but not yet collected does not count
-    raise HookRegistrationError(
-        f"this {type(module).__name__} is already wrapped by a FlexModel; close() or restore() "
-        "that one first, or register more hooks on it and choose them per call with groups")
+    return (f"this {type(module).__name__} is already wrapped by a FlexModel; close() or "
+            "restore() that one first, or register more hooks on it and choose them per call "
+            "with groups")
 
 
 def _detach_hooks(handles: dict[HookFunction, RemovableHandle | None],
@@ -177,7 +183,7 @@ class FlexModel(nn.Module):
             raise TypeError(f"output_dict must be a dict or None, got {type(output_dict).__name__}")
         if keep not in KEEP_MODES:
             raise ValueError(f"keep must be one of {KEEP_MODES}, got {keep!r}")
-        _check_not_wrapped(module)
+        refusal = _check_not_wrapped(module)
         self.module = module
         self.keep = keep
         self.key_by_hook_kind = bool(key_by_hook_kind)
@@ -186,9 +192,22 @@ class FlexModel(nn.Module):
         self.tp_size = tensor_parallel_size
         self.pp_size = pipeline_parallel_size
         self.dp_size = data_parallel_size
-        self.runtime = build_runtime(module, tensor_parallel_size, pipeline_parallel_size,
-                                     data_parallel_size, process_group, store_on=store_on,
-                                     batch_dim=batch_dim)
+        try:
+            self.runtime = build_runtime(module, tensor_parallel_size, pipeline_parallel_size,
+                                         data_parallel_size, process_group, store_on=store_on,
+                                         batch_dim=batch_dim, refusal=refusal)
+        except RefusedOnEveryRank as exc:
+            raise HookRegistrationError(str(exc)) from None
+        try:
+            self._finish_init(module, output_dict, store, store_on, keep)
+        except BaseException:
+            # The failure may be this rank's alone: hand the runtime's groups to the next
+            # agreed point instead of freeing them here (no collective).
+            self.runtime.abandon()
+            raise
+
+    def _finish_init(self, module: nn.Module, output_dict: dict[str, Any] | None,
+                     store: Store | None, store_on: str, keep: str) -> None:
         self._shared = SharedState(None, self.save_ctx, self.trainable_modules, keep,
                                    batch_dim=getattr(getattr(self.runtime, "layouts", None),
                                                      "batch_dim", 0))
@@ -200,7 +219,6 @@ class FlexModel(nn.Module):
         self._remote_names = names_on_other_stages(
             set(self._module_table()) | set(self._parameter_table()), mesh)
         if keep == "last" and mesh is not None and mesh.pp_size > 1:
-            self.runtime.close()
             raise ValueError("keep='last' is not available with pipeline parallelism: every "
                              "stage's calls are collected on rank 0 as lists; use keep='all'")
         self.output_dict = output_dict
@@ -654,8 +672,18 @@ class FlexModel(nn.Module):
         self._check_usable()
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        # The exception may be this rank's alone (rank-0-only saving, an OOM) while the other
+        # ranks run their next forward on the runtime's groups: remove the hooks here, queue
+        # the groups for the next point every rank agrees on (no collective).
+        if not self._restored:
+            self._restored = True
+            self._groups = HookGroups()
+            self._finalizer()  # _detach_hooks, once
+            self.runtime.abandon()
 
     def _check_usable(self) -> None:
         if self._restored:

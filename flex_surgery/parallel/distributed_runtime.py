@@ -56,7 +56,7 @@ from flex_surgery.parallel.collectives import (
     replica_to_one,
     scatter_from_one,
 )
-from flex_surgery.parallel.group_lifetime import OwnedGroups, free_dropped
+from flex_surgery.parallel.group_lifetime import OwnedGroups, RefusedOnEveryRank, free_dropped
 from flex_surgery.parallel.layout import (
     ACTIVATION_ROLES,
     GATHER_ORDER,
@@ -125,29 +125,47 @@ class DistributedRuntime(Runtime):
     def __init__(self, module: nn.Module, mesh: ParallelMesh, store_on: str = "rank0",
                  batch_dim: int | None = None,
                  mesh_parent: dist.ProcessGroup | None = None, owns_mesh: bool = False) -> None:
-        if store_on not in STORE_ON:
-            raise ValueError(f"store_on must be one of {STORE_ON}, got {store_on!r}")
-        self.module = module
-        self.mesh = mesh
-        self.store_on = store_on
-        if batch_dim is None:
-            batch_dim = frameworks.batch_dim(module)
-        self.layouts = LayoutInference(mesh, batch_dim)
-        self.layouts.watch(module)
-        self._trainable: dict[str, nn.Module] = {}
-        self._sync_queued = False
-        announce_process()  # lets a survivor of a failed collective name the lost rank
         # The groups the mesh created are this runtime's to free: at close(), or, once the mesh
         # is dropped without closing (it may outlive the runtime: a StageLink built on it),
         # queued for the next runtime that all ranks build (flex_surgery.parallel.group_lifetime).
+        # Owned first, so that a failure below (an unknown layout, a lost rank) leaves nothing
+        # unowned: abandon() queues them.
         self._owned = OwnedGroups(mesh.created_groups() if owns_mesh else (), mesh_parent)
-        self._finalizer = weakref.finalize(self, self.layouts.unwatch)
         self._mesh_finalizer = weakref.finalize(mesh, self._owned.drop)
+        self._finalizer: weakref.finalize | None = None
+        try:
+            if store_on not in STORE_ON:
+                raise ValueError(f"store_on must be one of {STORE_ON}, got {store_on!r}")
+            self.module = module
+            self.mesh = mesh
+            self.store_on = store_on
+            if batch_dim is None:
+                batch_dim = frameworks.batch_dim(module)
+            self.layouts = LayoutInference(mesh, batch_dim)
+            self._finalizer = weakref.finalize(self, self.layouts.unwatch)
+            self.layouts.watch(module)
+            self._trainable: dict[str, nn.Module] = {}
+            self._sync_queued = False
+            announce_process()  # lets a survivor of a failed collective name the lost rank
+        except BaseException:
+            self.abandon()  # the failure may be this rank's alone: no collective
+            raise
+
+    def abandon(self) -> None:
+        """:meth:`close` without a collective: remove the layout tracker's hooks and queue the
+        mesh's groups for :func:`~flex_surgery.parallel.group_lifetime.free_dropped`. For the
+        points a peer may not share: a failed construction, a ``with`` block left on an
+        exception. A second call (or :meth:`close` after it) does nothing."""
+        if self._finalizer is not None:
+            self._finalizer()  # layouts.unwatch, once
+        self._mesh_finalizer()  # OwnedGroups.drop, once
 
     def close(self) -> None:
         """Remove the layout tracker's hooks from the model and destroy the process groups
         this runtime's mesh created. Every rank calls it at the same point (``FlexModel.close``,
         ``restore`` or the end of its ``with`` block); a second call does nothing."""
+        if not self._mesh_finalizer.alive:
+            return  # abandoned: the groups are queued
         self._finalizer.detach()
         self._mesh_finalizer.detach()
         self.layouts.unwatch()
@@ -579,6 +597,7 @@ def build_runtime(
     process_group: dist.ProcessGroup | None = None,
     store_on: str = "rank0",
     batch_dim: int | None = None,
+    refusal: str | None = None,
 ) -> Runtime:
     """The runtime FlexModel uses: local for one process, distributed otherwise.
 
@@ -586,13 +605,18 @@ def build_runtime(
     fairscale, DDP/FSDP1 groups) and built from the sizes otherwise; sizes of 1 mean "whatever
     is running" (dp takes the ranks tp x pp leave over). ``batch_dim`` is the activation dim
     data parallelism splits (``None``: the model's framework decides -- 1 for Megatron's
-    ``[seq, batch, hidden]``, else 0). Collective: every rank must call it.
+    ``[seq, batch, hidden]``, else 0). Collective: every rank must call it. ``refusal``: this
+    rank's reason not to build one (from its own state); if any rank gives one, every rank
+    raises :class:`~flex_surgery.parallel.group_lifetime.RefusedOnEveryRank` before anything
+    is built.
     """
     if not dist.is_initialized() or dist.get_world_size(process_group) == 1:
+        if refusal is not None:
+            raise RefusedOnEveryRank(refusal)
         return LocalRuntime()
     # A collective point over these ranks: free the groups of runtimes that every rank has
-    # dropped without closing (see flex_surgery.parallel.group_lifetime).
-    free_dropped(process_group)
+    # dropped without closing, and agree on refusals (see flex_surgery.parallel.group_lifetime).
+    free_dropped(process_group, refusal=refusal)
     mesh = ParallelMesh.adopt(
         module,
         tp=tensor_parallel_size if tensor_parallel_size != 1 else None,

@@ -25,18 +25,35 @@ So groups are destroyed only at points every rank of the group reaches in the sa
   rank has queued. An owner that one rank has not collected yet stays queued until a later
   point. The number of live groups therefore stays bounded in a loop that drops its FlexModels,
   and stays exact in one that closes them.
+
+Some owners are only ever queued, never freed on the spot, because a peer may not reach the same
+point: ``StageLink.close`` (a peer stage may fail a moment after this rank read "no failure"
+and skip the barrier this rank would wait in), leaving a ``with`` block on an exception (the
+exception may be this rank's alone, while its peers run their next forward on the same groups)
+and a runtime whose construction failed part-way (the failure may be this rank's alone). The
+exchange in :func:`free_dropped` also carries, per queued owner, whether this rank found it
+*spent* (a ``StageLink`` whose step failed: an abandoned transfer may still wait on its groups,
+and tearing a group down under it can block until its timeout); an owner that any rank found
+spent is discarded on every rank without destroying its groups, which go with the process.
+
+The same exchange carries a *refusal*: ``FlexModel`` refuses to wrap a model that another live
+FlexModel wraps, which each rank can only tell from its own references (one rank may still hold
+the old FlexModel in a results dict or a traceback). Each rank sends what it found, and every
+rank raises :class:`RefusedOnEveryRank` if any rank refused, instead of one rank raising while
+the others wait in the exchange.
 """
 
 from __future__ import annotations
 
 import datetime
 import itertools
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["OwnedGroups", "free_dropped", "group_timeout", "live_group_count"]
+__all__ = ["OwnedGroups", "RefusedOnEveryRank", "free_dropped", "group_timeout",
+           "live_group_count"]
 
 Group = dist.ProcessGroup | None
 
@@ -79,9 +96,13 @@ class OwnedGroups:
     Args:
         groups: the groups this rank is a member of (non-members hold nothing to free).
         parent: the group whose ranks created them together (``None``: the world).
+        spent: tells whether the groups may still carry an abandoned operation (a failed
+            ``StageLink`` step); :func:`free_dropped` then leaves them to the process's end.
+            It must not hold the owner of these groups (it lives as long as they are queued).
     """
 
-    def __init__(self, groups: Iterable[object], parent: Group = None) -> None:
+    def __init__(self, groups: Iterable[object], parent: Group = None,
+                 spent: Callable[[], bool] | None = None) -> None:
         unique: list[dist.ProcessGroup] = []
         for g in groups:
             if isinstance(g, dist.ProcessGroup) and not any(g is u for u in unique):
@@ -90,6 +111,7 @@ class OwnedGroups:
         self.parent_ranks = _ranks_of(parent)
         self.index = next(_COUNTERS.setdefault(self.parent_ranks, itertools.count()))
         self.freed = False
+        self.spent = spent
 
     def free(self) -> None:
         """Destroy the groups now, in creation order. Every rank of the parent calls this at
@@ -116,19 +138,41 @@ class OwnedGroups:
             _DROPPED.append(self)
 
 
-def free_dropped(parent: Group = None) -> int:
+class RefusedOnEveryRank(RuntimeError):
+    """A rank refused at :func:`free_dropped`'s exchange; every rank of the group raises it."""
+
+
+def free_dropped(parent: Group = None, refusal: str | None = None) -> int:
     """Destroy the groups of owners that every rank of ``parent`` has dropped; returns how many
-    owners were freed. Collective over ``parent``: every rank calls it at the same point."""
+    owners were freed. Collective over ``parent``: every rank calls it at the same point.
+
+    An owner that any rank found spent is discarded everywhere without destroying its groups.
+    ``refusal``: this rank's reason to stop here; if any rank gives one, every rank raises
+    :class:`RefusedOnEveryRank` (after the agreed freeing), naming the ranks that refused.
+    """
     ranks = _ranks_of(parent)
+    queued = {o.index: bool(o.spent is not None and o.spent())
+              for o in _DROPPED if o.parent_ranks == ranks}
     if len(ranks) == 1:
-        owners = [o for o in _DROPPED if o.parent_ranks == ranks]
+        everyone = [(queued, refusal)]
     else:
-        mine = sorted(o.index for o in _DROPPED if o.parent_ranks == ranks)
-        everyone: list[list[int] | None] = [None] * len(ranks)
-        dist.all_gather_object(everyone, mine, group=parent)
-        agreed = set(mine).intersection(*(set(e or ()) for e in everyone))
-        owners = [o for o in _DROPPED if o.parent_ranks == ranks and o.index in agreed]
+        everyone = [None] * len(ranks)
+        dist.all_gather_object(everyone, (queued, refusal), group=parent)
+    agreed = set(queued).intersection(*(set(q) for q, _ in everyone))
+    spent = {i for i in agreed if any(q[i] for q, _ in everyone)}
+    owners = [o for o in _DROPPED if o.parent_ranks == ranks and o.index in agreed]
+    freed = 0
     for owner in sorted(owners, key=lambda o: o.index):
-        owner.free()
+        if owner.index in spent:
+            owner.freed, owner.groups = True, []  # left to the process's end
+        else:
+            owner.free()
+            freed += 1
         _DROPPED.remove(owner)
-    return len(owners)
+    refused = [(ranks[i], why) for i, (_, why) in enumerate(everyone) if why is not None]
+    if refused:
+        mine = refusal if refusal is not None else refused[0][1]
+        others = [r for r, _ in refused if r != dist.get_rank()] if dist.is_initialized() else []
+        raise RefusedOnEveryRank(mine if not others else
+                                 f"{mine} (refused on rank(s) {[r for r, _ in refused]})")
+    return freed

@@ -147,6 +147,14 @@ _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.in
 _HEADER = 10  # dtype code, ndim, up to 8 dims
 
 
+def _flag_is_set(store: dist.Store, key: str) -> bool:
+    """Whether a failure was reported under ``key`` (an unreachable store counts as one)."""
+    try:
+        return store.check([key])
+    except RuntimeError:
+        return True
+
+
 class StageLink:
     """Send and receive between neighbouring pipeline stages without hanging on a failure.
 
@@ -162,10 +170,11 @@ class StageLink:
     at the same point. Tensors travel with a header (dtype and shape), so the receiver needs
     no shapes in advance.
 
-    :meth:`close` (or leaving ``with StageLink(mesh) as link:``) destroys the line groups; every
-    rank calls it at the same point. A link dropped without closing has its groups destroyed
-    when every rank has dropped it, at the next ``StageLink`` or ``FlexModel`` built over the
-    world (see :mod:`flex_surgery.parallel.group_lifetime`).
+    :meth:`close` (or leaving ``with StageLink(mesh) as link:``, or dropping the link) queues
+    the line groups; they are destroyed once every rank has let go of the link, at the next
+    ``StageLink`` or ``FlexModel`` built over the world (or an explicit
+    :func:`~flex_surgery.parallel.group_lifetime.free_dropped`), where the ranks agree on it
+    (see :mod:`flex_surgery.parallel.group_lifetime`).
     """
 
     def __init__(self, mesh: ParallelMesh, timeout_s: float = 60.0,
@@ -190,26 +199,32 @@ class StageLink:
             if list(line) == mine:
                 self.group = group
         self._store = dist.distributed_c10d._get_default_store()
-        self._owned = OwnedGroups([self.group], None)
+        # Given the store and the key, not the link: the owner outlives the link in the queue.
+        self._owned = OwnedGroups([self.group], None,
+                                  spent=functools.partial(_flag_is_set, self._store, self._key))
         self._finalizer = weakref.finalize(self, self._owned.drop)
 
     def close(self) -> None:
-        """Destroy the link's process groups (every rank, at the same point); a second call is
-        fine. The link cannot be used afterwards.
+        """Let go of the link: its process groups are queued, with no collective, and destroyed
+        at the next collective point over the world (a ``StageLink`` or ``FlexModel`` built
+        on every rank, or :func:`~flex_surgery.parallel.group_lifetime.free_dropped`) once
+        every rank has let go. A second call is fine; the link cannot be used afterwards.
 
-        A link whose step failed keeps its groups: a rank's abandoned transfer may still wait
-        on them (see :meth:`_run`), and tearing a group down under a waiting operation can
-        block until its timeout. They go with the process.
+        ``close`` decides nothing from this rank's own view: whether the link failed is read
+        at its own moment on each rank, and a peer stage may fail just after this rank found no
+        failure, so a barrier here could wait for a rank that never comes. The ranks agree at
+        the collective point instead; a link that any rank found failed keeps its groups (a
+        rank's abandoned transfer may still wait on them, see :meth:`_run`, and tearing a
+        group down under a waiting operation can block until its timeout): they go with the
+        process.
         """
-        self._finalizer.detach()
-        if self.failure() is None:
-            self._owned.free()
+        self._finalizer()  # OwnedGroups.drop, once
 
     def __enter__(self) -> StageLink:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.close()
+        self.close()  # no collective: also right when an exception on this rank alone ends it
 
     # -- where this rank is ------------------------------------------------------------------
     @property

@@ -130,6 +130,11 @@ class Runtime:
         nothing for one process."""
         return None
 
+    def abandon(self) -> None:
+        """:meth:`close` without any collective, for points a peer may not share (a ``with``
+        block left on an exception, a failed construction); nothing for one process."""
+        return None
+
     def register_parameter_hook(self, name: str, parameter: torch.Tensor,
                                 owner: nn.Module | None,
                                 hook: Callable[[torch.Tensor], Any]) -> Any:
