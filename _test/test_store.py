@@ -86,6 +86,22 @@ def test_disk_store_editing_hooks_store_the_value_before_the_edit(tmp_path):
     assert torch.equal(logits[0], ref_logits[0])
 
 
+def test_merged_view_is_the_output_dict_and_half_written_files_are_invisible(tmp_path):
+    ref = reference(steps=2)
+    with DiskStore(tmp_path, buffer_bytes=1) as store:
+        run_with(store=store, steps=2)
+    # What a crash in the middle of a write leaves behind: a temporary file no index names.
+    (tmp_path / ".rank0-000099.safetensors.tmp").write_bytes(b"half a file")
+    merged = DiskStore(tmp_path).to_dict()
+    assert merged.keys() == ref.keys()
+    for name in ref:
+        assert len(merged[name]) == len(ref[name])
+        assert all(torch.equal(a, b) for a, b in zip(merged[name], ref[name]))
+    store = MemoryStore()
+    run_with(store=store, steps=2)
+    assert all(torch.equal(a, b) for name in ref for a, b in zip(store.to_dict()[name], ref[name]))
+
+
 def test_index_maps_every_tensor_to_its_file_and_key(tmp_path):
     with DiskStore(tmp_path, buffer_bytes=1) as store:
         run_with(store=store, steps=2)

@@ -259,6 +259,12 @@ class DiskStore:
     def steps(self, name: str) -> list[int]:
         return sorted({e["step"] for e in self.index() if e["name"] == name})
 
+    def to_dict(self) -> dict[str, list[torch.Tensor]]:
+        """The merged view: ``{name: [tensor of step 0, 1, ...]}``, as ``output_dict`` holds it
+        with ``keep="all"`` (every tensor read into memory: for datasets that fit)."""
+        return {name: [self.read(name, step) for step in self.steps(name)]
+                for name in self.names()}
+
     def read(self, name: str, step: int = 0, batch: slice | None = None) -> torch.Tensor:
         """The tensor ``name`` stored at ``step`` (rows ``batch`` of the global batch), put
         together from every writer's pieces. Flushes this process's buffer first."""

@@ -49,6 +49,11 @@ class MemoryStore:
             raise StoreError(f"{name!r} has no step {step}; stored steps: {self.steps(name)}")
         return merge_pieces(name, pieces, batch)
 
+    def to_dict(self) -> dict[str, list[torch.Tensor]]:
+        """``{name: [tensor of step 0, 1, ...]}``, replicas' pieces put together."""
+        return {name: [self.read(name, step) for step in self.steps(name)]
+                for name in self.names()}
+
     def flush(self) -> None:
         pass
 
