@@ -241,6 +241,39 @@ def test_uneven_dtensor_shards_mismatched_on_one_rank_raise_on_every_rank():
     assert model.blocks is container
 
 
+@distributed(world_size=4)
+def test_a_dtensor_split_over_another_mesh_axis_is_a_mismatch_on_every_rank():
+    """A 2 x 2 (dp, tp) DeviceMesh: the block's weights are split along dim 0 over ``tp``, the
+    replacement's along the same dim over ``dp``. Same framework, partition dim and shapes; only
+    the elements held differ, and only on the ranks whose dp and tp coordinates differ -- every
+    rank raises."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+
+    def block(placements) -> Block:
+        torch.manual_seed(0)
+        b = Block(nn.Linear(H, 8), nn.Linear(8, H))
+        for m in (b.up, b.down):
+            m.weight = nn.Parameter(distribute_tensor(m.weight.detach(), mesh, placements))
+        return b
+
+    from test_lens import LensTinyLM
+
+    on_tp, on_dp = [Replicate(), Shard(0)], [Shard(0), Replicate()]
+    model = LensTinyLM(None, [block(on_tp), block(on_tp)], None, None)
+    surgery = ModelSurgery(model)
+    with pytest.raises(ShardingMismatchError,
+                       match=r"up.weight: .*starting at \[0, 0\]; expected .*starting at "
+                             r"\[4, 0\].*\(rank 1\);.*up.weight: .*\(rank 2\)"):
+        with surgery.replace_layers([0], [block(on_dp)]):
+            pass
+    alike = block(on_tp)
+    with surgery.replace_layers([0], [alike]):
+        assert model.blocks[0] is alike
+
+
 def test_docs_example_runs():
     import re
     from pathlib import Path

@@ -132,7 +132,7 @@ def _local_unembedding(module: nn.Module, mesh: Any) -> _Unembedding:
     than tensor parallelism, or with strided rows is an error on every rank.
     """
     from flex_surgery.parallel import frameworks
-    from flex_surgery.parallel.frameworks.base import differs_across
+    from flex_surgery.parallel.frameworks.base import LayoutError, differs_across
     from flex_surgery.parallel.layout import chunk_sizes
 
     kind = type(module).__name__
@@ -140,9 +140,12 @@ def _local_unembedding(module: nn.Module, mesh: Any) -> _Unembedding:
     vocab_dim = 1 if kind == "Conv1D" else 0  # of the stored weight
     tp = mesh.tp_size if mesh is not None else 1
     tp_group = mesh.group("tp") if tp > 1 else None
-    view = frameworks.parameter_view(f"{kind}.weight", module, "weight", module.weight)
-    bias_view = None if bias is None else \
-        frameworks.parameter_view(f"{kind}.bias", module, "bias", bias)
+    try:  # the same answer on every tensor-parallel rank (module attributes, placements)
+        view = frameworks.parameter_view(f"{kind}.weight", module, "weight", module.weight)
+        bias_view = None if bias is None else \
+            frameworks.parameter_view(f"{kind}.bias", module, "bias", bias)
+    except (LayoutError, NotImplementedError) as err:  # e.g. interleaved Megatron partitions
+        raise LensError(f"the unembedding {kind}: {err}") from err
     vocab, hidden = view.full_shape[vocab_dim], view.full_shape[1 - vocab_dim]
     problem = None
     if not isinstance(view.region, frameworks.BlockRegion):

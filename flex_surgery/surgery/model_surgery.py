@@ -295,14 +295,15 @@ class ModelSurgery:
 # -- tensor-parallel compatibility of a replacement -------------------------------------------
 _HOW_TO_REPLACE = (". Under tensor parallelism a replacement must be parameter-free (e.g. "
                    "PassThrough()) or shard its parameters like the block (same names, local "
-                   "and full shapes, framework and partition dim)")
+                   "and full shapes, framework, partition dim and elements held per rank)")
 
 
-def _partitioning(module: nn.Module) -> dict[str, tuple[tuple, str]]:
-    """Parameter name -> (what must match, how it is split, in words) for every parameter of
-    ``module``, as the framework registry's shard view answers it
-    (:func:`~flex_surgery.parallel.frameworks.parameter_view`): its local shape, full shape,
-    framework (``"plain"`` for a parameter no tensor-parallel framework owns) and partition dim.
+def _partitioning(module: nn.Module) -> dict[str, tuple[tuple, str, str]]:
+    """Parameter name -> (what must match, how it is split in words, the same with where this
+    rank's elements start) for every parameter of ``module``, as the framework registry's shard
+    view answers it (:func:`~flex_surgery.parallel.frameworks.parameter_view`): its local shape,
+    full shape, framework (``"plain"`` for a parameter no tensor-parallel framework owns),
+    partition dim and region.
     """
     from flex_surgery.parallel import frameworks
 
@@ -319,12 +320,19 @@ def _partitioning(module: nn.Module) -> dict[str, tuple[tuple, str]]:
                 how = f"{type(sub).__name__} ({view.kind}) replicated"
             else:
                 how = f"{type(sub).__name__} ({view.kind}) split on several dims"
+            # The region (which elements of the full parameter this rank holds) tells apart
+            # what kind and partition dim alone do not: a DTensor split along the same dim over
+            # another mesh axis, or strided (_StridedShard) rather than in blocks.
+            region = tuple(tuple(ix.tolist()) for ix in view.region.indices) \
+                if isinstance(view.region, frameworks.IndexRegion) else view.region
             key = (tuple(view.local.shape), tuple(view.full_shape), view.kind,
-                   view.partition_dim)
+                   view.partition_dim, region)
             shape = f"local shape {list(view.local.shape)}"
             if tuple(view.local.shape) != tuple(view.full_shape):
                 shape += f" of {list(view.full_shape)}"
-            table[name] = (key, f"{how}, {shape}")
+            held = f"starting at {list(view.region.offsets)}" \
+                if isinstance(view.region, frameworks.BlockRegion) else "strided"
+            table[name] = (key, f"{how}, {shape}", f"{how}, {shape}, {held}")
     return table
 
 
@@ -334,7 +342,7 @@ def sharding_problems(block: nn.Module, replacement: nn.Module, what: str) -> li
     the answer with the other ranks before acting on it."""
     try:
         original = _partitioning(block)
-        if all(key[2] == "plain" for key, _ in original.values()):
+        if all(key[2] == "plain" for key, *_ in original.values()):
             return []  # not tensor-parallel: any module may replace it
         new = _partitioning(replacement)
     except (LayoutError, NotImplementedError) as err:
@@ -348,7 +356,9 @@ def sharding_problems(block: nn.Module, replacement: nn.Module, what: str) -> li
         elif name not in original:
             problems.append(f"{name}: not a parameter of the block it replaces")
         elif new[name][0] != original[name][0]:
-            problems.append(f"{name}: {new[name][1]}; expected {original[name][1]}")
+            # The elements held only when nothing else differs (they differ on every rank).
+            words = 1 if new[name][0][:-1] != original[name][0][:-1] else 2
+            problems.append(f"{name}: {new[name][words]}; expected {original[name][words]}")
     if not problems:
         return []
     return [f"the replacement for {what} ({type(replacement).__name__}) is not sharded like "
