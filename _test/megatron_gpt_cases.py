@@ -185,6 +185,7 @@ CORE_ATTENTION = (SEQ, BATCH, HIDDEN)  # its whole output shape (see below)
 RETRIEVAL_SITES = [
     ("embedding", "forward", 0),                        # [s, b, h]; SP: [s/tp, b, h]
     ("embedding.position_embeddings", "forward", 0),    # plain nn.Embedding, [b, s, h]
+    ("embedding.embedding_dropout", "forward", 0),      # SP: after the scatter, [s/tp, b, h]
     ("decoder.layers.0", "forward", 0),                 # TransformerLayer -> (hidden, context)
     ("decoder.layers.1", "forward_pre", 0),             # called with keyword arguments only
     ("decoder", "forward", 0),                          # TransformerBlock (keywords only)

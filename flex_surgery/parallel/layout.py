@@ -213,6 +213,7 @@ class LayoutInference:
         if self.mesh.tp_size == 1:
             return
         self._sequence_parallel = frameworks.sequence_parallel(model)
+        self._tp.update(frameworks.tp_layers_within(model))
         for name, m in frameworks.split_unknown_modules(model, self.mesh.group("tp")).items():
             self._unknown[m] = name
         for m in model.modules():

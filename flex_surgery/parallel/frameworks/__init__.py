@@ -51,7 +51,7 @@ from flex_surgery.parallel.frameworks.views import Region as Region
 # Defined here; the protocol's types live in .base and .views (importable from here too).
 __all__ = [
     "FRAMEWORKS", "UnknownLayoutError", "adopt_groups", "batch_dim", "batch_dims",
-    "first_input_only", "fsdp1_root",
+    "first_input_only", "fsdp1_root", "tp_layers_within",
     "full_parameter", "keeps_unsharded_copies", "owner", "parameter_view", "parameter_views",
     "reshard", "sequence_parallel", "split_unknown_modules", "substitutes_parameters",
     "tensor_parallel_group", "tp_grad_is_partial", "tp_layer", "tp_partition_dim",
@@ -107,6 +107,15 @@ def batch_dim(model: nn.Module) -> int:
             if answer is not None:
                 return answer
     return 0
+
+
+def tp_layers_within(model: nn.Module) -> dict[nn.Module, TPLayer]:
+    """Modules of ``model`` whose split a tensor-parallel layer around them declares (see
+    ``Framework.tp_layers_within``)."""
+    found: dict[nn.Module, TPLayer] = {}
+    for f in TENSOR_PARALLEL:
+        found.update(f.tp_layers_within(model))
+    return found
 
 
 def first_input_only(module: nn.Module) -> bool:

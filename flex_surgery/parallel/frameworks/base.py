@@ -95,6 +95,12 @@ class Framework:
         """How ``module`` splits its activations over ``tp``; ``None``: not a TP layer."""
         return None
 
+    def tp_layers_within(self, model: nn.Module) -> dict[nn.Module, TPLayer]:
+        """Modules of ``model`` that are not tensor-parallel layers themselves but whose
+        activations a layer of this framework around them splits in a known way (Megatron's
+        embedding dropout, which runs on the embedding's sequence-parallel scatter)."""
+        return {}
+
     def sequence_parallel(self, module: nn.Module) -> bool:
         """Whether ``module`` runs with activations split on the sequence dim between TP
         regions (then a replicated-looking activation of another shape is ambiguous)."""

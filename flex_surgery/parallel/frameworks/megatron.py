@@ -15,6 +15,7 @@ to activations, read from the module's attributes:
 - ``LanguageModelEmbedding`` (GPT's embedding): output sequence-sharded under sequence
   parallelism (it scatters or reduce-scatters), replicated otherwise. Its tables look tokens up
   batch-first (``[b, s, h]``: data parallelism splits dim 0 there), as GPT's inputs and logits.
+  Its dropout runs after the sequence-parallel scatter: input and output split on the sequence.
 - ``DotProductAttention`` (core attention): heads split over tp -- query input on dim 2,
   output ``[s, b, heads * d / tp]`` on the last dim.
 - The bias a linear layer returns (element 1, not yet added with ``skip_bias_add``) is split
@@ -141,6 +142,21 @@ class MegatronCore(Framework):
                            ActivationShard(HIDDEN, module.config.kv_channels * heads),
                            exact=True)
         return None
+
+    def tp_layers_within(self, model: nn.Module) -> dict[nn.Module, TPLayer]:
+        # LanguageModelEmbedding scatters (or reduce-scatters) onto the sequence dim before
+        # its dropout under sequence parallelism: the dropout's input and output are split.
+        emb = _embedding_class()
+        found: dict[nn.Module, TPLayer] = {}
+        if emb is None:
+            return found
+        seq = ActivationShard(SEQUENCE)
+        for m in model.modules():
+            if isinstance(m, emb) and m.config.sequence_parallel and \
+                    m.scatter_to_sequence_parallel and \
+                    isinstance(getattr(m, "embedding_dropout", None), nn.Module):
+                found[m.embedding_dropout] = TPLayer(seq, seq, exact=True)
+        return found
 
     def sequence_parallel(self, module: nn.Module) -> bool:
         layers = _layers()
