@@ -52,6 +52,8 @@ def store_call(binding: StoreBinding, name: str, full: torch.Tensor, reduce: Any
     """
     step = binding.next_step(name)
     start, stop = (0, -1) if rows is None else (rows.start, rows.stop)
+    if rows is not None:  # the dim data parallelism split this tensor on
+        batch_dim = rows.dim
     meta = WriteMeta(step=step, batch_start=start, batch_stop=stop, batch_dim=batch_dim,
                      writer=binding.writer)
     if reduce is None:
