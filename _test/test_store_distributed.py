@@ -47,7 +47,7 @@ def _x():
 
 
 def _run(model, x, *, store=None, store_on="rank0", sites=SITES, param_sites=PARAM_SITES,
-         reduce=None, process_group=None):
+         reduce=None, process_group=None, backward=True):
     """Two forward/backward steps with hooks at ``sites``; returns the output_dict (or None)."""
     stored = {} if store is None else None
     flex = FlexModel(model, stored, store=store, store_on=store_on, process_group=process_group)
@@ -57,7 +57,11 @@ def _run(model, x, *, store=None, store_on="rank0", sites=SITES, param_sites=PAR
     for name in param_sites:
         flex.register_hook(HookFunction(names[name]))
     for _ in range(2):
-        flex(x).pow(2).mean().backward()
+        if backward:
+            flex(x).pow(2).mean().backward()
+        else:
+            with torch.no_grad():
+                flex(x)
     flex.close()
     if store is not None:
         store.close()
@@ -210,3 +214,30 @@ def test_store_of_another_mesh_is_refused_on_every_rank():
     with pytest.raises(StoreError):
         FlexModel(stage, None, pipeline_parallel_size=2, store=DiskStore(directory))
     _done_with(directory)
+
+
+@distributed(world_size=4)
+def test_replica_leaders_under_megatron_tp_x_dp_on_batch_dim_one():
+    """Megatron-core TP=2 x DP=2: activations are [s, b, h], so each replica's rows sit on
+    dim 1; read back, they equal what the in-memory store of a rank0 run holds."""
+    from megatron.core import parallel_state
+    from megatron_cases import B, S, megatron_mlp, megatron_parallel, plain_mlp
+
+    sites = [("embed", "forward"), ("up", "forward"), ("act", "forward"), ("down", "forward"),
+             ("down", "forward_pre"), ("up", "forward_pre")]
+    with megatron_parallel(2):
+        dp_rank = parallel_state.get_data_parallel_rank()
+        ids = torch.randint(0, 16, (2 * B, S), generator=torch.Generator().manual_seed(3))
+        local_ids = ids[dp_rank * B:(dp_rank + 1) * B]
+        ref = _run(megatron_mlp(plain_mlp(), dtype=torch.float64), local_ids, sites=sites,
+                   param_sites=[], backward=False)
+        directory = _shared_dir()
+        _run(megatron_mlp(plain_mlp(), dtype=torch.float64), local_ids, sites=sites,
+             param_sites=[], backward=False, store=DiskStore(directory),
+             store_on="replica_leaders")
+        dist.barrier()
+        if dist.get_rank() == 0:
+            assert len(_assert_store_equals(directory, ref)) == 2  # both replica leaders
+            entry = next(e for e in DiskStore(directory).index() if e["name"] == "up")
+            assert entry["batch_dim"] == 1
+        _done_with(directory)
