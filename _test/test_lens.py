@@ -314,6 +314,9 @@ def test_a_plain_head_that_differs_across_ranks_is_an_error():
                 model.head.weight.copy_(model.head.weight.flip(0))
         with pytest.raises(LensError, match="differs across tensor-parallel ranks"):
             LogitLens(model, tensor_parallel_size=2)
+        model.head = nn.Linear(H, V - dist.get_rank())  # whole on each rank, not the same
+        with pytest.raises(LensError, match=r"vocabularies of sizes \[20, 19\]"):
+            LogitLens(model, tensor_parallel_size=2)
     finally:
         fs.destroy_model_parallel()
 

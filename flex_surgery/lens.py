@@ -161,6 +161,9 @@ def _local_unembedding(module: nn.Module, mesh: Any) -> _Unembedding:
         pieces = [None] * tp
         dist.all_gather_object(pieces, piece, group=tp_group)
     problems = [p[0] for p in pieces if p[0]]
+    if not problems and len({p[4] for p in pieces}) > 1:
+        problems = [f"the unembedding {kind} has vocabularies of sizes {[p[4] for p in pieces]} "
+                    "on the tensor-parallel ranks; they must agree"]
     if problems:
         raise LensError(problems[0])
     if view.kind == "plain" and tp_group is not None and differs_across([view.local],
@@ -181,8 +184,7 @@ def _local_unembedding(module: nn.Module, mesh: Any) -> _Unembedding:
         return _Unembedding(weight[rows], None if local_bias is None else local_bias[rows],
                             first, vocab)
     ranges = sorted((first, count) for _, _, first, count, _ in pieces)
-    if any(v != vocab for *_, v in pieces) or \
-            [first for first, _ in ranges] != list(itertools.accumulate(
+    if [first for first, _ in ranges] != list(itertools.accumulate(
                 [0] + [count for _, count in ranges[:-1]])) or \
             sum(count for _, count in ranges) != vocab:
         raise LensError(
