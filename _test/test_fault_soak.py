@@ -130,6 +130,31 @@ def test_flexmodels_that_build_their_mesh_free_its_group():
     assert _hook_count(model) == 0
 
 
+@distributed(world_size=4, timeout_s=BOUND_S)
+def test_flexmodels_built_inside_a_sub_group_reuse_its_groups():
+    """FlexModels made and closed again and again on a ``process_group`` of 2 of 4 ranks: the
+    groups built inside it are made once and reused (destroying and re-creating them would give
+    the new ones the old names, and gloo would meet the old groups' keys in the store), so the
+    group count stays put and every FlexModel still retrieves the whole batch."""
+    torch.set_default_dtype(torch.float64)
+    pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    sub = pairs[dist.get_rank() // 2]
+    model = plain_net()
+    x = torch.randn(2, 3, H, generator=torch.Generator().manual_seed(dist.get_rank() % 2))
+    whole = torch.cat([torch.randn(2, 3, H, generator=torch.Generator().manual_seed(r))
+                       for r in range(2)])
+    counts = []
+    for _ in range(6):
+        stored: dict = {}
+        with FlexModel(model, stored, process_group=sub, data_parallel_size=2) as flex:
+            flex.register_forward_pre_hook(HookFunction("blocks.0"))
+            flex(x)
+        if dist.get_rank() % 2 == 0:
+            assert torch.equal(stored["blocks.0"][0], whole)
+        counts.append(live_group_count())
+    assert counts == counts[:1] * len(counts), counts
+
+
 @distributed(world_size=2, timeout_s=BOUND_S)
 def test_stage_links_free_their_groups():
     mesh = ParallelMesh.build(pp=2)

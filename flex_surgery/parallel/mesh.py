@@ -90,6 +90,8 @@ class ParallelMesh:
         """The groups this mesh created itself, which its owner frees
         (:mod:`flex_surgery.parallel.group_lifetime`): every group of a built mesh; of an
         adopted one only the stage group (the frameworks have none; their groups are theirs)."""
+        if getattr(self, "_kept_for_reuse", False):
+            return []  # shared by every mesh of this shape over this sub-group (see build)
         made = [*self.groups.values(), self.stage_group] if self.source == "built" else \
             [self.stage_group]
         return [g for g in made if g is not None]
@@ -121,6 +123,13 @@ class ParallelMesh:
         if pos.numel() == 0:
             raise MeshSizeError(f"rank {me} is not part of the group the mesh is built on")
         p, d, t = (int(x) for x in pos[0])
+        key = (tuple(ranks), pp, dp, tp)
+        if group is not None and key in _SUBGROUP_MESHES:
+            groups, stage_group = _SUBGROUP_MESHES[key]
+            mesh = cls(dict(groups), dict(dp=dp, tp=tp, pp=pp), dict(dp=d, tp=t, pp=p),
+                       stage_group)
+            mesh._kept_for_reuse = True
+            return mesh
         groups: dict[str, dist.ProcessGroup | None] = {}
         # dim of the grid that varies along each axis; the others enumerate the groups.
         for axis, dim in (("tp", 2), ("dp", 1), ("pp", 0)):
@@ -131,7 +140,16 @@ class ParallelMesh:
         if pp > 1 or group is not None:
             stage_group = _new_groups_along(grid.reshape(pp, dp * tp), 1, me,
                                             local=group is not None, parent=group)
-        return cls(groups, dict(dp=dp, tp=tp, pp=pp), dict(dp=d, tp=t, pp=p), stage_group)
+        mesh = cls(groups, dict(dp=dp, tp=tp, pp=pp), dict(dp=d, tp=t, pp=p), stage_group)
+        if group is not None:
+            # Groups created inside a sub-group synchronise among their members only, so torch
+            # names them from their ranks: a group destroyed and created again over the same
+            # ranks would take the old name and meet the old group's keys in the store (gloo
+            # then fails to connect). Such groups are kept and reused by every later mesh of the
+            # same shape over the same ranks instead of being destroyed: one set per shape.
+            _SUBGROUP_MESHES[key] = (dict(groups), stage_group)
+            mesh._kept_for_reuse = True
+        return mesh
 
     @classmethod
     def from_fairscale(cls) -> ParallelMesh:
@@ -223,6 +241,11 @@ def _check_sizes(sizes: Mapping[str, int], world: int) -> None:
 def _drop_trivial(groups: dict[str, dist.ProcessGroup | None],
                   sizes: Mapping[str, int]) -> dict[str, dist.ProcessGroup | None]:
     return {a: (g if sizes[a] > 1 else None) for a, g in groups.items()}
+
+
+# (ranks of the sub-group, pp, dp, tp) -> the groups a mesh built inside that sub-group uses.
+_SUBGROUP_MESHES: dict[tuple, tuple[dict[str, dist.ProcessGroup | None],
+                                    dist.ProcessGroup | None]] = {}
 
 
 def _new_groups_along(grid: torch.Tensor, dim: int, me: int, local: bool = False,
