@@ -239,3 +239,46 @@ def test_planner_matches_data_parallel_run(monkeypatch):
     counter = _GatherCounter(monkeypatch)
     out = _run_hooked(model, p, {"input_ids": mine}, data_parallel_size=2)
     _check_against_run(p, out, counter)
+
+
+def test_flexmodel_refuses_a_plan_over_its_memory_budget():
+    model = tiny_hf_model("llama")
+    inputs = example_inputs("llama", batch=2, seq=8)
+    residual = 2 * 8 * 64 * 4  # batch x seq x hidden x float32
+    out: dict = {}
+    flex = FlexModel(model, out, memory_budget=2 * residual)  # two residuals + the gather
+    flex.register_forward_hook(HookFunction("model.layers.0"))
+    flex.register_forward_hook(HookFunction("model.layers.1"))
+    with pytest.raises(PlanError, match=r"over the budget.*model\.layers\.0"):
+        flex(**inputs)
+    assert out == {}  # refused before anything ran
+    flex.close()
+    out = {}
+    with FlexModel(model, out, memory_budget=3 * residual) as flex:
+        flex.register_forward_hook(HookFunction("model.layers.0"))
+        flex.register_forward_hook(HookFunction("model.layers.1"))
+        flex(**inputs)
+        assert _stored_bytes(out) == {"model.layers.0": residual, "model.layers.1": residual}
+    with FlexModel(model, {}, memory_budget="auto") as flex:
+        flex.register_forward_hook(HookFunction("model.layers.0"))
+        flex(**inputs)
+    with pytest.raises(PlanError, match="memory_budget"):
+        with FlexModel(model, {}, memory_budget=-1) as flex:
+            flex.register_forward_hook(HookFunction("model.layers.0"))
+            flex(**inputs)
+
+
+@distributed(world_size=2)
+def test_every_rank_refuses_the_same_plan():
+    """Data parallel with uneven batches: each rank alone would decide differently; the agreed
+    (largest) batch makes every rank refuse, before any gather."""
+    import torch.distributed as dist
+
+    model = tiny_hf_model("llama")
+    batch = 3 if dist.get_rank() == 0 else 1
+    ids = example_inputs("llama", batch=batch, seq=8)["input_ids"]
+    budget = 2 * 2 * 8 * 64 * 4 + 2 * 8 * 64 * 4  # fits dp x batch 1, not dp x batch 3
+    with FlexModel(model, {}, data_parallel_size=2, memory_budget=budget) as flex:
+        flex.register_forward_hook(HookFunction("model.layers.0"))
+        with pytest.raises(PlanError, match="over the budget"):
+            flex(input_ids=ids)

@@ -155,6 +155,12 @@ class FlexModel(nn.Module):
             :class:`~flex_surgery.store.DiskStore`) that receives what the hooks retrieve,
             instead of ``output_dict`` (pass ``None`` for it). Every rank passes one; only the
             storing ranks write to it. See ``docs/store.md``.
+        memory_budget: bytes (or a size such as ``"64GiB"``, or ``"auto"``: the smallest
+            available host memory of the ranks) that a storing rank may hold per forward.
+            Before the first hooked forward the planner (:mod:`flex_surgery.plan`) computes
+            what the registered forward hooks will store, from the model's config, the mesh
+            and the token ids, and refuses a plan over the budget on every rank with a
+            :class:`~flex_surgery.plan.PlanError`. ``None`` (default): no check, no cost.
 
     Dropping the FlexModel (``model = flex.module``, ``del flex``) removes its hooks from the
     model, as FlexModel 0.1.0's finalizer does; :meth:`close` (or leaving ``with FlexModel(...)
@@ -175,6 +181,7 @@ class FlexModel(nn.Module):
         keep: str = "all",
         key_by_hook_kind: bool = False,
         store: Store | None = None,
+        memory_budget: int | str | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(module, nn.Module):
@@ -187,6 +194,8 @@ class FlexModel(nn.Module):
         self.module = module
         self.keep = keep
         self.key_by_hook_kind = bool(key_by_hook_kind)
+        self._memory_budget = memory_budget
+        self._budget_group = process_group  # the ranks that agree on the budget check
         self.save_ctx = SimpleNamespace()
         self.trainable_modules = nn.ModuleDict()
         self.tp_size = tensor_parallel_size
@@ -275,9 +284,25 @@ class FlexModel(nn.Module):
         """
         self._check_usable()
         self._select(groups, complement)
+        if self._memory_budget is not None:
+            self._check_memory_budget(args, kwargs)
         output = self.module(*args, **kwargs)
         wait_for_host_copies()  # stored activations are complete when forward returns
         return output
+
+    def _check_memory_budget(self, args: tuple, kwargs: dict[str, Any]) -> None:
+        """Refuse the first hooked forward if its plan exceeds ``memory_budget`` (then never
+        again: the check is made once)."""
+        from flex_surgery.plan.budget import check_memory_budget
+
+        names = sorted({hf.module_name for hf in self._handles
+                        if hf.hook_type == "forward" and hf._enabled})
+        if not names:
+            return
+        mesh = getattr(self.runtime, "mesh", None)
+        check_memory_budget(self.module, names, mesh, args, kwargs, self._memory_budget,
+                            self._budget_group)
+        self._memory_budget = None
 
     def _select(self, groups: str | Sequence[str], complement: bool) -> None:
         names = (groups,) if isinstance(groups, str) else tuple(groups)
