@@ -485,3 +485,42 @@ def test_docs_example_runs(tmp_path, monkeypatch):
     for block in re.findall(r"```python\n(.*?)```", page.read_text(), re.S):
         exec(compile(block, str(page), "exec"), {"__name__": "docs_example"})
     assert (tmp_path / "lens.png").is_file()
+
+
+@distributed(world_size=2, timeout_s=60)
+def test_an_exception_on_one_rank_leaves_the_lens_without_a_collective():
+    """An exception ends rank 0's ``with LogitLens(...)`` block while rank 1 is still inside:
+    rank 0 removes its hooks and queues the lens's groups at once (closing would barrier on
+    groups rank 1 is not about to join there); the next agreed point frees them."""
+    import datetime
+    import gc
+    import time
+
+    from flex_surgery.parallel.group_lifetime import free_dropped, live_group_count
+
+    plain, ids = plain_lm(tied=False), ids_for()
+    store = dist.distributed_c10d._get_default_store()
+    gc.collect()
+    free_dropped(None)
+    groups = live_group_count()
+    start = time.monotonic()
+    with pytest.raises(ValueError, match="this rank"):
+        with LogitLens(plain, top_k=3, data_parallel_size=2) as lens:
+            lens(ids)
+            created = live_group_count() - groups
+            assert created > 0
+            if dist.get_rank() == 0:
+                start = time.monotonic()
+                raise ValueError("this rank alone")
+            store.wait(["test_lens/left"], datetime.timedelta(seconds=30))
+            raise ValueError("this rank too, later")
+    if dist.get_rank() == 0:
+        took = time.monotonic() - start
+        store.set("test_lens/left", "1")
+        assert took < 1.0, f"leaving the block waited {took:.1f} s on the other rank"
+    assert all(not m._forward_hooks for m in plain.modules()), "hooks were left on the model"
+    assert live_group_count() == groups + created  # queued, not torn down
+    free_dropped(None)
+    assert live_group_count() == groups
+    if dist.get_rank() == 0:
+        store.delete_key("test_lens/left")

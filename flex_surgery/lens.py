@@ -518,8 +518,17 @@ class LogitLens:
     def __enter__(self) -> LogitLens:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        # An exception may be this rank's alone: its peers may be in their next collective on
+        # the same groups, where close()'s barrier would meet their gathers. Remove the hooks
+        # here and queue the groups (freed at the next point every rank reaches).
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self.runtime.abandon()
 
 
 def _rows_of(rows: int, parts: int, index: int) -> tuple[int, int]:
