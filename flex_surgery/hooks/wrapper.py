@@ -221,8 +221,7 @@ class FlexModel(nn.Module):
                                    batch_dim=getattr(getattr(self.runtime, "layouts", None),
                                                      "batch_dim", 0))
         self.store = store
-        if store is not None:
-            self._shared.binding = bind_store(store, module, self.runtime, output_dict, store_on)
+        self._shared.binding = bind_store(store, module, self.runtime, output_dict, store_on)
         # Under pipelining: names of the other stages, so every rank can register every hook.
         mesh = getattr(self.runtime, "mesh", None)
         self._remote_names = names_on_other_stages(

@@ -87,37 +87,42 @@ def check_reduce(reduce: Any, store_on: str, has_store: bool, owner: object) -> 
 
 
 def bind_store(store: Any, module: Any, runtime: Any, output_dict: Any,
-               store_on: str) -> StoreBinding:
+               store_on: str) -> StoreBinding | None:
     """Check ``store`` against FlexModel's other arguments and attach it to this run.
 
     The run's fingerprint (model and mesh, :func:`model_fingerprint`) is recorded by the store,
     so a directory written by another model or mesh is refused before anything is written.
-    Raises on a bad combination; FlexModel then frees its runtime.
+    Distributed, every rank calls it, with or without a store (a store on the storing ranks
+    only is allowed), and the ranks agree on whether any refused, so all raise together; the
+    runtime is then closed. ``None`` without a store.
     """
     from flex_surgery.store.base import Store, model_fingerprint
 
+    mesh = getattr(runtime, "mesh", None)
+    failure: Exception | None = None
     try:
-        if not isinstance(store, Store):
-            raise TypeError(f"store must implement flex_surgery.store.Store (put, read, flush, "
-                            f"close, attach, host_bytes), got {type(store).__name__}")
-        if output_dict is not None:
-            raise ValueError("give either output_dict or store, not both (pass None for "
-                             "output_dict)")
-        if store_on == "all":
-            raise ValueError("store= with store_on='all' would store every rank's copy of every "
-                             "tensor; use store_on='rank0' or 'replica_leaders'")
-        mesh = getattr(runtime, "mesh", None)
-        sizes = {"tp": 1, "pp": 1, "dp": 1} if mesh is None else \
-            {axis: mesh.size(axis) for axis in ("tp", "pp", "dp")}
-        failure = None
-        try:
+        if store is not None:
+            if not isinstance(store, Store):
+                raise TypeError(f"store must implement flex_surgery.store.Store (put, read, "
+                                f"flush, close, attach, host_bytes), got {type(store).__name__}")
+            if output_dict is not None:
+                raise ValueError("give either output_dict or store, not both (pass None for "
+                                 "output_dict)")
+            if store_on == "all":
+                raise ValueError("store= with store_on='all' would store every rank's copy of "
+                                 "every tensor; use store_on='rank0' or 'replica_leaders'")
+            sizes = {"tp": 1, "pp": 1, "dp": 1} if mesh is None else \
+                {axis: mesh.size(axis) for axis in ("tp", "pp", "dp")}
             store.attach(model_fingerprint(module, sizes))
-        except Exception as error:  # every rank learns of it below, then this rank re-raises
-            failure = error
+    except Exception as error:  # every rank learns of it below, then this rank re-raises
+        failure = error
+    try:
         _agree_on_failure(failure, mesh)
     except BaseException:
         runtime.close()
         raise
+    if store is None:
+        return None
     import torch.distributed as dist
     writer = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     return StoreBinding(store, writer=writer)
