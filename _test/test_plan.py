@@ -282,3 +282,81 @@ def test_every_rank_refuses_the_same_plan():
         flex.register_forward_hook(HookFunction("model.layers.0"))
         with pytest.raises(PlanError, match="over the budget"):
             flex(input_ids=ids)
+
+
+class _LlamaStage(torch.nn.Module):
+    """One of two pipeline stages of a tiny HF Llama, its modules under their whole-model names
+    (``model.layers.1`` stays ``model.layers.1``); the hidden state goes stage to stage by
+    send/recv."""
+
+    def __init__(self, whole, stage: int) -> None:
+        super().__init__()
+        inner = whole.model
+        self.stage = stage
+        self.model = torch.nn.Module()
+        self.model.rotary_emb = inner.rotary_emb
+        self.model.layers = torch.nn.ModuleDict({str(stage): inner.layers[stage]})
+        if stage == 0:
+            self.model.embed_tokens = inner.embed_tokens
+        else:
+            self.model.norm = inner.norm
+            self.lm_head = whole.lm_head
+        self.hidden = whole.config.hidden_size
+
+    def forward(self, input_ids):
+        import torch.distributed as dist
+
+        batch, seq = input_ids.shape
+        positions = torch.arange(seq).expand(batch, seq)
+        if self.stage == 0:
+            h = self.model.embed_tokens(input_ids)
+        else:
+            h = torch.empty(batch, seq, self.hidden)
+            dist.recv(h, src=0)
+        rope = self.model.rotary_emb(h, positions)
+        for layer in self.model.layers.values():
+            h = layer(h, attention_mask=None, position_ids=positions, position_embeddings=rope)
+            h = h[0] if isinstance(h, tuple) else h
+        if self.stage == 0:
+            dist.send(h.contiguous(), dst=1)
+            return h
+        return self.lm_head(self.model.norm(h))
+
+
+@distributed(world_size=2)
+def test_planner_matches_pipeline_run(monkeypatch):
+    import torch.distributed as dist
+
+    import flex_surgery.parallel.pipeline as pipeline
+
+    whole = tiny_hf_model("llama")
+    batch, seq = 2, 7
+    p = _tiny_plan(whole, MeshSizes(pp=2), batch, seq, HOOKED)
+    assert {h.stage for h in p.hooks} == {0, 1}
+    received = []
+    original = pipeline._BlockingLine.recv_object
+
+    def counting(self, stage):
+        entries = original(self, stage)
+        received.append(sum(t.numel() * t.element_size() for v in entries.values() for t in v))
+        return entries
+
+    monkeypatch.setattr(pipeline._BlockingLine, "recv_object", counting)
+    out: dict = {}
+    stage = dist.get_rank()
+    flex = FlexModel(_LlamaStage(whole, stage), out, pipeline_parallel_size=2)
+    try:
+        for h in p.hooks:
+            flex.register_forward_hook(HookFunction(h.name))
+        with torch.no_grad():
+            flex(example_inputs("llama", batch=batch, seq=seq)["input_ids"])
+        mine = _stored_bytes(out)
+        assert mine == {h.name: h.stored for h in p.hooks if h.stage == stage}
+        flex.sync_pipeline_outputs()
+    finally:
+        flex.close()
+    if stage == 0:
+        assert _stored_bytes(out) == {h.name: h.stored for h in p.hooks}
+        assert sum(received) == p.moved  # tp = dp = 1: only the pipeline sync moves
+    else:
+        assert out == {}
