@@ -50,6 +50,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/export_inject.py
 	$(BIN)/python benchmarks/lens.py
 	$(BIN)/python benchmarks/masks.py
+	$(BIN)/python benchmarks/store.py
 
 clean:
 	rm -rf $(VENV) docs/_build .pytest_cache
