@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -30,7 +31,7 @@ from flex_surgery.export import full_weights
 from flex_surgery.hooks.hook_function import HookFunction
 from flex_surgery.hooks.wrapper import FlexModel
 from flex_surgery.parallel import frameworks
-from flex_surgery.parallel.layout import LayoutError
+from flex_surgery.parallel.layout import LayoutError, LayoutInference
 from flex_surgery.parallel.mesh import ParallelMesh
 from flex_surgery.surgery import SurgicalTheater
 
@@ -75,6 +76,13 @@ def test_megatron_interleaved_partitions_are_refused():
     assert frameworks.owner(lin) is frameworks.MEGATRON
     with pytest.raises(frameworks.MegatronLayoutError, match="partition_stride=2"):
         frameworks.parameter_views(lin)
+    # gradient layouts, the lens and model surgery ask the dim: refused as well, not dim 0
+    with pytest.raises(frameworks.MegatronLayoutError, match="partition_stride=2"):
+        frameworks.tp_partition_dim(lin, lin.weight)
+    mesh = SimpleNamespace(tp_size=2, dp_size=1, pp_size=1, rank=lambda axis: 0,
+                           size=lambda axis: 2 if axis == "tp" else 1)
+    with pytest.raises(frameworks.MegatronLayoutError, match="partition_stride=2"):
+        LayoutInference(mesh, 1).layout(lin.weight, lin, "param_grad", parameter=lin.weight)
     lin.weight.partition_stride = 1
     assert frameworks.tp_partition_dim(lin, lin.weight) == 0
     assert frameworks.tp_partition_dim(lin, lin.bias) is None
@@ -132,6 +140,18 @@ def _hand_split(plain: nn.Linear) -> HandSplitLinear:
     with torch.no_grad():
         lin.weight.copy_(plain.weight[r * n:(r + 1) * n])
         lin.bias.copy_(plain.bias[r * n:(r + 1) * n])
+    return lin
+
+
+def _megatron_tagged(plain: nn.Linear) -> HandSplitLinear:
+    """This rank's rows of ``plain``, tagged the way Megatron tags the split parameters of
+    layers it has no class for here (Transformer-Engine linears, MoE ``GroupedMLP``): the
+    parameters say how they are split, nothing says how the activations are."""
+    from megatron.core.tensor_parallel import set_tensor_model_parallel_attributes
+
+    lin = _hand_split(plain)
+    for p in (lin.weight, lin.bias):
+        set_tensor_model_parallel_attributes(p, True, 0, 1)
     return lin
 
 
@@ -281,3 +301,77 @@ def test_megatron_pipeline_groups_are_adopted_in_its_rank_order():
             dist.get_process_group_ranks(mesh.group("tp"))
         for group in mesh.created_groups():
             dist.destroy_process_group(group)
+
+
+@distributed(world_size=2)
+def test_a_split_module_megatron_does_not_describe_is_an_error():
+    """A column shard whose parameters carry Megatron's split attributes but whose class no
+    layer description covers: Megatron owns it, yet hooks on it and after it raise (before:
+    the previous layer's layout, replicated -- rank 0's half stored as the whole) unless
+    declared; its parameters' split is known, so whole parameters are right."""
+    with megatron_parallel(2):
+        plain = plain_mlp()
+        mlp = megatron_mlp(plain)
+        mlp.up = _megatron_tagged(plain.up)
+        model, twin = Pipeline(mlp), Pipeline(plain_mlp())
+        assert frameworks.owner(mlp.up) is frameworks.MEGATRON
+        assert frameworks.tp_layer(mlp.up, ParallelMesh.adopt(model)) is None
+        _check_hooks(model, twin, unknown=["up", "act"],
+                     declared={"up": (S, B, FF), "act": (S, B, FF)})
+        flex = FlexModel(model, {})
+        try:
+            assert torch.equal(flex.get_module_parameter("up.weight"), plain.up.weight)
+            assert torch.equal(flex.get_module_parameter("up.bias"), plain.up.bias)
+        finally:
+            flex.restore()
+
+
+@distributed(world_size=2)
+def test_a_gradient_hook_on_interleaved_megatron_partitions_is_an_error():
+    """``partition_stride > 1``: the hook on the parameter's gradient raises (before: the
+    interleaved blocks joined end to end as if split in one block per rank)."""
+    with megatron_parallel(2):
+        model = megatron_mlp()
+        model.up.weight.partition_stride = 2
+        flex = FlexModel(model, {})
+        try:
+            with pytest.raises(frameworks.MegatronLayoutError, match="partition_stride=2"):
+                flex.register_hook(HookFunction("up.weight"))
+                flex(token_ids()).sum().backward()
+        finally:
+            flex.restore()
+
+
+@distributed(world_size=2)
+def test_a_parameter_of_a_split_module_is_an_error_even_where_ranks_agree():
+    """A hand-cut column shard with a zero bias: the biases are equal on both ranks, but each
+    is this rank's piece of a longer one. The verdict is the module's: its bias raises like
+    its weight (before: the local ``(FF / tp,)`` piece returned as the whole bias)."""
+    with megatron_parallel(2):
+        plain = plain_mlp()
+        with torch.no_grad():
+            plain.up.bias.zero_()
+        mlp = megatron_mlp(plain)
+        mlp.up = _hand_split(plain.up)
+        model = Pipeline(mlp)
+        tp = frameworks.tensor_parallel_group()
+        with torch.no_grad():
+            assert list(frameworks.split_unknown_modules(model, tp)) == ["up"]
+            assert frameworks.differs_across([mlp.up.bias], tp) == [False]
+        for name in ("up.bias", "up.weight"):
+            with pytest.raises(frameworks.UnknownLayoutError, match=f"'{name}'.*expected_shape"):
+                frameworks.full_parameter(model, name, model.get_parameter(name), mlp.up, tp)
+        assert torch.equal(frameworks.full_parameter(model, "down.bias", mlp.down.bias,
+                                                     mlp.down, tp), plain.down.bias)
+        flex = FlexModel(model, {})
+        try:
+            with pytest.raises(frameworks.UnknownLayoutError, match="'up.bias'"):
+                flex.get_module_parameter("up.bias")
+        finally:
+            flex.restore()
+        before = mlp.up.bias.detach().clone()
+        with pytest.raises(frameworks.UnknownLayoutError, match="'up.bias'"):
+            with SurgicalTheater(model, layers="up.bias", full_parameter=True,
+                                 modification_fn=lambda b: b + 1):
+                pass
+        assert torch.equal(mlp.up.bias, before)

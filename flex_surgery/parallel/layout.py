@@ -182,7 +182,10 @@ class LayoutInference:
         self._tp: weakref.WeakKeyDictionary[nn.Module, TPLayer | None] = \
             weakref.WeakKeyDictionary()
         self._names: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
+        # Modules whose activations have no known layout, and why (see ``watch``).
         self._unknown: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
+        self._undescribed: weakref.WeakKeyDictionary[nn.Module, str] = \
+            weakref.WeakKeyDictionary()
         self._sequence_parallel = False
         # What the TP layer that ran last produced (None: no TP layer has run yet).
         self._current: _Produced | None = None
@@ -202,8 +205,9 @@ class LayoutInference:
         """Track which TP layer ran last, so non-TP modules inherit its output layout.
 
         Collective over ``tp``: modules that no framework owns but whose parameters differ
-        across the tp ranks are found here (one all-gather of fingerprints); their activations,
-        and those of modules after them, have no known layout.
+        across the tp ranks are found here (one all-gather of fingerprints), and modules a
+        framework splits but does not describe (``frameworks.undescribed_split_modules``);
+        their activations, and those of modules after them, have no known layout.
         """
         for name, m in model.named_modules():
             self._names.setdefault(m, name)
@@ -216,8 +220,10 @@ class LayoutInference:
         self._tp.update(frameworks.tp_layers_within(model))
         for name, m in frameworks.split_unknown_modules(model, self.mesh.group("tp")).items():
             self._unknown[m] = name
+        for name, m in frameworks.undescribed_split_modules(model, self.mesh).items():
+            self._undescribed[m] = name
         for m in model.modules():
-            if self.tp_layer(m) is not None or m in self._unknown:
+            if self.tp_layer(m) is not None or self._why_unknown(m) is not None:
                 self._handles.append(m.register_forward_hook(self._tp_layer_ran))
             self._handles.append(m.register_forward_pre_hook(self._enter))
             self._handles.append(m.register_forward_hook(self._leave))
@@ -238,10 +244,10 @@ class LayoutInference:
         if not isinstance(out, torch.Tensor) or is_dtensor(out):
             self._current = None
             return
-        if module in self._unknown:
-            self._current = _Produced(
-                tuple(out.shape), None, f"it comes from {self._describe(module)}, whose "
-                "parameters differ across the tensor-parallel ranks but which no framework owns")
+        why = self._why_unknown(module)
+        if why is not None:
+            self._current = _Produced(tuple(out.shape), None,
+                                      f"it comes from {self._describe(module)}, which {why}")
             return
         info = self.tp_layer(module)
         try:
@@ -250,6 +256,18 @@ class LayoutInference:
             self._current = _Produced(tuple(out.shape), None, str(exc))
             return
         self._current = _Produced(tuple(out.shape), spec)
+
+    def _why_unknown(self, module: nn.Module) -> str | None:
+        """Why the activations of ``module`` have no known layout, or ``None`` if they may."""
+        if module in self._unknown:
+            return ("holds parameters that differ across the tensor-parallel ranks but no "
+                    "framework owns")
+        if module in self._undescribed:
+            framework = frameworks.owner(module)
+            return (f"has parameters {framework.name} splits over the tensor-parallel ranks, "
+                    f"but {framework.name} does not describe how a {type(module).__name__} "
+                    f"splits its activations")
+        return None
 
     def tp_layer(self, module: nn.Module) -> TPLayer | None:
         if module not in self._tp:
@@ -327,11 +345,11 @@ class LayoutInference:
         if info is not None:
             shard = info.output if is_out else info.input
             return self._dim_shard(shard, local, info.exact, module, role), info.exact
-        if module in self._unknown:
+        why = self._why_unknown(module)
+        if why is not None:
             raise frameworks.UnknownLayoutError(
-                f"{self._describe(module)} holds parameters that differ across the "
-                f"tensor-parallel ranks, but no framework owns it, so the layout of its {role} "
-                f"is unknown; {frameworks.HOW_TO_DECLARE}")
+                f"{self._describe(module)} {why}, so the layout of its {role} is unknown; "
+                f"{frameworks.HOW_TO_DECLARE}")
         if in_forward and role in ("output", "input"):
             state = self._current
         else:

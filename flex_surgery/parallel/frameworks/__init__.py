@@ -20,10 +20,16 @@ module          framework
 Unknown means error: a parameter no framework owns is replicated only if it *is* the same on
 every tensor-parallel rank -- :func:`split_unknown_modules` checks that (one collective), and a
 full parameter of such a module raises :class:`UnknownLayoutError` naming it instead of
-returning this rank's piece.
+returning this rank's piece. The verdict is per module: if one of its plain parameters differs,
+none of them is whole (a zero-initialised bias of a hand-cut shard is equal on every rank).
+A module a framework splits but does not describe (:func:`undescribed_split_modules`) has
+activations of unknown layout.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -48,6 +54,9 @@ from flex_surgery.parallel.frameworks.views import IndexRegion as IndexRegion
 from flex_surgery.parallel.frameworks.views import LocalShard, plain_shard
 from flex_surgery.parallel.frameworks.views import Region as Region
 
+if TYPE_CHECKING:
+    from flex_surgery.parallel.mesh import ParallelMesh
+
 # Defined here; the protocol's types live in .base and .views (importable from here too).
 __all__ = [
     "FRAMEWORKS", "UnknownLayoutError", "adopt_groups", "batch_dim", "batch_dims",
@@ -55,7 +64,7 @@ __all__ = [
     "full_parameter", "keeps_unsharded_copies", "owner", "parameter_view", "parameter_views",
     "reshard", "sequence_parallel", "split_unknown_modules", "substitutes_parameters",
     "tensor_parallel_group", "tp_grad_is_partial", "tp_layer", "tp_partition_dim",
-    "wrapper_kind",
+    "undescribed_split_modules", "wrapper_kind",
 ]
 
 MEGATRON, FAIRSCALE, DTENSOR = MegatronCore(), FairscaleTP(), DTensorTP()
@@ -85,13 +94,29 @@ def owner(module: nn.Module) -> Framework | None:
     return next((f for f in TENSOR_PARALLEL if f.owns(module)), None)
 
 
-def tp_layer(module: nn.Module, mesh) -> TPLayer | None:
+def tp_layer(module: nn.Module, mesh: ParallelMesh) -> TPLayer | None:
     """How ``module`` splits its activations over ``tp`` (``None``: not a TP layer)."""
     for framework in TENSOR_PARALLEL:
         answer = framework.tp_layer(module, mesh)
         if answer is not None:
             return answer
     return None
+
+
+def undescribed_split_modules(model: nn.Module, mesh: ParallelMesh) -> dict[str, nn.Module]:
+    """Modules of ``model`` (by name) whose parameters a tensor-parallel framework splits but
+    whose activations it does not describe: Transformer-Engine linears, MoE ``GroupedMLP``,
+    any layer built with Megatron's ``set_tensor_model_parallel_attributes``. What they
+    return is this rank's piece of something whose split nothing says, so their activations
+    (and those after them) are errors unless declared. No collective: read from the modules.
+    """
+    found: dict[str, nn.Module] = {}
+    for name, m in model.named_modules():
+        framework = owner(m)
+        if framework is not None and framework.splits_parameters(m) and \
+                tp_layer(m, mesh) is None:
+            found[name] = m
+    return found
 
 
 def sequence_parallel(model: nn.Module) -> bool:
@@ -136,7 +161,8 @@ def batch_dims(model: nn.Module) -> dict[nn.Module, tuple[int, int]]:
 # -- parameters --------------------------------------------------------------------------------
 def tp_partition_dim(module: nn.Module, parameter: torch.Tensor) -> int | None:
     """The dim ``module``'s ``parameter`` is split along over ``tp`` by a framework that splits
-    parameters of plain tensors (fairscale, Megatron); ``None`` when it is not."""
+    parameters of plain tensors (fairscale, Megatron); ``None`` when it is not. Raises
+    :class:`MegatronLayoutError` for a split it cannot map (``partition_stride > 1``)."""
     pname = next((n for n, p in module._parameters.items() if p is parameter), None)
     if pname is None:
         return None
@@ -155,7 +181,7 @@ def tp_grad_is_partial(module: nn.Module, parameter: torch.Tensor) -> bool:
                                      for f in TENSOR_PARALLEL)
 
 
-def tensor_parallel_group(mesh=None) -> dist.ProcessGroup | None:
+def tensor_parallel_group(mesh: ParallelMesh | None = None) -> dist.ProcessGroup | None:
     """The tensor-parallel group replicated parameters are checked over: the mesh's, else the
     one a running framework set up (Megatron, fairscale); ``None`` when there is none."""
     if mesh is not None:
@@ -164,20 +190,46 @@ def tensor_parallel_group(mesh=None) -> dist.ProcessGroup | None:
                 None)
 
 
+def _is_plain(module: nn.Module, pname: str, param: torch.Tensor) -> bool:
+    """Whether no framework owns ``module.<pname>`` (a parameter Megatron refuses to map is
+    owned all the same: it is split, only not in a way flex_surgery handles)."""
+    if is_dtensor(param):
+        return False
+    try:
+        return all(f.partition_dim(module, pname, param) is None for f in (MEGATRON, FAIRSCALE))
+    except MegatronLayoutError:
+        return False
+
+
+def _plain_parameters(module: nn.Module) -> list[torch.Tensor]:
+    """The floating-point parameters of ``module`` itself that no framework owns, in
+    registration order (the same on every rank)."""
+    return [p.data for n, p in module._parameters.items()
+            if p is not None and p.is_floating_point() and _is_plain(module, n, p)]
+
+
 def _checked_plain(name: str, module: nn.Module, pname: str, param: nn.Parameter,
                    tp_group: dist.ProcessGroup | None) -> LocalShard:
-    """A view of a parameter no framework owns; its ``gather`` checks that it *is* replicated
-    over ``tp_group`` and raises :class:`UnknownLayoutError` otherwise."""
+    """A view of a parameter no framework owns; its ``gather`` checks that its *module* is
+    replicated over ``tp_group`` and raises :class:`UnknownLayoutError` otherwise.
+
+    The verdict is per module, as :func:`split_unknown_modules`' is: a hand-cut column shard
+    whose bias starts at zero has equal biases on every rank, yet the bias is this rank's piece
+    of a longer one -- if any plain parameter of the module differs, none of them is whole.
+    """
     local = param.data
     if tp_group is None:
         return plain_shard(name, module, pname, param)
 
     def gather() -> torch.Tensor:
-        if differs_across([local], tp_group)[0]:
+        siblings = _plain_parameters(module)
+        if not any(t is local for t in siblings):
+            siblings.append(local)
+        if any(differs_across(siblings, tp_group)):
             raise UnknownLayoutError(
-                f"parameter {name!r} of module {type(module).__name__} differs across the "
-                f"tensor-parallel ranks, but no framework says how it is split, so its full "
-                f"value is unknown; {HOW_TO_DECLARE}")
+                f"parameter {name!r} of module {type(module).__name__}: the module's "
+                f"parameters differ across the tensor-parallel ranks, but no framework says "
+                f"how it is split, so the full value of {name!r} is unknown; {HOW_TO_DECLARE}")
         return local
 
     return plain_shard(name, module, pname, param, gather=gather)
@@ -247,18 +299,29 @@ def full_parameter(model: nn.Module, name: str, parameter: torch.Tensor,
 def split_unknown_modules(model: nn.Module, tp_group: dist.ProcessGroup | None,
                           ) -> dict[str, nn.Module]:
     """Modules no framework owns whose parameters differ across the ranks of ``tp_group``
-    (by name). Collective over ``tp_group``: every rank calls it on the same model."""
+    (by name). Collective over ``tp_group``: every rank calls it on the same model.
+
+    Only parameters no framework owns are looked at (no framework view is built), so a model
+    with a parameter a framework refuses to map can still be hooked where that parameter is
+    not involved."""
     if tp_group is None:
         return {}
-    candidates = []
-    for view in parameter_views(model, tp_group):
-        if view.kind == "plain" and view.local.is_floating_point():
-            candidates.append(view)
-    differs = differs_across([v.local for v in candidates], tp_group)
+    _, handled = FSDP_1.model_shards(model)
+    seen: set[int] = set()
+    candidates: list[tuple[str, nn.Module, torch.Tensor]] = []
+    for mname, module in model.named_modules():
+        for pname, param in module._parameters.items():
+            if param is None or (id(module), pname) in handled or id(param) in seen:
+                continue
+            seen.add(id(param))
+            if param.is_floating_point() and _is_plain(module, pname, param):
+                full = clean_name(f"{mname}.{pname}" if mname else pname)
+                candidates.append((full.rpartition(".")[0], module, param.data))
+    differs = differs_across([local for _, _, local in candidates], tp_group)
     found: dict[str, nn.Module] = {}
-    for view, d in zip(candidates, differs):
+    for (name, module, _), d in zip(candidates, differs):
         if d:
-            found.setdefault(view.name.rpartition(".")[0], view.module)
+            found.setdefault(name, module)
     return found
 
 
@@ -282,7 +345,7 @@ def keeps_unsharded_copies(modules: list[nn.Module]) -> bool:
     return any(FSDP_1.owns(m) or FSDP_2.owns(m) for m in modules)
 
 
-def reshard(modules) -> None:
+def reshard(modules: Iterable[nn.Module]) -> None:
     """Drop every unsharded copy FSDP keeps after a forward (see ``Framework.reshard``)."""
     for module in modules:
         FSDP_1.reshard(module)
@@ -294,7 +357,7 @@ def fsdp1_root(model: nn.Module) -> nn.Module | None:
     return next((m for m in model.modules() if FSDP_1.owns(m)), None)
 
 
-def adopt_groups(model: nn.Module | None):
+def adopt_groups(model: nn.Module | None) -> ParallelMesh | None:
     """The :class:`~flex_surgery.parallel.mesh.ParallelMesh` of whatever already runs ``model``
     (HF TP / DeviceMesh, Megatron, fairscale, DDP, FSDP1 -- in that order), or ``None``."""
     for framework in GROUP_SOURCES:

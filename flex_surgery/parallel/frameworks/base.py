@@ -31,6 +31,8 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
+    import torch.distributed as dist
+
     from flex_surgery.parallel.frameworks.views import LocalShard
     from flex_surgery.parallel.mesh import ParallelMesh
 
@@ -124,6 +126,12 @@ class Framework:
         return {}
 
     # -- parameters --------------------------------------------------------------------------
+    def splits_parameters(self, module: nn.Module) -> bool:
+        """Whether this framework splits some parameter of ``module`` over ``tp``. A module it
+        splits but whose activations :meth:`tp_layer` does not describe has activations of
+        unknown layout (they are this rank's piece of something whose split nothing says)."""
+        return False
+
     def partition_dim(self, module: nn.Module, pname: str, param: torch.Tensor) -> int | None:
         """The dim a tensor-parallel parameter is split along (``None``: not split / not mine).
         """
@@ -151,7 +159,7 @@ class Framework:
         """The groups ``model`` runs on, if this framework set them up."""
         return None
 
-    def tensor_parallel_group(self):
+    def tensor_parallel_group(self) -> dist.ProcessGroup | None:
         """This rank's tensor-parallel group when the framework's state is initialised with
         more than one TP rank (no collective), else ``None``."""
         return None

@@ -6,9 +6,14 @@ DDP splits nothing but the batch; its only answers are its wrapper label and its
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from torch import nn
 
 from flex_surgery.parallel.frameworks.base import Framework
+
+if TYPE_CHECKING:
+    from flex_surgery.parallel.mesh import ParallelMesh
 
 __all__ = ["DDP"]
 
@@ -24,7 +29,7 @@ class DDP(Framework):
     def wrapper_kind(self, module: nn.Module) -> str | None:
         return "DDP" if self.owns(module) else None
 
-    def groups(self, model):
+    def groups(self, model: nn.Module | None) -> ParallelMesh | None:
         if model is None or not self.owns(model):
             return None
         from flex_surgery.parallel.frameworks.fsdp import _data_parallel_mesh

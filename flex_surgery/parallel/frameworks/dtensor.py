@@ -17,12 +17,17 @@ Groups: HF's TP mesh (``model.device_mesh``), else the ``DeviceMesh`` of DTensor
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from flex_surgery.parallel.frameworks.base import HIDDEN, ActivationShard, Framework, TPLayer
 from flex_surgery.parallel.frameworks.views import BlockRegion, IndexRegion, LocalShard
+
+if TYPE_CHECKING:
+    from flex_surgery.parallel.mesh import ParallelMesh
 
 __all__ = ["DTensorTP", "is_dtensor", "mesh_axis_of"]
 
@@ -58,7 +63,7 @@ class DTensorTP(Framework):
     def owns(self, module: nn.Module) -> bool:
         return any(is_dtensor(p) for p in module.parameters(recurse=False))
 
-    def tp_layer(self, module, mesh) -> TPLayer | None:
+    def tp_layer(self, module: nn.Module, mesh: ParallelMesh) -> TPLayer | None:
         weight = getattr(module, "weight", None)
         placement = _tp_shard_dim(weight, mesh) if weight is not None else None
         if placement is None:
@@ -72,7 +77,8 @@ class DTensorTP(Framework):
             return TPLayer(None, ActivationShard(HIDDEN, full[0], sharded=None), exact=False)
         return TPLayer(ActivationShard(HIDDEN, full[1], sharded=None), None, exact=False)
 
-    def parameter_shard(self, name, module, pname, param) -> LocalShard | None:
+    def parameter_shard(self, name: str, module: nn.Module, pname: str,
+                        param: nn.Parameter) -> LocalShard | None:
         if not is_dtensor(param):
             return None
         from torch.distributed.tensor import Replicate, Shard
@@ -105,7 +111,7 @@ class DTensorTP(Framework):
             partition_dim=sharded[0] if len(set(sharded)) == 1 else None,
         )
 
-    def groups(self, model):
+    def groups(self, model: nn.Module | None) -> ParallelMesh | None:
         from flex_surgery.parallel.frameworks.fsdp import FSDP2
         from flex_surgery.parallel.mesh import ParallelMesh, _root_mesh, _without_trivial_dims
 

@@ -15,6 +15,8 @@ Groups: fairscale's model-parallel state (``initialize_model_parallel``), which 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from torch import nn
 
 from flex_surgery.parallel.frameworks.base import (
@@ -25,6 +27,12 @@ from flex_surgery.parallel.frameworks.base import (
     loaded,
 )
 from flex_surgery.parallel.frameworks.views import LocalShard, block_shard
+
+if TYPE_CHECKING:
+    import torch
+    import torch.distributed as dist
+
+    from flex_surgery.parallel.mesh import ParallelMesh
 
 __all__ = ["FairscaleTP", "fairscale_mesh"]
 
@@ -48,7 +56,7 @@ class FairscaleTP(Framework):
             fs.ColumnParallelLinear, fs.RowParallelLinear, fs.VocabParallelEmbedding,
             fs.ParallelEmbedding))
 
-    def tp_layer(self, module, mesh) -> TPLayer | None:
+    def tp_layer(self, module: nn.Module, mesh: ParallelMesh) -> TPLayer | None:
         fs = _layers()
         if fs is None:
             return None
@@ -63,7 +71,11 @@ class FairscaleTP(Framework):
             return TPLayer(None, None, exact=True)
         return None
 
-    def partition_dim(self, module: nn.Module, pname: str, param=None) -> int | None:
+    def splits_parameters(self, module: nn.Module) -> bool:
+        return self.owns(module)
+
+    def partition_dim(self, module: nn.Module, pname: str,
+                      param: torch.Tensor | None = None) -> int | None:
         """The dim a parameter of a fairscale layer is split along (``None``: replicated)."""
         fs = _layers()
         if fs is None:
@@ -76,7 +88,8 @@ class FairscaleTP(Framework):
             return 1
         return None
 
-    def parameter_shard(self, name, module, pname, param) -> LocalShard | None:
+    def parameter_shard(self, name: str, module: nn.Module, pname: str,
+                        param: nn.Parameter) -> LocalShard | None:
         if not self.owns(module):
             return None
         dim = self.partition_dim(module, pname)
@@ -87,7 +100,7 @@ class FairscaleTP(Framework):
         return block_shard(name, module, pname, param, dim,
                            fs_init.get_model_parallel_group(), kind=self.name)
 
-    def tensor_parallel_group(self):
+    def tensor_parallel_group(self) -> dist.ProcessGroup | None:
         if not loaded("fairscale.nn.model_parallel.initialize"):
             return None
         from fairscale.nn.model_parallel import initialize as fs_init
@@ -97,7 +110,7 @@ class FairscaleTP(Framework):
             return None
         return fs_init.get_model_parallel_group()
 
-    def groups(self, model):
+    def groups(self, model: nn.Module | None) -> ParallelMesh | None:
         if not loaded("fairscale.nn.model_parallel.initialize"):
             return None
         from fairscale.nn.model_parallel import initialize as fs_init

@@ -20,6 +20,7 @@ FSDP2's mesh is found through its DTensor parameters.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -28,6 +29,9 @@ from torch import nn
 from flex_surgery.naming import clean_name
 from flex_surgery.parallel.frameworks.base import Framework
 from flex_surgery.parallel.frameworks.views import FlatRegion, LocalShard
+
+if TYPE_CHECKING:
+    from flex_surgery.parallel.mesh import ParallelMesh
 
 __all__ = ["FSDP1", "FSDP2", "fsdp1_param_offsets"]
 
@@ -74,7 +78,8 @@ class FSDP1(Framework):
             handle.reshard(True)
             handle.post_reshard()
 
-    def model_shards(self, model):
+    def model_shards(self, model: nn.Module) -> tuple[list[LocalShard],
+                                                       set[tuple[int, str]]]:
         shards: list[LocalShard] = []
         handled: set[tuple[int, str]] = set()
         for mname, module in model.named_modules():
@@ -90,7 +95,7 @@ class FSDP1(Framework):
             shards.extend(_fsdp1_shards(module, _join(mname, "_fsdp_wrapped_module")))
         return shards, handled
 
-    def groups(self, model):
+    def groups(self, model: nn.Module | None) -> ParallelMesh | None:
         if model is None:
             return None
         unit = next((m for m in model.modules() if self.owns(m)), None)

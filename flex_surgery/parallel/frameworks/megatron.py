@@ -22,7 +22,12 @@ to activations, read from the module's attributes:
   like its bias parameter: column last dim over tp, row replicated; never over dp.
 
 Parameters carry their own split: ``tensor_model_parallel`` (split at all), ``partition_dim``
-and ``partition_stride``. A stride above 1 (interleaved partitions) is refused, not guessed.
+and ``partition_stride``. A stride above 1 (interleaved partitions) is refused, not guessed, by
+``partition_dim`` -- which parameter views, gradient layouts, the lens and model surgery ask.
+A module whose parameters carry these attributes is Megatron's even when its class is none of
+the above (Transformer-Engine linears, MoE ``GroupedMLP``, layers built with
+``set_tensor_model_parallel_attributes``): its parameters' split is known, its activations'
+is not (``tp_layer`` is ``None``), so hooks on it and after it are errors unless declared.
 
 Groups: ``megatron.core.parallel_state`` once initialised -- tensor, data and pipeline parallel,
 ranks ordered ``(pp, dp, tp)``; nothing needs to be passed to FlexModel.
@@ -30,6 +35,9 @@ ranks ordered ``(pp, dp, tp)``; nothing needs to be passed to FlexModel.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+import torch
 from torch import nn
 
 from flex_surgery.parallel.frameworks.base import (
@@ -41,6 +49,11 @@ from flex_surgery.parallel.frameworks.base import (
     loaded,
 )
 from flex_surgery.parallel.frameworks.views import LocalShard, block_shard
+
+if TYPE_CHECKING:
+    import torch.distributed as dist
+
+    from flex_surgery.parallel.mesh import ParallelMesh
 
 __all__ = ["MegatronCore", "MegatronLayoutError"]
 
@@ -113,7 +126,7 @@ class MegatronCore(Framework):
         return _split_parameters(module)
 
     # -- activations -------------------------------------------------------------------------
-    def tp_layer(self, module, mesh) -> TPLayer | None:
+    def tp_layer(self, module: nn.Module, mesh: ParallelMesh) -> TPLayer | None:
         layers = _layers()
         if layers is None:
             return None
@@ -204,29 +217,42 @@ class MegatronCore(Framework):
         return found
 
     # -- parameters --------------------------------------------------------------------------
-    def partition_dim(self, module, pname, param) -> int | None:
+    def splits_parameters(self, module: nn.Module) -> bool:
+        return _split_parameters(module)
+
+    def partition_dim(self, module: nn.Module, pname: str,
+                      param: torch.Tensor) -> int | None:
+        """The dim ``param`` is split along; raises :class:`MegatronLayoutError` for interleaved
+        partitions (``partition_stride > 1``) or a missing dim, so that no caller (parameter
+        views, gradient layouts, the lens, model surgery) joins interleaved blocks end to end.
+        """
         if not getattr(param, "tensor_model_parallel", False) or param.dim() == 0:
             return None
-        return getattr(param, "partition_dim", None)
+        where = f"{pname} ({type(module).__name__})"
+        stride = getattr(param, "partition_stride", 1)
+        if stride != 1:
+            raise MegatronLayoutError(
+                f"{where}: partition_stride={stride} (interleaved partitions) is not "
+                "supported; its elements cannot be mapped to the full parameter")
+        dim = getattr(param, "partition_dim", None)
+        if dim is None or not 0 <= dim < param.dim():
+            raise MegatronLayoutError(f"{where}: tensor_model_parallel without a valid "
+                                      f"partition_dim ({dim})")
+        return dim
 
-    def grad_is_partial(self, module, pname, param) -> bool:
+    def grad_is_partial(self, module: nn.Module, pname: str, param: torch.Tensor) -> bool:
         # finalize_model_grads all-reduces these over TP after backward
         return bool(getattr(param, "sequence_parallel", False)) and \
             not getattr(param, "tensor_model_parallel", False)
 
-    def parameter_shard(self, name, module, pname, param) -> LocalShard | None:
-        if not getattr(param, "tensor_model_parallel", False) or param.dim() == 0:
+    def parameter_shard(self, name: str, module: nn.Module, pname: str,
+                        param: nn.Parameter) -> LocalShard | None:
+        try:
+            dim = self.partition_dim(module, pname, param)
+        except MegatronLayoutError as exc:
+            raise MegatronLayoutError(f"{name}: {exc}") from None
+        if dim is None:
             return None
-        stride = getattr(param, "partition_stride", 1)
-        if stride != 1:
-            raise MegatronLayoutError(
-                f"{name} ({type(module).__name__}): partition_stride={stride} (interleaved "
-                "partitions) is not supported; its elements cannot be mapped to the full "
-                "parameter")
-        dim = getattr(param, "partition_dim", None)
-        if dim is None or not 0 <= dim < param.dim():
-            raise MegatronLayoutError(f"{name}: tensor_model_parallel without a valid "
-                                      f"partition_dim ({dim})")
         return block_shard(name, module, pname, param, dim, self._tp_group(module),
                            kind=self.name)
 
@@ -240,7 +266,7 @@ class MegatronCore(Framework):
         return parallel_state.get_tensor_model_parallel_group()
 
     # -- groups ------------------------------------------------------------------------------
-    def tensor_parallel_group(self):
+    def tensor_parallel_group(self) -> dist.ProcessGroup | None:
         if not loaded(_STATE):
             return None
         from megatron.core import parallel_state as ps
@@ -250,14 +276,13 @@ class MegatronCore(Framework):
             return None
         return ps.get_tensor_model_parallel_group()
 
-    def groups(self, model):
+    def groups(self, model: nn.Module | None) -> ParallelMesh | None:
         if not loaded(_STATE):
             return None
         from megatron.core import parallel_state as ps
 
         if not ps.model_parallel_is_initialized():
             return None
-        import torch
         import torch.distributed as dist
 
         from flex_surgery.parallel.mesh import ParallelMesh, _check_sizes, _new_groups_along
