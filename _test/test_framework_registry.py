@@ -375,3 +375,39 @@ def test_a_parameter_of_a_split_module_is_an_error_even_where_ranks_agree():
                                  modification_fn=lambda b: b + 1):
                 pass
         assert torch.equal(mlp.up.bias, before)
+
+
+class FullyShardedDataParallel(nn.Module):
+    """Stands for a sharding wrapper no framework module describes (Megatron's own FSDP, a
+    DeepSpeed engine): by its name alone it says it shards."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x)
+
+
+@distributed(world_size=2)
+def test_an_unknown_sharding_wrapper_or_zero3_parameter_is_an_error():
+    """An FSDP-like wrapper no framework owns, or a parameter carrying DeepSpeed ZeRO-3's
+    placeholders: FlexModel refuses to build (every rank alike, no collective needed) and whole
+    parameters are refused, instead of treating local pieces as whole; nothing is left bound."""
+    net = nn.Sequential(nn.Linear(4, 4), nn.Tanh())
+    wrapped = FullyShardedDataParallel(net)
+    with pytest.raises(frameworks.UnknownLayoutError, match="sharding wrapper no framework"):
+        FlexModel(wrapped, {}, data_parallel_size=2)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in wrapped.modules())
+
+    net[0].weight.ds_id = 7  # what ZeRO-3 leaves on a partitioned parameter
+    try:
+        with pytest.raises(frameworks.UnknownLayoutError, match="ZeRO-3"):
+            FlexModel(net, {}, data_parallel_size=2)
+        with pytest.raises(frameworks.UnknownLayoutError, match="whether 0.weight is whole"):
+            frameworks.parameter_view("0.weight", net[0], "weight", net[0].weight)
+        assert all(not m._forward_hooks and not m._forward_pre_hooks for m in net.modules())
+    finally:
+        del net[0].weight.ds_id
+    flex = FlexModel(net, {}, data_parallel_size=2)  # the same model, unmarked, is fine
+    flex.close()

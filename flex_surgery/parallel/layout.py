@@ -209,6 +209,7 @@ class LayoutInference:
         framework splits but does not describe (``frameworks.undescribed_split_modules``);
         their activations, and those of modules after them, have no known layout.
         """
+        frameworks.check_known_sharding(model)
         for name, m in model.named_modules():
             self._names.setdefault(m, name)
             for p in m.parameters(recurse=False):

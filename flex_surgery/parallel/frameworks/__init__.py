@@ -28,6 +28,7 @@ activations of unknown layout.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
@@ -86,6 +87,45 @@ HOW_TO_DECLARE = (
 
 class UnknownLayoutError(LayoutError):
     """flex_surgery cannot tell how a tensor is split across ranks, and does not guess."""
+
+
+# Signs of a parameter-sharding system no framework module describes: DeepSpeed ZeRO-3 leaves
+# each parameter an empty placeholder carrying these attributes; wrappers whose class names say
+# they shard (Megatron's own FSDP, DeepSpeed engines, a future torch FSDP) but that no framework
+# module owns. Matched by name so that asking never imports those libraries.
+_FOREIGN_SHARDED_PARAM_ATTRS = ("ds_id", "ds_numel", "ds_tensor")
+_FOREIGN_WRAPPER_NAME = re.compile(r"FullyShard|FSDP|ZeRO|DeepSpeed")
+
+
+def unknown_sharding(module: nn.Module) -> str | None:
+    """Why flex_surgery cannot tell how ``module``'s parameters are sharded, or ``None``.
+
+    Read from the module alone (class name, parameter attributes), so every rank gives the
+    same answer without a collective."""
+    for pname, param in module._parameters.items():
+        attrs = [a for a in _FOREIGN_SHARDED_PARAM_ATTRS if hasattr(param, a)]
+        if attrs:
+            return (f"its parameter {pname!r} carries {attrs} (DeepSpeed ZeRO-3 partitioning), "
+                    "which no framework module of flex_surgery maps")
+    cls = type(module)
+    if _FOREIGN_WRAPPER_NAME.search(cls.__name__) and wrapper_kind(module) is None and \
+            not FSDP_1.owns(module) and not FSDP_2.owns(module):
+        return (f"it is a {cls.__module__}.{cls.__qualname__}, a sharding wrapper no framework "
+                "module describes")
+    return None
+
+
+def check_known_sharding(model: nn.Module) -> None:
+    """Raise :class:`UnknownLayoutError` naming the first module of ``model`` whose parameter
+    sharding no framework module describes (see :func:`unknown_sharding`)."""
+    for name, module in model.named_modules():
+        why = unknown_sharding(module)
+        if why is not None:
+            raise UnknownLayoutError(
+                f"cannot tell how {clean_name(name) or 'the model'} is sharded: {why}; its "
+                "activations, gradients and whole parameters would be guesses. Unwrap it, or "
+                "use a supported wrapper (DDP, FSDP1, FSDP2); to teach flex_surgery a new one "
+                "see docs/architecture.md, 'Adding a framework'")
 
 
 # -- activations -------------------------------------------------------------------------------
@@ -217,6 +257,9 @@ def _checked_plain(name: str, module: nn.Module, pname: str, param: nn.Parameter
     whose bias starts at zero has equal biases on every rank, yet the bias is this rank's piece
     of a longer one -- if any plain parameter of the module differs, none of them is whole.
     """
+    why = unknown_sharding(module)
+    if why is not None:
+        raise UnknownLayoutError(f"cannot tell whether {name} is whole: {why}")
     local = param.data
     if tp_group is None:
         return plain_shard(name, module, pname, param)
