@@ -39,15 +39,35 @@ class Net(nn.Module):
         return self.head(x)
 
 
+def seeded_linear(i: int, o: int, g: torch.Generator) -> nn.Linear:
+    """An ``nn.Linear(i, o)`` whose weights are drawn from ``g`` (same on every rank)."""
+    lin = nn.Linear(i, o)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(o, i, generator=g) / i ** 0.5)
+        lin.bias.copy_(torch.randn(o, generator=g) * 0.1)
+    return lin
+
+
+def llama_tp_plan(layers: int = 2) -> dict:
+    """DTensor TP plan for a tiny HF Llama: q/k/v, gate and up column-wise, o and down
+    row-wise."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    plan = {}
+    for i in range(layers):
+        for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                     "mlp.gate_proj", "mlp.up_proj"):
+            plan[f"model.layers.{i}.{name}"] = ColwiseParallel()
+        for name in ("self_attn.o_proj", "mlp.down_proj"):
+            plan[f"model.layers.{i}.{name}"] = RowwiseParallel()
+    return plan
+
+
 def plain_net(seed: int = 0, ff: int = FF) -> Net:
     g = torch.Generator().manual_seed(seed)
 
     def linear(i, o):
-        lin = nn.Linear(i, o)
-        with torch.no_grad():
-            lin.weight.copy_(torch.randn(o, i, generator=g) / i ** 0.5)
-            lin.bias.copy_(torch.randn(o, generator=g) * 0.1)
-        return lin
+        return seeded_linear(i, o, g)
 
     return Net([Block(linear(H, ff), linear(ff, H)) for _ in range(2)], linear(H, V))
 

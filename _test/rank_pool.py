@@ -180,18 +180,23 @@ class RankPool:
         timeout_s: float | None = None,
     ) -> list[Any]:
         """Run a registered body on every rank; return the per-rank results in rank order."""
-        key = (fn.__module__, fn.__qualname__)
-        if key not in _BODIES:
-            raise ValueError(f"{key} is not registered; decorate it with @distributed")
-        for conn in self._conns:
-            conn.send((key, kwargs or {}))
-        replies = self._collect(timeout_s or self.timeout_s)
+        replies = self._dispatch(fn, kwargs, timeout_s)
         bad = {r: v for r, v in replies.items() if v[0] != "ok"}
         if bad:
             if any(kind != "err" for kind, _ in bad.values()):
                 self.close(force=True)  # a hung or dead rank: this world is unusable
             raise RankFailure(self._format(bad, f"running {fn.__qualname__}"))
         return [replies[r][1] for r in range(self.world_size)]
+
+    def _dispatch(self, fn: Callable[..., Any], kwargs: dict[str, Any] | None,
+                  timeout_s: float | None) -> dict[int, tuple[str, Any]]:
+        """Send a registered body to every rank and collect each rank's ``(kind, value)``."""
+        key = (fn.__module__, fn.__qualname__)
+        if key not in _BODIES:
+            raise ValueError(f"{key} is not registered; decorate it with @distributed")
+        for conn in self._conns:
+            conn.send((key, kwargs or {}))
+        return self._collect(timeout_s or self.timeout_s)
 
     def run_outcomes(
         self, fn: Callable[..., Any], kwargs: dict[str, Any] | None = None,
@@ -203,12 +208,7 @@ class RankPool:
         For tests that inject faults and check how each rank fails. A world that lost or hung a
         rank is closed here and forked again by the next :func:`get_pool`.
         """
-        key = (fn.__module__, fn.__qualname__)
-        if key not in _BODIES:
-            raise ValueError(f"{key} is not registered; decorate it with @distributed")
-        for conn in self._conns:
-            conn.send((key, kwargs or {}))
-        replies = self._collect(timeout_s or self.timeout_s)
+        replies = self._dispatch(fn, kwargs, timeout_s)
         if any(kind in ("died", "timeout") for kind, _ in replies.values()):
             self.close(force=True)
         return replies

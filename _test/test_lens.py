@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from parallel_cases import Block, local_group
+from parallel_cases import Block, local_group, seeded_linear
 from rank_pool import distributed
 from torch import nn
 
@@ -54,11 +54,7 @@ def plain_lm(seed: int = 0, tied: bool = False) -> LensTinyLM:
     g = torch.Generator().manual_seed(seed)
 
     def linear(i, o):
-        lin = nn.Linear(i, o)
-        with torch.no_grad():
-            lin.weight.copy_(torch.randn(o, i, generator=g) / i ** 0.5)
-            lin.bias.copy_(torch.randn(o, generator=g) * 0.1)
-        return lin
+        return seeded_linear(i, o, g)
 
     embed = nn.Embedding(V, H)
     norm = nn.LayerNorm(H)

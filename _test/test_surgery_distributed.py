@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 import torch.distributed as dist
+from parallel_cases import llama_tp_plan
 from rank_pool import distributed
 from test_surgery_support import differing_bytes, raw, raw_state
 from torch import nn
@@ -181,16 +182,7 @@ def test_fsdp2():
 
 
 def _tp_plan():
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
-
-    plan = {}
-    for i in range(2):
-        for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-                     "mlp.gate_proj", "mlp.up_proj"):
-            plan[f"model.layers.{i}.{name}"] = ColwiseParallel()
-        for name in ("self_attn.o_proj", "mlp.down_proj"):
-            plan[f"model.layers.{i}.{name}"] = RowwiseParallel()
-    return plan
+    return llama_tp_plan(2)
 
 
 @distributed(world_size=2)
