@@ -19,13 +19,10 @@ How it runs on a sharded model -- every step reuses the machinery the hooks use:
   them. Blocks are numbered globally (:class:`~flex_surgery.surgery.model_surgery.ModelSurgery`).
 * **Vocabulary-parallel unembedding** (fairscale/Megatron ``ColumnParallelLinear`` or
   ``VocabParallelEmbedding`` heads, HF ``tp_plan`` ``lm_head`` with a ``Shard(0)`` DTensor
-  weight): each tensor-parallel rank computes the logits of its vocabulary slice only. The
-  top-k is exact without gathering the vocabulary: every rank keeps its local top-k and its
-  local log-sum-exp; one all-gather of ``2k + 1`` numbers per position gives every rank the
-  candidates (the global top-k is among the union of the local ones) and the global
-  log-sum-exp (the log-sum-exp of the local ones), hence exact log-probabilities. The rows a
-  rank holds are the framework registry's shard view of the weight. A replicated
-  unembedding is split the same way, so the ranks share the work.
+  weight): each tensor-parallel rank computes the logits of its vocabulary slice only (the
+  registry's shard view of the weight), and the top-k is exact without gathering the
+  vocabulary (:mod:`flex_surgery.lens_unembedding`). A replicated unembedding is split the same
+  way, so the ranks share the work.
 * **Data parallelism:** the head stage's replicas split the positions between them.
 * The result reaches every rank with one all-reduce of the (small) top-k tables.
 
@@ -35,29 +32,29 @@ The lens is computed without autograd; translators are a hook point for a tuned 
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from flex_surgery.anatomy import MissingPart, locate
+from flex_surgery.lens_plot import plot_lens
+from flex_surgery.lens_unembedding import (
+    LensError,
+    _local_unembedding,
+    _Unembedding,
+    local_topk,
+    merge_topk,
+)
 from flex_surgery.parallel.runtime import HookSite, wait_for_host_copies
 from flex_surgery.surgery.model_surgery import ModelSurgery
 from flex_surgery.surgery.theater import unwrap_model
 
 __all__ = ["LensError", "LensResult", "LogitLens", "logit_lens", "plot_lens"]
-
-
-class LensError(RuntimeError):
-    """The lens cannot run on this model (no known head, an unembedding split it cannot
-    follow, a block that did not run, ...)."""
 
 
 @dataclass
@@ -84,117 +81,6 @@ class LensResult:
     def at(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(tokens, logprobs)`` of block ``layer`` (a global index present in ``layers``)."""
         return self.tokens[self.layers.index(layer)], self.logprobs[self.layers.index(layer)]
-
-
-# -- the unembedding of this rank --------------------------------------------------------------
-@dataclass
-class _Unembedding:
-    """This rank's slice of the unembedding: ``logits = h @ weight.T + bias`` for the vocabulary
-    ids ``offset .. offset + len(weight) - 1`` of ``vocab_size``."""
-
-    weight: torch.Tensor
-    bias: torch.Tensor | None
-    offset: int
-    vocab_size: int
-
-
-_LINEAR_HEADS = ("Linear", "ColumnParallelLinear")
-_EMBEDDING_HEADS = ("Embedding", "VocabParallelEmbedding")
-
-
-def _weight_rows(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(weight [vocab, hidden], bias)`` of a head module, as the module holds them."""
-    kind = type(module).__name__
-    weight = getattr(module, "weight", None)
-    if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
-        raise LensError(f"the unembedding {kind} has no 2-D weight")
-    if kind == "Conv1D":  # transformers' GPT-2 style: weight is [hidden, vocab]
-        return weight.t(), getattr(module, "bias", None)
-    if isinstance(module, nn.Linear) or kind in _LINEAR_HEADS:
-        return weight, getattr(module, "bias", None)
-    if isinstance(module, nn.Embedding) or kind in _EMBEDDING_HEADS:
-        return weight, None
-    raise LensError(
-        f"the unembedding is a {kind}; the lens knows nn.Linear, nn.Embedding (tied), "
-        "transformers' Conv1D, and fairscale / Megatron-core ColumnParallelLinear and "
-        "VocabParallelEmbedding")
-
-
-def _local_unembedding(module: nn.Module, mesh: Any) -> _Unembedding:
-    """How this rank computes its part of the logits (see the module docstring).
-
-    Which vocabulary rows this rank holds is the framework registry's shard view of the weight
-    (:func:`~flex_surgery.parallel.frameworks.parameter_view`: fairscale, Megatron-core,
-    DTensor / HF ``tp_plan``); a weight no framework owns must be the same on every
-    tensor-parallel rank (checked). The tensor-parallel ranks then exchange their row ranges
-    (one ``all_gather_object``, entered by all of them whatever they hold) and go on only if
-    the ranges tile the vocabulary exactly -- a split along the hidden dim, over another axis
-    than tensor parallelism, or with strided rows is an error on every rank.
-    """
-    from flex_surgery.parallel import frameworks
-    from flex_surgery.parallel.frameworks.base import LayoutError, differs_across
-    from flex_surgery.parallel.layout import chunk_sizes
-
-    kind = type(module).__name__
-    _, bias = _weight_rows(module)  # a head the lens knows, with a 2-D weight
-    vocab_dim = 1 if kind == "Conv1D" else 0  # of the stored weight
-    tp = mesh.tp_size if mesh is not None else 1
-    tp_group = mesh.group("tp") if tp > 1 else None
-    try:  # the same answer on every tensor-parallel rank (module attributes, placements)
-        view = frameworks.parameter_view(f"{kind}.weight", module, "weight", module.weight)
-        bias_view = None if bias is None else \
-            frameworks.parameter_view(f"{kind}.bias", module, "bias", bias)
-    except (LayoutError, NotImplementedError) as err:  # e.g. interleaved Megatron partitions
-        raise LensError(f"the unembedding {kind}: {err}") from err
-    vocab, hidden = view.full_shape[vocab_dim], view.full_shape[1 - vocab_dim]
-    problem = None
-    if not isinstance(view.region, frameworks.BlockRegion):
-        problem = (f"the unembedding {kind}'s weight is split into strided rows "
-                   f"({view.kind}); the lens follows a vocabulary split into blocks")
-    elif view.local.shape[1 - vocab_dim] != hidden:
-        problem = (f"the unembedding {kind} is split along its hidden dimension; the lens "
-                   "needs whole hidden vectors (a vocabulary split)")
-    start = view.region.offsets[vocab_dim] if problem is None else 0
-    piece = (problem, view.kind, start, int(view.local.shape[vocab_dim]), int(vocab))
-    pieces = [piece]
-    if tp_group is not None:
-        pieces = [None] * tp
-        dist.all_gather_object(pieces, piece, group=tp_group)
-    problems = [p[0] for p in pieces if p[0]]
-    if not problems and len({p[4] for p in pieces}) > 1:
-        problems = [f"the unembedding {kind} has vocabularies of sizes {[p[4] for p in pieces]} "
-                    "on the tensor-parallel ranks; they must agree"]
-    if problems:
-        raise LensError(problems[0])
-    if view.kind == "plain" and tp_group is not None and differs_across([view.local],
-                                                                          tp_group)[0]:
-        raise LensError(
-            f"the unembedding {kind} is a plain module that differs across tensor-parallel "
-            "ranks, so how its vocabulary is split is unknown; build it from a tensor-parallel "
-            "layer (fairscale / Megatron ColumnParallelLinear, VocabParallelEmbedding, an HF "
-            "tp_plan) or keep it whole on every rank")
-    weight = view.local.t() if vocab_dim else view.local
-    local_bias = None if bias_view is None else bias_view.local
-    tp_rank = mesh.rank("tp") if tp > 1 else 0
-    if all(count == vocab for *_, count, _ in pieces):
-        # Whole on every rank: the tensor-parallel ranks still share the work by vocabulary.
-        sizes = chunk_sizes(vocab, tp)
-        first = sum(sizes[:tp_rank])
-        rows = slice(first, first + sizes[tp_rank])
-        return _Unembedding(weight[rows], None if local_bias is None else local_bias[rows],
-                            first, vocab)
-    ranges = sorted((first, count) for _, _, first, count, _ in pieces)
-    if [first for first, _ in ranges] != list(itertools.accumulate(
-                [0] + [count for _, count in ranges[:-1]])) or \
-            sum(count for _, count in ranges) != vocab:
-        raise LensError(
-            f"the unembedding {kind}'s vocabulary rows (first, count) per tensor-parallel rank "
-            f"are {[(p[2], p[3]) for p in pieces]} of {vocab}: they do not split the "
-            "vocabulary over tensor parallelism exactly (a split over another axis, or "
-            "overlapping rows); the lens follows a vocabulary split over tensor parallelism only")
-    if local_bias is not None and local_bias.shape[0] != weight.shape[0]:
-        local_bias = local_bias[start:start + weight.shape[0]]  # a bias kept whole
-    return _Unembedding(weight, local_bias, start, vocab)
 
 
 # -- the lens -----------------------------------------------------------------------------------
@@ -469,44 +355,12 @@ class LogitLens:
     CHUNK_ELEMENTS = 1 << 24
 
     def _local_topk(self, h: torch.Tensor) -> torch.Tensor:
-        """``[rows, 2k + 1]``: this rank's top-k logits of each row, their vocabulary ids, and
-        the log-sum-exp of its slice (float64; -inf / -1 where the slice has fewer than k)."""
-        u, k = self._unembed, self.top_k
-        out = torch.full((h.shape[0], 2 * k + 1), -math.inf, dtype=torch.float64)
-        out[:, k:2 * k] = -1
-        kk = min(k, u.weight.shape[0])
-        if not kk or not h.shape[0]:
-            return out
-        step = max(1, self.CHUNK_ELEMENTS // u.weight.shape[0])
-        with torch.no_grad():
-            for first in range(0, h.shape[0], step):
-                logits = F.linear(h[first:first + step], u.weight, u.bias).float()
-                values, ids = logits.topk(kk, dim=-1)
-                rows = slice(first, first + logits.shape[0])
-                out[rows, :kk] = values.double().cpu()
-                out[rows, k:k + kk] = (ids + u.offset).double().cpu()
-                out[rows, 2 * k] = torch.logsumexp(logits, dim=-1).double().cpu()
-        return out
+        """This rank's candidates for every row of ``h`` (:func:`local_topk`)."""
+        return local_topk(self._unembed, h, self.top_k, self.CHUNK_ELEMENTS)
 
     def _merge(self, packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Global top-k ids and log-probabilities from every tensor-parallel rank's candidates:
-        one all-gather of ``[layers, rows, 2k + 1]``."""
-        k = self.top_k
-        mesh = self.mesh
-        if mesh is not None and mesh.tp_size > 1:
-            parts = [torch.empty_like(packed) for _ in range(mesh.tp_size)]
-            dist.all_gather(parts, packed, group=mesh.group("tp"))
-        else:
-            parts = [packed]
-        values = torch.cat([p[..., :k] for p in parts], dim=-1)
-        ids = torch.cat([p[..., k:2 * k] for p in parts], dim=-1)
-        lse = torch.logsumexp(torch.stack([p[..., 2 * k] for p in parts], dim=-1), dim=-1)
-        # Ties broken by the smaller id, whatever the rank order.
-        order = torch.argsort(ids, dim=-1, stable=True)
-        values, ids = values.gather(-1, order), ids.gather(-1, order)
-        best = torch.argsort(values, dim=-1, descending=True, stable=True)[..., :k]
-        top_values, top_ids = values.gather(-1, best), ids.gather(-1, best)
-        return top_ids.long(), (top_values - lse.unsqueeze(-1)).float()
+        """The global top-k from every tensor-parallel rank's candidates (:func:`merge_topk`)."""
+        return merge_topk(packed, self.top_k, self.mesh)
 
     def close(self) -> None:
         """Remove the lens's hooks (every rank)."""
@@ -552,49 +406,3 @@ def logit_lens(model: nn.Module, inputs: Any, layers: Sequence[int] | None = Non
         if isinstance(inputs, tuple):
             return lens(*inputs)
         return lens(inputs)
-
-
-# -- the plot -------------------------------------------------------------------------------------
-def plot_lens(result: LensResult, path: str | Path, decode: Callable[[int], str] | None = None,
-              input_tokens: Sequence[str] | None = None, batch_index: int = 0,
-              title: str | None = None) -> Path:
-    """A layers x positions heat map of the top-1 probability, each cell labelled with its
-    top-1 token, saved as PNG. ``decode(id)`` turns ids into text (default: the id);
-    ``input_tokens`` label the positions."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    tokens, probs = result.top1()
-    if tokens.ndim == 3:
-        tokens, probs = tokens[:, batch_index], probs[:, batch_index]
-    elif tokens.ndim != 2:
-        raise ValueError(f"plot_lens plots [layers, positions]; got top-1 of shape "
-                         f"{tuple(tokens.shape)}")
-    decode = decode or str
-    n_layers, n_pos = tokens.shape
-    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * n_pos, 0.9 + 0.32 * n_layers))
-    image = ax.imshow(probs.numpy(), aspect="auto", origin="lower", cmap="Blues", vmin=0,
-                      vmax=1)
-    for i in range(n_layers):
-        for j in range(n_pos):
-            text = decode(int(tokens[i, j])).replace("\n", "\\n")
-            text = text if text.strip() else "␣" * max(1, len(text))  # whitespace made visible
-            ax.text(j, i, text if len(text) <= 10 else text[:9] + "…", ha="center",
-                    va="center", fontsize=7, color="white" if probs[i, j] > 0.55 else "black")
-    ax.set_yticks(range(n_layers), [str(g) for g in result.layers])
-    ax.set_ylabel("block")
-    if input_tokens is not None:
-        ax.set_xticks(range(n_pos), [t.replace("\n", "\\n") for t in input_tokens],
-                      rotation=45, ha="right")
-    else:
-        ax.set_xlabel("position")
-    fig.colorbar(image, ax=ax, label="top-1 probability")
-    ax.set_title(title or "logit lens: top-1 token per block and position")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
