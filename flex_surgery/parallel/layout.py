@@ -55,19 +55,26 @@ Activations carry ``backward_scale = 1 / dp`` for the same reason: the gradient 
 *through* an editing function is scaled by it on the way in and by ``dp`` on the way out, so
 the editing function (and trainable modules in it) see the one-process gradient.
 """
-
 from __future__ import annotations
 
-import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 from torch import nn
 
 from flex_surgery.parallel import frameworks
-from flex_surgery.parallel.frameworks.base import HIDDEN, ActivationShard, LayoutError, TPLayer
-from flex_surgery.parallel.frameworks.dtensor import is_dtensor, mesh_axis_of
+from flex_surgery.parallel.frameworks.base import LayoutError, TPLayer
+from flex_surgery.parallel.frameworks.dtensor import is_dtensor
+from flex_surgery.parallel.layout_specs import GATHER_ORDER as GATHER_ORDER
+from flex_surgery.parallel.layout_specs import (
+    Layout,
+    PartialSpec,
+    ShardSpec,
+    chunk_sizes,
+    dtensor_layout,
+)
+from flex_surgery.parallel.layout_tracker import TPTracker, _Produced
 from flex_surgery.parallel.mesh import ParallelMesh
 
 __all__ = [
@@ -75,84 +82,13 @@ __all__ = [
     "chunk_sizes", "dtensor_layout", "fairscale_param_dim", "is_dtensor", "tp_layer",
 ]
 
-GATHER_ORDER = ("tp", "dp")
 ACTIVATION_ROLES = ("output", "input", "grad_output", "grad_input")
-
-
-@dataclass(frozen=True)
-class ShardSpec:
-    """The tensor is cut along ``dim`` over mesh axis ``axis``; ``sizes`` per rank if known."""
-
-    axis: str
-    dim: int
-    sizes: tuple[int, ...] | None = None
-
-
-@dataclass(frozen=True)
-class PartialSpec:
-    """Every rank of ``axis`` holds a summand; ``op`` is ``"sum"`` or ``"avg"``."""
-
-    axis: str
-    op: str = "sum"
-
-
-@dataclass(frozen=True)
-class Layout:
-    shards: tuple[ShardSpec, ...] = ()
-    partials: tuple[PartialSpec, ...] = ()
-    grad_scale: float = 1.0
-    backward_scale: float = 1.0
-
-    @property
-    def is_replicated(self) -> bool:
-        return not self.shards and not self.partials
-
-    def spec_for(self, axis: str) -> ShardSpec | PartialSpec | None:
-        for s in (*self.shards, *self.partials):
-            if s.axis == axis:
-                return s
-        return None
-
-    def steps(self) -> list[ShardSpec | PartialSpec]:
-        """The per-axis operations in gather order (scatter runs them reversed)."""
-        return [s for a in GATHER_ORDER if (s := self.spec_for(a)) is not None]
-
-    def global_shape(self, local_shape: Sequence[int]) -> tuple[int | None, ...]:
-        """Unsharded shape; ``None`` where a shard's sizes are only known at run time."""
-        shape: list[int | None] = list(local_shape)
-        for s in self.shards:
-            shape[s.dim] = sum(s.sizes) if s.sizes is not None else None
-        return tuple(shape)
-
-
-def chunk_sizes(full: int, parts: int) -> tuple[int, ...]:
-    """Sizes of ``torch.chunk(full, parts)`` padded with empty chunks (DTensor's ``Shard`` rule;
-    equal to ``full / parts`` when it divides)."""
-    step = -(-full // parts)
-    return tuple(max(0, min(step, full - i * step)) for i in range(parts))
 
 
 # -- TP layers (answered by the framework registry) -----------------------------------------
 def tp_layer(module: nn.Module, mesh: ParallelMesh) -> TPLayer | None:
     """The TP description of ``module``, or ``None`` if it is not a tensor-parallel layer."""
     return frameworks.tp_layer(module, mesh)
-
-
-def dtensor_layout(t, mesh: ParallelMesh) -> Layout:
-    """The layout of a DTensor's local piece, from its placements."""
-    shards, partials = [], []
-    for i, p in enumerate(t.placements):
-        axis = mesh_axis_of(t.device_mesh, i, mesh)
-        if p.is_replicate():
-            continue
-        if axis is None:
-            raise LayoutError(f"DTensor mesh dim {i} is not one of the mesh's dp/tp groups")
-        if p.is_shard():
-            dim = p.dim % t.ndim
-            shards.append(ShardSpec(axis, dim, chunk_sizes(t.shape[dim], mesh.size(axis))))
-        elif p.is_partial():
-            partials.append(PartialSpec(axis, "avg" if p.reduce_op == "avg" else "sum"))
-    return Layout(tuple(shards), tuple(partials))
 
 
 def fairscale_param_dim(module: nn.Module, parameter: torch.Tensor) -> int | None:
@@ -163,150 +99,11 @@ def fairscale_param_dim(module: nn.Module, parameter: torch.Tensor) -> int | Non
 
 
 # -- inference -------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class _Produced:
-    """What the TP layer that ran last produced: its output's local shape and tp shard
-    (``None``: replicated), or why its split is unknown."""
+class LayoutInference(TPTracker):
+    """Infers layouts for hook sites of one model over one mesh (see the module docstring).
 
-    shape: tuple[int, ...]
-    spec: ShardSpec | None
-    unknown: str | None = None
-
-
-class LayoutInference:
-    """Infers layouts for hook sites of one model over one mesh (see the module docstring)."""
-
-    def __init__(self, mesh: ParallelMesh, batch_dim: int = 0) -> None:
-        self.mesh = mesh
-        self.batch_dim = batch_dim
-        self._tp: weakref.WeakKeyDictionary[nn.Module, TPLayer | None] = \
-            weakref.WeakKeyDictionary()
-        self._names: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
-        # Modules whose activations have no known layout, and why (see ``watch``).
-        self._unknown: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
-        self._undescribed: weakref.WeakKeyDictionary[nn.Module, str] = \
-            weakref.WeakKeyDictionary()
-        self._sequence_parallel = False
-        # What the TP layer that ran last produced (None: no TP layer has run yet).
-        self._current: _Produced | None = None
-        self._entry: weakref.WeakKeyDictionary[nn.Module, _Produced | None] = \
-            weakref.WeakKeyDictionary()
-        self._exit: weakref.WeakKeyDictionary[nn.Module, _Produced | None] = \
-            weakref.WeakKeyDictionary()
-        self._handles: list = []
-        # Per module, (input, output) batch dims where the framework says they differ from
-        # ``batch_dim``; and every parameter by identity (a layer may return one as an output).
-        self._batch_dims: weakref.WeakKeyDictionary[nn.Module, tuple[int, int]] = \
-            weakref.WeakKeyDictionary()
-        self._parameters: dict[int, tuple[weakref.ref, nn.Module]] = {}
-
-    # The tracker: remembers, per module, the TP layer output state at its entry and exit.
-    def watch(self, model: nn.Module) -> None:
-        """Track which TP layer ran last, so non-TP modules inherit its output layout.
-
-        Collective over ``tp``: modules that no framework owns but whose parameters differ
-        across the tp ranks are found here (one all-gather of fingerprints), and modules a
-        framework splits but does not describe (``frameworks.undescribed_split_modules``);
-        their activations, and those of modules after them, have no known layout.
-        """
-        frameworks.check_known_sharding(model)
-        for name, m in model.named_modules():
-            self._names.setdefault(m, name)
-            for p in m.parameters(recurse=False):
-                self._parameters.setdefault(id(p), (weakref.ref(p), m))
-        self._batch_dims.update(frameworks.batch_dims(model))
-        if self.mesh.tp_size == 1:
-            return
-        self._sequence_parallel = frameworks.sequence_parallel(model)
-        self._tp.update(frameworks.tp_layers_within(model))
-        for name, m in frameworks.split_unknown_modules(model, self.mesh.group("tp")).items():
-            self._unknown[m] = name
-        for name, m in frameworks.undescribed_split_modules(model, self.mesh).items():
-            self._undescribed[m] = name
-        for m in model.modules():
-            if self.tp_layer(m) is not None or self._why_unknown(m) is not None:
-                self._handles.append(m.register_forward_hook(self._tp_layer_ran))
-            self._handles.append(m.register_forward_pre_hook(self._enter))
-            self._handles.append(m.register_forward_hook(self._leave))
-
-    def unwatch(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-
-    def _enter(self, module, args):
-        self._entry[module] = self._current
-
-    def _leave(self, module, args, output):
-        self._exit[module] = self._current
-
-    def _tp_layer_ran(self, module, args, output):
-        out = output[0] if isinstance(output, tuple) else output
-        if not isinstance(out, torch.Tensor) or is_dtensor(out):
-            self._current = None
-            return
-        why = self._why_unknown(module)
-        if why is not None:
-            self._current = _Produced(tuple(out.shape), None,
-                                      f"it comes from {self._describe(module)}, which {why}")
-            return
-        info = self.tp_layer(module)
-        try:
-            spec = self._dim_shard(info.output, out, info.exact, module, "output")
-        except LayoutError as exc:  # raised for the hooks that depend on it, not the forward
-            self._current = _Produced(tuple(out.shape), None, str(exc))
-            return
-        self._current = _Produced(tuple(out.shape), spec)
-
-    def _why_unknown(self, module: nn.Module) -> str | None:
-        """Why the activations of ``module`` have no known layout, or ``None`` if they may."""
-        if module in self._unknown:
-            return ("holds parameters that differ across the tensor-parallel ranks but no "
-                    "framework owns")
-        if module in self._undescribed:
-            framework = frameworks.owner(module)
-            return (f"has parameters {framework.name} splits over the tensor-parallel ranks, "
-                    f"but {framework.name} does not describe how a {type(module).__name__} "
-                    f"splits its activations")
-        return None
-
-    def tp_layer(self, module: nn.Module) -> TPLayer | None:
-        if module not in self._tp:
-            self._tp[module] = tp_layer(module, self.mesh)
-        return self._tp[module]
-
-    def _describe(self, module: nn.Module | None) -> str:
-        if module is None:
-            return "<unknown module>"
-        name = self._names.get(module)
-        return f"{name!r} ({type(module).__name__})" if name else type(module).__name__
-
-    def _dim_shard(self, shard: ActivationShard | None, local: torch.Tensor, exact: bool,
-                   module: nn.Module, role: str) -> ShardSpec | None:
-        """The tp shard of ``local`` that ``shard`` describes, checked against its shape."""
-        if shard is None or local.ndim == 0:
-            return None
-        dim = local.ndim - 1 if shard.dim == HIDDEN else shard.dim
-        if dim >= local.ndim:
-            return None
-        tp, size = self.mesh.tp_size, local.shape[dim]
-        if shard.full is None:  # equal shards (Megatron's sequence dim)
-            return ShardSpec("tp", dim, (size,) * tp) if shard.sharded is not False else None
-        sizes = chunk_sizes(shard.full, tp)
-        mine = sizes[self.mesh.rank("tp")]
-        sharded = shard.sharded
-        if sharded is None:  # decide from the observed shape
-            sharded = size == mine and shard.full != mine
-            if not sharded and exact and size != shard.full:
-                raise LayoutError(
-                    f"{self._describe(module)} {role}: dim {dim} has size {size}, neither the "
-                    f"full {shard.full} nor this rank's tp shard {mine}")
-        if not sharded:
-            return None
-        if size != mine:
-            raise LayoutError(f"{self._describe(module)} {role}: local dim {dim} is {size}, "
-                              f"not this rank's tp shard {mine} of {shard.full}")
-        return ShardSpec("tp", dim, sizes)
+    The tracking of which TP layer ran last (``watch``) is :class:`~flex_surgery.parallel.
+    layout_tracker.TPTracker`'s; the rules that turn it into layouts are here."""
 
     def _inherited(self, module: nn.Module, state: _Produced | None,
                    local: torch.Tensor, role: str) -> ShardSpec | None:
