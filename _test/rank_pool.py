@@ -22,16 +22,15 @@ from __future__ import annotations
 
 import functools
 import importlib
-import multiprocessing as mp
 import os
-import signal
-import socket
 import sys
-import time
 import traceback
 from collections.abc import Callable
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import Connection
 from typing import Any
+
+from flex_surgery.launch import LaunchError
+from flex_surgery.launch.local import ForkedRanks, Reply
 
 DEFAULT_TIMEOUT_S = float(os.environ.get("FLEX_TEST_TIMEOUT", "180"))
 
@@ -40,12 +39,6 @@ _BODIES: dict[tuple[str, str], Callable[..., Any]] = {}
 
 class RankFailure(AssertionError):
     """One or more ranks failed or timed out; the message holds every rank's report."""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _resolve(key: tuple[str, str]) -> Callable[..., Any]:
@@ -69,27 +62,10 @@ def _reset_rank_state() -> None:
         pass
 
 
-def _rank_main(rank: int, world_size: int, port: int, conn: Connection) -> None:
-    """Loop of one forked rank: initialise the process group once, then run bodies on demand."""
+def _serve(conn: Connection) -> None:
+    """Loop of one forked rank (process group already up): run bodies until told to stop."""
     import torch
 
-    from flex_surgery.parallel.backend import init_distributed
-
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        LOCAL_RANK=str(rank),
-        LOCAL_WORLD_SIZE=str(world_size),
-    )
-    torch.set_num_threads(1)
-    try:
-        init_distributed(rank, world_size, device="cpu", timeout_s=DEFAULT_TIMEOUT_S)
-    except BaseException:
-        conn.send(("err", f"rank {rank}: process group init failed\n{traceback.format_exc()}"))
-        return
-    conn.send(("ready", None))
     while True:
         try:
             msg = conn.recv()
@@ -101,74 +77,28 @@ def _rank_main(rank: int, world_size: int, port: int, conn: Connection) -> None:
         try:
             # Every body starts from the same RNG state on every rank, whatever ran before it.
             torch.manual_seed(0)
-            result = _resolve(key)(**kwargs)
-            conn.send(("ok", result))
+            conn.send(("ok", _resolve(key)(**kwargs)))
         except BaseException:
             conn.send(("err", traceback.format_exc()))
         finally:
             _reset_rank_state()
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 class RankPool:
-    """``world_size`` forked ranks with an initialised gloo process group."""
+    """``world_size`` forked ranks with an initialised gloo process group, started and torn down
+    by :class:`flex_surgery.launch.local.ForkedRanks` (the library's one local launcher)."""
 
     def __init__(self, world_size: int, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         self.world_size = world_size
         self.timeout_s = timeout_s
-        self._procs: list[mp.process.BaseProcess] = []
-        self._conns: list[Connection] = []
-        self._start()
-
-    def _start(self) -> None:
-        ctx = mp.get_context("fork")
-        port = _free_port()
-        for rank in range(self.world_size):
-            parent, child = ctx.Pipe()
-            proc = ctx.Process(
-                target=_rank_main, args=(rank, self.world_size, port, child), daemon=True
-            )
-            proc.start()
-            child.close()
-            self._procs.append(proc)
-            self._conns.append(parent)
-        replies = self._collect(self.timeout_s)
-        bad = {r: v for r, v in replies.items() if v[0] != "ready"}
-        if bad:
-            self.close(force=True)
-            raise RankFailure(self._format(bad, "starting the pool"))
-
-    def _collect(self, timeout_s: float) -> dict[int, tuple[str, Any]]:
-        """Wait for one reply per rank; ranks silent past the deadline are reported as hung."""
-        deadline = time.monotonic() + timeout_s
-        replies: dict[int, tuple[str, Any]] = {}
-        pending = dict(enumerate(self._conns))
-        while pending:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            for conn in wait(list(pending.values()), timeout=min(remaining, 1.0)):
-                rank = next(r for r, c in pending.items() if c is conn)
-                try:
-                    replies[rank] = conn.recv()
-                except EOFError:
-                    self._procs[rank].join(timeout=1)
-                    code = self._procs[rank].exitcode
-                    replies[rank] = ("died", f"rank process died (exit code {code})")
-                del pending[rank]
-            if any(v[0] in ("err", "died") for v in replies.values()) and pending:
-                # One rank failed: its peers may be stuck in a collective. Give them a short
-                # grace period, not the whole timeout.
-                deadline = min(deadline, time.monotonic() + 10.0)
-        for rank in pending:
-            replies[rank] = ("timeout", f"no answer within {timeout_s:.0f} s (hung collective?)")
-        return replies
+        try:
+            self._ranks = ForkedRanks(world_size, _serve, device="cpu", timeout_s=timeout_s,
+                                      collective_timeout_s=DEFAULT_TIMEOUT_S, grace_s=10.0)
+        except LaunchError as err:
+            raise RankFailure(f"starting the pool: {err}") from None
 
     @staticmethod
-    def _format(bad: dict[int, tuple[str, Any]], what: str) -> str:
+    def _format(bad: dict[int, Reply], what: str) -> str:
         parts = [f"{len(bad)} rank(s) failed while {what}:"]
         for rank in sorted(bad):
             kind, text = bad[rank]
@@ -189,19 +119,18 @@ class RankPool:
         return [replies[r][1] for r in range(self.world_size)]
 
     def _dispatch(self, fn: Callable[..., Any], kwargs: dict[str, Any] | None,
-                  timeout_s: float | None) -> dict[int, tuple[str, Any]]:
+                  timeout_s: float | None) -> dict[int, Reply]:
         """Send a registered body to every rank and collect each rank's ``(kind, value)``."""
         key = (fn.__module__, fn.__qualname__)
         if key not in _BODIES:
             raise ValueError(f"{key} is not registered; decorate it with @distributed")
-        for conn in self._conns:
-            conn.send((key, kwargs or {}))
-        return self._collect(timeout_s or self.timeout_s)
+        self._ranks.send((key, kwargs or {}))
+        return self._ranks.collect(timeout_s or self.timeout_s)
 
     def run_outcomes(
         self, fn: Callable[..., Any], kwargs: dict[str, Any] | None = None,
         timeout_s: float | None = None,
-    ) -> dict[int, tuple[str, Any]]:
+    ) -> dict[int, Reply]:
         """Run a registered body on every rank and return every rank's ``(kind, value)``:
         ``("ok", result)``, ``("err", traceback)``, ``("died", why)`` or ``("timeout", why)``.
 
@@ -215,23 +144,10 @@ class RankPool:
 
     @property
     def alive(self) -> bool:
-        return bool(self._procs) and all(p.is_alive() for p in self._procs)
+        return self._ranks.alive
 
     def close(self, force: bool = False) -> None:
-        for conn in self._conns:
-            try:
-                if not force:
-                    conn.send(None)
-            except (BrokenPipeError, OSError):
-                pass
-        for proc in self._procs:
-            proc.join(timeout=0 if force else 5)
-            if proc.is_alive():
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.join(timeout=5)
-        for conn in self._conns:
-            conn.close()
-        self._procs, self._conns = [], []
+        self._ranks.close(force)
 
 
 _POOLS: dict[int, RankPool] = {}

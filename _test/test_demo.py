@@ -11,10 +11,9 @@ import pytest
 import torch
 
 from flex_surgery.demo import DemoConfig, run_demo
-from flex_surgery.demo.ranks import fork_ranks
 from flex_surgery.demo.report import verdict
 from flex_surgery.demo.source import ModelSource, prepare_source
-from flex_surgery.launch import LaunchError
+from flex_surgery.launch import LaunchError, fork_ranks
 
 
 @pytest.fixture(scope="module")

@@ -110,15 +110,15 @@ def _inspect_sharded(args: argparse.Namespace, groups: list[tuple[str, str, str]
     import shutil
 
     from flex_surgery.demo.config import DemoConfig
-    from flex_surgery.demo.ranks import fork_ranks
     from flex_surgery.demo.source import prepare_source
+    from flex_surgery.launch import fork_ranks
 
     source = prepare_source(DemoConfig(model="tiny" if args.model == "llama" else "smollm2"))
     try:
         source.check_nprocs(args.tp)
         title = f"hook map of {args.model} on rank 0 of {args.tp} (HF tensor parallelism)"
         return fork_ranks(_sharded_map, str(source.folder), groups, title, collapse, args.depth,
-                          nprocs=args.tp)[0]
+                          nprocs=args.tp, device="cpu")[0]
     finally:
         if source.folder.name.startswith("flex_surgery_tiny_"):
             shutil.rmtree(source.folder, ignore_errors=True)

@@ -20,9 +20,9 @@ from typing import Any
 
 from flex_surgery.demo.config import DemoConfig
 from flex_surgery.demo.job import demo_rank
-from flex_surgery.demo.ranks import run_on_ranks
 from flex_surgery.demo.report import format_report, plot_sweep, verdict, write_json
 from flex_surgery.demo.source import ModelSource, prepare_source
+from flex_surgery.launch import launch
 
 __all__ = ["DemoConfig", "DemoResult", "run_demo"]
 
@@ -62,8 +62,10 @@ def _run(config: DemoConfig, source: ModelSource, say, start: float) -> DemoResu
     source.check_nprocs(nprocs)
     ids = source.tokenizer.encode(config.prompt)
     say(f"launching {nprocs} ranks ({config.launcher}) for {source.name} ...", flush=True)
-    results = run_on_ranks(demo_rank, str(source.folder), ids, config.max_blocks,
-                           config.check_reference, nprocs=nprocs, launcher=config.launcher)
+    # CPU ranks (gloo): HF's TP plan on a GPU box would want one GPU per rank.
+    results = launch(demo_rank, str(source.folder), ids, config.max_blocks,
+                     config.check_reference, nprocs=nprocs, executor=config.launcher,
+                     device="cpu", timeout_min=15)
     result = results[0]
     others_restored = all(all(r["restored_all_ranks"] for r in res["sweep"]) for res in results)
     out = Path(config.out_dir)

@@ -1,7 +1,10 @@
 """Run a function on N ranks: on this machine, under torchrun, or as a SLURM job via submitit.
 
-One entry point, three executors, one result path:
+One entry point, four executors, one result path:
 
+- ``"fork"``: :func:`~flex_surgery.launch.local.fork_ranks` forks the ranks from this process
+  (start-up well under a second: the children inherit the imported torch). :func:`launch` only;
+  the function needs no pickling.
 - ``"local"``: submitit's ``LocalExecutor`` starts ``nprocs`` fresh processes here (a laptop, a
   single GPU box, a CI runner).
 - ``"slurm"``: submitit's SLURM executor writes an ``sbatch`` script that ``srun``-s one task per
@@ -33,11 +36,12 @@ from typing import Any
 
 import flex_surgery
 from flex_surgery.launch.environment import free_port
+from flex_surgery.launch.local import fork_ranks
 from flex_surgery.launch.rank_task import LaunchError, RankOutcome, RankTask
 
 __all__ = ["EXECUTORS", "LaunchedJob", "launch", "run_script", "submit"]
 
-EXECUTORS = ("local", "slurm", "torchrun", "auto")
+EXECUTORS = ("fork", "local", "slurm", "torchrun", "auto")
 
 # The directory that holds the flex_surgery package the caller imported: jobs put it first on
 # PYTHONPATH so that they run the caller's code even where the package is not installed.
@@ -239,6 +243,8 @@ def submit(
     ``slurm_account="lab"``, ``slurm_constraint="a100"``, ``slurm_qos="high"``).
     """
     executor = _resolve_executor(executor)
+    if executor == "fork":
+        raise ValueError("executor 'fork' runs while the caller waits: use launch(), not submit()")
     if nprocs < 1 or nprocs % nodes:
         raise ValueError(f"nprocs={nprocs} must be a positive multiple of nodes={nodes}")
     if nodes > 1 and executor != "slurm":
@@ -304,6 +310,19 @@ def launch(fn: Callable[..., Any], *args: Any, nprocs: int, executor: str = "loc
 
         assert launch(world_sum, 1.0, nprocs=2) == [3.0, 3.0]
     """
-    results = submit(fn, *args, nprocs=nprocs, executor=executor, rank0_only=rank0_only,
-                     **options).results()
+    if executor == "fork":
+        results = _launch_forked(fn, args, nprocs, **options)
+    else:
+        results = submit(fn, *args, nprocs=nprocs, executor=executor, rank0_only=rank0_only,
+                         **options).results()
     return results[0] if rank0_only else results
+
+
+def _launch_forked(fn: Callable[..., Any], args: tuple, nprocs: int, *, device: str | None = None,
+                   timeout_min: float = 10, collective_timeout_s: float = 300.0,
+                   kwargs: dict[str, Any] | None = None, **others: Any) -> list[Any]:
+    """``executor="fork"``: the options of :func:`submit` that mean something for forked ranks."""
+    if others:
+        raise TypeError(f"executor 'fork' takes none of {sorted(others)} (job options)")
+    return fork_ranks(fn, *args, nprocs=nprocs, device=device, timeout_s=60 * timeout_min,
+                      collective_timeout_s=collective_timeout_s, kwargs=kwargs)
