@@ -1,50 +1,76 @@
-"""What a FlexModel hook costs under tensor parallelism, relative to the raw communication.
+"""What a FlexModel hook adds to a sharded forward, over the true floor of the same operation.
 
-Two ranks (forked here, gloo on CPU, nccl on GPUs) run a stack of 8 TP blocks
-(``ColumnParallelLinear`` H->4H, GELU, ``RowParallelLinear`` 4H->H; H=512, 256 tokens) with a
-hook on every up-projection, whose output is sharded over the two ranks -- once with fairscale's
-layers, once with Megatron-core's (its ``[s, b, h]`` activations hold the same bytes; groups
-adopted from ``parallel_state``). Measured interleaved per framework, medians over the
-repetitions:
+Every layout runs 8 MLP blocks (up H->4H, GELU, down 4H->H; H=512, 256 tokens per replica) on
+forked ranks (gloo on CPU, one thread per rank) with a hook on every up-projection:
 
-* ``retrieval_ratio`` = (forward with retrieval hooks - plain forward)
-  / (8 x [raw ``all_gather`` + concat + CPU copy of one up-projection output]);
-* ``edit_ratio`` = the same with an x2 editing function on every hook (nothing stored).
+* ``tp2``: fairscale ``ColumnParallelLinear``/``RowParallelLinear``, TP=2 (2 ranks);
+* ``megatron``: the same block from Megatron-core's TP layers, TP=2 (2 ranks, ``[s, b, h]``);
+* ``dp2tp2``: fairscale, DP=2 x TP=2 (4 ranks, each replica its own batch row);
+* ``pp2``: two pipeline stages of 4 plain blocks each (2 ranks, activations sent stage to stage).
 
-A ratio <= 1 means a hook costs no more than the collective one would write by hand. Prints the
-ratios (and Megatron's over fairscale's) and writes them to ``results/retrieval_overhead.json``
-(fairscale's at the top level, Megatron's under ``"megatron"``).
+Per layout, in interleaved rounds (order rotated each round, a barrier before every clock):
+a forward with every hook disabled (``plain``), with retrieval hooks (``read``, stored on rank
+0), with an x2 editing function on every hook (``edit``: the leader path; ``edit_replicate``:
+``HookFunction(..., replicate_edit=True)`` where this checkout has it), and the floors:
 
-    python benchmarks/retrieval_overhead.py [--reps 30] [--device cpu]
+* retrieval floor: the bytes of the 8 activations moved, once, to the rank that stores them,
+  into preallocated buffers -- one ``dist.gather`` over the layout's ranks to rank 0 and a copy
+  into a preallocated whole tensor (TP, DP x TP); for PP, stage 0's activations copied into
+  preallocated buffers on rank 0 and stage 1's sent to rank 0 (``send``/``recv`` into
+  preallocated buffers);
+* edit floor: what an editing function of the whole tensor needs on every rank that holds a
+  piece -- ``dist.all_gather`` into preallocated buffers, a copy into a preallocated whole
+  tensor, x2, keep this rank's slice (TP, DP x TP; over every rank that holds a piece); for PP
+  (no communication) the x2 of the 8 activations.
+
+A ratio = median over rounds of (hooked - plain of the same round) / median floor; the spread
+is the 25..75 % range of the per-round ratios. ``fixed_cost``: the same on a tiny activation
+(H=8, 4 tokens, TP=2), in microseconds per hook call, beside the floor's. Each round times
+every variant 3 times in a row and keeps the fastest (see ``_timing.rounds``).
+
+What was timed is asserted correct: the retrieved tensors equal the one-process value (an
+unsharded model with the gathered full weights, run on rank 0), and the edited forward equals
+the plain forward with the activation doubled by a raw torch hook (``torch.equal``).
+
+    python benchmarks/retrieval_overhead.py [--reps 20] [--layouts tp2 megatron dp2tp2 pp2]
+    python benchmarks/retrieval_overhead.py --check      # 3 repetitions against the targets
+    python benchmarks/retrieval_overhead.py --device cuda   # benchmarks/retrieval_cuda.py
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
-import socket
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+import torch.nn.functional as F
 from torch import nn
 
-H, TOKENS, BLOCKS, WORLD = 512, 256, 8, 2
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import fmt, overhead_ratio, rounds  # noqa: E402
+from targets import REPETITIONS, check_targets  # noqa: E402
+
+H, TOKENS, BLOCKS = 512, 256, 8
 RESULTS = Path(__file__).resolve().parent.parent / "results" / "retrieval_overhead.json"
+WORLDS = {"tp2": 2, "megatron": 2, "dp2tp2": 4, "pp2": 2}
+TARGETS = {"retrieval": 1.0, "edit": 1.3}  # issue 13, CPU/gloo
 
 
 class Block(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, h: int = H) -> None:
         from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
         super().__init__()
-        self.up = ColumnParallelLinear(H, 4 * H, gather_output=False)
+        self.up = ColumnParallelLinear(h, 4 * h, gather_output=False)
         self.act = nn.GELU()
-        self.down = RowParallelLinear(4 * H, H, input_is_parallel=True)
+        self.down = RowParallelLinear(4 * h, h, input_is_parallel=True)
 
     def forward(self, x):
         return self.down(self.act(self.up(x)))
@@ -53,150 +79,435 @@ class Block(nn.Module):
 class MegatronBlock(nn.Module):
     """The same block from Megatron-core's layers (they return ``(output, bias)``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, h: int = H) -> None:
         from megatron.core import ModelParallelConfig
         from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
         super().__init__()
-        config = ModelParallelConfig(tensor_model_parallel_size=WORLD,
+        config = ModelParallelConfig(tensor_model_parallel_size=2,
                                      use_cpu_initialization=True, params_dtype=torch.float32)
         init = nn.init.xavier_normal_
-        self.up = ColumnParallelLinear(H, 4 * H, config=config, init_method=init, bias=True,
+        self.up = ColumnParallelLinear(h, 4 * h, config=config, init_method=init, bias=True,
                                        gather_output=False)
         self.act = nn.GELU()
-        self.down = RowParallelLinear(4 * H, H, config=config, init_method=init, bias=True,
+        self.down = RowParallelLinear(4 * h, h, config=config, init_method=init, bias=True,
                                       input_is_parallel=True, skip_bias_add=False)
 
     def forward(self, x):
         return self.down(self.act(self.up(x)[0]))[0]
 
 
+class PlainBlock(nn.Module):
+    def __init__(self, h: int = H) -> None:
+        super().__init__()
+        self.up, self.act, self.down = nn.Linear(h, 4 * h), nn.GELU(), nn.Linear(4 * h, h)
+
+    def forward(self, x):
+        return self.down(self.act(self.up(x)))
+
+
+class Stage(nn.Module):
+    """Blocks of one pipeline stage under the names they have in the whole model."""
+
+    def __init__(self, blocks: nn.ModuleList, ids: list[int]) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleDict({str(i): blocks[i] for i in ids})
+
+    def forward(self, x):
+        for block in self.blocks.values():
+            x = block(x)
+        return x
+
+
 def _times_two(module, tensor, ctx, modules):
     return tensor * 2
 
 
-def _timed(fn) -> float:
-    dist.barrier()
-    start = time.perf_counter()
-    fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
+def _has_replicate_edit() -> bool:
+    from flex_surgery.hooks.hook_function import HookFunction
+
+    return "replicate_edit" in inspect.signature(HookFunction.__init__).parameters
 
 
-def _measure(model: nn.Module, x: torch.Tensor, reps: int, device) -> dict[str, float]:
-    """Median seconds of a plain forward, with retrieval hooks, with edit hooks, and of the raw
-    collectives the hooks replace. A model takes one FlexModel at a time, so retrieval and
-    editing are measured one after the other, each interleaved with plain forwards and the raw
-    collectives."""
+def _double_output(module, args, output):
+    """The edit done by hand on this rank's piece (x2 is element-wise, so the piece suffices)."""
+    if isinstance(output, tuple):
+        return (output[0] * 2,) + tuple(output[1:])
+    return output * 2
+
+
+# -- the one-process reference -------------------------------------------------------------------
+
+def _full_weights(model: nn.Module, group) -> list[tuple[torch.Tensor, ...]]:
+    """Per block: (up weight, up bias, down weight, down bias), whole, gathered over tp."""
+    def cat(t: torch.Tensor, dim: int) -> torch.Tensor:
+        parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, t.contiguous(), group=group)
+        return torch.cat(parts, dim)
+
+    return [(cat(b.up.weight, 0), cat(b.up.bias, 0), cat(b.down.weight, 1), b.down.bias.detach())
+            for b in model]
+
+
+def _reference_ups(weights, x: torch.Tensor) -> list[torch.Tensor]:
+    """The up-projection outputs one process computes with the whole weights."""
+    ups = []
+    with torch.no_grad():
+        for wu, bu, wd, bd in weights:
+            up = F.linear(x, wu, bu)
+            ups.append(up)
+            x = F.linear(F.gelu(up), wd, bd)
+    return ups
+
+
+# -- one layout on one world ---------------------------------------------------------------------
+
+def _build(layout: str, h: int):
+    """(model or stage, whole-model blocks, tp group) with the same weights on every call."""
+    torch.manual_seed(0)
+    if layout == "pp2":
+        blocks = nn.ModuleList([PlainBlock(h) for _ in range(BLOCKS)])
+        half = BLOCKS // 2
+        ids = list(range(half)) if dist.get_rank() == 0 else list(range(half, BLOCKS))
+        return Stage(blocks, ids), blocks, None
+    cls = MegatronBlock if layout == "megatron" else Block
+    model = nn.Sequential(*[cls(h) for _ in range(BLOCKS)])
+    if layout == "megatron":
+        from megatron.core import parallel_state
+
+        return model, model, parallel_state.get_tensor_model_parallel_group()
+    from fairscale.nn.model_parallel import initialize as fs
+
+    return model, model, fs.get_model_parallel_group()
+
+
+def _measure(layout: str, reps: int, h: int, tokens: int, device: str = "cpu",
+             inner: int = 3) -> dict | None:
     from flex_surgery.hooks.hook_function import HookFunction
     from flex_surgery.hooks.wrapper import FlexModel
 
-    local = torch.randn(*x.shape[:-1], 4 * H // WORLD, device=device)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    dp = 2 if layout == "dp2tp2" else 1
+    tp = 1 if layout == "pp2" else 2
+    stage = rank if layout == "pp2" else 0
+    dp_rank, tp_rank = divmod(rank, tp) if layout != "pp2" else (0, 0)
+    gen = torch.Generator().manual_seed(1)
+    x_whole = torch.randn(dp, tokens, h, generator=gen)
+    if layout == "megatron":
+        x_whole = x_whole.transpose(0, 1).contiguous()  # [s, b, h]
+    x_whole = x_whole.to(device)
+    x = x_whole[dp_rank:dp_rank + 1] if layout != "megatron" else x_whole
+    batch_dim = 1 if layout == "megatron" else 0
+    replicate = _has_replicate_edit()
+    names = [(f"blocks.{i}.up" if layout == "pp2" else f"{i}.up") for i in range(BLOCKS)]
+    mine = [n for n in names if layout != "pp2" or int(n.split(".")[1]) // (BLOCKS // 2) == stage]
 
-    def raw():
-        for _ in range(BLOCKS):
-            parts = [torch.empty_like(local) for _ in range(WORLD)]
-            dist.all_gather(parts, local)
-            torch.cat(parts, dim=-1).to("cpu", copy=True)
+    flexes, stored = {}, {}
+    kinds = ["read", "edit"] + (["edit_replicate"] if replicate else [])
+    for kind in kinds:
+        model, _, _ = _build(layout, h)
+        model.to(device)
+        out = {} if kind == "read" else None
+        flex = FlexModel(model, out, pipeline_parallel_size=2 if layout == "pp2" else 1)
+        assert flex.runtime.mesh.tp_size == tp and flex.runtime.mesh.dp_size == dp, layout
+        for name in names:
+            extra = {"replicate_edit": True} if kind == "edit_replicate" else {}
+            fn = None if kind == "read" else _times_two
+            flex.register_forward_hook(HookFunction(name, editing_function=fn, **extra))
+        flexes[kind], stored[kind] = flex, out
+    raw_model, whole_blocks, tp_group = _build(layout, h)  # raw torch hooks, toggled
+    raw_model.to(device)
+    raw_on = [False]
+    modules = dict(raw_model.named_modules())
 
-    times: dict[str, list[float]] = {"plain": [], "read": [], "edit": [], "raw": []}
-    for kind, stored, edit in (("read", {}, None), ("edit", None, _times_two)):
-        flex = FlexModel(model, stored)  # the TP groups are adopted: no sizes
-        assert flex.runtime.mesh.tp_size == WORLD
-        for i in range(BLOCKS):
-            flex.register_forward_hook(HookFunction(f"{i}.up", editing_function=edit))
+    def raw_hook(module, args, output):
+        return _double_output(module, args, output) if raw_on[0] else None
 
-        def hooked(flex=flex, stored=stored):
-            flex(x)
-            if stored:
-                stored.clear()
+    for name in mine:
+        modules[name].register_forward_hook(raw_hook)
 
-        def plain(flex=flex):
-            flex(x, groups="all", complement=True)  # no hook enabled
+    # -- forwards (a barrier at the end too, so a PP forward is timed to its last stage) --------
+    recv_buf = torch.empty(1, tokens, h, device=device)
 
-        with torch.no_grad():
-            for _ in range(3):  # warm-up
-                plain(), hooked(), raw()
-            for _ in range(reps):
-                for name, fn in (("plain", plain), (kind, hooked), ("raw", raw)):
-                    times[name].append(_timed(fn))
+    def forward(flex_or_model, hooks: bool, sync: bool = False):
+        def run():
+            kw = {} if hooks else {"groups": "all", "complement": True}
+            call = (lambda t: flex_or_model(t, **kw)) if isinstance(flex_or_model, FlexModel) \
+                else flex_or_model
+            if layout == "pp2":
+                if stage == 0:
+                    y = call(x)
+                    dist.send(y.contiguous(), 1)
+                else:
+                    dist.recv(recv_buf, 0)
+                    y = call(recv_buf)
+            else:
+                y = call(x)
+            if sync:
+                flexes["read"].sync_pipeline_outputs()
+            dist.barrier()
+            return y
+        return run
+
+    def raw_edit():
+        raw_on[0] = True
+        try:
+            return forward(raw_model, True)()
+        finally:
+            raw_on[0] = False
+
+    fns = {"plain": forward(flexes["read"], False),
+           "read": forward(flexes["read"], True, sync=layout == "pp2"),
+           "edit": forward(flexes["edit"], True)}
+    if replicate:
+        fns["edit_replicate"] = forward(flexes["edit_replicate"], True)
+
+    # -- floors ------------------------------------------------------------------------------------
+    local_shape = (x.shape[0], x.shape[1], 4 * h // tp) if layout != "megatron" else \
+        (tokens, 1, 4 * h // tp)
+    pieces = [torch.randn(local_shape, generator=gen).to(device) for _ in mine]
+    if layout == "pp2":
+        half = BLOCKS // 2
+        bufs = [torch.empty(local_shape, device=device) for _ in range(BLOCKS)]
+
+        def floor_read():  # stage 0 copies its own, stage 1 sends its own to rank 0
+            if rank == 0:
+                reqs = [dist.irecv(bufs[half + i], 1) for i in range(half)]
+                for i, p in enumerate(pieces):
+                    bufs[i].copy_(p)
+                for r in reqs:
+                    r.wait()
+            else:
+                reqs = [dist.isend(p, 0) for p in pieces]
+                for r in reqs:
+                    r.wait()
+
+        def floor_edit():  # no communication: the x2 of every stage's activations, one by one
+            for p in pieces + pieces:
+                _times_two(None, p, None, None)
+
+        fns["floor_read"] = floor_read
+        fns["floor_edit"] = floor_edit
+    else:
+        shard_dim = 2
+        parts = [torch.empty(local_shape, device=device) for _ in range(world)]
+        whole_shape = list(local_shape)
+        whole_shape[batch_dim] *= dp
+        whole_shape[shard_dim] *= tp
+        whole = [torch.empty(whole_shape, device=device) for _ in mine]
+        # On a GPU the retrieval floor ends in preallocated pinned host memory.
+        host = [torch.empty(whole_shape, pin_memory=True) for _ in mine] \
+            if device != "cpu" else whole
+
+        def place(parts_, out):  # part of rank (d, t) -> rows d, columns t of the whole
+            for r, part in enumerate(parts_):
+                d, t = divmod(r, tp)
+                w = local_shape[shard_dim]
+                out.narrow(batch_dim, d * local_shape[batch_dim], local_shape[batch_dim]) \
+                   .narrow(shard_dim, t * w, w).copy_(part)
+
+        def floor_read():
+            for p, out, h_out in zip(pieces, whole, host):
+                dist.gather(p, parts if rank == 0 else None, dst=0)
+                if rank == 0:
+                    place(parts, out)
+                    if h_out is not out:
+                        h_out.copy_(out, non_blocking=True)
+
+        def floor_edit():
+            w = local_shape[shard_dim]
+            for p, out in zip(pieces, whole):
+                dist.all_gather(parts, p)
+                place(parts, out)
+                edited = _times_two(None, out, None, None)
+                edited.narrow(batch_dim, dp_rank * local_shape[batch_dim],
+                              local_shape[batch_dim]).narrow(shard_dim, tp_rank * w, w)
+
+        fns["floor_read"] = floor_read
+        fns["floor_edit"] = floor_edit
+
+    def clock(fn) -> float:
+        dist.barrier()
+        start = time.perf_counter()
+        fn()
+        if device != "cpu":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    # -- correctness, then warm-up, then the rounds ---------------------------------------------
+    def check_read():
+        got = stored["read"]
+        if rank == 0:
+            if layout == "pp2":
+                ref = _reference_ups([(b.up.weight, b.up.bias, b.down.weight, b.down.bias)
+                                      for b in whole_blocks], x_whole)
+            else:
+                weights = _full_weights(whole_blocks, tp_group)
+                ref = _reference_ups(weights, x_whole)
+            for name, want in zip(names, ref):
+                assert len(got[name]) == 1, (name, len(got[name]))
+                torch.testing.assert_close(got[name][0], want.cpu(), rtol=1e-5, atol=1e-5,
+                                           msg=lambda m, n=name: f"{layout} {n}: {m}")
+        elif layout != "pp2":
+            _full_weights(whole_blocks, tp_group)  # the collective rank 0 runs
+        got.clear()
+
+    def check_edit(kind: str):
+        want = raw_edit()
+        out = fns[kind]()
+        if out is not None and want is not None:
+            assert torch.equal(out, want), f"{layout} {kind}: edited forward != raw x2 forward"
+
+    with torch.no_grad():
+        fns["read"]()
+        check_read()
+        for kind in kinds[1:]:
+            check_edit(kind)
+        for _ in range(2):  # warm-up
+            for fn in fns.values():
+                fn()
+            stored["read"].clear()
+        times = rounds(fns, reps, clock, after={"read": stored["read"].clear}, inner=inner)
+        fns["read"]()
+        check_read()  # what the rounds timed is still right at the end
+        for kind in kinds[1:]:
+            check_edit(kind)
+    for flex in flexes.values():
         flex.restore()
-    return {k: statistics.median(v) for k, v in times.items()}
+    if rank != 0:
+        return None
+    result = {"retrieval": overhead_ratio(times, "read", "plain", "floor_read"),
+              "edit": overhead_ratio(times, "edit", "plain", "floor_edit")}
+    if replicate:
+        result["edit_replicate"] = overhead_ratio(times, "edit_replicate", "plain",
+                                                  "floor_edit")
+    result["plain_s"] = statistics.median(times["plain"])
+    result["hooks"] = BLOCKS
+    return result
 
 
-def _ratios(med: dict[str, float]) -> dict:
-    return {"retrieval_ratio": (med["read"] - med["plain"]) / med["raw"],
-            "edit_ratio": (med["edit"] - med["plain"]) / med["raw"], "median_seconds": med}
+def _rank(layouts: list[str], reps: int, device: str = "cpu") -> dict | None:
+    """Every layout of one world size, one after the other on the same ranks."""
+    results = {}
+    if device == "cuda":
+        device = f"cuda:{torch.cuda.current_device()}"
+    for layout in layouts:
+        if layout == "megatron":
+            from megatron.core import parallel_state
+
+            parallel_state.initialize_model_parallel(tensor_model_parallel_size=2)
+            try:
+                results[layout] = _measure(layout, reps, H, TOKENS, device)
+            finally:
+                parallel_state.destroy_model_parallel()
+        elif layout in ("tp2", "dp2tp2"):
+            from fairscale.nn.model_parallel import initialize as fs
+
+            fs.initialize_model_parallel(2)
+            try:
+                results[layout] = _measure(layout, reps, H, TOKENS, device)
+                if layout == "tp2":  # the fixed cost: a tiny activation, more rounds
+                    results["fixed_cost"] = _measure(layout, reps * 3, 8, 4, device)
+            finally:
+                fs.destroy_model_parallel()
+        else:
+            results[layout] = _measure(layout, reps, H, TOKENS, device)
+    return results if dist.get_rank() == 0 else None
 
 
-def _report(name: str, result: dict) -> None:
-    med = result["median_seconds"]
-    print(f"[{name}] plain forward      {med['plain'] * 1e3:8.2f} ms")
-    print(f"[{name}] + retrieval hooks  {med['read'] * 1e3:8.2f} ms")
-    print(f"[{name}] + x2 edit hooks    {med['edit'] * 1e3:8.2f} ms")
-    print(f"[{name}] raw all_gather+cat+copy x{BLOCKS}: {med['raw'] * 1e3:8.2f} ms")
-    print(f"[{name}] retrieval_ratio {result['retrieval_ratio']:.2f}x   "
-          f"edit_ratio {result['edit_ratio']:.2f}x")
+def run_nccl(reps: int, check: bool) -> int:
+    """TP=2 over NCCL on two GPUs (forked before this process touches CUDA)."""
+    from flex_surgery.launch import fork_ranks
+
+    runs = []
+    for _ in range(REPETITIONS if check else 1):
+        runs.append(fork_ranks(_rank, ["tp2", "megatron"], reps, "cuda", nprocs=2,
+                               device=None, threads=None, timeout_s=900)[0])
+        print("[2 GPUs, NCCL]")
+        report(runs[-1])
+    return _check(runs, ["tp2", "megatron"], "retrieval_overhead_nccl") if check else 0
 
 
-def _rank_main(rank: int, port: int, reps: int, device_type: str | None) -> None:
-    from fairscale.nn.model_parallel import initialize as fs
-    from megatron.core import parallel_state
+def run_once(layouts: list[str], reps: int) -> dict:
+    from flex_surgery.launch import fork_ranks
 
-    from flex_surgery.parallel.backend import default_device, init_distributed
+    results: dict = {}
+    for world in sorted({WORLDS[name] for name in layouts}):
+        group = [name for name in layouts if WORLDS[name] == world]
+        results.update(fork_ranks(_rank, group, reps, nprocs=world, device="cpu", threads=1,
+                                  timeout_s=900)[0])
+    return results
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
-    torch.set_num_threads(max(1, (os.cpu_count() or WORLD) // WORLD))
-    device = default_device() if device_type in (None, "cuda") else torch.device(device_type)
-    init_distributed(rank, WORLD, device=device)
 
-    fs.initialize_model_parallel(WORLD)
-    torch.manual_seed(0)
-    model = nn.Sequential(*[Block() for _ in range(BLOCKS)]).to(device)
-    result = _ratios(_measure(model, torch.randn(1, TOKENS, H, device=device), reps, device))
-    fs.destroy_model_parallel()
-
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=WORLD)
-    try:
-        torch.manual_seed(0)
-        model = nn.Sequential(*[MegatronBlock() for _ in range(BLOCKS)]).to(device)
-        x = torch.randn(TOKENS, 1, H, device=device)  # Megatron's [s, b, h]: the same bytes
-        megatron = _ratios(_measure(model, x, reps, device))
-    finally:
-        parallel_state.destroy_model_parallel()
-    megatron["retrieval_vs_fairscale"] = megatron["median_seconds"]["read"] / \
-        result["median_seconds"]["read"]
-    result["megatron"] = megatron
-    result["setup"] = dict(world=WORLD, hidden=H, tokens=TOKENS, blocks=BLOCKS, reps=reps,
-                           backend=dist.get_backend(), device=str(device),
-                           threads_per_rank=torch.get_num_threads())
-    if rank == 0:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-        _report("fairscale", result)
-        _report("megatron", megatron)
-        print(f"megatron / fairscale forward with retrieval hooks: "
-              f"{megatron['retrieval_vs_fairscale']:.2f}x   -> {RESULTS}")
-    dist.barrier()
-    dist.destroy_process_group()
+def report(results: dict) -> None:
+    floors = {"read": "dist.gather to rank 0 into preallocated buffers + copy into a "
+                      "preallocated whole tensor (pp2: copy on rank 0 / send-recv to rank 0)",
+              "edit": "dist.all_gather into preallocated buffers + copy into a preallocated "
+                      "whole tensor + x2 + own slice "
+                      "(pp2: x2 of the 8 activations, no communication)"}
+    print(f"floors: retrieval = {floors['read']}")
+    print(f"        edit      = {floors['edit']}")
+    for layout, r in results.items():
+        if layout == "fixed_cost":
+            continue
+        print(f"[{layout}] plain forward {r['plain_s'] * 1e3:.1f} ms; {r['hooks']} hooks")
+        for kind in ("retrieval", "edit", "edit_replicate"):
+            if kind in r:
+                print(f"[{layout}]   {kind:15s} {fmt(r[kind])}")
+        if "edit_replicate" not in r:
+            print(f"[{layout}]   edit_replicate  not in this checkout (HookFunction has no "
+                  f"replicate_edit)")
+    if "fixed_cost" in results:
+        r = results["fixed_cost"]
+        for kind in ("retrieval", "edit", "edit_replicate"):
+            if kind in r:
+                k = r[kind]
+                print(f"[fixed cost, tp2 H=8 4 tokens] {kind:15s} "
+                      f"{k['added_s'] / r['hooks'] * 1e6:7.1f} us per hook call "
+                      f"(floor {k['floor_s'] / r['hooks'] * 1e6:6.1f} us)")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=30)
-    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
-                        help="default: CUDA when there are 2 GPUs, else CPU")
+    parser.add_argument("--reps", type=int, default=10,
+                        help="interleaved rounds per layout (each the fastest of 3)")
+    parser.add_argument("--layouts", nargs="+", default=list(WORLDS), choices=list(WORLDS))
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--check", action="store_true",
+                        help=f"{REPETITIONS} repetitions; fail if a ratio exceeds its target "
+                             f"by more than 20 %%")
     args = parser.parse_args()
-    if args.device is None and torch.cuda.device_count() < WORLD:
-        args.device = "cpu"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(_rank_main, args=(port, args.reps, args.device), nprocs=WORLD,
-                       start_method="fork")
+    if args.device == "cuda":
+        from retrieval_cuda import main as cuda_main
 
+        sys.exit(cuda_main(reps=args.reps, check=args.check))
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    runs = [run_once(args.layouts, args.reps) for _ in range(REPETITIONS if args.check else 1)]
+    for i, results in enumerate(runs):
+        if len(runs) > 1:
+            print(f"--- repetition {i + 1} of {len(runs)}")
+        report(results)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({"runs": runs, "setup": dict(
+        hidden=H, tokens=TOKENS, blocks=BLOCKS, reps=args.reps, backend="gloo",
+        threads_per_rank=1)}, indent=2) + "\n")
+    print(f"-> {RESULTS}")
+    if args.check:
+        sys.exit(_check(runs, args.layouts, "retrieval_overhead"))
+
+
+def _check(runs: list[dict], layouts: list[str], name: str) -> int:
+    measured: dict[str, list[float]] = {}
+    targets: dict[str, float] = {}
+    for layout in layouts:
+        # The edit target is for the path a pure function takes: replicate_edit where this
+        # checkout has it, else the leader path (the only one there is).
+        edit = "edit_replicate" if all("edit_replicate" in r[layout] for r in runs) else "edit"
+        for kind, target in TARGETS.items():
+            source = edit if kind == "edit" else kind
+            measured[f"{layout}.{source}"] = [r[layout][source]["ratio"] for r in runs]
+            targets[f"{layout}.{source}"] = target
+    return check_targets(name, measured, targets)
 
 if __name__ == "__main__":
     main()

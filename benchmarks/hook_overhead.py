@@ -1,0 +1,270 @@
+"""What a FlexModel hook costs in one process, next to a raw torch hook doing the same work.
+
+A 24-block GPT-2 (``transformers.GPT2Config``, random weights, hidden 128, 128 tokens, one
+thread) runs, in interleaved rounds (order rotated each round):
+
+* ``bare``: the model with no hook at all;
+* ``flex_read`` / ``raw_read``: 96 read hooks (``ln_1``, ``attn.c_attn``, ``ln_2``,
+  ``mlp.c_fc`` of every block) -- FlexModel's, and raw ``register_forward_hook`` callbacks that
+  keep the same detached CPU copy in a list per module;
+* ``flex_edit`` / ``raw_edit``: 24 edit hooks (``mlp.c_proj`` of every block) with the same
+  editing function (x2) -- FlexModel's ``HookFunction(editing_function=...)`` and a raw hook
+  returning ``fn(module, output, ctx, modules)``.
+
+Each variant is its own copy of the same weights. ``read_ratio`` = median over rounds of
+(flex_read - bare) / (raw_read - bare) of the same round (likewise ``edit_ratio``); the spread is
+the 25..75 % range of the per-round ratios; also printed in microseconds per hook call. What was
+timed is asserted equal: FlexModel's stored tensors equal the raw hooks' (``torch.equal``), the
+edited logits equal the raw-edited logits.
+
+Memory (``--memory``, on by default): in a forked child, the peak resident memory of building
+a larger GPT-2 (24 blocks, hidden 512) and running one forward with the 96 read hooks, over
+(model bytes + retrieved bytes); the peak is the kernel's own high-water mark (``VmHWM``, reset
+through ``/proc/self/clear_refs``; ``ru_maxrss`` where that is not available), so short peaks
+are not missed as they would be by sampling. The plain forward's peak over the model bytes is
+printed beside it (what a forward costs without hooks).
+
+    python benchmarks/hook_overhead.py [--reps 40] [--no-memory] [--check]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import multiprocessing as mp
+import resource
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import overhead_ratio, rounds, wall  # noqa: E402
+from targets import REPETITIONS, check_targets  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent.parent / "results" / "hook_overhead.json"
+TARGETS = {"read_ratio": 1.3, "edit_ratio": 1.3, "memory_ratio": 1.1}  # issue 13
+READ_SITES = ("ln_1", "attn.c_attn", "ln_2", "mlp.c_fc")
+EDIT_SITE = "mlp.c_proj"
+
+
+def _gpt2(layers: int, hidden: int, heads: int, vocab: int, positions: int):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=layers, n_embd=hidden, n_head=heads, vocab_size=vocab,
+                        n_positions=positions, use_cache=False)
+    return GPT2LMHeadModel(config).eval()
+
+
+def times_two(module, tensor, ctx, modules):
+    return tensor * 2
+
+
+def _read_names(layers: int) -> list[str]:
+    return [f"transformer.h.{i}.{site}" for i in range(layers) for site in READ_SITES]
+
+
+def measure_time(reps: int) -> dict:
+    from flex_surgery.hooks import FlexModel, HookFunction
+
+    torch.set_num_threads(1)
+    layers = 24
+    base = _gpt2(layers, 128, 4, 1000, 256)
+    ids = torch.randint(0, 1000, (1, 128), generator=torch.Generator().manual_seed(1))
+    read_names = _read_names(layers)
+    edit_names = [f"transformer.h.{i}.{EDIT_SITE}" for i in range(layers)]
+
+    bare = base
+    flex_read_model, raw_read_model, flex_edit_model, raw_edit_model = (
+        copy.deepcopy(base) for _ in range(4))
+    flex_stored: dict = {}
+    flex_read = FlexModel(flex_read_model, flex_stored)
+    for name in read_names:
+        flex_read.register_forward_hook(HookFunction(name))
+    flex_edit = FlexModel(flex_edit_model, None)
+    for name in edit_names:
+        flex_edit.register_forward_hook(HookFunction(name, editing_function=times_two))
+
+    raw_stored: dict = {}
+    modules = dict(raw_read_model.named_modules())
+    for name in read_names:
+        def read_hook(module, args, output, name=name):
+            raw_stored.setdefault(name, []).append(output.detach().to("cpu", copy=True))
+        modules[name].register_forward_hook(read_hook)
+    ctx, edit_modules = object(), torch.nn.ModuleDict()
+    modules = dict(raw_edit_model.named_modules())
+    for name in edit_names:
+        def edit_hook(module, args, output):
+            return times_two(module, output, ctx, edit_modules)
+        modules[name].register_forward_hook(edit_hook)
+
+    fns = {"bare": lambda: bare(ids), "flex_read": lambda: flex_read(ids),
+           "raw_read": lambda: raw_read_model(ids), "flex_edit": lambda: flex_edit(ids),
+           "raw_edit": lambda: raw_edit_model(ids)}
+
+    def check() -> None:
+        flex_stored.clear()
+        raw_stored.clear()
+        flex_read(ids)
+        raw_read_model(ids)
+        assert sorted(flex_stored) == sorted(raw_stored) and len(flex_stored) == len(read_names)
+        for name in read_names:
+            assert len(flex_stored[name]) == 1 and torch.equal(flex_stored[name][0],
+                                                               raw_stored[name][0]), name
+        assert torch.equal(flex_edit(ids).logits, raw_edit_model(ids).logits), "edit differs"
+        assert not torch.equal(bare(ids).logits, raw_edit_model(ids).logits), "edit did nothing"
+        flex_stored.clear()
+        raw_stored.clear()
+
+    def drop() -> None:
+        flex_stored.clear()
+        raw_stored.clear()
+
+    with torch.no_grad():
+        check()
+        for _ in range(3):  # warm-up
+            for fn in fns.values():
+                fn()
+            drop()
+        times = rounds(fns, reps, wall, after={"flex_read": drop, "raw_read": drop}, inner=3)
+        check()
+    flex_read.restore()
+    flex_edit.restore()
+    read = overhead_ratio(times, "flex_read", "bare", "raw_read", "bare")
+    edit = overhead_ratio(times, "flex_edit", "bare", "raw_edit", "bare")
+    return {"read": read, "edit": edit, "read_hooks": len(read_names),
+            "edit_hooks": len(edit_names),
+            "bare_s": statistics.median(times["bare"]),
+            "per_hook_us": {
+                "flex_read": read["added_s"] / len(read_names) * 1e6,
+                "raw_read": read["floor_s"] / len(read_names) * 1e6,
+                "flex_edit": edit["added_s"] / len(edit_names) * 1e6,
+                "raw_edit": edit["floor_s"] / len(edit_names) * 1e6}}
+
+
+# -- memory ---------------------------------------------------------------------------------------
+
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak() -> bool:
+    """Reset the kernel's peak-RSS mark of this process (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_kib(resettable: bool) -> int:
+    if resettable:
+        return _status_kib("VmHWM")
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def _memory_child(conn) -> None:
+    from flex_surgery.hooks import FlexModel, HookFunction
+
+    torch.set_num_threads(1)
+    resettable = _reset_peak() and _status_kib("VmHWM") is not None
+    start = _status_kib("VmRSS") * 1024
+    layers, tokens = 24, 256
+    model = _gpt2(layers, 512, 8, 8000, 512)
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    ids = torch.randint(0, 8000, (1, tokens), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        if resettable:
+            _reset_peak()
+        model(ids)
+        plain_peak = _peak_kib(resettable) * 1024
+        stored: dict = {}
+        flex = FlexModel(model, stored)
+        for name in _read_names(layers):
+            flex.register_forward_hook(HookFunction(name))
+        if resettable:
+            _reset_peak()
+        flex(ids)
+        peak = _peak_kib(resettable) * 1024
+    retrieved = sum(t.numel() * t.element_size() for v in stored.values() for t in v)
+    assert len(stored) == 4 * layers and all(len(v) == 1 for v in stored.values())
+    conn.send({"start_rss": start, "model_bytes": model_bytes, "retrieved_bytes": retrieved,
+               "plain_peak_above_start": plain_peak - start,
+               "read_peak_above_start": peak - start,
+               "memory_ratio": (peak - start) / (model_bytes + retrieved),
+               "plain_ratio": (plain_peak - start) / model_bytes,
+               "gauge": "VmHWM reset via clear_refs" if resettable else "ru_maxrss"})
+    conn.close()
+
+
+def measure_memory() -> dict:
+    ctx = mp.get_context("fork")  # a fresh process: its peak is this run's alone
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_memory_child, args=(child,))
+    proc.start()
+    child.close()
+    result = parent.recv()
+    proc.join()
+    return result
+
+
+def report(t: dict, m: dict | None) -> None:
+    print(f"GPT-2 24 blocks, hidden 128, 128 tokens, 1 thread: bare forward "
+          f"{t['bare_s'] * 1e3:.1f} ms")
+    us = t["per_hook_us"]
+    for kind, n in (("read", t["read_hooks"]), ("edit", t["edit_hooks"])):
+        r = t[kind]
+        print(f"  {kind}_ratio {r['ratio']:.2f}x FlexModel / raw torch hook, {n} hooks "
+              f"(per-round 25..75%: {r['q25']:.2f}..{r['q75']:.2f}); per hook call "
+              f"{us['flex_' + kind]:.1f} us vs {us['raw_' + kind]:.1f} us")
+    if m is not None:
+        mib = 1 << 20
+        print(f"memory ({m['gauge']}): peak of a retrieval forward above the process start "
+              f"{m['read_peak_above_start'] / mib:.0f} MiB = {m['memory_ratio']:.2f}x "
+              f"(model {m['model_bytes'] / mib:.0f} MiB + retrieved "
+              f"{m['retrieved_bytes'] / mib:.0f} MiB); a plain forward's peak "
+              f"{m['plain_peak_above_start'] / mib:.0f} MiB = {m['plain_ratio']:.2f}x the model")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=20, help="rounds (each the fastest of 3)")
+    parser.add_argument("--no-memory", dest="memory", action="store_false")
+    parser.add_argument("--check", action="store_true",
+                        help=f"{REPETITIONS} repetitions; fail if a ratio exceeds its target "
+                             f"by more than 20 %%")
+    args = parser.parse_args()
+    runs = []
+    for i in range(REPETITIONS if args.check else 1):
+        t = measure_time(args.reps)
+        m = measure_memory() if args.memory else None
+        if args.check:
+            print(f"--- repetition {i + 1} of {REPETITIONS}")
+        report(t, m)
+        runs.append({"time": t, "memory": m})
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({"runs": runs, "reps": args.reps}, indent=2) + "\n")
+    print(f"-> {RESULTS}")
+    if args.check:
+        measured = {"read_ratio": [r["time"]["read"]["ratio"] for r in runs],
+                    "edit_ratio": [r["time"]["edit"]["ratio"] for r in runs]}
+        targets = {k: TARGETS[k] for k in ("read_ratio", "edit_ratio")}
+        if args.memory:
+            measured["memory_ratio"] = [r["memory"]["memory_ratio"] for r in runs]
+            targets["memory_ratio"] = TARGETS["memory_ratio"]
+        sys.exit(check_targets("hook_overhead", measured, targets))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,149 @@
+"""Where a hook's time goes: a cProfile breakdown of the retrieval and edit paths.
+
+Same model as ``retrieval_overhead.py`` (8 blocks, H=512, 256 tokens, a hook on every
+up-projection; forked ranks, gloo, one thread per rank), layout ``tp2`` (fairscale TP=2) or
+``pp2`` (two pipeline stages). Rank 0 runs ``--forwards`` forwards per path under cProfile --
+retrieval (``read``), an x2 edit on the leader path (``edit``) and, where ``HookFunction`` has
+it, ``replicate_edit=True`` -- and prints, per hook call, the time spent in:
+
+* ``gather``: the collectives that bring the pieces together (``dist.gather`` /
+  ``dist.all_gather``, cumulative: waiting for the peer included);
+* ``concatenate``: ``torch.cat``; ``copy to host``: ``store_copy`` (the stored detached copy);
+* ``editing function``; ``status broadcast`` (``dist.broadcast``: the leader's success or
+  error); ``re-shard`` (``dist.scatter``: the edited pieces back to their ranks);
+* ``pipeline collection`` (``sync_pipeline_outputs``, PP only);
+* ``bookkeeping``: the rest of the hook (layouts, autograd functions, dict updates, checks).
+
+cProfile adds a fixed cost to every Python call, so bookkeeping is overstated next to the
+collectives; the split, not the sum, is what this shows (``retrieval_overhead.py`` has the
+unprofiled timings). The 12 functions with the most own time in the whole forward follow.
+
+    python benchmarks/profile_hooks.py [--layout tp2|pp2] [--forwards 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import os
+import pstats
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+CATEGORIES = [  # (label, file suffix, function names): cumulative time of those functions
+    ("gather", "distributed_c10d.py", ("gather", "all_gather", "all_gather_into_tensor")),
+    ("concatenate", "", ("<built-in method torch.cat>",)),
+    ("copy to host", "runtime.py", ("store_copy",)),
+    ("editing function", "retrieval_overhead.py", ("_times_two",)),
+    ("status broadcast", "distributed_c10d.py", ("broadcast",)),
+    ("re-shard", "distributed_c10d.py", ("scatter",)),
+    ("pipeline collection", "wrapper.py", ("sync_pipeline_outputs",)),
+]
+HOOK = ("hook_function.py", "_forward_hook")
+
+
+def _cumulative(stats: dict, suffix: str, names: tuple[str, ...]) -> float:
+    total = 0.0
+    for (file, _line, func), (_cc, _nc, _tt, ct, _callers) in stats.items():
+        if func in names and file.endswith(suffix):
+            total += ct
+    return total
+
+
+def _rank(layout: str, forwards: int) -> dict | None:
+    import retrieval_overhead as ro
+
+    from flex_surgery.hooks import FlexModel, HookFunction
+
+    torch.set_num_threads(1)
+    if layout == "tp2":
+        from fairscale.nn.model_parallel import initialize as fs
+
+        fs.initialize_model_parallel(2)
+    rank = dist.get_rank()
+    x = torch.randn(1, ro.TOKENS, ro.H, generator=torch.Generator().manual_seed(1))
+    recv = torch.empty_like(x)
+    names = [(f"blocks.{i}.up" if layout == "pp2" else f"{i}.up") for i in range(ro.BLOCKS)]
+    kinds = ["read", "edit"] + (["edit_replicate"] if ro._has_replicate_edit() else [])
+    out = {}
+    for kind in kinds:
+        model, _, _ = ro._build(layout, ro.H)
+        stored = {} if kind == "read" else None
+        flex = FlexModel(model, stored, pipeline_parallel_size=2 if layout == "pp2" else 1)
+        for name in names:
+            extra = {"replicate_edit": True} if kind == "edit_replicate" else {}
+            fn = None if kind == "read" else ro._times_two
+            flex.register_forward_hook(HookFunction(name, editing_function=fn, **extra))
+
+        def step(flex=flex, stored=stored, kind=kind):
+            if layout == "pp2":
+                if rank == 0:
+                    dist.send(flex(x).contiguous(), 1)
+                else:
+                    dist.recv(recv, 0)
+                    flex(recv)
+                if kind == "read":
+                    flex.sync_pipeline_outputs()
+            else:
+                flex(x)
+            if stored:
+                stored.clear()
+
+        with torch.no_grad():
+            for _ in range(3):
+                step()
+            dist.barrier()
+            profile = cProfile.Profile()
+            profile.enable()
+            for _ in range(forwards):
+                step()
+            profile.disable()
+            dist.barrier()
+        flex.restore()
+        stats = pstats.Stats(profile).stats
+        calls = forwards * (ro.BLOCKS // 2 if layout == "pp2" else ro.BLOCKS)
+        hook = _cumulative(stats, *HOOK[:1], HOOK[1:])
+        row = {label: _cumulative(stats, suffix, funcs) / calls * 1e6
+               for label, suffix, funcs in CATEGORIES}
+        row["hook total"] = hook / calls * 1e6
+        inside = sum(v for k, v in row.items() if k not in ("hook total", "pipeline collection"))
+        row["bookkeeping"] = row["hook total"] - inside
+        top = sorted(stats.items(), key=lambda kv: -kv[1][2])[:12]
+        row["top"] = [(f"{Path(f).name}:{ln}({fn})", tt / calls * 1e6)
+                      for (f, ln, fn), (_, _, tt, _, _) in top]
+        out[kind] = row
+    if layout == "tp2":
+        fs.destroy_model_parallel()
+    return out if rank == 0 else None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layout", choices=("tp2", "pp2"), default="tp2")
+    parser.add_argument("--forwards", type=int, default=20)
+    args = parser.parse_args()
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    from flex_surgery.launch import fork_ranks
+
+    rows = fork_ranks(_rank, args.layout, args.forwards, nprocs=2, device="cpu", threads=1,
+                      timeout_s=900)[0]
+    labels = [c[0] for c in CATEGORIES] + ["bookkeeping", "hook total"]
+    kinds = list(rows)
+    print(f"{args.layout}: microseconds per hook call on rank 0 (cProfile, cumulative), "
+          f"{args.forwards} forwards x {8} hooks")
+    print(f"{'':22s}" + "".join(f"{k:>16s}" for k in kinds))
+    for label in labels:
+        print(f"{label:22s}" + "".join(f"{rows[k][label]:16.0f}" for k in kinds))
+    for kind in kinds:
+        print(f"-- {kind}: most own time (us per hook call)")
+        for name, us in rows[kind]["top"]:
+            print(f"   {us:9.1f}  {name}")
+
+
+if __name__ == "__main__":
+    main()
