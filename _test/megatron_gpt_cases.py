@@ -282,6 +282,7 @@ def run_flex(model: nn.Module, sites, edit: bool, process_group=None,
     for i, (name, kind, idx, *expected_shape) in enumerate(sites):
         getattr(flex, _REGISTER[kind])(HookFunction(
             name, editing_function=edits[i % 2] if edit else None, unpack_idx=idx,
+            replicate_edit=edit == "replicated",
             expected_shape=expected_shape[0] if expected_shape else None))
     logits, grads = forward_backward(model, wrapper=flex, device=device,
                                      data_parallel=data_parallel)

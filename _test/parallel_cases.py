@@ -128,6 +128,19 @@ _REGISTER = {"forward": "register_forward_hook", "forward_pre": "register_forwar
              "full_backward_pre": "register_full_backward_pre_hook", "tensor": "register_hook"}
 
 
+# The ways a hook can edit, for the equivalence matrix: no edit, the editing function run once
+# on the edit leader and scattered (the default), and run on every rank on its all-gathered copy
+# (``replicate_edit=True``). Every mode must match one process.
+EDIT_MODES = (False, True, "replicated")
+
+
+def edit_options(edit: bool | str) -> dict:
+    """HookFunction keywords for one of :data:`EDIT_MODES` (``times_two`` as the edit)."""
+    if not edit:
+        return {}
+    return {"editing_function": times_two, "replicate_edit": edit == "replicated"}
+
+
 def times_two(module, tensor, ctx, modules):
     return tensor * 2
 
@@ -174,11 +187,10 @@ def run_flex(model: nn.Module, x: torch.Tensor, edit: bool, *,
     stored: dict[str, list[torch.Tensor]] = {}
     flex = FlexModel(model, stored, process_group=process_group, **sizes)
     names = actual_names(model)
-    fn = times_two if edit else None
     for name, kind in sites:
-        getattr(flex, _REGISTER[kind])(HookFunction(names[name], editing_function=fn))
+        getattr(flex, _REGISTER[kind])(HookFunction(names[name], **edit_options(edit)))
     for name in param_sites:
-        flex.register_hook(HookFunction(names[name], editing_function=fn))
+        flex.register_hook(HookFunction(names[name], **edit_options(edit)))
     out = flex(x)
     loss_fn(out).backward()
     renamed = {}

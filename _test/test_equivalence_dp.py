@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from parallel_cases import (
+    EDIT_MODES,
     PARAM_SITES,
     Block,
     H,
@@ -80,7 +81,7 @@ def test_ddp_equals_one_process():
 
     x = _setup()
     local_x = _local(x, dist.get_rank(), 2)
-    for edit in (False, True):
+    for edit in EDIT_MODES:
         ref_stored, ref_out, ref_grads, ref_model = _reference(x, edit)
         model = DDP(plain_net())
         stored, out, flex = run_flex(model, local_x, edit)
@@ -100,7 +101,7 @@ def test_fsdp1_equals_one_process(use_orig_params):
 
     x = _setup()
     local_x = _local(x, dist.get_rank(), 2)
-    for edit in (False, True):
+    for edit in EDIT_MODES:
         # parameter names exist only with use_orig_params (otherwise: flat parameters)
         param_sites = PARAM_SITES if use_orig_params else []
         ref_stored, ref_out, ref_grads, ref_model = _reference(x, edit, param_sites)
@@ -124,7 +125,7 @@ def test_fsdp2_equals_one_process():
     x = _setup()
     mesh = init_device_mesh("cpu", (2,))
     local_x = _local(x, dist.get_rank(), 2)
-    for edit in (False, True):
+    for edit in EDIT_MODES:
         ref_stored, ref_out, ref_grads, ref_model = _reference(x, edit)
         model = plain_net()
         for block in model.blocks:
@@ -149,7 +150,7 @@ def test_fsdp2_x_dtensor_tp_on_a_2d_mesh_equals_one_process():
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
     dp_rank = mesh.get_local_rank("dp")
     local_x = _local(x, dp_rank, 2)
-    for edit in (False, True):
+    for edit in EDIT_MODES:
         ref_stored, ref_out, ref_grads, _ = _reference(x, edit)
         model = parallelize_module(plain_net(), mesh["tp"], dtensor_plan(True))
         for block in model.blocks:
@@ -200,7 +201,7 @@ def test_hf_llama_under_fsdp_equals_one_process(wrapper):
     local_ids = _local(ids, dist.get_rank(), 2)
     run = functools.partial(run_flex, sites=HF_SITES, param_sites=[],
                             loss_fn=lambda out: out.logits.pow(2).mean())
-    for edit in (False, True):
+    for edit in EDIT_MODES:
         ref = _hf_model()
         ref_stored, ref_out, _ = run(ref, ids, edit, process_group=local_group())
         ref_grads = plain_grads(ref)

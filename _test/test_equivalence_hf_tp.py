@@ -3,7 +3,13 @@ weights, local-shard activations) through FlexModel equals the HF model in one p
 
 import torch
 import torch.distributed as dist
-from parallel_cases import assert_grads_equal, assert_stored_equal, local_group, run_flex
+from parallel_cases import (
+    EDIT_MODES,
+    assert_grads_equal,
+    assert_stored_equal,
+    local_group,
+    run_flex,
+)
 from rank_pool import distributed
 
 from flex_surgery.models import example_inputs, tiny_hf_model
@@ -33,7 +39,7 @@ def test_hf_tensor_parallel_llama_equals_one_process(tmp_path):
     dist.barrier()
     ids = example_inputs("llama", batch=2, seq=6)["input_ids"]
     loss_fn = lambda out: out.logits.pow(2).mean()  # noqa: E731
-    for edit in (False, True):
+    for edit in EDIT_MODES:
         ref = tiny_hf_model("llama", dtype=torch.float64)
         ref_stored, ref_out, _ = run_flex(ref, ids, edit, sites=SITES, param_sites=PARAM_SITES,
                                           loss_fn=loss_fn, process_group=local_group())

@@ -7,7 +7,13 @@ import math
 
 import torch
 import torch.distributed as dist
-from parallel_cases import assert_grads_equal, assert_stored_equal, local_group, run_flex
+from parallel_cases import (
+    EDIT_MODES,
+    assert_grads_equal,
+    assert_stored_equal,
+    local_group,
+    run_flex,
+)
 from rank_pool import distributed
 from torch import nn
 
@@ -167,7 +173,7 @@ def test_fairscale_llama_with_hf_weights_equals_hf_in_one_process():
     fs.initialize_model_parallel(2)
     ids = example_inputs("llama", batch=2, seq=6)["input_ids"]
     loss_fn = lambda out: _logits(out).pow(2).mean()  # noqa: E731
-    for edit in (False, True):
+    for edit in EDIT_MODES:
         hf = tiny_hf_model("llama", dtype=torch.float64)
         ref_stored, ref_out, _ = run_flex(hf, ids, edit, sites=SITES, param_sites=PARAM_SITES,
                                           loss_fn=loss_fn, process_group=local_group())

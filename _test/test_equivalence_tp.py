@@ -6,6 +6,7 @@ an x2 editing function on every hook."""
 import torch
 import torch.distributed as dist
 from parallel_cases import (
+    EDIT_MODES,
     FF,
     H,
     assert_grads_equal,
@@ -62,7 +63,7 @@ def test_fairscale_tp_equals_one_process():
 
     fs.initialize_model_parallel(2)
     x = _inputs(2)
-    for edit in (False, True):
+    for edit in EDIT_MODES:
         ref_stored, ref_out, ref_grads = _reference(x, edit)
         model = fairscale_net(plain_net())
         stored, out, flex = run_flex(model, x, edit, tensor_parallel_size=2)
@@ -85,7 +86,7 @@ def test_dtensor_tp_equals_one_process():
     # back into a DTensor by RowwiseParallel (it assumes even shards).
     for ff, use_local_output in ((FF, True), (FF, False), (FF - 1, False)):
         if True:
-            for edit in (False, True):
+            for edit in EDIT_MODES:
                 ref_stored, ref_out, ref_grads = _reference(x, edit, ff)
                 model = parallelize_module(plain_net(ff=ff), mesh, dtensor_plan(use_local_output))
                 stored, out, _ = run_flex(model, x, edit)
@@ -107,7 +108,7 @@ def test_dp_x_tp_equals_one_process():
     dp_rank = fs.get_data_parallel_rank()
     x = _inputs(4)
     local_x = x[2 * dp_rank: 2 * dp_rank + 2]
-    for edit in (False, True):
+    for edit in EDIT_MODES:
         ref_stored, ref_out, ref_grads = _reference(x, edit)
         net = fairscale_net(plain_net())
         model = DDP(net, process_group=fs.get_data_parallel_group())

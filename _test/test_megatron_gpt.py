@@ -116,16 +116,18 @@ def test_megatron_gpt_retrieval_equals_tp1(sequence_parallel):
         assert stored == {}
 
 
+@pytest.mark.parametrize("edit", [True, "replicated"], ids=["leader", "replicated"])
 @pytest.mark.parametrize("sequence_parallel", [False, True])
 @distributed(world_size=2)
-def test_megatron_gpt_editing_equals_tp1(sequence_parallel):
+def test_megatron_gpt_editing_equals_tp1(sequence_parallel, edit):
     """Edits (doubling, or doubling plus a position-dependent term) on every kind of site:
-    logits and whole gradients of TP=1 with the same edits."""
+    logits and whole gradients of TP=1 with the same edits, run on the edit leader and
+    scattered, or run on every rank on its all-gathered copy (``replicate_edit``)."""
     _, ref_logits, ref_grads = _flex_reference(EDIT_SITES, edit=True)
     _, plain_logits, _ = _flex_reference([], edit=False)
     with gpt_parallel(tp=2):
         model = build_gpt(tp=2, sequence_parallel=sequence_parallel)
-        _, logits, grads, _ = run_flex(model, EDIT_SITES, edit=True)
+        _, logits, grads, _ = run_flex(model, EDIT_SITES, edit=edit)
     assert not torch.allclose(ref_logits, plain_logits)  # the edits change the logits
     torch.testing.assert_close(logits, ref_logits, **TOL)
     _assert_all_close(grads, ref_grads, "grad", **TOL)

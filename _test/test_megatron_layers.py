@@ -11,7 +11,13 @@ import pytest
 import torch
 import torch.distributed as dist
 from megatron_cases import FF, B, H, S, megatron_mlp, megatron_parallel, plain_mlp, token_ids
-from parallel_cases import assert_grads_equal, assert_stored_equal, local_group, run_flex
+from parallel_cases import (
+    EDIT_MODES,
+    assert_grads_equal,
+    assert_stored_equal,
+    local_group,
+    run_flex,
+)
 from rank_pool import distributed
 from test_surgery_distributed import _check_equivalence
 from torch import nn
@@ -106,7 +112,7 @@ def test_hooks_equal_one_process(sequence_parallel):
 def _hooks_body(sequence_parallel: bool):
     ids = token_ids()
     with megatron_parallel(2):
-        for edit in (False, True):
+        for edit in EDIT_MODES:
             ref_stored, ref_out, ref_grads = _reference(ids, edit)
             model = megatron_mlp(plain_mlp(), sequence_parallel, DTYPE)
             stored, out, flex = run_flex(model, ids, edit, sites=SITES, param_sites=PARAM_SITES,

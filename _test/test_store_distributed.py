@@ -157,8 +157,8 @@ def test_mean_over_batch_equals_the_one_process_mean():
             for step in range(2):
                 want = one[name][step].mean(0, keepdim=True)
                 got = reader.read(key, step)
-                if store_on == "rank0":
-                    assert torch.equal(got, want), key
+                # Not torch.equal: the ranks' matmuls run on half the batch, whose blocking
+                # (and so the last bit of a float64 sum) depends on the threads available.
                 torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
         _done_with(directory)
 

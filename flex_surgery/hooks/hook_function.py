@@ -11,6 +11,8 @@ runtime; from then on every call of the PyTorch hook takes the same short path::
       -> runtime.gather_for_edit -> runtime.retrieve_gathered (the same whole tensor, stored
          before editing) -> runtime.run_on_leader(editing function + checks)
       -> runtime.scatter_from_edit -> repack
+      (replicate_edit: the whole tensor is gathered to every rank, every rank runs the editing
+      function on it and keeps its own piece: no scatter)
 
 Everything a call needs (the :class:`~flex_surgery.parallel.runtime.HookSite`, the output key,
 the store callback) is computed once at registration, so a call does no name lookups, and a
@@ -95,6 +97,22 @@ class SharedState:
     batch_dim: int = 0  # the activation dim data parallelism splits (for reduce=)
 
 
+def pure_edit(editing_function: EditingFunction) -> EditingFunction:
+    """Declare an editing function pure, so that :class:`HookFunction` runs it on every rank
+    (``replicate_edit``) instead of on one rank and scattering its result.
+
+    Pure means: the result depends only on the arguments, identically on every rank -- no
+    randomness drawn from a rank's own generator, no side effect that must happen once (writing
+    to ``save_ctx``, counting calls). Returns the function itself, marked::
+
+        @pure_edit
+        def zero(module, tensor, ctx, modules):
+            return torch.zeros_like(tensor)
+    """
+    editing_function.replicate_edit = True
+    return editing_function
+
+
 class HookFunction:
     """Read and optionally edit one tensor of one module (or one parameter's gradient).
 
@@ -116,6 +134,15 @@ class HookFunction:
             in pytree order (see :mod:`flex_surgery.hooks.unpack`).
         reduce: store a statistic of the whole tensor instead of the tensor:
             ``"mean_over_batch"``, ``"last_token"`` or a callable (see ``docs/store.md``).
+        replicate_edit: the editing function is pure -- its result depends only on its
+            arguments, the same on every rank (no rank-local randomness, no side effects that
+            must happen once). Then every rank all-gathers the whole tensor, runs the function
+            on its own copy and keeps its own piece: no scatter, no broadcast of the result
+            (the ranks only agree, in one small all-reduce, that none failed). ``None`` (the
+            default) reads the function's own ``replicate_edit`` attribute (set by
+            :func:`pure_edit`), else ``False``: the function runs once, on the edit leader, and
+            the result is scattered. Ignored in one process; the leader path is taken while
+            trainable modules are registered (only the leader computes their gradients).
     """
 
     def __init__(
@@ -125,6 +152,7 @@ class HookFunction:
         editing_function: EditingFunction | None = None,
         unpack_idx: int = 0,
         reduce: Any = None,
+        replicate_edit: bool | None = None,
     ) -> None:
         if not isinstance(module_name, str):
             raise TypeError(f"module_name must be a str, got {type(module_name).__name__}")
@@ -138,6 +166,11 @@ class HookFunction:
                             f"{type(editing_function).__name__}")
         if isinstance(unpack_idx, bool) or not isinstance(unpack_idx, int) or unpack_idx < 0:
             raise ValueError(f"unpack_idx must be an int >= 0, got {unpack_idx!r}")
+        if replicate_edit is None:
+            replicate_edit = bool(getattr(editing_function, "replicate_edit", False))
+        if not isinstance(replicate_edit, bool):
+            raise TypeError(f"replicate_edit must be a bool or None, got {replicate_edit!r}")
+        self.replicate_edit = replicate_edit
         self.module_name = module_name
         self.expected_shape: tuple[int | None, ...] | None = expected_shape
         self.editing_function = editing_function
@@ -270,7 +303,7 @@ class HookFunction:
             elif storing:
                 runtime.retrieve(tensor, site, self._store)
             return None
-        full, ctx = runtime.gather_for_edit(tensor, site)
+        full, ctx = runtime.gather_for_edit(tensor, site, everywhere=self.replicate_edit)
         if storing:  # one gather serves both storing and editing
             runtime.retrieve_gathered(full, ctx, self._store)
         edited = runtime.run_on_leader(ctx, partial(self._edit, full))

@@ -9,6 +9,7 @@ function                      forward                      backward
 :func:`gather_to_one`         concat shards on ``dst``     scatter the gradient from ``dst``
 :func:`scatter_from_one`      split ``src``'s tensor       gather the gradient to ``src``
 :func:`all_gather`            concat shards on all         sum gradients, keep own slice
+:func:`all_reduce`            sum (or mean) on all         sum (or mean) the gradients
 :func:`reduce_to_one`         sum summands on ``dst``      broadcast the gradient from ``dst``
 :func:`broadcast_from_one`    copy ``src``'s to all        sum gradients on ``src``
 :func:`keep_on_one`           ``src`` keeps, others zero   gradient stays on ``src``
@@ -26,176 +27,52 @@ Only ``gather``, ``scatter``, ``all_gather``, ``all_reduce``, ``reduce`` and ``b
 used, which gloo and nccl both provide; the device is always the tensor's own.
 ``group`` ``None`` means the default group; ``dst``/``src`` are ranks *within* the group.
 
-A collective that fails because a peer is gone (its process exited: gloo reports "connection
-closed by peer"; or it did not answer within the group's timeout) raises
-:class:`LostRankError`, whose message names the ranks whose processes have exited. Every rank
-records its host and process id in the default store when a runtime is built
-(:func:`announce_process`), which is what lets a survivor tell a dead peer from a slow one.
+A collective that fails because a peer is gone raises
+:class:`~flex_surgery.parallel.failures.LostRankError` naming the lost ranks (see
+:mod:`flex_surgery.parallel.failures`; its names are re-exported here).
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import os
-import socket
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
 
+from flex_surgery.parallel.failures import (  # re-exported: callers import them from here
+    LostRankError,
+    RemoteEditError,
+    agree_on_status,
+    announce_process,
+    broadcast_status,
+    lost_ranks,
+    names_lost_ranks,
+    naming_lost_ranks,
+    run_agreeing,
+)
+
 __all__ = [
-    "LostRankError", "RemoteEditError", "all_gather", "announce_process", "broadcast_from_one",
-    "broadcast_status", "exchange_sizes", "gather_to_one", "keep_on_one", "lost_ranks",
-    "naming_lost_ranks", "one_to_replicas", "reduce_to_one", "replica_to_one", "scatter_from_one",
+    "LostRankError", "RemoteEditError", "agree_on_status", "all_gather", "all_reduce",
+    "announce_process", "broadcast_from_one", "broadcast_status", "exchange_sizes",
+    "gather_to_one", "keep_on_one", "lost_ranks", "naming_lost_ranks", "one_to_replicas",
+    "reduce_to_one", "replica_to_one", "run_agreeing", "scatter_from_one", "start_gather",
 ]
 
 Group = dist.ProcessGroup | None
 
 
-# -- lost ranks -------------------------------------------------------------------------------
-class LostRankError(RuntimeError):
-    """A collective failed because a rank of its group is gone (its process exited) or did not
-    answer within the group's timeout; raised on the ranks that were waiting for it."""
-
-
-_PROCESS_KEY = "flex_surgery/rank_process/{}"
-_announced_in: list[Any] = []  # the default group this process announced itself in
-
-
-def announce_process() -> None:
-    """Record this rank's host and process id in the default store (once per process group),
-    so that a survivor of a failed collective can name the ranks whose processes exited."""
-    default = dist.distributed_c10d._get_default_group()
-    if _announced_in and _announced_in[0] is default:
-        return
-    store = dist.distributed_c10d._get_default_store()
-    store.set(_PROCESS_KEY.format(dist.get_rank()), f"{socket.gethostname()}\n{os.getpid()}")
-    _announced_in[:] = [default]
-
-
-def _process_exited(pid: int) -> bool:
-    """Whether process ``pid`` of this host has exited (a zombie counts as exited)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] in ("Z", "X")
-    except FileNotFoundError:
-        return True
-    except OSError:  # no /proc: ask the kernel
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            return False
-        return False
-
-
-def lost_ranks(group: Group = None) -> tuple[list[int], list[int]]:
-    """``(exited, unknown)``: global ranks of ``group`` whose processes have exited, and those
-    that cannot be checked from here (another host, or never announced)."""
-    ranks = dist.get_process_group_ranks(group) if group is not None else \
-        list(range(dist.get_world_size()))
-    me, host = dist.get_rank(), socket.gethostname()
-    exited, unknown = [], []
-    try:
-        store = dist.distributed_c10d._get_default_store()
-        for rank in ranks:
-            if rank == me:
-                continue
-            key = _PROCESS_KEY.format(rank)
-            if not store.check([key]):
-                unknown.append(rank)
-                continue
-            their_host, _, pid = store.get(key).decode().partition("\n")
-            if their_host != host:
-                unknown.append(rank)
-            elif _process_exited(int(pid)):
-                exited.append(rank)
-    except Exception:  # the store lives in rank 0's process (torchrun: the agent's)
-        return [r for r in ranks if r == 0 and r != me], [r for r in ranks if r not in (0, me)]
-    return exited, unknown
-
-
-_PEER_FAILURE_SIGNS = ("closed by peer", "reset by peer", "broken pipe", "timed out",
-                       "timeout", "connection refused", "socket", "nccl")
-
-
-def _is_peer_failure(exc: BaseException) -> bool:
-    if isinstance(exc, (getattr(dist, "DistBackendError", ()), getattr(dist, "DistNetworkError",
-                                                                        ()))):
-        return True
-    text = str(exc).lower()
-    return isinstance(exc, RuntimeError) and any(s in text for s in _PEER_FAILURE_SIGNS)
-
-
-def describe_lost_ranks(group: Group, what: str, exc: BaseException) -> str:
-    """The message of a :class:`LostRankError`: which ranks are gone, and the backend's words."""
-    ranks = dist.get_process_group_ranks(group) if group is not None else \
-        list(range(dist.get_world_size()))
-    exited, unknown = lost_ranks(group)
-    if exited:
-        who = f"lost rank(s) {exited} (process exited)"
-    elif unknown:
-        who = f"rank(s) {unknown} could not be checked from this host; one of them is lost"
-    else:
-        who = ("every peer process is still running: one of them stopped answering (it failed "
-               "elsewhere or is stuck) within the group's timeout")
-    detail = " ".join(str(exc).split())
-    return (f"{what} over ranks {ranks} failed on rank {dist.get_rank()}: {who}. "
-            f"Backend error: {type(exc).__name__}: {detail}")
-
-
-@contextlib.contextmanager
-def naming_lost_ranks(group: Group, what: str) -> Iterator[None]:
-    """Turn a collective that fails for want of a peer into a :class:`LostRankError`."""
-    try:
-        yield
-    except (LostRankError, RemoteEditError):
-        raise
-    except RuntimeError as exc:
-        if not _is_peer_failure(exc):
-            raise
-        raise LostRankError(describe_lost_ranks(group, what, exc)) from exc
-
-
-def _names_lost_ranks(fn: Callable) -> Callable:
-    """Decorator: ``fn(..., group=...)`` (or a ``group`` positional parameter) reports lost
-    ranks (see :func:`naming_lost_ranks`)."""
-    import inspect
-
-    position = list(inspect.signature(fn).parameters).index("group")
-
-    what = fn.__name__.strip("_").replace("_", " ")
-
-    @functools.wraps(fn)
-    def wrapped(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except (LostRankError, RemoteEditError):
-            raise
-        except RuntimeError as exc:
-            if not _is_peer_failure(exc):
-                raise
-            group = kwargs.get("group", args[position] if len(args) > position else None)
-            raise LostRankError(describe_lost_ranks(group, what, exc)) from exc
-
-    return wrapped
-
-
-@_names_lost_ranks
+@names_lost_ranks
 def _broadcast(buf: torch.Tensor, group: Group, src: int) -> None:
     dist.broadcast(buf, group=group, group_src=src)
 
 
-@_names_lost_ranks
+@names_lost_ranks
 def _reduce(buf: torch.Tensor, group: Group, dst: int) -> None:
     dist.reduce(buf, dst=dist.get_global_rank(group, dst) if group is not None else dst,
                 group=group)
 
 
-@_names_lost_ranks
+@names_lost_ranks
 def _all_reduce(buf: torch.Tensor, group: Group) -> None:
     dist.all_reduce(buf, group=group)
 
@@ -208,7 +85,7 @@ def _placeholder(like: torch.Tensor) -> torch.Tensor:
     return like.new_empty(0)
 
 
-@_names_lost_ranks
+@names_lost_ranks
 def exchange_sizes(local: torch.Tensor, dim: int, group: Group) -> tuple[int, ...]:
     """Every rank's size along ``dim`` (a tiny all-gather)."""
     n = dist.get_world_size(group)
@@ -242,7 +119,7 @@ def _sizes(local: torch.Tensor, dim: int, group: Group,
 
 
 # -- plain (non-autograd) collectives -------------------------------------------------------
-@_names_lost_ranks
+@names_lost_ranks
 def _gather(t: torch.Tensor, dim: int, group: Group, dst: int,
             sizes: Sequence[int]) -> torch.Tensor | None:
     top = max(sizes)
@@ -255,7 +132,34 @@ def _gather(t: torch.Tensor, dim: int, group: Group, dst: int,
     return None
 
 
-@_names_lost_ranks
+def start_gather(t: torch.Tensor, dim: int, group: Group, dst: int,
+                 sizes: Sequence[int]) -> Callable[[], torch.Tensor | None]:
+    """Start gathering every rank's ``t`` along ``dim`` to ``dst`` without waiting for it;
+    returns ``finish()``, which waits and returns the whole tensor on ``dst`` (``None``
+    elsewhere). Not autograd-aware: for retrieval.
+
+    The bytes sent are a private copy (``t`` may be changed in place by the model before they
+    have left), so the caller may go on computing while they travel.
+    """
+    top = max(sizes)
+    padded = _pad(t.detach(), dim, top)
+    if padded.data_ptr() == t.data_ptr():
+        padded = padded.clone()
+    bufs = [torch.empty_like(padded) for _ in sizes] if _group_rank(group) == dst else None
+    with naming_lost_ranks(group, "gather"):
+        work = dist.gather(padded, bufs, group=group, group_dst=dst, async_op=True)
+
+    def finish() -> torch.Tensor | None:
+        with naming_lost_ranks(group, "gather"):
+            work.wait()
+        if bufs is None:
+            return None
+        return torch.cat([b.narrow(dim, 0, s) for b, s in zip(bufs, sizes)], dim=dim)
+
+    return finish
+
+
+@names_lost_ranks
 def _scatter(full: torch.Tensor | None, dim: int, group: Group, src: int,
              sizes: Sequence[int], local_shape: Sequence[int], like: torch.Tensor,
              ) -> torch.Tensor:
@@ -271,7 +175,7 @@ def _scatter(full: torch.Tensor | None, dim: int, group: Group, src: int,
     return out.narrow(dim, 0, sizes[me])
 
 
-@_names_lost_ranks
+@names_lost_ranks
 def _all_gather(t: torch.Tensor, dim: int, group: Group, sizes: Sequence[int]) -> torch.Tensor:
     top = max(sizes)
     padded = _pad(t, dim, top)
@@ -323,6 +227,21 @@ class _AllGather(torch.autograd.Function):
         me = _group_rank(ctx.group)
         start = sum(ctx.sizes[:me])
         return grad.narrow(ctx.dim, start, ctx.sizes[me]).clone(), None, None, None
+
+
+class _AllReduce(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t, group, mean):
+        ctx.group, ctx.mean = group, mean
+        buf = t.contiguous().clone()
+        _all_reduce(buf, group)
+        return buf / dist.get_world_size(group) if mean else buf
+
+    @staticmethod
+    def backward(ctx, grad):
+        buf = grad.contiguous().clone()
+        _all_reduce(buf, ctx.group)
+        return (buf / dist.get_world_size(ctx.group) if ctx.mean else buf), None, None
 
 
 class _ReduceToOne(torch.autograd.Function):
@@ -432,6 +351,14 @@ def all_gather(t: torch.Tensor, dim: int, group: Group = None,
     return _AllGather.apply(t, dim, group, _sizes(t, dim, group, sizes))
 
 
+def all_reduce(t: torch.Tensor, group: Group = None, mean: bool = False) -> torch.Tensor:
+    """Sum (``mean``: average) of every rank's ``t`` on every rank. Every rank's copy feeds its
+    own computation, so the gradient is the sum (average) of every rank's gradient."""
+    if dist.get_world_size(group) == 1:
+        return t
+    return _AllReduce.apply(t, group, mean)
+
+
 def reduce_to_one(t: torch.Tensor, group: Group = None, dst: int = 0) -> torch.Tensor:
     """Sum of every rank's ``t`` on ``dst``, placeholder elsewhere (backward: broadcast)."""
     if dist.get_world_size(group) == 1:
@@ -472,33 +399,3 @@ def one_to_replicas(t: torch.Tensor, shape: Sequence[int], group: Group = None) 
     if dist.get_world_size(group) == 1:
         return t
     return _OneToReplicas.apply(t, group, tuple(shape))
-
-
-# -- status ---------------------------------------------------------------------------------
-class RemoteEditError(RuntimeError):
-    """An editing function failed on the edit leader; raised on every rank of the group."""
-
-
-def broadcast_status(error: str | None, group: Group = None, src: int = 0,
-                     device: torch.device | str = "cpu", flag: bool = False) -> bool:
-    """Tell every rank whether ``src`` succeeded; raise :class:`RemoteEditError` everywhere if
-    not. ``error`` is the message on ``src`` (``None``: success) and ignored elsewhere.
-
-    ``flag`` carries one more bit from ``src`` to everyone in the same broadcast (the runtime
-    sends "the edited tensor requires grad", which decides whether every rank's backward runs
-    the mirror collectives); returns ``src``'s flag on success.
-
-    Two small broadcasts at most (a header, then the message bytes), so a failure reaches every
-    rank as fast as a success does -- nobody waits for a collective that will never come.
-    """
-    me = _group_rank(group)
-    payload = (error or "").encode() if me == src else b""
-    header = torch.tensor([len(payload), int(flag)], dtype=torch.int64, device=device)
-    _broadcast(header, group, src)
-    n, flag = int(header[0].item()), bool(header[1].item())
-    if n == 0:
-        return flag
-    data = (torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(device) if me == src
-            else torch.empty(n, dtype=torch.uint8, device=device))
-    _broadcast(data, group, src)
-    raise RemoteEditError(bytes(data.cpu().tolist()).decode(errors="replace"))

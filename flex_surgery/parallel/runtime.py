@@ -12,6 +12,11 @@ where parallelism enters the hook path:
 3. :meth:`Runtime.scatter_from_edit` -- "put the edited whole tensor back in its sharded form":
    the mirror of 2, so gradients flow back through edit and gather.
 
+An editing function declared pure (``HookFunction(replicate_edit=True)``) takes a shorter path:
+``gather_for_edit(..., everywhere=True)`` puts the whole tensor on *every* rank (one all-gather
+instead of a gather), every rank runs the function on its copy, and ``scatter_from_edit`` keeps
+this rank's piece without communicating; the ranks only agree that no one failed.
+
 :class:`LocalRuntime` is the single-process answer (every question is the identity); the
 distributed runtime in :mod:`flex_surgery.parallel.distributed_runtime` answers them over a
 :class:`~flex_surgery.parallel.mesh.ParallelMesh` with layouts inferred from the module.
@@ -81,9 +86,11 @@ class Runtime:
         """Call ``store(full_detached_cpu_tensor)`` on the storing rank(s); no-op elsewhere."""
         raise NotImplementedError
 
-    def gather_for_edit(self, local: torch.Tensor,
-                        site: HookSite) -> tuple[torch.Tensor | None, EditContext]:
-        """Whole tensor (autograd-connected) on the edit leader, ``None`` on the other ranks."""
+    def gather_for_edit(self, local: torch.Tensor, site: HookSite,
+                        everywhere: bool = False) -> tuple[torch.Tensor | None, EditContext]:
+        """Whole tensor (autograd-connected) on the edit leader, ``None`` on the other ranks;
+        with ``everywhere``, on every rank (then :meth:`run_on_leader` runs the function on
+        every rank and :meth:`scatter_from_edit` keeps each rank's own piece)."""
         raise NotImplementedError
 
     def retrieve_gathered(self, full: torch.Tensor | None, ctx: EditContext,
@@ -158,39 +165,68 @@ class Runtime:
         raise NotImplementedError
 
 
-_PENDING_HOST_COPIES: list[torch.cuda.Event] = []
+# Work that completes after the hook that started it has returned, in the order it was started:
+# device-to-host copies on the copy stream, and (``overlap_retrieval``) gathers still travelling.
+_PENDING: list[Callable[[], None]] = []
+_COPY_STREAMS: dict[torch.device, Any] = {}
+
+
+def defer(complete: Callable[[], None]) -> None:
+    """Run ``complete()`` at the next :func:`wait_for_host_copies` (the end of this forward, or
+    of this backward when called inside one), after every completion deferred before it."""
+    if not _PENDING and torch._C._current_graph_task_id() != -1:
+        # Inside backward: make sure everything has landed when backward() returns.
+        torch.autograd.Variable._execution_engine.queue_callback(wait_for_host_copies)
+    _PENDING.append(complete)
+
+
+def wait_for_host_copies() -> None:
+    """Complete every deferred copy and gather (see :func:`defer`), in the order they started.
+
+    If one fails (a lost peer), the others are dropped -- they belong to the same failed pass
+    -- and the error is raised."""
+    try:
+        while _PENDING:
+            _PENDING.pop(0)()
+    except BaseException:
+        _PENDING.clear()
+        raise
+
+
+def _copy_stream(device: torch.device) -> Any:
+    if device not in _COPY_STREAMS:
+        _COPY_STREAMS[device] = torch.cuda.Stream(device)
+    return _COPY_STREAMS[device]
 
 
 def store_copy(tensor: torch.Tensor, blocking: bool = False) -> torch.Tensor:
     """A detached CPU copy that later in-place changes to ``tensor`` cannot reach.
 
     ``tensor.cpu()`` on a CPU tensor returns the tensor itself, so the copy is explicit. A CUDA
-    tensor is copied into pinned memory without blocking, so a retrieval-only hook does not
-    stall the forward; the copy is complete once :func:`wait_for_host_copies` returns, which
-    FlexModel calls at the end of every forward and (for copies made by backward hooks) at the
-    end of every backward. ``blocking=True`` waits for this copy at once.
+    tensor is copied into pinned memory on a side stream, so neither the hook nor the next
+    block's kernels wait for the bytes to cross the bus: the copy stream starts once the
+    compute stream has produced ``tensor``, and ``tensor``'s memory is not reused before the
+    copy is done (``record_stream``). The copy is complete once :func:`wait_for_host_copies`
+    returns, which FlexModel calls at the end of every forward and (for copies made by backward
+    hooks) at the end of every backward -- one synchronisation per pass, not per hook.
+    ``blocking=True`` waits for this copy at once.
     """
     tensor = tensor.detach()
     if tensor.device.type != "cuda":
         return tensor.to("cpu", copy=True)
     host = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=True)
-    host.copy_(tensor, non_blocking=True)
+    stream = _copy_stream(tensor.device)
+    stream.wait_stream(torch.cuda.current_stream(tensor.device))
+    with torch.cuda.stream(stream):
+        host.copy_(tensor, non_blocking=True)
+    tensor.record_stream(stream)
     if blocking:
-        torch.cuda.current_stream(tensor.device).synchronize()
+        stream.synchronize()
         return host
     event = torch.cuda.Event()
-    event.record(torch.cuda.current_stream(tensor.device))
-    if not _PENDING_HOST_COPIES and torch._C._current_graph_task_id() != -1:
-        # Inside backward: make sure the copy has landed when backward() returns.
-        torch.autograd.Variable._execution_engine.queue_callback(wait_for_host_copies)
-    _PENDING_HOST_COPIES.append(event)
+    event.record(stream)
+    defer(event.synchronize)
     return host
-
-
-def wait_for_host_copies() -> None:
-    """Block until every non-blocking device-to-host copy made by :func:`store_copy` is done."""
-    while _PENDING_HOST_COPIES:
-        _PENDING_HOST_COPIES.pop().synchronize()
 
 
 class LocalRuntime(Runtime):
@@ -200,8 +236,8 @@ class LocalRuntime(Runtime):
                  store: Callable[[torch.Tensor], None]) -> None:
         store(store_copy(local))
 
-    def gather_for_edit(self, local: torch.Tensor,
-                        site: HookSite) -> tuple[torch.Tensor | None, EditContext]:
+    def gather_for_edit(self, local: torch.Tensor, site: HookSite,
+                        everywhere: bool = False) -> tuple[torch.Tensor | None, EditContext]:
         return local, EditContext(site, local)
 
     def retrieve_gathered(self, full: torch.Tensor | None, ctx: EditContext,

@@ -1,0 +1,160 @@
+"""The walk over the mesh axes that puts a hooked tensor together and takes it apart again.
+
+A tensor's :class:`~flex_surgery.parallel.layout.Layout` says, per mesh axis, whether it is
+sharded, a partial sum (or average) or replicated. :class:`AxisWalk` turns that into one
+autograd-aware collective per axis, in gather order (``tp``, then ``dp``):
+
+* :meth:`AxisWalk.to_leader` / :meth:`AxisWalk.from_leader` -- the whole tensor on the stage
+  leader only (gather, reduce; a replica stands for all) and back (scatter, keep, broadcast);
+  the record of the first is what the second needs to walk back.
+* :meth:`AxisWalk.to_all` -- a detached whole tensor on every rank (``store_on="all"``).
+* :meth:`AxisWalk.everywhere` / :meth:`AxisWalk.own_piece` -- the whole tensor on every rank,
+  autograd-aware (all-gather, all-reduce), and each rank's piece of an edited copy, without
+  communication (``replicate_edit``).
+
+Gradient scales (``Layout.grad_scale``, ``Layout.backward_scale``) are applied where the whole
+tensor is formed and undone before it is taken apart; see
+:mod:`flex_surgery.parallel.distributed_runtime` for why data parallelism needs them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from flex_surgery.parallel.collectives import (
+    all_gather,
+    all_reduce,
+    broadcast_from_one,
+    exchange_sizes,
+    gather_to_one,
+    keep_on_one,
+    one_to_replicas,
+    reduce_to_one,
+    replica_to_one,
+    scatter_from_one,
+)
+from flex_surgery.parallel.layout import GATHER_ORDER, Layout, PartialSpec, ShardSpec
+from flex_surgery.parallel.mesh import ParallelMesh
+
+__all__ = ["AxisWalk"]
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; multiplies the gradient by ``scale`` (see ``Layout.backward_scale``)."""
+
+    @staticmethod
+    def forward(ctx, t, scale):
+        ctx.scale = scale
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
+class AxisWalk:
+    """The collectives of one hook call over ``mesh``, axis by axis (see the module doc)."""
+
+    def __init__(self, mesh: ParallelMesh) -> None:
+        self.mesh = mesh
+
+    def takes_part(self, axis: str) -> bool:
+        """Whether this rank joins the step over ``axis``: it must be the first rank on every
+        axis gathered before it."""
+        for prior in GATHER_ORDER[:GATHER_ORDER.index(axis)]:
+            if self.mesh.rank(prior) != 0:
+                return False
+        return True
+
+    def to_leader(self, t: torch.Tensor, layout: Layout,
+                axes: tuple[str, ...] = GATHER_ORDER) -> tuple[torch.Tensor, list]:
+        """Walk ``t`` to the leader axis by axis; returns what this rank holds and the record
+        :meth:`from_leader` needs to walk back. Autograd-aware when ``t`` requires grad."""
+        record = []
+        for axis in axes:
+            if self.mesh.size(axis) == 1 or not self.takes_part(axis):
+                continue
+            group = self.mesh.group(axis)
+            spec = layout.spec_for(axis)
+            shape = tuple(t.shape)
+            if isinstance(spec, ShardSpec):
+                sizes = spec.sizes or exchange_sizes(t, spec.dim, group)
+                record.append((axis, spec, sizes, shape))
+                t = gather_to_one(t, spec.dim, group, 0, sizes)
+            elif isinstance(spec, PartialSpec):
+                record.append((axis, spec, None, shape))
+                t = reduce_to_one(t, group, 0)
+                if spec.op == "avg" and dist.get_rank(group) == 0:
+                    t = t / self.mesh.size(axis)
+            else:
+                record.append((axis, None, None, shape))
+                t = replica_to_one(t, group)
+        if self.mesh.is_stage_leader():
+            if layout.grad_scale != 1.0:
+                t = t * layout.grad_scale
+            if layout.backward_scale != 1.0 and t.requires_grad:
+                t = _ScaleGrad.apply(t, 1.0 / layout.backward_scale)
+        return t, record
+
+    def from_leader(self, t: torch.Tensor, layout: Layout, record: list) -> torch.Tensor:
+        if self.mesh.is_stage_leader():
+            if layout.grad_scale != 1.0:
+                t = t / layout.grad_scale
+            if layout.backward_scale != 1.0 and t.requires_grad:
+                t = _ScaleGrad.apply(t, layout.backward_scale)
+        for axis, spec, sizes, shape in reversed(record):
+            group = self.mesh.group(axis)
+            if isinstance(spec, ShardSpec):
+                t = scatter_from_one(t, spec.dim, sizes, shape, group, 0)
+            elif isinstance(spec, PartialSpec):
+                t = broadcast_from_one(t, shape, group, 0) if spec.op == "avg" else \
+                    keep_on_one(t, shape, group, 0)
+            else:
+                t = one_to_replicas(t, shape, group)
+        return t
+
+    def to_all(self, t: torch.Tensor, layout: Layout) -> torch.Tensor:
+        for axis in GATHER_ORDER:
+            spec = layout.spec_for(axis)
+            group = self.mesh.group(axis)
+            if isinstance(spec, ShardSpec):
+                t = all_gather(t, spec.dim, group, spec.sizes)
+            elif isinstance(spec, PartialSpec):
+                t = t.clone()
+                dist.all_reduce(t, group=group)
+                if spec.op == "avg":
+                    t = t / self.mesh.size(axis)
+        return t * layout.grad_scale if layout.grad_scale != 1.0 else t
+
+    def everywhere(self, t: torch.Tensor, layout: Layout) -> tuple[torch.Tensor, list]:
+        """The whole tensor on every rank, autograd-aware (``replicate_edit``): an all-gather
+        per sharded axis, an all-reduce per partial one, nothing for a replicated one."""
+        record = []
+        for axis in GATHER_ORDER:
+            if self.mesh.size(axis) == 1:
+                continue
+            group = self.mesh.group(axis)
+            spec = layout.spec_for(axis)
+            if isinstance(spec, ShardSpec):
+                sizes = spec.sizes or exchange_sizes(t, spec.dim, group)
+                record.append((axis, spec, sizes, tuple(t.shape)))
+                t = all_gather(t, spec.dim, group, sizes)
+            elif isinstance(spec, PartialSpec):
+                record.append((axis, spec, None, tuple(t.shape)))
+                t = all_reduce(t, group, mean=spec.op == "avg")
+        return (t * layout.grad_scale if layout.grad_scale != 1.0 else t), record
+
+    def own_piece(self, t: torch.Tensor, layout: Layout, record: list) -> torch.Tensor:
+        """This rank's piece of the edited whole tensor every rank holds: the mirror of
+        :meth:`everywhere` without communication. A piece of a larger tensor is copied
+        out, so the whole tensor is not kept alive by a view of it."""
+        if layout.grad_scale != 1.0:
+            t = t / layout.grad_scale
+        for axis, spec, sizes, _ in reversed(record):
+            me = self.mesh.rank(axis)
+            if isinstance(spec, ShardSpec):
+                t = t.narrow(spec.dim, sum(sizes[:me]), sizes[me]).clone()
+            elif spec.op == "sum" and me != 0:  # the summands: the whole on rank 0, zeros
+                t = torch.zeros_like(t)
+        return t
