@@ -20,7 +20,11 @@ Models: ``llama7b-aspect`` (default: Llama-7B's width ratios -- intermediate = 2
 vocab = 7.8 x hidden, multi-head attention -- scaled to hidden 512, 16 blocks, 256 tokens), or
 ``smollm2`` (the real SmolLM2-135M: vocab 85 x hidden, so the unembedding dominates).
 
+``--check`` (``make bench``) runs the default model 3 times and fails when the median
+``lens_all / forward`` exceeds the target of docs/lens.md (1.5x at TP=2) by more than 20 %.
+
     python benchmarks/lens.py [--model llama7b-aspect|smollm2] [--reps 15] [--tokens 256]
+    python benchmarks/lens.py --check
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import json
 import os
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -38,8 +43,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from targets import REPETITIONS, check_targets  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent.parent / "results" / "lens.json"
 WORLD = 2
+TARGET = 1.5  # lens over every block and position / one forward, TP=2 (docs/lens.md)
 
 
 def _aspect_folder() -> str:
@@ -116,16 +125,8 @@ def _stats(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="llama7b-aspect", choices=("llama7b-aspect", "smollm2"))
-    parser.add_argument("--reps", type=int, default=15)
-    parser.add_argument("--tokens", type=int, default=256)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
-    parser.add_argument("--out", default=str(RESULTS))
-    args = parser.parse_args()
-    os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    from flex_surgery.demo.ranks import fork_ranks
+def run_once(args) -> dict:
+    from flex_surgery.launch import fork_ranks
     from flex_surgery.lens_cli import lens_plan
 
     if args.model == "smollm2":
@@ -138,7 +139,7 @@ def main() -> None:
         plan = "auto"
     try:
         raw = fork_ranks(_rank, folder, plan, args.tokens, args.reps, args.threads,
-                         nprocs=WORLD, timeout_s=3600)[0]
+                         nprocs=WORLD, device="cpu", threads=args.threads, timeout_s=3600)[0]
     finally:
         if cleanup:
             shutil.rmtree(folder, ignore_errors=True)
@@ -156,9 +157,6 @@ def main() -> None:
               "seconds": {k: _stats(v) for k, v in t.items()}, "ratios": ratios,
               "best_ratios": best,
               "correct": True}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
     print(f"{args.model}: {raw['blocks']} blocks, hidden {raw['hidden']}, vocab {raw['vocab']} "
           f"({raw['local_vocab']} per rank), {args.tokens} tokens, TP={WORLD}, {args.reps} reps")
     print(f"forward: {result['seconds']['forward']['median'] * 1e3:.1f} ms (median)")
@@ -166,8 +164,32 @@ def main() -> None:
         label = "lens_all / floor" if name == "lens_all_over_floor" else f"{name} / forward"
         print(f"{label:>20}: {r['median']:.2f} (min {r['min']:.2f}, max {r['max']:.2f}); "
               f"fastest / fastest {best[name]:.2f}")
-    print(f"wrote {out}")
+    return result
 
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="llama7b-aspect", choices=("llama7b-aspect", "smollm2"))
+    parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--check", action="store_true",
+                        help=f"{REPETITIONS} repetitions; fail if lens_all / forward exceeds "
+                             f"{TARGET}x by more than 20 %%")
+    args = parser.parse_args()
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    runs = [run_once(args) for _ in range(REPETITIONS if args.check else 1)]
+    result = dict(runs[-1])
+    if args.check:
+        result["runs"] = runs
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
+    if args.check:
+        sys.exit(check_targets("lens", {"lens_all": [r["ratios"]["lens_all"]["median"]
+                                                     for r in runs]}, {"lens_all": TARGET}))
 
 if __name__ == "__main__":
     main()

@@ -13,25 +13,34 @@ fairscale TP=2 (two forked ranks, gloo on CPU), repetitions interleaved, median 
 logit positive the eval (hard) circuit equals the plain model bit for bit, and every mask logit
 gets a gradient. Prints the ratios and writes ``results/masks.json``.
 
-    python benchmarks/masks.py [--reps 20] [--hidden 256] [--tokens 256 2048]
+``--check`` (``make bench``) measures the target's case, 2048 tokens (docs/circuits.md: at
+256 tokens on CPU the element-wise mask work shows and no target is promised), 3 times, and
+fails when a median exceeds 1.3x by more than 20 % (``targets.check_targets``).
+
+    python benchmarks/masks.py [--reps 20] [--hidden 256] [--tokens 256 2048] [--check]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import socket
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
 from flex_surgery.surgery.circuits import CircuitConfig, CircuitModel
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from targets import REPETITIONS, check_targets  # noqa: E402
+
+TARGET = 1.3  # masked / plain forward + backward, docs/circuits.md
+CHECK_TOKENS = 2048
 
 BLOCKS = 8
 RESULTS = Path(__file__).resolve().parent.parent / "results" / "masks.json"
@@ -103,19 +112,15 @@ def measure(hidden: int, tokens: int, reps: int, tp: bool) -> dict:
                 median_seconds=med)
 
 
-def _tp_rank(rank: int, port: int, hidden: int, tokens: int, reps: int, out: dict) -> None:
+def _tp_rank(hidden: int, tokens: int, reps: int) -> dict | None:
     from fairscale.nn.model_parallel import initialize as fs
 
-    from flex_surgery.parallel.backend import init_distributed
-
-    torch.set_num_threads(1)
-    init_distributed(rank, 2, device="cpu", init_method=f"tcp://127.0.0.1:{port}")
     fs.initialize_model_parallel(2)
-    result = measure(hidden, tokens, reps, tp=True)
-    if rank == 0:
-        out["tp2"] = result
-    fs.destroy_model_parallel()
-    dist.destroy_process_group()
+    try:
+        result = measure(hidden, tokens, reps, tp=True)
+    finally:
+        fs.destroy_model_parallel()
+    return result if dist.get_rank() == 0 else None
 
 
 def main() -> None:
@@ -125,19 +130,23 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=[256, 2048],
                         help="token counts to measure (masks cost O(weights), matmuls "
                              "O(tokens x weights))")
+    parser.add_argument("--check", action="store_true",
+                        help=f"{CHECK_TOKENS} tokens, {REPETITIONS} repetitions; fail if a "
+                             f"ratio exceeds {TARGET}x by more than 20 %%")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    from flex_surgery.launch import fork_ranks
+
     results: dict = {}
-    for tokens in args.tokens:
+    measured: dict[str, list[float]] = {"unsharded": [], "tp2": []}
+    plan = [CHECK_TOKENS] * REPETITIONS if args.check else args.tokens
+    for tokens in plan:
         entry = {"unsharded": measure(args.hidden, tokens, args.reps, tp=False)}
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        shared = mp.Manager().dict()
-        mp.start_processes(_tp_rank, args=(port, args.hidden, tokens, args.reps, shared),
-                           nprocs=2, start_method="fork")
-        entry["tp2"] = dict(shared)["tp2"]
+        entry["tp2"] = fork_ranks(_tp_rank, args.hidden, tokens, args.reps, nprocs=2,
+                                  device="cpu", threads=1, timeout_s=1800)[0]
         results[f"tokens_{tokens}"] = entry
+        for name in measured:
+            measured[name].append(entry[name]["ratio"])
         for name in ("unsharded", "tp2"):
             r = entry[name]
             print(f"{tokens:5d} tokens {name:9s} masked / plain fwd+bwd = {r['ratio']:.2f}x "
@@ -150,6 +159,10 @@ def main() -> None:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     print(f"-> {RESULTS}")
+    if args.check:
+        sys.exit(check_targets("masks", {f"{k}_{CHECK_TOKENS}_tokens": v
+                                         for k, v in measured.items()},
+                               {f"{k}_{CHECK_TOKENS}_tokens": TARGET for k in measured}))
 
 
 if __name__ == "__main__":

@@ -12,26 +12,34 @@ Runs are interleaved; medians and the spread (min, max) over the repetitions are
 Correctness is asserted: what each DiskStore gives back equals what the in-memory run stored.
 Writes ``results/store.json``.
 
-    python benchmarks/store.py [--reps 15]
+``--check`` (``make bench``) runs the whole measurement 3 times and fails when a median misses
+its target (docs/store.md) by more than 20 %; the write target is checked as raw speed over
+DiskStore speed (<= 1/0.8 = 1.25), so that every checked number is "lower is better".
+
+    python benchmarks/store.py [--reps 15] [--check]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import socket
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from safetensors.torch import save_file
 from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from targets import REPETITIONS, check_targets  # noqa: E402
+
+TARGETS = {"raw_over_store_write": 1 / 0.8, "forward_ratio_rank0": 1.2,
+           "forward_ratio_replica_leaders": 1.2}  # docs/store.md
 
 H, TOKENS, BLOCKS, WORLD = 256, 128, 8, 4
 RESULTS = Path(__file__).resolve().parent.parent / "results" / "store.json"
@@ -103,17 +111,13 @@ def _model(mesh):
     return model
 
 
-def _rank_main(rank: int, port: int, reps: int, directory: str, queue) -> None:
+def _rank_main(reps: int, directory: str) -> dict | None:
     from torch.distributed.device_mesh import init_device_mesh
 
     from flex_surgery.hooks import FlexModel, HookFunction
-    from flex_surgery.parallel.backend import init_distributed
     from flex_surgery.store import DiskStore
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    init_distributed(rank, WORLD, device=torch.device("cpu"))
+    rank = dist.get_rank()
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
     x = torch.randn(2, TOKENS, H, generator=torch.Generator().manual_seed(1))
     x = x.chunk(2)[mesh.get_local_rank("dp")]
@@ -151,6 +155,7 @@ def _rank_main(rank: int, port: int, reps: int, directory: str, queue) -> None:
             store.close()
             close_s[mode] = time.perf_counter() - start
     dist.barrier()
+    result = None
     if rank == 0:
         last = reps + 1
         for mode in ("rank0", "replica_leaders"):
@@ -158,41 +163,56 @@ def _rank_main(rank: int, port: int, reps: int, directory: str, queue) -> None:
             for i in range(BLOCKS):
                 assert torch.equal(back.read(f"{i}.up", last), memory[f"{i}.up"][0]), (mode, i)
         med = {m: statistics.median(v) for m, v in times.items()}
-        queue.put({"forward_seconds": {m: _spread(v) for m, v in times.items()},
-                   "forward_ratio": {m: med[m] / med["memory"] for m in ("rank0",
-                                                                          "replica_leaders")},
-                   "close_seconds": close_s,
-                   "stored_bytes_per_forward": sum(t.numel() * t.element_size()
-                                                   for v in memory.values() for t in v)})
+        result = {"forward_seconds": {m: _spread(v) for m, v in times.items()},
+                  "forward_ratio": {m: med[m] / med["memory"] for m in ("rank0",
+                                                                         "replica_leaders")},
+                  "close_seconds": close_s,
+                  "stored_bytes_per_forward": sum(t.numel() * t.element_size()
+                                                  for v in memory.values() for t in v)}
     dist.barrier()
-    dist.destroy_process_group()
+    return result
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=15)
-    args = parser.parse_args()
+def run_once(reps: int) -> dict:
+    from flex_surgery.launch import fork_ranks
+
     directory = Path(tempfile.mkdtemp(prefix="flex_store_bench_", dir=RESULTS.parent))
     try:
-        result = measure_write(max(3, args.reps // 3), directory)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        queue = mp.get_context("fork").SimpleQueue()
-        mp.start_processes(_rank_main, args=(port, args.reps, str(directory), queue),
-                           nprocs=WORLD, start_method="fork")
-        result.update(queue.get())
+        result = measure_write(max(3, reps // 3), directory)
+        result.update(fork_ranks(_rank_main, reps, str(directory), nprocs=WORLD, device="cpu",
+                                 threads=1, timeout_s=1800)[0])
     finally:
         shutil.rmtree(directory, ignore_errors=True)
-    result["setup"] = dict(world=WORLD, tp=2, dp=2, hidden=H, tokens_per_replica=TOKENS,
-                           blocks=BLOCKS, reps=args.reps, device="cpu", backend="gloo")
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     print(f"write_ratio   {result['write_ratio']:.2f} (DiskStore / raw save_file; "
           f"spread {result['write_ratio_spread']['min']:.2f}..."
           f"{result['write_ratio_spread']['max']:.2f})")
     for mode, ratio in result["forward_ratio"].items():
         print(f"forward_ratio {ratio:.2f} ({mode} DiskStore / in-memory, TP=2 x DP=2)")
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--check", action="store_true",
+                        help=f"{REPETITIONS} repetitions; fail if a median misses its target "
+                             f"by more than 20 %%")
+    args = parser.parse_args()
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    runs = [run_once(args.reps) for _ in range(REPETITIONS if args.check else 1)]
+    result = dict(runs[-1])
+    if args.check:
+        result["runs"] = runs
+    result["setup"] = dict(world=WORLD, tp=2, dp=2, hidden=H, tokens_per_replica=TOKENS,
+                           blocks=BLOCKS, reps=args.reps, device="cpu", backend="gloo")
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     print(f"-> {RESULTS}")
+    if args.check:
+        measured = {"raw_over_store_write": [1 / r["write_ratio"] for r in runs],
+                    "forward_ratio_rank0": [r["forward_ratio"]["rank0"] for r in runs],
+                    "forward_ratio_replica_leaders": [r["forward_ratio"]["replica_leaders"]
+                                                      for r in runs]}
+        sys.exit(check_targets("store", measured, TARGETS))
 
 
 if __name__ == "__main__":
