@@ -118,6 +118,20 @@ def _sizes(local: torch.Tensor, dim: int, group: Group,
     return exchange_sizes(local, dim, group)
 
 
+def _receive_buffers(padded: torch.Tensor, dim: int, sizes: Sequence[int],
+                     ) -> tuple[list[torch.Tensor], Callable[[], torch.Tensor]]:
+    """Buffers to gather (padded) pieces into, and the function that forms the whole tensor
+    from them once they are filled. Along dim 0 with equal pieces the buffers are views of the
+    whole tensor itself, so nothing is concatenated; otherwise one concatenation trims the
+    padding and joins the pieces."""
+    n = len(sizes)
+    if dim == 0 and len(set(sizes)) == 1 and padded.shape[0] > 0:
+        whole = padded.new_empty((n * padded.shape[0], *padded.shape[1:]))
+        return list(whole.chunk(n)), lambda: whole
+    bufs = [torch.empty_like(padded) for _ in sizes]
+    return bufs, lambda: torch.cat([b.narrow(dim, 0, s) for b, s in zip(bufs, sizes)], dim=dim)
+
+
 # -- plain (non-autograd) collectives -------------------------------------------------------
 @names_lost_ranks
 def _gather(t: torch.Tensor, dim: int, group: Group, dst: int,
@@ -125,9 +139,9 @@ def _gather(t: torch.Tensor, dim: int, group: Group, dst: int,
     top = max(sizes)
     padded = _pad(t, dim, top)
     if _group_rank(group) == dst:
-        bufs = [torch.empty_like(padded) for _ in sizes]
+        bufs, whole = _receive_buffers(padded, dim, sizes)
         dist.gather(padded, bufs, group=group, group_dst=dst)
-        return torch.cat([b.narrow(dim, 0, s) for b, s in zip(bufs, sizes)], dim=dim)
+        return whole()
     dist.gather(padded, None, group=group, group_dst=dst)
     return None
 
@@ -145,16 +159,15 @@ def start_gather(t: torch.Tensor, dim: int, group: Group, dst: int,
     padded = _pad(t.detach(), dim, top)
     if padded.data_ptr() == t.data_ptr():
         padded = padded.clone()
-    bufs = [torch.empty_like(padded) for _ in sizes] if _group_rank(group) == dst else None
+    bufs, whole = _receive_buffers(padded, dim, sizes) if _group_rank(group) == dst else \
+        (None, None)
     with naming_lost_ranks(group, "gather"):
         work = dist.gather(padded, bufs, group=group, group_dst=dst, async_op=True)
 
     def finish() -> torch.Tensor | None:
         with naming_lost_ranks(group, "gather"):
             work.wait()
-        if bufs is None:
-            return None
-        return torch.cat([b.narrow(dim, 0, s) for b, s in zip(bufs, sizes)], dim=dim)
+        return None if whole is None else whole()
 
     return finish
 
@@ -179,9 +192,9 @@ def _scatter(full: torch.Tensor | None, dim: int, group: Group, src: int,
 def _all_gather(t: torch.Tensor, dim: int, group: Group, sizes: Sequence[int]) -> torch.Tensor:
     top = max(sizes)
     padded = _pad(t, dim, top)
-    bufs = [torch.empty_like(padded) for _ in sizes]
+    bufs, whole = _receive_buffers(padded, dim, sizes)
     dist.all_gather(bufs, padded, group=group)
-    return torch.cat([b.narrow(dim, 0, s) for b, s in zip(bufs, sizes)], dim=dim)
+    return whole()
 
 
 # -- autograd functions ---------------------------------------------------------------------
@@ -205,8 +218,11 @@ class _ScatterFromOne(torch.autograd.Function):
     @staticmethod
     def forward(ctx, full, dim, group, src, sizes, local_shape):
         ctx.dim, ctx.group, ctx.src, ctx.sizes = dim, group, src, sizes
-        return _scatter(full if _group_rank(group) == src else None, dim, group, src, sizes,
-                        local_shape, full).clone()
+        piece = _scatter(full if _group_rank(group) == src else None, dim, group, src, sizes,
+                         local_shape, full)
+        # A piece as large as the largest is the whole receive buffer, already private; a
+        # smaller one is a view of the padded buffer: copied so it does not keep the padding.
+        return piece if sizes[_group_rank(group)] == max(sizes) else piece.clone()
 
     @staticmethod
     def backward(ctx, grad):
