@@ -97,19 +97,37 @@ def _from_torchrun() -> RankEnvironment:
     )
 
 
-def _from_job_environment(job_env, launcher: str, master_port: int | None) -> RankEnvironment:
-    """Shared by submitit tasks and plain ``srun`` steps: both read SLURM's (or submitit's) ids."""
+def _from_submitit(master_port: int | None) -> RankEnvironment:
+    """A submitit task, described by submitit's own :class:`TorchDistributedEnvironment`.
+
+    Only the port is ours: submitit takes ``MASTER_PORT`` when it is set, and in a job that
+    ``sbatch`` started it usually is -- copied from the shell that submitted, often the port of
+    another distributed run. The job-id rule every task computes alike is used instead.
+    """
+    import submitit
+    from submitit.helpers import TorchDistributedEnvironment
+
+    tde = TorchDistributedEnvironment()
     if master_port is None:
-        master_port = port_for_job(job_env.job_id)
-    return RankEnvironment(
-        rank=job_env.global_rank,
-        world_size=job_env.num_tasks,
-        local_rank=job_env.local_rank,
-        local_world_size=job_env.num_tasks // max(1, job_env.num_nodes),
-        master_addr=job_env.hostnames[0],
-        master_port=master_port,
-        launcher=launcher,
-    )
+        master_port = port_for_job(submitit.JobEnvironment().job_id)
+    return RankEnvironment(tde.rank, tde.world_size, tde.local_rank, tde.local_world_size,
+                           tde.master_addr, master_port, "submitit")
+
+
+def _from_srun_step(master_port: int | None) -> RankEnvironment:
+    """A plain ``srun`` step (no submitit): ``TorchDistributedEnvironment()`` refuses those
+    ("Could not figure out which environment the job is running in"), so SLURM's ids are read
+    through submitit's ``SlurmJobEnvironment`` directly, as submitit's helper would."""
+    from submitit.slurm.slurm import SlurmJobEnvironment
+
+    job = SlurmJobEnvironment()
+    if master_port is None:
+        # Steps of one job may run side by side: the step id keeps their ports apart.
+        step = os.environ.get("SLURM_STEP_ID", "0")
+        master_port = _int_env("MASTER_PORT", port_for_job(f"{job.job_id}.{step}"))
+    return RankEnvironment(job.global_rank, job.num_tasks, job.local_rank,
+                           job.num_tasks // max(1, job.num_nodes), job.hostnames[0], master_port,
+                           "srun")
 
 
 def _in_srun_step() -> bool:
@@ -133,18 +151,9 @@ def detect_environment(master_port: int | None = None) -> RankEnvironment:
     if "TORCHELASTIC_RUN_ID" in os.environ:
         return _from_torchrun()
     if os.environ.get("SUBMITIT_EXECUTOR"):
-        import submitit
-
-        return _from_job_environment(submitit.JobEnvironment(), "submitit", master_port)
+        return _from_submitit(master_port)
     if _in_srun_step():
-        from submitit.slurm.slurm import SlurmJobEnvironment
-
-        job_env = SlurmJobEnvironment()
-        if master_port is None:
-            # Steps of one job may run side by side: the step id keeps their ports apart.
-            step = os.environ.get("SLURM_STEP_ID", "0")
-            master_port = _int_env("MASTER_PORT", port_for_job(f"{job_env.job_id}.{step}"))
-        return _from_job_environment(job_env, "srun", master_port)
+        return _from_srun_step(master_port)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         env = _from_torchrun()
         return RankEnvironment(**{**env.__dict__, "launcher": "env"})
