@@ -57,8 +57,8 @@ def run_lens(prompt: str, model: str = "auto", tp: int = 1, top_k: int = 5,
     import shutil
 
     from flex_surgery.demo.config import DemoConfig
-    from flex_surgery.demo.ranks import fork_ranks
     from flex_surgery.demo.source import prepare_source
+    from flex_surgery.launch import fork_ranks
     from flex_surgery.lens import logit_lens, plot_lens
 
     source = prepare_source(DemoConfig(model=model))
@@ -71,7 +71,8 @@ def run_lens(prompt: str, model: str = "auto", tp: int = 1, top_k: int = 5,
             echo(f"{source.name} has {source.num_heads} query / {source.num_kv_heads} key-value "
                  f"heads: attention kept whole, MLPs, embedding and LM head split over {tp} ranks")
         if tp > 1:
-            result = fork_ranks(_lens_rank, str(source.folder), ids, top_k, plan, nprocs=tp)[0]
+            result = fork_ranks(_lens_rank, str(source.folder), ids, top_k, plan, nprocs=tp,
+                                device="cpu")[0]
         else:
             result = logit_lens(_load(str(source.folder), None),
                                 {"input_ids": torch.tensor([ids])}, top_k=top_k)
