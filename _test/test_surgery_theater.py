@@ -87,7 +87,7 @@ def test_noise_without_seed_differs_between_contexts_and_leaves_rng_as_after_one
 
 
 def test_noise_is_generated_in_blocks_of_rows_from_per_block_generators(monkeypatch):
-    import flex_surgery.surgery.theater as theater
+    import flex_surgery.surgery.modifications as theater
 
     m = _fresh()
     w = m.lm_head.weight  # 128 x 64
@@ -304,6 +304,66 @@ def test_backup_cpu_keeps_snapshots_on_the_host():
     with SurgicalTheater(m, modification_type="scale", backup="cpu") as t:
         assert all(s.backup.device.type == "cpu" for s in t._snapshots)
         assert t.stats["backup_bytes"] == t.stats["modified_bytes"] > 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backup", ["device", "cpu"])
+def test_entering_again_reuses_the_snapshot_buffers_and_restores_bit_exactly(dtype, backup):
+    """A validation loop enters one theater every N steps: the second entry writes its snapshots
+    into the first entry's buffers (same storage), and each exit restores the weights as they
+    were at *that* entry -- training between entries included."""
+    m = _fresh(dtype)
+    special_values(m)
+    w = m.lm_head.weight
+    t = SurgicalTheater(m, modification_type="scale", backup=backup, params="all")
+    buffers = []
+    for factor in (0.5, -3.0):
+        with torch.no_grad():
+            w.add_(1)  # a training step between validations: the snapshot must see it
+        before = raw_state(m)
+        expected = w.detach().clone() * factor
+        t.factor = factor
+        with t:
+            torch.testing.assert_close(w.detach(), expected, rtol=0, atol=0, equal_nan=True)
+            buffers.append([s.backup for s in t._snapshots])
+            reused = t.stats["reused_snapshots"]
+        assert differing_bytes(before, raw_state(m)) == 0
+    assert reused == len(buffers[1]) == len(buffers[0]) > 0
+    assert all(a is b and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+               for a, b in zip(buffers[0], buffers[1]))
+    assert len({b.untyped_storage().data_ptr() for b in buffers[1]}) == len(buffers[1])
+
+    t.release_snapshots()  # an explicit release: the next entry allocates anew
+    with t:
+        assert t.stats["reused_snapshots"] == 0
+        assert not any(s.backup is b for s, b in zip(t._snapshots, buffers[0]))
+    once = SurgicalTheater(m, modification_type="scale", backup=backup, keep_snapshots=False)
+    for _ in range(2):
+        with once:
+            assert once.stats["reused_snapshots"] == 0
+    assert once._kept == {}
+
+
+def test_reused_buffers_follow_the_targets_of_each_entry():
+    """A buffer is reused only for the parameter it saved, with its shape and dtype; buffers of
+    parameters the next entry does not modify are dropped."""
+    m = _fresh()
+    before = raw_state(m)
+    t = SurgicalTheater(m, layers="lm_head", modification_type="disable")
+    with t:
+        first = t._snapshots[0].backup
+    t.layers = ["lm_head", "model.layers.0"]
+    with t:
+        assert t.stats["reused_snapshots"] == 1
+        by_name = dict(zip(t.modified_names, t._snapshots))
+        assert by_name["lm_head.weight"].backup is first
+        assert sum(s.backup is first for s in t._snapshots) == 1
+    assert differing_bytes(before, raw_state(m)) == 0
+    t.layers = "model.layers.1"
+    with t:
+        assert t.stats["reused_snapshots"] == 0
+    assert set(t._kept) == set(t.modified_names)
+    assert differing_bytes(before, raw_state(m)) == 0
 
 
 def test_works_inside_flexmodel_with_hooks_active():

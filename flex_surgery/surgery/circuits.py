@@ -16,10 +16,6 @@ back the original model unchanged.
 
 from __future__ import annotations
 
-import difflib
-import math
-import sys
-import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,17 +26,20 @@ from torch import nn
 
 from flex_surgery.naming import clean_name
 from flex_surgery.parallel import frameworks
-from flex_surgery.parallel.frameworks.base import differs_across
-from flex_surgery.surgery.circuit_masks import ABLATIONS, MASK_UNITS, LayerMask, world_group
+from flex_surgery.surgery.circuit_masks import MASK_UNITS, LayerMask, world_group
+from flex_surgery.surgery.circuit_targets import SUPPORTED_LAYERS as SUPPORTED_LAYERS
+from flex_surgery.surgery.circuit_targets import (
+    check_ablation,
+    elect_leaders,
+    layer_views,
+    resolve_targets,
+)
 
 __all__ = ["CircuitConfig", "CircuitModel", "anneal_temperature", "temperature_at"]
 
 MASK_METHODS = ("continuous_sparsification",)
 _HPARAM_DEFAULTS: dict[str, Any] = {"ablation": "none", "mask_unit": "weight",
                                     "mask_bias": False, "mask_init_value": 0.0}
-SUPPORTED_LAYERS = ("nn.Linear", "nn.Conv1d", "nn.Conv2d", "transformers Conv1D",
-                    "fairscale ColumnParallelLinear", "fairscale RowParallelLinear",
-                    "DTensor-TP and FSDP2 nn.Linear")
 
 
 @dataclass
@@ -79,159 +78,12 @@ class CircuitConfig:
             raise ValueError(f"unknown mask_hparams {unknown}; expected keys "
                              f"{sorted(_HPARAM_DEFAULTS)}")
         hp = {**_HPARAM_DEFAULTS, **self.mask_hparams}
-        _check_ablation(hp["ablation"])
+        check_ablation(hp["ablation"])
         if hp["mask_unit"] not in MASK_UNITS:
             raise ValueError(f"mask_unit {hp['mask_unit']!r}; expected one of {MASK_UNITS}")
         if not self.target_layers:
             raise ValueError("target_layers is empty: name the layers to mask")
         return hp
-
-
-def _check_ablation(ablation: str) -> None:
-    if ablation not in ABLATIONS:
-        raise ValueError(f"ablation {ablation!r}; expected one of {ABLATIONS}")
-
-
-def _supported(module: nn.Module) -> bool:
-    if type(module) in (nn.Linear, nn.Conv1d, nn.Conv2d):
-        return True
-    if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)) and \
-            frameworks.wrapper_kind(module) == "FSDP2":  # fully_shard's dynamic subclass
-        return True
-    tf = sys.modules.get("transformers.pytorch_utils")
-    if tf is not None and type(module) is tf.Conv1D:
-        return True
-    fs = sys.modules.get("fairscale.nn.model_parallel.layers")
-    return fs is not None and type(module) in (fs.ColumnParallelLinear, fs.RowParallelLinear)
-
-
-def _resolve_targets(model: nn.Module, names: Iterable[str]) -> dict[str, nn.Module]:
-    """``{clean name: module}`` for each target, or a ValueError naming every bad one."""
-    modules = {clean_name(n): m for n, m in model.named_modules()}
-    found, problems = {}, []
-    for name in names:
-        module = modules.get(clean_name(name))
-        if module is None:
-            close = difflib.get_close_matches(name, [n for n in modules if n], n=5)
-            problems.append(f"{name!r} matches no module" +
-                            (f" (did you mean one of {close}?)" if close else ""))
-        elif not _supported(module):
-            problems.append(f"{name!r} is a {type(module).__module__}.{type(module).__name__}, "
-                            f"not a supported layer ({', '.join(SUPPORTED_LAYERS)})")
-        else:
-            found[clean_name(name)] = module
-    if problems:
-        raise ValueError("cannot mask these target layers: " + "; ".join(problems))
-    return found
-
-
-def _layer_views(model: nn.Module, targets: dict[str, nn.Module],
-                 mask_bias: bool) -> dict[str, dict[str, frameworks.LocalShard]]:
-    """This rank's shard view of each masked parameter (the one place that asks the framework
-    registry how a weight is split); refuses layouts a mask cannot follow."""
-    wrappers = {frameworks.wrapper_kind(m) for m in model.modules()} - {None, "FSDP2"}
-    if wrappers:
-        raise frameworks.UnknownLayoutError(
-            f"circuit masks do not support {sorted(wrappers)}: mask gradients would not be "
-            "averaged over the data-parallel replicas (use FSDP2, or wrap the CircuitModel)")
-    frameworks.reshard(model.modules())
-    tp_group = frameworks.tensor_parallel_group()
-    views: dict[str, dict[str, frameworks.LocalShard]] = {}
-    for name, module in targets.items():
-        views[name] = {}
-        for pname in ("weight", "bias"):
-            param = module._parameters.get(pname)
-            if param is None:
-                if pname == "weight":
-                    raise ValueError(f"{name} has no weight to mask")
-                if mask_bias:  # NeuroSurgeon's behaviour: mask what there is
-                    warnings.warn(f"cannot mask the bias of {name}: it has none", stacklevel=3)
-                continue
-            if pname == "bias" and not mask_bias:
-                continue
-            if frameworks.is_dtensor(param) and param.device_mesh.ndim > 1:
-                raise frameworks.UnknownLayoutError(
-                    f"{name}.{pname} is a DTensor on a {param.device_mesh.ndim}-D mesh (FSDP2 "
-                    "over tensor parallelism); circuit masks follow 1-D DTensor layouts only")
-            view = frameworks.parameter_view(f"{name}.{pname}", module, pname, param, tp_group)
-            if view.kind not in ("plain", "fairscale", "dtensor"):
-                raise frameworks.UnknownLayoutError(
-                    f"{name}.{pname} is a {view.kind} shard; circuit masks follow plain, "
-                    "fairscale-TP, DTensor-TP and FSDP2 parameters (use FSDP2 instead of FSDP1)")
-            views[name][pname] = view
-    _refuse_unaveraged_replicas(views, tp_group)
-    plain = [(n, v["weight"]) for n, v in views.items() if v["weight"].kind == "plain"]
-    if tp_group is not None and plain:
-        differ = differs_across([v.local for _, v in plain], tp_group)
-        bad = [n for (n, _), d in zip(plain, differ) if d]
-        if bad:
-            raise frameworks.UnknownLayoutError(
-                f"target layers {bad} differ across tensor-parallel ranks but no framework says "
-                f"how they are split, so their full masks are unknown; {frameworks.HOW_TO_DECLARE}")
-    return views
-
-
-def _refuse_unaveraged_replicas(views: dict[str, dict[str, frameworks.LocalShard]],
-                               tp_group: dist.ProcessGroup | None) -> None:
-    """Refuse masks held whole by data-parallel replicas that nothing averages over.
-
-    A mask is trained consistently only over the ranks whose framework splits (or averages) its
-    weight: the DTensor mesh (DTensor TP, FSDP2, whose all-gather averages the gradient) or the
-    tensor-parallel group. Ranks beyond those are data-parallel replicas training on other
-    batches; no hook averages the mask gradients over them, so their masks would drift apart
-    while the L0 statistics count one of them. Every rank sees the same world and group sizes,
-    so every rank raises alike.
-
-    A model with no parallel layout at all on several ranks is taken as what the tests and the
-    examples use it for, the one-process twin built on every rank; its statistics are counted
-    once across the ranks, so its ranks must train it on the same data.
-    """
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    tp = dist.get_world_size(tp_group) if tp_group is not None else 1
-    bad = []
-    for name, params in views.items():
-        for pname, view in params.items():
-            if view.kind == "plain" and tp_group is None:
-                continue  # a model without parallelism: every rank's own circuit (see below)
-            covered = tp
-            if view.kind == "dtensor":
-                covered = view.module._parameters[view.param_name].device_mesh.size()
-            if covered < world:
-                bad.append(f"{name}.{pname}")
-    if bad:
-        raise frameworks.UnknownLayoutError(
-            f"circuit masks on {bad} would be trained by {world // max(1, tp)} data-parallel "
-            "replicas that nothing averages mask gradients over (fairscale tensor parallelism "
-            "with a data-parallel group, or DTensor on a sub-mesh); use FSDP2 for "
-            "data parallelism, or give each replica its own process group")
-
-
-def _elect_leaders(layers: list[LayerMask]) -> None:
-    """One rank per distinct region of each mask counts it in global sums (collective);
-    regions that do not tile the full mask exactly are refused."""
-    group = world_group()
-    if group is None:
-        return
-    mine = [layer.region_keys() for layer in layers]
-    every: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(every, mine, group=group)
-    rank = dist.get_rank(group)
-    for i, layer in enumerate(layers):
-        for j, mp in enumerate(layer.params.values()):
-            keys = [every[r][i][j] for r in range(len(every))]
-            mp.leader = keys.index(keys[rank]) == rank
-            distinct = {k: None for k in keys}
-            covered = sum(_key_numel(k) for k in distinct)
-            if covered != math.prod(mp.full_shape):
-                raise frameworks.UnknownLayoutError(
-                    f"the shards of {layer.name}.{mp.pname} cover {covered} of "
-                    f"{math.prod(mp.full_shape)} elements across ranks; cannot place its mask")
-
-
-def _key_numel(key: tuple) -> int:
-    if key[0] == "block":
-        return math.prod(key[2])
-    return math.prod(len(i) for i in key[1])
 
 
 class CircuitModel(nn.Module):
@@ -247,13 +99,13 @@ class CircuitModel(nn.Module):
     def __init__(self, config: CircuitConfig, model: nn.Module) -> None:
         super().__init__()
         hp = config.hparams()
-        targets = _resolve_targets(model, config.target_layers)
-        views = _layer_views(model, targets, hp["mask_bias"])
+        targets = resolve_targets(model, config.target_layers)
+        views = layer_views(model, targets, hp["mask_bias"])
         tp_group = frameworks.tensor_parallel_group()
         layers = [LayerMask(name, targets[name], views[name], mask_unit=hp["mask_unit"],
                             mask_bias=hp["mask_bias"], mask_init_value=hp["mask_init_value"],
                             seed=config.seed, tp_group=tp_group) for name in targets]
-        _elect_leaders(layers)
+        elect_leaders(layers)
         self.config = config
         self.wrapped_model = model
         self.mask_logits = nn.ParameterDict({
@@ -320,7 +172,7 @@ class CircuitModel(nn.Module):
         complement), ``random_ablate`` (kept weights re-initialised), ``randomly_sampled`` /
         ``complement_sampled`` (a seeded random mask removing as many weights, from everywhere
         or from outside the trained mask)."""
-        _check_ablation(ablation)
+        check_ablation(ablation)
         for layer in self._layers.values():
             if layer.ablation != ablation:
                 for mp in layer.params.values():

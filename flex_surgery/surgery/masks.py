@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from flex_surgery.surgery.theater import Edit, SurgicalTheater
+from flex_surgery.surgery.targets import Edit
+from flex_surgery.surgery.theater import SurgicalTheater
 
 __all__ = ["MaskTheater", "continuous_mask", "hard_mask"]
 

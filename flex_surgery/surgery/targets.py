@@ -24,7 +24,7 @@ from flex_surgery.surgery.lora import LoraLinear, lora_layers
 from flex_surgery.surgery.shards import LocalShard
 
 __all__ = ["PARAMETER_SELECTIONS", "Edit", "LayerSpec", "ParamFilter", "param_filter",
-           "resolve_edits"]
+           "resolve_edits", "unwrap_model"]
 
 PARAMETER_SELECTIONS = ("linear", "weights", "all")
 
@@ -48,6 +48,21 @@ class Edit:
     def shards(self) -> tuple[LocalShard, ...]:
         """Every local view this edit writes."""
         return (self.shard, *self.factors)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """Peel wrappers that add a name prefix (DDP's ``module.``, FlexModel's ``module.``), so
+    that parameter names -- and with them seeded noise -- are the same with or without them."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    while True:
+        if isinstance(model, DistributedDataParallel):
+            model = model.module
+        elif type(model).__name__ == "FlexModel" and isinstance(
+                getattr(model, "module", None), nn.Module):
+            model = model.module
+        else:
+            return model
 
 
 def _is_linear(module: nn.Module) -> bool:

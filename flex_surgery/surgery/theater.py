@@ -10,128 +10,66 @@ perturb layers) without copying a model that barely fits in memory::
 How it works: resolve the targets (:mod:`.targets`: module names, glob patterns, block indices
 via :mod:`flex_surgery.anatomy`) -> take each parameter's *local* view (:mod:`.shards`; under
 FSDP1/FSDP2/fairscale TP/DTensor TP only this rank's shard, no gather) -> snapshot exactly those
-elements (:mod:`.snapshot`) -> modify in place. On exit -- normal, exception or
-``KeyboardInterrupt`` -- the snapshots are copied back into the same storage. Nothing is ever
-subtracted: ``(w + d) - d != w`` in floating point.
+elements (:mod:`.snapshot`) -> modify in place (the kinds: :mod:`.modifications`). On exit --
+normal, exception or ``KeyboardInterrupt`` -- the snapshots are copied back into the same
+storage. Nothing is ever subtracted: ``(w + d) - d != w`` in floating point.
 
 While a theater is active it also guards the training state around validation: module
 train/eval flags, ``requires_grad`` flags, CPU/CUDA RNG states and the ``.grad`` of every
 parameter are put back on exit (:mod:`.training_guard`); ``state_dict()`` returns the original
 weights (:mod:`.checkpoint_guard`, which never writes the live weights); and an
-``optimizer.step()`` touching a modified parameter raises instead of training on them. PEFT
-LoRA layers are one linear whose effective weight is modified (:mod:`.lora`).
+``optimizer.step()`` touching a modified parameter raises instead of training on them
+(:mod:`.guard`). PEFT LoRA layers are one linear whose effective weight is modified
+(:mod:`.lora`).
+
+A theater entered again reuses the snapshot buffers of its previous entry where the same
+parameter has the same shape, dtype and device: a validation loop that enters one theater every
+N steps allocates (and page-faults) its snapshots once, not N times.
 """
 
 from __future__ import annotations
 
-import hashlib
-import math
-import signal
-import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from flex_surgery.parallel import frameworks
-from flex_surgery.surgery.checkpoint_guard import install_checkpoint_guard
-from flex_surgery.surgery.lora import adapter_delta, peel_peft
+from flex_surgery.surgery.guard import RestoreError as RestoreError
+from flex_surgery.surgery.guard import SurgeryError as SurgeryError
+from flex_surgery.surgery.guard import install_guards, interrupts_deferred
+from flex_surgery.surgery.lora import peel_peft
+from flex_surgery.surgery.modifications import MODIFICATION_TYPES as MODIFICATION_TYPES
+from flex_surgery.surgery.modifications import NOISE_CHUNK_ELEMENTS as NOISE_CHUNK_ELEMENTS
+from flex_surgery.surgery.modifications import Modification
+from flex_surgery.surgery.modifications import noise_seed as noise_seed
 from flex_surgery.surgery.shards import LocalShard, local_shards, reshard_for_surgery
 from flex_surgery.surgery.snapshot import Snapshot, take_snapshot
+from flex_surgery.surgery.targets import PARAMETER_SELECTIONS as PARAMETER_SELECTIONS
 from flex_surgery.surgery.targets import (
-    PARAMETER_SELECTIONS,
     Edit,
     LayerSpec,
     ParamFilter,
     param_filter,
     resolve_edits,
 )
+from flex_surgery.surgery.targets import unwrap_model as unwrap_model
 from flex_surgery.surgery.training_guard import TrainingState
 from flex_surgery.surgery.training_guard import all_parameters as _all_parameters  # noqa: F401
 
-__all__ = [
-    "MODIFICATION_TYPES",
-    "PARAMETER_SELECTIONS",
-    "NOISE_CHUNK_ELEMENTS",
-    "Edit",
-    "RestoreError",
-    "SurgeryError",
-    "SurgicalTheater",
-    "active_theaters",
-    "noise_seed",
-    "surgical_theater",
-    "unwrap_model",
-]
-
-MODIFICATION_TYPES = ("scale", "disable", "noise", "custom")
-
-# Seeded noise is generated in blocks of whole dim-0 rows of at most this many elements, each
-# block from its own CPU generator seeded by (seed, parameter name, block index) and copied to
-# the parameter's device. A rank generates only the blocks that overlap its shard, so the
-# transient memory is one block, and every layout of the same parameter -- on CPU or CUDA --
-# receives the same full-weight noise.
-NOISE_CHUNK_ELEMENTS = 1 << 16
+# The theater's own objects; the errors (:mod:`.guard`), ``noise_seed`` and the modification
+# kinds (:mod:`.modifications`), ``unwrap_model`` and the parameter selections (:mod:`.targets`)
+# are importable from here too, as they always were.
+__all__ = ["SurgicalTheater", "active_theaters", "surgical_theater"]
 
 _ACTIVE: list[SurgicalTheater] = []
-
-
-class SurgeryError(RuntimeError):
-    """Misuse of a theater: re-entering, exiting out of order, stepping a modified parameter."""
-
-
-class RestoreError(SurgeryError):
-    """Putting the weights back failed part-way (e.g. a device error). The theater keeps every
-    snapshot and stays active; :meth:`SurgicalTheater.restore` retries."""
 
 
 def active_theaters() -> tuple[SurgicalTheater, ...]:
     """The theaters currently entered, outermost first."""
     return tuple(_ACTIVE)
-
-
-def noise_seed(seed: int, name: str, chunk: int) -> int:
-    """The generator seed of noise block ``chunk`` of parameter ``name`` (a stable 63-bit hash,
-    the same in every process and on every run)."""
-    digest = hashlib.sha256(f"{seed}/{name}/{chunk}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """Peel wrappers that add a name prefix (DDP's ``module.``, FlexModel's ``module.``), so
-    that parameter names -- and with them seeded noise -- are the same with or without them."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    while True:
-        if isinstance(model, DistributedDataParallel):
-            model = model.module
-        elif type(model).__name__ == "FlexModel" and isinstance(
-                getattr(model, "module", None), nn.Module):
-            model = model.module
-        else:
-            return model
-
-
-@contextmanager
-def _interrupts_deferred() -> Iterator[None]:
-    """Hold SIGINT while weights are being put back, then deliver it.
-
-    A Ctrl-C in the middle of the restore loop would leave half the model modified; the restore
-    is a sequence of memcpys, so delaying the interrupt by that long is harmless.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received: list[Any] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(frame))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if received:
-        raise KeyboardInterrupt
 
 
 def _sync(tensors: Sequence[torch.Tensor]) -> None:
@@ -183,6 +121,13 @@ class SurgicalTheater:
             exactly in ``layers`` is always included.
         guard_grads: set every ``.grad`` to ``None`` on entry and put the original gradient
             tensors back on exit, so a backward during validation cannot leak into training.
+        keep_snapshots: keep the snapshot buffers after exit and write the next entry's
+            snapshots into them (where a parameter's shape, dtype and device are unchanged), so
+            entering the same theater every N steps pays copies only, not fresh allocations and
+            page faults. The cost: between entries the theater holds ``stats["backup_bytes"]``
+            (the modified local bytes, on the device with ``backup="device"``) -- the memory it
+            needs while active anyway. :meth:`release_snapshots` frees them; so does dropping
+            the theater. ``False`` frees them on every exit.
         **fn_kwargs: passed to ``modification_fn``.
 
     A PEFT LoRA layer is one linear whose effective weight ``W + B @ A * scaling`` is modified
@@ -208,23 +153,12 @@ class SurgicalTheater:
         full_parameter: bool = False,
         params: str | ParamFilter = "linear",
         guard_grads: bool = True,
+        keep_snapshots: bool = True,
         **fn_kwargs: Any,
     ) -> None:
-        if modification_type is None and modification_fn is not None:
-            modification_type = "custom"
-        if modification_type is not None and modification_type not in MODIFICATION_TYPES:
-            raise ValueError(f"modification_type must be one of {MODIFICATION_TYPES} or None, "
-                             f"got {modification_type!r}")
-        if modification_type == "custom" and modification_fn is None:
-            raise ValueError("modification_type='custom' needs modification_fn")
-        if modification_fn is not None and modification_type != "custom":
-            raise ValueError(f"modification_fn is only used with 'custom', not "
-                             f"{modification_type!r}")
+        modification_type = Modification.check(modification_type, modification_fn, fn_kwargs)
         if backup not in ("device", "cpu"):
             raise ValueError(f"backup must be 'device' or 'cpu', got {backup!r}")
-        if fn_kwargs and modification_type != "custom":
-            raise TypeError(f"unexpected arguments {sorted(fn_kwargs)} (only passed to a "
-                            "custom modification_fn)")
         self.model = model
         self.root = peel_peft(unwrap_model(model))
         self.layers = layers
@@ -242,6 +176,8 @@ class SurgicalTheater:
         self._active = False
         self._targets: list[LocalShard] = []  # every view written, parallel to _snapshots
         self._snapshots: list[Snapshot] = []
+        self.keep_snapshots = keep_snapshots
+        self._kept: dict[str, torch.Tensor] = {}  # parameter name -> buffer of the last entry
         self._shard_at: dict[tuple[int, str], LocalShard] = {}
         self._hooks: list[Any] = []
         self._state: TrainingState | None = None
@@ -260,95 +196,14 @@ class SurgicalTheater:
 
     # ------------------------------------------------------------ modifications
     def _modify(self, edit: Edit, base_seed: int | None) -> None:
-        kind = self.modification_type
-        if kind == "scale":
-            for s in edit.shards:
-                s.local.mul_(self.factor)
-        elif kind == "disable":
-            for s in edit.shards:
-                s.local.zero_()
-        elif kind == "noise":
-            self._add_noise(edit.shard, edit.name, base_seed)
-        elif kind == "custom":
-            self._add_custom(edit)
-
-    def _add_noise(self, shard: LocalShard, name: str, base_seed: int | None) -> None:
-        """Add this rank's part of the full-shape noise of parameter ``name``: block ``k`` of
-        whole rows drawn in fp32 by a CPU generator seeded with ``noise_seed(seed, name, k)``,
-        scaled, copied to the parameter's device and added (so CPU and CUDA agree)."""
-        shape = shard.full_shape
-        n_rows = shape[0] if len(shape) else 1
-        row_numel = math.prod(shape[1:]) if len(shape) > 1 else 1
-        rows_per_chunk = max(1, NOISE_CHUNK_ELEMENTS // max(row_numel, 1))
-        first, last = shard.region.row_range(shape)
-        local = shard.local
-        gen = torch.Generator(device="cpu")
-        for chunk in range(first // rows_per_chunk, -(-last // rows_per_chunk)):
-            row0 = chunk * rows_per_chunk
-            n = min(rows_per_chunk, n_rows - row0)
-            gen.manual_seed(noise_seed(base_seed, name, chunk))
-            rows = torch.randn((n, *shape[1:]), generator=gen, dtype=torch.float32)
-            rows.mul_(self.noise_scale)
-            shard.region.add_rows(local, rows.to(local.device), row0)
-
-    def _add_custom(self, edit: Edit) -> None:
-        shard = edit.shard
-        local = shard.local
-        # The adapters' part of a LoRA layer's effective weight (gathers: before any return).
-        adapters = adapter_delta(edit.lora, self._shard_at) if edit.lora is not None else None
-        if self.full_parameter:
-            arg, expected, where = shard.gather(), shard.full_shape, "the parameter"
-        elif local.numel() == 0:
-            return  # this rank holds none of the parameter (FSDP1 flat shards)
-        else:
-            arg, expected, where = local, local.shape, "the local shard it got"
-        if adapters is not None:  # as PEFT merges: the delta in the weight's dtype, added
-            part = adapters if self.full_parameter else shard.region.take(adapters)
-            arg = arg + part.to(device=arg.device, dtype=arg.dtype)
-        with torch.random.fork_rng(devices=[arg.device] if arg.is_cuda else []):
-            if self.seed is not None:
-                torch.manual_seed(noise_seed(self.seed, edit.name, 0))
-            delta = self.modification_fn(arg, **self.fn_kwargs)
-        if not isinstance(delta, torch.Tensor) or tuple(delta.shape) != tuple(expected):
-            got = tuple(delta.shape) if isinstance(delta, torch.Tensor) else type(delta)
-            hint = ("" if self.full_parameter else
-                    "; it got this rank's shard -- pass full_parameter=True for the whole "
-                    "parameter")
-            raise ValueError(f"modification_fn must return a delta of shape {tuple(expected)} "
-                             f"for {edit.name}, got {got}{hint}")
-        if delta.dtype != arg.dtype or delta.device != arg.device:
-            raise TypeError(
-                f"modification_fn for {edit.name} returned a delta of {delta.dtype} on "
-                f"{delta.device}, but {where} is {arg.dtype} on {arg.device}; the theater never "
-                "casts silently: return a delta like its argument (e.g. delta.to(p))"
-            )
-        if self.full_parameter:
-            delta = shard.region.take(delta)
-        local.add_(delta.detach())
+        """Write one edit (:mod:`.modifications`); subclasses apply other kinds here."""
+        Modification(self.modification_type, self.factor, self.noise_scale,
+                     self.modification_fn, self.fn_kwargs, self.seed,
+                     self.full_parameter).apply(edit, base_seed, self._shard_at)
 
     # -------------------------------------------------------------------- guard
     def _install_hooks(self) -> None:
-        """The optimizer guard (a global step pre-hook) and the checkpoint guard; every handle
-        is kept as soon as it exists, so a failure part-way leaves none bound."""
-        from torch.optim.optimizer import register_optimizer_step_pre_hook
-
-        modified = {id(o) for s in self._targets for o in s.owners}
-        names = {id(o): s.name for s in self._targets for o in s.owners}
-
-        def refuse_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-            for group in optimizer.param_groups:
-                for p in group["params"]:
-                    if id(p) in modified:
-                        raise SurgeryError(
-                            f"optimizer.step() inside an active SurgicalTheater would train "
-                            f"modified weights ({names[id(p)]}); step after the context exits"
-                        )
-
-        if modified:
-            self._hooks.append(register_optimizer_step_pre_hook(refuse_step))
-        if self._snapshots:
-            self._hooks.extend(install_checkpoint_guard(self._modules, self._targets,
-                                                        self._snapshots, SurgeryError))
+        install_guards(self._modules, self._targets, self._snapshots, self._hooks)
 
     def _remove_hooks(self) -> None:
         while self._hooks:
@@ -367,6 +222,7 @@ class SurgicalTheater:
         self._modules = list(self.model.modules())
         self._sharded = frameworks.keeps_unsharded_copies(self._modules)
         self._state = TrainingState.capture(self._modules, self.guard_grads)
+        reused = 0
         try:
             base_seed = self.seed
             if self.modification_type == "noise" and base_seed is None:
@@ -374,16 +230,20 @@ class SurgicalTheater:
                 self._state.cpu_rng = torch.get_rng_state()
             self._reshard()
             edits = self._resolve(local_shards(self.root))  # :mod:`.targets`
+            kept, self._kept = self._kept, {}  # each buffer is handed out at most once
             for edit in edits:
                 for shard in edit.shards:  # every view an edit writes is saved before it
-                    self._snapshots.append(take_snapshot(shard.local, self.backup))
+                    buffer = kept.pop(shard.name, None)
+                    self._snapshots.append(take_snapshot(shard.local, self.backup, buffer))
+                    reused += self._snapshots[-1].backup is buffer
                     self._targets.append(shard)
                 self._modify(edit, base_seed)
+            del kept  # buffers of parameters not modified this time are freed
             _sync([s.local for s in self._targets])
             self._install_hooks()
         except BaseException:
             try:
-                with _interrupts_deferred():
+                with interrupts_deferred():
                     self._unwind()
             except RestoreError:
                 self._active = True  # what could not be rolled back can be retried: restore()
@@ -399,6 +259,7 @@ class SurgicalTheater:
             "modified_bytes": sum(s.local.numel() * s.local.element_size()
                                   for s in self._targets),
             "backup_bytes": sum(s.nbytes for s in self._snapshots),
+            "reused_snapshots": reused,
             "backup": self.backup,
             "enter_s": time.perf_counter() - start,
         }
@@ -420,7 +281,7 @@ class SurgicalTheater:
             raise SurgeryError(f"SurgicalTheater exited out of order: {inner} context(s) "
                                "entered after it are still active; exit those first (LIFO)")
         start = time.perf_counter()
-        with _interrupts_deferred():
+        with interrupts_deferred():
             self._unwind()
             _ACTIVE.pop()
             self._active = False
@@ -430,6 +291,8 @@ class SurgicalTheater:
         """Put every saved element back (newest first), then the guarded state. Snapshots are
         dropped only once all of them are back: a failed restore can be run again."""
         self._restore_weights()
+        if self.keep_snapshots:
+            self._kept = {t.name: s.backup for t, s in zip(self._targets, self._snapshots)}
         self._snapshots = []
         self._targets = []
         self._remove_hooks()
@@ -454,6 +317,12 @@ class SurgicalTheater:
                 "snapshot is kept and the theater stays active (optimizer and checkpoint "
                 "guards included): call restore() on it to retry"
             ) from exc
+
+    def release_snapshots(self) -> None:
+        """Free the snapshot buffers kept for the next entry (``keep_snapshots``); the next
+        entry allocates new ones. Inside the context the current snapshots stay: they are what
+        the exit restores."""
+        self._kept = {}
 
     # --------------------------------------------------------------- reporting
     @property
