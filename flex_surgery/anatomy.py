@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from flex_surgery.naming import modules_by_clean_name
+
 __all__ = [
     "ANATOMIES",
     "Anatomy",
@@ -130,35 +132,20 @@ class Located:
         return f"{self._path('blocks')}.{index % n}"
 
 
-def _clean_modules(root: nn.Module) -> dict[str, nn.Module]:
-    """Clean name -> outermost module with that name (the wrapper, if one wraps it)."""
-    from flex_surgery.naming import clean_name
-
-    table: dict[str, nn.Module] = {}
-    # remove_duplicate=False: a module shared under two names (a head tied to the embedding by
-    # sharing the module itself) is found under both.
-    for name, module in root.named_modules(remove_duplicate=False):
-        table.setdefault(clean_name(name), module)
-    return table
-
-
 def _module_by_clean_name(root: nn.Module, name: str) -> nn.Module:
-    table = _clean_modules(root)
+    """The outermost module named ``name`` (the wrapper, if one wraps it: what sits in the
+    parent, e.g. an FSDP unit in the list of blocks)."""
+    table = modules_by_clean_name(root, outermost=True)
     if name not in table:
         close = difflib.get_close_matches(name, list(table), n=3)
         raise MissingPart(f"no module named {name!r}; close matches: {close}")
     return table[name]
 
 
-def _unwrap_names(root: nn.Module) -> list[tuple[str, nn.Module]]:
-    from flex_surgery.naming import clean_name
-
-    return [(clean_name(n), m) for n, m in root.named_modules()]
-
-
 def locate(model: nn.Module) -> Located:
     """Find the first module of ``model`` whose class is in :data:`ANATOMIES`."""
-    for name, module in _unwrap_names(model):
+    # Innermost: a wrapper's class (FSDP, checkpoint) is not an architecture, what it wraps is.
+    for name, module in modules_by_clean_name(model).items():
         arch = type(module).__name__
         if arch in ANATOMIES:
             return Located(model, arch, name, ANATOMIES[arch])

@@ -28,14 +28,14 @@ from typing import Any
 import torch.distributed as dist
 from torch import nn
 
-from flex_surgery.naming import clean_name
+from flex_surgery.hooks import FlexModel
+from flex_surgery.naming import WRAPPER_ATTRS, clean_name, join_name
 from flex_surgery.parallel import frameworks
 from flex_surgery.surgery.shards import LocalShard, local_shards
 
 __all__ = ["HookInfo", "HookMap", "ModuleNode", "ParamInfo", "hook_map"]
 
 MODULE_HOOK_KINDS = ("forward", "forward_pre", "full_backward", "full_backward_pre")
-_WRAPPER_CHILDREN = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod")
 _SHORT_KIND = {"forward": "fwd", "forward_pre": "pre", "full_backward": "bwd",
                "full_backward_pre": "bwd_pre", "tensor": "grad"}
 
@@ -175,9 +175,7 @@ def hook_map(model: nn.Module, title: str | None = None) -> HookMap:
     return HookMap(root, title, _header(root, flex, root_module))
 
 
-def _as_flex_model(model: nn.Module):
-    from flex_surgery.hooks import FlexModel
-
+def _as_flex_model(model: nn.Module) -> FlexModel | None:
     return model if isinstance(model, FlexModel) else None
 
 
@@ -193,7 +191,7 @@ def _build(module: nn.Module, name: str, leaf: str,
     wrappers = []
     while True:  # fold wrappers into the module they wrap
         kind = _wrapper_kind(module)
-        inner = next((getattr(module, c) for c in _WRAPPER_CHILDREN
+        inner = next((getattr(module, c) for c in WRAPPER_ATTRS
                       if isinstance(getattr(module, c, None), nn.Module)), None)
         if kind:
             wrappers.append(kind)
@@ -204,9 +202,9 @@ def _build(module: nn.Module, name: str, leaf: str,
                       wrappers=wrappers, integer_input=_takes_integer_ids(module))
     node.params = [_param_info(s) for s in shards.get(id(module), [])]
     for child_leaf, child in module.named_children():
-        if child_leaf in _WRAPPER_CHILDREN:
+        if child_leaf in WRAPPER_ATTRS:
             continue
-        child_name = clean_name(f"{name}.{child_leaf}" if name else child_leaf)
+        child_name = clean_name(join_name(name, child_leaf))
         node.children.append(_build(child, child_name, child_leaf, shards))
     return node
 
