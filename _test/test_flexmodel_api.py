@@ -595,3 +595,22 @@ def test_flexmodel_0_1_0_attribute_names():
     flex.register_trainable_module("probe", nn.Linear(2, 2))
     assert flex.all_modules_names == ["", "0", "probe"]
     flex.close()
+
+
+def test_a_failed_forward_completes_its_deferred_work_before_raising():
+    """Nothing a failed call started (a host copy, an overlapped gather) crosses into the next."""
+    from flex_surgery.parallel import runtime
+
+    net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    completed = []
+
+    def defer_then_fail(module, x, ctx, modules):
+        runtime.defer(lambda: completed.append("copy"))
+        raise RuntimeError("boom")
+
+    flex = FlexModel(net, {}, overlap_retrieval=True)
+    flex.register_forward_hook(HookFunction("1", editing_function=defer_then_fail))
+    with pytest.raises(RuntimeError, match="boom"):
+        flex(torch.ones(1, 2))
+    assert completed == ["copy"] and runtime._PENDING == []
+    flex.close()

@@ -2,7 +2,8 @@
 
 The public API, by concern:
 
-* hooks that see whole tensors -- :class:`FlexModel`, :class:`HookFunction`, :class:`DummyModule`
+* hooks that see whole tensors -- :class:`FlexModel`, :class:`HookFunction`, :func:`pure_edit`,
+  :class:`DummyModule`
 * the parallel layer they stand on -- :class:`ParallelMesh`, :class:`StageLink`,
   :func:`init_distributed`
 * temporary, bit-exactly restored surgery -- :class:`SurgicalTheater`, :class:`LayerSurgery`,
@@ -10,7 +11,7 @@ The public API, by concern:
 * weights decoupled from an exported runtime -- :class:`ExportedModel`
 * launching under torchrun / SLURM -- :func:`launch`, :func:`submit`, :func:`init_from_env`
   (imported on first use: they need ``submitit``)
-* the hook map -- :func:`hook_map`
+* the hook map of a model or a FlexModel -- :func:`hook_map` (from :mod:`flex_surgery.viz`)
 * layers and the logit lens -- :class:`ModelSurgery` (Arrakis / tuned-lens names),
   :func:`logit_lens`, :class:`LogitLens`, :func:`plot_lens`
 """
@@ -33,6 +34,7 @@ from flex_surgery.hooks import (
     UnknownGroupError,
     UnknownNameError,
     UnpackError,
+    pure_edit,
 )
 from flex_surgery.lens import LensResult, LogitLens, logit_lens, plot_lens
 from flex_surgery.parallel.backend import backend_for_device, init_distributed
@@ -118,6 +120,7 @@ __all__ = [
     "logit_lens",
     "permute_blocks",
     "plot_lens",
+    "pure_edit",
     "replace_blocks",
     "skip_metadata_inference",
     "submit",

@@ -12,7 +12,7 @@ from flex_surgery.hooks.errors import (
     UnpackError,
 )
 from flex_surgery.hooks.groups import ALL
-from flex_surgery.hooks.hook_function import HookFunction, output_key
+from flex_surgery.hooks.hook_function import HookFunction, output_key, pure_edit
 from flex_surgery.hooks.wrapper import FlexModel
 
 __all__ = [
@@ -29,4 +29,5 @@ __all__ = [
     "UnknownNameError",
     "UnpackError",
     "output_key",
+    "pure_edit",
 ]
