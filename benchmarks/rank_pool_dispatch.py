@@ -1,13 +1,22 @@
-"""How long do multi-process tests cost with the forked rank pool, versus spawning a world?
+"""How long do multi-process tests cost with the forked rank pool, versus a world per test?
 
 Runs, in one go: (a) pytest on 50 trivial 4-rank tests dispatched to the session's forked pool
-(the real harness, `_test/rank_pool.py`), and (b) one 4-rank world started with
-``torch.multiprocessing.spawn`` doing the same trivial all_reduce, which is what each test would
-pay without the pool. Prints the ratio and writes ``results/rank_pool_dispatch.json``.
+(the real harness, `_test/rank_pool.py`), (b) one 4-rank world forked by
+:func:`flex_surgery.launch.fork_ranks` doing the same trivial all_reduce, which is what each test
+would pay if it forked its own world, and (c) the same world in fresh interpreters
+(``launch(executor="torchrun")``), what each test would pay without forking. Prints the ratios
+and writes ``results/rank_pool_dispatch.json``.
+
+``--check`` (``make bench``) measures (a) and (b) in 3 interleaved repetitions and fails when
+the median of ``pool_test_over_forked_world`` (one pooled test's share of the pytest run over
+one forked world) exceeds its target by more than 20 % (``targets.check_targets``).
+
+    python benchmarks/rank_pool_dispatch.py [--check]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -18,6 +27,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from targets import REPETITIONS, check_targets  # noqa: E402
+
+# A pooled test, pytest's start-up included, costs less than forking a world for it (about a
+# third on a quiet machine, three quarters at load ~18): docs/launch.md.
+TARGET = 1.0
 N_TESTS = 50
 WORLD = 4
 
@@ -38,16 +53,13 @@ TEST_FILE = textwrap.dedent(
 )
 
 
-def _spawn_body(rank: int, world: int, port: int) -> None:
+def _body() -> float:
     import torch
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
     t = torch.tensor([1.0])
     dist.all_reduce(t)
-    dist.destroy_process_group()
+    return t.item()
 
 
 def time_pool_tests() -> float:
@@ -55,40 +67,53 @@ def time_pool_tests() -> float:
         Path(tmp, "test_trivial.py").write_text(TEST_FILE)
         env = dict(os.environ, PYTHONPATH=f"{ROOT / '_test'}{os.pathsep}{ROOT}")
         start = time.perf_counter()
-        subprocess.run(
+        run = subprocess.run(
             [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
              "--rootdir", tmp, "-c", os.devnull, tmp,
              "-o", f"pythonpath={ROOT / '_test'}"],
-            check=True, env=env, capture_output=True,
+            env=env, capture_output=True, text=True,
         )
         pytest_total = time.perf_counter() - start
+        if run.returncode:
+            sys.exit(f"the pool's pytest run failed:\n{run.stdout[-4000:]}{run.stderr[-2000:]}")
     return pytest_total
 
 
-def time_one_spawned_world() -> float:
-    import socket
+def time_one_world(executor: str) -> float:
+    from flex_surgery.launch import launch
 
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     start = time.perf_counter()
-    mp.spawn(_spawn_body, args=(WORLD, port), nprocs=WORLD, join=True)
+    assert launch(_body, nprocs=WORLD, executor=executor, device="cpu") == [float(WORLD)] * WORLD
     return time.perf_counter() - start
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true",
+                        help="3 interleaved repetitions of the pool and the forked world; "
+                             f"fail when the median ratio exceeds {TARGET} by more than 20 %%")
+    args = parser.parse_args()
+    if args.check:
+        ratios = []
+        for _ in range(REPETITIONS):
+            ratios.append(time_pool_tests() / N_TESTS / time_one_world("fork"))
+        sys.exit(check_targets("rank_pool_dispatch", {"pool_test_over_forked_world": ratios},
+                               {"pool_test_over_forked_world": TARGET}))
     pool_total = time_pool_tests()
-    spawn_one = time_one_spawned_world()
+    fork_one = time_one_world("fork")
+    fresh_one = time_one_world("torchrun")
     result = {
         "n_tests": N_TESTS,
         "world_size": WORLD,
         "pytest_wall_s_with_forked_pool": round(pool_total, 3),
         "per_test_s_with_forked_pool": round(pool_total / N_TESTS, 4),
-        "one_spawned_world_s": round(spawn_one, 3),
-        "estimated_wall_s_spawning_per_test": round(spawn_one * N_TESTS, 1),
-        "speedup": round(spawn_one * N_TESTS / pool_total, 1),
+        "one_forked_world_s": round(fork_one, 3),
+        "estimated_wall_s_forking_per_test": round(fork_one * N_TESTS, 1),
+        "speedup_vs_forking_per_test": round(fork_one * N_TESTS / pool_total, 1),
+        "pool_test_over_forked_world": round(pool_total / N_TESTS / fork_one, 3),
+        "one_fresh_interpreter_world_s": round(fresh_one, 3),
+        "estimated_wall_s_fresh_world_per_test": round(fresh_one * N_TESTS, 1),
+        "speedup": round(fresh_one * N_TESTS / pool_total, 1),
     }
     print(json.dumps(result, indent=2))
     out = ROOT / "results" / "rank_pool_dispatch.json"

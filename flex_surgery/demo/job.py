@@ -19,6 +19,7 @@ from torch.utils._pytree import tree_leaves
 
 from flex_surgery.anatomy import block_names
 from flex_surgery.hooks import FlexModel
+from flex_surgery.hooks.hook_function import pure_edit
 from flex_surgery.surgery import SurgicalTheater, local_shards
 
 # Retrieval groups: a name pattern per group (see flex_surgery.hooks.groups for the syntax).
@@ -33,9 +34,13 @@ RETRIEVAL_GROUPS = {
 EDIT_GROUP = "ablate_mlp"
 
 
+@pure_edit
 def zero_activation(module: nn.Module, tensor: torch.Tensor, save_ctx: Any,
                     modules: nn.ModuleDict) -> torch.Tensor:
-    """Editing function: replace the (whole) activation by zeros."""
+    """Editing function: replace the (whole) activation by zeros.
+
+    Pure (the same zeros on every rank, no side effect), so every rank edits its all-gathered
+    copy and keeps its own slice instead of rank 0 editing and scattering the result."""
     return torch.zeros_like(tensor)
 
 
