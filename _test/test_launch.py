@@ -1,18 +1,27 @@
-"""flex_surgery.launch on this machine: rank detection from each launcher's variables, and one
-real 2-rank world per executor that returns every rank's value and names the rank that failed."""
+"""flex_surgery.launch on this machine: rank detection from each launcher's variables, one real
+2-rank world per executor that returns every rank's value and names the rank that failed, and the
+forked launcher's deadline and dead-rank reports."""
 
 from __future__ import annotations
 
 import logging
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from flex_surgery.launch import LaunchError, detect_environment, launch
+from flex_surgery.launch import (
+    ForkedRanks,
+    LaunchError,
+    detect_environment,
+    fork_ranks,
+    launch,
+    submit,
+)
 from flex_surgery.launch.cluster_config import load_cluster_config
 from flex_surgery.launch.environment import port_for_job
 
@@ -139,3 +148,59 @@ def check_two_rank_launch(executor: str, folder: Path, monkeypatch) -> None:
 
 def test_local_two_ranks_return_values_and_name_the_failed_rank(tmp_path, monkeypatch):
     check_two_rank_launch("local", tmp_path, monkeypatch)
+
+
+def test_fork_executor_returns_values_and_names_the_failed_rank():
+    """executor="fork" (flex_surgery.launch.local): same result path as the job executors."""
+    with pytest.raises(LaunchError) as caught:
+        launch(_rank_report, 1, nprocs=2, executor="fork", device="cpu", timeout_min=2)
+    err = caught.value
+    assert err.results == [(0, 2, "gloo", 3.0), None]
+    assert list(err.failures) == [1] and "planted failure on rank 1" in err.failures[1]
+    assert [o.launcher for o in err.outcomes] == ["fork", "fork"]
+    assert launch(_rank_report, -1, nprocs=2, executor="fork", device="cpu",
+                  rank0_only=True) == (0, 2, "gloo", 3.0)
+    with pytest.raises(TypeError, match="partition"):
+        launch(_rank_report, -1, nprocs=2, executor="fork", partition="gpu")
+    with pytest.raises(ValueError, match="launch"):
+        submit(_rank_report, -1, nprocs=2, executor="fork")
+
+
+def _hang_on_rank_zero():
+    if dist.get_rank() == 0:
+        import time
+
+        time.sleep(600)  # outside any collective: only the launcher's deadline ends it
+    return dist.get_rank()
+
+
+def test_fork_ranks_deadline_kills_a_silent_rank_and_leaves_no_process():
+    import multiprocessing
+
+    before = set(multiprocessing.active_children())  # the session's rank pools, if any
+    start = time.monotonic()
+    with pytest.raises(LaunchError) as caught:
+        fork_ranks(_hang_on_rank_zero, nprocs=2, device="cpu", timeout_s=5)
+    assert time.monotonic() - start < 30
+    assert caught.value.results == [None, 1]
+    assert "rank 0 (timeout)" in caught.value.failures[0]
+    assert set(multiprocessing.active_children()) == before
+
+
+def test_forked_ranks_report_a_dead_rank_with_its_exit_code():
+    def serve(conn):
+        import os
+
+        if dist.get_rank() == 1:
+            os._exit(7)
+        conn.send(("ok", conn.recv()))
+
+    ranks = ForkedRanks(2, serve, device="cpu", timeout_s=60)
+    try:
+        ranks.send("ping")
+        replies = ranks.collect(30)
+    finally:
+        ranks.close(force=True)
+    assert replies[0] == ("ok", "ping")
+    assert replies[1][0] == "died" and "exit code 7" in replies[1][1]
+    assert not ranks.alive

@@ -110,9 +110,13 @@ class ForkedRanks:
             raise LaunchError(to_outcomes(replies, " while starting"))
 
     def send(self, message: Any) -> None:
-        """Send the same message to every rank."""
+        """Send the same message to every rank; a rank that is gone is left for :meth:`collect`
+        to report as ``died``."""
         for conn in self.conns:
-            conn.send(message)
+            try:
+                conn.send(message)
+            except OSError:  # BrokenPipeError, ConnectionResetError: the rank's process ended
+                pass
 
     def collect(self, timeout_s: float) -> dict[int, Reply]:
         """One :data:`Reply` per rank; ranks silent past the deadline are reported as hung."""
@@ -127,7 +131,7 @@ class ForkedRanks:
                 rank = next(r for r, c in pending.items() if c is conn)
                 try:
                     replies[rank] = conn.recv()
-                except EOFError:
+                except (EOFError, OSError):  # OSError: it died with our message unread
                     self.procs[rank].join(timeout=1)
                     code = self.procs[rank].exitcode
                     replies[rank] = ("died", f"rank process died (exit code {code})")
