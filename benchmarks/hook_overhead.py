@@ -18,23 +18,24 @@ Two measurements, both paired and interleaved:
   96 registered read hooks (``HookFunction.torch_hook()``) on them, and the 96 raw ones, and the
   24 edit hooks of each kind, fastest of 5 per round. What torch adds around any hook call is the
   same for both and left out, so the ratio is the hooks' own cost, measured to a microsecond.
-* ``in_forward``: each variant is its own copy of the same weights; median over rounds of
-  (flex_read - bare) / (raw_read - bare) of the same round (likewise edit). This includes
-  FlexModel's own forward (hook-group selection, waiting for host copies) but is a difference of
-  two whole forwards: on a loaded machine its spread is wide.
+* ``in_forward`` (``--in-forward``): each variant is its own copy of the same weights; median
+  over rounds of (flex_read - bare) / (raw_read - bare) of the same round (likewise edit). It
+  includes FlexModel's own forward (hook-group selection, waiting for host copies) but is a
+  difference of two whole forwards: on a loaded machine its spread is wide.
 
 Spreads are the 25..75 % range of the per-round ratios. What was timed is asserted equal:
 FlexModel's stored tensors equal the raw hooks' (``torch.equal``), in the forwards and in the
 direct calls; the edited logits equal the raw-edited logits, the direct edits' outputs too.
 
-Memory (``--memory``, on by default): in a forked child, the peak resident memory of building
-a larger GPT-2 (24 blocks, hidden 512) and running one forward with the 96 read hooks, over
-(model bytes + retrieved bytes); the peak is the kernel's own high-water mark (``VmHWM``, reset
-through ``/proc/self/clear_refs``; ``ru_maxrss`` where that is not available), so short peaks
-are not missed as they would be by sampling. The plain forward's peak over the model bytes is
-printed beside it (what a forward costs without hooks).
+Memory (on by default; ``--no-memory``): in a child forked before anything else is measured,
+the peak resident memory above the child's start of building a larger GPT-2 (24 blocks,
+hidden 512) and running one forward with the 96 read hooks, over (the model as resident after
+building it + the retrieved bytes); the peak is the kernel's own high-water mark (``VmHWM``,
+reset through ``/proc/self/clear_refs``; ``ru_maxrss`` where that is not available), so short
+peaks are not missed as they would be by sampling. The plain forward's peak over the resident
+model is printed beside it (what a forward costs without hooks).
 
-    python benchmarks/hook_overhead.py [--reps 40] [--no-memory] [--check]
+    python benchmarks/hook_overhead.py [--reps 20] [--no-memory] [--in-forward] [--check]
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def _read_names(layers: int) -> list[str]:
     return [f"transformer.h.{i}.{site}" for i in range(layers) for site in READ_SITES]
 
 
-def measure_time(reps: int) -> dict:
+def measure_time(reps: int, in_forward: bool = False) -> dict:
     from flex_surgery.hooks import FlexModel, HookFunction
 
     torch.set_num_threads(1)
@@ -139,22 +140,24 @@ def measure_time(reps: int) -> dict:
             for fn in fns.values():
                 fn()
             drop()
-        times = rounds(fns, reps, wall, after={"flex_read": drop, "raw_read": drop}, inner=3)
-        check()
+        if in_forward:
+            times = rounds(fns, reps, wall, after={"flex_read": drop, "raw_read": drop},
+                           inner=3)
+            check()
         direct = _direct(flex_read, flex_edit, flex_stored, raw_stored, read_names, edit_names,
                          raw_read_model, raw_edit_model, ids, reps)
     flex_read.restore()
     flex_edit.restore()
-    read = overhead_ratio(times, "flex_read", "bare", "raw_read", "bare")
-    edit = overhead_ratio(times, "flex_edit", "bare", "raw_edit", "bare")
-    return {"direct": direct, "read": read, "edit": edit, "read_hooks": len(read_names),
-            "edit_hooks": len(edit_names),
-            "bare_s": statistics.median(times["bare"]),
-            "per_hook_us": {
-                "flex_read": read["added_s"] / len(read_names) * 1e6,
-                "raw_read": read["floor_s"] / len(read_names) * 1e6,
-                "flex_edit": edit["added_s"] / len(edit_names) * 1e6,
-                "raw_edit": edit["floor_s"] / len(edit_names) * 1e6}}
+    result = {"direct": direct, "read_hooks": len(read_names), "edit_hooks": len(edit_names)}
+    if in_forward:
+        read = overhead_ratio(times, "flex_read", "bare", "raw_read", "bare")
+        edit = overhead_ratio(times, "flex_edit", "bare", "raw_edit", "bare")
+        result.update(read=read, edit=edit, bare_s=statistics.median(times["bare"]), per_hook_us={
+            "flex_read": read["added_s"] / len(read_names) * 1e6,
+            "raw_read": read["floor_s"] / len(read_names) * 1e6,
+            "flex_edit": edit["added_s"] / len(edit_names) * 1e6,
+            "raw_edit": edit["floor_s"] / len(edit_names) * 1e6})
+    return result
 
 
 def _direct(flex_read, flex_edit, flex_stored: dict, raw_stored: dict, read_names: list[str],
@@ -264,6 +267,9 @@ def _memory_child(conn) -> None:
     layers, tokens = 24, 256
     model = _gpt2(layers, 512, 8, 8000, 512)
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    # What holding the model costs this process: its parameters and what building it left
+    # resident (transformers' initialisation leaves about 1.4x the parameter bytes here).
+    model_resident = _status_kib("VmRSS") * 1024 - start
     ids = torch.randint(0, 8000, (1, tokens), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         if resettable:
@@ -281,10 +287,11 @@ def _memory_child(conn) -> None:
     retrieved = sum(t.numel() * t.element_size() for v in stored.values() for t in v)
     assert len(stored) == 4 * layers and all(len(v) == 1 for v in stored.values())
     conn.send({"start_rss": start, "model_bytes": model_bytes, "retrieved_bytes": retrieved,
+               "model_resident": model_resident,
                "plain_peak_above_start": plain_peak - start,
                "read_peak_above_start": peak - start,
-               "memory_ratio": (peak - start) / (model_bytes + retrieved),
-               "plain_ratio": (plain_peak - start) / model_bytes,
+               "memory_ratio": (peak - start) / (model_resident + retrieved),
+               "plain_ratio": (plain_peak - start) / model_resident,
                "gauge": "VmHWM reset via clear_refs" if resettable else "ru_maxrss"})
     conn.close()
 
@@ -301,40 +308,46 @@ def measure_memory() -> dict:
 
 
 def report(t: dict, m: dict | None) -> None:
-    print(f"GPT-2 24 blocks, hidden 128, 128 tokens, 1 thread: bare forward "
-          f"{t['bare_s'] * 1e3:.1f} ms")
-    us = t["per_hook_us"]
+    print("GPT-2 24 blocks, hidden 128, 128 tokens, 1 thread")
     for kind, n in (("read", t["read_hooks"]), ("edit", t["edit_hooks"])):
         d = t["direct"][kind]
         print(f"  {kind}_ratio {d['ratio']:.2f}x FlexModel / raw torch hook, {n} hook calls "
               f"(per-round 25..75%: {d['q25']:.2f}..{d['q75']:.2f}); {d['flex_us']:.1f} us vs "
               f"{d['raw_us']:.1f} us per hook call")
-    for kind in ("read", "edit"):
-        r = t[kind]
-        print(f"  in_forward {kind} {r['ratio']:.2f}x added over a bare forward, FlexModel / "
-              f"raw (per-round 25..75%: {r['q25']:.2f}..{r['q75']:.2f}); per hook "
-              f"{us['flex_' + kind]:.1f} us vs {us['raw_' + kind]:.1f} us")
+    if "bare_s" in t:
+        us = t["per_hook_us"]
+        print(f"  in_forward: bare forward {t['bare_s'] * 1e3:.1f} ms")
+        for kind in ("read", "edit"):
+            r = t[kind]
+            print(f"  in_forward {kind} {r['ratio']:.2f}x added over a bare forward, FlexModel "
+                  f"/ raw (per-round 25..75%: {r['q25']:.2f}..{r['q75']:.2f}; fastest/fastest "
+                  f"{r['best']:.2f}x); per hook {us['flex_' + kind]:.1f} us vs "
+                  f"{us['raw_' + kind]:.1f} us")
     if m is not None:
         mib = 1 << 20
         print(f"memory ({m['gauge']}): peak of a retrieval forward above the process start "
               f"{m['read_peak_above_start'] / mib:.0f} MiB = {m['memory_ratio']:.2f}x "
-              f"(model {m['model_bytes'] / mib:.0f} MiB + retrieved "
-              f"{m['retrieved_bytes'] / mib:.0f} MiB); a plain forward's peak "
-              f"{m['plain_peak_above_start'] / mib:.0f} MiB = {m['plain_ratio']:.2f}x the model")
+              f"(model resident {m['model_resident'] / mib:.0f} MiB, of which parameters "
+              f"{m['model_bytes'] / mib:.0f} MiB, + retrieved {m['retrieved_bytes'] / mib:.0f} "
+              f"MiB); a plain forward's peak {m['plain_peak_above_start'] / mib:.0f} MiB = "
+              f"{m['plain_ratio']:.2f}x the resident model")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=20, help="rounds (each the fastest of 3)")
     parser.add_argument("--no-memory", dest="memory", action="store_false")
+    parser.add_argument("--in-forward", action="store_true",
+                        help="also time whole forwards (bare vs hooked); slow, and on a loaded "
+                             "machine dominated by the forward's own variation")
     parser.add_argument("--check", action="store_true",
                         help=f"{REPETITIONS} repetitions; fail if a ratio exceeds its target "
                              f"by more than 20 %%")
     args = parser.parse_args()
     runs = []
     for i in range(REPETITIONS if args.check else 1):
-        t = measure_time(args.reps)
-        m = measure_memory() if args.memory else None
+        m = measure_memory() if args.memory else None  # first: a child of a still-small heap
+        t = measure_time(args.reps, args.in_forward)
         if args.check:
             print(f"--- repetition {i + 1} of {REPETITIONS}")
         report(t, m)
