@@ -204,3 +204,10 @@ def test_forked_ranks_report_a_dead_rank_with_its_exit_code():
     assert replies[0] == ("ok", "ping")
     assert replies[1][0] == "died" and "exit code 7" in replies[1][1]
     assert not ranks.alive
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_forked_ranks_that_cannot_start_name_the_cause():
+    with pytest.raises(LaunchError, match="process group init failed") as caught:
+        ForkedRanks(2, lambda conn: None, device="cuda", timeout_s=60)
+    assert sorted(caught.value.failures) == [0, 1]

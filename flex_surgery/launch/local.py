@@ -171,7 +171,7 @@ def to_outcomes(replies: dict[int, Reply], what: str = "") -> list[RankOutcome]:
     outcomes = []
     for rank in sorted(replies):
         kind, value = replies[rank]
-        if kind == "ok":
+        if kind in ("ok", "ready"):  # "ready": this rank started; a peer did not
             outcomes.append(RankOutcome(rank, ok=True, value=value, launcher="fork"))
         else:  # a traceback speaks for itself; a death or a silence needs saying
             error = value if kind == "err" else f"rank {rank} ({kind}{what}): {value}"
