@@ -51,7 +51,7 @@ class HookGroupAPI:
     _check_usable: Callable[[], None]
     _register: Callable[[HookFunction, str], None]
     remove_hook_function: Callable[[HookFunction], None]
-    _install_backward_hooks: Callable[[nn.Module], None]
+    _install_backward_hooks: Callable[[dict[int, nn.Module]], None]
 
     def create_hook_group(
         self,
@@ -171,6 +171,6 @@ class HookGroupAPI:
                 hf._enabled = enabled
                 if hf.hook_type in MODULE_BACKWARD_KINDS and not hf.is_remote:
                     reinstall[id(hf._site.module)] = hf._site.module
-        for module in reinstall.values():
-            self._install_backward_hooks(module)
+        if reinstall:
+            self._install_backward_hooks(reinstall)
         self._selection_key = key

@@ -91,6 +91,8 @@ class HookRegistration:
     _groups: HookGroups
     # None: a module backward hook that is disabled, hence not installed.
     _handles: dict[HookFunction, RemovableHandle | None]
+    # The registered hooks by output key (keep="last" refuses two hook kinds on one key).
+    _handles_by_key: dict[str, list[HookFunction]]
     _backward_flag_before: dict[nn.Module, bool | None]
     _params_without_hooks_before: list[torch.Tensor]
     _check_usable: Callable[[], None]
@@ -154,16 +156,18 @@ class HookRegistration:
         try:
             self._handles[hf] = handle
             self._groups.add(hf)
+            self._handles_by_key.setdefault(key, []).append(hf)
         except BaseException:
             self._handles.pop(hf, None)
+            self._groups.discard(hf)
             if handle is not None:
                 handle.remove()
             hf._unbind()
             raise
 
     def _check_no_key_clash(self, hf: HookFunction, hook_type: str, key: str) -> None:
-        clash = next((other for other in self._handles
-                      if other.output_key == key and other.hook_type != hook_type), None)
+        clash = next((other for other in self._handles_by_key.get(key, ())
+                      if other.hook_type != hook_type), None)
         if clash is not None:
             # One tensor per key: the later hook kind would silently replace what the
             # earlier one stored (a gradient in place of the activation).
@@ -216,23 +220,32 @@ class HookRegistration:
         if handle is not None:
             handle.remove()
         self._groups.discard(hook_function)
+        same_key = self._handles_by_key.get(hook_function.output_key, [])
+        if hook_function in same_key:
+            same_key.remove(hook_function)
         hook_function._unbind()
 
-    def _install_backward_hooks(self, module: nn.Module) -> None:
-        """Install exactly the enabled module backward hooks of ``module``, in registration order.
+    def _install_backward_hooks(self, modules: dict[int, nn.Module]) -> None:
+        """Install exactly the enabled module backward hooks of ``modules`` (by id), in
+        registration order.
 
         A module with any full backward (pre) hook has its inputs and outputs wrapped in
         autograd nodes at every forward, so a disabled one is taken off the module rather than
-        only flagged; reinstalling all of them keeps their relative order.
+        only flagged; reinstalling all of them keeps their relative order. One pass over the
+        hooks, however many modules change.
         """
-        mine = [hf for hf in self._handles
-                if hf.hook_type in MODULE_BACKWARD_KINDS and not hf.is_remote
-                and hf._site.module is module]
-        for hf in mine:
-            if self._handles[hf] is not None:
-                self._handles[hf].remove()
-                self._handles[hf] = None
-        for hf in mine:
-            if hf._enabled:
-                method, options = MODULE_REGISTRATION[hf.hook_type]
-                self._handles[hf] = getattr(module, method)(hf.torch_hook(), **options)
+        mine: dict[int, list[HookFunction]] = {}
+        for hf in self._handles:  # registration order
+            if hf.hook_type in MODULE_BACKWARD_KINDS and not hf.is_remote:
+                key = id(hf._site.module)
+                if key in modules:
+                    mine.setdefault(key, []).append(hf)
+        for key, hooks in mine.items():
+            for hf in hooks:
+                if self._handles[hf] is not None:
+                    self._handles[hf].remove()
+                    self._handles[hf] = None
+            for hf in hooks:
+                if hf._enabled:
+                    method, options = MODULE_REGISTRATION[hf.hook_type]
+                    self._handles[hf] = getattr(modules[key], method)(hf.torch_hook(), **options)

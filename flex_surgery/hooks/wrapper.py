@@ -197,6 +197,7 @@ class FlexModel(HookRegistration, HookGroupAPI, nn.Module):
         self._groups = HookGroups()
         # None: a module backward hook that is disabled, hence not installed (see _select).
         self._handles: dict[HookFunction, RemovableHandle | None] = {}
+        self._handles_by_key: dict[str, list[HookFunction]] = {}
         # What registering hooks changed besides the hook dicts, to put back in restore():
         # modules whose `_is_full_backward_hook` flag we set, parameters whose
         # `_backward_hooks` dict PyTorch created for us.
