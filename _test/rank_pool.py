@@ -4,7 +4,10 @@ Why: starting a ``torch.distributed`` world with ``spawn`` costs ~10 s on a 2-co
 child re-imports torch); ``fork`` costs well under a second because the children inherit the
 already-imported interpreter. So each world size gets one pool of forked ranks, created the first
 time a test needs it, with a gloo process group initialised once; test bodies are then
-dispatched to every rank and their results (or tracebacks) collected.
+dispatched to every rank and their results (or tracebacks) collected. The ranks are started,
+watched and torn down by :class:`flex_surgery.launch.local.ForkedRanks`, the library's one local
+launcher (the demo and the benchmarks use it too); this module adds what is the tests' own: the
+registry of bodies, the per-body reset, and pools that outlive one test.
 
 A test body is a plain module-level function. It is registered by :func:`distributed` at import
 time, before the pool forks, so every rank finds it by ``(module, qualname)`` without pickling
