@@ -296,7 +296,8 @@ def launch(fn: Callable[..., Any], *args: Any, nprocs: int, executor: str = "loc
 
     Blocks until the job ends. If any rank raises, :class:`LaunchError` carries each rank's
     traceback (``err.failures``) and the values of the ranks that succeeded (``err.results``).
-    Options are those of :func:`submit`.
+    Options are those of :func:`submit`; with ``executor="fork"`` only ``device``,
+    ``timeout_min``, ``collective_timeout_s`` and ``kwargs`` apply (the others describe a job).
 
     Example::
 
