@@ -366,6 +366,33 @@ def test_reused_buffers_follow_the_targets_of_each_entry():
     assert differing_bytes(before, raw_state(m)) == 0
 
 
+def test_a_theater_entered_again_sees_replaced_parameters():
+    """The targets resolved at one entry are reused at the next only while every parameter is
+    the same object on the same storage: a replaced parameter, or reassigned ``.data``, is
+    modified (and restored) at the next entry, the old one is left alone."""
+    m = _fresh()
+    t = SurgicalTheater(m, layers="lm_head", modification_type="scale", factor=0.5)
+    with t:
+        pass
+    old = m.lm_head.weight
+    old_values = old.detach().clone()
+    m.lm_head.weight = torch.nn.Parameter(torch.randn_like(old))
+    new_values = m.lm_head.weight.detach().clone()
+    with t:
+        assert torch.equal(m.lm_head.weight, new_values * 0.5)
+        assert torch.equal(old, old_values)
+    assert torch.equal(m.lm_head.weight, new_values)
+    m.lm_head.weight.data = torch.randn_like(old)
+    data_values = m.lm_head.weight.detach().clone()
+    with t:
+        assert torch.equal(m.lm_head.weight, data_values * 0.5)
+    assert torch.equal(m.lm_head.weight, data_values)
+    t.layers = "model.layers.0.mlp.up_proj"  # other arguments: resolved anew
+    with t:
+        assert t.modified_names == ["model.layers.0.mlp.up_proj.weight"]
+    assert torch.equal(m.lm_head.weight, data_values)
+
+
 def test_works_inside_flexmodel_with_hooks_active():
     pytest.importorskip("flex_surgery.hooks.wrapper")
     from flex_surgery.hooks import FlexModel, HookFunction

@@ -1,275 +1,222 @@
-"""What does a SurgicalTheater cost, next to the ways people validate without one?
+"""What does a SurgicalTheater cost, next to the floor of what it has to do?
 
-On a ~100M-parameter Llama-shaped model (CPU, fp32 and bf16), for ``scale``, ``noise`` and
-``disable`` of all linear weights, measures:
+A theater that scales every linear weight must, at the least, touch the modified bytes; the
+floor used here is **a copy of exactly those bytes into preallocated buffers** (same tensors,
+same device, buffers allocated and touched before timing). The theater itself makes three
+passes over them (snapshot, modify, copy back), so about 3x is its natural cost; the targets
+are 3x (fp32) and 3.5x (bf16, whose elementwise multiply costs more than a copy).
 
-* ``theater``: enter + exit time, and the peak extra memory while inside, with
-  ``backup="device"`` and ``backup="cpu"``;
-* ``clone``: one ``clone()`` of exactly the modified tensors -- the floor is about two copies
-  (snapshot in, copy back), so the target is enter + exit <= 2.5 x one clone;
-* ``deepcopy``: ``copy.deepcopy(model)``; ``save_load``: ``torch.save`` of the state dict to a
-  file, ``torch.load`` and ``load_state_dict``.
+Measured side by side, interleaved (the order alternates every round), on Llama-shaped models
+of ~13M and ~100M linear weights, fp32 and bf16, with one thread and with torch's default:
 
-Memory is measured by counting the bytes of every tensor storage allocated while the operation
-runs (a ``TorchDispatchMode``), live at the peak -- exact for tensors and independent of the
-allocator, which on CPU returns memory to the OS lazily. Then, on 2 ranks, FSDP1 and DTensor TP:
-extra memory per rank vs the local shard's modified bytes.
+* ``theater``: entering and leaving one ``SurgicalTheater(model, modification_type="scale")``
+  object again and again, as a validation loop does: from the second entry on it writes its
+  snapshots into the buffers of the previous one (``keep_snapshots``);
+* ``fresh``: a new theater per entry (fresh snapshot allocations, and their page faults), for
+  comparison (no target);
+* ``floor``: the preallocated copy.
 
-Prints ratios and writes ``results/surgery.json``. Run: ``python benchmarks/surgery.py
-[--quick] [--out PATH]``. Timings are medians of ``--repeats`` runs.
+Every timed theater is checked, outside the clock: the weights are bit-identical to the
+originals after it (compared as raw bytes), and one untimed entry per configuration checks that
+the modification did take effect and that the model's output changed, then came back exactly.
+Every timed copy is checked to hold the weights. The ratio of a configuration is
+median(theater) / median(floor) in wall-clock time; its spread is the min..max of the
+per-round ratios. The same ratio in process CPU time is printed beside it: on a machine shared
+with other jobs, the wall clock also counts the time the process waited for a core.
+
+Prints the ratios and writes ``results/surgery.json``.
+
+    python benchmarks/surgery.py [--quick] [--rounds 11] [--out PATH]
+    python benchmarks/surgery.py --check [--quick] [--clock cpu]   # 3 repetitions vs targets
+
+``--quick``: the small model only, fewer rounds. ``--check`` measures every configuration 3
+times (each a full interleaved measurement) and exits with ``targets.check_targets``.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import platform
 import statistics
-import tempfile
+import sys
 import time
-import weakref
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch.utils import _pytree as pytree
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from flex_surgery.models import tiny_hf_model
+from flex_surgery.models import example_inputs, tiny_hf_model
 from flex_surgery.surgery import SurgicalTheater
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from targets import REPETITIONS, check_targets  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
-
-# ~97M parameters: 12 blocks of hidden 768 (85M) + untied 8000-token embedding and head (12M).
-LLAMA_100M = dict(vocab_size=8000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
-                  num_attention_heads=12, num_key_value_heads=12)
-LLAMA_QUICK = dict(vocab_size=2000, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-                   num_attention_heads=4, num_key_value_heads=4)
-MODIFICATIONS = {
-    "scale": dict(modification_type="scale", factor=0.9),
-    "noise": dict(modification_type="noise", noise_scale=0.01, seed=0),
-    "disable": dict(modification_type="disable"),
+MODELS = {
+    # 6 blocks of hidden 384 + a 4000-token head: 12.2M linear weights (13.7M parameters).
+    "small": dict(vocab_size=4000, hidden_size=384, intermediate_size=1024, num_hidden_layers=6,
+                  num_attention_heads=6, num_key_value_heads=6),
+    # 12 blocks of hidden 768 + an 8000-token head: 91M linear weights (97M parameters).
+    "large": dict(vocab_size=8000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+                  num_attention_heads=12, num_key_value_heads=12),
 }
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+TARGETS = {"fp32": 3.0, "bf16": 3.5}  # theater / preallocated copy of the modified bytes
+FACTOR = 0.5
 
 
-class AllocationMeter(TorchDispatchMode):
-    """Bytes of tensor storage allocated by ops run under it, live now and at the peak."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live = 0
-        self.peak = 0
-
-    def _free(self, nbytes: int) -> None:
-        self.live -= nbytes
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage().data_ptr() for t in pytree.tree_leaves((args, kwargs))
-                  if isinstance(t, torch.Tensor)}
-        for t in pytree.tree_leaves(out):
-            if not isinstance(t, torch.Tensor):
-                continue
-            storage = t.untyped_storage()
-            if storage.data_ptr() in inputs or storage.nbytes() == 0:
-                continue  # a view or an in-place result
-            nbytes = storage.nbytes()
-            self.live += nbytes
-            self.peak = max(self.peak, self.live)
-            weakref.finalize(t, self._free, nbytes)
-            inputs.add(storage.data_ptr())
-        return out
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's raw bits (NaN payloads and -0.0 compare as what they are)."""
+    return t.detach().view({1: torch.uint8, 2: torch.int16, 4: torch.int32,
+                            8: torch.int64}[t.element_size()])
 
 
-def _sync() -> None:
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
+def _same_bits(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return all(torch.equal(_bits(x), _bits(y)) for x, y in zip(a, b))
 
 
-def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up: first-touch page faults, lazy initialisation
-    times = []
-    for _ in range(repeats):
-        _sync()
-        start = time.perf_counter()
+def _timed(fn: Callable[[], object]) -> tuple[float, float]:
+    """Wall-clock and process CPU seconds of ``fn()``."""
+    cpu, start = time.process_time(), time.perf_counter()
+    fn()
+    return time.perf_counter() - start, time.process_time() - cpu
+
+
+def measure(model: torch.nn.Module, rounds: int) -> dict:
+    """One interleaved measurement of theater, fresh theater and floor on ``model``."""
+    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    originals = [w.detach().clone() for w in weights]
+    buffers = [torch.empty_like(w) for w in weights]
+    theater = SurgicalTheater(model, modification_type="scale", factor=FACTOR)
+
+    @torch.no_grad()
+    def floor() -> None:
+        for dst, src in zip(buffers, weights):
+            dst.copy_(src)
+
+    def reused() -> None:
+        with theater:
+            pass
+
+    def fresh() -> None:
+        with SurgicalTheater(model, modification_type="scale", factor=FACTOR, keep_snapshots=False):
+            pass
+
+    def check(name: str) -> None:
+        if not _same_bits(weights, originals):
+            raise AssertionError(f"{name}: the weights are not bit-identical after the theater")
+        if name == "floor" and not _same_bits(buffers, originals):
+            raise AssertionError("floor: the buffers do not hold the weights")
+
+    # Untimed: the modification takes effect, the output changes and comes back exactly.
+    inputs = example_inputs("llama", batch=1, seq=16)
+    inputs["input_ids"] %= model.config.vocab_size
+    with torch.no_grad():
+        before = model(**inputs).logits
+        with theater:
+            if not all(torch.equal(w, o * FACTOR) for w, o in zip(weights, originals)):
+                raise AssertionError("the theater did not scale every linear weight")
+            inside = model(**inputs).logits
+        after = model(**inputs).logits
+    if torch.equal(inside, before) or not torch.equal(_bits(after), _bits(before)):
+        raise AssertionError("the output inside the theater did not change, or did not come back")
+    stats = dict(theater.stats)
+
+    fns = {"floor": floor, "theater": reused, "fresh": fresh}
+    for name, fn in fns.items():  # warm-up: buffers allocated and touched, lazy init done
         fn()
-        _sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        check(name)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    cpu: dict[str, list[float]] = {name: [] for name in fns}
+    names = list(fns)
+    for round_ in range(rounds):
+        for name in names if round_ % 2 == 0 else names[::-1]:
+            wall, used = _timed(fns[name])
+            times[name].append(wall)
+            cpu[name].append(used)
+            check(name)
+    if theater.stats["reused_snapshots"] != theater.stats["modified_parameters"]:
+        raise AssertionError("the theater did not reuse its snapshot buffers")
 
+    def spread(values: list[float]) -> dict:
+        return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
-def _theater_cycle(model, backup: str, kw: dict) -> None:
-    with SurgicalTheater(model, backup=backup, **kw):
-        pass
-
-
-def _peak_inside(model, backup: str, kw: dict) -> tuple[int, int]:
-    """(peak extra bytes while entering and inside, modified bytes)."""
-    with AllocationMeter() as meter:
-        with SurgicalTheater(model, backup=backup, **kw) as theater:
-            modified = theater.stats["modified_bytes"]
-            device_backup = theater.stats["backup_bytes"] if backup == "device" else 0
-    return meter.peak, modified, device_backup
-
-
-def bench_model(config: dict, dtype: torch.dtype, repeats: int, device: str = "cpu") -> dict:
-    model = tiny_hf_model("llama", dtype=dtype, **config).to(device)
-    n_params = sum(p.numel() for p in model.parameters())
-    linear = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    modified_bytes = sum(w.numel() * w.element_size() for w in linear)
-    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    row: dict = {"dtype": str(dtype).removeprefix("torch."), "device": device,
-                 "parameters": n_params,
-                 "model_bytes": model_bytes, "modified_bytes": modified_bytes}
-
-    clone_s = median_seconds(lambda: [w.clone() for w in linear], repeats)
-    row["clone_s"] = clone_s
-    # Noise cannot be cheaper than drawing the numbers: the floor for "noise" is one clone
-    # plus one randn of the same number of elements.
-    row["randn_s"] = median_seconds(
-        lambda: [torch.randn(w.shape, dtype=torch.float32, device=device) for w in linear],
-        repeats)
-    with AllocationMeter() as meter:
-        copies = [w.clone() for w in linear]
-    row["clone_peak_bytes"] = meter.peak
-    del copies
-
-    row["deepcopy_s"] = median_seconds(lambda: copy.deepcopy(model), max(1, repeats // 2))
-    row["deepcopy_extra_bytes"] = model_bytes
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "state.pt")
-
-        def save_load() -> None:
-            torch.save(model.state_dict(), path)
-            model.load_state_dict(torch.load(path, map_location=device))
-
-        row["save_load_s"] = median_seconds(save_load, max(1, repeats // 2))
-    row["save_load_extra_bytes"] = model_bytes  # the loaded state dict (plus the file)
-
-    row["theater"] = {}
-    for name, kw in MODIFICATIONS.items():
-        for backup in ("device", "cpu"):
-            seconds = median_seconds(lambda kw=kw, b=backup: _theater_cycle(model, b, kw),
-                                     repeats)
-            peak, modified, device_backup = _peak_inside(model, backup, kw)
-            floor = clone_s + (row["randn_s"] if name == "noise" else 0.0)
-            row["theater"][f"{name}/{backup}"] = {
-                "enter_exit_s": seconds,
-                "x_clone": seconds / clone_s,
-                "x_floor": seconds / floor,
-                "peak_extra_bytes": peak,
-                "peak_extra_x_modified": peak / modified,
-                "device_backup_bytes": device_backup,
-            }
-    return row
-
-
-def _distributed_rank(config: dict) -> dict:
-    """One rank of the 2-rank measurement: FSDP1 and DTensor TP, scale of all linear weights."""
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
-    from torch.distributed.tensor.parallel import (
-        ColwiseParallel,
-        RowwiseParallel,
-        parallelize_module,
-    )
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
-
-    from flex_surgery.launch import init_from_env
-
-    init_from_env()
-    torch.set_num_threads(1)
-    out = {}
-    fsdp = FSDP(tiny_hf_model("llama", **config), device_id=torch.device("cpu"),
-                auto_wrap_policy=ModuleWrapPolicy({LlamaDecoderLayer}))
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-    plan = {}
-    for i in range(config["num_hidden_layers"]):
-        for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj",
-                  "mlp.up_proj"):
-            plan[f"model.layers.{i}.{n}"] = ColwiseParallel()
-        for n in ("self_attn.o_proj", "mlp.down_proj"):
-            plan[f"model.layers.{i}.{n}"] = RowwiseParallel()
-    tp = parallelize_module(tiny_hf_model("llama", **config), mesh, plan)
-    for name, model in (("fsdp1", fsdp), ("dtensor_tp", tp)):
-        for backup in ("device", "cpu"):
-            kw = dict(modification_type="scale", factor=0.9, layers="model.layers")
-            seconds = median_seconds(lambda m=model, b=backup, kw=kw: _theater_cycle(m, b, kw), 3)
-            peak, modified, device_backup = _peak_inside(model, backup, kw)
-            out[f"{name}/{backup}"] = {"enter_exit_s": seconds, "local_modified_bytes": modified,
-                                      "peak_extra_bytes": peak,
-                                      "peak_extra_x_local_modified": peak / modified,
-                                      "device_backup_bytes": device_backup}
-    dist.barrier()
+    floor_s = statistics.median(times["floor"])
+    out = {"modified_bytes": stats["modified_bytes"], "modified_parameters":
+           stats["modified_parameters"], "rounds": rounds,
+           "seconds": {name: spread(v) for name, v in times.items()}}
+    out["cpu_seconds"] = {name: spread(v) for name, v in cpu.items()}
+    for name in ("theater", "fresh"):
+        paired = [t / f for t, f in zip(times[name], times["floor"])]
+        out[f"{name}_x_floor"] = statistics.median(times[name]) / floor_s
+        out[f"{name}_x_floor_spread"] = [min(paired), max(paired)]
+        out[f"{name}_x_floor_cpu"] = (statistics.median(cpu[name])
+                                      / max(statistics.median(cpu["floor"]), 1e-9))
     return out
+
+
+def configurations(quick: bool) -> list[tuple[str, str, int]]:
+    threads = sorted({1, torch.get_num_threads()})
+    sizes = ["small"] if quick else list(MODELS)
+    return [(size, dtype, n) for size in sizes for dtype in DTYPES for n in threads]
+
+
+def key(size: str, dtype: str, threads: int, default: int) -> str:
+    return f"theater/{size}/{dtype}/{'1thread' if threads == 1 else f'{default}threads'}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small model, one repeat")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="the small model only, 5 rounds")
+    parser.add_argument("--rounds", type=int, default=11, help="interleaved rounds (default 11)")
+    parser.add_argument("--check", action="store_true",
+                        help=f"{REPETITIONS} repetitions, exit status from the targets")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="the ratio --check compares with the targets: wall-clock (default) "
+                             "or process CPU time (steadier on a machine shared with other jobs)")
     parser.add_argument("--out", default=str(ROOT / "results" / "surgery.json"))
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (single-process part)")
-    parser.add_argument("--skip-distributed", action="store_true")
     args = parser.parse_args()
-    config = LLAMA_QUICK if args.quick else LLAMA_100M
-    repeats = 1 if args.quick else args.repeats
-    torch.set_num_threads(args.threads)
-    results = {"machine": {"cpus": os.cpu_count(), "threads": args.threads,
-                           "torch": torch.__version__,
-                           "python": platform.python_version()},
-               "config": config, "single_process": [], "two_ranks": None}
-
-    for dtype in (torch.float32, torch.bfloat16):
-        row = bench_model(config, dtype, repeats, args.device)
-        results["single_process"].append(row)
-        print(f"\n{row['parameters'] / 1e6:.1f}M parameters, {row['dtype']} on {args.device}: "
-              f"modified "
-              f"{row['modified_bytes'] / 2**20:.0f} MiB of {row['model_bytes'] / 2**20:.0f} MiB; "
-              f"clone {row['clone_s'] * 1e3:.0f} ms, deepcopy {row['deepcopy_s'] * 1e3:.0f} ms "
-              f"(+{row['deepcopy_extra_bytes'] / 2**20:.0f} MiB), save/load "
-              f"{row['save_load_s'] * 1e3:.0f} ms")
-        print(f"  randn of the modified elements (fp32): {row['randn_s'] * 1e3:.0f} ms; floor = "
-              "clone (+ randn for noise)")
-        print(f"  {'modification/backup':<16}{'enter+exit':>12}{'x clone':>9}{'x floor':>9}"
-              f"{'x deepcopy':>11}{'peak extra':>12}{'x modified':>11}{'device bytes':>14}")
-        for key, r in row["theater"].items():
-            print(f"  {key:<16}{r['enter_exit_s'] * 1e3:>10.0f}ms{r['x_clone']:>9.2f}"
-                  f"{r['x_floor']:>9.2f}"
-                  f"{r['enter_exit_s'] / row['deepcopy_s']:>11.2f}"
-                  f"{r['peak_extra_bytes'] / 2**20:>9.0f}MiB{r['peak_extra_x_modified']:>11.3f}"
-                  f"{r['device_backup_bytes'] / 2**20:>11.0f}MiB")
-
-    if args.skip_distributed:
-        _write(results, args.out)
-        return
-    from flex_surgery.launch import launch
-
-    dist_config = LLAMA_QUICK if args.quick else dict(LLAMA_100M, num_hidden_layers=4)
-    per_rank = launch(_distributed_rank, dist_config, nprocs=2)
-    results["two_ranks"] = {"config": dist_config, "per_rank": per_rank}
-    print("\n2 ranks, scale of the block linear weights (per rank):")
-    for rank, rows in enumerate(per_rank):
-        for key, r in rows.items():
-            print(f"  rank {rank} {key:<18} local modified "
-                  f"{r['local_modified_bytes'] / 2**20:6.1f} MiB, peak extra "
-                  f"{r['peak_extra_bytes'] / 2**20:6.1f} MiB "
-                  f"(x{r['peak_extra_x_local_modified']:.3f}), device backup "
-                  f"{r['device_backup_bytes'] / 2**20:6.1f} MiB, "
-                  f"{r['enter_exit_s'] * 1e3:.0f} ms")
-
-    _write(results, args.out)
-
-
-def _write(results: dict, path: str) -> None:
-    out = Path(path)
+    default_threads = torch.get_num_threads()
+    rounds = 5 if args.quick or args.check else args.rounds
+    repetitions = REPETITIONS if args.check else 1
+    results = {"machine": {"cpus": os.cpu_count(), "default_threads": default_threads,
+                           "torch": torch.__version__, "python": platform.python_version()},
+               "models": MODELS, "targets": TARGETS, "rounds": rounds, "configurations": {}}
+    measured: dict[str, list[float]] = {}
+    targets: dict[str, float] = {}
+    models: dict[tuple[str, str], torch.nn.Module] = {}
+    print(f"theater (scale of every linear weight, reused) over a preallocated copy of the same "
+          f"bytes; {rounds} interleaved rounds, median [min..max of per-round ratios]")
+    for size, dtype, threads in configurations(args.quick):
+        torch.set_num_threads(threads)
+        if (size, dtype) not in models:
+            models.clear()  # one model in memory at a time
+            models[(size, dtype)] = tiny_hf_model("llama", dtype=DTYPES[dtype], **MODELS[size])
+        model = models[(size, dtype)]
+        name = key(size, dtype, threads, default_threads)
+        targets[name] = TARGETS[dtype]
+        for _ in range(repetitions):
+            r = measure(model, rounds)
+            measured.setdefault(name, []).append(
+                r["theater_x_floor" if args.clock == "wall" else "theater_x_floor_cpu"])
+            results["configurations"].setdefault(name, []).append(r)
+            s = r["seconds"]
+            lo, hi = r["theater_x_floor_spread"]
+            floor_ms, theater_ms = s["floor"]["median"] * 1e3, s["theater"]["median"] * 1e3
+            print(f"  {name:<28} {r['modified_bytes'] / 2**20:6.0f} MiB  floor "
+                  f"{floor_ms:7.1f} ms  theater {theater_ms:7.1f} ms  {r['theater_x_floor']:5.2f}x "
+                  f"[{lo:.2f}..{hi:.2f}]  (target "
+                  f"{TARGETS[dtype]:.1f}x)  cpu time {r['theater_x_floor_cpu']:5.2f}x  fresh "
+                  f"theater {r['fresh_x_floor']:5.2f}x")
+    torch.set_num_threads(default_threads)
+    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
-    print(f"\nwrote {out}")
+    print(f"wrote {out}")
+    if args.check:
+        sys.exit(check_targets("surgery", measured, targets))
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from flex_surgery.parallel import frameworks
@@ -184,6 +185,7 @@ class SurgicalTheater:
         self._names: list[str] = []
         self._modules: list[nn.Module] = []
         self._sharded = False
+        self._resolved: tuple[tuple, list[Edit]] | None = None  # (model key, edits) of last entry
         self.stats: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ targets
@@ -193,6 +195,39 @@ class SurgicalTheater:
         self._shard_at = {(id(s.module), s.param_name): s for s in shards}
         return resolve_edits(self.root, shards, self.layers, self.params, self._shard_at,
                              with_factors=self.modification_type in ("scale", "disable"))
+
+    def _edits(self) -> list[Edit]:
+        """This entry's edits: the last entry's when :meth:`_model_key` is unchanged and they
+        were all plain parameters (no LoRA, no shards), else resolved anew.
+
+        Why: resolving walks every module and name and asks the framework registry about every
+        parameter; for a ~13M-weight model that costs a third of copying its weights, and a
+        validation loop would pay it at every entry for the same answer.
+        """
+        key = self._model_key()
+        if key is not None and self._resolved is not None and self._resolved[0] == key:
+            return self._resolved[1]
+        edits = self._resolve(local_shards(self.root))  # :mod:`.targets`
+        plain = all(e.lora is None and s.kind == "plain" for e in edits for s in e.shards)
+        self._resolved = (key, edits) if key is not None and plain else None
+        return edits
+
+    def _model_key(self) -> tuple | None:
+        """What the resolved edits depend on, in one process: the arguments and, for every
+        module, its identity and its parameters' identity, storage, shape and dtype (a module
+        or parameter replaced, or ``.data`` reassigned, changes it). The cached edits hold the
+        modules and parameters they name, so no identity can be recycled while cached. None
+        (never cached) under a process group or with FSDP's unsharded copies."""
+        if self._sharded or (dist.is_available() and dist.is_initialized()):
+            return None
+        layers = tuple(self.layers) if isinstance(self.layers, (list, tuple)) else self.layers
+        found = [(n, p) for m in self._modules for n, p in m._parameters.items() if p is not None]
+        if any(p.layout != torch.strided for _, p in found):
+            return None
+        params = tuple((id(p), n, p.data_ptr(), p.storage_offset(), p.shape, p.stride(), p.dtype)
+                       for n, p in found)
+        return (self.modification_type, layers, self.params, tuple(map(id, self._modules)),
+                params)
 
     # ------------------------------------------------------------ modifications
     def _modify(self, edit: Edit, base_seed: int | None) -> None:
@@ -229,7 +264,7 @@ class SurgicalTheater:
                 base_seed = int(torch.randint(0, 2**62, (1,)).item())
                 self._state.cpu_rng = torch.get_rng_state()
             self._reshard()
-            edits = self._resolve(local_shards(self.root))  # :mod:`.targets`
+            edits = self._edits()
             kept, self._kept = self._kept, {}  # each buffer is handed out at most once
             for edit in edits:
                 for shard in edit.shards:  # every view an edit writes is saved before it
@@ -319,10 +354,11 @@ class SurgicalTheater:
             ) from exc
 
     def release_snapshots(self) -> None:
-        """Free the snapshot buffers kept for the next entry (``keep_snapshots``); the next
-        entry allocates new ones. Inside the context the current snapshots stay: they are what
-        the exit restores."""
+        """Free the snapshot buffers kept for the next entry (``keep_snapshots``) and the
+        resolved targets; the next entry allocates and resolves anew. Inside the context the
+        current snapshots stay: they are what the exit restores."""
         self._kept = {}
+        self._resolved = None
 
     # --------------------------------------------------------------- reporting
     @property
