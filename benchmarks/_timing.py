@@ -75,6 +75,17 @@ def overhead_ratio(times: dict[str, list[float]], hooked: str, plain: str, floor
             "added_s": statistics.median(added), "floor_s": med_base}
 
 
+def ratio(times: dict[str, list[float]], timed: str, floor: str) -> dict[str, float]:
+    """``timed`` over ``floor``, both whole operations timed in the same rounds."""
+    per_round = [t / f for t, f in zip(times[timed], times[floor])]
+    med_floor = statistics.median(times[floor])
+    return {"ratio": statistics.median(times[timed]) / med_floor,
+            "q25": quantile(per_round, 0.25), "q75": quantile(per_round, 0.75),
+            "min": min(per_round), "max": max(per_round),
+            "best": min(times[timed]) / min(times[floor]),
+            "added_s": statistics.median(times[timed]), "floor_s": med_floor}
+
+
 def fmt(r: dict[str, float]) -> str:
     return (f"{r['ratio']:.2f}x (per-round 25..75%: {r['q25']:.2f}..{r['q75']:.2f}; "
             f"fastest/fastest {r['best']:.2f}x; added {r['added_s'] * 1e3:.2f} ms over floor "

@@ -9,14 +9,19 @@ it, ``replicate_edit=True`` -- and prints, per hook call, the time spent in:
 * ``gather``: the collectives that bring the pieces together (``dist.gather`` /
   ``dist.all_gather``, cumulative: waiting for the peer included);
 * ``concatenate``: ``torch.cat``; ``copy to host``: ``store_copy`` (the stored detached copy);
-* ``editing function``; ``status broadcast`` (``dist.broadcast``: the leader's success or
-  error); ``re-shard`` (``dist.scatter``: the edited pieces back to their ranks);
+* ``editing function``; ``status agreement`` (``dist.broadcast`` of the leader's success or
+  error, or the replicated path's 1-int ``dist.all_reduce``); ``re-shard`` (``dist.scatter``:
+  the edited pieces back to their ranks);
 * ``pipeline collection`` (``sync_pipeline_outputs``, PP only);
 * ``bookkeeping``: the rest of the hook (layouts, autograd functions, dict updates, checks).
 
-cProfile adds a fixed cost to every Python call, so bookkeeping is overstated next to the
-collectives; the split, not the sum, is what this shows (``retrieval_overhead.py`` has the
-unprofiled timings). The 12 functions with the most own time in the whole forward follow.
+Every category is net of the same forwards with every hook disabled (profiled too), so the
+model's own collectives (the row-parallel all-reduce) are not counted. A collective's time
+includes waiting for the slowest rank to arrive: on a loaded machine that skew lands at the
+first collective of a hook. cProfile adds a fixed cost to every Python call, so bookkeeping is
+overstated next to the collectives; the split, not the sum, is what this shows
+(``retrieval_overhead.py`` has the unprofiled timings). The 12 functions with the most own
+time in the whole forward follow.
 
     python benchmarks/profile_hooks.py [--layout tp2|pp2] [--forwards 20]
 """
@@ -40,7 +45,7 @@ CATEGORIES = [  # (label, file suffix, function names): cumulative time of those
     ("concatenate", "", ("<built-in method torch.cat>",)),
     ("copy to host", "runtime.py", ("store_copy",)),
     ("editing function", "retrieval_overhead.py", ("_times_two",)),
-    ("status broadcast", "distributed_c10d.py", ("broadcast",)),
+    ("status agreement", "distributed_c10d.py", ("broadcast", "all_reduce")),
     ("re-shard", "distributed_c10d.py", ("scatter",)),
     ("pipeline collection", "wrapper.py", ("sync_pipeline_outputs",)),
 ]
@@ -69,28 +74,29 @@ def _rank(layout: str, forwards: int) -> dict | None:
     x = torch.randn(1, ro.TOKENS, ro.H, generator=torch.Generator().manual_seed(1))
     recv = torch.empty_like(x)
     names = [(f"blocks.{i}.up" if layout == "pp2" else f"{i}.up") for i in range(ro.BLOCKS)]
-    kinds = ["read", "edit"] + (["edit_replicate"] if ro._has_replicate_edit() else [])
+    kinds = ["plain", "read", "edit"] + (["edit_replicate"] if ro._has_replicate_edit() else [])
     out = {}
     for kind in kinds:
         model, _, _ = ro._build(layout, ro.H)
-        stored = {} if kind == "read" else None
+        stored = {} if kind in ("read", "plain") else None
         flex = FlexModel(model, stored, pipeline_parallel_size=2 if layout == "pp2" else 1)
         for name in names:
             extra = {"replicate_edit": True} if kind == "edit_replicate" else {}
-            fn = None if kind == "read" else ro._times_two
+            fn = None if kind in ("read", "plain") else ro._times_two
             flex.register_forward_hook(HookFunction(name, editing_function=fn, **extra))
 
         def step(flex=flex, stored=stored, kind=kind):
+            kw = {"groups": "all", "complement": True} if kind == "plain" else {}
             if layout == "pp2":
                 if rank == 0:
-                    dist.send(flex(x).contiguous(), 1)
+                    dist.send(flex(x, **kw).contiguous(), 1)
                 else:
                     dist.recv(recv, 0)
-                    flex(recv)
+                    flex(recv, **kw)
                 if kind == "read":
                     flex.sync_pipeline_outputs()
             else:
-                flex(x)
+                flex(x, **kw)
             if stored:
                 stored.clear()
 
@@ -119,6 +125,12 @@ def _rank(layout: str, forwards: int) -> dict | None:
         out[kind] = row
     if layout == "tp2":
         fs.destroy_model_parallel()
+    plain = out.pop("plain")
+    for row in out.values():
+        for label, _, _ in CATEGORIES:
+            row[label] -= plain[label]
+        row["bookkeeping"] = row["hook total"] - sum(row[label] for label, _, _ in CATEGORIES
+                                                     if label != "pipeline collection")
     return out if rank == 0 else None
 
 
@@ -134,8 +146,9 @@ def main() -> None:
                       timeout_s=900)[0]
     labels = [c[0] for c in CATEGORIES] + ["bookkeeping", "hook total"]
     kinds = list(rows)
-    print(f"{args.layout}: microseconds per hook call on rank 0 (cProfile, cumulative), "
-          f"{args.forwards} forwards x {8} hooks")
+    hooks = 4 if args.layout == "pp2" else 8
+    print(f"{args.layout}: microseconds per hook call on rank 0 (cProfile, cumulative, net of "
+          f"a forward without hooks), {args.forwards} forwards x {hooks} hooks on rank 0")
     print(f"{'':22s}" + "".join(f"{k:>16s}" for k in kinds))
     for label in labels:
         print(f"{label:22s}" + "".join(f"{rows[k][label]:16.0f}" for k in kinds))

@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import fmt, overhead_ratio, rounds  # noqa: E402
+from _timing import fmt, overhead_ratio, ratio, rounds  # noqa: E402
 from targets import REPETITIONS, check_targets  # noqa: E402
 
 H, TOKENS, BLOCKS = 512, 256, 8
@@ -372,6 +372,8 @@ def _measure(layout: str, reps: int, h: int, tokens: int, device: str = "cpu",
         check_read()  # what the rounds timed is still right at the end
         for kind in kinds[1:]:
             check_edit(kind)
+        direct = _direct_rounds(layout, flexes, kinds, mine, fns, stored["read"], check_read,
+                                reps * 3, clock, inner)
     for flex in flexes.values():
         flex.restore()
     if rank != 0:
@@ -381,9 +383,57 @@ def _measure(layout: str, reps: int, h: int, tokens: int, device: str = "cpu",
     if replicate:
         result["edit_replicate"] = overhead_ratio(times, "edit_replicate", "plain",
                                                   "floor_edit")
+    for kind in kinds:
+        floor = "floor_read" if kind == "read" else "floor_edit"
+        result[f"direct_{'retrieval' if kind == 'read' else kind}"] = ratio(direct, kind, floor)
     result["plain_s"] = statistics.median(times["plain"])
     result["hooks"] = BLOCKS
     return result
+
+
+def _direct_rounds(layout, flexes, kinds, mine, fns, stored, check_read, reps, clock,
+                   inner) -> dict[str, list[float]]:
+    """The hook calls alone: one forward records every hooked module's ``(module, args,
+    output)``; each round then calls the registered FlexModel hooks of each kind on them (PP:
+    then collects to rank 0), interleaved with the floors. Without the forward's own compute
+    around them (tens of ms, varying with the machine's load), a hook's cost is measured to a
+    fraction of a millisecond where a difference of two forwards is not."""
+    recorded = {}
+    modules = dict(flexes["read"].module.named_modules())
+    handles = [modules[n].register_forward_hook(
+        lambda m, a, o, n=n: recorded.__setitem__(n, (m, a, o)), prepend=True) for n in mine]
+    fns["plain"]()
+    for h in handles:
+        h.remove()
+    fns["read"]()  # enables the read hooks again (plain disabled them); then drop its values
+    stored.clear()
+
+    def caller(kind):
+        hooks = {hf.module_name: hf.torch_hook() for hf in flexes[kind].hook_functions
+                 if hf.module_name in recorded}
+        calls = [(hooks[n], recorded[n]) for n in mine]
+
+        def run():
+            out = [hook(m, a, o) for hook, (m, a, o) in calls]
+            if layout == "pp2" and kind == "read":
+                flexes["read"].sync_pipeline_outputs()
+            return out
+        return run
+
+    direct = {kind: caller(kind) for kind in kinds}
+    direct.update(floor_read=fns["floor_read"], floor_edit=fns["floor_edit"])
+    direct["read"]()
+    check_read()  # the direct calls store the one-process value
+    for kind in kinds[1:]:
+        for got, n in zip(direct[kind](), mine):
+            want = _double_output(None, None, recorded[n][2])
+            want = want[0] if isinstance(want, tuple) else want
+            got = got[0] if isinstance(got, tuple) else got
+            assert torch.equal(got, want), f"{layout} direct {kind} {n}"
+    times = rounds(direct, reps, clock, after={"read": stored.clear}, inner=inner)
+    direct["read"]()
+    check_read()
+    return times
 
 
 def _rank(layouts: list[str], reps: int, device: str = "cpu") -> dict | None:
@@ -453,7 +503,10 @@ def report(results: dict) -> None:
         print(f"[{layout}] plain forward {r['plain_s'] * 1e3:.1f} ms; {r['hooks']} hooks")
         for kind in ("retrieval", "edit", "edit_replicate"):
             if kind in r:
-                print(f"[{layout}]   {kind:15s} {fmt(r[kind])}")
+                print(f"[{layout}]   {kind:15s} hook calls alone {fmt(r['direct_' + kind])}")
+        for kind in ("retrieval", "edit", "edit_replicate"):
+            if kind in r:
+                print(f"[{layout}]   {kind:15s} in the forward   {fmt(r[kind])}")
         if "edit_replicate" not in r:
             print(f"[{layout}]   edit_replicate  not in this checkout (HookFunction has no "
                   f"replicate_edit)")
@@ -461,10 +514,10 @@ def report(results: dict) -> None:
         r = results["fixed_cost"]
         for kind in ("retrieval", "edit", "edit_replicate"):
             if kind in r:
-                k = r[kind]
+                k = r["direct_" + kind]
                 print(f"[fixed cost, tp2 H=8 4 tokens] {kind:15s} "
                       f"{k['added_s'] / r['hooks'] * 1e6:7.1f} us per hook call "
-                      f"(floor {k['floor_s'] / r['hooks'] * 1e6:6.1f} us)")
+                      f"(floor {k['floor_s'] / r['hooks'] * 1e6:6.1f} us; hook calls alone)")
 
 
 def main() -> None:
@@ -505,7 +558,8 @@ def _check(runs: list[dict], layouts: list[str], name: str) -> int:
         edit = "edit_replicate" if all("edit_replicate" in r[layout] for r in runs) else "edit"
         for kind, target in TARGETS.items():
             source = edit if kind == "edit" else kind
-            measured[f"{layout}.{source}"] = [r[layout][source]["ratio"] for r in runs]
+            measured[f"{layout}.{source}"] = [r[layout]["direct_" + source]["ratio"]
+                                              for r in runs]
             targets[f"{layout}.{source}"] = target
     return check_targets(name, measured, targets)
 
