@@ -23,10 +23,20 @@ a forward with every hook disabled (``plain``), with retrieval hooks (``read``, 
   tensor, x2, keep this rank's slice (TP, DP x TP; over every rank that holds a piece); for PP
   (no communication) the x2 of the 8 activations.
 
-A ratio = median over rounds of (hooked - plain of the same round) / median floor; the spread
-is the 25..75 % range of the per-round ratios. ``fixed_cost``: the same on a tiny activation
-(H=8, 4 tokens, TP=2), in microseconds per hook call, beside the floor's. Each round times
-every variant 3 times in a row and keeps the fastest (see ``_timing.rounds``).
+Two measurements per path, both interleaved with the floors:
+
+* ``hook calls alone`` (what ``--check`` holds to the targets): one forward records every
+  hooked module's ``(module, args, output)``; each round then calls the registered FlexModel
+  hooks (``HookFunction.torch_hook()``) on them -- PP retrieval then collects to rank 0 --
+  and the ratio is their time over the floor's. The forward's own compute (tens of ms, varying
+  with the machine's load) is not around them, so the spread is a few per cent;
+* ``in the forward``: median over rounds of (hooked forward - plain forward of the same round)
+  / median floor -- the original definition, but a difference of two forwards, whose spread on
+  a loaded 2-core machine exceeds the hooks' cost.
+
+The spread is the 25..75 % range of the per-round ratios. ``fixed_cost``: the hook calls alone
+on a tiny activation (H=8, 4 tokens, TP=2), in microseconds per hook call, beside the floor's.
+Each round times every variant 3 times in a row and keeps the fastest (``_timing.rounds``).
 
 What was timed is asserted correct: the retrieved tensors equal the one-process value (an
 unsharded model with the gathered full weights, run on rank 0), and the edited forward equals
