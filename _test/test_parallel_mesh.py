@@ -94,3 +94,51 @@ def test_unnamed_one_dim_meshes_are_tp_for_tp_and_dp_for_fsdp2():
     assert ParallelMesh.adopt(fsdp_model).sizes == {"dp": 2, "tp": 1, "pp": 1}
     plain = ParallelMesh.adopt(nn.Linear(2, 2))
     assert plain.sizes == {"dp": 2, "tp": 1, "pp": 1} and plain.source == "built"
+
+
+@distributed(world_size=4)
+def test_built_mesh_is_torchs_device_mesh_with_the_worlds_timeout():
+    """The groups come from ``init_device_mesh`` (and ``_flatten`` for the stage group), carry
+    the world's timeout, and freeing them never touches the default group."""
+    from flex_surgery.parallel.group_lifetime import OwnedGroups, group_timeout
+
+    rank = dist.get_rank()
+    world_timeout = group_timeout(None)
+    for sizes, stage in (({"tp": 2, "pp": 2}, [rank - rank % 2, rank - rank % 2 + 1]),
+                         ({"pp": 4}, [rank]), ({"tp": 4}, None), ({"dp": 2, "pp": 2}, None)):
+        mesh = ParallelMesh.build(**sizes)
+        dm = mesh.device_mesh
+        for axis in ("dp", "tp", "pp"):
+            if mesh.size(axis) > 1:
+                assert dm.get_group(axis) is mesh.group(axis)
+                assert group_timeout(mesh.group(axis)) == world_timeout, (sizes, axis)
+                assert mesh.group(axis) is not dist.group.WORLD  # its own, freeable
+        if stage is not None:
+            assert _ranks(mesh.stage_group) == stage
+        if mesh.pp_size > 1:
+            assert group_timeout(mesh.stage_group) == world_timeout
+        owned = OwnedGroups(mesh.created_groups())
+        assert all(g is not dist.group.WORLD for g in owned.groups)
+        owned.free()
+    dist.barrier()  # the default group is alive
+
+
+@distributed(world_size=4)
+def test_adopted_framework_groups_stay_the_frameworks():
+    """fairscale's groups in a DeviceMesh (``from_group``): the same objects; only the stage
+    group is made (flattened dp x tp), and freeing it leaves fairscale's groups working."""
+    from fairscale.nn.model_parallel import initialize as fs
+
+    fs.initialize_model_parallel(2, pipeline_length=2)
+    mesh = ParallelMesh.adopt(nn.Linear(2, 2))
+    assert mesh.device_mesh.get_group("tp") is fs.get_model_parallel_group()
+    assert mesh.device_mesh.get_group("pp") is fs.get_pipeline_parallel_group()
+    made = mesh.created_groups()
+    assert made == [mesh.stage_group]
+    assert all(made[0] is not g for g in (fs.get_model_parallel_group(),
+                                          fs.get_pipeline_parallel_group()))
+    for group in made:
+        dist.destroy_process_group(group)
+    t = torch.ones(1)
+    dist.all_reduce(t, group=fs.get_model_parallel_group())
+    assert t.item() == 2

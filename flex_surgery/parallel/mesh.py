@@ -94,7 +94,8 @@ class ParallelMesh:
             return []  # shared by every mesh of this shape over this sub-group (see build)
         made = [*self.groups.values(), self.stage_group] if self.source == "built" else \
             [self.stage_group]
-        return [g for g in made if g is not None]
+        world = dist.group.WORLD
+        return [g for g in made if g is not None and g is not world]
 
     def is_stage_leader(self) -> bool:
         return self.coords["dp"] == 0 and self.coords["tp"] == 0
@@ -130,25 +131,31 @@ class ParallelMesh:
                        stage_group)
             mesh._kept_for_reuse = True
             return mesh
-        groups: dict[str, dist.ProcessGroup | None] = {}
+        sizes = dict(dp=dp, tp=tp, pp=pp)
+        if group is None:
+            device_mesh = _world_device_mesh(sizes)
+            groups = {a: device_mesh.get_group(a) if sizes[a] > 1 else None for a in AXES}
+            stage_group = _stage_group(device_mesh, sizes) if device_mesh is not None else None
+            return cls(groups, sizes, dict(dp=d, tp=t, pp=p), stage_group,
+                       device_mesh=device_mesh)
+        # Inside a sub-group of the world: torch's DeviceMesh creates its groups with
+        # collectives over the whole world, which the ranks outside the sub-group never enter;
+        # these groups synchronise among their own members (see docs/parallel.md).
+        groups = {}
         # dim of the grid that varies along each axis; the others enumerate the groups.
         for axis, dim in (("tp", 2), ("dp", 1), ("pp", 0)):
-            groups[axis] = (_new_groups_along(grid, dim, me, local=group is not None,
-                                              parent=group)
+            groups[axis] = (_new_groups_along(grid, dim, me, local=True, parent=group)
                             if grid.shape[dim] > 1 else None)
-        stage_group = None
-        if pp > 1 or group is not None:
-            stage_group = _new_groups_along(grid.reshape(pp, dp * tp), 1, me,
-                                            local=group is not None, parent=group)
-        mesh = cls(groups, dict(dp=dp, tp=tp, pp=pp), dict(dp=d, tp=t, pp=p), stage_group)
-        if group is not None:
-            # Groups created inside a sub-group synchronise among their members only, so torch
-            # names them from their ranks: a group destroyed and created again over the same
-            # ranks would take the old name and meet the old group's keys in the store (gloo
-            # then fails to connect). Such groups are kept and reused by every later mesh of the
-            # same shape over the same ranks instead of being destroyed: one set per shape.
-            _SUBGROUP_MESHES[key] = (dict(groups), stage_group)
-            mesh._kept_for_reuse = True
+        stage_group = _new_groups_along(grid.reshape(pp, dp * tp), 1, me, local=True,
+                                        parent=group)
+        mesh = cls(groups, sizes, dict(dp=d, tp=t, pp=p), stage_group)
+        # Groups created inside a sub-group synchronise among their members only, so torch
+        # names them from their ranks: a group destroyed and created again over the same
+        # ranks would take the old name and meet the old group's keys in the store (gloo
+        # then fails to connect). Such groups are kept and reused by every later mesh of the
+        # same shape over the same ranks instead of being destroyed: one set per shape.
+        _SUBGROUP_MESHES[key] = (dict(groups), stage_group)
+        mesh._kept_for_reuse = True
         return mesh
 
     @classmethod
@@ -241,6 +248,98 @@ def _check_sizes(sizes: Mapping[str, int], world: int) -> None:
 def _drop_trivial(groups: dict[str, dist.ProcessGroup | None],
                   sizes: Mapping[str, int]) -> dict[str, dist.ProcessGroup | None]:
     return {a: (g if sizes[a] > 1 else None) for a, g in groups.items()}
+
+
+def _group_options(parent: dist.ProcessGroup | None = None):
+    """Backend options that carry ``parent``'s timeout (default: the world's) into the groups a
+    ``DeviceMesh`` creates: like ``dist.new_group``, it would otherwise fall back to 30 minutes
+    (:func:`~flex_surgery.parallel.group_lifetime.group_timeout`). ``None`` if unreadable.
+
+    With an override, torch also creates a group of its own where one dim spans the whole world
+    instead of handing out the default group, which a mesh's owner must never destroy."""
+    from flex_surgery.parallel.group_lifetime import group_timeout
+
+    timeout = group_timeout(parent)
+    if timeout is None:
+        return None
+    if "nccl" in dist.get_backend():
+        options = dist.ProcessGroupNCCL.Options()
+        options.is_high_priority_stream = False  # what dist.new_group uses by default
+    else:
+        options = dist.ProcessGroupGloo._Options()  # gloo reads only the timeout from it
+    options._timeout = timeout
+    return options
+
+
+def _device_type() -> str:
+    from flex_surgery.parallel.backend import default_device
+
+    return default_device().type
+
+
+def _world_device_mesh(sizes: Mapping[str, int]):  # -> DeviceMesh | None
+    """``init_device_mesh`` over the world, ordered ``(pp, dp, tp)``, with a dim for each axis
+    of more than one rank (a size-1 dim would cost one group per rank for nothing) -- plus a
+    size-1 ``stage`` dim when the pipeline stages are single ranks, whose stage groups are then
+    the mesh's own (see :func:`_stage_group`)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dims = [(a, sizes[a]) for a in ("pp", "dp", "tp") if sizes[a] > 1]
+    if sizes["pp"] > 1 and sizes["dp"] * sizes["tp"] == 1:
+        dims.append(("stage", 1))
+    if not dims:  # a world of one rank: no group to make
+        return None
+    names = tuple(n for n, _ in dims)
+    options = _group_options()
+    override = None if options is None else {n: options for n in names}
+    return init_device_mesh(_device_type(), tuple(n for _, n in dims), mesh_dim_names=names,
+                            backend_override=override)
+
+
+def _stage_group(device_mesh, sizes: Mapping[str, int]) -> dist.ProcessGroup | None:
+    """This rank's stage group (its stage's dp x tp ranks) from a world ``device_mesh`` whose
+    dims are named by axis: the ``dp`` and ``tp`` dims flattened into new groups
+    (``DeviceMesh._flatten``, one collective over the world). ``None`` without pipelining (the
+    stage is the world)."""
+    if sizes["pp"] == 1:
+        return None
+    names = device_mesh.mesh_dim_names
+    if "stage" in names:  # single-rank stages: the mesh's own size-1 dim
+        return device_mesh.get_group("stage")
+    inner = tuple(a for a in ("dp", "tp") if a in names)
+    options = _group_options()
+    return device_mesh[inner]._flatten("stage", backend_override=options).get_group()
+
+
+def adopted_stage_group(groups: Mapping[str, dist.ProcessGroup | None],
+                        sizes: Mapping[str, int], order: tuple[str, ...],
+                        ) -> tuple[dist.ProcessGroup | None, object]:
+    """A stage group for a framework that has none (fairscale, Megatron-core), and a
+    ``DeviceMesh`` over the framework's own groups.
+
+    ``order``: the framework's rank order, slowest axis first (fairscale ``("dp", "pp",
+    "tp")``, Megatron ``("pp", "dp", "tp")``). The mesh is ``DeviceMesh.from_group`` of the
+    framework's groups -- they stay the framework's: nothing here creates or frees them -- and
+    the stage group is its ``dp`` and ``tp`` dims flattened (a new group per stage, one
+    collective over the world). Single-rank stages are made directly (no dim to flatten).
+    """
+    from torch.distributed.device_mesh import DeviceMesh
+
+    kept = [a for a in order if sizes[a] > 1]
+    grid = torch.arange(dist.get_world_size()).reshape([sizes[a] for a in order])
+    grid = grid.reshape([sizes[a] for a in kept]) if kept else grid.reshape(-1)
+    device_mesh = None
+    if kept:
+        device_mesh = DeviceMesh.from_group([groups[a] for a in kept], _device_type(),
+                                            mesh=grid, mesh_dim_names=tuple(kept))
+    if sizes["pp"] == 1:
+        return None, device_mesh
+    if sizes["dp"] * sizes["tp"] == 1:
+        return _new_groups_along(torch.arange(dist.get_world_size()).reshape(-1, 1), 1,
+                                 dist.get_rank()), device_mesh
+    inner = tuple(a for a in ("dp", "tp") if a in kept)  # dp before tp in both orders
+    stage = device_mesh[inner]._flatten("stage", backend_override=_group_options())
+    return stage.get_group(), device_mesh
 
 
 # (ranks of the sub-group, pp, dp, tp) -> the groups a mesh built inside that sub-group uses.

@@ -122,7 +122,6 @@ class FairscaleTP(Framework):
 
 def fairscale_mesh():
     """A :class:`~flex_surgery.parallel.mesh.ParallelMesh` of fairscale's own groups."""
-    import torch
     import torch.distributed as dist
     from fairscale.nn.model_parallel import initialize as fs
 
@@ -130,7 +129,7 @@ def fairscale_mesh():
         ParallelMesh,
         _check_sizes,
         _drop_trivial,
-        _new_groups_along,
+        adopted_stage_group,
     )
 
     if not fs.model_parallel_is_initialized():
@@ -139,14 +138,8 @@ def fairscale_mesh():
               "pp": fs.get_pipeline_parallel_group()}
     sizes = {a: dist.get_world_size(g) for a, g in groups.items()}
     coords = {a: dist.get_rank(g) for a, g in groups.items()}
-    stage_group = None
-    if sizes["pp"] > 1:
-        # fairscale has no stage group; build one per stage from its (dp, pp, tp) grid.
-        grid = torch.arange(dist.get_world_size()).reshape(sizes["dp"], sizes["pp"],
-                                                           sizes["tp"])
-        per_stage = grid.permute(1, 0, 2).reshape(sizes["pp"], -1)
-        stage_group = _new_groups_along(per_stage, 1, dist.get_rank())
-    mesh = ParallelMesh(_drop_trivial(groups, sizes), sizes, coords, stage_group,
-                        source="fairscale")
     _check_sizes(sizes, dist.get_world_size())
-    return mesh
+    # fairscale has no stage group; one is made per stage from its (dp, pp, tp) grid.
+    stage_group, device_mesh = adopted_stage_group(groups, sizes, ("dp", "pp", "tp"))
+    return ParallelMesh(_drop_trivial(groups, sizes), sizes, coords, stage_group,
+                        source="fairscale", device_mesh=device_mesh)

@@ -285,7 +285,7 @@ class MegatronCore(Framework):
             return None
         import torch.distributed as dist
 
-        from flex_surgery.parallel.mesh import ParallelMesh, _check_sizes, _new_groups_along
+        from flex_surgery.parallel.mesh import ParallelMesh, _check_sizes, adopted_stage_group
 
         if ps.get_context_parallel_world_size() > 1:
             raise MegatronLayoutError("Megatron context parallelism (cp > 1) is not supported: "
@@ -296,10 +296,8 @@ class MegatronCore(Framework):
         sizes = {a: dist.get_world_size(g) for a, g in groups.items()}
         coords = {a: dist.get_rank(g) for a, g in groups.items()}
         _check_sizes(sizes, dist.get_world_size())
-        stage_group = None
-        if sizes["pp"] > 1:
-            # Megatron has no group of one stage's ranks; its order is (pp, dp, tp).
-            grid = torch.arange(dist.get_world_size()).reshape(sizes["pp"], -1)
-            stage_group = _new_groups_along(grid, 1, dist.get_rank())
+        # Megatron has no group of one stage's ranks; its order is (pp, dp, tp).
+        stage_group, device_mesh = adopted_stage_group(groups, sizes, ("pp", "dp", "tp"))
         return ParallelMesh({a: (g if sizes[a] > 1 else None) for a, g in groups.items()},
-                            sizes, coords, stage_group, source="megatron")
+                            sizes, coords, stage_group, source="megatron",
+                            device_mesh=device_mesh)
