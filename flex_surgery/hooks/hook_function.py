@@ -184,6 +184,7 @@ class HookFunction:
         self._runtime: Runtime | None = None
         self._shared: SharedState | None = None
         self._owner: weakref.ref | None = None
+        self._local = False  # bound to a one-process runtime (see _local_call)
         self._enabled = True
 
     def __repr__(self) -> str:
@@ -213,6 +214,7 @@ class HookFunction:
         self._site = site
         self._runtime = runtime
         self._shared = shared
+        self._local = isinstance(runtime, LocalRuntime)
         self._enabled = True
 
     def _bind_remote(self, owner: object, hook_type: str, key: str) -> None:
@@ -285,6 +287,8 @@ class HookFunction:
             tensor, repack = unpack(value, self.unpack_idx, self)
         if is_metadata_pass(tensor):  # a pipeline stage's shape inference: not a real call
             return None
+        if self._local:
+            return self._local_call(tensor, repack, store)
         runtime, site = self._runtime, self._site
         if self.expected_shape is not None:
             # Every call, on every rank, before anything is gathered: the whole shape is agreed
@@ -308,6 +312,24 @@ class HookFunction:
             runtime.retrieve_gathered(full, ctx, self._store)
         edited = runtime.run_on_leader(ctx, partial(self._edit, full))
         return repack(runtime.scatter_from_edit(edited, ctx))
+
+    def _local_call(self, tensor: torch.Tensor, repack: Any, store: bool) -> Any:
+        """One process: the tensor is the whole tensor, nothing to gather or scatter -- the same
+        steps as the runtime path without the calls into the runtime (a hook on every module of
+        a large model makes this path hot)."""
+        if self.expected_shape is not None:
+            check_expected_shape(tensor.shape, self.expected_shape, self)
+        shared = self._shared
+        if store and (shared.output_dict is not None or shared.binding is not None):
+            if self.reduce is not None and self.editing_function is None:
+                with torch.no_grad():  # reduce first: only the reduction is copied
+                    reduced = apply_reduce(self.reduce, tensor.detach(), shared.batch_dim)
+                self._store(store_copy(reduced), reduced=True)
+            else:  # before editing: the editing function may edit in place
+                self._store(store_copy(tensor))
+        if self.editing_function is None:
+            return None
+        return repack(self._edit(tensor))
 
     def _reduce_then_store(self, tensor: torch.Tensor, site: HookSite) -> None:
         """``reduce=`` with one storing rank: gather the whole tensor to it, reduce it where it
