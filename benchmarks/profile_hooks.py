@@ -2,9 +2,11 @@
 
 Same model as ``retrieval_overhead.py`` (8 blocks, H=512, 256 tokens, a hook on every
 up-projection; forked ranks, gloo, one thread per rank), layout ``tp2`` (fairscale TP=2) or
-``pp2`` (two pipeline stages). Rank 0 runs ``--forwards`` forwards per path under cProfile --
-retrieval (``read``), an x2 edit on the leader path (``edit``) and, where ``HookFunction`` has
-it, ``replicate_edit=True`` -- and prints, per hook call, the time spent in:
+``pp2`` (two pipeline stages). One forward records what every hooked module returns; rank 0 then
+profiles ``--rounds`` rounds of the registered hooks called on it (PP retrieval: then collected
+to rank 0), so the model's own compute and collectives are not in the profile -- retrieval
+(``read``), an x2 edit on the leader path (``edit``) and, where ``HookFunction`` has it,
+``replicate_edit=True`` -- and prints, per hook call, the time spent in:
 
 * ``gather``: the collectives that bring the pieces together (``dist.gather`` /
   ``dist.all_gather``, cumulative: waiting for the peer included);
@@ -15,15 +17,13 @@ it, ``replicate_edit=True`` -- and prints, per hook call, the time spent in:
 * ``pipeline collection`` (``sync_pipeline_outputs``, PP only);
 * ``bookkeeping``: the rest of the hook (layouts, autograd functions, dict updates, checks).
 
-Every category is net of the same forwards with every hook disabled (profiled too), so the
-model's own collectives (the row-parallel all-reduce) are not counted. A collective's time
-includes waiting for the slowest rank to arrive: on a loaded machine that skew lands at the
-first collective of a hook. cProfile adds a fixed cost to every Python call, so bookkeeping is
-overstated next to the collectives; the split, not the sum, is what this shows
-(``retrieval_overhead.py`` has the unprofiled timings). The 12 functions with the most own
-time in the whole forward follow.
+A collective's time includes waiting for the slowest rank to arrive: on a loaded machine that
+skew lands at the first collective of a hook. cProfile adds a fixed cost to every Python call,
+so bookkeeping is overstated next to the collectives; the split, not the sum, is what this
+shows (``retrieval_overhead.py`` has the unprofiled timings). The 12 functions with the most
+own time in the profiled rounds follow.
 
-    python benchmarks/profile_hooks.py [--layout tp2|pp2] [--forwards 20]
+    python benchmarks/profile_hooks.py [--layout tp2|pp2] [--rounds 20]
 """
 
 from __future__ import annotations
@@ -65,7 +65,6 @@ def _rank(layout: str, forwards: int) -> dict | None:
 
     from flex_surgery.hooks import FlexModel, HookFunction
 
-    torch.set_num_threads(1)
     if layout == "tp2":
         from fairscale.nn.model_parallel import initialize as fs
 
@@ -74,29 +73,45 @@ def _rank(layout: str, forwards: int) -> dict | None:
     x = torch.randn(1, ro.TOKENS, ro.H, generator=torch.Generator().manual_seed(1))
     recv = torch.empty_like(x)
     names = [(f"blocks.{i}.up" if layout == "pp2" else f"{i}.up") for i in range(ro.BLOCKS)]
-    kinds = ["plain", "read", "edit"] + (["edit_replicate"] if ro._has_replicate_edit() else [])
+    kinds = ["read", "edit"] + (["edit_replicate"] if ro._has_replicate_edit() else [])
     out = {}
     for kind in kinds:
         model, _, _ = ro._build(layout, ro.H)
-        stored = {} if kind in ("read", "plain") else None
+        stored = {} if kind == "read" else None
         flex = FlexModel(model, stored, pipeline_parallel_size=2 if layout == "pp2" else 1)
         for name in names:
             extra = {"replicate_edit": True} if kind == "edit_replicate" else {}
-            fn = None if kind in ("read", "plain") else ro._times_two
+            fn = None if kind == "read" else ro._times_two
             flex.register_forward_hook(HookFunction(name, editing_function=fn, **extra))
-
-        def step(flex=flex, stored=stored, kind=kind):
-            kw = {"groups": "all", "complement": True} if kind == "plain" else {}
+        # One forward records what each hooked module returns; the profile then covers the
+        # registered hooks called on it (and, PP, the collection), not the model's compute.
+        recorded = {}
+        modules = dict(model.named_modules())
+        handles = [modules[n].register_forward_hook(
+            lambda m, a, o, n=n, rec=recorded: rec.__setitem__(n, (m, a, o)), prepend=True)
+            for n in names if n in modules]
+        with torch.no_grad():
             if layout == "pp2":
                 if rank == 0:
-                    dist.send(flex(x, **kw).contiguous(), 1)
+                    dist.send(flex(x).contiguous(), 1)
                 else:
                     dist.recv(recv, 0)
-                    flex(recv, **kw)
+                    flex(recv)
                 if kind == "read":
                     flex.sync_pipeline_outputs()
             else:
-                flex(x, **kw)
+                flex(x)
+        for h in handles:
+            h.remove()
+        hooks = {hf.module_name: hf.torch_hook() for hf in flex.hook_functions
+                 if hf.module_name in recorded}
+        calls = [(hooks[n], recorded[n]) for n in names if n in recorded]
+
+        def step(flex=flex, stored=stored, kind=kind, calls=calls):
+            for hook, (m, a, o) in calls:
+                hook(m, a, o)
+            if layout == "pp2" and kind == "read":
+                flex.sync_pipeline_outputs()
             if stored:
                 stored.clear()
 
@@ -112,43 +127,36 @@ def _rank(layout: str, forwards: int) -> dict | None:
             dist.barrier()
         flex.restore()
         stats = pstats.Stats(profile).stats
-        calls = forwards * (ro.BLOCKS // 2 if layout == "pp2" else ro.BLOCKS)
-        hook = _cumulative(stats, *HOOK[:1], HOOK[1:])
-        row = {label: _cumulative(stats, suffix, funcs) / calls * 1e6
+        n_calls = forwards * len(calls)
+        row = {label: _cumulative(stats, suffix, funcs) / n_calls * 1e6
                for label, suffix, funcs in CATEGORIES}
-        row["hook total"] = hook / calls * 1e6
-        inside = sum(v for k, v in row.items() if k not in ("hook total", "pipeline collection"))
-        row["bookkeeping"] = row["hook total"] - inside
+        row["hook total"] = _cumulative(stats, *HOOK[:1], HOOK[1:]) / n_calls * 1e6
+        row["bookkeeping"] = row["hook total"] - sum(
+            row[label] for label, _, _ in CATEGORIES if label != "pipeline collection")
         top = sorted(stats.items(), key=lambda kv: -kv[1][2])[:12]
-        row["top"] = [(f"{Path(f).name}:{ln}({fn})", tt / calls * 1e6)
+        row["top"] = [(f"{Path(f).name}:{ln}({fn})", tt / n_calls * 1e6)
                       for (f, ln, fn), (_, _, tt, _, _) in top]
         out[kind] = row
     if layout == "tp2":
         fs.destroy_model_parallel()
-    plain = out.pop("plain")
-    for row in out.values():
-        for label, _, _ in CATEGORIES:
-            row[label] -= plain[label]
-        row["bookkeeping"] = row["hook total"] - sum(row[label] for label, _, _ in CATEGORIES
-                                                     if label != "pipeline collection")
     return out if rank == 0 else None
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layout", choices=("tp2", "pp2"), default="tp2")
-    parser.add_argument("--forwards", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=20)
     args = parser.parse_args()
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
     from flex_surgery.launch import fork_ranks
 
-    rows = fork_ranks(_rank, args.layout, args.forwards, nprocs=2, device="cpu", threads=1,
+    rows = fork_ranks(_rank, args.layout, args.rounds, nprocs=2, device="cpu", threads=1,
                       timeout_s=900)[0]
     labels = [c[0] for c in CATEGORIES] + ["bookkeeping", "hook total"]
     kinds = list(rows)
     hooks = 4 if args.layout == "pp2" else 8
-    print(f"{args.layout}: microseconds per hook call on rank 0 (cProfile, cumulative, net of "
-          f"a forward without hooks), {args.forwards} forwards x {hooks} hooks on rank 0")
+    print(f"{args.layout}: microseconds per hook call on rank 0 (cProfile, cumulative), "
+          f"{args.rounds} rounds x {hooks} hook calls on rank 0")
     print(f"{'':22s}" + "".join(f"{k:>16s}" for k in kinds))
     for label in labels:
         print(f"{label:22s}" + "".join(f"{rows[k][label]:16.0f}" for k in kinds))
