@@ -39,7 +39,9 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.distributed as dist
 
-from flex_surgery.parallel.failures import (  # re-exported: callers import them from here
+# Re-exported: how a failure reaches every rank lives in failures.py; callers import these
+# names from here too. Not in __all__, so the API docs describe them once, in failures.py.
+from flex_surgery.parallel.failures import (  # noqa: F401
     LostRankError,
     RemoteEditError,
     agree_on_status,
@@ -52,10 +54,9 @@ from flex_surgery.parallel.failures import (  # re-exported: callers import them
 )
 
 __all__ = [
-    "LostRankError", "RemoteEditError", "agree_on_status", "all_gather", "all_reduce",
-    "announce_process", "broadcast_from_one", "broadcast_status", "exchange_sizes",
-    "gather_to_one", "keep_on_one", "lost_ranks", "naming_lost_ranks", "one_to_replicas",
-    "reduce_to_one", "replica_to_one", "run_agreeing", "scatter_from_one", "start_gather",
+    "all_gather", "all_reduce", "broadcast_from_one", "exchange_sizes", "gather_to_one",
+    "keep_on_one", "one_to_replicas", "reduce_to_one", "replica_to_one", "scatter_from_one",
+    "start_gather",
 ]
 
 Group = dist.ProcessGroup | None
