@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from targets import REPETITIONS, check_targets  # noqa: E402
 
 # A pooled test costs at most half of forking a world for it (0.10-0.33 measured at load 11-18 on
-# 2 cores, where waking 4 ranks per dispatch dominates): docs/launch.md.
+# 2 cores, where a few dispatches stall for seconds behind other work): docs/launch.md.
 TARGET = 0.5
 N_TESTS = 50
 WORLD = 4
