@@ -253,3 +253,30 @@ def test_continual_learning_example_runs(tmp_path, capsys):
         accuracy = result[run]["task_a_accuracy"]
         assert len(accuracy) == 4 and all(0.0 <= a <= 1.0 for a in accuracy)
     assert "forgetting on task A" in capsys.readouterr().out
+
+
+def test_weights_blocks_reuse_their_snapshot_buffers_and_restore_bit_exactly():
+    """A loop of ``weights()`` blocks writes its snapshots into the previous block's buffers
+    (same storage), each block restoring the weights it found -- injections between blocks
+    included; a nested block gets buffers of its own; release_snapshots() frees them."""
+    eager = tiny_hf_model("gpt2", seed=0)
+    ids = example_inputs("gpt2", seq=8)["input_ids"]
+    exported = ExportedModel.export(eager, example_kwargs={"input_ids": ids})
+    others = [tiny_hf_model("gpt2", seed=s).state_dict() for s in (1, 2, 3)]
+    buffers = []
+    for current, other in ((others[0], others[1]), (others[2], others[1])):
+        exported.inject(current)
+        before = {k: v.clone() for k, v in exported.state_dict().items()}
+        with exported.weights(other):
+            assert torch.equal(exported.state_dict()["lm_head.weight"], other["lm_head.weight"])
+            with exported.weights(current):  # nested: its own buffers, not the outer block's
+                pass
+        buffers.append(dict(exported._kept))
+        after = exported.state_dict()
+        assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert buffers[0].keys() == buffers[1].keys() and buffers[0]
+    assert all(buffers[0][k] is buffers[1][k] for k in buffers[0])
+    assert all(buffers[0][k].untyped_storage().data_ptr()
+               == buffers[1][k].untyped_storage().data_ptr() for k in buffers[0])
+    exported.release_snapshots()
+    assert exported._kept == {}

@@ -76,6 +76,7 @@ class ExportedModel:
             write_weights(program, self.layout, {}, strict=False)  # copies of its own
         self._runner = program.module()
         self._compiled: Any = None  # torch.compile'd module or AOTInductor runner
+        self._kept: dict[str, torch.Tensor] = {}  # snapshot buffers of the last weights() block
         runner_state = _runner_state(self._runner)
         self._slots = {slot.names[0]: self._live_tensor(slot, runner_state)
                        for slot in self.layout.slots}
@@ -222,9 +223,16 @@ class ExportedModel:
         The tensors about to change are snapshotted (next to them, or on the CPU with
         ``backup="cpu"``), overwritten, and copied back on exit -- also when the block raises.
         Blocks nest; each restores what it found.
+
+        The snapshot buffers are kept for the next block (one set, as large as the weights
+        swapped: the memory a block needs anyway), so a loop of swaps costs three copies of the
+        weights each time and no allocation; :meth:`release_snapshots` frees them.
         """
         matched = self.layout.match(self._weights_of(source), strict)
-        snapshots = [take_snapshot(self._slots[slot.names[0]], backup) for slot, _ in matched]
+        names = [slot.names[0] for slot, _ in matched]
+        kept = self._kept  # a nested block finds its outer block's buffers taken
+        snapshots = [take_snapshot(self._slots[name], backup, kept.pop(name, None))
+                     for name in names]
         try:
             copy_matched(self.program, self.layout, matched)
             yield self
@@ -232,6 +240,11 @@ class ExportedModel:
             with torch.no_grad():
                 for snap in snapshots:
                     snap.restore()
+            self._kept.update(zip(names, (snap.backup for snap in snapshots)))
+
+    def release_snapshots(self) -> None:
+        """Free the snapshot buffers :meth:`weights` keeps between blocks."""
+        self._kept = {}
 
     def save_weights(self, path: str | os.PathLike) -> None:
         """Write the current weights (one entry per tied group) to safetensors or a torch file."""

@@ -186,6 +186,8 @@ class SurgicalTheater:
         self._modules: list[nn.Module] = []
         self._sharded = False
         self._resolved: tuple[tuple, list[Edit]] | None = None  # (model key, edits) of last entry
+        self._layout: tuple = ()  # (id, class) of every module at the last entry
+        self._modification = Modification(None)
         self.stats: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ targets
@@ -226,15 +228,12 @@ class SurgicalTheater:
             return None
         params = tuple((id(p), n, p.data_ptr(), p.storage_offset(), p.shape, p.stride(), p.dtype)
                        for n, p in found)
-        return (self.modification_type, layers, self.params, tuple(map(id, self._modules)),
-                params)
+        return (self.modification_type, layers, self.params, self._layout, params)
 
     # ------------------------------------------------------------ modifications
     def _modify(self, edit: Edit, base_seed: int | None) -> None:
         """Write one edit (:mod:`.modifications`); subclasses apply other kinds here."""
-        Modification(self.modification_type, self.factor, self.noise_scale,
-                     self.modification_fn, self.fn_kwargs, self.seed,
-                     self.full_parameter).apply(edit, base_seed, self._shard_at)
+        self._modification.apply(edit, base_seed, self._shard_at)
 
     # -------------------------------------------------------------------- guard
     def _install_hooks(self) -> None:
@@ -255,7 +254,15 @@ class SurgicalTheater:
                                "nest contexts")
         start = time.perf_counter()
         self._modules = list(self.model.modules())
-        self._sharded = frameworks.keeps_unsharded_copies(self._modules)
+        # Whether FSDP may keep unsharded copies depends on the modules and their classes only
+        # (FSDP1 wraps in new modules, FSDP2 changes the class in place): asked once per set.
+        layout = tuple((id(m), type(m)) for m in self._modules)
+        if layout != self._layout:
+            self._layout = layout
+            self._sharded = frameworks.keeps_unsharded_copies(self._modules)
+        self._modification = Modification(self.modification_type, self.factor, self.noise_scale,
+                                          self.modification_fn, self.fn_kwargs, self.seed,
+                                          self.full_parameter)
         self._state = TrainingState.capture(self._modules, self.guard_grads)
         reused = 0
         try:

@@ -29,9 +29,11 @@ def all_parameters(modules: nn.Module | list[nn.Module]) -> list[nn.Parameter]:
         for p in module._parameters.values():
             if p is not None:
                 params.setdefault(id(p), p)
-        handle = getattr(module, "_handle", None)
-        flat = getattr(handle, "flat_param", None)
-        if isinstance(flat, nn.Parameter):
+        # FSDP1 keeps its handle as a plain attribute; reading __dict__ spares every other
+        # module nn.Module.__getattr__'s raised-and-caught AttributeError.
+        handle = module.__dict__.get("_handle")
+        flat = getattr(handle, "flat_param", None) if handle is not None else None
+        if flat is not None and isinstance(flat, nn.Parameter):
             params.setdefault(id(flat), flat)
     return list(params.values())
 
@@ -67,7 +69,8 @@ class TrainingState:
             if m.training != training:  # nn.Module.__setattr__ is slow; most are unchanged
                 m.training = training
         for p, flag in self.requires_grad:
-            p.requires_grad_(flag)
+            if p.requires_grad != flag:
+                p.requires_grad_(flag)
         for p, grad in self.grads:
             p.grad = grad
         if self.cpu_rng is not None:
