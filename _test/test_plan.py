@@ -157,7 +157,8 @@ class _GatherCounter:
     destination from the other ranks (whole result minus the destination's own piece)."""
 
     def __init__(self, monkeypatch) -> None:
-        import flex_surgery.parallel.distributed_runtime as runtime
+        # The runtime's gathers go through the axis walk (one gather per sharded axis).
+        import flex_surgery.parallel.axis_walk as runtime
 
         self.moved = 0
         original = runtime.gather_to_one
