@@ -10,7 +10,9 @@ forked ranks (gloo on CPU, one thread per rank) with a hook on every up-projecti
 
 Per layout, in interleaved rounds (order rotated each round, a barrier before every clock):
 a forward with every hook disabled (``plain``), with retrieval hooks (``read``, stored on rank
-0), with an x2 editing function on every hook (``edit``: the leader path; ``edit_replicate``:
+0; ``read_overlap``: the same with ``FlexModel(..., overlap_retrieval=True)``, whose gathers
+run while the next blocks compute, where this checkout has it), with an x2 editing function on
+every hook (``edit``: the leader path; ``edit_replicate``:
 ``HookFunction(..., replicate_edit=True)`` where this checkout has it), and the floors:
 
 * retrieval floor: the bytes of the 8 activations moved, once, to the rank that stores them,
@@ -139,6 +141,12 @@ def _has_replicate_edit() -> bool:
     return "replicate_edit" in inspect.signature(HookFunction.__init__).parameters
 
 
+def _has_overlap_retrieval() -> bool:
+    from flex_surgery.hooks.wrapper import FlexModel
+
+    return "overlap_retrieval" in inspect.signature(FlexModel.__init__).parameters
+
+
 def _double_output(module, args, output):
     """The edit done by hand on this rank's piece (x2 is element-wise, so the piece suffices)."""
     if isinstance(output, tuple):
@@ -214,15 +222,17 @@ def _measure(layout: str, reps: int, h: int, tokens: int, device: str = "cpu",
 
     flexes, stored = {}, {}
     kinds = ["read", "edit"] + (["edit_replicate"] if replicate else [])
-    for kind in kinds:
+    overlap = _has_overlap_retrieval()
+    for kind in kinds + (["read_overlap"] if overlap else []):
         model, _, _ = _build(layout, h)
         model.to(device)
-        out = {} if kind == "read" else None
-        flex = FlexModel(model, out, pipeline_parallel_size=2 if layout == "pp2" else 1)
+        out = {} if kind.startswith("read") else None
+        flex = FlexModel(model, out, pipeline_parallel_size=2 if layout == "pp2" else 1,
+                         **({"overlap_retrieval": True} if kind == "read_overlap" else {}))
         assert flex.runtime.mesh.tp_size == tp and flex.runtime.mesh.dp_size == dp, layout
         for name in names:
             extra = {"replicate_edit": True} if kind == "edit_replicate" else {}
-            fn = None if kind == "read" else _times_two
+            fn = None if kind.startswith("read") else _times_two
             flex.register_forward_hook(HookFunction(name, editing_function=fn, **extra))
         flexes[kind], stored[kind] = flex, out
     raw_model, whole_blocks, tp_group = _build(layout, h)  # raw torch hooks, toggled
@@ -254,7 +264,7 @@ def _measure(layout: str, reps: int, h: int, tokens: int, device: str = "cpu",
             else:
                 y = call(x)
             if sync:
-                flexes["read"].sync_pipeline_outputs()
+                flex_or_model.sync_pipeline_outputs()
             dist.barrier()
             return y
         return run
@@ -271,6 +281,8 @@ def _measure(layout: str, reps: int, h: int, tokens: int, device: str = "cpu",
            "edit": forward(flexes["edit"], True)}
     if replicate:
         fns["edit_replicate"] = forward(flexes["edit_replicate"], True)
+    if overlap:
+        fns["read_overlap"] = forward(flexes["read_overlap"], True, sync=layout == "pp2")
 
     # -- floors ------------------------------------------------------------------------------------
     local_shape = (x.shape[0], x.shape[1], 4 * h // tp) if layout != "megatron" else \
@@ -345,8 +357,8 @@ def _measure(layout: str, reps: int, h: int, tokens: int, device: str = "cpu",
         return time.perf_counter() - start
 
     # -- correctness, then warm-up, then the rounds ---------------------------------------------
-    def check_read():
-        got = stored["read"]
+    def check_read(kind: str = "read"):
+        got = stored[kind]
         if rank == 0:
             if layout == "pp2":
                 ref = _reference_ups([(b.up.weight, b.up.bias, b.down.weight, b.down.bias)
@@ -368,18 +380,23 @@ def _measure(layout: str, reps: int, h: int, tokens: int, device: str = "cpu",
         if out is not None and want is not None:
             assert torch.equal(out, want), f"{layout} {kind}: edited forward != raw x2 forward"
 
+    reads = ["read"] + (["read_overlap"] if overlap else [])
+    drops = {kind: stored[kind].clear for kind in reads}
     with torch.no_grad():
-        fns["read"]()
-        check_read()
+        for kind in reads:
+            fns[kind]()
+            check_read(kind)
         for kind in kinds[1:]:
             check_edit(kind)
         for _ in range(2):  # warm-up
             for fn in fns.values():
                 fn()
-            stored["read"].clear()
-        times = rounds(fns, reps, clock, after={"read": stored["read"].clear}, inner=inner)
-        fns["read"]()
-        check_read()  # what the rounds timed is still right at the end
+            for drop in drops.values():
+                drop()
+        times = rounds(fns, reps, clock, after=drops, inner=inner)
+        for kind in reads:  # what the rounds timed is still right at the end
+            fns[kind]()
+            check_read(kind)
         for kind in kinds[1:]:
             check_edit(kind)
         direct = _direct_rounds(layout, flexes, kinds, mine, fns, stored["read"], check_read,
@@ -393,6 +410,9 @@ def _measure(layout: str, reps: int, h: int, tokens: int, device: str = "cpu",
     if replicate:
         result["edit_replicate"] = overhead_ratio(times, "edit_replicate", "plain",
                                                   "floor_edit")
+    if overlap:
+        result["retrieval_overlap"] = overhead_ratio(times, "read_overlap", "plain",
+                                                     "floor_read")
     for kind in kinds:
         floor = "floor_read" if kind == "read" else "floor_edit"
         result[f"direct_{'retrieval' if kind == 'read' else kind}"] = ratio(direct, kind, floor)
@@ -517,6 +537,9 @@ def report(results: dict) -> None:
         for kind in ("retrieval", "edit", "edit_replicate"):
             if kind in r:
                 print(f"[{layout}]   {kind:15s} in the forward   {fmt(r[kind])}")
+        if "retrieval_overlap" in r:
+            print(f"[{layout}]   retrieval, overlap_retrieval=True, in the forward "
+                  f"{fmt(r['retrieval_overlap'])} (goal <= 0.5x)")
         if "edit_replicate" not in r:
             print(f"[{layout}]   edit_replicate  not in this checkout (HookFunction has no "
                   f"replicate_edit)")
