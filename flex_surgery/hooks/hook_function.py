@@ -34,7 +34,14 @@ from torch import nn
 from flex_surgery.hooks.errors import EditingFunctionError, ShapeMismatchError
 from flex_surgery.hooks.unpack import unpack, unpack_inputs
 from flex_surgery.parallel.pipeline import is_metadata_pass
-from flex_surgery.parallel.runtime import HookSite, LocalRuntime, Runtime, store_copy
+from flex_surgery.parallel.runtime import (
+    HookSite,
+    LocalRuntime,
+    Runtime,
+    defer,
+    store_copy,
+    stores_pending,
+)
 from flex_surgery.store.hooks import store_call
 from flex_surgery.store.reduce import apply_reduce, resolve_reduce
 
@@ -341,6 +348,12 @@ class HookFunction:
                 self._store(store_copy(reduced), reduced=True)
 
     def _store(self, full: torch.Tensor, rows: Any = None, reduced: bool = False) -> None:
+        if stores_pending():  # behind a retrieval of this pass still in flight (overlap)
+            defer(partial(self._store_now, full, rows, reduced), stores=True)
+        else:
+            self._store_now(full, rows, reduced)
+
+    def _store_now(self, full: torch.Tensor, rows: Any, reduced: bool) -> None:
         shared = self._shared
         reduce = None if reduced else self.reduce
         if shared.binding is not None:

@@ -250,6 +250,7 @@ class FlexModel(HookRegistration, HookGroupAPI, nn.Module):
         self._select(groups, complement)
         if self._memory_budget is not None:
             self._check_memory_budget(args, kwargs)
+        wait_for_host_copies()  # what a backward that raised left in flight (device copies)
         try:
             output = self.module(*args, **kwargs)
         except BaseException:

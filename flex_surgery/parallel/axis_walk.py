@@ -41,16 +41,34 @@ __all__ = ["AxisWalk"]
 
 
 class _ScaleGrad(torch.autograd.Function):
-    """Identity forward; multiplies the gradient by ``scale`` (see ``Layout.backward_scale``)."""
+    """Copy forward; multiplies the gradient by ``scale`` (see ``Layout.backward_scale``).
+
+    A copy, not a view: the editing function it feeds may edit its tensor in place, which
+    autograd forbids on a view a custom Function returns."""
 
     @staticmethod
     def forward(ctx, t, scale):
         ctx.scale = scale
-        return t.view_as(t)
+        return t.clone()
 
     @staticmethod
     def backward(ctx, grad):
         return grad * ctx.scale, None
+
+
+class _ZeroSummand(torch.autograd.Function):
+    """Zeros of ``t``'s shape that stay in ``t``'s graph (with a zero gradient), so every rank's
+    backward runs the mirror collectives of the walk, as the rank holding the whole does.
+    Exact zeros, forward and backward, whatever ``t`` holds (``t * 0`` would turn an inf into
+    a NaN)."""
+
+    @staticmethod
+    def forward(ctx, t):
+        return torch.zeros_like(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.zeros_like(grad)
 
 
 class AxisWalk:
@@ -68,9 +86,16 @@ class AxisWalk:
         return True
 
     def to_leader(self, t: torch.Tensor, layout: Layout,
-                axes: tuple[str, ...] = GATHER_ORDER) -> tuple[torch.Tensor, list]:
+                  axes: tuple[str, ...] = GATHER_ORDER,
+                  trainable: bool = False) -> tuple[torch.Tensor, list]:
         """Walk ``t`` to the leader axis by axis; returns what this rank holds and the record
-        :meth:`from_leader` needs to walk back. Autograd-aware when ``t`` requires grad."""
+        :meth:`from_leader` needs to walk back. Autograd-aware when ``t`` requires grad.
+
+        ``trainable``: the editing function may use trainable modules, whose gradients must be
+        the one-process ones, so the gradient inside the edit is scaled by
+        ``1 / Layout.backward_scale`` (and back by :meth:`from_leader`, given the same flag).
+        Without trainable modules the two scales cancel for every gradient that leaves the
+        edit, so they are not applied."""
         record = []
         for axis in axes:
             if self.mesh.size(axis) == 1 or not self.takes_part(axis):
@@ -93,15 +118,16 @@ class AxisWalk:
         if self.mesh.is_stage_leader():
             if layout.grad_scale != 1.0:
                 t = t * layout.grad_scale
-            if layout.backward_scale != 1.0 and t.requires_grad:
+            if trainable and layout.backward_scale != 1.0 and t.requires_grad:
                 t = _ScaleGrad.apply(t, 1.0 / layout.backward_scale)
         return t, record
 
-    def from_leader(self, t: torch.Tensor, layout: Layout, record: list) -> torch.Tensor:
+    def from_leader(self, t: torch.Tensor, layout: Layout, record: list,
+                    trainable: bool = False) -> torch.Tensor:
         if self.mesh.is_stage_leader():
             if layout.grad_scale != 1.0:
                 t = t / layout.grad_scale
-            if layout.backward_scale != 1.0 and t.requires_grad:
+            if trainable and layout.backward_scale != 1.0 and t.requires_grad:
                 t = _ScaleGrad.apply(t, layout.backward_scale)
         for axis, spec, sizes, shape in reversed(record):
             group = self.mesh.group(axis)
@@ -156,5 +182,5 @@ class AxisWalk:
             if isinstance(spec, ShardSpec):
                 t = t.narrow(spec.dim, sum(sizes[:me]), sizes[me]).clone()
             elif spec.op == "sum" and me != 0:  # the summands: the whole on rank 0, zeros
-                t = torch.zeros_like(t)
+                t = _ZeroSummand.apply(t)
         return t

@@ -309,7 +309,9 @@ class _ReplicaToOne(torch.autograd.Function):
     @staticmethod
     def forward(ctx, t, group):
         ctx.group, ctx.keep, ctx.shape = group, _group_rank(group) == 0, tuple(t.shape)
-        return t.view_as(t) if ctx.keep else _placeholder(t)
+        # A copy, not a view: an editing function may edit the leader's tensor in place, which
+        # autograd forbids on a view a custom Function returns.
+        return t.clone() if ctx.keep else _placeholder(t)
 
     @staticmethod
     def backward(ctx, grad):

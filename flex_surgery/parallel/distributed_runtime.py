@@ -212,8 +212,12 @@ class DistributedRuntime(Runtime):
                          store: Callable[[torch.Tensor], None]) -> bool:
         """``overlap_retrieval``: start the gather of a tensor sharded over the only axis of
         size > 1 and store it when it has arrived (:func:`~flex_surgery.parallel.runtime.defer`).
-        Returns ``False`` (nothing started) for any other layout, the same on every rank: the
-        mesh and the layout are shared."""
+        Returns ``False`` (nothing started) for any other layout, and in backward, the same on
+        every rank: the mesh, the layout and the pass are shared."""
+        if torch._C._current_graph_task_id() != -1:
+            # In backward: retrieve now. A backward that raises runs no end-of-backward
+            # callback, so a deferred value could only land in the next pass.
+            return False
         axes = [axis for axis in GATHER_ORDER if self.mesh.size(axis) > 1]
         spec = layout.spec_for(axes[0]) if len(axes) == 1 else None
         if not isinstance(spec, ShardSpec):
@@ -229,7 +233,7 @@ class DistributedRuntime(Runtime):
                 full = full * scale if scale != 1.0 else full
                 store(full if full.device.type == "cpu" else store_copy(full))
 
-        defer(complete)
+        defer(complete, stores=True)
         return True
 
     def _retrieve_replica_rows(self, plain: torch.Tensor, layout: Layout,
@@ -267,8 +271,10 @@ class DistributedRuntime(Runtime):
             # collective every rank makes, so every rank takes the same path here.
             full, record = self.walk.everywhere(_local_of(local), layout)
             return full, EditContext(site, local, layout=layout, record=record, everywhere=True)
-        held, record = self.walk.to_leader(_local_of(local), layout)
-        ctx = EditContext(site, local, layout=layout, record=record, held=held)
+        trainable = bool(self.trainable.modules)
+        held, record = self.walk.to_leader(_local_of(local), layout, trainable=trainable)
+        ctx = EditContext(site, local, layout=layout, record=record, held=held,
+                          trainable=trainable)
         return (held if self.mesh.is_stage_leader() else None), ctx
 
     def scatter_from_edit(self, full: torch.Tensor | None, ctx: EditContext) -> torch.Tensor:
@@ -286,7 +292,8 @@ class DistributedRuntime(Runtime):
             wanted = ctx.state.get("requires_grad")
             if wanted is not None and start.requires_grad != wanted:
                 start = start.detach().requires_grad_(wanted)
-        piece = self.walk.from_leader(start, ctx.state["layout"], ctx.state["record"])
+        piece = self.walk.from_leader(start, ctx.state["layout"], ctx.state["record"],
+                                      trainable=ctx.state["trainable"])
         if self.trainable.modules and piece.requires_grad:
             piece = self.trainable.sync_point(piece)
         return _like(piece, ctx.local)

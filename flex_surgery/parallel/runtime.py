@@ -166,31 +166,49 @@ class Runtime:
 
 
 # Work that completes after the hook that started it has returned, in the order it was started:
-# device-to-host copies on the copy stream, and (``overlap_retrieval``) gathers still travelling.
-_PENDING: list[Callable[[], None]] = []
+# device-to-host copies on the copy stream, and (``overlap_retrieval``) gathers still travelling
+# with the stores that wait for them. Each entry: (completion, whether it stores a value).
+_PENDING: list[tuple[Callable[[], None], bool]] = []
+_STATE = {"storing": 0, "draining": False}  # pending entries that store; inside a drain
 _COPY_STREAMS: dict[torch.device, Any] = {}
 
 
-def defer(complete: Callable[[], None]) -> None:
+def defer(complete: Callable[[], None], stores: bool = False) -> None:
     """Run ``complete()`` at the next :func:`wait_for_host_copies` (the end of this forward, or
-    of this backward when called inside one), after every completion deferred before it."""
+    of this backward when called inside one), after every completion deferred before it.
+    ``stores``: it stores a value (so later stores must wait for it, :func:`stores_pending`)."""
     if not _PENDING and torch._C._current_graph_task_id() != -1:
         # Inside backward: make sure everything has landed when backward() returns.
         torch.autograd.Variable._execution_engine.queue_callback(wait_for_host_copies)
-    _PENDING.append(complete)
+    _PENDING.append((complete, stores))
+    _STATE["storing"] += stores
+
+
+def stores_pending() -> bool:
+    """Whether a value of this pass is still waiting to be stored: a store made now must be
+    deferred behind it, so that values stored under one key keep the order of the hook calls
+    that produced them (a device copy in flight does not count: its value is stored already)."""
+    return _STATE["storing"] > 0 and not _STATE["draining"]
 
 
 def wait_for_host_copies() -> None:
-    """Complete every deferred copy and gather (see :func:`defer`), in the order they started.
+    """Complete every deferred copy, gather and store (see :func:`defer`), in the order they
+    started.
 
     If one fails (a lost peer), the others are dropped -- they belong to the same failed pass
     -- and the error is raised."""
+    _STATE["draining"] = True
     try:
         while _PENDING:
-            _PENDING.pop(0)()
+            complete, stores = _PENDING.pop(0)
+            _STATE["storing"] -= stores
+            complete()
     except BaseException:
         _PENDING.clear()
+        _STATE["storing"] = 0
         raise
+    finally:
+        _STATE["draining"] = False
 
 
 def _copy_stream(device: torch.device) -> Any:
