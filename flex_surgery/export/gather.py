@@ -50,6 +50,12 @@ def full_weights(model: nn.Module, runtime: Runtime | None = None, *,
     rank of the model's group must call it, in the same order, with the same ``rank0_only``.
     ``runtime`` (e.g. a FlexModel's) supplies the tensor-parallel group replicated parameters
     are checked over; by default the group of a running Megatron / fairscale state.
+
+    With ``rank0_only``, models torch's distributed checkpoint understands (FSDP2, DTensor TP,
+    HF TP, DDP; see :func:`torch_checkpoint_understands`) are gathered by
+    ``get_model_state_dict(full_state_dict=True, cpu_offload=True)``; every other case by the
+    framework registry's shard views, one parameter at a time (the module docstring of
+    ``flex_surgery.export.gather`` says why, measured).
     """
     root = model
     while type(root).__name__ == "FlexModel" and isinstance(getattr(root, "module", None),
