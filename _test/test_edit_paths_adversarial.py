@@ -1,0 +1,747 @@
+"""Adversarial equivalence tests for the replicated edit path, overlapped retrieval and the
+one-process fast path: each case is one that the equivalence matrix (``times_two`` on every
+site, even batches) does not reach -- editing functions that couple the pieces of a sharded
+tensor (their gradients need every rank's share), uneven data-parallel batches (the padding
+path), in-place edits, ``store_on`` other than ``"rank0"``, hooks of several kinds sharing one
+``output_dict`` key, ``keep="last"``, stores, and passes that raise midway. Every case compares
+with one process in float64: the output, what the hooks stored and the parameter gradients.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+from parallel_cases import (
+    FF,
+    H,
+    assert_grads_equal,
+    assert_stored_equal,
+    clean,
+    dtensor_plan,
+    fairscale_net,
+    local_group,
+    plain_grads,
+    plain_net,
+)
+from pipeline_cases import hand_split_step, inputs, register_sites, two_stages
+from pipeline_cases import loss_fn as pipeline_loss
+from rank_pool import distributed
+from test_equivalence_tp import _fairscale_grads
+
+from flex_surgery import FlexModel, HookFunction
+from flex_surgery.hooks import ShapeMismatchError
+from flex_surgery.hooks.hook_function import pure_edit
+from flex_surgery.parallel import distributed_runtime
+from flex_surgery.parallel.collectives import RemoteEditError
+from flex_surgery.parallel.pipeline import StageLink
+from flex_surgery.store import MemoryStore
+
+TOL = dict(rtol=1e-9, atol=1e-12)  # float64: only summation order differs
+TIMEOUT_S = 60  # a hang fails the test within this bound
+REPLICATE = (False, True)  # the leader path (the control) and the replicated one
+
+
+def _x(batch: int, seed: int = 1) -> torch.Tensor:
+    torch.set_default_dtype(torch.float64)  # reset by the rank pool after each body
+    return torch.randn(batch, 3, H, generator=torch.Generator().manual_seed(seed))
+
+
+def _rows(x: torch.Tensor, sizes: tuple[int, ...], rank: int) -> torch.Tensor:
+    start = sum(sizes[:rank])
+    return x[start:start + sizes[rank]]
+
+
+# -- editing functions that couple the pieces of a sharded tensor ------------------------------
+def batch_center(module, tensor, ctx, modules):
+    """Each row depends on every row of the batch: under data parallelism, on every replica."""
+    return tensor - tensor.mean(dim=0, keepdim=True) * 0.5
+
+
+def batch_softmax_gate(module, tensor, ctx, modules):
+    """A softmax over the batch dim (rows of other replicas) gating the activation."""
+    return tensor * torch.softmax(tensor, dim=0) * 2.0
+
+
+def hidden_softmax_gate(module, tensor, ctx, modules):
+    """A softmax over the last dim (sharded over tp after a column layer)."""
+    return tensor * torch.softmax(tensor, dim=-1) * 3.0
+
+
+def grad_center(module, tensor, ctx, modules):
+    """A gradient edit mixing every entry: each entry minus half the mean of all of them."""
+    return tensor - tensor.mean() * 0.5
+
+
+def _sum_loss(total_rows: int, dp: int):
+    """The loss whose data-parallel average equals one process's mean over the global batch,
+    also when the replicas' batches differ in size."""
+    return lambda y: y.pow(2).sum() * (dp / total_rows)
+
+
+# (name, hook kind, editing function, expected_shape)
+DP_HOOKS = [
+    ("blocks.0.up", "forward", batch_center, (None, 3, FF)),
+    ("blocks.1.act", "forward", batch_softmax_gate, None),
+    ("blocks.1.down", "forward_pre", batch_center, None),
+    ("blocks.1.act", "full_backward", batch_center, None),
+    ("blocks.1.up", "full_backward_pre", batch_softmax_gate, None),
+    ("blocks.1.up.weight", "tensor", grad_center, None),
+    ("blocks.0.down.bias", "tensor", grad_center, None),
+]
+_REGISTER = {"forward": "register_forward_hook", "forward_pre": "register_forward_pre_hook",
+             "full_backward": "register_full_backward_hook",
+             "full_backward_pre": "register_full_backward_pre_hook", "tensor": "register_hook"}
+
+
+def _hooked(model, x, hooks, replicate, loss, names=None, steps=1, **kwargs):
+    """FlexModel with ``hooks`` on ``model``; ``steps`` forward + backward passes on ``x``.
+    Returns (stored, last output, flex)."""
+    stored: dict = {}
+    flex = FlexModel(model, stored, key_by_hook_kind=True, **kwargs)
+    names = names or {}
+    for name, kind, fn, expected in hooks:
+        getattr(flex, _REGISTER[kind])(HookFunction(names.get(name, name), expected_shape=expected,
+                                                    editing_function=fn,
+                                                    replicate_edit=replicate))
+    for _ in range(steps):
+        out = flex(x)
+        loss(out).backward()
+    renamed = {}
+    for key, vals in stored.items():
+        base, sep, role = key.partition(":")
+        renamed[clean(base) + sep + role] = vals
+    return renamed, out.detach(), flex
+
+
+def _reference(x, hooks):
+    """One process on the whole batch, with the mean over it as the loss."""
+    return _reference_on(plain_net(), x, hooks)
+
+
+def _reference_on(model, x, hooks):
+    stored, out, flex = _hooked(model, x, hooks, False, _sum_loss(x.shape[0], 1),
+                                process_group=local_group())
+    flex.restore()
+    return stored, out, plain_grads(model)
+
+
+def _names(model) -> dict[str, str]:
+    names = {}
+    for n, _ in list(model.named_modules()) + list(model.named_parameters()):
+        names[clean(n)] = n
+    return names
+
+
+# -- replicate_edit under data parallelism -----------------------------------------------------
+@pytest.mark.parametrize("sizes", [(3, 1), (2, 2)], ids=["uneven", "even"])
+@distributed(world_size=2, timeout_s=TIMEOUT_S)
+def test_ddp_edits_coupling_the_batch_equal_one_process(sizes):
+    """DDP with uneven replicas (the padded gather) and even ones (gathered straight into the
+    whole tensor): edits whose every row depends on every replica's rows, on activations,
+    activation gradients and parameter gradients, plus an ``expected_shape`` check."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    x = _x(sum(sizes))
+    ref_stored, ref_out, ref_grads = _reference(x, DP_HOOKS)
+    local_x = _rows(x, sizes, dist.get_rank())
+    for replicate in REPLICATE:
+        model = DDP(plain_net())
+        stored, out, flex = _hooked(model, local_x, DP_HOOKS, replicate, _sum_loss(sum(sizes), 2),
+                                    names=_names(model))
+        case = f"sizes={sizes} replicate={replicate}"
+        torch.testing.assert_close(out, _rows(ref_out, sizes, dist.get_rank()), **TOL,
+                                   msg=lambda m, c=case: f"{c}: {m}")
+        if dist.get_rank() == 0:
+            assert_stored_equal(stored, ref_stored, **TOL)
+        else:
+            assert stored == {}
+        assert_grads_equal({clean(n): p.grad for n, p in model.named_parameters()}, ref_grads,
+                           **TOL)
+        flex.restore()
+
+
+@distributed(world_size=2, timeout_s=TIMEOUT_S)
+def test_fsdp2_edits_coupling_the_batch_equal_one_process():
+    """FSDP2 (parameter gradients hooked on the unsharded parameters, averaged over dp) with
+    uneven replicas."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    sizes = (1, 3)
+    x = _x(sum(sizes))
+    ref_stored, ref_out, ref_grads = _reference(x, DP_HOOKS)
+    mesh = init_device_mesh("cpu", (2,))
+    for replicate in REPLICATE:
+        model = plain_net()
+        for block in model.blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        stored, out, flex = _hooked(model, _rows(x, sizes, dist.get_rank()), DP_HOOKS, replicate,
+                                    _sum_loss(4, 2))
+        torch.testing.assert_close(out, _rows(ref_out, sizes, dist.get_rank()), **TOL)
+        if dist.get_rank() == 0:
+            assert_stored_equal(stored, ref_stored, **TOL)
+        grads = {clean(n): p.grad.full_tensor() for n, p in model.named_parameters()}
+        assert_grads_equal(grads, ref_grads, **TOL)
+        flex.restore()
+
+
+# -- replicate_edit under tensor parallelism ---------------------------------------------------
+TP_HOOKS = [
+    ("blocks.0.up", "forward", hidden_softmax_gate, (None, 3, FF)),  # tp-sharded hidden dim
+    ("blocks.0.act", "forward", hidden_softmax_gate, None),
+    ("blocks.1.down", "forward_pre", hidden_softmax_gate, None),     # row input: sharded
+    ("blocks.1.up", "forward_pre", hidden_softmax_gate, None),       # column input: replicated
+    ("blocks.1.act", "full_backward", grad_center, None),
+    ("blocks.1.up", "full_backward_pre", grad_center, None),
+    ("blocks.1.up.weight", "tensor", grad_center, None),             # tp-sharded gradient
+    ("blocks.1.down.bias", "tensor", grad_center, None),             # replicated gradient
+]
+
+
+@distributed(world_size=2, timeout_s=TIMEOUT_S)
+def test_dtensor_tp_with_dtensors_in_the_hooks_equals_one_process():
+    """``use_local_output=False``: hooks see DTensors; every rank edits its gathered copy and
+    hands back a DTensor of its piece."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    hooks = TP_HOOKS
+    mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("tp",))
+    x = _x(2)
+    loss = _sum_loss(2, 1)
+    ref_stored, ref_out, ref_grads = _reference(x, hooks)
+    for replicate in REPLICATE:
+        model = parallelize_module(plain_net(), mesh, dtensor_plan(False))
+        stored, out, flex = _hooked(model, x, hooks, replicate, loss)
+        if isinstance(out, DTensor):
+            out = out.full_tensor()
+        torch.testing.assert_close(out, ref_out, **TOL)
+        if dist.get_rank() == 0:
+            assert_stored_equal(stored, ref_stored, **TOL)
+        grads = {clean(n): (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad)
+                 for n, p in model.named_parameters()}
+        assert_grads_equal(grads, ref_grads, **TOL)
+        flex.restore()
+
+
+@distributed(world_size=4, timeout_s=TIMEOUT_S)
+def test_dp_x_tp_uneven_edits_coupling_every_shard_equal_one_process():
+    """fairscale TP=2 inside DDP over dp=2, uneven replicas; edits coupling the batch (across
+    replicas) and the hidden dim (across tp ranks) on the same tensors."""
+    from fairscale.nn.model_parallel import initialize as fs
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    def both(module, tensor, ctx, modules):
+        return hidden_softmax_gate(module, batch_center(module, tensor, ctx, modules), ctx,
+                                   modules)
+
+    hooks = [(n, k, both if k in ("forward", "forward_pre") else fn, e)
+             for n, k, fn, e in TP_HOOKS]
+    fs.initialize_model_parallel(2)
+    sizes = (3, 1)
+    x = _x(4)
+    loss = _sum_loss(4, 2)
+    ref_stored, ref_out, ref_grads = _reference(x, hooks)
+    dp_rank = fs.get_data_parallel_rank()
+    for replicate in REPLICATE:
+        net = fairscale_net(plain_net())
+        model = DDP(net, process_group=fs.get_data_parallel_group())
+        stored, out, flex = _hooked(model, _rows(x, sizes, dp_rank), hooks, replicate, loss,
+                                    names=_names(model), tensor_parallel_size=2,
+                                    data_parallel_size=2)
+        assert flex.runtime.mesh.sizes == {"dp": 2, "tp": 2, "pp": 1}
+        torch.testing.assert_close(out, _rows(ref_out, sizes, dp_rank), **TOL)
+        if dist.get_rank() == 0:
+            assert_stored_equal(stored, ref_stored, **TOL)
+        else:
+            assert stored == {}
+        assert_grads_equal(_fairscale_grads(net, fs.get_model_parallel_group()), ref_grads,
+                           **TOL)
+        flex.restore()
+
+
+@distributed(world_size=4, timeout_s=TIMEOUT_S)
+def test_dp_x_tp_failure_on_one_rank_raises_everywhere_within_seconds():
+    """replicate_edit fails on global rank 3 only (a tp and a dp non-leader): every rank raises
+    at that call, then every rank can go on (the next forward works)."""
+    from fairscale.nn.model_parallel import initialize as fs
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    fs.initialize_model_parallel(2)
+    fail = [True]
+
+    def flaky(module, tensor, ctx, modules):
+        if fail[0] and dist.get_rank() == 3:
+            raise ValueError("rank-local failure")
+        return batch_center(module, tensor, ctx, modules)
+
+    x = _x(2)
+    net = fairscale_net(plain_net())
+    model = DDP(net, process_group=fs.get_data_parallel_group())
+    flex = FlexModel(model, {}, tensor_parallel_size=2, data_parallel_size=2)
+    flex.register_forward_hook(HookFunction("module.blocks.0.up", editing_function=flaky,
+                                            replicate_edit=True))
+    start = time.monotonic()
+    with pytest.raises(RemoteEditError) as info:
+        flex(x)
+    assert time.monotonic() - start < 10
+    if dist.get_rank() == 3:
+        assert isinstance(info.value.__cause__, ValueError)
+    else:
+        assert "group rank 3" in str(info.value)
+    fail[0] = False
+    with torch.no_grad():
+        flex(x)  # every rank is at the same point: the next call goes through
+    flex.restore()
+
+
+# -- in-place edits and store_on ---------------------------------------------------------------
+def double_in_place(module, tensor, ctx, modules):
+    tensor.mul_(2.0)
+    return tensor
+
+
+INPLACE_HOOKS = [
+    ("blocks.0.up", "forward", double_in_place, None),     # dp-sharded (gathered copy)
+    ("blocks.1.act", "full_backward", double_in_place, None),
+    ("blocks.1.up.weight", "tensor", double_in_place, None),
+]
+
+
+@pytest.mark.parametrize("replicate", REPLICATE, ids=["leader", "replicated"])
+@pytest.mark.parametrize("store_on", ["rank0", "all", "replica_leaders"])
+@distributed(world_size=2, timeout_s=TIMEOUT_S)
+def test_in_place_edits_store_the_value_before_the_edit(store_on, replicate):
+    """An editing function that edits its argument in place: what is stored is the value
+    before the edit (as in one process), on whichever ranks store."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    sizes = (3, 1)
+    x = _x(4)
+    loss = _sum_loss(4, 2)
+    ref_stored, ref_out, ref_grads = _reference(x, INPLACE_HOOKS)
+    model = DDP(plain_net())
+    stored, out, flex = _hooked(model, _rows(x, sizes, dist.get_rank()), INPLACE_HOOKS,
+                                replicate, loss, names=_names(model), store_on=store_on)
+    torch.testing.assert_close(out, _rows(ref_out, sizes, dist.get_rank()), **TOL)
+    if dist.get_rank() == 0 or store_on == "all":
+        assert_stored_equal(stored, ref_stored, **TOL)
+    assert_grads_equal({clean(n): p.grad for n, p in model.named_parameters()}, ref_grads,
+                       **TOL)
+    flex.restore()
+
+
+@pytest.mark.parametrize("replicate", REPLICATE, ids=["leader", "replicated"])
+@distributed(world_size=2, timeout_s=TIMEOUT_S)
+def test_in_place_edit_of_a_replicated_tensor_stores_the_value_before_the_edit(replicate):
+    """Under TP a row layer's output is replicated: the replicated path hands the editing
+    function the model's own tensor (nothing to gather); the stored copy must predate the
+    edit."""
+    from fairscale.nn.model_parallel import initialize as fs
+
+    fs.initialize_model_parallel(2)
+    hooks = [("blocks.0.down", "forward", double_in_place, None),
+             ("blocks.0", "forward", double_in_place, None),
+             ("blocks.1.down.bias", "tensor", double_in_place, None)]
+    x = _x(2)
+    loss = _sum_loss(2, 1)
+    ref_stored, ref_out, ref_grads = _reference(x, hooks)
+    for store_on in ("rank0", "all"):
+        model = fairscale_net(plain_net())
+        stored, out, flex = _hooked(model, x, hooks, replicate, loss, store_on=store_on,
+                                    tensor_parallel_size=2)
+        torch.testing.assert_close(out, ref_out, **TOL)
+        if dist.get_rank() == 0 or store_on == "all":
+            assert_stored_equal(stored, ref_stored, **TOL)
+        assert_grads_equal(_fairscale_grads(model, fs.get_model_parallel_group()),
+                           ref_grads, **TOL)
+        flex.restore()
+
+
+# -- overlapped retrieval ----------------------------------------------------------------------
+def _retrieval(model, x, sites, overlap, loss, steps=1, names=None, **kwargs):
+    """FlexModel with plain retrieval hooks (``(name, kind)`` or ``(name, kind, reduce)``)."""
+    stored: dict = {} if "store" not in kwargs else None
+    flex = FlexModel(model, stored, overlap_retrieval=overlap, **kwargs)
+    names = names or {}
+    for site in sites:
+        name, kind = site[:2]
+        reduce = site[2] if len(site) > 2 else None
+        getattr(flex, _REGISTER[kind])(HookFunction(names.get(name, name), reduce=reduce))
+    started = []
+    real = distributed_runtime.start_gather
+
+    def spy(*args, **kw):
+        started.append(1)
+        return real(*args, **kw)
+
+    distributed_runtime.start_gather = spy
+    try:  # the pool rank lives on: undo the patch whatever happens
+        for _ in range(steps):
+            out = flex(x)
+            loss(out).backward()
+    finally:
+        distributed_runtime.start_gather = real
+    # the overlapped path was taken (some gather started) exactly when asked for
+    assert bool(started) == (overlap and isinstance(flex.runtime,
+                                                     distributed_runtime.DistributedRuntime))
+    flex.restore()
+    return stored, out.detach()
+
+
+@pytest.mark.parametrize("keep", ["all", "last"])
+@distributed(world_size=2, timeout_s=TIMEOUT_S)
+def test_overlap_keeps_the_call_order_of_hooks_sharing_a_key(keep):
+    """Two hooks store under one key: ``blocks.1.down``'s input (tp-sharded: its gather is
+    overlapped) and its output (replicated: stored at once) with ``keep="all"``; a plain
+    retrieval (overlapped) and a ``last_token`` reduction (stored at once) of ``blocks.0.up``
+    with ``keep="last"``. The stored order must be the call order, as in one process."""
+    from fairscale.nn.model_parallel import initialize as fs
+
+    fs.initialize_model_parallel(2)
+    if keep == "all":
+        sites = [("blocks.1.down", "forward_pre"), ("blocks.1.down", "forward")]
+    else:
+        sites = [("blocks.0.up", "forward"), ("blocks.0.up", "forward", "last_token")]
+    x = _x(2)
+    loss = _sum_loss(2, 1)
+    ref, ref_out = _retrieval(plain_net(), x, sites, False, loss, steps=2, keep=keep,
+                              process_group=local_group())
+    for overlap in (False, True):
+        stored, out = _retrieval(fairscale_net(plain_net()), x, sites, overlap, loss, steps=2,
+                                 keep=keep, tensor_parallel_size=2)
+        torch.testing.assert_close(out, ref_out, **TOL)
+        if dist.get_rank() == 0:
+            if keep == "last":
+                stored, want = {k: [v] for k, v in stored.items()}, \
+                    {k: [v] for k, v in ref.items()}
+            else:
+                want = ref
+            assert_stored_equal(stored, want, **TOL)
+
+
+class Boom(Exception):
+    pass
+
+
+def _failing_pass_run(model, x, overlap, where, **kwargs):
+    """Retrieval hooks whose gathers are overlapped (tp-sharded), then an editing hook that
+    raises on every rank in the forward (``where="forward"``) or in the backward; then a second,
+    successful pass. Returns what was stored after the failed pass and after the second one."""
+    stored: dict = {}
+    flex = FlexModel(model, stored, key_by_hook_kind=True, overlap_retrieval=overlap, **kwargs)
+    fail = [True]
+
+    def boom(module, tensor, ctx, modules):
+        if fail[0]:
+            raise Boom("edit failed")
+        return tensor
+
+    flex.register_forward_hook(HookFunction("blocks.0.up"))
+    flex.register_full_backward_hook(HookFunction("blocks.1.act"))
+    if where == "forward":
+        flex.register_forward_hook(HookFunction("blocks.1.up", editing_function=boom))
+    else:
+        flex.register_full_backward_hook(HookFunction("blocks.0.act", editing_function=boom))
+    with pytest.raises((Boom, RemoteEditError)):
+        flex(x).pow(2).sum().backward()
+    after_failure = {k: list(v) for k, v in stored.items()}
+    fail[0] = False
+    stored.clear()
+    flex(x).pow(2).sum().backward()
+    flex.restore()
+    return after_failure, stored
+
+
+@pytest.mark.parametrize("where", ["forward", "backward"])
+@distributed(world_size=2, timeout_s=TIMEOUT_S)
+def test_overlap_a_pass_that_raises_leaves_nothing_for_the_next_one(where):
+    """What a failed pass stored is what one process stores (the values of the hooks that ran
+    before the failure), and none of it turns up after ``output_dict`` was cleared for the next
+    pass."""
+    from fairscale.nn.model_parallel import initialize as fs
+
+    fs.initialize_model_parallel(2)
+    x = _x(2)
+    ref_failed, ref_next = _failing_pass_run(plain_net(), x, False, where,
+                                             process_group=local_group())
+    for overlap in (False, True):
+        failed, nxt = _failing_pass_run(fairscale_net(plain_net()), x, overlap, where,
+                                        tensor_parallel_size=2)
+        if dist.get_rank() == 0:
+            assert_stored_equal(nxt, ref_next, **TOL)  # nothing of the failed pass
+            assert_stored_equal(failed, ref_failed, **TOL)
+
+
+# Overlapped under DP: the batch-sharded activation and activation gradient; the parameter
+# gradient (a dp average) is stored at once.
+OVERLAP_DP_SITES = [("blocks.0.up", "forward"), ("blocks.1.act", "full_backward"),
+                    ("blocks.1.up", "full_backward_pre"), ("blocks.1.up.weight", "tensor"),
+                    ("blocks.0.act", "forward", "mean_over_batch")]
+
+
+def _cleaned(stored: dict) -> dict:
+    return {clean(k.partition(":")[0]) + k.partition(":")[1] + k.partition(":")[2]: v
+            for k, v in stored.items()}
+
+
+@pytest.mark.parametrize("how", ["keep_all", "keep_last", "store"])
+@distributed(world_size=2, timeout_s=TIMEOUT_S)
+def test_overlap_under_ddp_with_uneven_batches_equals_one_process(how):
+    """Two steps of DDP with replicas of 3 and 1 rows: the overlapped gathers are padded, the
+    gradients scaled; ``keep="last"`` keeps the second step's values, a store gets both."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    sizes = (3, 1)
+    x = _x(4)
+    keep = "last" if how == "keep_last" else "all"
+    ref, ref_out = _retrieval(plain_net(), x, OVERLAP_DP_SITES, False, _sum_loss(4, 1), steps=2,
+                              keep=keep, key_by_hook_kind=True, process_group=local_group())
+    for overlap in (False, True):
+        model = DDP(plain_net())
+        store = MemoryStore() if how == "store" else None
+        options = dict(store=store) if store is not None else dict(keep=keep)
+        stored, out = _retrieval(model, _rows(x, sizes, dist.get_rank()), OVERLAP_DP_SITES,
+                                 overlap, _sum_loss(4, 2), steps=2, names=_names(model),
+                                 key_by_hook_kind=True, **options)
+        torch.testing.assert_close(out, _rows(ref_out, sizes, dist.get_rank()), **TOL)
+        if store is not None:
+            stored = store.to_dict()
+        if dist.get_rank() == 0:
+            got, want = _cleaned(stored), ref
+            if keep == "last":
+                got, want = {k: [v] for k, v in got.items()}, {k: [v] for k, v in want.items()}
+            assert_stored_equal(got, want, **TOL)
+        elif store is None:
+            assert stored == {}
+
+
+# -- Megatron-core sequence parallelism: pieces along dim 0 (gathered straight into the whole
+# tensor), edits coupling the sequence ------------------------------------------------------
+def sequence_softmax_gate(module, tensor, ctx, modules):
+    """A softmax over the sequence dim (dim 0 of Megatron's ``[s, b, h]``: sequence-sharded)."""
+    return tensor * torch.softmax(tensor, dim=0) * 2.0
+
+
+def sequence_cumsum(module, tensor, ctx, modules):
+    """Each position depends on every earlier one, across the sequence shards."""
+    return tensor.cumsum(dim=0) * 0.5
+
+
+SP_HOOKS = [
+    ("embed", "forward", sequence_softmax_gate, None),
+    ("up", "forward_pre", sequence_cumsum, None),
+    ("up", "forward", sequence_softmax_gate, None),
+    ("down", "forward", sequence_cumsum, None),
+    ("act", "full_backward", sequence_cumsum, None),
+    ("down", "full_backward_pre", sequence_softmax_gate, None),
+    ("down.bias", "tensor", grad_center, None),  # sequence-parallel: a partial sum over tp
+    ("up.weight", "tensor", grad_center, None),
+]
+
+
+@distributed(world_size=2, timeout_s=TIMEOUT_S)
+def test_megatron_sequence_parallel_edits_and_overlap_equal_one_process():
+    from megatron_cases import megatron_mlp, megatron_parallel, plain_mlp, token_ids
+    from test_megatron_layers import _whole_grads, all_gather_list
+
+    ids = token_ids()  # weights drawn in float32 (Megatron initialises through float32)
+    loss = _sum_loss(1, 1)
+    with megatron_parallel(2):
+        model = plain_mlp().to(torch.float64)
+        ref_stored, ref_out, flex = _hooked(model, ids, SP_HOOKS, False, loss,
+                                            process_group=local_group())
+        flex.restore()
+        ref_grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+        for replicate in REPLICATE:
+            model = megatron_mlp(plain_mlp(), True, torch.float64)
+            stored, out, flex = _hooked(model, ids, SP_HOOKS, replicate, loss)
+            out = torch.cat(all_gather_list(out), dim=0)
+            torch.testing.assert_close(out, ref_out, **TOL,
+                                       msg=lambda m, r=replicate: f"replicate={r}: {m}")
+            if dist.get_rank() == 0:
+                assert_stored_equal(stored, ref_stored, **TOL)
+            assert_grads_equal(_whole_grads(model), ref_grads, **TOL)
+            flex.restore()
+        sites = [(n, k) for n, k, _, _ in SP_HOOKS]
+        ref, ref_out = _retrieval(plain_mlp().to(torch.float64), ids, sites, False, loss,
+                                  key_by_hook_kind=True, process_group=local_group())
+        stored, _ = _retrieval(megatron_mlp(plain_mlp(), True, torch.float64), ids, sites, True,
+                               loss, key_by_hook_kind=True)
+        if dist.get_rank() == 0:
+            assert_stored_equal(stored, ref, **TOL)
+
+
+# -- pipeline stages: the replicated edit and overlap on a stage with nothing to gather --------
+@pure_edit
+def pure_batch_center(module, tensor, ctx, modules):
+    return batch_center(module, tensor, ctx, modules)
+
+
+@distributed(world_size=2, timeout_s=TIMEOUT_S)
+def test_pipeline_stages_replicated_edit_and_overlap_equal_one_process():
+    """Two hand-split stages, micro-batches, an edit declared pure (coupling the micro-batch's
+    rows) on every hook kind, overlapped retrieval on: equal to the whole model in one process
+    micro-batch by micro-batch."""
+    x, _, x_mbs, t_mbs = inputs(4, 2)
+    model = plain_net()
+    ref: dict = {}
+    flex = FlexModel(model, ref, process_group=local_group(), key_by_hook_kind=True)
+    register_sites(flex, True, editing_function=pure_batch_center)
+    outs = []
+    for xm, tm in zip(x_mbs, t_mbs):
+        out = flex(xm)
+        pipeline_loss(out, tm).backward()
+        outs.append(out.detach())
+    ref_grads = {n: p.grad / len(x_mbs) for n, p in model.named_parameters()}
+    flex.restore()
+
+    stage = two_stages(plain_net(), dist.get_rank())
+    stored: dict = {}
+    flex = FlexModel(stage, stored, pipeline_parallel_size=2, key_by_hook_kind=True,
+                     overlap_retrieval=True)
+    register_sites(flex, True, editing_function=pure_batch_center)
+    link = StageLink(flex.runtime.mesh)
+    out = hand_split_step(flex, link, x_mbs, t_mbs)
+    flex.sync_pipeline_outputs(link)
+    if dist.get_rank() == 0:
+        assert_stored_equal(stored, ref, **TOL)
+    else:
+        torch.testing.assert_close(out, torch.cat(outs), **TOL)
+    for name, p in stage.named_parameters():
+        torch.testing.assert_close(p.grad, ref_grads[name], **TOL)
+    flex.restore()
+
+
+# -- one process: the short path equals the runtime path ---------------------------------------
+def _one_process(runtime_path: bool, checkpoint: bool = False, **kwargs):
+    """Hooks of every sort on a one-process FlexModel; ``runtime_path`` sends every call
+    through LocalRuntime (the path before the short one). Returns (stored, output, grads)."""
+    from torch.utils.checkpoint import checkpoint as ckpt
+
+    x = _x(4)
+    model = plain_net()
+    if checkpoint:  # block 1 re-runs its forward in backward: edits again, stores nothing
+        block = model.blocks[1]
+        inner = block.forward
+        block.forward = lambda h: ckpt(inner, h, use_reentrant=False)
+    stored: dict = {}
+    flex = FlexModel(model, None if "store" in kwargs else stored, key_by_hook_kind=True,
+                     **kwargs)
+    hooks = [HookFunction("blocks.0.up", editing_function=double_in_place),
+             HookFunction("blocks.0.up", reduce="last_token"),
+             HookFunction("blocks.0.act", reduce="mean_over_batch",
+                          editing_function=batch_center),
+             HookFunction("blocks.1.up", expected_shape=(None, 3, FF),
+                          editing_function=batch_softmax_gate),
+             HookFunction("blocks.1.act")]
+    for hf in hooks:
+        flex.register_forward_hook(hf)
+    grad_hook = HookFunction("blocks.1.act", editing_function=batch_center)
+    flex.register_full_backward_hook(grad_hook)
+    param_hook = HookFunction("blocks.1.up.weight", editing_function=grad_center)
+    flex.register_hook(param_hook)
+    if runtime_path:
+        for hf in hooks + [grad_hook, param_hook]:
+            hf._local = False
+    for _ in range(2):
+        out = flex(x)
+        out.pow(2).mean().backward()
+    if "store" in kwargs:
+        stored = kwargs["store"].to_dict()
+    flex.restore()
+    return stored, out.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("options", [{}, {"keep": "last"}, {"store": "memory"},
+                                     {"checkpoint": True}], ids=["all", "last", "store", "ckpt"])
+def test_one_process_short_path_equals_the_runtime_path(options):
+    if options.get("store"):
+        got = _one_process(False, store=MemoryStore())
+        want = _one_process(True, store=MemoryStore())
+    else:
+        got, want = _one_process(False, **options), _one_process(True, **options)
+    for a, b in zip(got[1:], want[1:]):
+        assert_grads_equal(a, b, rtol=0, atol=0) if isinstance(a, dict) else \
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    stored, ref = got[0], want[0]
+    if options.get("keep") == "last":
+        stored, ref = {k: [v] for k, v in stored.items()}, {k: [v] for k, v in ref.items()}
+    assert_stored_equal(stored, ref, rtol=0, atol=0)
+    if not options:  # the in-place edit stored the value before it; the next hook sees it x2
+        whole, last = stored["blocks.0.up"][:2]
+        assert torch.equal(last, (whole * 2)[:, -1:])
+
+
+def test_one_process_short_path_checks_expected_shape():
+    flex = FlexModel(plain_net(), {})
+    flex.register_forward_hook(HookFunction("blocks.0.up", expected_shape=(None, 3, FF + 1),
+                                            editing_function=batch_center))
+    with pytest.raises(ShapeMismatchError):
+        flex(_x(2))
+    flex.restore()
+
+
+# -- a partial sum in the hook (a DTensor with a Partial placement) ----------------------------
+class _Finish(torch.nn.Module):
+    """Turns a DTensor (any placement) into the whole plain tensor; identity otherwise."""
+
+    def forward(self, y):
+        return y.full_tensor() if hasattr(y, "full_tensor") else y
+
+
+class _PartialNet(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        net = plain_net()
+        self.up, self.act, self.down = net.blocks[0].up, torch.nn.GELU(), net.blocks[0].down
+        self.finish = _Finish()
+
+    def forward(self, x):
+        return self.finish(self.down(self.act(self.up(x))))
+
+
+@pytest.mark.parametrize("replicate", REPLICATE, ids=["leader", "replicated"])
+@distributed(world_size=2, timeout_s=TIMEOUT_S)
+def test_partial_sum_output_edited_equals_one_process(replicate):
+    """A row layer that leaves its output a partial sum over tp (``output_layouts=Partial()``):
+    the hook sees a Partial DTensor. The replicated path keeps the whole edited tensor on tp
+    rank 0 and zeros elsewhere; every rank's backward must still run the mirror all-reduce."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Partial
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+
+    x = _x(2)
+    hooks = [("down", "forward", hidden_softmax_gate, None)]
+    ref_stored, ref_out, ref_grads = _reference_on(_PartialNet(), x, hooks)
+    mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("tp",))
+    plan = {"up": ColwiseParallel(use_local_output=False),
+            "down": RowwiseParallel(output_layouts=Partial(), use_local_output=False)}
+    model = parallelize_module(_PartialNet(), mesh, plan)
+    stored: dict = {}
+    flex = FlexModel(model, stored, key_by_hook_kind=True)
+    flex.register_forward_hook(HookFunction("down", editing_function=hidden_softmax_gate,
+                                            replicate_edit=replicate))
+    out = flex(x)
+    # Every rank's backward must run the same collectives: the output requires grad on every
+    # rank or on none (checked here, rather than left to hang in backward).
+    flags = torch.tensor([float(out.requires_grad)])
+    dist.all_reduce(flags)
+    assert flags.item() == dist.get_world_size(), "the output requires grad on some ranks only"
+    _sum_loss(2, 1)(out).backward()
+    torch.testing.assert_close(out.detach(), ref_out, **TOL)
+    if dist.get_rank() == 0:
+        assert_stored_equal(stored, ref_stored, **TOL)
+    grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad)
+             for n, p in model.named_parameters()}
+    assert_grads_equal(grads, ref_grads, **TOL)
+    flex.restore()
