@@ -163,30 +163,77 @@ def test_ddp_edits_coupling_the_batch_equal_one_process(sizes):
         flex.restore()
 
 
+@pytest.mark.parametrize("wrapper", ["fsdp1", "fsdp2"])
 @distributed(world_size=2, timeout_s=TIMEOUT_S)
-def test_fsdp2_edits_coupling_the_batch_equal_one_process():
-    """FSDP2 (parameter gradients hooked on the unsharded parameters, averaged over dp) with
-    uneven replicas."""
+def test_fsdp_edits_coupling_the_batch_equal_one_process(wrapper):
+    """FSDP1 (use_orig_params) and FSDP2: parameter gradients hooked on the tensors FSDP
+    really uses in forward, averaged over dp; uneven replicas."""
+    from parallel_cases import Block
+    from test_equivalence_dp import _fsdp1_params, _grads_by_sgd_step
     from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
     sizes = (1, 3)
     x = _x(sum(sizes))
     ref_stored, ref_out, ref_grads = _reference(x, DP_HOOKS)
     mesh = init_device_mesh("cpu", (2,))
     for replicate in REPLICATE:
-        model = plain_net()
-        for block in model.blocks:
-            fully_shard(block, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+        if wrapper == "fsdp1":
+            model = FSDP(plain_net(), auto_wrap_policy=ModuleWrapPolicy({Block}),
+                         use_orig_params=True, device_id=torch.device("cpu"))
+        else:
+            model = plain_net()
+            for block in model.blocks:
+                fully_shard(block, mesh=mesh)
+            fully_shard(model, mesh=mesh)
         stored, out, flex = _hooked(model, _rows(x, sizes, dist.get_rank()), DP_HOOKS, replicate,
-                                    _sum_loss(4, 2))
+                                    _sum_loss(4, 2), names=_names(model))
         torch.testing.assert_close(out, _rows(ref_out, sizes, dist.get_rank()), **TOL)
         if dist.get_rank() == 0:
             assert_stored_equal(stored, ref_stored, **TOL)
-        grads = {clean(n): p.grad.full_tensor() for n, p in model.named_parameters()}
+        if wrapper == "fsdp1":
+            grads = _grads_by_sgd_step(model, lambda m=model: _fsdp1_params(m))
+        else:
+            grads = {clean(n): p.grad.full_tensor() for n, p in model.named_parameters()}
         assert_grads_equal(grads, ref_grads, **TOL)
         flex.restore()
+
+
+@distributed(world_size=4, timeout_s=TIMEOUT_S)
+def test_fsdp2_x_dtensor_tp_with_dtensors_in_the_hooks_equals_one_process():
+    """A 2-D mesh: DTensor TP (hooks see DTensors) inside FSDP2, uneven replicas, edits
+    coupling the batch and the hidden dim, gradient hooks on DTensor parameters (sharded over
+    tp, averaged over dp)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    def both(module, tensor, ctx, modules):
+        return hidden_softmax_gate(module, batch_center(module, tensor, ctx, modules), ctx,
+                                   modules)
+
+    hooks = [(n, k, both if k in ("forward", "forward_pre") else fn, e)
+             for n, k, fn, e in TP_HOOKS]
+    sizes = (3, 1)
+    x = _x(4)
+    ref_stored, ref_out, ref_grads = _reference(x, hooks)
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    dp_rank = mesh.get_local_rank("dp")
+    model = parallelize_module(plain_net(), mesh["tp"], dtensor_plan(False))
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh["dp"])
+    fully_shard(model, mesh=mesh["dp"])
+    stored, out, flex = _hooked(model, _rows(x, sizes, dp_rank), hooks, True, _sum_loss(4, 2))
+    assert flex.runtime.mesh.sizes == {"dp": 2, "tp": 2, "pp": 1}
+    out = out.full_tensor() if hasattr(out, "full_tensor") else out
+    torch.testing.assert_close(out, _rows(ref_out, sizes, dp_rank), **TOL)
+    if dist.get_rank() == 0:
+        assert_stored_equal(stored, ref_stored, **TOL)
+    assert_grads_equal({clean(n): p.grad.full_tensor() for n, p in model.named_parameters()},
+                       ref_grads, **TOL)
+    flex.restore()
 
 
 # -- replicate_edit under tensor parallelism ---------------------------------------------------
