@@ -901,3 +901,46 @@ def test_the_model_may_change_an_edited_tensor_in_place(replicate):
         assert_stored_equal(stored, ref_stored, **TOL)
     assert_grads_equal(_fairscale_grads(model, fs.get_model_parallel_group()),
                        plain_grads(ref_model), **TOL)
+
+
+@distributed(world_size=2, timeout_s=TIMEOUT_S)
+def test_overlap_with_uneven_dtensor_shards_and_expected_shape_equals_one_process():
+    """DTensor TP with an odd column width (shards of 8 and 7: the padded gather), DTensors in
+    the hooks, an ``expected_shape`` on an overlapped retrieval; then a mismatching one raises
+    on every rank and leaves nothing in flight for the next forward."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    ff = FF - 1
+    mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("tp",))
+    x = _x(2)
+
+    def run(model, expected, **kwargs):
+        stored: dict = {}
+        flex = FlexModel(model, stored, key_by_hook_kind=True, **kwargs)
+        flex.register_forward_hook(HookFunction("blocks.0.up", expected_shape=expected))
+        flex.register_forward_hook(HookFunction("blocks.1.act"))
+        flex.register_full_backward_hook(HookFunction("blocks.1.act"))
+        out = flex(x)
+        out = out.full_tensor() if isinstance(out, DTensor) else out
+        _sum_loss(2, 1)(out).backward()
+        return stored, out.detach(), flex
+
+    ref, ref_out, flex = run(plain_net(ff=ff), (2, 3, ff), process_group=local_group())
+    flex.restore()
+    model = parallelize_module(plain_net(ff=ff), mesh, dtensor_plan(False))
+    stored, out, flex = run(model, (2, 3, ff), overlap_retrieval=True)
+    torch.testing.assert_close(out, ref_out, **TOL)
+    if dist.get_rank() == 0:
+        assert_stored_equal(stored, ref, **TOL)
+    flex.restore()
+
+    model = parallelize_module(plain_net(ff=ff), mesh, dtensor_plan(False))
+    with pytest.raises(ShapeMismatchError):
+        run(model, (2, 3, ff + 1), overlap_retrieval=True)
+    stored, out, flex = run(parallelize_module(plain_net(ff=ff), mesh, dtensor_plan(False)),
+                            (2, 3, ff), overlap_retrieval=True)
+    if dist.get_rank() == 0:
+        assert_stored_equal(stored, ref, **TOL)
+    flex.restore()
