@@ -30,6 +30,7 @@ from pipeline_cases import hand_split_step, inputs, register_sites, two_stages
 from pipeline_cases import loss_fn as pipeline_loss
 from rank_pool import distributed
 from test_equivalence_tp import _fairscale_grads
+from test_store_distributed import _done_with, _shared_dir
 
 from flex_surgery import FlexModel, HookFunction
 from flex_surgery.hooks import ShapeMismatchError
@@ -37,7 +38,7 @@ from flex_surgery.hooks.hook_function import pure_edit
 from flex_surgery.parallel import distributed_runtime
 from flex_surgery.parallel.collectives import RemoteEditError
 from flex_surgery.parallel.pipeline import StageLink
-from flex_surgery.store import MemoryStore
+from flex_surgery.store import DiskStore, MemoryStore
 
 TOL = dict(rtol=1e-9, atol=1e-12)  # float64: only summation order differs
 TIMEOUT_S = 60  # a hang fails the test within this bound
@@ -537,7 +538,7 @@ def _cleaned(stored: dict) -> dict:
             for k, v in stored.items()}
 
 
-@pytest.mark.parametrize("how", ["keep_all", "keep_last", "store"])
+@pytest.mark.parametrize("how", ["keep_all", "keep_last", "store", "disk"])
 @distributed(world_size=2, timeout_s=TIMEOUT_S)
 def test_overlap_under_ddp_with_uneven_batches_equals_one_process(how):
     """Two steps of DDP with replicas of 3 and 1 rows: the overlapped gathers are padded, the
@@ -551,14 +552,23 @@ def test_overlap_under_ddp_with_uneven_batches_equals_one_process(how):
                               keep=keep, key_by_hook_kind=True, process_group=local_group())
     for overlap in (False, True):
         model = DDP(plain_net())
-        store = MemoryStore() if how == "store" else None
+        directory = _shared_dir() if how == "disk" else None
+        store = MemoryStore() if how == "store" else \
+            DiskStore(directory, buffer_bytes=1024) if how == "disk" else None
         options = dict(store=store) if store is not None else dict(keep=keep)
         stored, out = _retrieval(model, _rows(x, sizes, dist.get_rank()), OVERLAP_DP_SITES,
                                  overlap, _sum_loss(4, 2), steps=2, names=_names(model),
                                  key_by_hook_kind=True, **options)
         torch.testing.assert_close(out, _rows(ref_out, sizes, dist.get_rank()), **TOL)
-        if store is not None:
+        if how == "store":
             stored = store.to_dict()
+        elif how == "disk":
+            store.close()
+            dist.barrier()
+            reader = DiskStore(directory)
+            stored = {n: [reader.read(n, step) for step in reader.steps(n)]
+                      for n in reader.names()}
+            _done_with(directory)
         if dist.get_rank() == 0:
             got, want = _cleaned(stored), ref
             if keep == "last":
