@@ -137,7 +137,7 @@ def _names(model) -> dict[str, str]:
 
 
 # -- replicate_edit under data parallelism -----------------------------------------------------
-@pytest.mark.parametrize("sizes", [(3, 1), (2, 2)], ids=["uneven", "even"])
+@pytest.mark.parametrize("sizes", [(3, 1), (2, 2), (4, 0)], ids=["uneven", "even", "empty"])
 @distributed(world_size=2, timeout_s=TIMEOUT_S)
 def test_ddp_edits_coupling_the_batch_equal_one_process(sizes):
     """DDP with uneven replicas (the padded gather) and even ones (gathered straight into the
