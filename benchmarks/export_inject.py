@@ -262,6 +262,8 @@ def main() -> None:
     parser.add_argument("--ratio-only", action="store_true",
                         help="only inject_weights vs raw copy vs re-export on GPT-2 small's "
                              "shape (124M, gpt2-124m-random)")
+    parser.add_argument("--device", default="cpu",
+                        help="--ratio-only: cpu (default) or cuda")
     parser.add_argument("--repeats", type=int, default=15,
                         help="--ratio-only: interleaved rounds of inject and raw copy")
     parser.add_argument("--reexport-repeats", type=int, default=3,
@@ -307,7 +309,7 @@ def main() -> None:
 
 
 def ratio_only(args: argparse.Namespace) -> None:
-    device = torch.device("cpu")
+    device = torch.device(args.device)
     r = bench_injection_ratio(device, args.repeats, args.reexport_repeats)
     print(f"{r['model']} ({r['params'] / 1e6:.1f}M params, {r['weight_bytes'] / 2**20:.0f} "
           f"MiB), plain torch.export program:")

@@ -23,7 +23,7 @@ Which entries hold modified values:
   one all-gather per unit and call, on every rank, like FSDP's own) and replaces the unit's
   modified entries with their originals, cut as FSDP cuts them for ``SHARDED_STATE_DICT``.
   ``LOCAL_STATE_DICT`` inside a theater raises
-  :class:`~flex_surgery.surgery.theater.SurgeryError`.
+  :class:`~flex_surgery.surgery.guard.SurgeryError`.
 
 Nested theaters: every theater installs its own hooks, outermost first, and hooks run in the
 order they were registered; the outermost theater's snapshot holds the true original, so it
