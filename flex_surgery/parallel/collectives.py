@@ -186,7 +186,10 @@ def _scatter(full: torch.Tensor | None, dim: int, group: Group, src: int,
         dist.scatter(out, pieces, group=group, group_src=src)
     else:
         dist.scatter(out, None, group=group, group_src=src)
-    return out.narrow(dim, 0, sizes[me])
+    # The receive buffer itself when this rank's piece fills it: not a view, which a model
+    # changing the edited tensor in place after the hook could not modify (autograd forbids
+    # in-place changes of a view a custom Function returns).
+    return out if sizes[me] == top else out.narrow(dim, 0, sizes[me])
 
 
 @names_lost_ranks

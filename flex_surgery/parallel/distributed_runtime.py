@@ -255,12 +255,35 @@ class DistributedRuntime(Runtime):
 
     def retrieve_gathered(self, full: torch.Tensor | None, ctx: EditContext,
                           store: Callable[[torch.Tensor], None]) -> None:
-        if self.store_on == "all" and ctx.state.get("everywhere"):
+        everywhere = ctx.state.get("everywhere")
+        layout = ctx.state["layout"]
+        if self.store_on == "replica_leaders" and self.mesh.dp_size > 1 and \
+                isinstance(layout.spec_for("dp"), ShardSpec):
+            # Each replica's leader stores its own rows, as a retrieval-only hook does: taken
+            # from the whole tensor every rank holds, or gathered over tp on the leader path.
+            if everywhere:
+                self._store_own_rows(full, layout, ctx.state["record"], store)
+            else:
+                self.retrieve(ctx.local, ctx.site, store)
+        elif self.store_on == "all" and everywhere:
             store(store_copy(full))  # every rank gathered the whole tensor
         elif self.store_on == "all":  # every rank stores: the leader's gather is not enough
             self.retrieve(ctx.local, ctx.site, store)
         elif self.mesh.is_stage_leader():
             store(store_copy(full))  # always a copy: the editing function may edit in place
+
+    def _store_own_rows(self, full: torch.Tensor, layout: Layout, record: list,
+                        store: Callable[..., None]) -> None:
+        """``store_on="replica_leaders"`` with the whole tensor on every rank: this replica's
+        leader (tp rank 0) stores its rows, with their place in the global batch."""
+        if self.mesh.rank("tp") != 0:
+            return
+        spec = layout.spec_for("dp")
+        sizes = next(sizes for axis, _, sizes, _ in record if axis == "dp")
+        me = self.mesh.rank("dp")
+        start = sum(sizes[:me])
+        rows = Rows(spec.dim, start, start + sizes[me], sum(sizes))
+        store(store_copy(full.narrow(spec.dim, start, sizes[me])), rows)
 
     def gather_for_edit(self, local: torch.Tensor, site: HookSite,
                         everywhere: bool = False) -> tuple[torch.Tensor | None, EditContext]:
