@@ -960,3 +960,39 @@ def test_overlap_with_uneven_dtensor_shards_and_expected_shape_equals_one_proces
     if dist.get_rank() == 0:
         assert_stored_equal(stored, ref, **TOL)
     flex.restore()
+
+
+@distributed(world_size=4, timeout_s=TIMEOUT_S)
+def test_dp_x_tp_replica_leaders_disk_store_with_edits_equals_one_process():
+    """fairscale TP=2 inside DDP (dp=2), uneven replicas, ``store_on="replica_leaders"`` into a
+    DiskStore: editing hooks on both paths write each replica's rows from its leader; read
+    back, the store holds one process's whole tensors."""
+    from fairscale.nn.model_parallel import initialize as fs
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    fs.initialize_model_parallel(2)
+    hooks = [("blocks.0.up", "forward", batch_center, None),
+             ("blocks.1.act", "full_backward", batch_center, None),
+             ("blocks.1.up.weight", "tensor", grad_center, None)]
+    sizes = (3, 1)
+    x = _x(4)
+    ref_stored, _, _ = _reference(x, hooks)
+    dp_rank = fs.get_data_parallel_rank()
+    for replicate in REPLICATE:
+        directory = _shared_dir()
+        store = DiskStore(directory)
+        model = DDP(fairscale_net(plain_net()), process_group=fs.get_data_parallel_group())
+        flex = FlexModel(model, None, store=store, store_on="replica_leaders",
+                         key_by_hook_kind=True, tensor_parallel_size=2, data_parallel_size=2)
+        for name, kind, fn, _ in hooks:
+            getattr(flex, _REGISTER[kind])(HookFunction(_names(model)[name], editing_function=fn,
+                                                        replicate_edit=replicate))
+        _sum_loss(4, 2)(flex(_rows(x, sizes, dp_rank))).backward()
+        flex.restore()
+        store.close()
+        dist.barrier()
+        if dist.get_rank() == 0:
+            reader = DiskStore(directory)
+            got = {n: [reader.read(n, step) for step in reader.steps(n)] for n in reader.names()}
+            assert_stored_equal(_cleaned(got), ref_stored, **TOL)
+        _done_with(directory)
