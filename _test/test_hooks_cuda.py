@@ -41,3 +41,25 @@ def test_cuda_stored_tensors_equal_a_cpu_run_and_are_complete_on_return():
     for key, values in gpu_forward.items():  # what forward's return showed is what stays
         for early, final in zip(values, gpu_stored[key]):
             assert torch.equal(early, final)
+
+
+def test_cuda_stored_value_is_the_one_before_later_in_place_changes():
+    """The host copy travels on a side stream while the compute stream goes on: an editing
+    function that edits in place, and the model changing the tensor in place after the hook,
+    must not reach the stored value."""
+    lin = torch.nn.Linear(64, 64).cuda()
+    stored: dict = {}
+    flex = FlexModel(torch.nn.Sequential(lin), stored)
+
+    def in_place(module, tensor, ctx, modules):
+        return tensor.mul_(2)
+
+    flex.register_forward_hook(HookFunction("0", editing_function=in_place))
+    lin.register_forward_hook(lambda m, a, out: out.add_(1000.0))  # runs after FlexModel's
+    x = torch.randn(512, 64, device="cuda")
+    with torch.no_grad():
+        want = lin.weight @ x.T
+        out = flex(x)
+    torch.testing.assert_close(stored["0"][0], (want.T + lin.bias).cpu(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out, (want.T + lin.bias) * 2 + 1000.0, rtol=1e-4, atol=1e-3)
+    flex.restore()

@@ -231,6 +231,7 @@ class HookFunction:
         self.hook_type = hook_type
         self.output_key = key
         self._site = self._runtime = self._shared = None
+        self._local = False
         self._enabled = True
 
     @property
@@ -243,6 +244,7 @@ class HookFunction:
         self.hook_type = None
         self.output_key = None
         self._site = self._runtime = self._shared = None
+        self._local = False
         self._enabled = True
 
     def torch_hook(self) -> Callable[..., Any]:

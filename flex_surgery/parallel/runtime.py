@@ -221,10 +221,11 @@ def store_copy(tensor: torch.Tensor, blocking: bool = False) -> torch.Tensor:
     """A detached CPU copy that later in-place changes to ``tensor`` cannot reach.
 
     ``tensor.cpu()`` on a CPU tensor returns the tensor itself, so the copy is explicit. A CUDA
-    tensor is copied into pinned memory on a side stream, so neither the hook nor the next
-    block's kernels wait for the bytes to cross the bus: the copy stream starts once the
-    compute stream has produced ``tensor``, and ``tensor``'s memory is not reused before the
-    copy is done (``record_stream``). The copy is complete once :func:`wait_for_host_copies`
+    tensor is first copied on the device (later in-place changes cannot reach the copy), then
+    into pinned memory on a side stream, so neither the hook nor the next block's kernels wait
+    for the bytes to cross the bus: the copy stream starts once the compute stream has produced
+    the device copy, whose memory is not reused before the transfer is done
+    (``record_stream``). The copy is complete once :func:`wait_for_host_copies`
     returns, which FlexModel calls at the end of every forward and (for copies made by backward
     hooks) at the end of every backward -- one synchronisation per pass, not per hook.
     ``blocking=True`` waits for this copy at once.
@@ -233,11 +234,16 @@ def store_copy(tensor: torch.Tensor, blocking: bool = False) -> torch.Tensor:
     if tensor.device.type != "cuda":
         return tensor.to("cpu", copy=True)
     host = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=True)
+    # A private device copy first, on the compute stream: the side stream reads it while the
+    # compute stream goes on, and later in-place changes of ``tensor`` (an editing function, the
+    # model's own in-place ops) cannot reach it. Device-to-device copies cost a fraction of the
+    # bus transfer they let overlap.
+    source = tensor.clone()
     stream = _copy_stream(tensor.device)
     stream.wait_stream(torch.cuda.current_stream(tensor.device))
     with torch.cuda.stream(stream):
-        host.copy_(tensor, non_blocking=True)
-    tensor.record_stream(stream)
+        host.copy_(source, non_blocking=True)
+    source.record_stream(stream)
     if blocking:
         stream.synchronize()
         return host
