@@ -2,6 +2,7 @@
 
 import os
 
+import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -32,3 +33,12 @@ def pytest_sessionfinish(session, exitstatus):
     from rank_pool import close_all_pools
 
     close_all_pools()
+
+
+@pytest.fixture(autouse=True)
+def _default_dtype_per_test():
+    """A test that switches the default dtype (float64 for exact equivalence) in this process
+    does not leak it into the next one; pool ranks reset it after every body themselves."""
+    dtype = torch.get_default_dtype()
+    yield
+    torch.set_default_dtype(dtype)

@@ -741,11 +741,12 @@ def test_one_process_short_path_equals_the_runtime_path(options):
 
 
 def test_one_process_short_path_checks_expected_shape():
+    x = _x(2)  # sets the float64 default the model is built in
     flex = FlexModel(plain_net(), {})
     flex.register_forward_hook(HookFunction("blocks.0.up", expected_shape=(None, 3, FF + 1),
                                             editing_function=batch_center))
     with pytest.raises(ShapeMismatchError):
-        flex(_x(2))
+        flex(x)
     flex.restore()
 
 
