@@ -318,7 +318,8 @@ class HookFunction:
             return None
         full, ctx = runtime.gather_for_edit(tensor, site, everywhere=self.replicate_edit)
         if storing:  # one gather serves both storing and editing
-            runtime.retrieve_gathered(full, ctx, self._store)
+            runtime.retrieve_gathered(full, ctx, self._store, keeps=self._shared.output_dict
+                                      is not None or self._shared.binding is not None)
         edited = runtime.run_on_leader(ctx, partial(self._edit, full))
         return repack(runtime.scatter_from_edit(edited, ctx))
 

@@ -254,23 +254,23 @@ class DistributedRuntime(Runtime):
         store(full if fresh else store_copy(full), rows)
 
     def retrieve_gathered(self, full: torch.Tensor | None, ctx: EditContext,
-                          store: Callable[[torch.Tensor], None]) -> None:
+                          store: Callable[[torch.Tensor], None], keeps: bool = True) -> None:
+        # Only the branches that gather again (self.retrieve) are collectives: every rank takes
+        # them; a copy this rank would not keep is skipped.
         everywhere = ctx.state.get("everywhere")
         layout = ctx.state["layout"]
         if self.store_on == "replica_leaders" and self.mesh.dp_size > 1 and \
                 isinstance(layout.spec_for("dp"), ShardSpec):
             # Each replica's leader stores its own rows, as a retrieval-only hook does: taken
             # from the whole tensor every rank holds, or gathered over tp on the leader path.
-            if everywhere:
-                self._store_own_rows(full, layout, ctx.state["record"], store)
-            else:
+            if not everywhere:
                 self.retrieve(ctx.local, ctx.site, store)
-        elif self.store_on == "all" and everywhere:
-            store(store_copy(full))  # every rank gathered the whole tensor
-        elif self.store_on == "all":  # every rank stores: the leader's gather is not enough
+            elif keeps:
+                self._store_own_rows(full, layout, ctx.state["record"], store)
+        elif self.store_on == "all" and not everywhere:  # the leader's gather is not enough
             self.retrieve(ctx.local, ctx.site, store)
-        elif self.mesh.is_stage_leader():
-            store(store_copy(full))  # always a copy: the editing function may edit in place
+        elif keeps and (self.store_on == "all" or self.mesh.is_stage_leader()):
+            store(store_copy(full))  # "all" here: every rank gathered the whole tensor
 
     def _store_own_rows(self, full: torch.Tensor, layout: Layout, record: list,
                         store: Callable[..., None]) -> None:

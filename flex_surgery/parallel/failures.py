@@ -237,6 +237,13 @@ def run_agreeing(fn: Callable[[], Any], group: Group, what: str,
     other ranks before it is re-raised unchanged where it happened, so no rank is left waiting
     for a collective that will never come.
     """
+    if dist.get_world_size(group) == 1:  # nobody to tell: no collective
+        try:
+            result = fn()
+        except Exception as exc:
+            raise RemoteEditError(f"rank {dist.get_rank()}: {what} failed on rank "
+                                  f"{dist.get_rank()}: {type(exc).__name__}: {exc}") from exc
+        return result, isinstance(result, torch.Tensor) and result.requires_grad
     result, error, cause = None, None, None
     if src is None or dist.get_rank(group) == src:
         try:

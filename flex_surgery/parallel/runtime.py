@@ -94,12 +94,13 @@ class Runtime:
         raise NotImplementedError
 
     def retrieve_gathered(self, full: torch.Tensor | None, ctx: EditContext,
-                          store: Callable[[torch.Tensor], None]) -> None:
+                          store: Callable[[torch.Tensor], None], keeps: bool = True) -> None:
         """Like :meth:`retrieve`, for a hook that also edits: store the whole tensor that
         :meth:`gather_for_edit` already gathered instead of gathering it a second time.
 
         Called before the editing function runs, so the stored value is the one before editing
-        even if the function edits in place.
+        even if the function edits in place. ``keeps=False``: this rank's ``store`` keeps
+        nothing, so no copy is made where no collective depends on it.
         """
         raise NotImplementedError
 
@@ -265,8 +266,9 @@ class LocalRuntime(Runtime):
         return local, EditContext(site, local)
 
     def retrieve_gathered(self, full: torch.Tensor | None, ctx: EditContext,
-                          store: Callable[[torch.Tensor], None]) -> None:
-        store(store_copy(full))
+                          store: Callable[[torch.Tensor], None], keeps: bool = True) -> None:
+        if keeps:
+            store(store_copy(full))
 
     def scatter_from_edit(self, full: torch.Tensor | None, ctx: EditContext) -> torch.Tensor:
         assert full is not None
