@@ -155,9 +155,9 @@ class CountingRuntime(LocalRuntime):
         self.calls += 1
         return super().retrieve(local, site, store)
 
-    def gather_for_edit(self, local, site):
+    def gather_for_edit(self, local, site, everywhere=False):
         self.calls += 1
-        return super().gather_for_edit(local, site)
+        return super().gather_for_edit(local, site, everywhere)
 
 
 def test_disabled_hooks_do_no_work(monkeypatch):

@@ -221,7 +221,9 @@ class HookFunction:
         self._site = site
         self._runtime = runtime
         self._shared = shared
-        self._local = isinstance(runtime, LocalRuntime)
+        # The short path skips the runtime's methods: only for LocalRuntime itself, so that a
+        # subclass overriding them (to count, log or redirect) is still asked.
+        self._local = type(runtime) is LocalRuntime
         self._enabled = True
 
     def _bind_remote(self, owner: object, hook_type: str, key: str) -> None:
