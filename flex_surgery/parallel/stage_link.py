@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.utils import _pytree as pytree
 
 from flex_surgery.parallel.backend import default_device
 from flex_surgery.parallel.collectives import announce_process
@@ -273,11 +274,66 @@ class StageLink:
 
     # -- objects -------------------------------------------------------------------------------
     def send_object(self, obj: Any, stage: int) -> None:
-        data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+        """Send ``obj`` (dicts and lists of tensors and plain values) to ``stage``.
+
+        Only its structure is pickled; its tensors travel as one flat byte buffer. Pickling the
+        tensors themselves costs several copies of every byte on both sides (measured: the PP
+        collection of stored activations ran at 6-9x a plain send of the same bytes)."""
+        tensors: list[torch.Tensor] = []
+
+        def take(leaf: Any) -> Any:
+            if not isinstance(leaf, torch.Tensor):
+                return leaf
+            tensors.append(leaf.detach().reshape(-1).contiguous())
+            return _Slot(len(tensors) - 1, tuple(leaf.shape), leaf.dtype)
+
+        skeleton = pytree.tree_map(take, obj)
+        data = torch.frombuffer(bytearray(pickle.dumps(skeleton)), dtype=torch.uint8)
         self.send(data.to(self.device), stage)
+        self.send(_flat_bytes(tensors, self.device), stage)
 
     def recv_object(self, stage: int) -> Any:
-        return pickle.loads(self.recv(stage).cpu().numpy().tobytes())
+        skeleton = pickle.loads(self.recv(stage).cpu().numpy().tobytes())
+        flat = self.recv(stage).cpu()
+        slots = [leaf for leaf in pytree.tree_leaves(skeleton) if isinstance(leaf, _Slot)]
+        offsets, at = {}, 0
+        for slot in sorted(slots, key=lambda sl: sl.index):
+            offsets[slot.index] = at
+            at += _padded(slot.nbytes)
+
+        def give(leaf: Any) -> Any:
+            if not isinstance(leaf, _Slot):
+                return leaf
+            start = offsets[leaf.index]
+            piece = flat[start:start + leaf.nbytes].view(leaf.dtype)
+            return piece.reshape(leaf.shape).clone()  # its own memory, not a view of the batch
+
+        return pytree.tree_map(give, skeleton)
+
+
+class _Slot:
+    """Where a tensor of a sent object lies in the flat byte buffer sent after the structure."""
+
+    def __init__(self, index: int, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        self.index, self.shape, self.dtype = index, shape, dtype
+        self.nbytes = dtype.itemsize * int(torch.Size(shape).numel())
+
+
+def _padded(nbytes: int) -> int:
+    """Each tensor starts at a multiple of 16 bytes, so a view of any dtype is aligned."""
+    return -(-nbytes // 16) * 16
+
+
+def _flat_bytes(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """The tensors' bytes, each padded to a multiple of 16, in one uint8 tensor."""
+    total = sum(_padded(t.numel() * t.element_size()) for t in tensors)
+    flat = torch.zeros(total, dtype=torch.uint8, device=device)
+    at = 0
+    for t in tensors:
+        n = t.numel() * t.element_size()
+        flat[at:at + n].copy_(t.view(torch.uint8) if n else t.new_empty(0, dtype=torch.uint8))
+        at += _padded(n)
+    return flat
 
 
 def _describe(exc: BaseException) -> str:
