@@ -50,9 +50,9 @@ from flex_surgery.lens_unembedding import (
     local_topk,
     merge_topk,
 )
+from flex_surgery.naming import unwrap_model
 from flex_surgery.parallel.runtime import HookSite, wait_for_host_copies
 from flex_surgery.surgery.model_surgery import ModelSurgery
-from flex_surgery.surgery.theater import unwrap_model
 
 __all__ = ["LensError", "LensResult", "LogitLens", "logit_lens", "plot_lens"]
 

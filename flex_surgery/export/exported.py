@@ -39,8 +39,8 @@ from flex_surgery.export.inject import (
 from flex_surgery.export.layout import WeightSlot
 from flex_surgery.export.program import OutputKey, export_private_copy, with_state
 from flex_surgery.export.weight_files import load_weight_file, save_weight_file
+from flex_surgery.naming import unwrap_model
 from flex_surgery.surgery.snapshot import take_snapshot
-from flex_surgery.surgery.theater import unwrap_model
 
 __all__ = ["ExportedModel", "WeightSource", "live_weights"]
 

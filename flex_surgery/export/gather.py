@@ -32,10 +32,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from flex_surgery.naming import clean_name
+from flex_surgery.naming import clean_name, join_name, unwrap_model
 from flex_surgery.parallel import frameworks
 from flex_surgery.parallel.runtime import Runtime, store_copy
-from flex_surgery.surgery.theater import unwrap_model
 
 __all__ = ["full_weights"]
 
@@ -102,7 +101,7 @@ def _gathered_views(model: nn.Module, tp_group: dist.ProcessGroup | None,
     for prefix, sub in model.named_modules(remove_duplicate=False):
         for leaf, buf in sub.named_buffers(recurse=False):
             if leaf not in sub._non_persistent_buffers_set:  # buffers are never sharded
-                weights[clean_name(f"{prefix}.{leaf}" if prefix else leaf)] = store_copy(
+                weights[clean_name(join_name(prefix, leaf))] = store_copy(
                     buf, blocking=True)
     return weights
 

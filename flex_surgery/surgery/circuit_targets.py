@@ -20,7 +20,7 @@ from typing import Any
 import torch.distributed as dist
 from torch import nn
 
-from flex_surgery.naming import clean_name
+from flex_surgery.naming import clean_name, modules_by_clean_name
 from flex_surgery.parallel import frameworks
 from flex_surgery.parallel.frameworks.base import differs_across
 from flex_surgery.surgery.circuit_masks import ABLATIONS, LayerMask, world_group
@@ -53,7 +53,7 @@ def _supported(module: nn.Module) -> bool:
 
 def resolve_targets(model: nn.Module, names: Iterable[str]) -> dict[str, nn.Module]:
     """``{clean name: module}`` for each target, or a ValueError naming every bad one."""
-    modules = {clean_name(n): m for n, m in model.named_modules()}
+    modules = modules_by_clean_name(model)
     found, problems = {}, []
     for name in names:
         module = modules.get(clean_name(name))

@@ -17,8 +17,8 @@ from typing import Any
 
 from torch import nn
 
-from flex_surgery.naming import clean_name
-from flex_surgery.surgery.theater import SurgeryError, unwrap_model
+from flex_surgery.naming import clean_name, join_name, unwrap_model
+from flex_surgery.surgery.theater import SurgeryError
 
 __all__ = ["LayerSurgery", "PassThrough", "delete_blocks", "permute_blocks", "replace_blocks"]
 
@@ -38,7 +38,7 @@ def _parent_and_attr(root: nn.Module, name: str) -> tuple[nn.Module, str]:
     """Parent module and attribute of the module with clean name ``name`` (FSDP-aware)."""
     for mname, module in root.named_modules():
         for child_name, child in module.named_children():
-            full = f"{mname}.{child_name}" if mname else child_name
+            full = join_name(mname, child_name)
             if clean_name(full) == name and isinstance(child, nn.ModuleList):
                 return module, child_name
     raise ValueError(f"no nn.ModuleList named {name!r}")

@@ -34,9 +34,10 @@ import torch.distributed as dist
 from torch import nn
 
 from flex_surgery.anatomy import locate
+from flex_surgery.naming import join_name, unwrap_model
 from flex_surgery.parallel.frameworks.base import LayoutError
 from flex_surgery.surgery.layers import LayerSurgery, _parent_and_attr
-from flex_surgery.surgery.theater import SurgeryError, unwrap_model
+from flex_surgery.surgery.theater import SurgeryError
 
 __all__ = ["ModelSurgery", "ShardingMismatchError"]
 
@@ -310,7 +311,7 @@ def _partitioning(module: nn.Module) -> dict[str, tuple[tuple, str, str]]:
     table = {}
     for mname, sub in module.named_modules():
         for pname, p in sub.named_parameters(recurse=False):
-            name = f"{mname}.{pname}" if mname else pname
+            name = join_name(mname, pname)
             view = frameworks.parameter_view(name, sub, pname, p)
             if view.kind == "plain":
                 how = "plain"

@@ -19,12 +19,12 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from flex_surgery.naming import clean_name
+from flex_surgery.naming import modules_by_clean_name
 from flex_surgery.surgery.lora import LoraLinear, lora_layers
 from flex_surgery.surgery.shards import LocalShard
 
 __all__ = ["PARAMETER_SELECTIONS", "Edit", "LayerSpec", "ParamFilter", "param_filter",
-           "resolve_edits", "unwrap_model"]
+           "resolve_edits"]
 
 PARAMETER_SELECTIONS = ("linear", "weights", "all")
 
@@ -48,21 +48,6 @@ class Edit:
     def shards(self) -> tuple[LocalShard, ...]:
         """Every local view this edit writes."""
         return (self.shard, *self.factors)
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """Peel wrappers that add a name prefix (DDP's ``module.``, FlexModel's ``module.``), so
-    that parameter names -- and with them seeded noise -- are the same with or without them."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    while True:
-        if isinstance(model, DistributedDataParallel):
-            model = model.module
-        elif type(model).__name__ == "FlexModel" and isinstance(
-                getattr(model, "module", None), nn.Module):
-            model = model.module
-        else:
-            return model
 
 
 def _is_linear(module: nn.Module) -> bool:
@@ -100,7 +85,7 @@ def resolve_edits(root: nn.Module, shards: list[LocalShard],
     floating = [s for s in shards if s.local.is_floating_point()]
     loras = lora_layers(root)
     inside = {mid: lora for lora in loras.values() for mid in lora.internals}
-    module_names = {clean_name(n) for n, _ in root.named_modules()}
+    module_names = set(modules_by_clean_name(root))
     param_names = {n for s in floating for n in s.names}
     param_names |= {loras[id(s.module)].effective_name(s.param_name)
                     for s in floating if id(s.module) in loras}

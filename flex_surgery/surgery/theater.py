@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from flex_surgery.naming import unwrap_model as unwrap_model
 from flex_surgery.parallel import frameworks
 from flex_surgery.surgery.guard import RestoreError as RestoreError
 from flex_surgery.surgery.guard import SurgeryError as SurgeryError
@@ -56,7 +57,6 @@ from flex_surgery.surgery.targets import (
     param_filter,
     resolve_edits,
 )
-from flex_surgery.surgery.targets import unwrap_model as unwrap_model
 from flex_surgery.surgery.training_guard import TrainingState
 from flex_surgery.surgery.training_guard import all_parameters as _all_parameters  # noqa: F401
 

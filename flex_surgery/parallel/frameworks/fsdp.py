@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from flex_surgery.naming import clean_name
+from flex_surgery.naming import clean_name, join_name
 from flex_surgery.parallel.frameworks.base import Framework
 from flex_surgery.parallel.frameworks.views import FlatRegion, LocalShard
 
@@ -34,10 +34,6 @@ if TYPE_CHECKING:
     from flex_surgery.parallel.mesh import ParallelMesh
 
 __all__ = ["FSDP1", "FSDP2", "fsdp1_param_offsets"]
-
-
-def _join(*parts: str) -> str:
-    return ".".join(p for p in parts if p)
 
 
 def _fsdp1_class():
@@ -92,7 +88,7 @@ class FSDP1(Framework):
                 handled.add((id(spi.module), spi.param_name))
             handled.add((id(module), "_flat_param"))
             handled.add((id(module._fsdp_wrapped_module), "_flat_param"))
-            shards.extend(_fsdp1_shards(module, _join(mname, "_fsdp_wrapped_module")))
+            shards.extend(_fsdp1_shards(module, join_name(mname, "_fsdp_wrapped_module")))
         return shards, handled
 
     def groups(self, model: nn.Module | None) -> ParallelMesh | None:
@@ -172,9 +168,9 @@ def _fsdp1_shards(fsdp_module: nn.Module, prefix: str) -> Iterator[LocalShard]:
     for spi in fp._shared_param_infos:
         key = (id(spi.prim_module), spi.prim_param_name)
         aliases.setdefault(key, []).append(
-            clean_name(_join(prefix, spi.module_name, spi.param_name)))
+            clean_name(join_name(prefix, spi.module_name, spi.param_name)))
     for i, (pinfo, shape, numel) in enumerate(zip(fp._param_infos, fp._shapes, fp._numels)):
-        name = clean_name(_join(prefix, fp._fqns[i]))
+        name = clean_name(join_name(prefix, fp._fqns[i]))
         if sharded:
             sinfo = fp._shard_param_infos[i]
             if sinfo.in_shard:

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from flex_surgery.naming import clean_name
+from flex_surgery.naming import clean_name, join_name
 from flex_surgery.parallel.frameworks.base import differs_across
 from flex_surgery.parallel.frameworks.dtensor import is_dtensor
 from flex_surgery.parallel.frameworks.megatron import MegatronLayoutError
@@ -141,7 +141,7 @@ def parameter_views(model: nn.Module, tp_group: dist.ProcessGroup | None = None,
         for pname, param in module._parameters.items():
             if param is None or (id(module), pname) in handled:
                 continue
-            name = clean_name(f"{mname}.{pname}" if mname else pname)
+            name = clean_name(join_name(mname, pname))
             seen = by_param.get(id(param))
             if seen is not None:
                 if name not in seen.names:
@@ -195,7 +195,7 @@ def split_unknown_modules(model: nn.Module, tp_group: dist.ProcessGroup | None,
                 continue
             seen.add(id(param))
             if param.is_floating_point() and _is_plain(module, pname, param):
-                full = clean_name(f"{mname}.{pname}" if mname else pname)
+                full = clean_name(join_name(mname, pname))
                 candidates.append((full.rpartition(".")[0], module, param.data))
     differs = differs_across([local for _, _, local in candidates], tp_group)
     found: dict[str, nn.Module] = {}
