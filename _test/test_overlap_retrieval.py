@@ -68,3 +68,50 @@ def test_synchronous_retrieval_stores_at_the_hook():
     seen = []
     _run(fairscale_net(plain_net()), x, overlap=False, seen=seen, tensor_parallel_size=2)
     assert seen == ([["blocks.0.up"]] if dist.get_rank() == 0 else [[]]), seen
+
+
+@distributed(world_size=4)
+def test_dp_x_tp_retrieval_gathers_every_piece_at_once():
+    """A tensor cut over dp (batch, uneven: 3 + 1 rows) and tp (hidden) reaches rank 0 in one
+    gather over the stage group; it equals one process's tensor."""
+    from fairscale.nn.model_parallel import initialize as fs
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from flex_surgery.parallel import axis_walk
+
+    fs.initialize_model_parallel(2)
+    dp_rank = fs.get_data_parallel_rank()
+    x = _inputs(4)
+    local_x = x[:3] if dp_rank == 0 else x[3:]
+    ref_stored: dict = {}
+    ref = FlexModel(plain_net(), ref_stored, process_group=local_group())
+    ref.register_forward_hook(HookFunction("blocks.0.up"))
+    with torch.no_grad():
+        ref(x)
+    ref.restore()
+    calls = []
+    real = axis_walk.AxisWalk.to_leader_at_once
+
+    def spy(self, t, layout):
+        calls.append(tuple(t.shape))
+        return real(self, t, layout)
+
+    axis_walk.AxisWalk.to_leader_at_once = spy
+    try:  # the pool rank lives on: undo the patch whatever happens
+        net = fairscale_net(plain_net())
+        stored: dict = {}
+        flex = FlexModel(DDP(net, process_group=fs.get_data_parallel_group()), stored,
+                         tensor_parallel_size=2, data_parallel_size=2)
+        flex.register_forward_hook(HookFunction("module.blocks.0.up"))
+        with torch.no_grad():
+            flex(local_x)
+        flex.restore()
+    finally:
+        axis_walk.AxisWalk.to_leader_at_once = real
+    assert calls, "the one-gather path was not taken"
+    if dist.get_rank() == 0:
+        assert len(stored["module.blocks.0.up"]) == 1
+        torch.testing.assert_close(stored["module.blocks.0.up"][0], ref_stored["blocks.0.up"][0],
+                                   **TOL)
+    else:
+        assert stored == {}
