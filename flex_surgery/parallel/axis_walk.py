@@ -23,7 +23,6 @@ import torch
 import torch.distributed as dist
 
 from flex_surgery.parallel.collectives import (
-    _pad,
     all_gather,
     all_reduce,
     broadcast_from_one,
@@ -35,7 +34,6 @@ from flex_surgery.parallel.collectives import (
     replica_to_one,
     scatter_from_one,
 )
-from flex_surgery.parallel.failures import naming_lost_ranks
 from flex_surgery.parallel.layout import GATHER_ORDER, Layout, PartialSpec, ShardSpec
 from flex_surgery.parallel.mesh import ParallelMesh
 
@@ -123,52 +121,6 @@ class AxisWalk:
             if trainable and layout.backward_scale != 1.0 and t.requires_grad:
                 t = _ScaleGrad.apply(t, 1.0 / layout.backward_scale)
         return t, record
-
-    def sharded_on_every_axis(self, t: torch.Tensor, layout: Layout) -> bool:
-        """Whether ``t`` is cut over two or more axes (each of size > 1), along different dims:
-        then :meth:`to_leader_at_once` gathers it in one collective. The same answer on every
-        rank of the stage: the mesh and the layout are shared."""
-        specs = [layout.spec_for(axis) for axis in GATHER_ORDER if self.mesh.size(axis) > 1]
-        return len(specs) > 1 and all(isinstance(s, ShardSpec) for s in specs) and \
-            len({s.dim % t.ndim for s in specs}) == len(specs)
-
-    def to_leader_at_once(self, t: torch.Tensor, layout: Layout) -> torch.Tensor | None:
-        """Retrieval of a tensor :meth:`sharded_on_every_axis`: every rank's piece gathered to
-        the leader over the stage group in one ``dist.gather`` (after one small exchange of the
-        pieces' coordinates and sizes), instead of a gather and a size exchange per axis, each
-        moving the bytes again. Detached; the whole tensor on the leader, ``None`` elsewhere."""
-        axes = [axis for axis in GATHER_ORDER if self.mesh.size(axis) > 1]
-        dims = [layout.spec_for(axis).dim % t.ndim for axis in axes]
-        group = self.mesh.stage_group
-        k = len(axes)
-        row = torch.tensor([self.mesh.rank(a) for a in axes] + [t.shape[d] for d in dims],
-                           dtype=torch.int64, device=t.device)
-        rows = [torch.empty_like(row) for _ in range(dist.get_world_size(group))]
-        with naming_lost_ranks(group, "piece exchange"):
-            dist.all_gather(rows, row, group=group)
-        table = [r.tolist() for r in rows]
-        padded = t.detach()
-        for i, d in enumerate(dims):
-            padded = _pad(padded, d, max(r[k + i] for r in table))
-        padded = padded.contiguous()
-        leader = next(i for i, r in enumerate(table) if not any(r[:k]))
-        bufs = [torch.empty_like(padded) for _ in table] if self.mesh.is_stage_leader() else None
-        with naming_lost_ranks(group, "gather"):
-            dist.gather(padded, bufs, group=group, group_dst=leader)
-        if bufs is None:
-            return None
-        level = {}
-        for r, buf in zip(table, bufs):  # each piece trimmed to its own sizes
-            for i, d in enumerate(dims):
-                buf = buf.narrow(d, 0, r[k + i])
-            level[tuple(r[:k])] = buf
-        for d in dims:  # join along the first remaining axis, in its coordinate order
-            merged: dict[tuple, list[torch.Tensor]] = {}
-            for key in sorted(level):
-                merged.setdefault(key[1:], []).append(level[key])
-            level = {key: torch.cat(parts, dim=d) for key, parts in merged.items()}
-        full = level[()]
-        return full * layout.grad_scale if layout.grad_scale != 1.0 else full
 
     def from_leader(self, t: torch.Tensor, layout: Layout, record: list,
                     trainable: bool = False) -> torch.Tensor:

@@ -201,11 +201,6 @@ class DistributedRuntime(Runtime):
                 return
             if self.overlap_retrieval and self._start_retrieval(plain, layout, store):
                 return
-            if self.walk.sharded_on_every_axis(plain, layout):
-                full = self.walk.to_leader_at_once(plain, layout)
-                if full is not None:  # the leader; a concatenation on the CPU is already private
-                    store(full if full.device.type == "cpu" else store_copy(full))
-                return
             full, record = self.walk.to_leader(plain, layout)
         if self.mesh.is_stage_leader():
             # A tensor gathered (or reduced) on the CPU is already a private copy; copy only
