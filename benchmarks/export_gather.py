@@ -19,8 +19,6 @@ model; ``views``: its largest parameter). Run: ``python benchmarks/export_gather
 from __future__ import annotations
 
 import argparse
-import os
-import socket
 import statistics
 import sys
 import time
@@ -28,7 +26,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -39,10 +36,10 @@ SIZES = {
 }
 
 
-def _rank(rank: int, world: int, port: int, sizes: list[str], reps: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _rank(sizes: list[str], reps: int) -> None:
+    """One rank (forked by flex_surgery.launch.fork_ranks: the process group is up, its
+    backend chosen from the device)."""
+    world = dist.get_world_size()
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -55,7 +52,6 @@ def _rank(rank: int, world: int, port: int, sizes: list[str], reps: int) -> None
             fully_shard(block, mesh=mesh)
         fully_shard(model, mesh=mesh)
         _measure(model, size, reps)
-    dist.destroy_process_group()
 
 
 def _measure(model: torch.nn.Module, size: str, reps: int) -> None:
@@ -108,12 +104,9 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--sizes", default="tiny,25m")
     args = parser.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(_rank, args=(args.ranks, port, args.sizes.split(","), args.reps),
-                       nprocs=args.ranks, start_method="fork")
+    from flex_surgery.launch import fork_ranks
 
+    fork_ranks(_rank, args.sizes.split(","), args.reps, nprocs=args.ranks, device="cpu")
 
 if __name__ == "__main__":
     main()
