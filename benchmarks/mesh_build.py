@@ -56,7 +56,11 @@ def _hand_built(sizes: dict[str, int]) -> list:
 def _rank(rank: int, world: int, port: int, reps: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world,
+    from flex_surgery.parallel.backend import backend_for_device
+
+    # Its own forked ranks (not fork_ranks): the sub-world probe leaves a group hanging on
+    # purpose and ends every rank with os._exit.
+    dist.init_process_group(backend_for_device("cpu"), rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=WORLD_TIMEOUT_S))
     from flex_surgery.parallel.group_lifetime import OwnedGroups
     from flex_surgery.parallel.mesh import ParallelMesh
