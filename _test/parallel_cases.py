@@ -193,11 +193,17 @@ def run_flex(model: nn.Module, x: torch.Tensor, edit: bool, *,
         flex.register_hook(HookFunction(names[name], **edit_options(edit)))
     out = flex(x)
     loss_fn(out).backward()
+    return clean_keys(stored), out, flex
+
+
+def clean_keys(stored: dict) -> dict:
+    """``stored`` with every key's module name under its plain-model spelling (the role
+    suffix of ``key_by_hook_kind`` kept)."""
     renamed = {}
     for key, vals in stored.items():
         base, sep, role = key.partition(":")
         renamed[clean(base) + sep + role] = vals
-    return renamed, out, flex
+    return renamed
 
 
 def assert_stored_equal(got: dict, want: dict, **tol) -> None:

@@ -81,7 +81,7 @@ def register_sites(flex: FlexModel, edit: bool, group: str | None = None,
     return keys
 
 
-def reference(x_mbs, t_mbs, edit: bool):
+def reference(x_mbs, t_mbs, edit: bool, editing_function=times_two):
     """One process, whole model, micro-batch by micro-batch: (stored, outputs, grads).
 
     Stored under per-kind keys (``key_by_hook_kind``): a schedule runs all forwards before the
@@ -95,7 +95,7 @@ def reference(x_mbs, t_mbs, edit: bool):
     model = plain_net()
     stored: dict[str, list[torch.Tensor]] = {}
     flex = FlexModel(model, stored, process_group=local_group(), key_by_hook_kind=True)
-    register_sites(flex, edit)
+    register_sites(flex, edit, editing_function=editing_function)
     outs = []
     for x, t in zip(x_mbs, t_mbs):
         out = flex(x)

@@ -20,14 +20,14 @@ from parallel_cases import (
     assert_grads_equal,
     assert_stored_equal,
     clean,
+    clean_keys,
     dtensor_plan,
     fairscale_net,
     local_group,
     plain_grads,
     plain_net,
 )
-from pipeline_cases import hand_split_step, inputs, register_sites, two_stages
-from pipeline_cases import loss_fn as pipeline_loss
+from pipeline_cases import hand_split_step, inputs, reference, register_sites, two_stages
 from rank_pool import distributed
 from test_equivalence_tp import _fairscale_grads
 from test_store_distributed import _done_with, _shared_dir
@@ -110,11 +110,7 @@ def _hooked(model, x, hooks, replicate, loss, names=None, steps=1, **kwargs):
     for _ in range(steps):
         out = flex(x)
         loss(out).backward()
-    renamed = {}
-    for key, vals in stored.items():
-        base, sep, role = key.partition(":")
-        renamed[clean(base) + sep + role] = vals
-    return renamed, out.detach(), flex
+    return clean_keys(stored), out.detach(), flex
 
 
 def _reference(x, hooks):
@@ -651,17 +647,7 @@ def test_pipeline_stages_replicated_edit_and_overlap_equal_one_process():
     rows) on every hook kind, overlapped retrieval on: equal to the whole model in one process
     micro-batch by micro-batch."""
     x, _, x_mbs, t_mbs = inputs(4, 2)
-    model = plain_net()
-    ref: dict = {}
-    flex = FlexModel(model, ref, process_group=local_group(), key_by_hook_kind=True)
-    register_sites(flex, True, editing_function=pure_batch_center)
-    outs = []
-    for xm, tm in zip(x_mbs, t_mbs):
-        out = flex(xm)
-        pipeline_loss(out, tm).backward()
-        outs.append(out.detach())
-    ref_grads = {n: p.grad / len(x_mbs) for n, p in model.named_parameters()}
-    flex.restore()
+    ref, ref_out, ref_grads = reference(x_mbs, t_mbs, True, editing_function=pure_batch_center)
 
     stage = two_stages(plain_net(), dist.get_rank())
     stored: dict = {}
@@ -674,7 +660,7 @@ def test_pipeline_stages_replicated_edit_and_overlap_equal_one_process():
     if dist.get_rank() == 0:
         assert_stored_equal(stored, ref, **TOL)
     else:
-        torch.testing.assert_close(out, torch.cat(outs), **TOL)
+        torch.testing.assert_close(out, ref_out, **TOL)
     for name, p in stage.named_parameters():
         torch.testing.assert_close(p.grad, ref_grads[name], **TOL)
     flex.restore()
