@@ -41,8 +41,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -55,7 +53,7 @@ from flex_surgery.models import example_inputs, tiny_hf_model
 from flex_surgery.surgery import SurgicalTheater
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from targets import REPETITIONS, check_targets  # noqa: E402
+from targets import REPETITIONS, check_targets, run_plan  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {
@@ -198,11 +196,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "results" / "surgery.json"))
     args = parser.parse_args()
     default_threads = torch.get_num_threads()
-    rounds = 5 if args.quick or args.check else args.rounds
-    repetitions = REPETITIONS if args.check else 1
-    results = {"machine": {"cpus": os.cpu_count(), "default_threads": default_threads,
-                           "torch": torch.__version__, "python": platform.python_version()},
-               "models": MODELS, "targets": TARGETS, "rounds": rounds, "configurations": {}}
+    rounds, repetitions, results = run_plan(args, MODELS, TARGETS)
     measured: dict[str, list[float]] = {}
     targets: dict[str, float] = {}
     models: dict[tuple[str, str], torch.nn.Module] = {}

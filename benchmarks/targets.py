@@ -12,11 +12,30 @@ docs promise.
 
 from __future__ import annotations
 
+import argparse
+import os
+import platform
 import statistics
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 TOLERANCE = 1.2  # a median may exceed its target by 20 % before the check fails
 REPETITIONS = 3
+
+
+def run_plan(args: argparse.Namespace, models: Any,
+             targets: Mapping[str, float]) -> tuple[int, int, dict]:
+    """``(rounds, repetitions, results)`` of a run taking ``--rounds``, ``--quick`` and
+    ``--check``: 5 rounds when quick or checking, ``REPETITIONS`` repetitions when checking,
+    and the results' header (the machine, the models, the targets)."""
+    import torch
+
+    rounds = 5 if args.quick or args.check else args.rounds
+    results = {"machine": {"cpus": os.cpu_count(), "default_threads": torch.get_num_threads(),
+                           "torch": torch.__version__, "python": platform.python_version()},
+               "models": models, "targets": dict(targets), "rounds": rounds,
+               "configurations": {}}
+    return rounds, REPETITIONS if args.check else 1, results
 
 
 def check_targets(benchmark: str, measured: Mapping[str, Sequence[float]],
