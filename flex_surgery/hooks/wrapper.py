@@ -46,10 +46,10 @@ from flex_surgery.hooks.names import ModelNames
 from flex_surgery.hooks.registration import HookRegistration, detach_hooks
 from flex_surgery.parallel.distributed_runtime import build_runtime
 from flex_surgery.parallel.group_lifetime import RefusedOnEveryRank
-from flex_surgery.parallel.pipeline import StageLink, collect_stage_outputs, names_on_other_stages
+from flex_surgery.parallel.pipeline import StageLink, collect_stage_outputs, exchange_stage_facts
 from flex_surgery.parallel.runtime import wait_for_host_copies
 from flex_surgery.store.base import Store
-from flex_surgery.store.hooks import bind_store
+from flex_surgery.store.hooks import bind_store, store_call
 
 __all__ = ["FlexModel"]
 
@@ -188,8 +188,10 @@ class FlexModel(HookRegistration, HookGroupAPI, nn.Module):
         # Under pipelining: names of the other stages, so every rank can register every hook.
         mesh = getattr(self.runtime, "mesh", None)
         pipelined = mesh is not None and mesh.pp_size > 1
-        self._remote_names = names_on_other_stages(
-            self._names.names() if pipelined else set(), mesh)
+        keeps = output_dict is not None or self._shared.binding is not None
+        self._stages = exchange_stage_facts(self._names.names() if pipelined else set(), keeps,
+                                            mesh)
+        self._remote_names = self._stages.remote_names
         if keep == "last" and pipelined:
             raise ValueError("keep='last' is not available with pipeline parallelism: every "
                              "stage's calls are collected on rank 0 as lists; use keep='all'")
@@ -220,11 +222,23 @@ class FlexModel(HookRegistration, HookGroupAPI, nn.Module):
     def output_dict(self, value: dict[str, Any] | None) -> None:
         if value is not None and not isinstance(value, dict):
             raise TypeError(f"output_dict must be a dict or None, got {type(value).__name__}")
+        mesh, store_on = getattr(self.runtime, "mesh", None), getattr(self.runtime, "store_on", "")
+        stages = self._stages
+        if value is not None and stages.is_collector(mesh, store_on) and \
+                not stages.keeps[stages.stage]:
+            # The other stages were told at construction that this rank keeps nothing, so they
+            # stage nothing for it: their values would be lost without a word.
+            raise ValueError("this rank collects the other pipeline stages' values, but it was "
+                             "built with output_dict=None, so the stages keep nothing for it; "
+                             "pass a dict (even an empty one) when building the FlexModel on "
+                             "the collecting rank")
         self._output_dict = value
         # Under pipelining a stage leader stores its stage's tensors until
         # sync_pipeline_outputs moves them to rank 0: it needs somewhere to keep them even if
-        # the user gave this rank no dict (a dict on rank 0 only is a natural SPMD pattern).
-        staging = value is None and self._remote_names
+        # the user gave this rank no dict (a dict on rank 0 only is a natural SPMD pattern) --
+        # but only if rank 0 keeps them: otherwise every edit would pay a copy into a dict that
+        # nobody collects, and that grows with every forward.
+        staging = value is None and stages.staged_values_are_collected(mesh, store_on)
         self._shared.output_dict = {} if staging else value
 
     @property
@@ -283,14 +297,22 @@ class FlexModel(HookRegistration, HookGroupAPI, nn.Module):
 
         Every rank calls it after the pipeline step; a no-op without pipelining. With a
         :class:`~flex_surgery.parallel.pipeline.StageLink` a failed stage makes it raise
-        instead of wait.
+        instead of wait. A stage leader without an ``output_dict`` holds its stage's values
+        until this call (when rank 0 keeps them): call it after every step, or they pile up.
+        On a rank with a ``store=`` the other stages' values are written to the store here.
         """
         self._check_usable()
         runtime = self.runtime
         collect_stage_outputs(self._shared.output_dict, getattr(runtime, "mesh", None),
                               getattr(runtime, "store_on", "rank0"), link)
-        if self._output_dict is None and self._shared.output_dict is not None:
-            self._shared.output_dict.clear()  # staging only: this rank keeps nothing
+        staged = self._shared.output_dict
+        if self._output_dict is None and staged is not None:
+            binding = self._shared.binding
+            if binding is not None:  # this rank's own hooks wrote to the store: theirs only
+                for key, values in staged.items():
+                    for value in values:  # reduced on their stage already
+                        store_call(binding, key, value, None, self._shared.batch_dim, None)
+            staged.clear()  # staging only: this rank keeps nothing
 
     # -- shared state for editing functions -------------------------------------------------------
 

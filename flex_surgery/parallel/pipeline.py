@@ -43,6 +43,7 @@ them:
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -62,8 +63,10 @@ from flex_surgery.parallel.stage_link import PipelineStageError, StageLink
 
 __all__ = [
     "PipelineStageError",
+    "StageFacts",
     "StageLink",
     "collect_stage_outputs",
+    "exchange_stage_facts",
     "in_metadata_inference",
     "is_metadata_pass",
     "metadata_inference",
@@ -112,18 +115,69 @@ def collect_stage_outputs(output_dict: dict[str, list[torch.Tensor]] | None,
             kept.setdefault(key, []).extend(values)
 
 
-def names_on_other_stages(names: set[str], mesh: ParallelMesh | None) -> frozenset[str]:
-    """The module and parameter names that live on the other pipeline stages of this rank's
-    pipeline line (one ``all_gather_object`` over the ``pp`` group; empty without pipelining).
+@dataclass(frozen=True)
+class StageFacts:
+    """What the ranks of one pipeline line told each other when the FlexModel was built.
 
-    With them FlexModel lets every rank run the same registration code: a hook on a module of
-    another stage is accepted and fires there, while a name no stage has is still an error.
+    ``remote_names``: the module and parameter names of the line's other stages.
+    ``keeps``: per stage of the line (its ``pp`` rank), whether that rank had somewhere to keep
+    values (an ``output_dict`` or a ``store=``). ``stage``: this rank's stage. Empty without
+    pipelining.
+    """
+
+    remote_names: frozenset[str] = frozenset()
+    keeps: tuple[bool, ...] = ()
+    stage: int = 0
+
+    def staged_values_are_collected(self, mesh: ParallelMesh | None, store_on: str) -> bool:
+        """Whether values this rank stages (it has no ``output_dict``) reach a rank that keeps
+        them in :func:`collect_stage_outputs`, so staging is worth its copies and memory.
+
+        With ``store_on="all"`` any other rank of the line may keep them; otherwise only stage
+        leaders send, to the line's first stage (global rank 0), which must keep. Built from
+        what every rank of the line reported, so the ranks agree.
+        """
+        if not self.keeps or mesh is None:
+            return False
+        if store_on == "all":
+            return any(k for stage, k in enumerate(self.keeps) if stage != self.stage)
+        return mesh.is_stage_leader() and self.keeps[0]
+
+    def is_collector(self, mesh: ParallelMesh | None, store_on: str) -> bool:
+        """Whether this rank is one that :func:`collect_stage_outputs` hands other stages'
+        values to (global rank 0; with ``store_on="all"`` every rank of the line)."""
+        if not self.keeps or mesh is None:
+            return False
+        return store_on == "all" or (mesh.is_stage_leader() and self.stage == 0)
+
+
+def exchange_stage_facts(names: set[str], keeps: bool, mesh: ParallelMesh | None) -> StageFacts:
+    """Tell the other stages of this rank's pipeline line its module and parameter names and
+    whether it keeps values (one ``all_gather_object`` over the ``pp`` group; nothing without
+    pipelining).
+
+    With the names FlexModel lets every rank run the same registration code: a hook on a module
+    of another stage is accepted and fires there, while a name no stage has is still an error.
+    With ``keeps`` a stage leader without an ``output_dict`` stages its values only when the
+    rank they are collected to keeps them: that is the collecting rank's own state, so it is
+    agreed here, once, where a collective already runs.
     """
     if mesh is None or mesh.pp_size == 1:
-        return frozenset()
-    everyone: list[list[str] | None] = [None] * mesh.pp_size
-    dist.all_gather_object(everyone, sorted(names), group=mesh.group("pp"))
-    return frozenset(n for stage_names in everyone for n in stage_names or ()) - names
+        return StageFacts()
+    group = mesh.group("pp")
+    everyone: list[tuple[list[str], bool] | None] = [None] * mesh.pp_size
+    dist.all_gather_object(everyone, (sorted(names), bool(keeps)), group=group)
+    remote = frozenset(n for entry in everyone for n in (entry[0] if entry else ())) - names
+    # The index in the gather is the rank in the pp group, which is what StageLink calls the
+    # stage (collection sends to the group's first rank).
+    return StageFacts(remote, tuple(bool(entry and entry[1]) for entry in everyone),
+                      dist.get_rank(group))
+
+
+def names_on_other_stages(names: set[str], mesh: ParallelMesh | None) -> frozenset[str]:
+    """The module and parameter names that live on the other pipeline stages of this rank's
+    pipeline line (see :func:`exchange_stage_facts`; empty without pipelining)."""
+    return exchange_stage_facts(names, False, mesh).remote_names
 
 
 class _BlockingLine(StageLink):
