@@ -276,64 +276,82 @@ class StageLink:
     def send_object(self, obj: Any, stage: int) -> None:
         """Send ``obj`` (dicts and lists of tensors and plain values) to ``stage``.
 
-        Only its structure is pickled; its tensors travel as one flat byte buffer. Pickling the
-        tensors themselves costs several copies of every byte on both sides (measured: the PP
-        collection of stored activations ran at 6-9x a plain send of the same bytes)."""
+        Only its structure is pickled (with each tensor's shape and dtype); the tensors then
+        travel as themselves, all posted at once (``isend``), each received straight into its
+        final memory. Pickling the tensors costs several copies of every byte on both sides,
+        and packing them into one buffer a copy on each side (measured: the PP collection of
+        stored activations ran at 6-9x, then ~2x a plain send of the same bytes). A tensor is
+        copied only if it is not contiguous (or, over NCCL, not on the link's device).
+        """
         tensors: list[torch.Tensor] = []
 
         def take(leaf: Any) -> Any:
             if not isinstance(leaf, torch.Tensor):
                 return leaf
-            tensors.append(leaf.detach().reshape(-1).contiguous())
+            tensors.append(leaf.detach())
             return _Slot(len(tensors) - 1, tuple(leaf.shape), leaf.dtype)
 
         skeleton = pytree.tree_map(take, obj)
         data = torch.frombuffer(bytearray(pickle.dumps(skeleton)), dtype=torch.uint8)
-        self.send(data.to(self.device), stage)
-        self.send(_flat_bytes(tensors, self.device), stage)
+        header = torch.tensor([data.numel()], dtype=torch.int64)
+        wire = [_as_bytes(t, self.device) for t in (header, data, *tensors)]
+        peer = self.ranks[stage]
+
+        def transfer() -> None:  # the whole object, one transfer: one wait, one poll loop
+            works = [dist.isend(t, peer, group=self.group) for t in wire if t.numel()]
+            for work in works:
+                work.wait()
+
+        self._run(transfer, f"send to stage {stage}")
 
     def recv_object(self, stage: int) -> Any:
-        skeleton = pickle.loads(self.recv(stage).cpu().numpy().tobytes())
-        flat = self.recv(stage).cpu()
-        slots = [leaf for leaf in pytree.tree_leaves(skeleton) if isinstance(leaf, _Slot)]
-        offsets, at = {}, 0
-        for slot in sorted(slots, key=lambda sl: sl.index):
-            offsets[slot.index] = at
-            at += _padded(slot.nbytes)
+        """Receive the next object the rank of ``stage`` on this line sends with
+        :meth:`send_object`; its tensors are CPU tensors with their own memory."""
+        peer = self.ranks[stage]
 
-        def give(leaf: Any) -> Any:
-            if not isinstance(leaf, _Slot):
-                return leaf
-            start = offsets[leaf.index]
-            piece = flat[start:start + leaf.nbytes].view(leaf.dtype)
-            return piece.reshape(leaf.shape).clone()  # its own memory, not a view of the batch
+        def transfer() -> Any:
+            header = torch.empty(1, dtype=torch.int64, device=self.device)
+            dist.recv(header.view(torch.uint8), peer, group=self.group)
+            data = torch.empty(int(header[0]), dtype=torch.uint8, device=self.device)
+            if data.numel():
+                dist.recv(data, peer, group=self.group)
+            skeleton = pickle.loads(data.cpu().numpy().tobytes())
+            slots = sorted((leaf for leaf in pytree.tree_leaves(skeleton)
+                            if isinstance(leaf, _Slot)), key=lambda slot: slot.index)
+            # Each tensor's final memory, allocated before anything is posted.
+            out = [torch.empty(slot.shape, dtype=slot.dtype, device=self.device)
+                   for slot in slots]
+            works = [dist.irecv(_byte_view(t), peer, group=self.group) for t in out
+                     if t.numel()]
+            for work in works:
+                work.wait()
+            if self.device.type != "cpu":  # stored values live on the host
+                out = [t.cpu() for t in out]
+            return pytree.tree_map(
+                lambda leaf: out[leaf.index] if isinstance(leaf, _Slot) else leaf, skeleton)
 
-        return pytree.tree_map(give, skeleton)
+        return self._run(transfer, f"receive from stage {stage}")
 
 
 class _Slot:
-    """Where a tensor of a sent object lies in the flat byte buffer sent after the structure."""
+    """A tensor of a sent object: its place in the sent order, its shape and its dtype."""
 
     def __init__(self, index: int, shape: tuple[int, ...], dtype: torch.dtype) -> None:
         self.index, self.shape, self.dtype = index, shape, dtype
-        self.nbytes = dtype.itemsize * int(torch.Size(shape).numel())
 
 
-def _padded(nbytes: int) -> int:
-    """Each tensor starts at a multiple of 16 bytes, so a view of any dtype is aligned."""
-    return -(-nbytes // 16) * 16
+def _byte_view(tensor: torch.Tensor) -> torch.Tensor:
+    """The bytes of a contiguous ``tensor`` as a flat uint8 view of its memory: every dtype,
+    0-dim tensors included, travels as bytes."""
+    return tensor.reshape(-1).view(torch.uint8)
 
 
-def _flat_bytes(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """The tensors' bytes, each padded to a multiple of 16, in one uint8 tensor."""
-    total = sum(_padded(t.numel() * t.element_size()) for t in tensors)
-    flat = torch.zeros(total, dtype=torch.uint8, device=device)
-    at = 0
-    for t in tensors:
-        n = t.numel() * t.element_size()
-        flat[at:at + n].copy_(t.view(torch.uint8) if n else t.new_empty(0, dtype=torch.uint8))
-        at += _padded(n)
-    return flat
+def _as_bytes(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """What goes on the wire for ``tensor``: its own memory when it is contiguous and on
+    ``device``, else a contiguous copy there."""
+    if tensor.device != device:
+        tensor = tensor.to(device)
+    return _byte_view(tensor.contiguous())
 
 
 def _describe(exc: BaseException) -> str:
