@@ -170,6 +170,9 @@ def _objects():
     }
 
 
+_LONG = {"text": "x" * 40000, "t": torch.arange(3)}
+
+
 @distributed(world_size=2)
 def test_objects_travel_intact_with_and_without_polling():
     flex = FlexModel(torch.nn.Linear(2, 2), {}, pipeline_parallel_size=2)
@@ -179,11 +182,14 @@ def test_objects_travel_intact_with_and_without_polling():
         if link.is_first:
             link.send_object(sent, 1)
             link.send_object({}, 1)
+            link.send_object(_LONG, 1)  # a structure longer than the first message
             for key, value in before.items():  # the sender's tensors are untouched
                 assert torch.equal(sent[key], value), key
         else:
             got = link.recv_object(0)
             assert link.recv_object(0) == {}
+            long = link.recv_object(0)
+            assert long["text"] == _LONG["text"] and torch.equal(long["t"], _LONG["t"])
             assert sorted(got) == sorted(sent) and got["plain"] == sent["plain"]
             storages = set()
             for key, want in sent.items():

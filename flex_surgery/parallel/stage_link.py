@@ -40,6 +40,7 @@ class PipelineStageError(RuntimeError):
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64,
            torch.int32, torch.uint8, torch.bool)
 _HEADER = 10  # dtype code, ndim, up to 8 dims
+_FIRST = 16384  # bytes of an object's first message: its structure's length and start
 
 
 def _flag_is_set(store: dist.Store, key: str) -> bool:
@@ -291,10 +292,17 @@ class StageLink:
             tensors.append(leaf.detach())
             return _Slot(len(tensors) - 1, tuple(leaf.shape), leaf.dtype)
 
-        skeleton = pytree.tree_map(take, obj)
-        data = torch.frombuffer(bytearray(pickle.dumps(skeleton)), dtype=torch.uint8)
-        header = torch.tensor([data.numel()], dtype=torch.int64)
-        wire = [_as_bytes(t, self.device) for t in (header, data, *tensors)]
+        skeleton = pickle.dumps(pytree.tree_map(take, obj))
+        # The structure's length and its first bytes in one message of a fixed size, so that a
+        # usual object costs one small message before its tensors (each one is a round trip
+        # while the receiver cannot yet post the tensors' receives); the rest, if any, next.
+        first = bytearray(_FIRST)
+        first[:8] = len(skeleton).to_bytes(8, "little")
+        first[8:8 + len(skeleton)] = skeleton[:_FIRST - 8]
+        parts = [torch.frombuffer(first, dtype=torch.uint8)]
+        if len(skeleton) > _FIRST - 8:
+            parts.append(torch.frombuffer(bytearray(skeleton[_FIRST - 8:]), dtype=torch.uint8))
+        wire = [_as_bytes(t, self.device) for t in (*parts, *tensors)]
         peer = self.ranks[stage]
 
         def transfer() -> None:  # the whole object, one transfer: one wait, one poll loop
@@ -310,12 +318,16 @@ class StageLink:
         peer = self.ranks[stage]
 
         def transfer() -> Any:
-            header = torch.empty(1, dtype=torch.int64, device=self.device)
-            dist.recv(header.view(torch.uint8), peer, group=self.group)
-            data = torch.empty(int(header[0]), dtype=torch.uint8, device=self.device)
-            if data.numel():
-                dist.recv(data, peer, group=self.group)
-            skeleton = pickle.loads(data.cpu().numpy().tobytes())
+            first = torch.empty(_FIRST, dtype=torch.uint8, device=self.device)
+            dist.recv(first, peer, group=self.group)
+            first = first.cpu().numpy().tobytes()
+            length = int.from_bytes(first[:8], "little")
+            data = first[8:8 + length]
+            if length > _FIRST - 8:
+                rest = torch.empty(length - (_FIRST - 8), dtype=torch.uint8, device=self.device)
+                dist.recv(rest, peer, group=self.group)
+                data += rest.cpu().numpy().tobytes()
+            skeleton = pickle.loads(data)
             slots = sorted((leaf for leaf in pytree.tree_leaves(skeleton)
                             if isinstance(leaf, _Slot)), key=lambda slot: slot.index)
             # Each tensor's final memory, allocated before anything is posted.
