@@ -20,7 +20,6 @@ from pipeline_cases import (
 )
 from rank_pool import distributed
 
-from flex_surgery.hooks.hook_function import HookFunction
 from flex_surgery.hooks.wrapper import FlexModel
 from flex_surgery.parallel.pipeline import StageLink, _BlockingLine
 from flex_surgery.store.memory import MemoryStore

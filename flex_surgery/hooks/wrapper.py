@@ -94,6 +94,8 @@ class FlexModel(HookRegistration, HookGroupAPI, nn.Module):
             ``name`` is the name the hook was registered with, for every hook kind
             (:attr:`HookFunction.output_key`). ``None``: this rank keeps nothing (distributed,
             it still takes part in the gathers, so passing a dict on rank 0 only is fine).
+            Under pipelining the stages learn here whether rank 0 keeps values: give rank 0
+            a dict (even empty) now if it will ever keep any (see ``docs/pipeline.md``).
         tensor_parallel_size, pipeline_parallel_size, data_parallel_size, process_group: how
             the model is distributed; all 1/``None`` in one process.
         store_on: ``"rank0"`` stores retrieved tensors on global rank 0 only (on each pipeline

@@ -12,7 +12,10 @@ them:
    *moves* its entries to rank 0 (they are removed where they were), so ``output_dict`` on rank
    0 then holds, per key, one tensor per hook call, micro-batch by micro-batch in the order the
    stage ran them -- exactly the list one process running the micro-batches in turn would hold.
-   ``torch.cat(output_dict[key])`` gives the whole batch.
+   ``torch.cat(output_dict[key])`` gives the whole batch. A stage leader without an
+   ``output_dict`` stages its values for rank 0 only if rank 0 keeps them (agreed when the
+   FlexModel is built, :func:`exchange_stage_facts`): an editing-only FlexModel copies and
+   keeps nothing anywhere.
 
 2. **Metadata inference is not a hook call.** ``torch.distributed.pipelining``'s
    ``PipelineStage`` (built without ``input_args``/``output_args``) runs an extra forward, and
