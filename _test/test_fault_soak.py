@@ -218,13 +218,13 @@ def test_a_flexmodel_that_fails_after_building_its_runtime_leaves_no_group_behin
     torch.set_default_dtype(torch.float64)
     model = plain_net()
     start = _settled_group_count()
-    names = wrapper.names_on_other_stages
-    wrapper.names_on_other_stages = _refuse
+    facts = wrapper.exchange_stage_facts
+    wrapper.exchange_stage_facts = _refuse
     try:
         with pytest.raises(RuntimeError, match="injected") as kept:
             FlexModel(model, {}, data_parallel_size=2)
     finally:
-        wrapper.names_on_other_stages = names
+        wrapper.exchange_stage_facts = facts
     gc.collect()
     FlexModel(model, {}, data_parallel_size=2).close()
     assert live_group_count() == start
