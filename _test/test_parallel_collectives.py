@@ -19,6 +19,7 @@ from flex_surgery.parallel.collectives import (
     replica_to_one,
     scatter_from_one,
 )
+from flex_surgery.parallel.piece_transfer import gather_pieces
 
 SHAPE = (3, 5, 4)
 
@@ -147,3 +148,55 @@ def test_single_rank_group_is_identity():
     x = torch.randn(3, 2)
     assert gather_to_one(x, 0, group) is x
     assert all_gather(x, 1, group) is x
+
+
+@distributed(world_size=2)
+def test_without_autograd_the_same_values_and_fresh_tensors():
+    """Under ``no_grad`` (retrieval) the functions run their collective without an autograd
+    node and gather through a reused scratch buffer: the values are the same, and a whole tensor
+    returned by one call is not changed by the next (the scratch is never what is returned)."""
+    rank = dist.get_rank()
+    for dim, sizes in _cases(2):
+        x_full = _global(sizes, dim, seed=7)
+        y_full = _global(sizes, dim, seed=8)
+        x, y = x_full.split(sizes, dim)[rank], y_full.split(sizes, dim)[rank]
+        with torch.no_grad():
+            first = gather_to_one(x, dim, None, 0, sizes)
+            second = gather_to_one(y, dim, None, 0, sizes)
+            every = [all_gather(x, dim, None, sizes), all_gather(y, dim, None, sizes)]
+            start = x_full.clone() if rank == 0 else torch.zeros(0, dtype=x_full.dtype)
+            piece = scatter_from_one(start, dim, sizes, x.shape, None, 0)
+            again = scatter_from_one(y_full.clone() if rank == 0 else start, dim, sizes,
+                                     y.shape, None, 0)
+        if rank == 0:
+            assert torch.equal(first, x_full) and torch.equal(second, y_full)
+            assert first.grad_fn is None
+        else:
+            assert first.numel() == 0 and second.numel() == 0
+        assert torch.equal(every[0], x_full) and torch.equal(every[1], y_full)
+        assert torch.equal(piece, x) and torch.equal(again, y)
+        # A tensor that requires grad, with grad mode off: no graph either.
+        with torch.no_grad():
+            out = all_gather(x.clone().requires_grad_(), dim, None, sizes)
+        assert out.grad_fn is None and not out.requires_grad
+
+
+@distributed(world_size=4)
+def test_gather_pieces_puts_a_tensor_cut_over_two_axes_together():
+    """Four ranks as a 2 x 2 grid whose group order is not the grid order; uneven sizes along
+    the first cut dim (one empty), uneven along the second: one gather, the whole on dst."""
+    rank = dist.get_rank()
+    rows, cols = (3, 0), (2, 1)  # sizes per coordinate along dims 0 and 2
+    a_of = [1, 0, 1, 0]  # coordinate along dim 0 of each group rank
+    b_of = [0, 0, 1, 1]  # coordinate along dim 2
+    whole = torch.randn(sum(rows), 4, sum(cols), generator=torch.Generator().manual_seed(3),
+                        dtype=torch.float64)
+    a, b = a_of[rank], b_of[rank]
+    piece = whole[sum(rows[:a]):sum(rows[:a + 1]), :, sum(cols[:b]):sum(cols[:b + 1])]
+    cuts = [(0, rows, a_of), (2, cols, b_of)]
+    for dst in (2, 2):  # twice: the scratch buffer reused
+        got = gather_pieces(piece, cuts, None, dst)
+        if rank == dst:
+            assert torch.equal(got, whole)
+        else:
+            assert got is None

@@ -9,9 +9,11 @@ import torch
 import torch.distributed as dist
 from parallel_cases import (
     H,
+    assert_stored_equal,
     fairscale_net,
     local_group,
     plain_net,
+    run_flex,
     times_two,
 )
 from rank_pool import distributed
@@ -269,3 +271,53 @@ def test_ranks_without_an_output_dict_still_take_part_in_retrieval():
     if dist.get_rank() == 0:
         with torch.no_grad():
             torch.testing.assert_close(stored["blocks.0.up"][0], plain_net().blocks[0].up(x))
+
+
+@pytest.mark.parametrize("rows", [(3, 1), (2, 2)], ids=["uneven", "even"])
+def test_dp_x_tp_retrieval_in_one_gather_equals_one_process(rows):
+    from rank_pool import get_pool
+
+    get_pool(4).run(_dp_x_tp_retrieval_body, {"rows": rows})
+
+
+@distributed(world_size=4)
+def _dp_x_tp_retrieval_body(rows):
+    """fairscale TP=2 inside DDP (dp=2): activations cut over both axes are retrieved in one
+    gather over the stage (AxisWalk.to_leader_at_once), the others axis by axis; every stored
+    tensor -- forward and backward, uneven replicas -- equals one process's. The gather over
+    the stage is what ran (counted), and the rank-0-only store holds nothing elsewhere."""
+    from fairscale.nn.model_parallel import initialize as fs
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from flex_surgery.parallel.axis_walk import AxisWalk
+
+    fs.initialize_model_parallel(2)
+    x = _x(4)
+    dp_rank = fs.get_data_parallel_rank()
+    mine = x[sum(rows[:dp_rank]):sum(rows[:dp_rank + 1])]
+
+    def loss(y):  # DDP's average of it is one process's mean over the global batch
+        return y.pow(2).sum() * (2 / 4)
+
+    ref, _, _ = run_flex(plain_net(), x, False, process_group=local_group(),
+                         loss_fn=lambda y: y.pow(2).sum() / 4)
+    calls = []
+    original = AxisWalk.to_leader_at_once
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    AxisWalk.to_leader_at_once = counted
+    try:
+        model = DDP(fairscale_net(plain_net()), process_group=fs.get_data_parallel_group())
+        stored, _, flex = run_flex(model, mine, False, tensor_parallel_size=2,
+                                   data_parallel_size=2, loss_fn=loss)
+    finally:
+        AxisWalk.to_leader_at_once = original
+    assert calls  # the sharded activations went through the one gather
+    if dist.get_rank() == 0:
+        assert_stored_equal(stored, ref, rtol=1e-10, atol=1e-10)
+    else:
+        assert stored == {}
+    flex.restore()

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from flex_surgery.parallel.collectives import (
+    _group_rank,
     all_gather,
     all_reduce,
     broadcast_from_one,
@@ -34,8 +35,10 @@ from flex_surgery.parallel.collectives import (
     replica_to_one,
     scatter_from_one,
 )
+from flex_surgery.parallel.failures import naming_lost_ranks
 from flex_surgery.parallel.layout import GATHER_ORDER, Layout, PartialSpec, ShardSpec
 from flex_surgery.parallel.mesh import ParallelMesh
+from flex_surgery.parallel.piece_transfer import gather_pieces
 
 __all__ = ["AxisWalk"]
 
@@ -76,6 +79,7 @@ class AxisWalk:
 
     def __init__(self, mesh: ParallelMesh) -> None:
         self.mesh = mesh
+        self._coords: dict[str, list[int]] | None = None  # see stage_coordinates
 
     def takes_part(self, axis: str) -> bool:
         """Whether this rank joins the step over ``axis``: it must be the first rank on every
@@ -121,6 +125,57 @@ class AxisWalk:
             if trainable and layout.backward_scale != 1.0 and t.requires_grad:
                 t = _ScaleGrad.apply(t, 1.0 / layout.backward_scale)
         return t, record
+
+    def cut_on_every_axis(self, t: torch.Tensor, layout: Layout) -> list[str]:
+        """The axes (of size > 1) of a tensor cut over two or more of them, each along its own
+        dim -- then :meth:`to_leader_at_once` retrieves it in one gather -- else ``[]``. The
+        same answer on every rank of the stage: the mesh and the layout are shared."""
+        axes = [axis for axis in GATHER_ORDER if self.mesh.size(axis) > 1]
+        specs = [layout.spec_for(axis) for axis in axes]
+        if len(axes) < 2 or not all(isinstance(s, ShardSpec) for s in specs):
+            return []
+        return axes if len({s.dim % t.ndim for s in specs}) == len(specs) else []
+
+    def stage_coordinates(self, device: torch.device) -> dict[str, list[int]]:
+        """Per axis, the coordinate of each rank of the stage group, in group rank order. They
+        never change: exchanged once (one small all-gather over the stage, at the first call
+        that needs them, which every rank of the stage makes) and kept."""
+        if self._coords is None:
+            group = self.mesh.stage_group
+            mine = torch.tensor([self.mesh.rank(a) for a in GATHER_ORDER], dtype=torch.int64,
+                                device=device)
+            rows = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+            with naming_lost_ranks(group, "coordinate exchange"):
+                dist.all_gather(rows, mine, group=group)
+            table = [r.tolist() for r in rows]
+            self._coords = {a: [r[i] for r in table] for i, a in enumerate(GATHER_ORDER)}
+        return self._coords
+
+    def to_leader_at_once(self, t: torch.Tensor, layout: Layout,
+                          axes: list[str]) -> torch.Tensor | None:
+        """Retrieval of a tensor :meth:`cut_on_every_axis`: every rank's piece to the leader in
+        one gather over the stage group, put together in place in one fresh tensor. Detached;
+        the whole tensor on the leader, ``None`` elsewhere.
+
+        Against a gather per axis, the bytes cross once and the leader waits for one
+        collective instead of three (gather over tp, sizes over dp, gather over dp). Sizes the
+        layout does not know (a data-parallel batch) are exchanged over their axis' own group,
+        which every rank of the stage joins: every rank pads its piece to the largest. Each
+        rank's coordinates come from :meth:`stage_coordinates` (exchanged once)."""
+        coords = self.stage_coordinates(t.device)
+        cuts = []
+        for axis in axes:
+            spec = layout.spec_for(axis)
+            dim = spec.dim % t.ndim
+            sizes = spec.sizes or exchange_sizes(t, dim, self.mesh.group(axis))
+            cuts.append((dim, tuple(sizes), coords[axis]))
+        group = self.mesh.stage_group
+        leader = next(i for i in range(len(coords[axes[0]]))
+                      if all(coords[a][i] == 0 for a in GATHER_ORDER))
+        full = gather_pieces(t.detach(), cuts, group, leader)
+        if full is None or _group_rank(group) != leader:
+            return None
+        return full.mul_(layout.grad_scale) if layout.grad_scale != 1.0 else full
 
     def from_leader(self, t: torch.Tensor, layout: Layout, record: list,
                     trainable: bool = False) -> torch.Tensor:

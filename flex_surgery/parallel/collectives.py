@@ -34,7 +34,7 @@ A collective that fails because a peer is gone raises
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
@@ -51,6 +51,19 @@ from flex_surgery.parallel.failures import (  # noqa: F401
     names_lost_ranks,
     naming_lost_ranks,
     run_agreeing,
+)
+
+# The plain collectives (no autograd) live in piece_transfer.py; exchange_sizes and
+# start_gather are part of this module's API.
+from flex_surgery.parallel.piece_transfer import (  # noqa: F401
+    _all_gather,
+    _gather,
+    _pad,
+    _padded_shape,
+    _scatter,
+    _sizes,
+    exchange_sizes,
+    start_gather,
 )
 
 __all__ = [
@@ -86,121 +99,6 @@ def _placeholder(like: torch.Tensor) -> torch.Tensor:
     return like.new_empty(0)
 
 
-@names_lost_ranks
-def exchange_sizes(local: torch.Tensor, dim: int, group: Group) -> tuple[int, ...]:
-    """Every rank's size along ``dim`` (a tiny all-gather)."""
-    n = dist.get_world_size(group)
-    mine = torch.tensor([local.shape[dim]], dtype=torch.int64, device=local.device)
-    out = [torch.empty_like(mine) for _ in range(n)]
-    dist.all_gather(out, mine, group=group)
-    return tuple(int(t.item()) for t in out)
-
-
-def _pad(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
-    if t.shape[dim] == size:
-        return t.contiguous()
-    shape = list(t.shape)
-    shape[dim] = size
-    out = t.new_zeros(shape)
-    out.narrow(dim, 0, t.shape[dim]).copy_(t)
-    return out
-
-
-def _padded_shape(shape: Sequence[int], dim: int, size: int) -> list[int]:
-    shape = list(shape)
-    shape[dim] = size
-    return shape
-
-
-def _sizes(local: torch.Tensor, dim: int, group: Group,
-           sizes: Sequence[int] | None) -> tuple[int, ...]:
-    if sizes is not None:
-        return tuple(sizes)
-    return exchange_sizes(local, dim, group)
-
-
-def _receive_buffers(padded: torch.Tensor, dim: int, sizes: Sequence[int],
-                     ) -> tuple[list[torch.Tensor], Callable[[], torch.Tensor]]:
-    """Buffers to gather (padded) pieces into, and the function that forms the whole tensor
-    from them once they are filled. Along dim 0 with equal pieces the buffers are views of the
-    whole tensor itself, so nothing is concatenated; otherwise one concatenation trims the
-    padding and joins the pieces."""
-    n = len(sizes)
-    if dim == 0 and len(set(sizes)) == 1 and padded.shape[0] > 0:
-        whole = padded.new_empty((n * padded.shape[0], *padded.shape[1:]))
-        return list(whole.chunk(n)), lambda: whole
-    bufs = [torch.empty_like(padded) for _ in sizes]
-    return bufs, lambda: torch.cat([b.narrow(dim, 0, s) for b, s in zip(bufs, sizes)], dim=dim)
-
-
-# -- plain (non-autograd) collectives -------------------------------------------------------
-@names_lost_ranks
-def _gather(t: torch.Tensor, dim: int, group: Group, dst: int,
-            sizes: Sequence[int]) -> torch.Tensor | None:
-    top = max(sizes)
-    padded = _pad(t, dim, top)
-    if _group_rank(group) == dst:
-        bufs, whole = _receive_buffers(padded, dim, sizes)
-        dist.gather(padded, bufs, group=group, group_dst=dst)
-        return whole()
-    dist.gather(padded, None, group=group, group_dst=dst)
-    return None
-
-
-def start_gather(t: torch.Tensor, dim: int, group: Group, dst: int,
-                 sizes: Sequence[int]) -> Callable[[], torch.Tensor | None]:
-    """Start gathering every rank's ``t`` along ``dim`` to ``dst`` without waiting for it;
-    returns ``finish()``, which waits and returns the whole tensor on ``dst`` (``None``
-    elsewhere). Not autograd-aware: for retrieval.
-
-    The bytes sent are a private copy (``t`` may be changed in place by the model before they
-    have left), so the caller may go on computing while they travel.
-    """
-    top = max(sizes)
-    padded = _pad(t.detach(), dim, top)
-    if padded.data_ptr() == t.data_ptr():
-        padded = padded.clone()
-    bufs, whole = _receive_buffers(padded, dim, sizes) if _group_rank(group) == dst else \
-        (None, None)
-    with naming_lost_ranks(group, "gather"):
-        work = dist.gather(padded, bufs, group=group, group_dst=dst, async_op=True)
-
-    def finish() -> torch.Tensor | None:
-        with naming_lost_ranks(group, "gather"):
-            work.wait()
-        return None if whole is None else whole()
-
-    return finish
-
-
-@names_lost_ranks
-def _scatter(full: torch.Tensor | None, dim: int, group: Group, src: int,
-             sizes: Sequence[int], local_shape: Sequence[int], like: torch.Tensor,
-             ) -> torch.Tensor:
-    top = max(sizes)
-    me = _group_rank(group)
-    out = like.new_empty(_padded_shape(local_shape, dim, top))
-    if me == src:
-        assert full is not None
-        pieces = [_pad(p, dim, top) for p in full.split(list(sizes), dim=dim)]
-        dist.scatter(out, pieces, group=group, group_src=src)
-    else:
-        dist.scatter(out, None, group=group, group_src=src)
-    # The receive buffer itself when this rank's piece fills it: not a view, which a model
-    # changing the edited tensor in place after the hook could not modify (autograd forbids
-    # in-place changes of a view a custom Function returns).
-    return out if sizes[me] == top else out.narrow(dim, 0, sizes[me])
-
-
-@names_lost_ranks
-def _all_gather(t: torch.Tensor, dim: int, group: Group, sizes: Sequence[int]) -> torch.Tensor:
-    top = max(sizes)
-    padded = _pad(t, dim, top)
-    bufs, whole = _receive_buffers(padded, dim, sizes)
-    dist.all_gather(bufs, padded, group=group)
-    return whole()
-
-
 # -- autograd functions ---------------------------------------------------------------------
 class _GatherToOne(torch.autograd.Function):
     @staticmethod
@@ -218,15 +116,20 @@ class _GatherToOne(torch.autograd.Function):
         return piece, None, None, None, None
 
 
+def _scatter_piece(full: torch.Tensor, dim: int, group: Group, src: int,
+                   sizes: Sequence[int], local_shape: Sequence[int]) -> torch.Tensor:
+    piece = _scatter(full if _group_rank(group) == src else None, dim, group, src, sizes,
+                     local_shape, full)
+    # A piece as large as the largest is the whole receive buffer, already private; a
+    # smaller one is a view of the padded buffer: copied so it does not keep the padding.
+    return piece if sizes[_group_rank(group)] == max(sizes) else piece.clone()
+
+
 class _ScatterFromOne(torch.autograd.Function):
     @staticmethod
     def forward(ctx, full, dim, group, src, sizes, local_shape):
         ctx.dim, ctx.group, ctx.src, ctx.sizes = dim, group, src, sizes
-        piece = _scatter(full if _group_rank(group) == src else None, dim, group, src, sizes,
-                         local_shape, full)
-        # A piece as large as the largest is the whole receive buffer, already private; a
-        # smaller one is a view of the padded buffer: copied so it does not keep the padding.
-        return piece if sizes[_group_rank(group)] == max(sizes) else piece.clone()
+        return _scatter_piece(full, dim, group, src, sizes, local_shape)
 
     @staticmethod
     def backward(ctx, grad):
@@ -337,6 +240,13 @@ class _OneToReplicas(torch.autograd.Function):
 
 
 # -- functional API -------------------------------------------------------------------------
+def _tracks_grad(t: torch.Tensor) -> bool:
+    """Whether autograd records an operation on ``t``. When it does not, a function below runs
+    its collective directly: ``Function.apply`` would build no graph either, but costs a few
+    microseconds a call (retrieval runs under ``no_grad``)."""
+    return t.requires_grad and torch.is_grad_enabled()
+
+
 def gather_to_one(t: torch.Tensor, dim: int, group: Group = None, dst: int = 0,
                   sizes: Sequence[int] | None = None) -> torch.Tensor:
     """Concatenate every rank's ``t`` along ``dim`` on group rank ``dst``.
@@ -347,7 +257,11 @@ def gather_to_one(t: torch.Tensor, dim: int, group: Group = None, dst: int = 0,
     if dist.get_world_size(group) == 1:
         return t
     dim = dim % t.ndim
-    return _GatherToOne.apply(t, dim, group, dst, _sizes(t, dim, group, sizes))
+    sizes = _sizes(t, dim, group, sizes)
+    if not _tracks_grad(t):  # the same collective, without building an autograd node
+        full = _gather(t, dim, group, dst, sizes)
+        return full if full is not None else _placeholder(t)
+    return _GatherToOne.apply(t, dim, group, dst, sizes)
 
 
 def scatter_from_one(full: torch.Tensor, dim: int, sizes: Sequence[int],
@@ -361,6 +275,8 @@ def scatter_from_one(full: torch.Tensor, dim: int, sizes: Sequence[int],
     if dist.get_world_size(group) == 1:
         return full
     dim = dim % len(local_shape)
+    if not _tracks_grad(full):  # the same collective, without building an autograd node
+        return _scatter_piece(full, dim, group, src, tuple(sizes), tuple(local_shape))
     return _ScatterFromOne.apply(full, dim, group, src, tuple(sizes), tuple(local_shape))
 
 
@@ -370,7 +286,10 @@ def all_gather(t: torch.Tensor, dim: int, group: Group = None,
     if dist.get_world_size(group) == 1:
         return t
     dim = dim % t.ndim
-    return _AllGather.apply(t, dim, group, _sizes(t, dim, group, sizes))
+    sizes = _sizes(t, dim, group, sizes)
+    if not _tracks_grad(t):  # the same collective, without building an autograd node
+        return _all_gather(t, dim, group, sizes)
+    return _AllGather.apply(t, dim, group, sizes)
 
 
 def all_reduce(t: torch.Tensor, group: Group = None, mean: bool = False) -> torch.Tensor:

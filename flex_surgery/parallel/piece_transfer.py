@@ -1,0 +1,225 @@
+"""Collectives without autograd that move the pieces of a tensor: padded to one size (gloo's
+``gather``/``scatter``/``all_gather`` reject uneven pieces), received into buffers that are
+reused where nothing keeps them, joined into one fresh whole tensor.
+
+:mod:`~flex_surgery.parallel.collectives` builds its autograd-aware functions on these;
+retrieval (detached, under ``no_grad``) calls them directly. :func:`gather_pieces` gathers a
+tensor cut over several mesh axes in one collective (see
+:meth:`~flex_surgery.parallel.axis_walk.AxisWalk.to_leader_at_once`).
+
+Where the time goes on the CPU: a gather's bytes are written once by the backend into the
+receive buffers and once more into the whole tensor; fresh host memory costs a page fault per
+4 KiB page the first time it is written (glibc returns freed blocks of 128 KiB or more to the
+system, so a fresh buffer per call pays that on every call). Only the whole tensor, which the
+caller keeps, is fresh memory; the receive buffers are a per-thread scratch buffer.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+
+from flex_surgery.parallel.failures import names_lost_ranks, naming_lost_ranks
+
+__all__ = ["exchange_sizes", "gather_pieces", "start_gather"]
+
+Group = dist.ProcessGroup | None
+
+
+def _group_rank(group: Group) -> int:
+    return dist.get_rank(group)
+
+
+@names_lost_ranks
+def exchange_sizes(local: torch.Tensor, dim: int, group: Group) -> tuple[int, ...]:
+    """Every rank's size along ``dim`` (a tiny all-gather)."""
+    n = dist.get_world_size(group)
+    mine = torch.tensor([local.shape[dim]], dtype=torch.int64, device=local.device)
+    out = [torch.empty_like(mine) for _ in range(n)]
+    dist.all_gather(out, mine, group=group)
+    return tuple(int(t.item()) for t in out)
+
+
+def _pad(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    if t.shape[dim] == size:
+        return t.contiguous()
+    shape = list(t.shape)
+    shape[dim] = size
+    out = t.new_zeros(shape)
+    out.narrow(dim, 0, t.shape[dim]).copy_(t)
+    return out
+
+
+def _padded_shape(shape: Sequence[int], dim: int, size: int) -> list[int]:
+    shape = list(shape)
+    shape[dim] = size
+    return shape
+
+
+def _sizes(local: torch.Tensor, dim: int, group: Group,
+           sizes: Sequence[int] | None) -> tuple[int, ...]:
+    if sizes is not None:
+        return tuple(sizes)
+    return exchange_sizes(local, dim, group)
+
+
+_SCRATCH = threading.local()
+_SCRATCH_SHAPES = 4  # receive buffers kept per thread (one per recent piece shape)
+
+
+def _scratch(shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
+    """A CPU receive buffer of ``shape`` reused from call to call (per thread; the last
+    ``_SCRATCH_SHAPES`` shapes). Pieces gathered into it are copied out into the whole tensor
+    before the call returns, so nothing keeps it. Fresh host memory costs a page fault per page
+    the first time it is written -- for a gathered activation as much as the copy itself -- and
+    glibc returns freed large blocks to the system, so a fresh buffer per call pays that on
+    every call. On a GPU the caching allocator already reuses memory: no scratch is kept there.
+    """
+    cache = getattr(_SCRATCH, "buffers", None)
+    if cache is None:
+        cache = _SCRATCH.buffers = {}
+    key = (tuple(shape), like.dtype, like.device)
+    buf = cache.pop(key, None)
+    if buf is None:
+        if len(cache) >= _SCRATCH_SHAPES:
+            cache.pop(next(iter(cache)))  # the least recently used shape
+        buf = like.new_empty(tuple(shape))
+    cache[key] = buf  # most recently used last
+    return buf
+
+
+def _receive_buffers(padded: torch.Tensor, dim: int, sizes: Sequence[int],
+                     reuse: bool = True,
+                     ) -> tuple[list[torch.Tensor], Callable[[], torch.Tensor]]:
+    """Buffers to gather (padded) pieces into, and the function that forms the whole tensor
+    from them once they are filled. Along dim 0 with equal pieces the buffers are views of the
+    whole tensor itself, so nothing is concatenated; otherwise one concatenation trims the
+    padding and joins the pieces into a fresh tensor, and the buffers (only read by it) are a
+    reused scratch buffer on the CPU (``reuse=False``: fresh ones, for a gather still in flight
+    when the caller returns)."""
+    n = len(sizes)
+    if dim == 0 and len(set(sizes)) == 1 and padded.shape[0] > 0:
+        whole = padded.new_empty((n * padded.shape[0], *padded.shape[1:]))
+        return list(whole.chunk(n)), lambda: whole
+    if reuse and padded.device.type == "cpu":
+        bufs = list(_scratch((n, *padded.shape), padded).unbind(0))
+    else:
+        bufs = [torch.empty_like(padded) for _ in sizes]
+    return bufs, lambda: torch.cat([b.narrow(dim, 0, s) for b, s in zip(bufs, sizes)], dim=dim)
+
+
+# -- plain (non-autograd) collectives -------------------------------------------------------
+@names_lost_ranks
+def _gather(t: torch.Tensor, dim: int, group: Group, dst: int,
+            sizes: Sequence[int]) -> torch.Tensor | None:
+    top = max(sizes)
+    padded = _pad(t, dim, top)
+    if _group_rank(group) == dst:
+        bufs, whole = _receive_buffers(padded, dim, sizes)
+        dist.gather(padded, bufs, group=group, group_dst=dst)
+        return whole()
+    dist.gather(padded, None, group=group, group_dst=dst)
+    return None
+
+
+def start_gather(t: torch.Tensor, dim: int, group: Group, dst: int,
+                 sizes: Sequence[int]) -> Callable[[], torch.Tensor | None]:
+    """Start gathering every rank's ``t`` along ``dim`` to ``dst`` without waiting for it;
+    returns ``finish()``, which waits and returns the whole tensor on ``dst`` (``None``
+    elsewhere). Not autograd-aware: for retrieval.
+
+    The bytes sent are a private copy (``t`` may be changed in place by the model before they
+    have left), so the caller may go on computing while they travel.
+    """
+    top = max(sizes)
+    padded = _pad(t.detach(), dim, top)
+    if padded.data_ptr() == t.data_ptr():
+        padded = padded.clone()
+    bufs, whole = _receive_buffers(padded, dim, sizes, reuse=False) \
+        if _group_rank(group) == dst else (None, None)
+    with naming_lost_ranks(group, "gather"):
+        work = dist.gather(padded, bufs, group=group, group_dst=dst, async_op=True)
+
+    def finish() -> torch.Tensor | None:
+        with naming_lost_ranks(group, "gather"):
+            work.wait()
+        return None if whole is None else whole()
+
+    return finish
+
+
+@names_lost_ranks
+def _scatter(full: torch.Tensor | None, dim: int, group: Group, src: int,
+             sizes: Sequence[int], local_shape: Sequence[int], like: torch.Tensor,
+             ) -> torch.Tensor:
+    top = max(sizes)
+    me = _group_rank(group)
+    out = like.new_empty(_padded_shape(local_shape, dim, top))
+    if me == src:
+        assert full is not None
+        parts = full.split(list(sizes), dim=dim)
+        if full.device.type == "cpu" and not all(p.shape[dim] == top and p.is_contiguous()
+                                                 for p in parts):
+            # Pieces that need a copy (cut along an inner dim, or padded) are copied into the
+            # scratch buffer: the backend only reads them. The padding is never read back.
+            pieces = list(_scratch((len(parts), *out.shape), full).unbind(0))
+            for buf, part in zip(pieces, parts):
+                buf.narrow(dim, 0, part.shape[dim]).copy_(part)
+        else:
+            pieces = [_pad(p, dim, top) for p in parts]
+        dist.scatter(out, pieces, group=group, group_src=src)
+    else:
+        dist.scatter(out, None, group=group, group_src=src)
+    # The receive buffer itself when this rank's piece fills it: not a view, which a model
+    # changing the edited tensor in place after the hook could not modify (autograd forbids
+    # in-place changes of a view a custom Function returns).
+    return out if sizes[me] == top else out.narrow(dim, 0, sizes[me])
+
+
+@names_lost_ranks
+def _all_gather(t: torch.Tensor, dim: int, group: Group, sizes: Sequence[int]) -> torch.Tensor:
+    top = max(sizes)
+    padded = _pad(t, dim, top)
+    bufs, whole = _receive_buffers(padded, dim, sizes)
+    dist.all_gather(bufs, padded, group=group)
+    return whole()
+
+
+@names_lost_ranks
+def gather_pieces(t: torch.Tensor, cuts: Sequence[tuple[int, Sequence[int], Sequence[int]]],
+                  group: Group, dst: int) -> torch.Tensor | None:
+    """Every rank's ``t`` to ``dst`` in one gather, put together along several dims at once.
+
+    ``cuts``: per cut dim, ``(dim, sizes, coordinates)`` -- the size of the piece at each
+    coordinate along that dim, and the coordinate of each rank of ``group`` (in group rank
+    order). Pieces are padded to the largest size along each cut dim (the backend gathers equal
+    pieces) and trimmed when they are copied into place. Returns the whole tensor, fresh, on
+    ``dst``; ``None`` elsewhere. Not autograd-aware: for retrieval.
+    """
+    padded = t
+    for dim, sizes, _ in cuts:
+        padded = _pad(padded, dim, max(sizes))
+    padded = padded.contiguous()
+    if _group_rank(group) != dst:
+        dist.gather(padded, None, group=group, group_dst=dst)
+        return None
+    n = dist.get_world_size(group)
+    shape = (n, *padded.shape)
+    stack = _scratch(shape, padded) if padded.device.type == "cpu" else padded.new_empty(shape)
+    bufs = list(stack.unbind(0))
+    dist.gather(padded, bufs, group=group, group_dst=dst)
+    whole_shape = list(padded.shape)
+    for dim, sizes, _ in cuts:
+        whole_shape[dim] = sum(sizes)
+    whole = padded.new_empty(whole_shape)
+    for i, buf in enumerate(bufs):
+        place = whole
+        for dim, sizes, coords in cuts:
+            c = coords[i]
+            buf = buf.narrow(dim, 0, sizes[c])
+            place = place.narrow(dim, sum(sizes[:c]), sizes[c])
+        place.copy_(buf)
+    return whole
