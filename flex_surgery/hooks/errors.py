@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable
+from typing import Any
+
+import torch
 
 
 class FlexModelError(Exception):
@@ -46,6 +49,37 @@ class ShapeMismatchError(FlexModelError, ValueError):
 
 class EditingFunctionError(FlexModelError, ValueError):
     """An editing function returned something that cannot replace the tensor it was given."""
+
+
+def check_edit_result(owner: object, result: Any, full: torch.Tensor) -> None:
+    """Raise the :class:`EditingFunctionError` that says why ``result`` (what ``owner``'s
+    editing function returned) cannot replace ``full``: ``None``, not a tensor, another shape
+    or dtype, another device.
+
+    A hook calls this only once its one fast comparison (a tensor of the same shape, dtype and
+    device) has failed, so these messages are built off the path of every successful call.
+    """
+    if result is None:
+        raise EditingFunctionError(
+            f"{owner!r}: the editing function returned None; it must return the (edited) "
+            "tensor, e.g. end it with `return tensor`"
+        )
+    if not isinstance(result, torch.Tensor):
+        raise EditingFunctionError(
+            f"{owner!r}: the editing function returned a {type(result).__name__}, "
+            "expected a torch.Tensor"
+        )
+    if result.shape != full.shape or result.dtype != full.dtype:
+        raise EditingFunctionError(
+            f"{owner!r}: the editing function returned shape {tuple(result.shape)} dtype "
+            f"{result.dtype}; it must keep the input's shape {tuple(full.shape)} and dtype "
+            f"{full.dtype}"
+        )
+    if result.device != full.device:
+        raise EditingFunctionError(
+            f"{owner!r}: the editing function returned a tensor on {result.device}; "
+            f"it must stay on {full.device}"
+        )
 
 
 def did_you_mean(name: str, candidates: Iterable[str], n: int = 3) -> str:

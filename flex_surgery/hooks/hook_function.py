@@ -29,9 +29,9 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from flex_surgery.hooks.errors import EditingFunctionError, ShapeMismatchError
+from flex_surgery.hooks.errors import ShapeMismatchError, check_edit_result
 from flex_surgery.hooks.unpack import unpack, unpack_inputs
 from flex_surgery.parallel.pipeline import is_metadata_pass
 from flex_surgery.parallel.runtime import (
@@ -264,7 +264,11 @@ class HookFunction:
     def _forward_hook(self, module: nn.Module, args: tuple, output: Any) -> Any:
         if not self._enabled:
             return None
-        return self._call(output, store=_current_graph_task_id() == -1)
+        store = _current_graph_task_id() == -1
+        if store and self._local and isinstance(output, Tensor) and not self.unpack_idx:
+            # One process, a bare tensor (linear layers, norms, MLPs): nothing to unpack.
+            return self._local_call(output, None, True)
+        return self._call(output, store=store)
 
     def _forward_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> Any:
         # Registered with with_kwargs=True: a module called as attn(hidden_states=h) still has
@@ -296,10 +300,10 @@ class HookFunction:
             tensor, repack = unpack_inputs(*value, self.unpack_idx, self)
         else:
             tensor, repack = unpack(value, self.unpack_idx, self)
-        if is_metadata_pass(tensor):  # a pipeline stage's shape inference: not a real call
-            return None
         if self._local:
             return self._local_call(tensor, repack, store)
+        if is_metadata_pass(tensor):  # a pipeline stage's shape inference: not a real call
+            return None
         runtime, site = self._runtime, self._site
         if self.expected_shape is not None:
             # Every call, on every rank, before anything is gathered: the whole shape is agreed
@@ -328,7 +332,9 @@ class HookFunction:
     def _local_call(self, tensor: torch.Tensor, repack: Any, store: bool) -> Any:
         """One process: the tensor is the whole tensor, nothing to gather or scatter -- the same
         steps as the runtime path without the calls into the runtime (a hook on every module of
-        a large model makes this path hot)."""
+        a large model makes this path hot). ``repack=None``: the hooked value was the tensor."""
+        if is_metadata_pass(tensor):  # a pipeline stage's shape inference: not a real call
+            return None
         if self.expected_shape is not None:
             check_expected_shape(tensor.shape, self.expected_shape, self)
         shared = self._shared
@@ -341,7 +347,8 @@ class HookFunction:
                 self._store(store_copy(tensor))
         if self.editing_function is None:
             return None
-        return repack(self._edit(tensor))
+        edited = self._edit(tensor, True)
+        return edited if repack is None else repack(edited)
 
     def _reduce_then_store(self, tensor: torch.Tensor, site: HookSite) -> None:
         """``reduce=`` with one storing rank: gather the whole tensor to it, reduce it where it
@@ -373,9 +380,15 @@ class HookFunction:
         else:
             self._shared.output_dict.setdefault(self.output_key, []).append(full)
 
-    def _edit(self, full: torch.Tensor) -> torch.Tensor:
-        """Run the editing function on the whole tensor and check what it returns."""
-        check_expected_shape(full.shape, self.expected_shape, self)
+    def _edit(self, full: torch.Tensor, checked: bool = False) -> torch.Tensor:
+        """Run the editing function on the whole tensor and check what it returns.
+
+        ``checked``: ``full`` is the tensor whose shape the call has already checked against
+        ``expected_shape`` (one process). What the function returns is checked by one fast
+        comparison; :func:`check_edit_result` says what is wrong only when it fails.
+        """
+        if not checked:
+            check_expected_shape(full.shape, self.expected_shape, self)
         shared = self._shared
         try:
             result = self.editing_function(self._site.module, full, shared.save_ctx,
@@ -384,25 +397,7 @@ class HookFunction:
             if hasattr(error, "add_note"):  # Python >= 3.11
                 error.add_note(f"raised by the editing function of {self!r}")
             raise
-        if result is None:
-            raise EditingFunctionError(
-                f"{self!r}: the editing function returned None; it must return the (edited) "
-                "tensor, e.g. end it with `return tensor`"
-            )
-        if not isinstance(result, torch.Tensor):
-            raise EditingFunctionError(
-                f"{self!r}: the editing function returned a {type(result).__name__}, "
-                "expected a torch.Tensor"
-            )
-        if result.shape != full.shape or result.dtype != full.dtype:
-            raise EditingFunctionError(
-                f"{self!r}: the editing function returned shape {tuple(result.shape)} dtype "
-                f"{result.dtype}; it must keep the input's shape {tuple(full.shape)} and dtype "
-                f"{full.dtype}"
-            )
-        if result.device != full.device:
-            raise EditingFunctionError(
-                f"{self!r}: the editing function returned a tensor on {result.device}; "
-                f"it must stay on {full.device}"
-            )
+        if not (isinstance(result, Tensor) and result.shape == full.shape
+                and result.dtype is full.dtype and result.device == full.device):
+            check_edit_result(self, result, full)
         return result
