@@ -59,6 +59,27 @@ def test_editing_only_flexmodel_keeps_nothing_on_any_rank():
 
 
 @distributed(world_size=2)
+def test_a_stage_keeps_its_own_dict_when_rank0_keeps_nothing():
+    """Rank 0 keeps nothing (None), stage 1 was given a dict: collection has nowhere to take
+    stage 1's values, so sync_pipeline_outputs (every rank skips it alike) leaves them there
+    instead of dropping them on rank 0."""
+    _, _, x_mbs, t_mbs = inputs(4, N_MICRO)
+    ref_stored, _, _ = reference(x_mbs, t_mbs, edit=False)
+    stored: dict | None = None if dist.get_rank() == 0 else {}
+    flex = _stage_flex(stored)
+    register_sites(flex, edit=False)
+    link = StageLink(flex.runtime.mesh)
+    hand_split_step(flex, link, x_mbs, t_mbs)
+    flex.sync_pipeline_outputs(link)
+    if dist.get_rank() == 1:
+        assert_stored_equal(stored, ref_stored, keys=sorted(stored), **TOL)
+        assert stored and all(k.startswith(("blocks.1", "head")) for k in stored)
+    else:
+        assert flex._shared.output_dict is None
+    flex.restore()
+
+
+@distributed(world_size=2)
 def test_a_dict_on_rank0_only_still_collects_everything():
     """The SPMD pattern: a dict on rank 0, None elsewhere. Stage 1 stages, rank 0 collects,
     equal to one process; stage 1 keeps nothing after each sync."""

@@ -305,8 +305,11 @@ class FlexModel(HookRegistration, HookGroupAPI, nn.Module):
         """
         self._check_usable()
         runtime = self.runtime
+        store_on = getattr(runtime, "store_on", "rank0")
+        if self._stages.keeps and not self._stages.anyone_collects(store_on):
+            return  # nobody keeps: nothing was staged, a stage's own dict keeps its values
         collect_stage_outputs(self._shared.output_dict, getattr(runtime, "mesh", None),
-                              getattr(runtime, "store_on", "rank0"), link)
+                              store_on, link)
         staged = self._shared.output_dict
         if self._output_dict is None and staged is not None:
             binding = self._shared.binding

@@ -146,6 +146,14 @@ class StageFacts:
             return any(k for stage, k in enumerate(self.keeps) if stage != self.stage)
         return mesh.is_stage_leader() and self.keeps[0]
 
+    def anyone_collects(self, store_on: str) -> bool:
+        """Whether collection hands values to a rank of this line that keeps them (the line's
+        first stage; with ``store_on="all"`` any rank). The same answer on every rank of the
+        line, so all of them skip collection together when it is ``False``."""
+        if not self.keeps:
+            return False
+        return any(self.keeps) if store_on == "all" else self.keeps[0]
+
     def is_collector(self, mesh: ParallelMesh | None, store_on: str) -> bool:
         """Whether this rank is one that :func:`collect_stage_outputs` hands other stages'
         values to (global rank 0; with ``store_on="all"`` every rank of the line)."""
