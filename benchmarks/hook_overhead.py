@@ -284,6 +284,10 @@ def _peak_kib(resettable: bool) -> int:
 def _memory_child(conn, variant: str) -> None:
     """Build the model and run one forward (``variant``: no hook, raw read hooks, FlexModel's)
     in this fresh process; send its peak resident memory above the process start."""
+    # Imported before the start is read, in every variant: a library's code is not memory that
+    # retrieval uses (importing flex_surgery adds a few MiB, whatever the model).
+    from flex_surgery.hooks import FlexModel, HookFunction
+
     torch.set_num_threads(1)
     resettable = _reset_peak() and _status_kib("VmHWM") is not None
     start = _status_kib("VmRSS") * 1024
@@ -297,8 +301,6 @@ def _memory_child(conn, variant: str) -> None:
     stored: dict = {}
     names = _read_names(layers)
     if variant == "flex":
-        from flex_surgery.hooks import FlexModel, HookFunction
-
         flex = FlexModel(model, stored)
         for name in names:
             flex.register_forward_hook(HookFunction(name))
