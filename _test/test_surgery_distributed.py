@@ -344,3 +344,199 @@ def test_sharded_training_with_validation_ends_with_the_same_shards(wrap):
     assert plain.keys() == validated.keys()
     for name, (data, _) in plain.items():
         assert torch.equal(data, validated[name][0]), name
+
+
+# -- ranks agree: unseeded noise, a failure on one rank ---------------------------------------
+def _wrap(kind: str, model: nn.Module) -> nn.Module:
+    """The same llama under DDP (replicas), FSDP2 (shards) or DTensor TP (shards and
+    replicated norms)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import parallelize_module
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    if kind == "ddp":
+        return DDP(model)
+    if kind == "fsdp2":
+        return _fsdp2(model)
+    return parallelize_module(model, init_device_mesh("cpu", (2,)), _tp_plan())
+
+
+def _first_rank_draw(seed: int) -> int:
+    """What ``torch.randint(0, 2**62, (1,))`` gives after ``torch.manual_seed(seed)``."""
+    gen = torch.Generator().manual_seed(seed)
+    return int(torch.randint(0, 2**62, (1,), generator=gen).item())
+
+
+@pytest.mark.parametrize("kind", ["ddp", "fsdp2", "dtensor_tp"])
+@distributed(world_size=2)
+def test_unseeded_noise_is_the_first_ranks_draw_on_every_rank(kind):
+    """seed=None on ranks whose generators differ: every rank adds the noise of rank 0's draw,
+    so replicas stay equal and shards are cut from one process's noise; each rank's generator
+    ends one draw of its own further on."""
+    model, ref = _wrap(kind, _llama()), _llama()
+    inputs = example_inputs("llama")
+    noise = dict(modification_type="noise", noise_scale=0.05, params="all")
+    theater = SurgicalTheater(model, **noise)
+    for entry in range(2):  # consecutive entries draw (and agree on) different seeds
+        first = 1000 + 10 * entry
+        with torch.no_grad(), SurgicalTheater(ref, **noise, seed=_first_rank_draw(first)):
+            want = {n: p.detach().clone() for n, p in ref.named_parameters()}
+            want_logits = ref(**inputs).logits
+        torch.manual_seed(first + dist.get_rank())
+        with torch.no_grad(), theater:
+            assert len(theater._targets) == len(want)
+            for shard in theater._targets:  # this rank's elements of rank 0's noise, exactly
+                assert torch.equal(shard.local, shard.region.take(want[shard.name])), shard.name
+            got = _logits(model(**inputs))
+        torch.testing.assert_close(got, want_logits, rtol=1e-5, atol=1e-5)
+        after = torch.get_rng_state()
+        torch.manual_seed(first + dist.get_rank())
+        torch.randint(0, 2**62, (1,))
+        assert torch.equal(after, torch.get_rng_state())
+
+
+@distributed(world_size=2)
+def test_a_plain_model_communicates_nothing():
+    """No framework says a plain model is shared: its theater never waits for another rank
+    (a rank may enter it alone), and unseeded noise is each rank's own."""
+    model = _llama()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a theater on a plain model ran a collective")
+
+    saved = dist.all_reduce, dist.broadcast
+    dist.all_reduce = dist.broadcast = refuse
+    try:
+        if dist.get_rank() == 1:
+            with SurgicalTheater(model, modification_type="scale", factor=0.5):
+                pass
+        torch.manual_seed(dist.get_rank())
+        with SurgicalTheater(model, layers=[0], modification_type="noise") as theater:
+            target = theater._targets[0].local.clone()
+    finally:
+        dist.all_reduce, dist.broadcast = saved
+    both = [torch.empty_like(target) for _ in range(2)]
+    dist.all_gather(both, target)
+    assert not torch.equal(*both)
+
+
+def _fails_on_rank_1(p: torch.Tensor, calls: list) -> torch.Tensor:
+    calls.append(p.shape)
+    if dist.get_rank() == 1 and len(calls) == 2:
+        raise RuntimeError("out of memory on rank 1 only")
+    return -0.5 * p
+
+
+FAILURES = {
+    # an elementwise custom function: no collective while entering, one agreement at its end
+    "custom": lambda: dict(modification_fn=_fails_on_rank_1, calls=[]),
+    # full-parameter gathers: the others must not start the next gather
+    "full_parameter": lambda: dict(modification_fn=_fails_on_rank_1, calls=[],
+                                   full_parameter=True),
+    # a target only one rank lacks: it fails before modifying anything
+    "missing_target": lambda: dict(modification_type="scale", layers=[
+        "model.layers.0.mlp" if dist.get_rank() == 0 else "model.layers.7.mlp"]),
+}
+
+
+@pytest.mark.parametrize("failure", sorted(FAILURES))
+@pytest.mark.parametrize("kind", ["ddp", "fsdp2"])
+@distributed(world_size=2, timeout_s=60)
+def test_a_failure_while_entering_on_one_rank_is_raised_on_every_rank(kind, failure):
+    """Rank 1 fails while entering: every rank rolls back bit-exactly and raises -- rank 1 its
+    own error, rank 0 one naming rank 1 and that error -- instead of rank 0 entering the body
+    and waiting in its first collective; the next theater works."""
+    from flex_surgery.parallel.failures import RemoteEditError
+    from flex_surgery.surgery import active_theaters
+
+    model, ref = _wrap(kind, _llama()), _llama()
+    inputs = example_inputs("llama")
+    with torch.no_grad():
+        base = _logits(model(**inputs))
+    before = raw_state(model)
+    model.train()
+    own = ValueError if failure == "missing_target" else RuntimeError
+    why = "model.layers.7.mlp" if failure == "missing_target" else "out of memory on rank 1"
+    expected = own if dist.get_rank() == 1 else RemoteEditError
+    match = why if dist.get_rank() == 1 else f"failed on rank 1: {own.__name__}: .*{why}"
+    with pytest.raises(expected, match=match):
+        with SurgicalTheater(model, **FAILURES[failure]()):
+            pytest.fail("the body must not run")
+    assert differing_bytes(before, raw_state(model)) == 0
+    assert active_theaters() == () and model.training
+    with torch.no_grad():
+        with SurgicalTheater(ref, layers=[1], modification_type="scale", factor=0.5):
+            want = ref(**inputs).logits
+        with SurgicalTheater(model, layers=[1], modification_type="scale", factor=0.5):
+            got = _logits(model(**inputs))
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(_logits(model(**inputs)), base, rtol=0, atol=0)
+    assert differing_bytes(before, raw_state(model)) == 0
+
+
+@distributed(world_size=2, timeout_s=60)
+def test_a_restore_that_fails_on_one_rank_keeps_every_rank_active_until_retried():
+    """Putting the weights back fails on rank 1 only: every rank raises RestoreError and keeps
+    its theater (guards included); restore() on every rank then leaves together."""
+    from flex_surgery.surgery import RestoreError, active_theaters
+    from flex_surgery.surgery.snapshot import Snapshot
+
+    model = _wrap("fsdp2", _llama())
+    before = raw_state(model)
+    restore, failed = Snapshot.restore, []
+
+    def flaky(self):
+        if dist.get_rank() == 1 and not failed:
+            failed.append(True)
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        restore(self)
+
+    theater = SurgicalTheater(model, modification_type="scale", factor=0.5, params="all")
+    Snapshot.restore = flaky
+    try:
+        match = "illegal memory access" if dist.get_rank() == 1 else \
+            "failed on rank 1: RestoreError: .*illegal memory access.*call restore"
+        with pytest.raises(RestoreError, match=match):
+            with theater:
+                pass
+    finally:
+        Snapshot.restore = restore
+    assert active_theaters() == (theater,)
+    with pytest.raises(SurgeryError, match="optimizer.step"):
+        torch.optim.SGD(model.parameters(), lr=0.1).step()
+    theater.restore()
+    assert active_theaters() == ()
+    assert differing_bytes(before, raw_state(model)) == 0
+
+
+@pytest.mark.parametrize("fail", [False, True])
+@distributed(world_size=2, timeout_s=60)
+def test_ranks_with_different_numbers_of_gathers_agree_as_often(fail):
+    """As pipeline stages do, rank 0 gathers three parameters and rank 1 one: both agree the
+    same number of times (and rank 1's failure in its only edit still reaches rank 0)."""
+    from flex_surgery.parallel.failures import RemoteEditError
+
+    model = _wrap("ddp", _llama())
+    before = raw_state(model)
+    layers = ["model.layers.0.mlp", "model.layers.1.mlp"] if dist.get_rank() == 0 else \
+        ["model.layers.1.mlp.up_proj"]
+    calls: list = []
+
+    def shrink(p: torch.Tensor) -> torch.Tensor:
+        calls.append(p.shape)
+        if fail and dist.get_rank() == 1:
+            raise RuntimeError("rank 1 cannot")
+        return -0.5 * p
+
+    theater = SurgicalTheater(model, layers=layers, modification_fn=shrink, full_parameter=True)
+    if fail:
+        with pytest.raises(RuntimeError if dist.get_rank() == 1 else RemoteEditError,
+                           match="rank 1 cannot"):
+            with theater:
+                pytest.fail("the body must not run")
+    else:
+        with theater:
+            assert len(theater._targets) == (6 if dist.get_rank() == 0 else 1)
+    assert differing_bytes(before, raw_state(model)) == 0
+    with SurgicalTheater(model, modification_type="scale"):  # the ranks are in step
+        pass

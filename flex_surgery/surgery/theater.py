@@ -39,6 +39,8 @@ from torch import nn
 
 from flex_surgery.naming import unwrap_model as unwrap_model
 from flex_surgery.parallel import frameworks
+from flex_surgery.parallel.failures import LostRankError
+from flex_surgery.surgery import agreement
 from flex_surgery.surgery.guard import RestoreError as RestoreError
 from flex_surgery.surgery.guard import SurgeryError as SurgeryError
 from flex_surgery.surgery.guard import install_guards, interrupts_deferred
@@ -50,13 +52,7 @@ from flex_surgery.surgery.modifications import noise_seed as noise_seed
 from flex_surgery.surgery.shards import LocalShard, local_shards, reshard_for_surgery
 from flex_surgery.surgery.snapshot import Snapshot, take_snapshot
 from flex_surgery.surgery.targets import PARAMETER_SELECTIONS as PARAMETER_SELECTIONS
-from flex_surgery.surgery.targets import (
-    Edit,
-    LayerSpec,
-    ParamFilter,
-    param_filter,
-    resolve_edits,
-)
+from flex_surgery.surgery.targets import Edit, LayerSpec, ParamFilter, param_filter, resolve_edits
 from flex_surgery.surgery.training_guard import TrainingState
 from flex_surgery.surgery.training_guard import all_parameters as _all_parameters  # noqa: F401
 
@@ -104,12 +100,12 @@ class SurgicalTheater:
             process, DDP, FSDP, TP), on CPU and CUDA, on every run.
             With ``seed=None`` a base seed is drawn from torch's global CPU generator on entry
             (the only draw the theater makes; the RNG state is restored to just after it on
-            exit, so consecutive theaters draw different noise); ranks then agree only if their
-            global generators agree -- pass a seed under parallelism. For ``"custom"`` with an
-            int seed, the global RNG is seeded with ``noise_seed(seed, name, 0)`` around each
-            call (on the shard unless ``full_parameter``). The delta must have the dtype and
-            device of the function's argument: another one is a ``TypeError`` naming the
-            parameter (the theater never casts silently).
+            exit, so consecutive theaters draw different noise); on a distributed model every
+            rank uses the draw of the model's first rank (:mod:`.agreement`). For ``"custom"``
+            with an int seed, the global RNG is seeded with ``noise_seed(seed, name, 0)``
+            around each call (on the shard unless ``full_parameter``). The delta must have the
+            dtype and device of the function's argument: another one is a ``TypeError`` naming
+            the parameter (the theater never casts silently).
         backup: where snapshots live: ``"device"`` (fastest, extra device memory = modified
             local bytes) or ``"cpu"`` (zero extra device memory).
         full_parameter: a custom function that needs the whole parameter (e.g. an SVD) gets it
@@ -138,7 +134,9 @@ class SurgicalTheater:
     innermost, raises :class:`SurgeryError`. If putting the weights back fails part-way, exit
     raises :class:`RestoreError` and the theater stays active with all its snapshots;
     :meth:`restore` retries. Under parallelism every rank must enter and exit the same theaters
-    in the same order (``full_parameter`` gathers are collectives).
+    in the same order: on a distributed model the ranks agree on the outcome of entering and of
+    putting the weights back (one small collective each, :mod:`.agreement`), so a failure on
+    one rank is raised on every rank, after every rank rolled back.
     """
 
     def __init__(
@@ -188,6 +186,7 @@ class SurgicalTheater:
         self._resolved: tuple[tuple, list[Edit]] | None = None  # (model key, edits) of last entry
         self._layout: tuple = ()  # (id, class) of every module at the last entry
         self._modification = Modification(None)
+        self._groups: agreement.ModelGroups = ()  # the ranks sharing the model
         self.stats: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ targets
@@ -263,6 +262,7 @@ class SurgicalTheater:
         self._modification = Modification(self.modification_type, self.factor, self.noise_scale,
                                           self.modification_fn, self.fn_kwargs, self.seed,
                                           self.full_parameter)
+        self._groups = agreement.model_groups(self._modules)
         self._state = TrainingState.capture(self._modules, self.guard_grads)
         reused = 0
         try:
@@ -270,8 +270,13 @@ class SurgicalTheater:
             if self.modification_type == "noise" and base_seed is None:
                 base_seed = int(torch.randint(0, 2**62, (1,)).item())
                 self._state.cpu_rng = torch.get_rng_state()
+                if self._groups:  # replicas and shards: the first rank's noise everywhere
+                    base_seed = agreement.agree_on_seed(base_seed, self._groups)
             self._reshard()
             edits = self._edits()
+            gathers = 0  # agreements before gathers still to come (:func:`.agreement.check_peers`)
+            if self._groups and self.modification_type == "custom":
+                gathers = agreement.check_peers(self._groups, sum(map(self._communicates, edits)))
             kept, self._kept = self._kept, {}  # each buffer is handed out at most once
             for edit in edits:
                 for shard in edit.shards:  # every view an edit writes is saved before it
@@ -279,19 +284,25 @@ class SurgicalTheater:
                     self._snapshots.append(take_snapshot(shard.local, self.backup, buffer))
                     reused += self._snapshots[-1].backup is buffer
                     self._targets.append(shard)
+                if gathers and self._communicates(edit):
+                    agreement.check_peers(self._groups)  # no gather that a failed rank skips
+                    gathers -= 1
                 self._modify(edit, base_seed)
             del kept  # buffers of parameters not modified this time are freed
             _sync([s.local for s in self._targets])
             self._install_hooks()
-        except BaseException:
-            try:
-                with interrupts_deferred():
-                    self._unwind()
-            except RestoreError:
+            for _ in range(gathers + bool(self._groups)):  # as many as any other rank
+                agreement.check_peers(self._groups)
+        except BaseException as exc:
+            with interrupts_deferred():  # no half-rolled-back theater (see restore())
+                exc, error = agreement.settle_failed_entry(exc, self._groups, self._restore_weights)
+                if error is None:
+                    self._forget()
+            if error is not None:
                 self._active = True  # what could not be rolled back can be retried: restore()
                 _ACTIVE.append(self)
-                raise
-            raise
+                raise error from exc
+            raise exc
         self._active = True
         _ACTIVE.append(self)
         self._names = [s.name for s in self._targets]
@@ -306,6 +317,11 @@ class SurgicalTheater:
             "enter_s": time.perf_counter() - start,
         }
         return self
+
+    def _communicates(self, edit: Edit) -> bool:
+        """Whether writing ``edit`` gathers (the full parameter, or sharded LoRA factors)."""
+        return self.modification_type == "custom" and (self.full_parameter or
+                                                       edit.lora is not None)
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
         self.restore()
@@ -323,16 +339,32 @@ class SurgicalTheater:
             raise SurgeryError(f"SurgicalTheater exited out of order: {inner} context(s) "
                                "entered after it are still active; exit those first (LIFO)")
         start = time.perf_counter()
+        # Ctrl-C is held for the whole exit, the agreement of a distributed model's ranks
+        # included: a collective blocks it in C++ anyway, and an interrupt landing between the
+        # verdict and leaving would strand guards or weights.
         with interrupts_deferred():
-            self._unwind()
-            _ACTIVE.pop()
-            self._active = False
+            error = self._restore_weights()
+            if self._groups:
+                try:
+                    error = agreement.agree_on_restore(error, self._groups)
+                except LostRankError:
+                    if error is None:  # this rank's weights are back: leave, then say so
+                        self._leave()
+                    raise
+            if error is not None:
+                raise error
+            self._leave()
         self.stats["exit_s"] = time.perf_counter() - start
 
-    def _unwind(self) -> None:
-        """Put every saved element back (newest first), then the guarded state. Snapshots are
-        dropped only once all of them are back: a failed restore can be run again."""
-        self._restore_weights()
+    def _leave(self) -> None:
+        self._forget()
+        _ACTIVE.pop()
+        self._active = False
+
+    def _forget(self) -> None:
+        """Once every weight is back (newest first, :meth:`_restore_weights`): drop the
+        snapshots (kept as buffers for the next entry), the guards and the guarded state.
+        Snapshots are dropped only then, so a failed restore can be run again."""
         if self.keep_snapshots:
             self._kept = {t.name: s.backup for t, s in zip(self._targets, self._snapshots)}
         self._snapshots = []
@@ -343,7 +375,8 @@ class SurgicalTheater:
             self._state = None
         self._modules = []
 
-    def _restore_weights(self) -> None:
+    def _restore_weights(self) -> RestoreError | None:
+        """Copy every snapshot back; the error if that failed part-way (snapshots kept)."""
         name = None
         try:
             self._reshard()  # drop gathered copies that saw the modification
@@ -354,11 +387,13 @@ class SurgicalTheater:
             _sync([s.local for s in self._snapshots])
         except Exception as exc:
             where = f" at {name}" if name else ""
-            raise RestoreError(
+            error = RestoreError(
                 f"putting the weights back failed{where} ({type(exc).__name__}: {exc}); every "
                 "snapshot is kept and the theater stays active (optimizer and checkpoint "
-                "guards included): call restore() on it to retry"
-            ) from exc
+                "guards included): call restore() on it to retry")
+            error.__cause__ = exc
+            return error
+        return None
 
     def release_snapshots(self) -> None:
         """Free the snapshot buffers kept for the next entry (``keep_snapshots``) and the
