@@ -397,7 +397,8 @@ class HookFunction:
             if hasattr(error, "add_note"):  # Python >= 3.11
                 error.add_note(f"raised by the editing function of {self!r}")
             raise
-        if not (isinstance(result, Tensor) and result.shape == full.shape
-                and result.dtype is full.dtype and result.device == full.device):
-            check_edit_result(self, result, full)
+        if result is not full and not (isinstance(result, Tensor) and result.shape == full.shape
+                                       and result.dtype is full.dtype
+                                       and result.device == full.device):
+            check_edit_result(self, result, full)  # raises, saying what is wrong
         return result
