@@ -348,7 +348,7 @@ def test_sharded_training_with_validation_ends_with_the_same_shards(wrap):
 
 # -- ranks agree: unseeded noise, a failure on one rank ---------------------------------------
 def _wrap(kind: str, model: nn.Module) -> nn.Module:
-    """The same llama under DDP (replicas), FSDP2 (shards) or DTensor TP (shards and
+    """The same llama under DDP (replicas), FSDP1 or FSDP2 (shards) or DTensor TP (shards and
     replicated norms)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.parallel import parallelize_module
@@ -356,6 +356,8 @@ def _wrap(kind: str, model: nn.Module) -> nn.Module:
 
     if kind == "ddp":
         return DDP(model)
+    if kind == "fsdp1":
+        return _fsdp1_flat(model)
     if kind == "fsdp2":
         return _fsdp2(model)
     return parallelize_module(model, init_device_mesh("cpu", (2,)), _tp_plan())
@@ -367,7 +369,7 @@ def _first_rank_draw(seed: int) -> int:
     return int(torch.randint(0, 2**62, (1,), generator=gen).item())
 
 
-@pytest.mark.parametrize("kind", ["ddp", "fsdp2", "dtensor_tp"])
+@pytest.mark.parametrize("kind", ["ddp", "fsdp1", "fsdp2", "dtensor_tp"])
 @distributed(world_size=2)
 def test_unseeded_noise_is_the_first_ranks_draw_on_every_rank(kind):
     """seed=None on ranks whose generators differ: every rank adds the noise of rank 0's draw,

@@ -81,8 +81,8 @@ def _module_groups(module: nn.Module) -> ModelGroups:
     if frameworks.DDP_.owns(module):
         return _span([module.process_group])
     if frameworks.FSDP_1.owns(module):  # HYBRID_SHARD: shard group x replica group
-        return _span([module.process_group, *([module._inter_node_pg]
-                                               if hasattr(module, "_inter_node_pg") else [])])
+        replicas = getattr(module, "_inter_node_pg", None)
+        return _span([module.process_group, *([] if replicas is None else [replicas])])
     for param in module._parameters.values():
         if param is not None and frameworks.is_dtensor(param):
             from flex_surgery.parallel.mesh import _root_mesh
