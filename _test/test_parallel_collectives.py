@@ -19,7 +19,7 @@ from flex_surgery.parallel.collectives import (
     replica_to_one,
     scatter_from_one,
 )
-from flex_surgery.parallel.piece_transfer import gather_pieces
+from flex_surgery.parallel.piece_transfer import collect_pieces, gather_pieces
 
 SHAPE = (3, 5, 4)
 
@@ -200,3 +200,51 @@ def test_gather_pieces_puts_a_tensor_cut_over_two_axes_together():
             assert torch.equal(got, whole)
         else:
             assert got is None
+
+
+@distributed(world_size=4)
+def test_collect_pieces_point_to_point_with_known_and_sent_sizes():
+    """collect_pieces: the same 2 x 2 grid (group order not the grid order), sizes known or
+    sent in front of each piece (one piece empty), then a tensor cut along dim 0 over two of
+    the ranks and replicated over the others (only the first replica sends)."""
+    rank = dist.get_rank()
+    rows, cols = (3, 0), (2, 1)
+    a_of, b_of = [1, 0, 1, 0], [0, 0, 1, 1]
+    whole = torch.randn(sum(rows), 4, sum(cols), generator=torch.Generator().manual_seed(4),
+                        dtype=torch.float64)
+    a, b = a_of[rank], b_of[rank]
+    piece = whole[sum(rows[:a]):sum(rows[:a + 1]), :, sum(cols[:b]):sum(cols[:b + 1])]
+    for known in (True, False, False):  # sizes known; sent (twice: the scratch reused)
+        cuts = [(0, rows if known else None, a_of), (2, cols, b_of)]
+        got = collect_pieces(piece, cuts, [0, 1, 2, 3], None, 1)
+        if rank == 1:
+            assert torch.equal(got, whole)
+        else:
+            assert got is None
+    # Cut along dim 0 over the "a" coordinate, replicated over "b": ranks 0 and 1 send.
+    halves = whole[:, :, :1].split([3, 0], 0)
+    got = collect_pieces(halves[a_of[rank]] if b_of[rank] == 0 else torch.zeros(9),
+                         [(0, None, a_of)], [0, 1], None, 0)
+    if rank == 0:
+        assert torch.equal(got, whole[:, :, :1])
+    else:
+        assert got is None
+
+
+@distributed(world_size=4)
+def test_collect_pieces_that_cannot_form_one_tensor_raise_on_the_leader_without_a_hang():
+    """Two pieces at one coordinate with different sizes: the leader receives every piece
+    (no sender left waiting), then raises; the group goes on."""
+    from flex_surgery.parallel.layout import LayoutError
+
+    rank = dist.get_rank()
+    a_of = [1, 0, 1, 0]
+    piece = torch.ones(2 if rank == 2 else 1, 3)
+    if rank == 1:
+        with pytest.raises(LayoutError, match="coordinate 1 along dim 0"):
+            collect_pieces(piece, [(0, None, a_of), (1, None, [0, 0, 1, 1])], [0, 1, 2, 3],
+                           None, 1)
+    else:
+        assert collect_pieces(piece, [(0, None, a_of), (1, None, [0, 0, 1, 1])],
+                              [0, 1, 2, 3], None, 1) is None
+    dist.barrier()

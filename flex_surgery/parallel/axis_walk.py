@@ -38,7 +38,7 @@ from flex_surgery.parallel.collectives import (
 from flex_surgery.parallel.failures import naming_lost_ranks
 from flex_surgery.parallel.layout import GATHER_ORDER, Layout, PartialSpec, ShardSpec
 from flex_surgery.parallel.mesh import ParallelMesh
-from flex_surgery.parallel.piece_transfer import gather_pieces
+from flex_surgery.parallel.piece_transfer import collect_pieces, gather_pieces
 
 __all__ = ["AxisWalk"]
 
@@ -126,15 +126,21 @@ class AxisWalk:
                 t = _ScaleGrad.apply(t, 1.0 / layout.backward_scale)
         return t, record
 
-    def cut_on_every_axis(self, t: torch.Tensor, layout: Layout) -> list[str]:
-        """The axes (of size > 1) of a tensor cut over two or more of them, each along its own
-        dim -- then :meth:`to_leader_at_once` retrieves it in one gather -- else ``[]``. The
-        same answer on every rank of the stage: the mesh and the layout are shared."""
+    def direct_axes(self, t: torch.Tensor, layout: Layout) -> list[str]:
+        """The axes (of size > 1) over which :meth:`to_leader_at_once` retrieves ``t`` in one
+        step, or ``[]`` (then :meth:`to_leader`, axis by axis). On the CPU: every tensor cut
+        along one dim per sharded axis and replicated over the others, with no partial sums.
+        On a device: a tensor cut over two or more axes and replicated over none. The same
+        answer on every rank of the stage: the mesh, the layout and the device are shared."""
         axes = [axis for axis in GATHER_ORDER if self.mesh.size(axis) > 1]
         specs = [layout.spec_for(axis) for axis in axes]
-        if len(axes) < 2 or not all(isinstance(s, ShardSpec) for s in specs):
+        shards = [s for s in specs if isinstance(s, ShardSpec)]
+        if not shards or any(isinstance(s, PartialSpec) for s in specs) or \
+                len({s.dim % t.ndim for s in shards}) != len(shards):
             return []
-        return axes if len({s.dim % t.ndim for s in specs}) == len(specs) else []
+        if t.device.type == "cpu" or len(shards) == len(specs) >= 2:
+            return axes
+        return []
 
     def stage_coordinates(self, device: torch.device) -> dict[str, list[int]]:
         """Per axis, the coordinate of each rank of the stage group, in group rank order. They
@@ -153,26 +159,36 @@ class AxisWalk:
 
     def to_leader_at_once(self, t: torch.Tensor, layout: Layout,
                           axes: list[str]) -> torch.Tensor | None:
-        """Retrieval of a tensor :meth:`cut_on_every_axis`: every rank's piece to the leader in
-        one gather over the stage group, put together in place in one fresh tensor. Detached;
-        the whole tensor on the leader, ``None`` elsewhere.
+        """Retrieval of a tensor with :meth:`direct_axes`: every piece to the leader in one
+        step over the stage group, put together in place in one fresh tensor. Detached; the
+        whole tensor on the leader, ``None`` elsewhere.
 
-        Against a gather per axis, the bytes cross once and the leader waits for one
-        collective instead of three (gather over tp, sizes over dp, gather over dp). Sizes the
-        layout does not know (a data-parallel batch) are exchanged over their axis' own group,
-        which every rank of the stage joins: every rank pads its piece to the largest. Each
-        rank's coordinates come from :meth:`stage_coordinates` (exchanged once)."""
+        Against a gather per axis, the bytes cross once and the leader waits for one transfer
+        instead of up to three collectives (gather over tp, sizes over dp, gather over dp).
+        On the CPU the pieces are sent point to point
+        (:func:`~flex_surgery.parallel.piece_transfer.collect_pieces`): sizes the layout does
+        not know (a data-parallel batch) travel in front of each piece, and of replicas only
+        the first sends. On a device, one ``gather`` of padded pieces
+        (:func:`~flex_surgery.parallel.piece_transfer.gather_pieces`) after an exchange of the
+        unknown sizes over their axis. Each rank's coordinates come from
+        :meth:`stage_coordinates` (exchanged once)."""
         coords = self.stage_coordinates(t.device)
-        cuts = []
-        for axis in axes:
-            spec = layout.spec_for(axis)
-            dim = spec.dim % t.ndim
-            sizes = spec.sizes or exchange_sizes(t, dim, self.mesh.group(axis))
-            cuts.append((dim, tuple(sizes), coords[axis]))
         group = self.mesh.stage_group
-        leader = next(i for i in range(len(coords[axes[0]]))
-                      if all(coords[a][i] == 0 for a in GATHER_ORDER))
-        full = gather_pieces(t.detach(), cuts, group, leader)
+        n = len(coords[GATHER_ORDER[0]])
+        leader = next(i for i in range(n) if all(coords[a][i] == 0 for a in GATHER_ORDER))
+        specs = {axis: layout.spec_for(axis) for axis in axes}
+        shards = [axis for axis in axes if specs[axis] is not None]
+        t = t.detach()
+        if t.device.type == "cpu":
+            cuts = [(specs[a].dim % t.ndim, specs[a].sizes, coords[a]) for a in shards]
+            senders = [i for i in range(n)
+                       if all(coords[a][i] == 0 for a in axes if specs[a] is None)]
+            full = collect_pieces(t, cuts, senders, group, leader)
+        else:
+            cuts = [(specs[a].dim % t.ndim, specs[a].sizes or
+                     exchange_sizes(t, specs[a].dim % t.ndim, self.mesh.group(a)), coords[a])
+                    for a in shards]
+            full = gather_pieces(t, cuts, group, leader)
         if full is None or _group_rank(group) != leader:
             return None
         return full.mul_(layout.grad_scale) if layout.grad_scale != 1.0 else full

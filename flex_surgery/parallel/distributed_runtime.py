@@ -201,8 +201,8 @@ class DistributedRuntime(Runtime):
                 return
             if self.overlap_retrieval and self._start_retrieval(plain, layout, store):
                 return
-            axes = self.walk.cut_on_every_axis(plain, layout)
-            if axes:  # cut over dp and tp: one gather over the stage
+            axes = self.walk.direct_axes(plain, layout)
+            if axes:  # one transfer over the stage
                 full = self.walk.to_leader_at_once(plain, layout, axes)
                 if full is not None:
                     store(full if full.device.type == "cpu" else store_copy(full))

@@ -23,8 +23,9 @@ import torch
 import torch.distributed as dist
 
 from flex_surgery.parallel.failures import names_lost_ranks, naming_lost_ranks
+from flex_surgery.parallel.frameworks.base import LayoutError
 
-__all__ = ["exchange_sizes", "gather_pieces", "start_gather"]
+__all__ = ["collect_pieces", "exchange_sizes", "gather_pieces", "start_gather"]
 
 Group = dist.ProcessGroup | None
 
@@ -223,3 +224,122 @@ def gather_pieces(t: torch.Tensor, cuts: Sequence[tuple[int, Sequence[int], Sequ
             place = place.narrow(dim, sum(sizes[:c]), sizes[c])
         place.copy_(buf)
     return whole
+
+
+_PIECE_TAG = 0x7069  # the tag of collect_pieces' messages (apart from any other send/recv)
+
+
+@names_lost_ranks
+def collect_pieces(t: torch.Tensor, cuts: Sequence[tuple[int, Sequence[int] | None,
+                                                         Sequence[int]]],
+                   senders: Sequence[int], group: Group, dst: int) -> torch.Tensor | None:
+    """The pieces of ``senders`` (group ranks, ``dst`` among them) sent to ``dst`` point to
+    point and put together in place in one fresh tensor; ``None`` elsewhere. CPU tensors: for
+    retrieval, not autograd-aware.
+
+    ``cuts`` as for :func:`gather_pieces`, except that ``sizes`` may be ``None`` (a
+    data-parallel batch): then every sender first sends its shape, in front of its piece on the
+    same connection, so the sizes cost no exchange -- the senders need nobody's sizes, since
+    nothing is padded. Against a ``dist.gather`` (gloo's runs on a worker thread), the leader
+    receives every piece straight into the whole tensor where its place there is contiguous
+    (else through the scratch buffer), and copies its own piece in place while the others
+    arrive. A rank not in ``senders`` (a replica on a replicated axis) does nothing.
+    """
+    me = _group_rank(group)
+    header = any(sizes is None for _, sizes, _ in cuts)
+    if me != dst:
+        if me not in senders:
+            return None
+        works = []
+        if header:
+            shape = torch.tensor(t.shape, dtype=torch.int64)
+            works.append(dist.isend(shape, group=group, group_dst=dst, tag=_PIECE_TAG))
+        if t.numel():
+            works.append(dist.isend(t.contiguous(), group=group, group_dst=dst,
+                                    tag=_PIECE_TAG))
+        for work in works:
+            work.wait()
+        return None
+    others = [i for i in senders if i != dst]
+    shapes = {dst: tuple(t.shape)}
+    if header:
+        heads = {i: torch.empty(t.ndim, dtype=torch.int64) for i in others}
+        for work in [dist.irecv(h, group=group, group_src=i, tag=_PIECE_TAG)
+                     for i, h in heads.items()]:
+            work.wait()
+        shapes.update({i: tuple(h.tolist()) for i, h in heads.items()})
+    else:
+        for i in others:
+            shape = list(t.shape)
+            for dim, sizes, coords in cuts:
+                shape[dim] = sizes[coords[i]]
+            shapes[i] = tuple(shape)
+    offsets, error = _places(shapes, cuts, t.ndim)
+    whole_shape = list(t.shape)
+    for dim, _, _ in cuts:
+        whole_shape[dim] = sum(offsets[dim].values()) if error is None else 0
+    whole = t.new_empty(whole_shape) if error is None else None
+    landing = []  # (region of the whole or None, buffer received into)
+    spare = [i for i in others if error is not None or
+             not _region(whole, shapes[i], offsets, cuts, i).is_contiguous()]
+    flat = _scratch((sum(_numel(shapes[i]) for i in spare),), t) if spare else None
+    at = 0
+    works = []
+    for i in others:
+        if not _numel(shapes[i]):
+            continue
+        if i in spare:
+            buf = flat.narrow(0, at, _numel(shapes[i])).view(shapes[i])
+            at += buf.numel()
+        else:
+            buf = _region(whole, shapes[i], offsets, cuts, i)
+        region = None if error is not None else _region(whole, shapes[i], offsets, cuts, i)
+        landing.append((region, buf))
+        works.append(dist.irecv(buf, group=group, group_src=i, tag=_PIECE_TAG))
+    if whole is not None:
+        _region(whole, shapes[dst], offsets, cuts, dst).copy_(t)
+    for work, (region, buf) in zip(works, landing):
+        work.wait()
+        if region is not None and region.data_ptr() != buf.data_ptr():
+            region.copy_(buf)
+    if error is not None:  # every piece received (no sender is left waiting), then raise
+        raise LayoutError(f"retrieval over the stage: {error}")
+    return whole
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _places(shapes: dict[int, tuple[int, ...]], cuts, ndim: int,
+            ) -> tuple[dict[int, dict[int, int]], str | None]:
+    """Per cut dim, the size at each coordinate (from the pieces' shapes), or why the pieces
+    cannot form one tensor (pieces of one coordinate that differ, uneven uncut dims)."""
+    sizes: dict[int, dict[int, int]] = {dim: {} for dim, _, _ in cuts}
+    cut = {dim for dim, _, _ in cuts}
+    first = next(iter(shapes.values()))
+    for i, shape in shapes.items():
+        if len(shape) != ndim or any(shape[d] != first[d] for d in range(ndim) if d not in cut):
+            return sizes, f"pieces of shapes {shape} and {first} cannot form one tensor"
+        for dim, _, coords in cuts:
+            seen = sizes[dim].setdefault(coords[i], shape[dim])
+            if seen != shape[dim]:
+                return sizes, (f"pieces at coordinate {coords[i]} along dim {dim} have sizes "
+                               f"{seen} and {shape[dim]}")
+    for dim in sizes:
+        sizes[dim] = dict(sorted(sizes[dim].items()))
+    return sizes, None
+
+
+def _region(whole: torch.Tensor, shape: tuple[int, ...], sizes: dict[int, dict[int, int]],
+            cuts, i: int) -> torch.Tensor:
+    """The place of group rank ``i``'s piece in ``whole``."""
+    region = whole
+    for dim, _, coords in cuts:
+        c = coords[i]
+        start = sum(s for k, s in sizes[dim].items() if k < c)
+        region = region.narrow(dim, start, shape[dim])
+    return region
