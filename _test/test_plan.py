@@ -153,7 +153,7 @@ def test_planner_matches_one_process_run():
 # -- forked ranks: the planner against what the runtime gathers and stores -----------------------
 
 class _GatherCounter:
-    """Wraps the runtime's gather so a test sees the bytes each gather brings to its
+    """Wraps the runtime's gathers so a test sees the bytes each gather brings to its
     destination from the other ranks (whole result minus the destination's own piece)."""
 
     def __init__(self, monkeypatch) -> None:
@@ -172,6 +172,16 @@ class _GatherCounter:
             return out
 
         monkeypatch.setattr(runtime, "gather_to_one", counting)
+        # Retrieval on the CPU moves the pieces point to point to the leader in one step.
+        original_collect = runtime.collect_pieces
+
+        def counting_collect(t, cuts, senders, group, dst):
+            out = original_collect(t, cuts, senders, group, dst)
+            if out is not None:  # the leader: its own piece was not moved
+                self.moved += (out.numel() - t.numel()) * out.element_size()
+            return out
+
+        monkeypatch.setattr(runtime, "collect_pieces", counting_collect)
 
 
 def _total_over_ranks(value: int) -> int:
