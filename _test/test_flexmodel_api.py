@@ -187,6 +187,7 @@ def test_unknown_names_suggest_the_closest():
     (lambda x: x.tolist(), "returned a list"),
     (lambda x: x[:, :1], "must keep the input's shape"),
     (lambda x: x.double(), "dtype"),
+    (lambda x: x.to("meta"), "must stay on cpu"),
 ])
 def test_bad_editing_function_results(result, message):
     model, inputs = make("llama")
