@@ -542,3 +542,43 @@ def test_ranks_with_different_numbers_of_gathers_agree_as_often(fail):
     assert differing_bytes(before, raw_state(model)) == 0
     with SurgicalTheater(model, modification_type="scale"):  # the ranks are in step
         pass
+
+
+@distributed(world_size=4, timeout_s=60)
+def test_two_models_on_two_groups_agree_within_their_own_group():
+    """Ranks {0, 1} and {2, 3} each run a DDP model on their own group: unseeded noise is the
+    draw of each group's first rank, and rank 3's failure is raised by ranks 2 and 3 only (its
+    message carried from group rank 1), while ranks 0 and 1 enter and leave undisturbed."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from flex_surgery.parallel.failures import RemoteEditError
+
+    groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    rank = dist.get_rank()
+    mine = groups[rank // 2]
+    model = DDP(_llama(), process_group=mine)
+    torch.manual_seed(rank)
+    with SurgicalTheater(model, layers=[0], modification_type="noise") as theater:
+        local = theater._targets[0].local.clone()
+    every = [torch.empty_like(local) for _ in range(4)]
+    dist.all_gather(every, local)
+    assert torch.equal(every[0], every[1]) and torch.equal(every[2], every[3])
+    assert not torch.equal(every[0], every[2])  # each group drew its own (ranks 0 and 2)
+
+    before = raw_state(model)
+
+    def fails_on_rank_3(p):
+        if rank == 3:
+            raise RuntimeError("rank 3 is out of memory")
+        return -0.5 * p
+
+    theater = SurgicalTheater(model, layers=[0], modification_fn=fails_on_rank_3)
+    if rank < 2:
+        with theater:
+            pass
+    else:
+        expected = RuntimeError if rank == 3 else RemoteEditError
+        with pytest.raises(expected, match="rank 3 is out of memory"):
+            with theater:
+                pytest.fail("the body must not run")
+    assert differing_bytes(before, raw_state(model)) == 0
