@@ -17,7 +17,10 @@ every hook (``edit``: the leader path; ``edit_replicate``:
 
 * retrieval floor: the bytes of the 8 activations moved, once, to the rank that stores them,
   into preallocated buffers -- one ``dist.gather`` over the layout's ranks to rank 0 and a copy
-  into a preallocated whole tensor (TP, DP x TP); for PP, stage 0's activations copied into
+  into a preallocated whole tensor (TP, DP x TP) -- and, printed beside it, the same bytes sent
+  point to point (``send``/``irecv`` into preallocated buffers, the leader's own piece copied
+  into place while the others arrive): how FlexModel moves them on the CPU, and faster on gloo
+  than its ``gather`` (which runs on a worker thread); for PP, stage 0's activations copied into
   preallocated buffers on rank 0 and stage 1's sent to rank 0 (``send``/``recv`` into
   preallocated buffers);
 * edit floor: what an editing function of the whole tensor needs on every rank that holds a
@@ -40,11 +43,21 @@ The spread is the 25..75 % range of the per-round ratios. ``fixed_cost``: the ho
 on a tiny activation (H=8, 4 tokens, TP=2), in microseconds per hook call, beside the floor's.
 Each round times every variant 3 times in a row and keeps the fastest (``_timing.rounds``).
 
+Allocator (``--pin-malloc``): a stored tensor is fresh memory, and glibc's defaults hand freed
+blocks of 128 KiB or more back to the system (and trim the heap top), so each round's stored
+tensors page-fault again as they are written (about a page fault per 4 KiB: 512 per 2 MiB
+activation); the floor writes into preallocated buffers and pays none. ``--pin-malloc`` calls
+``mallopt(M_MMAP_THRESHOLD, 32 MiB)`` and ``mallopt(M_TRIM_THRESHOLD, 2 GiB)`` in the parent
+before the ranks fork, for the floors and FlexModel alike, so freed memory is reused: what is
+left is the hooks' own cost. The default leaves glibc as it is; both are printed (the header
+says which), neither hides the other.
+
 What was timed is asserted correct: the retrieved tensors equal the one-process value (an
 unsharded model with the gathered full weights, run on rank 0), and the edited forward equals
 the plain forward with the activation doubled by a raw torch hook (``torch.equal``).
 
     python benchmarks/retrieval_overhead.py [--reps 20] [--layouts tp2 megatron dp2tp2 pp2]
+    python benchmarks/retrieval_overhead.py --pin-malloc  # glibc keeps freed memory (above)
     python benchmarks/retrieval_overhead.py --check      # 3 repetitions against the targets
     python benchmarks/retrieval_overhead.py --device cuda   # benchmarks/retrieval_cuda.py
 """
@@ -310,6 +323,7 @@ def _measure(layout: str, reps: int, h: int, tokens: int, device: str = "cpu",
 
         fns["floor_read"] = floor_read
         fns["floor_edit"] = floor_edit
+        floor_p2p = None  # the PP floor is point to point already
     else:
         shard_dim = 2
         parts = [torch.empty(local_shape, device=device) for _ in range(world)]
@@ -345,8 +359,26 @@ def _measure(layout: str, reps: int, h: int, tokens: int, device: str = "cpu",
                 edited.narrow(batch_dim, dp_rank * local_shape[batch_dim],
                               local_shape[batch_dim]).narrow(shard_dim, tp_rank * w, w)
 
+        def _region(out, r):  # the place of rank (d, t)'s piece: rows d, columns t
+            d, t = divmod(r, tp)
+            w = local_shape[shard_dim]
+            return out.narrow(batch_dim, d * local_shape[batch_dim], local_shape[batch_dim]) \
+                .narrow(shard_dim, t * w, w)
+
+        def floor_read_p2p():  # the same bytes sent point to point (how FlexModel sends them)
+            for p, out in zip(pieces, whole):
+                if rank != 0:
+                    dist.send(p, 0)
+                    continue
+                reqs = [dist.irecv(parts[r], r) for r in range(1, world)]
+                _region(out, 0).copy_(p)
+                for r, req in enumerate(reqs, 1):
+                    req.wait()
+                    _region(out, r).copy_(parts[r])
+
         fns["floor_read"] = floor_read
         fns["floor_edit"] = floor_edit
+        floor_p2p = floor_read_p2p if device == "cpu" else None
 
     def clock(fn) -> float:
         dist.barrier()
@@ -400,7 +432,7 @@ def _measure(layout: str, reps: int, h: int, tokens: int, device: str = "cpu",
         for kind in kinds[1:]:
             check_edit(kind)
         direct = _direct_rounds(layout, flexes, kinds, mine, fns, stored["read"], check_read,
-                                reps * 3, clock, inner)
+                                reps * 3, clock, inner, floor_p2p)
     for flex in flexes.values():
         flex.restore()
     if rank != 0:
@@ -416,13 +448,15 @@ def _measure(layout: str, reps: int, h: int, tokens: int, device: str = "cpu",
     for kind in kinds:
         floor = "floor_read" if kind == "read" else "floor_edit"
         result[f"direct_{'retrieval' if kind == 'read' else kind}"] = ratio(direct, kind, floor)
+    if "floor_read_p2p" in direct:
+        result["direct_retrieval_vs_p2p"] = ratio(direct, "read", "floor_read_p2p")
     result["plain_s"] = statistics.median(times["plain"])
     result["hooks"] = BLOCKS
     return result
 
 
 def _direct_rounds(layout, flexes, kinds, mine, fns, stored, check_read, reps, clock,
-                   inner) -> dict[str, list[float]]:
+                   inner, floor_p2p=None) -> dict[str, list[float]]:
     """The hook calls alone: one forward records every hooked module's ``(module, args,
     output)``; each round then calls the registered FlexModel hooks of each kind on them (PP:
     then collects to rank 0), interleaved with the floors. Without the forward's own compute
@@ -452,6 +486,8 @@ def _direct_rounds(layout, flexes, kinds, mine, fns, stored, check_read, reps, c
 
     direct = {kind: caller(kind) for kind in kinds}
     direct.update(floor_read=fns["floor_read"], floor_edit=fns["floor_edit"])
+    if floor_p2p is not None:
+        direct["floor_read_p2p"] = floor_p2p
     direct["read"]()
     check_read()  # the direct calls store the one-process value
     for kind in kinds[1:]:
@@ -534,6 +570,9 @@ def report(results: dict) -> None:
         for kind in ("retrieval", "edit", "edit_replicate"):
             if kind in r:
                 print(f"[{layout}]   {kind:15s} hook calls alone {fmt(r['direct_' + kind])}")
+        if "direct_retrieval_vs_p2p" in r:
+            print(f"[{layout}]   retrieval over the point-to-point floor (hook calls alone) "
+                  f"{fmt(r['direct_retrieval_vs_p2p'])}")
         for kind in ("retrieval", "edit", "edit_replicate"):
             if kind in r:
                 print(f"[{layout}]   {kind:15s} in the forward   {fmt(r[kind])}")
@@ -553,6 +592,18 @@ def report(results: dict) -> None:
                       f"(floor {k['floor_s'] / r['hooks'] * 1e6:6.1f} us; hook calls alone)")
 
 
+def pin_malloc() -> None:
+    """glibc keeps freed memory for reuse instead of returning it to the system (see the module
+    docstring); called before the ranks fork, which inherit it."""
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    if not (libc.mallopt(m_mmap_threshold, 32 << 20) and
+            libc.mallopt(m_trim_threshold, 2 ** 31 - 1)):
+        raise RuntimeError("mallopt refused the allocator settings")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=10,
@@ -562,13 +613,21 @@ def main() -> None:
     parser.add_argument("--check", action="store_true",
                         help=f"{REPETITIONS} repetitions; fail if a ratio exceeds its target "
                              f"by more than 20 %%")
+    parser.add_argument("--pin-malloc", action="store_true",
+                        help="glibc keeps freed memory (mallopt before the ranks fork): no page "
+                             "faults on fresh stored tensors, for the floors and FlexModel alike")
     args = parser.parse_args()
+    if args.pin_malloc:
+        pin_malloc()
     if args.device == "cuda":
         from retrieval_cuda import main as cuda_main
 
         sys.exit(cuda_main(reps=args.reps, check=args.check))
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
     runs = [run_once(args.layouts, args.reps) for _ in range(REPETITIONS if args.check else 1)]
+    print("allocator: " + ("glibc pinned (mallopt M_MMAP_THRESHOLD 32 MiB, M_TRIM_THRESHOLD "
+                           "2 GiB): freed memory reused" if args.pin_malloc else
+                           "glibc defaults (fresh stored tensors page-fault; --pin-malloc)"))
     for i, results in enumerate(runs):
         if len(runs) > 1:
             print(f"--- repetition {i + 1} of {len(runs)}")
@@ -576,7 +635,7 @@ def main() -> None:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({"runs": runs, "setup": dict(
         hidden=H, tokens=TOKENS, blocks=BLOCKS, reps=args.reps, backend="gloo",
-        threads_per_rank=1)}, indent=2) + "\n")
+        threads_per_rank=1, pinned_malloc=args.pin_malloc)}, indent=2) + "\n")
     print(f"-> {RESULTS}")
     if args.check:
         sys.exit(_check(runs, args.layouts, "retrieval_overhead"))
