@@ -12,7 +12,7 @@ forward full of collectives. Two things would otherwise go wrong silently or han
 * a failure on one rank only (a ``modification_fn`` that raises there, a target missing there,
   an out-of-memory snapshot) made that rank roll back and raise while the others entered the
   ``with`` body and waited in its first collective. :func:`agree_on_outcome` is one all-reduce of
-  one integer on success; on failure every rank learns which rank failed and why.
+  two integers on success; on failure every rank learns which rank failed and why.
 
 Both happen only for a model *known* to be distributed -- a module of a registered framework
 (:mod:`flex_surgery.parallel.frameworks`), DTensor parameters, or a FlexModel running over more

@@ -263,9 +263,9 @@ class SurgicalTheater:
                                           self.modification_fn, self.fn_kwargs, self.seed,
                                           self.full_parameter)
         self._groups = agreement.model_groups(self._modules)
-        self._state = TrainingState.capture(self._modules, self.guard_grads)
         reused = 0
         try:
+            self._state = TrainingState.capture(self._modules, self.guard_grads)
             base_seed = self.seed
             if self.modification_type == "noise" and base_seed is None:
                 base_seed = int(torch.randint(0, 2**62, (1,)).item())
