@@ -51,13 +51,16 @@ class EditingFunctionError(FlexModelError, ValueError):
     """An editing function returned something that cannot replace the tensor it was given."""
 
 
-def check_edit_result(owner: object, result: Any, full: torch.Tensor) -> None:
+def check_edit_result(owner: object, result: Any, shape: torch.Size, dtype: torch.dtype,
+                      device: torch.device) -> None:
     """Raise the :class:`EditingFunctionError` that says why ``result`` (what ``owner``'s
-    editing function returned) cannot replace ``full``: ``None``, not a tensor, another shape
-    or dtype, another device.
+    editing function returned) cannot replace a tensor of ``shape``, ``dtype`` on ``device``:
+    ``None``, not a tensor, another shape or dtype, another device.
 
     A hook calls this only once its one fast comparison (a tensor of the same shape, dtype and
-    device) has failed, so these messages are built off the path of every successful call.
+    device) has failed, so these messages are built off the path of every successful call. The
+    expected properties are passed as they were before the editing function ran: an in-place op
+    (``unsqueeze_``, ``t_``) changes them on the input itself.
     """
     if result is None:
         raise EditingFunctionError(
@@ -69,16 +72,16 @@ def check_edit_result(owner: object, result: Any, full: torch.Tensor) -> None:
             f"{owner!r}: the editing function returned a {type(result).__name__}, "
             "expected a torch.Tensor"
         )
-    if result.shape != full.shape or result.dtype != full.dtype:
+    if result.shape != shape or result.dtype != dtype:
         raise EditingFunctionError(
             f"{owner!r}: the editing function returned shape {tuple(result.shape)} dtype "
-            f"{result.dtype}; it must keep the input's shape {tuple(full.shape)} and dtype "
-            f"{full.dtype}"
+            f"{result.dtype}; it must keep the input's shape {tuple(shape)} and dtype "
+            f"{dtype} (an in-place op that changes them, such as unsqueeze_, counts too)"
         )
-    if result.device != full.device:
+    if result.device != device:
         raise EditingFunctionError(
             f"{owner!r}: the editing function returned a tensor on {result.device}; "
-            f"it must stay on {full.device}"
+            f"it must stay on {device}"
         )
 
 

