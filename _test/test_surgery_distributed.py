@@ -422,6 +422,34 @@ def test_a_plain_model_communicates_nothing():
     assert not torch.equal(*both)
 
 
+@distributed(world_size=2, timeout_s=60)
+def test_leaving_the_body_by_an_exception_runs_no_collective():
+    """An exception out of the body means the ranks are no longer in step: an exit agreement
+    could be matched with a peer's collective inside the body and hand it a wrong value. The
+    rank puts its own weights back bit-exactly, runs no collective, and re-raises unchanged."""
+    from flex_surgery.surgery import active_theaters
+
+    model = _wrap("ddp", _llama())
+    before = raw_state(model)
+    entered = []
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("leaving the body by an exception ran a collective")
+
+    saved = dist.all_reduce, dist.broadcast
+    try:
+        with pytest.raises(KeyError, match="from the body"):
+            with SurgicalTheater(model, modification_type="scale", factor=0.5, layers=[0]):
+                entered.append(True)  # entering agreed (a collective) before this point
+                dist.all_reduce = dist.broadcast = refuse
+                raise KeyError("from the body")
+    finally:
+        dist.all_reduce, dist.broadcast = saved
+    assert entered and active_theaters() == ()
+    assert differing_bytes(before, raw_state(model)) == 0
+    dist.barrier()  # both ranks are still in step after it
+
+
 def _fails_on_rank_1(p: torch.Tensor, calls: list) -> torch.Tensor:
     calls.append(p.shape)
     if dist.get_rank() == 1 and len(calls) == 2:

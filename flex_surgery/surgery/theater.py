@@ -324,7 +324,10 @@ class SurgicalTheater:
                                                        edit.lora is not None)
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
-        self.restore()
+        # An exception from the body: the ranks are no longer in step (the others may be in a
+        # collective of the body), so an exit agreement could be matched with a peer's body
+        # collective and hand it a wrong value. This rank puts its own weights back and leaves.
+        self._restore(agree=exc_type is None)
         return False
 
     def restore(self) -> None:
@@ -332,6 +335,9 @@ class SurgicalTheater:
         ``__exit__`` does). If putting the weights back fails part-way, :class:`RestoreError`
         is raised and the theater stays active with all its snapshots and guards: call
         ``restore()`` again to retry."""
+        self._restore(agree=True)
+
+    def _restore(self, agree: bool) -> None:
         if not self._active:
             raise SurgeryError("exit of a SurgicalTheater that is not active")
         if _ACTIVE[-1] is not self:
@@ -344,7 +350,7 @@ class SurgicalTheater:
         # verdict and leaving would strand guards or weights.
         with interrupts_deferred():
             error = self._restore_weights()
-            if self._groups:
+            if self._groups and agree:
                 try:
                     error = agreement.agree_on_restore(error, self._groups)
                 except LostRankError:
