@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.distributed as dist
+from rank_pool import distributed
 from torch import nn
 
 from flex_surgery import FlexModel, HookFunction
@@ -202,3 +204,57 @@ def test_editing_function_returning_its_input_with_another_shape_or_dtype_raises
     with pytest.raises(EditingFunctionError, match="shape|dtype"):
         with torch.no_grad():
             flex(_input(requires_grad=False))
+
+
+# -- SurgicalTheater on a distributed model: the agreement ---------------------------------------
+
+def _ddp_llama():
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from flex_surgery.models import tiny_hf_model
+
+    return DDP(tiny_hf_model("llama"))
+
+
+@pytest.mark.parametrize("seed", [7, pytest.param(None, marks=pytest.mark.xfail(
+    strict=True, reason="surgery: agree_on_seed's broadcast meets a failed rank's all-reduce "
+    "(requested in /work/notes/coord.md)"))], ids=["seeded", "unseeded"])
+@distributed(world_size=2, timeout_s=20)
+def test_a_failure_capturing_the_training_state_on_one_rank_is_raised_on_every_rank(seed):
+    """Capturing the training state is part of the agreed entry: a failure there on rank 1
+    only must make rank 1 raise its own error and rank 0 a RemoteEditError naming rank 1,
+    weights untouched, for seeded *and* unseeded noise. With ``seed=None`` rank 0 goes on to
+    the seed's broadcast while rank 1 is already in the failure's all-reduce: two different
+    collectives matched with each other (a hang, or a wrong seed / verdict)."""
+    from test_surgery_support import differing_bytes, raw_state
+
+    from flex_surgery.parallel.failures import RemoteEditError
+    from flex_surgery.surgery import SurgicalTheater, active_theaters
+    from flex_surgery.surgery.training_guard import TrainingState
+
+    model = _ddp_llama()
+    before = raw_state(model)
+    capture = TrainingState.capture
+
+    def flaky(*args, **kwargs):
+        if dist.get_rank() == 1:
+            raise RuntimeError("capture failed on rank 1 only")
+        return capture(*args, **kwargs)
+
+    TrainingState.capture = staticmethod(flaky)
+    try:
+        expected = RuntimeError if dist.get_rank() == 1 else RemoteEditError
+        with pytest.raises(expected, match="capture failed on rank 1 only|failed on rank 1"):
+            with SurgicalTheater(model, modification_type="noise", noise_scale=0.1, seed=seed,
+                                 layers=[0]):
+                pytest.fail("the body must not run")
+    finally:
+        TrainingState.capture = capture
+    assert active_theaters() == ()
+    assert differing_bytes(before, raw_state(model)) == 0
+    # Still in step: the next theater agrees on one seed on both ranks.
+    with SurgicalTheater(model, modification_type="noise", noise_scale=0.1, layers=[0]) as t:
+        mine = t._targets[0].local.detach().clone()
+    both = [torch.empty_like(mine) for _ in range(2)]
+    dist.all_gather(both, mine)
+    assert torch.equal(*both)
