@@ -258,3 +258,66 @@ def test_a_failure_capturing_the_training_state_on_one_rank_is_raised_on_every_r
     both = [torch.empty_like(mine) for _ in range(2)]
     dist.all_gather(both, mine)
     assert torch.equal(*both)
+
+
+# -- pipeline collection on DP x PP (4 ranks, built mesh: pp0 = ranks 0, 1; pp1 = ranks 2, 3) ----
+
+def _dp_pp_case(dicts_on: tuple[int, ...], store_on: str, n_micro: int = 3, steps: int = 2):
+    """Hand-split stages on a DP x PP mesh, each replica feeding its rows of every
+    micro-batch, ``n_micro`` micro-batches per step before one sync, a fresh dict per step on
+    the ranks in ``dicts_on``. Returns (this rank's dicts per step, the reference)."""
+    from parallel_cases import plain_net
+    from pipeline_cases import hand_split_step, inputs, reference, register_sites, two_stages
+
+    from flex_surgery.parallel.pipeline import StageLink
+
+    rank = dist.get_rank()
+    stage, dp_rank = rank // 2, rank % 2
+    _, _, x_mbs, t_mbs = inputs(4 * n_micro, n_micro)
+    ref_stored, _, _ = reference(x_mbs, t_mbs, edit=True)
+    flex = FlexModel(two_stages(plain_net(), stage), {} if rank in dicts_on else None,
+                     pipeline_parallel_size=2, data_parallel_size=2, key_by_hook_kind=True,
+                     store_on=store_on)
+    mesh = flex.runtime.mesh
+    assert (mesh.coords["pp"], mesh.coords["dp"]) == (stage, dp_rank)
+    register_sites(flex, edit=True)
+    got = []
+    for _ in range(steps):
+        stored = {} if rank in dicts_on else None
+        flex.output_dict = stored
+        link = StageLink(mesh)
+        hand_split_step(flex, link, [x.chunk(2)[dp_rank] for x in x_mbs],
+                        [t.chunk(2)[dp_rank] for t in t_mbs])
+        flex.sync_pipeline_outputs(link)
+        link.close()
+        got.append(stored)
+    flex.restore()
+    return got, ref_stored
+
+
+@distributed(world_size=4, timeout_s=60)
+def test_dp_x_pp_dict_on_rank0_only_collects_every_stage_every_step():
+    """DP x PP, a dict on rank 0 only, replaced per step, three micro-batches per sync: rank 0
+    holds, per step, what one process stores (both stages, every hook kind), and nothing piles
+    up on stage 1's leader."""
+    from pipeline_cases import TOL, assert_stored_equal
+
+    got, ref = _dp_pp_case((0,), "rank0")
+    if dist.get_rank() == 0:
+        for stored in got:
+            assert_stored_equal(stored, ref, **TOL)
+    else:
+        assert got == [None, None]
+
+
+@distributed(world_size=4, timeout_s=60)
+def test_dp_x_pp_store_on_all_a_dict_on_a_non_leader_collects_its_line():
+    """store_on="all" on DP x PP with a dict on rank 1 only (stage 0, replica 1: not a stage
+    leader): its line's stage 1 (rank 3) stages for it, so rank 1 holds what one process
+    stores."""
+    from pipeline_cases import TOL, assert_stored_equal
+
+    got, ref = _dp_pp_case((1,), "all")
+    if dist.get_rank() == 1:
+        for stored in got:
+            assert_stored_equal(stored, ref, **TOL)
