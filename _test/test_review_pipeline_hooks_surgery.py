@@ -321,3 +321,55 @@ def test_dp_x_pp_store_on_all_a_dict_on_a_non_leader_collects_its_line():
     if dist.get_rank() == 1:
         for stored in got:
             assert_stored_equal(stored, ref, **TOL)
+
+
+_COLLECTIVES = ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor",
+                "all_gather_object", "broadcast_object_list", "barrier", "reduce_scatter",
+                "reduce_scatter_tensor", "gather", "scatter", "send", "recv", "isend", "irecv",
+                "monitored_barrier", "new_group", "all_to_all", "all_to_all_single", "reduce")
+
+
+@distributed(world_size=2, timeout_s=60)
+def test_theaters_on_a_model_that_is_not_distributed_run_no_collective_at_all():
+    """A plain model, and a FlexModel over a one-rank group, under a two-rank world: every
+    modification type (unseeded noise, full-parameter custom included), nested and repeated
+    entries, entered on rank 1 only, call no function of torch.distributed that
+    communicates -- not only all_reduce and broadcast."""
+    from parallel_cases import local_group
+
+    from flex_surgery.models import tiny_hf_model
+    from flex_surgery.surgery import SurgicalTheater
+
+    saved = {name: getattr(dist, name) for name in _COLLECTIVES if hasattr(dist, name)}
+    called: list[str] = []
+
+    def refusing(name):
+        def refuse(*args, **kwargs):
+            called.append(name)
+            raise AssertionError(f"a theater on a model that is not distributed ran {name}")
+        return refuse
+
+    plain = tiny_hf_model("llama")
+    flex = FlexModel(tiny_hf_model("llama"), {}, process_group=local_group())
+    if dist.get_rank() == 1:
+        for name in saved:
+            setattr(dist, name, refusing(name))
+        try:
+            for model in (plain, flex):
+                for kwargs in (dict(modification_type="noise", noise_scale=0.1),
+                               dict(modification_type="scale", factor=0.5),
+                               dict(modification_type="disable"),
+                               dict(modification_type="custom",
+                                    modification_fn=lambda p: p * 0.5),
+                               dict(modification_type="custom", full_parameter=True,
+                                    modification_fn=lambda p: p * 0.5)):
+                    outer = SurgicalTheater(model, layers=[0], **kwargs)
+                    for _ in range(2):  # repeated entries, with an inner theater
+                        with outer, SurgicalTheater(model, layers=[1], **kwargs):
+                            pass
+        finally:
+            for name, fn in saved.items():
+                setattr(dist, name, fn)
+        assert called == []
+    flex.restore()
+    dist.barrier()
