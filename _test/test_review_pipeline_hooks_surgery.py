@@ -373,3 +373,33 @@ def test_theaters_on_a_model_that_is_not_distributed_run_no_collective_at_all():
         assert called == []
     flex.restore()
     dist.barrier()
+
+
+@distributed(world_size=2, timeout_s=60)
+def test_unseeded_noise_on_pipeline_stages_is_one_processes_noise():
+    """A FlexModel over hand-split pipeline stages counts as distributed: both stages use rank
+    0's draw, so each stage's parameters get exactly the noise one process adds to the whole
+    model with that seed (parameters keep their whole-model names on every stage)."""
+    from parallel_cases import plain_net
+    from pipeline_cases import two_stages
+
+    from flex_surgery.surgery import SurgicalTheater
+
+    torch.set_default_dtype(torch.float64)
+    flex = FlexModel(two_stages(plain_net(), dist.get_rank()), {}, pipeline_parallel_size=2)
+    ref = plain_net()  # (building draws from the global generator)
+    torch.manual_seed(100 + dist.get_rank())  # the ranks' generators differ
+    draw = int(torch.randint(0, 2**62, (1,)).item())
+    draws = [None, None]
+    dist.all_gather_object(draws, draw)
+    torch.manual_seed(100 + dist.get_rank())
+    with torch.no_grad(), SurgicalTheater(ref, modification_type="noise", noise_scale=0.1,
+                                          seed=draws[0], params="all"):
+        want = {n: p.detach().clone() for n, p in ref.named_parameters()}
+    with torch.no_grad(), SurgicalTheater(flex, modification_type="noise", noise_scale=0.1,
+                                          params="all") as theater:
+        got = {s.name: s.local.detach().clone() for s in theater._targets}
+    assert got and set(got) <= set(want)
+    for name, value in got.items():
+        assert torch.equal(value, want[name]), name
+    flex.restore()
