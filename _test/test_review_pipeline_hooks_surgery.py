@@ -403,3 +403,56 @@ def test_unseeded_noise_on_pipeline_stages_is_one_processes_noise():
     for name, value in got.items():
         assert torch.equal(value, want[name]), name
     flex.restore()
+
+
+def _tp_model(kind: str) -> nn.Module:
+    if kind == "fairscale":
+        from fairscale.nn.model_parallel import initialize as fs_init
+        from test_surgery_distributed import _fairscale_pair
+
+        fs_init.initialize_model_parallel(2)
+        return _fairscale_pair()[0]
+    from test_surgery_distributed import _llama, _wrap
+
+    return _wrap("dtensor_tp", _llama())
+
+
+@pytest.mark.parametrize("full_parameter", [False, True])
+@pytest.mark.parametrize("kind", ["dtensor_tp", "fairscale"])
+@distributed(world_size=2, timeout_s=60)
+def test_a_failure_on_one_tp_rank_while_entering_is_raised_on_every_rank(kind, full_parameter):
+    """Tensor parallelism (DTensor, fairscale): rank 1's custom function fails at its second
+    parameter (after the first one's gather when ``full_parameter``); every rank rolls back
+    bit-exactly and raises (rank 1 its own error, rank 0 one naming it); then unseeded noise
+    agrees and the replicated/sharded weights stay one model."""
+    from test_surgery_support import differing_bytes, raw_state
+
+    from flex_surgery.parallel.failures import RemoteEditError
+    from flex_surgery.surgery import SurgicalTheater, active_theaters
+
+    model = _tp_model(kind)
+    before = raw_state(model)
+    calls: list = []
+
+    def fails_on_rank_1(p):
+        calls.append(p.shape)
+        if dist.get_rank() == 1 and len(calls) == 2:
+            raise RuntimeError("rank 1 ran out of memory")
+        return -0.5 * p
+
+    expected = RuntimeError if dist.get_rank() == 1 else RemoteEditError
+    with pytest.raises(expected, match="rank 1 ran out of memory"):
+        with SurgicalTheater(model, modification_fn=fails_on_rank_1,
+                             full_parameter=full_parameter, params="all"):
+            pytest.fail("the body must not run")
+    assert active_theaters() == ()
+    assert differing_bytes(before, raw_state(model)) == 0
+    torch.manual_seed(dist.get_rank())
+    with SurgicalTheater(model, modification_type="noise", noise_scale=0.1, params="all") as t:
+        states = {s.name: s.local.detach().clone() for s in t._targets}
+    assert differing_bytes(before, raw_state(model)) == 0
+    for name, local in states.items():  # a replicated parameter got one noise on both ranks
+        both = [torch.empty_like(local) for _ in range(2)]
+        dist.all_gather(both, local.contiguous())
+        if name.endswith("down.bias") or "norm" in name:
+            assert torch.equal(*both), name
