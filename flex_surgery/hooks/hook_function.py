@@ -387,7 +387,7 @@ class HookFunction:
         ``expected_shape`` (one process). What the function returns is checked by one fast
         comparison; :func:`check_edit_result` says what is wrong only when it fails.
         """
-        shape, dtype, device = full.shape, full.dtype, full.device
+        shape, dtype = full.shape, full.dtype
         if not checked:
             check_expected_shape(shape, self.expected_shape, self)
         shared = self._shared
@@ -398,10 +398,11 @@ class HookFunction:
             if hasattr(error, "add_note"):  # Python >= 3.11
                 error.add_note(f"raised by the editing function of {self!r}")
             raise
-        # Compared with what ``full`` was *before* the call: an in-place op returns its input
-        # with another shape or dtype (``unsqueeze_``, ``t_``, ``.data =``), so the input
-        # itself is no proof that the contract holds.
-        if not (isinstance(result, Tensor) and result.shape == shape
-                and result.dtype is dtype and result.device == device):
-            check_edit_result(self, result, shape, dtype, device)  # raises, saying what is wrong
+        # Compared with the shape and dtype ``full`` had *before* the call: an in-place op
+        # returns its input with another shape or dtype (``unsqueeze_``, ``t_``, ``.data =``),
+        # so the input itself is no proof that the contract holds. (Its device is not
+        # compared: only ``.data =`` or ``set_`` can move the same tensor object.)
+        if not (isinstance(result, Tensor) and result.shape == shape and result.dtype is dtype
+                and (result is full or result.device == full.device)):
+            check_edit_result(self, result, shape, dtype, full.device)  # raises: what is wrong
         return result
