@@ -201,17 +201,14 @@ class DistributedRuntime(Runtime):
                 return
             if self.overlap_retrieval and self._start_retrieval(plain, layout, store):
                 return
-            axes = self.walk.direct_axes(plain, layout)
-            if axes:  # one transfer over the stage
-                full = self.walk.to_leader_at_once(plain, layout, axes)
-                if full is not None:
-                    store(full if full.device.type == "cpu" else store_copy(full))
-                return
-            full, record = self.walk.to_leader(plain, layout)
+            axes = self.walk.direct_axes(plain, layout)  # one transfer over the stage
+            full, record = (self.walk.to_leader_at_once(plain, layout, axes), None) if axes \
+                else self.walk.to_leader(plain, layout)
         if self.mesh.is_stage_leader():
             # A tensor gathered (or reduced) on the CPU is already a private copy; copy only
             # what may still alias the model's own activation, or lives on a device.
-            fresh = full.device.type == "cpu" and any(spec is not None for _, spec, _, _ in record)
+            fresh = full.device.type == "cpu" and (record is None or any(
+                spec is not None for _, spec, _, _ in record))
             store(full if fresh else store_copy(full))
 
     def _start_retrieval(self, plain: torch.Tensor, layout: Layout,
