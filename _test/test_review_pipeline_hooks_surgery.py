@@ -456,3 +456,50 @@ def test_a_failure_on_one_tp_rank_while_entering_is_raised_on_every_rank(kind, f
         dist.all_gather(both, local.contiguous())
         if name.endswith("down.bias") or "norm" in name:
             assert torch.equal(*both), name
+
+
+@pytest.mark.xfail(strict=True, reason="bind_store accepts a store on rank 0 only under "
+                   "store_on='replica_leaders': the other replica leaders drop their rows "
+                   "silently (reported in /work/notes/coord.md)")
+@distributed(world_size=4, timeout_s=60)
+def test_dp_x_pp_replica_leaders_with_a_store_on_rank0_only_loses_no_rows():
+    """store_on="replica_leaders" on DP x PP with a store on rank 0 only (the pattern the
+    stage-to-store collection of ``sync_pipeline_outputs`` serves): what the store holds must
+    be what one process stores, or the FlexModel must refuse -- never half of the batch."""
+    from parallel_cases import plain_net
+    from pipeline_cases import (
+        TOL,
+        assert_stored_equal,
+        hand_split_step,
+        inputs,
+        reference,
+        register_sites,
+        two_stages,
+    )
+
+    from flex_surgery.parallel.pipeline import StageLink
+    from flex_surgery.store.memory import MemoryStore
+
+    rank = dist.get_rank()
+    stage, dp_rank = rank // 2, rank % 2
+    _, _, x_mbs, t_mbs = inputs(8, 2)
+    ref_stored, _, _ = reference(x_mbs, t_mbs, edit=False)
+    store = MemoryStore() if rank == 0 else None
+    try:
+        flex = FlexModel(two_stages(plain_net(), stage), None, pipeline_parallel_size=2,
+                         data_parallel_size=2, key_by_hook_kind=True,
+                         store_on="replica_leaders", store=store)
+    except ValueError:
+        return  # refused on every rank: fine
+    register_sites(flex, edit=False)
+    link = StageLink(flex.runtime.mesh)
+    hand_split_step(flex, link, [x.chunk(2)[dp_rank] for x in x_mbs],
+                    [t.chunk(2)[dp_rank] for t in t_mbs])
+    flex.sync_pipeline_outputs(link)
+    flex.restore()
+    if rank == 0:
+        got = store.to_dict()
+        forward = sorted(k for k in ref_stored if ":" not in k and "weight" not in k
+                         and "bias" not in k)
+        assert_stored_equal({k: got.get(k, []) for k in forward}, ref_stored, keys=forward,
+                            **TOL)
