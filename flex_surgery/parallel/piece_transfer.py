@@ -226,7 +226,9 @@ def gather_pieces(t: torch.Tensor, cuts: Sequence[tuple[int, Sequence[int], Sequ
     return whole
 
 
-_PIECE_TAG = 0x7069  # the tag of collect_pieces' messages (apart from any other send/recv)
+# The tags of collect_pieces' shapes and pieces: apart from each other (no reliance on the order
+# in which one connection delivers them) and from any other send/recv.
+_SHAPE_TAG, _PIECE_TAG = 0x7068, 0x7069
 
 
 @names_lost_ranks
@@ -253,7 +255,7 @@ def collect_pieces(t: torch.Tensor, cuts: Sequence[tuple[int, Sequence[int] | No
         works = []
         if header:
             shape = torch.tensor(t.shape, dtype=torch.int64)
-            works.append(dist.isend(shape, group=group, group_dst=dst, tag=_PIECE_TAG))
+            works.append(dist.isend(shape, group=group, group_dst=dst, tag=_SHAPE_TAG))
         if t.numel():
             works.append(dist.isend(t.contiguous(), group=group, group_dst=dst,
                                     tag=_PIECE_TAG))
@@ -264,7 +266,7 @@ def collect_pieces(t: torch.Tensor, cuts: Sequence[tuple[int, Sequence[int] | No
     shapes = {dst: tuple(t.shape)}
     if header:
         heads = {i: torch.empty(t.ndim, dtype=torch.int64) for i in others}
-        for work in [dist.irecv(h, group=group, group_src=i, tag=_PIECE_TAG)
+        for work in [dist.irecv(h, group=group, group_src=i, tag=_SHAPE_TAG)
                      for i, h in heads.items()]:
             work.wait()
         shapes.update({i: tuple(h.tolist()) for i, h in heads.items()})
@@ -279,28 +281,28 @@ def collect_pieces(t: torch.Tensor, cuts: Sequence[tuple[int, Sequence[int] | No
     for dim, _, _ in cuts:
         whole_shape[dim] = sum(offsets[dim].values()) if error is None else 0
     whole = t.new_empty(whole_shape) if error is None else None
-    landing = []  # (region of the whole or None, buffer received into)
-    spare = [i for i in others if error is not None or
-             not _region(whole, shapes[i], offsets, cuts, i).is_contiguous()]
+    regions = {} if whole is None else \
+        {i: _region(whole, shape, offsets, cuts, i) for i, shape in shapes.items()}
+    spare = [i for i in others if _numel(shapes[i]) and
+             (whole is None or not regions[i].is_contiguous())]
     flat = _scratch((sum(_numel(shapes[i]) for i in spare),), t) if spare else None
-    at = 0
-    works = []
+    at, works, landing = 0, [], []  # landing: (place in the whole or None, buffer received into)
     for i in others:
-        if not _numel(shapes[i]):
+        n = _numel(shapes[i])
+        if not n:
             continue
         if i in spare:
-            buf = flat.narrow(0, at, _numel(shapes[i])).view(shapes[i])
-            at += buf.numel()
+            buf = flat.narrow(0, at, n).view(shapes[i])
+            at += n
         else:
-            buf = _region(whole, shapes[i], offsets, cuts, i)
-        region = None if error is not None else _region(whole, shapes[i], offsets, cuts, i)
-        landing.append((region, buf))
+            buf = regions[i]
+        landing.append((regions.get(i), buf))
         works.append(dist.irecv(buf, group=group, group_src=i, tag=_PIECE_TAG))
     if whole is not None:
-        _region(whole, shapes[dst], offsets, cuts, dst).copy_(t)
+        regions[dst].copy_(t)  # while the others' pieces arrive
     for work, (region, buf) in zip(works, landing):
         work.wait()
-        if region is not None and region.data_ptr() != buf.data_ptr():
+        if region is not None and buf is not region:
             region.copy_(buf)
     if error is not None:  # every piece received (no sender is left waiting), then raise
         raise LayoutError(f"retrieval over the stage: {error}")
