@@ -503,3 +503,42 @@ def test_dp_x_pp_replica_leaders_with_a_store_on_rank0_only_loses_no_rows():
                          and "bias" not in k)
         assert_stored_equal({k: got.get(k, []) for k in forward}, ref_stored, keys=forward,
                             **TOL)
+
+
+@distributed(world_size=4, timeout_s=60)
+def test_dp_x_pp_replica_leaders_dicts_each_replica_collects_its_rows_of_every_stage():
+    """store_on="replica_leaders" on DP x PP with a dict on every rank: each replica's leader
+    holds its own rows (docs/store.md). After sync_pipeline_outputs replica 0's first-stage
+    leader (rank 0) holds its rows of both stages; replica 1's (rank 1) must too -- not only
+    of stage 0 while its stage-1 rows stay behind on rank 3."""
+    from parallel_cases import plain_net
+    from pipeline_cases import TOL, hand_split_step, inputs, reference, register_sites, two_stages
+
+    from flex_surgery.parallel.pipeline import StageLink
+
+    rank = dist.get_rank()
+    stage, dp_rank = rank // 2, rank % 2
+    _, _, x_mbs, t_mbs = inputs(8, 2)
+    ref_stored, _, _ = reference(x_mbs, t_mbs, edit=False)
+    stored: dict = {}
+    flex = FlexModel(two_stages(plain_net(), stage), stored, pipeline_parallel_size=2,
+                     data_parallel_size=2, key_by_hook_kind=True, store_on="replica_leaders")
+    register_sites(flex, edit=False)
+    link = StageLink(flex.runtime.mesh)
+    hand_split_step(flex, link, [x.chunk(2)[dp_rank] for x in x_mbs],
+                    [t.chunk(2)[dp_rank] for t in t_mbs])
+    flex.sync_pipeline_outputs(link)
+    flex.restore()
+    # Forward activations are split over dp: each replica leader's rows of each call.
+    forward = sorted(k for k in ref_stored if k.split(".")[0] == "blocks"
+                     and (":" not in k or k.endswith(":input")))
+    assert any(k.startswith("blocks.1") for k in forward)
+    if stage == 0:
+        for key in forward:
+            assert key in stored, (rank, key, sorted(stored))
+            want = [v.chunk(2)[dp_rank] for v in ref_stored[key]]
+            assert len(stored[key]) == len(want), key
+            for a, b in zip(stored[key], want):
+                torch.testing.assert_close(a, b, **TOL)
+    else:
+        assert not any(k in stored for k in forward), (rank, sorted(stored))

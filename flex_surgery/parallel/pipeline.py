@@ -85,9 +85,12 @@ def collect_stage_outputs(output_dict: dict[str, list[torch.Tensor]] | None,
 
     A no-op without pipelining (``mesh`` ``None`` or pp == 1). With ``store_on="rank0"`` the
     stage leaders send their entries (then drop them) to rank 0, stage by stage; rank 0 appends
-    them to its lists. With ``store_on="all"`` every rank of a pipeline line ends up with the
-    entries of every stage. With a ``link`` the transfer fails fast if a stage has failed;
-    without one it uses the mesh's ``pp`` group and blocking sends.
+    them to its lists. With ``store_on="replica_leaders"`` every replica leader's line does the
+    same (its later stages' replica leaders send to its first stage's), so each first-stage
+    replica leader ends up with its replica's rows of every stage. With ``store_on="all"``
+    every rank of a pipeline line ends up with the entries of every stage. With a ``link`` the
+    transfer fails fast if a stage has failed; without one it uses the mesh's ``pp`` group and
+    blocking sends.
     """
     if mesh is None or mesh.pp_size == 1:
         return
@@ -96,7 +99,7 @@ def collect_stage_outputs(output_dict: dict[str, list[torch.Tensor]] | None,
     if link is None:
         link = _BlockingLine(mesh)
     everywhere = store_on == "all"
-    if not everywhere and not mesh.is_stage_leader():
+    if not everywhere and not _on_collecting_line(mesh, store_on):
         return
     theirs: list[dict[str, list[torch.Tensor]]] = []
     if everywhere:  # each stage in turn sends its own entries to all the others
@@ -118,6 +121,16 @@ def collect_stage_outputs(output_dict: dict[str, list[torch.Tensor]] | None,
             kept.setdefault(key, []).extend(values)
 
 
+def _on_collecting_line(mesh: ParallelMesh, store_on: str) -> bool:
+    """Whether this rank's pipeline line stores, hence sends to (or collects on) its first
+    stage: the stage leaders' line (dp == tp == 0) with ``store_on="rank0"``; with
+    ``"replica_leaders"`` every replica leader's line (tp == 0), since each replica's leader
+    stores that replica's rows on every stage, and its first-stage leader collects them."""
+    if store_on == "replica_leaders":
+        return mesh.rank("tp") == 0
+    return mesh.is_stage_leader()
+
+
 @dataclass(frozen=True)
 class StageFacts:
     """What the ranks of one pipeline line told each other when the FlexModel was built.
@@ -136,15 +149,17 @@ class StageFacts:
         """Whether values this rank stages (it has no ``output_dict``) reach a rank that keeps
         them in :func:`collect_stage_outputs`, so staging is worth its copies and memory.
 
-        With ``store_on="all"`` any other rank of the line may keep them; otherwise only stage
-        leaders send, to the line's first stage (global rank 0), which must keep. Built from
+        With ``store_on="all"`` any other rank of the line may keep them; otherwise only the
+        storing line sends (stage leaders; with ``"replica_leaders"`` replica leaders), to the
+        line's first stage (global rank 0, or the replica's first-stage leader), which must
+        keep. Built from
         what every rank of the line reported, so the ranks agree.
         """
         if not self.keeps or mesh is None:
             return False
         if store_on == "all":
             return any(k for stage, k in enumerate(self.keeps) if stage != self.stage)
-        return mesh.is_stage_leader() and self.keeps[0]
+        return _on_collecting_line(mesh, store_on) and self.keeps[0]
 
     def anyone_collects(self, store_on: str) -> bool:
         """Whether collection hands values to a rank of this line that keeps them (the line's
@@ -156,10 +171,11 @@ class StageFacts:
 
     def is_collector(self, mesh: ParallelMesh | None, store_on: str) -> bool:
         """Whether this rank is one that :func:`collect_stage_outputs` hands other stages'
-        values to (global rank 0; with ``store_on="all"`` every rank of the line)."""
+        values to (global rank 0; with ``"replica_leaders"`` each replica's first-stage leader;
+        with ``store_on="all"`` every rank of the line)."""
         if not self.keeps or mesh is None:
             return False
-        return store_on == "all" or (mesh.is_stage_leader() and self.stage == 0)
+        return store_on == "all" or (_on_collecting_line(mesh, store_on) and self.stage == 0)
 
 
 def exchange_stage_facts(names: set[str], keeps: bool, mesh: ParallelMesh | None) -> StageFacts:
