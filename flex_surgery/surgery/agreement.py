@@ -12,7 +12,8 @@ forward full of collectives. Two things would otherwise go wrong silently or han
 * a failure on one rank only (a ``modification_fn`` that raises there, a target missing there,
   an out-of-memory snapshot) made that rank roll back and raise while the others entered the
   ``with`` body and waited in its first collective. :func:`agree_on_outcome` is one all-reduce of
-  two integers on success; on failure every rank learns which rank failed and why.
+  three integers on success (every agreement, the seed's included, has that shape); on
+  failure every rank learns which rank failed and why.
 
 Both happen only for a model *known* to be distributed -- a module of a registered framework
 (:mod:`flex_surgery.parallel.frameworks`), DTensor parameters, or a FlexModel running over more
@@ -122,14 +123,18 @@ def _device(group: Group) -> torch.device:
 
 
 def agree_on_seed(seed: int, groups: ModelGroups) -> int:
-    """The draw of the model's first rank (group rank 0 of every group: the grid's origin),
-    broadcast over ``groups`` in turn; ``seed`` is this rank's own draw."""
-    buf = torch.tensor([seed], dtype=torch.int64)
-    for group in groups:
-        buf = buf.to(_device(group))
-        with naming_lost_ranks(group, "agreeing on the noise seed of a SurgicalTheater"):
-            dist.broadcast(buf, group=group, group_src=0)
-    return int(buf.item())
+    """The draw of the model's first rank (group rank 0 of every group: the grid's origin);
+    ``seed`` is this rank's own draw (>= 0). Raises :class:`AgreedFailure` if another rank
+    failed entering before this point.
+
+    An agreement of the same shape as every other (:func:`_agree`): the origin contributes its
+    draw and every other rank 0 to a maximum, so a rank that failed earlier (and agrees on its
+    failure once) meets the others here instead of waiting in a broadcast they never join."""
+    origin = all(dist.get_rank(group) == 0 for group in groups)
+    failure, _, agreed = _agree(None, groups, _ENTERING, seed=seed if origin else 0)
+    if failure is not None:
+        raise AgreedFailure(failure)
+    return agreed
 
 
 def agree_on_outcome(error: BaseException | None, groups: ModelGroups,
@@ -139,29 +144,31 @@ def agree_on_outcome(error: BaseException | None, groups: ModelGroups,
     naming the (highest) failed rank and, over one group, its error -- or ``None`` if every rank
     succeeded.
 
-    One all-reduce of two integers per group on success (the failed global rank + 1, and
-    :func:`check_peers`' count, maximised); on failure one broadcast more carries the failed
-    rank's message (over one group only: in a grid that rank is not the source of every group).
-    A lost peer raises :class:`~flex_surgery.parallel.failures.LostRankError`.
+    One all-reduce of three integers per group on success (the failed global rank + 1,
+    :func:`check_peers`' count and :func:`agree_on_seed`'s seed, maximised); on failure one
+    broadcast more carries the failed rank's message (over one group only: in a grid that rank
+    is not the source of every group). A lost peer raises
+    :class:`~flex_surgery.parallel.failures.LostRankError`.
     """
     return _agree(error, groups, what)[0]
 
 
 def _agree(error: BaseException | None, groups: ModelGroups, what: str,
-           count: int = 0) -> tuple[BaseException | None, int]:
-    """:func:`agree_on_outcome`, and the largest ``count`` of any rank. Every agreement has
-    this one shape, so that a rank that failed (and agrees once) meets the others in whichever
-    agreement they are at."""
+           count: int = 0, seed: int = 0) -> tuple[BaseException | None, int, int]:
+    """:func:`agree_on_outcome`, the largest ``count`` and the largest ``seed`` of any rank.
+    Every agreement has this one shape (one all-reduce of three integers per group), so that a
+    rank that failed (and agrees once) meets the others in whichever agreement they are at --
+    the seed's included."""
     me = dist.get_rank()
-    buf = torch.tensor([me + 1 if error is not None else 0, count], dtype=torch.int64)
+    buf = torch.tensor([me + 1 if error is not None else 0, count, seed], dtype=torch.int64)
     for group in groups:
         buf = buf.to(_device(group))
         with naming_lost_ranks(group, what):
             dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=group)
-    failed, most = (int(v) for v in buf.tolist())
+    failed, most, seed = (int(v) for v in buf.tolist())
     failed -= 1
     if failed < 0:
-        return None, most
+        return None, most, seed
     why = " (its own error says why)"
     if len(groups) == 1:
         group = groups[0]
@@ -172,8 +179,8 @@ def _agree(error: BaseException | None, groups: ModelGroups, what: str,
         except RemoteEditError as err:
             why = f": {err}"
     if error is not None:
-        return error, most
-    return RemoteEditError(f"rank {me}: {what} failed on rank {failed}{why}"), most
+        return error, most, seed
+    return RemoteEditError(f"rank {me}: {what} failed on rank {failed}{why}"), most, seed
 
 
 class AgreedFailure(Exception):
@@ -195,7 +202,7 @@ def check_peers(groups: ModelGroups, count: int = 0) -> int:
     (pipeline stages hold different blocks) agree before each of theirs and then as many times
     more as the others still will, so that every rank runs the same number of agreements.
     """
-    failure, most = _agree(None, groups, _ENTERING, count)
+    failure, most, _ = _agree(None, groups, _ENTERING, count)
     if failure is not None:
         raise AgreedFailure(failure)
     return most
