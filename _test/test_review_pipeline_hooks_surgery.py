@@ -545,3 +545,50 @@ def test_dp_x_pp_replica_leaders_dicts_each_replica_collects_its_rows_of_every_s
                 torch.testing.assert_close(a, b, **TOL)
     elif stored is not None:
         assert not any(k in stored for k in forward), (rank, sorted(stored))
+
+
+def _odd_objects() -> dict:
+    """Tensors send_object must carry as values: conjugate and negative views (bits that a
+    raw byte view ignores or refuses), dtypes outside the usual set, a tensor that requires
+    grad, the same tensor twice, and many small tensors in one object."""
+    g = torch.Generator().manual_seed(4)
+    z = torch.randn(5, generator=g, dtype=torch.complex64)
+    x = torch.randn(4, generator=g)
+    shared = torch.arange(6.0)
+    out = {
+        "conj": z.conj(),  # contiguous, conj bit set
+        "neg": torch._neg_view(x),  # contiguous, neg bit set
+        "c128": torch.randn(3, generator=g, dtype=torch.complex128),
+        "i8": torch.arange(-4, 4, dtype=torch.int8),
+        "i16": torch.arange(7, dtype=torch.int16),
+        "grad": torch.randn(3, generator=g).requires_grad_(),
+        "twice": [shared, shared],
+        "many": [torch.full((2,), float(i)) for i in range(300)],
+    }
+    if hasattr(torch, "float8_e4m3fn"):
+        out["f8"] = torch.randn(4, generator=g).to(torch.float8_e4m3fn)
+    return out
+
+
+@distributed(world_size=2, timeout_s=60)
+def test_stage_link_objects_carry_values_of_conj_neg_and_unusual_tensors():
+    from flex_surgery.parallel.pipeline import StageLink, _BlockingLine
+
+    flex = FlexModel(nn.Linear(2, 2), {}, pipeline_parallel_size=2)
+    for link in (StageLink(flex.runtime.mesh), _BlockingLine(flex.runtime.mesh)):
+        sent = _odd_objects()
+        if link.is_first:
+            link.send_object(sent, 1)
+            continue
+        got = link.recv_object(0)
+        assert sorted(got) == sorted(sent)
+        for key, want in sent.items():
+            pairs = zip(got[key], want) if isinstance(want, list) else [(got[key], want)]
+            for a, b in pairs:
+                assert a.dtype == b.dtype and a.shape == b.shape, key
+                b = b.detach().resolve_conj().resolve_neg()
+                if a.dtype.is_floating_point and a.element_size() == 1:  # float8: compare bits
+                    a, b = a.view(torch.uint8), b.view(torch.uint8)
+                assert torch.equal(a, b), key
+                assert not a.is_conj() and not a.is_neg() and not a.requires_grad, key
+    flex.restore()

@@ -361,7 +361,10 @@ def _byte_view(tensor: torch.Tensor) -> torch.Tensor:
 
 def _as_bytes(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     """What goes on the wire for ``tensor``: its own memory when it is contiguous and on
-    ``device``, else a contiguous copy there."""
+    ``device``, else a contiguous copy there. A conjugate or negative view (``z.conj()``) is
+    its memory *plus* a bit that its bytes do not carry: it is materialised first (a no-op
+    for every other tensor)."""
+    tensor = tensor.resolve_conj().resolve_neg()
     if tensor.device != device:
         tensor = tensor.to(device)
     return _byte_view(tensor.contiguous())
