@@ -592,3 +592,50 @@ def test_stage_link_objects_carry_values_of_conj_neg_and_unusual_tensors():
                 assert torch.equal(a, b), key
                 assert not a.is_conj() and not a.is_neg() and not a.requires_grad, key
     flex.restore()
+
+
+@distributed(world_size=2, timeout_s=60)
+def test_a_store_on_rank0_receives_later_stages_reduced_values_as_one_process():
+    """store= on rank 0 only, reduce= hooks on both stages (with and without an editing
+    function): the later stage's reductions reach rank 0's store at sync_pipeline_outputs,
+    reduced once, step by step, equal to one process's store."""
+    from parallel_cases import local_group, plain_net
+    from pipeline_cases import TOL, hand_split_step, inputs, two_stages
+
+    from flex_surgery.parallel.pipeline import StageLink
+    from flex_surgery.store.memory import MemoryStore
+
+    sites = [("blocks.0.up", "mean_over_batch", None), ("blocks.1.up", "mean_over_batch", None),
+             ("blocks.1.act", "last_token", lambda m, t, c, d: t * 2.0),
+             ("head", "mean_over_batch", lambda m, t, c, d: t - 1.0)]
+
+    def hooks(flex):
+        names = {n for n, _ in flex.module.named_modules()}
+        for name, reduce, fn in sites:
+            if name in names or flex.runtime.__class__.__name__ != "LocalRuntime":
+                flex.register_forward_hook(HookFunction(name, reduce=reduce,
+                                                        editing_function=fn))
+
+    _, _, x_mbs, t_mbs = inputs(4, 2)
+    ref_store = MemoryStore()
+    ref = FlexModel(plain_net(), None, store=ref_store, process_group=local_group())
+    hooks(ref)
+    for x in x_mbs:
+        ref(x)
+    ref.restore()
+    store = MemoryStore() if dist.get_rank() == 0 else None
+    flex = FlexModel(two_stages(plain_net(), dist.get_rank()), None, store=store,
+                     pipeline_parallel_size=2)
+    hooks(flex)
+    link = StageLink(flex.runtime.mesh)
+    hand_split_step(flex, link, x_mbs, t_mbs)
+    flex.sync_pipeline_outputs(link)
+    flex.restore()
+    if dist.get_rank() == 0:
+        got, want = store.to_dict(), ref_store.to_dict()
+        assert sorted(got) == sorted(want)
+        for key in want:
+            assert len(got[key]) == len(want[key]), key
+            for a, b in zip(got[key], want[key]):
+                assert a.shape == b.shape, key
+                torch.testing.assert_close(a, b, **TOL)
