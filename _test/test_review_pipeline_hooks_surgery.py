@@ -639,3 +639,42 @@ def test_a_store_on_rank0_receives_later_stages_reduced_values_as_one_process():
             for a, b in zip(got[key], want[key]):
                 assert a.shape == b.shape, key
                 torch.testing.assert_close(a, b, **TOL)
+
+
+@distributed(world_size=4, timeout_s=90)
+def test_tp_x_pp_dict_on_rank0_only_with_edits_equals_one_process():
+    """fairscale TP x PP, a dict on rank 0 only: the stage-1 leader stages (its tp peer does
+    not), rank 0 collects every stage equal to one process; the edited outputs match."""
+    from fairscale.nn.model_parallel import initialize as fs
+    from parallel_cases import fairscale_net, plain_net
+    from pipeline_cases import (
+        TOL,
+        assert_stored_equal,
+        hand_split_step,
+        inputs,
+        reference,
+        register_sites,
+        two_stages,
+    )
+
+    from flex_surgery.parallel.pipeline import StageLink
+
+    fs.initialize_model_parallel(2, pipeline_length=2)
+    stage = dist.get_rank(fs.get_pipeline_parallel_group())
+    _, _, x_mbs, t_mbs = inputs(4, 2)
+    ref_stored, ref_out, _ = reference(x_mbs, t_mbs, edit=True)
+    stored = {} if dist.get_rank() == 0 else None
+    flex = FlexModel(two_stages(fairscale_net(plain_net()), stage), stored,
+                     tensor_parallel_size=2, pipeline_parallel_size=2, key_by_hook_kind=True)
+    register_sites(flex, edit=True)
+    link = StageLink(flex.runtime.mesh)
+    out = hand_split_step(flex, link, x_mbs, t_mbs)
+    staged = flex._shared.output_dict
+    flex.sync_pipeline_outputs(link)
+    if dist.get_rank() == 0:
+        assert_stored_equal(stored, ref_stored, **TOL)
+    elif stage == 1:
+        assert (staged is not None) == flex.runtime.mesh.is_stage_leader()
+    if link.is_last:
+        torch.testing.assert_close(out, ref_out, **TOL)
+    flex.restore()
