@@ -216,9 +216,7 @@ def _ddp_llama():
     return DDP(tiny_hf_model("llama"))
 
 
-@pytest.mark.parametrize("seed", [7, pytest.param(None, marks=pytest.mark.xfail(
-    strict=True, reason="surgery: agree_on_seed's broadcast meets a failed rank's all-reduce "
-    "(requested in /work/notes/coord.md)"))], ids=["seeded", "unseeded"])
+@pytest.mark.parametrize("seed", [7, None], ids=["seeded", "unseeded"])
 @distributed(world_size=2, timeout_s=20)
 def test_a_failure_capturing_the_training_state_on_one_rank_is_raised_on_every_rank(seed):
     """Capturing the training state is part of the agreed entry: a failure there on rank 1
