@@ -116,8 +116,12 @@ def bind_store(store: Any, module: Any, runtime: Any, output_dict: Any,
             store.attach(model_fingerprint(module, sizes))
     except Exception as error:  # every rank learns of it below, then this rank re-raises
         failure = error
+    # Under replica_leaders every replica leader (tp rank 0, on every stage) writes its own rows
+    # with their place in the global batch: one without a store would drop them silently.
+    lacks = store is None and store_on == "replica_leaders" and mesh is not None and \
+        mesh.dp_size > 1 and mesh.rank("tp") == 0
     try:
-        _agree_on_failure(failure, mesh)
+        _agree_on_failure(failure, mesh, has_store=store is not None, lacks=lacks)
     except BaseException:
         runtime.close()
         raise
@@ -128,22 +132,33 @@ def bind_store(store: Any, module: Any, runtime: Any, output_dict: Any,
     return StoreBinding(store, writer=writer)
 
 
-def _agree_on_failure(failure: Exception | None, mesh: Any) -> None:
+def _agree_on_failure(failure: Exception | None, mesh: Any, has_store: bool = False,
+                      lacks: bool = False) -> None:
     """Raise on every rank if the store refused the run on any: one writer may find a directory
     of another run where the others find nothing, and a rank that went on alone would wait
-    forever in the first hook's collective."""
+    forever in the first hook's collective. Also raise everywhere if some rank has a store
+    while a rank that must write (``lacks``: a replica leader under ``replica_leaders``) has
+    none: its rows would be missing from the store without a word."""
     if mesh is None:
         if failure is not None:
             raise failure
         return
     import torch.distributed as dist
 
-    flag = torch.tensor([0 if failure is None else 1], dtype=torch.int64)
+    flag = torch.tensor([0 if failure is None else 1, int(has_store),
+                         dist.get_rank() + 1 if lacks else 0], dtype=torch.int64)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=mesh.stage_group)
     if mesh.pp_size > 1:  # stage, then pipeline: the maximum over every rank of the run
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=mesh.group("pp"))
     if failure is not None:
         raise failure
-    if flag.item():
+    failed, anyone_stores, lacking = (int(v) for v in flag.tolist())
+    if failed:
         raise StoreError("another rank's store refused this run (its error says why); nothing "
                          "was written")
+    if anyone_stores and lacking:
+        raise ValueError(f"store_on='replica_leaders': every replica leader (tensor-parallel "
+                         f"rank 0 of each data-parallel replica, on every pipeline stage) "
+                         f"writes its own rows, but rank {lacking - 1} (at least) has no "
+                         "store, so its rows would be missing; give every rank a store (e.g. "
+                         "DiskStore on a shared directory) or use store_on='rank0'")
