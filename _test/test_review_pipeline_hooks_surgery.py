@@ -676,3 +676,43 @@ def test_tp_x_pp_dict_on_rank0_only_with_edits_equals_one_process():
     if link.is_last:
         torch.testing.assert_close(out, ref_out, **TOL)
     flex.restore()
+
+
+@distributed(world_size=2, timeout_s=60)
+def test_a_nested_theater_failing_on_one_rank_leaves_the_outer_one_in_step():
+    """Inside an outer theater (DDP), an inner custom theater fails on rank 1 only: every rank
+    raises from the inner entry and is back at the outer theater's weights bit-exactly; the
+    ranks stay in step (a second inner theater agrees), and leaving the outer one normally
+    puts the original weights back."""
+    from test_surgery_support import differing_bytes, raw_state
+
+    from flex_surgery.parallel.failures import RemoteEditError
+    from flex_surgery.surgery import SurgicalTheater, active_theaters
+
+    model = _ddp_llama()
+    before = raw_state(model)
+
+    def fails_on_rank_1(p):
+        if dist.get_rank() == 1:
+            raise RuntimeError("inner failed on rank 1")
+        return p * 3.0
+
+    outer = SurgicalTheater(model, layers=[0], modification_type="scale", factor=0.5)
+    with outer:
+        inside = raw_state(model)
+        expected = RuntimeError if dist.get_rank() == 1 else RemoteEditError
+        with pytest.raises(expected, match="inner failed on rank 1"):
+            with SurgicalTheater(model, layers=[0, 1], modification_fn=fails_on_rank_1):
+                pytest.fail("the body must not run")
+        assert active_theaters() == (outer,)
+        assert differing_bytes(inside, raw_state(model)) == 0
+        torch.manual_seed(dist.get_rank())
+        with SurgicalTheater(model, layers=[1], modification_type="noise",
+                             noise_scale=0.1) as inner:
+            local = inner._targets[0].local.detach().clone()
+        both = [torch.empty_like(local) for _ in range(2)]
+        dist.all_gather(both, local)
+        assert torch.equal(*both)
+        assert differing_bytes(inside, raw_state(model)) == 0
+    assert active_theaters() == ()
+    assert differing_bytes(before, raw_state(model)) == 0
