@@ -456,9 +456,6 @@ def test_a_failure_on_one_tp_rank_while_entering_is_raised_on_every_rank(kind, f
             assert torch.equal(*both), name
 
 
-@pytest.mark.xfail(strict=True, reason="bind_store accepts a store on rank 0 only under "
-                   "store_on='replica_leaders': the other replica leaders drop their rows "
-                   "silently (reported in /work/notes/coord.md)")
 @distributed(world_size=4, timeout_s=60)
 def test_dp_x_pp_replica_leaders_with_a_store_on_rank0_only_loses_no_rows():
     """store_on="replica_leaders" on DP x PP with a store on rank 0 only (the pattern the
