@@ -757,3 +757,46 @@ def test_a_failed_restore_after_the_body_raised_can_be_retried_on_that_rank():
     assert active_theaters() == ()
     assert differing_bytes(before, raw_state(model)) == 0
     dist.barrier()
+
+
+def _inplace_on_grads(module, tensor, ctx, modules):
+    """In place (returning its input) where autograd allows it: on gradients, which do not
+    require grad; functional on forward values."""
+    return tensor.mul_(2.0) if not tensor.requires_grad else tensor * 2.0
+
+
+@distributed(world_size=2, timeout_s=60)
+def test_pipeline_in_place_gradient_edits_returning_the_input_equal_one_process():
+    """Hand-split PP, every hook kind edited, gradient hooks in place returning their input:
+    the stored values (before the edits), outputs and parameter gradients equal one process
+    doing the same, collected on rank 0 (a dict on rank 0 only)."""
+    from parallel_cases import plain_net
+    from pipeline_cases import (
+        TOL,
+        assert_stored_equal,
+        hand_split_step,
+        inputs,
+        reference,
+        register_sites,
+        two_stages,
+    )
+
+    from flex_surgery.parallel.pipeline import StageLink
+
+    _, _, x_mbs, t_mbs = inputs(4, 2)
+    ref_stored, ref_out, ref_grads = reference(x_mbs, t_mbs, edit=True,
+                                               editing_function=_inplace_on_grads)
+    stored = {} if dist.get_rank() == 0 else None
+    flex = FlexModel(two_stages(plain_net(), dist.get_rank()), stored,
+                     pipeline_parallel_size=2, key_by_hook_kind=True)
+    register_sites(flex, edit=True, editing_function=_inplace_on_grads)
+    link = StageLink(flex.runtime.mesh)
+    out = hand_split_step(flex, link, x_mbs, t_mbs)
+    flex.sync_pipeline_outputs(link)
+    if dist.get_rank() == 0:
+        assert_stored_equal(stored, ref_stored, **TOL)
+    if link.is_last:
+        torch.testing.assert_close(out, ref_out, **TOL)
+    for name, p in flex.module.named_parameters():
+        torch.testing.assert_close(p.grad, ref_grads[name], **TOL)
+    flex.restore()
