@@ -800,3 +800,12 @@ def test_pipeline_in_place_gradient_edits_returning_the_input_equal_one_process(
     for name, p in flex.module.named_parameters():
         torch.testing.assert_close(p.grad, ref_grads[name], **TOL)
     flex.restore()
+
+
+@distributed(world_size=4, timeout_s=60)
+def test_dp_x_pp_store_on_all_with_dicts_everywhere_every_rank_holds_everything():
+    from pipeline_cases import TOL, assert_stored_equal
+
+    got, ref = _dp_pp_case((0, 1, 2, 3), "all", n_micro=2)
+    for stored in got:
+        assert_stored_equal(stored, ref, **TOL)
