@@ -809,3 +809,31 @@ def test_dp_x_pp_store_on_all_with_dicts_everywhere_every_rank_holds_everything(
     got, ref = _dp_pp_case((0, 1, 2, 3), "all", n_micro=2)
     for stored in got:
         assert_stored_equal(stored, ref, **TOL)
+
+
+@pytest.mark.parametrize("fn", [inplace_mul, inplace_on_a_view, returns_input_as_view],
+                         ids=lambda f: f.__name__)
+def test_one_process_inplace_edit_of_the_models_input_matches_raw_torch(fn):
+    """The model's input, a leaf that does not require grad, edited in place by a
+    forward-pre hook on the first layer: output, stored value and gradients as raw torch."""
+    x_raw, x_flex = _input(requires_grad=False), _input(requires_grad=False)
+    want = _raw(_net(), "0", "forward_pre", fn, x_raw)
+    got = _flex(_net(), "0", "forward_pre", fn, x_flex)
+    assert torch.equal(got[0], want[0]) and torch.equal(x_flex, x_raw)
+    assert all(torch.equal(a, b) for a, b in zip(got[1], want[1]))
+    assert all(_same(got[2][n], want[2][n]) for n in want[2])
+
+
+def test_one_process_inplace_edit_of_a_view_of_a_leaf_requiring_grad_raises_as_raw_torch():
+    """The hooked input is a view of a leaf that requires grad: an in-place edit is refused by
+    autograd with raw hooks; FlexModel must not hide it (no silent detach)."""
+    base = torch.randn(2, 8, dtype=torch.float64, requires_grad=True)
+    net = _net()
+    net[0].register_forward_pre_hook(lambda m, a: (a[0].mul_(2.0),))
+    with pytest.raises(RuntimeError, match="view of a leaf"):
+        net(base[:, :4])
+    flex = FlexModel(_net(), {})
+    flex.register_forward_pre_hook(HookFunction("0", editing_function=lambda m, t, c, d:
+                                                t.mul_(2.0)))
+    with pytest.raises(RuntimeError, match="view of a leaf"):
+        flex(base[:, :4])
