@@ -837,3 +837,17 @@ def test_one_process_inplace_edit_of_a_view_of_a_leaf_requiring_grad_raises_as_r
                                                 t.mul_(2.0)))
     with pytest.raises(RuntimeError, match="view of a leaf"):
         flex(base[:, :4])
+
+
+def test_giving_a_dict_to_a_flexmodel_built_with_a_store_is_refused():
+    """FlexModel refuses output_dict and store together at construction; assigning a dict
+    later must be refused too: hooks write to the store only, so the dict would stay empty
+    without a word (and under pipelining the later stages' values would land in the dict
+    while this stage's went to the store)."""
+    from flex_surgery.store.memory import MemoryStore
+
+    flex = FlexModel(_net(), None, store=MemoryStore())
+    with pytest.raises(ValueError, match="store"):
+        flex.output_dict = {}
+    flex.output_dict = None  # keeping nothing more is fine
+    flex.restore()

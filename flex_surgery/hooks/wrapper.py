@@ -224,6 +224,11 @@ class FlexModel(HookRegistration, HookGroupAPI, nn.Module):
     def output_dict(self, value: dict[str, Any] | None) -> None:
         if value is not None and not isinstance(value, dict):
             raise TypeError(f"output_dict must be a dict or None, got {type(value).__name__}")
+        if value is not None and self._shared.binding is not None:
+            # Hooks write to the store only: the dict would stay empty without a word (and under
+            # pipelining receive the other stages' values while this one's go to the store).
+            raise ValueError("this FlexModel stores into store=; give either output_dict or "
+                             "store, not both (build another FlexModel to keep a dict)")
         mesh, store_on = getattr(self.runtime, "mesh", None), getattr(self.runtime, "store_on", "")
         stages = self._stages
         if value is not None and stages.is_collector(mesh, store_on) and \
