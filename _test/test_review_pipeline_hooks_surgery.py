@@ -851,3 +851,26 @@ def test_giving_a_dict_to_a_flexmodel_built_with_a_store_is_refused():
         flex.output_dict = {}
     flex.output_dict = None  # keeping nothing more is fine
     flex.restore()
+
+
+@distributed(world_size=4, timeout_s=60)
+def test_unseeded_noise_on_flexmodels_over_two_sub_groups_agrees_within_each():
+    """Ranks {0, 1} and {2, 3} each run a data-parallel FlexModel over their own group: a
+    theater on it uses the draw of its group's first rank (replicas equal), and the groups draw
+    apart."""
+    from parallel_cases import plain_net
+
+    from flex_surgery.surgery import SurgicalTheater
+
+    groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    rank = dist.get_rank()
+    flex = FlexModel(plain_net(), {}, data_parallel_size=2, process_group=groups[rank // 2])
+    torch.manual_seed(rank)
+    with SurgicalTheater(flex, layers=["blocks.0.up"], modification_type="noise",
+                         noise_scale=0.1) as theater:
+        local = theater._targets[0].local.detach().clone()
+    flex.restore()
+    every = [torch.empty_like(local) for _ in range(4)]
+    dist.all_gather(every, local)
+    assert torch.equal(every[0], every[1]) and torch.equal(every[2], every[3])
+    assert not torch.equal(every[0], every[2])
