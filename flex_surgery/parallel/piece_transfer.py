@@ -256,7 +256,7 @@ def collect_pieces(t: torch.Tensor, cuts: Sequence[tuple[int, Sequence[int] | No
         if header:
             shape = torch.tensor(t.shape, dtype=torch.int64)
             works.append(dist.isend(shape, group=group, group_dst=dst, tag=_SHAPE_TAG))
-        if t.numel():
+        if _numel(t.shape if header else _known_shape(t, cuts, me)):  # as dst decides
             works.append(dist.isend(t.contiguous(), group=group, group_dst=dst,
                                     tag=_PIECE_TAG))
         for work in works:
@@ -271,11 +271,7 @@ def collect_pieces(t: torch.Tensor, cuts: Sequence[tuple[int, Sequence[int] | No
             work.wait()
         shapes.update({i: tuple(h.tolist()) for i, h in heads.items()})
     else:
-        for i in others:
-            shape = list(t.shape)
-            for dim, sizes, coords in cuts:
-                shape[dim] = sizes[coords[i]]
-            shapes[i] = tuple(shape)
+        shapes.update({i: _known_shape(t, cuts, i) for i in others})
     offsets, error = _places(shapes, cuts, t.ndim)
     whole_shape = list(t.shape)
     for dim, _, _ in cuts:
@@ -307,6 +303,14 @@ def collect_pieces(t: torch.Tensor, cuts: Sequence[tuple[int, Sequence[int] | No
     if error is not None:  # every piece received (no sender is left waiting), then raise
         raise LayoutError(f"retrieval over the stage: {error}")
     return whole
+
+
+def _known_shape(t: torch.Tensor, cuts, i: int) -> tuple[int, ...]:
+    """Group rank ``i``'s piece shape from the known sizes (the uncut dims are ``t``'s)."""
+    shape = list(t.shape)
+    for dim, sizes, coords in cuts:
+        shape[dim] = sizes[coords[i]]
+    return tuple(shape)
 
 
 def _numel(shape: Sequence[int]) -> int:
