@@ -232,19 +232,33 @@ def test_collect_pieces_point_to_point_with_known_and_sent_sizes():
 
 
 @distributed(world_size=4)
-def test_collect_pieces_that_cannot_form_one_tensor_raise_on_the_leader_without_a_hang():
-    """Two pieces at one coordinate with different sizes: the leader receives every piece
-    (no sender left waiting), then raises; the group goes on."""
+def test_collect_pieces_that_cannot_form_one_tensor_raise_on_every_rank_without_a_hang():
+    """Two pieces at one coordinate with different sizes (sizes sent, not known): the leader
+    receives every piece, every sender learns of it from the leader's answer, and every rank
+    raises at this call; the group goes on."""
     from flex_surgery.parallel.layout import LayoutError
 
     rank = dist.get_rank()
-    a_of = [1, 0, 1, 0]
+    cuts = [(0, None, [1, 0, 1, 0]), (1, None, [0, 0, 1, 1])]
     piece = torch.ones(2 if rank == 2 else 1, 3)
-    if rank == 1:
-        with pytest.raises(LayoutError, match="coordinate 1 along dim 0"):
-            collect_pieces(piece, [(0, None, a_of), (1, None, [0, 0, 1, 1])], [0, 1, 2, 3],
-                           None, 1)
-    else:
-        assert collect_pieces(piece, [(0, None, a_of), (1, None, [0, 0, 1, 1])],
-                              [0, 1, 2, 3], None, 1) is None
+    with pytest.raises(LayoutError, match="coordinate 1 along dim 0" if rank == 1 else
+                       "cannot form one tensor"):
+        collect_pieces(piece, cuts, [0, 1, 2, 3], None, 1)
     dist.barrier()
+    assert collect_pieces(torch.ones(1, 3), cuts, [0, 1, 2, 3], None, 1) is None or rank == 1
+
+
+@distributed(world_size=2)
+def test_data_parallel_pieces_of_different_lengths_raise_on_every_rank():
+    """Data-parallel ranks whose pieces differ in an uncut dim (different sequence lengths):
+    LayoutError on both ranks at the same call, not a leader error and a sender that walks on
+    into the next collective."""
+    from flex_surgery.parallel.layout import LayoutError
+
+    rank = dist.get_rank()
+    piece = torch.zeros(2, 5 if rank == 0 else 7, 4)
+    with pytest.raises(LayoutError, match="cannot form one tensor"):
+        collect_pieces(piece, [(0, None, [0, 1])], [0, 1], None, 0)
+    both = [torch.zeros(1), torch.zeros(1)]
+    dist.all_gather(both, torch.ones(1))  # the next collective meets every rank
+    assert torch.equal(torch.cat(both), torch.ones(2))

@@ -321,3 +321,26 @@ def _dp_x_tp_retrieval_body(rows):
     else:
         assert stored == {}
     flex.restore()
+
+
+@distributed(world_size=2)
+def test_ddp_retrieval_of_pieces_that_cannot_form_one_tensor_raises_on_every_rank():
+    """DDP ranks whose batches differ in sequence length: the retrieval cannot put the
+    activation together -- LayoutError on both ranks at that call (not a leader error and a
+    rank that walks on into the next collective); the next forward works."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from flex_surgery.parallel.layout import LayoutError
+
+    rank = dist.get_rank()
+    torch.set_default_dtype(torch.float64)  # reset by the rank pool after each body
+    stored = {}
+    flex = FlexModel(DDP(plain_net()), stored, data_parallel_size=2)
+    flex.register_forward_hook(HookFunction("module.blocks.0.up"))
+    with torch.no_grad():
+        with pytest.raises(LayoutError, match="cannot form one tensor"):
+            flex(torch.randn(2, 3 + rank, H))
+        flex(torch.randn(2, 3, H))
+    if rank == 0:  # the failed call stored nothing; the next one the whole batch
+        assert [t.shape[:2] for t in stored["module.blocks.0.up"]] == [(4, 3)]
+    flex.restore()

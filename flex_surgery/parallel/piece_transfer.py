@@ -228,7 +228,8 @@ def gather_pieces(t: torch.Tensor, cuts: Sequence[tuple[int, Sequence[int], Sequ
 
 # The tags of collect_pieces' shapes and pieces: apart from each other (no reliance on the order
 # in which one connection delivers them) and from any other send/recv.
-_SHAPE_TAG, _PIECE_TAG = 0x7068, 0x7069
+_SHAPE_TAG, _PIECE_TAG, _STATUS_TAG = 0x7068, 0x7069, 0x706A
+_HEAD = 17  # a sent shape: [ndim, dims..., -1...] (up to 16 dims; ndim -1: more)
 
 
 @names_lost_ranks
@@ -240,39 +241,52 @@ def collect_pieces(t: torch.Tensor, cuts: Sequence[tuple[int, Sequence[int] | No
     retrieval, not autograd-aware.
 
     ``cuts`` as for :func:`gather_pieces`, except that ``sizes`` may be ``None`` (a
-    data-parallel batch): then every sender first sends its shape, in front of its piece on the
-    same connection, so the sizes cost no exchange -- the senders need nobody's sizes, since
-    nothing is padded. Against a ``dist.gather`` (gloo's runs on a worker thread), the leader
-    receives every piece straight into the whole tensor where its place there is contiguous
-    (else through the scratch buffer), and copies its own piece in place while the others
-    arrive. A rank not in ``senders`` (a replica on a replicated axis) does nothing.
+    data-parallel batch): then every sender first sends its shape, in front of its piece, so
+    the sizes cost no exchange -- the senders need nobody's sizes, since nothing is padded --
+    and the leader answers each sender whether the shapes form one tensor. Pieces that do not
+    (data-parallel ranks with different sequence lengths) are still received (no sender is
+    left waiting), then every rank raises ``LayoutError`` at this call; the answer travels
+    while the pieces do, so it costs no round trip of its own. With every size known, nothing
+    but the pieces travels: a piece that is not the shape the layout says is the backend's
+    error, as in any collective. Against a ``dist.gather`` (gloo's runs on a worker thread),
+    the leader receives every piece straight into the whole tensor where its place there is
+    contiguous (else through the scratch buffer), and copies its own piece in place while the
+    others arrive. A rank not in ``senders`` (a replica on a replicated axis) does nothing.
     """
     me = _group_rank(group)
     header = any(sizes is None for _, sizes, _ in cuts)
     if me != dst:
         if me not in senders:
             return None
-        works = []
+        works, status, row = [], None, _shape_row(t) if header else None
         if header:
-            shape = torch.tensor(t.shape, dtype=torch.int64)
-            works.append(dist.isend(shape, group=group, group_dst=dst, tag=_SHAPE_TAG))
-        if _numel(t.shape if header else _known_shape(t, cuts, me)):  # as dst decides
+            works.append(dist.isend(row, group=group, group_dst=dst, tag=_SHAPE_TAG))
+            status = torch.zeros(1, dtype=torch.int64)
+            works.append(dist.irecv(status, group=group, group_src=dst, tag=_STATUS_TAG))
+        sent = _row_shape(row.tolist()) if header else _known_shape(t, cuts, me)
+        if _numel(sent):  # as dst decides (a shape it cannot be told: nothing)
             works.append(dist.isend(t.contiguous(), group=group, group_dst=dst,
                                     tag=_PIECE_TAG))
         for work in works:
             work.wait()
+        if status is not None and int(status.item()):
+            raise LayoutError(f"retrieval over the stage: the pieces of rank(s) {senders} "
+                              f"cannot form one tensor (group rank {dst}'s error says why)")
         return None
     others = [i for i in senders if i != dst]
     shapes = {dst: tuple(t.shape)}
     if header:
-        heads = {i: torch.empty(t.ndim, dtype=torch.int64) for i in others}
+        heads = {i: torch.empty(_HEAD, dtype=torch.int64) for i in others}
         for work in [dist.irecv(h, group=group, group_src=i, tag=_SHAPE_TAG)
                      for i, h in heads.items()]:
             work.wait()
-        shapes.update({i: tuple(h.tolist()) for i, h in heads.items()})
+        rows = {i: h.tolist() for i, h in heads.items()}
+        shapes.update({i: _row_shape(r) for i, r in rows.items()})
     else:
         shapes.update({i: _known_shape(t, cuts, i) for i in others})
     offsets, error = _places(shapes, cuts, t.ndim)
+    answers = [dist.isend(torch.tensor([int(error is not None)]), group=group, group_dst=i,
+                          tag=_STATUS_TAG) for i in others] if header else []
     whole_shape = list(t.shape)
     for dim, _, _ in cuts:
         whole_shape[dim] = sum(offsets[dim].values()) if error is None else 0
@@ -300,9 +314,24 @@ def collect_pieces(t: torch.Tensor, cuts: Sequence[tuple[int, Sequence[int] | No
         work.wait()
         if region is not None and buf is not region:
             region.copy_(buf)
+    for work in answers:
+        work.wait()
     if error is not None:  # every piece received (no sender is left waiting), then raise
         raise LayoutError(f"retrieval over the stage: {error}")
     return whole
+
+
+def _shape_row(t: torch.Tensor) -> torch.Tensor:
+    row = torch.full((_HEAD,), -1, dtype=torch.int64)
+    if t.ndim < _HEAD:
+        row[0] = t.ndim
+        row[1:1 + t.ndim] = torch.tensor(t.shape, dtype=torch.int64)
+    return row
+
+
+def _row_shape(row: list[int]) -> tuple[int, ...]:
+    """The shape a row of :func:`_shape_row` carries; ``(-1,)`` for more dims than it holds."""
+    return tuple(row[1:1 + row[0]]) if row[0] >= 0 else (-1,)
 
 
 def _known_shape(t: torch.Tensor, cuts, i: int) -> tuple[int, ...]:
@@ -314,6 +343,9 @@ def _known_shape(t: torch.Tensor, cuts, i: int) -> tuple[int, ...]:
 
 
 def _numel(shape: Sequence[int]) -> int:
+    """Elements of ``shape``; 0 for the ``(-1,)`` of a shape that could not be sent."""
+    if any(s < 0 for s in shape):
+        return 0
     n = 1
     for s in shape:
         n *= s
