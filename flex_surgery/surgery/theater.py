@@ -187,6 +187,7 @@ class SurgicalTheater:
         self._layout: tuple = ()  # (id, class) of every module at the last entry
         self._modification = Modification(None)
         self._groups: agreement.ModelGroups = ()  # the ranks sharing the model
+        self._exit_agrees = True  # whether restore() agrees with the other ranks (see there)
         self.stats: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ targets
@@ -251,6 +252,7 @@ class SurgicalTheater:
         if self._active:
             raise SurgeryError("this SurgicalTheater is already active; create a new one to "
                                "nest contexts")
+        self._exit_agrees = True
         start = time.perf_counter()
         self._modules = list(self.model.modules())
         # Whether FSDP may keep unsharded copies depends on the modules and their classes only
@@ -334,8 +336,10 @@ class SurgicalTheater:
         """Put every modified element and the guarded state back and leave the context (what
         ``__exit__`` does). If putting the weights back fails part-way, :class:`RestoreError`
         is raised and the theater stays active with all its snapshots and guards: call
-        ``restore()`` again to retry."""
-        self._restore(agree=True)
+        ``restore()`` again to retry -- agreeing with the other ranks only if the failed exit did
+        (an exit by an exception from the body agrees with nobody, and neither does its retry:
+        the other ranks have left)."""
+        self._restore(agree=self._exit_agrees)
 
     def _restore(self, agree: bool) -> None:
         if not self._active:
@@ -344,6 +348,7 @@ class SurgicalTheater:
             inner = len(_ACTIVE) - 1 - _ACTIVE.index(self)
             raise SurgeryError(f"SurgicalTheater exited out of order: {inner} context(s) "
                                "entered after it are still active; exit those first (LIFO)")
+        self._exit_agrees = agree  # a retry after a RestoreError keeps the failed exit's mode
         start = time.perf_counter()
         # Ctrl-C is held for the whole exit, the agreement of a distributed model's ranks
         # included: a collective blocks it in C++ anyway, and an interrupt landing between the
