@@ -715,8 +715,6 @@ def test_a_nested_theater_failing_on_one_rank_leaves_the_outer_one_in_step():
     assert differing_bytes(before, raw_state(model)) == 0
 
 
-@pytest.mark.xfail(strict=True, reason="surgery: restore() after an exit without agreement "
-                   "runs the exit agreement alone and hangs (requested in /work/notes/coord.md)")
 @distributed(world_size=2, timeout_s=20)
 def test_a_failed_restore_after_the_body_raised_can_be_retried_on_that_rank():
     """The body raises on every rank (so no exit agreement runs) and putting the weights back
