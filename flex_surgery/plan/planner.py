@@ -12,7 +12,9 @@ The numbers follow the runtime (:mod:`flex_surgery.parallel.distributed_runtime`
 * **pp**: each stage leader keeps its stage's entries until ``sync_pipeline_outputs`` sends them
   to global rank 0: every stage but the first moves its whole stage.
 * ``store="replica_leaders"`` keeps each replica's slice on that replica's leader of each stage:
-  only the tp step moves anything.
+  only the tp step moves anything. That is the run with a store (``store=``) on every replica
+  leader; with output dicts instead, ``sync_pipeline_outputs`` then moves the later stages'
+  slices to each replica's first-stage leader (a note of the plan says so).
 * ``store="disk"`` gathers as ``memory`` does, and holds at most its buffer in host memory.
 
 Bytes of a hook are ``numel x dtype size`` of the tensor as one process would hold it, summed
@@ -269,6 +271,10 @@ def plan_hooks(placed: list[PlacedHook], mesh: MeshSizes, batch: int, seq: int,
     if staged:
         notes.append("the leaders of later pipeline stages hold their stage until "
                      "sync_pipeline_outputs sends it to rank 0 (they keep nothing after it)")
+    if store == "replica_leaders" and mesh.pp > 1:
+        notes.append("replica_leaders: planned with a store on every replica leader; with "
+                     "output dicts, sync_pipeline_outputs also moves each later stage's slices "
+                     "to its replica's first-stage leader")
     if store == "disk":
         notes.append(f"disk: {format_bytes(sum(stored_per_rank.values()))} written per forward; "
                      f"host memory bounded by a {format_bytes(disk_buffer)} buffer")
