@@ -47,6 +47,7 @@ from flex_surgery.parallel.collectives import (
     run_agreeing,
     start_gather,
 )
+from flex_surgery.parallel.failures import host_status_group
 from flex_surgery.parallel.group_lifetime import OwnedGroups, RefusedOnEveryRank, free_dropped
 from flex_surgery.parallel.layout import (
     GATHER_ORDER,
@@ -126,6 +127,10 @@ class DistributedRuntime(Runtime):
             self._finalizer = weakref.finalize(self, self.layouts.unwatch)
             self.layouts.watch(module)
             self.trainable = TrainableSync(mesh)
+            # Editing hooks agree on their outcome on the host (no device sync per edit).
+            self.status_group, made = host_status_group(mesh.stage_group, mesh_parent)
+            if made:
+                self._owned.groups.append(self.status_group)
             announce_process()  # lets a survivor of a failed collective name the lost rank
         except BaseException:
             self.abandon()  # the failure may be this rank's alone: no collective
@@ -329,7 +334,7 @@ class DistributedRuntime(Runtime):
         site = ctx.site
         what = (f"the editing function of hook {site.module_name!r} ({site.hook_type}"
                 f"{', replicate_edit' if everywhere else ''})")
-        result, requires_grad = run_agreeing(fn, self.mesh.stage_group, what, ctx.local.device,
+        result, requires_grad = run_agreeing(fn, self.status_group, what, "cpu",
                                              src=None if everywhere else 0)
         ctx.state["requires_grad"] = requires_grad
         return result

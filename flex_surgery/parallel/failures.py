@@ -26,9 +26,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from flex_surgery.parallel.group_lifetime import group_timeout
+
 __all__ = ["LostRankError", "RemoteEditError", "agree_on_status", "announce_process",
-           "broadcast_status", "describe_lost_ranks", "lost_ranks", "names_lost_ranks",
-           "naming_lost_ranks", "run_agreeing"]
+           "broadcast_status", "describe_lost_ranks", "host_status_group", "lost_ranks",
+           "names_lost_ranks", "naming_lost_ranks", "run_agreeing"]
 
 Group = dist.ProcessGroup | None
 
@@ -174,6 +176,31 @@ def _broadcast(buf: torch.Tensor, group: Group, src: int) -> None:
 @names_lost_ranks
 def _all_reduce_max(buf: torch.Tensor, group: Group) -> None:
     dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=group)
+
+
+def _moves_host_tensors(group: Group) -> bool:
+    """Whether collectives over ``group`` take CPU tensors (a gloo backend among its own)."""
+    return "gloo" in str(dist.get_backend(group))
+
+
+def host_status_group(group: Group, parent: Group = None) -> tuple[Group, bool]:
+    """The group status agreements over ``group`` use, and whether it was made for them (then
+    it is the caller's to free; it waits as long as ``parent`` does). Collective over
+    ``group``'s members.
+
+    A status is a host integer: on a gloo group it is agreed as a CPU tensor. On an NCCL-only
+    group (CUDA) it would be a device tensor, and reading the verdict (``.item()``) would make
+    the host wait for every kernel queued before it -- once per editing hook, so the CPU could
+    never run ahead of the GPU. A gloo group over the same ranks agrees on the host alone; the
+    device keeps computing.
+    """
+    if dist.get_world_size(group) == 1 or _moves_host_tensors(group):
+        return group, False
+    ranks = dist.get_process_group_ranks(
+        group if group is not None else dist.distributed_c10d._get_default_group())
+    side = dist.new_group(ranks, backend="gloo", use_local_synchronization=True,
+                          timeout=group_timeout(parent))
+    return side, True
 
 
 def agree_on_status(error: str | None, group: Group = None,
