@@ -10,11 +10,20 @@ to rank 0), so the model's own compute and collectives are not in the profile --
 
 * ``gather``: the collectives that bring the pieces together (``dist.gather`` /
   ``dist.all_gather``, cumulative: waiting for the peer included);
-* ``concatenate``: ``torch.cat``; ``copy to host``: ``store_copy`` (the stored detached copy);
+* ``transfer``: the point-to-point moves that bring them together instead (retrieval on the
+  CPU sends every piece to the stage leader with ``dist.isend`` / ``dist.irecv``): those calls,
+  ``dist.send`` / ``dist.recv``, and the built-in ``Work.wait`` called from outside
+  ``distributed_c10d.py`` (waiting for the pieces, or for an asynchronous gather; the wait
+  inside a blocking collective is that collective's);
+* ``concatenate``: ``torch.cat``, and the copies of pieces into their place in the whole
+  tensor that retrieval forms without one (``copy_`` called from
+  ``piece_transfer.collect_pieces`` / ``gather_pieces``); ``copy to host``: ``store_copy`` (the
+  stored detached copy);
 * ``editing function``; ``status agreement`` (``dist.broadcast`` of the leader's success or
   error, or the replicated path's 1-int ``dist.all_reduce``); ``re-shard`` (``dist.scatter``:
   the edited pieces back to their ranks);
-* ``pipeline collection`` (``sync_pipeline_outputs``, PP only);
+* ``pipeline collection`` (``sync_pipeline_outputs``, PP only; profiled apart from the hook
+  calls, so its own sends and waits are not in the rows above);
 * ``bookkeeping``: the rest of the hook (layouts, autograd functions, dict updates, checks).
 
 A collective's time includes waiting for the slowest rank to arrive: on a loaded machine that
@@ -32,6 +41,7 @@ import argparse
 import cProfile
 import os
 import pstats
+import re
 import sys
 from pathlib import Path
 
@@ -42,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 CATEGORIES = [  # (label, file suffix, function names): cumulative time of those functions
     ("gather", "distributed_c10d.py", ("gather", "all_gather", "all_gather_into_tensor")),
+    ("transfer", "distributed_c10d.py", ("isend", "irecv", "send", "recv")),
     ("concatenate", "", ("<built-in method torch.cat>",)),
     ("copy to host", "runtime.py", ("store_copy",)),
     ("editing function", "retrieval_overhead.py", ("_times_two",)),
@@ -50,6 +61,12 @@ CATEGORIES = [  # (label, file suffix, function names): cumulative time of those
     ("pipeline collection", "wrapper.py", ("sync_pipeline_outputs",)),
 ]
 HOOK = ("hook_function.py", "_forward_hook")
+# Work.wait, a built-in: cProfile names it after its module ("<built-in method
+# torch._C._distributed_c10d.wait>"), older versions after its class ("<method 'wait' of ...>").
+WAIT = re.compile(r"^<(built-in )?method\b.*\bwait\b")
+COPY = re.compile(r"^<method 'copy_' of ")
+C10D = "distributed_c10d.py"
+PLACING = ("collect_pieces", "gather_pieces")  # piece_transfer.py: pieces copied into place
 
 
 def _cumulative(stats: dict, suffix: str, names: tuple[str, ...]) -> float:
@@ -58,6 +75,29 @@ def _cumulative(stats: dict, suffix: str, names: tuple[str, ...]) -> float:
         if func in names and file.endswith(suffix):
             total += ct
     return total
+
+
+def _built_in_from(stats: dict, name: re.Pattern, caller) -> float:
+    """Cumulative time of the built-ins whose name matches ``name``, called from the callers
+    ``caller(file, function)`` accepts (cProfile keeps each caller's share)."""
+    total = 0.0
+    for (file, _line, func), (_cc, _nc, _tt, _ct, callers) in stats.items():
+        if file == "~" and name.match(func):
+            total += sum(c[3] for (cf, _, cfn), c in callers.items() if caller(cf, cfn))
+    return total
+
+
+def _waits_outside_c10d(stats: dict) -> float:
+    """Time in ``Work.wait`` called from outside ``distributed_c10d.py``: waiting for an
+    ``isend``/``irecv`` (or an asynchronous collective) the caller started. A blocking
+    collective waits inside itself; that wait is already in the collective's cumulative time."""
+    return _built_in_from(stats, WAIT, lambda file, _func: not file.endswith(C10D))
+
+
+def _placing(stats: dict) -> float:
+    """Time retrieval spends copying pieces into their place in the whole tensor."""
+    return _built_in_from(stats, COPY, lambda file, func: file.endswith("piece_transfer.py")
+                          and func in PLACING)
 
 
 def _rank(layout: str, forwards: int) -> dict | None:
@@ -107,11 +147,23 @@ def _rank(layout: str, forwards: int) -> dict | None:
                  if hf.module_name in recorded}
         calls = [(hooks[n], recorded[n]) for n in names if n in recorded]
 
-        def step(flex=flex, stored=stored, kind=kind, calls=calls):
+        # Two profiles, enabled in turn: the hook calls, and the pipeline collection after
+        # them (whose own sends and waits must not land in the hook's rows).
+        in_hooks, in_sync = cProfile.Profile(), cProfile.Profile()
+
+        def step(flex=flex, stored=stored, kind=kind, calls=calls, profiles=None):
+            if profiles:
+                profiles[0].enable()
             for hook, (m, a, o) in calls:
                 hook(m, a, o)
+            if profiles:
+                profiles[0].disable()
             if layout == "pp2" and kind == "read":
+                if profiles:
+                    profiles[1].enable()
                 flex.sync_pipeline_outputs()
+                if profiles:
+                    profiles[1].disable()
             if stored:
                 stored.clear()
 
@@ -119,21 +171,26 @@ def _rank(layout: str, forwards: int) -> dict | None:
             for _ in range(3):
                 step()
             dist.barrier()
-            profile = cProfile.Profile()
-            profile.enable()
             for _ in range(forwards):
-                step()
-            profile.disable()
+                step(profiles=(in_hooks, in_sync))
             dist.barrier()
         flex.restore()
-        stats = pstats.Stats(profile).stats
+        stats = pstats.Stats(in_hooks).stats
         n_calls = forwards * len(calls)
         row = {label: _cumulative(stats, suffix, funcs) / n_calls * 1e6
-               for label, suffix, funcs in CATEGORIES}
+               for label, suffix, funcs in CATEGORIES if label != "pipeline collection"}
+        row["transfer"] += _waits_outside_c10d(stats) / n_calls * 1e6
+        row["concatenate"] += _placing(stats) / n_calls * 1e6
         row["hook total"] = _cumulative(stats, *HOOK[:1], HOOK[1:]) / n_calls * 1e6
         row["bookkeeping"] = row["hook total"] - sum(
             row[label] for label, _, _ in CATEGORIES if label != "pipeline collection")
-        top = sorted(stats.items(), key=lambda kv: -kv[1][2])[:12]
+        sync = pstats.Stats(in_sync).stats if kind == "read" and layout == "pp2" else {}
+        row["pipeline collection"] = _cumulative(sync, "wrapper.py",
+                                                 ("sync_pipeline_outputs",)) / n_calls * 1e6
+        merged = pstats.Stats(in_hooks)
+        if sync:
+            merged.add(in_sync)
+        top = sorted(merged.stats.items(), key=lambda kv: -kv[1][2])[:12]
         row["top"] = [(f"{Path(f).name}:{ln}({fn})", tt / n_calls * 1e6)
                       for (f, ln, fn), (_, _, tt, _, _) in top]
         out[kind] = row
