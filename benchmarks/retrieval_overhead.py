@@ -37,7 +37,29 @@ Two measurements per path, both interleaved with the floors:
   with the machine's load) is not around them, so the spread is a few per cent;
 * ``in the forward``: median over rounds of (hooked forward - plain forward of the same round)
   / median floor -- the original definition, but a difference of two forwards, whose spread on
-  a loaded 2-core machine exceeds the hooks' cost.
+  a loaded 2-core machine exceeds the hooks' cost. The floor here is timed *outside* the
+  forward, so this ratio also holds what any operation pays inside one and a floor alone does
+  not: ranks arriving apart (the skew the first communication after compute absorbs), caches
+  cold after the matmuls, the allocator's state;
+* ``in the forward over the in-forward floor``: the floor run *inside* the forward, by raw
+  torch forward hooks on the same modules of an unwrapped copy of the model (same weights),
+  on the hooked module's live output on this rank: retrieval (TP, DP x TP) the same
+  ``dist.gather`` to rank 0 into the preallocated buffers and copy into a preallocated whole
+  tensor; edit the ``dist.all_gather`` + place + x2 + own slice, returned as the module's new
+  output (made contiguous, as FlexModel's piece is: the next layer's matmul rounds a strided
+  input differently, and contiguous the forward equals FlexModel's edited one bit for bit);
+  PP retrieval: rank 0 posts the receives of stage 1's activations before its stage runs,
+  its hooks copy stage 0's into preallocated buffers, stage 1's hooks ``isend`` theirs, both
+  wait at the end of the forward; PP edit: the raw x2 hook. The ratio is, per round,
+  (hooked forward - plain) over (raw floor-hooked forward - raw plain forward, the raw hooks
+  returning nothing), median over median (``overhead_ratio(..., floor_plain=)``). Beside it,
+  ``in-forward floor over the floor alone``: (raw floor-hooked - raw plain) / floor timed
+  alone, how much being in a forward inflates the floor itself. Asserted: rank 0's in-forward
+  gathered wholes equal FlexModel's stored values for the same input (``torch.equal``), and
+  the in-forward edit floor's output equals the FlexModel-edited forward's. JSON keys per
+  layout: ``retrieval_vs_fwd_floor``, ``edit_vs_fwd_floor`` (``edit_replicate_``,
+  ``retrieval_overlap_`` where timed), ``fwd_floor_retrieval``, ``fwd_floor_edit``,
+  ``raw_plain_s``; the other keys are unchanged.
 
 The spread is the 25..75 % range of the per-round ratios. ``fixed_cost``: the hook calls alone
 on a tiny activation (H=8, 4 tokens, TP=2), in microseconds per hook call, beside the floor's.
@@ -250,20 +272,39 @@ def _measure(layout: str, reps: int, h: int, tokens: int, device: str = "cpu",
         flexes[kind], stored[kind] = flex, out
     raw_model, whole_blocks, tp_group = _build(layout, h)  # raw torch hooks, toggled
     raw_model.to(device)
-    raw_on = [False]
+    # raw_mode[0]: None (the hooks return nothing), "edit" (x2 by hand), or the name of an
+    # in-forward floor ("fwd_floor_read", "fwd_floor_edit"; defined with the floors below)
+    raw_mode: list[str | None] = [None]
+    in_forward: dict = {}
     modules = dict(raw_model.named_modules())
 
-    def raw_hook(module, args, output):
-        return _double_output(module, args, output) if raw_on[0] else None
+    def raw_hook(module, args, output, i):
+        if raw_mode[0] is None:
+            return None
+        if raw_mode[0] == "edit":
+            return _double_output(module, args, output)
+        return in_forward[raw_mode[0]](i, output)
 
-    for name in mine:
-        modules[name].register_forward_hook(raw_hook)
+    for i, name in enumerate(mine):
+        modules[name].register_forward_hook(lambda m, a, o, i=i: raw_hook(m, a, o, i))
 
     # -- forwards (a barrier at the end too, so a PP forward is timed to its last stage) --------
     recv_buf = torch.empty(1, tokens, h, device=device)
 
-    def forward(flex_or_model, hooks: bool, sync: bool = False):
+    def forward(flex_or_model, hooks: bool, sync: bool = False, mode: str | None = None,
+                start=None, finish=None):
+        """A timed forward; ``mode`` sets the raw hooks' mode for it, ``start``/``finish``
+        run on this rank before the forward and before its closing barrier."""
         def run():
+            raw_mode[0] = mode
+            try:
+                return body()
+            finally:
+                raw_mode[0] = None
+
+        def body():
+            if start is not None:
+                start()
             kw = {} if hooks else {"groups": "all", "complement": True}
             call = (lambda t: flex_or_model(t, **kw)) if isinstance(flex_or_model, FlexModel) \
                 else flex_or_model
@@ -278,16 +319,13 @@ def _measure(layout: str, reps: int, h: int, tokens: int, device: str = "cpu",
                 y = call(x)
             if sync:
                 flex_or_model.sync_pipeline_outputs()
+            if finish is not None:
+                finish()
             dist.barrier()
             return y
         return run
 
-    def raw_edit():
-        raw_on[0] = True
-        try:
-            return forward(raw_model, True)()
-        finally:
-            raw_on[0] = False
+    raw_edit = forward(raw_model, True, mode="edit")
 
     fns = {"plain": forward(flexes["read"], False),
            "read": forward(flexes["read"], True, sync=layout == "pp2"),
@@ -324,6 +362,38 @@ def _measure(layout: str, reps: int, h: int, tokens: int, device: str = "cpu",
         fns["floor_read"] = floor_read
         fns["floor_edit"] = floor_edit
         floor_p2p = None  # the PP floor is point to point already
+
+        # In the forward: rank 0 posts the receives of stage 1's activations before its stage
+        # runs and waits for them at the end; its raw hooks copy stage 0's live activations
+        # into preallocated buffers, stage 1's raw hooks isend theirs (the live output itself:
+        # nothing writes it later) and wait at the end. The edit floor (x2, no communication)
+        # is the raw x2 hook.
+        fwd_bufs = [torch.empty(local_shape, device=device) for _ in range(BLOCKS)]
+        fwd_reqs: list = []
+
+        def fwd_read(i, output):
+            if rank == 0:
+                fwd_bufs[i].copy_(output)
+            else:
+                fwd_reqs.append(dist.isend(output, 0))
+
+        def fwd_start():
+            if rank == 0:
+                fwd_reqs.extend(dist.irecv(fwd_bufs[half + i], 1) for i in range(half))
+
+        def fwd_finish():
+            for r in fwd_reqs:
+                r.wait()
+            fwd_reqs.clear()
+
+        def fwd_whole_of(i):  # rank 0's copy of activation i (names order)
+            return fwd_bufs[i]
+
+        in_forward["fwd_floor_read"] = fwd_read
+        fns["raw_plain"] = forward(raw_model, True)
+        fns["fwd_floor_read"] = forward(raw_model, True, mode="fwd_floor_read",
+                                        start=fwd_start, finish=fwd_finish)
+        fns["fwd_floor_edit"] = raw_edit
     else:
         shard_dim = 2
         parts = [torch.empty(local_shape, device=device) for _ in range(world)]
@@ -380,6 +450,38 @@ def _measure(layout: str, reps: int, h: int, tokens: int, device: str = "cpu",
         fns["floor_edit"] = floor_edit
         floor_p2p = floor_read_p2p if device == "cpu" else None
 
+        # In the forward: the same operations on the hooked module's live output on this rank
+        # (raw torch hooks on the raw model), into their own preallocated whole tensors.
+        fwd_whole = [torch.empty(whole_shape, device=device) for _ in mine]
+        fwd_host = [torch.empty(whole_shape, pin_memory=True) for _ in mine] \
+            if device != "cpu" else fwd_whole
+
+        def fwd_read(i, output):
+            y = output[0] if isinstance(output, tuple) else output
+            dist.gather(y.contiguous(), parts if rank == 0 else None, dst=0)
+            if rank == 0:
+                place(parts, fwd_whole[i])
+                if fwd_host[i] is not fwd_whole[i]:
+                    fwd_host[i].copy_(fwd_whole[i], non_blocking=True)
+
+        def fwd_edit(i, output):
+            y = output[0] if isinstance(output, tuple) else output
+            dist.all_gather(parts, y.contiguous())
+            place(parts, fwd_whole[i])
+            w = local_shape[shard_dim]
+            edited = _times_two(None, fwd_whole[i], None, None) \
+                .narrow(batch_dim, dp_rank * local_shape[batch_dim], local_shape[batch_dim]) \
+                .narrow(shard_dim, tp_rank * w, w).contiguous()
+            return (edited,) + tuple(output[1:]) if isinstance(output, tuple) else edited
+
+        def fwd_whole_of(i):  # rank 0's whole activation i (names order)
+            return fwd_whole[i]
+
+        in_forward.update(fwd_floor_read=fwd_read, fwd_floor_edit=fwd_edit)
+        fns["raw_plain"] = forward(raw_model, True)
+        fns["fwd_floor_read"] = forward(raw_model, True, mode="fwd_floor_read")
+        fns["fwd_floor_edit"] = forward(raw_model, True, mode="fwd_floor_edit")
+
     def clock(fn) -> float:
         dist.barrier()
         start = time.perf_counter()
@@ -412,6 +514,23 @@ def _measure(layout: str, reps: int, h: int, tokens: int, device: str = "cpu",
         if out is not None and want is not None:
             assert torch.equal(out, want), f"{layout} {kind}: edited forward != raw x2 forward"
 
+    def check_fwd_floor():
+        """The in-forward floors hold what FlexModel holds for the same input: rank 0's
+        gathered wholes equal the stored values, the edited output the FlexModel-edited one."""
+        fns["read"]()
+        fns["fwd_floor_read"]()
+        if device != "cpu":
+            torch.cuda.synchronize()
+        if rank == 0:
+            for i, name in enumerate(names):
+                got = stored["read"][name][0]
+                assert torch.equal(fwd_whole_of(i).to(got.device), got), \
+                    f"{layout} in-forward floor {name}: gathered whole != FlexModel's stored value"
+        stored["read"].clear()
+        want, out = fns["edit"](), fns["fwd_floor_edit"]()
+        if out is not None and want is not None:
+            assert torch.equal(out, want), f"{layout}: in-forward edit floor != FlexModel edit"
+
     reads = ["read"] + (["read_overlap"] if overlap else [])
     drops = {kind: stored[kind].clear for kind in reads}
     with torch.no_grad():
@@ -420,6 +539,7 @@ def _measure(layout: str, reps: int, h: int, tokens: int, device: str = "cpu",
             check_read(kind)
         for kind in kinds[1:]:
             check_edit(kind)
+        check_fwd_floor()
         for _ in range(2):  # warm-up
             for fn in fns.values():
                 fn()
@@ -431,6 +551,7 @@ def _measure(layout: str, reps: int, h: int, tokens: int, device: str = "cpu",
             check_read(kind)
         for kind in kinds[1:]:
             check_edit(kind)
+        check_fwd_floor()
         direct = _direct_rounds(layout, flexes, kinds, mine, fns, stored["read"], check_read,
                                 reps * 3, clock, inner, floor_p2p)
     for flex in flexes.values():
@@ -445,12 +566,27 @@ def _measure(layout: str, reps: int, h: int, tokens: int, device: str = "cpu",
     if overlap:
         result["retrieval_overlap"] = overhead_ratio(times, "read_overlap", "plain",
                                                      "floor_read")
+    # In the forward over the in-forward floor: both differences of two forwards of a round
+    # (FlexModel's with the plain one, the raw floor hooks' with the raw model's plain one)
+    fwd_pairs = {"retrieval": "read", "edit": "edit", "edit_replicate": "edit_replicate",
+                 "retrieval_overlap": "read_overlap"}
+    for key, kind in fwd_pairs.items():
+        if kind in times:
+            floor = "fwd_floor_read" if kind.startswith("read") else "fwd_floor_edit"
+            result[f"{key}_vs_fwd_floor"] = overhead_ratio(times, kind, "plain", floor,
+                                                           "raw_plain")
+    # the in-forward floor over the floor timed alone: what the forward adds to the floor itself
+    result["fwd_floor_retrieval"] = overhead_ratio(times, "fwd_floor_read", "raw_plain",
+                                                   "floor_read")
+    result["fwd_floor_edit"] = overhead_ratio(times, "fwd_floor_edit", "raw_plain",
+                                              "floor_edit")
     for kind in kinds:
         floor = "floor_read" if kind == "read" else "floor_edit"
         result[f"direct_{'retrieval' if kind == 'read' else kind}"] = ratio(direct, kind, floor)
     if "floor_read_p2p" in direct:
         result["direct_retrieval_vs_p2p"] = ratio(direct, "read", "floor_read_p2p")
     result["plain_s"] = statistics.median(times["plain"])
+    result["raw_plain_s"] = statistics.median(times["raw_plain"])
     result["hooks"] = BLOCKS
     return result
 
@@ -579,6 +715,14 @@ def report(results: dict) -> None:
         if "retrieval_overlap" in r:
             print(f"[{layout}]   retrieval, overlap_retrieval=True, in the forward "
                   f"{fmt(r['retrieval_overlap'])} (goal <= 0.5x)")
+        for kind in ("retrieval", "edit", "edit_replicate", "retrieval_overlap"):
+            if f"{kind}_vs_fwd_floor" in r:
+                print(f"[{layout}]   {kind:17s} in the forward over the in-forward floor "
+                      f"{fmt(r[kind + '_vs_fwd_floor'])}")
+        for kind in ("retrieval", "edit"):
+            if f"fwd_floor_{kind}" in r:
+                print(f"[{layout}]   in-forward {kind} floor over the floor alone "
+                      f"{fmt(r['fwd_floor_' + kind])}")
         if "edit_replicate" not in r:
             print(f"[{layout}]   edit_replicate  not in this checkout (HookFunction has no "
                   f"replicate_edit)")
