@@ -33,7 +33,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from flex_surgery.launch import LaunchError
-from flex_surgery.launch.local import ForkedRanks, Reply
+from flex_surgery.launch.local import ForkedRanks, Reply, receive_message, send_message
 
 DEFAULT_TIMEOUT_S = float(os.environ.get("FLEX_TEST_TIMEOUT", "180"))
 
@@ -71,7 +71,7 @@ def _serve(conn: Connection) -> None:
 
     while True:
         try:
-            msg = conn.recv()
+            msg = receive_message(conn)
         except EOFError:
             break
         if msg is None:
@@ -80,9 +80,9 @@ def _serve(conn: Connection) -> None:
         try:
             # Every body starts from the same RNG state on every rank, whatever ran before it.
             torch.manual_seed(0)
-            conn.send(("ok", _resolve(key)(**kwargs)))
+            send_message(conn, ("ok", _resolve(key)(**kwargs)))
         except BaseException:
-            conn.send(("err", traceback.format_exc()))
+            send_message(conn, ("err", traceback.format_exc()))
         finally:
             _reset_rank_state()
 

@@ -24,6 +24,7 @@ from flex_surgery.launch import (
 )
 from flex_surgery.launch.cluster_config import load_cluster_config
 from flex_surgery.launch.environment import port_for_job
+from flex_surgery.launch.local import receive_message, send_message
 
 HERE = str(Path(__file__).resolve().parent)
 RECIPES = Path(HERE).parent / "distributed"
@@ -187,13 +188,33 @@ def test_fork_ranks_deadline_kills_a_silent_rank_and_leaves_no_process():
     assert set(multiprocessing.active_children()) == before
 
 
+def test_a_tensor_reply_outlives_the_rank_that_sent_it():
+    # Multiprocessing's pickler would pass the tensor as a descriptor fetched from the sender at
+    # unpickling time; the rank has exited by then, so the reply would read as a dead rank.
+    def answer_and_exit(conn):
+        send_message(conn, ("ok", torch.arange(4.0) * (dist.get_rank() + 1)))
+
+    ranks = ForkedRanks(2, answer_and_exit, device="cpu", timeout_s=60)
+    try:
+        for proc in ranks.procs:
+            proc.join(timeout=30)
+        assert all(proc.exitcode == 0 for proc in ranks.procs)
+        replies = ranks.collect(30)
+    finally:
+        ranks.close(force=True)
+    for rank in (0, 1):
+        kind, value = replies[rank]
+        assert kind == "ok", value
+        assert torch.equal(value, torch.arange(4.0) * (rank + 1))
+
+
 def test_forked_ranks_report_a_dead_rank_with_its_exit_code():
     def serve(conn):
         import os
 
         if dist.get_rank() == 1:
             os._exit(7)
-        conn.send(("ok", conn.recv()))
+        send_message(conn, ("ok", receive_message(conn)))
 
     ranks = ForkedRanks(2, serve, device="cpu", timeout_s=60)
     try:

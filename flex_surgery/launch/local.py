@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import signal
 import sys
 import time
@@ -35,12 +36,30 @@ from typing import Any
 from flex_surgery.launch.environment import RankEnvironment, free_port
 from flex_surgery.launch.rank_task import LaunchError, RankOutcome
 
-__all__ = ["ForkedRanks", "Reply", "fork_ranks"]
+__all__ = ["ForkedRanks", "Reply", "fork_ranks", "receive_message", "send_message"]
 
 #: What a rank sends back, as ``(kind, value)``: ``("ok", value)``, ``("err", traceback)``; the
 #: parent adds ``("died", why)`` for a rank whose process ended without answering and
 #: ``("timeout", why)`` for one that did not answer in time.
 Reply = tuple[str, Any]
+
+
+def send_message(conn: Connection, message: Any) -> None:
+    """Send ``message`` down a rank pipe with the plain pickler, tensors by value.
+
+    ``Connection.send`` pickles with multiprocessing's ``ForkingPickler``, for which torch
+    registers reductions that pass a tensor's storage as a shared-memory file descriptor fetched
+    from the *sender's* process when the receiver unpickles. A rank that answers and then exits
+    (every :func:`fork_ranks` rank does) leaves the parent a descriptor it can no longer fetch:
+    ``recv`` fails and a rank that returned a tensor looks dead. The plain pickler copies the
+    bytes into the message, so a reply outlives its sender.
+    """
+    conn.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def receive_message(conn: Connection) -> Any:
+    """The next message :func:`send_message` put on ``conn`` (``EOFError`` when it is closed)."""
+    return pickle.loads(conn.recv_bytes())
 
 
 def _rank_process(rank: int, nprocs: int, port: int, device: Any, threads: int | None,
@@ -62,9 +81,9 @@ def _rank_process(rank: int, nprocs: int, port: int, device: Any, threads: int |
     try:
         init_distributed(rank, nprocs, device=device, timeout_s=collective_timeout_s)
     except BaseException:  # noqa: BLE001 - reported to the parent with the rank
-        conn.send(("err", f"rank {rank}: process group init failed\n{traceback.format_exc()}"))
+        send_message(conn, ("err", f"rank {rank}: process group init failed\n{traceback.format_exc()}"))
         return
-    conn.send(("ready", None))
+    send_message(conn, ("ready", None))
     try:
         rank_main(conn)
     finally:
@@ -77,6 +96,7 @@ def _rank_process(rank: int, nprocs: int, port: int, device: Any, threads: int |
 class ForkedRanks:
     """``nprocs`` ranks forked from this process, each with the default process group started and
     a duplex pipe to this process; each rank runs ``rank_main(conn)`` and exits when it returns.
+    Both ends speak :func:`send_message` / :func:`receive_message` (tensors travel by value).
 
     The constructor waits until every rank has joined the process group (or raises
     :class:`LaunchError`). :meth:`collect` waits for one message per rank with a deadline; once a
@@ -114,7 +134,7 @@ class ForkedRanks:
         to report as ``died``."""
         for conn in self.conns:
             try:
-                conn.send(message)
+                send_message(conn, message)
             except OSError:  # BrokenPipeError, ConnectionResetError: the rank's process ended
                 pass
 
@@ -130,7 +150,7 @@ class ForkedRanks:
             for conn in wait(list(pending.values()), timeout=min(remaining, 1.0)):
                 rank = next(r for r, c in pending.items() if c is conn)
                 try:
-                    replies[rank] = conn.recv()
+                    replies[rank] = receive_message(conn)
                 except (EOFError, OSError):  # OSError: it died with our message unread
                     self.procs[rank].join(timeout=1)
                     code = self.procs[rank].exitcode
@@ -153,7 +173,7 @@ class ForkedRanks:
         for conn in self.conns:
             try:
                 if not force:
-                    conn.send(None)
+                    send_message(conn, None)
             except (BrokenPipeError, OSError):
                 pass
         for proc in self.procs:
@@ -186,9 +206,9 @@ def _run_once(fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> Ca
         except BaseException:  # noqa: BLE001 - every failure goes back with its rank
             reply = ("err", traceback.format_exc())
         try:
-            conn.send(reply)
+            send_message(conn, reply)
         except Exception:  # an unpicklable value: report that instead
-            conn.send(("err", f"the result could not be sent back\n{traceback.format_exc()}"))
+            send_message(conn, ("err", f"the result could not be sent back\n{traceback.format_exc()}"))
     return rank_main
 
 
