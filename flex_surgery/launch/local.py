@@ -81,7 +81,8 @@ def _rank_process(rank: int, nprocs: int, port: int, device: Any, threads: int |
     try:
         init_distributed(rank, nprocs, device=device, timeout_s=collective_timeout_s)
     except BaseException:  # noqa: BLE001 - reported to the parent with the rank
-        send_message(conn, ("err", f"rank {rank}: process group init failed\n{traceback.format_exc()}"))
+        failure = f"rank {rank}: process group init failed\n{traceback.format_exc()}"
+        send_message(conn, ("err", failure))
         return
     send_message(conn, ("ready", None))
     try:
@@ -208,7 +209,8 @@ def _run_once(fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> Ca
         try:
             send_message(conn, reply)
         except Exception:  # an unpicklable value: report that instead
-            send_message(conn, ("err", f"the result could not be sent back\n{traceback.format_exc()}"))
+            failure = f"the result could not be sent back\n{traceback.format_exc()}"
+            send_message(conn, ("err", failure))
     return rank_main
 
 
