@@ -21,8 +21,11 @@ every hook (``edit``: the leader path; ``edit_replicate``:
   point to point (``send``/``irecv`` into preallocated buffers, the leader's own piece copied
   into place while the others arrive): how FlexModel moves them on the CPU, and faster on gloo
   than its ``gather`` (which runs on a worker thread); for PP, stage 0's activations copied into
-  preallocated buffers on rank 0 and stage 1's sent to rank 0 (``send``/``recv`` into
-  preallocated buffers);
+  preallocated buffers on rank 0 and stage 1's sent to rank 0 (``isend``/``irecv`` into
+  preallocated buffers), and, printed beside it, the same with stage 1's activations first
+  copied into preallocated buffers and sent only then: a stage's hook must copy its value when
+  it fires (later code may overwrite the activation) and the values travel at collection,
+  after the stage has run (JSON ``direct_retrieval_vs_snapshot``);
 * edit floor: what an editing function of the whole tensor needs on every rank that holds a
   piece -- ``dist.all_gather`` into preallocated buffers, a copy into a preallocated whole
   tensor, x2, keep this rank's slice (TP, DP x TP; over every rank that holds a piece); for PP
@@ -359,9 +362,23 @@ def _measure(layout: str, reps: int, h: int, tokens: int, device: str = "cpu",
             for p in pieces + pieces:
                 _times_two(None, p, None, None)
 
+        snaps = [torch.empty(local_shape, device=device) for _ in mine]
+
+        def floor_read_snapshot():  # the floor, plus stage 1's copies before it sends
+            if rank == 0:
+                floor_read()
+                return
+            for snap, p in zip(snaps, pieces):  # at hook time: later code may overwrite p
+                snap.copy_(p)
+            reqs = [dist.isend(snap, 0) for snap in snaps]  # at collection, after the stage
+            for r in reqs:
+                r.wait()
+
         fns["floor_read"] = floor_read
         fns["floor_edit"] = floor_edit
-        floor_p2p = None  # the PP floor is point to point already
+        # The PP floor is point to point already; beside it, the floor with the copy a stage
+        # must make when its hook fires (the value is collected only after the stage has run)
+        second_floor = floor_read_snapshot
 
         # In the forward: rank 0 posts the receives of stage 1's activations before its stage
         # runs and waits for them at the end; its raw hooks copy stage 0's live activations
@@ -448,7 +465,7 @@ def _measure(layout: str, reps: int, h: int, tokens: int, device: str = "cpu",
 
         fns["floor_read"] = floor_read
         fns["floor_edit"] = floor_edit
-        floor_p2p = floor_read_p2p if device == "cpu" else None
+        second_floor = floor_read_p2p if device == "cpu" else None
 
         # In the forward: the same operations on the hooked module's live output on this rank
         # (raw torch hooks on the raw model), into their own preallocated whole tensors.
@@ -553,7 +570,7 @@ def _measure(layout: str, reps: int, h: int, tokens: int, device: str = "cpu",
             check_edit(kind)
         check_fwd_floor()
         direct = _direct_rounds(layout, flexes, kinds, mine, fns, stored["read"], check_read,
-                                reps * 3, clock, inner, floor_p2p)
+                                reps * 3, clock, inner, second_floor)
     for flex in flexes.values():
         flex.restore()
     if rank != 0:
@@ -584,7 +601,8 @@ def _measure(layout: str, reps: int, h: int, tokens: int, device: str = "cpu",
         floor = "floor_read" if kind == "read" else "floor_edit"
         result[f"direct_{'retrieval' if kind == 'read' else kind}"] = ratio(direct, kind, floor)
     if "floor_read_p2p" in direct:
-        result["direct_retrieval_vs_p2p"] = ratio(direct, "read", "floor_read_p2p")
+        key = "direct_retrieval_vs_snapshot" if layout == "pp2" else "direct_retrieval_vs_p2p"
+        result[key] = ratio(direct, "read", "floor_read_p2p")
     result["plain_s"] = statistics.median(times["plain"])
     result["raw_plain_s"] = statistics.median(times["raw_plain"])
     result["hooks"] = BLOCKS
@@ -592,7 +610,7 @@ def _measure(layout: str, reps: int, h: int, tokens: int, device: str = "cpu",
 
 
 def _direct_rounds(layout, flexes, kinds, mine, fns, stored, check_read, reps, clock,
-                   inner, floor_p2p=None) -> dict[str, list[float]]:
+                   inner, second_floor=None) -> dict[str, list[float]]:
     """The hook calls alone: one forward records every hooked module's ``(module, args,
     output)``; each round then calls the registered FlexModel hooks of each kind on them (PP:
     then collects to rank 0), interleaved with the floors. Without the forward's own compute
@@ -622,8 +640,8 @@ def _direct_rounds(layout, flexes, kinds, mine, fns, stored, check_read, reps, c
 
     direct = {kind: caller(kind) for kind in kinds}
     direct.update(floor_read=fns["floor_read"], floor_edit=fns["floor_edit"])
-    if floor_p2p is not None:
-        direct["floor_read_p2p"] = floor_p2p
+    if second_floor is not None:  # TP, DP x TP: point to point; PP: with stage 1's copies
+        direct["floor_read_p2p"] = second_floor
     direct["read"]()
     check_read()  # the direct calls store the one-process value
     for kind in kinds[1:]:
@@ -709,6 +727,9 @@ def report(results: dict) -> None:
         if "direct_retrieval_vs_p2p" in r:
             print(f"[{layout}]   retrieval over the point-to-point floor (hook calls alone) "
                   f"{fmt(r['direct_retrieval_vs_p2p'])}")
+        if "direct_retrieval_vs_snapshot" in r:
+            print(f"[{layout}]   retrieval over the floor with stage 1's copies (hook calls "
+                  f"alone) {fmt(r['direct_retrieval_vs_snapshot'])}")
         for kind in ("retrieval", "edit", "edit_replicate"):
             if kind in r:
                 print(f"[{layout}]   {kind:15s} in the forward   {fmt(r[kind])}")
