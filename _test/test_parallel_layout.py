@@ -195,3 +195,25 @@ def test_a_tensor_declared_whole_over_dp_must_be_the_same_on_every_dp_rank():
     assert stored is None or torch.equal(stored, x)
     assert (stored is not None) == (dist.get_rank() == 0)
     runtime.close()
+
+
+@distributed(world_size=2)
+def test_the_shape_agreement_does_not_keep_the_activation_alive():
+    """whole_shape hands its layout to the same call's gather; if the call stops in between
+    (an error after the shape check), the runtime must not hold the activation until the next
+    hook call -- on a large model that is a whole activation of memory."""
+    import gc
+    import weakref
+
+    mesh = ParallelMesh.build(tp=2)
+    runtime = DistributedRuntime(nn.Identity(), mesh)
+    site = _site(nn.Identity(), (2, 8))
+    local = torch.randn(2, 4)
+    assert runtime.whole_shape(local, site) == (2, 8)
+    alive = weakref.ref(local)
+    del local
+    gc.collect()
+    assert alive() is None
+    piece = torch.randn(2, 4)  # the next call on a new tensor still infers its own layout
+    assert runtime.whole_shape(piece, site) == (2, 8)
+    runtime.close()

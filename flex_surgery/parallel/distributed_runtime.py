@@ -120,7 +120,9 @@ class DistributedRuntime(Runtime):
             self.walk = AxisWalk(mesh)
             self.store_on = store_on
             self.overlap_retrieval = overlap_retrieval
-            self._agreed: tuple[torch.Tensor, HookSite, Layout] | None = None
+            # The layout whole_shape just agreed, for the same call's gather; the tensor by weak
+            # reference, so a call that fails in between does not keep an activation alive.
+            self._agreed: tuple[weakref.ref[torch.Tensor], HookSite, Layout] | None = None
             if batch_dim is None:
                 batch_dim = frameworks.batch_dim(module)
             self.layouts = LayoutInference(mesh, batch_dim)
@@ -165,7 +167,7 @@ class DistributedRuntime(Runtime):
     def layout_of(self, local: torch.Tensor, site: HookSite) -> Layout:
         """The layout of the tensor a hook at ``site`` sees (see :mod:`.layout`)."""
         agreed, self._agreed = self._agreed, None
-        if agreed is not None and agreed[0] is local and agreed[1] is site:
+        if agreed is not None and agreed[0]() is local and agreed[1] is site:
             return agreed[2]  # just inferred (and agreed) by whole_shape for this very call
         if site.role == "param_grad" and is_dtensor(local):
             layout = dtensor_layout(local, self.mesh)
@@ -185,7 +187,7 @@ class DistributedRuntime(Runtime):
         except Exception as exc:  # every rank learns of it there, then this rank re-raises it
             failure = exc
         shape = agree_on_whole_shape(self.mesh, _local_of(local), layout, failure, site)
-        self._agreed = (local, site, layout)  # the call's gather asks for it next
+        self._agreed = (weakref.ref(local), site, layout)  # the call's gather asks for it next
         return shape
 
     def is_edit_leader(self, site: HookSite) -> bool:
