@@ -949,6 +949,47 @@ def test_overlap_with_uneven_dtensor_shards_and_expected_shape_equals_one_proces
     flex.restore()
 
 
+@distributed(world_size=2, timeout_s=TIMEOUT_S)
+def test_an_overlapped_retrieval_is_stored_when_its_hook_is_removed_during_the_forward():
+    """An overlapped retrieval stores its value at the end of the forward. The hook fired while
+    it was registered, so its value is stored even if the hook is removed before the forward
+    ends (by a later module, on every rank): the value is one process's, and the removed hook
+    stores nothing in the next forward."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("tp",))
+    x = _x(2)
+
+    def run(model, **kwargs):
+        stored: dict = {}
+        flex = FlexModel(model, stored, **kwargs)
+        first = HookFunction("blocks.0.up")
+        flex.register_forward_hook(first)
+        flex.register_forward_hook(HookFunction("blocks.1.act"))
+        later = dict(flex.module.named_modules())["blocks.1.up"]
+        handle = later.register_forward_pre_hook(lambda *_: flex.remove_hook_function(first))
+        out = flex(x)
+        handle.remove()
+        out = out.full_tensor() if isinstance(out, DTensor) else out
+        return stored, out.detach(), flex
+
+    ref, ref_out, flex = run(plain_net(), process_group=local_group())
+    flex.restore()
+    assert sorted(ref) == ["blocks.0.up", "blocks.1.act"]
+    stored, out, flex = run(parallelize_module(plain_net(), mesh, dtensor_plan(False)),
+                            overlap_retrieval=True)
+    torch.testing.assert_close(out, ref_out, **TOL)
+    if dist.get_rank() == 0:
+        assert_stored_equal(stored, ref, **TOL)
+    stored.clear()
+    flex(x)  # the removed hook is gone: only the other one stores
+    if dist.get_rank() == 0:
+        assert sorted(stored) == ["blocks.1.act"]
+    flex.restore()
+
+
 @distributed(world_size=4, timeout_s=TIMEOUT_S)
 def test_dp_x_tp_replica_leaders_disk_store_with_edits_equals_one_process():
     """fairscale TP=2 inside DDP (dp=2), uneven replicas, ``store_on="replica_leaders"`` into a

@@ -319,8 +319,9 @@ class HookFunction:
             if storing and self.reduce is not None and \
                     getattr(runtime, "store_on", "rank0") == "rank0":
                 self._reduce_then_store(tensor, site)
-            elif storing:
-                runtime.retrieve(tensor, site, self._store)
+            elif storing:  # where to store is bound now: an overlapped retrieval stores at
+                # the end of the forward, when this hook may have been removed already
+                runtime.retrieve(tensor, site, partial(self._store, into=self._target()))
             return None
         full, ctx = runtime.gather_for_edit(tensor, site, everywhere=self.replicate_edit)
         if storing:  # one gather serves both storing and editing
@@ -359,26 +360,34 @@ class HookFunction:
                 reduced = apply_reduce(self.reduce, full.detach(), self._shared.batch_dim)
                 self._store(store_copy(reduced), reduced=True)
 
-    def _store(self, full: torch.Tensor, rows: Any = None, reduced: bool = False) -> None:
-        if stores_pending():  # behind a retrieval of this pass still in flight (overlap)
-            defer(partial(self._store_now, full, rows, reduced), stores=True)
-        else:
-            self._store_now(full, rows, reduced)
+    def _target(self) -> tuple[Any, str]:
+        """Where this call's value goes: the FlexModel's shared state and the output key, as
+        they are while the hook fires (removing the hook unbinds both)."""
+        return self._shared, self.output_key
 
-    def _store_now(self, full: torch.Tensor, rows: Any, reduced: bool) -> None:
-        shared = self._shared
+    def _store(self, full: torch.Tensor, rows: Any = None, reduced: bool = False,
+               into: tuple[Any, str] | None = None) -> None:
+        into = into if into is not None else self._target()
+        if stores_pending():  # behind a retrieval of this pass still in flight (overlap)
+            defer(partial(self._store_now, full, rows, reduced, into), stores=True)
+        else:
+            self._store_now(full, rows, reduced, into)
+
+    def _store_now(self, full: torch.Tensor, rows: Any, reduced: bool,
+                   into: tuple[Any, str]) -> None:
+        shared, key = into
         reduce = None if reduced else self.reduce
         if shared.binding is not None:
-            store_call(shared.binding, self.output_key, full, reduce, shared.batch_dim, rows)
+            store_call(shared.binding, key, full, reduce, shared.batch_dim, rows)
             return
         if shared.output_dict is None:  # this rank takes part but keeps nothing
             return
         if reduce is not None:
             full = apply_reduce(self.reduce, full, shared.batch_dim)
-        if self._shared.keep == "last":
-            self._shared.output_dict[self.output_key] = full
+        if shared.keep == "last":
+            shared.output_dict[key] = full
         else:
-            self._shared.output_dict.setdefault(self.output_key, []).append(full)
+            shared.output_dict.setdefault(key, []).append(full)
 
     def _edit(self, full: torch.Tensor, checked: bool = False) -> torch.Tensor:
         """Run the editing function on the whole tensor and check what it returns.
