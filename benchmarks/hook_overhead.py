@@ -35,8 +35,9 @@ FlexModel's stored tensors equal the raw hooks' (``torch.equal``), in the forwar
 direct calls; the edited logits equal the raw-edited logits, the direct edits' outputs too.
 
 Memory (on by default; ``--no-memory``): three children forked before anything else is
-measured (with ``--check``, the three of every repetition), each building a larger GPT-2 (24 blocks, hidden 512, 256 tokens) and running one
-forward -- with FlexModel's 96 read hooks, with the raw read hooks (same copies), with no hook.
+measured (with ``--check``, the three of every repetition), each building a larger GPT-2 (24
+blocks, hidden 512, 256 tokens) and running one forward -- with FlexModel's 96 read hooks, with
+the raw read hooks (same copies), with no hook.
 ``memory_ratio`` (the target, <= 1.1x) is FlexModel's peak resident memory above the child's
 start over (the model as resident after building it + the retrieved bytes); the raw hooks'
 ratio (the floor of the same retrieval) and the plain forward's peak over the resident model
