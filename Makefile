@@ -46,8 +46,8 @@ docs: $(STAMP)
 # Every benchmark with --check: 3 interleaved repetitions each, failing when a median ratio
 # exceeds its target by more than 20 % (benchmarks/targets.py). Timings are noisy, so this is
 # not part of `make test`; every benchmark runs even after one has failed.
-BENCHMARKS := rank_pool_dispatch retrieval_overhead hook_overhead surgery export_inject lens \
-	masks store
+BENCHMARKS := rank_pool_dispatch retrieval_overhead hook_overhead hook_registration surgery \
+	export_inject lens masks store
 
 bench: $(STAMP)
 	@status=0; for b in $(BENCHMARKS); do \

@@ -12,7 +12,11 @@ registration is O(1) in the model's size; it grew with the number of modules whe
 registration rebuilt the name table). Correctness is asserted: every hook is installed on the
 module of its name and a forward stores once per hooked module that runs.
 
-    python benchmarks/hook_registration.py [--layers 6 24] [--reps 5]
+    python benchmarks/hook_registration.py [--layers 6 24] [--reps 5] [--check]
+
+``--check`` (``make bench``): 3 repetitions; fails when the median over them of the growth of
+the fastest per-hook cost, from the smallest to the largest model, exceeds 1.0 by more than
+20 %.
 """
 
 from __future__ import annotations
@@ -20,9 +24,19 @@ from __future__ import annotations
 import argparse
 import gc
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from targets import REPETITIONS, check_targets  # noqa: E402
+
+# The per-hook cost of registering on every module of the 24-block model over the 6-block one:
+# 1.0 when registration is O(1) in the model's size; a name table rebuilt at every registration
+# makes it grow with the module count (85 -> 319 modules: towards 3.8x).
+TARGET = 1.0
 
 
 def build(n_layer: int) -> torch.nn.Module:
@@ -76,16 +90,13 @@ def time_raw(n_layer: int) -> float:
     return elapsed * 1e3 / len(modules)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, nargs="+", default=[6, 24])
-    parser.add_argument("--reps", type=int, default=5)
-    args = parser.parse_args()
-    torch.set_num_threads(1)
+def measure(layers: list[int], reps: int) -> dict[str, float]:
+    """One full interleaved measurement; prints it and returns the ratios of the largest model's
+    per-hook cost over the smallest's (of medians and of fastest runs)."""
     medians, bests = {}, {}
-    for n_layer in args.layers:
+    for n_layer in layers:
         flex_ms, raw_ms = [], []
-        for _ in range(args.reps):  # interleaved
+        for _ in range(reps):  # interleaved
             ms, n_hooks = time_flex(n_layer)
             flex_ms.append(ms)
             raw_ms.append(time_raw(n_layer))
@@ -97,9 +108,33 @@ def main() -> None:
               f"({min(flex_ms):.4f}..{max(flex_ms):.4f}), raw torch {raw:.4f} ms/hook, "
               f"ratio {med / raw:.1f}x")
     small, large = min(medians), max(medians)
+    growth = {"per_hook_large_over_small": medians[large] / medians[small],
+              "fastest_large_over_small": bests[large] / bests[small]}
     print(f"per-hook cost n_layer={large} / n_layer={small}: median "
-          f"{medians[large] / medians[small]:.2f}x, fastest {bests[large] / bests[small]:.2f}x "
+          f"{growth['per_hook_large_over_small']:.2f}x, fastest "
+          f"{growth['fastest_large_over_small']:.2f}x "
           "(1.0 = independent of model size; the fastest runs are what a quiet machine shows)")
+    return growth
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, nargs="+", default=[6, 24])
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--check", action="store_true",
+                        help=f"{REPETITIONS} repetitions; fail if the per-hook cost grows with "
+                             f"the model by more than 20 %%")
+    args = parser.parse_args()
+    if len(set(args.layers)) < 2:
+        parser.error("--layers needs two or more model sizes to compare")
+    torch.set_num_threads(1)
+    runs = [measure(args.layers, args.reps) for _ in range(REPETITIONS if args.check else 1)]
+    if args.check:
+        # The fastest runs: the median of 5 registrations of 20 us each moves with whatever
+        # else the machine does (0.65-1.27x between repetitions), the fastest by a tenth.
+        key = "fastest_large_over_small"
+        sys.exit(check_targets("hook_registration", {key: [r[key] for r in runs]},
+                               {key: TARGET}))
 
 
 if __name__ == "__main__":
