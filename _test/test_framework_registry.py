@@ -83,6 +83,11 @@ def test_megatron_interleaved_partitions_are_refused():
                            size=lambda axis: 2 if axis == "tp" else 1)
     with pytest.raises(frameworks.MegatronLayoutError, match="partition_stride=2"):
         LayoutInference(mesh, 1).layout(lin.weight, lin, "param_grad", parameter=lin.weight)
+    # one family of layout errors: ``except LayoutError`` catches it, as it catches the others
+    with pytest.raises(frameworks.LayoutError, match="partition_stride=2"):
+        frameworks.parameter_views(lin)
+    with pytest.raises(NotImplementedError, match="partition_stride=2"):
+        frameworks.parameter_views(lin)
     lin.weight.partition_stride = 1
     assert frameworks.tp_partition_dim(lin, lin.weight) == 0
     assert frameworks.tp_partition_dim(lin, lin.bias) is None

@@ -45,6 +45,7 @@ from flex_surgery.parallel.frameworks.base import (
     SEQUENCE,
     ActivationShard,
     Framework,
+    LayoutError,
     TPLayer,
     loaded,
 )
@@ -65,8 +66,12 @@ _LANGUAGE_MODULE = "megatron.core.models.common.language_module.language_module"
 _MODULE = "megatron.core.transformer.module"
 
 
-class MegatronLayoutError(NotImplementedError):
-    """A Megatron parameter or group layout flex_surgery does not handle (it is not guessed)."""
+class MegatronLayoutError(LayoutError, NotImplementedError):
+    """A Megatron parameter or group layout flex_surgery does not handle (it is not guessed).
+
+    A :class:`~flex_surgery.parallel.frameworks.base.LayoutError`, so ``except LayoutError``
+    sees it as it sees every other layout that cannot be told; also a ``NotImplementedError``
+    (what it was first), so code written against that keeps working."""
 
 
 def _layers():
