@@ -177,6 +177,55 @@ def test_full_disk_error_surfaces_and_keeps_what_was_written(tmp_path, monkeypat
         store.close()
 
 
+class _FailingStore(MemoryStore):
+    """A MemoryStore whose ``put`` raises on the calls numbered in ``fail_on`` (0-based)."""
+
+    def __init__(self, fail_on=(1,)):
+        super().__init__()
+        self.fail_on, self.calls = set(fail_on), 0
+
+    def put(self, name, tensor, meta):
+        call, self.calls = self.calls, self.calls + 1
+        if call in self.fail_on:
+            raise OSError(28, "No space left on device")
+        super().put(name, tensor, meta)
+
+
+def test_a_store_failing_in_a_hook_is_raised_at_the_end_of_the_forward():
+    """The hook does not raise (distributed, the other ranks would wait in the forward's
+    collectives); the forward finishes, stores nothing more, and raises the store's error."""
+    store = _FailingStore(fail_on={1})
+    model = tiny_hf_model("llama")
+    flex = FlexModel(model, None, store=store)
+    seen = []
+    for name in POINTS:
+        flex.register_forward_hook(HookFunction(name))
+        flex.module.get_submodule(name).register_forward_hook(
+            lambda m, a, o, n=name: seen.append(n))
+    with pytest.raises(StoreError, match="storing 'model.layers.1' failed: OSError") as info:
+        flex(**example_inputs("llama", batch=2, seed=0))
+    assert isinstance(info.value.__cause__, OSError)
+    assert seen == list(POINTS)  # the forward ran to its end
+    assert store.calls == 2 and list(store.data) == [POINTS[0]]  # nothing after the failure
+    flex(**example_inputs("llama", batch=2, seed=1))  # raised once: the next forward stores
+    assert sorted(store.data) == sorted(POINTS) and store.calls == 5
+    flex.check_store()  # nothing failed since
+    flex.close()
+
+
+def test_a_store_failing_in_a_backward_hook_is_raised_by_the_next_check():
+    store = _FailingStore(fail_on={0})
+    model = tiny_hf_model("llama")
+    flex = FlexModel(model, None, store=store)
+    flex.register_full_backward_hook(HookFunction("model.layers.1.mlp"))
+    logits = flex(**example_inputs("llama", batch=2, seed=0)).logits
+    logits.pow(2).mean().backward()  # the backward hook's put fails: nothing raised here
+    with pytest.raises(StoreError, match="OSError"):
+        flex.check_store()
+    flex.check_store()  # raised once
+    flex.close()
+
+
 def test_host_memory_stays_bounded_by_the_buffer(tmp_path):
     store = DiskStore(tmp_path, buffer_bytes=1000)
     for step in range(50):

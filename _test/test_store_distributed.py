@@ -22,7 +22,7 @@ from rank_pool import distributed
 
 from flex_surgery.hooks import FlexModel, HookFunction
 from flex_surgery.parallel.pipeline import StageLink
-from flex_surgery.store import DiskStore, StoreError
+from flex_surgery.store import DiskStore, MemoryStore, StoreError
 
 BATCH = 4
 FORWARD_SITES = [(n, k) for n, k in SITES if k == "forward"]
@@ -241,3 +241,83 @@ def test_replica_leaders_under_megatron_tp_x_dp_on_batch_dim_one():
             entry = next(e for e in DiskStore(directory).index() if e["name"] == "up")
             assert entry["batch_dim"] == 1
         _done_with(directory)
+
+
+class _FailingStore(MemoryStore):
+    """A MemoryStore whose first ``put`` under a name containing ``part`` raises (a full disk)."""
+
+    def __init__(self, part: str):
+        super().__init__()
+        self.part, self.failed = part, False
+
+    def put(self, name, tensor, meta):
+        if self.part in name and not self.failed:
+            self.failed = True
+            raise OSError(28, "No space left on device")
+        super().put(name, tensor, meta)
+
+
+def _raised_on_every_rank(info, rank_with_store: int = 0) -> None:
+    if dist.get_rank() == rank_with_store:
+        assert "failed: OSError: [Errno 28] No space left on device" in str(info.value)
+        assert isinstance(info.value.__cause__, OSError)
+    else:
+        assert f"the store of rank {rank_with_store} (at least) failed" in str(info.value)
+
+
+@distributed(world_size=2)
+def test_a_store_failing_in_a_hook_raises_on_every_rank_at_the_end_of_the_forward():
+    """DTensor TP=2, a store on rank 0 only, whose put fails in the first hook of a forward.
+    Both ranks finish the forward and raise StoreError at its end (raised in the hook, rank 0
+    would leave rank 1 waiting in the next layer's collective). The next forward stores every
+    site, equal to an output_dict run of the same model and input."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    mesh = init_device_mesh("cpu", (2,))
+    x = _x()
+    model = parallelize_module(plain_net(), mesh, dtensor_plan(True))
+    names = actual_names(model)
+    ref: dict = {}
+    flex = FlexModel(model, ref)
+    for name, _ in FORWARD_SITES:
+        flex.register_forward_hook(HookFunction(names[name]))
+    with torch.no_grad():
+        want = flex(x)
+    flex.close()
+
+    store = _FailingStore(names[FORWARD_SITES[0][0]]) if dist.get_rank() == 0 else None
+    flex = FlexModel(model, None, store=store)
+    for name, _ in FORWARD_SITES:
+        flex.register_forward_hook(HookFunction(names[name]))
+    with torch.no_grad():
+        with pytest.raises(StoreError) as info:
+            flex(x)
+        _raised_on_every_rank(info)
+        out = flex(x)  # raised once; the next forward stores again
+    assert torch.equal(out, want)
+    flex.check_store()  # nothing failed since, on any rank
+    flex.close()
+    if dist.get_rank() == 0:
+        assert sorted(store.data) == sorted(ref)
+        for key, values in ref.items():  # one value each: nothing stored after the failure
+            assert len(store.data[key]) == 1 and torch.equal(store.data[key][0], values[0])
+
+
+@distributed(world_size=2)
+def test_a_store_failing_at_pipeline_collection_raises_on_every_rank():
+    """PP=2, a store on rank 0 only: it writes stage 1's values when it collects them, and the
+    first of those writes fails. ``sync_pipeline_outputs`` raises StoreError on both stages."""
+    _, _, x_mbs, t_mbs = inputs(4, 2)
+    stage = two_stages(plain_net(), dist.get_rank())
+    store = _FailingStore("blocks.1") if dist.get_rank() == 0 else None
+    flex = FlexModel(stage, None, pipeline_parallel_size=2, key_by_hook_kind=True, store=store)
+    register_sites(flex, False)
+    link = StageLink(flex.runtime.mesh)
+    hand_split_step(flex, link, x_mbs, t_mbs)
+    with pytest.raises(StoreError) as info:
+        flex.sync_pipeline_outputs(link)
+    _raised_on_every_rank(info)
+    if dist.get_rank() == 0:  # stage 0's own values were stored as its hooks fired
+        assert store.data and all("blocks.1" not in name for name in store.data)
+    flex.restore()

@@ -49,7 +49,7 @@ from flex_surgery.parallel.group_lifetime import RefusedOnEveryRank
 from flex_surgery.parallel.pipeline import StageLink, collect_stage_outputs, exchange_stage_facts
 from flex_surgery.parallel.runtime import wait_for_host_copies
 from flex_surgery.store.base import Store
-from flex_surgery.store.hooks import bind_store, store_call
+from flex_surgery.store.hooks import agree_on_store, bind_store, store_call
 
 __all__ = ["FlexModel"]
 
@@ -184,7 +184,8 @@ class FlexModel(HookRegistration, HookGroupAPI, nn.Module):
                                    batch_dim=getattr(getattr(self.runtime, "layouts", None),
                                                      "batch_dim", 0))
         self.store = store
-        self._shared.binding = bind_store(store, module, self.runtime, output_dict, store_on)
+        self._shared.binding, self._store_in_run = bind_store(store, module, self.runtime,
+                                                              output_dict, store_on)
         # Names to modules: built on first use, kept, checked against the tree on each use.
         self._names = ModelNames(module)
         # Under pipelining: names of the other stages, so every rank can register every hook.
@@ -282,7 +283,25 @@ class FlexModel(HookRegistration, HookGroupAPI, nn.Module):
                 pass
             raise
         wait_for_host_copies()  # stored activations are complete when forward returns
+        if self._store_in_run:  # a store that failed in a hook raises here, on every rank
+            agree_on_store(self._shared.binding, getattr(self.runtime, "mesh", None),
+                           whole_run=False)
         return output
+
+    def check_store(self) -> None:
+        """Raise :class:`~flex_surgery.store.StoreError` on every rank if a store failed on any
+        rank since the last check; a no-op without ``store=``.
+
+        A store that fails inside a hook does not raise there (the other ranks would be left
+        waiting in the forward's collectives); it stores nothing more and is raised on every
+        rank at the end of the forward, of :meth:`sync_pipeline_outputs`, or here. Call it
+        after a backward whose hooks store and after calls that bypass ``flex(...)``.
+        Collective: every rank of the run calls it.
+        """
+        self._check_usable()
+        if self._store_in_run:
+            agree_on_store(self._shared.binding, getattr(self.runtime, "mesh", None),
+                           whole_run=True)
 
     def _check_memory_budget(self, args: tuple, kwargs: dict[str, Any]) -> None:
         """Refuse the first hooked forward if its plan exceeds ``memory_budget`` (then never
@@ -306,9 +325,15 @@ class FlexModel(HookRegistration, HookGroupAPI, nn.Module):
         :class:`~flex_surgery.parallel.pipeline.StageLink` a failed stage makes it raise
         instead of wait. A stage leader without an ``output_dict`` holds its stage's values
         until this call (when rank 0 keeps them): call it after every step, or they pile up.
-        On a rank with a ``store=`` the other stages' values are written to the store here.
+        On a rank with a ``store=`` the other stages' values are written to the store here,
+        and a store that failed on any rank raises :class:`~flex_surgery.store.StoreError` on
+        every rank (see :meth:`check_store`).
         """
         self._check_usable()
+        self._collect_stages(link)
+        self.check_store()  # a write here or in a stage's hooks that failed: every rank raises
+
+    def _collect_stages(self, link: StageLink | None) -> None:
         runtime = self.runtime
         store_on = getattr(runtime, "store_on", "rank0")
         if self._stages.keeps and not self._stages.anyone_collects(store_on):

@@ -2,6 +2,13 @@
 
 Kept apart from :mod:`flex_surgery.hooks` so the hook path only learns of stores through one
 function, :func:`store_call`.
+
+A store that fails inside a hook does not raise there. The storing rank is in the middle of a
+forward (or backward) whose collectives the other ranks are already waiting in: raising on that
+rank alone would leave them waiting until the group's timeout. :func:`store_call` keeps the
+first failure on the :class:`StoreBinding` and stores nothing more; :func:`agree_on_store`
+raises it on every rank of the run at a point they all reach (the end of each FlexModel
+forward, of ``sync_pipeline_outputs``, and ``FlexModel.check_store()``).
 """
 
 from __future__ import annotations
@@ -32,6 +39,8 @@ class StoreBinding:
     store: Any
     writer: int = 0
     steps: dict[str, int] = field(default_factory=dict)
+    #: The first ``put`` that raised since the last :func:`agree_on_store`: (name, error).
+    failure: tuple[str, Exception] | None = None
 
     def next_step(self, name: str) -> int:
         step = self.steps.get(name)
@@ -49,7 +58,20 @@ def store_call(binding: StoreBinding, name: str, full: torch.Tensor, reduce: Any
     batch of a slice is stored as its sum and row count, which :func:`merge_pieces` adds up
     over replicas on read, so it equals the mean one process computes over the whole batch
     (up to float summation order; see ``docs/store.md``).
+
+    Never raises: a failure is kept on ``binding`` (nothing more is stored until it has been
+    raised) for :func:`agree_on_store` to raise on every rank.
     """
+    if binding.failure is not None:
+        return
+    try:
+        _put(binding, name, full, reduce, batch_dim, rows)
+    except Exception as error:  # raised on every rank at the next agreement point
+        binding.failure = (name, error)
+
+
+def _put(binding: StoreBinding, name: str, full: torch.Tensor, reduce: Any, batch_dim: int,
+         rows: Rows | None) -> None:
     step = binding.next_step(name)
     start, stop = (0, -1) if rows is None else (rows.start, rows.stop)
     if rows is not None:  # the dim data parallelism split this tensor on
@@ -87,14 +109,16 @@ def check_reduce(reduce: Any, store_on: str, has_store: bool, owner: object) -> 
 
 
 def bind_store(store: Any, module: Any, runtime: Any, output_dict: Any,
-               store_on: str) -> StoreBinding | None:
+               store_on: str) -> tuple[StoreBinding | None, bool]:
     """Check ``store`` against FlexModel's other arguments and attach it to this run.
 
     The run's fingerprint (model and mesh, :func:`model_fingerprint`) is recorded by the store,
     so a directory written by another model or mesh is refused before anything is written.
     Distributed, every rank calls it, with or without a store (a store on the storing ranks
     only is allowed), and the ranks agree on whether any refused, so all raise together; the
-    runtime is then closed. ``None`` without a store.
+    runtime is then closed. Returns this rank's binding (``None`` without a store) and whether
+    any rank of the run has a store (the same on every rank: it decides whether the ranks
+    meet in :func:`agree_on_store`).
     """
     from flex_surgery.store.base import Store, model_fingerprint
 
@@ -121,35 +145,80 @@ def bind_store(store: Any, module: Any, runtime: Any, output_dict: Any,
     lacks = store is None and store_on == "replica_leaders" and mesh is not None and \
         mesh.dp_size > 1 and mesh.rank("tp") == 0
     try:
-        _agree_on_failure(failure, mesh, has_store=store is not None, lacks=lacks)
+        anyone_stores = _agree_on_failure(failure, mesh, has_store=store is not None,
+                                          lacks=lacks)
     except BaseException:
         runtime.close()
         raise
     if store is None:
-        return None
+        return None, anyone_stores
     import torch.distributed as dist
     writer = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    return StoreBinding(store, writer=writer)
+    return StoreBinding(store, writer=writer), anyone_stores
+
+
+def agree_on_store(binding: StoreBinding | None, mesh: Any, whole_run: bool) -> None:
+    """Raise :class:`StoreError` on every rank if a store failed on any since the last call.
+
+    Every rank calls it at the same point: over this pipeline stage's ranks at the end of a
+    forward (``whole_run=False``: only they ran it), over every rank of the run otherwise
+    (``sync_pipeline_outputs``, ``FlexModel.check_store``). One all-reduce of one integer. The
+    failure is cleared once raised; a store that stays broken (a ``DiskStore`` whose write
+    failed) fails again at its next ``put``.
+    """
+    failure = None
+    if binding is not None:
+        failure, binding.failure = binding.failure, None
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    failed = 0 if failure is None else rank + 1
+    if mesh is not None:
+        flag = torch.tensor([failed], dtype=torch.int64)
+        failed = int(_max_over_run(flag, mesh, whole_run)[0])
+    if failure is not None:
+        name, error = failure
+        raise StoreError(f"rank {rank}: storing {name!r} failed: {type(error).__name__}: "
+                         f"{error}; nothing more was stored until now (every rank of the run "
+                         f"raises this)") from error
+    if failed:
+        raise StoreError(f"rank {rank}: the store of rank {failed - 1} (at least) failed; its "
+                         "own error says why, and every rank of the run raises this")
+
+
+def _max_over_run(flag: torch.Tensor, mesh: Any, whole_run: bool = True) -> torch.Tensor:
+    """``flag``'s element-wise maximum over this stage's ranks, and with ``whole_run`` over
+    every stage too (a CPU tensor in and out; on the backend's device in between)."""
+    import torch.distributed as dist
+
+    from flex_surgery.parallel.backend import default_device
+
+    if mesh.world_size == 1:  # a run of one rank: nobody to agree with
+        return flag
+    on = flag.to(default_device())
+    dist.all_reduce(on, op=dist.ReduceOp.MAX, group=mesh.stage_group)
+    if whole_run and mesh.pp_size > 1:  # stage, then pipeline: the maximum over every rank
+        dist.all_reduce(on, op=dist.ReduceOp.MAX, group=mesh.group("pp"))
+    return on.cpu()
 
 
 def _agree_on_failure(failure: Exception | None, mesh: Any, has_store: bool = False,
-                      lacks: bool = False) -> None:
+                      lacks: bool = False) -> bool:
     """Raise on every rank if the store refused the run on any: one writer may find a directory
     of another run where the others find nothing, and a rank that went on alone would wait
     forever in the first hook's collective. Also raise everywhere if some rank has a store
     while a rank that must write (``lacks``: a replica leader under ``replica_leaders``) has
-    none: its rows would be missing from the store without a word."""
+    none: its rows would be missing from the store without a word. Returns whether any rank
+    of the run has a store."""
     if mesh is None:
         if failure is not None:
             raise failure
-        return
+        return has_store
     import torch.distributed as dist
 
     flag = torch.tensor([0 if failure is None else 1, int(has_store),
                          dist.get_rank() + 1 if lacks else 0], dtype=torch.int64)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=mesh.stage_group)
-    if mesh.pp_size > 1:  # stage, then pipeline: the maximum over every rank of the run
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=mesh.group("pp"))
+    flag = _max_over_run(flag, mesh)
     if failure is not None:
         raise failure
     failed, anyone_stores, lacking = (int(v) for v in flag.tolist())
@@ -162,3 +231,4 @@ def _agree_on_failure(failure: Exception | None, mesh: Any, has_store: bool = Fa
                          f"writes its own rows, but rank {lacking - 1} (at least) has no "
                          "store, so its rows would be missing; give every rank a store (e.g. "
                          "DiskStore on a shared directory) or use store_on='rank0'")
+    return bool(anyone_stores)
