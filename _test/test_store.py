@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 
 import pytest
 import torch
@@ -211,6 +212,54 @@ def test_a_store_failing_in_a_hook_is_raised_at_the_end_of_the_forward():
     assert sorted(store.data) == sorted(POINTS) and store.calls == 5
     flex.check_store()  # nothing failed since
     flex.close()
+
+
+def test_calls_after_a_failure_keep_their_step_numbers():
+    store = _FailingStore(fail_on={1})  # the second put: model.layers.1's first call
+    flex = FlexModel(tiny_hf_model("llama"), None, store=store)
+    for name in POINTS:
+        flex.register_forward_hook(HookFunction(name))
+    with pytest.raises(StoreError):
+        flex(**example_inputs("llama", batch=2, seed=0))
+    flex(**example_inputs("llama", batch=2, seed=1))
+    flex.close()
+    # step = the number of earlier calls, whether or not they were stored
+    assert {name: store.steps(name) for name in POINTS} == \
+        {POINTS[0]: [0, 1], POINTS[1]: [1], POINTS[2]: [1]}
+
+
+def test_a_disk_store_write_failing_in_the_background_is_raised_by_the_next_check(
+        tmp_path, monkeypatch):
+    """The write fails on the store's thread after the forward has returned, with no put
+    after it: check_store() raises it anyway (and keeps raising: the store stays failed)."""
+    forward_done = threading.Event()
+
+    def no_space(tensors, path, metadata=None):
+        forward_done.wait(30)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(disk_module, "save_file", no_space)
+    store = DiskStore(tmp_path, buffer_bytes=1)  # every put goes to the writer thread
+    flex = FlexModel(tiny_hf_model("llama"), None, store=store)
+    flex.register_forward_hook(HookFunction(POINTS[0]))
+    flex(**example_inputs("llama", batch=2, seed=0))
+    forward_done.set()
+    store._queue.join()  # the write has failed
+    for _ in range(2):
+        with pytest.raises(StoreError, match="a buffer written in the background.*No space"):
+            flex.check_store()
+    flex.close()
+    with pytest.raises(StoreError):
+        store.close()
+
+
+def test_a_store_failure_never_raised_is_named_at_close():
+    store = _FailingStore(fail_on={0})
+    flex = FlexModel(tiny_hf_model("llama"), None, store=store)
+    flex.register_full_backward_hook(HookFunction("model.layers.1.mlp"))
+    flex(**example_inputs("llama", batch=2, seed=0)).logits.pow(2).mean().backward()
+    with pytest.warns(RuntimeWarning, match="never raised: call check_store"):
+        flex.close()
 
 
 def test_a_store_failing_in_a_backward_hook_is_raised_by_the_next_check():

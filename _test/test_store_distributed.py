@@ -321,3 +321,21 @@ def test_a_store_failing_at_pipeline_collection_raises_on_every_rank():
     if dist.get_rank() == 0:  # stage 0's own values were stored as its hooks fired
         assert store.data and all("blocks.1" not in name for name in store.data)
     flex.restore()
+
+
+@distributed(world_size=2)
+def test_a_store_failing_in_a_stage_hook_raises_on_every_stage_at_collection():
+    """PP=2, a store on rank 0 only, failing in one of stage 0's own hooks. Stage 0 does not
+    raise at the end of its forward (stage 1 is not in it and would be left waiting): the step
+    finishes on both stages, and sync_pipeline_outputs raises StoreError on both."""
+    _, _, x_mbs, t_mbs = inputs(4, 2)
+    stage = two_stages(plain_net(), dist.get_rank())
+    store = _FailingStore("blocks.0") if dist.get_rank() == 0 else None
+    flex = FlexModel(stage, None, pipeline_parallel_size=2, key_by_hook_kind=True, store=store)
+    register_sites(flex, False)
+    link = StageLink(flex.runtime.mesh)
+    hand_split_step(flex, link, x_mbs, t_mbs)  # no stage raises mid-step
+    with pytest.raises(StoreError) as info:
+        flex.sync_pipeline_outputs(link)
+    _raised_on_every_rank(info)
+    flex.restore()

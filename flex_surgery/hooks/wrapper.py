@@ -23,6 +23,7 @@ The hook map of a FlexModel is drawn by :func:`flex_surgery.viz.hook_map` (``viz
 from __future__ import annotations
 
 import gc
+import warnings
 import weakref
 from collections.abc import Sequence
 from types import SimpleNamespace
@@ -283,9 +284,11 @@ class FlexModel(HookRegistration, HookGroupAPI, nn.Module):
                 pass
             raise
         wait_for_host_copies()  # stored activations are complete when forward returns
-        if self._store_in_run:  # a store that failed in a hook raises here, on every rank
-            agree_on_store(self._shared.binding, getattr(self.runtime, "mesh", None),
-                           whole_run=False)
+        mesh = getattr(self.runtime, "mesh", None)
+        if self._store_in_run and (mesh is None or mesh.pp_size == 1):
+            # A store that failed in a hook raises here, on every rank. Under pipelining the
+            # other stages are not in this forward: sync_pipeline_outputs raises it instead.
+            agree_on_store(self._shared.binding, mesh, whole_run=False)
         return output
 
     def check_store(self) -> None:
@@ -294,11 +297,12 @@ class FlexModel(HookRegistration, HookGroupAPI, nn.Module):
 
         A store that fails inside a hook does not raise there (the other ranks would be left
         waiting in the forward's collectives); it stores nothing more and is raised on every
-        rank at the end of the forward, of :meth:`sync_pipeline_outputs`, or here. Call it
-        after a backward whose hooks store and after calls that bypass ``flex(...)``.
-        Collective: every rank of the run calls it.
+        rank at the end of the forward (without pipelining), of :meth:`sync_pipeline_outputs`,
+        or here. Call it after a backward whose hooks store, after calls that bypass
+        ``flex(...)``, and before :meth:`close`. Collective: every rank of the run calls it.
         """
         self._check_usable()
+        wait_for_host_copies()  # stores still deferred behind an overlapped gather land first
         if self._store_in_run:
             agree_on_store(self._shared.binding, getattr(self.runtime, "mesh", None),
                            whole_run=True)
@@ -406,6 +410,13 @@ class FlexModel(HookRegistration, HookGroupAPI, nn.Module):
         if self._restored:
             return
         self._restored = True
+        binding = getattr(getattr(self, "_shared", None), "binding", None)
+        if binding is not None and binding.failure is not None:
+            # Not raised here: close is not a point every rank is known to reach together.
+            name, error = binding.failure
+            warnings.warn(f"storing {name!r} failed ({type(error).__name__}: {error}) and was "
+                          "never raised: call check_store() on every rank before close()",
+                          RuntimeWarning, stacklevel=2)
         self._groups = HookGroups()
         self._finalizer()  # detach_hooks, once
         self.runtime.close()

@@ -211,6 +211,13 @@ class DiskStore:
             raise
         self._write_index(self._entries + entries)
 
+    @property
+    def error(self) -> BaseException | None:
+        """The failure of a write in the background (``None`` while every write succeeded).
+        Once set, nothing more is written and every ``put``, ``flush`` and ``close`` raises
+        it; FlexModel reads it to raise it on every rank (``FlexModel.check_store``)."""
+        return self._error
+
     def _raise_pending(self) -> None:
         if self._error is not None:
             error = self._error

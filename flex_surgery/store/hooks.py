@@ -60,19 +60,20 @@ def store_call(binding: StoreBinding, name: str, full: torch.Tensor, reduce: Any
     (up to float summation order; see ``docs/store.md``).
 
     Never raises: a failure is kept on ``binding`` (nothing more is stored until it has been
-    raised) for :func:`agree_on_store` to raise on every rank.
+    raised) for :func:`agree_on_store` to raise on every rank. A call that stores nothing still
+    takes its step, so a store that works again numbers each call as if none had failed.
     """
+    step = binding.next_step(name)
     if binding.failure is not None:
         return
     try:
-        _put(binding, name, full, reduce, batch_dim, rows)
+        _put(binding, name, step, full, reduce, batch_dim, rows)
     except Exception as error:  # raised on every rank at the next agreement point
         binding.failure = (name, error)
 
 
-def _put(binding: StoreBinding, name: str, full: torch.Tensor, reduce: Any, batch_dim: int,
-         rows: Rows | None) -> None:
-    step = binding.next_step(name)
+def _put(binding: StoreBinding, name: str, step: int, full: torch.Tensor, reduce: Any,
+         batch_dim: int, rows: Rows | None) -> None:
     start, stop = (0, -1) if rows is None else (rows.start, rows.stop)
     if rows is not None:  # the dim data parallelism split this tensor on
         batch_dim = rows.dim
@@ -160,15 +161,19 @@ def bind_store(store: Any, module: Any, runtime: Any, output_dict: Any,
 def agree_on_store(binding: StoreBinding | None, mesh: Any, whole_run: bool) -> None:
     """Raise :class:`StoreError` on every rank if a store failed on any since the last call.
 
-    Every rank calls it at the same point: over this pipeline stage's ranks at the end of a
-    forward (``whole_run=False``: only they ran it), over every rank of the run otherwise
-    (``sync_pipeline_outputs``, ``FlexModel.check_store``). One all-reduce of one integer. The
-    failure is cleared once raised; a store that stays broken (a ``DiskStore`` whose write
-    failed) fails again at its next ``put``.
+    Every rank calls it at the same point: over this stage's ranks at the end of a forward
+    without pipelining (``whole_run=False``; there the stage is the run), over every rank of
+    the run otherwise (``sync_pipeline_outputs``, ``FlexModel.check_store``). One all-reduce
+    of one integer. A failed ``put`` is cleared once raised; a store that reports an
+    ``error`` (a ``DiskStore`` whose background write failed stays failed) raises at every
+    agreement.
     """
     failure = None
     if binding is not None:
         failure, binding.failure = binding.failure, None
+        broken = getattr(binding.store, "error", None)  # a DiskStore's failed background write
+        if failure is None and broken is not None:
+            failure = ("a buffer written in the background", broken)
     import torch.distributed as dist
 
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
