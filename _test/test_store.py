@@ -275,6 +275,24 @@ def test_a_store_failing_in_a_backward_hook_is_raised_by_the_next_check():
     flex.close()
 
 
+def test_a_mean_over_the_batch_missing_a_part_is_refused_on_read():
+    """Two replicas' sums and row counts give the mean over the whole batch; a count missing
+    (its put failed after the sum's) is an error, not a mean divided by something else."""
+    store = MemoryStore()
+    rows = [torch.ones(3, 2), 3 * torch.ones(1, 2)]  # replica 0: 3 rows, replica 1: 1 row
+    for writer, r in enumerate(rows):
+        meta = WriteMeta(step=0, batch_start=0, batch_stop=len(r), batch_dim=0, writer=writer)
+        store.put("h", r.sum(0, keepdim=True), WriteMeta(**{**meta.__dict__, "kind": "sum"}))
+        if writer == 0:
+            store.put("h", torch.tensor(len(r)), WriteMeta(**{**meta.__dict__, "kind": "count"}))
+    with pytest.raises(StoreError, match=r"sums from writers \[0, 1\] and row counts from "
+                                         r"\[0\]"):
+        store.read("h", 0)
+    meta = WriteMeta(step=0, batch_start=3, batch_stop=4, batch_dim=0, writer=1, kind="count")
+    store.put("h", torch.tensor(1), meta)
+    assert torch.equal(store.read("h", 0), torch.cat(rows).mean(0, keepdim=True))
+
+
 def test_host_memory_stays_bounded_by_the_buffer(tmp_path):
     store = DiskStore(tmp_path, buffer_bytes=1000)
     for step in range(50):

@@ -19,9 +19,16 @@ def merge_pieces(name: str, pieces: Sequence[tuple[WriteMeta, torch.Tensor]],
     """
     sums = [(m, t) for m, t in pieces if m.kind == "sum"]
     if sums:
-        counts = [t for m, t in pieces if m.kind == "count"]
+        counts = [(m, t) for m, t in pieces if m.kind == "count"]
+        # Each replica wrote its sum and its row count: a part missing (a write that failed
+        # between the two) would give another mean without a word.
+        if sorted(m.writer for m, _ in sums) != sorted(m.writer for m, _ in counts):
+            raise StoreError(f"{name!r} holds a mean over the batch with sums from writers "
+                             f"{sorted(m.writer for m, _ in sums)} and row counts from "
+                             f"{sorted(m.writer for m, _ in counts)}: a part is missing (a "
+                             "write failed part-way), so the mean cannot be formed")
         total = torch.stack([t for _, t in sums]).sum(0)
-        count = torch.stack(counts).sum(0) if counts else torch.tensor(1)
+        count = torch.stack([t for _, t in counts]).sum(0)
         if batch is not None:
             raise StoreError(f"{name!r} holds a mean over the batch: it has no rows to slice")
         return (total / count).to(sums[0][1].dtype)
