@@ -325,7 +325,7 @@ class FlexModel(HookRegistration, HookGroupAPI, nn.Module):
         """Move what the hooks of every pipeline stage stored to global rank 0's
         ``output_dict`` (see :func:`~flex_surgery.parallel.pipeline.collect_stage_outputs`).
 
-        Every rank calls it after the pipeline step; a no-op without pipelining. With a
+        Every rank calls it after the pipeline step; without pipelining it moves nothing. With a
         :class:`~flex_surgery.parallel.pipeline.StageLink` a failed stage makes it raise
         instead of wait. A stage leader without an ``output_dict`` holds its stage's values
         until this call (when rank 0 keeps them): call it after every step, or they pile up.
