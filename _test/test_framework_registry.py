@@ -270,6 +270,35 @@ def test_a_reshaped_tp_activation_is_an_error_unless_declared():
         _check_hooks(model, twin, unknown=["heads"], declared={"heads": (S, B, FF // 8, 8)})
 
 
+class Energy(nn.Module):
+    """A scalar of its input: under TP, of this rank's shard only (a partial sum)."""
+
+    def forward(self, x):
+        return x.pow(2).sum()
+
+
+class ScalarAfterShard(Pipeline):
+    """``Pipeline`` with a scalar computed from the column output on the side."""
+
+    def __init__(self, mlp: nn.Module) -> None:
+        super().__init__(mlp)
+        self.energy = Energy()
+
+    def forward(self, ids):
+        h = self.act(_first(self.up(self.embed(ids.transpose(0, 1)))))
+        self.energy(h)
+        return _first(self.down(h))
+
+
+@distributed(world_size=2)
+def test_a_scalar_of_a_tp_shard_is_an_error():
+    """A scalar computed from a column-parallel output holds one rank's share (before: stored
+    as replicated -- rank 0's partial sum as the whole)."""
+    with megatron_parallel(2):
+        _check_hooks(ScalarAfterShard(megatron_mlp()), ScalarAfterShard(plain_mlp()),
+                     unknown=["energy"], declared={})
+
+
 @distributed(world_size=2)
 def test_an_undeclared_sequence_parallel_activation_is_an_error():
     """A functional scatter onto the sequence dim in a sequence-parallel model: the tensor's

@@ -109,8 +109,8 @@ class LayoutInference(TPTracker):
                    local: torch.Tensor, role: str) -> ShardSpec | None:
         """The layout a module without its own TP description inherits from the TP layer that
         produced its tensor -- or an error when the tensor cannot be that layer's output."""
-        if state is None or local.ndim == 0:
-            return None
+        if state is None or (local.ndim == 0 and state.spec is None and state.unknown is None):
+            return None  # a scalar of a replicated tensor is the same on every rank
         if state.unknown is not None:
             raise frameworks.UnknownLayoutError(
                 f"how the {role} of {self._describe(module)} is split cannot be told: "
@@ -124,6 +124,14 @@ class LayoutInference(TPTracker):
                     f"sequence parallelism: it may be split on the sequence dim, and nothing "
                     f"says so; {frameworks.HOW_TO_DECLARE}")
             return None
+        if local.ndim == 0:  # e.g. a sum or a loss of one rank's shard: a partial value
+            raise frameworks.UnknownLayoutError(
+                f"the {role} of {self._describe(module)} is a scalar computed after a "
+                f"tensor-parallel layer that produced shape {state.shape} split on dim "
+                f"{spec.dim}: it may hold this rank's share only. Hook the tensor it is computed "
+                f"from (HookFunction(reduce=...) computes a statistic of the whole tensor), or, "
+                f"if the scalar is the same on every tensor-parallel rank, give the hook "
+                f"expected_shape=()")
         last = spec.dim == len(state.shape) - 1
         dim = local.ndim - 1 if last else spec.dim
         if dim < local.ndim and local.shape[dim] == state.shape[spec.dim]:
