@@ -295,6 +295,25 @@ def test_every_rank_refuses_the_same_plan():
             flex(input_ids=ids)
 
 
+@distributed(world_size=2)
+def test_a_rank_that_cannot_plan_makes_every_rank_refuse():
+    """Rank 1 is given embeddings, not token ids, so it cannot plan; rank 0 could. Every rank
+    raises PlanError (before: rank 1 raised alone and rank 0 waited in the agreement)."""
+    import torch.distributed as dist
+
+    model = tiny_hf_model("llama")
+    ids = example_inputs("llama", batch=2, seq=8)["input_ids"]
+    with torch.no_grad():
+        kwargs = {"input_ids": ids} if dist.get_rank() == 0 else \
+            {"inputs_embeds": model.model.embed_tokens(ids)}
+    with FlexModel(model, {}, data_parallel_size=2, memory_budget="64GiB") as flex:
+        flex.register_forward_hook(HookFunction("model.layers.0"))
+        with pytest.raises(PlanError) as info:
+            flex(**kwargs)
+    words = "another rank could not plan" if dist.get_rank() == 0 else "token ids"
+    assert words in str(info.value)
+
+
 class _LlamaStage(torch.nn.Module):
     """One of two pipeline stages of a tiny HF Llama, its modules under their whole-model names
     (``model.layers.1`` stays ``model.layers.1``); the hidden state goes stage to stage by

@@ -79,15 +79,26 @@ def check_memory_budget(module: torch.nn.Module, hook_names: list[str], mesh: An
     ``mesh``: the runtime's :class:`~flex_surgery.parallel.mesh.ParallelMesh` (``None`` in one
     process); ``group``: the ranks running the model (``None``: the world)."""
     config = getattr(module, "config", None)
-    if config is None:
-        raise PlanError(f"memory_budget plans from a transformers config; "
-                        f"{type(module).__name__} has no .config")
+    failure: PlanError | None = None
+    batch = seq = limit = 0
+    try:  # what this rank sees; a rank that cannot plan must not leave the others waiting
+        if config is None:
+            raise PlanError(f"memory_budget plans from a transformers config; "
+                            f"{type(module).__name__} has no .config")
+        batch, seq = _token_shape(args, kwargs)
+        limit = resolve_budget(budget)
+    except PlanError as exc:
+        failure = exc
     sizes = MeshSizes(*(getattr(mesh, f"{a}_size", 1) for a in ("tp", "pp", "dp"))) \
         if mesh is not None else MeshSizes()
-    batch, seq = _token_shape(args, kwargs)
-    limit = resolve_budget(budget)
-    batch, seq, limit = _agree([batch, seq, limit], ["max", "max", "min"], group,
-                               mesh is not None)
+    batch, seq, limit, failed = _agree([batch, seq, limit, int(failure is not None)],
+                                       ["max", "max", "min", "max"], group, mesh is not None)
+    if failure is not None:
+        raise failure
+    if failed:
+        raise PlanError("memory_budget: another rank could not plan this forward (its error "
+                        "says why; under pipelining a later stage sees hidden states, not "
+                        "input_ids, so the budget check needs every stage to see the tokens)")
     dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
     patterns = ["re:" + re.escape(n) for n in hook_names]
     shapes = hook_shapes(config, batch, seq, dtype, patterns) if patterns else []
