@@ -293,6 +293,23 @@ def test_a_mean_over_the_batch_missing_a_part_is_refused_on_read():
     assert torch.equal(store.read("h", 0), torch.cat(rows).mean(0, keepdim=True))
 
 
+@pytest.mark.parametrize("reduce", ["mean_over_batch", "last_token"])
+def test_reduce_follows_the_batch_dim_in_one_process(reduce):
+    """``[seq, batch, hidden]`` with ``batch_dim=1`` (Megatron's order): the mean is over dim 1
+    and the last token is the last row of dim 0 (before: batch_dim was ignored in one process,
+    and last_token took the dim after the batch dim -- the hidden dim)."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    x = torch.randn(5, 3, 4)
+    store = MemoryStore()
+    flex = FlexModel(model, None, store=store, batch_dim=1)
+    flex.register_forward_hook(HookFunction("0", reduce=reduce))
+    with torch.no_grad():
+        y = flex(x)
+    flex.close()
+    want = y.mean(1, keepdim=True) if reduce == "mean_over_batch" else y[-1:]
+    assert torch.equal(store.data["0"][0], want)
+
+
 def test_host_memory_stays_bounded_by_the_buffer(tmp_path):
     store = DiskStore(tmp_path, buffer_bytes=1000)
     for step in range(50):

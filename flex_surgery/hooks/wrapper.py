@@ -45,6 +45,7 @@ from flex_surgery.hooks.hook_function import (
 )
 from flex_surgery.hooks.names import ModelNames
 from flex_surgery.hooks.registration import HookRegistration, detach_hooks
+from flex_surgery.parallel import frameworks
 from flex_surgery.parallel.distributed_runtime import build_runtime
 from flex_surgery.parallel.group_lifetime import RefusedOnEveryRank
 from flex_surgery.parallel.pipeline import StageLink, collect_stage_outputs, exchange_stage_facts
@@ -172,7 +173,7 @@ class FlexModel(HookRegistration, HookGroupAPI, nn.Module):
         except RefusedOnEveryRank as exc:
             raise HookRegistrationError(str(exc)) from None
         try:
-            self._finish_init(module, output_dict, store, store_on, keep)
+            self._finish_init(module, output_dict, store, store_on, keep, batch_dim)
         except BaseException:
             # The failure may be this rank's alone: hand the runtime's groups to the next
             # agreed point instead of freeing them here (no collective).
@@ -180,10 +181,15 @@ class FlexModel(HookRegistration, HookGroupAPI, nn.Module):
             raise
 
     def _finish_init(self, module: nn.Module, output_dict: dict[str, Any] | None,
-                     store: Store | None, store_on: str, keep: str) -> None:
+                     store: Store | None, store_on: str, keep: str,
+                     batch_dim: int | None) -> None:
+        layouts = getattr(self.runtime, "layouts", None)  # a distributed runtime decided it
+        if layouts is not None:
+            batch_dim = layouts.batch_dim
+        elif batch_dim is None:  # one process: the same default, for reduce= alike
+            batch_dim = frameworks.batch_dim(module)
         self._shared = SharedState(None, self.save_ctx, self.trainable_modules, keep,
-                                   batch_dim=getattr(getattr(self.runtime, "layouts", None),
-                                                     "batch_dim", 0))
+                                   batch_dim=batch_dim)
         self.store = store
         self._shared.binding, self._store_in_run = bind_store(store, module, self.runtime,
                                                               output_dict, store_on)

@@ -2,7 +2,8 @@
 
 A reduction turns the whole (gathered) tensor into the statistic the user wants, so the store
 holds that instead of the activation. ``"mean_over_batch"`` averages over the batch dim;
-``"last_token"`` keeps the last position of the sequence dim (the dim after the batch dim);
+``"last_token"`` keeps the last position of the sequence dim (beside the batch dim: dim 1 of
+``[batch, seq, ...]``, dim 0 of Megatron's ``[seq, batch, ...]``);
 a callable gets the whole tensor and returns any tensor.
 """
 
@@ -24,16 +25,26 @@ def resolve_reduce(reduce: str | Reduction | None) -> str | Reduction | None:
     raise ValueError(f"reduce must be one of {REDUCTIONS}, a callable or None, got {reduce!r}")
 
 
+def sequence_dim(batch_dim: int) -> int:
+    """The sequence dim beside ``batch_dim``: 1 for ``[batch, seq, ...]``, 0 for Megatron's
+    ``[seq, batch, ...]``. Any other batch dim has no known sequence dim: an error, not a
+    guess (the dim after it would be the hidden dim of ``[seq, batch, hidden]``)."""
+    if batch_dim not in (0, 1):
+        raise ValueError(f"last_token knows [batch, seq, ...] (batch dim 0) and [seq, batch, "
+                         f"...] (batch dim 1) tensors; the batch dim here is {batch_dim}")
+    return 1 - batch_dim
+
+
 def apply_reduce(reduce: str | Reduction, full: torch.Tensor, batch_dim: int) -> torch.Tensor:
     """``reduce`` applied to ``full``, a detached tensor nothing else holds."""
     if reduce == "mean_over_batch":
         return full.mean(dim=batch_dim, keepdim=True) if full.is_floating_point() else \
             full.double().mean(dim=batch_dim, keepdim=True)
     if reduce == "last_token":
-        seq = batch_dim + 1
-        if full.ndim <= seq:
-            raise ValueError(f"last_token needs a sequence dim after batch dim {batch_dim}; "
-                             f"the tensor has shape {tuple(full.shape)}")
+        seq = sequence_dim(batch_dim)
+        if full.ndim < 2:
+            raise ValueError(f"last_token needs a batch dim and a sequence dim; the tensor has "
+                             f"shape {tuple(full.shape)}")
         return full.narrow(seq, full.shape[seq] - 1, 1).contiguous()
     result = reduce(full)
     if not isinstance(result, torch.Tensor):
