@@ -198,6 +198,27 @@ def test_hf_llama_lens_and_repeated_calls():
     assert not any(b._forward_hooks for b in model.model.layers)
 
 
+def test_bert_masked_lm_lens_decodes_through_the_head_transform():
+    """BertForMaskedLM's head runs dense, activation and LayerNorm before its decoder: the last
+    block's lens is the model's own prediction (before: the decoder on the raw residual)."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    config = tf.BertConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
+                           num_hidden_layers=2, num_attention_heads=4,
+                           max_position_embeddings=64, hidden_dropout_prob=0.0,
+                           attention_probs_dropout_prob=0.0)
+    model = tf.BertForMaskedLM(config).eval()
+    ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    with LogitLens(model, top_k=3) as lens:
+        got = lens(input_ids=ids)
+    want = logits.log_softmax(-1).topk(3)
+    assert torch.equal(got.tokens[-1], want.indices)
+    torch.testing.assert_close(got.logprobs[-1], want.values, rtol=1e-5, atol=1e-5)
+
+
 def test_lens_on_a_model_wrapped_by_a_flexmodel_sees_its_edits():
     from flex_surgery import FlexModel, HookFunction
 

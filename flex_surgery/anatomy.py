@@ -66,10 +66,12 @@ ANATOMIES: dict[str, Anatomy] = {
                               "model.decoder.embed_tokens", "lm_head"),
     "OPTModel": Anatomy("decoder.layers", "decoder.final_layer_norm", "decoder.embed_tokens",
                         None),
-    # BERT: post-norm blocks, no final norm.
+    # BERT: post-norm blocks, no final norm. The masked-LM head runs its transform (dense,
+    # activation, LayerNorm) before the decoder; it stands where a final norm would, so that
+    # the lens decodes as the head does.
     "BertModel": Anatomy("encoder.layer", None, "embeddings.word_embeddings", None),
-    "BertForMaskedLM": Anatomy("bert.encoder.layer", None, "bert.embeddings.word_embeddings",
-                               "cls.predictions.decoder"),
+    "BertForMaskedLM": Anatomy("bert.encoder.layer", "cls.predictions.transform",
+                               "bert.embeddings.word_embeddings", "cls.predictions.decoder"),
     # ViT (transformers 5 keeps the blocks at ``layers``).
     "ViTModel": Anatomy("layers", "layernorm", "embeddings.patch_embeddings.projection", None),
     "ViTForImageClassification": Anatomy("vit.layers", "vit.layernorm",
