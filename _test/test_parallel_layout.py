@@ -217,3 +217,50 @@ def test_the_shape_agreement_does_not_keep_the_activation_alive():
     piece = torch.randn(2, 4)  # the next call on a new tensor still infers its own layout
     assert runtime.whole_shape(piece, site) == (2, 8)
     runtime.close()
+
+
+@distributed(world_size=2)
+def test_a_dtensor_row_output_split_on_the_sequence_is_an_error_unless_declared():
+    """``RowwiseParallel(output_layouts=Shard(1))`` (torch's sequence parallelism): the weights
+    say replicated, the hook sees one rank's half of the sequence (before: stored as the
+    whole). Undeclared it is an error on every rank; with expected_shape it equals one
+    process."""
+    from collections import OrderedDict
+
+    from parallel_cases import plain_net
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+
+    from flex_surgery.hooks import FlexModel, HookFunction
+    from flex_surgery.parallel.frameworks import UnknownLayoutError
+
+    def mlp():  # up -> act -> down of one block, no residual (the output stays split)
+        b = plain_net().blocks[0]
+        return nn.Sequential(OrderedDict(up=b.up, act=b.act, down=b.down))
+
+    x = torch.randn(2, 4, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = mlp()(x)
+    mesh = init_device_mesh("cpu", (2,))
+    model = parallelize_module(mlp(), mesh, {
+        "up": ColwiseParallel(), "down": RowwiseParallel(output_layouts=Shard(1))})
+    for hint in (None, tuple(want.shape)):
+        stored: dict = {}
+        flex = FlexModel(model, stored)
+        flex.register_forward_hook(HookFunction("down", expected_shape=hint))
+        try:
+            with torch.no_grad():
+                if hint is None:
+                    with pytest.raises(UnknownLayoutError, match="'down'.*Shard"):
+                        flex(x)
+                else:
+                    flex(x)
+                    if dist.get_rank() == 0:
+                        torch.testing.assert_close(stored["down"][0], want)
+        finally:
+            flex.restore()

@@ -149,6 +149,10 @@ class LayoutInference(TPTracker):
         info = self.tp_layer(module)
         is_out = role in ("output", "grad_output")
         if info is not None:
+            if is_out and module in self._split_elsewhere:
+                raise frameworks.UnknownLayoutError(
+                    f"how the {role} of {self._describe(module)} is split cannot be told: "
+                    f"{self._split_elsewhere[module]}; {frameworks.HOW_TO_DECLARE}")
             shard = info.output if is_out else info.input
             return self._dim_shard(shard, local, info.exact, module, role), info.exact
         why = self._why_unknown(module)

@@ -50,6 +50,10 @@ class TPTracker:
         self._undescribed: weakref.WeakKeyDictionary[nn.Module, str] = \
             weakref.WeakKeyDictionary()
         self._sequence_parallel = False
+        # TP layers declared replicated whose last output did not keep its input's leading
+        # dims, and what was seen (see ``_split_unseen``).
+        self._split_elsewhere: weakref.WeakKeyDictionary[nn.Module, str] = \
+            weakref.WeakKeyDictionary()
         # What the TP layer that ran last produced (None: no TP layer has run yet).
         self._current: _Produced | None = None
         self._entry: weakref.WeakKeyDictionary[nn.Module, _Produced | None] = \
@@ -114,12 +118,43 @@ class TPTracker:
                                       f"it comes from {self._describe(module)}, which {why}")
             return
         info = self.tp_layer(module)
+        why = self._split_unseen(module, info, args, out)
+        if why is not None:
+            self._split_elsewhere[module] = why
+            self._current = _Produced(tuple(out.shape), None, why)
+            return
+        self._split_elsewhere.pop(module, None)
         try:
             spec = self._dim_shard(info.output, out, info.exact, module, "output")
         except LayoutError as exc:  # raised for the hooks that depend on it, not the forward
             self._current = _Produced(tuple(out.shape), None, str(exc))
             return
         self._current = _Produced(tuple(out.shape), spec)
+
+    def _split_unseen(self, module: nn.Module, info: TPLayer, args: tuple,
+                      out: torch.Tensor) -> str | None:
+        """Why the output of a TP layer declared replicated is not (``None``: nothing says
+        so). Its weights' placements declare a Linear or Embedding replicated when its output
+        is reduced -- but a style may then split it again (DTensor's sequence parallelism:
+        ``RowwiseParallel(output_layouts=Shard(1))``) and the hook sees one rank's rows. A
+        Linear keeps its input's leading dims and an Embedding adds one after its ids', so an
+        output that does not is split on another dim."""
+        if info.output is not None or info.exact or not args or \
+                not isinstance(args[0], torch.Tensor):
+            return None
+        x = args[0].to_local() if is_dtensor(args[0]) else args[0]
+        if isinstance(module, nn.Embedding):
+            lead = tuple(x.shape)
+        elif isinstance(module, nn.Linear):
+            lead = tuple(x.shape[:-1])
+        else:
+            return None
+        if tuple(out.shape[:-1]) == lead:
+            return None
+        return (f"it comes from {self._describe(module)}, whose weights say its output is "
+                f"replicated, but it returned shape {tuple(out.shape)} for an input of shape "
+                f"{tuple(x.shape)}: the output is split on another dim (sequence "
+                f"parallelism, output_layouts=Shard(...)?)")
 
     def _why_unknown(self, module: nn.Module) -> str | None:
         """Why the activations of ``module`` have no known layout, or ``None`` if they may."""
