@@ -264,3 +264,39 @@ def test_a_dtensor_row_output_split_on_the_sequence_is_an_error_unless_declared(
                         torch.testing.assert_close(stored["down"][0], want)
         finally:
             flex.restore()
+
+
+class _Tokens(nn.Module):
+    """``[seq, batch, hidden]`` -> ``[seq * batch, hidden]``, as packed or routed tokens are."""
+
+    def forward(self, x):
+        return x.flatten(0, 1)
+
+
+@distributed(world_size=2)
+def test_a_2d_tensor_in_a_seq_first_model_is_not_split_over_dp_on_its_hidden_dim():
+    """Batch dim 1 (Megatron's ``[s, b, h]``) under DP=2: a ``[tokens, hidden]`` tensor has
+    that dim as its hidden dim. Before, the replicas' hidden units were concatenated (shape
+    ``[s*b, 2h]``); now it is an error on every rank, and a 3-D tensor is still gathered
+    along dim 1."""
+    from flex_surgery.hooks import FlexModel, HookFunction
+    from flex_surgery.parallel.frameworks import UnknownLayoutError
+
+    model = nn.Sequential(nn.Identity(), _Tokens())
+    x = torch.randn(3, 2, 4, generator=torch.Generator().manual_seed(dist.get_rank()))
+    whole = [torch.empty_like(x) for _ in range(2)]
+    dist.all_gather(whole, x)
+    for name in ("1", "0"):
+        stored: dict = {}
+        flex = FlexModel(model, stored, data_parallel_size=2, batch_dim=1)
+        flex.register_forward_hook(HookFunction(name))
+        try:
+            if name == "1":
+                with pytest.raises(UnknownLayoutError, match="last dim"):
+                    flex(x)
+            else:
+                flex(x)
+                if dist.get_rank() == 0:
+                    assert torch.equal(stored["0"][0], torch.cat(whole, dim=1))
+        finally:
+            flex.restore()

@@ -272,6 +272,16 @@ class LayoutInference(TPTracker):
                 f"that data parallelism splits: how it differs across the data-parallel ranks "
                 f"cannot be told; {frameworks.HOW_TO_DECLARE} (its whole shape equals the "
                 f"local one if every data-parallel rank holds it whole)")
+        if expected_shape is None and dim == local.ndim - 1 and dim > 0 and \
+                module not in self._batch_dims:
+            # [seq, batch, ...] models (batch dim 1): in a 2-D tensor that dim is the last one,
+            # the hidden dim of [tokens, hidden] (packed or routed tokens); splitting over dp
+            # there would concatenate the replicas' hidden units.
+            raise frameworks.UnknownLayoutError(
+                f"the {role} of {self._describe(module)} has shape {tuple(local.shape)}: the "
+                f"model's batch dim is {dim}, here its last dim (a [tokens, hidden] tensor "
+                f"would be split along hidden), so how it differs across the data-parallel "
+                f"ranks cannot be told; {frameworks.HOW_TO_DECLARE}")
         if expected_shape is not None and expected_shape[dim] == local.shape[dim]:
             return layout  # every dp rank holds it whole (no batch dim): replicated over dp
         scale = 1.0 / self.mesh.dp_size
