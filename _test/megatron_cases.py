@@ -32,7 +32,8 @@ __all__ = ["B", "FF", "H", "S", "V", "MegatronMLP", "PlainMLP", "megatron_mlp",
 
 
 @contextlib.contextmanager
-def megatron_parallel(tensor_parallel: int = 2, pipeline_parallel: int = 1) -> Iterator[None]:
+def megatron_parallel(tensor_parallel: int = 2, pipeline_parallel: int = 1,
+                      expert_parallel: int = 1) -> Iterator[None]:
     """Megatron's model-parallel groups over the pool's world, destroyed on exit (always)."""
     from megatron.core import parallel_state
 
@@ -43,7 +44,8 @@ def megatron_parallel(tensor_parallel: int = 2, pipeline_parallel: int = 1) -> I
     try:
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tensor_parallel,
-            pipeline_model_parallel_size=pipeline_parallel)
+            pipeline_model_parallel_size=pipeline_parallel,
+            expert_model_parallel_size=expert_parallel)
         yield
     finally:
         if parallel_state.model_parallel_is_initialized():

@@ -445,3 +445,12 @@ def test_an_unknown_sharding_wrapper_or_zero3_parameter_is_an_error():
         del net[0].weight.ds_id
     flex = FlexModel(net, {}, data_parallel_size=2)  # the same model, unmarked, is fine
     flex.close()
+
+
+@distributed(world_size=2)
+def test_megatron_expert_parallelism_is_refused_on_every_rank():
+    """ep = 2: each rank's ``local_experts.N`` are other experts under the same names, which
+    would be gathered (or edited) as one; refused when FlexModel adopts the groups."""
+    with megatron_parallel(1, expert_parallel=2):
+        with pytest.raises(frameworks.MegatronLayoutError, match="expert parallelism"):
+            FlexModel(Pipeline(megatron_mlp()), {})

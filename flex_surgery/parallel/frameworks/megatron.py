@@ -295,6 +295,10 @@ class MegatronCore(Framework):
         if ps.get_context_parallel_world_size() > 1:
             raise MegatronLayoutError("Megatron context parallelism (cp > 1) is not supported: "
                                       "activations split over cp are not described")
+        if ps.get_expert_model_parallel_world_size() > 1:
+            raise MegatronLayoutError("Megatron expert parallelism (ep > 1) is not supported: "
+                                      "each rank holds other experts under the same names "
+                                      "(local_experts.N), which would be gathered as one")
         groups = {"tp": ps.get_tensor_model_parallel_group(),
                   "dp": ps.get_data_parallel_group(),
                   "pp": ps.get_pipeline_model_parallel_group()}
