@@ -72,6 +72,29 @@ def _flex_reference(sites, edit: bool):
 
 
 @distributed(world_size=2)
+def test_megatron_gpt_last_token_takes_each_sites_own_sequence_dim():
+    """``reduce="last_token"`` on a batch-first site (the word embeddings, ``[b, s, h]``) and a
+    ``[s, b, h]`` one (a block) at TP=2: each keeps its own last position, equal to the TP=1
+    tensors sliced by hand. Before, the model-wide batch dim 1 was used for both."""
+    from flex_surgery import FlexModel, HookFunction
+
+    sites = [WORD_EMBEDDINGS, ("decoder.layers.0", "forward", 0)]
+    ref, _, _ = _flex_reference(sites, edit=False)
+    stored: dict = {}
+    with gpt_parallel(tp=2):
+        model = build_gpt(tp=2)
+        flex = FlexModel(model, stored)
+        for name, _, idx in sites:
+            flex.register_forward_hook(HookFunction(name, unpack_idx=idx, reduce="last_token"))
+        forward_backward(model, wrapper=flex)
+        flex.restore()
+    if dist.get_rank() == 0:
+        emb, block = ref[WORD_EMBEDDINGS[0]][0], ref["decoder.layers.0"][0]
+        torch.testing.assert_close(stored[WORD_EMBEDDINGS[0]][0], emb[:, -1:], **TOL)
+        torch.testing.assert_close(stored["decoder.layers.0"][0], block[-1:], **TOL)
+
+
+@distributed(world_size=2)
 def test_flexmodel_adopts_megatron_groups_and_gives_whole_parameters():
     """No sizes given: the mesh is Megatron's (tp=2, not dp=2), and ``get_module_parameter``
     of column-, row-, vocab-parallel and replicated parameters is the TP=1 parameter."""

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from types import SimpleNamespace
 from typing import Any
@@ -102,6 +102,16 @@ class SharedState:
     keep: str = "all"  # one of KEEP_MODES
     binding: Any = None  # a StoreBinding when FlexModel was given store=
     batch_dim: int = 0  # the activation dim data parallelism splits (for reduce=)
+    #: Modules whose (input, output) batch dims are not ``batch_dim`` (Megatron's token ids
+    #: and logits are batch-first in a ``[s, b, h]`` model): ``frameworks.batch_dims``.
+    batch_dims: dict = field(default_factory=dict)
+
+    def batch_dim_of(self, site: Any) -> int:
+        """The batch dim of the tensor a hook at ``site`` sees (what ``reduce=`` reduces)."""
+        dims = self.batch_dims.get(site.module) if site is not None else None
+        if dims is None:
+            return self.batch_dim
+        return dims[0 if site.role in ("input", "grad_input") else 1]
 
 
 def pure_edit(editing_function: EditingFunction) -> EditingFunction:
@@ -342,7 +352,8 @@ class HookFunction:
         if store and (shared.output_dict is not None or shared.binding is not None):
             if self.reduce is not None and self.editing_function is None:
                 with torch.no_grad():  # reduce first: only the reduction is copied
-                    reduced = apply_reduce(self.reduce, tensor.detach(), shared.batch_dim)
+                    reduced = apply_reduce(self.reduce, tensor.detach(),
+                                           shared.batch_dim_of(self._site))
                 self._store(store_copy(reduced), reduced=True)
             else:  # before editing: the editing function may edit in place
                 self._store(store_copy(tensor))
@@ -357,16 +368,17 @@ class HookFunction:
         with torch.no_grad():
             full, _ = self._runtime.gather_for_edit(tensor.detach(), site)
             if full is not None:  # the storing rank
-                reduced = apply_reduce(self.reduce, full.detach(), self._shared.batch_dim)
+                reduced = apply_reduce(self.reduce, full.detach(),
+                                       self._shared.batch_dim_of(site))
                 self._store(store_copy(reduced), reduced=True)
 
-    def _target(self) -> tuple[Any, str]:
-        """Where this call's value goes: the FlexModel's shared state and the output key, as
-        they are while the hook fires (removing the hook unbinds both)."""
-        return self._shared, self.output_key
+    def _target(self) -> tuple[Any, str, int]:
+        """Where this call's value goes: the FlexModel's shared state, the output key and the
+        value's batch dim, as they are while the hook fires (removing the hook unbinds them)."""
+        return self._shared, self.output_key, self._shared.batch_dim_of(self._site)
 
     def _store(self, full: torch.Tensor, rows: Any = None, reduced: bool = False,
-               into: tuple[Any, str] | None = None) -> None:
+               into: tuple[Any, str, int] | None = None) -> None:
         into = into if into is not None else self._target()
         if stores_pending():  # behind a retrieval of this pass still in flight (overlap)
             defer(partial(self._store_now, full, rows, reduced, into), stores=True)
@@ -374,16 +386,16 @@ class HookFunction:
             self._store_now(full, rows, reduced, into)
 
     def _store_now(self, full: torch.Tensor, rows: Any, reduced: bool,
-                   into: tuple[Any, str]) -> None:
-        shared, key = into
+                   into: tuple[Any, str, int]) -> None:
+        shared, key, batch_dim = into
         reduce = None if reduced else self.reduce
         if shared.binding is not None:
-            store_call(shared.binding, key, full, reduce, shared.batch_dim, rows)
+            store_call(shared.binding, key, full, reduce, batch_dim, rows)
             return
         if shared.output_dict is None:  # this rank takes part but keeps nothing
             return
         if reduce is not None:
-            full = apply_reduce(self.reduce, full, shared.batch_dim)
+            full = apply_reduce(self.reduce, full, batch_dim)
         if shared.keep == "last":
             shared.output_dict[key] = full
         else:

@@ -189,7 +189,7 @@ class FlexModel(HookRegistration, HookGroupAPI, nn.Module):
         elif batch_dim is None:  # one process: the same default, for reduce= alike
             batch_dim = frameworks.batch_dim(module)
         self._shared = SharedState(None, self.save_ctx, self.trainable_modules, keep,
-                                   batch_dim=batch_dim)
+                                   batch_dim=batch_dim, batch_dims=frameworks.batch_dims(module))
         self.store = store
         self._shared.binding, self._store_in_run = bind_store(store, module, self.runtime,
                                                               output_dict, store_on)
