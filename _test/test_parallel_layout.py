@@ -300,3 +300,37 @@ def test_a_2d_tensor_in_a_seq_first_model_is_not_split_over_dp_on_its_hidden_dim
                     assert torch.equal(stored["0"][0], torch.cat(whole, dim=1))
         finally:
             flex.restore()
+
+
+class _Projection(nn.Module):
+    """A linear map whose tensor-parallel parameter is not called ``weight``."""
+
+    def __init__(self, w: torch.Tensor) -> None:
+        super().__init__()
+        self.w = nn.Parameter(w)
+
+    def forward(self, x):
+        w = self.w.to_local() if hasattr(self.w, "to_local") else self.w
+        return x @ w.T  # under TP: this rank's columns of the output
+
+
+@distributed(world_size=2)
+def test_a_dtensor_split_parameter_not_named_weight_makes_the_module_undescribed():
+    """Its weight is split over tp (``Shard(0)``) but tp_layer reads ``weight`` only: hooks on
+    it raise on every rank (before: replicated -- rank 0's columns stored as the whole)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from flex_surgery.hooks import FlexModel, HookFunction
+    from flex_surgery.parallel.frameworks import UnknownLayoutError
+
+    w = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+    mesh = init_device_mesh("cpu", (2,))
+    model = nn.Sequential(_Projection(distribute_tensor(w, mesh, [Shard(0)])))
+    flex = FlexModel(model, {})
+    flex.register_forward_hook(HookFunction("0"))
+    try:
+        with pytest.raises(UnknownLayoutError, match="'0'"):
+            flex(torch.randn(3, 4))
+    finally:
+        flex.restore()

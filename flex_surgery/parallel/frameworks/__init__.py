@@ -118,7 +118,7 @@ def undescribed_split_modules(model: nn.Module, mesh: ParallelMesh) -> dict[str,
     found: dict[str, nn.Module] = {}
     for name, m in model.named_modules():
         framework = owner(m)
-        if framework is not None and framework.splits_parameters(m) and \
+        if framework is not None and framework.splits_parameters(m, mesh) and \
                 tp_layer(m, mesh) is None:
             found[name] = m
     return found

@@ -126,10 +126,11 @@ class Framework:
         return {}
 
     # -- parameters --------------------------------------------------------------------------
-    def splits_parameters(self, module: nn.Module) -> bool:
-        """Whether this framework splits some parameter of ``module`` over ``tp``. A module it
-        splits but whose activations :meth:`tp_layer` does not describe has activations of
-        unknown layout (they are this rank's piece of something whose split nothing says)."""
+    def splits_parameters(self, module: nn.Module, mesh: ParallelMesh | None = None) -> bool:
+        """Whether this framework splits some parameter of ``module`` over ``tp`` (of ``mesh``,
+        for frameworks whose parameters do not say which axis splits them). A module it splits
+        but whose activations :meth:`tp_layer` does not describe has activations of unknown
+        layout (they are this rank's piece of something whose split nothing says)."""
         return False
 
     def partition_dim(self, module: nn.Module, pname: str, param: torch.Tensor) -> int | None:

@@ -77,6 +77,12 @@ class DTensorTP(Framework):
             return TPLayer(None, ActivationShard(HIDDEN, full[0], sharded=None), exact=False)
         return TPLayer(ActivationShard(HIDDEN, full[1], sharded=None), None, exact=False)
 
+    def splits_parameters(self, module: nn.Module, mesh: ParallelMesh | None = None) -> bool:
+        # Any parameter sharded over tp, whatever its name: tp_layer reads ``weight`` only, so
+        # a module whose split parameter is called otherwise has undescribed activations.
+        return mesh is not None and any(_tp_shard_dim(p, mesh) is not None
+                                        for p in module.parameters(recurse=False))
+
     def parameter_shard(self, name: str, module: nn.Module, pname: str,
                         param: nn.Parameter) -> LocalShard | None:
         if not is_dtensor(param):

@@ -71,7 +71,7 @@ class FairscaleTP(Framework):
             return TPLayer(None, None, exact=True)
         return None
 
-    def splits_parameters(self, module: nn.Module) -> bool:
+    def splits_parameters(self, module: nn.Module, mesh: ParallelMesh | None = None) -> bool:
         return self.owns(module)
 
     def partition_dim(self, module: nn.Module, pname: str,

@@ -222,7 +222,7 @@ class MegatronCore(Framework):
         return found
 
     # -- parameters --------------------------------------------------------------------------
-    def splits_parameters(self, module: nn.Module) -> bool:
+    def splits_parameters(self, module: nn.Module, mesh: ParallelMesh | None = None) -> bool:
         return _split_parameters(module)
 
     def partition_dim(self, module: nn.Module, pname: str,
