@@ -334,3 +334,77 @@ def test_a_dtensor_split_parameter_not_named_weight_makes_the_module_undescribed
             flex(torch.randn(3, 4))
     finally:
         flex.restore()
+
+
+class _StridedLinear(nn.Module):
+    """A linear map whose ``weight`` is split over tp in interleaved blocks (``_StridedShard``)."""
+
+    def __init__(self, w: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(w)
+
+    def forward(self, x):
+        return x @ self.weight.to_local().T  # this rank's rows of every part, interleaved
+
+
+@distributed(world_size=2)
+def test_a_strided_dtensor_weight_split_makes_the_module_undescribed():
+    """``_StridedShard(0)`` over tp: each rank's output columns are slices of every block, not
+    one contiguous block. Before, the layer was read as colwise and the pieces were joined end
+    to end (a permuted output stored as the whole); now hooks on it raise on every rank."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import distribute_tensor
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    from flex_surgery.hooks import FlexModel, HookFunction
+    from flex_surgery.parallel.frameworks import UnknownLayoutError
+
+    w = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
+    mesh = init_device_mesh("cpu", (2,))
+    strided = distribute_tensor(w, mesh, [_StridedShard(0, split_factor=2)])
+    assert not torch.equal(strided.to_local(), w.chunk(2)[dist.get_rank()])  # really interleaved
+    model = nn.Sequential(_StridedLinear(strided))
+    flex = FlexModel(model, {})
+    flex.register_forward_hook(HookFunction("0"))
+    try:
+        with pytest.raises(UnknownLayoutError, match="'0'"):
+            flex(torch.randn(3, 4))
+    finally:
+        flex.restore()
+
+
+class _StridedOutput(nn.Module):
+    """Returns its input as a DTensor split over tp in interleaved blocks."""
+
+    def __init__(self, mesh) -> None:
+        super().__init__()
+        self.mesh = mesh
+
+    def forward(self, x):
+        from torch.distributed.tensor import distribute_tensor
+        from torch.distributed.tensor.placement_types import _StridedShard
+
+        return distribute_tensor(x, self.mesh, [_StridedShard(1, split_factor=2)])
+
+
+@distributed(world_size=2)
+def test_a_dtensor_activation_with_a_strided_placement_is_refused():
+    """A DTensor activation whose placement is neither Shard, Partial nor Replicate was read as
+    replicated on that axis (rank 0's interleaved columns stored as the whole); now it is a
+    LayoutError on every rank, naming the module."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from flex_surgery.hooks import FlexModel, HookFunction
+    from flex_surgery.parallel.frameworks import LayoutError
+
+    mesh = init_device_mesh("cpu", (2,))
+    weight = distribute_tensor(torch.ones(4, 4), mesh, [Shard(0)])  # makes the mesh tp
+    model = nn.Sequential(_StridedOutput(mesh), _Projection(weight))
+    flex = FlexModel(model, {})
+    flex.register_forward_hook(HookFunction("0"))
+    try:
+        with pytest.raises(LayoutError, match="'0'.*_StridedShard|'0'.*placement"):
+            flex(torch.randn(3, 8))
+    finally:
+        flex.restore()

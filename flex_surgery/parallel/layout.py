@@ -173,7 +173,10 @@ class LayoutInference(TPTracker):
         """The layout of ``local``, the tensor a hook on ``module`` sees in ``role``
         (``unpack_idx``: which tensor of the hooked value it is)."""
         if is_dtensor(local):
-            layout = dtensor_layout(local, self.mesh)
+            try:
+                layout = dtensor_layout(local, self.mesh)
+            except LayoutError as exc:
+                raise LayoutError(f"the {role} of {self._describe(module)}: {exc}") from exc
             return self._add_dp(layout, local, module, role)
         if role == "param_grad":
             return self._param_layout(module, parameter)

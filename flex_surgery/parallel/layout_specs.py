@@ -88,4 +88,8 @@ def dtensor_layout(t, mesh: ParallelMesh) -> Layout:
             shards.append(ShardSpec(axis, dim, chunk_sizes(t.shape[dim], mesh.size(axis))))
         elif p.is_partial():
             partials.append(PartialSpec(axis, "avg" if p.reduce_op == "avg" else "sum"))
+        else:  # e.g. _StridedShard: interleaved blocks, not a piece joined end to end
+            raise LayoutError(f"DTensor placement {p} over {axis} is not supported (Shard, "
+                              "Partial and Replicate are): redistribute the tensor to Shard "
+                              "or Replicate before the hook")
     return Layout(tuple(shards), tuple(partials))

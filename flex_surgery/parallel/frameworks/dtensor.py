@@ -47,14 +47,25 @@ def mesh_axis_of(device_mesh, mesh_dim: int, mesh) -> str | None:
     return None
 
 
-def _tp_shard_dim(weight: torch.Tensor, mesh) -> int | None:
-    """The tensor dim a DTensor weight is sharded along over ``tp``, if any."""
+def _tp_placement(weight: torch.Tensor, mesh):
+    """The placement a DTensor weight has over ``tp`` if it splits it (``Shard`` or
+    ``_StridedShard``, which is not a ``Shard`` and answers ``is_shard()`` with False), else
+    ``None``."""
+    from torch.distributed.tensor.placement_types import _StridedShard
+
     if mesh.tp_size == 1 or not is_dtensor(weight):
         return None
     for i, p in enumerate(weight.placements):
-        if p.is_shard() and mesh_axis_of(weight.device_mesh, i, mesh) == "tp":
-            return p.dim
+        if (p.is_shard() or isinstance(p, _StridedShard)) and \
+                mesh_axis_of(weight.device_mesh, i, mesh) == "tp":
+            return p
     return None
+
+
+def _tp_shard_dim(weight: torch.Tensor, mesh) -> int | None:
+    """The tensor dim a DTensor weight is sharded along over ``tp``, if any."""
+    placement = _tp_placement(weight, mesh)
+    return None if placement is None else placement.dim
 
 
 class DTensorTP(Framework):
@@ -64,10 +75,17 @@ class DTensorTP(Framework):
         return any(is_dtensor(p) for p in module.parameters(recurse=False))
 
     def tp_layer(self, module: nn.Module, mesh: ParallelMesh) -> TPLayer | None:
+        from torch.distributed.tensor.placement_types import _StridedShard
+
         weight = getattr(module, "weight", None)
-        placement = _tp_shard_dim(weight, mesh) if weight is not None else None
-        if placement is None:
+        shard = _tp_placement(weight, mesh) if weight is not None else None
+        if shard is None or isinstance(shard, _StridedShard):
+            # A strided split over tp (interleaved blocks, e.g. a fused projection sharded so
+            # each rank holds a slice of every part) does not give each rank one contiguous
+            # block of the output: the activations' layout is unknown, so the module is an
+            # undescribed split module (splits_parameters) rather than a colwise/rowwise layer.
             return None
+        placement = shard.dim
         full = tuple(weight.shape)
         if isinstance(module, nn.Embedding):
             # Shard(1): embedding dim split -> output sharded; Shard(0): vocab split -> replicated
