@@ -225,4 +225,24 @@ def test_objects_travel_intact_with_and_without_polling():
             # each tensor has its own memory: none is a view of a shared buffer
             assert len(storages) == sum(
                 1 for k, v in sent.items() if isinstance(v, torch.Tensor) and v.numel()) + 2
+        _sizes_follow_the_objects(link)
     flex.restore()
+
+
+def _sizes_follow_the_objects(link) -> None:
+    """Both ends size each first message from the last object between them, in each direction:
+    structures that shrink, grow past the first message and repeat arrive intact, both ways."""
+    small = {"t": torch.arange(4)}
+    sequence = [small, _LONG, _LONG, small, {}, _objects(), _LONG, small]
+    for sender in (0, 1):
+        for obj in sequence:
+            if link.stage == sender:
+                link.send_object(obj, 1 - sender)
+                continue
+            got = link.recv_object(sender)
+            assert sorted(got) == sorted(obj)
+            for key, value in obj.items():
+                if isinstance(value, torch.Tensor):
+                    assert torch.equal(got[key], value), key
+                elif key == "text":
+                    assert got[key] == value

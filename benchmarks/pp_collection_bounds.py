@@ -4,9 +4,9 @@
 stage 1's activations *before* it copies stage 0's, into *preallocated* buffers. A FlexModel
 cannot do either: a stored value belongs to the user (fresh memory, kept after the forward), and
 rank 0 learns the shapes of stage 1's values only when stage 1 has run and tells it. This
-script times, with raw torch only (no FlexModel), the same bytes as that benchmark's PP=2
+script times, with raw torch (the last variant: FlexModel's own link), the same bytes as that benchmark's PP=2
 layout -- 4 activations of 256 x 2048 fp32 per stage, stage 1 on rank 1, stored on rank 0 --
-moved four ways, interleaved, each over the floor:
+moved these ways, interleaved, each over the floor:
 
 * ``floor``: receives posted first, into preallocated buffers; rank 0's own copies into
   preallocated buffers while stage 1's bytes arrive (``retrieval_overhead.py``'s PP floor);
@@ -17,9 +17,13 @@ moved four ways, interleaved, each over the floor:
 * ``after_stage_fresh``: that order into fresh memory -- the shape of FlexModel's protocol;
 * ``streamed_thread``: values streamed as stage 1's hooks fire, each behind a small header
   with its shape, received by a thread that rank 0 starts before its own copies (into fresh
-  memory; an end header closes the stream): what streaming costs without a shape plan.
+  memory; an end header closes the stream): what streaming costs without a shape plan;
+* ``stage_link_objects``: FlexModel's own collection code in that order -- each stage clones
+  its values, stage 1 sends them as one object (``StageLink.send_object`` over the blocking
+  line ``sync_pipeline_outputs`` uses), rank 0 receives it (``recv_object``) -- so the
+  difference to ``after_stage_fresh`` is what the implementation adds to the protocol.
 
-Then the same four again after ``mallopt`` keeps freed memory for reuse (``--pin-malloc`` of
+Then all of them again after ``mallopt`` keeps freed memory for reuse (``--pin-malloc`` of
 ``retrieval_overhead.py``, set in the parent before the ranks fork): the difference between the
 two runs is what page faults on fresh memory cost. What was timed is checked first: every
 variant's received and copied tensors equal what was sent (``torch.equal``).
@@ -46,7 +50,7 @@ from retrieval_overhead import pin_malloc  # noqa: E402
 SHAPE, PER_STAGE = (1, 256, 2048), 4
 RESULTS = Path(__file__).resolve().parent.parent / "results" / "pp_collection_bounds.json"
 VARIANTS = ("floor", "posted_first_fresh", "after_stage_preallocated", "after_stage_fresh",
-            "streamed_thread")
+            "streamed_thread", "stage_link_objects")
 STREAM_TAG = 7
 
 
@@ -113,11 +117,25 @@ def _rank(reps: int) -> dict:
             work.wait()
         return sent
 
+    from flex_surgery.parallel.mesh import ParallelMesh
+    from flex_surgery.parallel.pipeline import blocking_line
+
+    line = blocking_line(ParallelMesh.build(pp=2))  # kept across rounds, as FlexModel does
+
+    def stage_link_objects() -> list[torch.Tensor]:
+        mine = [p.clone() for p in pieces]
+        if rank == 0:
+            got = line.recv_object(1)
+            return mine + [v for values in got.values() for v in values]
+        line.send_object({f"blocks.{4 + i}.up": [t] for i, t in enumerate(mine)}, 0)
+        return mine
+
     fns = {"floor": lambda: posted_first(False),
            "posted_first_fresh": lambda: posted_first(True),
            "after_stage_preallocated": lambda: after_stage(False),
            "after_stage_fresh": lambda: after_stage(True),
-           "streamed_thread": streamed}
+           "streamed_thread": streamed,
+           "stage_link_objects": stage_link_objects}
     theirs = [torch.empty(SHAPE) for _ in range(PER_STAGE)]
     if rank == 0:
         for t in theirs:

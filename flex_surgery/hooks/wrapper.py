@@ -48,7 +48,12 @@ from flex_surgery.hooks.registration import HookRegistration, detach_hooks
 from flex_surgery.parallel import frameworks
 from flex_surgery.parallel.distributed_runtime import build_runtime
 from flex_surgery.parallel.group_lifetime import RefusedOnEveryRank
-from flex_surgery.parallel.pipeline import StageLink, collect_stage_outputs, exchange_stage_facts
+from flex_surgery.parallel.pipeline import (
+    StageLink,
+    blocking_line,
+    collect_stage_outputs,
+    exchange_stage_facts,
+)
 from flex_surgery.parallel.runtime import wait_for_host_copies
 from flex_surgery.store.base import Store
 from flex_surgery.store.hooks import agree_on_store, bind_store, store_call
@@ -202,6 +207,7 @@ class FlexModel(HookRegistration, HookGroupAPI, nn.Module):
         self._stages = exchange_stage_facts(self._names.names() if pipelined else set(), keeps,
                                             mesh)
         self._remote_names = self._stages.remote_names
+        self._collection_line: StageLink | None = None  # sync_pipeline_outputs without a link
         if keep == "last" and pipelined:
             raise ValueError("keep='last' is not available with pipeline parallelism: every "
                              "stage's calls are collected on rank 0 as lists; use keep='all'")
@@ -348,8 +354,12 @@ class FlexModel(HookRegistration, HookGroupAPI, nn.Module):
         store_on = getattr(runtime, "store_on", "rank0")
         if self._stages.keeps and not self._stages.anyone_collects(store_on):
             return  # nobody keeps: nothing was staged, a stage's own dict keeps its values
-        collect_stage_outputs(self._shared.output_dict, getattr(runtime, "mesh", None),
-                              store_on, link)
+        mesh = getattr(runtime, "mesh", None)
+        if link is None and mesh is not None and mesh.pp_size > 1:
+            if self._collection_line is None:  # one across steps: see blocking_line
+                self._collection_line = blocking_line(mesh)
+            link = self._collection_line
+        collect_stage_outputs(self._shared.output_dict, mesh, store_on, link)
         staged = self._shared.output_dict
         if self._output_dict is None and staged is not None:
             binding = self._shared.binding

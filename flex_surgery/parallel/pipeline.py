@@ -68,6 +68,7 @@ __all__ = [
     "PipelineStageError",
     "StageFacts",
     "StageLink",
+    "blocking_line",
     "collect_stage_outputs",
     "exchange_stage_facts",
     "in_metadata_inference",
@@ -97,7 +98,7 @@ def collect_stage_outputs(output_dict: dict[str, list[torch.Tensor]] | None,
     # A rank without an output_dict keeps nothing but still takes part (peers wait for it).
     kept = output_dict if output_dict is not None else {}
     if link is None:
-        link = _BlockingLine(mesh)
+        link = blocking_line(mesh)
     everywhere = store_on == "all"
     if not everywhere and not _on_collecting_line(mesh, store_on):
         return
@@ -207,6 +208,13 @@ def names_on_other_stages(names: set[str], mesh: ParallelMesh | None) -> frozens
     return exchange_stage_facts(names, False, mesh).remote_names
 
 
+def blocking_line(mesh: ParallelMesh) -> StageLink:
+    """What :func:`collect_stage_outputs` uses without a link: the mesh's ``pp`` group, blocking
+    waits. Keep one across steps (``FlexModel`` does): like a :class:`StageLink`, it sizes an
+    object's first message from the last one it carried (:meth:`StageLink.send_object`)."""
+    return _BlockingLine(mesh)
+
+
 class _BlockingLine(StageLink):
     """A :class:`StageLink` over the mesh's own ``pp`` group, waiting without a failure flag
     (what collection uses when the caller has no link)."""
@@ -216,6 +224,7 @@ class _BlockingLine(StageLink):
         self.device = default_device()
         self.group = mesh.group("pp")
         self.ranks = dist.get_process_group_ranks(self.group)
+        self._first_bytes: dict[tuple[str, int], int] = {}
 
     def failure(self) -> str | None:
         return None

@@ -40,7 +40,12 @@ class PipelineStageError(RuntimeError):
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64,
            torch.int32, torch.uint8, torch.bool)
 _HEADER = 10  # dtype code, ndim, up to 8 dims
-_FIRST = 16384  # bytes of an object's first message: its structure's length and start
+_FIRST_MIN = 512  # bytes of an object's first message (its structure's length and start)...
+
+
+def _first_bytes_for(length: int) -> int:
+    """...or the power of two that holds a structure of ``length`` bytes, once one was seen."""
+    return max(_FIRST_MIN, 1 << (length + 8 - 1).bit_length())
 
 
 def _flag_is_set(store: dist.Store, key: str) -> bool:
@@ -95,6 +100,7 @@ class StageLink:
             if list(line) == mine:
                 self.group = group
         self._store = dist.distributed_c10d._get_default_store()
+        self._first_bytes: dict[tuple[str, int], int] = {}  # see send_object
         # Given the store and the key, not the link: the owner outlives the link in the queue.
         self._owned = OwnedGroups([self.group], None,
                                   spent=functools.partial(_flag_is_set, self._store, self._key))
@@ -294,17 +300,22 @@ class StageLink:
             return _Slot(len(tensors) - 1, tuple(leaf.shape), leaf.dtype)
 
         skeleton = pickle.dumps(pytree.tree_map(take, obj))
-        # The structure's length and its first bytes in one message of a fixed size, so that a
-        # usual object costs one small message before its tensors (each one is a round trip
-        # while the receiver cannot yet post the tensors' receives); the rest, if any, next.
-        first = bytearray(_FIRST)
-        first[:8] = len(skeleton).to_bytes(8, "little")
-        first[8:8 + len(skeleton)] = skeleton[:_FIRST - 8]
-        parts = [torch.frombuffer(first, dtype=torch.uint8)]
-        if len(skeleton) > _FIRST - 8:
-            parts.append(torch.frombuffer(bytearray(skeleton[_FIRST - 8:]), dtype=torch.uint8))
-        wire = [_as_bytes(t, self.device) for t in (*parts, *tensors)]
         peer = self.ranks[stage]
+        # The structure's length and its first bytes in one message, so that a usual object
+        # costs one message before its tensors (each is a round trip while the receiver cannot
+        # yet post the tensors' receives); the rest, if any, next. The receiver must know the
+        # first message's size: both ends size it from the last object sent on this link
+        # between them (the same history on both), starting at _FIRST_MIN. A fixed 16 KiB cost
+        # about 0.1x of the PP=2 retrieval floor over a fitted size (pp_collection_bounds.py).
+        size = self._first_bytes.get(("send", peer), _FIRST_MIN)
+        self._first_bytes[("send", peer)] = _first_bytes_for(len(skeleton))
+        first = bytearray(size)
+        first[:8] = len(skeleton).to_bytes(8, "little")
+        first[8:8 + len(skeleton)] = skeleton[:size - 8]
+        parts = [torch.frombuffer(first, dtype=torch.uint8)]
+        if len(skeleton) > size - 8:
+            parts.append(torch.frombuffer(bytearray(skeleton[size - 8:]), dtype=torch.uint8))
+        wire = [_as_bytes(t, self.device) for t in (*parts, *tensors)]
 
         def transfer() -> None:  # the whole object, one transfer: one wait, one poll loop
             works = [dist.isend(t, peer, group=self.group) for t in wire if t.numel()]
@@ -317,15 +328,17 @@ class StageLink:
         """Receive the next object the rank of ``stage`` on this line sends with
         :meth:`send_object`; its tensors are CPU tensors with their own memory."""
         peer = self.ranks[stage]
+        size = self._first_bytes.get(("recv", peer), _FIRST_MIN)  # as the sender sizes it
 
         def transfer() -> Any:
-            first = torch.empty(_FIRST, dtype=torch.uint8, device=self.device)
+            first = torch.empty(size, dtype=torch.uint8, device=self.device)
             dist.recv(first, peer, group=self.group)
             first = first.cpu().numpy().tobytes()
             length = int.from_bytes(first[:8], "little")
+            self._first_bytes[("recv", peer)] = _first_bytes_for(length)
             data = first[8:8 + length]
-            if length > _FIRST - 8:
-                rest = torch.empty(length - (_FIRST - 8), dtype=torch.uint8, device=self.device)
+            if length > size - 8:
+                rest = torch.empty(length - (size - 8), dtype=torch.uint8, device=self.device)
                 dist.recv(rest, peer, group=self.group)
                 data += rest.cpu().numpy().tobytes()
             skeleton = pickle.loads(data)
