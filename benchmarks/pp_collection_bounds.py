@@ -4,9 +4,9 @@
 stage 1's activations *before* it copies stage 0's, into *preallocated* buffers. A FlexModel
 cannot do either: a stored value belongs to the user (fresh memory, kept after the forward), and
 rank 0 learns the shapes of stage 1's values only when stage 1 has run and tells it. This
-script times, with raw torch (the last variant: FlexModel's own link), the same bytes as that benchmark's PP=2
-layout -- 4 activations of 256 x 2048 fp32 per stage, stage 1 on rank 1, stored on rank 0 --
-moved these ways, interleaved, each over the floor:
+script times, with raw torch (the last variant: FlexModel's own link), the same bytes as that
+benchmark's PP=2 layout -- 4 activations of 256 x 2048 fp32 per stage, stage 1 on rank 1,
+stored on rank 0 -- moved these ways, interleaved, each over the floor:
 
 * ``floor``: receives posted first, into preallocated buffers; rank 0's own copies into
   preallocated buffers while stage 1's bytes arrive (``retrieval_overhead.py``'s PP floor);
