@@ -16,7 +16,7 @@ from rank_pool import distributed
 from test_surgery_support import differing_bytes, raw, raw_state
 from torch import nn
 
-import flex_surgery.surgery.theater as theater_module
+import flex_surgery.surgery.modifications as modifications_module
 from flex_surgery.models import example_inputs, tiny_hf_model
 from flex_surgery.surgery import SurgeryError, SurgicalTheater
 from flex_surgery.surgery.shards import local_shards, reshard_for_surgery
@@ -71,12 +71,12 @@ def _check_equivalence(model: nn.Module, make_ref, inputs: dict, *, exact: bool,
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     # Small noise blocks (3 rows of 64, or 200 elements of a vector) so that block boundaries
     # cut through every kind of shard.
-    theater_module.NOISE_CHUNK_ELEMENTS = 200
+    modifications_module.NOISE_CHUNK_ELEMENTS = 200
     try:
         _compare_modifications(model, ref, inputs, base, before, opt, ref_state, tol,
                                check_state_dict, sharded, blocks)
     finally:
-        theater_module.NOISE_CHUNK_ELEMENTS = 1 << 16
+        modifications_module.NOISE_CHUNK_ELEMENTS = 1 << 16
 
 
 def _compare_modifications(model, ref, inputs, base, before, opt, ref_state, tol,

@@ -93,10 +93,18 @@ def _is_marked(t: Any) -> bool:
 
 
 def _aliases(t: torch.Tensor, local: torch.Tensor) -> bool:
-    """``t`` starts where ``local`` does in the same storage (``local`` may be ``t`` without its
-    padding, as FSDP2 local shards can be)."""
-    return (t.untyped_storage().data_ptr() == local.untyped_storage().data_ptr()
-            and t.storage_offset() == local.storage_offset() and t.dim() == local.dim())
+    """``t`` starts where ``local`` does in the same storage: ``local`` may be ``t`` without
+    its padding (FSDP2 local shards), or the same elements in another shape (FSDP1 with
+    ``NO_SHARD`` and ``use_orig_params``: the parameter is a view of the flat parameter in its
+    own shape, the theater's shard a flat slice of it)."""
+    if t.untyped_storage().data_ptr() != local.untyped_storage().data_ptr() or \
+            t.storage_offset() != local.storage_offset():
+        return False
+    return t.dim() == local.dim() or _same_elements_reshaped(t, local)
+
+
+def _same_elements_reshaped(t: torch.Tensor, local: torch.Tensor) -> bool:
+    return t.numel() == local.numel() and t.is_contiguous() and local.is_contiguous()
 
 
 def _with_originals(value: torch.Tensor, snap: Snapshot) -> torch.Tensor:
@@ -106,6 +114,9 @@ def _with_originals(value: torch.Tensor, snap: Snapshot) -> torch.Tensor:
     local = getattr(base, "_local_tensor", base)
     if local is base and local.shape == snap.local.shape:
         new = snap.backup.to(local.device, copy=True)
+    elif local is base and local.dim() != snap.local.dim() and \
+            _same_elements_reshaped(local, snap.local):
+        new = snap.backup.to(local.device, copy=True).reshape(local.shape)
     else:
         new = base.clone()
         new_local = getattr(new, "_local_tensor", new)

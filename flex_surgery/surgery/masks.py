@@ -56,6 +56,9 @@ class MaskTheater(SurgicalTheater):
         self.masks = dict(masks)
         self.modification_type = "mask"  # reported by modifications_summary
 
+    def _places_by_position(self) -> bool:
+        return True  # each element is multiplied by the mask's element at its place
+
     def _modify(self, edit: Edit, base_seed: int | None) -> None:
         shard = edit.shard
         if edit.lora is not None:
@@ -63,11 +66,16 @@ class MaskTheater(SurgicalTheater):
                 f"{edit.name} is the effective weight of a PEFT LoRA layer, which a mask cannot "
                 f"multiply through its factors; mask {shard.name} and the adapter weights by "
                 "their own names")
-        name = next((n for n in shard.names if n in self.masks), None)
-        if name is None:
+        given = [n for n in shard.names if n in self.masks]
+        if not given:
             raise ValueError(f"masks are keyed by parameter names; {shard.name} was selected "
                              f"through a module name in {sorted(self.masks)}")
-        mask = self.masks[name]
+        name, mask = given[0], self.masks[given[0]]
+        for other in given[1:]:  # tied names of one tensor (lm_head and the embeddings)
+            if self.masks[other] is not mask and not torch.equal(self.masks[other], mask):
+                raise ValueError(
+                    f"{name} and {other} are one tensor (tied), and their masks differ; give "
+                    "one mask under one of the names (a product of both, if that is meant)")
         if tuple(mask.shape) != tuple(shard.full_shape):
             raise ValueError(f"mask for {name} has shape {tuple(mask.shape)}, the parameter "
                              f"{tuple(shard.full_shape)} (masks are given at the full shape)")

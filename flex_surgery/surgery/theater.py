@@ -276,6 +276,8 @@ class SurgicalTheater:
                     base_seed = agreement.agree_on_seed(base_seed, self._groups)
             self._reshard()
             edits = self._edits()
+            if self._places_by_position():  # noise, masks: never gather, so check here
+                frameworks.check_whole([s for edit in edits for s in edit.shards])
             gathers = 0  # agreements before gathers still to come (:func:`.agreement.check_peers`)
             if self._groups and self.modification_type == "custom":
                 gathers = agreement.check_peers(self._groups, sum(map(self._communicates, edits)))
@@ -319,6 +321,12 @@ class SurgicalTheater:
             "enter_s": time.perf_counter() - start,
         }
         return self
+
+    def _places_by_position(self) -> bool:
+        """Whether this theater's edits write values chosen by each element's place in the full
+        parameter (seeded noise; masks in :class:`MaskTheater`), so a view taken as whole
+        must be checked to be whole."""
+        return self.modification_type == "noise"
 
     def _communicates(self, edit: Edit) -> bool:
         """Whether writing ``edit`` gathers (the full parameter, or sharded LoRA factors)."""

@@ -50,6 +50,7 @@ from flex_surgery.parallel.frameworks.fsdp import FSDP2 as FSDP2
 from flex_surgery.parallel.frameworks.megatron import MegatronCore as MegatronCore
 from flex_surgery.parallel.frameworks.megatron import MegatronLayoutError as MegatronLayoutError
 from flex_surgery.parallel.frameworks.parameters import (
+    check_whole,
     fsdp1_root,
     full_parameter,
     parameter_view,
@@ -89,7 +90,7 @@ if TYPE_CHECKING:
 # The registry itself (.registry) and the parameter questions (.parameters) live in their own
 # files; the protocol's types in .base and .views. Every name is importable from here.
 __all__ = [
-    "FRAMEWORKS", "UnknownLayoutError", "adopt_groups", "batch_dim", "batch_dims",
+    "FRAMEWORKS", "UnknownLayoutError", "adopt_groups", "batch_dim", "batch_dims", "check_whole",
     "first_input_only", "fsdp1_root", "tp_layers_within",
     "full_parameter", "keeps_unsharded_copies", "owner", "parameter_view", "parameter_views",
     "reshard", "sequence_parallel", "split_unknown_modules", "substitutes_parameters",

@@ -135,6 +135,28 @@ class DTensorTP(Framework):
             partition_dim=sharded[0] if len(set(sharded)) == 1 else None,
         )
 
+    def model_tensor_parallel_group(self, model: nn.Module) -> dist.ProcessGroup | None:
+        """The ``tp`` group of ``model``'s DTensor parameters, read from their mesh alone (no
+        collective; unlike :meth:`groups`, the mesh need not cover the world, as under
+        pipeline stages): the dim named ``tp`` (or an alias), or an unnamed 1-D mesh in a model
+        without FSDP2; ``None`` when there is none of size > 1."""
+        from flex_surgery.parallel.frameworks.fsdp import FSDP2
+        from flex_surgery.parallel.mesh import AXIS_NAMES, _root_mesh
+
+        meshes = {id(m): m for m in (_root_mesh(p.device_mesh) for p in model.parameters()
+                                     if is_dtensor(p))}
+        for device_mesh in meshes.values():
+            names = device_mesh.mesh_dim_names
+            if names is None:
+                if device_mesh.ndim == 1 and device_mesh.size(0) > 1 and \
+                        not any(FSDP2().owns(m) for m in model.modules()):
+                    return device_mesh.get_group(0)
+                continue
+            for dim, name in enumerate(names):
+                if name in AXIS_NAMES["tp"] and device_mesh.size(dim) > 1:
+                    return device_mesh.get_group(dim)
+        return None
+
     def groups(self, model: nn.Module | None) -> ParallelMesh | None:
         from flex_surgery.parallel.frameworks.fsdp import FSDP2
         from flex_surgery.parallel.mesh import ParallelMesh, _root_mesh, _without_trivial_dims

@@ -114,8 +114,33 @@ class FSDP2(Framework):
         return self.owns(module)
 
     def reshard(self, module: nn.Module) -> None:
-        if self.owns(module):
-            module.reshard()
+        if not self.owns(module):
+            return
+        module.reshard()
+        if _fsdp2_sharded(module) is False and hasattr(module, "reset_iter_state") and \
+                getattr(module._get_fsdp_state(), "_is_root", False):
+            # A forward that raised mid-flight leaves the root's groups in FORWARD, where
+            # reshard() does nothing when reshard_after_forward is False (the root's default):
+            # its unsharded copies would stay in use, so an edit of the shards (or their
+            # restoration) would not reach the next forward. reset_iter_state is torch's
+            # recovery for that state (the failed iteration's gradients are lost anyway).
+            module.reset_iter_state()
+        if _fsdp2_sharded(module) is False:
+            raise RuntimeError(
+                f"FSDP2 unit {type(module).__name__} keeps unsharded parameters after "
+                "reshard() (a forward or backward still in flight, or one that raised): an "
+                "edit of its shards would not reach the next forward. Call reset_iter_state() "
+                "on the root FSDP module after the exception, or finish the iteration first")
+
+
+def _fsdp2_sharded(module: nn.Module) -> bool | None:
+    """Whether every parameter group of an FSDP2 unit is sharded; ``None`` when this torch's
+    FSDP2 does not say (private state)."""
+    try:
+        groups = module._get_fsdp_state()._fsdp_param_groups
+        return all(group.is_sharded for group in groups)
+    except AttributeError:
+        return None
 
 
 def _data_parallel_mesh(group: dist.ProcessGroup, source: str):

@@ -231,9 +231,16 @@ class MegatronCore(Framework):
         partitions (``partition_stride > 1``) or a missing dim, so that no caller (parameter
         views, gradient layouts, the lens, model surgery) joins interleaved blocks end to end.
         """
+        where = f"{pname} ({type(module).__name__})"
+        if getattr(param, "allreduce", True) is False:
+            # Megatron marks expert parameters under expert parallelism so: each rank holds
+            # other experts under the same names (local_experts.N), as groups() refuses.
+            raise MegatronLayoutError(
+                f"{where}: an expert parameter under Megatron expert parallelism (ep > 1) is "
+                "not supported: each rank holds other experts under the same names, which "
+                "would be edited or gathered as one")
         if not getattr(param, "tensor_model_parallel", False) or param.dim() == 0:
             return None
-        where = f"{pname} ({type(module).__name__})"
         stride = getattr(param, "partition_stride", 1)
         if stride != 1:
             raise MegatronLayoutError(

@@ -8,6 +8,7 @@ whole weights all read parameters through here (re-exported by
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -19,6 +20,7 @@ from flex_surgery.parallel.frameworks.base import differs_across
 from flex_surgery.parallel.frameworks.dtensor import is_dtensor
 from flex_surgery.parallel.frameworks.megatron import MegatronLayoutError
 from flex_surgery.parallel.frameworks.registry import (
+    DTENSOR,
     FAIRSCALE,
     FSDP_1,
     HOW_TO_DECLARE,
@@ -32,8 +34,9 @@ from flex_surgery.parallel.frameworks.views import LocalShard, plain_shard
 if TYPE_CHECKING:
     from flex_surgery.parallel.mesh import ParallelMesh
 
-__all__ = ["full_parameter", "parameter_view", "parameter_views", "split_unknown_modules",
-           "tensor_parallel_group", "tp_grad_is_partial", "tp_partition_dim"]
+__all__ = ["check_whole", "full_parameter", "parameter_view", "parameter_views",
+           "split_unknown_modules", "tensor_parallel_group", "tp_grad_is_partial",
+           "tp_partition_dim"]
 
 
 def tp_partition_dim(module: nn.Module, parameter: torch.Tensor) -> int | None:
@@ -58,13 +61,19 @@ def tp_grad_is_partial(module: nn.Module, parameter: torch.Tensor) -> bool:
                                      for f in TENSOR_PARALLEL)
 
 
-def tensor_parallel_group(mesh: ParallelMesh | None = None) -> dist.ProcessGroup | None:
+def tensor_parallel_group(mesh: ParallelMesh | None = None,
+                          model: nn.Module | None = None) -> dist.ProcessGroup | None:
     """The tensor-parallel group replicated parameters are checked over: the mesh's, else the
-    one a running framework set up (Megatron, fairscale); ``None`` when there is none."""
+    one a running framework set up (Megatron, fairscale), else the ``tp`` axis of ``model``'s
+    DTensor parameters (``parallelize_module``, HF TP: no global state says it); ``None`` when
+    there is none."""
     if mesh is not None:
         return mesh.group("tp") if mesh.tp_size > 1 else None
-    return next((g for f in TENSOR_PARALLEL if (g := f.tensor_parallel_group()) is not None),
-                None)
+    found = next((g for f in TENSOR_PARALLEL if (g := f.tensor_parallel_group()) is not None),
+                 None)
+    if found is None and model is not None:
+        found = DTENSOR.model_tensor_parallel_group(model)
+    return found
 
 
 def _is_plain(module: nn.Module, pname: str, param: torch.Tensor) -> bool:
@@ -112,7 +121,42 @@ def _checked_plain(name: str, module: nn.Module, pname: str, param: nn.Parameter
                 f"how it is split, so the full value of {name!r} is unknown; {HOW_TO_DECLARE}")
         return local
 
-    return plain_shard(name, module, pname, param, gather=gather)
+    view = plain_shard(name, module, pname, param, gather=gather)
+    view.replicated_over = tp_group
+    return view
+
+
+def check_whole(shards: Sequence[LocalShard]) -> None:
+    """Raise :class:`UnknownLayoutError` on every rank if a view in ``shards`` that claims to
+    hold its whole parameter (no framework owns it) belongs to a module whose parameters differ
+    across the tensor-parallel ranks.
+
+    ``gather`` checks this, but edits that place values by their position in the full
+    parameter (seeded noise, masks) never gather: without this, each rank would write the
+    first rows of the noise or mask into its own hand-cut piece. One collective for all of
+    them, over their group; every rank passes the same views in the same order (a
+    :class:`SurgicalTheater` resolves the same edits everywhere), and an empty list or no
+    tensor-parallel group communicates nothing.
+    """
+    checked = [s for s in shards if s.replicated_over is not None]
+    if not checked:
+        return
+    modules: dict[int, tuple[LocalShard, list[torch.Tensor]]] = {}
+    for shard in checked:
+        if id(shard.module) not in modules:
+            siblings = _plain_parameters(shard.module)
+            if not any(t is shard.local for t in siblings):
+                siblings.append(shard.local)
+            modules[id(shard.module)] = (shard, siblings)
+    tensors = [t for _, siblings in modules.values() for t in siblings]
+    differs = iter(differs_across(tensors, checked[0].replicated_over))
+    for shard, siblings in modules.values():
+        if any([next(differs) for _ in siblings]):
+            raise UnknownLayoutError(
+                f"parameter {shard.name!r} of module {type(shard.module).__name__}: the "
+                f"module's parameters differ across the tensor-parallel ranks, but no framework "
+                f"says how it is split, so where its elements sit in the full parameter is "
+                f"unknown; {HOW_TO_DECLARE}")
 
 
 def parameter_view(name: str, module: nn.Module, pname: str, param: nn.Parameter,
@@ -134,7 +178,7 @@ def parameter_views(model: nn.Module, tp_group: dist.ProcessGroup | None = None,
     ``gather`` checks it); default :func:`tensor_parallel_group`.
     """
     if tp_group is None:
-        tp_group = tensor_parallel_group()
+        tp_group = tensor_parallel_group(model=model)
     shards, handled = FSDP_1.model_shards(model)
     by_param: dict[int, LocalShard] = {id(o): s for s in shards for o in s.owners}
     for mname, module in model.named_modules():

@@ -150,6 +150,9 @@ class LocalShard:
     kind: str = "plain"
     partition_dim: int | None = None
     partition_stride: int = 1
+    # A view no framework owns, taken as whole: the tensor-parallel group over which its
+    # module must be the same for that to hold (checked by gather and check_whole).
+    replicated_over: dist.ProcessGroup | None = field(default=None, repr=False)
 
     @property
     def names(self) -> tuple[str, ...]:
