@@ -104,7 +104,8 @@ def fairscale_lm(plain: LensTinyLM, head: str) -> LensTinyLM:
 
 
 def reference_lens(model: LensTinyLM, ids: torch.Tensor, k: int, translators=None):
-    """By hand, in one process: top-k of log_softmax(head(norm(h_i [+ T_i(h_i)])))."""
+    """By hand, in one process: top-k of log_softmax(head(norm(h_i [+ T_i(h_i)]))), ties
+    broken by the smaller id (:func:`rule_topk`)."""
     outs = []
     hooks = [b.register_forward_hook(lambda m, a, o: outs.append(o)) for b in model.blocks]
     with torch.no_grad():
@@ -117,10 +118,17 @@ def reference_lens(model: LensTinyLM, ids: torch.Tensor, k: int, translators=Non
                 h = h + translators[i](h)
             w = model.head.weight
             b = getattr(model.head, "bias", None) if isinstance(model.head, nn.Linear) else None
-            tops.append(F.linear(model.norm(h), w, b).log_softmax(-1).topk(k))
-    tokens = torch.stack([t.indices for t in tops])
-    logprobs = torch.stack([t.values for t in tops])
+            tops.append(rule_topk(F.linear(model.norm(h), w, b), k))
+    tokens = torch.stack([t[0] for t in tops])
+    logprobs = torch.stack([t[1] for t in tops])
     return tokens, logprobs, logits
+
+
+def rule_topk(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The documented rule by hand: the k largest logits, ties broken by the smaller id, a NaN
+    above any number (a stable descending sort of the whole vocabulary); with log-probs."""
+    ids = logits.sort(dim=-1, descending=True, stable=True).indices[..., :k]
+    return ids, logits.log_softmax(-1).gather(-1, ids)
 
 
 def assert_same(got: LensResult, tokens, logprobs) -> None:
@@ -153,6 +161,119 @@ def test_rows_decoded_in_chunks_equal_one_matmul(monkeypatch):
     tokens, logprobs, _ = reference_lens(model, ids, 4)
     monkeypatch.setattr(LogitLens, "CHUNK_ELEMENTS", 7 * V)  # 7 of the 60 rows per matmul
     assert_same(logit_lens(model, ids, top_k=4), tokens, logprobs)
+
+
+# -- ties: the k largest, ties broken by the smaller token id, in every layout ----------------
+class _TieLM(nn.Module):
+    """Embedding -> one block -> head whose logits tie: weight 0, bias [0, 1, 1, 1, 1, 0, 1, 0]
+    (the second reader's case: torch.topk picked ids 1 and 6 among the tied 1, 2, 3, 4, 6)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(8, 4)
+        self.blocks = nn.ModuleList([nn.Linear(4, 4)])
+        self.head = nn.Linear(4, 8)
+        with torch.no_grad():
+            self.head.weight.zero_()
+            self.head.bias.copy_(torch.tensor([0., 1, 1, 1, 1, 0, 1, 0]))
+
+    def forward(self, x):
+        h = self.embed(x)
+        for block in self.blocks:
+            h = block(h)
+        return self.head(h)
+
+
+register_anatomy("_TieLM", Anatomy("blocks", None, "embed", "head"))
+
+
+def test_lens_ties_are_broken_by_the_smaller_token_id():
+    model = _TieLM().eval()
+    lens = logit_lens(model, torch.tensor([[0, 1, 2]]), top_k=2)
+    assert lens.tokens[0, 0, 0].tolist() == [1, 2], lens.tokens[0, 0, 0].tolist()
+    assert lens.tokens[..., 0].eq(1).all()
+
+
+TIE_BIASES = ("zero", "nan", "-inf")
+
+
+def tie_lm(bias: str) -> LensTinyLM:
+    """plain_lm with a head whose logits tie, differently at every position: row v of the weight
+    is one-hot at column v % 4, so logit v is exactly h[v % 4] + bias[v] -- ids 0, 4, 8, 12, 16
+    tie, and so on (spread over both halves of the vocabulary). ``bias``: "zero"; "nan" (ids 3,
+    7, 13 and 17 are NaN everywhere: above any number); "-inf" (ids 0..9, a whole half of the
+    vocabulary, are -inf: top_k = 12 must report ids 0 and 1, not a rank's padding)."""
+    model = plain_lm()
+    weight = torch.zeros(V, H)
+    weight[torch.arange(V), torch.arange(V) % 4] = 1
+    b = torch.zeros(V)
+    if bias == "nan":
+        b[[3, 7, 13, 17]] = float("nan")
+    elif bias == "-inf":
+        b[:V // 2] = -float("inf")
+    with torch.no_grad():
+        model.head.weight.copy_(weight)
+        model.head.bias.copy_(b)
+    return model
+
+
+def assert_same_ties(got: LensResult, tokens, logprobs) -> None:
+    assert torch.equal(got.tokens, tokens), (got.tokens, tokens)
+    torch.testing.assert_close(got.logprobs, logprobs, equal_nan=True, **TOL)
+
+
+@pytest.mark.parametrize("bias", TIE_BIASES)
+def test_tied_logits_follow_the_smaller_id_rule_and_the_models_argmax(bias, monkeypatch):
+    model, ids = tie_lm(bias), ids_for()
+    with torch.no_grad():
+        logits = model(ids)
+    for k in (1, 3, 12, V):
+        tokens, logprobs, _ = reference_lens(model, ids, k)
+        assert_same_ties(logit_lens(model, ids, top_k=k), tokens, logprobs)
+    # The last block's top-1 is the model's argmax (the first maximum, a NaN first).
+    assert torch.equal(logit_lens(model, ids, top_k=1).tokens[-1, ..., 0], logits.argmax(-1))
+    if bias == "nan":  # NaN ids first, smaller first; a row with a NaN has NaN log-probs
+        got = logit_lens(model, ids, top_k=5)
+        assert got.tokens[..., :4].eq(torch.tensor([3, 7, 13, 17])).all()
+        assert got.logprobs.isnan().all()
+    monkeypatch.setattr(LogitLens, "CHUNK_ELEMENTS", 7 * V)  # chunks: the same answer
+    tokens, logprobs, _ = reference_lens(model, ids, 3)
+    assert_same_ties(logit_lens(model, ids, top_k=3), tokens, logprobs)
+
+
+@pytest.mark.parametrize("slack", [64, 2, 0])
+def test_local_candidates_follow_the_rule_under_any_vocabulary_split(slack, monkeypatch):
+    """bf16-like logits (few distinct values, with NaN and +-inf) split over 1, 2 or 3 ranks,
+    evenly or not: each rank's local_topk and merge_topk give the rule's answer exactly --
+    whether the ties are resolved among topk's extra candidates or by a pass over the row
+    (``slack`` below the number of tied ids)."""
+    import math
+
+    from flex_surgery import lens_unembedding as lu
+
+    monkeypatch.setattr(lu, "_TIE_SLACK", slack)
+    g = torch.Generator().manual_seed(0)
+    for trial in range(300):
+        n, rows = int(torch.randint(1, 40, (1,), generator=g)), 4
+        w = torch.randint(-3, 4, (n, 1), generator=g).float()
+        w[torch.rand(n, 1, generator=g) < 0.1] = math.nan
+        w[torch.rand(n, 1, generator=g) < 0.1] = -math.inf
+        w[torch.rand(n, 1, generator=g) < 0.05] = math.inf
+        h = torch.randint(1, 3, (rows, 1), generator=g).float()  # logits = h * w: exact
+        logits = F.linear(h, w)
+        k = int(torch.randint(1, n + 3, (1,), generator=g))
+        tp = int(torch.randint(1, 4, (1,), generator=g))
+        cuts = sorted(torch.randint(0, n + 1, (tp - 1,), generator=g).tolist())
+        packs = [lu.local_topk(lu._Unembedding(w[a:b], None, a, n), h, k, 2 * n)
+                 for a, b in zip([0] + cuts, cuts + [n])]
+        mesh = type("Mesh", (), {"tp_size": tp, "group": lambda self, axis: None})()
+        monkeypatch.setattr(lu.dist, "all_gather",
+                            lambda out, t, group=None, packs=packs: out.__setitem__(
+                                slice(None), packs))
+        ids, _ = lu.merge_topk(packs[0], k, mesh if tp > 1 else None)
+        want, _ = rule_topk(logits, k)
+        assert torch.equal(ids[:, :min(k, n)], want), (trial, logits, k, cuts, ids, want)
+        assert ids[:, n:].eq(-1).all()  # k above the vocabulary: padding, last
 
 
 def test_layers_positions_and_translators():
@@ -307,6 +428,29 @@ def test_fairscale_heads_equal_one_process(head):
                 assert lens._unembed.weight.shape[0] == V // 2
                 got = lens(ids)
             assert_same(got, tokens, logprobs)
+    finally:
+        fs.destroy_model_parallel()
+
+
+@pytest.mark.parametrize("bias", TIE_BIASES)
+@distributed(world_size=2)
+def test_tied_logits_under_tensor_parallelism_equal_one_process(bias):
+    """Ties spread over both vocabulary halves: each rank's candidates are its k best under the
+    smaller-id rule, so TP=2 reports the one-process ids (and the rule's) for every k."""
+    from fairscale.nn.model_parallel import initialize as fs
+
+    fs.initialize_model_parallel(2)
+    try:
+        plain, ids = tie_lm(bias), ids_for()
+        for head in ("column", "replicated"):
+            for k in (1, 3, 12, V):  # 12 > V / tp
+                tokens, logprobs, _ = reference_lens(plain, ids, k)
+                one = logit_lens(plain, ids, top_k=k, process_group=local_group())
+                assert_same_ties(one, tokens, logprobs)
+                with LogitLens(fairscale_lm(plain, head), top_k=k,
+                               tensor_parallel_size=2) as lens:
+                    assert lens._unembed.weight.shape[0] == V // 2
+                    assert_same_ties(lens(ids), tokens, logprobs)
     finally:
         fs.destroy_model_parallel()
 

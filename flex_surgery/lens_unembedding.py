@@ -138,9 +138,67 @@ def _local_unembedding(module: nn.Module, mesh: Any) -> _Unembedding:
     return _Unembedding(weight, local_bias, start, vocab)
 
 
+def _topk_smaller_id(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` largest of each row of ``logits`` (``k <= logits.shape[-1]``), ties broken by
+    the smaller column: ``(values, columns)``, in no particular order.
+
+    A NaN counts as larger than any number, as in :func:`torch.topk`, :func:`torch.sort` and
+    :func:`torch.argmax`. :func:`torch.topk` returns the right values but any members of a tie,
+    so it is asked for ``k + 1``: where the ``k``-th and ``(k + 1)``-th values differ, the ``k``
+    returned are the only possible ones. Rows tied there (frequent in bf16) ask for
+    ``_TIE_SLACK`` (64) more; where the last of those is below the ``k``-th value every tied column
+    is among them, and they are ordered by (value, column). Only rows with more ties than that
+    take a pass over their logits: every column above the ``k``-th value, then the smallest
+    columns equal to it. No row's logits are ever sorted."""
+    n = logits.shape[-1]
+    values, columns = logits.topk(min(k + 1, n), dim=-1)
+    if values.shape[-1] == k:  # the whole row
+        return values, columns
+    tied = _not_below(values[:, k], values[:, k - 1])
+    values, columns = values[:, :k], columns[:, :k]
+    rows = tied.nonzero().squeeze(-1)
+    if not rows.numel():
+        return values, columns
+    part = logits[rows]
+    more, cols = part.topk(min(k + _TIE_SLACK, n), dim=-1)
+    last, kth = more.shape[-1] - 1, more[:, k - 1:k]
+    done = torch.ones_like(rows, dtype=torch.bool) if last == n - 1 else \
+        ~_not_below(more[:, last], kth[:, 0])  # every tied column is a candidate
+    order = torch.argsort(cols, dim=-1, stable=True)
+    more, cols = more.gather(-1, order), cols.gather(-1, order)
+    best = torch.argsort(more, dim=-1, descending=True, stable=True)[:, :k]  # NaN first
+    values[rows[done]] = more.gather(-1, best)[done]
+    columns[rows[done]] = cols.gather(-1, best)[done]
+    if not done.all():
+        left = (~done).nonzero().squeeze(-1)
+        part, t = part[left], kth[left]
+        nan, t_nan = part.isnan(), t.isnan()
+        above = ~t_nan & (nan | (part > t))  # nothing is above a NaN
+        equal = torch.where(t_nan, nan, part == t)
+        need = k - above.sum(-1, keepdim=True)
+        keep = above | (equal & (equal.cumsum(-1) <= need))  # exactly k per row
+        picked = keep.nonzero()[:, 1].view(len(left), k)  # ascending columns, row by row
+        values[rows[left]], columns[rows[left]] = part.gather(-1, picked), picked
+    return values, columns
+
+
+# How many more candidates than k a row whose k-th value is tied asks torch.topk for.
+_TIE_SLACK = 64
+
+
+def _not_below(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``x >= y`` elementwise, with a NaN above any number (for ``x <= y`` in that order, as
+    in :func:`torch.topk`'s output: then it is ``x == y``)."""
+    return (x >= y) | x.isnan()
+
+
 def local_topk(u: _Unembedding, h: torch.Tensor, k: int, chunk_elements: int) -> torch.Tensor:
     """``[rows, 2k + 1]``: this rank's top-k logits of each row of ``h``, their vocabulary ids,
     and the log-sum-exp of its slice (float64; -inf / -1 where the slice has fewer than k).
+
+    The top-k is exact under the lens's rule -- the k largest, ties broken by the smaller id,
+    a NaN above any number (:func:`_topk_smaller_id`) -- so every rank's candidates hold the
+    global top-k under that rule, whatever the vocabulary split.
 
     Every row goes through the same weight, so all are decoded together, in chunks whose
     logits stay under ``chunk_elements`` elements (the weight is read once per chunk)."""
@@ -153,7 +211,7 @@ def local_topk(u: _Unembedding, h: torch.Tensor, k: int, chunk_elements: int) ->
     with torch.no_grad():
         for first in range(0, h.shape[0], step):
             logits = F.linear(h[first:first + step], u.weight, u.bias).float()
-            values, ids = logits.topk(kk, dim=-1)
+            values, ids = _topk_smaller_id(logits, kk)
             rows = slice(first, first + logits.shape[0])
             out[rows, :kk] = values.double().cpu()
             out[rows, k:k + kk] = (ids + u.offset).double().cpu()
@@ -163,7 +221,11 @@ def local_topk(u: _Unembedding, h: torch.Tensor, k: int, chunk_elements: int) ->
 
 def merge_topk(packed: torch.Tensor, k: int, mesh: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """Global top-k ids and log-probabilities from every tensor-parallel rank's candidates
-    (:func:`local_topk` rows): one all-gather of ``[layers, rows, 2k + 1]``."""
+    (:func:`local_topk` rows): one all-gather of ``[layers, rows, 2k + 1]``.
+
+    Ordered by value, largest first (a NaN first, as in :func:`torch.sort`), ties by the smaller
+    id; a rank's padding (id -1, where its slice has fewer than k ids) comes after every real
+    candidate, -inf ones included."""
     if mesh is not None and mesh.tp_size > 1:
         parts = [torch.empty_like(packed) for _ in range(mesh.tp_size)]
         dist.all_gather(parts, packed, group=mesh.group("tp"))
@@ -172,8 +234,8 @@ def merge_topk(packed: torch.Tensor, k: int, mesh: Any) -> tuple[torch.Tensor, t
     values = torch.cat([p[..., :k] for p in parts], dim=-1)
     ids = torch.cat([p[..., k:2 * k] for p in parts], dim=-1)
     lse = torch.logsumexp(torch.stack([p[..., 2 * k] for p in parts], dim=-1), dim=-1)
-    # Ties broken by the smaller id, whatever the rank order.
-    order = torch.argsort(ids, dim=-1, stable=True)
+    # Ties broken by the smaller id, whatever the rank order; padding last.
+    order = torch.argsort(torch.where(ids < 0, math.inf, ids), dim=-1, stable=True)
     values, ids = values.gather(-1, order), ids.gather(-1, order)
     best = torch.argsort(values, dim=-1, descending=True, stable=True)[..., :k]
     top_values, top_ids = values.gather(-1, best), ids.gather(-1, best)
