@@ -280,3 +280,33 @@ def test_weights_blocks_reuse_their_snapshot_buffers_and_restore_bit_exactly():
                == buffers[1][k].untyped_storage().data_ptr() for k in buffers[0])
     exported.release_snapshots()
     assert exported._kept == {}
+
+
+def test_injecting_values_that_alias_the_programs_own_weights_swaps_them():
+    """ExportedModel.state_dict() returns live views of the program's tensors. A swap of two
+    blocks' weights built from those views -- {h.0.w: sd[h.1.w], h.1.w: sd[h.0.w]} -- was copied
+    slot by slot in place: h.1 was filled from h.0's tensor after h.0 had been overwritten, so
+    both held h.1's old weight. Values that share memory with the program are now read first,
+    in a ``weights()`` block and by ``inject`` alike."""
+    from flex_surgery.export import ExportedModel
+    from flex_surgery.models import example_inputs, tiny_hf_model
+
+    model = tiny_hf_model("gpt2", seed=0)
+    ids = example_inputs("gpt2")["input_ids"]
+    exported = ExportedModel.export(model, example_kwargs={"input_ids": ids})
+    a, b = "transformer.h.0.mlp.c_fc.weight", "transformer.h.1.mlp.c_fc.weight"
+    live = exported.state_dict()
+    old_a, old_b = live[a].clone(), live[b].clone()
+    assert not torch.equal(old_a, old_b)
+
+    with exported.weights({a: live[b], b: live[a]}, strict=False):
+        now = exported.state_dict()
+        swapped_in_block = torch.equal(now[a], old_b) and torch.equal(now[b], old_a)
+    exported.inject({a: live[b], b: live[a]}, strict=False)
+    now = exported.state_dict()
+    assert torch.equal(now[a], old_b)
+    assert torch.equal(now[b], old_a), (
+        "block 1 did not receive block 0's old weight: it was copied from block 0's tensor "
+        f"after block 0 had been overwritten (now equal to its own old value: "
+        f"{torch.equal(now[b], old_b)})")
+    assert swapped_in_block

@@ -131,8 +131,17 @@ def write_weights(program: torch.export.ExportedProgram, layout: WeightLayout,
 def copy_matched(program: torch.export.ExportedProgram, layout: WeightLayout,
                  matched: Matched) -> None:
     """Copy each matched value in place into the program tensor of its slot (once per tied
-    group). Only for a program that owns its weights."""
+    group). Only for a program that owns its weights.
+
+    A value that shares memory with any of the program's tensors (a view from
+    ``ExportedModel.state_dict()``, say a swap of two blocks' weights) is read into a copy
+    before anything is written: copied slot by slot, it would be read after its own slot or
+    another had been overwritten."""
     state = program.state_dict
+    ours = {t.untyped_storage().data_ptr() for t in state.values()
+            if isinstance(t, torch.Tensor) and t.untyped_storage().nbytes()}
+    matched = [(slot, value.clone() if value.untyped_storage().data_ptr() in ours else value)
+               for slot, value in matched]
     for slot, value in matched:
         state[layout.prefix + slot.names[0]].copy_(value)
 
