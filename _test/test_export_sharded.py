@@ -159,3 +159,34 @@ def test_rank0_only_megatron_keeps_the_registry_path():
         if dist.get_rank() == 0:
             for name, value in plain.named_parameters():
                 assert torch.equal(got[name], value.detach()), name
+
+
+@distributed(world_size=2)
+def test_a_buffer_or_hand_cut_parameter_that_differs_across_dtensor_tp_ranks_is_refused():
+    """No framework splits buffers, and the llama's norms are parameters no framework owns: each
+    rank's value was taken as the whole one. Under DTensor TP (no global state names the group:
+    it is read from the parameters' mesh) a buffer or such a parameter that differs across the
+    ranks is an UnknownLayoutError on every rank, on both gathering paths; equal ones are
+    gathered as before."""
+    import pytest
+    from parallel_cases import llama_tp_plan
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    from flex_surgery.parallel.frameworks import UnknownLayoutError
+
+    mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("tp",))
+    sharded = parallelize_module(tiny_hf_model("llama", seed=0), mesh, llama_tp_plan())
+    sharded.register_buffer("scale", torch.ones(3))
+    assert torch.equal(full_weights(sharded)["scale"], torch.ones(3))
+    sharded.scale += dist.get_rank()
+    for rank0_only in (False, True):
+        with pytest.raises(UnknownLayoutError, match="scale"):
+            full_weights(sharded, rank0_only=rank0_only)
+    sharded.scale.fill_(1.0)
+    norm = sharded.model.norm.weight
+    with torch.no_grad():
+        norm.add_(dist.get_rank())
+    for rank0_only in (False, True):
+        with pytest.raises(UnknownLayoutError, match="norm"):
+            full_weights(sharded, rank0_only=rank0_only)

@@ -61,13 +61,35 @@ def full_weights(model: nn.Module, runtime: Runtime | None = None, *,
                                                             nn.Module):
         root = root.module  # the distributed checkpoint strips DDP's and FSDP's own prefixes
     model = unwrap_model(model)  # DDP / FlexModel add a "module." prefix, not a layout
-    tp_group = frameworks.tensor_parallel_group(getattr(runtime, "mesh", None))
+    tp_group = frameworks.tensor_parallel_group(getattr(runtime, "mesh", None), model)
+    _check_buffers_replicated(model, tp_group)
     if rank0_only and torch_checkpoint_understands(model):
         return _rank0_state_dict(root, model, tp_group)
     weights = _gathered_views(model, tp_group)
     if rank0_only and dist.is_initialized() and dist.get_rank() != 0:
         return {}
     return weights
+
+
+def _check_buffers_replicated(model: nn.Module, tp_group: dist.ProcessGroup | None) -> None:
+    """Raise :class:`~flex_surgery.parallel.frameworks.UnknownLayoutError` on every rank if a
+    persistent buffer differs across the tensor-parallel ranks: no framework splits buffers,
+    so each rank's value is taken as the whole one (one collective over ``tp_group`` for all
+    of them; nothing without a group)."""
+    if tp_group is None:
+        return
+    found = [(clean_name(join_name(prefix, leaf)), buf)
+             for prefix, sub in model.named_modules()
+             for leaf, buf in sub.named_buffers(recurse=False)
+             if leaf not in sub._non_persistent_buffers_set and buf.is_floating_point()
+             and not frameworks.is_dtensor(buf)]
+    differs = frameworks.differs_across([buf for _, buf in found], tp_group)
+    split = [name for (name, _), d in zip(found, differs) if d]
+    if split:
+        raise frameworks.UnknownLayoutError(
+            f"buffer(s) {split[:4]} differ across the tensor-parallel ranks; no framework says "
+            f"how a buffer is split, so their whole values are unknown (make them the same on "
+            f"every rank, or non-persistent if they are not part of the weights)")
 
 
 def torch_checkpoint_understands(model: nn.Module) -> bool:
@@ -100,7 +122,7 @@ def _gathered_views(model: nn.Module, tp_group: dist.ProcessGroup | None,
                 weights[name] = full
     for prefix, sub in model.named_modules(remove_duplicate=False):
         for leaf, buf in sub.named_buffers(recurse=False):
-            if leaf not in sub._non_persistent_buffers_set:  # buffers are never sharded
+            if leaf not in sub._non_persistent_buffers_set:  # checked the same on every rank
                 weights[clean_name(join_name(prefix, leaf))] = store_copy(
                     buf, blocking=True)
     return weights
