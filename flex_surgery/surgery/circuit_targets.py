@@ -81,7 +81,7 @@ def layer_views(model: nn.Module, targets: dict[str, nn.Module],
             f"circuit masks do not support {sorted(wrappers)}: mask gradients would not be "
             "averaged over the data-parallel replicas (use FSDP2, or wrap the CircuitModel)")
     frameworks.reshard(model.modules())
-    tp_group = frameworks.tensor_parallel_group()
+    tp_group = frameworks.tensor_parallel_group(model=model)
     views: dict[str, dict[str, frameworks.LocalShard]] = {}
     for name, module in targets.items():
         views[name] = {}

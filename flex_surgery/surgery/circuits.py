@@ -101,7 +101,7 @@ class CircuitModel(nn.Module):
         hp = config.hparams()
         targets = resolve_targets(model, config.target_layers)
         views = layer_views(model, targets, hp["mask_bias"])
-        tp_group = frameworks.tensor_parallel_group()
+        tp_group = frameworks.tensor_parallel_group(model=model)
         layers = [LayerMask(name, targets[name], views[name], mask_unit=hp["mask_unit"],
                             mask_bias=hp["mask_bias"], mask_init_value=hp["mask_init_value"],
                             seed=config.seed, tp_group=tp_group) for name in targets]
