@@ -164,6 +164,23 @@ def test_unknown_layout_is_refused_and_nothing_is_modified():
 
 
 @distributed(world_size=2)
+def test_unknown_layout_under_dtensor_tp_is_refused():
+    """The same under DTensor TP, where no global state names the tensor-parallel group (it is
+    read from the parameters' mesh): before, the differing head was masked as whole."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    from flex_surgery.parallel.frameworks import UnknownLayoutError
+
+    mesh = init_device_mesh("cpu", (2,))
+    model = parallelize_module(plain_net(0), mesh, dtensor_plan(use_local_output=True))
+    torch.manual_seed(dist.get_rank())
+    model.head = torch.nn.Linear(H, 6)  # a different head on each rank
+    with pytest.raises(UnknownLayoutError, match=r"\['head'\] differ across"):
+        CircuitModel(_config(HPARAMS[0]), model)
+
+
+@distributed(world_size=2)
 def test_ddp_is_refused_and_nothing_is_modified():
     """Under DDP the mask gradients would not be averaged over the replicas: refused."""
     from torch.nn.parallel import DistributedDataParallel as DDP
