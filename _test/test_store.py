@@ -281,14 +281,16 @@ def test_a_mean_over_the_batch_missing_a_part_is_refused_on_read():
     store = MemoryStore()
     rows = [torch.ones(3, 2), 3 * torch.ones(1, 2)]  # replica 0: 3 rows, replica 1: 1 row
     for writer, r in enumerate(rows):
-        meta = WriteMeta(step=0, batch_start=0, batch_stop=len(r), batch_dim=0, writer=writer)
+        meta = WriteMeta(step=0, batch_start=3 * writer, batch_stop=3 * writer + len(r),
+                         batch_dim=0, writer=writer, batch_total=4)
         store.put("h", r.sum(0, keepdim=True), WriteMeta(**{**meta.__dict__, "kind": "sum"}))
         if writer == 0:
             store.put("h", torch.tensor(len(r)), WriteMeta(**{**meta.__dict__, "kind": "count"}))
     with pytest.raises(StoreError, match=r"sums from writers \[0, 1\] and row counts from "
                                          r"\[0\]"):
         store.read("h", 0)
-    meta = WriteMeta(step=0, batch_start=3, batch_stop=4, batch_dim=0, writer=1, kind="count")
+    meta = WriteMeta(step=0, batch_start=3, batch_stop=4, batch_dim=0, writer=1, kind="count",
+                     batch_total=4)
     store.put("h", torch.tensor(1), meta)
     assert torch.equal(store.read("h", 0), torch.cat(rows).mean(0, keepdim=True))
 
@@ -361,3 +363,124 @@ def test_store_page_example_runs():
     namespace = {"__name__": "docs_example"}
     for block in re.findall(r"```python\n(.*?)```", page.read_text(encoding="utf-8"), re.S):
         exec(compile(block, str(page), "exec"), namespace)
+
+
+def _rows_meta(step, start, stop, writer, total=4, kind="tensor"):
+    return WriteMeta(step=step, batch_start=start, batch_stop=stop, batch_dim=0, writer=writer,
+                     batch_total=total, kind=kind)
+
+
+def test_a_read_refuses_pieces_that_do_not_tile_the_batch(tmp_path):
+    """Writers 0 and 1 hold rows [0, 2) and [2, 4) of a batch of 4 (store_on="replica_leaders").
+    Writer 1's piece of step 1 was lost (a crash before its buffer was written, a failed put):
+    reading step 1 names the missing rows instead of returning writer 0's 2 rows as the batch."""
+    rows = torch.arange(4 * 3, dtype=torch.float64).reshape(4, 3)
+    for writer in (0, 1):
+        with DiskStore(tmp_path, writer=writer) as store:
+            store.attach({"model": "Net", "parameters": "x", "mesh": {"dp": 2, "pp": 1, "tp": 1}})
+            for step in (0, 1):
+                if writer == 1 and step == 1:
+                    continue  # lost
+                store.put("h", rows[2 * writer:2 * writer + 2].clone(),
+                          _rows_meta(step, 2 * writer, 2 * writer + 2, writer))
+    reader = DiskStore(tmp_path, writer=7)
+    assert torch.equal(reader.read("h", 0), rows)  # complete step: the whole batch
+    assert torch.equal(reader.read("h", 0, batch=slice(1, 3)), rows[1:3])
+    with pytest.raises(StoreError, match=r"'h' step 1: rows \[0, 2\) .*do not tile a batch of "
+                                         r"4: rows \[2, 4\) are missing"):
+        reader.read("h", 1)
+
+    store = MemoryStore()  # a gap: rows [0, 2) and [3, 4)
+    store.put("g", rows[0:2], _rows_meta(0, 0, 2, 0))
+    store.put("g", rows[3:4], _rows_meta(0, 3, 4, 1))
+    with pytest.raises(StoreError, match=r"rows \[2, 3\) are missing"):
+        store.read("g", 0)
+    store.put("o", rows[0:3], _rows_meta(0, 0, 3, 0))  # an overlap: rows [0, 3) and [2, 4)
+    store.put("o", rows[2:4], _rows_meta(0, 2, 4, 1))
+    with pytest.raises(StoreError, match=r"rows \[2, 3\) are stored more than once"):
+        store.read("o", 0)
+    store.put("w", rows, WriteMeta(step=0))  # a whole tensor and rows of another run
+    store.put("w", rows[2:4], _rows_meta(0, 2, 4, 1))
+    with pytest.raises(StoreError, match="1 whole tensor.*calls of different runs"):
+        store.read("w", 0)
+    store.put("t", rows[0:2], _rows_meta(0, 0, 2, 0, total=4))  # different batch sizes
+    store.put("t", rows[2:4], _rows_meta(0, 2, 4, 1, total=6))
+    with pytest.raises(StoreError, match=r"different batch sizes \[4, 6\]"):
+        store.read("t", 0)
+
+
+def test_a_mean_over_the_batch_missing_a_replica_is_refused_on_read():
+    """A mean over the batch from the sum and count of replica 0 only (replica 1's pair lost)
+    is the mean of half the batch: refused, naming the rows."""
+    store = MemoryStore()
+    rows = torch.arange(8, dtype=torch.float64).reshape(4, 2)
+    store.put("m", rows[:2].sum(0, keepdim=True), _rows_meta(0, 0, 2, 0, kind="sum"))
+    store.put("m", torch.tensor(2), _rows_meta(0, 0, 2, 0, kind="count"))
+    with pytest.raises(StoreError, match=r"'m' step 0: sums over rows \[0, 2\).*rows \[2, 4\) "
+                                         r"are missing"):
+        store.read("m", 0)
+    store.put("m", rows[2:].sum(0, keepdim=True), _rows_meta(0, 2, 4, 1, kind="sum"))
+    store.put("m", torch.tensor(2), _rows_meta(0, 2, 4, 1, kind="count"))
+    assert torch.equal(store.read("m", 0), rows.mean(0, keepdim=True))
+
+
+def test_a_store_written_before_totals_were_recorded_reads_as_before(tmp_path):
+    """Index entries without ``batch_total`` (an older store): rows that follow one another from
+    row 0 are read as before (where the batch ends is unknown); a gap is still refused."""
+    rows = torch.arange(12, dtype=torch.float64).reshape(4, 3)
+    with DiskStore(tmp_path, writer=0) as store:
+        store.put("h", rows[:2].clone(), _rows_meta(0, 0, 2, 0))
+        store.put("h", rows[2:].clone(), _rows_meta(0, 2, 4, 0))
+        store.put("h", rows[:2].clone(), _rows_meta(1, 0, 2, 0))
+        store.put("h", rows[3:].clone(), _rows_meta(1, 3, 4, 0))
+    path = tmp_path / "index-rank0.json"
+    index = json.loads(path.read_text())
+    assert all(e["batch_total"] == 4 for e in index["entries"])
+    for entry in index["entries"]:
+        del entry["batch_total"]
+    path.write_text(json.dumps(index))
+    reader = DiskStore(tmp_path, writer=3)
+    assert torch.equal(reader.read("h", 0), rows)
+    with pytest.raises(StoreError, match=r"rows \[2, 3\) are missing"):
+        reader.read("h", 1)
+
+
+def test_a_reused_memory_store_continues_after_its_steps():
+    """A second FlexModel on the same MemoryStore numbers its calls after the stored ones
+    (before: from 0 again, two calls under one step)."""
+    ref = reference(steps=2)
+    store = MemoryStore()
+    run_with(store=store, steps=1)
+    run_with(store=store, steps=2)
+    assert store.steps(POINTS[0]) == [0, 1, 2]
+    assert torch.equal(store.read(POINTS[0], 2), ref[POINTS[0]][1])
+
+
+def _not_a_tensor(t):
+    return t.norm(dim=-1).tolist()
+
+
+def test_a_reduce_that_fails_is_a_store_failure_with_a_store():
+    """One process: with store= a reduction that raises is a failure of the store (StoreError
+    at the end of the forward, as distributed, where every rank raises it there); without a
+    store it raises at the call. A named reduction that cannot apply raises at the call."""
+    store = MemoryStore()
+    flex = FlexModel(tiny_hf_model("llama"), None, store=store)
+    flex.register_forward_hook(HookFunction("model.norm", reduce=_not_a_tensor))
+    flex.register_forward_hook(HookFunction("model.layers.1.mlp"))
+    with pytest.raises(StoreError, match="storing 'model.norm' failed: TypeError: a reduce "
+                                         "callable must return a tensor"):
+        flex(**example_inputs("llama", batch=2, seed=0))
+    assert store.names() == ["model.layers.1.mlp"]  # it ran before model.norm
+    flex.close()
+    flex = FlexModel(tiny_hf_model("llama"), {})
+    flex.register_forward_hook(HookFunction("model.norm", reduce=_not_a_tensor))
+    with pytest.raises(TypeError, match="must return a tensor"):
+        flex(**example_inputs("llama", batch=2, seed=0))
+    flex.close()
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    flex = FlexModel(model, None, store=MemoryStore())
+    flex.register_forward_hook(HookFunction("0", reduce="last_token"))
+    with pytest.raises(ValueError, match="last_token needs a batch dim and a sequence dim"):
+        flex(torch.randn(4))  # one dim: no sequence dim
+    flex.close()

@@ -325,3 +325,149 @@ def test_a_store_failing_under_pipelining_raises_on_every_stage_at_collection(fa
     if dist.get_rank() == 0 and failing == "blocks.1":  # stage 0's values, stored as it ran
         assert store.data and all("blocks.1" not in name for name in store.data)
     flex.restore()
+
+
+@distributed(world_size=2)
+def test_a_memory_store_under_replica_leaders_with_dp_is_refused_on_every_rank():
+    """FSDP2 on 2 ranks, store_on="replica_leaders", a MemoryStore on every rank: each replica
+    leader would keep its own rows in its own process, and rank 0's read() would return half
+    the batch as the whole. Refused when the FlexModel is built, on every rank; rank0 works."""
+    x = _x()
+    model, dp_rank, _ = _fsdp2()
+    with pytest.raises(ValueError, match=r"rank 1 \(at least\) has a store that keeps them"):
+        FlexModel(model, None, store=MemoryStore(), store_on="replica_leaders")
+    # A rank with a DiskStore beside one with a MemoryStore: refused on both, alike.
+    store = DiskStore(tempfile.mkdtemp()) if dp_rank == 1 else MemoryStore()
+    with pytest.raises(ValueError, match=r"rank 0 \(at least\) has a store that keeps them"):
+        FlexModel(model, None, store=store, store_on="replica_leaders")
+    store.close()
+    one: dict = {}
+    flex = FlexModel(plain_net(), one, process_group=local_group())
+    flex.register_forward_hook(HookFunction("blocks.0.up"))
+    with torch.no_grad():
+        flex(x)
+    flex.close()
+    store = MemoryStore()
+    flex = FlexModel(model, None, store=store)  # store_on="rank0": the whole batch on rank 0
+    flex.register_forward_hook(HookFunction(actual_names(model)["blocks.0.up"]))
+    with torch.no_grad():
+        flex(x.chunk(2)[dp_rank])
+    flex.close()
+    if dist.get_rank() == 0:
+        got = store.read(actual_names(model)["blocks.0.up"], 0)
+        torch.testing.assert_close(got, one["blocks.0.up"][0], rtol=1e-12, atol=1e-14)
+
+
+def _steps_run(directory, store_on, x_local, steps):
+    model, _, _ = _fsdp2()
+    name = actual_names(model)["blocks.0.up"]
+    store = DiskStore(directory)
+    flex = FlexModel(model, None, store=store, store_on=store_on)
+    flex.register_forward_hook(HookFunction(name))
+    with torch.no_grad():
+        for _ in range(steps):
+            flex(x_local)
+    flex.close()
+    store.close()
+    return name
+
+
+@distributed(world_size=2)
+def test_a_reopened_disk_store_continues_after_every_writers_steps():
+    """Run 1 (store_on="rank0": writer 0 only) stores 2 calls; run 2 (the same model and mesh,
+    "replica_leaders": writers 0 and 1) appends 2. Writer 1, which wrote nothing before, also
+    starts at step 2 (before: at 0, and step 0 read run 1's batch and run 2's rows as one
+    tensor of 6 rows; steps 2-3 held writer 0's rows only). Every step is the whole batch."""
+    x = _x()
+    one: dict = {}
+    flex = FlexModel(plain_net(), one, process_group=local_group())
+    flex.register_forward_hook(HookFunction("blocks.0.up"))
+    with torch.no_grad():
+        flex(x)
+    flex.close()
+    want = one["blocks.0.up"][0]
+    local = x.chunk(2)[dist.get_rank()]
+    directory = _shared_dir()
+    name = _steps_run(directory, "rank0", local, 2)
+    dist.barrier()
+    _steps_run(directory, "replica_leaders", local, 2)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        reader = DiskStore(directory, writer=99)
+        assert reader.steps(name) == [0, 1, 2, 3]
+        assert {e["writer"] for e in reader.index() if e["step"] >= 2} == {0, 1}
+        for step in range(4):
+            torch.testing.assert_close(reader.read(name, step), want, rtol=1e-12, atol=1e-14)
+    _done_with(directory)
+
+
+@distributed(world_size=2)
+def test_ranks_whose_disk_stores_hold_different_steps_are_refused_on_every_rank():
+    """Rank 0's directory holds 2 steps, rank 1's is another, empty one: the ranks would number
+    the same call 2 and 0. Refused when the FlexModel is built, on every rank."""
+    x = _x()
+    directory = _shared_dir()
+    _steps_run(directory, "rank0", x.chunk(2)[dist.get_rank()], 2)
+    dist.barrier()
+    mine = directory if dist.get_rank() == 0 else tempfile.mkdtemp()
+    model, _, _ = _fsdp2()
+    with pytest.raises(StoreError, match="hold different steps"):
+        FlexModel(model, None, store=DiskStore(mine), store_on="replica_leaders")
+    if dist.get_rank() == 1:
+        shutil.rmtree(mine, ignore_errors=True)
+    _done_with(directory)
+
+
+def _reduce_to_a_list(t):
+    return t.norm(dim=-1).tolist()  # not a tensor: apply_reduce raises TypeError
+
+
+def _double(module, t, ctx, modules):
+    return t * 2
+
+
+@distributed(world_size=2, timeout_s=60)
+def test_a_reduce_that_raises_on_the_storing_rank_raises_on_every_rank():
+    """DTensor TP=2, store_on="rank0", a reduce callable that returns a list: it runs on the
+    storing rank only (after the gather). Before, it raised there alone and the other rank
+    waited in blocks.0.down's all-reduce. With a store: StoreError on both ranks at the end of
+    the forward (the store failure path). With an output_dict: every rank raises at that hook
+    call (RemoteEditError, the agreement editing functions use), with or without an editing
+    function. The process groups still work: a reduction that succeeds is stored."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    from flex_surgery.parallel.failures import RemoteEditError
+
+    mesh = init_device_mesh("cpu", (2,))
+    x = _x()
+    model = parallelize_module(plain_net(), mesh, dtensor_plan(True))
+    site = actual_names(model)["blocks.0.up"]
+    flex = FlexModel(model, None, store=MemoryStore())
+    flex.register_forward_hook(HookFunction(site, reduce=_reduce_to_a_list))
+    with torch.no_grad():
+        with pytest.raises(StoreError) as info:
+            flex(x)
+    if dist.get_rank() == 0:
+        assert "storing" in str(info.value) and "must return a tensor" in str(info.value)
+        assert isinstance(info.value.__cause__, TypeError)
+    else:
+        assert "the store of rank 0 (at least) failed" in str(info.value)
+    flex.close()
+    for edit in (None, _double):
+        stored: dict = {}
+        flex = FlexModel(model, stored)
+        hook = HookFunction(site, reduce=_reduce_to_a_list, editing_function=edit)
+        flex.register_forward_hook(hook)
+        with torch.no_grad():
+            with pytest.raises(RemoteEditError, match="must return a tensor"):
+                flex(x)
+        flex.close()
+    stored = {}
+    flex = FlexModel(model, stored)
+    flex.register_forward_hook(HookFunction(site, reduce=lambda t: t.norm(dim=-1)))
+    with torch.no_grad():
+        flex(x)
+    flex.close()
+    if dist.get_rank() == 0:
+        assert stored[site][0].shape == (BATCH, 3)

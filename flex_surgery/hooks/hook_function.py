@@ -42,8 +42,8 @@ from flex_surgery.parallel.runtime import (
     store_copy,
     stores_pending,
 )
-from flex_surgery.store.hooks import store_call
-from flex_surgery.store.reduce import apply_reduce, resolve_reduce
+from flex_surgery.store.hooks import host_copies_landed, store_call
+from flex_surgery.store.reduce import apply_reduce, check_reduce_input, resolve_reduce
 
 EditingFunction = Callable[[nn.Module, torch.Tensor, SimpleNamespace, nn.ModuleDict],
                            torch.Tensor]
@@ -202,6 +202,7 @@ class HookFunction:
         self._shared: SharedState | None = None
         self._owner: weakref.ref | None = None
         self._local = False  # bound to a one-process runtime (see _local_call)
+        self._store_in_run = False  # some rank of the FlexModel's run has a store=
         self._enabled = True
 
     def __repr__(self) -> str:
@@ -234,6 +235,9 @@ class HookFunction:
         # The short path skips the runtime's methods: only for LocalRuntime itself, so that a
         # subclass overriding them (to count, log or redirect) is still asked.
         self._local = type(runtime) is LocalRuntime
+        # The same on every rank (agreed when the FlexModel was built): decides how a failed
+        # reduction reaches every rank (see _reduce_then_store).
+        self._store_in_run = bool(getattr(owner, "_store_in_run", False))
         self._enabled = True
 
     def _bind_remote(self, owner: object, hook_type: str, key: str) -> None:
@@ -325,6 +329,10 @@ class HookFunction:
         storing = store and (self._shared.output_dict is not None
                              or self._shared.binding is not None
                              or not isinstance(runtime, LocalRuntime))
+        if storing and self.reduce is not None:
+            # From the dims and batch dim every rank shares: a reduction that cannot apply
+            # raises on every rank here, before anything is gathered.
+            check_reduce_input(self.reduce, tensor.ndim, self._shared.batch_dim_of(site), self)
         if self.editing_function is None:
             if storing and self.reduce is not None and \
                     getattr(runtime, "store_on", "rank0") == "rank0":
@@ -334,10 +342,16 @@ class HookFunction:
                 runtime.retrieve(tensor, site, partial(self._store, into=self._target()))
             return None
         full, ctx = runtime.gather_for_edit(tensor, site, everywhere=self.replicate_edit)
+        failed: list[Exception] = []  # a reduction of the stored copy that raised (no store=)
         if storing:  # one gather serves both storing and editing
-            runtime.retrieve_gathered(full, ctx, self._store, keeps=self._shared.output_dict
-                                      is not None or self._shared.binding is not None)
-        edited = runtime.run_on_leader(ctx, partial(self._edit, full))
+            runtime.retrieve_gathered(full, ctx, partial(self._store, failed=failed),
+                                      keeps=self._shared.output_dict is not None
+                                      or self._shared.binding is not None)
+        # The outcome of the editing function is agreed by every rank; a failed reduction on
+        # the rank that runs it is raised there, so it is agreed with it.
+        edited = runtime.run_on_leader(ctx, partial(self._edit_unless, failed, full))
+        if failed:  # a rank that stored but did not run the function (store_on="all")
+            raise failed[0]
         return repack(runtime.scatter_from_edit(edited, ctx))
 
     def _local_call(self, tensor: torch.Tensor, repack: Any, store: bool) -> Any:
@@ -350,11 +364,13 @@ class HookFunction:
             check_expected_shape(tensor.shape, self.expected_shape, self)
         shared = self._shared
         if store and (shared.output_dict is not None or shared.binding is not None):
+            if self.reduce is not None:
+                check_reduce_input(self.reduce, tensor.ndim, shared.batch_dim_of(self._site),
+                                   self)
             if self.reduce is not None and self.editing_function is None:
-                with torch.no_grad():  # reduce first: only the reduction is copied
-                    reduced = apply_reduce(self.reduce, tensor.detach(),
-                                           shared.batch_dim_of(self._site))
-                self._store(store_copy(reduced), reduced=True)
+                # reduce first: only the reduction is copied
+                self._store(self._reduced_copy(tensor.detach(), shared.batch_dim_of(self._site)),
+                            reduced=True)
             else:  # before editing: the editing function may edit in place
                 self._store(store_copy(tensor))
         if self.editing_function is None:
@@ -364,22 +380,81 @@ class HookFunction:
 
     def _reduce_then_store(self, tensor: torch.Tensor, site: HookSite) -> None:
         """``reduce=`` with one storing rank: gather the whole tensor to it, reduce it where it
-        lives (on the device), and copy only the reduction to the host."""
+        lives (on the device), and copy only the reduction to the host.
+
+        The reduction runs on the storing rank alone, so a failure (a callable that raises or
+        returns no tensor) must reach the other ranks, which go on into the forward's next
+        collectives. With a store in the run it is a failure of the store: kept by
+        :func:`~flex_surgery.store.hooks.store_call` and raised as ``StoreError`` on every rank
+        at the end of the forward. Without one (``output_dict``) there is no such later point:
+        the ranks agree on the outcome at this call, as on an editing function's
+        (``run_on_leader``: ``RemoteEditError`` on every rank). Which of the two is decided
+        from ``_store_in_run``, the same on every rank.
+        """
+        batch_dim = self._shared.batch_dim_of(site)
         with torch.no_grad():
-            full, _ = self._runtime.gather_for_edit(tensor.detach(), site)
-            if full is not None:  # the storing rank
-                reduced = apply_reduce(self.reduce, full.detach(),
-                                       self._shared.batch_dim_of(site))
-                self._store(store_copy(reduced), reduced=True)
+            full, ctx = self._runtime.gather_for_edit(tensor.detach(), site)
+            if not self._store_in_run:
+                reduced = self._runtime.run_on_leader(
+                    ctx, partial(self._reduce, full, batch_dim))
+                if full is not None:  # the storing rank
+                    self._store(store_copy(reduced), reduced=True)
+            elif full is not None and (self._shared.binding is not None
+                                       or self._shared.output_dict is not None):
+                self._store(self._reduced_copy(full.detach(), batch_dim), reduced=True)
+
+    def _reduce(self, full: torch.Tensor, batch_dim: int) -> torch.Tensor:
+        try:
+            return apply_reduce(self.reduce, full, batch_dim)
+        except Exception as error:
+            if hasattr(error, "add_note"):  # Python >= 3.11
+                error.add_note(f"raised by the reduce= of {self!r}")
+            raise
+
+    def _reduced_copy(self, full: torch.Tensor, batch_dim: int) -> torch.Tensor | Exception:
+        """The reduction of ``full`` copied to the host; with a store, the exception it raised
+        instead (the store path keeps it and raises it on every rank, see ``store_call``)."""
+        try:
+            return store_copy(self._reduce(full, batch_dim))
+        except Exception as error:
+            if self._shared.binding is None:  # one process, output_dict: raised at the call
+                raise
+            return error
+
+    def _edit_unless(self, failed: list[Exception], full: torch.Tensor) -> torch.Tensor:
+        """The editing function, unless the reduction of the stored copy failed: then that
+        failure, raised where the function runs, so every rank agrees on it."""
+        if failed:
+            raise failed.pop(0)
+        return self._edit(full)
 
     def _target(self) -> tuple[Any, str, int]:
         """Where this call's value goes: the FlexModel's shared state, the output key and the
         value's batch dim, as they are while the hook fires (removing the hook unbinds them)."""
         return self._shared, self.output_key, self._shared.batch_dim_of(self._site)
 
-    def _store(self, full: torch.Tensor, rows: Any = None, reduced: bool = False,
-               into: tuple[Any, str, int] | None = None) -> None:
+    def _store(self, full: torch.Tensor | Exception, rows: Any = None, reduced: bool = False,
+               into: tuple[Any, str, int] | None = None,
+               failed: list[Exception] | None = None) -> None:
+        """Store ``full`` (or, with a store, the exception producing it raised: a failure of
+        this call, see ``store_call``), behind any retrieval of this pass still in flight.
+
+        Without a store the reduction runs now, at the hook call, where a failure can still be
+        agreed with the other ranks: it is appended to ``failed`` (the caller raises it where
+        every rank learns of it), or raised when ``failed`` is ``None``."""
         into = into if into is not None else self._target()
+        shared, _, batch_dim = into
+        if not reduced and self.reduce is not None and shared.binding is None and \
+                shared.output_dict is not None:
+            host_copies_landed(full)
+            try:
+                full = self._reduce(full, batch_dim)
+            except Exception as error:
+                if failed is None:
+                    raise
+                failed.append(error)
+                return
+            reduced = True
         if stores_pending():  # behind a retrieval of this pass still in flight (overlap)
             defer(partial(self._store_now, full, rows, reduced, into), stores=True)
         else:
@@ -394,7 +469,9 @@ class HookFunction:
             return
         if shared.output_dict is None:  # this rank takes part but keeps nothing
             return
-        if reduce is not None:
+        if isinstance(full, Exception):  # a store= was dropped since (cannot happen in a hook)
+            raise full
+        if reduce is not None:  # output_dict given after this call was deferred
             full = apply_reduce(self.reduce, full, batch_dim)
         if shared.keep == "last":
             shared.output_dict[key] = full

@@ -21,9 +21,11 @@ class WriteMeta:
 
     ``step`` counts the calls of the hook (the position ``output_dict[name]`` would give it);
     ``batch_start``/``batch_stop`` the rows of the global batch it holds along ``batch_dim``
-    (the whole batch unless a data-parallel replica keeps its own slice); ``writer`` the global
-    rank that wrote it; ``kind`` is ``"tensor"``, or ``"sum"``/``"count"`` for the parts of a
-    mean combined on read.
+    (the whole tensor when ``batch_stop`` is -1; a data-parallel replica's slice otherwise);
+    ``batch_total`` the size of the global batch a slice is part of, so that a read can check
+    that the slices of a step tile ``[0, batch_total)`` exactly (-1: a whole tensor, or a piece
+    written before totals were recorded); ``writer`` the global rank that wrote it; ``kind`` is
+    ``"tensor"``, or ``"sum"``/``"count"`` for the parts of a mean combined on read.
     """
 
     step: int
@@ -33,6 +35,7 @@ class WriteMeta:
     batch_dim: int = 0
     writer: int = 0
     kind: str = "tensor"
+    batch_total: int = -1
 
 
 @runtime_checkable

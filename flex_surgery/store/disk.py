@@ -53,6 +53,9 @@ class DiskStore:
         writer: the rank that writes here (default: this process's global rank, or 0).
     """
 
+    #: Shared between processes: any process that sees the directory reads every writer's part.
+    process_local = False
+
     def __init__(self, directory: str | os.PathLike, buffer_bytes: int = 256 << 20,
                  writer: int | None = None) -> None:
         if buffer_bytes <= 0:
@@ -103,9 +106,12 @@ class DiskStore:
 
         ``store.json`` records the mesh of the first run, and each writer's index the model it
         stored from (pipeline stages hold different modules, so the model is per writer). A
-        later run with the same ones appends (its steps continue after those stored); any other
-        raises before anything is written.
+        later run with the same ones appends (its steps continue after those stored by any
+        writer: :meth:`next_steps`); any other raises before anything is written. What this
+        writer still buffers (from an earlier FlexModel on the same store) is written first, so
+        that every writer's steps are on disk when the run reads them.
         """
+        self.flush()
         manifest = self.directory / _MANIFEST
         recorded = {"mesh": fingerprint.get("mesh")}
         own = None
@@ -138,11 +144,25 @@ class DiskStore:
         with self._lock:
             return self._buffered + self._in_flight
 
+    def next_steps(self) -> dict[str, int]:
+        """The step a new call of each stored name gets: after every step that *any* writer
+        stored under it in this directory (and this writer still buffers).
+
+        Per writer would not do: a reopened directory where writer 0 stored steps 0-1 of a
+        ``store_on="rank0"`` run and writer 1 nothing would have writer 1 number its first
+        call 0 again, and a read merge it with another call. FlexModel asks once, on every
+        rank when the run is built (after every store was flushed), and checks that the ranks
+        agree (:func:`~flex_surgery.store.hooks.bind_store`)."""
+        steps: dict[str, int] = {}
+        for e in self.index():
+            steps[e["name"]] = max(steps.get(e["name"], 0), int(e["step"]) + 1)
+        for n, _, m in self._buffer:
+            steps[n] = max(steps.get(n, 0), m.step + 1)
+        return steps
+
     def next_step(self, name: str) -> int:
-        """The step a new call of ``name`` gets: after every step already stored under it."""
-        steps = [e["step"] for e in self._entries if e["name"] == name]
-        steps += [m.step for n, _, m in self._buffer if n == name]
-        return 1 + max(steps, default=-1)
+        """The step a new call of ``name`` gets (see :meth:`next_steps`)."""
+        return self.next_steps().get(name, 0)
 
     def put(self, name: str, tensor: torch.Tensor, meta: WriteMeta) -> None:
         self._raise_pending()
@@ -290,6 +310,7 @@ class DiskStore:
         for e in at_step:
             with safe_open(str(self.directory / e["file"]), framework="pt") as f:
                 tensor = f.get_tensor(e["key"])
+            # An entry written before batch_total was recorded lacks it: -1, read as before.
             fields = WriteMeta.__dataclass_fields__
-            pieces.append((WriteMeta(**{k: e[k] for k in fields}), tensor))
+            pieces.append((WriteMeta(**{k: e[k] for k in fields if k in e}), tensor))
         return merge_pieces(name, pieces, batch)

@@ -17,6 +17,11 @@ class MemoryStore:
     metadata kept beside it lets :meth:`read` answer the same questions as a :class:`DiskStore`.
     """
 
+    #: What it holds lives in this process only: under ``store_on="replica_leaders"`` with
+    #: data parallelism each replica leader's MemoryStore would hold its own rows only, so
+    #: FlexModel refuses that (on every rank).
+    process_local = True
+
     def __init__(self) -> None:
         self.data: dict[str, list[torch.Tensor]] = {}
         self._entries: dict[str, list[tuple[WriteMeta, torch.Tensor]]] = {}
@@ -40,6 +45,12 @@ class MemoryStore:
 
     def steps(self, name: str) -> list[int]:
         return sorted({m.step for m, _ in self._entries.get(name, ())})
+
+    def next_steps(self) -> dict[str, int]:
+        """The step a new call of each stored name gets: a later FlexModel on this store
+        continues after the steps it holds (never merging two calls under one step)."""
+        return {name: 1 + max(m.step for m, _ in entries)
+                for name, entries in self._entries.items() if entries}
 
     def read(self, name: str, step: int = 0, batch: slice | None = None) -> torch.Tensor:
         if name not in self._entries:

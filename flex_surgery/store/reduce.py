@@ -35,16 +35,38 @@ def sequence_dim(batch_dim: int) -> int:
     return 1 - batch_dim
 
 
+def check_reduce_input(reduce: str | Reduction, ndim: int, batch_dim: int,
+                       owner: object = None) -> None:
+    """Raise ``ValueError`` if the named reduction ``reduce`` cannot apply to a tensor of ``ndim``
+    dims whose batch dim is ``batch_dim``; a callable is not checked (only running it tells).
+
+    Decided from what every rank of a hook call shares (the number of dims and the batch dim,
+    not the values), so a hook checks it on every rank before anything is gathered: the
+    mistake raises on every rank at that call rather than on the storing rank alone.
+    """
+    prefix = "" if owner is None else f"{owner!r}: "
+    if reduce == "mean_over_batch" and not -ndim <= batch_dim < ndim:
+        raise ValueError(f"{prefix}mean_over_batch averages over the batch dim {batch_dim}, but "
+                         f"the tensor has {ndim} dim(s)")
+    if reduce == "last_token":
+        try:
+            sequence_dim(batch_dim)
+        except ValueError as error:
+            raise ValueError(f"{prefix}{error}") from None
+        if ndim < 2:
+            raise ValueError(f"{prefix}last_token needs a batch dim and a sequence dim; the "
+                             f"tensor has {ndim} dim(s)")
+
+
 def apply_reduce(reduce: str | Reduction, full: torch.Tensor, batch_dim: int) -> torch.Tensor:
     """``reduce`` applied to ``full``, a detached tensor nothing else holds."""
+    if not callable(reduce):
+        check_reduce_input(reduce, full.ndim, batch_dim)
     if reduce == "mean_over_batch":
         return full.mean(dim=batch_dim, keepdim=True) if full.is_floating_point() else \
             full.double().mean(dim=batch_dim, keepdim=True)
     if reduce == "last_token":
         seq = sequence_dim(batch_dim)
-        if full.ndim < 2:
-            raise ValueError(f"last_token needs a batch dim and a sequence dim; the tensor has "
-                             f"shape {tuple(full.shape)}")
         return full.narrow(seq, full.shape[seq] - 1, 1).contiguous()
     result = reduce(full)
     if not isinstance(result, torch.Tensor):
