@@ -56,3 +56,90 @@ def test_bad_editing_result_fails_every_rank():
     t = torch.ones(1)
     dist.all_reduce(t)
     assert t.item() == 2
+
+
+class _SharedAct(torch.nn.Module):
+    """One activation module called twice: after a column layer (its tensor is tp-sharded),
+    then after a row layer (replicated) -- or, with ``same``, twice in a row after the column
+    layer (one layout)."""
+
+    def __init__(self, same: bool = False) -> None:
+        super().__init__()
+        from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+        self.same = same
+        self.up = ColumnParallelLinear(8, 32, gather_output=False)
+        self.down = RowParallelLinear(32, 8, input_is_parallel=True)
+        self.act = torch.nn.Tanh()
+
+    def forward(self, x):
+        h = self.act(self.up(x))
+        return self.down(self.act(h)) if self.same else self.act(self.down(h))
+
+
+@distributed(world_size=2)
+def test_a_backward_hook_on_a_module_called_twice_with_two_layouts_is_refused():
+    """Forward hooks see each call's layout; backward hooks read the layout recorded at the
+    module's entry or exit, which the second call overwrote: the first call's tp-sharded
+    gradient was taken as replicated (rank 0's half stored as the whole; with an identity edit,
+    rank 0's half broadcast over rank 1's). Now the backward hook raises on every rank, and a
+    module called twice with one layout still works."""
+    from fairscale.nn.model_parallel import initialize as fs
+
+    from flex_surgery.parallel.frameworks import UnknownLayoutError
+
+    fs.initialize_model_parallel(2)
+    torch.manual_seed(0)
+    model = _SharedAct()
+    stored: dict = {}
+    flex = FlexModel(model, stored, tensor_parallel_size=2, key_by_hook_kind=True)
+    flex.register_forward_hook(HookFunction("act"))
+    flex.register_full_backward_pre_hook(HookFunction("act"))
+    out = flex(torch.randn(4, 8))
+    if dist.get_rank() == 0:
+        assert [tuple(t.shape) for t in stored["act"]] == [(4, 32), (4, 8)]
+    with pytest.raises(UnknownLayoutError, match="'act'.*more than once in one forward"):
+        out.sum().backward()
+    flex.restore()
+
+    torch.manual_seed(0)
+    same = _SharedAct(same=True)
+    stored = {}
+    flex = FlexModel(same, stored, tensor_parallel_size=2, key_by_hook_kind=True)
+    flex.register_full_backward_pre_hook(HookFunction("act"))
+    flex(torch.randn(4, 8)).sum().backward()
+    flex.restore()
+    if dist.get_rank() == 0:
+        assert [tuple(t.shape) for t in stored["act:grad_output"]] == [(4, 32), (4, 32)]
+
+
+@distributed(world_size=2)
+def test_an_edit_that_does_not_use_the_gathered_tensor_does_not_hang_backward():
+    """A result that requires grad through a trainable module but not through the gathered
+    tensor (steering by a learned vector: ``t.detach() + delta``): the leader's gather got no
+    gradient, so it skipped the gather's backward (a scatter) that the other rank waited in.
+    Backward now finishes on every rank and the learned vector's gradient equals one
+    process's."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    x = torch.randn(6, 4)
+    delta = torch.nn.Linear(1, 8, bias=False)
+
+    def steer(module, t, ctx, mods):
+        return t.detach() + mods["delta"].weight.view(-1)
+
+    ref_delta = torch.nn.Linear(1, 8, bias=False)
+    ref_delta.load_state_dict(delta.state_dict())
+    handle = net[1].register_forward_hook(
+        lambda m, a, out: out.detach() + ref_delta.weight.view(-1))
+    net(x).pow(2).mean().backward()
+    handle.remove()
+    want = ref_delta.weight.grad.clone()
+    net.zero_grad()
+
+    flex = FlexModel(net, {}, data_parallel_size=2)
+    flex.register_trainable_module("delta", delta)
+    flex.register_forward_hook(HookFunction("1", editing_function=steer))
+    flex(x.chunk(2)[dist.get_rank()]).pow(2).mean().backward()
+    flex.restore()
+    torch.testing.assert_close(delta.weight.grad, want)

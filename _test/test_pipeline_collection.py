@@ -20,6 +20,7 @@ from pipeline_cases import (
 )
 from rank_pool import distributed
 
+from flex_surgery.hooks.hook_function import HookFunction
 from flex_surgery.hooks.wrapper import FlexModel
 from flex_surgery.parallel.pipeline import StageLink, _BlockingLine
 from flex_surgery.store.memory import MemoryStore
@@ -246,3 +247,28 @@ def _sizes_follow_the_objects(link) -> None:
                     assert torch.equal(got[key], value), key
                 elif key == "text":
                     assert got[key] == value
+
+
+@distributed(world_size=2)
+def test_store_on_all_keeps_one_entry_per_call_over_several_steps():
+    """store_on="all", a dict on every rank, a sync after every step: each key holds one tensor
+    per hook call. Each collection sent the whole dict, so the second one sent back what the
+    first had brought, and the lists grew 1, 3, ... with the other stage's values repeated."""
+    _, _, x_mbs, t_mbs = inputs(2, 1)
+    stored: dict = {}
+    flex = FlexModel(two_stages(plain_net(), dist.get_rank()), stored,
+                     pipeline_parallel_size=2, store_on="all")
+    flex.register_forward_hook(HookFunction("blocks.0.up"))
+    flex.register_forward_hook(HookFunction("blocks.1.up"))
+    link = StageLink(flex.runtime.mesh)
+    counts, firsts = [], []
+    for _ in range(3):
+        hand_split_step(flex, link, x_mbs, t_mbs)
+        flex.sync_pipeline_outputs(link)
+        counts.append({k: len(v) for k, v in stored.items()})
+        firsts.append({k: v[-1].clone() for k, v in stored.items()})
+    flex.restore()
+    assert counts == [{"blocks.0.up": n, "blocks.1.up": n} for n in (1, 2, 3)], counts
+    for key in stored:  # the same input each step: the same value, once per step
+        assert all(torch.equal(t, firsts[0][key]) for t in stored[key]), key
+

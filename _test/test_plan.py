@@ -390,3 +390,29 @@ def test_planner_matches_pipeline_run(monkeypatch):
         assert sum(received) == p.moved  # tp = dp = 1: only the pipeline sync moves
     else:
         assert out == {}
+
+
+@distributed(world_size=2)
+def test_a_stage_without_hooks_takes_part_in_the_budget_check():
+    """Under pipelining a hook group matches modules of one stage only, so the other stage has
+    no hooks: it skipped the budget agreement that the hooked stage waited in (a hang). Every
+    rank now takes part; the budget is checked for the hooked stage's plan."""
+    import torch.distributed as dist
+
+    whole = tiny_hf_model("llama")
+    stage = _LlamaStage(whole, dist.get_rank())
+    stage.config = whole.config  # the budget plans from a transformers config
+    ids = example_inputs("llama", batch=2, seq=8)["input_ids"]
+    out: dict = {}
+    with FlexModel(stage, out, pipeline_parallel_size=2, memory_budget=1) as flex:
+        created = flex.create_hook_group("late", r"re:^model\.layers\.1$")
+        assert len(created) == dist.get_rank()  # stage 1 only
+        with pytest.raises(PlanError, match="over the budget"), torch.no_grad():
+            flex(ids)
+    with FlexModel(stage, out, pipeline_parallel_size=2, memory_budget="64GiB") as flex:
+        flex.create_hook_group("late", r"re:^model\.layers\.1$")
+        with torch.no_grad():
+            flex(ids)
+        flex.sync_pipeline_outputs()
+    if dist.get_rank() == 0:
+        assert list(out) == ["model.layers.1"]

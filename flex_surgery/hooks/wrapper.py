@@ -324,13 +324,20 @@ class FlexModel(HookRegistration, HookGroupAPI, nn.Module):
         again: the check is made once)."""
         from flex_surgery.plan.budget import check_memory_budget
 
-        names = sorted({hf.module_name for hf in self._handles
-                        if hf.hook_type == "forward" and hf._enabled})
+        names = {hf.module_name for hf in self._handles
+                 if hf.hook_type == "forward" and hf._enabled}
+        mesh = getattr(self.runtime, "mesh", None)
+        if mesh is not None:
+            # Every rank plans the same hooks: a pipeline stage may hold none of them (a hook
+            # group matches this stage's modules only), and one that skipped the check, or
+            # planned only its own, would decide alone (the others waiting in its agreement).
+            everyone: list[Any] = [None] * dist.get_world_size(self._budget_group)
+            dist.all_gather_object(everyone, sorted(names), group=self._budget_group)
+            names = {n for theirs in everyone for n in theirs}
         if not names:
             return
-        mesh = getattr(self.runtime, "mesh", None)
-        check_memory_budget(self.module, names, mesh, args, kwargs, self._memory_budget,
-                            self._budget_group)
+        check_memory_budget(self.module, sorted(names), mesh, args, kwargs,
+                            self._memory_budget, self._budget_group)
         self._memory_budget = None
 
     def sync_pipeline_outputs(self, link: StageLink | None = None) -> None:

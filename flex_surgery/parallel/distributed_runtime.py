@@ -316,6 +316,13 @@ class DistributedRuntime(Runtime):
                          ctx.local)
         if self.mesh.is_stage_leader():
             start = full
+            held = ctx.state.get("held")
+            if isinstance(full, torch.Tensor) and full.requires_grad and \
+                    isinstance(held, torch.Tensor) and held.requires_grad:
+                # The other ranks' backward runs the gather's backward (a scatter) whenever
+                # the scatter's does; so must the leader's, even if the edited tensor does not
+                # depend on the gathered one (a replacement from a trainable module).
+                start = _ThroughGather.apply(full, held)
         else:
             # Whether the backward of the scatter runs (a collective) must not depend on this
             # rank's placeholder: the leader's edited tensor decides, broadcast with the status
@@ -371,6 +378,21 @@ class DistributedRuntime(Runtime):
             full = frameworks.full_parameter(self.module, name, parameter, owner,
                                              frameworks.tensor_parallel_group(self.mesh))
         return store_copy(full, blocking=True)
+
+
+class _ThroughGather(torch.autograd.Function):
+    """``edited`` unchanged, with the gathered tensor as an input whose gradient is ``None``: the
+    autograd engine still runs the gather's backward (with a zero gradient when nothing else
+    reaches it), so the leader joins the scatter the other ranks wait in. Free otherwise: a
+    ``None`` adds nothing to the gradient the editing function gives."""
+
+    @staticmethod
+    def forward(ctx, edited: torch.Tensor, gathered: torch.Tensor) -> torch.Tensor:
+        return edited.view_as(edited)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
 
 
 def _local_of(t: torch.Tensor) -> torch.Tensor:

@@ -60,6 +60,12 @@ class TPTracker:
             weakref.WeakKeyDictionary()
         self._exit: weakref.WeakKeyDictionary[nn.Module, _Produced | None] = \
             weakref.WeakKeyDictionary()
+        # The watched models (entering one starts a forward), and the modules entered and left
+        # since: a module called twice in one forward after tensors of different layouts has
+        # no one entry (or exit) layout for its backward hooks.
+        self._roots: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+        self._entered: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+        self._left: weakref.WeakSet[nn.Module] = weakref.WeakSet()
         self._handles: list = []
         # Per module, (input, output) batch dims where the framework says they differ from
         # ``batch_dim``; and every parameter by identity (a layer may return one as an output).
@@ -77,6 +83,7 @@ class TPTracker:
         their activations, and those of modules after them, have no known layout.
         """
         frameworks.check_known_sharding(model)
+        self._roots.add(model)
         for name, m in model.named_modules():
             self._names.setdefault(m, name)
             for p in m.parameters(recurse=False):
@@ -102,10 +109,45 @@ class TPTracker:
         self._handles.clear()
 
     def _enter(self, module, args):
-        self._entry[module] = self._current
+        if torch._C._current_graph_task_id() != -1:
+            return  # a forward recomputed in backward (checkpointing): keep the forward's
+        if module in self._roots:  # a new forward
+            self._entered.clear()
+            self._left.clear()
+        self._remember(self._entry, self._entered, module, "entered")
 
     def _leave(self, module, args, output):
-        self._exit[module] = self._current
+        if torch._C._current_graph_task_id() != -1:
+            return
+        self._remember(self._exit, self._left, module, "left")
+
+    def _remember(self, table, seen, module: nn.Module, what: str) -> None:
+        """Record the layout state at ``module``'s entry or exit, which its backward hooks
+        read. Called again in the same forward with another state (a module shared by two
+        places, say after a column and a row layer), it has none: its gradients' layout is
+        unknown rather than the last call's."""
+        state = self._current
+        if module in seen:
+            if not self._same_layout(table.get(module), state):
+                state = _Produced(
+                    state.shape if state is not None else (), None,
+                    f"{self._describe(module)} {what} more than once in one forward, after "
+                    "tensors of different layouts, and a backward hook cannot tell which "
+                    "call's gradient it sees")
+        else:
+            seen.add(module)
+        table[module] = state
+
+    def _same_layout(self, a: _Produced | None, b: _Produced | None) -> bool:
+        """Whether two states give a module's tensors the same layout: the same split (or
+        both replicated); under sequence parallelism also the same shape, which that check
+        reads (``_inherited``)."""
+        if self._sequence_parallel:
+            return a == b
+
+        def split(x: _Produced | None) -> tuple:  # None: no TP layer ran yet (replicated)
+            return (None, None) if x is None else (x.spec, x.unknown)
+        return split(a) == split(b)
 
     def _tp_layer_ran(self, module, args, output):
         out = output[0] if isinstance(output, tuple) else output

@@ -104,7 +104,10 @@ def collect_stage_outputs(output_dict: dict[str, list[torch.Tensor]] | None,
         return
     theirs: list[dict[str, list[torch.Tensor]]] = []
     if everywhere:  # each stage in turn sends its own entries to all the others
-        mine = {key: list(values) for key, values in kept.items()}
+        # Only what this stage's hooks stored since the last collection: the dict also holds
+        # what earlier collections brought from the other stages, and what this stage sent.
+        mine = {key: fresh for key, values in kept.items()
+                if (fresh := [v for v in values if not getattr(v, _COLLECTED, False)])}
         for stage in range(link.num_stages):
             if stage != link.stage:
                 theirs.append(link.recv_object(stage))
@@ -120,6 +123,15 @@ def collect_stage_outputs(output_dict: dict[str, list[torch.Tensor]] | None,
     for entries in theirs:
         for key, values in entries.items():
             kept.setdefault(key, []).extend(values)
+    if everywhere:
+        for values in kept.values():
+            for value in values:
+                if isinstance(value, torch.Tensor):
+                    setattr(value, _COLLECTED, True)
+
+
+# Marks, under store_on="all", an entry a collection has already handled (sent, or received).
+_COLLECTED = "_flex_surgery_collected"
 
 
 def _on_collecting_line(mesh: ParallelMesh, store_on: str) -> bool:
