@@ -143,3 +143,30 @@ def test_an_edit_that_does_not_use_the_gathered_tensor_does_not_hang_backward():
     flex(x.chunk(2)[dist.get_rank()]).pow(2).mean().backward()
     flex.restore()
     torch.testing.assert_close(delta.weight.grad, want)
+
+
+@distributed(world_size=2)
+def test_a_forward_does_not_inherit_the_last_tp_layer_of_the_previous_one():
+    """Modules that run before any TP layer inherit "no TP layer yet" (replicated), in every
+    forward: the tracker kept the previous forward's last TP layer, so from the second forward a
+    plain embedding whose width equals the last column layer's local width was read as that
+    layer's shard (its two replicas joined side by side)."""
+    from fairscale.nn.model_parallel import initialize as fs
+    from fairscale.nn.model_parallel.layers import ColumnParallelLinear
+
+    fs.initialize_model_parallel(2)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 8),
+                                ColumnParallelLinear(8, 16, gather_output=False))
+    ids = torch.tensor([[1, 2, 3]])
+    want = model[0](ids).detach()
+    stored: dict = {}
+    flex = FlexModel(model, stored, tensor_parallel_size=2)
+    flex.register_forward_hook(HookFunction("0"))
+    with torch.no_grad():
+        flex(ids)
+        flex(ids)
+    flex.restore()
+    if dist.get_rank() == 0:
+        assert [tuple(t.shape) for t in stored["0"]] == [(1, 3, 8), (1, 3, 8)]
+        assert all(torch.equal(t, want) for t in stored["0"])

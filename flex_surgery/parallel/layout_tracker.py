@@ -111,7 +111,8 @@ class TPTracker:
     def _enter(self, module, args):
         if torch._C._current_graph_task_id() != -1:
             return  # a forward recomputed in backward (checkpointing): keep the forward's
-        if module in self._roots:  # a new forward
+        if module in self._roots:  # a new forward: no TP layer of it has run yet
+            self._current = None  # (not the last one of the previous forward)
             self._entered.clear()
             self._left.clear()
         self._remember(self._entry, self._entered, module, "entered")
