@@ -217,3 +217,46 @@ def test_hook_groups_chosen_per_step_under_a_schedule():
             "blocks.0.act": N_MICRO, "blocks.1.act": N_MICRO}
     else:
         assert stored == {}
+
+
+@distributed(world_size=4, timeout_s=60)
+def test_dp_x_pp_schedule_with_overlap_retrieval_collects_every_stage():
+    """DP=2 x PP=2 under a ``torch.distributed.pipelining`` schedule (which calls the stage
+    module, not ``flex(...)``), ``overlap_retrieval=True``: the retrievals of dp-sharded
+    activations are completed at the next ``wait_for_host_copies``, which no ``flex(...)``
+    call made; ``sync_pipeline_outputs`` collected before them, so rank 0 lacked every stage-1
+    key (they came with the next step's). It now waits for them first."""
+    from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
+
+    dp = 2
+    _, _, x_mbs, t_mbs = inputs(4 * N_MICRO, N_MICRO)  # 4 micro-batches of 4 rows
+    stored: dict = {}
+    # FlexModel's own mesh: (pp, dp, tp) order -> ranks 0, 1 are stage 0; ranks 2, 3 stage 1.
+    stage = dist.get_rank() // dp
+    dp_rank = dist.get_rank() % dp
+    ref_stored, _, _ = reference(x_mbs, t_mbs, edit=False)
+    stage_module = two_stages(plain_net(), stage)
+    flex = FlexModel(stage_module, stored if dist.get_rank() == 0 else None,
+                     pipeline_parallel_size=2, data_parallel_size=dp, key_by_hook_kind=True,
+                     overlap_retrieval=True)
+    assert flex.runtime.mesh.stage == stage and flex.runtime.mesh.rank("dp") == dp_rank
+    register_sites(flex, edit=False)
+    link = StageLink(flex.runtime.mesh, timeout_s=30)
+    pstage = skip_metadata_inference(
+        PipelineStage(stage_module, link.stage, 2, torch.device("cpu"), group=link.group))
+    # This replica's rows of every micro-batch, in micro-batch order (the schedule chunks
+    # along dim 0 into N_MICRO pieces).
+    mine_x = torch.cat([mb.chunk(dp)[dp_rank] for mb in x_mbs])
+    mine_t = torch.cat([mb.chunk(dp)[dp_rank] for mb in t_mbs])
+    sched = ScheduleGPipe(pstage, n_microbatches=N_MICRO, loss_fn=loss_fn)
+    with link.step():
+        if link.is_first:
+            sched.step(mine_x)
+        else:
+            sched.step(target=mine_t)
+    flex.sync_pipeline_outputs(link)
+    got = {k: list(v) for k, v in stored.items()}  # before close (a collective), so no rank
+    flex.close()                                   # is left waiting when rank 0 fails
+    if dist.get_rank() == 0:
+        # every key of both stages, one whole (dp-gathered) tensor per micro-batch
+        assert_stored_equal(got, ref_stored, **TOL)

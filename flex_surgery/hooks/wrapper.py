@@ -353,6 +353,9 @@ class FlexModel(HookRegistration, HookGroupAPI, nn.Module):
         every rank (see :meth:`check_store`).
         """
         self._check_usable()
+        # Values whose retrieval is still in flight (overlap_retrieval) are stored first: a
+        # pipelining schedule calls the stage module itself, so no flex(...) call has waited.
+        wait_for_host_copies()
         self._collect_stages(link)
         self.check_store()  # a write here or in a stage's hooks that failed: every rank raises
 
