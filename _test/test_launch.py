@@ -32,8 +32,11 @@ RECIPES = Path(HERE).parent / "distributed"
 _LAUNCH_VARS = (
     "TORCHELASTIC_RUN_ID", "SUBMITIT_EXECUTOR", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS",
     "SLURM_NTASKS", "SLURM_JOB_ID", "SLURM_JOB_NODELIST", "SLURM_LOCALID", "SLURM_NODEID",
-    "SLURM_JOB_NUM_NODES", "SLURM_STEP_ID", "RANK", "WORLD_SIZE", "LOCAL_RANK",
-    "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+    "SLURM_JOB_NUM_NODES", "SLURM_STEP_ID", "SLURM_NNODES", "SLURM_STEP_NUM_NODES",
+    "SLURM_STEP_NODELIST", "SLURM_NODELIST", "SLURM_TASKS_PER_NODE",
+    "SLURM_STEP_TASKS_PER_NODE", "SLURM_NTASKS_PER_NODE", "SLURM_ARRAY_JOB_ID",
+    "SLURM_ARRAY_TASK_ID", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR", "MASTER_PORT",
 )
 
 
@@ -89,6 +92,72 @@ def test_submitit_task_uses_job_port_not_inherited_one(clean_env):
     assert (env.rank, env.world_size, env.launcher) == (2, 4, "submitit")
     assert env.master_port == port_for_job("77") != 1234
     assert detect_environment(master_port=4321).master_port == 4321
+
+
+def _set_env(env, **values) -> None:
+    for name, value in values.items():
+        env.setenv(name, str(value))
+
+
+def test_srun_step_on_part_of_the_allocation_uses_the_steps_nodes_and_tasks(clean_env):
+    """``srun -N1 -n2 -w gpu04 python train.py`` inside a 2-node allocation gpu[03-04]: the
+    step's nodes and tasks (SLURM_STEP_NODELIST, SLURM_STEP_TASKS_PER_NODE), not the job's.
+    Before: local_world_size 2 // 2 = 1 (both tasks share gpu04) and the rendezvous on gpu03,
+    where no task of the step runs (init waited until its timeout)."""
+    _set_env(clean_env, SLURM_JOB_ID=123, SLURM_STEP_ID=0, SLURM_JOB_NUM_NODES=2,
+         SLURM_JOB_NODELIST="gpu[03-04]", SLURM_NNODES=1, SLURM_STEP_NUM_NODES=1,
+         SLURM_STEP_NODELIST="gpu04", SLURM_NODELIST="gpu04", SLURM_NTASKS=2,
+         SLURM_STEP_NUM_TASKS=2, SLURM_TASKS_PER_NODE=2, SLURM_STEP_TASKS_PER_NODE=2,
+         SLURM_PROCID=1, SLURM_LOCALID=1, SLURM_NODEID=0)
+    env = detect_environment()
+    assert (env.rank, env.world_size, env.local_rank) == (1, 2, 1)
+    assert env.local_world_size == 2, f"2 tasks on gpu04, got {env.local_world_size}"
+    assert env.master_addr == "gpu04", f"rank 0 runs on gpu04, rendezvous at {env.master_addr}"
+
+
+def test_srun_step_with_uneven_tasks_per_node_has_the_right_local_world_size(clean_env):
+    """``srun -n3`` over 2 nodes puts 2 tasks on the first node and 1 on the second
+    (SLURM_STEP_TASKS_PER_NODE="2,1"): node 0 runs 2 (before: 3 // 2 = 1 on every task, so
+    each of node 0's ranks took all of its cores). Without the variable, an uneven split is
+    an error."""
+    _set_env(clean_env, SLURM_JOB_ID=124, SLURM_STEP_ID=0, SLURM_JOB_NUM_NODES=2,
+         SLURM_JOB_NODELIST="gpu[03-04]", SLURM_NNODES=2, SLURM_STEP_NUM_NODES=2,
+         SLURM_STEP_NODELIST="gpu[03-04]", SLURM_NODELIST="gpu[03-04]", SLURM_NTASKS=3,
+         SLURM_STEP_NUM_TASKS=3, SLURM_TASKS_PER_NODE="2,1", SLURM_STEP_TASKS_PER_NODE="2,1",
+         SLURM_PROCID=0, SLURM_LOCALID=0, SLURM_NODEID=0)
+    env = detect_environment()
+    assert env.local_world_size == 2, f"node 0 runs 2 tasks, got {env.local_world_size}"
+    clean_env.setenv("SLURM_NODEID", "1")
+    assert detect_environment().local_world_size == 1
+    clean_env.setenv("SLURM_STEP_TASKS_PER_NODE", "2(x2)")
+    with pytest.raises(RuntimeError, match="do not add up"):
+        detect_environment()
+    clean_env.delenv("SLURM_STEP_TASKS_PER_NODE")
+    clean_env.delenv("SLURM_TASKS_PER_NODE")
+    with pytest.raises(RuntimeError, match="3 tasks on 2 nodes"):
+        detect_environment()
+
+
+def test_srun_step_ignores_a_master_port_copied_from_the_submitter(clean_env):
+    """As for submitit: the port is drawn from the job and step ids, not a MASTER_PORT that
+    sbatch copied from the submitting shell (two steps side by side shared it)."""
+    _set_env(clean_env, SLURM_JOB_ID=123, SLURM_STEP_ID=3, SLURM_JOB_NUM_NODES=1,
+         SLURM_JOB_NODELIST="gpu03", SLURM_NTASKS=2, SLURM_STEP_NUM_TASKS=2, SLURM_PROCID=0,
+         SLURM_LOCALID=0, SLURM_NODEID=0, MASTER_PORT=29500)  # copied in by sbatch
+    env = detect_environment()
+    assert env.launcher == "srun"
+    assert env.master_port == port_for_job("123.3"), env.master_port
+
+
+def test_bare_rank_variables_without_local_rank_are_refused_not_guessed(clean_env):
+    """``RANK=1 WORLD_SIZE=4`` with no LOCAL_RANK (a custom launcher): which device and how many
+    ranks share this host are unknown. It was guessed (local rank 0: every rank on cuda:0);
+    now it is an error naming LOCAL_RANK."""
+    _set_env(clean_env, RANK=1, WORLD_SIZE=4, MASTER_ADDR="node7", MASTER_PORT=29500)
+    with pytest.raises(RuntimeError, match="LOCAL_RANK"):
+        detect_environment()
+    clean_env.setenv("LOCAL_RANK", "1")
+    assert detect_environment().local_rank == 1
 
 
 def test_cluster_config_file_with_environment_overrides(tmp_path):

@@ -118,16 +118,46 @@ def _from_srun_step(master_port: int | None) -> RankEnvironment:
     """A plain ``srun`` step (no submitit): ``TorchDistributedEnvironment()`` refuses those
     ("Could not figure out which environment the job is running in"), so SLURM's ids are read
     through submitit's ``SlurmJobEnvironment`` directly, as submitit's helper would."""
-    from submitit.slurm.slurm import SlurmJobEnvironment
+    from submitit.slurm.slurm import SlurmJobEnvironment, _parse_node_list
 
     job = SlurmJobEnvironment()
     if master_port is None:
-        # Steps of one job may run side by side: the step id keeps their ports apart.
+        # Steps of one job may run side by side: the step id keeps their ports apart. Not
+        # MASTER_PORT, which sbatch may have copied from the submitting shell (as submitit).
         step = os.environ.get("SLURM_STEP_ID", "0")
-        master_port = _int_env("MASTER_PORT", port_for_job(f"{job.job_id}.{step}"))
-    return RankEnvironment(job.global_rank, job.num_tasks, job.local_rank,
-                           job.num_tasks // max(1, job.num_nodes), job.hostnames[0], master_port,
-                           "srun")
+        master_port = port_for_job(f"{job.job_id}.{step}")
+    # The step's nodes and tasks, not the job's: a step may run on part of the allocation
+    # (srun -N1 -w node04), and its tasks need not spread evenly (srun -n3 on two nodes).
+    nodes = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_NODELIST") or \
+        os.environ.get("SLURM_JOB_NODELIST")
+    hosts = _parse_node_list(nodes) if nodes else [socket.gethostname()]
+    per_node = _tasks_per_node(os.environ.get("SLURM_STEP_TASKS_PER_NODE")
+                               or os.environ.get("SLURM_TASKS_PER_NODE"), job.num_tasks, len(hosts))
+    node = _int_env("SLURM_NODEID", 0)
+    if not 0 <= node < len(per_node):
+        raise RuntimeError(f"SLURM_NODEID={node} is not one of the step's {len(per_node)} "
+                           f"node(s) ({nodes})")
+    return RankEnvironment(job.global_rank, job.num_tasks, job.local_rank, per_node[node],
+                           hosts[0], master_port, "srun")
+
+
+def _tasks_per_node(spec: str | None, tasks: int, nodes: int) -> list[int]:
+    """The tasks on each node of a step, from SLURM's ``2(x3),1`` form; without it, an even
+    split, or an error when the tasks do not divide evenly (the count per node is unknown)."""
+    if spec:
+        counts: list[int] = []
+        for part in spec.split(","):
+            count, _, times = part.partition("(x")
+            counts += [int(count)] * (int(times.rstrip(")")) if times else 1)
+        if sum(counts) != tasks:
+            raise RuntimeError(f"SLURM tasks per node {spec!r} do not add up to the step's "
+                               f"{tasks} tasks")
+        return counts
+    if tasks % max(1, nodes):
+        raise RuntimeError(f"{tasks} tasks on {nodes} nodes, and SLURM_STEP_TASKS_PER_NODE is "
+                           "not set: how many run on this node is unknown (set LOCAL_WORLD_SIZE "
+                           "through torchrun, or run whole tasks per node)")
+    return [tasks // max(1, nodes)] * max(1, nodes)
 
 
 def _in_srun_step() -> bool:
@@ -155,6 +185,13 @@ def detect_environment(master_port: int | None = None) -> RankEnvironment:
     if _in_srun_step():
         return _from_srun_step(master_port)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        if _int_env("WORLD_SIZE") > 1 and "LOCAL_RANK" not in os.environ:
+            # Which device this rank takes, and how many ranks share the host, are unknown:
+            # every rank would take cuda:0 and all of the host's cores.
+            raise RuntimeError(
+                "RANK and WORLD_SIZE are set but LOCAL_RANK is not: this rank's device and the "
+                "number of ranks on its host are unknown. Set LOCAL_RANK (and "
+                "LOCAL_WORLD_SIZE) for every rank, or start the job with torchrun or srun")
         env = _from_torchrun()
         return RankEnvironment(**{**env.__dict__, "launcher": "env"})
     return RankEnvironment(
