@@ -92,3 +92,24 @@ def test_register_a_custom_architecture():
 def test_table_has_no_silent_gaps():
     for name, anatomy in ANATOMIES.items():
         assert anatomy.blocks, name  # every entry knows its blocks
+
+
+def test_locate_does_not_guess_inside_an_unknown_architecture_with_two_known_parts():
+    """VisionEncoderDecoderModel (not in ANATOMIES) holds a ViTModel encoder and a
+    GPT2LMHeadModel decoder: the first one met (the encoder) was taken, so ModelSurgery and the
+    lens acted on the vision blocks without a word. Two known parts are ambiguous: an error
+    naming both; each part on its own is located."""
+    import transformers as tf
+
+    from flex_surgery.anatomy import UnknownArchitecture, locate
+
+    enc = tf.ViTConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                       intermediate_size=32, image_size=8, patch_size=4)
+    dec = tf.GPT2Config(n_embd=16, n_layer=3, n_head=2, vocab_size=32, n_positions=16,
+                        add_cross_attention=True, is_decoder=True, bos_token_id=0,
+                        eos_token_id=0)
+    model = tf.VisionEncoderDecoderModel(
+        tf.VisionEncoderDecoderConfig.from_encoder_decoder_configs(enc, dec))
+    with pytest.raises(UnknownArchitecture, match="ViTModel at 'encoder'.*GPT2LMHeadModel"):
+        locate(model)
+    assert locate(model.decoder).arch == "GPT2LMHeadModel"

@@ -192,7 +192,10 @@ def _total_over_ranks(value: int) -> int:
     return int(t.item())
 
 
-HOOKED = [RESIDUALS, "*.self_attn.q_proj", "*.self_attn.o_proj", "*.mlp.up_proj"]
+# The MLP's activation is outside HF's TP plan but runs on a column layer's shard: the
+# runtime gathers it, and the plan must count those bytes as moved.
+HOOKED = [RESIDUALS, "*.self_attn.q_proj", "*.self_attn.o_proj", "*.mlp.up_proj",
+          "*.mlp.act_fn"]
 
 
 def _run_hooked(model, plan_, inputs, **flex_kwargs):
@@ -233,6 +236,7 @@ def test_planner_matches_tensor_parallel_run(tmp_path, monkeypatch):
     batch, seq = 2, 6
     p = _tiny_plan(model, MeshSizes(tp=2), batch, seq, HOOKED)
     assert any(h.tp_sharded for h in p.hooks) and p.moved > 0
+    assert all(h.tp_sharded for h in p.hooks if h.name.endswith("act_fn"))
     counter = _GatherCounter(monkeypatch)
     out = _run_hooked(model, p, example_inputs("llama", batch=batch, seq=seq))
     _check_against_run(p, out, counter)

@@ -92,3 +92,30 @@ def test_nests_with_surgical_theater(llama):
     for n, p in llama.named_parameters():
         assert torch.equal(p, before[n])
     assert torch.equal(llama(input_ids=x).logits, base)
+
+
+def test_layer_surgeries_exited_out_of_order_leave_the_original_blocks():
+    """Exiting an outer surgery before the inner one: both raise, and the model's own container
+    is back. The inner one used to reinstall *its* original, the outer surgery's permuted
+    list, so the model kept running with blocks [1, 0] after both said otherwise."""
+    from flex_surgery.models import example_inputs, tiny_hf_model
+    from flex_surgery.surgery.layers import LayerSurgery
+    from flex_surgery.surgery.theater import SurgeryError
+
+    model = tiny_hf_model("llama")
+    container, blocks = model.model.layers, list(model.model.layers)
+    ids = example_inputs("llama")["input_ids"]
+    with torch.no_grad():
+        base = model(input_ids=ids).logits
+    outer = LayerSurgery(model, order=[1, 0])
+    inner = LayerSurgery(model, order=[0])
+    outer.__enter__()
+    inner.__enter__()
+    with pytest.raises(SurgeryError, match="original was reinstalled"):
+        outer.__exit__(None, None, None)
+    with pytest.raises(SurgeryError, match="original was reinstalled"):
+        inner.__exit__(None, None, None)
+    assert model.model.layers is container and list(model.model.layers) == blocks, (
+        f"left installed: {[blocks.index(b) for b in model.model.layers]}")
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, base)

@@ -145,12 +145,30 @@ def _module_by_clean_name(root: nn.Module, name: str) -> nn.Module:
 
 
 def locate(model: nn.Module) -> Located:
-    """Find the first module of ``model`` whose class is in :data:`ANATOMIES`."""
+    """Find the outermost module of ``model`` whose class is in :data:`ANATOMIES`.
+
+    A model of an unknown class that holds *two* known architectures side by side (a
+    ``VisionEncoderDecoderModel``: a ViT encoder and a GPT-2 decoder) is ambiguous -- which
+    one's blocks are "the layers" is the user's choice -- and raises, rather than taking the
+    first one met."""
     # Innermost: a wrapper's class (FSDP, checkpoint) is not an architecture, what it wraps is.
+    found: list[tuple[str, str]] = []
     for name, module in modules_by_clean_name(model).items():
         arch = type(module).__name__
-        if arch in ANATOMIES:
-            return Located(model, arch, name, ANATOMIES[arch])
+        if arch not in ANATOMIES or any(name.startswith(f"{outer}.") or outer == ""
+                                        for outer, _ in found):
+            continue  # not known, or a part of a known architecture found already
+        found.append((name, arch))
+    if len(found) > 1:
+        parts = ", ".join(f"{arch} at {name!r}" for name, arch in found)
+        raise UnknownArchitecture(
+            f"{type(model).__name__} is not a known architecture and holds several known ones "
+            f"({parts}): which one's blocks to use is ambiguous. Pass the part itself (e.g. "
+            f"model.{found[-1][0]}), name modules explicitly, or register "
+            f"{type(model).__name__} with flex_surgery.anatomy.register_anatomy")
+    if found:
+        name, arch = found[0]
+        return Located(model, arch, name, ANATOMIES[arch])
     raise UnknownArchitecture(
         f"no known architecture inside {type(model).__name__}; known: {sorted(ANATOMIES)}. "
         "Name modules explicitly (e.g. layers='model.layers.0') or add an entry with "

@@ -24,7 +24,6 @@ plus the receive buffers of the largest single gather (the pieces before they ar
 
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass, field
 
 import torch
@@ -32,7 +31,7 @@ import torch
 from flex_surgery.plan.configs import load_config
 from flex_surgery.plan.errors import PlanError
 from flex_surgery.plan.mesh import MeshSizes, format_bytes
-from flex_surgery.plan.shapes import HookShape, hook_shapes
+from flex_surgery.plan.shapes import HookShape, hook_shapes, tp_plan_style
 
 STORES = ("memory", "replica_leaders", "disk")
 DEFAULT_DISK_BUFFER = 1 << 30
@@ -163,26 +162,27 @@ def _reduced_peak(plan: Plan, factor: int) -> int:
     return max((p + factor - 1) // factor for p in plan.peak_per_rank.values())
 
 
-def tp_sharded(config, name: str) -> bool:
+def tp_sharded(config, name: str, after_colwise: bool = False) -> bool:
     """Whether the output of module ``name`` is split over tp under the model's TP plan.
 
     Column-parallel layers leave their output split along the last dim; row-parallel layers
-    all-reduce, so their output (and everything outside the plan) is replicated. A model without
-    a plan, or a style the planner does not know, is refused rather than guessed.
+    all-reduce, so their output is replicated. A module outside the plan is split when its
+    output comes after a column layer of that width with no row layer between
+    (``after_colwise``, from :func:`~flex_surgery.plan.shapes.hook_shapes`: an MLP's
+    activation), as the runtime reads it; else replicated. A model without a plan, or a style
+    the planner does not know, is refused rather than guessed.
     """
-    tp_plan = getattr(config, "base_model_tp_plan", None) or {}
-    if not tp_plan:
+    if not (getattr(config, "base_model_tp_plan", None) or {}):
         raise PlanError(f"{type(config).__name__} has no tensor-parallel plan "
                         "(base_model_tp_plan): the planner cannot tell what tp splits; plan it "
                         "with tp=1")
-    inner = name.split(".", 1)[1] if "." in name else name  # without "model."
-    for pattern, style in tp_plan.items():
-        if fnmatch.fnmatchcase(inner, pattern) or fnmatch.fnmatchcase(name, pattern):
-            if style in ("colwise", "rowwise"):
-                return style == "colwise"
-            raise PlanError(f"{name!r}: tensor-parallel style {style!r} is not one the planner "
-                            "knows how the runtime gathers (colwise, rowwise)")
-    return False
+    style = tp_plan_style(config, name)
+    if style is None:
+        return after_colwise
+    if style in ("colwise", "rowwise"):
+        return style == "colwise"
+    raise PlanError(f"{name!r}: tensor-parallel style {style!r} is not one the planner "
+                    "knows how the runtime gathers (colwise, rowwise)")
 
 
 def check_divides(config, mesh: MeshSizes) -> None:
@@ -226,7 +226,8 @@ def place_hooks(config, shapes: list[HookShape], mesh: MeshSizes) -> list[Placed
     """Stage and tp layout of each hook (see :func:`stage_of`, :func:`tp_sharded`)."""
     check_divides(config, mesh)
     layers = getattr(config, "num_hidden_layers", 1) or 1
-    return [PlacedHook(s, stage_of(s, layers, mesh.pp), mesh.tp > 1 and tp_sharded(config, s.name))
+    return [PlacedHook(s, stage_of(s, layers, mesh.pp),
+                       mesh.tp > 1 and tp_sharded(config, s.name, s.after_colwise))
             for s in shapes]
 
 

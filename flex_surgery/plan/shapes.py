@@ -10,8 +10,10 @@ model's own, not a formula that could drift from it.
 
 from __future__ import annotations
 
+import fnmatch
 import re
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -32,6 +34,9 @@ class HookShape:
     calls: int  # calls per forward
     block: int | None  # index of the block it belongs to; None outside the blocks
     before_blocks: bool  # runs before the first block (pipeline stage 0)
+    # Its output comes after a column-parallel layer of the config's TP plan, with that layer's
+    # width and no row-parallel layer between: the runtime reads it as that layer's tp shard.
+    after_colwise: bool = False
 
     @property
     def numel(self) -> int:
@@ -76,13 +81,21 @@ def hook_shapes(config, batch: int, seq: int, dtype: torch.dtype,
             tensor = _first_tensor(output)
             if tensor is None:
                 raise PlanError(f"module {name!r} returns no tensor to hook")
+            last = order.get("tp_layer")
             entry = seen.setdefault(name, [tuple(tensor.shape), tensor.dtype, 0,
-                                           not order["first_block_seen"]])
+                                           not order["first_block_seen"],
+                                           last is not None and last[0] == "colwise"
+                                           and tensor.ndim > 0
+                                           and tensor.shape[-1] == last[1]])
             entry[2] += 1
         return hook
 
     blocks = {n for n, _ in model.named_modules() if block_of(n) is not None}
-    handles = [model.get_submodule(n).register_forward_hook(record(n)) for n in names]
+    # The TP plan's layers, watched first: what a hooked module returns after a column layer
+    # of its width is a shard of it (the runtime's rule for modules outside the plan).
+    handles = [module.register_forward_hook(partial(_tp_layer_ran, order, style))
+               for n, module in model.named_modules() if (style := tp_plan_style(config, n))]
+    handles += [model.get_submodule(n).register_forward_hook(record(n)) for n in names]
     # Blocks are watched too, so modules outside them are placed before or after them.
     handles += [model.get_submodule(n).register_forward_hook(
         lambda *a: order.__setitem__("first_block_seen", True))
@@ -98,7 +111,24 @@ def hook_shapes(config, batch: int, seq: int, dtype: torch.dtype,
     finally:
         for h in handles:
             h.remove()
-    return [HookShape(n, *seen[n][:3], block_of(n), seen[n][3]) for n in names if n in seen]
+    return [HookShape(n, *seen[n][:3], block_of(n), seen[n][3], seen[n][4])
+            for n in names if n in seen]
+
+
+def _tp_layer_ran(order: dict, style: str, module, args, output) -> None:
+    tensor = _first_tensor(output)
+    order["tp_layer"] = (style, tensor.shape[-1] if tensor is not None and tensor.ndim else None)
+
+
+def tp_plan_style(config, name: str) -> str | None:
+    """The style the config's TP plan (``base_model_tp_plan``) gives module ``name`` (matched
+    with or without its first component, ``model.``), or ``None`` outside the plan."""
+    tp_plan = getattr(config, "base_model_tp_plan", None) or {}
+    inner = name.split(".", 1)[1] if "." in name else name
+    for pattern, style in tp_plan.items():
+        if fnmatch.fnmatchcase(inner, pattern) or fnmatch.fnmatchcase(name, pattern):
+            return style
+    return None
 
 
 def _block_depth(name: str) -> int:

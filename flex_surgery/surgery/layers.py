@@ -92,6 +92,9 @@ class LayerSurgery:
         replace = {i % n: m for i, m in self.replace.items()}
         blocks = [replace.get(i % n, original[i % n]) for i in order]
         new = nn.ModuleList(blocks)
+        # What ``new`` stands in for, kept off the module tree (not a submodule): an exit out
+        # of order follows these links down to the model's own container.
+        object.__setattr__(new, _REPLACED, original)
         setattr(parent, attr, new)
         self._parent, self._attr, self._original, self._installed = parent, attr, original, new
         return new
@@ -99,17 +102,25 @@ class LayerSurgery:
     def __exit__(self, *exc: Any) -> bool:
         if self._installed is None:
             raise SurgeryError("exit of a LayerSurgery that is not active")
+        original = self._original
         try:
             current = getattr(self._parent, self._attr)
             if current is not self._installed:
+                # Out of order: our original may be another surgery's list; the model's own
+                # container is at the end of the chain of what each list stood in for.
+                while _REPLACED in vars(original):
+                    original = vars(original)[_REPLACED]
                 raise SurgeryError(
                     f"{self.container} was replaced while this LayerSurgery was active (a "
                     "nested surgery exited out of order?); the original was reinstalled"
                 )
         finally:
-            setattr(self._parent, self._attr, self._original)
+            setattr(self._parent, self._attr, original)
             self._installed = None
         return False
+
+
+_REPLACED = "_flex_surgery_replaced"
 
 
 def delete_blocks(model: nn.Module, indices: Sequence[int], **kw: Any) -> LayerSurgery:
