@@ -283,3 +283,36 @@ def test_docs_example_runs():
     assert blocks
     for block in blocks:
         exec(compile(block, str(page), "exec"), {"__name__": "docs_example"})
+
+
+@distributed(world_size=2)
+def test_a_stage_that_cannot_find_its_blocks_raises_on_every_rank():
+    """Stage 1 is given a container name it does not have: it raised alone while stage 0
+    waited in the exchange of block counts. Every stage raises now; a replacement whose check
+    raises on the stage holding the block is likewise agreed."""
+    from flex_surgery.parallel.mesh import ParallelMesh
+
+    rank = dist.get_rank()
+    stage = pipeline_stage(plain_lm(), rank, split=2)
+    mesh = ParallelMesh.build(pp=2)
+    container = ModelSurgery(stage, pipeline_group=mesh.group("pp")).container
+    with pytest.raises((SurgeryError, ValueError)) as info:
+        ModelSurgery(stage, pipeline_group=mesh.group("pp"),
+                     container=container if rank == 0 else "no.such.blocks")
+    if rank == 0:
+        assert "pipeline stage(s) [1]" in str(info.value)
+    surgery = ModelSurgery(stage, pipeline_group=mesh.group("pp"))
+    import flex_surgery.surgery.model_surgery as model_surgery
+
+    def raising(block, replacement, what):  # an unexpected error on the stage holding block 3
+        raise RuntimeError(f"{what} could not be checked")
+
+    original = model_surgery.sharding_problems
+    model_surgery.sharding_problems = raising
+    try:
+        with pytest.raises(ShardingMismatchError, match="block 3: checking its replacement "
+                                                        "raised RuntimeError"):
+            with surgery.replace_layers([3], [PassThrough()]):
+                pass
+    finally:
+        model_surgery.sharding_problems = original

@@ -74,17 +74,33 @@ class ModelSurgery:
                  container: str | None = None) -> None:
         self.model = model
         self.root = unwrap_model(model)
-        self.located = locate(self.root) if container is None else None
-        self.container = container if container is not None else self.located.name("blocks")
         self.pipeline_group = pipeline_group if pipeline_group is not None else \
             _pipeline_group_of(model)
-        local = len(self._layers())
+        failure: Exception | None = None
+        local: Any = None
+        try:  # a stage that cannot find its blocks still takes part in the exchange below
+            self.located = locate(self.root) if container is None else None
+            self.container = container if container is not None else \
+                self.located.name("blocks")
+            local = len(self._layers())
+        except Exception as exc:
+            failure = exc
         if self.pipeline_group is None or dist.get_world_size(self.pipeline_group) == 1:
+            if failure is not None:
+                raise failure
             self.stage_sizes: list[int] = [local]
             self.stage = 0
         else:
             sizes: list[Any] = [None] * dist.get_world_size(self.pipeline_group)
-            dist.all_gather_object(sizes, local, group=self.pipeline_group)
+            mine = local if failure is None else f"{type(failure).__name__}: {failure}"
+            dist.all_gather_object(sizes, mine, group=self.pipeline_group)
+            if failure is not None:
+                raise failure
+            failed = {stage: s for stage, s in enumerate(sizes) if isinstance(s, str)}
+            if failed:
+                raise SurgeryError(f"ModelSurgery: pipeline stage(s) {sorted(failed)} cannot "
+                                   f"find their blocks ({next(iter(failed.values()))}); every "
+                                   "stage raises")
             self.stage_sizes = [int(s) for s in sizes]
             self.stage = dist.get_rank(self.pipeline_group)
         self.offset = sum(self.stage_sizes[:self.stage])
@@ -237,7 +253,11 @@ class ModelSurgery:
         for g, r in zip(normal, replacements):
             j = self._local(g)
             if j is not None:
-                problems += sharding_problems(layers[j], r, f"block {g}")
+                try:
+                    problems += sharding_problems(layers[j], r, f"block {g}")
+                except Exception as exc:  # agreed below like a mismatch: no rank goes on alone
+                    problems.append(f"block {g}: checking its replacement raised "
+                                    f"{type(exc).__name__}: {exc}")
                 mine[j] = r
         # Only the stage holding a block (and, with uneven shards, only some tensor-parallel
         # ranks) can see a mismatch; the ranks agree before anyone runs, so all raise together.
