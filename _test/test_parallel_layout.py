@@ -303,15 +303,29 @@ def test_a_2d_tensor_in_a_seq_first_model_is_not_split_over_dp_on_its_hidden_dim
 
 
 class _Projection(nn.Module):
-    """A linear map whose tensor-parallel parameter is not called ``weight``."""
+    """A linear map by a (DTensor) parameter called ``name``."""
 
-    def __init__(self, w: torch.Tensor) -> None:
+    def __init__(self, w: torch.Tensor, name: str = "w") -> None:
         super().__init__()
-        self.w = nn.Parameter(w)
+        self.name = name
+        self.register_parameter(name, nn.Parameter(w))
 
     def forward(self, x):
-        w = self.w.to_local() if hasattr(self.w, "to_local") else self.w
+        w = getattr(self, self.name)
+        w = w.to_local() if hasattr(w, "to_local") else w
         return x @ w.T  # under TP: this rank's columns of the output
+
+
+def _hook_on_first_module_raises(model: nn.Module, x: torch.Tensor, error, match: str) -> None:
+    from flex_surgery.hooks import FlexModel, HookFunction
+
+    flex = FlexModel(model, {})
+    flex.register_forward_hook(HookFunction("0"))
+    try:
+        with pytest.raises(error, match=match):
+            flex(x)
+    finally:
+        flex.restore()
 
 
 @distributed(world_size=2)
@@ -321,30 +335,12 @@ def test_a_dtensor_split_parameter_not_named_weight_makes_the_module_undescribed
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    from flex_surgery.hooks import FlexModel, HookFunction
     from flex_surgery.parallel.frameworks import UnknownLayoutError
 
     w = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
     mesh = init_device_mesh("cpu", (2,))
     model = nn.Sequential(_Projection(distribute_tensor(w, mesh, [Shard(0)])))
-    flex = FlexModel(model, {})
-    flex.register_forward_hook(HookFunction("0"))
-    try:
-        with pytest.raises(UnknownLayoutError, match="'0'"):
-            flex(torch.randn(3, 4))
-    finally:
-        flex.restore()
-
-
-class _StridedLinear(nn.Module):
-    """A linear map whose ``weight`` is split over tp in interleaved blocks (``_StridedShard``)."""
-
-    def __init__(self, w: torch.Tensor) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(w)
-
-    def forward(self, x):
-        return x @ self.weight.to_local().T  # this rank's rows of every part, interleaved
+    _hook_on_first_module_raises(model, torch.randn(3, 4), UnknownLayoutError, "'0'")
 
 
 @distributed(world_size=2)
@@ -356,21 +352,14 @@ def test_a_strided_dtensor_weight_split_makes_the_module_undescribed():
     from torch.distributed.tensor import distribute_tensor
     from torch.distributed.tensor.placement_types import _StridedShard
 
-    from flex_surgery.hooks import FlexModel, HookFunction
     from flex_surgery.parallel.frameworks import UnknownLayoutError
 
     w = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
     mesh = init_device_mesh("cpu", (2,))
     strided = distribute_tensor(w, mesh, [_StridedShard(0, split_factor=2)])
     assert not torch.equal(strided.to_local(), w.chunk(2)[dist.get_rank()])  # really interleaved
-    model = nn.Sequential(_StridedLinear(strided))
-    flex = FlexModel(model, {})
-    flex.register_forward_hook(HookFunction("0"))
-    try:
-        with pytest.raises(UnknownLayoutError, match="'0'"):
-            flex(torch.randn(3, 4))
-    finally:
-        flex.restore()
+    model = nn.Sequential(_Projection(strided, "weight"))
+    _hook_on_first_module_raises(model, torch.randn(3, 4), UnknownLayoutError, "'0'")
 
 
 class _StridedOutput(nn.Module):
@@ -395,16 +384,9 @@ def test_a_dtensor_activation_with_a_strided_placement_is_refused():
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    from flex_surgery.hooks import FlexModel, HookFunction
     from flex_surgery.parallel.frameworks import LayoutError
 
     mesh = init_device_mesh("cpu", (2,))
     weight = distribute_tensor(torch.ones(4, 4), mesh, [Shard(0)])  # makes the mesh tp
     model = nn.Sequential(_StridedOutput(mesh), _Projection(weight))
-    flex = FlexModel(model, {})
-    flex.register_forward_hook(HookFunction("0"))
-    try:
-        with pytest.raises(LayoutError, match="'0'.*_StridedShard|'0'.*placement"):
-            flex(torch.randn(3, 8))
-    finally:
-        flex.restore()
+    _hook_on_first_module_raises(model, torch.randn(3, 8), LayoutError, "'0'.*placement")

@@ -341,12 +341,7 @@ def test_a_memory_store_under_replica_leaders_with_dp_is_refused_on_every_rank()
     with pytest.raises(ValueError, match=r"rank 0 \(at least\) has a store that keeps them"):
         FlexModel(model, None, store=store, store_on="replica_leaders")
     store.close()
-    one: dict = {}
-    flex = FlexModel(plain_net(), one, process_group=local_group())
-    flex.register_forward_hook(HookFunction("blocks.0.up"))
-    with torch.no_grad():
-        flex(x)
-    flex.close()
+    one = _up_in_one_process(x)
     store = MemoryStore()
     flex = FlexModel(model, None, store=store)  # store_on="rank0": the whole batch on rank 0
     flex.register_forward_hook(HookFunction(actual_names(model)["blocks.0.up"]))
@@ -355,7 +350,18 @@ def test_a_memory_store_under_replica_leaders_with_dp_is_refused_on_every_rank()
     flex.close()
     if dist.get_rank() == 0:
         got = store.read(actual_names(model)["blocks.0.up"], 0)
-        torch.testing.assert_close(got, one["blocks.0.up"][0], rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(got, one, rtol=1e-12, atol=1e-14)
+
+
+def _up_in_one_process(x: torch.Tensor) -> torch.Tensor:
+    """What one process stores for ``blocks.0.up`` on ``x`` (each rank alone)."""
+    one: dict = {}
+    flex = FlexModel(plain_net(), one, process_group=local_group())
+    flex.register_forward_hook(HookFunction("blocks.0.up"))
+    with torch.no_grad():
+        flex(x)
+    flex.close()
+    return one["blocks.0.up"][0]
 
 
 def _steps_run(directory, store_on, x_local, steps):
@@ -379,13 +385,7 @@ def test_a_reopened_disk_store_continues_after_every_writers_steps():
     starts at step 2 (before: at 0, and step 0 read run 1's batch and run 2's rows as one
     tensor of 6 rows; steps 2-3 held writer 0's rows only). Every step is the whole batch."""
     x = _x()
-    one: dict = {}
-    flex = FlexModel(plain_net(), one, process_group=local_group())
-    flex.register_forward_hook(HookFunction("blocks.0.up"))
-    with torch.no_grad():
-        flex(x)
-    flex.close()
-    want = one["blocks.0.up"][0]
+    want = _up_in_one_process(x)
     local = x.chunk(2)[dist.get_rank()]
     directory = _shared_dir()
     name = _steps_run(directory, "rank0", local, 2)
