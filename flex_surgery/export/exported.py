@@ -77,6 +77,7 @@ class ExportedModel:
         self._runner = program.module()
         self._compiled: Any = None  # torch.compile'd module or AOTInductor runner
         self._kept: dict[str, torch.Tensor] = {}  # snapshot buffers of the last weights() block
+        self._blocks: list[dict[str, bool]] = []  # the active weights() blocks, innermost last
         runner_state = _runner_state(self._runner)
         self._slots = {slot.names[0]: self._live_tensor(slot, runner_state)
                        for slot in self.layout.slots}
@@ -233,14 +234,32 @@ class ExportedModel:
         kept = self._kept  # a nested block finds its outer block's buffers taken
         snapshots = [take_snapshot(self._slots[name], backup, kept.pop(name, None))
                      for name in names]
+        block = {"superseded": False}
+        self._blocks.append(block)
         try:
             copy_matched(self.program, self.layout, matched)
             yield self
         finally:
-            with torch.no_grad():
-                for snap in snapshots:
-                    snap.restore()
+            at = next(i for i, b in enumerate(self._blocks) if b is block)
+            later = self._blocks[at + 1:]
+            del self._blocks[at]
+            if not block["superseded"]:
+                with torch.no_grad():
+                    for snap in snapshots:
+                        snap.restore()
             self._kept.update(zip(names, (snap.backup for snap in snapshots)))
+            # Out of order: this block's snapshot is the state before it, blocks entered inside
+            # it hold snapshots of states that are gone, so they restore nothing when they exit.
+            for inner in later:
+                inner["superseded"] = True
+            if later or block["superseded"]:
+                raise RuntimeError(
+                    "weights() blocks exited out of order: "
+                    + (f"{len(later)} block(s) entered inside this one are still active; the "
+                       "weights from before this block are back, and those blocks will restore "
+                       "nothing" if later else
+                       "a block this one was entered inside has exited already and restored "
+                       "the weights from before it; this one restores nothing"))
 
     def release_snapshots(self) -> None:
         """Free the snapshot buffers :meth:`weights` keeps between blocks."""

@@ -165,6 +165,11 @@ def _misfit(name: str, value: object, slot: WeightSlot) -> str | None:
         return f"{name!r} is a {type(value).__name__}, not a tensor"
     if _is_dtensor(value):
         return f"{name!r} is a sharded DTensor; gather it with .full_tensor() first"
+    if value.is_meta or value.layout != torch.strided:
+        # Checked here, with the rest, so that nothing is written: the copy would fail at this
+        # slot after the earlier ones had been overwritten.
+        return (f"{name!r} holds no values to copy ({'meta' if value.is_meta else value.layout}"
+                " tensor: an offloaded or empty-initialised model?); load its weights first")
     if value.shape != slot.shape:
         return (f"shape mismatch for {name!r}: the program has {tuple(slot.shape)}, "
                 f"the new weight is {tuple(value.shape)}")

@@ -111,6 +111,7 @@ class MaskedParam:
     sampled: torch.Tensor | None = field(default=None, repr=False)
     random_values: torch.Tensor | None = field(default=None, repr=False)
     draws: int = 0
+    resample: bool = False  # draw a new sampled mask at its next use (force_resample)
 
     @property
     def fan(self) -> int:
@@ -195,9 +196,9 @@ class LayerMask:
         """A random mask removing as many elements as the trained mask keeps, drawn at the full
         shape from a seeded generator (from everywhere, or from the complement of the trained
         mask), cut to this rank's region; drawn once, again after ``force_resample``."""
-        if mp.sampled is not None and not self.force_resample:
+        if mp.sampled is not None and not mp.resample:
             return mp.sampled
-        self.force_resample = False
+        mp.resample = False  # per parameter: the weight's draw must not use up the bias's
         full = mp.gather(mp.logits)
         keep = int((full > 0).sum())
         gen = _generator(self.seed, f"{self.name}.{mp.pname}/{self.ablation}", mp.draws,
@@ -205,7 +206,7 @@ class LayerMask:
         mp.draws += 1
         flat = full.reshape(-1).cpu()
         if self.ablation == "complement_sampled":
-            complement = (flat < 0).nonzero().flatten()
+            complement = (flat <= 0).nonzero().flatten()  # what the hard mask removes
             if keep > complement.numel():
                 raise ValueError(f"{self.name}.{mp.pname}: complement_sampled needs at most half "
                                  f"of the mask kept ({keep} kept, {complement.numel()} removed)")
@@ -244,7 +245,9 @@ class LayerMask:
         the number of weights the mask keeps (neuron masks count every weight of a neuron)."""
         total = leader = None
         for mp in self.params.values():
-            part = self.mask(mp.pname, training, temperature).sum() * mp.fan
+            # Summed in float64: in the model's dtype a bf16 sum of 771 ones is 772, an fp16
+            # sum of 90,000 is inf (float32 is exact only below 2**24 elements).
+            part = self.mask(mp.pname, training, temperature).sum(dtype=torch.float64) * mp.fan
             total = part if total is None else total + part
             lead = part if mp.leader else torch.zeros_like(part)
             leader = lead if leader is None else leader + lead

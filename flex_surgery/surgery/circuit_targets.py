@@ -66,6 +66,12 @@ def resolve_targets(model: nn.Module, names: Iterable[str]) -> dict[str, nn.Modu
                             f"not a supported layer ({', '.join(SUPPORTED_LAYERS)})")
         else:
             found[clean_name(name)] = module
+    by_module: dict[int, list[str]] = {}
+    for name, module in found.items():
+        by_module.setdefault(id(module), []).append(name)
+    for names in by_module.values():  # masked twice and counted twice in the L0
+        if len(names) > 1:
+            problems.append(f"{names} are one module (shared); name it once")
     if problems:
         raise ValueError("cannot mask these target layers: " + "; ".join(problems))
     return found
@@ -105,7 +111,8 @@ def layer_views(model: nn.Module, targets: dict[str, nn.Module],
                     f"{name}.{pname} is a {view.kind} shard; circuit masks follow plain, "
                     "fairscale-TP, DTensor-TP and FSDP2 parameters (use FSDP2 instead of FSDP1)")
             views[name][pname] = view
-    _refuse_unaveraged_replicas(views, tp_group)
+    _refuse_unaveraged_replicas(views, tp_group,
+                                any(frameworks.is_dtensor(p) for p in model.parameters()))
     plain = [(n, v["weight"]) for n, v in views.items() if v["weight"].kind == "plain"]
     if tp_group is not None and plain:
         differ = differs_across([v.local for _, v in plain], tp_group)
@@ -118,7 +125,8 @@ def layer_views(model: nn.Module, targets: dict[str, nn.Module],
 
 
 def _refuse_unaveraged_replicas(views: dict[str, dict[str, frameworks.LocalShard]],
-                               tp_group: dist.ProcessGroup | None) -> None:
+                               tp_group: dist.ProcessGroup | None,
+                               sharded_model: bool = False) -> None:
     """Refuse masks held whole by data-parallel replicas that nothing averages over.
 
     A mask is trained consistently only over the ranks whose framework splits (or averages) its
@@ -130,15 +138,17 @@ def _refuse_unaveraged_replicas(views: dict[str, dict[str, frameworks.LocalShard
 
     A model with no parallel layout at all on several ranks is taken as what the tests and the
     examples use it for, the one-process twin built on every rank; its statistics are counted
-    once across the ranks, so its ranks must train it on the same data.
+    once across the ranks, so its ranks must train it on the same data. A plain layer of a
+    model that is otherwise sharded (``sharded_model``: DTensor parameters, e.g. a head left
+    outside every ``fully_shard`` unit) is a data-parallel replica like the others.
     """
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     tp = dist.get_world_size(tp_group) if tp_group is not None else 1
     bad = []
     for name, params in views.items():
         for pname, view in params.items():
-            if view.kind == "plain" and tp_group is None:
-                continue  # a model without parallelism: every rank's own circuit (see below)
+            if view.kind == "plain" and tp_group is None and not sharded_model:
+                continue  # a model without parallelism: every rank's own circuit (see above)
             covered = tp
             if view.kind == "dtensor":
                 covered = view.module._parameters[view.param_name].device_mesh.size()

@@ -179,6 +179,8 @@ class CircuitModel(nn.Module):
                     mp.sampled, mp.draws = None, 0
             layer.ablation = ablation
             layer.force_resample = force_resample
+            for mp in layer.params.values():  # each parameter draws again once
+                mp.resample = force_resample
 
     def use_masks(self, on: bool, names: Iterable[str] | None = None) -> None:
         """Turn the masks of all layers (or of the named ones) on or off."""
@@ -218,7 +220,7 @@ class CircuitModel(nn.Module):
         """``total_l0``, ``max_l0``, ``layer2l0``, ``layer2maxl0`` of the eval (hard) mask in
         the current ablation mode, over the full model (collective under distribution)."""
         names = list(self._layers)
-        values = torch.stack([self._layers[n].l0_terms(False, self._temperature)[1].float()
+        values = torch.stack([self._layers[n].l0_terms(False, self._temperature)[1].double()
                               for n in names])
         group = world_group()
         if group is not None:
