@@ -389,6 +389,14 @@ class FlexModel(HookRegistration, HookGroupAPI, nn.Module):
         """
         if not isinstance(module, nn.Module):
             raise TypeError(f"a trainable module is an nn.Module, got {type(module).__name__}")
+        mesh = getattr(self.runtime, "mesh", None)
+        if mesh is not None and mesh.pp_size > 1:
+            # Its gradient is synchronised within a stage; edits on two stages would each train
+            # their own copy (their gradients add up to one process's only if summed across
+            # stages, at a point the schedule's micro-batches do not share).
+            raise NotImplementedError(
+                "trainable modules are not supported under pipeline parallelism: each stage "
+                "would train its own copy of the module, with part of its gradient")
         if name in self.trainable_modules and self.trainable_modules[name] is not module:
             raise HookRegistrationError(f"a different trainable module is already registered "
                                         f"as {name!r}")

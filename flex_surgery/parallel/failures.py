@@ -186,7 +186,7 @@ def _moves_host_tensors(group: Group) -> bool:
 def host_status_group(group: Group, parent: Group = None) -> tuple[Group, bool]:
     """The group status agreements over ``group`` use, and whether it was made for them (then
     it is the caller's to free; it waits as long as ``parent`` does). Collective over
-    ``group``'s members.
+    ``group``'s members the first time for a set of ranks.
 
     A status is a host integer: on a gloo group it is agreed as a CPU tensor. On an NCCL-only
     group (CUDA) it would be a device tensor, and reading the verdict (``.item()``) would make
@@ -196,11 +196,21 @@ def host_status_group(group: Group, parent: Group = None) -> tuple[Group, bool]:
     """
     if dist.get_world_size(group) == 1 or _moves_host_tensors(group):
         return group, False
-    ranks = dist.get_process_group_ranks(
-        group if group is not None else dist.distributed_c10d._get_default_group())
-    side = dist.new_group(ranks, backend="gloo", use_local_synchronization=True,
-                          timeout=group_timeout(parent))
-    return side, True
+    world = dist.distributed_c10d._get_default_group()
+    ranks = tuple(dist.get_process_group_ranks(group if group is not None else world))
+    # A group made with local synchronisation is named from its ranks: destroyed and made
+    # again over the same ranks (the next FlexModel), it would meet the old group's keys in
+    # the store and fail to connect, or hang. One per set of ranks is kept and reused instead
+    # (as sub-group meshes are, see mesh.py), never freed.
+    key = (id(world), ranks)
+    if key not in _STATUS_GROUPS:
+        _STATUS_GROUPS[key] = dist.new_group(list(ranks), backend="gloo",
+                                             use_local_synchronization=True,
+                                             timeout=group_timeout(parent))
+    return _STATUS_GROUPS[key], False
+
+
+_STATUS_GROUPS: dict[tuple, Group] = {}
 
 
 def agree_on_status(error: str | None, group: Group = None,

@@ -39,7 +39,10 @@ class TrainableSync:
     def __init__(self, mesh: ParallelMesh) -> None:
         self.mesh = mesh
         self.modules: dict[str, nn.Module] = {}
-        self._queued = False
+        # The backward pass (autograd graph task) the sync is queued in; a backward that
+        # raises never runs its callback, so a plain flag would stay set and no later pass
+        # would sync again.
+        self._queued: int | None = None
 
     def sync_point(self, piece: torch.Tensor) -> torch.Tensor:
         """``piece`` unchanged; its backward schedules the gradient sync at the end of the
@@ -59,13 +62,14 @@ class TrainableSync:
         return [p for _, m in sorted(self.modules.items()) for p in m.parameters()]
 
     def _queue(self) -> None:
-        if self._queued:
+        task = torch._C._current_graph_task_id()
+        if self._queued == task:
             return
-        self._queued = True
+        self._queued = task
         torch.autograd.Variable._execution_engine.queue_callback(self._sync_grads)
 
     def _sync_grads(self) -> None:
-        self._queued = False
+        self._queued = None
         leader = self.mesh.is_stage_leader()
         for p in self._parameters():
             if leader:
