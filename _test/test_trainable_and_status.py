@@ -1,6 +1,7 @@
-"""Trainable modules and status agreement over several steps: a backward that raised no longer
-switches off the trainable-gradient sync, the status side group of a stage is reused rather
-than made again under its old name, and trainable modules under pipelining are refused."""
+"""Trainable modules, status agreement and parameter hooks over several steps: a backward that
+raised no longer switches off the trainable-gradient sync, the status side group of a stage is
+reused rather than made again under its old name, trainable modules under pipelining are
+refused, and a parameter hook whose gradient arrives in parts (FSDP1) raises."""
 
 from __future__ import annotations
 
@@ -97,4 +98,46 @@ def test_a_trainable_module_under_pipeline_parallelism_is_refused():
     flex = FlexModel(two_stages(plain_net(), dist.get_rank()), {}, pipeline_parallel_size=2)
     with pytest.raises(NotImplementedError, match="pipeline parallelism"):
         flex.register_trainable_module("delta", torch.nn.Linear(1, 1))
+    flex.restore()
+
+
+class _Twice(torch.nn.Module):
+    """One block applied twice (weight sharing)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = torch.nn.Linear(4, 4)
+        self.head = torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.block(torch.tanh(self.block(x))))
+
+
+@distributed(world_size=2, timeout_s=60)
+def test_a_parameter_hook_whose_gradient_arrives_in_parts_is_refused():
+    """FSDP1 gives each call of a unit its own view of the weight: a hook on a block called twice
+    fired once per call, each on a part of the gradient (an edit like ``g / g.norm()`` then
+    differed from one process). Now the second part raises on every rank; a plain model's
+    hook still fires once per backward, on the whole gradient."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 4)
+    plain = _Twice()
+    stored: dict = {}
+    flex = FlexModel(plain, stored, data_parallel_size=2)
+    flex.register_hook(HookFunction("block.weight"))
+    flex(x).sum().backward()
+    flex.restore()
+    if dist.get_rank() == 0:
+        assert len(stored["block.weight"]) == 1
+
+    torch.manual_seed(0)
+    model = _Twice()
+    model.block = FSDP(model.block, use_orig_params=True, device_id=torch.device("cpu"))
+    model = FSDP(model, use_orig_params=True, device_id=torch.device("cpu"))
+    flex = FlexModel(model, {})
+    flex.register_hook(HookFunction("block.weight"))
+    with pytest.raises(RuntimeError, match="arrives in parts"):
+        flex(x).sum().backward()
     flex.restore()

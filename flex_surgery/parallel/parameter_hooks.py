@@ -25,13 +25,29 @@ def hook_live_parameter(owner: nn.Module, leaf: str,
     ``owner`` runs forward; the handle's ``remove()`` removes every hook it attached."""
     tag = f"_flex_surgery_hook_{next(_HOOK_IDS)}"  # marks tensors that already have it
     handles = _Handles()
+    fired: list[int | None] = [None]  # the backward pass the hook last ran in
+
+    def once_per_backward(grad: torch.Tensor) -> Any:
+        # One tensor used several times gets its whole gradient in one call. Two calls in one
+        # backward mean two tensors stood for the parameter (FSDP1 makes a fresh view each
+        # time its unit runs: a module called twice in one forward): each call would see a
+        # part of the gradient, and an edit of a part is not an edit of the whole.
+        task = torch._C._current_graph_task_id()
+        if task != -1 and fired[0] == task:
+            raise RuntimeError(
+                f"the gradient of {leaf!r} of {type(owner).__name__} arrives in parts: the "
+                "module ran more than once in this forward and its wrapper (FSDP1) gave each "
+                "call its own view of the parameter, so a hook would see each part, not the "
+                "whole gradient. Hook the module's gradients instead, or use FSDP2")
+        fired[0] = task
+        return hook(grad)
 
     def attach(module: nn.Module, args: Any) -> None:
         live = getattr(module, leaf)
         if isinstance(live, torch.Tensor) and live.requires_grad and \
                 not getattr(live, tag, False):
             setattr(live, tag, True)
-            handles.add(live.register_hook(hook))
+            handles.add(live.register_hook(once_per_backward))
 
     handles.pre_hook = owner.register_forward_pre_hook(attach)
     return handles
