@@ -141,3 +141,22 @@ def test_a_parameter_hook_whose_gradient_arrives_in_parts_is_refused():
     with pytest.raises(RuntimeError, match="arrives in parts"):
         flex(x).sum().backward()
     flex.restore()
+
+
+@distributed(world_size=2, timeout_s=60)
+def test_restore_leaves_no_parameter_hook_mark_on_fsdp2_parameters():
+    """FSDP2 keeps one unsharded parameter across steps: the mark that says it has the hook
+    stayed on it after restore()."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = _Twice()
+    fully_shard(model, mesh=init_device_mesh("cpu", (2,)))
+    flex = FlexModel(model, {})
+    flex.register_hook(HookFunction("head.weight"))
+    flex(torch.randn(3, 4)).sum().backward()
+    flex.restore()
+    params = [p._unsharded_param for g in model._get_fsdp_state()._fsdp_param_groups
+              for p in g.fsdp_params if hasattr(p, "_unsharded_param")]
+    assert params
+    assert [k for p in params for k in vars(p) if k.startswith("_flex_surgery_hook_")] == []

@@ -107,7 +107,7 @@ class HookGroupAPI:
             for hf in created:
                 self._register(hf, hook_type)
                 registered.append(hf)
-        except Exception:
+        except BaseException:  # Ctrl-C too: no half-registered group
             for hf in registered:  # all or nothing
                 self.remove_hook_function(hf)
             raise

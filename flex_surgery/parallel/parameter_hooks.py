@@ -10,6 +10,7 @@ owner that attaches the gradient hook to whatever stands there, once per tensor.
 from __future__ import annotations
 
 import itertools
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -47,7 +48,7 @@ def hook_live_parameter(owner: nn.Module, leaf: str,
         if isinstance(live, torch.Tensor) and live.requires_grad and \
                 not getattr(live, tag, False):
             setattr(live, tag, True)
-            handles.add(live.register_hook(once_per_backward))
+            handles.add(live.register_hook(once_per_backward), live, tag)
 
     handles.pre_hook = owner.register_forward_pre_hook(attach)
     return handles
@@ -61,16 +62,19 @@ class _Handles:
 
     def __init__(self) -> None:
         self.pre_hook: Any = None
-        self._tensor_hooks: list[Any] = []
+        self._tensor_hooks: list[tuple[Any, weakref.ref, str]] = []
 
-    def add(self, handle: Any) -> None:
+    def add(self, handle: Any, tensor: torch.Tensor, tag: str) -> None:
         # forget hooks of tensors that are gone (FSDP1 makes fresh views every forward)
-        self._tensor_hooks = [h for h in self._tensor_hooks if h.hooks_dict_ref() is not None]
-        self._tensor_hooks.append(handle)
+        self._tensor_hooks = [h for h in self._tensor_hooks if h[0].hooks_dict_ref() is not None]
+        self._tensor_hooks.append((handle, weakref.ref(tensor), tag))
 
     def remove(self) -> None:
         if self.pre_hook is not None:
             self.pre_hook.remove()
-        for handle in self._tensor_hooks:
+        for handle, tensor, tag in self._tensor_hooks:
             handle.remove()
+            live = tensor()
+            if live is not None and tag in vars(live):  # the long-lived FSDP2 parameter
+                delattr(live, tag)
         self._tensor_hooks.clear()
