@@ -471,3 +471,44 @@ def test_a_reduce_that_raises_on_the_storing_rank_raises_on_every_rank():
     flex.close()
     if dist.get_rank() == 0:
         assert stored[site][0].shape == (BATCH, 3)
+
+
+def _fails_on_rank1(t):
+    if dist.get_rank() == 1:
+        raise MemoryError("rank 1 ran out")
+    return t.sum(dim=-1)
+
+
+@distributed(world_size=2, timeout_s=60)
+def test_a_reduce_that_fails_on_one_rank_only_raises_on_every_rank():
+    """store_on="all": every rank reduces its own whole copy, so a reduction can fail on one
+    rank only (out of memory, rank-local state). Before, that rank raised alone and the other
+    went on into blocks.0.down's all-reduce and waited there. Now every rank raises at that
+    hook call, naming the reduce= (not an editing function), with or without an editing
+    function; the failing rank's error is its own. The groups still work afterwards."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    from flex_surgery.parallel.failures import RemoteEditError
+
+    mesh = init_device_mesh("cpu", (2,))
+    x = _x()
+    model = parallelize_module(plain_net(), mesh, dtensor_plan(True))
+    site = actual_names(model)["blocks.0.up"]
+    for edit in (None, _double):
+        flex = FlexModel(model, {}, store_on="all")
+        flex.register_forward_hook(HookFunction(site, reduce=_fails_on_rank1,
+                                                editing_function=edit))
+        with torch.no_grad():
+            with pytest.raises(RemoteEditError, match="reduce= of hook") as info:
+                flex(x)
+        if dist.get_rank() == 1:
+            assert "ran out" in str(info.value), info.value
+        flex.close()
+    stored: dict = {}
+    flex = FlexModel(model, stored, store_on="all")
+    flex.register_forward_hook(HookFunction(site, reduce=lambda t: t.sum(dim=-1)))
+    with torch.no_grad():
+        flex(x)
+    flex.close()
+    assert stored[site][0].shape == (BATCH, 3)

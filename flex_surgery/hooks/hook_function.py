@@ -337,6 +337,11 @@ class HookFunction:
             if storing and self.reduce is not None and \
                     getattr(runtime, "store_on", "rank0") == "rank0":
                 self._reduce_then_store(tensor, site)
+            elif storing and self._reduces_apart():
+                # Each storing rank reduces its own copy, at this call: agreed here.
+                into = self._target()
+                runtime.run_everywhere(site, "the reduce=", lambda: runtime.retrieve(
+                    tensor, site, partial(self._store, into=into)))
             elif storing:  # where to store is bound now: an overlapped retrieval stores at
                 # the end of the forward, when this hook may have been removed already
                 runtime.retrieve(tensor, site, partial(self._store, into=self._target()))
@@ -347,12 +352,20 @@ class HookFunction:
             runtime.retrieve_gathered(full, ctx, partial(self._store, failed=failed),
                                       keeps=self._shared.output_dict is not None
                                       or self._shared.binding is not None)
+            if self._reduces_apart():  # ranks other than the leader reduced: agreed first
+                runtime.run_everywhere(site, "the reduce=", partial(_raise_first, failed))
         # The outcome of the editing function is agreed by every rank; a failed reduction on
         # the rank that runs it is raised there, so it is agreed with it.
         edited = runtime.run_on_leader(ctx, partial(self._edit_unless, failed, full))
-        if failed:  # a rank that stored but did not run the function (store_on="all")
-            raise failed[0]
         return repack(runtime.scatter_from_edit(edited, ctx))
+
+    def _reduces_apart(self) -> bool:
+        """Whether ranks other than the edit leader run this hook's ``reduce=`` at the call, on
+        their own copies (``store_on`` ``"all"`` or ``"replica_leaders"``, no store): a
+        reduction that fails on some of them only must then be agreed (the same answer on
+        every rank: the FlexModel's settings)."""
+        return self.reduce is not None and not self._store_in_run and \
+            getattr(self._runtime, "store_on", "rank0") != "rank0"
 
     def _local_call(self, tensor: torch.Tensor, repack: Any, store: bool) -> Any:
         """One process: the tensor is the whole tensor, nothing to gather or scatter -- the same
@@ -396,7 +409,7 @@ class HookFunction:
             full, ctx = self._runtime.gather_for_edit(tensor.detach(), site)
             if not self._store_in_run:
                 reduced = self._runtime.run_on_leader(
-                    ctx, partial(self._reduce, full, batch_dim))
+                    ctx, partial(self._reduce, full, batch_dim), what="the reduce=")
                 if full is not None:  # the storing rank
                     self._store(store_copy(reduced), reduced=True)
             elif full is not None and (self._shared.binding is not None
@@ -504,3 +517,9 @@ class HookFunction:
                 and (result is full or result.device == full.device)):
             check_edit_result(self, result, shape, dtype, full.device)  # raises: what is wrong
         return result
+
+
+def _raise_first(failed: list[Exception]) -> None:
+    """Raise the first failure this rank met, if any (inside an agreement)."""
+    if failed:
+        raise failed.pop(0)

@@ -338,15 +338,20 @@ class DistributedRuntime(Runtime):
             piece = self.trainable.sync_point(piece)
         return _like(piece, ctx.local)
 
-    def run_on_leader(self, ctx: EditContext, fn: Callable[[], Any]) -> Any:
+    def run_on_leader(self, ctx: EditContext, fn: Callable[[], Any],
+                      what: str = "the editing function") -> Any:
         everywhere = bool(ctx.state.get("everywhere"))
         site = ctx.site
-        what = (f"the editing function of hook {site.module_name!r} ({site.hook_type}"
+        what = (f"{what} of hook {site.module_name!r} ({site.hook_type}"
                 f"{', replicate_edit' if everywhere else ''})")
         result, requires_grad = run_agreeing(fn, self.status_group, what, "cpu",
                                              src=None if everywhere else 0)
         ctx.state["requires_grad"] = requires_grad
         return result
+
+    def run_everywhere(self, site: HookSite, what: str, fn: Callable[[], Any]) -> Any:
+        what = f"{what} of hook {site.module_name!r} ({site.hook_type})"
+        return run_agreeing(fn, self.status_group, what, "cpu", src=None)[0]
 
     # -- trainable modules ------------------------------------------------------------------------
     def sync_trainable_modules(self, modules: dict[str, nn.Module]) -> None:

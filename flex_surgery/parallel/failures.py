@@ -214,9 +214,10 @@ _STATUS_GROUPS: dict[tuple, Group] = {}
 
 
 def agree_on_status(error: str | None, group: Group = None,
-                    device: torch.device | str = "cpu") -> None:
+                    device: torch.device | str = "cpu", what: str = "the same code") -> None:
     """Every rank ran the same code; raise :class:`RemoteEditError` on every rank if it failed
-    on any. ``error`` is this rank's message (``None``: success).
+    on any. ``error`` is this rank's message (``None``: success); ``what`` names the code in
+    the message of the ranks where it succeeded.
 
     One all-reduce of a single integer (the failed ranks' bit mask would not fit a large group,
     so the highest failed group rank + 1 is agreed): a deterministic function fails on every
@@ -231,8 +232,8 @@ def agree_on_status(error: str | None, group: Group = None,
         return
     if error is not None:
         raise RemoteEditError(error)
-    raise RemoteEditError(f"rank {dist.get_rank()}: group rank {failed - 1} (at least) failed; "
-                          "its own error says why")
+    raise RemoteEditError(f"{what} failed on group rank {failed - 1} (at least); its own "
+                          "error says why")
 
 
 def broadcast_status(error: str | None, group: Group = None, src: int = 0,
@@ -291,7 +292,7 @@ def run_agreeing(fn: Callable[[], Any], group: Group, what: str,
     requires_grad = isinstance(result, torch.Tensor) and result.requires_grad
     try:
         if src is None:
-            agree_on_status(error, group, device=device)
+            agree_on_status(error, group, device=device, what=what)
         else:
             requires_grad = broadcast_status(error, group, src, device=device,
                                              flag=requires_grad)

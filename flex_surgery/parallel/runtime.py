@@ -108,12 +108,23 @@ class Runtime:
         """This rank's piece of the edited whole tensor, in the layout ``ctx.local`` had."""
         raise NotImplementedError
 
-    def run_on_leader(self, ctx: EditContext, fn: Callable[[], Any]) -> Any:
+    def run_on_leader(self, ctx: EditContext, fn: Callable[[], Any],
+                      what: str = "the editing function") -> Any:
         """Run ``fn`` on the edit leader; if it raises there, raise on every rank.
 
         Every rank must learn within bounded time that the editing function failed, or the
         non-leaders would wait forever in the next collective. Returns ``fn()``'s result on the
-        leader and ``None`` elsewhere.
+        leader and ``None`` elsewhere. ``what`` names ``fn`` in the error the others raise.
+        """
+        raise NotImplementedError
+
+    def run_everywhere(self, site: HookSite, what: str, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on every rank of the stage; if it raises on any, raise on every rank
+        (:class:`~flex_surgery.parallel.failures.RemoteEditError`; ``what`` names ``fn``).
+
+        For work each rank does on its own copy, that may fail on some ranks only (a ``reduce=``
+        callable that runs out of memory on one): the others would go on into the next
+        collective and wait there forever.
         """
         raise NotImplementedError
 
@@ -274,7 +285,11 @@ class LocalRuntime(Runtime):
         assert full is not None
         return full
 
-    def run_on_leader(self, ctx: EditContext, fn: Callable[[], Any]) -> Any:
+    def run_on_leader(self, ctx: EditContext, fn: Callable[[], Any],
+                      what: str = "the editing function") -> Any:
+        return fn()
+
+    def run_everywhere(self, site: HookSite, what: str, fn: Callable[[], Any]) -> Any:
         return fn()
 
     def whole_shape(self, local: torch.Tensor, site: HookSite) -> tuple[int, ...]:
