@@ -9,6 +9,7 @@ with one process in float64: the output, what the hooks stored and the parameter
 
 from __future__ import annotations
 
+import datetime
 import time
 
 import pytest
@@ -37,6 +38,7 @@ from flex_surgery.hooks import ShapeMismatchError
 from flex_surgery.hooks.hook_function import pure_edit
 from flex_surgery.parallel import distributed_runtime
 from flex_surgery.parallel.collectives import RemoteEditError
+from flex_surgery.parallel.layout import LayoutError
 from flex_surgery.parallel.pipeline import StageLink
 from flex_surgery.store import DiskStore, MemoryStore
 
@@ -1024,3 +1026,50 @@ def test_dp_x_tp_replica_leaders_disk_store_with_edits_equals_one_process():
             got = {n: [reader.read(n, step) for step in reader.steps(n)] for n in reader.names()}
             assert_stored_equal(_cleaned(got), ref_stored, **TOL)
         _done_with(directory)
+
+
+def _short_group(seconds: float = 10.0) -> dist.ProcessGroup:
+    """A group whose collectives give up after ``seconds`` (a hung peer fails the test fast)."""
+    return dist.new_group(list(range(dist.get_world_size())),
+                          timeout=datetime.timedelta(seconds=seconds))
+
+
+def _times_two(module, tensor, ctx, modules):
+    return tensor * 2
+
+
+@pytest.mark.parametrize("replicate", [False, True], ids=["leader", "replicated"])
+@distributed(world_size=2, timeout_s=60)
+def test_ddp_edit_of_replicas_with_different_sequence_lengths_raises_on_every_rank(replicate):
+    """Dynamic padding (each DDP rank pads its batch to its own longest sequence) with an
+    editing hook and no expected_shape: the gather pads only the batch dim, so gloo receives
+    pieces of another size. Found: the rank receiving the larger piece is aborted by gloo
+    (SIGABRT), and on the leader path the leader with the longer sequence goes on with
+    uninitialised memory in the whole tensor (stored and edited). Retrieval-only hooks raise
+    LayoutError on every rank here (collect_pieces); edits must too, and the next forward
+    must work."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    rank = dist.get_rank()
+    torch.set_default_dtype(torch.float64)  # reset by the rank pool after each body
+    group = _short_group()
+    stored = {}
+    flex = FlexModel(DDP(plain_net(), process_group=group), stored, process_group=group)
+    flex.register_forward_hook(HookFunction("module.blocks.0.up", editing_function=_times_two,
+                                            replicate_edit=replicate))
+    with torch.no_grad():
+        with pytest.raises(LayoutError):
+            flex(torch.randn(2, 4 - rank, H))  # rank 0: 4 positions, rank 1: 3
+        x = torch.randn(4, 3, H, generator=torch.Generator().manual_seed(2))
+        out = flex(x[2 * rank:2 * rank + 2])
+    flex.restore()
+    ref_stored = {}
+    with FlexModel(plain_net(), ref_stored, process_group=local_group()) as ref:
+        ref.register_forward_hook(HookFunction("blocks.0.up", editing_function=_times_two))
+        with torch.no_grad():
+            ref_out = ref(x)
+    torch.testing.assert_close(out, ref_out[2 * rank:2 * rank + 2], rtol=1e-9, atol=1e-12)
+    if rank == 0:  # the failed call stored nothing
+        assert len(stored["module.blocks.0.up"]) == 1
+        torch.testing.assert_close(stored["module.blocks.0.up"][0],
+                                   ref_stored["blocks.0.up"][0], rtol=1e-9, atol=1e-12)

@@ -12,7 +12,9 @@ from parallel_cases import (
 )
 from rank_pool import distributed
 
+from flex_surgery import FlexModel, HookFunction
 from flex_surgery.models import example_inputs, tiny_hf_model
+from flex_surgery.parallel.layout import LayoutError
 
 TOL = dict(rtol=1e-5, atol=1e-6)  # HF runs the softmax in float32 (3e-8 differences seen)
 
@@ -57,3 +59,52 @@ def test_hf_tensor_parallel_llama_equals_one_process(tmp_path):
         assert_grads_equal(grads, {n: p.grad for n, p in ref.named_parameters()}, **TOL)
         full = flex.get_module_parameter("model.layers.0.mlp.down_proj.weight")
         assert torch.equal(full, ref.model.layers[0].mlp.down_proj.weight.detach())
+
+
+def _hf_tp_llama(tmp_path):
+    import transformers as tf
+
+    folder = tmp_path / "tiny-llama"
+    if dist.get_rank() == 0:
+        tiny_hf_model("llama").save_pretrained(folder)
+    dist.barrier()
+    return tf.LlamaForCausalLM.from_pretrained(folder, tp_plan="auto", dtype=torch.float64,
+                                               attn_implementation="eager")
+
+
+@distributed(world_size=2, timeout_s=60)
+def test_hf_tp_attention_weights_are_whole_or_an_error(tmp_path):
+    """HF tensor parallelism (tp_plan="auto"), a hook on ``self_attn`` with ``unpack_idx=1``:
+    the attention pattern, the most common interpretability read. Each tp rank holds its own
+    heads ``[b, heads / tp, s, s]``; the attention module is no TP layer, so its layout is
+    inherited from the last TP layer that ran (o_proj, replicated). Found: rank 0's 2 of 4
+    heads are stored as the whole tensor, without a word. It must be the whole tensor (as
+    with ``expected_shape``, which works) or an error on every rank naming the module."""
+    from flex_surgery.parallel.frameworks import UnknownLayoutError
+
+    name = "model.layers.0.self_attn"
+    ids = example_inputs("llama", batch=2, seq=6)["input_ids"]
+    ref_stored = {}
+    with FlexModel(tiny_hf_model("llama", dtype=torch.float64), ref_stored,
+                   process_group=local_group()) as flex:
+        flex.register_forward_hook(HookFunction(name, unpack_idx=1))
+        with torch.no_grad():
+            flex(input_ids=ids)
+    want = ref_stored[name][0]
+    assert want.shape == (2, 4, 6, 6)
+    model = _hf_tp_llama(tmp_path)
+    for expected in ((None, 4, None, None), None):
+        stored = {}
+        with FlexModel(model, stored) as flex:
+            flex.register_forward_hook(HookFunction(name, unpack_idx=1,
+                                                    expected_shape=expected))
+            with torch.no_grad():
+                try:
+                    flex(input_ids=ids)
+                except (UnknownLayoutError, LayoutError) as exc:
+                    assert expected is None and name in str(exc), exc
+                    continue
+        if dist.get_rank() == 0:
+            got = stored[name][0]
+            assert got.shape == want.shape, (expected, got.shape)
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-8)

@@ -189,6 +189,16 @@ class LayoutInference(TPTracker):
         exact = getattr(info, "exact", False)
         if exact and unpack_idx > 0:
             return self._other_element(info, local, module, role, expected_shape, unpack_idx)
+        if unpack_idx > 0 and expected_shape is None and self.mesh.tp_size > 1:
+            # What a module outside the TP layers hands on follows the last TP layer's split
+            # only for the activation it passes along; another tensor of its value (attention
+            # weights next to the hidden states) may be split otherwise (by heads) or not at
+            # all, and a width that happens to match would be read as the layer's split.
+            raise frameworks.UnknownLayoutError(
+                f"tensor {unpack_idx} of the {role} of {self._describe(module)} under tensor "
+                f"parallelism: only the activation a layer passes on follows the TP layers' "
+                f"split; give expected_shape (the whole tensor's shape, None for dims that "
+                f"vary) to say how it is split")
         if expected_shape is not None and not exact:
             layout = self._from_hint(local, expected_shape,
                                      self._batch_dim(module, role, local))  # the hint decides
