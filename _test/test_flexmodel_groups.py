@@ -9,6 +9,7 @@ import torch
 from flexmodel_helpers import make
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from parallel_cases import H, plain_net
 
 from flex_surgery.hooks import FlexModel, GroupError, HookFunction, UnknownGroupError
 from flex_surgery.hooks import wrapper as wrapper_module
@@ -279,3 +280,26 @@ def test_disabled_module_backward_hooks_leave_the_graph_alone_and_keep_their_ord
     assert any(not torch.equal(ordered[n], plain[n]) for n in plain)
     flex.restore()
     assert not mlp._backward_hooks
+
+
+@pytest.mark.parametrize("bad_name", ["", None, 3])
+def test_create_hook_group_with_a_bad_group_name_registers_nothing(bad_name):
+    """``create_hook_group`` "registers all of its hooks or none". Found: an invalid group
+    name raised ValueError only after every hook was registered, so the hooks stayed, in
+    group "all", and their editing function ran at every later forward."""
+    torch.manual_seed(0)
+    model = plain_net()
+    x = torch.randn(2, 3, H)
+    with torch.no_grad():
+        clean = model(x)
+    stored = {}
+    flex = FlexModel(model, stored)
+    with pytest.raises(ValueError, match="group name"):
+        flex.create_hook_group(bad_name, "blocks.0.up",
+                               editing_function=lambda m, t, c, mods: t * 0)
+    assert flex.hook_functions == []
+    assert not model.blocks[0].up._forward_hooks
+    with torch.no_grad():
+        assert torch.equal(flex(x), clean)
+    assert stored == {}
+    flex.restore()

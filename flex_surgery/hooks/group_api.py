@@ -79,6 +79,9 @@ class HookGroupAPI:
                 f"(options: {', '.join(_CREATE_HOOK_GROUP_OPTIONS)})"
             )
         self._check_usable()
+        if not isinstance(group_name, str) or not group_name:
+            # Checked before anything is registered: all of the group's hooks or none.
+            raise ValueError(f"a group name is a non-empty str, got {group_name!r}")
         hook_type = _HOOK_TYPE_ALIASES.get(hook_type, hook_type)
         if hook_type not in HOOK_TYPES:
             raise ValueError(f"unknown hook_type {hook_type!r}; choose from {HOOK_TYPES}"
@@ -107,11 +110,11 @@ class HookGroupAPI:
             for hf in created:
                 self._register(hf, hook_type)
                 registered.append(hf)
+            self._groups.update(created, group_name)
         except BaseException:  # Ctrl-C too: no half-registered group
             for hf in registered:  # all or nothing
                 self.remove_hook_function(hf)
             raise
-        self._groups.update(created, group_name)
         return created
 
     def update_hook_groups(self, hook_functions: HookSelection, group_name: str) -> None:
