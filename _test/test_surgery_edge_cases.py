@@ -228,3 +228,66 @@ def test_megatron_expert_parallel_experts_are_not_edited_under_local_names():
                                                   noise_scale=1.0, seed=0):
                 pass
         assert torch.equal(weight.detach(), before)
+
+
+def _mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+
+
+@distributed(world_size=2)
+def test_ddp_bucket_view_grads_survive_a_backward_inside_a_theater():
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = DDP(_mlp(), gradient_as_bucket_view=True)
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(dist.get_rank()))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(2):  # a training loop: from the second step on, grads are bucket views
+        opt.zero_grad()
+        model(x).pow(2).sum().backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    values = {n: g.clone() for n, g in grads.items()}
+    with SurgicalTheater(model, modification_type="scale", factor=0.5):
+        model(x * 3).sum().backward()  # e.g. a gradient-based attribution during validation
+    for n, p in model.named_parameters():
+        assert p.grad is grads[n]
+        assert torch.equal(p.grad, values[n]), f"{n}: training gradient overwritten"
+
+
+def test_backward_after_the_block_through_a_graph_built_inside_raises():
+    """The theater writes through ``.data``, invisible to autograd: a loss computed inside and
+    backpropagated after exit silently mixed the disabled weight (forward) with the restored one
+    (backward). Now torch's in-place check fires; a graph from before the block still works."""
+    model = _mlp()
+    x = torch.randn(3, 4)
+    with SurgicalTheater(model, layers=["2"], modification_type="disable"):
+        loss = model(x).sum()
+    with pytest.raises(RuntimeError, match="inplace"):
+        loss.backward()
+    model.zero_grad()
+    loss = model(x).sum()
+    with pytest.raises(RuntimeError, match="inplace"):  # a graph from before, backward inside
+        with SurgicalTheater(model, layers=["2"], modification_type="disable"):
+            loss.backward(retain_graph=True)
+    loss.backward()  # after the block the weights are the ones the graph saw
+    want = _mlp()
+    want(x).sum().backward()
+    for p, q in zip(model.parameters(), want.parameters()):
+        assert torch.equal(p.grad, q.grad)
+
+
+def test_a_quantized_linear_weight_is_refused_not_skipped():
+    """An int8 weight in an ``nn.Linear`` (bitsandbytes' ``Linear8bitLt`` / QLoRA's base layers
+    are Linear subclasses with integer weights) was silently left out: a whole-model ``scale``
+    modified every other linear and reported success; naming it said it does not exist."""
+    model = _mlp()
+    model[0].weight = nn.Parameter(torch.randint(-127, 127, (8, 4), dtype=torch.int8),
+                                   requires_grad=False)
+    before = [p.detach().clone() for p in model.parameters()]
+    for layers in (None, ["0"], "0.weight"):
+        with pytest.raises(TypeError, match=r"not floating point: \['0.weight'\]"):
+            with SurgicalTheater(model, layers=layers, modification_type="scale", factor=0.0):
+                pass
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    with SurgicalTheater(model, layers=["2"], modification_type="scale", factor=0.0) as t:
+        assert t.modified_names == ["2.weight"]  # floating parameters are still edited

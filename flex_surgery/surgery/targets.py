@@ -82,13 +82,16 @@ def resolve_edits(root: nn.Module, shards: list[LocalShard],
     written with the base weight.
     """
     keep = param_filter(params)
-    floating = [s for s in shards if s.local.is_floating_point()]
+    # Every parameter takes part in the selection; one that is selected but not floating point
+    # (an int8 / 4-bit quantized weight, QLoRA's base layer) cannot be scaled or perturbed in
+    # place, and skipping it would leave a "modified" layer untouched without a word.
+    candidates = list(shards)
     loras = lora_layers(root)
     inside = {mid: lora for lora in loras.values() for mid in lora.internals}
     module_names = set(modules_by_clean_name(root))
-    param_names = {n for s in floating for n in s.names}
+    param_names = {n for s in candidates for n in s.names}
     param_names |= {loras[id(s.module)].effective_name(s.param_name)
-                    for s in floating if id(s.module) in loras}
+                    for s in candidates if id(s.module) in loras}
     prefixes: set[str] = set()
     exact: set[str] = set()
     if layers is None:
@@ -105,7 +108,7 @@ def resolve_edits(root: nn.Module, shards: list[LocalShard],
                    for p in prefixes)
 
     edits: list[Edit] = []
-    for s in floating:
+    for s in candidates:
         lora = loras.get(id(s.module))
         owner = inside.get(id(s.module))
         if any(n in exact for n in s.names):
@@ -124,6 +127,13 @@ def resolve_edits(root: nn.Module, shards: list[LocalShard],
                 edits.append(Edit(s, s.name))
         elif any(under(n) for n in s.names) and keep(s.name, s.module, s.param_name):
             edits.append(Edit(s, s.name))
+    quantized = [s.name for e in edits for s in e.shards if not s.local.is_floating_point()]
+    if quantized:
+        raise TypeError(
+            f"layers={layers!r} with params={params!r} selects parameters that are not floating "
+            f"point: {quantized[:5]}{' ...' if len(quantized) > 5 else ''}; surgery cannot "
+            "modify them in place (a quantized weight?). Select the floating-point parameters "
+            "only (a params callable, or names)")
     if not edits and layers is not None:
         raise ValueError(
             f"layers={layers!r} with params={params!r} selects no parameter; "

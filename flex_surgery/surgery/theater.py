@@ -69,6 +69,29 @@ def active_theaters() -> tuple[SurgicalTheater, ...]:
     return tuple(_ACTIVE)
 
 
+# Added to the autograd version counter of every modified parameter while a theater is active
+# (and taken off on exit): the theater writes through ``.data``, which autograd does not see, so
+# a graph that saved a weight on one side of the block and ran backward on the other would mix
+# modified and original weights without a word. With the counters moved, torch raises its usual
+# "modified by an inplace operation" instead; a graph from before the block is valid again after
+# it (the weights are bit-identical). Large, so that ordinary in-place ops after the block
+# (an optimizer step) cannot bring a counter back to a value a graph inside saved.
+_INSIDE_VERSION = 1 << 20
+
+
+def _set_versions(pairs: Sequence[tuple[torch.Tensor, int]]) -> None:
+    """Set autograd version counters (torch's private setter: a sequence API since 2.5, one
+    tensor at a time before)."""
+    if not pairs:
+        return
+    setter = torch._C._autograd._unsafe_set_version_counter
+    try:
+        setter(tuple(t for t, _ in pairs), tuple(v for _, v in pairs))
+    except TypeError:
+        for t, v in pairs:
+            setter(t, v)
+
+
 def _sync(tensors: Sequence[torch.Tensor]) -> None:
     if any(t.is_cuda for t in tensors):
         torch.cuda.synchronize()
@@ -188,6 +211,7 @@ class SurgicalTheater:
         self._modification = Modification(None)
         self._groups: agreement.ModelGroups = ()  # the ranks sharing the model
         self._exit_agrees = True  # whether restore() agrees with the other ranks (see there)
+        self._versions: list[tuple[torch.Tensor, int]] = []  # (parameter, version at entry)
         self.stats: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ targets
@@ -294,6 +318,7 @@ class SurgicalTheater:
                 self._modify(edit, base_seed)
             del kept  # buffers of parameters not modified this time are freed
             _sync([s.local for s in self._targets])
+            self._move_versions()
             self._install_hooks()
             for _ in range(gathers + bool(self._groups)):  # as many as any other rank
                 agreement.check_peers(self._groups)
@@ -321,6 +346,14 @@ class SurgicalTheater:
             "enter_s": time.perf_counter() - start,
         }
         return self
+
+    def _move_versions(self) -> None:
+        """Move the autograd version counter of every modified parameter (see
+        ``_INSIDE_VERSION``): a backward through a graph that saved it before the block raises
+        inside, and one through a graph saved inside raises after the block."""
+        owners = {id(o): o for s in self._targets for o in s.owners}.values()
+        self._versions = [(o, o._version) for o in owners]
+        _set_versions([(o, v + _INSIDE_VERSION) for o, v in self._versions])
 
     def _places_by_position(self) -> bool:
         """Whether this theater's edits write values chosen by each element's place in the full
@@ -388,6 +421,8 @@ class SurgicalTheater:
             self._kept = {t.name: s.backup for t, s in zip(self._targets, self._snapshots)}
         self._snapshots = []
         self._targets = []
+        _set_versions(self._versions)  # graphs saved inside now raise; older ones are valid
+        self._versions = []
         self._remove_hooks()
         if self._state is not None:
             self._state.restore()

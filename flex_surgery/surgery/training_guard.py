@@ -38,6 +38,25 @@ def all_parameters(modules: nn.Module | list[nn.Module]) -> list[nn.Parameter]:
     return list(params.values())
 
 
+def _bucket_view_grads(modules: list[nn.Module]) -> list[torch.Tensor]:
+    """The gradients that are views of a DDP bucket (``gradient_as_bucket_view=True``).
+
+    Why: setting such a ``.grad`` to None does not free the bucket; a backward inside the
+    theater makes DDP copy the new gradient into the bucket and all-reduce it there, i.e.
+    into the memory of the training gradient the guard put aside. Their values are saved
+    and copied back on exit."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    found: dict[int, torch.Tensor] = {}
+    for module in modules:
+        if isinstance(module, DistributedDataParallel) and \
+                getattr(module, "gradient_as_bucket_view", False):
+            for p in module.parameters():
+                if p.grad is not None:
+                    found.setdefault(id(p.grad), p.grad)
+    return list(found.values())
+
+
 @dataclass
 class TrainingState:
     """Flags, RNG states and gradients of ``modules`` at :meth:`capture` time."""
@@ -45,6 +64,9 @@ class TrainingState:
     training: list[tuple[nn.Module, bool]] = field(default_factory=list)
     requires_grad: list[tuple[nn.Parameter, bool]] = field(default_factory=list)
     grads: list[tuple[nn.Parameter, Any]] = field(default_factory=list)
+    # (gradient, copy of its values) for gradients whose memory a backward inside writes even
+    # though ``.grad`` was set to None: DDP's ``gradient_as_bucket_view`` buckets.
+    grad_values: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     cpu_rng: torch.Tensor | None = None
     cuda_rng: list[torch.Tensor] | None = None
 
@@ -60,6 +82,8 @@ class TrainingState:
             cuda_rng=(torch.cuda.get_rng_state_all()
                       if torch.cuda.is_available() and torch.cuda.is_initialized() else None),
         )
+        if guard_grads:
+            state.grad_values = [(g, g.clone()) for g in _bucket_view_grads(modules)]
         for p, _ in state.grads:
             p.grad = None
         return state
@@ -73,6 +97,8 @@ class TrainingState:
                 p.requires_grad_(flag)
         for p, grad in self.grads:
             p.grad = grad
+        for grad, values in self.grad_values:  # the bucket a backward inside reduced into
+            grad.copy_(values)
         if self.cpu_rng is not None:
             torch.set_rng_state(self.cpu_rng)
         if self.cuda_rng is not None:
