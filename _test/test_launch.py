@@ -47,6 +47,18 @@ def clean_env(monkeypatch):
     return monkeypatch
 
 
+def test_a_world_of_one_started_by_init_from_env_is_described_the_same_afterwards(clean_env):
+    """init_from_env() in a plain process exports RANK, WORLD_SIZE, ... for env://; a later
+    init_from_env() or detect_environment() took those for a launcher's ("env"). In a
+    subprocess: the process group it starts lives until exit."""
+    code = ("from flex_surgery.launch import detect_environment, init_from_env\n"
+            "first = init_from_env('cpu')\n"
+            "print(first.launcher, init_from_env('cpu') == first, detect_environment() == first)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, check=True)
+    assert done.stdout.split() == ["single", "True", "True"], done.stdout + done.stderr
+
+
 def test_no_launcher_is_a_world_of_one(clean_env):
     env = detect_environment()
     assert (env.rank, env.world_size, env.launcher) == (0, 1, "single")

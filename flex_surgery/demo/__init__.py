@@ -74,14 +74,15 @@ def _run(config: DemoConfig, source: ModelSource, say, start: float) -> DemoResu
              _write(out / "hook_map.html", result["hook_map_html"]),
              _write(out / "hook_map.txt", result["hook_map_text"]),
              write_json(result, out / "report.json")]
-    report = format_report(source, result, config.prompt, config.launcher, files)
+    text_path = out / "report.txt"  # written last, below: the report names it too
+    report = format_report(source, result, config.prompt, config.launcher, [*files, text_path])
     problems = verdict(result)
     if not others_restored:
         problems.append("a rank reported a restore that was not byte-identical")
     report += f"\ndone in {time.perf_counter() - start:.0f} s"
     if problems:
         report += "\nPROBLEMS:\n  " + "\n  ".join(problems)
-    _write(out / "report.txt", report)
+    files.append(_write(text_path, report))
     say(report, flush=True)
     return DemoResult(result, report, files, problems)
 

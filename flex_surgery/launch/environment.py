@@ -12,6 +12,7 @@ backend always follows from the device.
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import os
 import random
 import socket
@@ -193,6 +194,9 @@ def detect_environment(master_port: int | None = None) -> RankEnvironment:
                 "number of ranks on its host are unknown. Set LOCAL_RANK (and "
                 "LOCAL_WORLD_SIZE) for every rank, or start the job with torchrun or srun")
         env = _from_torchrun()
+        if _started_alone is not None and env == dataclasses.replace(_started_alone,
+                                                                     launcher=env.launcher):
+            return _started_alone  # the variables init_from_env wrote for a world of one
         return RankEnvironment(**{**env.__dict__, "launcher": "env"})
     return RankEnvironment(
         rank=0, world_size=1, local_rank=0, local_world_size=1, master_addr="127.0.0.1",
@@ -224,12 +228,20 @@ def init_from_env(
     """
     import torch.distributed as dist
 
+    global _started_alone
     env = detect_environment(master_port)
     if not dist.is_initialized():
         env.export()
+        if env.launcher == "single":
+            _started_alone = env
         init_distributed(env.rank, env.world_size, device=device, timeout_s=timeout_s)
         atexit.register(_destroy_at_exit)
     return env
+
+
+# The world of one init_from_env started (it exported RANK, WORLD_SIZE, ... for env://): later
+# calls describe it as it was, not as a launcher that set those variables.
+_started_alone: RankEnvironment | None = None
 
 
 def _destroy_at_exit() -> None:
