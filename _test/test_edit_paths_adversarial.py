@@ -1073,3 +1073,38 @@ def test_ddp_edit_of_replicas_with_different_sequence_lengths_raises_on_every_ra
         assert len(stored["module.blocks.0.up"]) == 1
         torch.testing.assert_close(stored["module.blocks.0.up"][0],
                                    ref_stored["blocks.0.up"][0], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("replicate", [False, True], ids=["leader", "replicated"])
+@distributed(world_size=4, timeout_s=60)
+def test_dp_x_tp_edit_of_replicas_with_different_sequence_lengths_raises_on_every_rank(
+        replicate):
+    """fairscale TP=2 inside DDP over dp=2, each replica padded to its own sequence length:
+    on the leader path only the tp-rank-0 ranks take the dp step of the gather, so the check
+    that the replicas' pieces fit is made by every rank before the walk (a check inside the
+    step would raise on those ranks only, and the others would wait for the edit's outcome).
+    Every rank raises LayoutError at that call; the next forward equals one process."""
+    from fairscale.nn.model_parallel import initialize as fs
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    fs.initialize_model_parallel(2)
+    torch.set_default_dtype(torch.float64)  # reset by the rank pool after each body
+    dp_rank = fs.get_data_parallel_rank()
+    model = DDP(fairscale_net(plain_net()), process_group=fs.get_data_parallel_group())
+    flex = FlexModel(model, {}, tensor_parallel_size=2, data_parallel_size=2)
+    flex.register_forward_hook(HookFunction("module.blocks.0.up", editing_function=_times_two,
+                                            replicate_edit=replicate))
+    start = time.monotonic()
+    with torch.no_grad():
+        with pytest.raises(LayoutError, match="differ in another dim"):
+            flex(torch.randn(2, 4 - dp_rank, H))
+    assert time.monotonic() - start < 30
+    x = torch.randn(4, 3, H, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        out = flex(x[2 * dp_rank:2 * dp_rank + 2])
+    flex.restore()
+    with FlexModel(plain_net(), {}, process_group=local_group()) as ref:
+        ref.register_forward_hook(HookFunction("blocks.0.up", editing_function=_times_two))
+        with torch.no_grad():
+            want = ref(x)[2 * dp_rank:2 * dp_rank + 2]
+    torch.testing.assert_close(out, want, rtol=1e-9, atol=1e-12)

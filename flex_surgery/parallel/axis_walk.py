@@ -101,6 +101,7 @@ class AxisWalk:
         Without trainable modules the two scales cancel for every gradient that leaves the
         edit, so they are not applied."""
         record = []
+        early = self._sizes_before_walk(t, layout, axes)
         for axis in axes:
             if self.mesh.size(axis) == 1 or not self.takes_part(axis):
                 continue
@@ -108,7 +109,7 @@ class AxisWalk:
             spec = layout.spec_for(axis)
             shape = tuple(t.shape)
             if isinstance(spec, ShardSpec):
-                sizes = spec.sizes or exchange_sizes(t, spec.dim, group)
+                sizes = spec.sizes or early.get(axis) or exchange_sizes(t, spec.dim, group)
                 record.append((axis, spec, sizes, shape))
                 t = gather_to_one(t, spec.dim, group, 0, sizes)
             elif isinstance(spec, PartialSpec):
@@ -125,6 +126,35 @@ class AxisWalk:
             if trainable and layout.backward_scale != 1.0 and t.requires_grad:
                 t = _ScaleGrad.apply(t, 1.0 / layout.backward_scale)
         return t, record
+
+    def _sizes_before_walk(self, t: torch.Tensor, layout: Layout,
+                           axes: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
+        """The unknown sizes of the axes that only some ranks walk (those after the first one
+        gathered), exchanged by every rank before the walk starts.
+
+        The exchange checks that the pieces fit (:func:`exchange_sizes` raises on every rank of
+        its group). Made in the walk, it would run on the ranks that take part in that step
+        only (tp rank 0 for dp), and the others, waiting for the edit's outcome, would hang
+        when they raise. Every rank is in one group of each axis, and the pieces along another
+        dim do not change before that step, so it is made here, on every rank, at no extra
+        cost in collectives. An axis cutting a dim an earlier axis cuts too keeps its exchange
+        in the walk (the earlier gather changes the sizes).
+        """
+        early: dict[str, tuple[int, ...]] = {}
+        cut: set[int] = set()
+        first = True
+        for axis in axes:
+            if self.mesh.size(axis) == 1:
+                continue
+            spec = layout.spec_for(axis)
+            dim = spec.dim % t.ndim if isinstance(spec, ShardSpec) else None
+            if not first and isinstance(spec, ShardSpec) and spec.sizes is None and \
+                    dim not in cut:
+                early[axis] = exchange_sizes(t, dim, self.mesh.group(axis))
+            if dim is not None:
+                cut.add(dim)
+            first = False
+        return early
 
     def direct_axes(self, t: torch.Tensor, layout: Layout) -> list[str]:
         """The axes (of size > 1) over which :meth:`to_leader_at_once` retrieves ``t`` in one

@@ -190,57 +190,25 @@ class DistributedRuntime(Runtime):
         self._agreed = (weakref.ref(local), site, layout)  # the call's gather asks for it next
         return shape
 
-    def _was_agreed(self, local: torch.Tensor, site: HookSite) -> bool:
-        """Whether :meth:`whole_shape` has just agreed on this call's tensor (``expected_shape``
-        given): its layout is then the agreed one, and the pieces were checked."""
-        agreed = self._agreed
-        return agreed is not None and agreed[0]() is local and agreed[1] is site
-
-    def _agree_on_pieces(self, local: torch.Tensor, site: HookSite, layout: Layout,
-                         agreed: bool) -> None:
-        """Check, on every rank of the stage, that data-parallel pieces of sizes the layout
-        does not know fit together, before a gather that pads only their batch dim (the edit
-        gathers, ``store_on="all"``, an overlapped gather, the per-axis walk).
-
-        Replicas padded to their own longest sequence (dynamic padding) differ in another dim
-        too: gloo would abort the rank that receives the larger piece, and a leader that
-        receives a smaller one would edit and store uninitialised memory. The check is one
-        small all-gather over the stage (:func:`agree_on_whole_shape`: ``LayoutError`` on every
-        rank), made only where it is needed: not when :meth:`whole_shape` has already agreed at
-        this call, and not for the direct transfer of a retrieval, whose leader checks the
-        pieces as they come.
-        """
-        spec = layout.spec_for("dp")
-        if agreed or self.mesh.dp_size == 1 or not isinstance(spec, ShardSpec) or \
-                spec.sizes is not None:
-            return
-        agree_on_whole_shape(self.mesh, _local_of(local), layout, None, site)
-
     def is_edit_leader(self, site: HookSite) -> bool:
         return self.mesh.is_stage_leader()
 
     # -- the Runtime seam -----------------------------------------------------------------------
     def retrieve(self, local: torch.Tensor, site: HookSite,
                  store: Callable[[torch.Tensor], None]) -> None:
-        agreed = self._was_agreed(local, site)
         layout = self.layout_of(local, site)
         plain = _local_of(local).detach()
         with torch.no_grad():
             if self.store_on == "all":
-                self._agree_on_pieces(local, site, layout, agreed)
                 store(store_copy(self.walk.to_all(plain, layout)))
                 return
             if self.store_on == "replica_leaders" and self.mesh.dp_size > 1 and \
                     isinstance(layout.spec_for("dp"), ShardSpec):
                 self._retrieve_replica_rows(plain, layout, store)
                 return
-            if self.overlap_retrieval:
-                self._agree_on_pieces(local, site, layout, agreed)
-                if self._start_retrieval(plain, layout, store):
-                    return
+            if self.overlap_retrieval and self._start_retrieval(plain, layout, store):
+                return
             axes = self.walk.direct_axes(plain, layout)  # one transfer over the stage
-            if not axes:  # the per-axis walk pads the pieces; the direct transfer checks them
-                self._agree_on_pieces(local, site, layout, agreed)
             full, record = (self.walk.to_leader_at_once(plain, layout, axes), None) if axes \
                 else self.walk.to_leader(plain, layout)
         if self.mesh.is_stage_leader():
@@ -329,9 +297,7 @@ class DistributedRuntime(Runtime):
 
     def gather_for_edit(self, local: torch.Tensor, site: HookSite,
                         everywhere: bool = False) -> tuple[torch.Tensor | None, EditContext]:
-        agreed = self._was_agreed(local, site)
         layout = self.layout_of(local, site)
-        self._agree_on_pieces(local, site, layout, agreed)
         if everywhere and not self.trainable.modules:
             # Trainable modules are kept identical by the leader broadcasting their gradients
             # (sync_trainable_modules), which needs the leader path; registering them is a

@@ -36,12 +36,31 @@ def _group_rank(group: Group) -> int:
 
 @names_lost_ranks
 def exchange_sizes(local: torch.Tensor, dim: int, group: Group) -> tuple[int, ...]:
-    """Every rank's size along ``dim`` (a tiny all-gather)."""
+    """Every rank's size along ``dim`` (a tiny all-gather of every rank's shape).
+
+    The pieces are then padded along ``dim`` only, so they must agree in every other dim:
+    data-parallel replicas padded to their own longest sequence do not, and a gather of them
+    would abort the rank receiving a larger piece (gloo) or fill the whole tensor with
+    uninitialised memory. Every rank of ``group`` sees the same shapes, so every one of them
+    raises ``LayoutError`` here, together.
+    """
     n = dist.get_world_size(group)
-    mine = torch.tensor([local.shape[dim]], dtype=torch.int64, device=local.device)
+    if local.ndim >= _HEAD:  # more dims than a shape row holds: the sizes alone
+        mine = torch.tensor([local.shape[dim]], dtype=torch.int64, device=local.device)
+        out = [torch.empty_like(mine) for _ in range(n)]
+        dist.all_gather(out, mine, group=group)
+        return tuple(int(t.item()) for t in out)
+    mine = _shape_row(local).to(local.device)
     out = [torch.empty_like(mine) for _ in range(n)]
     dist.all_gather(out, mine, group=group)
-    return tuple(int(t.item()) for t in out)
+    shapes = [_row_shape(t.tolist()) for t in out]
+    others = {tuple(s[:dim] + s[dim + 1:]) if len(s) == local.ndim else None for s in shapes}
+    if len(others) > 1 or None in others:
+        raise LayoutError(
+            f"the pieces of a tensor split along dim {dim} differ in another dim (shapes "
+            f"{shapes}), so they are not pieces of one tensor: data-parallel ranks padding "
+            f"their batches to different sequence lengths? Pad every rank to the same length")
+    return tuple(s[dim] for s in shapes)
 
 
 def _pad(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
