@@ -29,6 +29,7 @@ __all__ = [
     "UnknownArchitecture",
     "block_names",
     "locate",
+    "pipeline_flexmodel",
     "register_anatomy",
 ]
 
@@ -180,3 +181,26 @@ def block_names(model: nn.Module) -> list[str]:
     """Clean names of the transformer blocks, in order."""
     loc = locate(model)
     return [loc.block_name(i) for i in range(len(loc.blocks))]
+
+
+def pipeline_flexmodel(model: nn.Module) -> nn.Module | None:
+    """The FlexModel over pipeline stages that ``model`` is, or that wraps it (or the model
+    inside its DDP / FlexModel wrappers); ``None`` when there is none or it runs one stage.
+
+    Such a model is one *stage*: it holds some of the blocks, so a block index means nothing
+    on its own here (stages may number their blocks from 0, or keep the whole model's
+    numbering), and a name may belong to another stage. The FlexModel exchanged every stage's
+    names when it was built, so its answer is the same on every rank; no collective is run."""
+    from flex_surgery.hooks.wrapper import _WRAPPED_BY, FlexModel
+    from flex_surgery.naming import unwrap_model
+
+    found = model if isinstance(model, FlexModel) else None
+    if found is None:
+        ref = _WRAPPED_BY.get(unwrap_model(model))
+        found = ref() if ref is not None else None
+        if found is not None and found._restored:
+            found = None
+    mesh = getattr(getattr(found, "runtime", None), "mesh", None)
+    if mesh is None or mesh.pp_size == 1:
+        return None
+    return found

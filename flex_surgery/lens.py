@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from flex_surgery.anatomy import MissingPart, locate
+from flex_surgery.anatomy import MissingPart, locate, pipeline_flexmodel
 from flex_surgery.lens_plot import plot_lens
 from flex_surgery.lens_unembedding import (
     LensError,
@@ -120,6 +120,15 @@ class LogitLens:
         self.positions = None if positions is None else list(positions)
         root = unwrap_model(model)
         self._located = locate(root)  # UnknownArchitecture: names the known ones
+        # A stage wrapped by a FlexModel over pipeline stages: its pipeline is the lens's (the
+        # same answer on every rank, before any collective).
+        stage_of = pipeline_flexmodel(model)
+        if stage_of is not None:
+            pp = stage_of.runtime.mesh.pp_size
+            if pipeline_parallel_size not in (1, pp):
+                raise ValueError(f"pipeline_parallel_size={pipeline_parallel_size}, but the "
+                                 f"model is a stage of a FlexModel over {pp} pipeline stages")
+            pipeline_parallel_size = pp
         self._stored: dict[int, list[torch.Tensor]] = {}
         self._handles: list[Any] = []
         # The hooks' runtime (layouts, gathers) with store_on="all": every rank of a stage gets
@@ -235,17 +244,30 @@ class LogitLens:
                            f"{loc.name('final_norm')}: {err}")
             except LensError as err:
                 problem = str(err)
-        # Under pipelining the stages agree on where the head is and on any error, so every
-        # rank raises (or goes on) together.
-        mine = (unembed is not None, problem)
-        stages = [mine]
-        if len(self.surgery.stage_sizes) > 1:
-            stages = [None] * len(self.surgery.stage_sizes)
-            dist.all_gather_object(stages, mine, group=self.surgery.pipeline_group)
-        errors = [p for _, p in stages if p]
+        # Every rank of the lens agrees on where the head is and on any error, so every rank
+        # raises (or goes on) together: the stages of a pipeline, and the ranks of one stage
+        # too -- ranks that should hold the same stage but do not (pipeline stages built
+        # without pipeline_parallel_size) would otherwise have the head-less ones raise alone.
+        mine = (self.surgery.stage, unembed is not None, problem)
+        everyone = [mine]
+        if self._world() > 1:
+            everyone = [None] * self._world()
+            dist.all_gather_object(everyone, mine, group=self.group)
+        errors = [p for _, _, p in everyone if p]
         if errors:
             raise LensError(errors[0])
-        holding = [s for s, (has, _) in enumerate(stages) if has]
+        has_head: dict[int, set[bool]] = {}
+        for stage, has, _ in everyone:
+            has_head.setdefault(stage, set()).add(has)
+        split = sorted(s for s, seen in has_head.items() if len(seen) > 1)
+        if split:
+            ranks = [r for r, (s, has, _) in enumerate(everyone) if s in split and has]
+            raise LensError(
+                f"{loc.arch}: ranks of one pipeline stage disagree on holding the unembedding "
+                f"{loc.name('unembed')} (ranks {ranks} hold it, the others of stage(s) {split} "
+                "do not); if the model is split into pipeline stages, pass "
+                "pipeline_parallel_size")
+        holding = sorted(s for s, seen in has_head.items() if True in seen)
         if len(holding) != 1:
             raise LensError(f"{loc.arch}: the lens needs exactly one pipeline stage holding the "
                             f"unembedding {loc.name('unembed')}; stages holding it: {holding}")

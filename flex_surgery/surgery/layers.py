@@ -60,7 +60,9 @@ class LayerSurgery:
 
     def __init__(self, model: nn.Module, order: Sequence[int] | None = None,
                  replace: Mapping[int, nn.Module] | None = None,
-                 container: str | None = None) -> None:
+                 container: str | None = None, *, _stage_local: bool = False) -> None:
+        if not _stage_local:  # ModelSurgery passes this stage's own positions
+            _refuse_pipeline_stage(model)
         self.root = unwrap_model(model)
         if container is None:
             from flex_surgery.anatomy import locate
@@ -123,10 +125,25 @@ class LayerSurgery:
 _REPLACED = "_flex_surgery_replaced"
 
 
+def _refuse_pipeline_stage(model: nn.Module) -> None:
+    """Block indices of a pipeline stage (a model a FlexModel over pipeline stages wraps) are
+    positions in this stage's own list: ``[1]`` would take block 1 out of every stage. Every
+    rank raises alike (the FlexModel's pipeline size is the same on every rank)."""
+    from flex_surgery.anatomy import pipeline_flexmodel
+
+    if pipeline_flexmodel(model) is not None:
+        raise SurgeryError(
+            "layer surgery by block index on a pipeline stage would apply the same positions "
+            "on every stage (each holds some of the blocks); use "
+            "flex_surgery.ModelSurgery(model) -- global block indices, each stage applying its "
+            "part -- on every rank")
+
+
 def delete_blocks(model: nn.Module, indices: Sequence[int], **kw: Any) -> LayerSurgery:
     """Run without the blocks at ``indices`` (the remaining ones keep their order)."""
     from flex_surgery.anatomy import locate
 
+    _refuse_pipeline_stage(model)
     root = unwrap_model(model)
     container = kw.pop("container", None) or locate(root).name("blocks")
     n = len(getattr(*_parent_and_attr(root, container)))

@@ -47,11 +47,12 @@ class ShardingMismatchError(SurgeryError):
 
 
 def _pipeline_group_of(model: nn.Module) -> dist.ProcessGroup | None:
-    """The pipeline group of a FlexModel's runtime (``None`` without pipelining)."""
-    mesh = getattr(getattr(model, "runtime", None), "mesh", None)
-    if mesh is None or mesh.pp_size == 1:
-        return None
-    return mesh.group("pp")
+    """The pipeline group of the FlexModel over pipeline stages that ``model`` is or that wraps
+    it (``None`` without pipelining)."""
+    from flex_surgery.anatomy import pipeline_flexmodel
+
+    flex = pipeline_flexmodel(model)
+    return None if flex is None else flex.runtime.mesh.group("pp")
 
 
 class ModelSurgery:
@@ -61,8 +62,8 @@ class ModelSurgery:
         model: the model, or this pipeline stage of it (wrappers -- DDP, FSDP, FlexModel --
             are looked through).
         pipeline_group: the process group of this rank's pipeline line (one rank per stage,
-            in stage order). Default: the pipeline group of a FlexModel passed as ``model``,
-            else none (the model holds every block). Collective over that group.
+            in stage order). Default: the pipeline group of a FlexModel passed as ``model``
+            or wrapping it, else none (the model holds every block). Collective over that group.
         container: the ``nn.ModuleList`` of blocks, by clean name; default: the architecture's
             blocks from :mod:`flex_surgery.anatomy`.
 
@@ -188,7 +189,8 @@ class ModelSurgery:
                     "keep at least one block per stage (or replace blocks with PassThrough())")
         keep = [j for j in range(self.stage_sizes[self.stage])
                 if self.offset + j not in drop]
-        with LayerSurgery(self.model, order=keep, container=self.container):
+        with LayerSurgery(self.model, order=keep, container=self.container,
+                          _stage_local=True):
             yield self.model
 
     @contextlib.contextmanager
@@ -223,7 +225,8 @@ class ModelSurgery:
                     "blocks may only be reordered within a stage")
         local = [normal[self.offset + j] - self.offset
                  for j in range(self.stage_sizes[self.stage])]
-        with LayerSurgery(self.model, order=local, container=self.container):
+        with LayerSurgery(self.model, order=local, container=self.container,
+                          _stage_local=True):
             yield self.model
 
     @contextlib.contextmanager
@@ -264,7 +267,8 @@ class ModelSurgery:
         problems = self._agree(problems)
         if problems:
             raise ShardingMismatchError("; ".join(problems) + _HOW_TO_REPLACE)
-        with LayerSurgery(self.model, replace=mine, container=self.container):
+        with LayerSurgery(self.model, replace=mine, container=self.container,
+                          _stage_local=True):
             yield self.model
 
     def _agreement_groups(self) -> list[dist.ProcessGroup]:

@@ -97,8 +97,17 @@ def resolve_edits(root: nn.Module, shards: list[LocalShard],
     if layers is None:
         prefixes.add("")  # the whole model
     specs = () if layers is None else layers if isinstance(layers, (list, tuple)) else [layers]
+    # A pipeline stage: names held by the other stages (exchanged when its FlexModel was
+    # built, the same answer on every rank) are selected there, not here.
+    from flex_surgery.anatomy import pipeline_flexmodel
+
+    stage = pipeline_flexmodel(root)
+    remote: frozenset[str] | None = None if stage is None else stage._remote_names
+    elsewhere = False  # something selected lives on another stage
     for spec in specs:
-        for name in _expand(root, spec, module_names, param_names):
+        names, away = _expand(root, spec, module_names, param_names, remote)
+        elsewhere |= away
+        for name in names:
             (exact if name in param_names else prefixes).add(name)
 
     def under(name: str, within: str | None = None) -> bool:
@@ -134,7 +143,7 @@ def resolve_edits(root: nn.Module, shards: list[LocalShard],
             f"point: {quantized[:5]}{' ...' if len(quantized) > 5 else ''}; surgery cannot "
             "modify them in place (a quantized weight?). Select the floating-point parameters "
             "only (a params callable, or names)")
-    if not edits and layers is not None:
+    if not edits and layers is not None and not elsewhere:
         raise ValueError(
             f"layers={layers!r} with params={params!r} selects no parameter; "
             "use params='weights' or 'all' to include norms, biases and embeddings"
@@ -161,21 +170,41 @@ def _lora_edit(shard: LocalShard, lora: LoraLinear, effective: str,
 
 
 def _expand(root: nn.Module, spec: LayerSpec, module_names: set[str],
-            param_names: set[str]) -> list[str]:
+            param_names: set[str], remote: frozenset[str] | None = None,
+            ) -> tuple[list[str], bool]:
+    """The local names ``spec`` selects, and whether it selects names of another pipeline
+    stage (``remote``: the names only the other stages hold; ``None``: not a pipeline stage).
+    A name no stage holds is an error on every stage alike: each knows every stage's names."""
     if isinstance(spec, bool) or not isinstance(spec, (int, str)):
         raise TypeError(f"layers entries are block indices (int) or names (str), got {spec!r}")
     if isinstance(spec, int):
         from flex_surgery.anatomy import locate
 
-        return [locate(root).block_name(spec)]
+        if remote is not None:
+            raise ValueError(
+                f"layers entry {spec}: a block index is ambiguous on a pipeline stage (a stage "
+                "holds some of the blocks, numbered from 0 or by their index in the whole "
+                "model, and cannot tell which from its own modules); name the blocks instead "
+                "(with stages that keep the whole model's names, as docs/pipeline.md "
+                "recommends, a name means the same block on every stage and a name held by "
+                "another stage is modified there), or use ModelSurgery for global block "
+                "indices")
+        return [locate(root).block_name(spec)], False
     names = module_names | param_names
+    others = remote or frozenset()
     if any(c in spec for c in "*?["):
         hits = sorted(n for n in names if fnmatch.fnmatchcase(n, spec))
-        if not hits:
-            raise ValueError(f"pattern {spec!r} matches no module or parameter; "
+        away = any(fnmatch.fnmatchcase(n, spec) for n in others)
+        if not hits and not away:
+            raise ValueError(f"pattern {spec!r} matches no module or parameter"
+                             f"{' on any pipeline stage' if remote is not None else ''}; "
                              f"e.g. {sorted(names)[:5]}")
-        return hits
-    if spec not in names:
-        close = difflib.get_close_matches(spec, sorted(names), n=5)
-        raise ValueError(f"no module or parameter named {spec!r}; close matches: {close}")
-    return [spec]
+        return hits, away
+    if spec in names:
+        return [spec], False
+    if spec in others:
+        return [], True
+    close = difflib.get_close_matches(spec, sorted(names | others), n=5)
+    raise ValueError(f"no module or parameter named {spec!r}"
+                     f"{' on any pipeline stage' if remote is not None else ''}; "
+                     f"close matches: {close}")
