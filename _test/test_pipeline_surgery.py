@@ -257,3 +257,29 @@ def test_a_lens_on_a_flexmodel_over_pipeline_stages_takes_its_pipeline():
         assert_same(got, tokens[[3, 1]], logprobs[[3, 1]])
     finally:
         flex.restore()
+
+
+@distributed(world_size=2, timeout_s=60)
+def test_a_name_every_stage_holds_alike_is_refused_on_every_rank():
+    """Stages that number their blocks from 0 each hold ``blocks.1``: the name meant block 1 on
+    stage 0 and block 3 on stage 1 (both modified, no warning). An exact name held by several
+    stages is refused on every rank; a pattern still selects on every stage that matches."""
+    plain = plain_lm()
+    before = _weights(plain)
+    flex = FlexModel(_stage("list", plain), {} if dist.get_rank() == 0 else None,
+                     pipeline_parallel_size=2)
+    try:
+        mask = torch.ones(plain.blocks[1].up.weight.shape, dtype=torch.bool)
+        for make in (lambda: SurgicalTheater(flex, layers=["blocks.1"],
+                                             modification_type="scale", factor=0.5),
+                     lambda: MaskTheater(flex, {"blocks.1.up.weight": mask})):
+            with pytest.raises((ValueError, RemoteEditError), match=r"held by pipeline stages"):
+                with make():
+                    pass
+        assert not _changed(plain, before)
+        with SurgicalTheater(flex, layers="blocks.*.up", modification_type="scale", factor=0.5):
+            changed = set().union(*_everyones(_changed(plain, before)))  # each its own blocks
+        assert changed == {f"blocks.{i}.up.weight" for i in range(N_BLOCKS)}, changed
+        assert not _changed(plain, before)
+    finally:
+        flex.restore()

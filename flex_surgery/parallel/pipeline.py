@@ -157,6 +157,9 @@ class StageFacts:
     remote_names: frozenset[str] = frozenset()
     keeps: tuple[bool, ...] = ()
     stage: int = 0
+    #: Per stage of the line, its module and parameter names (a name several stages hold is
+    #: one each stage numbers alike, such as ``blocks.1`` of stages that count from 0).
+    names_by_stage: tuple[frozenset[str], ...] = ()
 
     def staged_values_are_collected(self, mesh: ParallelMesh | None, store_on: str) -> bool:
         """Whether values this rank stages (it has no ``output_dict``) reach a rank that keeps
@@ -211,7 +214,8 @@ def exchange_stage_facts(names: set[str], keeps: bool, mesh: ParallelMesh | None
     # The index in the gather is the rank in the pp group, which is what StageLink calls the
     # stage (collection sends to the group's first rank).
     return StageFacts(remote, tuple(bool(entry and entry[1]) for entry in everyone),
-                      dist.get_rank(group))
+                      dist.get_rank(group),
+                      tuple(frozenset(entry[0]) if entry else frozenset() for entry in everyone))
 
 
 def names_on_other_stages(names: set[str], mesh: ParallelMesh | None) -> frozenset[str]:

@@ -105,6 +105,8 @@ def resolve_edits(root: nn.Module, shards: list[LocalShard],
     remote: frozenset[str] | None = None if stage is None else stage._remote_names
     elsewhere = False  # something selected lives on another stage
     for spec in specs:
+        if stage is not None:
+            _refuse_shared_name(spec, stage._stages.names_by_stage)
         names, away = _expand(root, spec, module_names, param_names, remote)
         elsewhere |= away
         for name in names:
@@ -167,6 +169,22 @@ def _lora_edit(shard: LocalShard, lora: LoraLinear, effective: str,
     if with_factors:  # W + BA*s -> f*W + (f*B)A*s
         factors = tuple(shard_at[place] for place in lora.factor_places())
     return Edit(shard, effective, factors, lora)
+
+
+def _refuse_shared_name(spec: LayerSpec, names_by_stage: tuple[frozenset[str], ...]) -> None:
+    """An exact name that several pipeline stages hold (``blocks.1`` of stages that each number
+    their blocks from 0) names a different block on each: refused on every rank (the stages'
+    names were exchanged when the FlexModel was built). Patterns select on every stage that
+    matches, as they mean to."""
+    if not isinstance(spec, str) or any(c in spec for c in "*?["):
+        return
+    holders = [stage for stage, names in enumerate(names_by_stage) if spec in names]
+    if len(holders) > 1:
+        raise ValueError(
+            f"layers entry {spec!r} is held by pipeline stages {holders}: each stage names its "
+            f"own blocks from 0, so the name means a different block on each. Keep the whole "
+            f"model's names on every stage (docs/pipeline.md), or use ModelSurgery for global "
+            f"block indices")
 
 
 def _expand(root: nn.Module, spec: LayerSpec, module_names: set[str],
