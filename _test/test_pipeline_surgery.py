@@ -283,3 +283,24 @@ def test_a_name_every_stage_holds_alike_is_refused_on_every_rank():
         assert not _changed(plain, before)
     finally:
         flex.restore()
+
+
+@distributed(world_size=2, timeout_s=60)
+def test_a_hook_on_a_name_several_stages_hold_is_refused_on_every_rank():
+    """Stages numbering their blocks from 0: a hook on ``blocks.1`` fired on block 1 (stage 0)
+    and block 3 (stage 1), and rank 0 collected both under one key, without a word. Refused at
+    registration on every rank; a name one stage holds still registers everywhere."""
+    from flex_surgery import HookFunction
+    from flex_surgery.hooks import HookRegistrationError
+
+    flex = FlexModel(_stage("list", plain_lm()), {} if dist.get_rank() == 0 else None,
+                     pipeline_parallel_size=2)
+    try:
+        for name in ("blocks.1", "blocks.0.up.weight", ""):
+            with pytest.raises(HookRegistrationError, match="pipeline stages \\[0, 1\\]"):
+                flex.register_forward_hook(HookFunction(name))
+        assert flex.hook_functions == []
+        flex.register_forward_hook(HookFunction("head"))  # the last stage's only
+        assert len(flex.hook_functions) == 1
+    finally:
+        flex.restore()

@@ -30,6 +30,7 @@ from flex_surgery.store.base import Store
 from flex_surgery.store.hooks import check_reduce
 
 if TYPE_CHECKING:
+    from flex_surgery.parallel.pipeline import StageFacts
     from flex_surgery.parallel.runtime import Runtime
 
 __all__ = ["HookRegistration"]
@@ -87,6 +88,7 @@ class HookRegistration:
     output_dict: dict[str, Any] | None
     _names: ModelNames
     _remote_names: frozenset[str]
+    _stages: StageFacts
     _shared: SharedState
     _groups: HookGroups
     # None: a module backward hook that is disabled, hence not installed.
@@ -139,6 +141,7 @@ class HookRegistration:
         key = output_key(hf.module_name, hook_type, self.key_by_hook_kind)
         if self.keep == "last":
             self._check_no_key_clash(hf, hook_type, key)
+        self._check_one_stage_holds(hf)
         try:
             if hook_type == "tensor":
                 handle = self._register_parameter_hook(hf, key)
@@ -164,6 +167,20 @@ class HookRegistration:
                 handle.remove()
             hf._unbind()
             raise
+
+    def _check_one_stage_holds(self, hf: HookFunction) -> None:
+        """Under pipelining, a name that several stages hold (``blocks.1`` of stages that each
+        number their blocks from 0; the stage's root ``""``) would fire on each, and rank 0
+        would collect different modules' values under one key: refused, on every rank (the
+        stages' names were exchanged when the FlexModel was built)."""
+        name = clean_name(hf.module_name)
+        holders = [stage for stage, names in enumerate(self._stages.names_by_stage)
+                   if name in names]
+        if len(holders) > 1:
+            raise HookRegistrationError(
+                f"{hf!r}: pipeline stages {holders} each hold a module or parameter named "
+                f"{name!r}, so the name means a different one on each; stages should keep the "
+                f"names the modules have in the whole model (docs/pipeline.md)")
 
     def _check_no_key_clash(self, hf: HookFunction, hook_type: str, key: str) -> None:
         clash = next((other for other in self._handles_by_key.get(key, ())
