@@ -219,3 +219,44 @@ def test_hf_llama_under_fsdp_equals_one_process(wrapper):
         stored, out, _ = run(model, local_ids, edit)
         _check(stored, ref_stored, out.logits, _local(ref_out.logits, dist.get_rank(), 2))
         assert_grads_equal(_grads_by_sgd_step(model, full_params), ref_grads, **TOL)
+
+
+@distributed(world_size=2, timeout_s=60)
+def test_a_table_broadcast_over_the_batch_is_not_concatenated_over_replicas():
+    """DDP over a HF Llama: ``model.rotary_emb`` returns ``(cos, sin)`` of shape ``[1, s, d]``
+    (position ids ``[1, s]``, broadcast over the batch), the same on every replica. It was taken
+    as each replica's rows and concatenated: ``[2, s, d]`` stored where one process has
+    ``[1, s, d]``, without a word. Each replica's input has 2 rows, so a piece of one row is no
+    piece of the batch: every rank raises at that call, and with ``expected_shape`` (the whole
+    shape) the table is stored once, equal to one process."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from flex_surgery import FlexModel, HookFunction
+    from flex_surgery.models import example_inputs, tiny_hf_model
+    from flex_surgery.parallel.layout import LayoutError
+
+    ids = example_inputs("llama", batch=4, seq=6)["input_ids"]
+    rank = dist.get_rank()
+    ref = {}
+    with FlexModel(tiny_hf_model("llama"), ref, process_group=local_group()) as flex:
+        flex.register_forward_hook(HookFunction("model.rotary_emb"))
+        with torch.no_grad():
+            flex(input_ids=ids)
+    want = ref["model.rotary_emb"][0]
+    assert want.shape == (1, 6, 16)
+    model = DDP(tiny_hf_model("llama"))
+    for kind in ("hook", "edit"):
+        with FlexModel(model, {}) as flex:
+            edit = (lambda m, t, c, mods: t) if kind == "edit" else None
+            flex.register_forward_hook(HookFunction("module.model.rotary_emb",
+                                                    editing_function=edit))
+            with torch.no_grad(), pytest.raises(LayoutError, match="broadcast over the batch|cannot form one"):
+                flex(input_ids=ids[2 * rank:2 * rank + 2])
+    stored = {}
+    with FlexModel(model, stored) as flex:
+        flex.register_forward_hook(HookFunction("module.model.rotary_emb",
+                                                expected_shape=(1, 6, 16)))
+        with torch.no_grad():
+            flex(input_ids=ids[2 * rank:2 * rank + 2])
+    if rank == 0:
+        torch.testing.assert_close(stored["module.model.rotary_emb"][0], want)

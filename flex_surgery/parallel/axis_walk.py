@@ -109,7 +109,8 @@ class AxisWalk:
             spec = layout.spec_for(axis)
             shape = tuple(t.shape)
             if isinstance(spec, ShardSpec):
-                sizes = spec.sizes or early.get(axis) or exchange_sizes(t, spec.dim, group)
+                sizes = spec.sizes or early.get(axis) or \
+                    exchange_sizes(t, spec.dim, group, spec.rows)
                 record.append((axis, spec, sizes, shape))
                 t = gather_to_one(t, spec.dim, group, 0, sizes)
             elif isinstance(spec, PartialSpec):
@@ -150,7 +151,7 @@ class AxisWalk:
             dim = spec.dim % t.ndim if isinstance(spec, ShardSpec) else None
             if not first and isinstance(spec, ShardSpec) and spec.sizes is None and \
                     dim not in cut:
-                early[axis] = exchange_sizes(t, dim, self.mesh.group(axis))
+                early[axis] = exchange_sizes(t, dim, self.mesh.group(axis), spec.rows)
             if dim is not None:
                 cut.add(dim)
             first = False
@@ -213,10 +214,12 @@ class AxisWalk:
             cuts = [(specs[a].dim % t.ndim, specs[a].sizes, coords[a]) for a in shards]
             senders = [i for i in range(n)
                        if all(coords[a][i] == 0 for a in axes if specs[a] is None)]
-            full = collect_pieces(t, cuts, senders, group, leader)
+            rows = next((specs[a].rows for a in shards if specs[a].sizes is None), None)
+            full = collect_pieces(t, cuts, senders, group, leader, rows)
         else:
             cuts = [(specs[a].dim % t.ndim, specs[a].sizes or
-                     exchange_sizes(t, specs[a].dim % t.ndim, self.mesh.group(a)), coords[a])
+                     exchange_sizes(t, specs[a].dim % t.ndim, self.mesh.group(a),
+                                    specs[a].rows), coords[a])
                     for a in shards]
             full = gather_pieces(t, cuts, group, leader)
         if full is None or _group_rank(group) != leader:
@@ -246,7 +249,8 @@ class AxisWalk:
             spec = layout.spec_for(axis)
             group = self.mesh.group(axis)
             if isinstance(spec, ShardSpec):
-                t = all_gather(t, spec.dim, group, spec.sizes)
+                sizes = spec.sizes or exchange_sizes(t, spec.dim % t.ndim, group, spec.rows)
+                t = all_gather(t, spec.dim, group, sizes)
             elif isinstance(spec, PartialSpec):
                 t = t.clone()
                 dist.all_reduce(t, group=group)
@@ -264,7 +268,7 @@ class AxisWalk:
             group = self.mesh.group(axis)
             spec = layout.spec_for(axis)
             if isinstance(spec, ShardSpec):
-                sizes = spec.sizes or exchange_sizes(t, spec.dim, group)
+                sizes = spec.sizes or exchange_sizes(t, spec.dim, group, spec.rows)
                 record.append((axis, spec, sizes, tuple(t.shape)))
                 t = all_gather(t, spec.dim, group, sizes)
             elif isinstance(spec, PartialSpec):

@@ -299,7 +299,10 @@ class LayoutInference(TPTracker):
             return layout  # every dp rank holds it whole (no batch dim): replicated over dp
         scale = 1.0 / self.mesh.dp_size
         grad_role = role.startswith("grad")
-        return Layout(layout.shards + (ShardSpec("dp", dim),), layout.partials,
+        # In forward, the rows of this replica's input travel with the sizes (ShardSpec.rows);
+        # a backward may follow several forwards of other sizes, so its tensors carry none.
+        rows = None if grad_role or expected_shape is not None else self.input_rows
+        return Layout(layout.shards + (ShardSpec("dp", dim, rows=rows),), layout.partials,
                       grad_scale=scale if grad_role else 1.0,
                       backward_scale=1.0 if grad_role else scale)
 

@@ -9,7 +9,7 @@ along them, so they live apart from the inference rules.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from flex_surgery.parallel.frameworks.base import LayoutError
 from flex_surgery.parallel.frameworks.dtensor import mesh_axis_of
@@ -23,11 +23,18 @@ GATHER_ORDER = ("tp", "dp")
 
 @dataclass(frozen=True)
 class ShardSpec:
-    """The tensor is cut along ``dim`` over mesh axis ``axis``; ``sizes`` per rank if known."""
+    """The tensor is cut along ``dim`` over mesh axis ``axis``; ``sizes`` per rank if known.
+
+    ``rows``: for the data-parallel batch dim of a forward tensor, the rows of this replica's
+    input (``None``: unknown). A piece with one row where its replica's input has more is no
+    piece of the batch (a table broadcast over it, such as rotary or position embeddings): the
+    exchange of the pieces' sizes refuses it on every rank. Not part of the layout's identity.
+    """
 
     axis: str
     dim: int
     sizes: tuple[int, ...] | None = None
+    rows: int | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)

@@ -72,6 +72,9 @@ class TPTracker:
         self._batch_dims: weakref.WeakKeyDictionary[nn.Module, tuple[int, int]] = \
             weakref.WeakKeyDictionary()
         self._parameters: dict[int, tuple[weakref.ref, nn.Module]] = {}
+        # Rows of this replica's input in the current forward (data parallelism; see
+        # ShardSpec.rows), None before a watched model's forward or when it has no batch dim.
+        self.input_rows: int | None = None
 
     # The tracker: remembers, per module, the TP layer output state at its entry and exit.
     def watch(self, model: nn.Module) -> None:
@@ -89,6 +92,9 @@ class TPTracker:
             for p in m.parameters(recurse=False):
                 self._parameters.setdefault(id(p), (weakref.ref(p), m))
         self._batch_dims.update(frameworks.batch_dims(model))
+        if self.mesh.dp_size > 1:
+            self._handles.append(model.register_forward_pre_hook(self._root_rows,
+                                                                 with_kwargs=True))
         if self.mesh.tp_size == 1:
             return
         self._sequence_parallel = frameworks.sequence_parallel(model)
@@ -107,6 +113,18 @@ class TPTracker:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+
+    def _root_rows(self, module, args, kwargs) -> None:
+        """Record the rows of this replica's input as a watched model's forward starts: the
+        batch size of its first tensor argument (positional, else keyword)."""
+        if torch._C._current_graph_task_id() != -1:
+            return  # a forward recomputed in backward (checkpointing)
+        first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)),
+                     None)
+        dims = self._batch_dims.get(module)
+        dim = self.batch_dim if dims is None else dims[0]
+        self.input_rows = first.shape[dim] if first is not None and \
+            -first.ndim <= dim < first.ndim else None
 
     def _enter(self, module, args):
         if torch._C._current_graph_task_id() != -1:

@@ -35,32 +35,54 @@ def _group_rank(group: Group) -> int:
 
 
 @names_lost_ranks
-def exchange_sizes(local: torch.Tensor, dim: int, group: Group) -> tuple[int, ...]:
+def exchange_sizes(local: torch.Tensor, dim: int, group: Group,
+                   rows: int | None = None) -> tuple[int, ...]:
     """Every rank's size along ``dim`` (a tiny all-gather of every rank's shape).
 
     The pieces are then padded along ``dim`` only, so they must agree in every other dim:
     data-parallel replicas padded to their own longest sequence do not, and a gather of them
     would abort the rank receiving a larger piece (gloo) or fill the whole tensor with
-    uninitialised memory. Every rank of ``group`` sees the same shapes, so every one of them
-    raises ``LayoutError`` here, together.
+    uninitialised memory. ``rows``: this rank's input rows, for a data-parallel batch dim
+    (``ShardSpec.rows``); a piece of one row where its rank's input has more is a table
+    broadcast over the batch, not a piece of it. Every rank of ``group`` sees the same rows, so
+    every one of them raises ``LayoutError`` here, together.
     """
     n = dist.get_world_size(group)
-    if local.ndim >= _HEAD:  # more dims than a shape row holds: the sizes alone
+    if local.ndim >= _SHAPE_DIMS:  # more dims than a shape row holds: the sizes alone
         mine = torch.tensor([local.shape[dim]], dtype=torch.int64, device=local.device)
         out = [torch.empty_like(mine) for _ in range(n)]
         dist.all_gather(out, mine, group=group)
         return tuple(int(t.item()) for t in out)
-    mine = _shape_row(local).to(local.device)
+    mine = _shape_row(local, rows).to(local.device)
     out = [torch.empty_like(mine) for _ in range(n)]
     dist.all_gather(out, mine, group=group)
-    shapes = [_row_shape(t.tolist()) for t in out]
+    table = [t.tolist() for t in out]
+    shapes = [_row_shape(r) for r in table]
     others = {tuple(s[:dim] + s[dim + 1:]) if len(s) == local.ndim else None for s in shapes}
     if len(others) > 1 or None in others:
         raise LayoutError(
             f"the pieces of a tensor split along dim {dim} differ in another dim (shapes "
             f"{shapes}), so they are not pieces of one tensor: data-parallel ranks padding "
             f"their batches to different sequence lengths? Pad every rank to the same length")
+    problem = _broadcast_over_batch(dict(enumerate(table)), dim)
+    if problem:
+        raise LayoutError(problem)
     return tuple(s[dim] for s in shapes)
+
+
+def _broadcast_over_batch(table: dict[int, list[int]], dim: int) -> str | None:
+    """Why rows of :func:`_shape_row` (by group rank) are no pieces of a data-parallel batch:
+    a piece of one row along ``dim`` where its rank's input has more rows. ``None`` if none."""
+    odd = [(i, row[-1]) for i, row in sorted(table.items())
+           if row[-1] > 1 and row[0] > dim and row[1 + dim] == 1]
+    if not odd:
+        return None
+    return (f"group rank(s) {[i for i, _ in odd]} hold one row along the batch dim {dim} where "
+            f"their input has {sorted({r for _, r in odd})} rows: a table broadcast over the "
+            f"batch (rotary or position embeddings) is the same on every replica, not a piece "
+            f"of the batch, and concatenating the replicas' copies would be wrong; give "
+            f"expected_shape with the whole shape (then it is taken as the same on every "
+            f"replica)")
 
 
 def _pad(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
@@ -248,13 +270,15 @@ def gather_pieces(t: torch.Tensor, cuts: Sequence[tuple[int, Sequence[int], Sequ
 # The tags of collect_pieces' shapes and pieces: apart from each other (no reliance on the order
 # in which one connection delivers them) and from any other send/recv.
 _SHAPE_TAG, _PIECE_TAG, _STATUS_TAG = 0x7068, 0x7069, 0x706A
-_HEAD = 17  # a sent shape: [ndim, dims..., -1...] (up to 16 dims; ndim -1: more)
+_SHAPE_DIMS = 17  # a sent shape: [ndim, dims..., -1...] (up to 16 dims; ndim -1: more)
+_HEAD = _SHAPE_DIMS + 1  # then the rank's input rows (see _shape_row)
 
 
 @names_lost_ranks
 def collect_pieces(t: torch.Tensor, cuts: Sequence[tuple[int, Sequence[int] | None,
                                                          Sequence[int]]],
-                   senders: Sequence[int], group: Group, dst: int) -> torch.Tensor | None:
+                   senders: Sequence[int], group: Group, dst: int,
+                   rows: int | None = None) -> torch.Tensor | None:
     """The pieces of ``senders`` (group ranks, ``dst`` among them) sent to ``dst`` point to
     point and put together in place in one fresh tensor; ``None`` elsewhere. CPU tensors: for
     retrieval, not autograd-aware.
@@ -271,13 +295,15 @@ def collect_pieces(t: torch.Tensor, cuts: Sequence[tuple[int, Sequence[int] | No
     the leader receives every piece straight into the whole tensor where its place there is
     contiguous (else through the scratch buffer), and copies its own piece in place while the
     others arrive. A rank not in ``senders`` (a replica on a replicated axis) does nothing.
+    ``rows``: this rank's input rows, sent with its shape for the cut of unknown sizes (see
+    :func:`exchange_sizes`): pieces that are a table broadcast over the batch raise too.
     """
     me = _group_rank(group)
     header = any(sizes is None for _, sizes, _ in cuts)
     if me != dst:
         if me not in senders:
             return None
-        works, status, row = [], None, _shape_row(t) if header else None
+        works, status, row = [], None, _shape_row(t, rows) if header else None
         if header:
             works.append(dist.isend(row, group=group, group_dst=dst, tag=_SHAPE_TAG))
             status = torch.zeros(1, dtype=torch.int64)
@@ -299,11 +325,16 @@ def collect_pieces(t: torch.Tensor, cuts: Sequence[tuple[int, Sequence[int] | No
         for work in [dist.irecv(h, group=group, group_src=i, tag=_SHAPE_TAG)
                      for i, h in heads.items()]:
             work.wait()
-        rows = {i: h.tolist() for i, h in heads.items()}
-        shapes.update({i: _row_shape(r) for i, r in rows.items()})
+        table = {i: h.tolist() for i, h in heads.items()}
+        shapes.update({i: _row_shape(r) for i, r in table.items()})
     else:
         shapes.update({i: _known_shape(t, cuts, i) for i in others})
     offsets, error = _places(shapes, cuts, t.ndim)
+    if header and error is None:  # the shapes fit; are they pieces of the batch?
+        table[dst] = _shape_row(t, rows).tolist()
+        for dim, sizes, _ in cuts:
+            if sizes is None and error is None:
+                error = _broadcast_over_batch(table, dim)
     answers = [dist.isend(torch.tensor([int(error is not None)]), group=group, group_dst=i,
                           tag=_STATUS_TAG) for i in others] if header else []
     whole_shape = list(t.shape)
@@ -340,11 +371,15 @@ def collect_pieces(t: torch.Tensor, cuts: Sequence[tuple[int, Sequence[int] | No
     return whole
 
 
-def _shape_row(t: torch.Tensor) -> torch.Tensor:
+def _shape_row(t: torch.Tensor, rows: int | None = None) -> torch.Tensor:
+    """``[ndim, dims..., -1..., rows]``: a piece's shape (up to 16 dims; ndim -1: more) and its
+    rank's input rows (-1: unknown), see :func:`_broadcast_over_batch`."""
     row = torch.full((_HEAD,), -1, dtype=torch.int64)
-    if t.ndim < _HEAD:
+    if t.ndim < _SHAPE_DIMS:
         row[0] = t.ndim
         row[1:1 + t.ndim] = torch.tensor(t.shape, dtype=torch.int64)
+    if rows is not None:
+        row[-1] = rows
     return row
 
 
