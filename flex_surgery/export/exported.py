@@ -38,7 +38,11 @@ from flex_surgery.export.inject import (
 )
 from flex_surgery.export.layout import WeightSlot
 from flex_surgery.export.program import OutputKey, export_private_copy, with_state
-from flex_surgery.export.weight_files import load_weight_file, save_weight_file
+from flex_surgery.export.weight_files import (
+    load_weight_file,
+    save_weight_file,
+    write_atomically,
+)
 from flex_surgery.naming import unwrap_model
 from flex_surgery.surgery.snapshot import take_snapshot
 
@@ -113,7 +117,9 @@ class ExportedModel:
                 raise ValueError(f"weights=False needs all weights on one device, not {devices}")
             meta.update(tied=self.tied, device=devices.pop())
             program = with_state(program, self._state_on("meta"))
-        torch.export.save(program, path, extra_files={_META_FILE: json.dumps(meta)})
+        # A temporary name, renamed into place: a failed write leaves ``path`` as it was.
+        write_atomically(path, lambda tmp: torch.export.save(
+            program, tmp, extra_files={_META_FILE: json.dumps(meta)}))
 
     @classmethod
     def load(cls, path: str | os.PathLike, weights: WeightSource | None = None) -> ExportedModel:

@@ -148,7 +148,16 @@ def _rank0_state_dict(root: nn.Module, model: nn.Module, tp_group: dist.ProcessG
                                                                    cpu_offload=True))
     if dist.is_initialized() and dist.get_rank() != 0:
         return {}
-    weights = {clean_name(name): value for name, value in gathered.items()
+    # The checkpoint hands a CPU tensor that needed no gather or offload back as it is: the
+    # model's own parameter (a norm next to a DTensor-parallel MLP, any unsharded CPU weight).
+    # full_weights promises copies that later in-place updates of the model cannot reach.
+    live = set()
+    for tensor in (*model.parameters(), *model.buffers()):
+        local = tensor.to_local() if frameworks.is_dtensor(tensor) else tensor
+        live.add(local.untyped_storage().data_ptr())
+    weights = {clean_name(name): value.detach().clone()
+               if value.untyped_storage().data_ptr() in live else value
+               for name, value in gathered.items()
                if isinstance(value, torch.Tensor)}  # not the extra state a module may keep
     # Tied parameters come under each of their names, gathered separately; give them one
     # tensor, as the shard views do.

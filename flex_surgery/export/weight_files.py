@@ -10,7 +10,7 @@ alias from that one entry anyway.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -24,14 +24,37 @@ def _is_safetensors(path: PathLike) -> bool:
 
 
 def save_weight_file(weights: Mapping[str, torch.Tensor], path: PathLike) -> None:
-    """Write ``weights`` (name -> tensor, no shared storage) to ``path``."""
+    """Write ``weights`` (name -> tensor, no shared storage) to ``path``.
+
+    Written to a temporary file next to ``path`` and renamed into place: a write that fails
+    (a full disk) leaves no half-written file, and whatever ``path`` held before intact.
+    """
+    write_atomically(path, lambda tmp: _save(weights, path, tmp))
+
+
+def _save(weights: Mapping[str, torch.Tensor], path: PathLike, tmp: str) -> None:
     tensors = {k: v.detach().contiguous() for k, v in weights.items()}
     if _is_safetensors(path):
         from safetensors.torch import save_file
 
-        save_file(tensors, os.fspath(path))
+        save_file(tensors, tmp)
     else:
-        torch.save(tensors, path)
+        torch.save(tensors, tmp)
+
+
+def write_atomically(path: PathLike, write: Callable[[str], None]) -> None:
+    """``write(tmp)`` to a temporary name in ``path``'s folder, then rename it to ``path``;
+    on any failure the temporary file is removed and ``path`` is left as it was."""
+    final = os.fspath(path)
+    folder, name = os.path.split(os.path.abspath(final))
+    tmp = os.path.join(folder, f".tmp-{os.getpid()}-{name}")  # keeps the suffix
+    try:
+        write(tmp)
+        os.replace(tmp, final)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def load_weight_file(path: PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:

@@ -25,7 +25,9 @@ class WriteMeta:
     ``batch_total`` the size of the global batch a slice is part of, so that a read can check
     that the slices of a step tile ``[0, batch_total)`` exactly (-1: a whole tensor, or a piece
     written before totals were recorded); ``writer`` the global rank that wrote it; ``kind`` is
-    ``"tensor"``, or ``"sum"``/``"count"`` for the parts of a mean combined on read.
+    ``"tensor"``, or ``"sum"``/``"count"`` for the parts of a mean combined on read;
+    ``mean_dtype`` (a ``sum`` only) the dtype the mean is given back in, when the sum was kept
+    in a wider one (``""``: the sum's own).
     """
 
     step: int
@@ -36,6 +38,7 @@ class WriteMeta:
     writer: int = 0
     kind: str = "tensor"
     batch_total: int = -1
+    mean_dtype: str = ""
 
 
 @runtime_checkable

@@ -19,6 +19,7 @@ dataset, whichever ranks wrote it.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import queue
@@ -80,6 +81,7 @@ class DiskStore:
         self._queue: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._lock_file: Any = None  # held from the first put/attach until close
 
     # -- opening -------------------------------------------------------------------------------
     def _check_writable(self) -> None:
@@ -91,6 +93,44 @@ class DiskStore:
         except OSError as error:
             raise StoreError(f"the store directory {str(self.directory)!r} is not writable: "
                              f"{error}") from error
+
+    def _claim_writer(self) -> None:
+        """Hold ``.lock-rank{R}`` (``flock``) from this store's first write until :meth:`close`.
+
+        Two open stores of one writer on one directory (a notebook cell run again while the
+        first store still buffers, two one-process jobs on one directory) would both number
+        their files from the same index: the later write replaces the other's file and index,
+        and a read returns one run's tensors as the other's. The second is refused instead.
+        Reading takes no lock. A file system without ``flock`` is used without one.
+        """
+        if self._lock_file is not None:
+            return
+        import fcntl
+
+        path = self.directory / f".lock-rank{self.writer}"
+        handle = open(path, "a")  # noqa: SIM115 -- held until close
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            handle.close()
+            if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise StoreError(
+                    f"another DiskStore (in this process or another) is writing as writer "
+                    f"{self.writer} in {str(self.directory)!r}; close it first, or use another "
+                    "directory (nothing was written)") from error
+            return  # no flock on this file system
+        self._lock_file = handle
+        # The index may have grown since this store read it (a store of this writer that
+        # was closed in between): number new files after everything on disk.
+        self._entries = self._load_own_index()
+        self._seq = max(self._seq, 1 + max(
+            (int(e["file"].rsplit("-", 1)[1].split(".")[0]) for e in self._entries),
+            default=-1))
+
+    def _release_writer(self) -> None:
+        if self._lock_file is not None:
+            self._lock_file.close()  # releases the flock
+            self._lock_file = None
 
     def _load_own_index(self) -> list[dict[str, Any]]:
         if not self._index_path.exists():
@@ -124,6 +164,7 @@ class DiskStore:
                 f"the store {str(self.directory)!r} holds a run of {own or recorded}; this run "
                 f"is {fingerprint}. Use a new directory (nothing in this one was changed).")
         self.fingerprint = fingerprint
+        self._claim_writer()
         try:
             if not manifest.exists():
                 _write_atomically(manifest, json.dumps(recorded, indent=1))
@@ -168,6 +209,7 @@ class DiskStore:
         self._raise_pending()
         if self._closed:
             raise StoreError("this DiskStore is closed")
+        self._claim_writer()
         tensor = tensor.detach()
         if tensor.device.type != "cpu":
             tensor = tensor.cpu()
@@ -265,6 +307,7 @@ class DiskStore:
                 self._queue.put(None)
                 self._thread.join()
                 self._thread = None
+            self._release_writer()
 
     def __enter__(self) -> DiskStore:
         return self

@@ -107,10 +107,18 @@ def _put(binding: StoreBinding, name: str, step: int, full: torch.Tensor, reduce
     if reduce is None:
         binding.store.put(name, full, meta)
     elif reduce == "mean_over_batch" and rows is not None:
-        total = full.to(torch.float64 if not full.is_floating_point() else full.dtype)
-        total = total.sum(dim=batch_dim, keepdim=True)
+        # One process's mean of a float16/bfloat16 tensor accumulates in float32 and rounds
+        # once; a replica's sum rounded to the half type would lose bits the mean keeps (a bf16
+        # sum of 4 rows of ~3 is off by a unit in the last place): the sum is kept in float32
+        # and the mean given back in the tensor's dtype.
+        wide = {torch.float16: torch.float32, torch.bfloat16: torch.float32}.get(
+            full.dtype, full.dtype if full.is_floating_point() else torch.float64)
+        total = full.to(wide).sum(dim=batch_dim, keepdim=True)
         count = torch.tensor(full.shape[batch_dim], dtype=torch.int64)
-        binding.store.put(name, total, WriteMeta(**{**meta.__dict__, "kind": "sum"}))
+        as_dtype = str(full.dtype).removeprefix("torch.") if wide != full.dtype and \
+            full.is_floating_point() else ""
+        binding.store.put(name, total, WriteMeta(**{**meta.__dict__, "kind": "sum",
+                                                    "mean_dtype": as_dtype}))
         binding.store.put(name, count, WriteMeta(**{**meta.__dict__, "kind": "count"}))
     else:
         binding.store.put(name, apply_reduce(reduce, full, batch_dim), meta)

@@ -87,6 +87,16 @@ def _mean(name: str, step: int, pieces: Sequence[tuple[WriteMeta, torch.Tensor]]
         raise StoreError(f"{name!r} holds a mean over the batch: it has no rows to slice")
     total = torch.stack([t for _, t in sums]).sum(0)
     count = torch.stack([t for _, t in counts]).sum(0)
+    wanted = {m.mean_dtype for m, _ in sums}
+    if len(wanted) != 1:
+        raise StoreError(f"{name!r} step {step}: the sums of a mean over the batch ask for "
+                         f"different dtypes {sorted(wanted)}: calls of different runs")
+    dtype = wanted.pop()
+    if dtype:
+        known = getattr(torch, dtype, None)
+        if not isinstance(known, torch.dtype):
+            raise StoreError(f"{name!r} step {step}: unknown dtype {dtype!r} for the mean")
+        return (total / count).to(known)
     return (total / count).to(sums[0][1].dtype)
 
 
