@@ -60,7 +60,8 @@ def test_disk_store_reads_back_bit_identical_tensors(tmp_path, buffer_bytes):
     with DiskStore(tmp_path, buffer_bytes=buffer_bytes) as store:
         run_with(store=store)
     files = sorted(p.name for p in tmp_path.glob("*.safetensors"))
-    assert files and not list(tmp_path.glob(".*.tmp"))  # renamed into place, nothing half-written
+    # renamed into place, nothing half-written
+    assert files and not list(tmp_path.glob(".*.tmp")) and not list(tmp_path.glob(".tmp-*"))
     if buffer_bytes == 1:
         assert len(files) == 3 * len(POINTS)  # one file per flush
     reader = DiskStore(tmp_path)  # another process's view: only the directory

@@ -38,11 +38,8 @@ from flex_surgery.export.inject import (
 )
 from flex_surgery.export.layout import WeightSlot
 from flex_surgery.export.program import OutputKey, export_private_copy, with_state
-from flex_surgery.export.weight_files import (
-    load_weight_file,
-    save_weight_file,
-    write_atomically,
-)
+from flex_surgery.export.weight_files import load_weight_file, save_weight_file
+from flex_surgery.files import write_atomically
 from flex_surgery.naming import unwrap_model
 from flex_surgery.surgery.snapshot import take_snapshot
 

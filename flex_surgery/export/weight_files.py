@@ -10,9 +10,11 @@ alias from that one entry anyway.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 import torch
+
+from flex_surgery.files import write_atomically
 
 __all__ = ["load_weight_file", "save_weight_file"]
 
@@ -40,21 +42,6 @@ def _save(weights: Mapping[str, torch.Tensor], path: PathLike, tmp: str) -> None
         save_file(tensors, tmp)
     else:
         torch.save(tensors, tmp)
-
-
-def write_atomically(path: PathLike, write: Callable[[str], None]) -> None:
-    """``write(tmp)`` to a temporary name in ``path``'s folder, then rename it to ``path``;
-    on any failure the temporary file is removed and ``path`` is left as it was."""
-    final = os.fspath(path)
-    folder, name = os.path.split(os.path.abspath(final))
-    tmp = os.path.join(folder, f".tmp-{os.getpid()}-{name}")  # keeps the suffix
-    try:
-        write(tmp)
-        os.replace(tmp, final)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def load_weight_file(path: PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:

@@ -32,6 +32,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from flex_surgery.files import write_atomically
 from flex_surgery.parallel.runtime import wait_for_host_copies
 from flex_surgery.store.base import StoreError, WriteMeta
 from flex_surgery.store.merge import merge_pieces
@@ -40,9 +41,8 @@ _MANIFEST = "store.json"
 
 
 def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # writers may race on store.json
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    # The temporary name carries the process id: writers may race on store.json.
+    write_atomically(path, lambda tmp: Path(tmp).write_text(text))
 
 
 class DiskStore:
