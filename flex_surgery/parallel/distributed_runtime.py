@@ -372,7 +372,7 @@ class DistributedRuntime(Runtime):
         """
         if owner is None or not frameworks.substitutes_parameters(self.module):
             return parameter.register_hook(hook)
-        return hook_live_parameter(owner, name.rpartition(".")[2], hook)
+        return hook_live_parameter(owner, name.rpartition(".")[2], hook, root=self.module)
 
     def full_parameter(self, name: str, parameter: torch.Tensor,
                        owner: nn.Module | None) -> torch.Tensor:

@@ -4,7 +4,10 @@
 FSDP runs forward with tensors that stand in for the registered parameters: FSDP1 sets fresh
 unsharded views as the owner's attributes before each forward; FSDP2 swaps in one unsharded
 parameter that lives across steps. :func:`hook_live_parameter` puts a forward-pre hook on the
-owner that attaches the gradient hook to whatever stands there, once per tensor.
+owner that attaches the gradient hook to whatever stands there, once per tensor -- and, given
+the model's root, one on the FSDP unit that substitutes the parameter (after its own
+substitution), because a parameter may be used without its owner's forward running
+(``F.linear(x, self.proj.weight)``, a tied weight read by another module).
 """
 
 from __future__ import annotations
@@ -21,9 +24,11 @@ __all__ = ["hook_live_parameter"]
 
 
 def hook_live_parameter(owner: nn.Module, leaf: str,
-                        hook: Callable[[torch.Tensor], Any]) -> _Handles:
+                        hook: Callable[[torch.Tensor], Any],
+                        root: nn.Module | None = None) -> _Handles:
     """Call ``hook(grad)`` on the gradient of whatever tensor stands at ``owner.<leaf>`` when
-    ``owner`` runs forward; the handle's ``remove()`` removes every hook it attached."""
+    ``owner`` runs forward (and, with ``root``, when the FSDP unit holding the parameter has
+    put it in place); the handle's ``remove()`` removes every hook it attached."""
     tag = f"_flex_surgery_hook_{next(_HOOK_IDS)}"  # marks tensors that already have it
     handles = _Handles()
     fired: list[int | None] = [None]  # the backward pass the hook last ran in
@@ -43,6 +48,7 @@ def hook_live_parameter(owner: nn.Module, leaf: str,
         fired[0] = task
         return hook(grad)
 
+    @torch.compiler.disable  # run eagerly under torch.compile: it registers a hook on a tensor
     def attach(module: nn.Module, args: Any) -> None:
         live = getattr(module, leaf)
         if isinstance(live, torch.Tensor) and live.requires_grad and \
@@ -50,18 +56,51 @@ def hook_live_parameter(owner: nn.Module, leaf: str,
             setattr(live, tag, True)
             handles.add(live.register_hook(once_per_backward), live, tag)
 
-    handles.pre_hook = owner.register_forward_pre_hook(attach)
+    handles.pre_hooks.append(owner.register_forward_pre_hook(attach))
+    entry = _unit_entry(root, owner) if root is not None else None
+    if entry is not None and entry is not owner:
+        # Runs after the unit has substituted its parameters (FSDP2's pre-forward hook is
+        # prepended; FSDP1 sets its views before calling the wrapped module).
+        handles.pre_hooks.append(entry.register_forward_pre_hook(
+            lambda module, args: attach(owner, args)))
     return handles
+
+
+def _unit_entry(root: nn.Module, owner: nn.Module) -> nn.Module | None:
+    """The module whose forward-pre hooks run right after the FSDP unit that substitutes
+    ``owner``'s parameters has put them in place: the nearest FSDP2 unit enclosing ``owner``
+    (itself included), or the wrapped module of the nearest FSDP1 unit; ``None`` if none."""
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    path: list[nn.Module] = []
+
+    def find(module: nn.Module) -> bool:
+        path.append(module)
+        if module is owner:
+            return True
+        if any(find(child) for child in module.children()):
+            return True
+        path.pop()
+        return False
+
+    if not find(root):
+        return None
+    for module in reversed(path):
+        if isinstance(module, FullyShardedDataParallel):
+            return module._fsdp_wrapped_module
+        if isinstance(module, FSDPModule):
+            return module
+    return None
 
 
 _HOOK_IDS = itertools.count()
 
 
 class _Handles:
-    """Removes a forward-pre hook and every tensor hook it attached."""
+    """Removes its forward-pre hooks and every tensor hook they attached."""
 
     def __init__(self) -> None:
-        self.pre_hook: Any = None
+        self.pre_hooks: list[Any] = []
         self._tensor_hooks: list[tuple[Any, weakref.ref, str]] = []
 
     def add(self, handle: Any, tensor: torch.Tensor, tag: str) -> None:
@@ -70,8 +109,9 @@ class _Handles:
         self._tensor_hooks.append((handle, weakref.ref(tensor), tag))
 
     def remove(self) -> None:
-        if self.pre_hook is not None:
-            self.pre_hook.remove()
+        for pre_hook in self.pre_hooks:
+            pre_hook.remove()
+        self.pre_hooks.clear()
         for handle, tensor, tag in self._tensor_hooks:
             handle.remove()
             live = tensor()
