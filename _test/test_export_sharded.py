@@ -50,8 +50,8 @@ def test_fsdp2_weights_into_one_process_program():
     _check_against_one_process(sharded)
 
 
-@distributed(world_size=2)
-def test_dtensor_tp_weights_into_one_process_program():
+def dtensor_tp_llama():
+    """The tiny Llama with its MLPs split over a 2-rank DTensor TP mesh (collective)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.parallel import (
         ColwiseParallel,
@@ -65,7 +65,12 @@ def test_dtensor_tp_weights_into_one_process_program():
         plan.update({f"model.layers.{i}.mlp.gate_proj": ColwiseParallel(),
                      f"model.layers.{i}.mlp.up_proj": ColwiseParallel(),
                      f"model.layers.{i}.mlp.down_proj": RowwiseParallel()})
-    sharded = parallelize_module(tiny_hf_model("llama", seed=0), mesh, plan)
+    return parallelize_module(tiny_hf_model("llama", seed=0), mesh, plan)
+
+
+@distributed(world_size=2)
+def test_dtensor_tp_weights_into_one_process_program():
+    sharded = dtensor_tp_llama()
     assert sharded.model.layers[0].mlp.down_proj.weight.to_local().shape == (64, 64)  # of 128
     _check_against_one_process(sharded)
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from rank_pool import distributed
+from test_export_sharded import dtensor_tp_llama
 
 from flex_surgery.export import ExportedModel, full_weights
 from flex_surgery.models import example_inputs, tiny_hf_model
@@ -18,20 +19,7 @@ def test_full_weights_rank0_only_are_copies_not_live_parameters():
     """full_weights promises CPU copies; with rank0_only under DTensor TP the parameters that
     are not sharded (embeddings, attention, norms) came back as the model's own tensors, so a
     later in-place update (optimizer step, surgery) changed the "gathered" weights."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor.parallel import (
-        ColwiseParallel,
-        RowwiseParallel,
-        parallelize_module,
-    )
-
-    mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("tp",))
-    plan = {}
-    for i in range(2):
-        plan.update({f"model.layers.{i}.mlp.gate_proj": ColwiseParallel(),
-                     f"model.layers.{i}.mlp.up_proj": ColwiseParallel(),
-                     f"model.layers.{i}.mlp.down_proj": RowwiseParallel()})
-    sharded = parallelize_module(tiny_hf_model("llama", seed=0), mesh, plan)
+    sharded = dtensor_tp_llama()
     gathered = full_weights(sharded, rank0_only=True)
     before = {k: v.clone() for k, v in gathered.items()}
     with torch.no_grad():
