@@ -72,25 +72,39 @@ def _unit_entry(root: nn.Module, owner: nn.Module) -> nn.Module | None:
     (itself included), or the wrapped module of the nearest FSDP1 unit; ``None`` if none."""
     from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 
-    path: list[nn.Module] = []
-
-    def find(module: nn.Module) -> bool:
-        path.append(module)
-        if module is owner:
-            return True
-        if any(find(child) for child in module.children()):
-            return True
-        path.pop()
-        return False
-
-    if not find(root):
-        return None
-    for module in reversed(path):
+    for module in _ancestry(root, owner):
         if isinstance(module, FullyShardedDataParallel):
             return module._fsdp_wrapped_module
         if isinstance(module, FSDPModule):
             return module
     return None
+
+
+def _ancestry(root: nn.Module, owner: nn.Module) -> list[nn.Module]:
+    """``owner`` and its ancestors up to ``root``, nearest first (empty if ``owner`` is not in
+    ``root``'s tree). Parents come from a map of ``root``'s tree made once and kept, so that
+    registering a hook per parameter stays O(depth) each; a map the tree has outgrown (a
+    module moved or added since) is made again."""
+    parents = _PARENTS.get(root)
+    for attempt in range(2):
+        if parents is None or attempt:
+            parents = {id(child): parent for parent in root.modules()
+                       for child in parent.children()}
+            _PARENTS[root] = parents
+        chain, module = [owner], owner
+        while module is not root:
+            parent = parents.get(id(module))
+            if parent is None or not any(c is module for c in parent.children()):
+                break  # not (or no longer) where the map says
+            chain.append(parent)
+            module = parent
+        else:
+            return chain
+    return []
+
+
+_PARENTS: weakref.WeakKeyDictionary[nn.Module, dict[int, nn.Module]] = \
+    weakref.WeakKeyDictionary()
 
 
 _HOOK_IDS = itertools.count()
