@@ -232,7 +232,10 @@ def _copy_stream(device: torch.device) -> Any:
 def store_copy(tensor: torch.Tensor, blocking: bool = False) -> torch.Tensor:
     """A detached CPU copy that later in-place changes to ``tensor`` cannot reach.
 
-    ``tensor.cpu()`` on a CPU tensor returns the tensor itself, so the copy is explicit. A CUDA
+    ``tensor.cpu()`` on a CPU tensor returns the tensor itself, so the copy is explicit, and made
+    at once: a copy-on-write clone (``torch._lazy_clone``) would save the bytes while nothing
+    writes, but memory written through a pointer handed out earlier (DLPack) bypasses it, and in
+    torch 2.13 a shared storage that later grows fails every write (docs/performance.md). A CUDA
     tensor is first copied on the device (later in-place changes cannot reach the copy), then
     into pinned memory on a side stream, so neither the hook nor the next block's kernels wait
     for the bytes to cross the bus: the copy stream starts once the compute stream has produced
