@@ -132,8 +132,9 @@ def _tp_dim(p: torch.Tensor) -> int | None:
 
 def full_tensors(model: nn.Module, grads: bool = False) -> dict[str, torch.Tensor]:
     """Every parameter (or its gradient) of a Megatron TP model, whole: TP shards are gathered
-    over Megatron's TP group along ``partition_dim`` (``partition_stride`` 1 in this model).
-    Collective over the TP group."""
+    over Megatron's TP group along ``partition_dim``; a ``partition_stride`` of k (a gated MLP's
+    ``linear_fc1``: rank r holds ``[gate_r, up_r]``) cuts each piece into k blocks and joins
+    block j of every rank before block j + 1. Collective over the TP group."""
     from megatron.core import parallel_state
 
     group = parallel_state.get_tensor_model_parallel_group()
@@ -143,10 +144,11 @@ def full_tensors(model: nn.Module, grads: bool = False) -> dict[str, torch.Tenso
         t = (p.grad if grads else p).detach()
         dim = _tp_dim(p)
         if dim is not None and tp > 1:
-            assert getattr(p, "partition_stride", 1) == 1, name
+            stride = getattr(p, "partition_stride", 1)
             parts = [torch.empty_like(t) for _ in range(tp)]
             dist.all_gather(parts, t.contiguous(), group=group)
-            t = torch.cat(parts, dim)
+            blocks = [part.chunk(stride, dim) for part in parts]
+            t = torch.cat([b[j] for j in range(stride) for b in blocks], dim)
         out[name] = t.clone().cpu()
     return out
 

@@ -229,6 +229,10 @@ class LayoutInference(TPTracker):
         elements the framework does not describe -- the ``expected_shape`` hint, else an error.
         """
         if info.returns_bias and unpack_idx == 1 and role in ("output", "grad_output"):
+            if info.output_refused is not None:
+                raise frameworks.UnknownLayoutError(
+                    f"the bias {self._describe(module)} returns: the layer "
+                    f"{info.output_refused}")
             if role == "grad_output":
                 raise frameworks.UnknownLayoutError(
                     f"the gradient of the bias {self._describe(module)} returns is summed over "

@@ -179,7 +179,7 @@ class TPTracker:
                                       f"it comes from {self._describe(module)}, which {why}")
             return
         info = self.tp_layer(module)
-        why = self._split_unseen(module, info, args, out)
+        why = info.output_refused or self._split_unseen(module, info, args, out)
         if why is not None:
             self._split_elsewhere[module] = why
             self._current = _Produced(tuple(out.shape), None, why)

@@ -79,6 +79,10 @@ class TPLayer:
     #: over data parallelism or the sequence.
     returns_bias: bool = False
     bias: ActivationShard | None = None
+    #: Why the output (and a returned bias) cannot be joined from the ranks' pieces, though
+    #: the layer is known: e.g. Megatron's gated ``linear_fc1``, whose pieces interleave blocks
+    #: (``[gate_r, up_r]`` per rank). Hooks on it raise this; its input is described as usual.
+    output_refused: str | None = None
 
 
 class Framework:
