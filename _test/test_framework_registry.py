@@ -65,18 +65,16 @@ def test_asking_the_registry_imports_no_framework_library():
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
-def test_megatron_interleaved_partitions_are_refused():
-    """``partition_stride > 1`` interleaves partitions: the elements cannot be mapped to the
-    full parameter, so the view is an error rather than a wrong block."""
+def test_megatron_interleaved_partitions_are_refused_where_joined_end_to_end():
+    """``partition_stride > 1`` interleaves partitions: callers that join the ranks' pieces end
+    to end (gradient layouts, the lens) get an error rather than a wrong block. Parameter views
+    map the blocks themselves (``test_megatron_gated_mlp.py``)."""
     import megatron.core.tensor_parallel  # noqa: F401  (loads the framework's classes)
 
     lin = nn.Linear(4, 4)
     lin.weight.tensor_model_parallel, lin.weight.partition_dim = True, 0
     lin.weight.partition_stride = 2
     assert frameworks.owner(lin) is frameworks.MEGATRON
-    with pytest.raises(frameworks.MegatronLayoutError, match="partition_stride=2"):
-        frameworks.parameter_views(lin)
-    # gradient layouts, the lens and model surgery ask the dim: refused as well, not dim 0
     with pytest.raises(frameworks.MegatronLayoutError, match="partition_stride=2"):
         frameworks.tp_partition_dim(lin, lin.weight)
     mesh = SimpleNamespace(tp_size=2, dp_size=1, pp_size=1, rank=lambda axis: 0,
@@ -85,9 +83,12 @@ def test_megatron_interleaved_partitions_are_refused():
         LayoutInference(mesh, 1).layout(lin.weight, lin, "param_grad", parameter=lin.weight)
     # one family of layout errors: ``except LayoutError`` catches it, as it catches the others
     with pytest.raises(frameworks.LayoutError, match="partition_stride=2"):
-        frameworks.parameter_views(lin)
+        frameworks.tp_partition_dim(lin, lin.weight)
     with pytest.raises(NotImplementedError, match="partition_stride=2"):
-        frameworks.parameter_views(lin)
+        frameworks.tp_partition_dim(lin, lin.weight)
+    lin.weight.partition_stride = 0
+    with pytest.raises(frameworks.MegatronLayoutError, match="positive integer"):
+        frameworks.tp_partition_dim(lin, lin.weight)
     lin.weight.partition_stride = 1
     assert frameworks.tp_partition_dim(lin, lin.weight) == 0
     assert frameworks.tp_partition_dim(lin, lin.bias) is None

@@ -10,7 +10,7 @@ to activations, read from the module's attributes:
   the sequence dim (the layer all-gathers it from dim 0).
   One whose weight has ``partition_stride`` > 1 (a gated MLP's ``linear_fc1``: ``[gate_r,
   up_r]`` on each rank) has an output that is not its pieces joined end to end: hooks on it
-  (and on what is computed from it outside the MLP) are refused.
+  (and on what is computed from it outside the MLP) are refused (``TPLayer.output_refused``).
 - ``RowParallelLinear``: input last-dim sharded if ``input_is_parallel``; output replicated
   (all-reduced), or with ``sequence_parallel`` reduce-scattered onto the sequence dim.
 - ``VocabParallelEmbedding``: output replicated, or sequence-sharded with
@@ -25,8 +25,9 @@ to activations, read from the module's attributes:
   like its bias parameter: column last dim over tp, row replicated; never over dp.
 
 Parameters carry their own split: ``tensor_model_parallel`` (split at all), ``partition_dim``
-and ``partition_stride``. A stride above 1 (interleaved partitions) is refused, not guessed, by
-``partition_dim`` -- which parameter views, gradient layouts, the lens and model surgery ask.
+and ``partition_stride``. A stride k above 1 (interleaved partitions: each rank holds its part
+of k blocks) is mapped by parameter views (whole parameters, surgery, export) and refused by
+``partition_dim``, which callers that join pieces end to end ask (gradient layouts, the lens).
 A module whose parameters carry these attributes is Megatron's even when its class is none of
 the above (Transformer-Engine linears, MoE ``GroupedMLP``, layers built with
 ``set_tensor_model_parallel_attributes``): its parameters' split is known, its activations'
@@ -52,7 +53,7 @@ from flex_surgery.parallel.frameworks.base import (
     TPLayer,
     loaded,
 )
-from flex_surgery.parallel.frameworks.views import LocalShard, block_shard
+from flex_surgery.parallel.frameworks.views import LocalShard, block_shard, strided_shard
 
 if TYPE_CHECKING:
     import torch.distributed as dist
@@ -245,10 +246,21 @@ class MegatronCore(Framework):
 
     def partition_dim(self, module: nn.Module, pname: str,
                       param: torch.Tensor) -> int | None:
-        """The dim ``param`` is split along; raises :class:`MegatronLayoutError` for interleaved
-        partitions (``partition_stride > 1``) or a missing dim, so that no caller (parameter
-        views, gradient layouts, the lens, model surgery) joins interleaved blocks end to end.
-        """
+        """The dim ``param`` is split along in one block per rank; raises
+        :class:`MegatronLayoutError` for interleaved partitions (``partition_stride > 1``) or a
+        missing dim, so that no caller that joins pieces end to end (gradient layouts, the
+        lens) does so with interleaved blocks. Parameter views map interleaved blocks
+        themselves (:meth:`parameter_shard`)."""
+        dim, stride = self._split(module, pname, param)
+        if stride != 1:
+            raise MegatronLayoutError(
+                f"{pname} ({type(module).__name__}): partition_stride={stride} (interleaved "
+                f"partitions) is not supported here: its pieces are not one block per rank")
+        return dim
+
+    def _split(self, module: nn.Module, pname: str,
+               param: torch.Tensor) -> tuple[int | None, int]:
+        """``(partition dim, partition stride)`` of ``param`` (``(None, 1)``: not split)."""
         where = f"{pname} ({type(module).__name__})"
         if getattr(param, "allreduce", True) is False:
             # Megatron marks expert parameters under expert parallelism so: each rank holds
@@ -258,17 +270,16 @@ class MegatronCore(Framework):
                 "not supported: each rank holds other experts under the same names, which "
                 "would be edited or gathered as one")
         if not getattr(param, "tensor_model_parallel", False) or param.dim() == 0:
-            return None
-        stride = getattr(param, "partition_stride", 1)
-        if stride != 1:
-            raise MegatronLayoutError(
-                f"{where}: partition_stride={stride} (interleaved partitions) is not "
-                "supported; its elements cannot be mapped to the full parameter")
+            return None, 1
         dim = getattr(param, "partition_dim", None)
         if dim is None or not 0 <= dim < param.dim():
             raise MegatronLayoutError(f"{where}: tensor_model_parallel without a valid "
                                       f"partition_dim ({dim})")
-        return dim
+        stride = getattr(param, "partition_stride", 1)
+        if not isinstance(stride, int) or stride < 1:
+            raise MegatronLayoutError(f"{where}: partition_stride={stride!r} is not a "
+                                      f"positive integer")
+        return dim, stride
 
     def grad_is_partial(self, module: nn.Module, pname: str, param: torch.Tensor) -> bool:
         # finalize_model_grads all-reduces these over TP after backward
@@ -278,11 +289,14 @@ class MegatronCore(Framework):
     def parameter_shard(self, name: str, module: nn.Module, pname: str,
                         param: nn.Parameter) -> LocalShard | None:
         try:
-            dim = self.partition_dim(module, pname, param)
+            dim, stride = self._split(module, pname, param)
         except MegatronLayoutError as exc:
             raise MegatronLayoutError(f"{name}: {exc}") from None
         if dim is None:
             return None
+        if stride != 1:
+            return strided_shard(name, module, pname, param, dim, stride,
+                                 self._tp_group(module), kind=self.name)
         return block_shard(name, module, pname, param, dim, self._tp_group(module),
                            kind=self.name)
 

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 __all__ = ["BlockRegion", "FlatRegion", "IndexRegion", "LocalShard", "Region",
-           "block_shard", "plain_shard"]
+           "block_shard", "plain_shard", "strided_shard"]
 
 
 @dataclass(frozen=True)
@@ -195,4 +195,37 @@ def block_shard(name: str, module: nn.Module, pname: str, param: nn.Parameter, d
         name=name, aliases=(), local=local, full_shape=torch.Size(full_shape),
         region=BlockRegion(tuple(offsets), tuple(local.shape)), module=module, param_name=pname,
         gather=gather, owners=(param,), kind=kind, partition_dim=dim,
+    )
+
+
+def strided_shard(name: str, module: nn.Module, pname: str, param: nn.Parameter, dim: int,
+                  stride: int, group: dist.ProcessGroup, kind: str) -> LocalShard:
+    """A parameter whose ``dim`` is cut into ``stride`` equal blocks, each split evenly over
+    ``group``: rank ``r`` holds part ``r`` of block 0, then part ``r`` of block 1, ...
+    (Megatron's ``partition_stride``: a gated MLP's ``linear_fc1`` holds ``[gate_r, up_r]``).
+    The region lists the global indices along ``dim``; ``gather`` puts the blocks back."""
+    local = param.data
+    world = dist.get_world_size(group)
+    rank = dist.get_rank(group)
+    if local.shape[dim] % stride:
+        raise ValueError(f"{name}: dim {dim} of the local shard ({local.shape[dim]}) does not "
+                         f"split into partition_stride={stride} blocks")
+    part = local.shape[dim] // stride  # one block's part on one rank
+    full_shape = list(local.shape)
+    full_shape[dim] *= world
+    block = full_shape[dim] // stride
+    along = torch.cat([torch.arange(j * block + rank * part, j * block + (rank + 1) * part)
+                       for j in range(stride)])
+    indices = tuple(along if d == dim else torch.arange(n) for d, n in enumerate(local.shape))
+
+    def gather() -> torch.Tensor:
+        parts = [torch.empty_like(local) for _ in range(world)]
+        dist.all_gather(parts, local.contiguous(), group=group)
+        blocks = [p.chunk(stride, dim) for p in parts]
+        return torch.cat([b[j] for j in range(stride) for b in blocks], dim=dim)
+
+    return LocalShard(
+        name=name, aliases=(), local=local, full_shape=torch.Size(full_shape),
+        region=IndexRegion(indices), module=module, param_name=pname, gather=gather,
+        owners=(param,), kind=kind, partition_dim=dim, partition_stride=stride,
     )
