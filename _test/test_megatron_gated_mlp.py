@@ -1,16 +1,18 @@
 """Megatron-core's gated MLP (``gated_linear_unit=True``: SwiGLU, as Llama-style models use)
-at TP=2: ``linear_fc1`` keeps its gate and up halves interleaved per rank (``partition_stride``
+under TP: ``linear_fc1`` keeps its gate and up halves interleaved per rank (``partition_stride``
 2: rank r holds ``[gate_r, up_r]``), so its whole output, weight and bias are *not* the ranks'
-pieces joined end to end. Its weight and bias are mapped block by block (whole parameters,
-export, surgery equal TP=1); hooks on its output and its parameters' gradients are refused on
-every rank with an error that names the split; everything around it (the MLP's input and
-output, ``linear_fc2`` and its input, the attention) equals the TP=1 twin."""
+pieces joined end to end (``[g0, u0, g1, u1]`` where one process has ``[g0, g1, u0, u1]``).
+Hooks on its output -- retrieval, both edit paths, backward hooks, with sequence parallelism
+and with data parallelism -- its weight and bias (whole parameters, export, surgery) equal the
+TP=1 twin; its returned bias and its parameters' gradients, whose layouts join pieces end to
+end, are refused on every rank."""
 
 import pytest
 import torch
 import torch.distributed as dist
 from megatron_gpt_cases import (
     build_gpt,
+    data_parallel_rows,
     forward_backward,
     gpt_parallel,
     local_group,
@@ -22,40 +24,83 @@ from rank_pool import distributed
 from flex_surgery import FlexModel, HookFunction
 from flex_surgery.parallel.frameworks.base import LayoutError
 
-TOL = {"rtol": 1e-10, "atol": 1e-10}
+TOL = {"rtol": 1e-9, "atol": 1e-11}  # float64; TP changes only the summation order
 GATED = {"gated_linear_unit": True, "activation_func": torch.nn.functional.silu}
 FC1 = "decoder.layers.0.mlp.linear_fc1"
+SITES = [(FC1, "forward", 0),
+         ("decoder.layers.1.mlp.linear_fc1", "forward", 0),
+         (FC1, "forward_pre", 0),
+         ("decoder.layers.0.mlp", "forward", 0),
+         ("decoder.layers.0.mlp.linear_fc2", "forward_pre", 0),
+         ("decoder.layers.1.mlp.linear_fc1", "full_backward", 0),
+         ("decoder.layers.0.mlp.linear_fc2", "full_backward_pre", 0)]
+EDITS = [(FC1, "forward", 0), ("decoder.layers.1.mlp.linear_fc1", "forward", 0),
+         ("decoder.layers.0.mlp.linear_fc2", "forward_pre", 0)]
 
 
+def _assert_grads(got: dict, want: dict) -> None:
+    for name, g in want.items():
+        torch.testing.assert_close(got[name], g, **TOL, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("sequence_parallel", [False, True])
 @distributed(world_size=2)
-def test_sites_around_the_gated_fc1_equal_tp1():
-    sites = [("decoder.layers.0.mlp", "forward", 0),
-             ("decoder.layers.0.mlp.linear_fc2", "forward_pre", 0),
-             ("decoder.layers.1.mlp.linear_fc2", "forward", 0),
-             ("decoder.layers.0.self_attention.linear_qkv", "forward", 0)]
+def test_gated_fc1_hooks_equal_tp1(sequence_parallel):
+    """Retrieval of fc1's output, input and gradient; edits of it on the leader path and
+    replicated (one of the two edits depends on each element's place in the whole tensor):
+    the TP=1 tensors, logits and gradients."""
     with gpt_parallel(tp=1):
-        ref, ref_logits, _, _ = run_flex(build_gpt(tp=1, **GATED), sites, False, local_group())
+        ref, ref_logits, ref_grads, _ = run_flex(build_gpt(tp=1, **GATED), SITES, False,
+                                                 local_group())
+        _, ref_edited, ref_edited_grads, _ = run_flex(build_gpt(tp=1, **GATED), EDITS, True,
+                                                      local_group())
     with gpt_parallel(tp=2):
-        stored, logits, _, _ = run_flex(build_gpt(tp=2, **GATED), sites, False)
+        model = build_gpt(tp=2, sequence_parallel=sequence_parallel, **GATED)
+        stored, logits, grads, _ = run_flex(model, SITES, False)
+        for mode in (True, "replicated"):
+            _, edited, edited_grads, _ = run_flex(model, EDITS, mode)
+            torch.testing.assert_close(edited, ref_edited, **TOL)
+            _assert_grads(edited_grads, ref_edited_grads)
     torch.testing.assert_close(logits, ref_logits, **TOL)
+    _assert_grads(grads, ref_grads)
+    assert not torch.allclose(ref_edited, ref_logits)  # the edits did something
     if dist.get_rank() == 0:
-        assert not stored_mismatches(stored, ref, **TOL), stored_mismatches(stored, ref, **TOL)
+        problems = stored_mismatches(stored, ref, **TOL)
+        assert not problems, "\n".join(problems)
 
 
-@pytest.mark.parametrize("kind,idx", [("forward", 0), ("forward", 1), ("forward_pre", 0)])
+@distributed(world_size=4)
+def test_gated_fc1_hooks_equal_tp1_under_dp2_tp2():
+    with gpt_parallel(tp=1):
+        ref, _, _, _ = run_flex(build_gpt(tp=1, **GATED), SITES, False, local_group())
+        _, ref_edited, ref_edited_grads, _ = run_flex(build_gpt(tp=1, **GATED), EDITS, True,
+                                                      local_group())
+    with gpt_parallel(tp=2):
+        rows = data_parallel_rows()
+        model = build_gpt(tp=2, **GATED)
+        stored, _, _, _ = run_flex(model, SITES, False, data_parallel=True)
+        _, edited, edited_grads, _ = run_flex(model, EDITS, True, data_parallel=True)
+    torch.testing.assert_close(edited, ref_edited[rows], **TOL)
+    _assert_grads(edited_grads, ref_edited_grads)
+    if dist.get_rank() == 0:
+        problems = stored_mismatches(stored, ref, **TOL)
+        assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("kind,name", [("forward", FC1), ("tensor", f"{FC1}.weight")])
 @distributed(world_size=2)
-def test_a_hook_on_the_gated_fc1_output_is_refused_on_every_rank(kind, idx):
+def test_the_gated_fc1_bias_and_gradients_are_refused_on_every_rank(kind, name):
+    """Its returned bias (the bias parameter itself) and its parameters' gradients have
+    layouts that join pieces end to end: refused, not stored in the wrong order."""
     with gpt_parallel(tp=2):
         model = build_gpt(tp=2, **GATED)
         flex = FlexModel(model, {})
-        register = {"forward": flex.register_forward_hook,
-                    "forward_pre": flex.register_forward_pre_hook}[kind]
-        register(HookFunction(FC1, unpack_idx=idx))
+        if kind == "tensor":
+            flex.register_hook(HookFunction(name))
+        else:
+            flex.register_forward_hook(HookFunction(name, unpack_idx=1))
         try:
-            if kind == "forward_pre":  # its input is the replicated hidden state: fine
-                forward_backward(model, wrapper=flex)
-                return
-            with pytest.raises(LayoutError, match="interleav"):
+            with pytest.raises(LayoutError, match="partition_stride"):
                 forward_backward(model, wrapper=flex)
         finally:
             flex.restore()
@@ -114,16 +159,47 @@ def test_the_gated_fc1_parameters_are_mapped_whole():
     assert not torch.allclose(zeroed, base) and not torch.allclose(noised, base)
 
 
+@pytest.mark.parametrize("options", [{"overlap_retrieval": True}, {"store_on": "all"}],
+                         ids=["overlap", "store_on_all"])
 @distributed(world_size=2)
-def test_the_gated_fc1_gradient_layout_is_refused():
-    """A parameter-gradient hook joins the ranks' gradients end to end: refused for an
-    interleaved parameter, on every rank."""
+def test_gated_fc1_retrieval_paths_equal_tp1(options):
+    """The overlapped gather and the all-ranks store put the blocks back too."""
+    sites = [(FC1, "forward", 0), ("decoder.layers.1.mlp.linear_fc1", "full_backward", 0)]
+    with gpt_parallel(tp=1):
+        ref, _, _, _ = run_flex(build_gpt(tp=1, **GATED), sites, False, local_group())
+    stored: dict = {}
     with gpt_parallel(tp=2):
         model = build_gpt(tp=2, **GATED)
-        flex = FlexModel(model, {})
-        flex.register_hook(HookFunction(f"{FC1}.weight"))
-        try:
-            with pytest.raises(LayoutError, match="partition_stride"):
-                forward_backward(model, wrapper=flex)
-        finally:
-            flex.restore()
+        flex = FlexModel(model, stored, **options)
+        flex.register_forward_hook(HookFunction(FC1))
+        flex.register_full_backward_hook(HookFunction("decoder.layers.1.mlp.linear_fc1"))
+        forward_backward(model, wrapper=flex)
+        flex.restore()
+    if dist.get_rank() == 0 or options.get("store_on") == "all":
+        problems = stored_mismatches(stored, ref, **TOL)
+        assert not problems, "\n".join(problems)
+
+
+def test_unblocked_views_put_interleaved_blocks_in_one_process_order():
+    """``unblocked`` + a plain gather of the part dim + ``join_blocks`` is the one-process
+    order; collectives refuse a blocked spec as it is; unsupported blockings raise."""
+    from flex_surgery.parallel.layout_specs import Layout, ShardSpec, join_blocks, unblocked
+
+    whole = torch.arange(2 * 3 * 8.0).view(2, 3, 8)  # last dim: [gate 0..3, up 4..7]
+    pieces = [torch.cat([whole[..., 2 * r:2 * r + 2], whole[..., 4 + 2 * r:6 + 2 * r]], -1)
+              for r in range(2)]  # rank r: [gate_r, up_r]
+    layout = Layout((ShardSpec("tp", -1, (4, 4), blocks=2),))
+    with pytest.raises(LayoutError, match="unblocked"):
+        layout.spec_for("tp")
+    views = [unblocked(p, layout) for p in pieces]
+    view, plain, joined = views[0]
+    assert joined == 2 and view.shape == (2, 3, 2, 2)
+    assert plain.spec_for("tp") == ShardSpec("tp", 3, (2, 2))
+    gathered = torch.cat([v for v, _, _ in views], dim=3)  # what a gather of dim 3 gives
+    assert torch.equal(join_blocks(gathered, joined), whole)
+    assert unblocked(whole, Layout())[2] is None
+    with pytest.raises(LayoutError, match="last split dim"):
+        unblocked(pieces[0], Layout((ShardSpec("tp", -1, (4, 4), blocks=2),
+                                     ShardSpec("dp", 2, (4, 4)))))
+    with pytest.raises(LayoutError, match="divide"):
+        unblocked(pieces[0], Layout((ShardSpec("tp", -1, (4, 4), blocks=3),)))

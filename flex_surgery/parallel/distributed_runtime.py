@@ -58,6 +58,7 @@ from flex_surgery.parallel.layout import (
     dtensor_layout,
     is_dtensor,
 )
+from flex_surgery.parallel.layout_specs import join_blocks, joining, split_blocks, unblocked
 from flex_surgery.parallel.mesh import ParallelMesh
 from flex_surgery.parallel.parameter_hooks import hook_live_parameter
 from flex_surgery.parallel.runtime import (
@@ -181,13 +182,17 @@ class DistributedRuntime(Runtime):
         """The shape of the whole tensor, agreed by every rank of the stage before anything is
         gathered (see :func:`~flex_surgery.parallel.shape_agreement.agree_on_whole_shape`)."""
         failure: Exception | None = None
-        layout = None
+        layout = walked = None
+        plain, joined = _local_of(local), None
         try:
             layout = self.layout_of(local, site)
+            plain, walked, joined = unblocked(plain, layout)
         except Exception as exc:  # every rank learns of it there, then this rank re-raises it
             failure = exc
-        shape = agree_on_whole_shape(self.mesh, _local_of(local), layout, failure, site)
+        shape = agree_on_whole_shape(self.mesh, plain, walked, failure, site)
         self._agreed = (weakref.ref(local), site, layout)  # the call's gather asks for it next
+        if joined is not None:  # (blocks, whole part) -> one dim
+            shape = (*shape[:joined], shape[joined] * shape[joined + 1], *shape[joined + 2:])
         return shape
 
     def is_edit_leader(self, site: HookSite) -> bool:
@@ -196,8 +201,9 @@ class DistributedRuntime(Runtime):
     # -- the Runtime seam -----------------------------------------------------------------------
     def retrieve(self, local: torch.Tensor, site: HookSite,
                  store: Callable[[torch.Tensor], None]) -> None:
-        layout = self.layout_of(local, site)
-        plain = _local_of(local).detach()
+        plain, layout, joined = unblocked(_local_of(local).detach(),
+                                          self.layout_of(local, site))
+        store = joining(store, joined)
         with torch.no_grad():
             if self.store_on == "all":
                 store(store_copy(self.walk.to_all(plain, layout)))
@@ -297,23 +303,31 @@ class DistributedRuntime(Runtime):
 
     def gather_for_edit(self, local: torch.Tensor, site: HookSite,
                         everywhere: bool = False) -> tuple[torch.Tensor | None, EditContext]:
-        layout = self.layout_of(local, site)
+        blocked = self.layout_of(local, site)
+        plain, layout, joined = unblocked(_local_of(local), blocked)
+        # what the editing function sees is joined back into the one-process order; the
+        # edited tensor is split again before it is scattered (see scatter_from_edit)
+        blocks = (joined, plain.shape[joined] if joined is not None else 1)
         if everywhere and not self.trainable.modules:
             # Trainable modules are kept identical by the leader broadcasting their gradients
             # (sync_trainable_modules), which needs the leader path; registering them is a
             # collective every rank makes, so every rank takes the same path here.
-            full, record = self.walk.everywhere(_local_of(local), layout)
-            return full, EditContext(site, local, layout=layout, record=record, everywhere=True)
+            full, record = self.walk.everywhere(plain, layout)
+            return join_blocks(full, joined), EditContext(site, local, layout=layout,
+                                                          record=record, everywhere=True,
+                                                          blocks=blocks)
         trainable = bool(self.trainable.modules)
-        held, record = self.walk.to_leader(_local_of(local), layout, trainable=trainable)
+        held, record = self.walk.to_leader(plain, layout, trainable=trainable)
         ctx = EditContext(site, local, layout=layout, record=record, held=held,
-                          trainable=trainable)
-        return (held if self.mesh.is_stage_leader() else None), ctx
+                          trainable=trainable, blocks=blocks)
+        return (join_blocks(held, joined) if self.mesh.is_stage_leader() else None), ctx
 
     def scatter_from_edit(self, full: torch.Tensor | None, ctx: EditContext) -> torch.Tensor:
+        joined, blocks = ctx.state.get("blocks", (None, 1))
         if ctx.state.get("everywhere"):
-            return _like(self.walk.own_piece(full, ctx.state["layout"], ctx.state["record"]),
-                         ctx.local)
+            piece = self.walk.own_piece(split_blocks(full, joined, blocks), ctx.state["layout"],
+                                        ctx.state["record"])
+            return _like(join_blocks(piece, joined), ctx.local)
         if self.mesh.is_stage_leader():
             start = full
             held = ctx.state.get("held")
@@ -323,6 +337,7 @@ class DistributedRuntime(Runtime):
                 # the scatter's does; so must the leader's, even if the edited tensor does not
                 # depend on the gathered one (a replacement from a trainable module).
                 start = _ThroughGather.apply(full, held)
+            start = split_blocks(start, joined, blocks)
         else:
             # Whether the backward of the scatter runs (a collective) must not depend on this
             # rank's placeholder: the leader's edited tensor decides, broadcast with the status
@@ -332,8 +347,9 @@ class DistributedRuntime(Runtime):
             wanted = ctx.state.get("requires_grad")
             if wanted is not None and start.requires_grad != wanted:
                 start = start.detach().requires_grad_(wanted)
-        piece = self.walk.from_leader(start, ctx.state["layout"], ctx.state["record"],
-                                      trainable=ctx.state["trainable"])
+        piece = join_blocks(self.walk.from_leader(start, ctx.state["layout"],
+                                                  ctx.state["record"],
+                                                  trainable=ctx.state["trainable"]), joined)
         if self.trainable.modules and piece.requires_grad:
             piece = self.trainable.sync_point(piece)
         return _like(piece, ctx.local)

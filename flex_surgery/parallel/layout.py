@@ -212,9 +212,11 @@ class LayoutInference(TPTracker):
     def _checked(self, layout: Layout, local: torch.Tensor, module: nn.Module | None,
                  role: str, expected_shape: Sequence[int | None] | None,
                  batch: int | None) -> Layout:
-        """``layout`` (tp only), after checking that an ``expected_shape`` agrees with it."""
+        """``layout`` (tp only), after checking that an ``expected_shape`` agrees with it (a
+        shape cannot tell interleaved blocks from one block: ``blocks`` is not compared)."""
+        plain = Layout(tuple(replace(s, blocks=1) for s in layout.shards))
         if expected_shape is not None and self._from_hint(local, expected_shape, batch) != \
-                Layout(layout.shards):
+                plain:
             raise LayoutError(
                 f"expected_shape {tuple(expected_shape)} contradicts the layout of "
                 f"{self._describe(module)} ({role}): local shape {tuple(local.shape)} is "
@@ -229,10 +231,6 @@ class LayoutInference(TPTracker):
         elements the framework does not describe -- the ``expected_shape`` hint, else an error.
         """
         if info.returns_bias and unpack_idx == 1 and role in ("output", "grad_output"):
-            if info.output_refused is not None:
-                raise frameworks.UnknownLayoutError(
-                    f"the bias {self._describe(module)} returns: the layer "
-                    f"{info.output_refused}")
             if role == "grad_output":
                 raise frameworks.UnknownLayoutError(
                     f"the gradient of the bias {self._describe(module)} returns is summed over "

@@ -8,15 +8,18 @@ along them, so they live apart from the inference rules.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
 
 from flex_surgery.parallel.frameworks.base import LayoutError
 from flex_surgery.parallel.frameworks.dtensor import mesh_axis_of
 from flex_surgery.parallel.mesh import ParallelMesh
 
 __all__ = ["GATHER_ORDER", "Layout", "PartialSpec", "ShardSpec", "chunk_sizes",
-           "dtensor_layout"]
+           "dtensor_layout", "join_blocks", "unblocked"]
 
 GATHER_ORDER = ("tp", "dp")
 
@@ -29,12 +32,20 @@ class ShardSpec:
     input (``None``: unknown). A piece with one row where its replica's input has more is no
     piece of the batch (a table broadcast over it, such as rotary or position embeddings): the
     exchange of the pieces' sizes refuses it on every rank. Not part of the layout's identity.
+
+    ``blocks`` > 1: ``dim`` of the whole tensor is ``blocks`` equal blocks, each split over
+    ``axis``, and a rank's piece is its part of block 0, then its part of block 1, ...
+    (Megatron's ``partition_stride``: a gated MLP's ``linear_fc1`` holds ``[gate_r, up_r]``).
+    The whole is then *not* the pieces joined end to end, so no collective takes such a spec
+    (:meth:`Layout.spec_for` refuses it): :func:`unblocked` first views the piece with ``dim``
+    split into ``(blocks, part)``, where the split is a plain one of the part dim.
     """
 
     axis: str
     dim: int
     sizes: tuple[int, ...] | None = None
     rows: int | None = field(default=None, compare=False)
+    blocks: int = 1
 
 
 @dataclass(frozen=True)
@@ -59,6 +70,9 @@ class Layout:
     def spec_for(self, axis: str) -> ShardSpec | PartialSpec | None:
         for s in (*self.shards, *self.partials):
             if s.axis == axis:
+                if isinstance(s, ShardSpec) and s.blocks != 1:
+                    raise LayoutError(f"{s}: a piece of interleaved blocks cannot be gathered "
+                                      f"or scattered as it is; view it with unblocked() first")
                 return s
         return None
 
@@ -72,6 +86,56 @@ class Layout:
         for s in self.shards:
             shape[s.dim] = sum(s.sizes) if s.sizes is not None else None
         return tuple(shape)
+
+
+def unblocked(t: torch.Tensor, layout: Layout,
+              ) -> tuple[torch.Tensor, Layout, int | None]:
+    """``(view, layout of the view, joined dim)``: for a layout with interleaved blocks
+    (``ShardSpec.blocks`` > 1), ``t`` viewed with that dim split into ``(blocks, part)`` and the
+    layout that splits the part dim plainly -- gathering the view gives ``(blocks, whole
+    part)``, which :func:`join_blocks` flattens into the one-process order. Anything else is
+    returned as it is, with ``None``. A view: autograd and in-place edits go through."""
+    blocked = [s for s in layout.shards if s.blocks != 1]
+    if not blocked:
+        return t, layout, None
+    spec = blocked[0]
+    dim = spec.dim % t.ndim
+    others = [s for s in layout.shards if s is not spec]
+    if len(blocked) > 1 or any(s.dim % t.ndim >= dim for s in others) or \
+            t.shape[dim] % spec.blocks or \
+            (spec.sizes is not None and any(n % spec.blocks for n in spec.sizes)):
+        raise LayoutError(f"{spec} on a tensor of shape {tuple(t.shape)} (with {others}): "
+                          f"interleaved blocks are supported on the last split dim only, in "
+                          f"blocks that divide every piece")
+    view = t.unflatten(dim, (spec.blocks, t.shape[dim] // spec.blocks))
+    part = replace(spec, dim=dim + 1, blocks=1,
+                   sizes=None if spec.sizes is None else
+                   tuple(n // spec.blocks for n in spec.sizes))
+    shards = tuple(part if s is spec else replace(s, dim=s.dim % t.ndim)
+                   for s in layout.shards)
+    return view, replace(layout, shards=shards), dim
+
+
+def join_blocks(t: Any, dim: int | None) -> Any:
+    """The inverse of :func:`unblocked`'s view on a gathered tensor: ``(blocks, part)`` at
+    ``dim`` flattened into one dim (``t`` itself when nothing was blocked, or not a tensor)."""
+    if dim is None or not isinstance(t, torch.Tensor):
+        return t
+    return t.flatten(dim, dim + 1)
+
+
+def split_blocks(t: Any, dim: int | None, blocks: int) -> Any:
+    """:func:`join_blocks` undone: ``dim`` of ``t`` split into ``(blocks, rest)``."""
+    if dim is None or not isinstance(t, torch.Tensor):
+        return t
+    return t.unflatten(dim, (blocks, t.shape[dim] // blocks))
+
+
+def joining(store: Callable[..., None], dim: int | None) -> Callable[..., None]:
+    """``store`` receiving gathered tensors joined back with :func:`join_blocks`."""
+    if dim is None:
+        return store
+    return lambda full, *rest: store(join_blocks(full, dim), *rest)
 
 
 def chunk_sizes(full: int, parts: int) -> tuple[int, ...]:

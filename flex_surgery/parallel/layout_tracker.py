@@ -179,7 +179,7 @@ class TPTracker:
                                       f"it comes from {self._describe(module)}, which {why}")
             return
         info = self.tp_layer(module)
-        why = info.output_refused or self._split_unseen(module, info, args, out)
+        why = self._split_unseen(module, info, args, out)
         if why is not None:
             self._split_elsewhere[module] = why
             self._current = _Produced(tuple(out.shape), None, why)
@@ -250,7 +250,8 @@ class TPTracker:
             return None
         tp, size = self.mesh.tp_size, local.shape[dim]
         if shard.full is None:  # equal shards (Megatron's sequence dim)
-            return ShardSpec("tp", dim, (size,) * tp) if shard.sharded is not False else None
+            return ShardSpec("tp", dim, (size,) * tp, blocks=shard.blocks) \
+                if shard.sharded is not False else None
         sizes = chunk_sizes(shard.full, tp)
         mine = sizes[self.mesh.rank("tp")]
         sharded = shard.sharded
@@ -265,4 +266,4 @@ class TPTracker:
         if size != mine:
             raise LayoutError(f"{self._describe(module)} {role}: local dim {dim} is {size}, "
                               f"not this rank's tp shard {mine} of {shard.full}")
-        return ShardSpec("tp", dim, sizes)
+        return ShardSpec("tp", dim, sizes, blocks=shard.blocks)

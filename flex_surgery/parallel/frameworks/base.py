@@ -60,6 +60,9 @@ class ActivationShard:
     dim: int
     full: int | None = None
     sharded: bool | None = True
+    #: The piece is this rank's part of each of ``blocks`` equal blocks of ``dim`` (Megatron's
+    #: ``partition_stride``), not one block (see ``ShardSpec.blocks``).
+    blocks: int = 1
 
 
 @dataclass(frozen=True)
@@ -79,10 +82,6 @@ class TPLayer:
     #: over data parallelism or the sequence.
     returns_bias: bool = False
     bias: ActivationShard | None = None
-    #: Why the output (and a returned bias) cannot be joined from the ranks' pieces, though
-    #: the layer is known: e.g. Megatron's gated ``linear_fc1``, whose pieces interleave blocks
-    #: (``[gate_r, up_r]`` per rank). Hooks on it raise this; its input is described as usual.
-    output_refused: str | None = None
 
 
 class Framework:

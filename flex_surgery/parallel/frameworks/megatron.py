@@ -8,9 +8,9 @@ to activations, read from the module's attributes:
   (``gather_output``, or ``runtime_gather_output`` at call time: the observed width decides
   between exactly those two); input replicated, or -- with ``sequence_parallel`` -- sharded on
   the sequence dim (the layer all-gathers it from dim 0).
-  One whose weight has ``partition_stride`` > 1 (a gated MLP's ``linear_fc1``: ``[gate_r,
-  up_r]`` on each rank) has an output that is not its pieces joined end to end: hooks on it
-  (and on what is computed from it outside the MLP) are refused (``TPLayer.output_refused``).
+  One whose weight has ``partition_stride`` k > 1 (a gated MLP's ``linear_fc1``: ``[gate_r,
+  up_r]`` on each rank) splits its output in k interleaved blocks (``ActivationShard.blocks``):
+  the whole output is block 0 of every rank, then block 1.
 - ``RowParallelLinear``: input last-dim sharded if ``input_is_parallel``; output replicated
   (all-reduced), or with ``sequence_parallel`` reduce-scattered onto the sequence dim.
 - ``VocabParallelEmbedding``: output replicated, or sequence-sharded with
@@ -112,18 +112,11 @@ def _language_module_class():
     return LanguageModule
 
 
-def _interleaved_output(module: nn.Module) -> str | None:
-    """Why a column-parallel layer's output cannot be joined end to end: its weight's
-    ``partition_stride`` k > 1 means each rank holds k blocks (a gated MLP's ``linear_fc1``:
-    ``[gate_r, up_r]``), and the whole output is block 0 of every rank, then block 1, ..."""
-    stride = max((getattr(p, "partition_stride", 1) for p in module.parameters(recurse=False)
-                  if getattr(p, "tensor_model_parallel", False)), default=1)
-    if stride == 1:
-        return None
-    return (f"interleaves {stride} blocks on each rank (partition_stride={stride}; a gated "
-            f"MLP's linear_fc1 holds [gate_r, up_r]), so its output is not the ranks' pieces "
-            f"joined end to end, and flex_surgery does not gather it. Hook the MLP's gated "
-            f"product instead (a forward-pre hook on linear_fc2) or the MLP's output")
+def _partition_stride(module: nn.Module) -> int:
+    """How many interleaved blocks a column-parallel layer's pieces hold (its weight's
+    ``partition_stride``; 2 for a gated MLP's ``linear_fc1``: ``[gate_r, up_r]``)."""
+    return max((getattr(p, "partition_stride", 1) for p in module.parameters(recurse=False)
+                if getattr(p, "tensor_model_parallel", False)), default=1)
 
 
 def _split_parameters(module: nn.Module) -> bool:
@@ -155,11 +148,12 @@ class MegatronCore(Framework):
             return None
         seq = ActivationShard(SEQUENCE)
         if isinstance(module, layers.ColumnParallelLinear):
+            blocks = _partition_stride(module)
             return TPLayer(seq if module.sequence_parallel else None,
-                           ActivationShard(HIDDEN, module.output_size, sharded=None),
+                           ActivationShard(HIDDEN, module.output_size, sharded=None,
+                                           blocks=blocks),
                            exact=True, returns_bias=True,
-                           bias=ActivationShard(HIDDEN, module.output_size),
-                           output_refused=_interleaved_output(module))
+                           bias=ActivationShard(HIDDEN, module.output_size, blocks=blocks))
         if isinstance(module, layers.RowParallelLinear):
             inp = ActivationShard(HIDDEN, module.input_size) if module.input_is_parallel \
                 else None
