@@ -134,7 +134,10 @@ class LayoutInference(TPTracker):
                 f"expected_shape=()")
         last = spec.dim == len(state.shape) - 1
         dim = local.ndim - 1 if last else spec.dim
-        if dim < local.ndim and local.shape[dim] == state.shape[spec.dim]:
+        # More dims than the layer's output, with the split on the last: that dim was cut up
+        # (heads out of a projection), and a part of the same width is no proof of the split.
+        regrouped = last and local.ndim > len(state.shape)
+        if dim < local.ndim and local.shape[dim] == state.shape[spec.dim] and not regrouped:
             return replace(spec, dim=dim)
         raise frameworks.UnknownLayoutError(
             f"the {role} of {self._describe(module)} has shape {tuple(local.shape)}, but the "

@@ -134,6 +134,13 @@ class TPTracker:
             self._entered.clear()
             self._left.clear()
         self._remember(self._entry, self._entered, module, "entered")
+        why = self._why_unknown(module)
+        if why is not None:
+            # What runs inside it (an expert's activation, a norm) computes on its pieces,
+            # whose split nothing says: not on what the last TP layer before it produced.
+            shape = self._current.shape if self._current is not None else ()
+            self._current = _Produced(shape, None, f"it runs inside {self._describe(module)}, "
+                                                   f"which {why}")
 
     def _leave(self, module, args, output):
         if torch._C._current_graph_task_id() != -1:
