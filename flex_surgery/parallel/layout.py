@@ -348,8 +348,9 @@ class LayoutInference(TPTracker):
             if dim is not None:
                 full = parameter.shape[dim] * self.mesh.tp_size
                 shards = (ShardSpec("tp", dim, chunk_sizes(full, self.mesh.tp_size)),)
-            elif with_dp and frameworks.tp_grad_is_partial(module, parameter):
-                partials = (PartialSpec("tp", "sum"),)
+            elif with_dp and (op := frameworks.tp_grad_partial_op(
+                    module, parameter, self._names.get(module, ""))) is not None:
+                partials = (PartialSpec("tp", op),)
         if with_dp and self.mesh.dp_size > 1:
             partials = (*partials, PartialSpec("dp", "avg"))
         return Layout(shards, partials)

@@ -57,7 +57,7 @@ from flex_surgery.parallel.frameworks.parameters import (
     parameter_views,
     split_unknown_modules,
     tensor_parallel_group,
-    tp_grad_is_partial,
+    tp_grad_partial_op,
     tp_partition_dim,
 )
 from flex_surgery.parallel.frameworks.registry import DDP_ as DDP_
@@ -94,7 +94,7 @@ __all__ = [
     "first_input_only", "fsdp1_root", "tp_layers_within",
     "full_parameter", "keeps_unsharded_copies", "owner", "parameter_view", "parameter_views",
     "reshard", "sequence_parallel", "split_unknown_modules", "substitutes_parameters",
-    "tensor_parallel_group", "tp_grad_is_partial", "tp_layer", "tp_partition_dim",
+    "tensor_parallel_group", "tp_grad_partial_op", "tp_layer", "tp_partition_dim",
     "undescribed_split_modules", "wrapper_kind",
 ]
 

@@ -141,11 +141,14 @@ class Framework:
         """
         return None
 
-    def grad_is_partial(self, module: nn.Module, pname: str, param: torch.Tensor) -> bool:
-        """Whether each tensor-parallel rank's gradient of this replicated parameter is only a
-        summand until the framework reduces it (Megatron's sequence-parallel norms and row
-        biases: each rank saw a slice of the sequence)."""
-        return False
+    def grad_partial_op(self, module: nn.Module, pname: str, param: torch.Tensor,
+                        name: str = "") -> str | None:
+        """How the framework reduces each tensor-parallel rank's gradient of this replicated
+        parameter after backward (``"sum"``, ``"avg"``; ``None``: it is whole already) --
+        Megatron's sequence-parallel norms and row biases (each rank saw a slice of the
+        sequence), its q/k layernorms (each rank normalised its own heads). ``name``: the
+        module's name in the model, for frameworks whose rules go by name."""
+        return None
 
     def parameter_shard(self, name: str, module: nn.Module, pname: str,
                         param: nn.Parameter) -> LocalShard | None:

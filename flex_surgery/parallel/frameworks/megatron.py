@@ -68,6 +68,7 @@ _STATE = "megatron.core.parallel_state"
 _ATTENTION = "megatron.core.transformer.dot_product_attention"
 _LANGUAGE_MODULE = "megatron.core.models.common.language_module.language_module"
 _MODULE = "megatron.core.transformer.module"
+_MOE_LAYER = "megatron.core.transformer.moe.moe_layer"
 
 
 class MegatronLayoutError(LayoutError, NotImplementedError):
@@ -102,6 +103,14 @@ def _attention_class():
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
     return DotProductAttention
+
+
+def _moe_layer_class():
+    if not loaded(_MOE_LAYER):
+        return None
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    return MoELayer
 
 
 def _language_module_class():
@@ -147,6 +156,15 @@ class MegatronCore(Framework):
         if layers is None:
             return None
         seq = ActivationShard(SEQUENCE)
+        if getattr(module, "explicit_expert_comm", False):
+            # An MoE expert's linear: the token dispatcher, not the layer, moves its tokens
+            # (gathered over tp before it) and reduces its partial sums (after it), so its
+            # activations are no column/row layer's: undescribed, hence refused.
+            return None
+        moe = _moe_layer_class()
+        if moe is not None and isinstance(module, moe):  # what goes in comes out split alike
+            split = seq if module.config.sequence_parallel else None
+            return TPLayer(split, split, exact=True)
         if isinstance(module, layers.ColumnParallelLinear):
             blocks = _partition_stride(module)
             return TPLayer(seq if module.sequence_parallel else None,
@@ -275,10 +293,20 @@ class MegatronCore(Framework):
                                       f"positive integer")
         return dim, stride
 
-    def grad_is_partial(self, module: nn.Module, pname: str, param: torch.Tensor) -> bool:
-        # finalize_model_grads all-reduces these over TP after backward
-        return bool(getattr(param, "sequence_parallel", False)) and \
-            not getattr(param, "tensor_model_parallel", False)
+    def grad_partial_op(self, module: nn.Module, pname: str, param: torch.Tensor,
+                        name: str = "") -> str | None:
+        # What finalize_model_grads reduces over TP after backward, by its own rules: tagged
+        # sequence-parallel parameters, the q/k layernorms (by name: each rank normalised its
+        # own heads) summed; parameters tagged average_gradients_across_tp_domain averaged.
+        if getattr(param, "tensor_model_parallel", False):
+            return None
+        if getattr(param, "average_gradients_across_tp_domain", False):
+            return "avg"
+        if getattr(param, "sequence_parallel", False):
+            return "sum"
+        if loaded(_MODULE) and ("q_layernorm" in name or "k_layernorm" in name):
+            return "sum"
+        return None
 
     def parameter_shard(self, name: str, module: nn.Module, pname: str,
                         param: nn.Parameter) -> LocalShard | None:

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from flex_surgery.parallel.mesh import ParallelMesh
 
 __all__ = ["check_whole", "full_parameter", "parameter_view", "parameter_views",
-           "split_unknown_modules", "tensor_parallel_group", "tp_grad_is_partial",
+           "split_unknown_modules", "tensor_parallel_group", "tp_grad_partial_op",
            "tp_partition_dim"]
 
 
@@ -53,12 +53,17 @@ def tp_partition_dim(module: nn.Module, parameter: torch.Tensor) -> int | None:
     return None
 
 
-def tp_grad_is_partial(module: nn.Module, parameter: torch.Tensor) -> bool:
-    """Whether the gradient of ``module``'s replicated ``parameter`` is a per-rank summand over
-    ``tp`` until the framework reduces it (see ``Framework.grad_is_partial``)."""
+def tp_grad_partial_op(module: nn.Module, parameter: torch.Tensor,
+                       name: str = "") -> str | None:
+    """How the gradient of ``module``'s replicated ``parameter`` is reduced over ``tp`` by its
+    framework after backward (``"sum"``/``"avg"``; ``None``: whole on every rank; see
+    ``Framework.grad_partial_op``). ``name``: ``module``'s name in the model."""
     pname = next((n for n, p in module._parameters.items() if p is parameter), None)
-    return pname is not None and any(f.grad_is_partial(module, pname, parameter)
-                                     for f in TENSOR_PARALLEL)
+    if pname is None:
+        return None
+    return next((op for f in TENSOR_PARALLEL
+                 if (op := f.grad_partial_op(module, pname, parameter, name)) is not None),
+                None)
 
 
 def tensor_parallel_group(mesh: ParallelMesh | None = None,
