@@ -39,6 +39,20 @@ class StageModule(nn.Module):
         return self.head(x) if self.head is not None else x
 
 
+class BlockStage(nn.Module):
+    """The blocks ``ids`` of a whole model's ``blocks``, run in order under the names they have
+    in the whole model (``blocks.<i>``): one hand-split pipeline stage."""
+
+    def __init__(self, blocks: nn.ModuleList, ids: list[int]) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleDict({str(i): blocks[i] for i in ids})
+
+    def forward(self, x):
+        for block in self.blocks.values():
+            x = block(x)
+        return x
+
+
 def two_stages(net: nn.Module, stage: int) -> StageModule:
     """Stage 0: block 0; stage 1: block 1 and the head."""
     return StageModule(net, [0], False) if stage == 0 else StageModule(net, [1], True)

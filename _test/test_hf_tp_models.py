@@ -115,6 +115,32 @@ def _hook(model, name, kind="forward", edit=None, pg=None, grad=False, **kw):
     return stored.get(name), out.logits.detach()
 
 
+def _surgery_equals_one_process(ref, model, names, row_dim: int) -> None:
+    """Zeroing row 5 (along ``row_dim``) of each whole parameter with a full-parameter
+    SurgicalTheater gives the one-process logits, changes them (a weight's row; one bias
+    element may not show), and is undone bit-exactly."""
+    from flex_surgery.surgery import SurgicalTheater
+
+    def zero_row_5(t):
+        delta = torch.zeros_like(t)
+        row = delta.narrow(row_dim, 5, 1)
+        row.copy_(-t.narrow(row_dim, 5, 1))
+        return delta
+
+    with torch.no_grad():
+        before = model(input_ids=_ids()).logits
+        for name in names:
+            with SurgicalTheater(ref, layers=name, modification_fn=zero_row_5,
+                                 full_parameter=True):
+                expected = ref(input_ids=_ids()).logits
+            with SurgicalTheater(model, layers=name, modification_fn=zero_row_5,
+                                 full_parameter=True):
+                got = model(input_ids=_ids()).logits
+            assert name.endswith("bias") or not torch.allclose(expected, before), name
+            torch.testing.assert_close(got, expected, **TOL)
+            assert torch.equal(model(input_ids=_ids()).logits, before), name
+
+
 def _whole_or_error_everywhere(ref, model, name, kind="forward", edit=None, grad=False, **kw):
     """The hook on the TP model stores the one-process values and gives the one-process logits,
     or raises a layout error on every rank. Returns whether it raised."""
@@ -222,7 +248,6 @@ def test_mixtral_experts_weights_and_surgery_equal_one_process(tmp_path):
     them, and the hooks around the experts (an error on every rank where the layout is not
     known, the router's logits whole)."""
     from flex_surgery.export import full_weights
-    from flex_surgery.surgery import SurgicalTheater
 
     ref, model = _one_process("mixtral"), _tensor_parallel("mixtral", tmp_path)
     names = ["model.layers.0.mlp.experts.gate_up_proj", "model.layers.0.mlp.experts.down_proj"]
@@ -235,23 +260,7 @@ def test_mixtral_experts_weights_and_surgery_equal_one_process(tmp_path):
         for name in names:
             assert torch.equal(flex.get_module_parameter(name), want[name].detach())
 
-    def zero_row_5(t):
-        delta = torch.zeros_like(t)
-        delta[..., 5, :] = -t[..., 5, :]
-        return delta
-
-    with torch.no_grad():
-        before = model(input_ids=_ids()).logits
-        for name in names:
-            with SurgicalTheater(ref, layers=name, modification_fn=zero_row_5,
-                                 full_parameter=True):
-                expected = ref(input_ids=_ids()).logits
-            with SurgicalTheater(model, layers=name, modification_fn=zero_row_5,
-                                 full_parameter=True):
-                got = model(input_ids=_ids()).logits
-            assert not torch.allclose(expected, before)
-            torch.testing.assert_close(got, expected, **TOL)
-            assert torch.equal(model(input_ids=_ids()).logits, before)
+    _surgery_equals_one_process(ref, model, names, row_dim=-2)
     assert not _whole_or_error_everywhere(ref, model, "model.layers.0.mlp.gate", "forward",
                                           by_position)
     assert _whole_or_error_everywhere(ref, model, "model.layers.0.mlp.experts", "forward")
@@ -294,7 +303,6 @@ def test_dense_families_equal_one_process(tmp_path, arch):
     """Hooks (reads and position-dependent edits, with and without autograd), whole fused
     parameters in one-process order, and full-parameter surgery on the fused weights."""
     from flex_surgery.export import full_weights
-    from flex_surgery.surgery import SurgicalTheater
 
     ref, model = _one_process(arch), _tensor_parallel(arch, tmp_path)
     for name, kind in _DENSE_SITES[arch]:
@@ -308,17 +316,4 @@ def test_dense_families_equal_one_process(tmp_path, arch):
         for name in _FUSED[arch]:
             assert torch.equal(flex.get_module_parameter(name), want[name].detach()), name
 
-    def zero_row_5(t):
-        delta = torch.zeros_like(t)
-        delta[5] = -t[5]
-        return delta
-
-    with torch.no_grad():
-        for name in _FUSED[arch]:
-            with SurgicalTheater(ref, layers=name, modification_fn=zero_row_5,
-                                 full_parameter=True):
-                expected = ref(input_ids=_ids()).logits
-            with SurgicalTheater(model, layers=name, modification_fn=zero_row_5,
-                                 full_parameter=True):
-                got = model(input_ids=_ids()).logits
-            torch.testing.assert_close(got, expected, **TOL)
+    _surgery_equals_one_process(ref, model, _FUSED[arch], row_dim=0)

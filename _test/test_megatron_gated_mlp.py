@@ -113,26 +113,34 @@ def _zero_neuron_5(w: torch.Tensor) -> torch.Tensor:
     return delta
 
 
+def _with_surgery(model, names: list[str]) -> tuple[torch.Tensor, ...]:
+    """Logits: plain, with gate unit 5 of the whole fc1 weight zeroed, with seeded noise on
+    the fc1 weight and bias; then plain again (checked equal: restored)."""
+    from flex_surgery.surgery import SurgicalTheater
+
+    base, _ = forward_backward(model)
+    with SurgicalTheater(model, layers=names[0], modification_fn=_zero_neuron_5,
+                         full_parameter=True):
+        zeroed, _ = forward_backward(model)
+    with SurgicalTheater(model, layers=names, modification_type="noise", noise_scale=0.1,
+                         seed=3, params="all"):
+        noised, _ = forward_backward(model)
+    assert torch.equal(forward_backward(model)[0], base)
+    return base, zeroed, noised
+
+
 @distributed(world_size=2)
 def test_the_gated_fc1_parameters_are_mapped_whole():
     """Parameter views map the interleaved blocks: ``get_module_parameter``, export's
     ``full_weights`` and a full-parameter surgery (zero gate unit 5) equal TP=1; noise seeded
     on the whole parameter lands on the same elements; everything is restored."""
     from flex_surgery.export import full_weights
-    from flex_surgery.surgery import SurgicalTheater
 
     names = [f"{FC1}.weight", f"{FC1}.bias"]
     with gpt_parallel(tp=1):
         ref = build_gpt(tp=1, **GATED)
         want = {n: ref.get_parameter(n).detach().clone() for n in names}
-        base_ref, _ = forward_backward(ref)
-        with SurgicalTheater(ref, layers=names[0],
-                                              modification_fn=_zero_neuron_5,
-                                              full_parameter=True):
-            zeroed_ref, _ = forward_backward(ref)
-        with SurgicalTheater(ref, layers=names, modification_type="noise",
-                                              noise_scale=0.1, seed=3, params="all"):
-            noised_ref, _ = forward_backward(ref)
+        base_ref, zeroed_ref, noised_ref = _with_surgery(ref, names)
     with gpt_parallel(tp=2):
         model = build_gpt(tp=2, **GATED)
         flex = FlexModel(model, None)
@@ -143,14 +151,7 @@ def test_the_gated_fc1_parameters_are_mapped_whole():
         for n in names:
             assert torch.equal(weights[n], want[n]), n
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
-        with SurgicalTheater(model, layers=names[0],
-                                              modification_fn=_zero_neuron_5,
-                                              full_parameter=True):
-            zeroed, _ = forward_backward(model)
-        with SurgicalTheater(model, layers=names, modification_type="noise",
-                                              noise_scale=0.1, seed=3, params="all"):
-            noised, _ = forward_backward(model)
-        base, _ = forward_backward(model)
+        base, zeroed, noised = _with_surgery(model, names)
         for n, p in model.named_parameters():
             assert torch.equal(p.detach(), before[n]), n  # restored bit-exactly
     torch.testing.assert_close(base, base_ref, **TOL)

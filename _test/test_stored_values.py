@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+from pipeline_cases import BlockStage
 from rank_pool import distributed
 from torch import nn
 
@@ -147,24 +148,10 @@ def test_gradient_values_survive_accumulation_into_grad():
     flex.restore()
 
 
-class _ReluAfter(nn.Module):
-    def __init__(self, h: int = 16) -> None:
-        super().__init__()
-        self.up = nn.Linear(h, h)
-        self.act = nn.ReLU(inplace=True)
-        self.down = nn.Linear(h, h)
-
-    def forward(self, x):
-        y = self.up(x)
-        self.act(y)
-        y += 1.0  # a residual written in place, too
-        return self.down(y)
-
-
 @pytest.mark.parametrize("which", ["memory", "disk"])
 def test_stores_keep_what_the_hook_saw_under_in_place_writes(which, tmp_path):
     torch.manual_seed(0)
-    model = _ReluAfter()
+    model = _InPlaceAfter(16)
     xs = [torch.randn(4, 16) for _ in range(6)]
     with torch.no_grad():
         want = [model.up(x).clone() for x in xs]
@@ -295,17 +282,6 @@ class _StageBlock(nn.Module):
         return y
 
 
-class _Stage(nn.Module):
-    def __init__(self, blocks: nn.ModuleList, ids: list[int]) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleDict({str(i): blocks[i] for i in ids})
-
-    def forward(self, x):
-        for block in self.blocks.values():
-            x = block(x)
-        return x
-
-
 @distributed(world_size=2)
 def test_a_pipeline_stage_sends_the_values_its_hooks_saw():
     """Stage 1's values are collected after the stage has run, by which time the in-place ReLU
@@ -321,7 +297,7 @@ def test_a_pipeline_stage_sends_the_values_its_hooks_saw():
             t = block(t)
     rank = dist.get_rank()
     out: dict = {}
-    flex = FlexModel(_Stage(blocks, [0, 1] if rank == 0 else [2, 3]), out,
+    flex = FlexModel(BlockStage(blocks, [0, 1] if rank == 0 else [2, 3]), out,
                      pipeline_parallel_size=2)
     for i in range(4):
         flex.register_forward_hook(HookFunction(f"blocks.{i}.up"))

@@ -7,6 +7,7 @@ one process stores."""
 import pytest
 import torch
 import torch.distributed as dist
+from pipeline_cases import BlockStage
 from rank_pool import distributed
 from torch import nn
 
@@ -49,17 +50,6 @@ class _Mutating(nn.Module):
         return s + 1.0
 
 
-class _Stack(nn.Module):
-    def __init__(self, blocks: nn.ModuleList, ids: list[int]) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleDict({str(i): blocks[i] for i in ids})
-
-    def forward(self, x):
-        for block in self.blocks.values():
-            x = block(x)
-        return x
-
-
 def _blocks() -> nn.ModuleList:
     torch.manual_seed(0)
     return nn.ModuleList([_Mutating() for _ in range(4)])
@@ -83,7 +73,7 @@ def _register(flex: FlexModel, names: set[str]) -> None:
 def _reference(micro_batches: list[torch.Tensor]) -> dict[str, list[torch.Tensor]]:
     """One process, the whole stack, micro-batch after micro-batch: what it stores."""
     out: dict = {}
-    model = _Stack(_blocks(), [0, 1, 2, 3])
+    model = BlockStage(_blocks(), [0, 1, 2, 3])
     flex = FlexModel(model, out, process_group=_one_rank_group())
     _register(flex, {n for n, _ in model.named_modules()})
     with torch.no_grad():
@@ -102,9 +92,9 @@ def _one_rank_group():
 
 def _two_stages(out, **kwargs) -> FlexModel:
     rank = dist.get_rank()
-    model = _Stack(_blocks(), [0, 1] if rank == 0 else [2, 3])
+    model = BlockStage(_blocks(), [0, 1] if rank == 0 else [2, 3])
     flex = FlexModel(model, out, pipeline_parallel_size=2, **kwargs)
-    _register(flex, {n for n, _ in _Stack(_blocks(), [0, 1, 2, 3]).named_modules()})
+    _register(flex, {n for n, _ in BlockStage(_blocks(), [0, 1, 2, 3]).named_modules()})
     return flex
 
 
