@@ -94,6 +94,33 @@ def test_megatron_interleaved_partitions_are_refused_where_joined_end_to_end():
     assert frameworks.tp_partition_dim(lin, lin.bias) is None
 
 
+def _grouped_mlp_stand_in() -> nn.Module:
+    """A Megatron ``GroupedMLP`` as far as its parameters go (building a real one needs the
+    ``grouped_gemm`` package): ``weight1`` split along dim 1, whose columns hold every local
+    expert's part one after the other."""
+    from megatron.core.transformer.moe.experts import GroupedMLP
+
+    module = GroupedMLP.__new__(GroupedMLP)
+    nn.Module.__init__(module)
+    module.weight1 = nn.Parameter(torch.randn(4, 8))
+    module.weight1.tensor_model_parallel, module.weight1.partition_dim = True, 1
+    module.weight1.partition_stride, module.weight1.allreduce = 1, True
+    return module
+
+
+@distributed(world_size=2)
+def test_megatron_grouped_mlp_weights_are_refused_under_tp():
+    """Under TP its weights are not the ranks' pieces joined end to end (each rank holds its
+    part of every expert), and nothing on them says so: refused for views (whole parameters,
+    surgery, export) and gradient layouts rather than joined wrongly."""
+    module = _grouped_mlp_stand_in()
+    with megatron_parallel(2):
+        with pytest.raises(frameworks.MegatronLayoutError, match="GroupedMLP"):
+            frameworks.parameter_views(module)
+        with pytest.raises(frameworks.MegatronLayoutError, match="GroupedMLP"):
+            frameworks.tp_partition_dim(module, module.weight1)
+
+
 @distributed(world_size=2)
 def test_each_framework_answers_for_its_layers():
     with megatron_parallel(2):

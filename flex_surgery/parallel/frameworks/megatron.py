@@ -42,6 +42,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from flex_surgery.parallel.frameworks.base import (
@@ -56,8 +57,6 @@ from flex_surgery.parallel.frameworks.base import (
 from flex_surgery.parallel.frameworks.views import LocalShard, block_shard, strided_shard
 
 if TYPE_CHECKING:
-    import torch.distributed as dist
-
     from flex_surgery.parallel.mesh import ParallelMesh
 
 __all__ = ["MegatronCore", "MegatronLayoutError"]
@@ -69,6 +68,7 @@ _ATTENTION = "megatron.core.transformer.dot_product_attention"
 _LANGUAGE_MODULE = "megatron.core.models.common.language_module.language_module"
 _MODULE = "megatron.core.transformer.module"
 _MOE_LAYER = "megatron.core.transformer.moe.moe_layer"
+_EXPERTS = "megatron.core.transformer.moe.experts"
 
 
 class MegatronLayoutError(LayoutError, NotImplementedError):
@@ -113,6 +113,14 @@ def _moe_layer_class():
     return MoELayer
 
 
+def _is_grouped_mlp(module: nn.Module) -> bool:
+    if not loaded(_EXPERTS):
+        return False
+    from megatron.core.transformer.moe.experts import GroupedMLP
+
+    return isinstance(module, GroupedMLP)
+
+
 def _language_module_class():
     if not loaded(_LANGUAGE_MODULE):
         return None
@@ -126,6 +134,13 @@ def _partition_stride(module: nn.Module) -> int:
     ``partition_stride``; 2 for a gated MLP's ``linear_fc1``: ``[gate_r, up_r]``)."""
     return max((getattr(p, "partition_stride", 1) for p in module.parameters(recurse=False)
                 if getattr(p, "tensor_model_parallel", False)), default=1)
+
+
+def _grouped_refusal(pname: str) -> str:
+    return (f"{pname} (GroupedMLP, moe_grouped_gemm): each tensor-parallel rank's weight holds "
+            f"its part of every local expert, one after the other, which its attributes do "
+            f"not say (partition_stride 1); it is not mapped. Use SequentialMLP "
+            f"(moe_grouped_gemm=False) for surgery, export and parameter hooks under TP")
 
 
 def _split_parameters(module: nn.Module) -> bool:
@@ -264,6 +279,8 @@ class MegatronCore(Framework):
         lens) does so with interleaved blocks. Parameter views map interleaved blocks
         themselves (:meth:`parameter_shard`)."""
         dim, stride = self._split(module, pname, param)
+        if dim is not None and _is_grouped_mlp(module):
+            raise MegatronLayoutError(_grouped_refusal(pname))
         if stride != 1:
             raise MegatronLayoutError(
                 f"{pname} ({type(module).__name__}): partition_stride={stride} (interleaved "
@@ -316,11 +333,13 @@ class MegatronCore(Framework):
             raise MegatronLayoutError(f"{name}: {exc}") from None
         if dim is None:
             return None
+        group = self._tp_group(module)
+        if _is_grouped_mlp(module) and dist.get_world_size(group) > 1:
+            raise MegatronLayoutError(f"{name}: {_grouped_refusal(pname)}")
         if stride != 1:
-            return strided_shard(name, module, pname, param, dim, stride,
-                                 self._tp_group(module), kind=self.name)
-        return block_shard(name, module, pname, param, dim, self._tp_group(module),
-                           kind=self.name)
+            return strided_shard(name, module, pname, param, dim, stride, group,
+                                 kind=self.name)
+        return block_shard(name, module, pname, param, dim, group, kind=self.name)
 
     @staticmethod
     def _tp_group(module: nn.Module):
