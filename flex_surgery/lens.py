@@ -95,8 +95,9 @@ class LogitLens:
         top_k: how many tokens to keep per position.
         translators: ``{block index: module}``; the lens reads ``h + module(h)`` for that
             block (a tuned lens's affine translators). Must be identical on every rank.
-        positions: only these positions of the dim before the hidden one (HF: the sequence),
-            e.g. ``[-1]``; default: all.
+        positions: only these positions of the sequence, e.g. ``[-1]``; default: all. The
+            residuals keep the model's order -- ``[b, s, h]`` (HF), Megatron's ``[s, b, h]``
+            -- and so does the result.
         tensor_parallel_size, pipeline_parallel_size, data_parallel_size, process_group: as
             for :class:`~flex_surgery.hooks.FlexModel` (the running groups are adopted).
 
@@ -119,6 +120,11 @@ class LogitLens:
         self.top_k = top_k
         self.positions = None if positions is None else list(positions)
         root = unwrap_model(model)
+        from flex_surgery.parallel import frameworks
+
+        # the residuals' batch dim (1 for Megatron's [s, b, h]); the sequence is the other
+        # leading dim: positions are picked there, micro-batches joined along the batch dim
+        self._batch_dim = frameworks.batch_dim(root)
         self._located = locate(root)  # UnknownArchitecture: names the known ones
         # A stage wrapped by a FlexModel over pipeline stages: its pipeline is the lens's (the
         # same answer on every rank, before any collective).
@@ -313,12 +319,12 @@ class LogitLens:
         ``link``: the :class:`~flex_surgery.parallel.pipeline.StageLink` of the pipeline step,
         so a failed stage raises instead of hanging; without one the mesh's pipeline group
         carries the residuals. Micro-batches recorded by several calls of a block are
-        concatenated in call order along the first dim.
+        concatenated in call order along the batch dim.
         """
         from flex_surgery.parallel.pipeline import collect_stage_outputs
 
         wait_for_host_copies()  # device-to-host copies of the residuals have landed
-        residuals = {str(g): [torch.cat(calls, dim=0)]
+        residuals = {str(g): [torch.cat(calls, dim=self._dims(calls[0])[0])]
                      for g, calls in self._stored.items() if calls}
         self.reset()
         if len(self.surgery.stage_sizes) > 1:
@@ -330,11 +336,19 @@ class LogitLens:
                             "output)")
         hidden = [residuals[str(g)][0] for g in self.layers]
         if self.positions is not None:
-            hidden = [h[..., self.positions, :] for h in hidden]
+            hidden = [h.movedim(self._dims(h)[1], -2)[..., self.positions, :]
+                      .movedim(-2, self._dims(h)[1]) for h in hidden]
         lead = tuple(hidden[0].shape[:-1])
         if any(tuple(h.shape[:-1]) != lead for h in hidden):
             raise LensError(f"residuals of different shapes: {[tuple(h.shape) for h in hidden]}")
         return self._decode(hidden, lead)
+
+    def _dims(self, h: torch.Tensor) -> tuple[int, int]:
+        """``(batch dim, sequence dim)`` of a residual: the model's batch dim and the other
+        leading dim of ``[., ., hidden]``; a ``[tokens, hidden]`` residual has only dim 0."""
+        if h.ndim != 3:
+            return 0, h.ndim - 2
+        return self._batch_dim, 1 - self._batch_dim
 
     def _decode(self, hidden: list[torch.Tensor], lead: tuple[int, ...]) -> LensResult:
         """Top-k of every residual, assembled on every rank (see the module docstring)."""
