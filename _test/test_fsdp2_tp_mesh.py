@@ -95,10 +95,19 @@ def _compare_stored(stored, ref_stored, **tol):
             torch.testing.assert_close(a, b, msg=lambda m, k=key: f"{k}: {m}", **tol)
 
 
+_MESHES: dict[int, object] = {}  # id of the default group -> this rank's ("dp", "tp") mesh
+
+
 def _mesh_2d():
+    """The 2 x 2 ``("dp", "tp")`` mesh, made once per pool rank and reused: each mesh builds
+    gloo groups that hold threads and sockets for the life of the process (see
+    ``parallel_cases.local_group``), and a mesh per test body slowed every later test."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    return init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    world = id(dist.distributed_c10d._get_default_group())
+    if world not in _MESHES:
+        _MESHES[world] = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    return _MESHES[world]
 
 
 def _fsdp2(model, mesh_dp, units):
