@@ -429,13 +429,8 @@ def test_hsdp_with_unknown_dim_names_is_refused_on_every_rank():
         FlexModel(model, {})
 
 
-# -- 7. torch's process-global root-mesh registry answers for an unrelated earlier mesh ----------
+# -- 7. a parameter's mesh object can be an earlier model's equal mesh -------------------------
 @distributed(world_size=4)
-@pytest.mark.xfail(strict=True, reason=(
-    "_root_mesh trusts torch's process-global root-mesh registry, keyed by equality: a TP mesh "
-    "sliced from a ('rep', 'tp') mesh is taken as sliced from an earlier ('dp', 'tp') mesh, "
-    "so FlexModel adopts dp=2 and concatenates the replicas' identical batches: [16, 8] "
-    "stored where one process has [8, 8]"))
 def test_tp_mesh_is_not_taken_for_an_earlier_dp_x_tp_mesh():
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.parallel import parallelize_module
@@ -465,3 +460,41 @@ def test_tp_mesh_is_not_taken_for_an_earlier_dp_x_tp_mesh():
         got = stored["head"][0]
         assert got.shape == ref_stored["head"][0].shape, (got.shape, flex.runtime.mesh.sizes)
         torch.testing.assert_close(got, ref_stored["head"][0], **TOL)
+
+
+def _forget_dtensor_specs():
+    """Empty torch's sharding-propagation caches (Python and the C++ fast path's), so the next
+    model's specs are computed anew (and then cached with its own mesh)."""
+    from torch.distributed.tensor import DTensor
+
+    DTensor._op_dispatcher.sharding_propagator.propagate_op_sharding.cache_clear()
+    torch._C._clear_DTensor_sharding_propagator_cache()
+
+
+@distributed(world_size=4)
+def test_dp_x_tp_mesh_is_adopted_after_an_earlier_unnamed_replica_mesh():
+    """The mirror case: the earlier model's TP mesh comes from a ``("rep", "tp")`` mesh, and
+    this model's parameters are handed that mesh object; the ``("dp", "tp")`` mesh this model
+    was parallelised on is still adopted (dp=2, the replicas' batches joined), and the
+    hooks equal one process on the whole batch."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    torch.set_default_dtype(torch.float64)
+    _forget_dtensor_specs()
+    rep_tp = init_device_mesh("cpu", (2, 2), mesh_dim_names=("rep", "tp"))["tp"]
+    earlier = parallelize_module(plain_net(), rep_tp, dtensor_plan(True))
+    del earlier
+    mesh = _mesh_2d()
+    model = parallelize_module(plain_net(), mesh["tp"], dtensor_plan(True))
+    handed = next(p for p in model.parameters()).device_mesh
+    assert handed is rep_tp, "torch no longer hands out an equal earlier mesh: case not exercised"
+    x = torch.randn(8, H, generator=torch.Generator().manual_seed(1))
+    ref_stored, ref_out, _ = _run(plain_net(), x, "leader", [("head", "forward_pre")],
+                                  process_group=local_group())
+    dp_rank = mesh.get_local_rank("dp")
+    stored, out, flex = _run(model, _dp_slice(x, dp_rank, 2), "leader", [("head", "forward_pre")])
+    assert flex.runtime.mesh.sizes == {"dp": 2, "tp": 2, "pp": 1}
+    torch.testing.assert_close(_local_value(out), _dp_slice(ref_out.detach(), dp_rank, 2), **TOL)
+    _compare_stored(stored, ref_stored, **TOL)
+    _forget_dtensor_specs()

@@ -368,6 +368,49 @@ def _new_groups_along(grid: torch.Tensor, dim: int, me: int, local: bool = False
     return mine
 
 
+def dtensor_root_meshes(model: nn.Module) -> list:
+    """The root mesh (:func:`_root_mesh`) of each DTensor parameter of ``model``, in
+    ``parameters()`` order, read from the mesh each module was distributed with.
+
+    A DTensor parameter may not hold that mesh: torch's sharding-propagation cache is keyed by
+    equality, so ``parallelize_module`` can hand a parameter an *equal* mesh object left by an
+    earlier model, and that object's root is the earlier model's (an earlier ``("dp", "tp")``
+    mesh, where this model's TP mesh was cut from a ``("rep", "tp")`` one: its replicas would be
+    taken for data parallel and their batches joined). ``distribute_module`` keeps the mesh it
+    was given in the hooks it installs; where one equals the parameter's mesh, it is used.
+    """
+    from flex_surgery.parallel.frameworks import is_dtensor
+
+    return [parameter_root_mesh(module, param) for module in model.modules()
+            for param in module._parameters.values() if param is not None and is_dtensor(param)]
+
+
+def parameter_root_mesh(module: nn.Module, param):
+    """The root mesh of DTensor ``param`` of ``module``: see :func:`dtensor_root_meshes`."""
+    mesh = param.device_mesh
+    return _root_mesh(next((m for m in _distributed_with(module) if m == mesh), mesh))
+
+
+def _distributed_with(module: nn.Module) -> list:
+    """The ``DeviceMesh`` objects ``distribute_module`` registered ``module``'s input / output
+    hooks with (``parallelize_module`` goes through it): they are the closures' ``device_mesh``."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    found = []
+    for hook in (*module._forward_pre_hooks.values(), *module._forward_hooks.values()):
+        code, cells = getattr(hook, "__code__", None), getattr(hook, "__closure__", None)
+        if code is None or not cells or "device_mesh" not in code.co_freevars:
+            continue
+        cell = cells[code.co_freevars.index("device_mesh")]
+        try:
+            value = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        if isinstance(value, DeviceMesh) and all(value is not m for m in found):
+            found.append(value)
+    return found
+
+
 def _root_mesh(device_mesh):
     """The mesh ``device_mesh`` was sliced from (a TP mesh cut from a ``("dp", "tp")`` mesh
     tells the DP axis too), when that mesh's dims are all axes we know.

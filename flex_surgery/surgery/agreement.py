@@ -84,11 +84,11 @@ def _module_groups(module: nn.Module) -> ModelGroups:
     if frameworks.FSDP_1.owns(module):  # HYBRID_SHARD: shard group x replica group
         replicas = getattr(module, "_inter_node_pg", None)
         return _span([module.process_group, *([] if replicas is None else [replicas])])
+    from flex_surgery.parallel.mesh import parameter_root_mesh
+
     for param in module._parameters.values():
         if param is not None and frameworks.is_dtensor(param):
-            from flex_surgery.parallel.mesh import _root_mesh
-
-            mesh = _root_mesh(param.device_mesh)
+            mesh = parameter_root_mesh(module, param)
             if mesh.size() == dist.get_world_size():
                 return _WORLD
             return _span(mesh.get_group(dim) for dim in range(mesh.ndim))

@@ -278,7 +278,7 @@ class ModelSurgery:
         running frameworks (fairscale / Megatron state, the DeviceMesh of DTensor parameters);
         no collective is needed to find them."""
         from flex_surgery.parallel import frameworks
-        from flex_surgery.parallel.mesh import _root_mesh
+        from flex_surgery.parallel.mesh import dtensor_root_meshes
 
         groups: list[dist.ProcessGroup | None] = []
         mesh = getattr(getattr(self.model, "runtime", None), "mesh", None)
@@ -286,8 +286,7 @@ class ModelSurgery:
             groups += [mesh.group(axis) for axis in ("tp", "dp") if mesh.size(axis) > 1]
         else:
             groups.append(frameworks.tensor_parallel_group())
-            device_mesh = next((_root_mesh(p.device_mesh) for p in self.root.parameters()
-                                if frameworks.is_dtensor(p)), None)
+            device_mesh = next(iter(dtensor_root_meshes(self.root)), None)
             if device_mesh is not None:
                 groups += [device_mesh.get_group(d) for d in range(device_mesh.ndim)
                            if device_mesh.size(d) > 1]

@@ -141,10 +141,9 @@ class DTensorTP(Framework):
         pipeline stages): the dim named ``tp`` (or an alias), or an unnamed 1-D mesh in a model
         without FSDP2; ``None`` when there is none of size > 1."""
         from flex_surgery.parallel.frameworks.fsdp import FSDP2
-        from flex_surgery.parallel.mesh import AXIS_NAMES, _root_mesh
+        from flex_surgery.parallel.mesh import AXIS_NAMES, dtensor_root_meshes
 
-        meshes = {id(m): m for m in (_root_mesh(p.device_mesh) for p in model.parameters()
-                                     if is_dtensor(p))}
+        meshes = {id(m): m for m in dtensor_root_meshes(model)}
         for device_mesh in meshes.values():
             names = device_mesh.mesh_dim_names
             if names is None:
@@ -159,7 +158,11 @@ class DTensorTP(Framework):
 
     def groups(self, model: nn.Module | None) -> ParallelMesh | None:
         from flex_surgery.parallel.frameworks.fsdp import FSDP2
-        from flex_surgery.parallel.mesh import ParallelMesh, _root_mesh, _without_trivial_dims
+        from flex_surgery.parallel.mesh import (
+            ParallelMesh,
+            _without_trivial_dims,
+            dtensor_root_meshes,
+        )
 
         if model is None:
             return None
@@ -171,7 +174,7 @@ class DTensorTP(Framework):
                                                  else None)
             mesh.source = "hf_tp"
             return mesh
-        meshes = [_root_mesh(p.device_mesh) for p in model.parameters() if is_dtensor(p)]
+        meshes = dtensor_root_meshes(model)
         if not meshes:
             return None
         device_mesh = max(meshes, key=lambda m: m.ndim)
