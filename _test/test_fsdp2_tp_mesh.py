@@ -418,12 +418,110 @@ def test_loss_parallel_head_under_tp(mode):
     _loss_parallel_body(mode, two_d=False)
 
 
-# -- 6. HSDP with torchtitan's dim names: refused on every rank, never guessed --------------------
+# -- 6. HSDP: torchtitan's ("dp_replicate", "dp_shard") is one dp axis; other names refused --
+_HSDP: dict[int, object] = {}
+
+
+def _hsdp_mesh():
+    """The 2 x 2 ``("dp_replicate", "dp_shard")`` mesh, once per pool rank (see ``_mesh_2d``)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    world = id(dist.distributed_c10d._get_default_group())
+    if world not in _HSDP:
+        _HSDP[world] = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp_replicate",
+                                                                       "dp_shard"))
+    return _HSDP[world]
+
+
+@pytest.mark.parametrize("mode", [None, "leader", "replicated"])
+@distributed(world_size=4)
+def test_hsdp_hooks_equal_one_process(mode):
+    """Each rank holds a quarter of the batch: dp rank = replicate rank * 2 + shard rank."""
+    torch.set_default_dtype(torch.float64)
+    x = torch.randn(BATCH, 3, H, generator=torch.Generator().manual_seed(1))
+    ref = plain_net()
+    ref_stored, ref_out, _ = _run(ref, x, mode, SITES, PARAM_SITES, process_group=local_group())
+    ref_grads = plain_grads(ref)
+    mesh = _hsdp_mesh()
+    dp_rank = mesh.get_local_rank("dp_replicate") * 2 + mesh.get_local_rank("dp_shard")
+    model = plain_net()
+    model = _fsdp2(model, mesh, model.blocks)
+    stored, out, flex = _run(model, _dp_slice(x, dp_rank, 4), mode, SITES, PARAM_SITES)
+    assert flex.runtime.mesh.sizes == {"dp": 4, "tp": 1, "pp": 1}
+    torch.testing.assert_close(out, _dp_slice(ref_out.detach(), dp_rank, 4), **TOL)
+    _compare_stored(stored, ref_stored, **TOL)
+    assert_grads_equal(_dtensor_grads(model), ref_grads, **TOL)
+
+
+@distributed(world_size=4)
+def test_hsdp_whole_parameters_and_surgery_equal_one_process():
+    from flex_surgery.export import full_weights
+    from flex_surgery.surgery import SurgicalTheater
+
+    torch.set_default_dtype(torch.float64)
+    ref = plain_net()
+    x = torch.randn(BATCH, 3, H, generator=torch.Generator().manual_seed(1))
+    mesh = _hsdp_mesh()
+    dp_rank = mesh.get_local_rank("dp_replicate") * 2 + mesh.get_local_rank("dp_shard")
+    model = plain_net()
+    model = _fsdp2(model, mesh, model.blocks)
+    local = _dp_slice(x, dp_rank, 4)
+    want_params = {clean(n): p.detach() for n, p in ref.named_parameters()}
+    flex = FlexModel(model, {})
+    for name in want_params:
+        assert torch.equal(flex.get_module_parameter(actual_names(model)[name]),
+                           want_params[name]), name
+    exported = full_weights(model)
+    for name, want in want_params.items():
+        assert torch.equal(exported[name], want), name
+    flex.restore()
+    before = _raw(model)
+    with torch.no_grad():
+        for name in ["blocks.0.up.weight", "blocks.1.down.bias", "head.weight"]:
+            for kw in (dict(modification_fn=zero_row_5, full_parameter=True),
+                       dict(modification_type="noise", noise_scale=0.5, seed=7)):
+                with SurgicalTheater(ref, layers=name, params="all", **kw):
+                    want = _dp_slice(ref(x), dp_rank, 4)
+                with SurgicalTheater(model, layers=actual_names(model)[name], params="all",
+                                     **kw):
+                    got = model(local)
+                torch.testing.assert_close(got, want, **TOL,
+                                           msg=lambda m, n=name, k=kw: f"{n} {k}: {m}")
+                after = _raw(model)
+                for key in before:
+                    assert torch.equal(after[key], before[key]), (name, kw, key)
+
+
+@distributed(world_size=8)
+def test_hsdp_x_tp_on_torchtitans_mesh_equals_one_process():
+    """torchtitan's ``("dp_replicate", "dp_shard", "tp")`` mesh, 2 x 2 x 2: TP inside, HSDP
+    over the rest; position-dependent edits at every hook kind and the gradients."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    torch.set_default_dtype(torch.float64)
+    x = torch.randn(BATCH, 3, H, generator=torch.Generator().manual_seed(1))
+    ref = plain_net()
+    ref_stored, ref_out, _ = _run(ref, x, "leader", SITES, PARAM_SITES,
+                                  process_group=local_group())
+    ref_grads = plain_grads(ref)
+    mesh = init_device_mesh("cpu", (2, 2, 2), mesh_dim_names=("dp_replicate", "dp_shard", "tp"))
+    dp_rank = mesh.get_local_rank("dp_replicate") * 2 + mesh.get_local_rank("dp_shard")
+    model = parallelize_module(plain_net(), mesh["tp"], dtensor_plan(True))
+    model = _fsdp2(model, mesh["dp_replicate", "dp_shard"], model.blocks)
+    stored, out, flex = _run(model, _dp_slice(x, dp_rank, 4), "leader", SITES, PARAM_SITES)
+    assert flex.runtime.mesh.sizes == {"dp": 4, "tp": 2, "pp": 1}
+    torch.testing.assert_close(_local_value(out), _dp_slice(ref_out.detach(), dp_rank, 4),
+                               **TOL)
+    _compare_stored(stored, ref_stored, **TOL)
+    assert_grads_equal(_dtensor_grads(model), ref_grads, **TOL)
+
+
 @distributed(world_size=4)
 def test_hsdp_with_unknown_dim_names_is_refused_on_every_rank():
     from torch.distributed.device_mesh import init_device_mesh
 
-    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp_replicate", "dp_shard"))
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicas", "shards"))
     model = _fsdp2(plain_net(), mesh, [])
     with pytest.raises(ValueError, match="not mapped"):
         FlexModel(model, {})

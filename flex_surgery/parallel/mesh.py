@@ -32,6 +32,10 @@ AXES = ("dp", "tp", "pp")
 # DeviceMesh dim names taken as our axes (HF transformers names its mesh (pp, fsdp, tp)).
 AXIS_NAMES = {"dp": ("dp", "fsdp", "data_parallel"), "tp": ("tp", "tensor_parallel"),
               "pp": ("pp", "pipeline_parallel")}
+# Dims that together make our dp axis, slowest first: HSDP's replicas of sharded groups, as
+# torchtitan names them. They are flattened into one dp group (torchtitan's own ``dp`` mesh is
+# the same flattening), so a dp rank is ``replicate_rank * shard_size + shard_rank``.
+DP_DIM_GROUPS = (("dp_replicate", "dp_shard"),)
 
 
 class MeshSizeError(ValueError):
@@ -167,13 +171,17 @@ class ParallelMesh:
         return fairscale_mesh()
 
     @classmethod
-    def from_device_mesh(cls, device_mesh, dim_names: Mapping[str, str] | None = None,
+    def from_device_mesh(cls, device_mesh,
+                         dim_names: Mapping[str, str | tuple[str, ...] | None] | None = None,
                          ) -> ParallelMesh:
         """Adopt a torch ``DeviceMesh``.
 
         ``dim_names`` maps our axes to the mesh's dim names (default: dims named ``dp``/``tp``/
-        ``pp``, or an alias from :data:`AXIS_NAMES` such as HF's ``fsdp``). An unnamed 1-D mesh
-        is taken as ``tp`` unless ``dim_names`` names the axis (``{"dp": None}``).
+        ``pp``, or an alias from :data:`AXIS_NAMES` such as HF's ``fsdp``; HSDP's
+        ``("dp_replicate", "dp_shard")`` together as ``dp``, :data:`DP_DIM_GROUPS`). A tuple of
+        names is one axis over those dims, flattened (a new group, collective over the mesh's
+        ranks). An unnamed 1-D mesh is taken as ``tp`` unless ``dim_names`` names the axis
+        (``{"dp": None}``).
         """
         names = device_mesh.mesh_dim_names
         if names is None:
@@ -181,22 +189,30 @@ class ParallelMesh:
                 raise ValueError("an unnamed multi-dimensional DeviceMesh is ambiguous; "
                                  "name its dims (mesh_dim_names=('dp', 'tp'))")
             axis = next(iter(dim_names)) if dim_names else "tp"
-            mapping = {axis: None}
+            mapping: dict[str, str | tuple[str, ...] | None] = {axis: None}
         else:
-            mapping = dict(dim_names) if dim_names else \
-                {a: n for a in AXES for n in AXIS_NAMES[a] if n in names}
-            unknown = [n for n in names if n not in mapping.values()]
+            mapping = dict(dim_names) if dim_names else _default_mapping(names)
+            mapped = {n for v in mapping.values() for n in ((v,) if isinstance(v, str) else v)}
+            unknown = [n for n in names if n not in mapped]
             if unknown:
-                raise ValueError(f"DeviceMesh dims {unknown} are not mapped to any of {AXES}")
+                raise ValueError(
+                    f"DeviceMesh dims {unknown} are not mapped to any of {AXES}: name them "
+                    f"{AXIS_NAMES} (or {DP_DIM_GROUPS[0]} for HSDP), or pass process_group / "
+                    "sizes to FlexModel")
         groups: dict[str, dist.ProcessGroup | None] = {a: None for a in AXES}
         sizes = {a: 1 for a in AXES}
         coords = {a: 0 for a in AXES}
         for axis, name in mapping.items():
-            dim = 0 if name is None else names.index(name)
-            sizes[axis] = device_mesh.size(dim)
-            coords[axis] = device_mesh.get_local_rank(dim)
+            if isinstance(name, tuple):
+                axis_mesh = device_mesh[name]._flatten(
+                    "_".join(name) + "_flat", backend_override=_group_options())
+                dim = 0
+            else:
+                axis_mesh, dim = device_mesh, (0 if name is None else names.index(name))
+            sizes[axis] = axis_mesh.size(dim)
+            coords[axis] = axis_mesh.get_local_rank(dim)
             if sizes[axis] > 1:
-                groups[axis] = device_mesh.get_group(dim)
+                groups[axis] = axis_mesh.get_group(dim)
         mesh_ranks = device_mesh.mesh.numel()
         _check_sizes(sizes, mesh_ranks)
         if mesh_ranks != dist.get_world_size():
@@ -235,6 +251,18 @@ class ParallelMesh:
 
 
 # -- helpers ---------------------------------------------------------------------------------
+def _default_mapping(names) -> dict[str, str | tuple[str, ...]]:
+    """Our axes to ``names``' dims: an alias from :data:`AXIS_NAMES`, else for dp a group
+    from :data:`DP_DIM_GROUPS` all of whose dims are there."""
+    mapping: dict[str, str | tuple[str, ...]] = {
+        a: n for a in AXES for n in AXIS_NAMES[a] if n in names}
+    if "dp" not in mapping:
+        group = next((g for g in DP_DIM_GROUPS if set(g) <= set(names)), None)
+        if group is not None:
+            mapping["dp"] = group
+    return mapping
+
+
 def _check_sizes(sizes: Mapping[str, int], world: int) -> None:
     if any(s < 1 for s in sizes.values()):
         raise MeshSizeError(f"parallel sizes must be >= 1, got {dict(sizes)}")
@@ -422,7 +450,7 @@ def _root_mesh(device_mesh):
     root = device_mesh._get_root_mesh() if hasattr(device_mesh, "_get_root_mesh") else None
     if root is None or root is device_mesh or root.mesh_dim_names is None:
         return device_mesh
-    known = {n for names in AXIS_NAMES.values() for n in names}
+    known = {n for names in (*AXIS_NAMES.values(), *DP_DIM_GROUPS) for n in names}
     return root if set(root.mesh_dim_names) <= known else device_mesh
 
 
