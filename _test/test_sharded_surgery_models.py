@@ -48,18 +48,11 @@ MEGATRON_GPT = ("decoder.layers", "decoder.final_layernorm", "embedding.word_emb
 
 @contextmanager
 def _anatomy(class_name: str, parts: tuple):
-    """Register an anatomy entry for the duration of a test (the rank pool outlives it)."""
-    from flex_surgery.anatomy import ANATOMIES, Anatomy, register_anatomy
+    """The anatomy table's entry for ``class_name`` is ``parts`` (no registration needed)."""
+    from flex_surgery.anatomy import ANATOMIES, Anatomy
 
-    old = ANATOMIES.get(class_name)
-    register_anatomy(class_name, Anatomy(*parts))
-    try:
-        yield
-    finally:
-        if old is None:
-            ANATOMIES.pop(class_name, None)
-        else:
-            ANATOMIES[class_name] = old
+    assert ANATOMIES.get(class_name) == Anatomy(*parts), class_name
+    yield
 
 
 def _logits(model) -> torch.Tensor:

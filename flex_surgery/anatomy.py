@@ -52,13 +52,17 @@ _LLAMA_LM = Anatomy("model.layers", "model.norm", "model.embed_tokens", "lm_head
 _LLAMA_BARE = Anatomy("layers", "norm", "embed_tokens", None)
 
 ANATOMIES: dict[str, Anatomy] = {
-    # Llama-style decoders (Mistral and Qwen2 share the layout).
-    "LlamaForCausalLM": _LLAMA_LM,
-    "MistralForCausalLM": _LLAMA_LM,
-    "Qwen2ForCausalLM": _LLAMA_LM,
-    "LlamaModel": _LLAMA_BARE,
-    "MistralModel": _LLAMA_BARE,
-    "Qwen2Model": _LLAMA_BARE,
+    # Llama-style decoders (Mistral, Qwen2/3, Phi-3 and the Mixtral / Qwen2-MoE mixtures share
+    # the layout). Not Gemma: its final logits are soft-capped after ``lm_head``, which a lens
+    # through ``lm_head`` alone would not do.
+    **{f"{arch}ForCausalLM": _LLAMA_LM
+       for arch in ("Llama", "Mistral", "Qwen2", "Qwen3", "Phi3", "Mixtral", "Qwen2Moe")},
+    **{f"{arch}Model": _LLAMA_BARE
+       for arch in ("Llama", "Mistral", "Qwen2", "Qwen3", "Phi3", "Mixtral", "Qwen2Moe")},
+    # Megatron-core's GPTModel ([s, b, h] residuals; the head is ``output_layer``, vocab-split
+    # under TP).
+    "GPTModel": Anatomy("decoder.layers", "decoder.final_layernorm", "embedding.word_embeddings",
+                        "output_layer"),
     # GPT-2
     "GPT2LMHeadModel": Anatomy("transformer.h", "transformer.ln_f", "transformer.wte", "lm_head"),
     "GPT2Model": Anatomy("h", "ln_f", "wte", None),

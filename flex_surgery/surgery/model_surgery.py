@@ -46,6 +46,30 @@ class ShardingMismatchError(SurgeryError):
     """A replacement block is not sharded like the tensor-parallel block it replaces."""
 
 
+def _layer_numbers(blocks: nn.ModuleList) -> list[int | None]:
+    """Each block's own 1-based global index where it keeps one (Megatron-core's
+    ``TransformerLayer.layer_number``), else ``None``."""
+    return [block.layer_number if type(block).__module__.startswith("megatron.") and
+            isinstance(getattr(block, "layer_number", None), int) else None for block in blocks]
+
+
+def _check_layer_numbers(stages: list[list[int | None]]) -> None:
+    """Blocks are numbered globally by stage order (stage 0's first, then stage 1's, ...). Where
+    the blocks say their own numbers, they must agree: a chunk of an interleaved (virtual)
+    pipeline, or one stage given without its pipeline group, holds blocks that are not the
+    next ones in that order, and numbering them so would put every block of the lens or of
+    layer surgery in the wrong place. Same answer on every stage (all stages' numbers)."""
+    numbers = [n for stage in stages for n in stage]
+    if not numbers or any(n is None for n in numbers):
+        return
+    if numbers != list(range(1, len(numbers) + 1)):
+        raise SurgeryError(
+            f"ModelSurgery: the blocks' own layer_number, stage by stage, are {numbers}, not "
+            f"1..{len(numbers)}: blocks are numbered by stage order, so each stage must hold "
+            "the next blocks (no interleaved/virtual pipeline chunks) and the pipeline group "
+            "must hold every stage (pass pipeline_group / pipeline_parallel_size)")
+
+
 def _pipeline_group_of(model: nn.Module) -> dist.ProcessGroup | None:
     """The pipeline group of the FlexModel over pipeline stages that ``model`` is or that wraps
     it (``None`` without pipelining)."""
@@ -83,27 +107,28 @@ class ModelSurgery:
             self.located = locate(self.root) if container is None else None
             self.container = container if container is not None else \
                 self.located.name("blocks")
-            local = len(self._layers())
+            local = _layer_numbers(self._layers())
         except Exception as exc:
             failure = exc
         if self.pipeline_group is None or dist.get_world_size(self.pipeline_group) == 1:
             if failure is not None:
                 raise failure
-            self.stage_sizes: list[int] = [local]
+            stages: list[Any] = [local]
             self.stage = 0
         else:
-            sizes: list[Any] = [None] * dist.get_world_size(self.pipeline_group)
+            stages = [None] * dist.get_world_size(self.pipeline_group)
             mine = local if failure is None else f"{type(failure).__name__}: {failure}"
-            dist.all_gather_object(sizes, mine, group=self.pipeline_group)
+            dist.all_gather_object(stages, mine, group=self.pipeline_group)
             if failure is not None:
                 raise failure
-            failed = {stage: s for stage, s in enumerate(sizes) if isinstance(s, str)}
+            failed = {stage: s for stage, s in enumerate(stages) if isinstance(s, str)}
             if failed:
                 raise SurgeryError(f"ModelSurgery: pipeline stage(s) {sorted(failed)} cannot "
                                    f"find their blocks ({next(iter(failed.values()))}); every "
                                    "stage raises")
-            self.stage_sizes = [int(s) for s in sizes]
             self.stage = dist.get_rank(self.pipeline_group)
+        self.stage_sizes: list[int] = [len(numbers) for numbers in stages]
+        _check_layer_numbers(stages)
         self.offset = sum(self.stage_sizes[:self.stage])
 
     # -- where things are ---------------------------------------------------------------------
