@@ -263,7 +263,25 @@ def test_mixtral_experts_weights_and_surgery_equal_one_process(tmp_path):
     _surgery_equals_one_process(ref, model, names, row_dim=-2)
     assert not _whole_or_error_everywhere(ref, model, "model.layers.0.mlp.gate", "forward",
                                           by_position)
-    assert _whole_or_error_everywhere(ref, model, "model.layers.0.mlp.experts", "forward")
+
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+@distributed(world_size=2, timeout_s=180)
+def test_moe_experts_boundaries_equal_one_process(tmp_path, arch):
+    """``moe_tp_experts`` sums each rank's part of every expert over tp on the way out: the
+    experts module's output is whole, and so is everything after it (the MoE block, the
+    decoder layer). Its input (the hidden states) is whole too. Retrieval and a
+    position-dependent edit of each equal one process; what runs inside stays an error."""
+    ref, model = _one_process(arch), _tensor_parallel(arch, tmp_path)
+    for name, kind in [("model.layers.0.mlp.experts", "forward"),
+                       ("model.layers.0.mlp.experts", "forward_pre"),
+                       ("model.layers.0.mlp", "forward"),
+                       ("model.layers.0", "forward"),
+                       ("model.layers.1.input_layernorm", "forward")]:
+        for edit in (None, by_position):
+            assert not _whole_or_error_everywhere(ref, model, name, kind, edit), (name, kind)
+    assert _whole_or_error_everywhere(ref, model, "model.layers.0.mlp.experts.act_fn")
 
 
 # -- Dense families whose tp plans use other styles: pinned equal -----------------------------

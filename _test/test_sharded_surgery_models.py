@@ -367,21 +367,15 @@ def test_hf_tp_circuit_equals_one_process(tmp_path, arch, unit):
 @distributed(world_size=2, timeout_s=240)
 def test_hf_tp_logit_lens_equals_one_process(tmp_path, arch):
     """The lens at TP=2 (Qwen3's per-head norms, Phi3's fused projections inside the blocks;
-    vocab-parallel lm_head) equals the one-process lens at every block; Mixtral's block outputs
-    come from MoE experts whose activation layout is unknown: the same error on every rank.
-    (The one-process reference gets a one-rank group: a plain model on 2 ranks counts as 2
-    data-parallel replicas, whose batches the lens concatenates.)"""
+    vocab-parallel lm_head; Mixtral's MoE experts, summed over tp as they return) equals the
+    one-process lens at every block. (The one-process reference gets a one-rank group: a plain
+    model on 2 ranks counts as 2 data-parallel replicas, whose batches the lens concatenates.)"""
     from flex_surgery import logit_lens
-    from flex_surgery.parallel.frameworks import UnknownLayoutError
 
     with _anatomy(HF_ARCHS[arch], LLAMA_LM):
         ref = _hf(arch, False)
         want = logit_lens(ref, {"input_ids": _ids()}, top_k=4, process_group=local_group())
         model = _hf(arch, True, tmp_path)
-        if arch == "mixtral":
-            with pytest.raises(UnknownLayoutError, match="MixtralExperts"):
-                logit_lens(model, {"input_ids": _ids()}, top_k=4)
-            return
         got = logit_lens(model, {"input_ids": _ids()}, top_k=4)
     assert torch.equal(want.tokens[-1, ..., 0], _hf_logits(ref).argmax(-1))
     assert torch.equal(got.tokens, want.tokens)

@@ -135,6 +135,9 @@ class TPTracker:
             self._left.clear()
         self._remember(self._entry, self._entered, module, "entered")
         why = self._why_unknown(module)
+        info = self.tp_layer(module)
+        if why is None and info is not None and info.opaque:
+            why = "describes only its own input and output"
         if why is not None:
             # What runs inside it (an expert's activation, a norm) computes on its pieces,
             # whose split nothing says: not on what the last TP layer before it produced.

@@ -424,16 +424,11 @@ def _distributed_with(module: nn.Module) -> list:
     hooks with (``parallelize_module`` goes through it): they are the closures' ``device_mesh``."""
     from torch.distributed.device_mesh import DeviceMesh
 
+    from flex_surgery.parallel.frameworks.base import closure_value
+
     found = []
     for hook in (*module._forward_pre_hooks.values(), *module._forward_hooks.values()):
-        code, cells = getattr(hook, "__code__", None), getattr(hook, "__closure__", None)
-        if code is None or not cells or "device_mesh" not in code.co_freevars:
-            continue
-        cell = cells[code.co_freevars.index("device_mesh")]
-        try:
-            value = cell.cell_contents
-        except ValueError:  # an empty cell
-            continue
+        value = closure_value(hook, "device_mesh")
         if isinstance(value, DeviceMesh) and all(value is not m for m in found):
             found.append(value)
     return found

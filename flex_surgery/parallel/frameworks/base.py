@@ -36,7 +36,8 @@ if TYPE_CHECKING:
     from flex_surgery.parallel.frameworks.views import LocalShard
     from flex_surgery.parallel.mesh import ParallelMesh
 
-__all__ = ["ActivationShard", "Framework", "LayoutError", "TPLayer", "differs_across", "loaded"]
+__all__ = ["ActivationShard", "Framework", "LayoutError", "TPLayer", "closure_value",
+           "differs_across", "loaded"]
 
 HIDDEN, SEQUENCE = -1, 0  # the activation dims tensor parallelism splits
 
@@ -82,6 +83,24 @@ class TPLayer:
     #: over data parallelism or the sequence.
     returns_bias: bool = False
     bias: ActivationShard | None = None
+    #: Only the layer's own input and output are described: what runs inside it computes on
+    #: pieces whose split nothing says (HF's ``moe_tp_experts``: each rank runs its part of
+    #: every expert and the layer sums them), so those activations are unknown.
+    opaque: bool = False
+
+
+def closure_value(fn: object, name: str) -> object | None:
+    """The value free variable ``name`` of function ``fn`` holds (``None``: no such variable,
+    or an empty cell). Frameworks that wrap a module's forward in a closure (torch's
+    ``distribute_module``, HF's ``install_forward``) keep what they were given there and
+    nowhere else."""
+    code, cells = getattr(fn, "__code__", None), getattr(fn, "__closure__", None)
+    if code is None or not cells or name not in code.co_freevars:
+        return None
+    try:
+        return cells[code.co_freevars.index(name)].cell_contents
+    except ValueError:  # an empty cell
+        return None
 
 
 class Framework:

@@ -23,7 +23,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from flex_surgery.parallel.frameworks.base import HIDDEN, ActivationShard, Framework, TPLayer
+from flex_surgery.parallel.frameworks.base import (
+    HIDDEN,
+    ActivationShard,
+    Framework,
+    TPLayer,
+    closure_value,
+)
 from flex_surgery.parallel.frameworks.views import BlockRegion, IndexRegion, LocalShard
 
 if TYPE_CHECKING:
@@ -77,6 +83,10 @@ class DTensorTP(Framework):
     def tp_layer(self, module: nn.Module, mesh: ParallelMesh) -> TPLayer | None:
         from torch.distributed.tensor.placement_types import _StridedShard
 
+        if mesh.tp_size > 1 and _hf_style(module) == "MoeExpertsParallel":
+            # HF's moe_tp_experts: replicated hidden states in, each rank's part of every
+            # expert summed over tp on the way out (whole); inside, pieces.
+            return TPLayer(None, None, exact=True, opaque=True)
         weight = getattr(module, "weight", None)
         shard = _tp_placement(weight, mesh) if weight is not None else None
         if shard is None or isinstance(shard, _StridedShard):
@@ -183,6 +193,16 @@ class DTensorTP(Framework):
             axis = "dp" if any(fsdp2.owns(m) for m in model.modules()) else "tp"
             return ParallelMesh.from_device_mesh(device_mesh, {axis: None})
         return ParallelMesh.from_device_mesh(device_mesh)
+
+
+def _hf_style(module: nn.Module) -> str | None:
+    """The class name of the HF transformers tensor-parallel style installed on ``module``
+    (``install_forward`` replaces ``module.forward`` by a closure over the style), else
+    ``None``."""
+    style = closure_value(module.__dict__.get("forward"), "self")
+    if style is None or not type(style).__module__.startswith("transformers."):
+        return None
+    return type(style).__name__
 
 
 def _strided_region(param) -> IndexRegion:
