@@ -13,9 +13,12 @@ hook map) compares names through this module and spells no wrapper itself:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from torch import nn
 
-__all__ = ["WRAPPER_ATTRS", "clean_name", "join_name", "modules_by_clean_name", "unwrap_model"]
+__all__ = ["WRAPPER_ATTRS", "StageBlockNames", "clean_name", "join_name", "layer_number",
+           "modules_by_clean_name", "unwrap_model"]
 
 #: The attribute under which FSDP1, activation checkpointing and ``torch.compile`` keep the
 #: module they wrap: a path component that :func:`clean_name` removes.
@@ -41,8 +44,61 @@ def join_name(*parts: str) -> str:
     return ".".join(p for p in parts if p)
 
 
+def layer_number(block: nn.Module) -> int | None:
+    """The 1-based index of ``block`` in the whole model where the block keeps one itself
+    (Megatron-core's ``TransformerLayer.layer_number``), else ``None``."""
+    number = getattr(block, "layer_number", None)
+    if type(block).__module__.startswith("megatron.") and isinstance(number, int):
+        return number
+    return None
+
+
+class StageBlockNames:
+    """Whole-model names for the blocks of a pipeline stage that numbers them from 0.
+
+    A Megatron-core pipeline stage (or virtual-pipeline chunk) holds global blocks 2 and 3 as
+    ``decoder.layers.0`` and ``.1``; each block says its global place (:func:`layer_number`).
+    Users name modules as in the whole model, so every name table of flex_surgery spells a
+    block's modules and parameters with the global index (``decoder.layers.2.mlp``); what is
+    looked up then is the module that stage really holds. Empty for any other model.
+    """
+
+    def __init__(self, root: nn.Module | Iterable[tuple[str, nn.Module]]) -> None:
+        """``root``: the model, or its ``named_modules()`` already walked."""
+        self._renames: dict[str, str] = {}
+        self._depths: set[int] = set()
+        walked = root.named_modules() if isinstance(root, nn.Module) else root
+        for name, module in walked:
+            if not isinstance(module, nn.ModuleList) or len(module) == 0:
+                continue
+            numbers = [layer_number(block) for block in module]
+            if any(n is None for n in numbers):
+                continue
+            container = clean_name(name)
+            for local, number in enumerate(numbers):
+                if number - 1 != local:
+                    self._renames[join_name(container, str(local))] = \
+                        join_name(container, str(number - 1))
+            self._depths.add(len(container.split(".")) + 1 if container else 1)
+
+    def __bool__(self) -> bool:
+        return bool(self._renames)
+
+    def __call__(self, name: str) -> str:
+        """``name`` (clean, stage-local) as the whole model spells it."""
+        if not self._renames:
+            return name
+        parts = name.split(".")
+        for depth in self._depths:
+            head = ".".join(parts[:depth])
+            if len(parts) >= depth and head in self._renames:
+                return ".".join([self._renames[head], *parts[depth:]])
+        return name
+
+
 def modules_by_clean_name(root: nn.Module, *, outermost: bool = False) -> dict[str, nn.Module]:
-    """Every module of ``root`` by clean name, in model order.
+    """Every module of ``root`` by clean name, in model order (a pipeline stage's blocks by
+    their whole-model names, :class:`StageBlockNames`).
 
     A wrapper and the module it wraps share a clean name: ``outermost=False`` (what hooks use)
     gives the wrapped module, where activations are seen as written; ``outermost=True`` gives
@@ -50,11 +106,13 @@ def modules_by_clean_name(root: nn.Module, *, outermost: bool = False) -> dict[s
     is found under both.
     """
     table: dict[str, nn.Module] = {}
-    for name, module in root.named_modules(remove_duplicate=False):
+    walked = list(root.named_modules(remove_duplicate=False))
+    whole = StageBlockNames(walked)
+    for name, module in walked:
         if outermost:
-            table.setdefault(clean_name(name), module)
+            table.setdefault(whole(clean_name(name)), module)
         else:
-            table[clean_name(name)] = module  # named_modules lists a wrapper first
+            table[whole(clean_name(name))] = module  # named_modules lists a wrapper first
     return table
 
 

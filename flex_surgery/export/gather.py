@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from flex_surgery.naming import clean_name, join_name, unwrap_model
+from flex_surgery.naming import StageBlockNames, clean_name, join_name, unwrap_model
 from flex_surgery.parallel import frameworks
 from flex_surgery.parallel.runtime import Runtime, store_copy
 
@@ -120,10 +120,11 @@ def _gathered_views(model: nn.Module, tp_group: dist.ProcessGroup | None,
             full = store_copy(view.gather(), blocking=True)
             for name in view.names:
                 weights[name] = full
+    whole = StageBlockNames(model)  # a pipeline stage's blocks by whole-model names
     for prefix, sub in model.named_modules(remove_duplicate=False):
         for leaf, buf in sub.named_buffers(recurse=False):
             if leaf not in sub._non_persistent_buffers_set:  # checked the same on every rank
-                weights[clean_name(join_name(prefix, leaf))] = store_copy(
+                weights[whole(clean_name(join_name(prefix, leaf)))] = store_copy(
                     buf, blocking=True)
     return weights
 

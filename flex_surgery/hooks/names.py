@@ -19,7 +19,7 @@ from typing import Any
 from torch import nn
 
 from flex_surgery.hooks.errors import UnknownNameError, did_you_mean
-from flex_surgery.naming import clean_name, join_name
+from flex_surgery.naming import StageBlockNames, clean_name, join_name
 
 __all__ = ["ModelNames"]
 
@@ -59,11 +59,14 @@ class ModelNames:
         """
         modules: ModuleTable = {}
         parameters: ParameterTable = {}
-        for raw, module in self.root.named_modules(remove_duplicate=False):
-            modules[clean_name(raw)] = (raw, module)
+        walked = list(self.root.named_modules(remove_duplicate=False))
+        whole = StageBlockNames(walked)  # a pipeline stage's blocks by whole-model names
+        for raw, module in walked:
+            modules[whole(clean_name(raw))] = (raw, module)
             for leaf, parameter in module._parameters.items():
                 if parameter is not None:
-                    parameters[clean_name(join_name(raw, leaf))] = (raw, leaf, parameter, module)
+                    parameters[whole(clean_name(join_name(raw, leaf)))] = \
+                        (raw, leaf, parameter, module)
         self._modules, self._parameters = modules, parameters
         self.builds += 1
 

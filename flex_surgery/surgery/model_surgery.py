@@ -34,7 +34,7 @@ import torch.distributed as dist
 from torch import nn
 
 from flex_surgery.anatomy import locate
-from flex_surgery.naming import join_name, unwrap_model
+from flex_surgery.naming import join_name, layer_number, unwrap_model
 from flex_surgery.parallel.frameworks.base import LayoutError
 from flex_surgery.surgery.layers import LayerSurgery, _parent_and_attr
 from flex_surgery.surgery.theater import SurgeryError
@@ -47,10 +47,8 @@ class ShardingMismatchError(SurgeryError):
 
 
 def _layer_numbers(blocks: nn.ModuleList) -> list[int | None]:
-    """Each block's own 1-based global index where it keeps one (Megatron-core's
-    ``TransformerLayer.layer_number``), else ``None``."""
-    return [block.layer_number if type(block).__module__.startswith("megatron.") and
-            isinstance(getattr(block, "layer_number", None), int) else None for block in blocks]
+    """Each block's own 1-based global index where it keeps one, else ``None``."""
+    return [layer_number(block) for block in blocks]
 
 
 def _check_layer_numbers(stages: list[list[int | None]]) -> None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from flex_surgery.naming import modules_by_clean_name
+from flex_surgery.naming import layer_number, modules_by_clean_name
 from flex_surgery.surgery.lora import LoraLinear, lora_layers
 from flex_surgery.surgery.shards import LocalShard
 
@@ -187,6 +187,24 @@ def _refuse_shared_name(spec: LayerSpec, names_by_stage: tuple[frozenset[str], .
             f"block indices")
 
 
+def _refuse_index_on_a_stage(spec: int, blocks: nn.ModuleList) -> None:
+    """A block index on blocks that say they are part of a larger model (Megatron-core's
+    ``layer_number`` and ``config.num_layers``: a pipeline stage or chunk, here without a
+    FlexModel to tell the other stages' blocks) would mean another block on each stage:
+    refused, alike on every stage (each holds only part of the blocks)."""
+    numbers = [layer_number(b) for b in blocks]
+    if not numbers or any(n is None for n in numbers):
+        return
+    total = getattr(getattr(blocks[0], "config", None), "num_layers", None)
+    if numbers != list(range(1, (total or len(numbers)) + 1)):
+        raise ValueError(
+            f"layers entry {spec}: this model holds blocks {numbers} (1-based) of "
+            f"{total if total is not None else 'more'}, a pipeline stage: a block index would "
+            "mean another block on each stage; name the blocks as the whole model does "
+            "(decoder.layers.<i>: every stage knows its blocks' whole-model names) or use "
+            "ModelSurgery for global block indices")
+
+
 def _expand(root: nn.Module, spec: LayerSpec, module_names: set[str],
             param_names: set[str], remote: frozenset[str] | None = None,
             ) -> tuple[list[str], bool]:
@@ -207,7 +225,9 @@ def _expand(root: nn.Module, spec: LayerSpec, module_names: set[str],
                 "recommends, a name means the same block on every stage and a name held by "
                 "another stage is modified there), or use ModelSurgery for global block "
                 "indices")
-        return [locate(root).block_name(spec)], False
+        located = locate(root)
+        _refuse_index_on_a_stage(spec, located.blocks)
+        return [located.block_name(spec)], False
     names = module_names | param_names
     others = remote or frozenset()
     if any(c in spec for c in "*?["):

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from flex_surgery.naming import clean_name, join_name
+from flex_surgery.naming import StageBlockNames, clean_name, join_name
 from flex_surgery.parallel.frameworks.base import differs_across
 from flex_surgery.parallel.frameworks.dtensor import is_dtensor
 from flex_surgery.parallel.frameworks.megatron import MegatronLayoutError
@@ -186,11 +186,12 @@ def parameter_views(model: nn.Module, tp_group: dist.ProcessGroup | None = None,
         tp_group = tensor_parallel_group(model=model)
     shards, handled = FSDP_1.model_shards(model)
     by_param: dict[int, LocalShard] = {id(o): s for s in shards for o in s.owners}
+    whole = StageBlockNames(model)  # a pipeline stage's blocks by whole-model names
     for mname, module in model.named_modules():
         for pname, param in module._parameters.items():
             if param is None or (id(module), pname) in handled:
                 continue
-            name = clean_name(join_name(mname, pname))
+            name = whole(clean_name(join_name(mname, pname)))
             seen = by_param.get(id(param))
             if seen is not None:
                 if name not in seen.names:
