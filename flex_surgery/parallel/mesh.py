@@ -204,6 +204,7 @@ class ParallelMesh:
         coords = {a: 0 for a in AXES}
         for axis, name in mapping.items():
             if isinstance(name, tuple):
+                _check_flattened_order(device_mesh, name)
                 axis_mesh = device_mesh[name]._flatten(
                     "_".join(name) + "_flat", backend_override=_group_options())
                 dim = 0
@@ -251,6 +252,22 @@ class ParallelMesh:
 
 
 # -- helpers ---------------------------------------------------------------------------------
+def _check_flattened_order(device_mesh, dims: tuple[str, ...]) -> None:
+    """Refuse (the same on every rank: the mesh is) dims whose ranks, read in mesh order, are
+    not increasing: a flattened group orders its ranks by global rank, so the dp index would
+    not be ``replicate_rank * shard_size + shard_rank`` (a hand-permuted mesh)."""
+    names = list(device_mesh.mesh_dim_names)
+    order = [names.index(d) for d in dims]
+    grid = device_mesh.mesh.permute(*[i for i in range(len(names)) if i not in order], *order)
+    lines = grid.reshape(-1, grid.shape[-len(order):].numel())
+    if not bool((lines[:, 1:] > lines[:, :-1]).all()):
+        raise MeshSizeError(
+            f"the ranks along DeviceMesh dims {dims} are not in increasing order "
+            f"({device_mesh.mesh.tolist()}): their flattened dp group would number them "
+            f"otherwise than {' * '.join(dims)} order; build the mesh with init_device_mesh, "
+            "or pass process_group / sizes to FlexModel")
+
+
 def _default_mapping(names) -> dict[str, str | tuple[str, ...]]:
     """Our axes to ``names``' dims: an alias from :data:`AXIS_NAMES`, else for dp a group
     from :data:`DP_DIM_GROUPS` all of whose dims are there."""
