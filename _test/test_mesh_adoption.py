@@ -361,12 +361,6 @@ def _rep_tp_mesh():
                                                         mesh_dim_names=("rep", "tp")))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "hand-distributed TP parameters (distribute_tensor, no module hooks) on a ('rep', 'tp') "
-    "mesh's tp slice after an earlier model on a ('dp', 'tp') one: nn.Parameter(DTensor) hands "
-    "them the earlier equal tp mesh, whose root is ('dp', 'tp'); dp=2 is adopted and the two "
-    "replicas' identical 8-row batches are stored joined as 16 rows (one process: 8); without "
-    "the earlier model the same model is refused"))
 @distributed(world_size=4)
 def test_hand_distributed_parameters_after_an_earlier_dp_x_tp_model():
     from flex_surgery.parallel.mesh import MeshSizeError
@@ -423,11 +417,6 @@ def _replicated_on(mesh):
     return model
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "distribute_module on a parent (its hooks hold the ('rep', 'tp') tp mesh, the child Linear "
-    "holds the replicated parameters) after an earlier identical model on ('dp', 'tp'): the "
-    "child's parameters carry the earlier equal mesh and _distributed_with reads only the "
-    "parameter's own module, so dp=2 is adopted and 16 rows are stored (one process: 8)"))
 @distributed(world_size=4)
 def test_distribute_module_hooks_on_an_ancestor_after_an_earlier_dp_x_tp_model():
     from flex_surgery.parallel.mesh import MeshSizeError

@@ -415,25 +415,46 @@ def _new_groups_along(grid: torch.Tensor, dim: int, me: int, local: bool = False
 
 def dtensor_root_meshes(model: nn.Module) -> list:
     """The root mesh (:func:`_root_mesh`) of each DTensor parameter of ``model``, in
-    ``parameters()`` order, read from the mesh each module was distributed with.
+    ``parameters()`` order, read from the mesh the model was distributed with.
 
     A DTensor parameter may not hold that mesh: torch's sharding-propagation cache is keyed by
-    equality, so ``parallelize_module`` can hand a parameter an *equal* mesh object left by an
-    earlier model, and that object's root is the earlier model's (an earlier ``("dp", "tp")``
-    mesh, where this model's TP mesh was cut from a ``("rep", "tp")`` one: its replicas would be
-    taken for data parallel and their batches joined). ``distribute_module`` keeps the mesh it
-    was given in the hooks it installs; where one equals the parameter's mesh, it is used.
+    equality, so ``parallelize_module`` -- or ``nn.Parameter(distribute_tensor(...))`` -- can
+    hand a parameter an *equal* mesh object left by an earlier model, and that object's root is
+    the earlier model's (an earlier ``("dp", "tp")`` mesh, where this model's TP mesh was cut
+    from a ``("rep", "tp")`` one: its replicas would be taken for data parallel and their
+    batches joined). ``distribute_module`` keeps the mesh it was given in the hooks it
+    installs (on the module or a parent of it); where one equals the parameter's mesh, its
+    root is used. FSDP2 builds its parameters' DTensors from the mesh it was given (no cache),
+    so their meshes are taken as they are, with their roots (torchtitan shards over
+    ``mesh["dp_replicate", "dp_shard_cp"]``). Any other parameter's mesh is used as it is,
+    never its root: a slice of a larger mesh then covers only part of the world and is
+    refused unless the sizes are given.
     """
     from flex_surgery.parallel.frameworks import is_dtensor
+    from flex_surgery.parallel.frameworks.fsdp import FSDP2
 
-    return [parameter_root_mesh(module, param) for module in model.modules()
+    fsdp2 = FSDP2()
+    declared = [m for module in model.modules() for m in _distributed_with(module)]
+    sharded = {id(p) for module in model.modules() if fsdp2.owns(module)
+               for p in module.parameters()}
+    return [_root_mesh(param.device_mesh) if id(param) in sharded
+            else _vouched_root(param.device_mesh, declared) for module in model.modules()
             for param in module._parameters.values() if param is not None and is_dtensor(param)]
 
 
 def parameter_root_mesh(module: nn.Module, param):
-    """The root mesh of DTensor ``param`` of ``module``: see :func:`dtensor_root_meshes`."""
+    """The root mesh of DTensor ``param`` of ``module`` (preferring the mesh ``module``'s own
+    hooks hold), for the *ranks* it spans: an earlier model's equal mesh, which
+    :func:`dtensor_root_meshes` guards against for the dims' names, has a root over the same
+    ranks in the same shape."""
     mesh = param.device_mesh
     return _root_mesh(next((m for m in _distributed_with(module) if m == mesh), mesh))
+
+
+def _vouched_root(mesh, declared: list):
+    """The root of the mesh in ``declared`` equal to ``mesh``; ``mesh`` itself when none is."""
+    given = next((m for m in declared if m == mesh), None)
+    return mesh if given is None else _root_mesh(given)
 
 
 def _distributed_with(module: nn.Module) -> list:
