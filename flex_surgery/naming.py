@@ -17,8 +17,8 @@ from collections.abc import Iterable
 
 from torch import nn
 
-__all__ = ["WRAPPER_ATTRS", "StageBlockNames", "clean_name", "join_name", "layer_number",
-           "modules_by_clean_name", "unwrap_model"]
+__all__ = ["WRAPPER_ATTRS", "StageBlockNames", "StageNamesError", "clean_name", "join_name",
+           "layer_number", "modules_by_clean_name", "stage_of_a_pipeline", "unwrap_model"]
 
 #: The attribute under which FSDP1, activation checkpointing and ``torch.compile`` keep the
 #: module they wrap: a path component that :func:`clean_name` removes.
@@ -53,6 +53,28 @@ def layer_number(block: nn.Module) -> int | None:
     return None
 
 
+class StageNamesError(ValueError):
+    """The whole-model names of a pipeline stage's blocks cannot be told (layer surgery is
+    reordering them, or a block that does not say its place stands among them)."""
+
+
+def stage_of_a_pipeline(blocks: Iterable[nn.Module]) -> bool:
+    """Whether ``blocks`` say they are part of a pipeline-parallel model (Megatron-core's
+    ``config.pipeline_model_parallel_size`` or a virtual pipeline), so their positions here are
+    not their places in the whole model."""
+    for block in blocks:
+        if layer_number(block) is None:
+            continue
+        config = getattr(block, "config", None)
+        pp = getattr(config, "pipeline_model_parallel_size", 1) or 1
+        vp = getattr(config, "virtual_pipeline_model_parallel_size", None) or 1
+        return pp * vp > 1
+    return False
+
+
+_LAYER_SURGERY = "_flex_surgery_replaced"  # set by surgery.layers.LayerSurgery on its lists
+
+
 class StageBlockNames:
     """Whole-model names for the blocks of a pipeline stage that numbers them from 0.
 
@@ -60,7 +82,13 @@ class StageBlockNames:
     ``decoder.layers.0`` and ``.1``; each block says its global place (:func:`layer_number`).
     Users name modules as in the whole model, so every name table of flex_surgery spells a
     block's modules and parameters with the global index (``decoder.layers.2.mlp``); what is
-    looked up then is the module that stage really holds. Empty for any other model.
+    looked up then is the module that stage really holds. A model that is not split into
+    pipeline stages keeps torch's (positional) names, whatever its blocks say.
+
+    Raises :class:`StageNamesError` for a stage whose blocks' whole-model names cannot be told:
+    while layer surgery has reordered, removed or replaced them (in the whole model the names of
+    every later block would move; other stages cannot see that), or when a block that does not
+    keep a ``layer_number`` stands among them.
     """
 
     def __init__(self, root: nn.Module | Iterable[tuple[str, nn.Module]]) -> None:
@@ -69,16 +97,26 @@ class StageBlockNames:
         self._depths: set[int] = set()
         walked = root.named_modules() if isinstance(root, nn.Module) else root
         for name, module in walked:
-            if not isinstance(module, nn.ModuleList) or len(module) == 0:
-                continue
-            numbers = [layer_number(block) for block in module]
-            if any(n is None for n in numbers):
+            if not isinstance(module, nn.ModuleList) or not stage_of_a_pipeline(module):
                 continue
             container = clean_name(name)
-            for local, number in enumerate(numbers):
-                if number - 1 != local:
+            numbers = [layer_number(block) for block in module]
+            first = min((n for n in numbers if n is not None), default=1)
+            if _LAYER_SURGERY in vars(module):
+                why = "are under layer surgery (reordered, removed or replaced)"
+            elif numbers != list(range(first, first + len(numbers))):
+                why = f"are not consecutive blocks of the whole model (layer_number {numbers})"
+            else:
+                why = None
+            if why is not None:
+                raise StageNamesError(
+                    f"the blocks of {container!r} on this pipeline stage {why}, so their "
+                    "whole-model names cannot be told; name modules (hooks, surgery, export) "
+                    "outside of layer surgery, or use ModelSurgery's global block indices")
+            for local in range(len(numbers)):
+                if first - 1:
                     self._renames[join_name(container, str(local))] = \
-                        join_name(container, str(number - 1))
+                        join_name(container, str(first - 1 + local))
             self._depths.add(len(container.split(".")) + 1 if container else 1)
 
     def __bool__(self) -> bool:

@@ -19,7 +19,14 @@ from typing import Any
 from torch import nn
 
 from flex_surgery.hooks.errors import UnknownNameError, did_you_mean
-from flex_surgery.naming import StageBlockNames, clean_name, join_name
+from flex_surgery.naming import (
+    _LAYER_SURGERY,
+    StageBlockNames,
+    StageNamesError,
+    clean_name,
+    join_name,
+    stage_of_a_pipeline,
+)
 
 __all__ = ["ModelNames"]
 
@@ -40,6 +47,7 @@ class ModelNames:
         self.root = root
         self._modules: ModuleTable | None = None
         self._parameters: ParameterTable | None = None
+        self._stage_lists: list[str] = []
         self.builds = 0
 
     # -- the tables -------------------------------------------------------------------------
@@ -61,6 +69,8 @@ class ModelNames:
         parameters: ParameterTable = {}
         walked = list(self.root.named_modules(remove_duplicate=False))
         whole = StageBlockNames(walked)  # a pipeline stage's blocks by whole-model names
+        self._stage_lists = [raw for raw, m in walked
+                             if isinstance(m, nn.ModuleList) and stage_of_a_pipeline(m)]
         for raw, module in walked:
             modules[whole(clean_name(raw))] = (raw, module)
             for leaf, parameter in module._parameters.items():
@@ -87,6 +97,23 @@ class ModelNames:
         if self._modules is None:
             self._build()
         return set(self._modules) | set(self._parameters)
+
+    def check_stage_names(self) -> None:
+        """Raise :class:`~flex_surgery.naming.StageNamesError` while layer surgery reorders a
+        pipeline stage's blocks: their whole-model names cannot be told then (see
+        :class:`~flex_surgery.naming.StageBlockNames`). ModelSurgery installs its lists on
+        every stage, so every stage raises alike. A few dict lookups per block list."""
+        if self._modules is None:
+            self._build()
+        for raw in self._stage_lists:
+            current: nn.Module | None = self.root
+            for part in raw.split(".") if raw else ():
+                current = current._modules.get(part) if current is not None else None
+            if current is not None and _LAYER_SURGERY in vars(current):
+                raise StageNamesError(
+                    f"the blocks of {clean_name(raw)!r} on this pipeline stage are under layer "
+                    "surgery (reordered, removed or replaced), so their whole-model names "
+                    "cannot be told; register hooks outside of layer surgery")
 
     # -- lookups ------------------------------------------------------------------------------
 

@@ -129,6 +129,7 @@ class HookRegistration:
                 f"{hf!r} is already registered with {where}; create a new HookFunction for "
                 "another hook point"
             )
+        self._names.check_stage_names()
         check_reduce(hf.reduce, getattr(self.runtime, "store_on", "rank0"),
                      self.store is not None, hf)
         if hf.editing_function is None and self.output_dict is None and \

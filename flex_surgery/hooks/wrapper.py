@@ -45,6 +45,7 @@ from flex_surgery.hooks.hook_function import (
 )
 from flex_surgery.hooks.names import ModelNames
 from flex_surgery.hooks.registration import HookRegistration, detach_hooks
+from flex_surgery.naming import StageBlockNames
 from flex_surgery.parallel import frameworks
 from flex_surgery.parallel.distributed_runtime import build_runtime
 from flex_surgery.parallel.group_lifetime import RefusedOnEveryRank
@@ -417,8 +418,11 @@ class FlexModel(HookRegistration, HookGroupAPI, nn.Module):
 
     @property
     def wrapped_module_names(self) -> list[str]:
-        """Names of the wrapped module's submodules, as ``named_modules`` spells them."""
-        return [n for n, _ in self.module.named_modules(remove_duplicate=False)]
+        """Names of the wrapped module's submodules, as ``named_modules`` spells them (a
+        pipeline stage's blocks by their whole-model index, as hooks take them)."""
+        walked = list(self.module.named_modules(remove_duplicate=False))
+        whole = StageBlockNames(walked)
+        return [whole(n) for n, _ in walked]
 
     @property
     def trainable_modules_names(self) -> list[str]:

@@ -126,12 +126,18 @@ _REPLACED = "_flex_surgery_replaced"
 
 
 def _refuse_pipeline_stage(model: nn.Module) -> None:
-    """Block indices of a pipeline stage (a model a FlexModel over pipeline stages wraps) are
-    positions in this stage's own list: ``[1]`` would take block 1 out of every stage. Every
-    rank raises alike (the FlexModel's pipeline size is the same on every rank)."""
-    from flex_surgery.anatomy import pipeline_flexmodel
+    """Block indices of a pipeline stage (a model a FlexModel over pipeline stages wraps, or
+    whose blocks say they belong to a pipeline) are positions in this stage's own list: ``[1]``
+    would take block 1 out of every stage. Every rank raises alike (the pipeline size is the
+    same on every rank)."""
+    from flex_surgery.anatomy import locate, pipeline_flexmodel
+    from flex_surgery.naming import stage_of_a_pipeline
 
-    if pipeline_flexmodel(model) is not None:
+    try:  # a bare stage whose blocks say they are part of a pipeline (Megatron-core's config)
+        bare_stage = stage_of_a_pipeline(locate(unwrap_model(model)).blocks)
+    except Exception:  # noqa: BLE001 - no known blocks: the usual errors come later
+        bare_stage = False
+    if pipeline_flexmodel(model) is not None or bare_stage:
         raise SurgeryError(
             "layer surgery by block index on a pipeline stage would apply the same positions "
             "on every stage (each holds some of the blocks); use "

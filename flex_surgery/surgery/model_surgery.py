@@ -47,11 +47,14 @@ class ShardingMismatchError(SurgeryError):
 
 
 def _layer_numbers(blocks: nn.ModuleList) -> list[int | None]:
-    """Each block's own 1-based global index where it keeps one, else ``None``."""
-    return [layer_number(block) for block in blocks]
+    """Each block's own 1-based global index where it keeps one, else ``None``; then, if a
+    block says it, how many blocks the whole model has (Megatron's ``config.num_layers``)."""
+    total = next((getattr(getattr(b, "config", None), "num_layers", None) for b in blocks
+                  if layer_number(b) is not None), None)
+    return [*[layer_number(block) for block in blocks], total]
 
 
-def _check_layer_numbers(stages: list[list[int | None]]) -> None:
+def _check_layer_numbers(stages: list[list[int | None]], total: int | None) -> None:
     """Blocks are numbered globally by stage order (stage 0's first, then stage 1's, ...). Where
     the blocks say their own numbers, they must agree: a chunk of an interleaved (virtual)
     pipeline, or one stage given without its pipeline group, holds blocks that are not the
@@ -60,12 +63,13 @@ def _check_layer_numbers(stages: list[list[int | None]]) -> None:
     numbers = [n for stage in stages for n in stage]
     if not numbers or any(n is None for n in numbers):
         return
-    if numbers != list(range(1, len(numbers) + 1)):
+    if numbers != list(range(1, (total or len(numbers)) + 1)):
         raise SurgeryError(
             f"ModelSurgery: the blocks' own layer_number, stage by stage, are {numbers}, not "
-            f"1..{len(numbers)}: blocks are numbered by stage order, so each stage must hold "
-            "the next blocks (no interleaved/virtual pipeline chunks) and the pipeline group "
-            "must hold every stage (pass pipeline_group / pipeline_parallel_size)")
+            f"1..{total or len(numbers)}: blocks are numbered by stage order, so each stage "
+            "must hold the next blocks (no interleaved/virtual pipeline chunks) and the "
+            "pipeline group must hold every stage (pass pipeline_group / "
+            "pipeline_parallel_size)")
 
 
 def _pipeline_group_of(model: nn.Module) -> dist.ProcessGroup | None:
@@ -125,8 +129,9 @@ class ModelSurgery:
                                    f"find their blocks ({next(iter(failed.values()))}); every "
                                    "stage raises")
             self.stage = dist.get_rank(self.pipeline_group)
-        self.stage_sizes: list[int] = [len(numbers) for numbers in stages]
-        _check_layer_numbers(stages)
+        self.stage_sizes: list[int] = [len(numbers) - 1 for numbers in stages]
+        _check_layer_numbers([numbers[:-1] for numbers in stages],
+                             next((n[-1] for n in stages if n[-1] is not None), None))
         self.offset = sum(self.stage_sizes[:self.stage])
 
     # -- where things are ---------------------------------------------------------------------

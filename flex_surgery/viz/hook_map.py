@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import nn
 
 from flex_surgery.hooks import FlexModel
-from flex_surgery.naming import WRAPPER_ATTRS, clean_name, join_name
+from flex_surgery.naming import WRAPPER_ATTRS, StageBlockNames, clean_name, join_name
 from flex_surgery.parallel import frameworks
 from flex_surgery.surgery.shards import LocalShard, local_shards
 
@@ -167,10 +167,15 @@ def hook_map(model: nn.Module, title: str | None = None) -> HookMap:
     root_module = flex.module if flex is not None else model
     shards_by_module = _shards_by_module(root_module)
     root = _build(root_module, "", "", shards_by_module)
-    by_name = {n.name: n for n in root.walk()}
+    whole = StageBlockNames(root_module)  # a pipeline stage's blocks by whole-model names
+    by_name = {}
+    for node in root.walk():
+        node.name = whole(node.name)
+        by_name[node.name] = node
     if flex is not None:
         for hf, groups in flex.get_hook_function_groups().items():
-            _attach_hook(by_name, hf, groups)
+            if not hf.is_remote:  # a module of another pipeline stage: drawn on its map
+                _attach_hook(by_name, hf, groups)
     title = title or f"hook map of {_type_name(root_module)}"
     return HookMap(root, title, _header(root, flex, root_module))
 
