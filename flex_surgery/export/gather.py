@@ -35,6 +35,7 @@ from torch import nn
 from flex_surgery.naming import StageBlockNames, clean_name, join_name, unwrap_model
 from flex_surgery.parallel import frameworks
 from flex_surgery.parallel.runtime import Runtime, store_copy
+from flex_surgery.surgery.checkpoint_guard import state_dict_is_guarded
 
 __all__ = ["full_weights"]
 
@@ -63,7 +64,9 @@ def full_weights(model: nn.Module, runtime: Runtime | None = None, *,
     model = unwrap_model(model)  # DDP / FlexModel add a "module." prefix, not a layout
     tp_group = frameworks.tensor_parallel_group(getattr(runtime, "mesh", None), model)
     _check_buffers_replicated(model, tp_group)
-    if rank0_only and torch_checkpoint_understands(model):
+    # Inside a theater, state_dict() gives the original weights (its checkpoint guard) where
+    # full_weights promises the live ones: the shard views read those.
+    if rank0_only and torch_checkpoint_understands(model) and not state_dict_is_guarded(root):
         return _rank0_state_dict(root, model, tp_group)
     weights = _gathered_views(model, tp_group)
     if rank0_only and dist.is_initialized() and dist.get_rank() != 0:

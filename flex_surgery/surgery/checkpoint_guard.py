@@ -43,7 +43,7 @@ from torch.utils.hooks import RemovableHandle
 from flex_surgery.surgery.shards import LocalShard, fsdp1_param_offsets
 from flex_surgery.surgery.snapshot import Snapshot
 
-__all__ = ["ORIGINAL_MARK", "install_checkpoint_guard"]
+__all__ = ["ORIGINAL_MARK", "install_checkpoint_guard", "state_dict_is_guarded"]
 
 # Attribute set on every tensor the guard puts into a state_dict (as FSDP marks its clones with
 # ``_has_been_cloned``): an inner theater must not replace what an outer one already restored.
@@ -71,11 +71,12 @@ def install_checkpoint_guard(
             own = [(pname, by_owner[id(p)]) for pname, p in module._parameters.items()
                    if p is not None and id(p) in by_owner]
             if own:
-                handles.append(module.register_state_dict_post_hook(_aliasing_hook(own)))
+                handles.append(module.register_state_dict_post_hook(
+                    _marked(_aliasing_hook(own))))
             unit = _fsdp1_unit_targets(module, fsdp1)
             if unit:
                 handles.append(module.register_state_dict_post_hook(
-                    _fsdp1_unit_hook(module, unit, error)))
+                    _marked(_fsdp1_unit_hook(module, unit, error))))
     except BaseException:
         for h in handles:  # a registration that fails part-way leaves no hook bound
             h.remove()
@@ -124,6 +125,22 @@ def _with_originals(value: torch.Tensor, snap: Snapshot) -> torch.Tensor:
     if isinstance(value, nn.Parameter):
         new = nn.Parameter(new, requires_grad=value.requires_grad)
     return _mark(new)
+
+
+_GUARD_HOOK = "_flex_surgery_checkpoint_guard"
+
+
+def _marked(hook: Callable[..., None]) -> Callable[..., None]:
+    setattr(hook, _GUARD_HOOK, True)
+    return hook
+
+
+def state_dict_is_guarded(model: nn.Module) -> bool:
+    """Whether a theater's checkpoint guard is on ``model``: its ``state_dict()`` then gives
+    the original weights, not the live (modified) ones. The same on every rank (theaters are
+    entered on every rank)."""
+    return any(getattr(hook, _GUARD_HOOK, False) for m in model.modules()
+               for hook in m._state_dict_hooks.values())
 
 
 def _aliasing_hook(own: list[tuple[str, Snapshot]]) -> Callable[..., None]:
