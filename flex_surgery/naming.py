@@ -18,7 +18,8 @@ from collections.abc import Iterable
 from torch import nn
 
 __all__ = ["WRAPPER_ATTRS", "StageBlockNames", "StageNamesError", "clean_name", "join_name",
-           "layer_number", "modules_by_clean_name", "stage_of_a_pipeline", "unwrap_model"]
+           "layer_number", "modules_by_clean_name", "num_layers", "numbered_as_the_whole_model",
+           "stage_of_a_pipeline", "unwrap_model"]
 
 #: The attribute under which FSDP1, activation checkpointing and ``torch.compile`` keep the
 #: module they wrap: a path component that :func:`clean_name` removes.
@@ -51,6 +52,22 @@ def layer_number(block: nn.Module) -> int | None:
     if type(block).__module__.startswith("megatron.") and isinstance(number, int):
         return number
     return None
+
+
+def num_layers(blocks: Iterable[nn.Module]) -> int | None:
+    """How many blocks the whole model has, where a block that keeps its
+    :func:`layer_number` says it too (Megatron-core's ``config.num_layers``), else ``None``."""
+    return next((getattr(getattr(b, "config", None), "num_layers", None) for b in blocks
+                 if layer_number(b) is not None), None)
+
+
+def numbered_as_the_whole_model(numbers: list[int | None], total: int | None) -> bool:
+    """Whether blocks whose :func:`layer_number` are ``numbers`` (in order) are the whole
+    model's blocks, ``1..total`` (``total`` unknown: as many as there are); ``True`` when a
+    block does not say its number (nothing to check)."""
+    if not numbers or any(n is None for n in numbers):
+        return True
+    return numbers == list(range(1, (total or len(numbers)) + 1))
 
 
 class StageNamesError(ValueError):

@@ -34,7 +34,13 @@ import torch.distributed as dist
 from torch import nn
 
 from flex_surgery.anatomy import locate
-from flex_surgery.naming import join_name, layer_number, unwrap_model
+from flex_surgery.naming import (
+    join_name,
+    layer_number,
+    num_layers,
+    numbered_as_the_whole_model,
+    unwrap_model,
+)
 from flex_surgery.parallel.frameworks.base import LayoutError
 from flex_surgery.surgery.layers import LayerSurgery, _parent_and_attr
 from flex_surgery.surgery.theater import SurgeryError
@@ -49,9 +55,7 @@ class ShardingMismatchError(SurgeryError):
 def _layer_numbers(blocks: nn.ModuleList) -> list[int | None]:
     """Each block's own 1-based global index where it keeps one, else ``None``; then, if a
     block says it, how many blocks the whole model has (Megatron's ``config.num_layers``)."""
-    total = next((getattr(getattr(b, "config", None), "num_layers", None) for b in blocks
-                  if layer_number(b) is not None), None)
-    return [*[layer_number(block) for block in blocks], total]
+    return [*[layer_number(block) for block in blocks], num_layers(blocks)]
 
 
 def _check_layer_numbers(stages: list[list[int | None]], total: int | None) -> None:
@@ -61,9 +65,7 @@ def _check_layer_numbers(stages: list[list[int | None]], total: int | None) -> N
     next ones in that order, and numbering them so would put every block of the lens or of
     layer surgery in the wrong place. Same answer on every stage (all stages' numbers)."""
     numbers = [n for stage in stages for n in stage]
-    if not numbers or any(n is None for n in numbers):
-        return
-    if numbers != list(range(1, (total or len(numbers)) + 1)):
+    if not numbered_as_the_whole_model(numbers, total):
         raise SurgeryError(
             f"ModelSurgery: the blocks' own layer_number, stage by stage, are {numbers}, not "
             f"1..{total or len(numbers)}: blocks are numbered by stage order, so each stage "

@@ -19,7 +19,12 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from flex_surgery.naming import layer_number, modules_by_clean_name
+from flex_surgery.naming import (
+    layer_number,
+    modules_by_clean_name,
+    num_layers,
+    numbered_as_the_whole_model,
+)
 from flex_surgery.surgery.lora import LoraLinear, lora_layers
 from flex_surgery.surgery.shards import LocalShard
 
@@ -193,10 +198,8 @@ def _refuse_index_on_a_stage(spec: int, blocks: nn.ModuleList) -> None:
     FlexModel to tell the other stages' blocks) would mean another block on each stage:
     refused, alike on every stage (each holds only part of the blocks)."""
     numbers = [layer_number(b) for b in blocks]
-    if not numbers or any(n is None for n in numbers):
-        return
-    total = getattr(getattr(blocks[0], "config", None), "num_layers", None)
-    if numbers != list(range(1, (total or len(numbers)) + 1)):
+    total = num_layers(blocks)
+    if not numbered_as_the_whole_model(numbers, total):
         raise ValueError(
             f"layers entry {spec}: this model holds blocks {numbers} (1-based) of "
             f"{total if total is not None else 'more'}, a pipeline stage: a block index would "
