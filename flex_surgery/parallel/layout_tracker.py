@@ -131,6 +131,7 @@ class TPTracker:
             return  # a forward recomputed in backward (checkpointing): keep the forward's
         if module in self._roots:  # a new forward: no TP layer of it has run yet
             self._current = None  # (not the last one of the previous forward)
+            self._current = self._stage_input(module)
             self._entered.clear()
             self._left.clear()
         self._remember(self._entry, self._entered, module, "entered")
@@ -144,6 +145,19 @@ class TPTracker:
             shape = self._current.shape if self._current is not None else ()
             self._current = _Produced(shape, None, f"it runs inside {self._describe(module)}, "
                                                    f"which {why}")
+
+    def _stage_input(self, module: nn.Module) -> _Produced | None:
+        """A pipeline stage's forward starts from what the previous stage sent (Megatron's
+        ``set_input_tensor``): split on the sequence under sequence parallelism."""
+        entry = frameworks.stage_input(module)
+        if entry is None:
+            return None
+        local, shard = entry
+        try:
+            spec = self._dim_shard(shard, local, True, module, "stage input")
+        except LayoutError as exc:
+            return _Produced(tuple(local.shape), None, str(exc))
+        return _Produced(tuple(local.shape), spec)
 
     def _leave(self, module, args, output):
         if torch._C._current_graph_task_id() != -1:

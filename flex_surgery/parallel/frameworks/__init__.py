@@ -85,6 +85,8 @@ from flex_surgery.parallel.frameworks.views import Region as Region
 from flex_surgery.parallel.frameworks.views import plain_shard as plain_shard
 
 if TYPE_CHECKING:
+    import torch
+
     from flex_surgery.parallel.mesh import ParallelMesh
 
 # The registry itself (.registry) and the parameter questions (.parameters) live in their own
@@ -123,6 +125,16 @@ def undescribed_split_modules(model: nn.Module, mesh: ParallelMesh) -> dict[str,
                 tp_layer(m, mesh) is None:
             found[name] = m
     return found
+
+
+def stage_input(module: nn.Module) -> tuple[torch.Tensor, ActivationShard] | None:
+    """What pipeline stage ``module`` starts its forward from, when it is split (see
+    ``Framework.stage_input``)."""
+    for f in TENSOR_PARALLEL:
+        answer = f.stage_input(module)
+        if answer is not None:
+            return answer
+    return None
 
 
 def sequence_parallel(model: nn.Module) -> bool:

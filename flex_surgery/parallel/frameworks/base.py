@@ -125,6 +125,14 @@ class Framework:
         embedding dropout, which runs on the embedding's sequence-parallel scatter)."""
         return {}
 
+    def stage_input(self, module: nn.Module) -> tuple[torch.Tensor, ActivationShard] | None:
+        """The tensor pipeline stage ``module`` takes from the previous stage outside its
+        arguments (Megatron's ``set_input_tensor``) and how it is split over tp, when it is
+        split (sequence parallelism); ``None`` when it is whole or there is none. What a
+        forward starts from: without it, modules before the stage's first TP layer would
+        inherit "replicated"."""
+        return None
+
     def sequence_parallel(self, module: nn.Module) -> bool:
         """Whether ``module`` runs with activations split on the sequence dim between TP
         regions (then a replicated-looking activation of another shape is ambiguous)."""

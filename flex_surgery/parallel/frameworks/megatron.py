@@ -222,6 +222,19 @@ class MegatronCore(Framework):
                 found[m.embedding_dropout] = TPLayer(seq, seq, exact=True)
         return found
 
+    def stage_input(self, module: nn.Module) -> tuple[torch.Tensor, ActivationShard] | None:
+        # A stage after the first (pre_process=False) runs its TransformerBlock on the tensor
+        # set_input_tensor left: under sequence parallelism, this rank's part of the sequence.
+        if not type(module).__module__.startswith("megatron."):  # GPTModel, TransformerBlock
+            return None
+        for m in (module, getattr(module, "decoder", None)):
+            if m is not None and getattr(m, "pre_process", True) is False and \
+                    isinstance(getattr(m, "input_tensor", None), torch.Tensor):
+                if getattr(getattr(m, "config", None), "sequence_parallel", False):
+                    return m.input_tensor, ActivationShard(SEQUENCE)
+                return None
+        return None
+
     def sequence_parallel(self, module: nn.Module) -> bool:
         layers = _layers()
         if layers is not None:
