@@ -176,7 +176,12 @@ class DTensorTP(Framework):
 
         if model is None:
             return None
+        # HF transformers keeps its TP mesh on the model; DDP and FSDP1 keep the device_mesh
+        # they were given (data parallel) under the same attribute names: only a transformers
+        # model's is a TP mesh.
         hf_mesh = getattr(model, "device_mesh", None) or getattr(model, "_device_mesh", None)
+        if not any(c.__module__.startswith("transformers.") for c in type(model).__mro__):
+            hf_mesh = None  # (FSDP2 subclasses the model's class: look through it)
         if hf_mesh is not None and hasattr(hf_mesh, "mesh_dim_names"):
             hf_mesh = _without_trivial_dims(hf_mesh)
             mesh = ParallelMesh.from_device_mesh(hf_mesh, {"tp": hf_mesh.mesh_dim_names[0]}
