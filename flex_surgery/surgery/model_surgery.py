@@ -52,10 +52,10 @@ class ShardingMismatchError(SurgeryError):
     """A replacement block is not sharded like the tensor-parallel block it replaces."""
 
 
-def _layer_numbers(blocks: nn.ModuleList) -> list[int | None]:
-    """Each block's own 1-based global index where it keeps one, else ``None``; then, if a
-    block says it, how many blocks the whole model has (Megatron's ``config.num_layers``)."""
-    return [*[layer_number(block) for block in blocks], num_layers(blocks)]
+def _layer_numbers(blocks: nn.ModuleList) -> tuple[list[int | None], int | None]:
+    """Each block's own 1-based global index where it keeps one (else ``None``), and how many
+    blocks the whole model has where a block says it (Megatron's ``config.num_layers``)."""
+    return [layer_number(block) for block in blocks], num_layers(blocks)
 
 
 def _check_layer_numbers(stages: list[list[int | None]], total: int | None) -> None:
@@ -131,9 +131,9 @@ class ModelSurgery:
                                    f"find their blocks ({next(iter(failed.values()))}); every "
                                    "stage raises")
             self.stage = dist.get_rank(self.pipeline_group)
-        self.stage_sizes: list[int] = [len(numbers) - 1 for numbers in stages]
-        _check_layer_numbers([numbers[:-1] for numbers in stages],
-                             next((n[-1] for n in stages if n[-1] is not None), None))
+        self.stage_sizes: list[int] = [len(numbers) for numbers, _ in stages]
+        _check_layer_numbers([numbers for numbers, _ in stages],
+                             next((total for _, total in stages if total is not None), None))
         self.offset = sum(self.stage_sizes[:self.stage])
 
     # -- where things are ---------------------------------------------------------------------
