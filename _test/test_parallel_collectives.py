@@ -262,3 +262,31 @@ def test_data_parallel_pieces_of_different_lengths_raise_on_every_rank():
     both = [torch.zeros(1), torch.zeros(1)]
     dist.all_gather(both, torch.ones(1))  # the next collective meets every rank
     assert torch.equal(torch.cat(both), torch.ones(2))
+
+
+@distributed(world_size=4)
+def test_ranks_at_different_hook_sites_raise_on_every_rank_without_a_hang():
+    """Ranks that serve different hook sites at one exchange (a hook on a branch some
+    data-parallel ranks skip meets another hook's gather): HookSiteMismatchError on every rank
+    -- at collect_pieces (a replica that sends no piece too: it sends its header) and at
+    exchange_sizes -- and the group goes on; with one site the same calls succeed."""
+    from flex_surgery.parallel.site_tags import HookSiteMismatchError, site_tag
+
+    rank = dist.get_rank()
+    here, there = site_tag("blocks.0.side", "output"), site_tag("blocks.1", "output")
+    cuts = [(0, None, [0, 1, 0, 1])]  # cut over ranks 0 and 1, replicated over 2 and 3
+    piece = torch.full((1, 3), float(rank))
+    for odd_one in (1, 3):  # a sender at another site; a replica at another site
+        site = there if rank == odd_one else here
+        with pytest.raises(HookSiteMismatchError,
+                           match="different hooks" if rank == 0 else "another hook"):
+            collect_pieces(piece, cuts, [0, 1], None, 0, rows=1, site=site)
+        with pytest.raises(HookSiteMismatchError, match="rank 3: the output of 'blocks.1'"
+                           if odd_one == 3 else "rank 1: the output of 'blocks.1'"):
+            exchange_sizes(piece, 0, None, rows=1, site=site)
+    got = collect_pieces(piece, cuts, [0, 1], None, 0, rows=1, site=here)
+    if rank == 0:
+        assert torch.equal(got, torch.tensor([[0.0] * 3, [1.0] * 3]))
+    else:
+        assert got is None
+    assert exchange_sizes(piece, 0, None, rows=1, site=here) == (1, 1, 1, 1)

@@ -175,8 +175,8 @@ class _GatherCounter:
         # Retrieval on the CPU moves the pieces point to point to the leader in one step.
         original_collect = runtime.collect_pieces
 
-        def counting_collect(t, cuts, senders, group, dst, rows=None):
-            out = original_collect(t, cuts, senders, group, dst, rows)
+        def counting_collect(t, *args, **kwargs):
+            out = original_collect(t, *args, **kwargs)
             if out is not None:  # the leader: its own piece was not moved
                 self.moved += (out.numel() - t.numel()) * out.element_size()
             return out

@@ -42,6 +42,7 @@ from flex_surgery.parallel.collectives import RemoteEditError
 from flex_surgery.parallel.layout import Layout, LayoutError
 from flex_surgery.parallel.mesh import MeshSizeError, ParallelMesh
 from flex_surgery.parallel.pipeline import PipelineStageError, StageLink, skip_metadata_inference
+from flex_surgery.parallel.site_tags import HookSiteMismatchError
 from flex_surgery.surgery import (
     LayerSurgery,
     MaskTheater,
@@ -88,6 +89,7 @@ __all__ = [
     "HookFunction",
     "HookMap",
     "HookRegistrationError",
+    "HookSiteMismatchError",
     "LaunchError",
     "LayerSurgery",
     "Layout",

@@ -110,7 +110,7 @@ class AxisWalk:
             shape = tuple(t.shape)
             if isinstance(spec, ShardSpec):
                 sizes = spec.sizes or early.get(axis) or \
-                    exchange_sizes(t, spec.dim, group, spec.rows)
+                    exchange_sizes(t, spec.dim, group, spec.rows, spec.site)
                 record.append((axis, spec, sizes, shape))
                 t = gather_to_one(t, spec.dim, group, 0, sizes)
             elif isinstance(spec, PartialSpec):
@@ -151,7 +151,8 @@ class AxisWalk:
             dim = spec.dim % t.ndim if isinstance(spec, ShardSpec) else None
             if not first and isinstance(spec, ShardSpec) and spec.sizes is None and \
                     dim not in cut:
-                early[axis] = exchange_sizes(t, dim, self.mesh.group(axis), spec.rows)
+                early[axis] = exchange_sizes(t, dim, self.mesh.group(axis), spec.rows,
+                                             spec.site)
             if dim is not None:
                 cut.add(dim)
             first = False
@@ -214,12 +215,13 @@ class AxisWalk:
             cuts = [(specs[a].dim % t.ndim, specs[a].sizes, coords[a]) for a in shards]
             senders = [i for i in range(n)
                        if all(coords[a][i] == 0 for a in axes if specs[a] is None)]
-            rows = next((specs[a].rows for a in shards if specs[a].sizes is None), None)
-            full = collect_pieces(t, cuts, senders, group, leader, rows)
+            unknown = next((specs[a] for a in shards if specs[a].sizes is None), None)
+            full = collect_pieces(t, cuts, senders, group, leader,
+                                  *((unknown.rows, unknown.site) if unknown else ()))
         else:
             cuts = [(specs[a].dim % t.ndim, specs[a].sizes or
                      exchange_sizes(t, specs[a].dim % t.ndim, self.mesh.group(a),
-                                    specs[a].rows), coords[a])
+                                    specs[a].rows, specs[a].site), coords[a])
                     for a in shards]
             full = gather_pieces(t, cuts, group, leader)
         if full is None or _group_rank(group) != leader:
@@ -249,7 +251,8 @@ class AxisWalk:
             spec = layout.spec_for(axis)
             group = self.mesh.group(axis)
             if isinstance(spec, ShardSpec):
-                sizes = spec.sizes or exchange_sizes(t, spec.dim % t.ndim, group, spec.rows)
+                sizes = spec.sizes or exchange_sizes(t, spec.dim % t.ndim, group, spec.rows,
+                                                     spec.site)
                 t = all_gather(t, spec.dim, group, sizes)
             elif isinstance(spec, PartialSpec):
                 t = t.clone()
@@ -268,7 +271,7 @@ class AxisWalk:
             group = self.mesh.group(axis)
             spec = layout.spec_for(axis)
             if isinstance(spec, ShardSpec):
-                sizes = spec.sizes or exchange_sizes(t, spec.dim, group, spec.rows)
+                sizes = spec.sizes or exchange_sizes(t, spec.dim, group, spec.rows, spec.site)
                 record.append((axis, spec, sizes, tuple(t.shape)))
                 t = all_gather(t, spec.dim, group, sizes)
             elif isinstance(spec, PartialSpec):

@@ -239,7 +239,7 @@ class DistributedRuntime(Runtime):
         if not isinstance(spec, ShardSpec):
             return False
         group = self.mesh.group(axes[0])
-        sizes = spec.sizes or exchange_sizes(plain, spec.dim, group, spec.rows)
+        sizes = spec.sizes or exchange_sizes(plain, spec.dim, group, spec.rows, spec.site)
         finish = start_gather(plain, spec.dim % plain.ndim, group, 0, sizes)
         scale = layout.grad_scale
 
@@ -258,7 +258,8 @@ class DistributedRuntime(Runtime):
         over tp only; each replica's leader stores its rows with their place in the global
         batch (the replicas' sizes are exchanged: one small all-gather over dp)."""
         spec = layout.spec_for("dp")
-        sizes = spec.sizes or exchange_sizes(plain, spec.dim, self.mesh.group("dp"), spec.rows)
+        sizes = spec.sizes or exchange_sizes(plain, spec.dim, self.mesh.group("dp"),
+                                             spec.rows, spec.site)
         full, record = self.walk.to_leader(plain, layout, axes=("tp",))
         if self.mesh.rank("tp") != 0:
             return

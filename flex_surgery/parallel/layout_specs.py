@@ -33,6 +33,10 @@ class ShardSpec:
     piece of the batch (a table broadcast over it, such as rotary or position embeddings): the
     exchange of the pieces' sizes refuses it on every rank. Not part of the layout's identity.
 
+    ``site``: for the data-parallel batch dim, the tag of the hook site the tensor was seen at
+    (:mod:`~flex_surgery.parallel.site_tags`), sent with the sizes: ranks whose exchange pairs
+    different sites (a branch some ranks skip) raise together. Not part of the identity either.
+
     ``blocks`` > 1: ``dim`` of the whole tensor is ``blocks`` equal blocks, each split over
     ``axis``, and a rank's piece is its part of block 0, then its part of block 1, ...
     (Megatron's ``partition_stride``: a gated MLP's ``linear_fc1`` holds ``[gate_r, up_r]``).
@@ -45,6 +49,7 @@ class ShardSpec:
     dim: int
     sizes: tuple[int, ...] | None = None
     rows: int | None = field(default=None, compare=False)
+    site: int = field(default=0, compare=False)
     blocks: int = 1
 
 

@@ -24,6 +24,12 @@ import torch.distributed as dist
 
 from flex_surgery.parallel.failures import names_lost_ranks, naming_lost_ranks
 from flex_surgery.parallel.frameworks.base import LayoutError
+from flex_surgery.parallel.site_tags import (
+    NO_SITE,
+    HookSiteMismatchError,
+    check_same_site,
+    describe_site,
+)
 
 __all__ = ["collect_pieces", "exchange_sizes", "gather_pieces", "start_gather"]
 
@@ -36,7 +42,7 @@ def _group_rank(group: Group) -> int:
 
 @names_lost_ranks
 def exchange_sizes(local: torch.Tensor, dim: int, group: Group,
-                   rows: int | None = None) -> tuple[int, ...]:
+                   rows: int | None = None, site: int = NO_SITE) -> tuple[int, ...]:
     """Every rank's size along ``dim`` (a tiny all-gather of every rank's shape).
 
     The pieces are then padded along ``dim`` only, so they must agree in every other dim:
@@ -45,18 +51,22 @@ def exchange_sizes(local: torch.Tensor, dim: int, group: Group,
     uninitialised memory. ``rows``: this rank's input rows, for a data-parallel batch dim
     (``ShardSpec.rows``); a piece of one row where its rank's input has more is a table
     broadcast over the batch, not a piece of it. Every rank of ``group`` sees the same rows, so
-    every one of them raises ``LayoutError`` here, together.
+    every one of them raises ``LayoutError`` here, together. ``site``: the hook site this
+    exchange serves (:mod:`~flex_surgery.parallel.site_tags`); ranks at different sites raise
+    ``HookSiteMismatchError``, together.
     """
     n = dist.get_world_size(group)
     if local.ndim >= _SHAPE_DIMS:  # more dims than a shape row holds: the sizes alone
-        mine = torch.tensor([local.shape[dim]], dtype=torch.int64, device=local.device)
+        mine = torch.tensor([local.shape[dim], site], dtype=torch.int64, device=local.device)
         out = [torch.empty_like(mine) for _ in range(n)]
         dist.all_gather(out, mine, group=group)
-        return tuple(int(t.item()) for t in out)
-    mine = _shape_row(local, rows).to(local.device)
+        check_same_site({i: int(t[1]) for i, t in enumerate(out)}, _WHERE)
+        return tuple(int(t[0]) for t in out)
+    mine = _shape_row(local, rows, site).to(local.device)
     out = [torch.empty_like(mine) for _ in range(n)]
     dist.all_gather(out, mine, group=group)
     table = [t.tolist() for t in out]
+    check_same_site({i: r[_SITE] for i, r in enumerate(table)}, _WHERE)
     shapes = [_row_shape(r) for r in table]
     others = {tuple(s[:dim] + s[dim + 1:]) if len(s) == local.ndim else None for s in shapes}
     if len(others) > 1 or None in others:
@@ -73,8 +83,8 @@ def exchange_sizes(local: torch.Tensor, dim: int, group: Group,
 def _broadcast_over_batch(table: dict[int, list[int]], dim: int) -> str | None:
     """Why rows of :func:`_shape_row` (by group rank) are no pieces of a data-parallel batch:
     a piece of one row along ``dim`` where its rank's input has more rows. ``None`` if none."""
-    odd = [(i, row[-1]) for i, row in sorted(table.items())
-           if row[-1] > 1 and row[0] > dim and row[1 + dim] == 1]
+    odd = [(i, row[_ROWS]) for i, row in sorted(table.items())
+           if row[_ROWS] > 1 and row[0] > dim and row[1 + dim] == 1]
     if not odd:
         return None
     return (f"group rank(s) {[i for i, _ in odd]} hold one row along the batch dim {dim} where "
@@ -271,14 +281,17 @@ def gather_pieces(t: torch.Tensor, cuts: Sequence[tuple[int, Sequence[int], Sequ
 # in which one connection delivers them) and from any other send/recv.
 _SHAPE_TAG, _PIECE_TAG, _STATUS_TAG = 0x7068, 0x7069, 0x706A
 _SHAPE_DIMS = 17  # a sent shape: [ndim, dims..., -1...] (up to 16 dims; ndim -1: more)
-_HEAD = _SHAPE_DIMS + 1  # then the rank's input rows (see _shape_row)
+# then the rank's input rows, the hook site and whether a piece follows (see _shape_row)
+_ROWS, _SITE, _SENDS = _SHAPE_DIMS, _SHAPE_DIMS + 1, _SHAPE_DIMS + 2
+_HEAD = _SHAPE_DIMS + 3
+_WHERE = "the exchange of the pieces' shapes"
 
 
 @names_lost_ranks
 def collect_pieces(t: torch.Tensor, cuts: Sequence[tuple[int, Sequence[int] | None,
                                                          Sequence[int]]],
                    senders: Sequence[int], group: Group, dst: int,
-                   rows: int | None = None) -> torch.Tensor | None:
+                   rows: int | None = None, site: int = NO_SITE) -> torch.Tensor | None:
     """The pieces of ``senders`` (group ranks, ``dst`` among them) sent to ``dst`` point to
     point and put together in place in one fresh tensor; ``None`` elsewhere. CPU tensors: for
     retrieval, not autograd-aware.
@@ -294,49 +307,74 @@ def collect_pieces(t: torch.Tensor, cuts: Sequence[tuple[int, Sequence[int] | No
     error, as in any collective. Against a ``dist.gather`` (gloo's runs on a worker thread),
     the leader receives every piece straight into the whole tensor where its place there is
     contiguous (else through the scratch buffer), and copies its own piece in place while the
-    others arrive. A rank not in ``senders`` (a replica on a replicated axis) does nothing.
+    others arrive. A rank not in ``senders`` (a replica on a replicated axis) sends its header
+    only (saying that no piece follows) where headers travel, and does nothing otherwise.
     ``rows``: this rank's input rows, sent with its shape for the cut of unknown sizes (see
-    :func:`exchange_sizes`): pieces that are a table broadcast over the batch raise too.
+    :func:`exchange_sizes`): pieces that are a table broadcast over the batch raise too, and so
+    do pieces sent for another hook ``site`` than the leader's.
     """
     me = _group_rank(group)
     header = any(sizes is None for _, sizes, _ in cuts)
+    sending = me in senders
     if me != dst:
-        if me not in senders:
+        # With headers, every rank of the group sends one, a replica that sends no piece too:
+        # the leader then hears from ranks whose layout differs from its own (they reached
+        # another hook), receives what they announce, and answers all of them.
+        if not sending and not header:
             return None
-        works, status, row = [], None, _shape_row(t, rows) if header else None
+        works, status, row = [], None, None
         if header:
+            row = _shape_row(t, rows, site, sends=sending)
             works.append(dist.isend(row, group=group, group_dst=dst, tag=_SHAPE_TAG))
             status = torch.zeros(1, dtype=torch.int64)
             works.append(dist.irecv(status, group=group, group_src=dst, tag=_STATUS_TAG))
-        sent = _row_shape(row.tolist()) if header else _known_shape(t, cuts, me)
+        sent = (_row_shape(row.tolist()) if header else _known_shape(t, cuts, me)) \
+            if sending else (0,)
         if _numel(sent):  # as dst decides (a shape it cannot be told: nothing)
             works.append(dist.isend(t.contiguous(), group=group, group_dst=dst,
                                     tag=_PIECE_TAG))
         for work in works:
             work.wait()
+        if status is not None and int(status.item()) == 2:
+            raise HookSiteMismatchError(
+                f"{_WHERE}: this rank was at the {describe_site(site)}, and group rank {dst} "
+                f"at another hook (its error names it); see flex_surgery.parallel.site_tags")
         if status is not None and int(status.item()):
             raise LayoutError(f"retrieval over the stage: the pieces of rank(s) {senders} "
                               f"cannot form one tensor (group rank {dst}'s error says why)")
         return None
     others = [i for i in senders if i != dst]
     shapes = {dst: tuple(t.shape)}
+    mismatch = None
     if header:
-        heads = {i: torch.empty(_HEAD, dtype=torch.int64) for i in others}
+        askers = [i for i in range(dist.get_world_size(group)) if i != dst]
+        heads = {i: torch.empty(_HEAD, dtype=torch.int64) for i in askers}
         for work in [dist.irecv(h, group=group, group_src=i, tag=_SHAPE_TAG)
                      for i, h in heads.items()]:
             work.wait()
         table = {i: h.tolist() for i, h in heads.items()}
-        shapes.update({i: _row_shape(r) for i, r in table.items()})
+        table[dst] = _shape_row(t, rows, site, sends=True).tolist()
+        try:
+            check_same_site({i: r[_SITE] for i, r in table.items()}, _WHERE)
+        except HookSiteMismatchError as exc:
+            mismatch = exc
+        # what each rank announced is received, whatever this rank's layout expects
+        others = [i for i in askers if table[i][_SENDS]]
+        shapes.update({i: _row_shape(table[i]) for i in others})
     else:
         shapes.update({i: _known_shape(t, cuts, i) for i in others})
-    offsets, error = _places(shapes, cuts, t.ndim)
+    offsets, error = _places(shapes, cuts, t.ndim) if mismatch is None else \
+        (None, str(mismatch))
+    if header and error is None and set(others) != set(senders) - {dst}:
+        error = (f"group ranks {others} sent pieces where {senders} were expected: the ranks "
+                 f"see the tensor split differently")
     if header and error is None:  # the shapes fit; are they pieces of the batch?
-        table[dst] = _shape_row(t, rows).tolist()
         for dim, sizes, _ in cuts:
             if sizes is None and error is None:
                 error = _broadcast_over_batch(table, dim)
-    answers = [dist.isend(torch.tensor([int(error is not None)]), group=group, group_dst=i,
-                          tag=_STATUS_TAG) for i in others] if header else []
+    status = 0 if error is None else 2 if mismatch is not None else 1
+    answers = [dist.isend(torch.tensor([status]), group=group, group_dst=i,
+                          tag=_STATUS_TAG) for i in askers] if header else []
     whole_shape = list(t.shape)
     for dim, _, _ in cuts:
         whole_shape[dim] = sum(offsets[dim].values()) if error is None else 0
@@ -366,20 +404,27 @@ def collect_pieces(t: torch.Tensor, cuts: Sequence[tuple[int, Sequence[int] | No
             region.copy_(buf)
     for work in answers:
         work.wait()
-    if error is not None:  # every piece received (no sender is left waiting), then raise
+    if mismatch is not None:  # every piece received (no sender is left waiting), then raise
+        raise mismatch
+    if error is not None:
         raise LayoutError(f"retrieval over the stage: {error}")
     return whole
 
 
-def _shape_row(t: torch.Tensor, rows: int | None = None) -> torch.Tensor:
-    """``[ndim, dims..., -1..., rows]``: a piece's shape (up to 16 dims; ndim -1: more) and its
-    rank's input rows (-1: unknown), see :func:`_broadcast_over_batch`."""
+def _shape_row(t: torch.Tensor, rows: int | None = None, site: int = NO_SITE,
+               sends: bool = True) -> torch.Tensor:
+    """``[ndim, dims..., -1..., rows, site, sends]``: a piece's shape (up to 16 dims; ndim -1:
+    more), its rank's input rows (-1: unknown, see :func:`_broadcast_over_batch`), the hook
+    site it is sent for (:mod:`~flex_surgery.parallel.site_tags`) and whether the piece follows
+    (:func:`collect_pieces`: a replica that sends none still sends its row)."""
     row = torch.full((_HEAD,), -1, dtype=torch.int64)
     if t.ndim < _SHAPE_DIMS:
         row[0] = t.ndim
         row[1:1 + t.ndim] = torch.tensor(t.shape, dtype=torch.int64)
     if rows is not None:
-        row[-1] = rows
+        row[_ROWS] = rows
+    row[_SITE] = site
+    row[_SENDS] = int(sends)
     return row
 
 

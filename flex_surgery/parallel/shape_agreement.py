@@ -23,6 +23,7 @@ from flex_surgery.parallel.layout import (
 )
 from flex_surgery.parallel.mesh import ParallelMesh
 from flex_surgery.parallel.runtime import HookSite
+from flex_surgery.parallel.site_tags import check_same_site, site_tag
 
 __all__ = ["agree_on_whole_shape"]
 
@@ -40,7 +41,8 @@ def agree_on_whole_shape(mesh: ParallelMesh, plain: torch.Tensor, layout: Layout
     is computed on every rank from the exchanged shapes, so a check against
     ``expected_shape`` fails on every rank at the call whose tensor does not match.
     """
-    row = _describe(mesh, plain, layout, failure is not None)
+    row = _describe(mesh, plain, layout, failure is not None,
+                    site_tag(site.module_name, site.role, site.unpack_idx))
     group = mesh.stage_group
     rows = [torch.empty_like(row) for _ in range(dist.get_world_size(group))]
     with naming_lost_ranks(group, "layout agreement"):
@@ -49,6 +51,7 @@ def agree_on_whole_shape(mesh: ParallelMesh, plain: torch.Tensor, layout: Layout
     ranks = dist.get_process_group_ranks(group) if group is not None else \
         list(range(dist.get_world_size()))
     where = f"{site.module_name!r} ({site.role} of a {site.hook_type} hook)"
+    check_same_site({ranks[i]: r[_SITE] for i, r in enumerate(table)}, where)
     failed = [ranks[i] for i, r in enumerate(table) if r[0]]
     if failure is not None:
         raise failure
@@ -87,12 +90,14 @@ def _check_same_over_dp(mesh: ParallelMesh, plain: torch.Tensor, layout: Layout,
 
 
 def _describe(mesh: ParallelMesh, plain: torch.Tensor, layout: Layout | None,
-              failed: bool) -> torch.Tensor:
+              failed: bool, site: int) -> torch.Tensor:
     """One rank's row of :func:`agree_on_whole_shape`'s exchange: ``[failed, tp coordinate, dp
-    coordinate, ndim, tp kind, tp dim, dp kind, dp dim, shape...]``."""
+    coordinate, ndim, tp kind, tp dim, dp kind, dp dim, hook site, shape...]`` (the site: see
+    :mod:`~flex_surgery.parallel.site_tags`)."""
     row = torch.full((_ROW,), -1, dtype=torch.int64)
     row[0] = int(failed or plain.ndim > _ROW - _HEAD)
     row[1], row[2] = mesh.rank("tp"), mesh.rank("dp")
+    row[_SITE] = site
     if layout is not None and not row[0]:
         row[3] = plain.ndim
         for i, axis in enumerate(GATHER_ORDER):
@@ -105,7 +110,7 @@ def _describe(mesh: ParallelMesh, plain: torch.Tensor, layout: Layout | None,
     return row.to(plain.device)
 
 
-_HEAD, _ROW = 8, 24  # whole_shape's exchange: 8 header entries, then up to 16 dims
+_SITE, _HEAD, _ROW = 8, 9, 25  # whole_shape's exchange: 9 header entries, then up to 16 dims
 
 _KINDS = {0: "replicated", 1: "sharded", 2: "partial sum", 3: "partial average"}
 
