@@ -310,3 +310,24 @@ def test_injecting_values_that_alias_the_programs_own_weights_swaps_them():
         f"after block 0 had been overwritten (now equal to its own old value: "
         f"{torch.equal(now[b], old_b)})")
     assert swapped_in_block
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_tied_weights_are_written_and_read_back_under_each_name(tmp_path, suffix):
+    """full_weights of a tied model hands out lm_head.weight and the embedding as one tensor;
+    safetensors refuses shared memory, so the file gets one copy per name, and injecting what is
+    read back reproduces the model."""
+    from flex_surgery.export import full_weights, load_weight_file, save_weight_file
+
+    model = tiny_hf_model("gpt2", seed=1)
+    weights = full_weights(model)
+    assert weights["lm_head.weight"].data_ptr() == weights["transformer.wte.weight"].data_ptr()
+    path = tmp_path / f"tied{suffix}"
+    save_weight_file(weights, path)
+    back = load_weight_file(path)
+    assert back.keys() == weights.keys()
+    assert all(torch.equal(back[k], v) for k, v in weights.items())
+    program = export_plain(tiny_hf_model("gpt2", seed=0), dynamic=False)
+    inject_weights(program, back)
+    ids = example_inputs("gpt2")["input_ids"]
+    assert torch.equal(program.module()(input_ids=ids).logits, logits(model, ids))

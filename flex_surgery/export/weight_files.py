@@ -26,8 +26,11 @@ def _is_safetensors(path: PathLike) -> bool:
 
 
 def save_weight_file(weights: Mapping[str, torch.Tensor], path: PathLike) -> None:
-    """Write ``weights`` (name -> tensor, no shared storage) to ``path``.
+    """Write ``weights`` (name -> tensor) to ``path``.
 
+    Tensors that share memory (tied weights: ``lm_head.weight`` is ``embed.weight``) are each
+    written whole under their own name; safetensors refuses shared memory, and a reader then
+    gets one tensor per name, as :func:`~flex_surgery.export.full_weights` hands them out.
     Written to a temporary file next to ``path`` and renamed into place: a write that fails
     (a full disk) leaves no half-written file, and whatever ``path`` held before intact.
     """
@@ -35,7 +38,15 @@ def save_weight_file(weights: Mapping[str, torch.Tensor], path: PathLike) -> Non
 
 
 def _save(weights: Mapping[str, torch.Tensor], path: PathLike, tmp: str) -> None:
-    tensors = {k: v.detach().contiguous() for k, v in weights.items()}
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, int]] = set()
+    for name, value in weights.items():
+        t = value.detach().contiguous()
+        storage = t.untyped_storage()
+        key = (storage.data_ptr(), storage.nbytes())
+        # the second name of a tied weight (or any view into memory already written) is copied
+        tensors[name] = t.clone() if key in seen and storage.nbytes() else t
+        seen.add(key)
     if _is_safetensors(path):
         from safetensors.torch import save_file
 
