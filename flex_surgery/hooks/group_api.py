@@ -48,6 +48,7 @@ class HookGroupAPI:
     _remote_names: frozenset[str]
     _groups: HookGroups
     _selection_key: tuple | None
+    _hooks_selected: bool  # whether the last selection enabled any hook
     _check_usable: Callable[[], None]
     _register: Callable[[HookFunction, str], None]
     remove_hook_function: Callable[[HookFunction], None]
@@ -177,3 +178,4 @@ class HookGroupAPI:
         if reinstall:
             self._install_backward_hooks(reinstall)
         self._selection_key = key
+        self._hooks_selected = bool(active)

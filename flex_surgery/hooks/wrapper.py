@@ -223,6 +223,7 @@ class FlexModel(HookRegistration, HookGroupAPI, nn.Module):
         self._backward_flag_before: dict[nn.Module, bool | None] = {}
         self._params_without_hooks_before: list[torch.Tensor] = []
         self._selection_key: tuple | None = None
+        self._hooks_selected = False
         self._restored = False
         _WRAPPED_BY[module] = weakref.ref(self)
         layouts = getattr(self.runtime, "layouts", None)
@@ -284,6 +285,8 @@ class FlexModel(HookRegistration, HookGroupAPI, nn.Module):
         """
         self._check_usable()
         self._select(groups, complement)
+        if self._hooks_selected and hasattr(self.runtime, "passes"):
+            self.runtime.passes += 1  # every rank runs the same hooked forwards (site_tags)
         if self._memory_budget is not None:
             self._check_memory_budget(args, kwargs)
         wait_for_host_copies()  # what a backward that raised left in flight (device copies)

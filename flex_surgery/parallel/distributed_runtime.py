@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -70,6 +71,7 @@ from flex_surgery.parallel.runtime import (
     store_copy,
 )
 from flex_surgery.parallel.shape_agreement import agree_on_whole_shape
+from flex_surgery.parallel.site_tags import stamp
 from flex_surgery.parallel.trainable_sync import TrainableSync
 from flex_surgery.store.hooks import Rows
 
@@ -124,6 +126,10 @@ class DistributedRuntime(Runtime):
             # The layout whole_shape just agreed, for the same call's gather; the tensor by weak
             # reference, so a call that fails in between does not keep an activation alive.
             self._agreed: tuple[weakref.ref[torch.Tensor], HookSite, Layout] | None = None
+            # Forwards run with hooks enabled (FlexModel counts them; every rank runs the same
+            # ones): stamped into the exchanges in front of a data-parallel gather, so a hook
+            # that meets its own gather of another forward raises (site_tags).
+            self.passes = 0
             if batch_dim is None:
                 batch_dim = frameworks.batch_dim(module)
             self.layouts = LayoutInference(mesh, batch_dim)
@@ -166,7 +172,8 @@ class DistributedRuntime(Runtime):
 
     # -- layouts -----------------------------------------------------------------------------
     def layout_of(self, local: torch.Tensor, site: HookSite) -> Layout:
-        """The layout of the tensor a hook at ``site`` sees (see :mod:`.layout`)."""
+        """The layout of the tensor a hook at ``site`` sees (see :mod:`.layout`), its
+        data-parallel split stamped with the site (see :mod:`.site_tags`)."""
         agreed, self._agreed = self._agreed, None
         if agreed is not None and agreed[0]() is local and agreed[1] is site:
             return agreed[2]  # just inferred (and agreed) by whole_shape for this very call
@@ -175,8 +182,13 @@ class DistributedRuntime(Runtime):
             if self.mesh.dp_size > 1 and layout.spec_for("dp") is None:
                 layout = Layout(layout.shards, layout.partials + (PartialSpec("dp", "avg"),))
             return layout
-        return self.layouts.layout(local, site.module, site.role, site.parameter,
-                                   site.expected_shape, site.unpack_idx)
+        layout = self.layouts.layout(local, site.module, site.role, site.parameter,
+                                     site.expected_shape, site.unpack_idx)
+        dp = next((s for s in layout.shards if s.axis == "dp"), None)
+        if dp is None:  # not split over dp (a partial sum of it is no gather of pieces)
+            return layout
+        stamped = replace(dp, site=stamp(site.tag, self.passes))
+        return replace(layout, shards=tuple(stamped if s is dp else s for s in layout.shards))
 
     def whole_shape(self, local: torch.Tensor, site: HookSite) -> tuple[int, ...]:
         """The shape of the whole tensor, agreed by every rank of the stage before anything is
@@ -189,7 +201,8 @@ class DistributedRuntime(Runtime):
             plain, walked, joined = unblocked(plain, layout)
         except Exception as exc:  # every rank learns of it there, then this rank re-raises it
             failure = exc
-        shape = agree_on_whole_shape(self.mesh, plain, walked, failure, site)
+        shape = agree_on_whole_shape(self.mesh, plain, walked, failure, site,
+                                     stamp(site.tag, self.passes))
         self._agreed = (weakref.ref(local), site, layout)  # the call's gather asks for it next
         if joined is not None:  # (blocks, whole part) -> one dim
             shape = (*shape[:joined], shape[joined] * shape[joined + 1], *shape[joined + 2:])

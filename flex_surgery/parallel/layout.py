@@ -76,7 +76,6 @@ from flex_surgery.parallel.layout_specs import (
 )
 from flex_surgery.parallel.layout_tracker import TPTracker, _Produced
 from flex_surgery.parallel.mesh import ParallelMesh
-from flex_surgery.parallel.site_tags import site_tag
 
 __all__ = [
     "Layout", "LayoutError", "LayoutInference", "PartialSpec", "ShardSpec", "TPLayer",
@@ -308,8 +307,7 @@ class LayoutInference(TPTracker):
         # In forward, the rows of this replica's input travel with the sizes (ShardSpec.rows);
         # a backward may follow several forwards of other sizes, so its tensors carry none.
         rows = None if grad_role or expected_shape is not None else self.input_rows
-        site = site_tag(self._names.get(module, ""), role, unpack_idx)
-        return Layout(layout.shards + (ShardSpec("dp", dim, rows=rows, site=site),),
+        return Layout(layout.shards + (ShardSpec("dp", dim, rows=rows),),
                       layout.partials,
                       grad_scale=scale if grad_role else 1.0,
                       backward_scale=1.0 if grad_role else scale)

@@ -33,9 +33,10 @@ class ShardSpec:
     piece of the batch (a table broadcast over it, such as rotary or position embeddings): the
     exchange of the pieces' sizes refuses it on every rank. Not part of the layout's identity.
 
-    ``site``: for the data-parallel batch dim, the tag of the hook site the tensor was seen at
-    (:mod:`~flex_surgery.parallel.site_tags`), sent with the sizes: ranks whose exchange pairs
-    different sites (a branch some ranks skip) raise together. Not part of the identity either.
+    ``site``: for the data-parallel batch dim, the stamp of the hook site the tensor was seen
+    at, in this forward (:mod:`~flex_surgery.parallel.site_tags`; set by the runtime), sent with
+    the sizes: ranks whose exchange pairs different sites (a branch some ranks skip) raise
+    together. Not part of the identity either.
 
     ``blocks`` > 1: ``dim`` of the whole tensor is ``blocks`` equal blocks, each split over
     ``axis``, and a rank's piece is its part of block 0, then its part of block 1, ...

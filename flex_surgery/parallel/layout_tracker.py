@@ -20,7 +20,6 @@ from flex_surgery.parallel.frameworks.base import HIDDEN, ActivationShard, Layou
 from flex_surgery.parallel.frameworks.dtensor import is_dtensor
 from flex_surgery.parallel.layout_specs import ShardSpec, chunk_sizes
 from flex_surgery.parallel.mesh import ParallelMesh
-from flex_surgery.parallel.site_tags import remember_module_names
 
 __all__ = ["TPTracker"]
 
@@ -88,7 +87,6 @@ class TPTracker:
         """
         frameworks.check_known_sharding(model)
         self._roots.add(model)
-        remember_module_names(name for name, _ in model.named_modules())
         for name, m in model.named_modules():
             self._names.setdefault(m, name)
             for p in m.parameters(recurse=False):

@@ -281,9 +281,10 @@ def gather_pieces(t: torch.Tensor, cuts: Sequence[tuple[int, Sequence[int], Sequ
 # in which one connection delivers them) and from any other send/recv.
 _SHAPE_TAG, _PIECE_TAG, _STATUS_TAG = 0x7068, 0x7069, 0x706A
 _SHAPE_DIMS = 17  # a sent shape: [ndim, dims..., -1...] (up to 16 dims; ndim -1: more)
-# then the rank's input rows, the hook site and whether a piece follows (see _shape_row)
-_ROWS, _SITE, _SENDS = _SHAPE_DIMS, _SHAPE_DIMS + 1, _SHAPE_DIMS + 2
-_HEAD = _SHAPE_DIMS + 3
+# then the rank's input rows, the hook site, whether a piece follows and its element size
+# (see _shape_row)
+_ROWS, _SITE, _SENDS, _ITEM = _SHAPE_DIMS, _SHAPE_DIMS + 1, _SHAPE_DIMS + 2, _SHAPE_DIMS + 3
+_HEAD = _SHAPE_DIMS + 4
 _WHERE = "the exchange of the pieces' shapes"
 
 
@@ -372,6 +373,10 @@ def collect_pieces(t: torch.Tensor, cuts: Sequence[tuple[int, Sequence[int] | No
         for dim, sizes, _ in cuts:
             if sizes is None and error is None:
                 error = _broadcast_over_batch(table, dim)
+    items = {i: table[i][_ITEM] for i in others} if header else {}
+    if error is None and any(size != t.element_size() for size in items.values()):
+        error = (f"the pieces' elements are {items} bytes wide where group rank {dst}'s are "
+                 f"{t.element_size()}: the ranks hold different dtypes")
     status = 0 if error is None else 2 if mismatch is not None else 1
     answers = [dist.isend(torch.tensor([status]), group=group, group_dst=i,
                           tag=_STATUS_TAG) for i in askers] if header else []
@@ -383,13 +388,20 @@ def collect_pieces(t: torch.Tensor, cuts: Sequence[tuple[int, Sequence[int] | No
         {i: _region(whole, shape, offsets, cuts, i) for i, shape in shapes.items()}
     spare = [i for i in others if _numel(shapes[i]) and
              (whole is None or not regions[i].is_contiguous())]
-    flat = _scratch((sum(_numel(shapes[i]) for i in spare),), t) if spare else None
+    if whole is None:  # an error: what was announced is received as bytes (any dtype), dropped
+        nbytes = {i: _numel(shapes[i]) * items.get(i, t.element_size()) for i in spare}
+        flat = torch.empty(sum(nbytes.values()), dtype=torch.uint8)
+    else:
+        flat = _scratch((sum(_numel(shapes[i]) for i in spare),), t) if spare else None
     at, works, landing = 0, [], []  # landing: (place in the whole or None, buffer received into)
     for i in others:
         n = _numel(shapes[i])
         if not n:
             continue
-        if i in spare:
+        if whole is None:
+            buf = flat.narrow(0, at, nbytes[i])
+            at += nbytes[i]
+        elif i in spare:
             buf = flat.narrow(0, at, n).view(shapes[i])
             at += n
         else:
@@ -413,10 +425,11 @@ def collect_pieces(t: torch.Tensor, cuts: Sequence[tuple[int, Sequence[int] | No
 
 def _shape_row(t: torch.Tensor, rows: int | None = None, site: int = NO_SITE,
                sends: bool = True) -> torch.Tensor:
-    """``[ndim, dims..., -1..., rows, site, sends]``: a piece's shape (up to 16 dims; ndim -1:
-    more), its rank's input rows (-1: unknown, see :func:`_broadcast_over_batch`), the hook
-    site it is sent for (:mod:`~flex_surgery.parallel.site_tags`) and whether the piece follows
-    (:func:`collect_pieces`: a replica that sends none still sends its row)."""
+    """``[ndim, dims..., -1..., rows, site, sends, item]``: a piece's shape (up to 16 dims;
+    ndim -1: more), its rank's input rows (-1: unknown, see :func:`_broadcast_over_batch`), the
+    hook site it is sent for (:mod:`~flex_surgery.parallel.site_tags`), whether the piece
+    follows (:func:`collect_pieces`: a replica that sends none still sends its row) and its
+    element size (a leader at another site may hold another dtype: it receives the bytes)."""
     row = torch.full((_HEAD,), -1, dtype=torch.int64)
     if t.ndim < _SHAPE_DIMS:
         row[0] = t.ndim
@@ -425,6 +438,7 @@ def _shape_row(t: torch.Tensor, rows: int | None = None, site: int = NO_SITE,
         row[_ROWS] = rows
     row[_SITE] = site
     row[_SENDS] = int(sends)
+    row[_ITEM] = t.element_size()
     return row
 
 

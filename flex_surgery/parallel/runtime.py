@@ -31,6 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from flex_surgery.parallel.site_tags import site_tag
+
 HOOK_TYPES = ("forward", "forward_pre", "full_backward", "full_backward_pre", "tensor")
 
 
@@ -53,6 +55,16 @@ class HookSite:
     #: Which tensor of the hooked value the hook sees: a layer's outputs may be split
     #: differently (Megatron's ``(output, bias)``).
     unpack_idx: int = 0
+
+    def __post_init__(self) -> None:
+        # made now, on every rank alike, so that any rank can name it (see site_tags)
+        site_tag(self.module_name, self.role, self.unpack_idx)
+
+    @property
+    def tag(self) -> int:
+        """This site's :func:`~flex_surgery.parallel.site_tags.site_tag`, which the exchanges
+        in front of a data-parallel gather carry."""
+        return site_tag(self.module_name, self.role, self.unpack_idx)
 
     @staticmethod
     def role_for(hook_type: str) -> str:

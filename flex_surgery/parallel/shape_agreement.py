@@ -23,13 +23,14 @@ from flex_surgery.parallel.layout import (
 )
 from flex_surgery.parallel.mesh import ParallelMesh
 from flex_surgery.parallel.runtime import HookSite
-from flex_surgery.parallel.site_tags import check_same_site, site_tag
+from flex_surgery.parallel.site_tags import check_same_site
 
 __all__ = ["agree_on_whole_shape"]
 
 
 def agree_on_whole_shape(mesh: ParallelMesh, plain: torch.Tensor, layout: Layout | None,
-                         failure: Exception | None, site: HookSite) -> tuple[int, ...]:
+                         failure: Exception | None, site: HookSite,
+                         stamped: int) -> tuple[int, ...]:
     """The shape of the whole tensor, agreed by every rank of the stage before anything is
     gathered: one small all-gather over the stage group.
 
@@ -40,9 +41,9 @@ def agree_on_whole_shape(mesh: ParallelMesh, plain: torch.Tensor, layout: Layout
     every rank, at this call, instead of walking into different collectives. The whole shape
     is computed on every rank from the exchanged shapes, so a check against
     ``expected_shape`` fails on every rank at the call whose tensor does not match.
+    ``stamped``: the site's stamp in this forward (:mod:`~flex_surgery.parallel.site_tags`).
     """
-    row = _describe(mesh, plain, layout, failure is not None,
-                    site_tag(site.module_name, site.role, site.unpack_idx))
+    row = _describe(mesh, plain, layout, failure is not None, stamped)
     group = mesh.stage_group
     rows = [torch.empty_like(row) for _ in range(dist.get_world_size(group))]
     with naming_lost_ranks(group, "layout agreement"):

@@ -1,37 +1,44 @@
-"""A number naming a hook site, the same on every rank, sent with the shapes a gather exchanges.
+"""A number naming a hook site and the forward it fires in, the same on every rank, sent with
+the shapes a gather exchanges.
 
 Under data parallelism each rank runs the model on its own batch, and a model may take a branch
 on some ranks only (``if mask.any():``, routing, early exit). A hook on that branch fires on
 those ranks only, and its collective meets whatever collective the other ranks reach next --
-a later hook's, whose rows it would store as its own, with no error. Every exchange of shapes
-that comes before a gather over data-parallel ranks (:func:`~flex_surgery.parallel.
-piece_transfer.exchange_sizes`, the header of :func:`~flex_surgery.parallel.piece_transfer.
-collect_pieces`, :func:`~flex_surgery.parallel.shape_agreement.agree_on_whole_shape`) carries
-the tag of the site it serves, so ranks that reached different hooks raise
-:class:`HookSiteMismatchError` there, together. The tag travels in a row that is exchanged
+a later hook's, whose rows it would store as its own, or, when it was the last hook, the same
+hook's in the *next* forward -- with no error. Every exchange of shapes that comes before a
+gather over data-parallel ranks (:func:`~flex_surgery.parallel.piece_transfer.exchange_sizes`,
+the header of :func:`~flex_surgery.parallel.piece_transfer.collect_pieces`,
+:func:`~flex_surgery.parallel.shape_agreement.agree_on_whole_shape`) carries the site's
+:func:`stamp`, so ranks at different sites, or in different forwards, raise
+:class:`HookSiteMismatchError` there, together. The stamp travels in a row that is exchanged
 anyway: it costs no collective.
 
-What it cannot catch: a rank that reaches *no* further hook in the pass goes on into the
-model's own collectives (DDP's gradient all-reduce, FSDP's parameter gathers) or returns, and
-the ranks at the hook wait for it until the process group's timeout.
+A stamp is a site's tag (:func:`site_tag`: a CRC-32 of the hook's module name, role and tensor
+index) in its low 32 bits and the runtime's count of hooked forwards
+(:attr:`~flex_surgery.parallel.distributed_runtime.DistributedRuntime.passes`) above them. Every
+rank registers the same hooks, so every rank has made every tag, and can name the site another
+rank was at.
+
+What it cannot catch: a rank that reaches *no* further hook and no further forward goes on into
+the model's own collectives (DDP's gradient all-reduce, FSDP's parameter gathers) or returns,
+and the ranks at the hook wait for it until the process group's timeout; and two hooks whose
+gathers are different collectives (see docs/failure.md).
 """
 
 from __future__ import annotations
 
 import functools
 import zlib
-from collections.abc import Iterable
 
 from flex_surgery.parallel.frameworks.base import LayoutError
 
-__all__ = ["NO_SITE", "HookSiteMismatchError", "check_same_site", "describe_site",
-           "remember_module_names", "site_tag"]
+__all__ = ["NO_SITE", "HookSiteMismatchError", "check_same_site", "describe_site", "site_tag",
+           "stamp"]
 
-NO_SITE = 0  # a transfer that serves no hook site (parameters, tables): never compared unequal
+NO_SITE = 0  # a transfer that serves no hook site (parameters, tables): compared with nothing
 
 _NAMES: dict[int, str] = {}  # tag -> what it names, for the tags this process has made
-_MODULE_NAMES: set[str] = set()  # every watched model's module names, to name other ranks' tags
-_ROLES = ("output", "input", "grad_output", "grad_input")
+_TAG_BITS = 32
 
 
 class HookSiteMismatchError(LayoutError):
@@ -48,36 +55,31 @@ def site_tag(module_name: str, role: str, unpack_idx: int = 0) -> int:
     return tag
 
 
-def remember_module_names(names: Iterable[str]) -> None:
-    """Module names whose tags :func:`describe_site` can name when another rank sent them
-    (this rank may not have reached that site yet)."""
-    _MODULE_NAMES.update(names)
+def stamp(tag: int, passes: int) -> int:
+    """``tag`` in forward number ``passes`` (see the module docstring); ``NO_SITE`` stays."""
+    return tag | (passes % 2**30) << _TAG_BITS if tag != NO_SITE else NO_SITE
 
 
-def describe_site(tag: int) -> str:
-    """What a tag names: one this process made, else one of the remembered modules' (searched
-    on the error path only)."""
-    if tag == NO_SITE:
+def describe_site(stamped: int) -> str:
+    """What a stamp names: the site (one every rank registered) and the forward."""
+    if stamped == NO_SITE:
         return "no hook"
-    if tag not in _NAMES:
-        for name in _MODULE_NAMES:
-            for role in _ROLES:
-                for idx in range(4):
-                    if site_tag(name, role, idx) == tag:
-                        return _NAMES[tag]
-    return _NAMES.get(tag, f"hook site with tag {tag}")
+    tag, passes = stamped & (2**_TAG_BITS - 1), stamped >> _TAG_BITS
+    name = _NAMES.get(tag, f"hook site with tag {tag}")
+    return f"{name} in hooked forward {passes}" if passes else name
 
 
 def check_same_site(tags: dict[int, int], where: str) -> None:
     """Raise :class:`HookSiteMismatchError` when the ranks (``{rank: tag}``) of one exchange
     serve different hook sites. Every rank of the exchange sees the same tags, so every one
-    raises, at the same call."""
-    if len(set(tags.values())) <= 1:
+    raises, at the same call. :data:`NO_SITE` is compared with nothing."""
+    if len(set(tags.values()) - {NO_SITE}) <= 1:
         return
     seen = "; ".join(f"rank {r}: the {describe_site(t)}" for r, t in sorted(tags.items()))
     raise HookSiteMismatchError(
         f"{where}: the ranks reached different hooks at one collective ({seen}). A hook on a "
         f"module that some data-parallel ranks skip (a branch taken on the data: "
         f"`if mask.any():`, routing, early exit) cannot gather over those ranks, and would "
-        f"otherwise store another hook's tensors as its own. Hook a module every rank runs, or "
-        f"run the branch on every rank (with no rows where it has none)")
+        f"otherwise store another hook's tensors (or its own from another forward) as its own. "
+        f"Hook a module every rank runs, or run the branch on every rank (with no rows where it "
+        f"has none)")
