@@ -163,8 +163,10 @@ class LayoutInference(TPTracker):
             raise frameworks.UnknownLayoutError(
                 f"{self._describe(module)} {why}, so the layout of its {role} is unknown; "
                 f"{frameworks.HOW_TO_DECLARE}")
-        if in_forward and role in ("output", "input"):
-            state = self._current
+        if in_forward and role == "output":
+            state = self._through(self.output_state(module), local)
+        elif in_forward and role == "input":
+            state = self.input_state(local)
         else:
             state = (self._exit if is_out else self._entry).get(module)
         return self._inherited(module, state, local, role), False
@@ -281,6 +283,7 @@ class LayoutInference(TPTracker):
                 f"may have its batch elsewhere, or be broadcast), so how it is split over the "
                 f"data-parallel ranks cannot be told; {frameworks.HOW_TO_DECLARE}")
         dim = self._batch_dim(module, role, local)
+        self._check_batch_first(module, role, unpack_idx)
         if dim is None:
             if expected_shape is not None:
                 return layout  # declared: every dp rank holds it whole (no batch dim)
@@ -311,6 +314,30 @@ class LayoutInference(TPTracker):
                       layout.partials,
                       grad_scale=scale if grad_role else 1.0,
                       backward_scale=1.0 if grad_role else scale)
+
+    def _check_batch_first(self, module: nn.Module | None, role: str, unpack_idx: int) -> None:
+        """Refuse a tensor that torch itself puts batch second where the model's batch dim is
+        ``batch_dim``: a data-parallel join along that dim would glue the replicas' sequences
+        (``[s, b, e]`` joined on dim 0). Torch's own modules say so: ``batch_first=False``
+        (``nn.MultiheadAttention``, ``nn.Transformer*``, ``nn.RNN``/``LSTM``/``GRU``, and what
+        runs inside them), and an RNN's hidden state ``h_n`` is ``[layers, b, h]`` always."""
+        if module is None or module in self._batch_dims or self.batch_dim == 1:
+            return
+        inside = self._seq_first.get(module)
+        hidden = isinstance(module, nn.RNNBase) and unpack_idx > 0 and role in \
+            ("output", "grad_output")
+        if inside is None and not hidden:
+            return
+        why = (f"the hidden state an RNN returns (tensor {unpack_idx}) is [layers, batch, "
+               f"hidden] whatever batch_first says" if hidden and inside is None else
+               f"it runs in {inside}, built with batch_first=False, whose tensors are [seq, "
+               f"batch, ...]")
+        raise frameworks.UnknownLayoutError(
+            f"the {role} of {self._describe(module)}: {why}, while this model's batch dim is "
+            f"{self.batch_dim}, so joining the data-parallel replicas' pieces along it would "
+            f"join their sequences. Hook a module outside it whose tensors are batch-first, "
+            f"build it with batch_first=True, or, if the whole model is [seq, batch, ...], "
+            f"give FlexModel batch_dim=1")
 
     def _from_hint(self, local: torch.Tensor, expected: Sequence[int | None],
                    batch: int | None) -> Layout:

@@ -5,12 +5,19 @@ output of the *innermost TP layer that produced it* -- the TP layer that ran las
 module returned (``output``) or started (``input``). :class:`TPTracker` records that with
 forward hooks; :class:`~flex_surgery.parallel.layout.LayoutInference` (which extends it) turns
 it into layouts. See :mod:`flex_surgery.parallel.layout` for the rules.
+
+"Ran last" is a matter of time, not of data flow: a module that runs between a column layer and
+its row layer on a tensor that did not come out of the column layer (a hook point on the
+residual, ``r = self.point(x)`` after ``h = up(x)``) is not split like ``up``'s output. Where the
+tracker can see that -- the tensor *is* (the same object as) the input a TP layer took, or a
+module took only such tensors and no TP layer ran inside it -- it describes the tensor by what
+that TP layer consumed instead (:meth:`TPTracker._through`).
 """
 
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -24,6 +31,20 @@ from flex_surgery.parallel.mesh import ParallelMesh
 __all__ = ["TPTracker"]
 
 
+
+def _torch_batch_first(m: nn.Module) -> bool | None:
+    """``batch_first`` of torch's own modules whose tensors are ``[seq, batch, ...]`` unless
+    built with ``batch_first=True`` (``None``: not one of them). A Transformer layer keeps it
+    on its attention, an encoder or decoder on its layers'."""
+    if isinstance(m, (nn.MultiheadAttention, nn.RNNBase, nn.Transformer)):
+        return bool(m.batch_first)
+    if isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
+        return bool(m.self_attn.batch_first)
+    if isinstance(m, (nn.TransformerEncoder, nn.TransformerDecoder)) and len(m.layers):
+        return _torch_batch_first(m.layers[0])
+    return None
+
+
 @dataclass(frozen=True)
 class _Produced:
     """What the TP layer that ran last produced: its output's local shape and tp shard
@@ -32,6 +53,20 @@ class _Produced:
     shape: tuple[int, ...]
     spec: ShardSpec | None
     unknown: str | None = None
+    # The tensor the layer took in, and the state that described it (what ran before): a
+    # tensor that *is* the layer's input is described by ``before``, not by this state.
+    consumed: weakref.ref | None = field(default=None, compare=False)
+    before: _Produced | None = field(default=None, compare=False, repr=False)
+
+
+def _tensors(*values) -> list[torch.Tensor]:
+    """The tensors among ``values`` (args tuples, kwargs dicts and single values)."""
+    found = []
+    for v in values:
+        items = v.values() if isinstance(v, dict) else v if isinstance(v, (tuple, list)) \
+            else (v,)
+        found.extend(t for t in items if isinstance(t, torch.Tensor))
+    return found
 
 
 class TPTracker:
@@ -60,6 +95,9 @@ class TPTracker:
             weakref.WeakKeyDictionary()
         self._exit: weakref.WeakKeyDictionary[nn.Module, _Produced | None] = \
             weakref.WeakKeyDictionary()
+        # Per module: (the state when it was last entered, the state of its inputs then), for
+        # an output computed from inputs that did not come out of the last TP layer.
+        self._took: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
         # The watched models (entering one starts a forward), and the modules entered and left
         # since: a module called twice in one forward after tensors of different layouts has
         # no one entry (or exit) layout for its backward hooks.
@@ -72,6 +110,9 @@ class TPTracker:
         self._batch_dims: weakref.WeakKeyDictionary[nn.Module, tuple[int, int]] = \
             weakref.WeakKeyDictionary()
         self._parameters: dict[int, tuple[weakref.ref, nn.Module]] = {}
+        # Modules in (or being) one of torch's own built with batch_first=False, by name.
+        self._seq_first: weakref.WeakKeyDictionary[nn.Module, str] = \
+            weakref.WeakKeyDictionary()
         # Rows of this replica's input in the current forward (data parallelism; see
         # ShardSpec.rows), None before a watched model's forward or when it has no batch dim.
         self.input_rows: int | None = None
@@ -92,6 +133,10 @@ class TPTracker:
             for p in m.parameters(recurse=False):
                 self._parameters.setdefault(id(p), (weakref.ref(p), m))
         self._batch_dims.update(frameworks.batch_dims(model))
+        for name, m in model.named_modules():
+            if _torch_batch_first(m) is False and m not in self._seq_first:
+                for sub in m.modules():  # what runs inside sees [seq, batch, ...] too
+                    self._seq_first.setdefault(sub, f"{name!r} ({type(m).__name__})")
         if self.mesh.dp_size > 1:
             self._handles.append(model.register_forward_pre_hook(self._root_rows,
                                                                  with_kwargs=True))
@@ -106,7 +151,7 @@ class TPTracker:
         for m in model.modules():
             if self.tp_layer(m) is not None or self._why_unknown(m) is not None:
                 self._handles.append(m.register_forward_hook(self._tp_layer_ran))
-            self._handles.append(m.register_forward_pre_hook(self._enter))
+            self._handles.append(m.register_forward_pre_hook(self._enter, with_kwargs=True))
             self._handles.append(m.register_forward_hook(self._leave))
 
     def unwatch(self) -> None:
@@ -116,17 +161,21 @@ class TPTracker:
 
     def _root_rows(self, module, args, kwargs) -> None:
         """Record the rows of this replica's input as a watched model's forward starts: the
-        batch size of its first tensor argument (positional, else keyword)."""
+        largest batch size among its tensor arguments of two dims or more (else among all).
+
+        Not the first argument's: ``flex(position_ids=pos, input_ids=ids)`` puts a ``[1, s]``
+        tensor first, and a table broadcast over the batch would then look like one row of it.
+        The rows only serve to refuse such tables (``ShardSpec.rows``), so too many is the safe
+        side; 1-D tensors are left out where others exist (``cache_position`` is ``[s]``)."""
         if torch._C._current_graph_task_id() != -1:
             return  # a forward recomputed in backward (checkpointing)
-        first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)),
-                     None)
         dims = self._batch_dims.get(module)
         dim = self.batch_dim if dims is None else dims[0]
-        self.input_rows = first.shape[dim] if first is not None and \
-            -first.ndim <= dim < first.ndim else None
+        tensors = [a for a in _tensors(args, kwargs) if -a.ndim <= dim < a.ndim]
+        wide = [a for a in tensors if a.ndim >= 2] or tensors
+        self.input_rows = max((a.shape[dim] for a in wide), default=None)
 
-    def _enter(self, module, args):
+    def _enter(self, module, args, kwargs):
         if torch._C._current_graph_task_id() != -1:
             return  # a forward recomputed in backward (checkpointing): keep the forward's
         if module in self._roots:  # a new forward: no TP layer of it has run yet
@@ -134,7 +183,9 @@ class TPTracker:
             self._current = self._stage_input(module)
             self._entered.clear()
             self._left.clear()
-        self._remember(self._entry, self._entered, module, "entered")
+        took = self._state_of(_tensors(args, kwargs), self._current)
+        self._took[module] = (self._current, took)
+        self._remember(self._entry, self._entered, module, "entered", took)
         why = self._why_unknown(module)
         info = self.tp_layer(module)
         if why is None and info is not None and info.opaque:
@@ -162,14 +213,42 @@ class TPTracker:
     def _leave(self, module, args, output):
         if torch._C._current_graph_task_id() != -1:
             return
-        self._remember(self._exit, self._left, module, "left")
+        self._remember(self._exit, self._left, module, "left",
+                       self._state_of(_tensors(output), self.output_state(module)))
 
-    def _remember(self, table, seen, module: nn.Module, what: str) -> None:
+    def _through(self, state: _Produced | None, t: torch.Tensor) -> _Produced | None:
+        """The state that describes ``t``: ``state`` (what the TP layer that ran last
+        produced), unless ``t`` is the very tensor that layer took in -- then what described
+        it before that layer ran (several layers may have taken it: q, k and v)."""
+        while state is not None and state.consumed is not None and state.consumed() is t:
+            state = state.before
+        return state
+
+    def _state_of(self, tensors: list[torch.Tensor],
+                  state: _Produced | None) -> _Produced | None:
+        """The state that describes all of ``tensors`` by :meth:`_through`, where they agree
+        on an earlier one; otherwise ``state`` (the rule of time)."""
+        if not tensors:
+            return state
+        first = self._through(state, tensors[0])
+        return first if all(self._through(state, t) is first for t in tensors[1:]) else state
+
+    def output_state(self, module: nn.Module) -> _Produced | None:
+        """The state describing ``module``'s output as it returns: what its inputs were
+        described by when no TP layer ran inside it, else what the last TP layer produced."""
+        current, took = self._took.get(module, (None, None))
+        return took if current is self._current and module in self._took else self._current
+
+    def input_state(self, t: torch.Tensor) -> _Produced | None:
+        """The state describing ``t``, an input a module is about to take."""
+        return self._through(self._current, t)
+
+    def _remember(self, table, seen, module: nn.Module, what: str,
+                  state: _Produced | None) -> None:
         """Record the layout state at ``module``'s entry or exit, which its backward hooks
         read. Called again in the same forward with another state (a module shared by two
         places, say after a column and a row layer), it has none: its gradients' layout is
         unknown rather than the last call's."""
-        state = self._current
         if module in seen:
             if not self._same_layout(table.get(module), state):
                 state = _Produced(
@@ -193,6 +272,17 @@ class TPTracker:
         return split(a) == split(b)
 
     def _tp_layer_ran(self, module, args, output):
+        # what described the layer's input as it started (an opaque layer changes the state
+        # on entry: what runs inside it is unknown)
+        before = self._took.get(module, (self._current,))[0]
+        self._produce(module, args, output)
+        taken = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        if self._current is not None and taken is not None:
+            self._current = replace(self._current, consumed=weakref.ref(taken),
+                                    before=self._through(before, taken))
+
+    def _produce(self, module, args, output):
+        """Set ``_current`` to what the TP layer ``module`` produced."""
         out = output[0] if isinstance(output, tuple) else output
         if not isinstance(out, torch.Tensor) or is_dtensor(out):
             self._current = None
