@@ -183,7 +183,7 @@ class TPTracker:
             self._current = self._stage_input(module)
             self._entered.clear()
             self._left.clear()
-        took = self._state_of(_tensors(args, kwargs), self._current)
+        took = self._state_of(self._current, args, kwargs)
         self._took[module] = (self._current, took)
         self._remember(self._entry, self._entered, module, "entered", took)
         why = self._why_unknown(module)
@@ -214,7 +214,7 @@ class TPTracker:
         if torch._C._current_graph_task_id() != -1:
             return
         self._remember(self._exit, self._left, module, "left",
-                       self._state_of(_tensors(output), self.output_state(module)))
+                       self._state_of(self.output_state(module), output))
 
     def _through(self, state: _Produced | None, t: torch.Tensor) -> _Produced | None:
         """The state that describes ``t``: ``state`` (what the TP layer that ran last
@@ -224,10 +224,12 @@ class TPTracker:
             state = state.before
         return state
 
-    def _state_of(self, tensors: list[torch.Tensor],
-                  state: _Produced | None) -> _Produced | None:
-        """The state that describes all of ``tensors`` by :meth:`_through`, where they agree
-        on an earlier one; otherwise ``state`` (the rule of time)."""
+    def _state_of(self, state: _Produced | None, *values) -> _Produced | None:
+        """The state that describes all the tensors among ``values`` by :meth:`_through`, where
+        they agree on an earlier one; otherwise ``state`` (the rule of time)."""
+        if state is None or state.consumed is None:
+            return state  # nothing to look through (and no list to build: every module call)
+        tensors = _tensors(*values)
         if not tensors:
             return state
         first = self._through(state, tensors[0])
