@@ -115,9 +115,10 @@ class AxisWalk:
                 t = gather_to_one(t, spec.dim, group, 0, sizes)
             elif isinstance(spec, PartialSpec):
                 record.append((axis, spec, None, shape))
-                t = reduce_to_one(t, group, 0)
-                if spec.op == "avg" and dist.get_rank(group) == 0:
-                    t = t / self.mesh.size(axis)
+                # an average divides each summand first, as DDP does: a sum of low-precision
+                # gradients may overflow where their mean does not
+                t = reduce_to_one(t / self.mesh.size(axis) if spec.op == "avg" else t,
+                                  group, 0)
             else:
                 record.append((axis, None, None, shape))
                 t = replica_to_one(t, group)
@@ -254,11 +255,9 @@ class AxisWalk:
                 sizes = spec.sizes or exchange_sizes(t, spec.dim % t.ndim, group, spec.rows,
                                                      spec.site)
                 t = all_gather(t, spec.dim, group, sizes)
-            elif isinstance(spec, PartialSpec):
-                t = t.clone()
+            elif isinstance(spec, PartialSpec):  # an average: each summand divided first
+                t = t / self.mesh.size(axis) if spec.op == "avg" else t.clone()
                 dist.all_reduce(t, group=group)
-                if spec.op == "avg":
-                    t = t / self.mesh.size(axis)
         return t * layout.grad_scale if layout.grad_scale != 1.0 else t
 
     def everywhere(self, t: torch.Tensor, layout: Layout) -> tuple[torch.Tensor, list]:

@@ -152,19 +152,25 @@ class _AllGather(torch.autograd.Function):
         return grad.narrow(ctx.dim, start, ctx.sizes[me]).clone(), None, None, None
 
 
+def _summands(t: torch.Tensor, group: Group, mean: bool) -> torch.Tensor:
+    """A fresh contiguous buffer to all-reduce: ``t``, divided by the group's size first for
+    a mean (as DDP averages: a sum of fp16 values may overflow where their mean does not)."""
+    return t.contiguous() / dist.get_world_size(group) if mean else t.contiguous().clone()
+
+
 class _AllReduce(torch.autograd.Function):
     @staticmethod
     def forward(ctx, t, group, mean):
         ctx.group, ctx.mean = group, mean
-        buf = t.contiguous().clone()
+        buf = _summands(t, group, mean)
         _all_reduce(buf, group)
-        return buf / dist.get_world_size(group) if mean else buf
+        return buf
 
     @staticmethod
     def backward(ctx, grad):
-        buf = grad.contiguous().clone()
+        buf = _summands(grad, ctx.group, ctx.mean)
         _all_reduce(buf, ctx.group)
-        return (buf / dist.get_world_size(ctx.group) if ctx.mean else buf), None, None
+        return buf, None, None
 
 
 class _ReduceToOne(torch.autograd.Function):
