@@ -137,6 +137,15 @@ class LayoutInference(TPTracker):
         # More dims than the layer's output, with the split on the last: that dim was cut up
         # (heads out of a projection), and a part of the same width is no proof of the split.
         regrouped = last and local.ndim > len(state.shape)
+        if last and local.ndim > 1 and local.shape[-1] > 1 and local.stride(-1) != 1:
+            # the last dim is not the innermost in memory: a transposed or permuted view (of
+            # the layer's output, whose split was innermost), where the dim of the same width
+            # may be another one (the sequence, when it is as long as the shard is wide)
+            raise frameworks.UnknownLayoutError(
+                f"the {role} of {self._describe(module)} has shape {tuple(local.shape)} with "
+                f"strides {tuple(local.stride())}: a permuted view, after a tensor-parallel "
+                f"layer that produced shape {state.shape} split on its last dim, so which of "
+                f"its dims is split cannot be told; {frameworks.HOW_TO_DECLARE}")
         if dim < local.ndim and local.shape[dim] == state.shape[spec.dim] and not regrouped:
             return replace(spec, dim=dim)
         raise frameworks.UnknownLayoutError(
@@ -205,14 +214,37 @@ class LayoutInference(TPTracker):
                 f"split; give expected_shape (the whole tensor's shape, None for dims that "
                 f"vary) to say how it is split")
         if expected_shape is not None and not exact:
-            layout = self._from_hint(local, expected_shape,
-                                     self._batch_dim(module, role, local))  # the hint decides
+            layout = self._open_hint(local, module, role, expected_shape, in_forward)
             return self._add_dp(layout, local, module, role, expected_shape, unpack_idx)
         tp_spec, exact = self._tp_spec(module, role, local, in_forward)
         layout = Layout((tp_spec,) if tp_spec is not None else ())
         layout = self._checked(layout, local, module, role, expected_shape,
                                self._batch_dim(module, role, local))
         return self._add_dp(layout, local, module, role, expected_shape, unpack_idx)
+
+    def _open_hint(self, local: torch.Tensor, module: nn.Module | None, role: str,
+                   expected_shape: Sequence[int | None], in_forward: bool) -> Layout:
+        """The tp split an ``expected_shape`` declares for a module no framework describes.
+        The hint decides the dims it gives; a dim it leaves ``None`` ("any size") declares
+        nothing. So where the hint splits nothing but leaves a dim open, what produced the
+        tensor decides (docs/parallel.md, rule 4): ``(None, None, None)`` on a GELU after
+        a column layer is that layer's split, not a replicated tensor -- and a tensor whose
+        producer cannot be told raises, naming the open dims."""
+        batch = self._batch_dim(module, role, local)
+        layout = self._from_hint(local, expected_shape, batch)
+        open_dims = [d for d, want in enumerate(expected_shape) if want is None and d != batch]
+        if layout.shards or not open_dims or self.mesh.tp_size == 1:
+            return layout
+        try:
+            tp_spec, _ = self._tp_spec(module, role, local, in_forward)
+        except frameworks.UnknownLayoutError as exc:
+            raise frameworks.UnknownLayoutError(
+                f"expected_shape {tuple(expected_shape)} of the {role} of "
+                f"{self._describe(module)} leaves dim(s) {open_dims} open (None), and the "
+                f"tensor may be split over the tensor-parallel ranks there: {exc}. Give the "
+                f"whole size of every dim but the batch dim") from None
+        return Layout((tp_spec,)) if tp_spec is not None and tp_spec.dim in open_dims \
+            else layout
 
     def _checked(self, layout: Layout, local: torch.Tensor, module: nn.Module | None,
                  role: str, expected_shape: Sequence[int | None] | None,
@@ -316,28 +348,33 @@ class LayoutInference(TPTracker):
                       backward_scale=1.0 if grad_role else scale)
 
     def _check_batch_first(self, module: nn.Module | None, role: str, unpack_idx: int) -> None:
-        """Refuse a tensor that torch itself puts batch second where the model's batch dim is
-        ``batch_dim``: a data-parallel join along that dim would glue the replicas' sequences
-        (``[s, b, e]`` joined on dim 0). Torch's own modules say so: ``batch_first=False``
-        (``nn.MultiheadAttention``, ``nn.Transformer*``, ``nn.RNN``/``LSTM``/``GRU``, and what
-        runs inside them), and an RNN's hidden state ``h_n`` is ``[layers, b, h]`` always."""
-        if module is None or module in self._batch_dims or self.batch_dim == 1:
+        """Refuse a tensor whose batch dim torch itself puts elsewhere than the model's
+        ``batch_dim``: a data-parallel join along ``batch_dim`` would glue the replicas'
+        sequences. Torch's modules with a ``batch_first`` setting say where: their tensors,
+        and those of what runs inside them, are ``[batch, seq, ...]`` or ``[seq, batch, ...]``
+        by it; an RNN's hidden states ``h_0`` / ``h_n`` (tensor 1 and on) are
+        ``[layers, batch, hidden]`` always; ``nn.MultiheadAttention``'s attention weights
+        (output tensor 1) are ``[batch, ...]`` always."""
+        entry = self._torch_seq.get(module) if module is not None else None
+        if entry is None or module in self._batch_dims:
             return
-        inside = self._seq_first.get(module)
-        hidden = isinstance(module, nn.RNNBase) and unpack_idx > 0 and role in \
-            ("output", "grad_output")
-        if inside is None and not hidden:
+        batch_first, owner = entry
+        if isinstance(module, nn.RNNBase) and unpack_idx > 0:
+            dim, why = 1, f"an RNN's hidden state (tensor {unpack_idx}) is [layers, batch, hidden]"
+        elif isinstance(module, nn.MultiheadAttention) and unpack_idx == 1 and \
+                role in ("output", "grad_output"):
+            return  # the attention weights: [batch, ...] whatever batch_first says
+        else:
+            dim = 0 if batch_first else 1
+            why = (f"it runs in {owner}, built with batch_first={batch_first}, whose tensors "
+                   f"are {'[batch, seq, ...]' if batch_first else '[seq, batch, ...]'}")
+        if dim == self.batch_dim:
             return
-        why = (f"the hidden state an RNN returns (tensor {unpack_idx}) is [layers, batch, "
-               f"hidden] whatever batch_first says" if hidden and inside is None else
-               f"it runs in {inside}, built with batch_first=False, whose tensors are [seq, "
-               f"batch, ...]")
         raise frameworks.UnknownLayoutError(
             f"the {role} of {self._describe(module)}: {why}, while this model's batch dim is "
             f"{self.batch_dim}, so joining the data-parallel replicas' pieces along it would "
-            f"join their sequences. Hook a module outside it whose tensors are batch-first, "
-            f"build it with batch_first=True, or, if the whole model is [seq, batch, ...], "
-            f"give FlexModel batch_dim=1")
+            f"join their sequences. Hook a module outside it whose batch dim is the model's, "
+            f"or build it with the model's layout (batch_first, FlexModel's batch_dim)")
 
     def _from_hint(self, local: torch.Tensor, expected: Sequence[int | None],
                    batch: int | None) -> Layout:

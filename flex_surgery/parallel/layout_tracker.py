@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
 from flex_surgery.parallel import frameworks
 from flex_surgery.parallel.frameworks.base import HIDDEN, ActivationShard, LayoutError, TPLayer
@@ -30,6 +31,11 @@ from flex_surgery.parallel.mesh import ParallelMesh
 
 __all__ = ["TPTracker"]
 
+
+
+# The keyword arguments that carry a model's batch, in the order they are looked for.
+_INPUT_NAMES = ("input_ids", "inputs_embeds", "pixel_values", "input_values", "input_features",
+                "hidden_states", "x", "input")
 
 
 def _torch_batch_first(m: nn.Module) -> bool | None:
@@ -60,13 +66,9 @@ class _Produced:
 
 
 def _tensors(*values) -> list[torch.Tensor]:
-    """The tensors among ``values`` (args tuples, kwargs dicts and single values)."""
-    found = []
-    for v in values:
-        items = v.values() if isinstance(v, dict) else v if isinstance(v, (tuple, list)) \
-            else (v,)
-        found.extend(t for t in items if isinstance(t, torch.Tensor))
-    return found
+    """Every tensor in ``values``, however deep in tuples, lists and dicts (a module handed
+    ``[h]`` takes ``h`` as much as one handed ``h``)."""
+    return [t for t in tree_leaves(values) if isinstance(t, torch.Tensor)]
 
 
 class TPTracker:
@@ -110,8 +112,9 @@ class TPTracker:
         self._batch_dims: weakref.WeakKeyDictionary[nn.Module, tuple[int, int]] = \
             weakref.WeakKeyDictionary()
         self._parameters: dict[int, tuple[weakref.ref, nn.Module]] = {}
-        # Modules in (or being) one of torch's own built with batch_first=False, by name.
-        self._seq_first: weakref.WeakKeyDictionary[nn.Module, str] = \
+        # Modules in (or being) one of torch's own with a batch_first setting: (its value,
+        # which module).
+        self._torch_seq: weakref.WeakKeyDictionary[nn.Module, tuple[bool, str]] = \
             weakref.WeakKeyDictionary()
         # Rows of this replica's input in the current forward (data parallelism; see
         # ShardSpec.rows), None before a watched model's forward or when it has no batch dim.
@@ -134,9 +137,11 @@ class TPTracker:
                 self._parameters.setdefault(id(p), (weakref.ref(p), m))
         self._batch_dims.update(frameworks.batch_dims(model))
         for name, m in model.named_modules():
-            if _torch_batch_first(m) is False and m not in self._seq_first:
-                for sub in m.modules():  # what runs inside sees [seq, batch, ...] too
-                    self._seq_first.setdefault(sub, f"{name!r} ({type(m).__name__})")
+            batch_first = _torch_batch_first(m)
+            if batch_first is not None and m not in self._torch_seq:
+                for sub in m.modules():  # what runs inside has the same layout
+                    self._torch_seq.setdefault(sub, (batch_first,
+                                                     f"{name!r} ({type(m).__name__})"))
         if self.mesh.dp_size > 1:
             self._handles.append(model.register_forward_pre_hook(self._root_rows,
                                                                  with_kwargs=True))
@@ -161,19 +166,24 @@ class TPTracker:
 
     def _root_rows(self, module, args, kwargs) -> None:
         """Record the rows of this replica's input as a watched model's forward starts: the
-        largest batch size among its tensor arguments of two dims or more (else among all).
+        batch size of its first positional tensor, else of the first keyword among the usual
+        input names (``input_ids``, ``inputs_embeds``, ``pixel_values``, ...), else the most
+        among its keyword tensors of two dims or more.
 
-        Not the first argument's: ``flex(position_ids=pos, input_ids=ids)`` puts a ``[1, s]``
+        Not simply the first tensor: ``flex(position_ids=pos, input_ids=ids)`` puts a ``[1, s]``
         tensor first, and a table broadcast over the batch would then look like one row of it.
-        The rows only serve to refuse such tables (``ShardSpec.rows``), so too many is the safe
-        side; 1-D tensors are left out where others exist (``cache_position`` is ``[s]``)."""
+        Nor the most rows of all: an ``[s, s]`` mask beside a one-row input is no batch."""
         if torch._C._current_graph_task_id() != -1:
             return  # a forward recomputed in backward (checkpointing)
         dims = self._batch_dims.get(module)
         dim = self.batch_dim if dims is None else dims[0]
-        tensors = [a for a in _tensors(args, kwargs) if -a.ndim <= dim < a.ndim]
-        wide = [a for a in tensors if a.ndim >= 2] or tensors
-        self.input_rows = max((a.shape[dim] for a in wide), default=None)
+        named = [kwargs[k] for k in _INPUT_NAMES if isinstance(kwargs.get(k), torch.Tensor)]
+        first = next((a for a in (*args, *named) if isinstance(a, torch.Tensor)), None)
+        if first is None:  # keywords only, none of the usual names: the most rows among them
+            wide = [a for a in kwargs.values() if isinstance(a, torch.Tensor) and a.ndim >= 2]
+            first = max(wide, key=lambda a: a.shape[dim] if dim < a.ndim else 0, default=None)
+        self.input_rows = first.shape[dim] if first is not None and \
+            -first.ndim <= dim < first.ndim else None
 
     def _enter(self, module, args, kwargs):
         if torch._C._current_graph_task_id() != -1:
@@ -184,7 +194,10 @@ class TPTracker:
             self._entered.clear()
             self._left.clear()
         took = self._state_of(self._current, args, kwargs)
-        self._took[module] = (self._current, took)
+        # the first argument as the module is entered, before later pre-hooks (an editing one,
+        # a backward hook's wrapper) replace it: a TP layer's input is matched against this
+        first = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        self._took[module] = (self._current, took, None if first is None else weakref.ref(first))
         self._remember(self._entry, self._entered, module, "entered", took)
         why = self._why_unknown(module)
         info = self.tp_layer(module)
@@ -238,7 +251,7 @@ class TPTracker:
     def output_state(self, module: nn.Module) -> _Produced | None:
         """The state describing ``module``'s output as it returns: what its inputs were
         described by when no TP layer ran inside it, else what the last TP layer produced."""
-        current, took = self._took.get(module, (None, None))
+        current, took, _ = self._took.get(module, (None, None, None))
         return took if current is self._current and module in self._took else self._current
 
     def input_state(self, t: torch.Tensor) -> _Produced | None:
@@ -274,14 +287,20 @@ class TPTracker:
         return split(a) == split(b)
 
     def _tp_layer_ran(self, module, args, output):
-        # what described the layer's input as it started (an opaque layer changes the state
-        # on entry: what runs inside it is unknown)
-        before = self._took.get(module, (self._current,))[0]
         self._produce(module, args, output)
-        taken = args[0] if args and isinstance(args[0], torch.Tensor) else None
-        if self._current is not None and taken is not None:
-            self._current = replace(self._current, consumed=weakref.ref(taken),
-                                    before=self._through(before, taken))
+        entry = self._took.get(module)
+        taken = entry[2]() if entry is not None and entry[2] is not None else None
+        if self._current is None or taken is None or is_dtensor(taken):
+            return
+        info = self.tp_layer(module)
+        if info is None or not info.exact:
+            return  # only a layer whose attributes say how it takes its input is looked through
+        try:
+            spec = self._dim_shard(info.input, taken, True, module, "input")
+        except LayoutError:
+            return
+        before = None if spec is None else _Produced(tuple(taken.shape), spec)
+        self._current = replace(self._current, consumed=weakref.ref(taken), before=before)
 
     def _produce(self, module, args, output):
         """Set ``_current`` to what the TP layer ``module`` produced."""
