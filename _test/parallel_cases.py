@@ -72,29 +72,38 @@ def plain_net(seed: int = 0, ff: int = FF) -> Net:
     return Net([Block(linear(H, ff), linear(ff, H)) for _ in range(2)], linear(H, V))
 
 
+def column_like(lin: nn.Linear, gather_output: bool = False) -> nn.Module:
+    """``lin``'s weights in a fairscale ColumnParallelLinear: this rank's rows (model parallel
+    must be initialised)."""
+    from fairscale.nn.model_parallel import initialize as fs
+    from fairscale.nn.model_parallel.layers import ColumnParallelLinear
+
+    r, n = fs.get_model_parallel_rank(), lin.out_features // fs.get_model_parallel_world_size()
+    layer = ColumnParallelLinear(lin.in_features, lin.out_features, gather_output=gather_output)
+    with torch.no_grad():
+        layer.weight.copy_(lin.weight[r * n:(r + 1) * n])
+        layer.bias.copy_(lin.bias[r * n:(r + 1) * n])
+    return layer
+
+
+def row_like(lin: nn.Linear) -> nn.Module:
+    """``lin``'s weights in a fairscale RowParallelLinear taking a split input: this rank's
+    columns (model parallel must be initialised)."""
+    from fairscale.nn.model_parallel import initialize as fs
+    from fairscale.nn.model_parallel.layers import RowParallelLinear
+
+    r, n = fs.get_model_parallel_rank(), lin.in_features // fs.get_model_parallel_world_size()
+    layer = RowParallelLinear(lin.in_features, lin.out_features, input_is_parallel=True)
+    with torch.no_grad():
+        layer.weight.copy_(lin.weight[:, r * n:(r + 1) * n])
+        layer.bias.copy_(lin.bias)
+    return layer
+
+
 def fairscale_net(plain: Net) -> Net:
     """The same weights in fairscale TP layers (model parallel must be initialised)."""
-    from fairscale.nn.model_parallel import initialize as fs
-    from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallelLinear
-
-    tp, r = fs.get_model_parallel_world_size(), fs.get_model_parallel_rank()
-    blocks = []
-    for b in plain.blocks:
-        up = ColumnParallelLinear(H, b.up.out_features, gather_output=False)
-        down = RowParallelLinear(b.up.out_features, H, input_is_parallel=True)
-        n = b.up.out_features // tp
-        with torch.no_grad():
-            up.weight.copy_(b.up.weight[r * n:(r + 1) * n])
-            up.bias.copy_(b.up.bias[r * n:(r + 1) * n])
-            down.weight.copy_(b.down.weight[:, r * n:(r + 1) * n])
-            down.bias.copy_(b.down.bias)
-        blocks.append(Block(up, down))
-    head = ColumnParallelLinear(H, V, gather_output=True)
-    n = V // tp
-    with torch.no_grad():
-        head.weight.copy_(plain.head.weight[r * n:(r + 1) * n])
-        head.bias.copy_(plain.head.bias[r * n:(r + 1) * n])
-    return Net(blocks, head)
+    blocks = [Block(column_like(b.up), row_like(b.down)) for b in plain.blocks]
+    return Net(blocks, column_like(plain.head, gather_output=True))
 
 
 def dtensor_plan(use_local_output: bool):

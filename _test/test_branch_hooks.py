@@ -12,7 +12,7 @@ carries the hook site (``flex_surgery.parallel.site_tags``), so every rank raise
 import pytest
 import torch
 import torch.distributed as dist
-from parallel_cases import H, local_group, seeded_linear
+from parallel_cases import H, column_like, local_group, row_like, seeded_linear
 from rank_pool import distributed
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -123,20 +123,11 @@ def test_dp_x_tp_a_hook_some_replicas_skip_raises_on_every_rank():
     collection over the stage (tp and dp in one transfer) and the edit's walk over the axes
     meet ``side`` on replica 0 and the column-parallel ``up`` on replica 1: every rank raises."""
     from fairscale.nn.model_parallel import initialize as fs
-    from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
     torch.set_default_dtype(torch.float64)
     fs.initialize_model_parallel(2)
     plain = BranchyNet()
-    up = ColumnParallelLinear(H, FF, gather_output=False)
-    down = RowParallelLinear(FF, H, input_is_parallel=True)
-    r, n = fs.get_model_parallel_rank(), FF // 2
-    with torch.no_grad():
-        up.weight.copy_(plain.up.weight[r * n:(r + 1) * n])
-        up.bias.copy_(plain.up.bias[r * n:(r + 1) * n])
-        down.weight.copy_(plain.down.weight[:, r * n:(r + 1) * n])
-        down.bias.copy_(plain.down.bias)
-    model = BranchyNet(up, down)
+    model = BranchyNet(column_like(plain.up), row_like(plain.down))
     replica = fs.get_data_parallel_rank()
     for mode in ("retrieve", "edit", "replicate_edit"):
         want, want_out = _reference(mode)

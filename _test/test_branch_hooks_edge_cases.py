@@ -8,7 +8,7 @@ times, DP x TP; and, pinned, the pairs of gathers that are different collectives
 import pytest
 import torch
 import torch.distributed as dist
-from parallel_cases import H, local_group, seeded_linear
+from parallel_cases import H, column_like, local_group, row_like, seeded_linear
 from rank_pool import distributed
 from torch import nn
 
@@ -421,19 +421,10 @@ def test_module_called_a_different_number_of_times():
 
 def _fairscale_branchy():
     from fairscale.nn.model_parallel import initialize as fs
-    from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
     fs.initialize_model_parallel(2)
     plain = Branchy()
-    up = ColumnParallelLinear(H, FF, gather_output=False)
-    down = RowParallelLinear(FF, H, input_is_parallel=True)
-    r, n = fs.get_model_parallel_rank(), FF // 2
-    with torch.no_grad():
-        up.weight.copy_(plain.up.weight[r * n:(r + 1) * n])
-        up.bias.copy_(plain.up.bias[r * n:(r + 1) * n])
-        down.weight.copy_(plain.down.weight[:, r * n:(r + 1) * n])
-        down.bias.copy_(plain.down.bias)
-    plain.up, plain.down = up, down
+    plain.up, plain.down = column_like(plain.up), row_like(plain.down)
     return plain, fs.get_data_parallel_rank()
 
 

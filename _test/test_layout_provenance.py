@@ -16,7 +16,7 @@
 import pytest
 import torch
 import torch.distributed as dist
-from parallel_cases import H, local_group, seeded_linear
+from parallel_cases import H, column_like, local_group, row_like, seeded_linear
 from rank_pool import distributed
 from torch import nn
 
@@ -56,18 +56,7 @@ def _side_plain():
 
 
 def _side_fairscale(plain):
-    from fairscale.nn.model_parallel import initialize as fs
-    from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallelLinear
-
-    r, n = fs.get_model_parallel_rank(), H  # 2H / tp=2
-    up = ColumnParallelLinear(H, 2 * H, gather_output=False)
-    down = RowParallelLinear(2 * H, H, input_is_parallel=True)
-    with torch.no_grad():
-        up.weight.copy_(plain.up.weight[r * n:(r + 1) * n])
-        up.bias.copy_(plain.up.bias[r * n:(r + 1) * n])
-        down.weight.copy_(plain.down.weight[:, r * n:(r + 1) * n])
-        down.bias.copy_(plain.down.bias)
-    return SideBlock(up, down)
+    return SideBlock(column_like(plain.up), row_like(plain.down))
 
 
 _REGISTER = {"forward": "register_forward_hook", "forward_pre": "register_forward_pre_hook",

@@ -15,7 +15,7 @@ rule of time still decides.
 import pytest
 import torch
 import torch.distributed as dist
-from parallel_cases import H, local_group, seeded_linear
+from parallel_cases import H, column_like, local_group, row_like, seeded_linear
 from rank_pool import distributed
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -112,24 +112,8 @@ def _plain_layers():
 
 
 def _fairscale_layers(plain):
-    from fairscale.nn.model_parallel import initialize as fs
-    from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallelLinear
-
-    r, n = fs.get_model_parallel_rank(), H  # 2H / tp=2
-    out = {}
-    for name, lin in plain.items():
-        if name == "down":
-            m = RowParallelLinear(2 * H, H, input_is_parallel=True)
-            with torch.no_grad():
-                m.weight.copy_(lin.weight[:, r * n:(r + 1) * n])
-                m.bias.copy_(lin.bias)
-        else:
-            m = ColumnParallelLinear(H, 2 * H, gather_output=(name == "gate"))
-            with torch.no_grad():
-                m.weight.copy_(lin.weight[r * n:(r + 1) * n])
-                m.bias.copy_(lin.bias[r * n:(r + 1) * n])
-        out[name] = m
-    return out
+    return {name: row_like(lin) if name == "down" else
+            column_like(lin, gather_output=name == "gate") for name, lin in plain.items()}
 
 
 def _run_tp(model, x, hooks, **kw):

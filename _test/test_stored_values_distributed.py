@@ -7,6 +7,7 @@ one process stores."""
 import pytest
 import torch
 import torch.distributed as dist
+from parallel_cases import column_like, row_like
 from pipeline_cases import BlockStage
 from rank_pool import distributed
 from torch import nn
@@ -188,22 +189,13 @@ class _TPBlock(nn.Module):
         return z
 
 
-def _tp_blocks(tp: int, r: int) -> tuple[nn.ModuleList, nn.ModuleList]:
-    from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallelLinear
-
+def _tp_blocks() -> tuple[nn.ModuleList, nn.ModuleList]:
+    """Two blocks, and the same weights in fairscale layers (model parallel initialised)."""
     torch.manual_seed(0)
     plain = nn.ModuleList(_TPBlock(nn.Linear(H, 2 * H), nn.Linear(2 * H, H)) for _ in range(2))
     sharded = nn.ModuleList()
-    n = 2 * H // tp
     for b in plain:
-        up = ColumnParallelLinear(H, 2 * H, gather_output=False)
-        down = RowParallelLinear(2 * H, H, input_is_parallel=True)
-        with torch.no_grad():
-            up.weight.copy_(b.up.weight[r * n:(r + 1) * n])
-            up.bias.copy_(b.up.bias[r * n:(r + 1) * n])
-            down.weight.copy_(b.down.weight[:, r * n:(r + 1) * n])
-            down.bias.copy_(b.down.bias)
-        block = _TPBlock(up, down)
+        block = _TPBlock(column_like(b.up), row_like(b.down))
         block.norm.load_state_dict(b.norm.state_dict())
         sharded.append(block)
     return plain, sharded
@@ -215,7 +207,7 @@ def test_fairscale_tp_replicated_values_written_in_place(store_on):
     from fairscale.nn.model_parallel import initialize as fs
 
     fs.initialize_model_parallel(2)
-    plain, sharded = _tp_blocks(2, fs.get_model_parallel_rank())
+    plain, sharded = _tp_blocks()
     x = _micro_batches(2, 6)
     names = [f"{i}.{m}" for i in range(2) for m in ("up", "down", "norm")]
     want: dict = {}
