@@ -9,9 +9,9 @@ it into layouts. See :mod:`flex_surgery.parallel.layout` for the rules.
 "Ran last" is a matter of time, not of data flow: a module that runs between a column layer and
 its row layer on a tensor that did not come out of the column layer (a hook point on the
 residual, ``r = self.point(x)`` after ``h = up(x)``) is not split like ``up``'s output. Where the
-tracker can see that -- the tensor *is* (the same object as) the input a TP layer took, or a
-module took only such tensors and no TP layer ran inside it -- it describes the tensor by what
-that TP layer consumed instead (:meth:`TPTracker._through`).
+tracker can see that -- the tensor *is* (the same object as) the input a fairscale or Megatron
+TP layer took, or a module took only such tensors and no TP layer ran inside it -- it describes
+the tensor by that layer's declared input layout instead (:meth:`TPTracker._through`).
 """
 
 from __future__ import annotations
@@ -59,8 +59,8 @@ class _Produced:
     shape: tuple[int, ...]
     spec: ShardSpec | None
     unknown: str | None = None
-    # The tensor the layer took in, and the state that described it (what ran before): a
-    # tensor that *is* the layer's input is described by ``before``, not by this state.
+    # The tensor the layer took in, and its input layout as the layer declares it: a tensor
+    # that *is* the layer's input is described by ``before``, not by this state.
     consumed: weakref.ref | None = field(default=None, compare=False)
     before: _Produced | None = field(default=None, compare=False, repr=False)
 
@@ -231,8 +231,8 @@ class TPTracker:
 
     def _through(self, state: _Produced | None, t: torch.Tensor) -> _Produced | None:
         """The state that describes ``t``: ``state`` (what the TP layer that ran last
-        produced), unless ``t`` is the very tensor that layer took in -- then what described
-        it before that layer ran (several layers may have taken it: q, k and v)."""
+        produced), unless ``t`` is the very tensor that layer took in -- then the layer's own
+        input layout (several layers may have taken it in turn: q, k and v)."""
         while state is not None and state.consumed is not None and state.consumed() is t:
             state = state.before
         return state
