@@ -311,6 +311,18 @@ def _lowp_sites(f, prefix="", edit=False):
         f.register_hook(HookFunction(prefix + name, **e))
 
 
+def _lowp_reference(x, dtype, edit):
+    """One process in ``dtype``: (stored values, the model, its output), after a backward."""
+    ref = {}
+    plain = plain_net().to(dtype)
+    rf = FlexModel(plain, ref, process_group=local_group())
+    _lowp_sites(rf, edit=edit)
+    ref_out = rf(x)
+    ref_out.float().pow(2).mean().backward()
+    rf.close()
+    return ref, plain, ref_out
+
+
 def _diff(got, ref):
     out = {}
     for k in ref:
@@ -339,13 +351,7 @@ def test_low_precision_ddp_equals_one_process(dtype_name):
     x = _x(batch=4, seq=3, dtype=dtype)
     report = {}
     for edit in (False, True):
-        ref = {}
-        plain = plain_net().to(dtype)
-        rf = FlexModel(plain, ref, process_group=local_group())
-        _lowp_sites(rf, edit=edit)
-        ref_out = rf(x)
-        ref_out.float().pow(2).mean().backward()
-        rf.close()
+        ref, plain, ref_out = _lowp_reference(x, dtype, edit)
         stored = {}
         net = plain_net().to(dtype)
         model = DDP(net)
@@ -396,13 +402,7 @@ def test_low_precision_fairscale_tp_equals_one_process(dtype_name):
     x = _x(batch=2, seq=3, dtype=dtype)
     report = {}
     for edit in (False, True):
-        ref = {}
-        plain = plain_net().to(dtype)
-        rf = FlexModel(plain, ref, process_group=local_group())
-        _lowp_sites(rf, edit=edit)
-        ref_out = rf(x)
-        ref_out.float().pow(2).mean().backward()
-        rf.close()
+        ref, plain, ref_out = _lowp_reference(x, dtype, edit)
         stored = {}
         net = fairscale_net(plain_net()).to(dtype)
         flex = FlexModel(net, stored, tensor_parallel_size=2)
