@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 from parallel_cases import H, column_like, local_group, row_like, seeded_linear
 from rank_pool import distributed
+from test_branch_hooks import BranchyNet
 from torch import nn
 
 # imported here, before the rank pools fork
@@ -21,23 +22,7 @@ TOL = dict(rtol=1e-9, atol=1e-12)
 FF = 8
 
 
-class Branchy(nn.Module):
-    """``side`` runs only when some row's first feature is positive (as in test_branch_hooks)."""
-
-    def __init__(self):
-        super().__init__()
-        g = torch.Generator().manual_seed(0)
-        self.first = seeded_linear(H, H, g)
-        self.side = seeded_linear(H, H, g)
-        self.up = seeded_linear(H, FF, g)
-        self.down = seeded_linear(FF, H, g)
-
-    def forward(self, x):
-        take = x[:, 0, 0] > 0
-        x = self.first(x)
-        if take.any():
-            x = torch.where(take[:, None, None], x + self.side(x), x)
-        return self.down(torch.relu(self.up(x)))
+Branchy = BranchyNet  # ``side`` runs only when some row's first feature is positive
 
 
 def _batch(seed: int, rank1_takes: bool) -> torch.Tensor:
