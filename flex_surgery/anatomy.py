@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from flex_surgery.naming import modules_by_clean_name
+from flex_surgery.naming import class_name, modules_by_clean_name
 
 __all__ = [
     "ANATOMIES",
@@ -159,7 +159,7 @@ def locate(model: nn.Module) -> Located:
     # Innermost: a wrapper's class (FSDP, checkpoint) is not an architecture, what it wraps is.
     found: list[tuple[str, str]] = []
     for name, module in modules_by_clean_name(model).items():
-        arch = type(module).__name__
+        arch = class_name(module)  # fully_shard's FSDP<Class> is the class
         if arch not in ANATOMIES or any(name.startswith(f"{outer}.") or outer == ""
                                         for outer, _ in found):
             continue  # not known, or a part of a known architecture found already

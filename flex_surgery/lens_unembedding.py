@@ -131,8 +131,9 @@ def _local_unembedding(module: nn.Module, mesh: Any) -> _Unembedding:
         raise LensError(
             f"the unembedding {kind}'s vocabulary rows (first, count) per tensor-parallel rank "
             f"are {[(p[2], p[3]) for p in pieces]} of {vocab}: they do not split the "
-            "vocabulary over tensor parallelism exactly (a split over another axis, or "
-            "overlapping rows); the lens follows a vocabulary split over tensor parallelism only")
+            "vocabulary over tensor parallelism exactly (a split over another axis -- FSDP "
+            "shards it over the data-parallel ranks -- or overlapping rows); the lens follows a "
+            "vocabulary split over tensor parallelism only")
     if local_bias is not None and local_bias.shape[0] != weight.shape[0]:
         local_bias = local_bias[start:start + weight.shape[0]]  # a bias kept whole
     return _Unembedding(weight, local_bias, start, vocab)

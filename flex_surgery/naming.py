@@ -17,7 +17,8 @@ from collections.abc import Iterable
 
 from torch import nn
 
-__all__ = ["WRAPPER_ATTRS", "StageBlockNames", "StageNamesError", "clean_name", "join_name",
+__all__ = ["WRAPPER_ATTRS", "StageBlockNames", "StageNamesError", "class_name", "clean_name",
+           "join_name",
            "layer_number", "modules_by_clean_name", "num_layers", "numbered_as_the_whole_model",
            "stage_of_a_pipeline", "unwrap_model"]
 
@@ -38,6 +39,17 @@ def clean_name(name: str) -> str:
         if name.endswith("." + leaf):
             name = name[: -len(leaf) - 1]
     return name
+
+
+def class_name(module: nn.Module) -> str:
+    """The name of ``module``'s class as written. FSDP2's ``fully_shard`` swaps in a subclass
+    named ``FSDP<Class>`` (bases ``FSDPModule`` and the class), so tables keyed by class name
+    (the anatomy table, the hook map) would not know a sharded model."""
+    cls = type(module)
+    if cls.__name__.startswith("FSDP") and any(
+            b.__name__ == "FSDPModule" for b in cls.__mro__[1:]):
+        cls = next((b for b in cls.__bases__ if not b.__name__.startswith("FSDP")), cls)
+    return cls.__name__
 
 
 def join_name(*parts: str) -> str:

@@ -125,13 +125,14 @@ class MaskedParam:
 
     def gather(self, local: torch.Tensor) -> torch.Tensor:
         """The full mask from each rank's local part (collective; exact: one leader writes each
-        element, every other rank adds zeros)."""
+        element, every other rank adds zeros), in the local part's dtype, as in one process (a
+        float64 logit below float32's range would otherwise turn 0 and change the count)."""
         group = world_group()
         if group is None:
             return local.detach().reshape(self.full_shape).clone()
-        full = torch.zeros(math.prod(self.full_shape), dtype=torch.float32, device=local.device)
+        full = torch.zeros(math.prod(self.full_shape), dtype=local.dtype, device=local.device)
         if self.leader:
-            full[self.flat_index().to(local.device)] = local.detach().reshape(-1).float()
+            full[self.flat_index().to(local.device)] = local.detach().reshape(-1)
         dist.all_reduce(full, group=group)
         return full.reshape(self.full_shape)
 

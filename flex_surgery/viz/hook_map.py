@@ -29,7 +29,13 @@ import torch.distributed as dist
 from torch import nn
 
 from flex_surgery.hooks import FlexModel
-from flex_surgery.naming import WRAPPER_ATTRS, StageBlockNames, clean_name, join_name
+from flex_surgery.naming import (
+    WRAPPER_ATTRS,
+    StageBlockNames,
+    class_name,
+    clean_name,
+    join_name,
+)
 from flex_surgery.parallel import frameworks
 from flex_surgery.surgery.shards import LocalShard, local_shards
 
@@ -176,7 +182,7 @@ def hook_map(model: nn.Module, title: str | None = None) -> HookMap:
         for hf, groups in flex.get_hook_function_groups().items():
             if not hf.is_remote:  # a module of another pipeline stage: drawn on its map
                 _attach_hook(by_name, hf, groups)
-    title = title or f"hook map of {_type_name(root_module)}"
+    title = title or f"hook map of {class_name(root_module)}"
     return HookMap(root, title, _header(root, flex, root_module))
 
 
@@ -203,7 +209,7 @@ def _build(module: nn.Module, name: str, leaf: str,
         if inner is None:
             break
         module = inner
-    node = ModuleNode(name=name, leaf=leaf, type_name=_type_name(module),
+    node = ModuleNode(name=name, leaf=leaf, type_name=class_name(module),
                       wrappers=wrappers, integer_input=_takes_integer_ids(module))
     node.params = [_param_info(s) for s in shards.get(id(module), [])]
     for child_leaf, child in module.named_children():
@@ -212,14 +218,6 @@ def _build(module: nn.Module, name: str, leaf: str,
         child_name = clean_name(join_name(name, child_leaf))
         node.children.append(_build(child, child_name, child_leaf, shards))
     return node
-
-
-def _type_name(module: nn.Module) -> str:
-    """The class as written: FSDP2's ``fully_shard`` swaps in a subclass named ``FSDP<Class>``."""
-    cls = type(module)
-    if _wrapper_kind(module) == "FSDP2" and cls.__name__.startswith("FSDP"):
-        cls = next((b for b in cls.__bases__ if not b.__name__.startswith("FSDP")), cls)
-    return cls.__name__
 
 
 def _wrapper_kind(module: nn.Module) -> str | None:
