@@ -81,6 +81,62 @@ def test_the_last_hooked_module_on_a_branch_meets_its_own_next_forward():
         torch.testing.assert_close(got, want["side"], **TOL)
 
 
+def _batch_skipped_by(seed: int, skipper: int) -> torch.Tensor:
+    x = _batch(seed, rank1_takes=True)
+    x[2 * skipper:2 * skipper + 2, 0, 0] = -5.0
+    return x
+
+
+@pytest.mark.parametrize("skipper", [0, 1], ids=["leader_skips", "other_skips"])
+@distributed(world_size=2, timeout_s=20)
+def test_the_last_hook_on_a_branch_meets_the_end_of_the_others_forward(skipper):
+    """DDP; only ``side`` is hooked, and rank ``skipper`` skips it. That rank's forward returns
+    with no collective and its backward goes into DDP's gradient all-reduce, while the other
+    rank waits in side's gather: both waited until the process group's timeout. The end of
+    every hooked forward is announced the way hooks announce their shapes, so both raise
+    HookSiteMismatchError at that forward; the next forward and backward (both take ``side``)
+    equal one process."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.set_default_dtype(torch.float64)
+    rank = dist.get_rank()
+    hooks = lambda: [("forward", HookFunction("side"))]  # noqa: E731
+    want = _one_process(_batch(2, True), hooks)
+    model = DDP(Branchy())
+    stored = {}
+    with FlexModel(model, stored) as flex:
+        flex.register_forward_hook(HookFunction("module.side"))
+        with pytest.raises(HookSiteMismatchError) as refused:
+            flex(_rows(_batch_skipped_by(1, skipper), rank)).pow(2).sum().backward()
+        if rank == 0:
+            assert "end of the forward" in str(refused.value), str(refused.value)
+        stored.clear()
+        model.zero_grad()
+        flex(_rows(_batch(2, True), rank)).pow(2).sum().backward()
+    if rank == 0:
+        assert stored.keys() == {"module.side"}, sorted(stored)
+        torch.testing.assert_close(stored["module.side"], want["side"], **TOL)
+
+
+@distributed(world_size=4, timeout_s=30)
+def test_dp_x_tp_the_last_hook_on_a_branch_meets_the_end_of_the_others_forward():
+    """The same under fairscale TP=2 x DP=2 (replica 1 skips ``side``, the last hook): the
+    end of the forward is announced over the whole stage."""
+    torch.set_default_dtype(torch.float64)
+    model, replica = _fairscale_branchy()
+    want = _one_process(_batch(2, True), lambda: [("forward", HookFunction("side"))])
+    stored = {}
+    with FlexModel(model, stored, tensor_parallel_size=2, data_parallel_size=2) as flex:
+        flex.register_forward_hook(HookFunction("side"))
+        with torch.no_grad():
+            with pytest.raises(HookSiteMismatchError):
+                flex(_rows(_batch(1, False), replica))
+            stored.clear()
+            flex(_rows(_batch(2, True), replica))
+    if dist.get_rank() == 0:
+        torch.testing.assert_close(stored["side"], want["side"], **TOL)
+
+
 # -- probes of the claimed coverage --------------------------------------------------------
 
 def _pre_hooks():
@@ -459,22 +515,60 @@ def test_dp_x_tp_backward_and_store_on_all(mode):
             torch.testing.assert_close(stored[k], want[k], **TOL)
 
 
-# -- hangs last: each one costs its timeout and a fresh pool ---------------------------------
+# -- hooks of different kinds at the two sites: every first message is the same kind ----------
 
-_DIFFERENT_COLLECTIVES = (
-    "hang: side retrieves with reduce= (gathered for the reduction like an edit: an all-gather "
-    "of sizes over dp, AxisWalk.to_leader -> exchange_sizes) and up retrieves plainly (point to "
-    "point to the leader, to_leader_at_once -> collect_pieces): the two gathers are different "
-    "collectives, so neither reaches the other's site check (docs/failure.md lists the pair)")
-
-
-@pytest.mark.xfail(strict=True, reason=_DIFFERENT_COLLECTIVES)
-@distributed(world_size=2, timeout_s=2)
-def test_reduce_hook_on_branch_meets_plain_retrieval():
-    _raise_then_equal("reduce_side")
+_KINDS = {
+    "plain": {},
+    "reduce": dict(reduce="mean_over_batch"),
+    "edit": dict(editing_function=lambda m, t, c, ms: t * 2),
+    "replicate": dict(editing_function=lambda m, t, c, ms: t * 2, replicate_edit=True),
+}
 
 
-@pytest.mark.xfail(strict=True, reason=_DIFFERENT_COLLECTIVES)
-@distributed(world_size=2, timeout_s=2)
-def test_plain_retrieval_on_branch_meets_reduce_hook():
-    _raise_then_equal("reduce_up")
+@pytest.mark.parametrize("side,up", [("reduce", "plain"), ("plain", "reduce"),
+                                     ("edit", "plain"), ("plain", "edit"),
+                                     ("edit", "reduce"), ("replicate", "plain"),
+                                     ("plain", "replicate")])
+@distributed(world_size=2, timeout_s=20)
+def test_hooks_of_different_kinds_on_branch_and_trunk_raise(side, up):
+    """``side`` (skipped by rank 1) and ``up`` (run by both) with hooks of different kinds: a
+    retrieval sends its piece to the leader point to point, an edit or a ``reduce=`` gathers
+    its own way; each first announces its shape to the leader the same way
+    (``AxisWalk.announced_sizes`` / ``collect_pieces``), so rank 0 at ``side`` and rank 1 at
+    ``up`` raise together instead of waiting in different collectives (they hung)."""
+    HOOKS[(side, up)] = lambda: [("forward", HookFunction("side", **_KINDS[side])),
+                                 ("forward", HookFunction("up", **_KINDS[up]))]
+    _raise_then_equal((side, up))
+
+
+@pytest.mark.parametrize("side,up", [("edit", "plain"), ("plain", "reduce")])
+@distributed(world_size=4, timeout_s=30)
+def test_dp_x_tp_hooks_of_different_kinds_on_branch_and_trunk_raise(side, up):
+    """The same under fairscale TP=2 x DP=2, where ``up`` is tp-sharded: the announcement and
+    the retrieval go over the whole stage (4 ranks), the edit's gather over tp then dp."""
+    torch.set_default_dtype(torch.float64)
+    model, replica = _fairscale_branchy()
+
+    def hooks():
+        return [HookFunction("side", **_KINDS[side]), HookFunction("up", **_KINDS[up])]
+
+    want = {}
+    with FlexModel(Branchy(), want, process_group=local_group()) as flex:
+        for hf in hooks():
+            flex.register_forward_hook(hf)
+        with torch.no_grad():
+            want_out = flex(_batch(2, True))
+    stored = {}
+    with FlexModel(model, stored, tensor_parallel_size=2, data_parallel_size=2) as flex:
+        for hf in hooks():
+            flex.register_forward_hook(hf)
+        with torch.no_grad():
+            with pytest.raises(HookSiteMismatchError):
+                flex(_rows(_batch(1, False), replica))
+            stored.clear()
+            out = flex(_rows(_batch(2, True), replica))
+    torch.testing.assert_close(out, _rows(want_out, replica), **TOL)
+    if dist.get_rank() == 0:
+        assert stored.keys() == want.keys(), sorted(stored)
+        for k in want:
+            torch.testing.assert_close(stored[k], want[k], **TOL)

@@ -406,7 +406,7 @@ class HookFunction:
         """
         batch_dim = self._shared.batch_dim_of(site)
         with torch.no_grad():
-            full, ctx = self._runtime.gather_for_edit(tensor.detach(), site)
+            full, ctx = self._runtime.gather_to_leader(tensor, site)
             if not self._store_in_run:
                 reduced = self._runtime.run_on_leader(
                     ctx, partial(self._reduce, full, batch_dim), what="the reduce=")

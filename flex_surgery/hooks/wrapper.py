@@ -300,6 +300,8 @@ class FlexModel(HookRegistration, HookGroupAPI, nn.Module):
                 pass
             raise
         wait_for_host_copies()  # stored activations are complete when forward returns
+        if self._hooks_selected:  # a rank left waiting at a hook the others skipped raises
+            self.runtime.end_of_hooked_forward()
         mesh = getattr(self.runtime, "mesh", None)
         if self._store_in_run and (mesh is None or mesh.pp_size == 1):
             # A store that failed in a hook raises here, on every rank. Under pipelining the

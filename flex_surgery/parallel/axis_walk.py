@@ -38,7 +38,7 @@ from flex_surgery.parallel.collectives import (
 from flex_surgery.parallel.failures import naming_lost_ranks
 from flex_surgery.parallel.layout import GATHER_ORDER, Layout, PartialSpec, ShardSpec
 from flex_surgery.parallel.mesh import ParallelMesh
-from flex_surgery.parallel.piece_transfer import collect_pieces, gather_pieces
+from flex_surgery.parallel.piece_transfer import announce_pieces, collect_pieces, gather_pieces
 
 __all__ = ["AxisWalk"]
 
@@ -101,7 +101,8 @@ class AxisWalk:
         Without trainable modules the two scales cancel for every gradient that leaves the
         edit, so they are not applied."""
         record = []
-        early = self._sizes_before_walk(t, layout, axes)
+        early = self.announced_sizes(t, layout) if axes == GATHER_ORDER else {}
+        early = early or self._sizes_before_walk(t, layout, axes)
         for axis in axes:
             if self.mesh.size(axis) == 1 or not self.takes_part(axis):
                 continue
@@ -205,21 +206,17 @@ class AxisWalk:
         (:func:`~flex_surgery.parallel.piece_transfer.gather_pieces`) after an exchange of the
         unknown sizes over their axis. Each rank's coordinates come from
         :meth:`stage_coordinates` (exchanged once)."""
-        coords = self.stage_coordinates(t.device)
         group = self.mesh.stage_group
-        n = len(coords[GATHER_ORDER[0]])
-        leader = next(i for i in range(n) if all(coords[a][i] == 0 for a in GATHER_ORDER))
-        specs = {axis: layout.spec_for(axis) for axis in axes}
-        shards = [axis for axis in axes if specs[axis] is not None]
         t = t.detach()
         if t.device.type == "cpu":
-            cuts = [(specs[a].dim % t.ndim, specs[a].sizes, coords[a]) for a in shards]
-            senders = [i for i in range(n)
-                       if all(coords[a][i] == 0 for a in axes if specs[a] is None)]
-            unknown = next((specs[a] for a in shards if specs[a].sizes is None), None)
+            cuts, senders, leader, unknown = self._stage_cuts(t, layout, axes)
             full = collect_pieces(t, cuts, senders, group, leader,
                                   *((unknown.rows, unknown.site) if unknown else ()))
         else:
+            coords = self.stage_coordinates(t.device)
+            specs = {axis: layout.spec_for(axis) for axis in axes}
+            shards = [axis for axis in axes if specs[axis] is not None]
+            leader = self._stage_leader(coords)
             cuts = [(specs[a].dim % t.ndim, specs[a].sizes or
                      exchange_sizes(t, specs[a].dim % t.ndim, self.mesh.group(a),
                                     specs[a].rows, specs[a].site), coords[a])
@@ -228,6 +225,54 @@ class AxisWalk:
         if full is None or _group_rank(group) != leader:
             return None
         return full.mul_(layout.grad_scale) if layout.grad_scale != 1.0 else full
+
+    def _stage_leader(self, coords: dict[str, list[int]]) -> int:
+        n = len(coords[GATHER_ORDER[0]])
+        return next(i for i in range(n) if all(coords[a][i] == 0 for a in GATHER_ORDER))
+
+    def _stage_cuts(self, t: torch.Tensor, layout: Layout, axes: list[str]):
+        """For :func:`~flex_surgery.parallel.piece_transfer.collect_pieces` over the stage:
+        the cuts of ``t`` over ``axes`` (:meth:`direct_axes`), the group ranks that send a
+        piece (of replicas, the first), the leader's group rank and the first spec of unknown
+        sizes (``None`` if every size is known)."""
+        coords = self.stage_coordinates(t.device)
+        specs = {axis: layout.spec_for(axis) for axis in axes}
+        shards = [axis for axis in axes if specs[axis] is not None]
+        cuts = [(specs[a].dim % t.ndim, specs[a].sizes, coords[a]) for a in shards]
+        senders = [i for i in range(len(coords[GATHER_ORDER[0]]))
+                   if all(coords[a][i] == 0 for a in axes if specs[a] is None)]
+        unknown = next((specs[a] for a in shards if specs[a].sizes is None), None)
+        return cuts, senders, self._stage_leader(coords), unknown
+
+    def announced_sizes(self, t: torch.Tensor, layout: Layout) -> dict[str, tuple[int, ...]]:
+        """On the CPU, the sizes of an axis whose pieces' sizes the layout does not know (a
+        data-parallel batch), for a gather that must stay autograd-aware (an edit): announced
+        to the stage leader the way a retrieval's pieces are
+        (:func:`~flex_surgery.parallel.piece_transfer.announce_pieces`), instead of an
+        all-gather of sizes over the axis. Every hook's first message at such a site is then
+        the same kind, whether it edits or retrieves, so data-parallel ranks at different hooks
+        raise ``HookSiteMismatchError`` there instead of waiting in different collectives.
+        ``{}`` where a retrieval would not go to the leader in one step either (it then
+        exchanges sizes the same way an edit does), or every size is known."""
+        axes = self.direct_axes(t, layout)
+        if t.device.type != "cpu" or not axes:
+            return {}
+        cuts, senders, leader, unknown = self._stage_cuts(t, layout, axes)
+        if unknown is None:
+            return {}
+        axis = next(a for a in axes if layout.spec_for(a) is unknown)
+        return {axis: announce_pieces(t.detach(), cuts, senders, self.mesh.stage_group, leader,
+                                      unknown.rows, unknown.site)}
+
+    def announce_end(self, stamped: int) -> None:
+        """Every rank of the stage announces ``stamped`` (:data:`~flex_surgery.parallel.
+        site_tags.END_OF_FORWARD` in this forward) to the stage leader the way a hook's first
+        message goes on the CPU (:meth:`announced_sizes`): one header each, one answer. A
+        rank still at a hook there meets it and every rank raises ``HookSiteMismatchError``."""
+        coords = self.stage_coordinates(torch.device("cpu"))
+        n = len(coords[GATHER_ORDER[0]])
+        announce_pieces(torch.empty(0), [(0, None, coords["dp"])], range(n),
+                        self.mesh.stage_group, self._stage_leader(coords), None, stamped)
 
     def from_leader(self, t: torch.Tensor, layout: Layout, record: list,
                     trainable: bool = False) -> torch.Tensor:
@@ -264,13 +309,15 @@ class AxisWalk:
         """The whole tensor on every rank, autograd-aware (``replicate_edit``): an all-gather
         per sharded axis, an all-reduce per partial one, nothing for a replicated one."""
         record = []
+        early = self.announced_sizes(t, layout)
         for axis in GATHER_ORDER:
             if self.mesh.size(axis) == 1:
                 continue
             group = self.mesh.group(axis)
             spec = layout.spec_for(axis)
             if isinstance(spec, ShardSpec):
-                sizes = spec.sizes or exchange_sizes(t, spec.dim, group, spec.rows, spec.site)
+                sizes = spec.sizes or early.get(axis) or \
+                    exchange_sizes(t, spec.dim, group, spec.rows, spec.site)
                 record.append((axis, spec, sizes, tuple(t.shape)))
                 t = all_gather(t, spec.dim, group, sizes)
             elif isinstance(spec, PartialSpec):

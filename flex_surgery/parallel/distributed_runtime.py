@@ -71,7 +71,7 @@ from flex_surgery.parallel.runtime import (
     store_copy,
 )
 from flex_surgery.parallel.shape_agreement import agree_on_whole_shape
-from flex_surgery.parallel.site_tags import stamp
+from flex_surgery.parallel.site_tags import END_OF_FORWARD, stamp
 from flex_surgery.parallel.trainable_sync import TrainableSync
 from flex_surgery.store.hooks import Rows
 
@@ -208,6 +208,19 @@ class DistributedRuntime(Runtime):
             shape = (*shape[:joined], shape[joined] * shape[joined + 1], *shape[joined + 2:])
         return shape
 
+    def end_of_hooked_forward(self) -> None:
+        """Under data parallelism on the CPU, every rank of the stage announces to the stage
+        leader that its hooked forward has returned (one small header each, one answer: a
+        point-to-point round trip per forward). A hook on a module some ranks skip (a branch
+        taken on the data) that was the last hook to fire on the others would leave those
+        waiting in its gather while these go on into the model's own collectives (DDP's
+        gradient all-reduce) or their next step, until the process group's timeout; met by
+        this announcement, every rank raises ``HookSiteMismatchError`` instead. Decided from
+        the mesh and the stage group's backend, the same on every rank."""
+        if self.mesh.dp_size == 1 or dist.get_backend(self.mesh.stage_group) != "gloo":
+            return
+        self.walk.announce_end(stamp(END_OF_FORWARD, self.passes))
+
     def is_edit_leader(self, site: HookSite) -> bool:
         return self.mesh.is_stage_leader()
 
@@ -227,15 +240,33 @@ class DistributedRuntime(Runtime):
                 return
             if self.overlap_retrieval and self._start_retrieval(plain, layout, store):
                 return
-            axes = self.walk.direct_axes(plain, layout)  # one transfer over the stage
-            full, record = (self.walk.to_leader_at_once(plain, layout, axes), None) if axes \
-                else self.walk.to_leader(plain, layout)
+            full, record = self._to_leader_detached(plain, layout)
         if self.mesh.is_stage_leader():
             # A tensor gathered (or reduced) on the CPU is already a private copy; copy only
             # what may still alias the model's own activation, or lives on a device.
             fresh = full.device.type == "cpu" and (record is None or any(
                 spec is not None for _, spec, _, _ in record))
             store(full if fresh else store_copy(full))
+
+    def _to_leader_detached(self, plain: torch.Tensor,
+                            layout: Layout) -> tuple[torch.Tensor | None, list | None]:
+        """The whole of a detached tensor on the stage leader (what this rank holds elsewhere)
+        and the walk's record (``None`` after one transfer over the stage): the one transfer
+        that both a retrieval and a ``reduce=`` (:meth:`gather_to_leader`) make, so hooks of
+        either kind at different sites meet in the same exchange and raise together."""
+        axes = self.walk.direct_axes(plain, layout)  # one transfer over the stage
+        if axes:
+            return self.walk.to_leader_at_once(plain, layout, axes), None
+        return self.walk.to_leader(plain, layout)
+
+    def gather_to_leader(self, local: torch.Tensor,
+                         site: HookSite) -> tuple[torch.Tensor | None, EditContext]:
+        plain, layout, joined = unblocked(_local_of(local).detach(),
+                                          self.layout_of(local, site))
+        with torch.no_grad():
+            full, _ = self._to_leader_detached(plain, layout)
+        ctx = EditContext(site, local, layout=layout)
+        return (join_blocks(full, joined) if self.mesh.is_stage_leader() else None), ctx
 
     def _start_retrieval(self, plain: torch.Tensor, layout: Layout,
                          store: Callable[[torch.Tensor], None]) -> bool:

@@ -31,7 +31,7 @@ from flex_surgery.parallel.site_tags import (
     describe_site,
 )
 
-__all__ = ["collect_pieces", "exchange_sizes", "gather_pieces", "start_gather"]
+__all__ = ["announce_pieces", "collect_pieces", "exchange_sizes", "gather_pieces", "start_gather"]
 
 Group = dist.ProcessGroup | None
 
@@ -314,20 +314,50 @@ def collect_pieces(t: torch.Tensor, cuts: Sequence[tuple[int, Sequence[int] | No
     :func:`exchange_sizes`): pieces that are a table broadcast over the batch raise too, and so
     do pieces sent for another hook ``site`` than the leader's.
     """
-    me = _group_rank(group)
+    return _collect(t, cuts, senders, group, dst, rows, site, pieces=True)[0]
+
+
+@names_lost_ranks
+def announce_pieces(t: torch.Tensor, cuts: Sequence[tuple[int, Sequence[int] | None,
+                                                          Sequence[int]]],
+                    senders: Sequence[int], group: Group, dst: int,
+                    rows: int | None = None, site: int = NO_SITE) -> tuple[int, ...]:
+    """The exchange of shapes in front of :func:`collect_pieces`, without the pieces: every
+    rank sends ``dst`` its header, ``dst`` checks that the pieces of ``senders`` would form one
+    tensor (the same checks, the same errors on every rank) and answers every rank with the
+    sizes, by coordinate, along the first cut of unknown sizes. Returns those sizes.
+
+    For a gather that must stay autograd-aware (an edit) on the CPU: its sizes cost no more
+    than :func:`exchange_sizes`, and its first message is the one a retrieval at another hook
+    sends, so a data-parallel rank at another hook site -- an edit here, a retrieval there --
+    raises ``HookSiteMismatchError`` with this one instead of waiting in a different
+    collective."""
+    return _collect(t, cuts, senders, group, dst, rows, site, pieces=False)[1]
+
+
+def _collect(t: torch.Tensor, cuts, senders: Sequence[int], group: Group, dst: int,
+             rows: int | None, site: int, pieces: bool,
+             ) -> tuple[torch.Tensor | None, tuple[int, ...]]:
+    """:func:`collect_pieces` (``pieces``) or :func:`announce_pieces`: (the whole tensor on
+    ``dst``, the sizes by coordinate along the first cut of unknown sizes). One protocol for
+    both, so that each recognises the other's messages: a header says whether a piece follows,
+    and the answer is ``[status, sizes...]`` for every rank of the group."""
+    me, n = _group_rank(group), dist.get_world_size(group)
     header = any(sizes is None for _, sizes, _ in cuts)
-    sending = me in senders
+    if not header and not pieces:
+        raise ValueError("announce_pieces needs a cut of unknown sizes (nothing to announce)")
+    sending = me in senders and pieces
     if me != dst:
         # With headers, every rank of the group sends one, a replica that sends no piece too:
         # the leader then hears from ranks whose layout differs from its own (they reached
         # another hook), receives what they announce, and answers all of them.
         if not sending and not header:
-            return None
+            return None, ()
         works, status, row = [], None, None
         if header:
             row = _shape_row(t, rows, site, sends=sending)
             works.append(dist.isend(row, group=group, group_dst=dst, tag=_SHAPE_TAG))
-            status = torch.zeros(1, dtype=torch.int64)
+            status = torch.zeros(1 + n, dtype=torch.int64)
             works.append(dist.irecv(status, group=group, group_src=dst, tag=_STATUS_TAG))
         sent = (_row_shape(row.tolist()) if header else _known_shape(t, cuts, me)) \
             if sending else (0,)
@@ -336,19 +366,22 @@ def collect_pieces(t: torch.Tensor, cuts: Sequence[tuple[int, Sequence[int] | No
                                     tag=_PIECE_TAG))
         for work in works:
             work.wait()
-        if status is not None and int(status.item()) == 2:
+        if status is None:
+            return None, ()
+        answer = status.tolist()
+        if answer[0] == 2:
             raise HookSiteMismatchError(
                 f"{_WHERE}: this rank was at the {describe_site(site)}, and group rank {dst} "
                 f"at another hook (its error names it); see flex_surgery.parallel.site_tags")
-        if status is not None and int(status.item()):
-            raise LayoutError(f"retrieval over the stage: the pieces of rank(s) {senders} "
-                              f"cannot form one tensor (group rank {dst}'s error says why)")
-        return None
+        if answer[0]:
+            raise LayoutError(f"{_what(pieces)}: the pieces of rank(s) {senders} cannot form "
+                              f"one tensor (group rank {dst}'s error says why)")
+        return None, tuple(s for s in answer[1:] if s >= 0)
     others = [i for i in senders if i != dst]
     shapes = {dst: tuple(t.shape)}
     mismatch = None
     if header:
-        askers = [i for i in range(dist.get_world_size(group)) if i != dst]
+        askers = [i for i in range(n) if i != dst]
         heads = {i: torch.empty(_HEAD, dtype=torch.int64) for i in askers}
         for work in [dist.irecv(h, group=group, group_src=i, tag=_SHAPE_TAG)
                      for i, h in heads.items()]:
@@ -360,30 +393,44 @@ def collect_pieces(t: torch.Tensor, cuts: Sequence[tuple[int, Sequence[int] | No
         except HookSiteMismatchError as exc:
             mismatch = exc
         # what each rank announced is received, whatever this rank's layout expects
-        others = [i for i in askers if table[i][_SENDS]]
-        shapes.update({i: _row_shape(table[i]) for i in others})
+        arriving = [i for i in askers if table[i][_SENDS]]
+        shapes.update({i: _row_shape(table[i]) for i in arriving})
+        # announced, nothing should arrive: the shapes to check are the senders' headers
+        checked = shapes if pieces else {dst: shapes[dst], **{
+            i: _row_shape(table[i]) for i in others}}
+        expected, others = (set(senders) - {dst} if pieces else set()), arriving
     else:
         shapes.update({i: _known_shape(t, cuts, i) for i in others})
-    offsets, error = _places(shapes, cuts, t.ndim) if mismatch is None else \
+        checked = shapes
+    offsets, error = _places(checked, cuts, t.ndim) if mismatch is None else \
         (None, str(mismatch))
-    if header and error is None and set(others) != set(senders) - {dst}:
-        error = (f"group ranks {others} sent pieces where {senders} were expected: the ranks "
-                 f"see the tensor split differently")
+    if header and error is None and set(others) != expected:
+        error = (f"group ranks {others} sent pieces where {sorted(expected)} were expected: "
+                 f"the ranks see the tensor split differently")
     if header and error is None:  # the shapes fit; are they pieces of the batch?
         for dim, sizes, _ in cuts:
             if sizes is None and error is None:
                 error = _broadcast_over_batch(table, dim)
-    items = {i: table[i][_ITEM] for i in others} if header else {}
+    items = {i: table[i][_ITEM] for i in {*others, *checked} - {dst}} if header else {}
     if error is None and any(size != t.element_size() for size in items.values()):
         error = (f"the pieces' elements are {items} bytes wide where group rank {dst}'s are "
                  f"{t.element_size()}: the ranks hold different dtypes")
     status = 0 if error is None else 2 if mismatch is not None else 1
-    answers = [dist.isend(torch.tensor([status]), group=group, group_dst=i,
-                          tag=_STATUS_TAG) for i in askers] if header else []
-    whole_shape = list(t.shape)
-    for dim, _, _ in cuts:
-        whole_shape[dim] = sum(offsets[dim].values()) if error is None else 0
-    whole = t.new_empty(whole_shape) if error is None else None
+    announced: tuple[int, ...] = ()
+    if header and error is None:
+        announced = tuple(next(offsets[dim] for dim, sizes, _ in cuts
+                               if sizes is None).values())
+    answer = torch.full((1 + n,), -1, dtype=torch.int64)
+    answer[0] = status
+    answer[1:1 + len(announced)] = torch.tensor(announced, dtype=torch.int64)
+    answers = [dist.isend(answer, group=group, group_dst=i, tag=_STATUS_TAG)
+               for i in askers] if header else []
+    whole = None
+    if pieces and error is None:
+        whole_shape = list(t.shape)
+        for dim, _, _ in cuts:
+            whole_shape[dim] = sum(offsets[dim].values())
+        whole = t.new_empty(whole_shape)
     regions = {} if whole is None else \
         {i: _region(whole, shape, offsets, cuts, i) for i, shape in shapes.items()}
     spare = [i for i in others if _numel(shapes[i]) and
@@ -395,15 +442,15 @@ def collect_pieces(t: torch.Tensor, cuts: Sequence[tuple[int, Sequence[int] | No
         flat = _scratch((sum(_numel(shapes[i]) for i in spare),), t) if spare else None
     at, works, landing = 0, [], []  # landing: (place in the whole or None, buffer received into)
     for i in others:
-        n = _numel(shapes[i])
-        if not n:
+        n_i = _numel(shapes[i])
+        if not n_i:
             continue
         if whole is None:
             buf = flat.narrow(0, at, nbytes[i])
             at += nbytes[i]
         elif i in spare:
-            buf = flat.narrow(0, at, n).view(shapes[i])
-            at += n
+            buf = flat.narrow(0, at, n_i).view(shapes[i])
+            at += n_i
         else:
             buf = regions[i]
         landing.append((regions.get(i), buf))
@@ -419,8 +466,12 @@ def collect_pieces(t: torch.Tensor, cuts: Sequence[tuple[int, Sequence[int] | No
     if mismatch is not None:  # every piece received (no sender is left waiting), then raise
         raise mismatch
     if error is not None:
-        raise LayoutError(f"retrieval over the stage: {error}")
-    return whole
+        raise LayoutError(f"{_what(pieces)}: {error}")
+    return whole, announced
+
+
+def _what(pieces: bool) -> str:
+    return "retrieval over the stage" if pieces else "the gather over the stage"
 
 
 def _shape_row(t: torch.Tensor, rows: int | None = None, site: int = NO_SITE,
@@ -474,7 +525,10 @@ def _places(shapes: dict[int, tuple[int, ...]], cuts, ndim: int,
     first = next(iter(shapes.values()))
     for i, shape in shapes.items():
         if len(shape) != ndim or any(shape[d] != first[d] for d in range(ndim) if d not in cut):
-            return sizes, f"pieces of shapes {shape} and {first} cannot form one tensor"
+            return sizes, (f"pieces of shapes {shape} and {first} cannot form one tensor: "
+                           f"they differ in a dim no axis cuts (data-parallel ranks padding "
+                           f"their batches to different sequence lengths? Pad every rank to "
+                           f"the same length)")
         for dim, _, coords in cuts:
             seen = sizes[dim].setdefault(coords[i], shape[dim])
             if seen != shape[dim]:

@@ -105,6 +105,13 @@ class Runtime:
         every rank and :meth:`scatter_from_edit` keeps each rank's own piece)."""
         raise NotImplementedError
 
+    def gather_to_leader(self, local: torch.Tensor,
+                         site: HookSite) -> tuple[torch.Tensor | None, EditContext]:
+        """The whole tensor, detached, on the storing rank (``None`` on the others), moved the
+        way :meth:`retrieve` moves it, for work done there before storing (``reduce=``); the
+        context serves :meth:`run_on_leader`."""
+        raise NotImplementedError
+
     def retrieve_gathered(self, full: torch.Tensor | None, ctx: EditContext,
                           store: Callable[[torch.Tensor], None], keeps: bool = True) -> None:
         """Like :meth:`retrieve`, for a hook that also edits: store the whole tensor that
@@ -155,6 +162,12 @@ class Runtime:
     def sync_trainable_modules(self, modules: dict[str, nn.Module]) -> None:
         """Keep trainable modules used in editing functions identical on every rank."""
         raise NotImplementedError
+
+    def end_of_hooked_forward(self) -> None:
+        """Called by every rank at the end of each forward with hooks enabled; nothing for one
+        process (see :meth:`DistributedRuntime.end_of_hooked_forward
+        <flex_surgery.parallel.distributed_runtime.DistributedRuntime.end_of_hooked_forward>`)."""
+        return None
 
     def close(self) -> None:
         """Remove whatever the runtime attached to the model (``FlexModel.restore`` calls it);
@@ -290,6 +303,10 @@ class LocalRuntime(Runtime):
     def gather_for_edit(self, local: torch.Tensor, site: HookSite,
                         everywhere: bool = False) -> tuple[torch.Tensor | None, EditContext]:
         return local, EditContext(site, local)
+
+    def gather_to_leader(self, local: torch.Tensor,
+                         site: HookSite) -> tuple[torch.Tensor | None, EditContext]:
+        return local.detach(), EditContext(site, local)
 
     def retrieve_gathered(self, full: torch.Tensor | None, ctx: EditContext,
                           store: Callable[[torch.Tensor], None], keeps: bool = True) -> None:

@@ -7,7 +7,8 @@ those ranks only, and its collective meets whatever collective the other ranks r
 a later hook's, whose rows it would store as its own, or, when it was the last hook, the same
 hook's in the *next* forward -- with no error. Every exchange of shapes that comes before a
 gather over data-parallel ranks (:func:`~flex_surgery.parallel.piece_transfer.exchange_sizes`,
-the header of :func:`~flex_surgery.parallel.piece_transfer.collect_pieces`,
+the header of :func:`~flex_surgery.parallel.piece_transfer.collect_pieces` and of
+:func:`~flex_surgery.parallel.piece_transfer.announce_pieces`,
 :func:`~flex_surgery.parallel.shape_agreement.agree_on_whole_shape`) carries the site's
 :func:`stamp`, so ranks at different sites, or in different forwards, raise
 :class:`HookSiteMismatchError` there, together. The stamp travels in a row that is exchanged
@@ -19,10 +20,16 @@ index) in its low 32 bits and the runtime's count of hooked forwards
 rank registers the same hooks, so every rank has made every tag, and can name the site another
 rank was at.
 
-What it cannot catch: a rank that reaches *no* further hook and no further forward goes on into
-the model's own collectives (DDP's gradient all-reduce, FSDP's parameter gathers) or returns,
-and the ranks at the hook wait for it until the process group's timeout; and two hooks whose
-gathers are different collectives (see docs/failure.md).
+A rank that reaches no further hook announces :data:`END_OF_FORWARD` when its hooked forward
+returns (on the CPU, where hooks announce to the stage leader), so the ranks still waiting at a
+hook raise with it instead of waiting while it goes on into the model's own collectives (DDP's
+gradient all-reduce in backward). What it cannot catch: the same in backward (a backward hook on
+a branch, when no later backward hook fires); on a device, a rank that reaches no further hook
+(its hooks exchange shapes over dp, and nothing is announced at the end); and two hooks whose
+first exchanges are different collectives: one with an ``expected_shape`` (its shape agreement
+is an all-gather over the stage) and one without (see docs/failure.md). Retrievals, ``reduce=``
+and edits all begin the same way (on the CPU, a header to the stage leader; see
+:meth:`~flex_surgery.parallel.axis_walk.AxisWalk.announced_sizes`).
 """
 
 from __future__ import annotations
@@ -32,8 +39,8 @@ import zlib
 
 from flex_surgery.parallel.frameworks.base import LayoutError
 
-__all__ = ["NO_SITE", "HookSiteMismatchError", "check_same_site", "describe_site", "site_tag",
-           "stamp"]
+__all__ = ["END_OF_FORWARD", "NO_SITE", "HookSiteMismatchError", "check_same_site",
+           "describe_site", "site_tag", "stamp"]
 
 NO_SITE = 0  # a transfer that serves no hook site (parameters, tables): compared with nothing
 
@@ -45,14 +52,24 @@ class HookSiteMismatchError(LayoutError):
     """The ranks of one collective reached different hooks (a branch some ranks skip)."""
 
 
+def _named(text: str) -> int:
+    tag = zlib.crc32(text.encode()) or 1
+    _NAMES.setdefault(tag, text)
+    return tag
+
+
 @functools.lru_cache(maxsize=4096)
 def site_tag(module_name: str, role: str, unpack_idx: int = 0) -> int:
     """The tag of the tensor ``unpack_idx`` of ``role`` at ``module_name``: a CRC-32 of the
     three (the same on every rank, unlike Python's salted ``hash``); never :data:`NO_SITE`."""
-    text = f"{role} of {module_name!r}" + (f" (tensor {unpack_idx})" if unpack_idx else "")
-    tag = zlib.crc32(text.encode()) or 1
-    _NAMES.setdefault(tag, text)
-    return tag
+    return _named(f"{role} of {module_name!r}" + (f" (tensor {unpack_idx})" if unpack_idx
+                                                   else ""))
+
+
+#: Where a rank is when its hooked forward has returned: announced like a hook site (see
+#: ``DistributedRuntime.end_of_hooked_forward``), so a rank still waiting at a hook that the
+#: others skipped learns that they reached no further hook.
+END_OF_FORWARD = _named("end of the forward (no further hook)")
 
 
 def stamp(tag: int, passes: int) -> int:
