@@ -1,0 +1,133 @@
+"""What the end-of-forward announcement costs a hooked forward under data parallelism.
+
+Under DP on the CPU every hooked forward ends with each rank announcing to the stage leader
+that it reached no further hook (``DistributedRuntime.end_of_hooked_forward``: one small header
+from every rank, one answer back), so that a rank left waiting at a hook the others skipped
+raises with them instead of hanging. That is a round trip per forward, paid whatever the hooks
+do. Measured on forked gloo ranks (one thread each), paired and interleaved:
+
+- the announcement alone, next to its floor: one ``dist.all_reduce`` of a single integer over
+  the same ranks (the cheapest exchange in which every rank hears from every other);
+- its share of a hooked forward: the retrieval benchmark's model (8 blocks, H=512, 256 tokens
+  per replica, a retrieval hook on every up-projection) with the announcement and with it
+  replaced by a no-op, in the same rounds. Both store the same values (asserted).
+
+    python benchmarks/end_of_forward.py [--reps 20]   # writes results/end_of_forward.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _timing import quantile, ratio, rounds, wall  # noqa: E402
+
+H, TOKENS, BLOCKS, CALLS = 512, 256, 8, 50
+
+
+def _model() -> torch.nn.Module:
+    g = torch.Generator().manual_seed(0)
+    layers = []
+    for _ in range(BLOCKS):
+        up, down = torch.nn.Linear(H, 4 * H), torch.nn.Linear(4 * H, H)
+        for lin in (up, down):
+            with torch.no_grad():
+                lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) * 0.02)
+                lin.bias.zero_()
+        layers += [up, torch.nn.GELU(), down]
+    return torch.nn.Sequential(*layers)
+
+
+def _rank(reps: int) -> dict | None:
+    from flex_surgery.hooks import FlexModel, HookFunction
+
+    torch.manual_seed(dist.get_rank())
+    x = torch.randn(1, TOKENS, H)
+    stored: dict = {}
+    flex = FlexModel(_model(), stored, data_parallel_size=dist.get_world_size())
+    for i in range(BLOCKS):
+        flex.register_forward_hook(HookFunction(str(3 * i)))
+    runtime = flex.runtime
+    announce = runtime.end_of_hooked_forward
+    one = torch.zeros(1, dtype=torch.int64)
+
+    def forward(end) -> None:
+        runtime.end_of_hooked_forward = end
+        with torch.no_grad():
+            flex(x)
+        stored.clear()
+
+    def values(end) -> dict:
+        runtime.end_of_hooked_forward = end
+        with torch.no_grad():
+            flex(x)
+        got = {k: [t.clone() for t in v] for k, v in stored.items()}
+        stored.clear()
+        return got
+
+    with_end, without = values(announce), values(lambda: None)
+    if dist.get_rank() == 0:
+        assert with_end.keys() == without.keys() and len(with_end) == BLOCKS
+        assert all(torch.equal(a, b) for k in with_end
+                   for a, b in zip(with_end[k], without[k]))
+
+    def calls(fn):
+        return lambda: [fn() for _ in range(CALLS)]
+
+    alone = rounds({"announce": calls(announce),
+                    "all_reduce": calls(lambda: dist.all_reduce(one))}, reps, wall, inner=3)
+    fwd = rounds({"with": lambda: forward(announce), "without": lambda: forward(lambda: None)},
+                 reps, wall, inner=3)
+    runtime.end_of_hooked_forward = announce
+    flex.restore()
+    added = [w - o for w, o in zip(fwd["with"], fwd["without"])]
+    shares = [a / o for a, o in zip(added, fwd["without"])]
+    return {
+        "world": dist.get_world_size(),
+        "announce_us": statistics.median(alone["announce"]) / CALLS * 1e6,
+        "all_reduce_us": statistics.median(alone["all_reduce"]) / CALLS * 1e6,
+        "announce_over_all_reduce": ratio(alone, "announce", "all_reduce"),
+        "forward_without_ms": statistics.median(fwd["without"]) * 1e3,
+        "added_ms": statistics.median(added) * 1e3,
+        "share": statistics.median(added) / statistics.median(fwd["without"]),
+        "share_q25": quantile(shares, 0.25), "share_q75": quantile(shares, 0.75),
+    } if dist.get_rank() == 0 else None
+
+
+def main() -> None:
+    from flex_surgery.launch import fork_ranks
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--worlds", type=int, nargs="+", default=[2, 4])
+    args = parser.parse_args()
+    results = []
+    for world in args.worlds:
+        r = fork_ranks(_rank, args.reps, nprocs=world, device="cpu", threads=1,
+                       timeout_s=600)[0]
+        results.append(r)
+        a = r["announce_over_all_reduce"]
+        print(f"[dp{world}] announcement {r['announce_us']:.0f} us per forward; a 1-int "
+              f"all_reduce over the same ranks {r['all_reduce_us']:.0f} us: {a['ratio']:.2f}x "
+              f"(per-round 25..75%: {a['q25']:.2f}..{a['q75']:.2f}; fastest/fastest "
+              f"{a['best']:.2f}x)")
+        print(f"[dp{world}] hooked forward ({BLOCKS} retrieval hooks) "
+              f"{r['forward_without_ms']:.1f} ms without it; added {r['added_ms']:.2f} ms = "
+              f"{100 * r['share']:.1f} % (per-round 25..75%: {100 * r['share_q25']:.1f}.."
+              f"{100 * r['share_q75']:.1f} %)")
+    out = os.path.join(os.path.dirname(__file__), "..", "results", "end_of_forward.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"-> {os.path.abspath(out)}")
+
+
+if __name__ == "__main__":
+    main()
