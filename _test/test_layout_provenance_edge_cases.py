@@ -69,6 +69,10 @@ class TPBlock(nn.Module):
             h = self.act(self.up(x))
             r = self.point(x.view(x.shape))
             return r + self.down(h)
+        if v == "reshape":  # the residual reshaped (same memory, another shape)
+            h = self.act(self.up(x))
+            r = self.point(x.reshape(-1, H)).view(x.shape)
+            return r + self.down(h)
         if v == "qkv":  # q/k/v on the same x, hook points between and after them
             q = self.q(x)
             p = self.point(x)
@@ -129,16 +133,20 @@ def _run_tp(model, x, hooks, **kw):
     return stored, out.detach(), x.grad
 
 
-def _compare_tp(variant, hooks):
-    """Run ``variant`` with ``hooks`` in one process and under fairscale tp=2; compare."""
-    from fairscale.nn.model_parallel import initialize as fs
-
+def _compare_tp(variant, hooks, framework="fairscale"):
+    """Run ``variant`` with ``hooks`` in one process and under fairscale (or DTensor) tp=2;
+    compare."""
     torch.set_default_dtype(torch.float64)
-    fs.initialize_model_parallel(2)
+    if framework == "fairscale":
+        from fairscale.nn.model_parallel import initialize as fs
+
+        fs.initialize_model_parallel(2)
+        model = TPBlock(_fairscale_layers(_plain_layers()), variant)
+    else:
+        model = _dtensor_block(_plain_layers(), variant)
     x = torch.randn(2, 3, H, generator=torch.Generator().manual_seed(1))
     want = _run_tp(TPBlock(_plain_layers(), variant), x, hooks, process_group=local_group())
-    got = _run_tp(TPBlock(_fairscale_layers(_plain_layers()), variant), x, hooks,
-                  tensor_parallel_size=2)
+    got = _run_tp(model, x, hooks, tensor_parallel_size=2)
     if dist.get_rank() == 0:
         for name, _kind, _ in hooks:
             keys = [k for k in want[0] if k.startswith(name + ".") or k == name]
@@ -182,14 +190,22 @@ def test_backward_hook_on_the_column_layer_keeps_the_look_through(kind):
     _compare_tp("side", [("up", kind, False), ("point", "forward", False)])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known silent wrong number: point(x.view(x.shape)) after a column layer is a new object, "
-    "so the look-through does not apply and the rule of time gives it the column layer's split "
-    "when the widths match (docs/parallel.md, rule 4)"))
+@pytest.mark.parametrize("framework", ["fairscale", "dtensor"])
 @distributed(world_size=2)
-def test_view_of_the_residual_after_a_column_layer():
-    """``point(x.view(x.shape))``: not the same object, the rule of time gives up's split."""
-    _compare_tp("view", [("point", "forward", False)])
+def test_reshape_of_the_residual_after_a_column_layer(framework):
+    """``point(x.reshape(-1, H))``: [6, H], whose last dim is up's local width; the rule of
+    time gave up's split ([6, 16] stored for [6, 8]). All of x's memory in another shape: of
+    a replicated x, replicated."""
+    _compare_tp("reshape", [("point", "forward", True)], framework)
+
+
+@pytest.mark.parametrize("framework", ["fairscale", "dtensor"])
+@distributed(world_size=2)
+def test_view_of_the_residual_after_a_column_layer(framework):
+    """``point(x.view(x.shape))``: not the same object, and the rule of time gave up's split
+    (stored [2, 3, 16] for [2, 3, 8]); an alias with the same shape, strides and start holds the
+    same values, so the look-through takes it as x."""
+    _compare_tp("view", [("point", "forward", True)], framework)
 
 
 @distributed(world_size=2)
@@ -225,8 +241,11 @@ def test_one_hook_point_on_the_residual_before_and_after_the_column(kind):
     _compare_tp("twice", [("point", kind, True)])
 
 
-def _dtensor_side(plain_layers, variant):
+def _dtensor_block(plain_layers, variant):
+    """``TPBlock`` under DTensor TP (HF's styles: local outputs): up, q, k, v colwise, gate
+    colwise with a replicated output (fairscale's gather_output), down rowwise."""
     from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate
     from torch.distributed.tensor.parallel import (
         ColwiseParallel,
         RowwiseParallel,
@@ -234,28 +253,28 @@ def _dtensor_side(plain_layers, variant):
     )
 
     mesh = init_device_mesh("cpu", (2,))
-    return parallelize_module(TPBlock(plain_layers, variant), mesh,
-                              {"up": ColwiseParallel(), "down": RowwiseParallel()})
+    plan = {n: ColwiseParallel() for n in ("up", "q", "k", "v")}
+    plan.update(gate=ColwiseParallel(output_layouts=Replicate()), down=RowwiseParallel())
+    return parallelize_module(TPBlock(plain_layers, variant), mesh, plan)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known silent wrong number: under DTensor TP the layer's input pre-hook (from "
-    "parallelize_module, registered before the runtime's) turns x into a DTensor, so the "
-    "look-through never sees x and the rule of time gives the residual's hook point the "
-    "column layer's split when the widths match"))
+@pytest.mark.parametrize("variant,hooks", [
+    ("side", [("point", "forward", False)]),
+    ("side", [("up", "full_backward", False), ("point", "forward", True)]),
+    ("gather_on_residual", [("point", "forward", True)]),
+    ("qkv", [("point", "forward", True), ("point2", "forward_pre", False)]),
+    ("twice", [("point", "forward", True)]),
+    ("row_point", [("point", "forward", True)]),
+], ids=["side", "side_backward_hook", "gather_on_residual", "qkv", "twice", "row_point"])
 @distributed(world_size=2)
-def test_dtensor_tp_hook_point_on_the_residual():
-    """The same residual hook point under DTensor TP (use_local_output=True, HF TP): the TP
-    layer's forward hooks see the DTensor its input-prepare pre-hook made, never x, so
-    ``_through`` never applies and the rule of time gives up's split."""
-    torch.set_default_dtype(torch.float64)
-    x = torch.randn(2, 3, H, generator=torch.Generator().manual_seed(1))
-    hooks = [("point", "forward", False)]
-    want = _run_tp(TPBlock(_plain_layers(), "side"), x, hooks, process_group=local_group())
-    got = _run_tp(_dtensor_side(_plain_layers(), "side"), x, hooks)
-    if dist.get_rank() == 0:
-        assert got[0]["point"][0].shape == want[0]["point"][0].shape, \
-            (tuple(got[0]["point"][0].shape), tuple(want[0]["point"][0].shape))
+def test_dtensor_tp_hook_points_on_the_residual(variant, hooks):
+    """Hook points on the residual under DTensor TP: the column layer's input hook
+    (``parallelize_module``'s, registered before the runtime's) makes a DTensor of x, so the
+    layer's forward hooks never saw x, and the residual's hook point was given the column
+    layer's split when the widths match ([2, 3, 16] stored for [2, 3, 8]). The tracker now
+    records a DTensor layer's argument before every other pre-hook and reads how the layer
+    took it from the DTensor it received (a DTensor's shape is the whole one)."""
+    _compare_tp(variant, hooks, framework="dtensor")
 
 
 # -- DP models ---------------------------------------------------------------------------------

@@ -9,9 +9,12 @@ it into layouts. See :mod:`flex_surgery.parallel.layout` for the rules.
 "Ran last" is a matter of time, not of data flow: a module that runs between a column layer and
 its row layer on a tensor that did not come out of the column layer (a hook point on the
 residual, ``r = self.point(x)`` after ``h = up(x)``) is not split like ``up``'s output. Where the
-tracker can see that -- the tensor *is* (the same object as) the input a fairscale or Megatron
-TP layer took, or a module took only such tensors and no TP layer ran inside it -- it describes
-the tensor by that layer's declared input layout instead (:meth:`TPTracker._through`).
+tracker can see that -- the tensor *is* the input a TP layer took (the same object, an alias
+of the same geometry, or, of a replicated input, all of its memory reshaped), or a module took
+only such tensors and no TP layer ran inside it -- it describes the tensor by how that layer
+took it instead (:meth:`TPTracker._through`): a fairscale or Megatron layer's declared input
+layout; for a DTensor layer, what the DTensor its input hook made of it says
+(:meth:`TPTracker._dtensor_input_was`).
 """
 
 from __future__ import annotations
@@ -71,6 +74,39 @@ def _tensors(*values) -> list[torch.Tensor]:
     return [t for t in tree_leaves(values) if isinstance(t, torch.Tensor)]
 
 
+def _same_tensor(taken: torch.Tensor | None, t: torch.Tensor) -> bool:
+    """Whether ``t`` is the tensor a TP layer took, or an alias of it with the same shape,
+    strides and start (``x.view(x.shape)``, ``x[:]``, ``x.detach()``): the same values, so the
+    same split."""
+    if taken is None:
+        return False
+    if taken is t:
+        return True
+    try:  # first what tells most tensors apart (this runs on every module call after a TP layer)
+        if t.data_ptr() != taken.data_ptr():
+            return False
+    except (RuntimeError, NotImplementedError):  # no storage (DTensor, fake tensors)
+        return False
+    return not is_dtensor(t) and not is_dtensor(taken) and t.shape == taken.shape and \
+        t.stride() == taken.stride() and t.dtype == taken.dtype and t.device == taken.device \
+        and t.numel() > 0
+
+
+def _reshaped(taken: torch.Tensor | None, t: torch.Tensor) -> bool:
+    """Whether ``t`` holds all of ``taken``'s memory, in order, in another shape (a reshape of
+    a contiguous tensor): of a replicated tensor, replicated too."""
+    if taken is None:
+        return False
+    try:
+        if t.data_ptr() != taken.data_ptr():
+            return False
+    except (RuntimeError, NotImplementedError):  # no storage (DTensor, fake tensors)
+        return False
+    return not is_dtensor(t) and not is_dtensor(taken) and t.numel() == taken.numel() > 0 and \
+        t.is_contiguous() and taken.is_contiguous() and t.dtype == taken.dtype and \
+        t.device == taken.device
+
+
 class TPTracker:
     """Remembers which tensor-parallel layer ran last, per module entry and exit, so a module
     without its own TP description inherits the split of what produced its tensor (the
@@ -100,6 +136,9 @@ class TPTracker:
         # Per module: (the state when it was last entered, the state of its inputs then), for
         # an output computed from inputs that did not come out of the last TP layer.
         self._took: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
+        # a DTensor TP layer's first argument before its input pre-hook made a DTensor of it
+        self._raw_input: weakref.WeakKeyDictionary[nn.Module, weakref.ref | None] = \
+            weakref.WeakKeyDictionary()
         # The watched models (entering one starts a forward), and the modules entered and left
         # since: a module called twice in one forward after tensors of different layouts has
         # no one entry (or exit) layout for its backward hooks.
@@ -154,7 +193,11 @@ class TPTracker:
         for name, m in frameworks.undescribed_split_modules(model, self.mesh).items():
             self._undescribed[m] = name
         for m in model.modules():
-            if self.tp_layer(m) is not None or self._why_unknown(m) is not None:
+            info = self.tp_layer(m)
+            if info is not None and not info.exact:  # a DTensor layer: see _dtensor_input_was
+                self._handles.append(m.register_forward_pre_hook(self._record_raw_input,
+                                                                 prepend=True))
+            if info is not None or self._why_unknown(m) is not None:
                 self._handles.append(m.register_forward_hook(self._tp_layer_ran))
             self._handles.append(m.register_forward_pre_hook(self._enter, with_kwargs=True))
             self._handles.append(m.register_forward_hook(self._leave))
@@ -233,7 +276,10 @@ class TPTracker:
         """The state that describes ``t``: ``state`` (what the TP layer that ran last
         produced), unless ``t`` is the very tensor that layer took in -- then the layer's own
         input layout (several layers may have taken it in turn: q, k and v)."""
-        while state is not None and state.consumed is not None and state.consumed() is t:
+        while state is not None and state.consumed is not None:
+            taken = state.consumed()
+            if not (_same_tensor(taken, t) or state.before is None and _reshaped(taken, t)):
+                break
             state = state.before
         return state
 
@@ -286,21 +332,57 @@ class TPTracker:
             return (None, None) if x is None else (x.spec, x.unknown)
         return split(a) == split(b)
 
+    def _record_raw_input(self, module, args) -> None:
+        """Before every other pre-hook of a DTensor TP layer (``parallelize_module``'s input
+        hook turns the argument into a DTensor): the tensor the caller passed."""
+        if torch._C._current_graph_task_id() != -1:
+            return
+        first = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        self._raw_input[module] = None if first is None else weakref.ref(first)
+
     def _tp_layer_ran(self, module, args, output):
         self._produce(module, args, output)
-        entry = self._took.get(module)
-        taken = entry[2]() if entry is not None and entry[2] is not None else None
-        if self._current is None or taken is None or is_dtensor(taken):
-            return
         info = self.tp_layer(module)
-        if info is None or not info.exact:
-            return  # only a layer whose attributes say how it takes its input is looked through
-        try:
-            spec = self._dim_shard(info.input, taken, True, module, "input")
-        except LayoutError:
+        if info is not None and not info.exact:
+            raw = self._raw_input.get(module)
+            taken = raw() if raw is not None else None
+            spec = self._dtensor_input_was(taken, args)
+        else:
+            entry = self._took.get(module)
+            taken = entry[2]() if entry is not None and entry[2] is not None else None
+            if info is None or taken is None or is_dtensor(taken):
+                return  # only a layer that says how it takes its input is looked through
+            try:
+                spec = self._dim_shard(info.input, taken, True, module, "input")
+            except LayoutError:
+                return
+        if self._current is None or spec is False:
             return
         before = None if spec is None else _Produced(tuple(taken.shape), spec)
         self._current = replace(self._current, consumed=weakref.ref(taken), before=before)
+
+    def _dtensor_input_was(self, taken: torch.Tensor | None,
+                           args: tuple) -> ShardSpec | None | bool:
+        """How a DTensor TP layer's input hook took the plain tensor ``taken``: it made the
+        DTensor the layer received (``args[0]``) from it with the layer's declared input
+        layout, and a DTensor's shape is the whole one, so ``taken`` is replicated where the
+        two shapes agree and this rank's tp piece where they differ in one dim by the piece's
+        size. ``False`` where that is not certain (nothing looked through)."""
+        received = args[0] if args else None
+        if taken is None or is_dtensor(taken) or not is_dtensor(received) or \
+                received.ndim != taken.ndim:
+            return False
+        whole = tuple(received.shape)
+        differ = [d for d in range(taken.ndim) if taken.shape[d] != whole[d]]
+        if not differ:
+            return None
+        if len(differ) > 1:
+            return False
+        dim = differ[0]
+        sizes = chunk_sizes(whole[dim], self.mesh.tp_size)
+        if taken.shape[dim] != sizes[self.mesh.rank("tp")]:
+            return False
+        return ShardSpec("tp", dim, sizes)
 
     def _produce(self, module, args, output):
         """Set ``_current`` to what the TP layer ``module`` produced."""
