@@ -138,30 +138,42 @@ MOE_SITES = [(f"{L0}.mlp", "forward_pre", 0), (f"{L0}.mlp.router", "forward_pre"
 def _each_site(name: str, sites, sequence_parallel: bool = False, eval_mode: bool = False
                ) -> tuple[list[str], list[str]]:
     """Each site hooked alone at TP=1 and TP=2: ``(wrong, refused)``; ``wrong`` lists what
-    TP=2 stored that differs from TP=1 (rank 0) and refusals made on some ranks only."""
-    wrong, refused = [], []
-    for site in sites:
-        with gpt_parallel(tp=1):
-            model = make(1, name)
-            model.train(not eval_mode)
+    TP=2 stored that differs from TP=1 (rank 0) and refusals made on some ranks only.
+
+    One model per TP size serves every site in turn (a FlexModel gives the model back
+    unchanged, and nothing here updates the weights); after a refusal, which may leave a
+    FlexModel half-built on it, the next site gets a fresh one."""
+    wrong, refused, refs = [], [], {}
+    with gpt_parallel(tp=1):
+        model = None
+        for site in sites:
+            if model is None:
+                model = make(1, name)
+                model.train(not eval_mode)
             try:
-                ref = run_flex(model, [site], False, local_group())[0]
+                refs[site] = run_flex(model, [site], False, local_group())[0]
             except Exception as exc:  # noqa: BLE001 -- no such site in this configuration
                 refused.append(f"{site}: at TP=1 too: {type(exc).__name__}")
+                model = None
+    with gpt_parallel(tp=2):
+        model = None
+        for site in sites:
+            if site not in refs:
                 continue
-        with gpt_parallel(tp=2):
-            model = make(2, name, sequence_parallel)
-            model.train(not eval_mode)
+            if model is None:
+                model = make(2, name, sequence_parallel)
+                model.train(not eval_mode)
             try:
                 got, err = run_flex(model, [site], False)[0], None
             except Exception as exc:  # noqa: BLE001 -- a refusal is a fine answer
                 got, err = None, f"{type(exc).__name__}: {str(exc)[:120]}"
-        errs = [None] * dist.get_world_size()
-        dist.all_gather_object(errs, err)
-        if any(e is not None for e in errs):
-            (refused if all(errs) else wrong).append(f"{site}: {errs}")
-        elif dist.get_rank() == 0:
-            wrong += stored_mismatches(got, ref, **TOL)
+            errs = [None] * dist.get_world_size()
+            dist.all_gather_object(errs, err)
+            if any(e is not None for e in errs):
+                (refused if all(errs) else wrong).append(f"{site}: {errs}")
+                model = None  # on every rank: the errors were agreed
+            elif dist.get_rank() == 0:
+                wrong += stored_mismatches(got, refs[site], **TOL)
     return wrong, refused
 
 
