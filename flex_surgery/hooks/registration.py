@@ -49,7 +49,8 @@ MODULE_BACKWARD_KINDS = ("full_backward", "full_backward_pre")
 def detach_hooks(handles: dict[HookFunction, RemovableHandle | None],
                  backward_flag_before: dict[nn.Module, bool | None],
                  params_without_hooks_before: list[torch.Tensor],
-                 runtime_unwatch: Callable[[], None] | None) -> None:
+                 runtime_unwatch: Callable[[], None] | None,
+                 own: list[RemovableHandle] | None = None) -> None:
     """Take every hook of one FlexModel off the model and undo what registering them set.
 
     :meth:`FlexModel.close` runs it, and so does the FlexModel's ``weakref.finalize`` when the
@@ -70,6 +71,10 @@ def detach_hooks(handles: dict[HookFunction, RemovableHandle | None],
             parameter._backward_hooks = None
     backward_flag_before.clear()
     params_without_hooks_before.clear()
+    for handle in own or ():
+        handle.remove()  # the FlexModel's own hooks on the wrapped module (hooked_passes)
+    if own:
+        own.clear()
     if runtime_unwatch is not None:
         runtime_unwatch()  # the runtime's own hooks (layout tracking under TP)
 

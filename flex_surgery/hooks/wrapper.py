@@ -91,6 +91,33 @@ def _check_not_wrapped(module: nn.Module) -> str | None:
             "with groups")
 
 
+def hooked_passes(module: nn.Module, flex_ref: weakref.ref) -> list:
+    """Hooks on the wrapped module itself that mark each call of it while hooks are selected:
+    a new pass as it starts (``DistributedRuntime.passes``, in every hook site's stamp, see
+    :mod:`~flex_surgery.parallel.site_tags`) and its end as it returns
+    (``Runtime.end_of_hooked_forward``). On the module, not in :meth:`FlexModel.forward`, so
+    that calls which bypass ``flex(...)`` after :meth:`FlexModel.select_hook_groups` -- a
+    pipeline schedule calling the stage module per micro-batch, ``generate`` -- count too.
+    A forward recomputed in backward (activation checkpointing) is no new pass. They hold the
+    FlexModel weakly (a hook would otherwise keep it alive); returns their handles. For a
+    distributed runtime only."""
+
+    def starts(mod: nn.Module, args: Any) -> None:
+        flex = flex_ref()
+        if flex is not None and flex._hooks_selected and \
+                torch._C._current_graph_task_id() == -1:
+            flex.runtime.passes += 1  # every rank runs the same hooked forwards
+
+    def ends(mod: nn.Module, args: Any, output: Any) -> None:
+        flex = flex_ref()
+        if flex is not None and flex._hooks_selected and \
+                torch._C._current_graph_task_id() == -1:
+            # a rank left waiting at a hook the others skipped raises with them
+            flex.runtime.end_of_hooked_forward()
+
+    return [module.register_forward_pre_hook(starts), module.register_forward_hook(ends)]
+
+
 class FlexModel(HookRegistration, HookGroupAPI, nn.Module):
     """Wrap ``module`` to retrieve and edit its activations and gradients with hooks.
 
@@ -226,10 +253,14 @@ class FlexModel(HookRegistration, HookGroupAPI, nn.Module):
         self._hooks_selected = False
         self._restored = False
         _WRAPPED_BY[module] = weakref.ref(self)
+        # One process counts no passes and announces nothing: no hooks there (a FlexModel
+        # without hook functions leaves the model without hooks, as FlexModel 0.1.0 does)
+        own = hooked_passes(module, weakref.ref(self)) if hasattr(self.runtime, "passes") \
+            else []
         layouts = getattr(self.runtime, "layouts", None)
         self._finalizer = weakref.finalize(
             self, detach_hooks, self._handles, self._backward_flag_before,
-            self._params_without_hooks_before, getattr(layouts, "unwatch", None))
+            self._params_without_hooks_before, getattr(layouts, "unwatch", None), own)
 
     @property
     def output_dict(self) -> dict[str, Any] | None:
@@ -285,8 +316,6 @@ class FlexModel(HookRegistration, HookGroupAPI, nn.Module):
         """
         self._check_usable()
         self._select(groups, complement)
-        if self._hooks_selected and hasattr(self.runtime, "passes"):
-            self.runtime.passes += 1  # every rank runs the same hooked forwards (site_tags)
         if self._memory_budget is not None:
             self._check_memory_budget(args, kwargs)
         wait_for_host_copies()  # what a backward that raised left in flight (device copies)
@@ -300,8 +329,6 @@ class FlexModel(HookRegistration, HookGroupAPI, nn.Module):
                 pass
             raise
         wait_for_host_copies()  # stored activations are complete when forward returns
-        if self._hooks_selected:  # a rank left waiting at a hook the others skipped raises
-            self.runtime.end_of_hooked_forward()
         mesh = getattr(self.runtime, "mesh", None)
         if self._store_in_run and (mesh is None or mesh.pp_size == 1):
             # A store that failed in a hook raises here, on every rank. Under pipelining the

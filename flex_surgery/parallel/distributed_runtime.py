@@ -126,8 +126,9 @@ class DistributedRuntime(Runtime):
             # The layout whole_shape just agreed, for the same call's gather; the tensor by weak
             # reference, so a call that fails in between does not keep an activation alive.
             self._agreed: tuple[weakref.ref[torch.Tensor], HookSite, Layout] | None = None
-            # Forwards run with hooks enabled (FlexModel counts them; every rank runs the same
-            # ones): stamped into the exchanges in front of a data-parallel gather, so a hook
+            # Calls of the wrapped module with hooks enabled (FlexModel counts them with a hook
+            # on the module, flex(...) or not; every rank runs the same ones): stamped into the
+            # exchanges in front of a data-parallel gather, so a hook
             # that meets its own gather of another forward raises (site_tags).
             self.passes = 0
             if batch_dim is None:
@@ -216,8 +217,9 @@ class DistributedRuntime(Runtime):
         waiting in its gather while these go on into the model's own collectives (DDP's
         gradient all-reduce) or their next step, until the process group's timeout; met by
         this announcement, every rank raises ``HookSiteMismatchError`` instead. Decided from
-        the mesh and the stage group's backend, the same on every rank."""
-        if self.mesh.dp_size == 1 or dist.get_backend(self.mesh.stage_group) != "gloo":
+        the mesh and the stage group's backend (one that moves CPU tensors through gloo:
+        ``"gloo"``, ``"cpu:gloo"``, ``"cpu:gloo,cuda:nccl"``), the same on every rank."""
+        if self.mesh.dp_size == 1 or "gloo" not in str(dist.get_backend(self.mesh.stage_group)):
             return
         self.walk.announce_end(stamp(END_OF_FORWARD, self.passes))
 

@@ -132,6 +132,15 @@ class LayoutInference(TPTracker):
                 f"from (HookFunction(reduce=...) computes a statistic of the whole tensor), or, "
                 f"if the scalar is the same on every tensor-parallel rank, give the hook "
                 f"expected_shape=()")
+        if self._sequence_parallel and tuple(local.shape) != state.shape:
+            # Under sequence parallelism a tensor of another shape may be split on the sequence
+            # (the residual between TP regions), and a hidden split of the same width looks the
+            # same: only the whole shape tells them apart
+            raise frameworks.UnknownLayoutError(
+                f"the {role} of {self._describe(module)} has shape {tuple(local.shape)} after a "
+                f"tensor-parallel layer that produced shape {state.shape} split on dim "
+                f"{spec.dim}, in a model with sequence parallelism: it may be split on the "
+                f"sequence dim instead, and nothing says so; {frameworks.HOW_TO_DECLARE}")
         last = spec.dim == len(state.shape) - 1
         dim = local.ndim - 1 if last else spec.dim
         # More dims than the layer's output, with the split on the last: that dim was cut up

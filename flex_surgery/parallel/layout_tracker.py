@@ -387,8 +387,17 @@ class TPTracker:
     def _produce(self, module, args, output):
         """Set ``_current`` to what the TP layer ``module`` produced."""
         out = output[0] if isinstance(output, tuple) else output
-        if not isinstance(out, torch.Tensor) or is_dtensor(out):
+        if not isinstance(out, torch.Tensor):
             self._current = None
+            return
+        if is_dtensor(out):
+            # What follows takes the DTensor (described by its placements) -- or a plain tensor
+            # the model makes of it (to_local(): a piece; full_tensor(): whole), which shapes
+            # cannot tell apart. The layer's own input is still looked through.
+            self._current = _Produced(tuple(out.shape), None,
+                                      f"it comes after {self._describe(module)}, which returns "
+                                      f"a DTensor: a plain tensor made of it (to_local() or "
+                                      f"full_tensor()) has no split anything declares")
             return
         why = self._why_unknown(module)
         if why is not None:
@@ -441,9 +450,12 @@ class TPTracker:
                     "framework owns")
         if module in self._undescribed:
             framework = frameworks.owner(module)
+            hint = (" (its ParallelStyle declares a partial sum, or a split on dim 0 or 1: "
+                    "output_layouts=Partial() / Shard(...)?)") if framework.name == "dtensor" \
+                else ""
             return (f"has parameters {framework.name} splits over the tensor-parallel ranks, "
                     f"but {framework.name} does not describe how a {type(module).__name__} "
-                    f"splits its activations")
+                    f"splits its activations{hint}")
         return None
 
     def tp_layer(self, module: nn.Module) -> TPLayer | None:

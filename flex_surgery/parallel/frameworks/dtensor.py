@@ -89,6 +89,12 @@ class DTensorTP(Framework):
             return TPLayer(None, None, exact=True, opaque=True)
         weight = getattr(module, "weight", None)
         shard = _tp_placement(weight, mesh) if weight is not None else None
+        if shard is not None and _off_the_hidden_dim(module):
+            # A style that declares a partial sum, or a split on the batch or sequence dim, for
+            # what the layer takes or returns (RowwiseParallel(output_layouts=Shard(1)), ...):
+            # the shapes the rules below read cannot tell that split from the hidden one, so
+            # the layer is undescribed (its activations, and those after it, need a hint).
+            return None
         if shard is None or isinstance(shard, _StridedShard):
             # A strided split over tp (interleaved blocks, e.g. a fused projection sharded so
             # each rank holds a slice of every part) does not give each rank one contiguous
@@ -104,6 +110,11 @@ class DTensorTP(Framework):
         if placement == 0:  # colwise Linear: weight (out, in) split on out
             return TPLayer(None, ActivationShard(HIDDEN, full[0], sharded=None), exact=False)
         return TPLayer(ActivationShard(HIDDEN, full[1], sharded=None), None, exact=False)
+
+    def sequence_parallel(self, module: nn.Module) -> bool:
+        # A torch ParallelStyle that declares a split on dim 0 or 1 (the sequence of [b, s, h]
+        # or [s, b, h]): SequenceParallel, ColwiseParallel(input_layouts=Shard(1)), ...
+        return any(_non_hidden_shard(p) for p in _declared_placements(module))
 
     def splits_parameters(self, module: nn.Module, mesh: ParallelMesh | None = None) -> bool:
         # Any parameter sharded over tp, whatever its name: tp_layer reads ``weight`` only, so
@@ -198,6 +209,52 @@ class DTensorTP(Framework):
             axis = "dp" if any(fsdp2.owns(m) for m in model.modules()) else "tp"
             return ParallelMesh.from_device_mesh(device_mesh, {axis: None})
         return ParallelMesh.from_device_mesh(device_mesh)
+
+
+def _declared_placements(module: nn.Module) -> list:
+    """The placements a torch ParallelStyle applied to ``module`` by ``parallelize_module``
+    declares for its inputs and outputs (``input_layouts``, ``desired_input_layouts``,
+    ``output_layouts``, ``SequenceParallel``'s ``sequence_sharding``). ``distribute_module``
+    registers hooks that close over ``input_fn`` / ``output_fn``, partials of the style's
+    ``_prepare_input_fn`` / ``_prepare_output_fn`` given those layouts; ``[]`` where none."""
+    import functools
+
+    found = []
+    for hook in (*module._forward_pre_hooks.values(), *module._forward_hooks.values()):
+        for name in ("input_fn", "output_fn"):
+            fn = closure_value(hook, name)
+            if isinstance(fn, functools.partial):
+                found += _placements_in(fn.args)
+    return found
+
+
+def _non_hidden_shard(placement) -> bool:
+    """A split on dim 0 or 1: the batch or sequence of an activation, not its hidden dim."""
+    return placement.is_shard() and placement.dim in (0, 1)
+
+
+def _off_the_hidden_dim(module: nn.Module) -> bool:
+    """Whether ``module``'s style declares a partial sum anywhere, or a split on dim 0 or 1 for
+    what the layer returns (a split of what it takes is undone by its input hook before the
+    layer runs: ColwiseParallel(input_layouts=Shard(1)) still computes on whole rows)."""
+    import functools
+
+    for hook in module._forward_hooks.values():
+        fn = closure_value(hook, "output_fn")
+        if isinstance(fn, functools.partial) and any(
+                _non_hidden_shard(p) for p in _placements_in(fn.args)):
+            return True
+    return any(p.is_partial() for p in _declared_placements(module))
+
+
+def _placements_in(args: tuple) -> list:
+    from torch.distributed.tensor.placement_types import Placement
+
+    out = []
+    for arg in args:
+        out += [p for p in (arg if isinstance(arg, (tuple, list)) else (arg,))
+                if isinstance(p, Placement)]
+    return out
 
 
 def _hf_style(module: nn.Module) -> str | None:
