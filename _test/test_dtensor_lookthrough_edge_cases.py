@@ -340,30 +340,16 @@ def test_column_output_redistributed_onto_the_sequence():
 
 
 # == several layers, several calls, in place ================================================
-@pytest.mark.xfail(strict=True, reason=(
-    "cross-attention: q(x), k(m), v(m), then point(x): only the last TP layer's input (m) is "
-    "looked through (_tp_layer_ran replaces the state, q's consumed x is lost), so x gets v's "
-    "hidden split (local width 8 == H): rank 0 stores [2, 4, 16] for [2, 4, 8], no error"))
 @distributed(world_size=2, timeout_s=30)
 def test_cross_attention_residual_after_k_v_on_another_tensor():
     _check("cross", [("point", "forward", True, None)], allow_refusal=True)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "up(x) then up(x * 0.5): _raw_input keeps the second call's argument only, so point(x) "
-    "(which up took in its first call) gets up's hidden split: rank 0 stores [2, 4, 16] for "
-    "[2, 4, 8], no error"))
 @distributed(world_size=2, timeout_s=30)
 def test_column_called_twice_residual_taken_by_the_first_call():
     _check("twice", [("point", "forward", True, None)], allow_refusal=True)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "up(x.view(x.shape)) then point(x): the tracker keeps a weakref to the tensor up was "
-    "handed (_record_raw_input); that temporary view dies after the call (DTensor.from_local "
-    "keeps another view), so _same_tensor gets None and x gets up's hidden split: rank 0 "
-    "stores [2, 4, 16] for [2, 4, 8], no error -- the alias rule holds only while the very "
-    "object the layer took is alive"))
 @distributed(world_size=2, timeout_s=30)
 def test_column_took_a_temporary_alias_of_the_residual():
     _check("temp_alias", [("point", "forward", True, None)], allow_refusal=True)

@@ -73,6 +73,15 @@ class TPBlock(nn.Module):
             h = self.act(self.up(x))
             r = self.point(x.reshape(-1, H)).view(x.shape)
             return r + self.down(h)
+        if v == "cross":  # cross-attention: q takes x, k and v another tensor, then x
+            m = self.norm(x)
+            q, k, vv = self.q(x), self.k(m), self.v(m)
+            p = self.point(x)
+            return p + self.down(self.act(q * k + vv))
+        if v == "twice_called":  # one column layer called on x, then on another tensor
+            h = self.up(x) + self.up(x * 0.5)
+            r = self.point(x)
+            return r + self.down(self.act(h))
         if v == "qkv":  # q/k/v on the same x, hook points between and after them
             q = self.q(x)
             p = self.point(x)
@@ -188,6 +197,17 @@ def test_backward_hook_on_the_column_layer_keeps_the_look_through(kind):
     """A backward hook on ``up`` makes torch wrap its inputs (BackwardHook.setup_input_hook)
     before its forward hooks see ``args``: ``consumed`` is the wrapper, not x."""
     _compare_tp("side", [("up", kind, False), ("point", "forward", False)])
+
+
+@pytest.mark.parametrize("variant", ["cross", "twice_called"])
+@pytest.mark.parametrize("framework", ["fairscale", "dtensor"])
+@distributed(world_size=2)
+def test_residual_taken_by_an_earlier_column_layer(framework, variant):
+    """Every TP layer's input in the forward is looked through, not only the last one's:
+    cross-attention ``q(x)``, ``k(m)``, ``v(m)``, then ``point(x)``; and ``up(x)``, then
+    ``up(x * 0.5)``, then ``point(x)``. Only the last layer's input was, so ``x`` got the
+    column split (stored [2, 3, 16] for [2, 3, 8])."""
+    _compare_tp(variant, [("point", "forward", True)], framework)
 
 
 @pytest.mark.parametrize("framework", ["fairscale", "dtensor"])

@@ -21,13 +21,12 @@ from __future__ import annotations
 import json
 import os
 import timeit
-import weakref
 
 import torch
 from torch import nn
 
 from flex_surgery.parallel.layout import LayoutInference
-from flex_surgery.parallel.layout_tracker import _Produced
+from flex_surgery.parallel.layout_tracker import _Produced, _Taken
 from flex_surgery.parallel.mesh import ParallelMesh
 
 CALLS, REPEATS = 200_000, 5
@@ -52,20 +51,21 @@ def main() -> None:
 
     floor = _per_call_us(lambda: (noop_pre(module, (x,), {}), noop_post(module, (x,), y)))
     results = {"floor_pair_us": floor}
-    taken_by_tp_layer = x  # a TP layer (say a column layer) took x; the module takes x too
-    for state, current in (("no_tp_layer_yet", None),
-                           ("after_a_tp_layer", _Produced((2, 3, 16), None,
-                                                          consumed=weakref.ref(taken_by_tp_layer),
-                                                          before=None))):
-        tracker._current = current
+    column_out = _Produced((2, 3, 16), None)
+    # after a TP layer (say a column layer) that took x, replicated; the module takes x too
+    taken = {x.data_ptr(): [_Taken(x, None)]}
+    for state, current, took in (("no_tp_layer_yet", None, {}),
+                                 ("after_a_tp_layer", column_out, taken)):
+        tracker._current, tracker._taken = current, took
         enter = _per_call_us(lambda: tracker._enter(module, (x,), {}))
         leave = _per_call_us(lambda: tracker._leave(module, (x,), y))
         results[state] = {"enter_us": enter, "leave_us": leave,
                           "pair_over_floor": (enter + leave) / floor}
         print(f"{state:18s} entry {enter:.2f} us, exit {leave:.2f} us: "
               f"{(enter + leave) / floor:.1f}x a pair of no-op Python hooks ({floor:.2f} us)")
-    # what was timed was right: x is what the TP layer took, so it is described by `before`
-    tracker._current = _Produced((2, 3, 16), None, consumed=weakref.ref(x), before=None)
+    # what was timed was right: x is what the TP layer took, so it is described by how it was
+    # taken (replicated)
+    tracker._current, tracker._taken = column_out, taken
     tracker._enter(module, (x,), {})
     assert tracker.input_state(x) is None and tracker.output_state(module) is None
     tracker._enter(module, (y,), {})  # y did not come from there: the rule of time

@@ -9,18 +9,18 @@ it into layouts. See :mod:`flex_surgery.parallel.layout` for the rules.
 "Ran last" is a matter of time, not of data flow: a module that runs between a column layer and
 its row layer on a tensor that did not come out of the column layer (a hook point on the
 residual, ``r = self.point(x)`` after ``h = up(x)``) is not split like ``up``'s output. Where the
-tracker can see that -- the tensor *is* the input a TP layer took (the same object, an alias
-of the same geometry, or, of a replicated input, all of its memory reshaped), or a module took
-only such tensors and no TP layer ran inside it -- it describes the tensor by how that layer
-took it instead (:meth:`TPTracker._through`): a fairscale or Megatron layer's declared input
-layout; for a DTensor layer, what the DTensor its input hook made of it says
+tracker can see that -- the tensor *is* an input some TP layer took in this forward (the same
+object, an alias of the same geometry, or, of a replicated input, all of its memory reshaped),
+or a module took only such tensors and no TP layer ran inside it -- it describes the tensor by
+how that layer took it instead (:meth:`TPTracker._through`): a fairscale or Megatron layer's
+declared input layout; for a DTensor layer, what the DTensor its input hook made of it says
 (:meth:`TPTracker._dtensor_input_was`).
 """
 
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -62,16 +62,22 @@ class _Produced:
     shape: tuple[int, ...]
     spec: ShardSpec | None
     unknown: str | None = None
-    # The tensor the layer took in, and its input layout as the layer declares it: a tensor
-    # that *is* the layer's input is described by ``before``, not by this state.
-    consumed: weakref.ref | None = field(default=None, compare=False)
-    before: _Produced | None = field(default=None, compare=False, repr=False)
 
 
 def _tensors(*values) -> list[torch.Tensor]:
     """Every tensor in ``values``, however deep in tuples, lists and dicts (a module handed
     ``[h]`` takes ``h`` as much as one handed ``h``)."""
-    return [t for t in tree_leaves(values) if isinstance(t, torch.Tensor)]
+    found: list[torch.Tensor] = []
+    for v in values:  # the usual cases without pytree (this runs on every module call)
+        if isinstance(v, torch.Tensor):
+            found.append(v)
+        elif isinstance(v, tuple) and all(isinstance(a, torch.Tensor) for a in v):
+            found.extend(v)
+        elif isinstance(v, dict) and not v:
+            continue
+        else:
+            found.extend(t for t in tree_leaves(v) if isinstance(t, torch.Tensor))
+    return found
 
 
 def _same_tensor(taken: torch.Tensor | None, t: torch.Tensor) -> bool:
@@ -107,6 +113,40 @@ def _reshaped(taken: torch.Tensor | None, t: torch.Tensor) -> bool:
         t.device == taken.device
 
 
+class _Taken:
+    """A tensor a TP layer took, and how (``before``: ``None`` for replicated).
+
+    Held weakly, and its geometry kept: a temporary alias the layer was handed
+    (``up(x.view(x.shape))``) dies after the call while ``x`` lives on. While the storage's
+    owner (the tensor, or the base it views) is alive, its memory cannot be reused, so a tensor
+    at the same address with the same geometry is an alias: the same values, the same split."""
+
+    __slots__ = ("_ref", "_owner", "_shape", "_stride", "_dtype", "before")
+
+    def __init__(self, taken: torch.Tensor, before: _Produced | None) -> None:
+        self._ref = weakref.ref(taken)
+        base = taken._base
+        self._owner = weakref.ref(base) if base is not None else None
+        self._shape, self._stride, self._dtype = taken.shape, taken.stride(), taken.dtype
+        self.before = before
+
+    def holds(self, t: torch.Tensor) -> bool:
+        """Whether ``t`` (at the taken tensor's address) is it or an alias of it -- or, taken
+        replicated, all of its memory in another shape (a reshape)."""
+        taken = self._ref()
+        if taken is not None:
+            return _same_tensor(taken, t) or self.before is None and _reshaped(taken, t)
+        if self._owner is None or self._owner() is None or is_dtensor(t):
+            return False
+        if t.dtype != self._dtype:
+            return False
+        if t.shape == self._shape and t.stride() == self._stride:
+            return True
+        contiguous = self._stride == torch.empty(self._shape, device="meta").stride()
+        return self.before is None and contiguous and t.is_contiguous() and \
+            t.numel() == self._shape.numel() > 0
+
+
 class TPTracker:
     """Remembers which tensor-parallel layer ran last, per module entry and exit, so a module
     without its own TP description inherits the split of what produced its tensor (the
@@ -136,6 +176,8 @@ class TPTracker:
         # Per module: (the state when it was last entered, the state of its inputs then), for
         # an output computed from inputs that did not come out of the last TP layer.
         self._took: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
+        # The tensors TP layers took in this forward, by address (see _through).
+        self._taken: dict[int, list[_Taken]] = {}
         # a DTensor TP layer's first argument before its input pre-hook made a DTensor of it
         self._raw_input: weakref.WeakKeyDictionary[nn.Module, weakref.ref | None] = \
             weakref.WeakKeyDictionary()
@@ -236,6 +278,7 @@ class TPTracker:
             self._current = self._stage_input(module)
             self._entered.clear()
             self._left.clear()
+            self._taken.clear()
         took = self._state_of(self._current, args, kwargs)
         # the first argument as the module is entered, before later pre-hooks (an editing one,
         # a backward hook's wrapper) replace it: a TP layer's input is matched against this
@@ -274,19 +317,22 @@ class TPTracker:
 
     def _through(self, state: _Produced | None, t: torch.Tensor) -> _Produced | None:
         """The state that describes ``t``: ``state`` (what the TP layer that ran last
-        produced), unless ``t`` is the very tensor that layer took in -- then the layer's own
-        input layout (several layers may have taken it in turn: q, k and v)."""
-        while state is not None and state.consumed is not None:
-            taken = state.consumed()
-            if not (_same_tensor(taken, t) or state.before is None and _reshaped(taken, t)):
-                break
-            state = state.before
+        produced), unless a TP layer took ``t`` in this forward (q, k and v in turn; a
+        cross-attention's q took ``x`` and k, v another tensor; a layer called twice) -- then
+        how that layer took it (the last one that did). Found by address: one dict lookup."""
+        try:
+            records = self._taken.get(t.data_ptr())
+        except (RuntimeError, NotImplementedError):  # no storage (DTensor, fake tensors)
+            return state
+        for record in reversed(records or ()):
+            if record.holds(t):
+                return record.before
         return state
 
     def _state_of(self, state: _Produced | None, *values) -> _Produced | None:
         """The state that describes all the tensors among ``values`` by :meth:`_through`, where
         they agree on an earlier one; otherwise ``state`` (the rule of time)."""
-        if state is None or state.consumed is None:
+        if not self._taken:
             return state  # nothing to look through (and no list to build: every module call)
         tensors = _tensors(*values)
         if not tensors:
@@ -356,10 +402,14 @@ class TPTracker:
                 spec = self._dim_shard(info.input, taken, True, module, "input")
             except LayoutError:
                 return
-        if self._current is None or spec is False:
+        if spec is False:
             return
         before = None if spec is None else _Produced(tuple(taken.shape), spec)
-        self._current = replace(self._current, consumed=weakref.ref(taken), before=before)
+        try:
+            key = taken.data_ptr()
+        except (RuntimeError, NotImplementedError):
+            return
+        self._taken.setdefault(key, []).append(_Taken(taken, before))
 
     def _dtensor_input_was(self, taken: torch.Tensor | None,
                            args: tuple) -> ShardSpec | None | bool:
