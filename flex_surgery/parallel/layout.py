@@ -116,13 +116,18 @@ class LayoutInference(TPTracker):
                 f"how the {role} of {self._describe(module)} is split cannot be told: "
                 f"{state.unknown}; {frameworks.HOW_TO_DECLARE}")
         spec = state.spec
+        if self._sequence_parallel and tuple(local.shape) != state.shape and \
+                (spec is None or local.ndim > 0):  # (a split scalar: its own error below)
+            # Under sequence parallelism a tensor of another shape may be split on the sequence
+            # (the residual between TP regions), and a hidden split of the same width looks the
+            # same: only the whole shape tells them apart
+            split = "replicated" if spec is None else f"split on dim {spec.dim}"
+            raise frameworks.UnknownLayoutError(
+                f"the {role} of {self._describe(module)} has shape {tuple(local.shape)} after a "
+                f"tensor of shape {state.shape} ({split}), in a model with sequence "
+                f"parallelism: it may be split on the sequence dim, and nothing says so; "
+                f"{frameworks.HOW_TO_DECLARE}")
         if spec is None:
-            if self._sequence_parallel and tuple(local.shape) != state.shape:
-                raise frameworks.UnknownLayoutError(
-                    f"the {role} of {self._describe(module)} has shape {tuple(local.shape)} "
-                    f"after a replicated tensor of shape {state.shape}, in a model with "
-                    f"sequence parallelism: it may be split on the sequence dim, and nothing "
-                    f"says so; {frameworks.HOW_TO_DECLARE}")
             return None
         if local.ndim == 0:  # e.g. a sum or a loss of one rank's shard: a partial value
             raise frameworks.UnknownLayoutError(
@@ -132,15 +137,6 @@ class LayoutInference(TPTracker):
                 f"from (HookFunction(reduce=...) computes a statistic of the whole tensor), or, "
                 f"if the scalar is the same on every tensor-parallel rank, give the hook "
                 f"expected_shape=()")
-        if self._sequence_parallel and tuple(local.shape) != state.shape:
-            # Under sequence parallelism a tensor of another shape may be split on the sequence
-            # (the residual between TP regions), and a hidden split of the same width looks the
-            # same: only the whole shape tells them apart
-            raise frameworks.UnknownLayoutError(
-                f"the {role} of {self._describe(module)} has shape {tuple(local.shape)} after a "
-                f"tensor-parallel layer that produced shape {state.shape} split on dim "
-                f"{spec.dim}, in a model with sequence parallelism: it may be split on the "
-                f"sequence dim instead, and nothing says so; {frameworks.HOW_TO_DECLARE}")
         last = spec.dim == len(state.shape) - 1
         dim = local.ndim - 1 if last else spec.dim
         # More dims than the layer's output, with the split on the last: that dim was cut up
