@@ -48,6 +48,12 @@ REGISTER = {"forward": "register_forward_hook", "forward_pre": "register_forward
             "full_backward_pre": "register_full_backward_pre_hook", "tensor": "register_hook"}
 
 
+def _read_all(directory) -> dict:
+    """Every value a DiskStore directory holds, by name, in step order."""
+    reader = DiskStore(directory)
+    return {n: [reader.read(n, s) for s in reader.steps(n)] for n in reader.names()}
+
+
 def _x(batch: int, seed: int = 1) -> torch.Tensor:
     torch.set_default_dtype(torch.float64)  # reset by the rank pool after each body
     return torch.randn(batch, 3, H, generator=torch.Generator().manual_seed(seed))
@@ -248,8 +254,7 @@ def test_ddp_reductions_of_gradients_with_an_empty_replica_equal_one_process(sto
             _reduce_run(model, mine, loss, _names(model), store=store,
                         store_on="replica_leaders")
         dist.barrier()
-        reader = DiskStore(directory)
-        got = {n: [reader.read(n, s) for s in reader.steps(n)] for n in reader.names()}
+        got = _read_all(directory)
     else:
         got = _reduce_run(model, mine, loss, _names(model), store_on="all")
     if got is not None:
@@ -281,8 +286,7 @@ def test_dp_x_tp_reductions_of_gradients_with_uneven_replicas_equal_one_process(
             _reduce_run(model, mine, loss, _names(model), store=store,
                         store_on="replica_leaders")
         dist.barrier()
-        reader = DiskStore(directory)
-        got = {n: [reader.read(n, s) for s in reader.steps(n)] for n in reader.names()}
+        got = _read_all(directory)
         assert_stored_equal(clean_keys(got), want, **TOL)
         _done_with(directory)
     else:
@@ -372,8 +376,7 @@ def test_a_pass_raising_midway_then_good_passes_equal_one_process(where, how):
             _, grads = _raising_passes(model, mine, where, loss, store=store,
                                        store_on="replica_leaders", data_parallel_size=2)
         dist.barrier()
-        reader = DiskStore(directory)
-        got = {n: [reader.read(n, s) for s in reader.steps(n)] for n in reader.names()}
+        got = _read_all(directory)
     else:
         got, grads = _raising_passes(model, mine, where, loss, store_on="all",
                                      data_parallel_size=2)
@@ -453,8 +456,7 @@ def test_megatron_dp_x_tp_gradient_hooks_with_uneven_replicas_equal_one_process(
             _megatron_reduce_run(megatron_mlp(plain_mlp(), sequence_parallel, torch.float64),
                                  mine, _sum_loss(3, 2), store=store, store_on="replica_leaders")
         dist.barrier()
-        reader = DiskStore(directory)
-        got = {n: [reader.read(n, s) for s in reader.steps(n)] for n in reader.names()}
+        got = _read_all(directory)
         assert_stored_equal(got, want, **TOL)
         _done_with(directory)
 
@@ -587,8 +589,7 @@ def test_ddp_edits_with_reductions_under_replica_leaders_equal_one_process(repli
         _edit_reduce_run(model, [_rows(x, sizes, r) for x in xs], _sum_loss(3, 2), replicate,
                          _names(model), store=store, store_on="replica_leaders")
     dist.barrier()
-    reader = DiskStore(directory)
-    got = {n: [reader.read(n, s) for s in reader.steps(n)] for n in reader.names()}
+    got = _read_all(directory)
     assert_stored_equal(clean_keys(got), want, **TOL)
     _done_with(directory)
     assert_grads_equal(plain_grads(model), plain_grads(ref), **TOL)
@@ -613,8 +614,7 @@ def test_disk_store_reopened_across_store_on_and_empty_replicas_equals_one_proce
                         lambda n: _sum_loss(3, 2), _names(model), store=store,
                         store_on=store_on)
         dist.barrier()
-    reader = DiskStore(directory)
-    got = {n: [reader.read(n, s) for s in reader.steps(n)] for n in reader.names()}
+    got = _read_all(directory)
     assert_stored_equal(clean_keys(got), want, **TOL)
     _done_with(directory)
     assert_grads_equal(plain_grads(model), plain_grads(ref), **TOL)

@@ -87,41 +87,11 @@ def _batch_skipped_by(seed: int, skipper: int) -> torch.Tensor:
     return x
 
 
-@pytest.mark.parametrize("skipper", [0, 1], ids=["leader_skips", "other_skips"])
-@distributed(world_size=2, timeout_s=20)
-def test_the_last_hook_on_a_branch_meets_the_end_of_the_others_forward(skipper):
-    """DDP; only ``side`` is hooked, and rank ``skipper`` skips it. That rank's forward returns
-    with no collective and its backward goes into DDP's gradient all-reduce, while the other
-    rank waits in side's gather: both waited until the process group's timeout. The end of
-    every hooked forward is announced the way hooks announce their shapes, so both raise
-    HookSiteMismatchError at that forward; the next forward and backward (both take ``side``)
-    equal one process."""
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    torch.set_default_dtype(torch.float64)
-    rank = dist.get_rank()
-    hooks = lambda: [("forward", HookFunction("side"))]  # noqa: E731
-    want = _one_process(_batch(2, True), hooks)
-    model = DDP(Branchy())
-    stored = {}
-    with FlexModel(model, stored) as flex:
-        flex.register_forward_hook(HookFunction("module.side"))
-        with pytest.raises(HookSiteMismatchError) as refused:
-            flex(_rows(_batch_skipped_by(1, skipper), rank)).pow(2).sum().backward()
-        if rank == 0:
-            assert "end of the forward" in str(refused.value), str(refused.value)
-        stored.clear()
-        model.zero_grad()
-        flex(_rows(_batch(2, True), rank)).pow(2).sum().backward()
-    if rank == 0:
-        assert stored.keys() == {"module.side"}, sorted(stored)
-        torch.testing.assert_close(stored["module.side"], want["side"], **TOL)
-
-
 @distributed(world_size=4, timeout_s=30)
 def test_dp_x_tp_the_last_hook_on_a_branch_meets_the_end_of_the_others_forward():
-    """The same under fairscale TP=2 x DP=2 (replica 1 skips ``side``, the last hook): the
-    end of the forward is announced over the whole stage."""
+    """fairscale TP=2 x DP=2, replica 1 skips ``side``, the last hook: the end of the forward
+    is announced over the whole stage, so every rank raises (DDP alone, with every hook kind:
+    test_dp_announce_edge_cases)."""
     torch.set_default_dtype(torch.float64)
     model, replica = _fairscale_branchy()
     want = _one_process(_batch(2, True), lambda: [("forward", HookFunction("side"))])

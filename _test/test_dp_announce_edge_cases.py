@@ -431,6 +431,7 @@ def test_pp_x_dp_hand_split_with_groups_and_changing_lengths_equals_one_process(
 # -- branch mismatches that must raise ------------------------------------------------------
 
 _KINDS = {
+    "plain": {},
     "reduce": dict(reduce="mean_over_batch"),
     "edit": dict(editing_function=_triple),
     "replicate": dict(editing_function=_triple, replicate_edit=True),
@@ -442,9 +443,10 @@ _KINDS = {
 @pytest.mark.parametrize("kind", list(_KINDS))
 @distributed(world_size=2, timeout_s=20)
 def test_the_last_hook_of_any_kind_on_a_branch_meets_the_end_of_forward(kind, skipper):
-    """Only ``side`` is hooked, with a reduce=, a leader edit, a replicated edit or an edit of
-    its input; rank ``skipper`` skips it: both raise at that forward (the edit's announcement
-    meets the end-of-forward announcement); then, under DDP with backward, equal one process."""
+    """Only ``side`` is hooked, with a plain retrieval, a reduce=, a leader edit, a replicated
+    edit or an edit of its input; rank ``skipper`` skips it: both raise at that forward (the
+    hook's announcement meets the end-of-forward one); then, under DDP with backward, equal
+    one process."""
     torch.set_default_dtype(torch.float64)
     rank = dist.get_rank()
     register = "register_forward_pre_hook" if kind == "pre_edit" else "register_forward_hook"

@@ -17,11 +17,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from parallel_cases import Block, local_group, seeded_linear
 from rank_pool import distributed
+from test_surgery_lora import _lora_model
 from torch import nn
 
 from flex_surgery.anatomy import Anatomy, register_anatomy
 from flex_surgery.lens import LogitLens, logit_lens
-from flex_surgery.models import example_inputs, tiny_hf_model
+from flex_surgery.models import example_inputs
 from flex_surgery.parallel.frameworks.base import LayoutError
 from flex_surgery.surgery import MaskTheater, SurgicalTheater
 from flex_surgery.surgery.circuits import CircuitConfig, CircuitModel
@@ -424,21 +425,6 @@ def test_theater_body_raising_on_fairscale_tp_restores_every_rank(kind):
         fs.destroy_model_parallel()
 
 
-def _lora_r1():
-    from peft import LoraConfig, get_peft_model
-
-    model = tiny_hf_model("llama")
-    cfg = LoraConfig(r=1, lora_alpha=3, target_modules=["q_proj", "up_proj", "down_proj"],
-                     lora_dropout=0.0)
-    lora = get_peft_model(model, cfg)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in lora.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
-    return lora.eval()
-
-
 LORA_EDITS = {
     "scale": dict(modification_type="scale", factor=0.5),
     "noise": dict(modification_type="noise", noise_scale=0.05, seed=3),
@@ -458,7 +444,7 @@ def test_lora_rank_one_under_fsdp2_equals_the_merged_model(kind):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    lora = _lora_r1()
+    lora = _lora_model(r=1, targets=("q_proj", "up_proj", "down_proj"))
     merged = copy.deepcopy(lora).merge_and_unload()
     inner = lora.base_model.model
     mesh = init_device_mesh("cpu", (2,))

@@ -34,12 +34,13 @@ MODIFICATIONS = {
 }
 
 
-def _lora_model(dtype=torch.float32, **config):
+def _lora_model(dtype=torch.float32, r=4, targets=tuple(TARGETS), **config):
     """A tiny Llama with a LoRA adapter whose B factors are not zero (as after training)."""
     from peft import LoraConfig, get_peft_model
 
     model = tiny_hf_model("llama", dtype=dtype)
-    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.0, **config)
+    cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets), lora_dropout=0.0,
+                     **config)
     lora = get_peft_model(model, cfg)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
