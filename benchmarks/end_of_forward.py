@@ -10,7 +10,12 @@ do. Measured on forked gloo ranks (one thread each), paired and interleaved:
   the same ranks (the cheapest exchange in which every rank hears from every other);
 - its share of a hooked forward: the retrieval benchmark's model (8 blocks, H=512, 256 tokens
   per replica, a retrieval hook on every up-projection) with the announcement and with it
-  replaced by a no-op, in the same rounds. Both store the same values (asserted).
+  replaced by a no-op, in the same rounds. Both store the same values (asserted);
+- the same for hooks whose first message would otherwise carry no header (here, retrievals
+  with ``expected_shape``: a shape agreement, then pieces of known sizes): each call announces
+  its site first (``AxisWalk.announce_site``), so the forward pays 8 announcements plus the
+  end's. Measured with every announcement and with none (``meets_at_sites`` off), the same
+  values stored (asserted).
 
     python benchmarks/end_of_forward.py [--reps 20]   # writes results/end_of_forward.json
 """
@@ -56,6 +61,19 @@ def _rank(reps: int) -> dict | None:
         flex.register_forward_hook(HookFunction(str(3 * i)))
     runtime = flex.runtime
     announce = runtime.end_of_hooked_forward
+    shaped_stored: dict = {}
+    shaped = FlexModel(_model(), shaped_stored, data_parallel_size=dist.get_world_size())
+    for i in range(BLOCKS):
+        shaped.register_forward_hook(HookFunction(str(3 * i), expected_shape=(None, TOKENS,
+                                                                              4 * H)))
+
+    def shaped_forward(meets: bool) -> dict:
+        shaped.runtime.meets_at_sites = meets
+        with torch.no_grad():
+            shaped(x)
+        got = {k: list(v) for k, v in shaped_stored.items()}
+        shaped_stored.clear()
+        return got
     one = torch.zeros(1, dtype=torch.int64)
 
     def forward(end) -> None:
@@ -87,6 +105,15 @@ def _rank(reps: int) -> dict | None:
                  reps, wall, inner=3)
     runtime.end_of_hooked_forward = announce
     flex.restore()
+    met, unmet = shaped_forward(True), shaped_forward(False)
+    if dist.get_rank() == 0:
+        assert met.keys() == unmet.keys() and len(met) == BLOCKS
+        assert all(torch.equal(a, b) for k in met for a, b in zip(met[k], unmet[k]))
+    sites = rounds({"met": lambda: shaped_forward(True), "unmet": lambda: shaped_forward(False)},
+                   reps, wall, inner=3)
+    shaped.runtime.meets_at_sites = True
+    shaped.restore()
+    site_added = [m - u for m, u in zip(sites["met"], sites["unmet"])]
     added = [w - o for w, o in zip(fwd["with"], fwd["without"])]
     shares = [a / o for a, o in zip(added, fwd["without"])]
     return {
@@ -98,6 +125,10 @@ def _rank(reps: int) -> dict | None:
         "added_ms": statistics.median(added) * 1e3,
         "share": statistics.median(added) / statistics.median(fwd["without"]),
         "share_q25": quantile(shares, 0.25), "share_q75": quantile(shares, 0.75),
+        "shaped_forward_unmet_ms": statistics.median(sites["unmet"]) * 1e3,
+        "shaped_added_ms": statistics.median(site_added) * 1e3,
+        "shaped_per_announcement_us": statistics.median(site_added) / (BLOCKS + 1) * 1e6,
+        "shaped_share": statistics.median(site_added) / statistics.median(sites["unmet"]),
     } if dist.get_rank() == 0 else None
 
 
@@ -122,6 +153,10 @@ def main() -> None:
               f"{r['forward_without_ms']:.1f} ms without it; added {r['added_ms']:.2f} ms = "
               f"{100 * r['share']:.1f} % (per-round 25..75%: {100 * r['share_q25']:.1f}.."
               f"{100 * r['share_q75']:.1f} %)")
+        print(f"[dp{world}] hooked forward ({BLOCKS} retrieval hooks with expected_shape) "
+              f"{r['shaped_forward_unmet_ms']:.1f} ms without meeting; {BLOCKS} site "
+              f"announcements and the end's add {r['shaped_added_ms']:.2f} ms = "
+              f"{100 * r['shaped_share']:.1f} % ({r['shaped_per_announcement_us']:.0f} us each)")
     out = os.path.join(os.path.dirname(__file__), "..", "results", "end_of_forward.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:

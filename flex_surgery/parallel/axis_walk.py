@@ -15,6 +15,12 @@ autograd-aware collective per axis, in gather order (``tp``, then ``dp``):
 Gradient scales (``Layout.grad_scale``, ``Layout.backward_scale``) are applied where the whole
 tensor is formed and undone before it is taken apart; see
 :mod:`flex_surgery.parallel.distributed_runtime` for why data parallelism needs them.
+
+``meet``: a hook site's stamp (:mod:`~flex_surgery.parallel.site_tags`) that the walk's first
+message must carry, given by the runtime where data-parallel ranks may be at different hooks
+(a branch some skip). The first message is then a header to the stage leader
+(:meth:`AxisWalk.announce_site`, or the header of a retrieval's or edit's own shapes), the one
+kind every hook starts with, so ranks at different hooks meet in it and raise together.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from flex_surgery.parallel.failures import naming_lost_ranks
 from flex_surgery.parallel.layout import GATHER_ORDER, Layout, PartialSpec, ShardSpec
 from flex_surgery.parallel.mesh import ParallelMesh
 from flex_surgery.parallel.piece_transfer import announce_pieces, collect_pieces, gather_pieces
+from flex_surgery.parallel.site_tags import NO_SITE
 
 __all__ = ["AxisWalk"]
 
@@ -91,7 +98,7 @@ class AxisWalk:
 
     def to_leader(self, t: torch.Tensor, layout: Layout,
                   axes: tuple[str, ...] = GATHER_ORDER,
-                  trainable: bool = False) -> tuple[torch.Tensor, list]:
+                  trainable: bool = False, meet: int = NO_SITE) -> tuple[torch.Tensor, list]:
         """Walk ``t`` to the leader axis by axis; returns what this rank holds and the record
         :meth:`from_leader` needs to walk back. Autograd-aware when ``t`` requires grad.
 
@@ -99,9 +106,13 @@ class AxisWalk:
         the one-process ones, so the gradient inside the edit is scaled by
         ``1 / Layout.backward_scale`` (and back by :meth:`from_leader`, given the same flag).
         Without trainable modules the two scales cancel for every gradient that leaves the
-        edit, so they are not applied."""
+        edit, so they are not applied. ``meet``: see the module docstring."""
         record = []
-        early = self.announced_sizes(t, layout) if axes == GATHER_ORDER else {}
+        if axes == GATHER_ORDER:
+            early = self.announced_sizes(t, layout, meet)
+        else:
+            early = {}
+            self.announce_site(meet)
         early = early or self._sizes_before_walk(t, layout, axes)
         for axis in axes:
             if self.mesh.size(axis) == 1 or not self.takes_part(axis):
@@ -192,7 +203,7 @@ class AxisWalk:
         return self._coords
 
     def to_leader_at_once(self, t: torch.Tensor, layout: Layout,
-                          axes: list[str]) -> torch.Tensor | None:
+                          axes: list[str], meet: int = NO_SITE) -> torch.Tensor | None:
         """Retrieval of a tensor with :meth:`direct_axes`: every piece to the leader in one
         step over the stage group, put together in place in one fresh tensor. Detached; the
         whole tensor on the leader, ``None`` elsewhere.
@@ -205,14 +216,17 @@ class AxisWalk:
         the first sends. On a device, one ``gather`` of padded pieces
         (:func:`~flex_surgery.parallel.piece_transfer.gather_pieces`) after an exchange of the
         unknown sizes over their axis. Each rank's coordinates come from
-        :meth:`stage_coordinates` (exchanged once)."""
+        :meth:`stage_coordinates` (exchanged once). ``meet``: on the CPU it travels in the
+        headers, which then go even when every size is known."""
         group = self.mesh.stage_group
         t = t.detach()
         if t.device.type == "cpu":
             cuts, senders, leader, unknown = self._stage_cuts(t, layout, axes)
+            site = meet if meet != NO_SITE else unknown.site if unknown else NO_SITE
             full = collect_pieces(t, cuts, senders, group, leader,
-                                  *((unknown.rows, unknown.site) if unknown else ()))
+                                  unknown.rows if unknown else None, site)
         else:
+            self.announce_site(meet)
             coords = self.stage_coordinates(t.device)
             specs = {axis: layout.spec_for(axis) for axis in axes}
             shards = [axis for axis in axes if specs[axis] is not None]
@@ -244,7 +258,8 @@ class AxisWalk:
         unknown = next((specs[a] for a in shards if specs[a].sizes is None), None)
         return cuts, senders, self._stage_leader(coords), unknown
 
-    def announced_sizes(self, t: torch.Tensor, layout: Layout) -> dict[str, tuple[int, ...]]:
+    def announced_sizes(self, t: torch.Tensor, layout: Layout,
+                        meet: int = NO_SITE) -> dict[str, tuple[int, ...]]:
         """On the CPU, the sizes of an axis whose pieces' sizes the layout does not know (a
         data-parallel batch), for a gather that must stay autograd-aware (an edit): announced
         to the stage leader the way a retrieval's pieces are
@@ -253,22 +268,29 @@ class AxisWalk:
         the same kind, whether it edits or retrieves, so data-parallel ranks at different hooks
         raise ``HookSiteMismatchError`` there instead of waiting in different collectives.
         ``{}`` where a retrieval would not go to the leader in one step either (it then
-        exchanges sizes the same way an edit does), or every size is known."""
+        exchanges sizes the same way an edit does), or every size is known. With ``meet``
+        (a hook site's stamp) the first message is a header carrying it in every case: these
+        sizes' announcement, or else :meth:`announce_site`."""
         axes = self.direct_axes(t, layout)
-        if t.device.type != "cpu" or not axes:
-            return {}
-        cuts, senders, leader, unknown = self._stage_cuts(t, layout, axes)
-        if unknown is None:
-            return {}
-        axis = next(a for a in axes if layout.spec_for(a) is unknown)
-        return {axis: announce_pieces(t.detach(), cuts, senders, self.mesh.stage_group, leader,
-                                      unknown.rows, unknown.site)}
+        if t.device.type == "cpu" and axes:
+            cuts, senders, leader, unknown = self._stage_cuts(t, layout, axes)
+            if unknown is not None:
+                axis = next(a for a in axes if layout.spec_for(a) is unknown)
+                site = meet if meet != NO_SITE else unknown.site
+                return {axis: announce_pieces(t.detach(), cuts, senders, self.mesh.stage_group,
+                                              leader, unknown.rows, site)}
+        self.announce_site(meet)
+        return {}
 
-    def announce_end(self, stamped: int) -> None:
-        """Every rank of the stage announces ``stamped`` (:data:`~flex_surgery.parallel.
-        site_tags.END_OF_FORWARD` in this forward) to the stage leader the way a hook's first
-        message goes on the CPU (:meth:`announced_sizes`): one header each, one answer. A
-        rank still at a hook there meets it and every rank raises ``HookSiteMismatchError``."""
+    def announce_site(self, stamped: int) -> None:
+        """Every rank of the stage announces ``stamped`` (a hook site's stamp, or
+        :data:`~flex_surgery.parallel.site_tags.END_OF_FORWARD` in this forward) to the stage
+        leader the way a hook's first message goes on the CPU (:meth:`announced_sizes`): one
+        header each, one answer. A rank at another hook meets it there and every rank raises
+        ``HookSiteMismatchError``. Nothing for :data:`~flex_surgery.parallel.site_tags.
+        NO_SITE`."""
+        if stamped == NO_SITE:
+            return
         coords = self.stage_coordinates(torch.device("cpu"))
         n = len(coords[GATHER_ORDER[0]])
         announce_pieces(torch.empty(0), [(0, None, coords["dp"])], range(n),
@@ -305,11 +327,13 @@ class AxisWalk:
                 dist.all_reduce(t, group=group)
         return t * layout.grad_scale if layout.grad_scale != 1.0 else t
 
-    def everywhere(self, t: torch.Tensor, layout: Layout) -> tuple[torch.Tensor, list]:
+    def everywhere(self, t: torch.Tensor, layout: Layout,
+                   meet: int = NO_SITE) -> tuple[torch.Tensor, list]:
         """The whole tensor on every rank, autograd-aware (``replicate_edit``): an all-gather
-        per sharded axis, an all-reduce per partial one, nothing for a replicated one."""
+        per sharded axis, an all-reduce per partial one, nothing for a replicated one.
+        ``meet``: see the module docstring."""
         record = []
-        early = self.announced_sizes(t, layout)
+        early = self.announced_sizes(t, layout, meet)
         for axis in GATHER_ORDER:
             if self.mesh.size(axis) == 1:
                 continue

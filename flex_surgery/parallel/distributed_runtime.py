@@ -71,7 +71,7 @@ from flex_surgery.parallel.runtime import (
     store_copy,
 )
 from flex_surgery.parallel.shape_agreement import agree_on_whole_shape
-from flex_surgery.parallel.site_tags import END_OF_FORWARD, stamp
+from flex_surgery.parallel.site_tags import END_OF_FORWARD, NO_SITE, stamp
 from flex_surgery.parallel.trainable_sync import TrainableSync
 from flex_surgery.store.hooks import Rows
 
@@ -126,6 +126,15 @@ class DistributedRuntime(Runtime):
             # The layout whole_shape just agreed, for the same call's gather; the tensor by weak
             # reference, so a call that fails in between does not keep an activation alive.
             self._agreed: tuple[weakref.ref[torch.Tensor], HookSite, Layout] | None = None
+            # The call whose ranks have met at its site already (see _meeting).
+            self._met: tuple[weakref.ref[torch.Tensor], HookSite] | None = None
+            # Data-parallel ranks may reach different hooks (a branch some skip); on a stage
+            # group that moves CPU tensors through gloo ("gloo", "cpu:gloo",
+            # "cpu:gloo,cuda:nccl") every hook call's first message is then a header to the
+            # stage leader, and so is the end of every hooked forward. From the mesh and the
+            # backend: the same on every rank.
+            self.meets_at_sites = mesh.dp_size > 1 and \
+                "gloo" in str(dist.get_backend(mesh.stage_group))
             # Calls of the wrapped module with hooks enabled (FlexModel counts them with a hook
             # on the module, flex(...) or not; every rank runs the same ones): stamped into the
             # exchanges in front of a data-parallel gather, so a hook
@@ -197,6 +206,10 @@ class DistributedRuntime(Runtime):
         failure: Exception | None = None
         layout = walked = None
         plain, joined = _local_of(local), None
+        # The agreement below is an all-gather over the stage: data-parallel ranks at another
+        # hook must meet this one first, where every hook's first message goes.
+        self.walk.announce_site(self._meeting(local, site))
+        self._met = (weakref.ref(local), site)
         try:
             layout = self.layout_of(local, site)
             plain, walked, joined = unblocked(plain, layout)
@@ -217,11 +230,21 @@ class DistributedRuntime(Runtime):
         waiting in its gather while these go on into the model's own collectives (DDP's
         gradient all-reduce) or their next step, until the process group's timeout; met by
         this announcement, every rank raises ``HookSiteMismatchError`` instead. Decided from
-        the mesh and the stage group's backend (one that moves CPU tensors through gloo:
-        ``"gloo"``, ``"cpu:gloo"``, ``"cpu:gloo,cuda:nccl"``), the same on every rank."""
-        if self.mesh.dp_size == 1 or "gloo" not in str(dist.get_backend(self.mesh.stage_group)):
-            return
-        self.walk.announce_end(stamp(END_OF_FORWARD, self.passes))
+        the mesh and the stage group's backend (:attr:`meets_at_sites`), the same on every
+        rank."""
+        if self.meets_at_sites:
+            self.walk.announce_site(stamp(END_OF_FORWARD, self.passes))
+
+    def _meeting(self, local: torch.Tensor, site: HookSite) -> int:
+        """The stamp that this hook call's first message carries, so that data-parallel ranks
+        at another hook meet it (:attr:`meets_at_sites`); ``NO_SITE`` when no meeting is
+        needed: no data parallelism, or the ranks met at this call already (its shape
+        agreement, or an edit's gather before the retrieval of its result)."""
+        met, self._met = self._met, None
+        if not self.meets_at_sites or \
+                (met is not None and met[0]() is local and met[1] is site):
+            return NO_SITE
+        return stamp(site.tag, self.passes)
 
     def is_edit_leader(self, site: HookSite) -> bool:
         return self.mesh.is_stage_leader()
@@ -232,17 +255,20 @@ class DistributedRuntime(Runtime):
         plain, layout, joined = unblocked(_local_of(local).detach(),
                                           self.layout_of(local, site))
         store = joining(store, joined)
+        meet = self._meeting(local, site)
         with torch.no_grad():
             if self.store_on == "all":
+                self.walk.announce_site(meet)
                 store(store_copy(self.walk.to_all(plain, layout)))
                 return
             if self.store_on == "replica_leaders" and self.mesh.dp_size > 1 and \
                     isinstance(layout.spec_for("dp"), ShardSpec):
+                self.walk.announce_site(meet)
                 self._retrieve_replica_rows(plain, layout, store)
                 return
-            if self.overlap_retrieval and self._start_retrieval(plain, layout, store):
+            if self.overlap_retrieval and self._start_retrieval(plain, layout, store, meet):
                 return
-            full, record = self._to_leader_detached(plain, layout)
+            full, record = self._to_leader_detached(plain, layout, meet)
         if self.mesh.is_stage_leader():
             # A tensor gathered (or reduced) on the CPU is already a private copy; copy only
             # what may still alias the model's own activation, or lives on a device.
@@ -250,28 +276,29 @@ class DistributedRuntime(Runtime):
                 spec is not None for _, spec, _, _ in record))
             store(full if fresh else store_copy(full))
 
-    def _to_leader_detached(self, plain: torch.Tensor,
-                            layout: Layout) -> tuple[torch.Tensor | None, list | None]:
+    def _to_leader_detached(self, plain: torch.Tensor, layout: Layout,
+                            meet: int) -> tuple[torch.Tensor | None, list | None]:
         """The whole of a detached tensor on the stage leader (what this rank holds elsewhere)
         and the walk's record (``None`` after one transfer over the stage): the one transfer
         that both a retrieval and a ``reduce=`` (:meth:`gather_to_leader`) make, so hooks of
         either kind at different sites meet in the same exchange and raise together."""
         axes = self.walk.direct_axes(plain, layout)  # one transfer over the stage
         if axes:
-            return self.walk.to_leader_at_once(plain, layout, axes), None
-        return self.walk.to_leader(plain, layout)
+            return self.walk.to_leader_at_once(plain, layout, axes, meet), None
+        return self.walk.to_leader(plain, layout, meet=meet)
 
     def gather_to_leader(self, local: torch.Tensor,
                          site: HookSite) -> tuple[torch.Tensor | None, EditContext]:
         plain, layout, joined = unblocked(_local_of(local).detach(),
                                           self.layout_of(local, site))
+        meet = self._meeting(local, site)
         with torch.no_grad():
-            full, _ = self._to_leader_detached(plain, layout)
+            full, _ = self._to_leader_detached(plain, layout, meet)
         ctx = EditContext(site, local, layout=layout)
         return (join_blocks(full, joined) if self.mesh.is_stage_leader() else None), ctx
 
     def _start_retrieval(self, plain: torch.Tensor, layout: Layout,
-                         store: Callable[[torch.Tensor], None]) -> bool:
+                         store: Callable[[torch.Tensor], None], meet: int) -> bool:
         """``overlap_retrieval``: start the gather of a tensor sharded over the only axis of
         size > 1 and store it when it has arrived (:func:`~flex_surgery.parallel.runtime.defer`).
         Returns ``False`` (nothing started) for any other layout, and in backward, the same on
@@ -284,6 +311,7 @@ class DistributedRuntime(Runtime):
         spec = layout.spec_for(axes[0]) if len(axes) == 1 else None
         if not isinstance(spec, ShardSpec):
             return False
+        self.walk.announce_site(meet)
         group = self.mesh.group(axes[0])
         sizes = spec.sizes or exchange_sizes(plain, spec.dim, group, spec.rows, spec.site)
         finish = start_gather(plain, spec.dim % plain.ndim, group, 0, sizes)
@@ -322,6 +350,7 @@ class DistributedRuntime(Runtime):
         # them; a copy this rank would not keep is skipped.
         everywhere = ctx.state.get("everywhere")
         layout = ctx.state["layout"]
+        self._met = (weakref.ref(ctx.local), ctx.site)  # the edit's gather met at this site
         if self.store_on == "replica_leaders" and self.mesh.dp_size > 1 and \
                 isinstance(layout.spec_for("dp"), ShardSpec):
             # Each replica's leader stores its own rows, as a retrieval-only hook does: taken
@@ -355,16 +384,17 @@ class DistributedRuntime(Runtime):
         # what the editing function sees is joined back into the one-process order; the
         # edited tensor is split again before it is scattered (see scatter_from_edit)
         blocks = (joined, plain.shape[joined] if joined is not None else 1)
+        meet = self._meeting(local, site)
         if everywhere and not self.trainable.modules:
             # Trainable modules are kept identical by the leader broadcasting their gradients
             # (sync_trainable_modules), which needs the leader path; registering them is a
             # collective every rank makes, so every rank takes the same path here.
-            full, record = self.walk.everywhere(plain, layout)
+            full, record = self.walk.everywhere(plain, layout, meet)
             return join_blocks(full, joined), EditContext(site, local, layout=layout,
                                                           record=record, everywhere=True,
                                                           blocks=blocks)
         trainable = bool(self.trainable.modules)
-        held, record = self.walk.to_leader(plain, layout, trainable=trainable)
+        held, record = self.walk.to_leader(plain, layout, trainable=trainable, meet=meet)
         ctx = EditContext(site, local, layout=layout, record=record, held=held,
                           trainable=trainable, blocks=blocks)
         return (join_blocks(held, joined) if self.mesh.is_stage_leader() else None), ctx

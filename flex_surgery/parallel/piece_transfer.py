@@ -60,13 +60,13 @@ def exchange_sizes(local: torch.Tensor, dim: int, group: Group,
         mine = torch.tensor([local.shape[dim], site], dtype=torch.int64, device=local.device)
         out = [torch.empty_like(mine) for _ in range(n)]
         dist.all_gather(out, mine, group=group)
-        check_same_site({i: int(t[1]) for i, t in enumerate(out)}, _WHERE)
+        check_same_site({_global(group, i): int(t[1]) for i, t in enumerate(out)}, _WHERE)
         return tuple(int(t[0]) for t in out)
     mine = _shape_row(local, rows, site).to(local.device)
     out = [torch.empty_like(mine) for _ in range(n)]
     dist.all_gather(out, mine, group=group)
     table = [t.tolist() for t in out]
-    check_same_site({i: r[_SITE] for i, r in enumerate(table)}, _WHERE)
+    check_same_site({_global(group, i): r[_SITE] for i, r in enumerate(table)}, _WHERE)
     shapes = [_row_shape(r) for r in table]
     others = {tuple(s[:dim] + s[dim + 1:]) if len(s) == local.ndim else None for s in shapes}
     if len(others) > 1 or None in others:
@@ -303,13 +303,16 @@ def collect_pieces(t: torch.Tensor, cuts: Sequence[tuple[int, Sequence[int] | No
     and the leader answers each sender whether the shapes form one tensor. Pieces that do not
     (data-parallel ranks with different sequence lengths) are still received (no sender is
     left waiting), then every rank raises ``LayoutError`` at this call; the answer travels
-    while the pieces do, so it costs no round trip of its own. With every size known, nothing
-    but the pieces travels: a piece that is not the shape the layout says is the backend's
-    error, as in any collective. Against a ``dist.gather`` (gloo's runs on a worker thread),
-    the leader receives every piece straight into the whole tensor where its place there is
-    contiguous (else through the scratch buffer), and copies its own piece in place while the
-    others arrive. A rank not in ``senders`` (a replica on a replicated axis) sends its header
-    only (saying that no piece follows) where headers travel, and does nothing otherwise.
+    while the pieces do, so it costs no round trip of its own. With every size known and no
+    hook ``site``, nothing but the pieces travels: a piece that is not the shape the layout
+    says is the backend's error, as in any collective. Given a ``site``, headers travel
+    whatever is known (the leader then takes every piece's shape from its header): that is
+    where data-parallel ranks at different hooks meet. Against a ``dist.gather`` (gloo's
+    runs on a worker thread), the leader receives every piece straight into the whole tensor
+    where its place there is contiguous (else through the scratch buffer), and copies its own
+    piece in place while the others arrive. A rank not in ``senders`` (a replica on a
+    replicated axis) sends its header only (saying that no piece follows) where headers
+    travel, and does nothing otherwise.
     ``rows``: this rank's input rows, sent with its shape for the cut of unknown sizes (see
     :func:`exchange_sizes`): pieces that are a table broadcast over the batch raise too, and so
     do pieces sent for another hook ``site`` than the leader's.
@@ -325,7 +328,8 @@ def announce_pieces(t: torch.Tensor, cuts: Sequence[tuple[int, Sequence[int] | N
     """The exchange of shapes in front of :func:`collect_pieces`, without the pieces: every
     rank sends ``dst`` its header, ``dst`` checks that the pieces of ``senders`` would form one
     tensor (the same checks, the same errors on every rank) and answers every rank with the
-    sizes, by coordinate, along the first cut of unknown sizes. Returns those sizes.
+    sizes, by coordinate, along the first cut of unknown sizes. Returns those sizes (``()``
+    when every size is known: then it announces the hook ``site`` only).
 
     For a gather that must stay autograd-aware (an edit) on the CPU: its sizes cost no more
     than :func:`exchange_sizes`, and its first message is the one a retrieval at another hook
@@ -343,9 +347,12 @@ def _collect(t: torch.Tensor, cuts, senders: Sequence[int], group: Group, dst: i
     both, so that each recognises the other's messages: a header says whether a piece follows,
     and the answer is ``[status, sizes...]`` for every rank of the group."""
     me, n = _group_rank(group), dist.get_world_size(group)
-    header = any(sizes is None for _, sizes, _ in cuts)
+    # Headers travel for a cut of unknown sizes, and for a hook site (data-parallel ranks may
+    # be at different sites: the headers are where they meet, see site_tags).
+    header = any(sizes is None for _, sizes, _ in cuts) or site != NO_SITE
     if not header and not pieces:
-        raise ValueError("announce_pieces needs a cut of unknown sizes (nothing to announce)")
+        raise ValueError("announce_pieces needs a cut of unknown sizes or a hook site "
+                         "(nothing to announce)")
     sending = me in senders and pieces
     if me != dst:
         # With headers, every rank of the group sends one, a replica that sends no piece too:
@@ -369,10 +376,12 @@ def _collect(t: torch.Tensor, cuts, senders: Sequence[int], group: Group, dst: i
         if status is None:
             return None, ()
         answer = status.tolist()
-        if answer[0] == 2:
-            raise HookSiteMismatchError(
-                f"{_WHERE}: this rank was at the {describe_site(site)}, and group rank {dst} "
-                f"at another hook (its error names it); see flex_surgery.parallel.site_tags")
+        if answer[0] == 2:  # the answer holds the leader's site: this rank names both
+            check_same_site({_global(group, me): site, _global(group, dst): answer[1]}, _WHERE)
+            raise HookSiteMismatchError(  # the leader saw another rank's site differ
+                f"{_WHERE}: this rank was at the {describe_site(site)}, as was group rank "
+                f"{dst}; another rank of the group was at another hook (group rank {dst}'s "
+                f"error names it)")
         if answer[0]:
             raise LayoutError(f"{_what(pieces)}: the pieces of rank(s) {senders} cannot form "
                               f"one tensor (group rank {dst}'s error says why)")
@@ -389,7 +398,7 @@ def _collect(t: torch.Tensor, cuts, senders: Sequence[int], group: Group, dst: i
         table = {i: h.tolist() for i, h in heads.items()}
         table[dst] = _shape_row(t, rows, site, sends=True).tolist()
         try:
-            check_same_site({i: r[_SITE] for i, r in table.items()}, _WHERE)
+            check_same_site({_global(group, i): r[_SITE] for i, r in table.items()}, _WHERE)
         except HookSiteMismatchError as exc:
             mismatch = exc
         # what each rank announced is received, whatever this rank's layout expects
@@ -417,12 +426,14 @@ def _collect(t: torch.Tensor, cuts, senders: Sequence[int], group: Group, dst: i
                  f"{t.element_size()}: the ranks hold different dtypes")
     status = 0 if error is None else 2 if mismatch is not None else 1
     announced: tuple[int, ...] = ()
-    if header and error is None:
-        announced = tuple(next(offsets[dim] for dim, sizes, _ in cuts
-                               if sizes is None).values())
+    unknown_dim = next((dim for dim, sizes, _ in cuts if sizes is None), None)
+    if header and error is None and unknown_dim is not None:
+        announced = tuple(offsets[unknown_dim].values())
     answer = torch.full((1 + n,), -1, dtype=torch.int64)
     answer[0] = status
     answer[1:1 + len(announced)] = torch.tensor(announced, dtype=torch.int64)
+    if mismatch is not None:
+        answer[1] = table[dst][_SITE]
     answers = [dist.isend(answer, group=group, group_dst=i, tag=_STATUS_TAG)
                for i in askers] if header else []
     whole = None
@@ -468,6 +479,10 @@ def _collect(t: torch.Tensor, cuts, senders: Sequence[int], group: Group, dst: i
     if error is not None:
         raise LayoutError(f"{_what(pieces)}: {error}")
     return whole, announced
+
+
+def _global(group: Group, group_rank: int) -> int:
+    return dist.get_global_rank(group, group_rank) if group is not None else group_rank
 
 
 def _what(pieces: bool) -> str:

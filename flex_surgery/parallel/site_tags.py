@@ -12,7 +12,8 @@ the header of :func:`~flex_surgery.parallel.piece_transfer.collect_pieces` and o
 :func:`~flex_surgery.parallel.shape_agreement.agree_on_whole_shape`) carries the site's
 :func:`stamp`, so ranks at different sites, or in different forwards, raise
 :class:`HookSiteMismatchError` there, together. The stamp travels in a row that is exchanged
-anyway: it costs no collective.
+anyway where there is one; a hook whose first message carries no shapes (every size known, or
+a path that exchanges over dp first) announces its site first, one small header per call.
 
 A stamp is a site's tag (:func:`site_tag`: a CRC-32 of the hook's module name, role and tensor
 index) in its low 32 bits and the runtime's count of hooked forwards
@@ -20,16 +21,19 @@ index) in its low 32 bits and the runtime's count of hooked forwards
 rank registers the same hooks, so every rank has made every tag, and can name the site another
 rank was at.
 
-A rank that reaches no further hook announces :data:`END_OF_FORWARD` when its hooked forward
-returns (on the CPU, where hooks announce to the stage leader), so the ranks still waiting at a
-hook raise with it instead of waiting while it goes on into the model's own collectives (DDP's
-gradient all-reduce in backward). What it cannot catch: the same in backward (a backward hook on
-a branch, when no later backward hook fires); on a device, a rank that reaches no further hook
-(its hooks exchange shapes over dp, and nothing is announced at the end); and two hooks whose
-first exchanges are different collectives: one with an ``expected_shape`` (its shape agreement
-is an all-gather over the stage) and one without (see docs/failure.md). Retrievals, ``reduce=``
-and edits all begin the same way (on the CPU, a header to the stage leader; see
-:meth:`~flex_surgery.parallel.axis_walk.AxisWalk.announced_sizes`).
+Under data parallelism on a stage group that moves CPU tensors through gloo, every hook call
+begins the same way, whatever it does and whatever path its tensor then takes: a header with
+its site's stamp to the stage leader, who answers every rank with its own stamp (see
+``DistributedRuntime.meets_at_sites`` and
+:meth:`~flex_surgery.parallel.axis_walk.AxisWalk.announce_site`). Ranks at different hooks
+therefore always meet in that first message. A rank that reaches no further hook announces
+:data:`END_OF_FORWARD` the same way when its hooked forward returns, so the ranks still waiting
+at a hook raise with it instead of waiting while it goes on into the model's own collectives
+(DDP's gradient all-reduce in backward). What it cannot catch: the same in backward (a backward
+hook on a branch, when no later backward hook fires); and, on an NCCL-only stage group, two
+hooks whose first exchanges are different collectives (one with an ``expected_shape``, whose
+shape agreement is an all-gather over the stage, and one without) or a rank that reaches no
+further hook (see docs/failure.md).
 """
 
 from __future__ import annotations
