@@ -138,3 +138,66 @@ def test_dp_x_tp_expected_shape_on_one_site_meets_the_other_site(side, up):
         assert stored.keys() == want.keys(), sorted(stored)
         for k in want:
             torch.testing.assert_close(stored[k], want[k], **TOL)
+
+
+# -- the last backward hook on a branch: the others announce the end of their backward -------
+
+_BACKWARD_ONLY = {
+    "full_backward_pre": lambda: [("full_backward_pre", HookFunction("side"))],
+    "full_backward": lambda: [("full_backward", HookFunction("side"))],
+    "parameter": lambda: [("hook", HookFunction("side.weight"))],
+    "edit": lambda: [("full_backward_pre", HookFunction("side", editing_function=_double))],
+    "with_forward_hooks": lambda: [("forward", HookFunction("up")),
+                                   ("full_backward", HookFunction("side"))],
+}
+
+
+@pytest.mark.parametrize("skipper", [0, 1], ids=["leader_skips", "other_skips"])
+@pytest.mark.parametrize("kind", sorted(_BACKWARD_ONLY))
+@distributed(world_size=2, timeout_s=30)
+def test_the_last_backward_hook_on_a_branch_meets_the_end_of_the_others_backward(kind, skipper):
+    """A backward hook at ``side`` only, which ``skipper`` skips: no later backward hook fires
+    on it, so before it went on (into the next step, or DDP's all-reduce) while the other
+    waited in the hook's gather. Every rank announces the end of its backward (an autograd
+    callback queued when the wrapped module's output gets its gradient), so both raise. Then
+    a step where both take the branch equals one process: values and gradients."""
+    torch.set_default_dtype(torch.float64)
+    rank = dist.get_rank()
+    hooks = _BACKWARD_ONLY[kind]
+    want, _ = _one_process_backward(hooks, _batch(2, True), 2)  # DDP's mean of the losses
+    _, want_grads = _one_process_backward(hooks, _rows(_batch(2, True), rank), 1)
+    model = Branchy()
+    stored = {}
+    with FlexModel(model, stored) as flex:
+        _register_all(flex, hooks)
+        x = _batch(1, True)
+        x[2 * skipper:2 * skipper + 2, 0, 0] = -5.0
+        with pytest.raises(HookSiteMismatchError) as refused:
+            flex(_rows(x, rank)).pow(2).sum().backward()
+        model.zero_grad()
+        stored.clear()
+        flex(_rows(_batch(2, True), rank)).pow(2).sum().backward()
+    assert "end of the backward" in str(refused.value), str(refused.value)
+    for n, p in model.named_parameters():  # no DDP: the gradient of this rank's rows
+        torch.testing.assert_close(p.grad, want_grads[n], **TOL)
+    if rank == 0:
+        assert stored.keys() == want.keys(), sorted(stored)
+        for k in want:
+            torch.testing.assert_close(stored[k], want[k], **TOL)
+
+
+def _register_all(flex: FlexModel, hooks) -> None:
+    for kind, hf in hooks():
+        register = flex.register_hook if kind == "hook" else \
+            getattr(flex, f"register_{kind}_hook")
+        register(hf)
+
+
+def _one_process_backward(hooks, x: torch.Tensor, replicas: int):
+    """What one process stores and its gradients, for the loss over ``replicas``."""
+    stored = {}
+    model = Branchy()
+    with FlexModel(model, stored, process_group=local_group()) as flex:
+        _register_all(flex, hooks)
+        (flex(x).pow(2).sum() / replicas).backward()
+    return stored, {n: p.grad for n, p in model.named_parameters()}

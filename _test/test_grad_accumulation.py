@@ -311,13 +311,13 @@ def test_activation_checkpointing_under_ddp_fsdp1_fsdp2():
 # -- hangs last: each one costs its timeout and a fresh pool ---------------------------------
 
 @pytest.mark.xfail(strict=True, reason=(
-    "hang: DDP(find_unused_parameters=True), a branch rank 1 does not take; a gradient hook on "
-    "the branch's parameter fires on rank 0 only, whose retrieval (dp average, "
-    "DistributedRuntime.retrieve) waits for rank 1, which goes on into DDP's all-reduce: both "
-    "ranks wait forever (one process: the gradient of the rows that take the branch, which "
-    "DDP's average of (g0, 0) reproduces). Suspected: flex_surgery/parallel/"
-    "distributed_runtime.py:DistributedRuntime.register_parameter_hook / retrieve assume every "
-    "dp rank's hook fires; nothing reaches the ranks whose parameter is unused"))
+    "refused, not stored: DDP(find_unused_parameters=True), a branch rank 1 does not take; a "
+    "gradient hook on the branch's parameter fires on rank 0 only, and meets rank 1's end of "
+    "the backward (DistributedRuntime.watch_backward): both raise HookSiteMismatchError (it "
+    "hung before). One process stores the gradient of the rows that take the branch, which "
+    "DDP's average of (g0, 0) reproduces; storing it would need the ranks whose parameter is "
+    "unused to take part with a zero gradient (flex_surgery/parallel/distributed_runtime.py:"
+    "DistributedRuntime.register_parameter_hook)"))
 @distributed(world_size=2, timeout_s=2)
 def test_ddp_find_unused_parameters_hook_on_the_branch():
     """One process gets the branch's parameter gradient from the rows that take it; DDP's

@@ -1,4 +1,4 @@
-"""What the end-of-forward announcement costs a hooked forward under data parallelism.
+"""What the announcements that make data-parallel ranks meet cost a hooked forward (and backward).
 
 Under DP on the CPU every hooked forward ends with each rank announcing to the stage leader
 that it reached no further hook (``DistributedRuntime.end_of_hooked_forward``: one small header
@@ -15,7 +15,10 @@ do. Measured on forked gloo ranks (one thread each), paired and interleaved:
   with ``expected_shape``: a shape agreement, then pieces of known sizes): each call announces
   its site first (``AxisWalk.announce_site``), so the forward pays 8 announcements plus the
   end's. Measured with every announcement and with none (``meets_at_sites`` off), the same
-  values stored (asserted).
+  values stored (asserted);
+- the end of the backward (``DistributedRuntime.watch_backward``): a forward and backward with
+  a ``full_backward`` retrieval hook on every up-projection, with the backward's end announced
+  and with ``watch_backward`` a no-op, the same values stored (asserted).
 
     python benchmarks/end_of_forward.py [--reps 20]   # writes results/end_of_forward.json
 """
@@ -114,6 +117,31 @@ def _rank(reps: int) -> dict | None:
     shaped.runtime.meets_at_sites = True
     shaped.restore()
     site_added = [m - u for m, u in zip(sites["met"], sites["unmet"])]
+
+    back_stored: dict = {}
+    back = FlexModel(_model(), back_stored, data_parallel_size=dist.get_world_size())
+    for i in range(BLOCKS):
+        back.register_full_backward_hook(HookFunction(str(3 * i)))
+    watch = back.runtime.watch_backward
+    xg = x.clone().requires_grad_(True)
+
+    def backward(watching) -> dict:
+        back.runtime.watch_backward = watching
+        back(xg).sum().backward()
+        got = {k: list(v) for k, v in back_stored.items()}
+        back_stored.clear()
+        return got
+
+    watched, unwatched = backward(watch), backward(lambda output: None)
+    if dist.get_rank() == 0:
+        assert watched.keys() == unwatched.keys() and len(watched) == BLOCKS
+        assert all(torch.equal(a, b) for k in watched
+                   for a, b in zip(watched[k], unwatched[k]))
+    backs = rounds({"watched": lambda: backward(watch),
+                    "unwatched": lambda: backward(lambda output: None)}, reps, wall, inner=3)
+    back.runtime.watch_backward = watch
+    back.restore()
+    back_added = [w - u for w, u in zip(backs["watched"], backs["unwatched"])]
     added = [w - o for w, o in zip(fwd["with"], fwd["without"])]
     shares = [a / o for a, o in zip(added, fwd["without"])]
     return {
@@ -129,6 +157,13 @@ def _rank(reps: int) -> dict | None:
         "shaped_added_ms": statistics.median(site_added) * 1e3,
         "shaped_per_announcement_us": statistics.median(site_added) / (BLOCKS + 1) * 1e6,
         "shaped_share": statistics.median(site_added) / statistics.median(sites["unmet"]),
+        "backward_unwatched_ms": statistics.median(backs["unwatched"]) * 1e3,
+        "backward_added_ms": statistics.median(back_added) * 1e3,
+        "backward_share": statistics.median(back_added) / statistics.median(backs["unwatched"]),
+        "backward_share_q25": quantile([a / u for a, u in zip(back_added, backs["unwatched"])],
+                                       0.25),
+        "backward_share_q75": quantile([a / u for a, u in zip(back_added, backs["unwatched"])],
+                                       0.75),
     } if dist.get_rank() == 0 else None
 
 
@@ -157,6 +192,11 @@ def main() -> None:
               f"{r['shaped_forward_unmet_ms']:.1f} ms without meeting; {BLOCKS} site "
               f"announcements and the end's add {r['shaped_added_ms']:.2f} ms = "
               f"{100 * r['shaped_share']:.1f} % ({r['shaped_per_announcement_us']:.0f} us each)")
+        print(f"[dp{world}] forward + backward ({BLOCKS} full_backward retrieval hooks) "
+              f"{r['backward_unwatched_ms']:.1f} ms without the backward's end; added "
+              f"{r['backward_added_ms']:.2f} ms = {100 * r['backward_share']:.1f} % (per-round "
+              f"25..75%: {100 * r['backward_share_q25']:.1f}..{100 * r['backward_share_q75']:.1f}"
+              f" %)")
     out = os.path.join(os.path.dirname(__file__), "..", "results", "end_of_forward.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:

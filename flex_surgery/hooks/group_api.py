@@ -49,6 +49,7 @@ class HookGroupAPI:
     _groups: HookGroups
     _selection_key: tuple | None
     _hooks_selected: bool  # whether the last selection enabled any hook
+    _backward_hooks_selected: bool  # ... any hook that fires in backward, on this stage
     _check_usable: Callable[[], None]
     _register: Callable[[HookFunction, str], None]
     remove_hook_function: Callable[[HookFunction], None]
@@ -179,3 +180,7 @@ class HookGroupAPI:
             self._install_backward_hooks(reinstall)
         self._selection_key = key
         self._hooks_selected = bool(active)
+        # every rank of a stage selects the same hooks, so all of them watch the backward
+        self._backward_hooks_selected = any(
+            hf.hook_type in (*MODULE_BACKWARD_KINDS, "tensor") and not hf.is_remote
+            for hf in active)

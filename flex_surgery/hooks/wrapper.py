@@ -95,7 +95,8 @@ def hooked_passes(module: nn.Module, flex_ref: weakref.ref) -> list:
     """Hooks on the wrapped module itself that mark each call of it while hooks are selected:
     a new pass as it starts (``DistributedRuntime.passes``, in every hook site's stamp, see
     :mod:`~flex_surgery.parallel.site_tags`) and its end as it returns
-    (``Runtime.end_of_hooked_forward``). On the module, not in :meth:`FlexModel.forward`, so
+    (``Runtime.end_of_hooked_forward``; with backward hooks selected, ``Runtime.watch_backward``
+    for the end of the backward through it). On the module, not in :meth:`FlexModel.forward`, so
     that calls which bypass ``flex(...)`` after :meth:`FlexModel.select_hook_groups` -- a
     pipeline schedule calling the stage module per micro-batch, ``generate`` -- count too.
     A forward recomputed in backward (activation checkpointing) is no new pass. They hold the
@@ -114,6 +115,8 @@ def hooked_passes(module: nn.Module, flex_ref: weakref.ref) -> list:
                 torch._C._current_graph_task_id() == -1:
             # a rank left waiting at a hook the others skipped raises with them
             flex.runtime.end_of_hooked_forward()
+            if flex._backward_hooks_selected:  # ... and in the backward through this forward
+                flex.runtime.watch_backward(output)
 
     return [module.register_forward_pre_hook(starts), module.register_forward_hook(ends)]
 
@@ -251,6 +254,7 @@ class FlexModel(HookRegistration, HookGroupAPI, nn.Module):
         self._params_without_hooks_before: list[torch.Tensor] = []
         self._selection_key: tuple | None = None
         self._hooks_selected = False
+        self._backward_hooks_selected = False
         self._restored = False
         _WRAPPED_BY[module] = weakref.ref(self)
         # One process counts no passes and announces nothing: no hooks there (a FlexModel

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from flex_surgery.parallel import frameworks
 from flex_surgery.parallel.axis_walk import AxisWalk
@@ -71,7 +72,7 @@ from flex_surgery.parallel.runtime import (
     store_copy,
 )
 from flex_surgery.parallel.shape_agreement import agree_on_whole_shape
-from flex_surgery.parallel.site_tags import END_OF_FORWARD, NO_SITE, stamp
+from flex_surgery.parallel.site_tags import END_OF_BACKWARD, END_OF_FORWARD, NO_SITE, stamp
 from flex_surgery.parallel.trainable_sync import TrainableSync
 from flex_surgery.store.hooks import Rows
 
@@ -234,6 +235,33 @@ class DistributedRuntime(Runtime):
         rank."""
         if self.meets_at_sites:
             self.walk.announce_site(stamp(END_OF_FORWARD, self.passes))
+
+    def watch_backward(self, output: Any) -> None:
+        """Under data parallelism on the CPU (:attr:`meets_at_sites`), make the backward
+        through this forward end with the same announcement as the forward
+        (:data:`~flex_surgery.parallel.site_tags.END_OF_BACKWARD`): a backward hook on a
+        module some ranks skip, when no later backward hook fires on them, would leave the
+        others waiting in its gather while these go on. A hook on the first tensor of
+        ``output`` that requires grad queues an autograd callback when its gradient arrives
+        (the start of the backward through the model); the callback runs when that backward
+        has finished, after every backward hook of it. A backward that raises runs no callback,
+        so a rank that raised at a hook announces nothing more. Called by the FlexModel when
+        backward hooks are selected (the same on every rank), so every rank that runs the
+        backward announces its end."""
+        if not self.meets_at_sites or not torch.is_grad_enabled():
+            return
+        first = next((t for t in pytree.tree_leaves(output)
+                      if isinstance(t, torch.Tensor) and t.requires_grad), None)
+        if first is None:
+            return
+        runtime = weakref.ref(self)
+
+        def arrived(grad: torch.Tensor) -> None:
+            if runtime() is not None:
+                torch.autograd.Variable._execution_engine.queue_callback(
+                    lambda: _announce_end_of_backward(runtime))
+
+        first.register_hook(arrived)
 
     def _meeting(self, local: torch.Tensor, site: HookSite) -> int:
         """The stamp that this hook call's first message carries, so that data-parallel ranks
@@ -491,6 +519,12 @@ class _ThroughGather(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         return grad, None
+
+
+def _announce_end_of_backward(runtime: weakref.ref) -> None:
+    held = runtime()
+    if held is not None:
+        held.walk.announce_site(stamp(END_OF_BACKWARD, held.passes))
 
 
 def _local_of(t: torch.Tensor) -> torch.Tensor:

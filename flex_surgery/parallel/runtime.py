@@ -169,6 +169,13 @@ class Runtime:
         <flex_surgery.parallel.distributed_runtime.DistributedRuntime.end_of_hooked_forward>`)."""
         return None
 
+    def watch_backward(self, output: Any) -> None:
+        """Called by every rank at the end of each forward with backward hooks selected, with
+        the wrapped module's output; nothing for one process (see
+        :meth:`DistributedRuntime.watch_backward
+        <flex_surgery.parallel.distributed_runtime.DistributedRuntime.watch_backward>`)."""
+        return None
+
     def close(self) -> None:
         """Remove whatever the runtime attached to the model (``FlexModel.restore`` calls it);
         nothing for one process."""

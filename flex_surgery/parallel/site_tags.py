@@ -29,11 +29,12 @@ its site's stamp to the stage leader, who answers every rank with its own stamp 
 therefore always meet in that first message. A rank that reaches no further hook announces
 :data:`END_OF_FORWARD` the same way when its hooked forward returns, so the ranks still waiting
 at a hook raise with it instead of waiting while it goes on into the model's own collectives
-(DDP's gradient all-reduce in backward). What it cannot catch: the same in backward (a backward
-hook on a branch, when no later backward hook fires); and, on an NCCL-only stage group, two
-hooks whose first exchanges are different collectives (one with an ``expected_shape``, whose
-shape agreement is an all-gather over the stage, and one without) or a rank that reaches no
-further hook (see docs/failure.md).
+(DDP's gradient all-reduce in backward); and :data:`END_OF_BACKWARD` when its backward through a
+hooked forward with backward hooks selected ends, for a backward hook on a branch when no later
+backward hook fires. What it cannot catch: on an NCCL-only stage group, two hooks whose first
+exchanges are different collectives (one with an ``expected_shape``, whose shape agreement is
+an all-gather over the stage, and one without) or a rank that reaches no further hook; gradient
+hooks that DDP's ``find_unused_parameters`` skips (see docs/failure.md).
 """
 
 from __future__ import annotations
@@ -43,8 +44,8 @@ import zlib
 
 from flex_surgery.parallel.frameworks.base import LayoutError
 
-__all__ = ["END_OF_FORWARD", "NO_SITE", "HookSiteMismatchError", "check_same_site",
-           "describe_site", "site_tag", "stamp"]
+__all__ = ["END_OF_BACKWARD", "END_OF_FORWARD", "NO_SITE", "HookSiteMismatchError",
+           "check_same_site", "describe_site", "site_tag", "stamp"]
 
 NO_SITE = 0  # a transfer that serves no hook site (parameters, tables): compared with nothing
 
@@ -74,6 +75,11 @@ def site_tag(module_name: str, role: str, unpack_idx: int = 0) -> int:
 #: ``DistributedRuntime.end_of_hooked_forward``), so a rank still waiting at a hook that the
 #: others skipped learns that they reached no further hook.
 END_OF_FORWARD = _named("end of the forward (no further hook)")
+
+#: The same for a backward pass through a hooked forward whose backward hooks are selected
+#: (``DistributedRuntime.watch_backward``): a rank left at a backward hook the others skipped
+#: (no later backward hook fires on them) meets their end of the backward.
+END_OF_BACKWARD = _named("end of the backward (no further backward hook)")
 
 
 def stamp(tag: int, passes: int) -> int:
