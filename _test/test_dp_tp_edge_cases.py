@@ -14,6 +14,7 @@ from torch import nn
 
 from flex_surgery.hooks.hook_function import HookFunction
 from flex_surgery.hooks.wrapper import FlexModel
+from flex_surgery.parallel.frameworks.base import LayoutError
 
 TOL = dict(rtol=1e-9, atol=1e-12)
 
@@ -286,33 +287,74 @@ def _zero_position_0(module, t, ctx, mods):
     return out
 
 
-def _run_gpt(model, ids, name, **kw):
+def _run_gpt(model, ids, name, editing_function=None, expected_shape=None, **kw):
     stored = {}
-    flex = FlexModel(model, stored, **kw)
-    flex.register_forward_hook(HookFunction(name, editing_function=_zero_position_0))
-    with torch.no_grad():
-        out = flex(ids)
-    flex.close()
+    with FlexModel(model, stored, **kw) as flex:
+        flex.register_forward_hook(HookFunction(name, editing_function=editing_function,
+                                                expected_shape=expected_shape))
+        with torch.no_grad():
+            out = flex(ids)
     return stored.get(name), out
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known silent wrong number: under DP a tensor is split along batch_dim (0); nanoGPT's "
-    "position table wpe(arange(t)) is [t, H], the same on every replica, and nothing in its "
-    "shape says it has no batch dim, so the replicas' tables are joined ([2t, H]) and an edit "
-    "of position 0 reaches rank 0's copy only. expected_shape=(t, H) declares it (docs/"
-    "parallel.md, data parallelism); only a table of one row is refused on its own"))
+@pytest.mark.parametrize("edit", [True, False], ids=["edit", "retrieval"])
 @distributed(world_size=2)
-def test_position_table_without_batch_dim_under_ddp():
+def test_position_table_without_batch_dim_under_ddp_is_refused_then_declared(edit):
+    """nanoGPT's position table wpe(arange(t)) is [t, H], the same on every replica, and
+    nothing in its shape says it has no batch dim. Its size along batch_dim (t) is not the
+    input's rows, and its contents are the same on every replica (a digest in the header):
+    refused on every rank, where the replicas' tables were joined ([2t, H]) and an edit of
+    position 0 reached rank 0's copy only. Declared with expected_shape=(t, H) it equals one
+    process."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     torch.set_default_dtype(torch.float64)
     ids = torch.randint(0, 11, (4, 5), generator=torch.Generator().manual_seed(1))
     r = dist.get_rank()
-    ref_stored, ref_out = _run_gpt(TinyGPT(), ids, "wpe", process_group=local_group())
-    stored, out = _run_gpt(DDP(TinyGPT()), ids[2 * r:2 * r + 2], "module.wpe")
+    kw = dict(editing_function=_zero_position_0) if edit else {}
+    ref_stored, ref_out = _run_gpt(TinyGPT(), ids, "wpe", process_group=local_group(), **kw)
+    with pytest.raises(LayoutError) as refused:  # rank 0 says why, the others point to it
+        _run_gpt(DDP(TinyGPT()), ids[2 * r:2 * r + 2], "module.wpe", **kw)
     if r == 0:
-        assert stored[0].shape == ref_stored[0].shape, \
-            (tuple(stored[0].shape), tuple(ref_stored[0].shape))     # [t=5, H] in one process
+        assert "same tensor" in str(refused.value) and "expected_shape" in str(refused.value)
+    stored, out = _run_gpt(DDP(TinyGPT()), ids[2 * r:2 * r + 2], "module.wpe",
+                           expected_shape=(5, H), **kw)
+    if r == 0:
+        assert len(stored) == 1
+        torch.testing.assert_close(stored[0], ref_stored[0], **TOL)
+    torch.testing.assert_close(out, ref_out[2 * r:2 * r + 2], **TOL)
+
+
+class FlatTokens(nn.Module):
+    """Tokens flattened to [b * t, H] before a linear (as MoE routing does): a piece of the
+    batch whose size along batch_dim is not the input's rows, and differs across replicas."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.wte = nn.Embedding(11, H)
+        with torch.no_grad():
+            self.wte.weight.copy_(torch.randn(11, H, generator=g))
+        self.proj = seeded_linear(H, H, g)
+
+    def forward(self, idx):
+        b, t = idx.shape
+        return self.proj(self.wte(idx).reshape(b * t, H)).reshape(b, t, H)
+
+
+@distributed(world_size=2)
+def test_flattened_tokens_under_dp_are_pieces_of_the_batch():
+    """The digest refuses tables, not every tensor whose batch size is not the input's rows:
+    flattened tokens differ across replicas and are joined, equal to one process."""
+    torch.set_default_dtype(torch.float64)
+    ids = torch.randint(0, 11, (4, 5), generator=torch.Generator().manual_seed(1))
+    r = dist.get_rank()
+    ref_stored, ref_out = _run_gpt(FlatTokens(), ids, "proj", process_group=local_group(),
+                                   editing_function=_zero_position_0)
+    stored, out = _run_gpt(FlatTokens(), ids[2 * r:2 * r + 2], "proj", data_parallel_size=2,
+                           editing_function=_zero_position_0)
+    if r == 0:
+        torch.testing.assert_close(stored[0], ref_stored[0], **TOL)
+    # the edit zeroes the first token of the whole batch: rank 0's first row only
     torch.testing.assert_close(out, ref_out[2 * r:2 * r + 2], **TOL)
 

@@ -62,7 +62,7 @@ def exchange_sizes(local: torch.Tensor, dim: int, group: Group,
         dist.all_gather(out, mine, group=group)
         check_same_site({_global(group, i): int(t[1]) for i, t in enumerate(out)}, _WHERE)
         return tuple(int(t[0]) for t in out)
-    mine = _shape_row(local, rows, site).to(local.device)
+    mine = _shape_row(local, rows, site, dim=dim).to(local.device)
     out = [torch.empty_like(mine) for _ in range(n)]
     dist.all_gather(out, mine, group=group)
     table = [t.tolist() for t in out]
@@ -74,25 +74,46 @@ def exchange_sizes(local: torch.Tensor, dim: int, group: Group,
             f"the pieces of a tensor split along dim {dim} differ in another dim (shapes "
             f"{shapes}), so they are not pieces of one tensor: data-parallel ranks padding "
             f"their batches to different sequence lengths? Pad every rank to the same length")
-    problem = _broadcast_over_batch(dict(enumerate(table)), dim)
+    problem = _broadcast_over_batch(dict(enumerate(table)), dim, {})
     if problem:
         raise LayoutError(problem)
     return tuple(s[dim] for s in shapes)
 
 
-def _broadcast_over_batch(table: dict[int, list[int]], dim: int) -> str | None:
-    """Why rows of :func:`_shape_row` (by group rank) are no pieces of a data-parallel batch:
-    a piece of one row along ``dim`` where its rank's input has more rows. ``None`` if none."""
+def _broadcast_over_batch(table: dict[int, list[int]], dim: int,
+                          others: dict[int, tuple]) -> str | None:
+    """Why rows of :func:`_shape_row` (by group rank) are no pieces of a data-parallel batch,
+    or ``None``: a piece of one row along ``dim`` where its rank's input has more rows; or
+    pieces whose size along ``dim`` is not their ranks' input rows on every rank, with the same
+    contents on every data-parallel rank (:func:`_digest`): a table without a batch dim, such
+    as nanoGPT's ``wpe(arange(t))`` of ``[t, hidden]``. ``others``: each group rank's
+    coordinates on the other cuts (pieces that differ there, a tensor-parallel split of the
+    table, are compared among ranks with the same coordinates); ``{}``: one group."""
     odd = [(i, row[_ROWS]) for i, row in sorted(table.items())
            if row[_ROWS] > 1 and row[0] > dim and row[1 + dim] == 1]
-    if not odd:
+    if odd:
+        return (f"group rank(s) {[i for i, _ in odd]} hold one row along the batch dim {dim} "
+                f"where their input has {sorted({r for _, r in odd})} rows: a table broadcast "
+                f"over the batch (rotary or position embeddings) is the same on every replica, "
+                f"not a piece of the batch, and concatenating the replicas' copies would be "
+                f"wrong; give expected_shape with the whole shape (then it is taken as the same "
+                f"on every replica)")
+    if len(table) < 2 or not all(row[_DIGEST] for row in table.values()):
         return None
-    return (f"group rank(s) {[i for i, _ in odd]} hold one row along the batch dim {dim} where "
-            f"their input has {sorted({r for _, r in odd})} rows: a table broadcast over the "
-            f"batch (rotary or position embeddings) is the same on every replica, not a piece "
-            f"of the batch, and concatenating the replicas' copies would be wrong; give "
-            f"expected_shape with the whole shape (then it is taken as the same on every "
-            f"replica)")
+    groups: dict[tuple, list[int]] = {}
+    for i, row in table.items():
+        groups.setdefault(others.get(i, ()), []).append(row[_DIGEST])
+    if any(len(set(digests)) > 1 for digests in groups.values()) or \
+            all(len(digests) < 2 for digests in groups.values()):
+        return None
+    sizes = sorted({row[1 + dim] for row in table.values()})
+    rows = sorted({row[_ROWS] for row in table.values()})
+    return (f"every data-parallel rank holds the same tensor, with {sizes} along the batch dim "
+            f"{dim} where their input has {rows} rows: a table without a batch dim (a position "
+            f"table such as nanoGPT's wpe(arange(t)), learned queries) is the same on every "
+            f"replica, not a piece of the batch, and concatenating the replicas' copies would "
+            f"be wrong; give expected_shape with the whole shape (then it is taken as the same "
+            f"on every replica)")
 
 
 def _pad(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
@@ -283,8 +304,11 @@ _SHAPE_TAG, _PIECE_TAG, _STATUS_TAG = 0x7068, 0x7069, 0x706A
 _SHAPE_DIMS = 17  # a sent shape: [ndim, dims..., -1...] (up to 16 dims; ndim -1: more)
 # then the rank's input rows, the hook site, whether a piece follows and its element size
 # (see _shape_row)
+# (see _shape_row), and a digest of its contents where its batch size is not its input's rows
 _ROWS, _SITE, _SENDS, _ITEM = _SHAPE_DIMS, _SHAPE_DIMS + 1, _SHAPE_DIMS + 2, _SHAPE_DIMS + 3
-_HEAD = _SHAPE_DIMS + 4
+_DIGEST = _SHAPE_DIMS + 4
+_HEAD = _SHAPE_DIMS + 5
+_DIGEST_SAMPLES = 4096  # elements a digest reads, evenly spaced
 _WHERE = "the exchange of the pieces' shapes"
 
 
@@ -347,6 +371,7 @@ def _collect(t: torch.Tensor, cuts, senders: Sequence[int], group: Group, dst: i
     both, so that each recognises the other's messages: a header says whether a piece follows,
     and the answer is ``[status, sizes...]`` for every rank of the group."""
     me, n = _group_rank(group), dist.get_world_size(group)
+    unknown_dim = next((dim for dim, sizes, _ in cuts if sizes is None), None)
     # Headers travel for a cut of unknown sizes, and for a hook site (data-parallel ranks may
     # be at different sites: the headers are where they meet, see site_tags).
     header = any(sizes is None for _, sizes, _ in cuts) or site != NO_SITE
@@ -362,7 +387,7 @@ def _collect(t: torch.Tensor, cuts, senders: Sequence[int], group: Group, dst: i
             return None, ()
         works, status, row = [], None, None
         if header:
-            row = _shape_row(t, rows, site, sends=sending)
+            row = _shape_row(t, rows, site, sends=sending, dim=unknown_dim)
             works.append(dist.isend(row, group=group, group_dst=dst, tag=_SHAPE_TAG))
             status = torch.zeros(1 + n, dtype=torch.int64)
             works.append(dist.irecv(status, group=group, group_src=dst, tag=_STATUS_TAG))
@@ -396,7 +421,7 @@ def _collect(t: torch.Tensor, cuts, senders: Sequence[int], group: Group, dst: i
                      for i, h in heads.items()]:
             work.wait()
         table = {i: h.tolist() for i, h in heads.items()}
-        table[dst] = _shape_row(t, rows, site, sends=True).tolist()
+        table[dst] = _shape_row(t, rows, site, sends=True, dim=unknown_dim).tolist()
         try:
             check_same_site({_global(group, i): r[_SITE] for i, r in table.items()}, _WHERE)
         except HookSiteMismatchError as exc:
@@ -419,14 +444,15 @@ def _collect(t: torch.Tensor, cuts, senders: Sequence[int], group: Group, dst: i
     if header and error is None:  # the shapes fit; are they pieces of the batch?
         for dim, sizes, _ in cuts:
             if sizes is None and error is None:
-                error = _broadcast_over_batch(table, dim)
+                apart = {i: tuple(coords[i] for d, _, coords in cuts if d != dim)
+                         for i in table}
+                error = _broadcast_over_batch(table, dim, apart)
     items = {i: table[i][_ITEM] for i in {*others, *checked} - {dst}} if header else {}
     if error is None and any(size != t.element_size() for size in items.values()):
         error = (f"the pieces' elements are {items} bytes wide where group rank {dst}'s are "
                  f"{t.element_size()}: the ranks hold different dtypes")
     status = 0 if error is None else 2 if mismatch is not None else 1
     announced: tuple[int, ...] = ()
-    unknown_dim = next((dim for dim, sizes, _ in cuts if sizes is None), None)
     if header and error is None and unknown_dim is not None:
         announced = tuple(offsets[unknown_dim].values())
     answer = torch.full((1 + n,), -1, dtype=torch.int64)
@@ -490,12 +516,15 @@ def _what(pieces: bool) -> str:
 
 
 def _shape_row(t: torch.Tensor, rows: int | None = None, site: int = NO_SITE,
-               sends: bool = True) -> torch.Tensor:
-    """``[ndim, dims..., -1..., rows, site, sends, item]``: a piece's shape (up to 16 dims;
-    ndim -1: more), its rank's input rows (-1: unknown, see :func:`_broadcast_over_batch`), the
-    hook site it is sent for (:mod:`~flex_surgery.parallel.site_tags`), whether the piece
-    follows (:func:`collect_pieces`: a replica that sends none still sends its row) and its
-    element size (a leader at another site may hold another dtype: it receives the bytes)."""
+               sends: bool = True, dim: int | None = None) -> torch.Tensor:
+    """``[ndim, dims..., -1..., rows, site, sends, item, digest]``: a piece's shape (up to 16
+    dims; ndim -1: more), its rank's input rows (-1: unknown, see
+    :func:`_broadcast_over_batch`), the hook site it is sent for
+    (:mod:`~flex_surgery.parallel.site_tags`), whether the piece follows
+    (:func:`collect_pieces`: a replica that sends none still sends its row), its element size
+    (a leader at another site may hold another dtype: it receives the bytes) and, where its
+    size along the batch ``dim`` is not its input's ``rows``, a :func:`_digest` of it (0:
+    none)."""
     row = torch.full((_HEAD,), -1, dtype=torch.int64)
     if t.ndim < _SHAPE_DIMS:
         row[0] = t.ndim
@@ -505,7 +534,24 @@ def _shape_row(t: torch.Tensor, rows: int | None = None, site: int = NO_SITE,
     row[_SITE] = site
     row[_SENDS] = int(sends)
     row[_ITEM] = t.element_size()
+    row[_DIGEST] = _digest(t) if rows is not None and dim is not None and \
+        0 <= dim < t.ndim and t.shape[dim] != rows else 0
     return row
+
+
+def _digest(t: torch.Tensor) -> int:
+    """A number that data-parallel ranks holding the same tensor (a table without a batch
+    dim) compute alike, and ranks holding different pieces almost surely do not: a weighted sum
+    of the bytes of up to ``_DIGEST_SAMPLES`` evenly spaced elements (never 0). Only computed
+    where a piece's batch size is not its input's rows, which a batch's pieces rarely show.
+    Pieces that differ only between the samples read alike, and are refused as a table: an
+    error, never a wrong number."""
+    flat = t.detach().reshape(-1)
+    if flat.numel() > _DIGEST_SAMPLES:
+        flat = flat[::flat.numel() // _DIGEST_SAMPLES][:_DIGEST_SAMPLES]
+    data = flat.contiguous().view(torch.uint8).to(torch.int64)
+    weights = torch.arange(1, data.numel() + 1, dtype=torch.int64, device=data.device)
+    return int((data * weights).sum()) % (2**61 - 1) or 1
 
 
 def _row_shape(row: list[int]) -> tuple[int, ...]:
