@@ -210,7 +210,7 @@ SP_SITES = [("emb", "forward"), ("blocks.0", "forward"), ("blocks.0.norm", "forw
 SP_HINT = {"emb": (BATCH, SEQ, H), "blocks.0": (BATCH, SEQ, H), "blocks.1.down": (BATCH, SEQ, H)}
 
 
-def _sp_body(site, mode, two_d):
+def _sp_body(site, mode, two_d, hinted=True):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.parallel import parallelize_module
 
@@ -229,26 +229,33 @@ def _sp_body(site, mode, two_d):
     if two_d:
         _fsdp2(model, mesh["dp"], model.blocks)
     local = _dp_slice(ids, dp_rank, 2) if two_d else ids
-    stored, out, _ = _run(model, local, mode, sites, hint=SP_HINT)
+    stored, out, _ = _run(model, local, mode, sites, hint=SP_HINT if hinted else None)
     want = _dp_slice(ref_out.detach(), dp_rank, 2) if two_d else ref_out.detach()
     return stored, ref_stored, _local_value(out), want, _dtensor_grads(model), ref_grads
 
 
+@pytest.mark.parametrize("hinted", [True, False], ids=["hinted", "unhinted"])
 @pytest.mark.parametrize("site", [s for s, _ in SP_SITES])
 @pytest.mark.parametrize("mode", [None, "leader", "replicated"])
 @distributed(world_size=2)
-def test_sequence_parallel_tp_hooks(site, mode):
-    stored, ref_stored, out, want, grads, ref_grads = _sp_body(site, mode, two_d=False)
+def test_sequence_parallel_tp_hooks(site, mode, hinted):
+    """torchtitan's sequence-parallel plan: the row-wise layers and the embedding declare
+    ``output_layouts=Shard(1)``, which describes their outputs (and the residual stream after
+    them) without expected_shape."""
+    stored, ref_stored, out, want, grads, ref_grads = _sp_body(site, mode, two_d=False,
+                                                               hinted=hinted)
     torch.testing.assert_close(out, want, **TOL)
     _compare_stored(stored, ref_stored, **TOL)
     assert_grads_equal(grads, ref_grads, **TOL)
 
 
+@pytest.mark.parametrize("hinted", [True, False], ids=["hinted", "unhinted"])
 @pytest.mark.parametrize("site", [s for s, _ in SP_SITES])
 @pytest.mark.parametrize("mode", [None, "leader", "replicated"])
 @distributed(world_size=4)
-def test_sequence_parallel_fsdp2_x_tp_hooks(site, mode):
-    stored, ref_stored, out, want, grads, ref_grads = _sp_body(site, mode, two_d=True)
+def test_sequence_parallel_fsdp2_x_tp_hooks(site, mode, hinted):
+    stored, ref_stored, out, want, grads, ref_grads = _sp_body(site, mode, two_d=True,
+                                                               hinted=hinted)
     torch.testing.assert_close(out, want, **TOL)
     _compare_stored(stored, ref_stored, **TOL)
     assert_grads_equal(grads, ref_grads, **TOL)

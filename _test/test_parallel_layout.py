@@ -219,12 +219,14 @@ def test_the_shape_agreement_does_not_keep_the_activation_alive():
     runtime.close()
 
 
+@pytest.mark.parametrize("seq", [4, 5], ids=["even", "uneven"])
 @distributed(world_size=2)
-def test_a_dtensor_row_output_split_on_the_sequence_is_an_error_unless_declared():
+def test_a_dtensor_row_output_split_on_the_sequence_is_described(seq):
     """``RowwiseParallel(output_layouts=Shard(1))`` (torch's sequence parallelism): the weights
-    say replicated, the hook sees one rank's half of the sequence (before: stored as the
-    whole). Undeclared it is an error on every rank; with expected_shape it equals one
-    process."""
+    say replicated, the hook sees one rank's piece of the sequence (once stored as the whole,
+    then refused unless declared). The style's declared output layout now says it: split on
+    dim 1 by torch.chunk (5 over 2 ranks: 3 and 2, sizes exchanged), equal to one process with
+    and without expected_shape."""
     from collections import OrderedDict
 
     from parallel_cases import plain_net
@@ -237,13 +239,12 @@ def test_a_dtensor_row_output_split_on_the_sequence_is_an_error_unless_declared(
     )
 
     from flex_surgery.hooks import FlexModel, HookFunction
-    from flex_surgery.parallel.frameworks import UnknownLayoutError
 
     def mlp():  # up -> act -> down of one block, no residual (the output stays split)
         b = plain_net().blocks[0]
         return nn.Sequential(OrderedDict(up=b.up, act=b.act, down=b.down))
 
-    x = torch.randn(2, 4, 8, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(2, seq, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = mlp()(x)
     mesh = init_device_mesh("cpu", (2,))
@@ -255,13 +256,10 @@ def test_a_dtensor_row_output_split_on_the_sequence_is_an_error_unless_declared(
         flex.register_forward_hook(HookFunction("down", expected_shape=hint))
         try:
             with torch.no_grad():
-                if hint is None:
-                    with pytest.raises(UnknownLayoutError, match="'down'.*Shard"):
-                        flex(x)
-                else:
-                    flex(x)
-                    if dist.get_rank() == 0:
-                        torch.testing.assert_close(stored["down"][0], want)
+                out = flex(x)
+            assert out.shape[1] == ((3, 2)[dist.get_rank()] if seq == 5 else seq // 2)
+            if dist.get_rank() == 0:
+                torch.testing.assert_close(stored["down"][0], want)
         finally:
             flex.restore()
 

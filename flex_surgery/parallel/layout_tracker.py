@@ -472,8 +472,9 @@ class TPTracker:
                       out: torch.Tensor) -> str | None:
         """Why the output of a TP layer declared replicated is not (``None``: nothing says
         so). Its weights' placements declare a Linear or Embedding replicated when its output
-        is reduced -- but a style may then split it again (DTensor's sequence parallelism:
-        ``RowwiseParallel(output_layouts=Shard(1))``) and the hook sees one rank's rows. A
+        is reduced -- but something may then split it again where no declared layout says so
+        (a style's ``output_layouts=Shard(1)`` is read: ``frameworks.dtensor``) and the hook
+        sees one rank's rows. A
         Linear keeps its input's leading dims and an Embedding adds one after its ids', so an
         output that does not is split on another dim."""
         if info.output is not None or info.exact or not args or \
@@ -500,8 +501,8 @@ class TPTracker:
                     "framework owns")
         if module in self._undescribed:
             framework = frameworks.owner(module)
-            hint = (" (its ParallelStyle declares a partial sum, or a split on dim 0 or 1: "
-                    "output_layouts=Partial() / Shard(...)?)") if framework.name == "dtensor" \
+            hint = (" (its ParallelStyle declares a partial sum, or a split on dim 0: "
+                    "output_layouts=Partial() / Shard(0)?)") if framework.name == "dtensor" \
                 else ""
             return (f"has parameters {framework.name} splits over the tensor-parallel ranks, "
                     f"but {framework.name} does not describe how a {type(module).__name__} "
@@ -528,9 +529,11 @@ class TPTracker:
         if dim >= local.ndim:
             return None
         tp, size = self.mesh.tp_size, local.shape[dim]
-        if shard.full is None:  # equal shards (Megatron's sequence dim)
-            return ShardSpec("tp", dim, (size,) * tp, blocks=shard.blocks) \
-                if shard.sharded is not False else None
+        if shard.full is None:  # equal shards (Megatron's sequence dim), or exchanged sizes
+            if shard.sharded is False:
+                return None
+            return ShardSpec("tp", dim, None if shard.uneven else (size,) * tp,
+                             blocks=shard.blocks)
         sizes = chunk_sizes(shard.full, tp)
         mine = sizes[self.mesh.rank("tp")]
         sharded = shard.sharded

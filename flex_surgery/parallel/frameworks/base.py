@@ -64,6 +64,10 @@ class ActivationShard:
     #: The piece is this rank's part of each of ``blocks`` equal blocks of ``dim`` (Megatron's
     #: ``partition_stride``), not one block (see ``ShardSpec.blocks``).
     blocks: int = 1
+    #: With ``full`` unknown: the pieces may differ in size (DTensor's ``Shard`` of a sequence
+    #: ``tp`` does not divide, ``torch.chunk``'s rule), so their sizes are exchanged, not taken
+    #: as the local size on every rank (Megatron's sequence, which tp divides).
+    uneven: bool = False
 
 
 @dataclass(frozen=True)

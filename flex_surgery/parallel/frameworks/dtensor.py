@@ -89,9 +89,10 @@ class DTensorTP(Framework):
             return TPLayer(None, None, exact=True, opaque=True)
         weight = getattr(module, "weight", None)
         shard = _tp_placement(weight, mesh) if weight is not None else None
-        if shard is not None and _off_the_hidden_dim(module):
-            # A style that declares a partial sum, or a split on the batch or sequence dim, for
-            # what the layer takes or returns (RowwiseParallel(output_layouts=Shard(1)), ...):
+        sequence_out = _sequence_output(module) if shard is not None else None
+        if shard is not None and _off_the_hidden_dim(module) and sequence_out is None:
+            # A style that declares a partial sum, or a split on the batch dim, for what the
+            # layer takes or returns (RowwiseParallel(output_layouts=Partial()), Shard(0)):
             # the shapes the rules below read cannot tell that split from the hidden one, so
             # the layer is undescribed (its activations, and those after it, need a hint).
             return None
@@ -103,6 +104,14 @@ class DTensorTP(Framework):
             return None
         placement = shard.dim
         full = tuple(weight.shape)
+        if sequence_out is not None:
+            # torch's sequence parallelism (torchtitan's plan): the output hook reduce-scatters
+            # (row-wise, embedding) or redistributes (column-wise) what the layer computed onto
+            # the sequence dim; each rank returns its torch.chunk of the sequence, whole in
+            # the hidden dim. A row-wise layer still takes its input split on the hidden dim.
+            takes = ActivationShard(HIDDEN, full[1], sharded=None) \
+                if placement == 1 and not isinstance(module, nn.Embedding) else None
+            return TPLayer(takes, sequence_out, exact=False)
         if isinstance(module, nn.Embedding):
             # Shard(1): embedding dim split -> output sharded; Shard(0): vocab split -> replicated
             out = ActivationShard(HIDDEN, full[1], sharded=None) if placement == 1 else None
@@ -245,6 +254,24 @@ def _off_the_hidden_dim(module: nn.Module) -> bool:
                 _non_hidden_shard(p) for p in _placements_in(fn.args)):
             return True
     return any(p.is_partial() for p in _declared_placements(module))
+
+
+def _sequence_output(module: nn.Module) -> ActivationShard | None:
+    """What ``module`` returns when its style declares ``Shard(1)`` for its output (the
+    sequence of ``[b, s, h]``) and no partial sum anywhere: each rank's piece of the sequence,
+    sizes by ``torch.chunk`` (exchanged: the sequence need not divide). ``None`` otherwise,
+    and for ``Shard(0)``, which is the batch dim that data parallelism splits too."""
+    import functools
+
+    if any(p.is_partial() for p in _declared_placements(module)):
+        return None
+    for hook in module._forward_hooks.values():
+        fn = closure_value(hook, "output_fn")
+        if isinstance(fn, functools.partial):
+            shards = [p for p in _placements_in(fn.args) if p.is_shard()]
+            if shards and all(p.dim == 1 for p in shards):
+                return ActivationShard(1, sharded=True, uneven=True)
+    return None
 
 
 def _placements_in(args: tuple) -> list:
