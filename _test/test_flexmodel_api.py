@@ -348,6 +348,43 @@ def test_unpack_inputs_matches_pytree_order_of_args_then_kwargs():
             unpack_inputs(args, kwargs, len(tensors), "hook")
 
 
+class _TakesKeyword(nn.Module):
+    """A layer called as ``layer(hidden_states=x)``, as Megatron's TransformerLayer is."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, hidden_states):
+        return self.lin(hidden_states)
+
+
+class _CallsByKeyword(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer = _TakesKeyword()
+
+    def forward(self, x):
+        return self.layer(hidden_states=x)
+
+
+def test_full_backward_hook_of_a_layer_called_by_keyword_says_why_and_what_to_hook():
+    """torch gives a full backward hook no gradient for keyword inputs: the hook raises an
+    UnpackError that says so and names the hooks that see the gradient (before: 'holds no
+    tensor'); the full_backward_pre hook of the same layer stores grad_output."""
+    x = torch.randn(2, 4, requires_grad=True)
+    stored: dict = {}
+    with FlexModel(_CallsByKeyword(), stored) as flex:
+        flex.register_full_backward_hook(HookFunction("layer"))
+        with pytest.raises(UnpackError, match="keyword arguments.*full_backward_pre"):
+            flex(x).sum().backward()
+    stored = {}
+    with FlexModel(_CallsByKeyword(), stored) as flex:
+        flex.register_full_backward_pre_hook(HookFunction("layer"))
+        flex(x).sum().backward()
+    assert torch.equal(stored["layer"][0], torch.ones(2, 4))
+
+
 # -- FlexModel 0.1.0's storage, keys and lifetime ------------------------------------------------
 
 

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from flex_surgery.hooks.errors import ShapeMismatchError, check_edit_result
+from flex_surgery.hooks.errors import ShapeMismatchError, UnpackError, check_edit_result
 from flex_surgery.hooks.unpack import unpack, unpack_inputs
 from flex_surgery.parallel.pipeline import is_metadata_pass
 from flex_surgery.parallel.runtime import (
@@ -293,7 +293,20 @@ class HookFunction:
 
     def _full_backward_hook(self, module: nn.Module, grad_input: tuple,
                             grad_output: tuple) -> Any:
-        return self._call(grad_input) if self._enabled else None
+        if not self._enabled:
+            return None
+        if self.unpack_idx >= sum(isinstance(g, torch.Tensor) for g in grad_input):
+            # torch hands a full backward hook the gradients of the module's *positional*
+            # tensor inputs that require grad, and nothing for keyword arguments
+            raise UnpackError(
+                f"{self!r}: the full_backward hook's grad_input holds "
+                f"{sum(isinstance(g, torch.Tensor) for g in grad_input)} tensor(s), and "
+                f"unpack_idx={self.unpack_idx}: torch passes the gradients of the module's "
+                f"positional tensor inputs that require grad only, none for keyword arguments "
+                f"(Megatron's TransformerLayer takes hidden_states=...). Hook the gradient of "
+                f"what the module returns (register_full_backward_pre_hook), or the input of "
+                f"its first sub-module")
+        return self._call(grad_input)
 
     def _full_backward_pre_hook(self, module: nn.Module, grad_output: tuple) -> Any:
         return self._call(grad_output) if self._enabled else None
