@@ -312,25 +312,61 @@ def _fsdp2(model: nn.Module, blocks: bool = True) -> nn.Module:
     return model
 
 
+@pytest.mark.parametrize("units", ["blocks_and_root", "root", "own_head_unit"])
 @distributed(world_size=2, timeout_s=40)
-def test_lens_on_fsdp2_equals_one_process_or_refuses():
-    """FSDP2 shards the head's rows over the data-parallel mesh (a Shard(0) DTensor, like a
-    vocabulary-parallel tp_plan head): each replica runs its own rows of the batch."""
-    from flex_surgery.lens import LensError
+def test_lens_on_fsdp2_equals_one_process(units):
+    """FSDP2 shards the head's and the final norm's parameters over the data-parallel mesh;
+    each replica runs its own rows of the batch. The lens unshards the units that hold them
+    while it decodes (the root keeps them whole after its forward; a head in its own unit with
+    reshard_after_forward=True does not) and reshards what it unsharded: equal to one process,
+    and the parameters are as they were afterwards (sharded DTensors stay sharded)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
 
     model = OddLM(12).double().eval()
     ids = _ids(12, batch=4)
     want = logit_lens(model, ids, top_k=3, process_group=local_group())
-    par = _fsdp2(OddLM(12).double().eval())
+    par = OddLM(12).double().eval()
+    mesh = init_device_mesh("cpu", (2,))
+    if units != "root":
+        for block in par.blocks:
+            fully_shard(block, mesh=mesh)
+    if units == "own_head_unit":
+        fully_shard(par.head, mesh=mesh, reshard_after_forward=True)
+    fully_shard(par, mesh=mesh)
     rank = dist.get_rank()
     mine = ids[2 * rank:2 * rank + 2]
     hooks = [len(m._forward_hooks) for m in par.modules()]
-    try:
-        got = logit_lens(par, mine, top_k=3)
-    except LensError as err:  # a clear refusal, on every rank, is acceptable
-        assert "vocabulary" in str(err), err
-        assert [len(m._forward_hooks) for m in par.modules()] == hooks
-        return
+    got = logit_lens(par, mine, top_k=3)
+    _assert_lens_equal(got, want)
+    assert [len(m._forward_hooks) for m in par.modules()] == hooks
+    if units == "own_head_unit":
+        assert type(par.head.weight).__name__ == "DTensor"  # resharded, as FSDP2 left it
+    with torch.no_grad():  # the model goes on
+        torch.testing.assert_close(par(mine), model(mine), rtol=1e-12, atol=1e-12)
+
+
+@distributed(world_size=4, timeout_s=60)
+def test_lens_on_fsdp2_x_tp_equals_one_process():
+    """A 2-D mesh (dp 2 x tp 2): the head is column-parallel over tp (a vocabulary split the
+    lens merges exactly) and FSDP2 shards every tp piece again over dp; the lens unshards the
+    dp shards only and merges over tp."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    model = OddLM(12).double().eval()
+    ids = _ids(12, batch=4)
+    want = logit_lens(model, ids, top_k=3, process_group=local_group())
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    par = parallelize_module(OddLM(12).double().eval(), mesh["tp"],
+                             {"head": ColwiseParallel(output_layouts=Replicate())})
+    for block in par.blocks:
+        fully_shard(block, mesh=mesh["dp"])
+    fully_shard(par, mesh=mesh["dp"])
+    dp = mesh.get_local_rank("dp")
+    got = logit_lens(par, ids[2 * dp:2 * dp + 2], top_k=3)
     _assert_lens_equal(got, want)
 
 

@@ -32,8 +32,9 @@ The lens is computed without autograd; translators are a hook point for a tuned 
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -240,11 +241,14 @@ class LogitLens:
         except MissingPart:
             unembed = None  # this pipeline stage does not hold the head
         norm, local, problem = None, None, None
+        self._head_module, self._head_units = unembed, []
         if unembed is not None:
             try:
                 if loc.anatomy.final_norm is not None:
                     norm = loc.module("final_norm")
-                local = _local_unembedding(unembed, self.mesh)
+                self._head_units = _fsdp2_units(loc.root, (unembed, norm))
+                with _whole_parameters(self._head_units):  # the head FSDP2 shards over dp
+                    local = _local_unembedding(unembed, self.mesh)
             except MissingPart as err:
                 problem = (f"this stage holds {loc.name('unembed')} but not the final norm "
                            f"{loc.name('final_norm')}: {err}")
@@ -360,9 +364,11 @@ class LogitLens:
         start, count = _rows_of(rows, dp, dp_rank)
         table = torch.zeros(n_layers, rows, 2 * k, dtype=torch.float64)
         if self._unembed is not None:
-            decoded = torch.cat([self._decoded_input(g, h.reshape(rows, -1)[start:start + count])
-                                 for g, h in zip(self.layers, hidden)])
-            packed = self._local_topk(decoded).reshape(n_layers, count, 2 * k + 1)
+            with self._whole_head():
+                decoded = torch.cat([self._decoded_input(g, h.reshape(rows, -1)[start:start +
+                                                                                 count])
+                                     for g, h in zip(self.layers, hidden)])
+                packed = self._local_topk(decoded).reshape(n_layers, count, 2 * k + 1)
             tokens, logprobs = self._merge(packed)
             tp_rank = mesh.rank("tp") if mesh is not None and mesh.tp_size > 1 else 0
             if tp_rank == 0:
@@ -372,6 +378,19 @@ class LogitLens:
             dist.all_reduce(table, group=self.group)  # exactly one rank filled each row
         return LensResult(list(self.layers), table[..., k:].long().reshape(n_layers, *lead, k),
                           table[..., :k].float().reshape(n_layers, *lead, k))
+
+    @contextlib.contextmanager
+    def _whole_head(self) -> Iterator[None]:
+        """The head and final norm with whole parameters while the lens decodes: FSDP2 units
+        that shard them over the data-parallel ranks are unsharded (an all-gather over their
+        mesh, every rank of the stage at the same point), and this rank's unembedding is read
+        again from the whole weight; afterwards they are resharded as they were."""
+        if not self._head_units:
+            yield
+            return
+        with _whole_parameters(self._head_units):
+            self._unembed = _local_unembedding(self._head_module, self.mesh)
+            yield
 
     def _decoded_input(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         """What the unembedding reads for block ``layer``: norm(h [+ translator(h)])."""
@@ -419,6 +438,47 @@ class LogitLens:
             handle.remove()
         self._handles.clear()
         self.runtime.abandon()
+
+
+def _fsdp2_units(root: nn.Module, modules: Sequence[nn.Module | None]) -> list[nn.Module]:
+    """The FSDP2 units (``fully_shard``-ed modules) that manage the parameters of ``modules``:
+    for each, the nearest of itself and its ancestors that is one. The same on every rank of a
+    stage (the model's structure)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without FSDP2
+        return []
+    names = {id(m): n for n, m in root.named_modules()}
+    units: list[nn.Module] = []
+    for module in modules:
+        name = names.get(id(module)) if module is not None else None
+        if name is None:
+            continue
+        parts = name.split(".") if name else []
+        for depth in range(len(parts), -1, -1):
+            candidate = root.get_submodule(".".join(parts[:depth]))
+            if isinstance(candidate, FSDPModule):
+                if all(candidate is not u for u in units):
+                    units.append(candidate)
+                break
+    return units
+
+
+@contextlib.contextmanager
+def _whole_parameters(units: Sequence[nn.Module]) -> Iterator[None]:
+    """FSDP2 ``units`` unsharded inside, resharded on the way out -- only those that were
+    sharded (a root after its forward keeps its parameters whole, and stays so)."""
+    resharded = []
+    try:
+        for unit in units:
+            before = [id(p) for p in unit.parameters()]
+            unit.unshard()
+            if [id(p) for p in unit.parameters()] != before:
+                resharded.append(unit)
+        yield
+    finally:
+        for unit in resharded:
+            unit.reshard()
 
 
 def _rows_of(rows: int, parts: int, index: int) -> tuple[int, int]:
