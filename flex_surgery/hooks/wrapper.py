@@ -107,7 +107,7 @@ def hooked_passes(module: nn.Module, flex_ref: weakref.ref) -> list:
         flex = flex_ref()
         if flex is not None and flex._hooks_selected and \
                 torch._C._current_graph_task_id() == -1:
-            flex.runtime.passes += 1  # every rank runs the same hooked forwards
+            flex.runtime.start_pass()  # every rank runs the same hooked forwards
 
     def ends(mod: nn.Module, args: Any, output: Any) -> None:
         flex = flex_ref()

@@ -31,6 +31,9 @@ one-process gradient.
 
 from __future__ import annotations
 
+import bisect
+import collections
+import math
 import weakref
 from collections.abc import Callable
 from dataclasses import replace
@@ -80,6 +83,10 @@ __all__ = ["DistributedRuntime", "build_runtime"]
 
 STORE_ON = ("rank0", "all", "replica_leaders")
 
+#: Passes whose backward hooks can still be told apart (a backward through more forwards
+#: than this at once stamps the older ones alike: they meet as one pass).
+_PASSES_REMEMBERED = 1024
+
 
 class DistributedRuntime(Runtime):
     """Hooks see whole tensors; sharding comes from ``mesh`` and layouts from ``module``.
@@ -128,7 +135,8 @@ class DistributedRuntime(Runtime):
             # reference, so a call that fails in between does not keep an activation alive.
             self._agreed: tuple[weakref.ref[torch.Tensor], HookSite, Layout] | None = None
             # The call whose ranks have met at its site already (see _meeting).
-            self._met: tuple[weakref.ref[torch.Tensor], HookSite] | None = None
+            # With the pass: a mark a refused call left behind cannot match a later forward's.
+            self._met: tuple[weakref.ref[torch.Tensor], HookSite, int] | None = None
             # Data-parallel ranks may reach different hooks (a branch some skip); on a stage
             # group that moves CPU tensors through gloo ("gloo", "cpu:gloo",
             # "cpu:gloo,cuda:nccl") every hook call's first message is then a header to the
@@ -141,6 +149,11 @@ class DistributedRuntime(Runtime):
             # exchanges in front of a data-parallel gather, so a hook
             # that meets its own gather of another forward raises (site_tags).
             self.passes = 0
+            # Where each pass began in this thread's autograd sequence numbers, for the pass a
+            # backward hook call belongs to (_pass_of_call): (first sequence number, pass).
+            self._pass_starts: collections.deque[tuple[int, int]] = collections.deque(
+                maxlen=_PASSES_REMEMBERED)
+            self._announcing = -1  # the graph task whose end of backward is queued
             if batch_dim is None:
                 batch_dim = frameworks.batch_dim(module)
             self.layouts = LayoutInference(mesh, batch_dim)
@@ -198,7 +211,7 @@ class DistributedRuntime(Runtime):
         dp = next((s for s in layout.shards if s.axis == "dp"), None)
         if dp is None:  # not split over dp (a partial sum of it is no gather of pieces)
             return layout
-        stamped = replace(dp, site=stamp(site.tag, self.passes))
+        stamped = replace(dp, site=stamp(site.tag, self._pass_of_call()))
         return replace(layout, shards=tuple(stamped if s is dp else s for s in layout.shards))
 
     def whole_shape(self, local: torch.Tensor, site: HookSite) -> tuple[int, ...]:
@@ -210,18 +223,44 @@ class DistributedRuntime(Runtime):
         # The agreement below is an all-gather over the stage: data-parallel ranks at another
         # hook must meet this one first, where every hook's first message goes.
         self.walk.announce_site(self._meeting(local, site))
-        self._met = (weakref.ref(local), site)
         try:
             layout = self.layout_of(local, site)
             plain, walked, joined = unblocked(plain, layout)
         except Exception as exc:  # every rank learns of it there, then this rank re-raises it
             failure = exc
         shape = agree_on_whole_shape(self.mesh, plain, walked, failure, site,
-                                     stamp(site.tag, self.passes))
+                                     stamp(site.tag, self._pass_of_call()))
+        # Met: the same call's gather (which follows unless the shape is refused) skips its
+        # meeting. A refused shape raises above and leaves no mark behind.
+        self._met = (weakref.ref(local), site, self._pass_of_call())
         self._agreed = (weakref.ref(local), site, layout)  # the call's gather asks for it next
         if joined is not None:  # (blocks, whole part) -> one dim
             shape = (*shape[:joined], shape[joined] * shape[joined + 1], *shape[joined + 2:])
         return shape
+
+    def start_pass(self) -> None:
+        """A hooked forward of the wrapped module begins (every rank runs the same ones)."""
+        self.passes += 1
+        if self.meets_at_sites:
+            self._pass_starts.append((torch._C._autograd._get_sequence_nr(), self.passes))
+
+    def _pass_of_call(self) -> int:
+        """The pass a hook call belongs to, stamped into its first message. In forward, the
+        current one. In backward, the forward that created the autograd node running now:
+        a backward through several forwards at once (losses of accumulated forwards summed)
+        runs their backward hooks interleaved, and a branch hook of forward 1 on one rank
+        must not meet the same hook of forward 2 on another (their rows would be joined as
+        one tensor). Each rank maps its own sequence numbers (thread-local, increasing) to
+        the passes every rank shares."""
+        if torch._C._current_graph_task_id() == -1 or not self._pass_starts:
+            return self.passes
+        node = torch._C._current_autograd_node()
+        if node is None:
+            return self.passes
+        seq = node._sequence_nr()
+        first = bisect.bisect_right(self._pass_starts, (seq, math.inf)) - 1
+        # before the passes remembered: no pass of them (each rank forgets the same ones)
+        return self._pass_starts[first][1] if first >= 0 else self._pass_starts[0][1] - 1
 
     def end_of_hooked_forward(self) -> None:
         """Under data parallelism on the CPU, every rank of the stage announces to the stage
@@ -241,27 +280,32 @@ class DistributedRuntime(Runtime):
         through this forward end with the same announcement as the forward
         (:data:`~flex_surgery.parallel.site_tags.END_OF_BACKWARD`): a backward hook on a
         module some ranks skip, when no later backward hook fires on them, would leave the
-        others waiting in its gather while these go on. A hook on the first tensor of
-        ``output`` that requires grad queues an autograd callback when its gradient arrives
-        (the start of the backward through the model); the callback runs when that backward
-        has finished, after every backward hook of it. A backward that raises runs no callback,
-        so a rank that raised at a hook announces nothing more. Called by the FlexModel when
-        backward hooks are selected (the same on every rank), so every rank that runs the
+        others waiting in its gather while these go on. A hook on each tensor of ``output``
+        that requires grad queues an autograd callback (once per backward) when its gradient
+        arrives (the start of the backward through the model); the callback runs when that
+        backward has finished, after every backward hook of it. A backward that raises runs no
+        callback, so a rank that raised at a hook announces nothing more. Called by the
+        FlexModel when backward hooks are selected (the same on every rank), so every rank that
+        runs the backward announces its end. A loss computed from none of the outputs (from a
+        tensor kept aside in forward) announces nothing.
         backward announces its end."""
         if not self.meets_at_sites or not torch.is_grad_enabled():
-            return
-        first = next((t for t in pytree.tree_leaves(output)
-                      if isinstance(t, torch.Tensor) and t.requires_grad), None)
-        if first is None:
             return
         runtime = weakref.ref(self)
 
         def arrived(grad: torch.Tensor) -> None:
-            if runtime() is not None:
+            held = runtime()
+            task = torch._C._current_graph_task_id()
+            if held is not None and held._announcing != task:  # once per backward
+                held._announcing = task
                 torch.autograd.Variable._execution_engine.queue_callback(
                     lambda: _announce_end_of_backward(runtime))
 
-        first.register_hook(arrived)
+        # Every output that requires grad: a loss may use any of them, and which of them
+        # require grad may differ between ranks (a head on a branch).
+        for t in pytree.tree_leaves(output):
+            if isinstance(t, torch.Tensor) and t.requires_grad:
+                t.register_hook(arrived)
 
     def _meeting(self, local: torch.Tensor, site: HookSite) -> int:
         """The stamp that this hook call's first message carries, so that data-parallel ranks
@@ -270,9 +314,10 @@ class DistributedRuntime(Runtime):
         agreement, or an edit's gather before the retrieval of its result)."""
         met, self._met = self._met, None
         if not self.meets_at_sites or \
-                (met is not None and met[0]() is local and met[1] is site):
+                (met is not None and met[0]() is local and met[1] is site
+                 and met[2] == self._pass_of_call()):
             return NO_SITE
-        return stamp(site.tag, self.passes)
+        return stamp(site.tag, self._pass_of_call())
 
     def is_edit_leader(self, site: HookSite) -> bool:
         return self.mesh.is_stage_leader()
@@ -378,19 +423,29 @@ class DistributedRuntime(Runtime):
         # them; a copy this rank would not keep is skipped.
         everywhere = ctx.state.get("everywhere")
         layout = ctx.state["layout"]
-        self._met = (weakref.ref(ctx.local), ctx.site)  # the edit's gather met at this site
         if self.store_on == "replica_leaders" and self.mesh.dp_size > 1 and \
                 isinstance(layout.spec_for("dp"), ShardSpec):
             # Each replica's leader stores its own rows, as a retrieval-only hook does: taken
             # from the whole tensor every rank holds, or gathered over tp on the leader path.
             if not everywhere:
-                self.retrieve(ctx.local, ctx.site, store)
+                self._retrieve_again(ctx, store)
             elif keeps:
                 self._store_own_rows(full, layout, ctx.state["record"], store)
         elif self.store_on == "all" and not everywhere:  # the leader's gather is not enough
-            self.retrieve(ctx.local, ctx.site, store)
+            self._retrieve_again(ctx, store)
         elif keeps and (self.store_on == "all" or self.mesh.is_stage_leader()):
             store(store_copy(full))  # "all" here: every rank gathered the whole tensor
+
+    def _retrieve_again(self, ctx: EditContext, store: Callable[..., None]) -> None:
+        """Retrieve the tensor an edit has just gathered: its ranks met at its site already
+        (the edit's gather), so the retrieval's first message carries no site (_meeting). The
+        mark lives for this one call only: left behind, a later call on the same tensor (a
+        pre-hook that sees the caller's input again) would skip its own meeting."""
+        self._met = (weakref.ref(ctx.local), ctx.site, self._pass_of_call())
+        try:
+            self.retrieve(ctx.local, ctx.site, store)
+        finally:
+            self._met = None
 
     def _store_own_rows(self, full: torch.Tensor, layout: Layout, record: list,
                         store: Callable[..., None]) -> None:

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from flex_surgery.parallel.group_lifetime import group_timeout
+from flex_surgery.parallel.site_tags import HookSiteMismatchError
 
 __all__ = ["LostRankError", "RemoteEditError", "agree_on_status", "announce_process",
            "broadcast_status", "describe_lost_ranks", "host_status_group", "lost_ranks",
@@ -274,6 +275,10 @@ def run_agreeing(fn: Callable[[], Any], group: Group, what: str,
     Any ``BaseException`` counts: a ``KeyboardInterrupt`` or ``SystemExit`` is reported to the
     other ranks before it is re-raised unchanged where it happened, so no rank is left waiting
     for a collective that will never come.
+
+    Except :class:`~flex_surgery.parallel.site_tags.HookSiteMismatchError`: the ranks that
+    met at another hook raised it together, at that meeting, and those of them outside this
+    agreement (at a plain retrieval) will not come to it; it is re-raised at once.
     """
     if dist.get_world_size(group) == 1:  # nobody to tell: no collective
         try:
@@ -286,6 +291,8 @@ def run_agreeing(fn: Callable[[], Any], group: Group, what: str,
     if src is None or dist.get_rank(group) == src:
         try:
             result = fn()
+        except HookSiteMismatchError:
+            raise  # raised by every rank of the meeting, most of them outside this agreement
         except BaseException as exc:  # agreed with every rank below, then re-raised
             cause = exc
             error = f"{what} failed on rank {dist.get_rank()}: {type(exc).__name__}: {exc}"
