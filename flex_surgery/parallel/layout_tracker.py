@@ -20,7 +20,7 @@ declared input layout; for a DTensor layer, what the DTensor its input hook made
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -371,6 +371,12 @@ class TPTracker:
         """Whether two states give a module's tensors the same layout: the same split (or
         both replicated); under sequence parallelism also the same shape, which that check
         reads (``_inherited``)."""
+        if a is not None and b is not None and a.spec is not None and b.spec is not None \
+                and (a.spec.sizes is None) != (b.spec.sizes is None):
+            # The same split, its sizes known from one path (a look-through of what a layer
+            # took) and to be exchanged on the other (a sequence piece): the same pieces.
+            a, b = replace(a, spec=replace(a.spec, sizes=None)), \
+                replace(b, spec=replace(b.spec, sizes=None))
         if self._sequence_parallel:
             return a == b
 

@@ -90,11 +90,13 @@ class DTensorTP(Framework):
         weight = getattr(module, "weight", None)
         shard = _tp_placement(weight, mesh) if weight is not None else None
         sequence_out = _sequence_output(module) if shard is not None else None
-        if shard is not None and _off_the_hidden_dim(module) and sequence_out is None:
-            # A style that declares a partial sum, or a split on the batch dim, for what the
-            # layer takes or returns (RowwiseParallel(output_layouts=Partial()), Shard(0)):
-            # the shapes the rules below read cannot tell that split from the hidden one, so
-            # the layer is undescribed (its activations, and those after it, need a hint).
+        if shard is not None and sequence_out is None and \
+                _off_the_hidden_dim(module, _column_like(module, shard.dim)):
+            # A style that declares a partial sum, or a split of what the layer returns other
+            # than the rules below (RowwiseParallel(output_layouts=Partial()), Shard(0),
+            # Shard(-2), a row layer's Shard(-1)): the shapes the rules read cannot tell that
+            # split from another, so the layer is undescribed (its activations, and those after
+            # it, need a hint).
             return None
         if shard is None or isinstance(shard, _StridedShard):
             # A strided split over tp (interleaved blocks, e.g. a fused projection sharded so
@@ -238,20 +240,32 @@ def _declared_placements(module: nn.Module) -> list:
 
 
 def _non_hidden_shard(placement) -> bool:
-    """A split on dim 0 or 1: the batch or sequence of an activation, not its hidden dim."""
-    return placement.is_shard() and placement.dim in (0, 1)
+    """A split on any dim but the last: the batch or sequence of an activation (``Shard(0)``,
+    ``Shard(1)``, ``Shard(-2)``), or a dim that only the activation's rank could name as the
+    hidden one (``Shard(2)``). Only ``Shard(-1)`` is the hidden dim whatever the rank."""
+    return placement.is_shard() and placement.dim != -1
 
 
-def _off_the_hidden_dim(module: nn.Module) -> bool:
-    """Whether ``module``'s style declares a partial sum anywhere, or a split on dim 0 or 1 for
-    what the layer returns (a split of what it takes is undone by its input hook before the
-    layer runs: ColwiseParallel(input_layouts=Shard(1)) still computes on whole rows)."""
+def _column_like(module: nn.Module, weight_dim: int) -> bool:
+    """Whether the layer computes a piece of the hidden dim of its output (a Linear split on
+    its output features, an Embedding on its embedding dim): ColwiseParallel's default output
+    layout ``Shard(-1)`` keeps that piece."""
+    return weight_dim == (1 if isinstance(module, nn.Embedding) else 0)
+
+
+def _off_the_hidden_dim(module: nn.Module, column: bool) -> bool:
+    """Whether ``module``'s style declares a partial sum anywhere, or a split of what the layer
+    returns other than a column layer's piece of the hidden dim (``Shard(-1)``): a row
+    layer's reduce-scatter onto the hidden dim, a split on the batch or sequence dim however
+    spelled. A split of what it takes is undone by its input hook before the layer runs
+    (ColwiseParallel(input_layouts=Shard(1)) still computes on whole rows)."""
     import functools
 
     for hook in module._forward_hooks.values():
         fn = closure_value(hook, "output_fn")
         if isinstance(fn, functools.partial) and any(
-                _non_hidden_shard(p) for p in _placements_in(fn.args)):
+                p.is_shard() and not (column and p.dim == -1)
+                for p in _placements_in(fn.args)):
             return True
     return any(p.is_partial() for p in _declared_placements(module))
 
