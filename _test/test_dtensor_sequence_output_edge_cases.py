@@ -696,14 +696,10 @@ def test_tensors_of_another_shape_than_the_piece_are_refused(variant, seq):
     assert _derived_check(variant, seq) == ["refused", "refused"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "silent wrong value: y.transpose(1, 2) of the sequence piece [2, 8, 8] (S=16, H=8, tp=2: "
-    "s/tp == h) has the piece's shape, and LayoutInference._inherited joins it on dim 1 "
-    "(the hidden dim after the transpose): stored (2, 16, 8) for the one-process (2, 8, 16), "
-    "forward and backward. Its permuted-view stride check only runs when the split is on the "
-    "last dim; a dim-1 split (now described by 2062339) skips it"))
 @distributed(world_size=2, timeout_s=60)
 def test_transposed_sequence_piece_of_the_pieces_shape():
+    """y.transpose(1, 2) of the sequence piece [2, 8, 8] (s/tp == h): the piece's shape, a
+    permuted view: refused (which dim is split cannot be told), never joined on dim 1."""
     _derived_check("transpose", 16)
 
 

@@ -118,7 +118,11 @@ def hooked_passes(module: nn.Module, flex_ref: weakref.ref) -> list:
             if flex._backward_hooks_selected:  # ... and in the backward through this forward
                 flex.runtime.watch_backward(output)
 
-    return [module.register_forward_pre_hook(starts), module.register_forward_hook(ends)]
+    # ``ends`` before the module's other forward hooks: its hook on the output then runs
+    # first in the backward, and the end-of-backward callback it queues runs before those
+    # that others queue there (FSDP2's root reduce-scatters the gradients in one).
+    return [module.register_forward_pre_hook(starts),
+            module.register_forward_hook(ends, prepend=True)]
 
 
 class FlexModel(HookRegistration, HookGroupAPI, nn.Module):

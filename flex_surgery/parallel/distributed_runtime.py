@@ -75,7 +75,13 @@ from flex_surgery.parallel.runtime import (
     store_copy,
 )
 from flex_surgery.parallel.shape_agreement import agree_on_whole_shape
-from flex_surgery.parallel.site_tags import END_OF_BACKWARD, END_OF_FORWARD, NO_SITE, stamp
+from flex_surgery.parallel.site_tags import (
+    END_OF_BACKWARD,
+    END_OF_FORWARD,
+    GRADIENT_REDUCTION,
+    NO_SITE,
+    stamp,
+)
 from flex_surgery.parallel.trainable_sync import TrainableSync
 from flex_surgery.store.hooks import Rows
 
@@ -154,6 +160,9 @@ class DistributedRuntime(Runtime):
             self._pass_starts: collections.deque[tuple[int, int]] = collections.deque(
                 maxlen=_PASSES_REMEMBERED)
             self._announcing = -1  # the graph task whose end of backward is queued
+            # Pre-hooks before the gradient collectives FSDP1 runs inside the backward.
+            # By id of the FlatParameter: (a weak reference to it, the pre-hook's handle).
+            self._reductions: dict[int, tuple[weakref.ref[torch.Tensor], Any]] = {}
             if batch_dim is None:
                 batch_dim = frameworks.batch_dim(module)
             self.layouts = LayoutInference(mesh, batch_dim)
@@ -174,6 +183,7 @@ class DistributedRuntime(Runtime):
         mesh's groups for :func:`~flex_surgery.parallel.group_lifetime.free_dropped`. For the
         points a peer may not share: a failed construction, a ``with`` block left on an
         exception. A second call (or :meth:`close` after it) does nothing."""
+        self._unwatch_reductions()
         if self._finalizer is not None:
             self._finalizer()  # layouts.unwatch, once
         self._mesh_finalizer()  # OwnedGroups.drop, once
@@ -187,6 +197,7 @@ class DistributedRuntime(Runtime):
         self._finalizer.detach()
         self._mesh_finalizer.detach()
         self.layouts.unwatch()
+        self._unwatch_reductions()
         self._owned.free()
 
     @property
@@ -306,6 +317,28 @@ class DistributedRuntime(Runtime):
         for t in pytree.tree_leaves(output):
             if isinstance(t, torch.Tensor) and t.requires_grad:
                 t.register_hook(arrived)
+        self._watch_reductions()
+
+    def _watch_reductions(self) -> None:
+        """FSDP1 reduce-scatters a unit's gradient inside the backward, as soon as it is
+        accumulated, not after it: a rank that skipped the branch of the others' last backward
+        hook would be in that collective while they wait at the hook. Just before each
+        reduction, in a backward whose end is announced (the same on every rank), every rank
+        announces it (:data:`~flex_surgery.parallel.site_tags.GRADIENT_REDUCTION`): one
+        round trip per FSDP1 unit and backward, and a rank at another hook raises with them.
+        (FSDP2 reduces in a callback at the end of the backward, which the end-of-backward
+        announcement precedes: see ``hooked_passes``.)"""
+        runtime = weakref.ref(self)
+        for flat_param, node in frameworks.fsdp1_gradient_accumulators(self.module):
+            known = self._reductions.get(id(flat_param))
+            if known is None or known[0]() is not flat_param:
+                self._reductions[id(flat_param)] = (weakref.ref(flat_param), node.register_prehook(
+                    lambda grads: _announce_reduction(runtime)))
+
+    def _unwatch_reductions(self) -> None:
+        for _, handle in self._reductions.values():
+            handle.remove()
+        self._reductions.clear()
 
     def _meeting(self, local: torch.Tensor, site: HookSite) -> int:
         """The stamp that this hook call's first message carries, so that data-parallel ranks
@@ -580,6 +613,12 @@ def _announce_end_of_backward(runtime: weakref.ref) -> None:
     held = runtime()
     if held is not None:
         held.walk.announce_site(stamp(END_OF_BACKWARD, held.passes))
+
+
+def _announce_reduction(runtime: weakref.ref) -> None:
+    held = runtime()
+    if held is not None and held._announcing == torch._C._current_graph_task_id():
+        held.walk.announce_site(stamp(GRADIENT_REDUCTION, held._pass_of_call()))
 
 
 def _local_of(t: torch.Tensor) -> torch.Tensor:

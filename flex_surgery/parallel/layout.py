@@ -142,14 +142,16 @@ class LayoutInference(TPTracker):
         # More dims than the layer's output, with the split on the last: that dim was cut up
         # (heads out of a projection), and a part of the same width is no proof of the split.
         regrouped = last and local.ndim > len(state.shape)
-        if last and local.ndim > 1 and local.shape[-1] > 1 and local.stride(-1) != 1:
-            # the last dim is not the innermost in memory: a transposed or permuted view (of
-            # the layer's output, whose split was innermost), where the dim of the same width
-            # may be another one (the sequence, when it is as long as the shard is wide)
+        if (last and local.ndim > 1 and local.shape[-1] > 1 and local.stride(-1) != 1) or \
+                _permuted(local):
+            # the last dim is not the innermost in memory, or the dims are out of their memory
+            # order: a transposed or permuted view (of the layer's output, whose dims were in
+            # order), where the dim of the split's width may be another one (the sequence,
+            # when it is as long as the hidden piece is wide)
             raise frameworks.UnknownLayoutError(
                 f"the {role} of {self._describe(module)} has shape {tuple(local.shape)} with "
                 f"strides {tuple(local.stride())}: a permuted view, after a tensor-parallel "
-                f"layer that produced shape {state.shape} split on its last dim, so which of "
+                f"layer that produced shape {state.shape} split on dim {spec.dim}, so which of "
                 f"its dims is split cannot be told; {frameworks.HOW_TO_DECLARE}")
         if dim < local.ndim and local.shape[dim] == state.shape[spec.dim] and not regrouped:
             return replace(spec, dim=dim)
@@ -424,3 +426,11 @@ class LayoutInference(TPTracker):
         if with_dp and self.mesh.dp_size > 1:
             partials = (*partials, PartialSpec("dp", "avg"))
         return Layout(shards, partials)
+
+
+def _permuted(t: torch.Tensor) -> bool:
+    """Whether ``t``'s dims (those longer than one, not broadcast) are out of their order in
+    memory: a transposed or permuted view, whose dim ``d`` need not be the dim ``d`` of the
+    tensor it views."""
+    strides = [st for size, st in zip(t.shape, t.stride()) if size > 1 and st != 0]
+    return any(a < b for a, b in zip(strides, strides[1:]))

@@ -81,6 +81,12 @@ END_OF_FORWARD = _named("end of the forward (no further hook)")
 #: (no later backward hook fires on them) meets their end of the backward.
 END_OF_BACKWARD = _named("end of the backward (no further backward hook)")
 
+#: Where a rank is when a data-parallel framework is about to reduce gradients inside the
+#: backward (an FSDP1 unit's reduce-scatter, ``DistributedRuntime.watch_backward``): a rank
+#: left at a backward hook the others skipped meets them there, before their collective.
+GRADIENT_REDUCTION = _named("gradient reduction of an FSDP unit (no further backward hook "
+                            "before it)")
+
 
 def stamp(tag: int, passes: int) -> int:
     """``tag`` in forward number ``passes`` (see the module docstring); ``NO_SITE`` stays."""

@@ -47,6 +47,9 @@ from flex_surgery.parallel.frameworks.dtensor import mesh_axis_of as mesh_axis_o
 from flex_surgery.parallel.frameworks.fairscale import FairscaleTP as FairscaleTP
 from flex_surgery.parallel.frameworks.fsdp import FSDP1 as FSDP1
 from flex_surgery.parallel.frameworks.fsdp import FSDP2 as FSDP2
+from flex_surgery.parallel.frameworks.fsdp import (
+    fsdp1_gradient_accumulators as fsdp1_gradient_accumulators,
+)
 from flex_surgery.parallel.frameworks.megatron import MegatronCore as MegatronCore
 from flex_surgery.parallel.frameworks.megatron import MegatronLayoutError as MegatronLayoutError
 from flex_surgery.parallel.frameworks.parameters import (

@@ -33,7 +33,7 @@ from flex_surgery.parallel.frameworks.views import FlatRegion, LocalShard
 if TYPE_CHECKING:
     from flex_surgery.parallel.mesh import ParallelMesh
 
-__all__ = ["FSDP1", "FSDP2", "fsdp1_param_offsets"]
+__all__ = ["FSDP1", "FSDP2", "fsdp1_gradient_accumulators", "fsdp1_param_offsets"]
 
 
 def _fsdp1_class():
@@ -98,6 +98,21 @@ class FSDP1(Framework):
         if unit is None:
             return None
         return _data_parallel_mesh(unit.process_group, "data_parallel_wrapper")
+
+
+def fsdp1_gradient_accumulators(model: nn.Module) -> Iterator[tuple[nn.Parameter, object]]:
+    """``(flat_param, node)`` for each FSDP1 unit in ``model`` whose ``FlatParameter``
+    FSDP1 reduce-scatters from a hook on its ``AccumulateGrad`` node (registered at the
+    unit's first forward that requires grad, kept for the unit's life): the point in the
+    backward where that unit's gradient collective starts. A pre-hook on ``node`` runs just
+    before it."""
+    for module in model.modules():
+        if not FSDP1().owns(module) or module._handle is None:
+            continue
+        flat_param = module._handle.flat_param
+        state = getattr(flat_param, "_post_backward_hook_state", None)
+        if state is not None:
+            yield flat_param, state[0]
 
 
 class FSDP2(Framework):
