@@ -634,6 +634,11 @@ class Derived(nn.Module):
             h = F.gelu(self.up(y))
             m = self.point(mem)  # after up, before down
             y = y + self.down(h) + self.mk(m)
+        elif v == "encoded_memory":  # a module's replicated output, hooked after up
+            e = self.mv(mem)
+            h = F.gelu(self.up(y))
+            m = self.point(e)
+            y = y + self.down(h) + self.mk(m)
         else:
             raise ValueError(v)
         return self.head(y)
@@ -643,7 +648,7 @@ def derived_plan(variant):
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
-    if variant == "plain_memory":
+    if variant in ("plain_memory", "encoded_memory"):
         return {"up": ColwiseParallel(), "down": RowwiseParallel()}
     return {"inp": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
             "head": ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate())}
@@ -668,7 +673,7 @@ def _derived_check(variant, seq, kinds=("forward", "full_backward"), mem_len=Non
                 getattr(flex, _REGISTER[kind])(HookFunction("point"))
                 out = flex(xx, mem)
                 out.pow(2).sum().backward()
-            if variant != "plain_memory" and "process_group" not in kw:
+            if variant not in ("plain_memory", "encoded_memory") and "process_group" not in kw:
                 # a plain (replicated) parameter under sequence parallelism gets each rank's
                 # share of its gradient (torchtitan's DTensor norms are summed by DTensor)
                 for p in model.parameters():
@@ -716,16 +721,19 @@ def test_sequence_statistic_when_each_rank_holds_one_token(variant):
     _derived_check(variant, 2)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "silent wrong value (the rule of time): a replicated tensor hooked after a TP layer whose "
-    "local output has its shape takes that layer's split. sequence_parallel: a cross-"
-    "attention memory [2, 2, 8] (replicated) hooked after inp's Shard(1) output [2, 2, 8] is "
-    "joined on dim 1: stored (2, 4, 8) for (2, 2, 8) -- refused before 2062339 (inp was "
-    "undescribed). no_sequence_parallelism (predates the change): memory [2, 4, 8] after up's "
-    "hidden piece [2, 4, 8] is stored (2, 4, 16). TPTracker.output_state / _through: "
-    "look-through covers only tensors a TP layer already took"))
 @pytest.mark.parametrize("variant", ["memory", "plain_memory"],
                          ids=["sequence_parallel", "no_sequence_parallelism"])
 @distributed(world_size=2, timeout_s=60)
 def test_replicated_tensor_of_the_pieces_shape_after_a_tp_layer(variant):
+    """A replicated model input of the piece's shape, hooked after a TP layer: described by
+    what the forward started from (replicated), not by that layer's split."""
     _derived_check(variant, 4, kinds=("forward",), mem_len=2 if variant == "memory" else 4)
+
+
+@pytest.mark.parametrize("kind", ["forward", "full_backward"])
+@distributed(world_size=2, timeout_s=60)
+def test_a_modules_replicated_output_hooked_after_a_tp_layer_equals_one_process(kind):
+    """An encoder's output (a replicated Linear on the memory, computed before ``up``) of the
+    shape of ``up``'s hidden piece, hooked after ``up``: described by what it was when it was
+    made (replicated), so equal to one process, neither joined as a piece nor refused."""
+    assert _derived_check("encoded_memory", 4, kinds=(kind,), mem_len=4) == ["equal"]

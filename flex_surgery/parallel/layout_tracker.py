@@ -279,6 +279,7 @@ class TPTracker:
             self._entered.clear()
             self._left.clear()
             self._taken.clear()
+            self._take_inputs(args, kwargs)
         took = self._state_of(self._current, args, kwargs)
         # the first argument as the module is entered, before later pre-hooks (an editing one,
         # a backward hook's wrapper) replace it: a TP layer's input is matched against this
@@ -296,6 +297,15 @@ class TPTracker:
             self._current = _Produced(shape, None, f"it runs inside {self._describe(module)}, "
                                                    f"which {why}")
 
+    def _take_inputs(self, args: tuple, kwargs: dict) -> None:
+        """The tensors the forward starts from keep the state it starts from (replicated: every
+        tp rank is handed the same; a Megatron pipeline stage's input split on the sequence,
+        :meth:`_stage_input`): a hook that sees one of them after a TP layer has run (a
+        cross-attention memory, a mask handed down to a block) describes it so, not by the
+        split of that layer's output when the shapes happen to match. Recorded like a tensor
+        a layer took (:meth:`_through`); a DTensor says its own split."""
+        self._keep_made((*args, *kwargs.values()), self._current)
+
     def _stage_input(self, module: nn.Module) -> _Produced | None:
         """A pipeline stage's forward starts from what the previous stage sent (Megatron's
         ``set_input_tensor``): split on the sequence under sequence parallelism."""
@@ -312,8 +322,26 @@ class TPTracker:
     def _leave(self, module, args, output):
         if torch._C._current_graph_task_id() != -1:
             return
-        self._remember(self._exit, self._left, module, "left",
-                       self._state_of(self.output_state(module), output))
+        state = self._state_of(self.output_state(module), output)
+        self._remember(self._exit, self._left, module, "left", state)
+        self._keep_made(output, state)
+
+    def _keep_made(self, output, state: _Produced | None) -> None:
+        """Remember what describes the tensors a module returned, as they are made: a hook
+        that sees one of them later in the forward, after another TP layer has run (an
+        encoder's output handed to a cross-attention, a mask computed once and handed to
+        every block), describes it so, not by the split of whatever TP layer ran last when
+        the shapes happen to match (:meth:`_through`)."""
+        for t in _tensors(output):
+            if is_dtensor(t):
+                continue
+            try:
+                key = t.data_ptr()
+            except (RuntimeError, NotImplementedError):  # no storage (fake tensors)
+                continue
+            records = self._taken.setdefault(key, [])
+            if not records or not records[-1].holds(t) or records[-1].before is not state:
+                records.append(_Taken(t, state))
 
     def _through(self, state: _Produced | None, t: torch.Tensor) -> _Produced | None:
         """The state that describes ``t``: ``state`` (what the TP layer that ran last
