@@ -163,6 +163,7 @@ class DistributedRuntime(Runtime):
             # Pre-hooks before the gradient collectives FSDP1 runs inside the backward.
             # By id of the FlatParameter: (a weak reference to it, the pre-hook's handle).
             self._reductions: dict[int, tuple[weakref.ref[torch.Tensor], Any]] = {}
+            self._fsdp1_units: list[nn.Module] | None = None
             if batch_dim is None:
                 batch_dim = frameworks.batch_dim(module)
             self.layouts = LayoutInference(mesh, batch_dim)
@@ -298,8 +299,7 @@ class DistributedRuntime(Runtime):
         callback, so a rank that raised at a hook announces nothing more. Called by the
         FlexModel when backward hooks are selected (the same on every rank), so every rank that
         runs the backward announces its end. A loss computed from none of the outputs (from a
-        tensor kept aside in forward) announces nothing.
-        backward announces its end."""
+        tensor kept aside in forward) announces nothing."""
         if not self.meets_at_sites or not torch.is_grad_enabled():
             return
         runtime = weakref.ref(self)
@@ -328,8 +328,10 @@ class DistributedRuntime(Runtime):
         round trip per FSDP1 unit and backward, and a rank at another hook raises with them.
         (FSDP2 reduces in a callback at the end of the backward, which the end-of-backward
         announcement precedes: see ``hooked_passes``.)"""
+        if self._fsdp1_units is None:  # the model's FSDP1 units, found once
+            self._fsdp1_units = [m for m in self.module.modules() if frameworks.FSDP1().owns(m)]
         runtime = weakref.ref(self)
-        for flat_param, node in frameworks.fsdp1_gradient_accumulators(self.module):
+        for flat_param, node in frameworks.fsdp1_gradient_accumulators(self._fsdp1_units):
             known = self._reductions.get(id(flat_param))
             if known is None or known[0]() is not flat_param:
                 self._reductions[id(flat_param)] = (weakref.ref(flat_param), node.register_prehook(

@@ -19,7 +19,7 @@ FSDP2's mesh is found through its DTensor parameters.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -100,13 +100,14 @@ class FSDP1(Framework):
         return _data_parallel_mesh(unit.process_group, "data_parallel_wrapper")
 
 
-def fsdp1_gradient_accumulators(model: nn.Module) -> Iterator[tuple[nn.Parameter, object]]:
-    """``(flat_param, node)`` for each FSDP1 unit in ``model`` whose ``FlatParameter``
+def fsdp1_gradient_accumulators(units: Iterable[nn.Module]
+                                ) -> Iterator[tuple[nn.Parameter, object]]:
+    """``(flat_param, node)`` for each FSDP1 unit among ``units`` whose ``FlatParameter``
     FSDP1 reduce-scatters from a hook on its ``AccumulateGrad`` node (registered at the
     unit's first forward that requires grad, kept for the unit's life): the point in the
     backward where that unit's gradient collective starts. A pre-hook on ``node`` runs just
     before it."""
-    for module in model.modules():
+    for module in units:
         if not FSDP1().owns(module) or module._handle is None:
             continue
         flat_param = module._handle.flat_param
