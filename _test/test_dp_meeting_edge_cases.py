@@ -1029,3 +1029,60 @@ def test_every_rank_on_one_path_with_every_hook_kind_equals_one_process(options)
     to one process."""
     reduce = options.get("store_on") != "replica_leaders"  # that one needs a store=
     _equal_run(Branchy, _rich_hooks(reduce), _two_steps, options)
+
+
+def _fsdp1_with_first_a_unit() -> nn.Module:
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    model = Branchy()
+    model.first = FSDP(model.first, use_orig_params=True, device_id=torch.device("cpu"))
+    return FSDP(model, use_orig_params=True, device_id=torch.device("cpu"))
+
+
+@distributed(world_size=2, timeout_s=15)
+def test_fsdp1_a_unit_reduced_after_a_branch_backward_hook_raises():
+    """``first`` is an FSDP1 unit of its own: its gradient is reduce-scattered inside the
+    backward, after side's backward hook (which rank 1 skips) and before the backward ends.
+    Rank 1 announces that reduction before it runs, so rank 0, at side, and rank 1 both raise
+    instead of waiting for each other (rank 0 for a header, rank 1 in the reduce-scatter).
+    After a step where every rank takes the branch: FSDP1 hooks its units again in each
+    forward, and so are they watched."""
+    torch.set_default_dtype(torch.float64)
+    rank = dist.get_rank()
+    model = _fsdp1_with_first_a_unit()
+    prefix = next(n[:-len("side")] for n, _ in model.named_modules() if n.endswith("side"))
+    with FlexModel(model, {}) as flex:
+        _register(flex, lambda: [("full_backward", HookFunction(prefix + "side"))])
+        flex(_half(_x(2), rank)).pow(2).sum().backward()
+        outcomes = _outcome_everywhere(
+            lambda: flex(_half(_x(1, skipper=1), rank)).pow(2).sum().backward(), flex)
+    assert outcomes == ["raised"] * 2, outcomes
+
+
+@distributed(world_size=2, timeout_s=30)
+def test_fsdp1_units_with_backward_hooks_on_every_rank_equal_one_process():
+    """Every rank takes the branch: side's backward hook and each unit's announced reduction
+    meet on every rank, twice (the reductions are watched again in each forward); the stored
+    gradients and the whole parameter gradients equal one process."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    torch.set_default_dtype(torch.float64)
+    rank = dist.get_rank()
+    want, ref = {}, Branchy()
+    with FlexModel(ref, want, process_group=local_group()) as flex:
+        _register(flex, lambda: [("full_backward", HookFunction("side"))])
+        for seed in (1, 2):
+            (flex(_x(seed)).pow(2).sum() / 2).backward()
+    model = _fsdp1_with_first_a_unit()
+    prefix = next(n[:-len("side")] for n, _ in model.named_modules() if n.endswith("side"))
+    stored = {}
+    with FlexModel(model, stored) as flex:
+        _register(flex, lambda: [("full_backward", HookFunction(prefix + "side"))])
+        for seed in (1, 2):
+            flex(_half(_x(seed), rank)).pow(2).sum().backward()
+    with FSDP.summon_full_params(model, with_grads=True):
+        for n, p in model.named_parameters():
+            name = n.replace("_fsdp_wrapped_module.", "")
+            torch.testing.assert_close(p.grad, ref.get_parameter(name).grad, **TOL)
+    if rank == 0:
+        _assert_stored({k[len(prefix):]: v for k, v in stored.items()}, want)

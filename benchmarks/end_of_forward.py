@@ -19,6 +19,10 @@ do. Measured on forked gloo ranks (one thread each), paired and interleaved:
 - the end of the backward (``DistributedRuntime.watch_backward``): a forward and backward with
   a ``full_backward`` retrieval hook on every up-projection, with the backward's end announced
   and with ``watch_backward`` a no-op, the same values stored (asserted).
+- FSDP1's gradient reductions (``DistributedRuntime._watch_reductions``): the same model with
+  each block an FSDP1 unit, forward and backward with the same hooks, with each unit's
+  reduce-scatter announced and without (the pre-hooks removed), the same values stored and
+  the same gradients (asserted).
 
     python benchmarks/end_of_forward.py [--reps 20]   # writes results/end_of_forward.json
 """
@@ -142,6 +146,7 @@ def _rank(reps: int) -> dict | None:
     back.runtime.watch_backward = watch
     back.restore()
     back_added = [w - u for w, u in zip(backs["watched"], backs["unwatched"])]
+    fsdp = _fsdp1_backward(x, reps)
     added = [w - o for w, o in zip(fwd["with"], fwd["without"])]
     shares = [a / o for a, o in zip(added, fwd["without"])]
     return {
@@ -164,7 +169,71 @@ def _rank(reps: int) -> dict | None:
                                        0.25),
         "backward_share_q75": quantile([a / u for a, u in zip(back_added, backs["unwatched"])],
                                        0.75),
+        **fsdp,
     } if dist.get_rank() == 0 else None
+
+
+def _fsdp1_backward(x: torch.Tensor, reps: int) -> dict:
+    """Forward and backward of the model with each block an FSDP1 unit and a full_backward
+    retrieval hook on every up-projection: each unit's reduce-scatter announced, and not."""
+    import functools
+
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    from flex_surgery.hooks import FlexModel, HookFunction
+
+    blocks = torch.nn.Sequential(*[torch.nn.Sequential(*list(_model())[3 * i:3 * i + 3])
+                                   for i in range(BLOCKS)])
+    model = FSDP(blocks, auto_wrap_policy=ModuleWrapPolicy({torch.nn.Sequential}),
+                 use_orig_params=True, device_id=torch.device("cpu"))
+    stored: dict = {}
+    flex = FlexModel(model, stored)
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)][::2]
+    for name in names:
+        flex.register_full_backward_hook(HookFunction(name))
+    runtime = flex.runtime
+    watch = runtime._watch_reductions
+    xg = x.clone().requires_grad_(True)
+
+    def step(announced: bool) -> tuple[dict, list]:
+        if announced:
+            runtime._watch_reductions = watch
+        else:
+            runtime._unwatch_reductions()
+            runtime._watch_reductions = functools.partial(lambda: None)
+        model.zero_grad(set_to_none=True)
+        flex(xg).sum().backward()
+        got = {k: list(v) for k, v in stored.items()}
+        stored.clear()
+        return got, [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+
+    step(True)  # FSDP1 registers its hooks in its first forward
+    from flex_surgery.parallel.site_tags import GRADIENT_REDUCTION, stamp
+
+    announced, announce = [], runtime.walk.announce_site
+    runtime.walk.announce_site = lambda site: (announced.append(site), announce(site))[1]
+    (a, ga) = step(True)
+    reductions = announced.count(stamp(GRADIENT_REDUCTION, runtime.passes))
+    units = sum(1 for m in model.modules() if isinstance(m, FSDP) and m._handle is not None)
+    assert reductions == units == BLOCKS, (reductions, units)  # each unit's, once
+    (b, gb) = step(False)
+    runtime.walk.announce_site = announce
+    assert len(runtime._reductions) == 0  # removed for the run without
+    if dist.get_rank() == 0:
+        assert a.keys() == b.keys() and len(a) == BLOCKS
+        assert all(torch.equal(u, v) for k in a for u, v in zip(a[k], b[k]))
+    assert all((u is None) == (v is None) and (u is None or torch.equal(u, v))
+               for u, v in zip(ga, gb)) and any(u is not None for u in ga)
+    runs = rounds({"announced": lambda: step(True), "not": lambda: step(False)}, reps, wall,
+                  inner=3)
+    runtime._watch_reductions = watch
+    flex.close()
+    added = [w - u for w, u in zip(runs["announced"], runs["not"])]
+    return {"fsdp1_backward_ms": statistics.median(runs["not"]) * 1e3,
+            "fsdp1_added_ms": statistics.median(added) * 1e3,
+            "fsdp1_per_unit_us": statistics.median(added) / BLOCKS * 1e6,
+            "fsdp1_share": statistics.median(added) / statistics.median(runs["not"])}
 
 
 def main() -> None:
@@ -197,6 +266,10 @@ def main() -> None:
               f"{r['backward_added_ms']:.2f} ms = {100 * r['backward_share']:.1f} % (per-round "
               f"25..75%: {100 * r['backward_share_q25']:.1f}..{100 * r['backward_share_q75']:.1f}"
               f" %)")
+        print(f"[dp{world}] FSDP1, {BLOCKS} units, forward + backward ({BLOCKS} full_backward "
+              f"retrieval hooks) {r['fsdp1_backward_ms']:.1f} ms without the reductions "
+              f"announced; added {r['fsdp1_added_ms']:.2f} ms = {100 * r['fsdp1_share']:.1f} % "
+              f"({r['fsdp1_per_unit_us']:.0f} us per unit)")
     out = os.path.join(os.path.dirname(__file__), "..", "results", "end_of_forward.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:

@@ -161,8 +161,9 @@ class DistributedRuntime(Runtime):
                 maxlen=_PASSES_REMEMBERED)
             self._announcing = -1  # the graph task whose end of backward is queued
             # Pre-hooks before the gradient collectives FSDP1 runs inside the backward.
-            # By id of the FlatParameter: (a weak reference to it, the pre-hook's handle).
-            self._reductions: dict[int, tuple[weakref.ref[torch.Tensor], Any]] = {}
+            # By id of the FlatParameter: (a weak reference to it, its AccumulateGrad node,
+            # the pre-hook's handle).
+            self._reductions: dict[int, tuple[weakref.ref[torch.Tensor], Any, Any]] = {}
             self._fsdp1_units: list[nn.Module] | None = None
             if batch_dim is None:
                 batch_dim = frameworks.batch_dim(module)
@@ -332,13 +333,19 @@ class DistributedRuntime(Runtime):
             self._fsdp1_units = [m for m in self.module.modules() if frameworks.FSDP1().owns(m)]
         runtime = weakref.ref(self)
         for flat_param, node in frameworks.fsdp1_gradient_accumulators(self._fsdp1_units):
+            # FSDP1 hooks the node again in each forward (it drops its hook after the
+            # backward, and the node may be a new one): watched where it is not yet
             known = self._reductions.get(id(flat_param))
-            if known is None or known[0]() is not flat_param:
-                self._reductions[id(flat_param)] = (weakref.ref(flat_param), node.register_prehook(
-                    lambda grads: _announce_reduction(runtime)))
+            if known is not None and known[0]() is flat_param and known[1] is node:
+                continue
+            if known is not None:
+                known[2].remove()
+            self._reductions[id(flat_param)] = (weakref.ref(flat_param), node,
+                                                node.register_prehook(
+                                                    lambda grads: _announce_reduction(runtime)))
 
     def _unwatch_reductions(self) -> None:
-        for _, handle in self._reductions.values():
+        for _, _, handle in self._reductions.values():
             handle.remove()
         self._reductions.clear()
 
