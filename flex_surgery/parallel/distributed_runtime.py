@@ -525,6 +525,14 @@ class DistributedRuntime(Runtime):
         return (join_blocks(held, joined) if self.mesh.is_stage_leader() else None), ctx
 
     def scatter_from_edit(self, full: torch.Tensor | None, ctx: EditContext) -> torch.Tensor:
+        piece = self._scatter(full, ctx)
+        if ctx.site.role == "output" and torch._C._current_graph_task_id() == -1:
+            # What the module now returns is the edited piece, split like the tensor the layout
+            # tracker saw it make (its exit ran before this hook): a later hook on it reads that.
+            self.layouts.keep_like(piece, ctx.local)
+        return piece
+
+    def _scatter(self, full: torch.Tensor | None, ctx: EditContext) -> torch.Tensor:
         joined, blocks = ctx.state.get("blocks", (None, 1))
         if ctx.state.get("everywhere"):
             piece = self.walk.own_piece(split_blocks(full, joined, blocks), ctx.state["layout"],

@@ -64,6 +64,18 @@ class _Produced:
     unknown: str | None = None
 
 
+#: What :meth:`TPTracker._through` returns of a tensor no record describes, when asked so.
+_UNRECORDED = _Produced((), None, "unrecorded")
+
+
+def _split_of(state: _Produced | None) -> str:
+    if state is None or (state.spec is None and state.unknown is None):
+        return "replicated"
+    if state.unknown is not None:
+        return "with an unknown split"
+    return f"split on dim {state.spec.dim} (shape {state.shape})"
+
+
 def _tensors(*values) -> list[torch.Tensor]:
     """Every tensor in ``values``, however deep in tuples, lists and dicts (a module handed
     ``[h]`` takes ``h`` as much as one handed ``h``)."""
@@ -121,18 +133,32 @@ class _Taken:
     owner (the tensor, or the base it views) is alive, its memory cannot be reused, so a tensor
     at the same address with the same geometry is an alias: the same values, the same split."""
 
-    __slots__ = ("_ref", "_owner", "_shape", "_stride", "_dtype", "before")
+    __slots__ = ("_ref", "_owner", "_shape", "_stride", "_dtype", "_version", "before")
 
-    def __init__(self, taken: torch.Tensor, before: _Produced | None) -> None:
+    def __init__(self, taken: torch.Tensor, before: _Produced | None,
+                 version: int | None = None) -> None:
         self._ref = weakref.ref(taken)
         base = taken._base
         self._owner = weakref.ref(base) if base is not None else None
         self._shape, self._stride, self._dtype = taken.shape, taken.stride(), taken.dtype
+        self._version = version
         self.before = before
 
     def holds(self, t: torch.Tensor) -> bool:
         """Whether ``t`` (at the taken tensor's address) is it or an alias of it -- or, taken
-        replicated, all of its memory in another shape (a reshape)."""
+        replicated, all of its memory in another shape (a reshape). A record made with the
+        memory's version counter (what a module returned, :meth:`TPTracker._keep_made`) holds
+        nothing once the memory was written in place (``buf.copy_(piece)``, ``acc.add_(h)``,
+        through any view: views share the counter): its values may be another split's."""
+        if self._version is not None and t._version != self._version:
+            return False
+        return self._aliases(t)
+
+    def written(self, t: torch.Tensor) -> bool:
+        """Whether ``t`` is the memory this record describes, written in place since."""
+        return self._version is not None and t._version != self._version and self._aliases(t)
+
+    def _aliases(self, t: torch.Tensor) -> bool:
         taken = self._ref()
         if taken is not None:
             return _same_tensor(taken, t) or self.before is None and _reshaped(taken, t)
@@ -333,15 +359,24 @@ class TPTracker:
         every block), describes it so, not by the split of whatever TP layer ran last when
         the shapes happen to match (:meth:`_through`)."""
         for t in _tensors(output):
-            if is_dtensor(t):
+            if is_dtensor(t) or t.is_inference():  # (no version counter to see writes by)
                 continue
             try:
                 key = t.data_ptr()
             except (RuntimeError, NotImplementedError):  # no storage (fake tensors)
                 continue
             records = self._taken.setdefault(key, [])
-            if not records or not records[-1].holds(t) or records[-1].before is not state:
-                records.append(_Taken(t, state))
+            # One that holds it already describes it: a tensor handed back beside another
+            # (``(up(x), x)``) keeps its own description, not the one ``state`` settles on.
+            if not any(record.holds(t) for record in records):
+                records.append(_Taken(t, state, t._version))
+
+    def keep_like(self, new: torch.Tensor, old: torch.Tensor) -> None:
+        """Describe ``new`` as ``old`` is described (an editing hook's result, which the module
+        returns in place of ``old``), where a record describes ``old``."""
+        state = self._through(_UNRECORDED, old)
+        if state is not _UNRECORDED and new is not old:
+            self._keep_made(new, state)
 
     def _through(self, state: _Produced | None, t: torch.Tensor) -> _Produced | None:
         """The state that describes ``t``: ``state`` (what the TP layer that ran last
@@ -352,9 +387,20 @@ class TPTracker:
             records = self._taken.get(t.data_ptr())
         except (RuntimeError, NotImplementedError):  # no storage (DTensor, fake tensors)
             return state
+        written = None
         for record in reversed(records or ()):
             if record.holds(t):
                 return record.before
+            if written is None and record.written(t):
+                written = record
+        if written is not None and not self._same_layout(written.before, state):
+            # Made with one split, written in place since (``buf.copy_(piece)``, an in-place op
+            # outside any module), and the TP layer that ran last splits its output otherwise:
+            # what it holds now cannot be told. (Where they agree, either describes it.)
+            return _Produced(tuple(t.shape), None, (
+                f"a tensor of shape {tuple(t.shape)} was written in place (an in-place op or a "
+                f"copy into it) after a module made it {_split_of(written.before)}, and the "
+                f"tensor-parallel layer that ran since made {_split_of(state)}"))
         return state
 
     def _state_of(self, state: _Produced | None, *values) -> _Produced | None:

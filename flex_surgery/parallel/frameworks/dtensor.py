@@ -236,7 +236,39 @@ def _declared_placements(module: nn.Module) -> list:
             fn = closure_value(hook, name)
             if isinstance(fn, functools.partial):
                 found += _placements_in(fn.args)
+        found += _prepared_placements(hook)
     return found
+
+
+_PREPARED_LAYOUTS = ("input_layouts", "desired_input_layouts", "input_kwarg_layouts",
+                     "desired_input_kwarg_layouts", "output_layouts", "desired_output_layouts")
+
+
+def _prepared_placements(hook) -> list:
+    """The placements of a ``PrepareModuleInput`` / ``PrepareModuleOutput`` style whose hook
+    is ``hook``: its ``_apply`` registers a lambda over the style itself (``self``), not a
+    partial of declared layouts."""
+    from torch.distributed.tensor.parallel import PrepareModuleInput, PrepareModuleOutput
+
+    style = closure_value(hook, "self")
+    if not isinstance(style, (PrepareModuleInput, PrepareModuleOutput)):
+        return []
+    found = []
+    for name in _PREPARED_LAYOUTS:
+        value = getattr(style, name, None)
+        if isinstance(value, dict):
+            value = tuple(value.values())
+        if value is not None:
+            found += _placements_in((value,))
+    return found
+
+
+def _prepares_output(module: nn.Module) -> bool:
+    """Whether a ``PrepareModuleOutput`` redistributes what ``module`` returns."""
+    from torch.distributed.tensor.parallel import PrepareModuleOutput
+
+    return any(isinstance(closure_value(hook, "self"), PrepareModuleOutput)
+               for hook in module._forward_hooks.values())
 
 
 def _non_hidden_shard(placement) -> bool:
@@ -261,6 +293,8 @@ def _off_the_hidden_dim(module: nn.Module, column: bool) -> bool:
     (ColwiseParallel(input_layouts=Shard(1)) still computes on whole rows)."""
     import functools
 
+    if _prepares_output(module):  # what it returns is redistributed again
+        return True
     for hook in module._forward_hooks.values():
         fn = closure_value(hook, "output_fn")
         if isinstance(fn, functools.partial) and any(
