@@ -195,11 +195,9 @@ def _detached(out):
     return pytree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, out)
 
 
-def _equal_run(model_fn, hooks, body, options: dict | None = None) -> None:
-    """``body(flex, model, part, scale)`` runs some steps on ``part(x)`` (a loss times
-    ``scale``) and returns its outputs. One process on the whole batch (loss / 2, DDP's mean)
-    gives the stored values and the outputs; one process on this rank's rows the gradients
-    (no DDP here: each rank keeps its own)."""
+def _one_process(model_fn, hooks, body) -> tuple[dict, list, nn.Module]:
+    """One process on the whole batch (loss / 2, DDP's mean): the stored values and the
+    outputs; and the model ``body`` ran in one process on this rank's rows (its gradients)."""
     torch.set_default_dtype(torch.float64)
     rank = dist.get_rank()
     want = {}
@@ -210,6 +208,16 @@ def _equal_run(model_fn, hooks, body, options: dict | None = None) -> None:
     with FlexModel(mine, {}, process_group=local_group()) as flex:
         _register(flex, hooks)
         body(flex, mine, lambda x: _half(x, rank), 1.0)
+    return want, want_outs, mine
+
+
+def _equal_run(model_fn, hooks, body, options: dict | None = None) -> None:
+    """``body(flex, model, part, scale)`` runs some steps on ``part(x)`` (a loss times
+    ``scale``) and returns its outputs. One process on the whole batch (loss / 2, DDP's mean)
+    gives the stored values and the outputs; one process on this rank's rows the gradients
+    (no DDP here: each rank keeps its own)."""
+    rank = dist.get_rank()
+    want, want_outs, mine = _one_process(model_fn, hooks, body)
     stored = {}
     model = model_fn()
     with FlexModel(model, stored, **(options or {})) as flex:
@@ -418,16 +426,8 @@ def _refused_then_equal(model_fn, hooks, bad, options: dict | None = None,
                         good=_step) -> None:
     """``bad(flex, model, rank)``: a step where ranks reach different hooks; it must raise on
     every rank. Then ``good`` on a fresh batch equals one process (values and gradients)."""
-    torch.set_default_dtype(torch.float64)
     rank = dist.get_rank()
-    want = {}
-    with FlexModel(model_fn(), want, process_group=local_group()) as flex:
-        _register(flex, hooks)
-        want_outs = good(flex, flex.module, lambda x: x, 0.5)
-    mine = model_fn()
-    with FlexModel(mine, {}, process_group=local_group()) as flex:
-        _register(flex, hooks)
-        good(flex, mine, lambda x: _half(x, rank), 1.0)
+    want, want_outs, mine = _one_process(model_fn, hooks, good)
     stored = {}
     model = model_fn()
     with FlexModel(model, stored, **(options or {})) as flex:

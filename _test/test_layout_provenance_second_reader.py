@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from parallel_cases import H, column_like, local_group, row_like, seeded_linear
 from rank_pool import distributed
+from test_dtensor_lookthrough_edge_cases import _REGISTER, position_edit
 from torch import nn
 
 from flex_surgery.hooks.dummy import DummyModule
@@ -40,17 +41,6 @@ from flex_surgery.parallel.layout import LayoutError
 
 TOL = dict(rtol=1e-9, atol=1e-12)
 B, S = 2, 3
-
-_REGISTER = {"forward": "register_forward_hook", "forward_pre": "register_forward_pre_hook",
-             "full_backward": "register_full_backward_hook",
-             "full_backward_pre": "register_full_backward_pre_hook"}
-
-
-def position_edit(module, t, ctx, modules):
-    """x1.5 plus a ramp over every element: a piece put back in the wrong place shows."""
-    ramp = torch.linspace(0, 1, t.numel(), dtype=t.dtype, device=t.device)
-    return t * 1.5 + ramp.view(t.shape)
-
 
 def _full(t):
     return t.full_tensor() if is_dtensor(t) else t
