@@ -118,11 +118,20 @@ def hooked_passes(module: nn.Module, flex_ref: weakref.ref) -> list:
             if flex._backward_hooks_selected:  # ... and in the backward through this forward
                 flex.runtime.watch_backward(output)
 
+    def ends_after_others(mod: nn.Module, args: Any, output: Any) -> None:
+        flex = flex_ref()
+        if flex is not None and flex._hooks_selected and flex._backward_hooks_selected and \
+                torch._C._current_graph_task_id() == -1:
+            flex.runtime.watch_backward(output)  # what the module's own hooks returned
+
     # ``ends`` before the module's other forward hooks: its hook on the output then runs
     # first in the backward, and the end-of-backward callback it queues runs before those
-    # that others queue there (FSDP2's root reduce-scatters the gradients in one).
+    # that others queue there (FSDP2's root reduce-scatters the gradients in one). The
+    # output as the module's own forward hooks leave it is watched too (one may add a
+    # tensor, an auxiliary loss, that the loss alone uses): once per backward either way.
     return [module.register_forward_pre_hook(starts),
-            module.register_forward_hook(ends, prepend=True)]
+            module.register_forward_hook(ends, prepend=True),
+            module.register_forward_hook(ends_after_others)]
 
 
 class FlexModel(HookRegistration, HookGroupAPI, nn.Module):

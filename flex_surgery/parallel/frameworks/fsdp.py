@@ -112,7 +112,9 @@ def fsdp1_gradient_accumulators(units: Iterable[nn.Module]
             continue
         flat_param = module._handle.flat_param
         state = getattr(flat_param, "_post_backward_hook_state", None)
-        if state is not None:
+        # (a unit whose parameters do not require grad keeps a multi-grad hook's handle
+        # there instead: it reduces nothing)
+        if state is not None and type(state[0]).__name__ == "AccumulateGrad":
             yield flat_param, state[0]
 
 
