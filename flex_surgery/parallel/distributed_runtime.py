@@ -76,6 +76,7 @@ from flex_surgery.parallel.runtime import (
 )
 from flex_surgery.parallel.shape_agreement import agree_on_whole_shape
 from flex_surgery.parallel.site_tags import (
+    BACKWARD_UNSHARD,
     END_OF_BACKWARD,
     END_OF_FORWARD,
     GRADIENT_REDUCTION,
@@ -165,6 +166,8 @@ class DistributedRuntime(Runtime):
             # the pre-hook's handle).
             self._reductions: dict[int, tuple[weakref.ref[torch.Tensor], Any, Any]] = {}
             self._fsdp1_units: list[nn.Module] | None = None
+            # Forward hooks on FSDP2 units announcing their all-gathers in the backward.
+            self._unshards = self._watch_unshards() if self.meets_at_sites else []
             if batch_dim is None:
                 batch_dim = frameworks.batch_dim(module)
             self.layouts = LayoutInference(mesh, batch_dim)
@@ -344,10 +347,41 @@ class DistributedRuntime(Runtime):
                                                 node.register_prehook(
                                                     lambda grads: _announce_reduction(runtime)))
 
+    def _watch_unshards(self) -> list:
+        """FSDP2 all-gathers a unit resharded after forward inside the backward, from a hook
+        on the unit's outputs (its pre-backward: the unit's unshard, or the prefetch of the
+        one before it): a rank that skipped the branch of the others' last backward hook would
+        be in that all-gather while they wait at the hook. A forward hook run before FSDP2's
+        own on each unit hooks the unit's outputs first, so that in a backward whose end is
+        announced every rank announces
+        (:data:`~flex_surgery.parallel.site_tags.BACKWARD_UNSHARD`) just before FSDP2's
+        hook runs: one round trip per unit and backward. Returns the forward hooks' handles."""
+        runtime = weakref.ref(self)
+
+        def announce(grad: torch.Tensor) -> None:
+            held = runtime()
+            if held is not None and held._announcing == torch._C._current_graph_task_id():
+                held.walk.announce_site(stamp(BACKWARD_UNSHARD, held._pass_of_call()))
+
+        def unit_returned(module: nn.Module, args: Any, output: Any) -> None:
+            if not torch.is_grad_enabled() or torch._C._current_graph_task_id() != -1:
+                return
+            watched = [t for t in pytree.tree_leaves(output)
+                       if isinstance(t, torch.Tensor) and t.requires_grad]
+            if watched:  # FSDP2 runs its pre-backward once per unit: so does this
+                torch.autograd.graph.register_multi_grad_hook(watched, announce, mode="any")
+
+        fsdp2 = frameworks.FSDP2()
+        return [unit.register_forward_hook(unit_returned, prepend=True)
+                for unit in self.module.modules() if fsdp2.owns(unit)]
+
     def _unwatch_reductions(self) -> None:
         for _, _, handle in self._reductions.values():
             handle.remove()
         self._reductions.clear()
+        for handle in getattr(self, "_unshards", ()):
+            handle.remove()
+        self._unshards = []
 
     def _meeting(self, local: torch.Tensor, site: HookSite) -> int:
         """The stamp that this hook call's first message carries, so that data-parallel ranks
