@@ -22,7 +22,8 @@ do. Measured on forked gloo ranks (one thread each), paired and interleaved:
 - FSDP1's gradient reductions (``DistributedRuntime._watch_reductions``): the same model with
   each block an FSDP1 unit, forward and backward with the same hooks, with each unit's
   reduce-scatter announced and without (the pre-hooks removed), the same values stored and
-  the same gradients (asserted).
+  the same gradients (asserted); the same with each block an FSDP2 unit, each unit's
+  all-gather in the backward announced and not (``DistributedRuntime._watch_unshards``).
 
     python benchmarks/end_of_forward.py [--reps 20]   # writes results/end_of_forward.json
 """
@@ -146,7 +147,7 @@ def _rank(reps: int) -> dict | None:
     back.runtime.watch_backward = watch
     back.restore()
     back_added = [w - u for w, u in zip(backs["watched"], backs["unwatched"])]
-    fsdp = _fsdp1_backward(x, reps)
+    fsdp = {**_fsdp1_backward(x, reps), **_fsdp2_backward(x, reps)}
     added = [w - o for w, o in zip(fwd["with"], fwd["without"])]
     shares = [a / o for a, o in zip(added, fwd["without"])]
     return {
@@ -236,6 +237,67 @@ def _fsdp1_backward(x: torch.Tensor, reps: int) -> dict:
             "fsdp1_share": statistics.median(added) / statistics.median(runs["not"])}
 
 
+def _fsdp2_backward(x: torch.Tensor, reps: int) -> dict:
+    """The same with each block an FSDP2 unit (and the root): each unit's all-gather in the
+    backward announced, and not (the forward hooks that hook the units' outputs removed)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from flex_surgery.hooks import FlexModel, HookFunction
+    from flex_surgery.parallel.site_tags import BACKWARD_UNSHARD, stamp
+
+    model = torch.nn.Sequential(*[torch.nn.Sequential(*list(_model())[3 * i:3 * i + 3])
+                                  for i in range(BLOCKS)])
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    for block in model:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    stored: dict = {}
+    flex = FlexModel(model, stored)
+    for i in range(BLOCKS):
+        flex.register_full_backward_hook(HookFunction(f"{i}.0"))
+    runtime = flex.runtime
+    hooks = runtime._unshards
+    assert len(hooks) == BLOCKS + 1  # every unit, the root too
+    xg = x.clone().requires_grad_(True)
+
+    def step(announced: bool) -> tuple[dict, list]:
+        if announced and not runtime._unshards:
+            runtime._unshards = runtime._watch_unshards()
+        elif not announced:
+            for handle in runtime._unshards:
+                handle.remove()
+            runtime._unshards = []
+        model.zero_grad(set_to_none=True)
+        flex(xg).sum().backward()
+        got = {k: list(v) for k, v in stored.items()}
+        stored.clear()
+        return got, [p.grad.to_local().clone() for p in model.parameters()]
+
+    announced, announce = [], runtime.walk.announce_site
+    runtime.walk.announce_site = lambda site: (announced.append(site), announce(site))[1]
+    (a, ga) = step(True)
+    unshards = announced.count(stamp(BACKWARD_UNSHARD, runtime.passes))
+    # each block's pre-backward, once; the root's runs as the backward starts, before any
+    # backward hook could be skipped (and before the backward's end is watched): not announced
+    assert unshards == BLOCKS, unshards
+    (b, gb) = step(False)
+    runtime.walk.announce_site = announce
+    if dist.get_rank() == 0:
+        assert a.keys() == b.keys() and len(a) == BLOCKS
+        assert all(torch.equal(u, v) for k in a for u, v in zip(a[k], b[k]))
+    assert all(torch.equal(u, v) for u, v in zip(ga, gb))
+    runs = rounds({"announced": lambda: step(True), "not": lambda: step(False)}, reps, wall,
+                  inner=3)
+    step(True)
+    flex.close()
+    added = [w - u for w, u in zip(runs["announced"], runs["not"])]
+    return {"fsdp2_backward_ms": statistics.median(runs["not"]) * 1e3,
+            "fsdp2_added_ms": statistics.median(added) * 1e3,
+            "fsdp2_per_unit_us": statistics.median(added) / BLOCKS * 1e6,
+            "fsdp2_share": statistics.median(added) / statistics.median(runs["not"])}
+
+
 def main() -> None:
     from flex_surgery.launch import fork_ranks
 
@@ -270,6 +332,10 @@ def main() -> None:
               f"retrieval hooks) {r['fsdp1_backward_ms']:.1f} ms without the reductions "
               f"announced; added {r['fsdp1_added_ms']:.2f} ms = {100 * r['fsdp1_share']:.1f} % "
               f"({r['fsdp1_per_unit_us']:.0f} us per unit)")
+        print(f"[dp{world}] FSDP2, {BLOCKS} units, forward + backward ({BLOCKS} "
+              f"full_backward retrieval hooks) {r['fsdp2_backward_ms']:.1f} ms without the "
+              f"all-gathers announced; added {r['fsdp2_added_ms']:.2f} ms = "
+              f"{100 * r['fsdp2_share']:.1f} % ({r['fsdp2_per_unit_us']:.0f} us per unit)")
     out = os.path.join(os.path.dirname(__file__), "..", "results", "end_of_forward.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
