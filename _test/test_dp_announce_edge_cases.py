@@ -365,6 +365,47 @@ def _pp_hooks(flex: FlexModel):
 PP_STEPS = [(1, 3, "all"), (2, 5, "late"), (3, 2, "early"), (4, 4, "all")]
 
 
+def pp_dp_steps(flex, link, replica: int, steps) -> list[torch.Tensor]:
+    """Steps of two micro-batches each over a PP=2 x DP=2 ``StageLink`` (``steps``: seed,
+    sequence length, hook groups): every forward of a step, then every backward; the values
+    are collected after each step. Returns the last stage's outputs."""
+    outs = []
+    for seed, seq, groups in steps:
+        ins, ys = [], []
+        with link.step():
+            for mb in _x(seed, rows=8, seq=seq).chunk(2):
+                h = _half(mb, replica) if link.is_first else \
+                    link.recv_forward(requires_grad=True)
+                y = flex(h, groups=groups)
+                if not link.is_last:
+                    link.send_forward(y)
+                ins.append(h)
+                ys.append(y)
+            for h, y in zip(ins, ys):
+                if link.is_last:
+                    y.pow(2).sum().backward()
+                    outs.append(y.detach())
+                else:
+                    y.backward(link.recv_backward())
+                if not link.is_first:
+                    link.send_backward(h.grad)
+        flex.sync_pipeline_outputs(link)
+    return outs
+
+
+def check_pp_dp(flex, ref, outs, want_outs, replica: int) -> None:
+    """The data-parallel mean of the gradients and the outputs equal one process (``ref``,
+    ``want_outs``); closes ``flex``."""
+    dp_group = flex.runtime.mesh.group("dp")
+    for name, p in flex.module.named_parameters():
+        grad = p.grad.clone()
+        dist.all_reduce(grad, group=dp_group)
+        torch.testing.assert_close(grad / 2, ref.get_parameter(name).grad, **TOL)
+    for got, w in zip(outs, want_outs):
+        torch.testing.assert_close(got, _half(w, replica), **TOL)
+    flex.close()
+
+
 @distributed(world_size=4, timeout_s=40)
 def test_pp_x_dp_hand_split_with_groups_and_changing_lengths_equals_one_process():
     """PP=2 x DP=2 (ranks 0, 1 stage 0; 2, 3 stage 1), two micro-batches per step, forward
@@ -391,35 +432,8 @@ def test_pp_x_dp_hand_split_with_groups_and_changing_lengths_equals_one_process(
     assert flex.runtime.mesh.stage == stage and flex.runtime.mesh.rank("dp") == replica
     _pp_hooks(flex)
     link = StageLink(flex.runtime.mesh, timeout_s=30)
-    outs = []
-    for seed, seq, groups in PP_STEPS:
-        ins, ys = [], []
-        with link.step():
-            for mb in _x(seed, rows=8, seq=seq).chunk(2):
-                h = _half(mb, replica) if link.is_first else \
-                    link.recv_forward(requires_grad=True)
-                y = flex(h, groups=groups)
-                if not link.is_last:
-                    link.send_forward(y)
-                ins.append(h)
-                ys.append(y)
-            for h, y in zip(ins, ys):
-                if link.is_last:
-                    y.pow(2).sum().backward()
-                    outs.append(y.detach())
-                else:
-                    y.backward(link.recv_backward())
-                if not link.is_first:
-                    link.send_backward(h.grad)
-        flex.sync_pipeline_outputs(link)
-    dp_group = flex.runtime.mesh.group("dp")
-    for name, p in flex.module.named_parameters():
-        grad = p.grad.clone()
-        dist.all_reduce(grad, group=dp_group)
-        torch.testing.assert_close(grad / 2, ref.get_parameter(name).grad, **TOL)
-    for got, w in zip(outs, want_outs):
-        torch.testing.assert_close(got, _half(w, replica), **TOL)
-    flex.close()
+    outs = pp_dp_steps(flex, link, replica, PP_STEPS)
+    check_pp_dp(flex, ref, outs, want_outs, replica)
     if dist.get_rank() == 0:
         assert sorted(stored) == sorted(want), (sorted(stored), sorted(want))
         for k in want:

@@ -773,8 +773,9 @@ def test_pp_x_dp_backward_hooks_on_both_stages_equal_one_process():
     """PP=2 x DP=2 (ranks 0, 1 stage 0; 2, 3 stage 1), two micro-batches per step over a
     StageLink, backward hooks on both stages (each stage's backward through a forward whose
     output is sent on ends with its own announcement), two steps of different lengths."""
-    from test_dp_announce_edge_cases import _Stage
+    from test_dp_announce_edge_cases import _Stage, check_pp_dp, pp_dp_steps
 
+    from flex_surgery.hooks.groups import ALL
     from flex_surgery.parallel.pipeline import StageLink
 
     torch.set_default_dtype(torch.float64)
@@ -793,35 +794,8 @@ def test_pp_x_dp_backward_hooks_on_both_stages_equal_one_process():
                      pipeline_parallel_size=2, data_parallel_size=2)
     _register(flex, _pp_backward_hooks)
     link = StageLink(flex.runtime.mesh, timeout_s=30)
-    outs = []
-    for seed, seq in steps:
-        ins, ys = [], []
-        with link.step():
-            for mb in _x(seed, rows=8, seq=seq).chunk(2):
-                h = _half(mb, replica) if link.is_first else \
-                    link.recv_forward(requires_grad=True)
-                y = flex(h)
-                if not link.is_last:
-                    link.send_forward(y)
-                ins.append(h)
-                ys.append(y)
-            for h, y in zip(ins, ys):
-                if link.is_last:
-                    y.pow(2).sum().backward()
-                    outs.append(y.detach())
-                else:
-                    y.backward(link.recv_backward())
-                if not link.is_first:
-                    link.send_backward(h.grad)
-        flex.sync_pipeline_outputs(link)
-    dp_group = flex.runtime.mesh.group("dp")
-    for name, p in flex.module.named_parameters():
-        grad = p.grad.clone()
-        dist.all_reduce(grad, group=dp_group)
-        torch.testing.assert_close(grad / 2, ref.get_parameter(name).grad, **TOL)
-    for got, w in zip(outs, want_outs):
-        torch.testing.assert_close(got, _half(w, replica), **TOL)
-    flex.close()
+    outs = pp_dp_steps(flex, link, replica, [(seed, seq, ALL) for seed, seq in steps])
+    check_pp_dp(flex, ref, outs, want_outs, replica)
     if dist.get_rank() == 0:
         _assert_stored(stored, want)
 

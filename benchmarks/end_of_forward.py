@@ -203,6 +203,7 @@ def _fsdp1_backward(x: torch.Tensor, reps: int) -> dict:
         else:
             runtime._unwatch_reductions()
             runtime._watch_reductions = functools.partial(lambda: None)
+            assert not runtime._reductions
         model.zero_grad(set_to_none=True)
         flex(xg).sum().backward()
         got = {k: list(v) for k, v in stored.items()}
@@ -210,31 +211,14 @@ def _fsdp1_backward(x: torch.Tensor, reps: int) -> dict:
         return got, [None if p.grad is None else p.grad.clone() for p in model.parameters()]
 
     step(True)  # FSDP1 registers its hooks in its first forward
-    from flex_surgery.parallel.site_tags import GRADIENT_REDUCTION, stamp
+    from flex_surgery.parallel.site_tags import GRADIENT_REDUCTION
 
-    announced, announce = [], runtime.walk.announce_site
-    runtime.walk.announce_site = lambda site: (announced.append(site), announce(site))[1]
-    (a, ga) = step(True)
-    reductions = announced.count(stamp(GRADIENT_REDUCTION, runtime.passes))
+    reductions, result = _with_and_without(step, runtime, GRADIENT_REDUCTION, reps, "fsdp1")
     units = sum(1 for m in model.modules() if isinstance(m, FSDP) and m._handle is not None)
     assert reductions == units == BLOCKS, (reductions, units)  # each unit's, once
-    (b, gb) = step(False)
-    runtime.walk.announce_site = announce
-    assert len(runtime._reductions) == 0  # removed for the run without
-    if dist.get_rank() == 0:
-        assert a.keys() == b.keys() and len(a) == BLOCKS
-        assert all(torch.equal(u, v) for k in a for u, v in zip(a[k], b[k]))
-    assert all((u is None) == (v is None) and (u is None or torch.equal(u, v))
-               for u, v in zip(ga, gb)) and any(u is not None for u in ga)
-    runs = rounds({"announced": lambda: step(True), "not": lambda: step(False)}, reps, wall,
-                  inner=3)
     runtime._watch_reductions = watch
     flex.close()
-    added = [w - u for w, u in zip(runs["announced"], runs["not"])]
-    return {"fsdp1_backward_ms": statistics.median(runs["not"]) * 1e3,
-            "fsdp1_added_ms": statistics.median(added) * 1e3,
-            "fsdp1_per_unit_us": statistics.median(added) / BLOCKS * 1e6,
-            "fsdp1_share": statistics.median(added) / statistics.median(runs["not"])}
+    return result
 
 
 def _fsdp2_backward(x: torch.Tensor, reps: int) -> dict:
@@ -244,7 +228,7 @@ def _fsdp2_backward(x: torch.Tensor, reps: int) -> dict:
     from torch.distributed.fsdp import fully_shard
 
     from flex_surgery.hooks import FlexModel, HookFunction
-    from flex_surgery.parallel.site_tags import BACKWARD_UNSHARD, stamp
+    from flex_surgery.parallel.site_tags import BACKWARD_UNSHARD
 
     model = torch.nn.Sequential(*[torch.nn.Sequential(*list(_model())[3 * i:3 * i + 3])
                                   for i in range(BLOCKS)])
@@ -274,28 +258,39 @@ def _fsdp2_backward(x: torch.Tensor, reps: int) -> dict:
         stored.clear()
         return got, [p.grad.to_local().clone() for p in model.parameters()]
 
-    announced, announce = [], runtime.walk.announce_site
-    runtime.walk.announce_site = lambda site: (announced.append(site), announce(site))[1]
-    (a, ga) = step(True)
-    unshards = announced.count(stamp(BACKWARD_UNSHARD, runtime.passes))
+    unshards, result = _with_and_without(step, runtime, BACKWARD_UNSHARD, reps, "fsdp2")
     # each block's pre-backward, once; the root's runs as the backward starts, before any
     # backward hook could be skipped (and before the backward's end is watched): not announced
     assert unshards == BLOCKS, unshards
-    (b, gb) = step(False)
+    step(True)
+    flex.close()
+    return result
+
+
+def _with_and_without(step, runtime, tag: int, reps: int, prefix: str) -> tuple[int, dict]:
+    """``step(announced)`` once each way: the announcements of ``tag`` the first made, and
+    the same values stored and gradients (``None`` alike) both ways, asserted; then both
+    timed, interleaved. Returns the count and the timings under ``prefix``."""
+    from flex_surgery.parallel.site_tags import stamp
+
+    announced, announce = [], runtime.walk.announce_site
+    runtime.walk.announce_site = lambda site: (announced.append(site), announce(site))[1]
+    a, ga = step(True)
+    count = announced.count(stamp(tag, runtime.passes))
+    b, gb = step(False)
     runtime.walk.announce_site = announce
     if dist.get_rank() == 0:
         assert a.keys() == b.keys() and len(a) == BLOCKS
         assert all(torch.equal(u, v) for k in a for u, v in zip(a[k], b[k]))
-    assert all(torch.equal(u, v) for u, v in zip(ga, gb))
+    assert all((u is None) == (v is None) and (u is None or torch.equal(u, v))
+               for u, v in zip(ga, gb)) and any(u is not None for u in ga)
     runs = rounds({"announced": lambda: step(True), "not": lambda: step(False)}, reps, wall,
                   inner=3)
-    step(True)
-    flex.close()
     added = [w - u for w, u in zip(runs["announced"], runs["not"])]
-    return {"fsdp2_backward_ms": statistics.median(runs["not"]) * 1e3,
-            "fsdp2_added_ms": statistics.median(added) * 1e3,
-            "fsdp2_per_unit_us": statistics.median(added) / BLOCKS * 1e6,
-            "fsdp2_share": statistics.median(added) / statistics.median(runs["not"])}
+    return count, {f"{prefix}_backward_ms": statistics.median(runs["not"]) * 1e3,
+                   f"{prefix}_added_ms": statistics.median(added) * 1e3,
+                   f"{prefix}_per_unit_us": statistics.median(added) / BLOCKS * 1e6,
+                   f"{prefix}_share": statistics.median(added) / statistics.median(runs["not"])}
 
 
 def main() -> None:
