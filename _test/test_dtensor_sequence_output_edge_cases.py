@@ -438,14 +438,14 @@ OUT_SPLIT = {"uneven": 1, "row_0": 0, "row_m2": 1, "row_m1": 2, "row_2": 2, "col
              "col_1": 1}
 
 
-def _mini_x(variant, seq):
+def _mini_x(variant, seq, batch=4):
     g = torch.Generator().manual_seed(1)
     if variant == "emb_col":
         return torch.randint(0, V, (2, seq), generator=g)
     if variant == "tokens2d":
         return torch.randn(seq, H, generator=g)
     if variant == "seqfirst":
-        return torch.randn(seq, 4, H, generator=g)
+        return torch.randn(seq, batch, H, generator=g)
     return torch.randn(2, seq, H, generator=g)
 
 
@@ -535,25 +535,52 @@ def test_same_sequence_piece_hooked_twice_forward():
 def test_fsdp2_x_tp_shard1_of_2d_and_seq_first_outputs(variant, mode):
     """FSDP2 x TP: [tokens, h] with tokens over dp and the hidden dim over tp (Shard(1));
     [s, b, h] with FlexModel(batch_dim=1), where Shard(1) splits each replica's batch over tp
-    too: the tp join then the dp join along the same dim give the whole batch in order."""
+    too (two rows per rank): the tp join then the dp join along the same dim give the whole
+    batch in order."""
+    got, err, want = _fsdp2_x_tp(variant, [(name, kind, mode) for name in MINI_HOOKS[variant]
+                                           for kind in KINDS], batch=8)
+    assert err is None, err
+    _compare(want, got)
+
+
+def _fsdp2_x_tp(variant, hooks, batch):
+    """``Mini(variant)`` under FSDP2 x TP (2 x 2) against one process: (what the sharded run
+    stored, its error, what one process stored for this replica's rows)."""
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor.parallel import parallelize_module
 
     torch.set_default_dtype(torch.float64)
     bd = 1 if variant == "seqfirst" else 0
-    x = _mini_x(variant, 8 if variant == "tokens2d" else 4)
+    x = _mini_x(variant, 8 if variant == "tokens2d" else 4, batch)
     n = x.shape[bd] // 2
     mesh = _mesh_2d()
     dp = mesh.get_local_rank("dp")
-    hooks = [(name, kind, mode) for name in MINI_HOOKS[variant] for kind in KINDS]
     want = _run(Mini(variant), x, hooks, loss="mean", batch_dim=bd,
                 process_group=local_group())
     model = parallelize_module(Mini(variant), mesh["tp"], mini_plan(variant))
     fully_shard(model, mesh=mesh["dp"])
     got, err = _attempt(lambda: _run(model, x.narrow(bd, dp * n, n), hooks, loss="mean",
                                      batch_dim=bd))
-    assert err is None, err
-    _compare((want[0], want[1].narrow(bd, dp * n, n), want[2]), got)
+    return got, err, (want[0], want[1].narrow(bd, dp * n, n), want[2])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@distributed(world_size=4, timeout_s=90)
+def test_fsdp2_x_tp_one_row_per_rank(kind):
+    """[s, b, h] with each replica's batch split over tp one row per rank: the GELU after the
+    split layer returns a tensor of the piece's shape, which a statistic over the rows would
+    have too -- refused on every rank, naming the module, on its output side and after it; the
+    split layer's output as it made it (the GELU's input side: it says how it split it) and
+    what the head makes whole are equal to one process."""
+    output_side = kind in ("forward", "full_backward_pre")
+    for name, refused in (("act", output_side), ("point", True), ("inp", False),
+                          ("head", False)):
+        got, err, want = _fsdp2_x_tp("seqfirst", [(name, kind, None)], batch=4)
+        if refused:
+            assert err is not None and f"'{name}'" in err and "cannot be told" in err, err
+        else:
+            assert err is None, err
+            _compare(want, got)
 
 
 @pytest.mark.parametrize("hint,ok", [((2, 4, H), True), ((2, None, H), True),
@@ -708,17 +735,46 @@ def test_transposed_sequence_piece_of_the_pieces_shape():
     _derived_check("transpose", 16)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "silent wrong value: with one token per rank (S=2, tp=2) a statistic over the sequence "
-    "piece kept as [b, 1, h] -- y.sum(1, keepdim=True) (a partial sum the model then "
-    "all-reduces), y[:, :1] (the first token) -- has the piece's shape, so "
-    "LayoutInference._inherited takes it for the piece and joins the ranks' values on dim 1: "
-    "stored (2, 2, 8) for the one-process (2, 1, 8), forward and backward (rule 4's shape "
-    "check cannot tell them apart once 2062339 describes the piece)"))
 @pytest.mark.parametrize("variant", ["sum_seq", "first_token"])
 @distributed(world_size=2, timeout_s=60)
 def test_sequence_statistic_when_each_rank_holds_one_token(variant):
-    _derived_check(variant, 2)
+    """One token per rank (S=2, tp=2): a statistic over the sequence piece kept as [b, 1, h]
+    -- ``y.sum(1, keepdim=True)`` (a partial sum the model then all-reduces), ``y[:, :1]``
+    (the first token, a view with the piece's every geometry) -- has the piece's shape, so
+    it cannot be told from the piece: refused on every rank, forward and backward, never the
+    ranks' values joined as (2, 2, 8)."""
+    assert _derived_check(variant, 2) == ["refused", "refused"]
+
+
+@pytest.mark.parametrize("variant", ["sum_seq", "first_token"])
+@distributed(world_size=2, timeout_s=60)
+def test_sequence_statistic_when_one_rank_holds_one_token(variant):
+    """S=3 over tp=2 (2 tokens, 1 token): the statistic on the rank with one token has its
+    piece's shape, on the other it does not. That rank's refusal reaches the first one in the
+    exchange of sizes: refused on every rank (no rank left waiting in a gather). Forward only:
+    the model's own head (a DTensor all-gather of uneven pieces) fails on gloo."""
+    assert _derived_check(variant, 3, kinds=("forward",)) == ["refused"]
+
+
+@pytest.mark.parametrize("variant", ["sum_seq", "first_token"])
+@distributed(world_size=2, timeout_s=60)
+def test_open_expected_shape_on_a_one_token_statistic(variant):
+    """expected_shape (None, None, None) leaves the sequence dim to the split that produced
+    the tensor; with one token per rank a statistic of the piece's shape cannot be told from
+    the piece there either: refused on every rank in the agreement on the whole shape, never
+    a whole shape of (2, 2, 8) for the one-process (2, 1, 8)."""
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    torch.set_default_dtype(torch.float64)
+    x = torch.randn(2, 2, H, generator=torch.Generator().manual_seed(1))
+    mem = torch.randn(2, 1, H, generator=torch.Generator().manual_seed(2))
+    model = parallelize_module(Derived(variant), _tp_mesh(), derived_plan(variant))
+    stored = {}
+    with FlexModel(model, stored) as flex:
+        flex.register_forward_hook(HookFunction("point", expected_shape=(None, None, None)))
+        _, err = _attempt(lambda: flex(x, mem))
+    assert err is not None and "'point'" in err and "cannot be told" in err, err
+    assert not stored
 
 
 @pytest.mark.parametrize("variant", ["memory", "plain_memory"],

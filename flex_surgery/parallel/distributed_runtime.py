@@ -211,9 +211,12 @@ class DistributedRuntime(Runtime):
         return self.mesh.stage
 
     # -- layouts -----------------------------------------------------------------------------
-    def layout_of(self, local: torch.Tensor, site: HookSite) -> Layout:
+    def layout_of(self, local: torch.Tensor, site: HookSite, settle: bool = True) -> Layout:
         """The layout of the tensor a hook at ``site`` sees (see :mod:`.layout`), its
-        data-parallel split stamped with the site (see :mod:`.site_tags`)."""
+        data-parallel split stamped with the site (see :mod:`.site_tags`). A sequence split
+        inferred with a :class:`~flex_surgery.parallel.layout_specs.Doubt` is settled here by
+        the exchange of its sizes (every rank of its axis has one), unless not ``settle``:
+        then the caller settles it (:meth:`whole_shape`, in its agreement)."""
         agreed, self._agreed = self._agreed, None
         if agreed is not None and agreed[0]() is local and agreed[1] is site:
             return agreed[2]  # just inferred (and agreed) by whole_shape for this very call
@@ -224,11 +227,16 @@ class DistributedRuntime(Runtime):
             return layout
         layout = self.layouts.layout(local, site.module, site.role, site.parameter,
                                      site.expected_shape, site.unpack_idx)
+        doubted = _doubted(layout)
+        if doubted is not None and settle:
+            sizes = exchange_sizes(_local_of(local).detach(), doubted.dim,
+                                   self.mesh.group(doubted.axis), doubted.rows, doubted.site,
+                                   doubted.doubt)
+            layout = _with_spec(layout, doubted, replace(doubted, sizes=sizes, doubt=None))
         dp = next((s for s in layout.shards if s.axis == "dp"), None)
         if dp is None:  # not split over dp (a partial sum of it is no gather of pieces)
             return layout
-        stamped = replace(dp, site=stamp(site.tag, self._pass_of_call()))
-        return replace(layout, shards=tuple(stamped if s is dp else s for s in layout.shards))
+        return _with_spec(layout, dp, replace(dp, site=stamp(site.tag, self._pass_of_call())))
 
     def whole_shape(self, local: torch.Tensor, site: HookSite) -> tuple[int, ...]:
         """The shape of the whole tensor, agreed by every rank of the stage before anything is
@@ -240,12 +248,16 @@ class DistributedRuntime(Runtime):
         # hook must meet this one first, where every hook's first message goes.
         self.walk.announce_site(self._meeting(local, site))
         try:
-            layout = self.layout_of(local, site)
+            layout = self.layout_of(local, site, settle=False)
             plain, walked, joined = unblocked(plain, layout)
         except Exception as exc:  # every rank learns of it there, then this rank re-raises it
             failure = exc
+        doubted = _doubted(layout) if failure is None else None
         shape = agree_on_whole_shape(self.mesh, plain, walked, failure, site,
-                                     stamp(site.tag, self._pass_of_call()))
+                                     stamp(site.tag, self._pass_of_call()),
+                                     doubted.doubt if doubted is not None else None)
+        if doubted is not None:  # settled in the agreement; the gather exchanges the sizes
+            layout = _with_spec(layout, doubted, replace(doubted, doubt=None))
         # Met: the same call's gather (which follows unless the shape is refused) skips its
         # meeting. A refused shape raises above and leaves no mark behind.
         self._met = (weakref.ref(local), site, self._pass_of_call())
@@ -670,6 +682,17 @@ def _announce_reduction(runtime: weakref.ref) -> None:
     held = runtime()
     if held is not None and held._announcing == torch._C._current_graph_task_id():
         held.walk.announce_site(stamp(GRADIENT_REDUCTION, held._pass_of_call()))
+
+
+def _doubted(layout: Layout) -> ShardSpec | None:
+    """The split of ``layout`` inferred with a :class:`~flex_surgery.parallel.layout_specs.
+    Doubt` (to settle among the ranks of its axis), or ``None``."""
+    return next((s for s in layout.shards if s.doubt is not None), None)
+
+
+def _with_spec(layout: Layout, old: ShardSpec, new: ShardSpec) -> Layout:
+    """``layout`` with its split ``old`` replaced by ``new``."""
+    return replace(layout, shards=tuple(new if s is old else s for s in layout.shards))
 
 
 def _local_of(t: torch.Tensor) -> torch.Tensor:

@@ -66,14 +66,19 @@ from torch import nn
 from flex_surgery.parallel import frameworks
 from flex_surgery.parallel.frameworks.base import LayoutError, TPLayer
 from flex_surgery.parallel.frameworks.dtensor import is_dtensor
-from flex_surgery.parallel.layout_specs import GATHER_ORDER as GATHER_ORDER
 from flex_surgery.parallel.layout_specs import (
+    EMPTY,
+    REFUSES,
+    SURE,
+    UNSURE,
+    Doubt,
     Layout,
     PartialSpec,
     ShardSpec,
     chunk_sizes,
     dtensor_layout,
 )
+from flex_surgery.parallel.layout_specs import GATHER_ORDER as GATHER_ORDER
 from flex_surgery.parallel.layout_tracker import TPTracker, _Produced
 from flex_surgery.parallel.mesh import ParallelMesh
 
@@ -106,15 +111,47 @@ class LayoutInference(TPTracker):
     layout_tracker.TPTracker`'s; the rules that turn it into layouts are here."""
 
     def _inherited(self, module: nn.Module, state: _Produced | None,
-                   local: torch.Tensor, role: str) -> ShardSpec | None:
+                   local: torch.Tensor, role: str, vouched: bool = False) -> ShardSpec | None:
         """The layout a module without its own TP description inherits from the TP layer that
-        produced its tensor -- or an error when the tensor cannot be that layer's output."""
+        produced its tensor -- or an error when the tensor cannot be that layer's output.
+        ``vouched``: ``local`` is (the gradient of) a tensor that layer made, as it made it
+        (:meth:`~flex_surgery.parallel.layout_tracker.TPTracker.vouched`)."""
         if state is None or (local.ndim == 0 and state.spec is None and state.unknown is None):
             return None  # a scalar of a replicated tensor is the same on every rank
         if state.unknown is not None:
             raise frameworks.UnknownLayoutError(
                 f"how the {role} of {self._describe(module)} is split cannot be told: "
                 f"{state.unknown}; {frameworks.HOW_TO_DECLARE}")
+        spec = state.spec
+        if not (self._sequence_parallel and spec is not None and
+                spec.dim != len(state.shape) - 1):
+            return self._inherited_split(module, state, local, role)
+        # A sequence split. With one token per rank, a statistic over the sequence kept as
+        # [b, 1, h] (a sum with keepdim, the first token) has the piece's shape.
+        what = f"the {role} of {self._describe(module)}"
+        if spec.sizes is not None:  # equal pieces (Megatron's): every rank decides alike
+            found = self._inherited_split(module, state, local, role)
+            if not vouched and len(spec.sizes) > 1 and all(n == 1 for n in spec.sizes):
+                raise frameworks.UnknownLayoutError(_one_token(what, local, spec).why)
+            return found
+        # Sizes that may differ from rank to rank (the sequence need not divide): whether this
+        # rank's tensor is such a piece depends on its own size, so it says what it can
+        # (Doubt) and the exchange of the sizes settles it on every rank.
+        try:
+            found = self._inherited_split(module, state, local, role)
+        except frameworks.UnknownLayoutError as exc:
+            return replace(spec, doubt=Doubt(REFUSES, what, str(exc)))
+        size = local.shape[found.dim] if found.dim < local.ndim else None
+        if size == 0:
+            return replace(found, doubt=Doubt(EMPTY, what))
+        if size == 1 and not vouched:
+            return replace(found, doubt=_one_token(what, local, spec))
+        return replace(found, doubt=Doubt(SURE, what))
+
+    def _inherited_split(self, module: nn.Module, state: _Produced, local: torch.Tensor,
+                         role: str) -> ShardSpec | None:
+        """:meth:`_inherited` once the state is known: the split a tensor of ``local``'s
+        shape and strides can have after ``state``, or :class:`UnknownLayoutError`."""
         spec = state.spec
         if self._sequence_parallel and tuple(local.shape) != state.shape and \
                 (spec is None or local.ndim > 0):  # (a split scalar: its own error below)
@@ -185,7 +222,8 @@ class LayoutInference(TPTracker):
             state = self.input_state(local)
         else:
             state = (self._exit if is_out else self._entry).get(module)
-        return self._inherited(module, state, local, role), False
+        vouched = state is not None and (state.vouched or in_forward and self.vouched(local, state))
+        return self._inherited(module, state, local, role, vouched), False
 
     def layout(self, local: torch.Tensor, module: nn.Module | None, role: str,
                parameter: torch.Tensor | None = None,
@@ -426,6 +464,16 @@ class LayoutInference(TPTracker):
         if with_dp and self.mesh.dp_size > 1:
             partials = (*partials, PartialSpec("dp", "avg"))
         return Layout(shards, partials)
+
+
+def _one_token(what: str, local: torch.Tensor, spec: ShardSpec) -> Doubt:
+    """Why a tensor of a sequence piece's shape, one token per rank, cannot be told from a
+    statistic over the sequence (see :meth:`LayoutInference._inherited`)."""
+    return Doubt(UNSURE, what, (
+        f"{what} has shape {tuple(local.shape)} after a tensor-parallel layer that split the "
+        f"sequence (dim {spec.dim}) so that every rank holding tokens holds one: a statistic "
+        f"over the sequence (a sum with keepdim, the first token) has the piece's shape, so "
+        f"whether it is split cannot be told; {frameworks.HOW_TO_DECLARE}"))
 
 
 def _permuted(t: torch.Tensor) -> bool:

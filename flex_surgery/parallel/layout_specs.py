@@ -16,12 +16,66 @@ import torch
 
 from flex_surgery.parallel.frameworks.base import LayoutError
 from flex_surgery.parallel.frameworks.dtensor import mesh_axis_of
+from flex_surgery.parallel.frameworks.registry import UnknownLayoutError
 from flex_surgery.parallel.mesh import ParallelMesh
 
-__all__ = ["GATHER_ORDER", "Layout", "PartialSpec", "ShardSpec", "chunk_sizes",
+__all__ = ["GATHER_ORDER", "Doubt", "Layout", "PartialSpec", "ShardSpec", "chunk_sizes",
            "dtensor_layout", "join_blocks", "unblocked"]
 
 GATHER_ORDER = ("tp", "dp")
+
+
+@dataclass(frozen=True)
+class Doubt:
+    """What one rank can say of a sequence split it inherited (a tensor-parallel split of
+    sizes that may differ from rank to rank, seen on a module no framework describes):
+    ``level`` :data:`SURE`, :data:`UNSURE`, :data:`REFUSES` or :data:`EMPTY`; ``what`` the
+    tensor is (``"the output of 'point' (Identity)"``, for the errors of the other ranks) and
+    ``why`` (this rank's own error text, empty when it has none).
+
+    Which ranks can tell depends on their local sizes, which differ, so no rank decides
+    alone: the exchange of the pieces' sizes carries every rank's level
+    (:func:`~flex_surgery.parallel.piece_transfer.exchange_sizes`), and every rank raises when
+    any rank refuses (its piece is not of the shape the split's layer made) or when two or
+    more ranks are unsure and no rank is sure (each holds one token, and a statistic over the
+    sequence -- ``sum(1, keepdim=True)``, the first token -- has the piece's shape). A rank
+    holding more tokens settles it for all: the same code made every rank's tensor. A rank
+    holding none settles nothing (``y[:, :1]`` of an empty piece is empty too), but with one
+    unsure rank beside empty ones that rank holds the whole sequence, and its tensor is the
+    whole one's, a piece or not."""
+
+    level: int
+    what: str
+    why: str = ""
+
+    def settle(self, groups: Sequence[dict[int, int]]) -> None:
+        """Raise, on every rank that exchanged them, what the levels of ``groups`` (the ranks
+        that split one tensor, by global rank) say together; nothing when every split holds."""
+        refusing = sorted(rank for group in groups for rank, level in group.items()
+                          if level == REFUSES)
+        if self.level == REFUSES:
+            raise UnknownLayoutError(self.why)
+        if refusing:
+            raise UnknownLayoutError(
+                f"{self.what}: rank(s) {refusing} cannot tell how it is split (their error "
+                f"says why); every rank stops at this call")
+        unsure = [sorted(group) for group in groups if _undecided(group)]
+        if unsure and self.level == UNSURE:
+            raise UnknownLayoutError(self.why)
+        if unsure:
+            raise UnknownLayoutError(
+                f"{self.what}: ranks {unsure[0]} each hold one token of the sequence split, "
+                f"so whether their tensor is split cannot be told (their error says why); "
+                f"every rank stops at this call")
+
+
+SURE, UNSURE, REFUSES, EMPTY = 0, 1, 2, 3
+
+
+def _undecided(group: dict[int, int]) -> bool:
+    """Whether no rank of ``group`` is sure and two or more are unsure (see :class:`Doubt`)."""
+    levels = list(group.values())
+    return levels.count(UNSURE) >= 2 and all(level in (UNSURE, EMPTY) for level in levels)
 
 
 @dataclass(frozen=True)
@@ -44,6 +98,10 @@ class ShardSpec:
     The whole is then *not* the pieces joined end to end, so no collective takes such a spec
     (:meth:`Layout.spec_for` refuses it): :func:`unblocked` first views the piece with ``dim``
     split into ``(blocks, part)``, where the split is a plain one of the part dim.
+
+    ``doubt``: for a sequence split inherited under sequence parallelism, what this rank can
+    say of it (:class:`Doubt`); set on every rank of the axis alike, with ``sizes`` ``None``,
+    and settled by the exchange of sizes before anything is gathered. Not part of the identity.
     """
 
     axis: str
@@ -52,6 +110,7 @@ class ShardSpec:
     rows: int | None = field(default=None, compare=False)
     site: int = field(default=0, compare=False)
     blocks: int = 1
+    doubt: Doubt | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ declared input layout; for a DTensor layer, what the DTensor its input hook made
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -57,11 +57,17 @@ def _torch_batch_first(m: nn.Module) -> bool | None:
 @dataclass(frozen=True)
 class _Produced:
     """What the TP layer that ran last produced: its output's local shape and tp shard
-    (``None``: replicated), or why its split is unknown."""
+    (``None``: replicated), or why its split is unknown.
+
+    ``vouched`` (in the entry and exit tables only, not part of the identity): the module's
+    first input (entry) or output (exit) was, in forward, the very tensor a TP layer made and
+    described (:meth:`TPTracker.vouched`), so its gradient is that split's too, whatever its
+    size."""
 
     shape: tuple[int, ...]
     spec: ShardSpec | None
     unknown: str | None = None
+    vouched: bool = field(default=False, compare=False)
 
 
 #: What :meth:`TPTracker._through` returns of a tensor no record describes, when asked so.
@@ -133,16 +139,18 @@ class _Taken:
     owner (the tensor, or the base it views) is alive, its memory cannot be reused, so a tensor
     at the same address with the same geometry is an alias: the same values, the same split."""
 
-    __slots__ = ("_ref", "_owner", "_shape", "_stride", "_dtype", "_version", "before")
+    __slots__ = ("_ref", "_owner", "_shape", "_stride", "_dtype", "_version", "before",
+                 "by_layer")
 
     def __init__(self, taken: torch.Tensor, before: _Produced | None,
-                 version: int | None = None) -> None:
+                 version: int | None = None, by_layer: bool = False) -> None:
         self._ref = weakref.ref(taken)
         base = taken._base
         self._owner = weakref.ref(base) if base is not None else None
         self._shape, self._stride, self._dtype = taken.shape, taken.stride(), taken.dtype
         self._version = version
         self.before = before
+        self.by_layer = by_layer  # made by the TP layer whose description ``before`` is
 
     def holds(self, t: torch.Tensor) -> bool:
         """Whether ``t`` (at the taken tensor's address) is it or an alias of it -- or, taken
@@ -153,6 +161,10 @@ class _Taken:
         if self._version is not None and t._version != self._version:
             return False
         return self._aliases(t)
+
+    def is_(self, t: torch.Tensor) -> bool:
+        """Whether ``t`` is the recorded tensor itself (not an alias of it)."""
+        return self._ref() is t
 
     def written(self, t: torch.Tensor) -> bool:
         """Whether ``t`` is the memory this record describes, written in place since."""
@@ -311,7 +323,7 @@ class TPTracker:
         # a backward hook's wrapper) replace it: a TP layer's input is matched against this
         first = args[0] if args and isinstance(args[0], torch.Tensor) else None
         self._took[module] = (self._current, took, None if first is None else weakref.ref(first))
-        self._remember(self._entry, self._entered, module, "entered", took)
+        self._remember(self._entry, self._entered, module, "entered", self._vouching(took, args))
         why = self._why_unknown(module)
         info = self.tp_layer(module)
         if why is None and info is not None and info.opaque:
@@ -349,10 +361,37 @@ class TPTracker:
         if torch._C._current_graph_task_id() != -1:
             return
         state = self._state_of(self.output_state(module), output)
-        self._remember(self._exit, self._left, module, "left", state)
-        self._keep_made(output, state)
+        # (whether a TP layer made it matters for one-token pieces: sequence parallelism only)
+        self._keep_made(output, state, by_layer=self._sequence_parallel and
+                        self.tp_layer(module) is not None)
+        self._remember(self._exit, self._left, module, "left", self._vouching(state, output))
 
-    def _keep_made(self, output, state: _Produced | None) -> None:
+    def _vouching(self, state: _Produced | None, value) -> _Produced | None:
+        """``state``, vouched for where the first tensor of ``value`` is one a TP layer made
+        and ``state`` describes it (see :meth:`vouched`); under sequence parallelism only,
+        where it is asked."""
+        if not self._sequence_parallel or state is None or state.spec is None:
+            return state
+        first = next(iter(_tensors(value)), None)
+        return replace(state, vouched=True) if first is not None and \
+            self.vouched(first, state) else state
+
+    def vouched(self, t: torch.Tensor, state: _Produced | None) -> bool:
+        """Whether ``t`` is the very tensor a TP layer returned, unchanged since, and ``state``
+        is how that layer described it: its split then holds whatever its size (one token per
+        rank included, where a statistic over the sequence would have the piece's shape). The
+        tensor itself, not an alias: ``y[:, :1]`` of a one-token piece has its every geometry,
+        but the code that takes it means the first token of the whole sequence."""
+        try:
+            records = self._taken.get(t.data_ptr())
+        except (RuntimeError, NotImplementedError):  # no storage (DTensor, fake tensors)
+            return False
+        for record in reversed(records or ()):
+            if record.holds(t):
+                return record.by_layer and record.before is state and record.is_(t)
+        return False
+
+    def _keep_made(self, output, state: _Produced | None, by_layer: bool = False) -> None:
         """Remember what describes the tensors a module returned, as they are made: a hook
         that sees one of them later in the forward, after another TP layer has run (an
         encoder's output handed to a cross-attention, a mask computed once and handed to
@@ -369,7 +408,7 @@ class TPTracker:
             # One that holds it already describes it: a tensor handed back beside another
             # (``(up(x), x)``) keeps its own description, not the one ``state`` settles on.
             if not any(record.holds(t) for record in records):
-                records.append(_Taken(t, state, t._version))
+                records.append(_Taken(t, state, t._version, by_layer))
 
     def keep_like(self, new: torch.Tensor, old: torch.Tensor) -> None:
         """Describe ``new`` as ``old`` is described (an editing hook's result, which the module

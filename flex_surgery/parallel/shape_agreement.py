@@ -21,6 +21,7 @@ from flex_surgery.parallel.layout import (
     LayoutError,
     ShardSpec,
 )
+from flex_surgery.parallel.layout_specs import Doubt
 from flex_surgery.parallel.mesh import ParallelMesh
 from flex_surgery.parallel.runtime import HookSite
 from flex_surgery.parallel.site_tags import check_same_site
@@ -30,7 +31,7 @@ __all__ = ["agree_on_whole_shape"]
 
 def agree_on_whole_shape(mesh: ParallelMesh, plain: torch.Tensor, layout: Layout | None,
                          failure: Exception | None, site: HookSite,
-                         stamped: int) -> tuple[int, ...]:
+                         stamped: int, doubt: Doubt | None = None) -> tuple[int, ...]:
     """The shape of the whole tensor, agreed by every rank of the stage before anything is
     gathered: one small all-gather over the stage group.
 
@@ -42,8 +43,10 @@ def agree_on_whole_shape(mesh: ParallelMesh, plain: torch.Tensor, layout: Layout
     is computed on every rank from the exchanged shapes, so a check against
     ``expected_shape`` fails on every rank at the call whose tensor does not match.
     ``stamped``: the site's stamp in this forward (:mod:`~flex_surgery.parallel.site_tags`).
+    ``doubt``: what this rank can say of a sequence split it inherited, settled here per
+    tensor-parallel group (:class:`~flex_surgery.parallel.layout_specs.Doubt`).
     """
-    row = _describe(mesh, plain, layout, failure is not None, stamped)
+    row = _describe(mesh, plain, layout, failure is not None, stamped, doubt)
     group = mesh.stage_group
     rows = [torch.empty_like(row) for _ in range(dist.get_world_size(group))]
     with naming_lost_ranks(group, "layout agreement"):
@@ -59,6 +62,11 @@ def agree_on_whole_shape(mesh: ParallelMesh, plain: torch.Tensor, layout: Layout
     if failed:
         raise LayoutError(f"{where}: rank(s) {failed} could not tell how the tensor is split "
                           "(their error says why); every rank stops at this call")
+    if doubt is not None:  # every rank has one (the same split): settled per replica's tp group
+        groups: dict[int, dict[int, int]] = {}
+        for i, r in enumerate(table):
+            groups.setdefault(r[2], {})[ranks[i]] = r[_DOUBT]
+        doubt.settle(list(groups.values()))
     signatures = {tuple(r[3:8]) for r in table}
     if len(signatures) > 1:
         seen = "; ".join(f"rank {ranks[i]}: {_signature_text(r)}"
@@ -91,14 +99,16 @@ def _check_same_over_dp(mesh: ParallelMesh, plain: torch.Tensor, layout: Layout,
 
 
 def _describe(mesh: ParallelMesh, plain: torch.Tensor, layout: Layout | None,
-              failed: bool, site: int) -> torch.Tensor:
+              failed: bool, site: int, doubt: Doubt | None) -> torch.Tensor:
     """One rank's row of :func:`agree_on_whole_shape`'s exchange: ``[failed, tp coordinate, dp
-    coordinate, ndim, tp kind, tp dim, dp kind, dp dim, hook site, shape...]`` (the site: see
-    :mod:`~flex_surgery.parallel.site_tags`)."""
+    coordinate, ndim, tp kind, tp dim, dp kind, dp dim, hook site, doubt, shape...]`` (the
+    site: see :mod:`~flex_surgery.parallel.site_tags`; the doubt's level, -1 for none)."""
     row = torch.full((_ROW,), -1, dtype=torch.int64)
     row[0] = int(failed or plain.ndim > _ROW - _HEAD)
     row[1], row[2] = mesh.rank("tp"), mesh.rank("dp")
     row[_SITE] = site
+    if doubt is not None:
+        row[_DOUBT] = doubt.level
     if layout is not None and not row[0]:
         row[3] = plain.ndim
         for i, axis in enumerate(GATHER_ORDER):
@@ -111,7 +121,8 @@ def _describe(mesh: ParallelMesh, plain: torch.Tensor, layout: Layout | None,
     return row.to(plain.device)
 
 
-_SITE, _HEAD, _ROW = 8, 9, 25  # whole_shape's exchange: 9 header entries, then up to 16 dims
+# whole_shape's exchange: 10 header entries, then up to 16 dims
+_SITE, _DOUBT, _HEAD, _ROW = 8, 9, 10, 26
 
 _KINDS = {0: "replicated", 1: "sharded", 2: "partial sum", 3: "partial average"}
 
