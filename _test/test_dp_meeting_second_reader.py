@@ -428,17 +428,7 @@ def _accumulate_across_the_branch(flex, model, rank):
     sum(o.pow(2).sum() for o in outs).backward()
 
 
-_REENTRANT_JOINS = pytest.mark.xfail(strict=True, reason=(
-    "DistributedRuntime._pass_of_call maps the running autograd node's sequence number to a "
-    "pass; a reentrant checkpoint's recomputation makes its nodes inside the backward, after "
-    "every pass began, so side's backward hook of forward 1 (rank 0) and of forward 2 (rank 1) "
-    "are both stamped with the last pass and meet as one call: no error, rank 0 stores one "
-    "side gradient joining forward 1's rows with forward 2's where one process stores two "
-    "(silent wrong value)"))
-
-
-@pytest.mark.parametrize("reentrant", [False, pytest.param(True, marks=_REENTRANT_JOINS)],
-                         ids=["non_reentrant", "reentrant"])
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
 @distributed(world_size=2, timeout_s=20)
 def test_checkpoint_around_the_branch_accumulated_forwards_on_different_ranks_raise(reentrant):
     """Two accumulated forwards, side's backward hook firing for forward 1 on rank 0 and for

@@ -207,6 +207,8 @@ class HookRegistration:
         hf._bind(self, hook_type, key, site, self.runtime, self._shared)
         if hook_type == "full_backward" and module not in self._backward_flag_before:
             self._backward_flag_before[module] = module._is_full_backward_hook
+        if hook_type in MODULE_BACKWARD_KINDS:
+            self.runtime.watch_recomputation(module)
         method, options = MODULE_REGISTRATION[hook_type]
         return getattr(module, method)(hf.torch_hook(), **options)
 

@@ -168,6 +168,11 @@ class DistributedRuntime(Runtime):
             self._fsdp1_units: list[nn.Module] | None = None
             # Forward hooks on FSDP2 units announcing their all-gathers in the backward.
             self._unshards = self._watch_unshards() if self.meets_at_sites else []
+            # Pre-hooks on the modules with backward hooks that see a forward recomputed
+            # inside the backward (reentrant activation checkpointing), for the pass its nodes
+            # belong to (_pass_of_call); by module.
+            self._recomputing: weakref.WeakKeyDictionary[nn.Module, Any] = \
+                weakref.WeakKeyDictionary()
             if batch_dim is None:
                 batch_dim = frameworks.batch_dim(module)
             self.layouts = LayoutInference(mesh, batch_dim)
@@ -285,7 +290,11 @@ class DistributedRuntime(Runtime):
         node = torch._C._current_autograd_node()
         if node is None:
             return self.passes
-        seq = node._sequence_nr()
+        return self._pass_of_sequence_nr(node._sequence_nr())
+
+    def _pass_of_sequence_nr(self, seq: int) -> int:
+        """The pass whose forward made the autograd node numbered ``seq`` (see
+        :meth:`_pass_of_call`; a forward recomputed in backward: :meth:`_watch_recomputation`)."""
         first = bisect.bisect_right(self._pass_starts, (seq, math.inf)) - 1
         # before the passes remembered: no pass of them (each rank forgets the same ones)
         return self._pass_starts[first][1] if first >= 0 else self._pass_starts[0][1] - 1
@@ -387,13 +396,44 @@ class DistributedRuntime(Runtime):
         return [unit.register_forward_hook(unit_returned, prepend=True)
                 for unit in self.module.modules() if fsdp2.owns(unit)]
 
+    def watch_recomputation(self, module: nn.Module) -> None:
+        """A reentrant checkpoint (``torch.utils.checkpoint(..., use_reentrant=True)``) runs
+        its region's forward again inside the backward, and the backward hooks of ``module``
+        in the region fire on the nodes made then -- after every pass began, so by their
+        sequence numbers alone they would all belong to the last forward, and accumulated
+        forwards whose branch hook fires on different ranks would meet as one call. A forward
+        pre-hook on ``module`` (which has a backward hook) notes, as its forward runs again,
+        which pass the node running it (the checkpoint's, made in that forward) belongs to, as
+        a new entry of the passes' starts: the nodes its backward hooks fire on, made next,
+        map to it. Outside a backward it returns at once; on the modules with backward hooks
+        only (a pre-hook takes a module call off torch's fast path: about 1 us). Under
+        :attr:`meets_at_sites` only, where the stamps are compared."""
+        if not self.meets_at_sites or module in self._recomputing:
+            return
+        runtime = weakref.ref(self)
+
+        def entered(module: nn.Module, args: Any) -> None:
+            if torch._C._current_graph_task_id() == -1:
+                return
+            held = runtime()
+            node = torch._C._current_autograd_node()
+            if held is None or node is None or not held._pass_starts:
+                return
+            seen = held._pass_of_sequence_nr(node._sequence_nr())
+            if held._pass_starts[-1][1] != seen:  # (the same pass goes on: nothing new)
+                held._pass_starts.append((torch._C._autograd._get_sequence_nr(), seen))
+
+        self._recomputing[module] = module.register_forward_pre_hook(entered)
+
     def _unwatch_reductions(self) -> None:
         for _, _, handle in self._reductions.values():
             handle.remove()
         self._reductions.clear()
-        for handle in getattr(self, "_unshards", ()):
+        for handle in (*getattr(self, "_unshards", ()),
+                       *getattr(self, "_recomputing", {}).values()):
             handle.remove()
         self._unshards = []
+        self._recomputing = weakref.WeakKeyDictionary()
 
     def _meeting(self, local: torch.Tensor, site: HookSite) -> int:
         """The stamp that this hook call's first message carries, so that data-parallel ranks

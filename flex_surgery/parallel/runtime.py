@@ -169,6 +169,12 @@ class Runtime:
         <flex_surgery.parallel.distributed_runtime.DistributedRuntime.end_of_hooked_forward>`)."""
         return None
 
+    def watch_recomputation(self, module: nn.Module) -> None:
+        """Called when a backward hook is registered on ``module``; nothing for one process
+        (see :meth:`DistributedRuntime.watch_recomputation
+        <flex_surgery.parallel.distributed_runtime.DistributedRuntime.watch_recomputation>`)."""
+        return None
+
     def watch_backward(self, output: Any) -> None:
         """Called by every rank at the end of each forward with backward hooks selected, with
         the wrapped module's output; nothing for one process (see
