@@ -476,20 +476,7 @@ class TwoUnitsBefore(Branchy):
         return self.down(torch.relu(self.up(x)))
 
 
-_FSDP1_REGATHER_HANGS = pytest.mark.xfail(strict=True, reason=(
-    "FSDP1's all-gathers inside the backward are not announced (FSDP2's are: "
-    "DistributedRuntime._watch_unshards): the rank that skipped side goes into the all-gather "
-    "of a unit resharded after forward (_runtime_utils._pre_backward_hook -> _unshard / its "
-    "backward prefetch) while rank 0 waits for its header at side's hook: hang until the "
-    "timeout, with default FSDP settings when two units precede the branch, and with one "
-    "(test_dp_meeting_edge_cases' FSDP1 layout) as soon as backward_prefetch=None. FSDP1 "
-    "hooks the unit's outputs inside its forward, before any forward hook of the unit runs, "
-    "so an announcement cannot be put in front of it the way FSDP2's is"))
-
-
-@pytest.mark.parametrize("kind", [pytest.param("fsdp1", marks=_FSDP1_REGATHER_HANGS), "fsdp2",
-                                  pytest.param("fsdp1_one_unit_no_prefetch",
-                                               marks=_FSDP1_REGATHER_HANGS)])
+@pytest.mark.parametrize("kind", ["fsdp1", "fsdp2", "fsdp1_one_unit_no_prefetch"])
 @distributed(world_size=2, timeout_s=8)
 def test_fsdp_units_regathered_after_a_branch_backward_hook_raise(kind):
     """Rank 1 skips side (the only backward hook); the units before it are all-gathered again

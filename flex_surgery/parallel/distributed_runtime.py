@@ -42,6 +42,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.utils import _apply_to_tensors
 from torch.utils import _pytree as pytree
 
 from flex_surgery.parallel import frameworks
@@ -369,22 +370,26 @@ class DistributedRuntime(Runtime):
                                                     lambda grads: _announce_reduction(runtime)))
 
     def _watch_unshards(self) -> list:
-        """FSDP2 all-gathers a unit resharded after forward inside the backward, from a hook
+        """FSDP all-gathers a unit resharded after forward inside the backward, from a hook
         on the unit's outputs (its pre-backward: the unit's unshard, or the prefetch of the
         one before it): a rank that skipped the branch of the others' last backward hook would
-        be in that all-gather while they wait at the hook. A forward hook run before FSDP2's
-        own on each unit hooks the unit's outputs first, so that in a backward whose end is
-        announced every rank announces
-        (:data:`~flex_surgery.parallel.site_tags.BACKWARD_UNSHARD`) just before FSDP2's
-        hook runs: one round trip per unit and backward. Returns the forward hooks' handles."""
+        be in that all-gather while they wait at the hook. So, in a backward whose end is
+        announced, every rank announces
+        (:data:`~flex_surgery.parallel.site_tags.BACKWARD_UNSHARD`) just before FSDP's hook
+        runs: one round trip per unit and backward. FSDP2 hooks the outputs from its own
+        forward hook: a forward hook put in front of it hooks them first. FSDP1 hooks them
+        inside its forward, before any forward hook of the unit runs (and a tensor's hooks run
+        in the order they were added), so a forward hook hands on views of the outputs instead,
+        through :class:`_Announcing`, whose backward runs before any hook on the outputs
+        themselves. Returns the forward hooks' handles."""
         runtime = weakref.ref(self)
 
-        def announce(grad: torch.Tensor) -> None:
+        def announce(*grads: Any) -> None:
             held = runtime()
             if held is not None and held._announcing == torch._C._current_graph_task_id():
                 held.walk.announce_site(stamp(BACKWARD_UNSHARD, held._pass_of_call()))
 
-        def unit_returned(module: nn.Module, args: Any, output: Any) -> None:
+        def fsdp2_returned(unit: nn.Module, args: Any, output: Any) -> None:
             if not torch.is_grad_enabled() or torch._C._current_graph_task_id() != -1:
                 return
             watched = [t for t in pytree.tree_leaves(output)
@@ -392,9 +397,25 @@ class DistributedRuntime(Runtime):
             if watched:  # FSDP2 runs its pre-backward once per unit: so does this
                 torch.autograd.graph.register_multi_grad_hook(watched, announce, mode="any")
 
-        fsdp2 = frameworks.FSDP2()
-        return [unit.register_forward_hook(unit_returned, prepend=True)
-                for unit in self.module.modules() if fsdp2.owns(unit)]
+        def fsdp1_returned(unit: nn.Module, args: Any, output: Any) -> Any:
+            if not torch.is_grad_enabled() or torch._C._current_graph_task_id() != -1:
+                return None
+            seen = [None]  # the graph task announced in: once per call and backward, as FSDP1
+
+            def first_gradient() -> None:
+                task = torch._C._current_graph_task_id()
+                if seen[0] != task:
+                    seen[0] = task
+                    announce()
+
+            return _apply_to_tensors(lambda t: _Announcing.apply(t, first_gradient)
+                                     if t.requires_grad else t, output)
+
+        fsdp1, fsdp2 = frameworks.FSDP1(), frameworks.FSDP2()
+        return [unit.register_forward_hook(fsdp2_returned, prepend=True)
+                for unit in self.module.modules() if fsdp2.owns(unit)] + \
+            [unit.register_forward_hook(fsdp1_returned, prepend=True)
+             for unit in self.module.modules() if fsdp1.owns(unit)]
 
     def watch_recomputation(self, module: nn.Module) -> None:
         """A reentrant checkpoint (``torch.utils.checkpoint(..., use_reentrant=True)``) runs
@@ -709,6 +730,22 @@ class _ThroughGather(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
+class _Announcing(torch.autograd.Function):
+    """A view of ``t`` whose backward calls ``announce`` before handing the gradient on to
+    ``t`` (and to the hooks on ``t``: FSDP1's pre-backward unshard, see
+    ``DistributedRuntime._watch_unshards``)."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, announce: Callable[[], None]) -> torch.Tensor:
+        ctx.announce = announce
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        ctx.announce()
         return grad, None
 
 

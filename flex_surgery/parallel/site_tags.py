@@ -84,9 +84,9 @@ END_OF_BACKWARD = _named("end of the backward (no further backward hook)")
 #: Where a rank is when a data-parallel framework is about to reduce gradients inside the
 #: backward (an FSDP1 unit's reduce-scatter, ``DistributedRuntime.watch_backward``): a rank
 #: left at a backward hook the others skipped meets them there, before their collective.
-#: The same before an FSDP2 unit's all-gather in the backward (its pre-backward hook, which
+#: The same before an FSDP unit's all-gather in the backward (its pre-backward hook, which
 #: unshards it or prefetches the one before it).
-BACKWARD_UNSHARD = _named("all-gather of an FSDP2 unit in the backward (no further backward "
+BACKWARD_UNSHARD = _named("all-gather of an FSDP unit in the backward (no further backward "
                           "hook before it)")
 
 GRADIENT_REDUCTION = _named("gradient reduction of an FSDP unit (no further backward hook "
