@@ -95,4 +95,5 @@ def test_sequence_statistics_refused_and_pieces_equal_tp1(seq, kind):
         if dist.get_rank() == 0:
             assert want.keys() == got.keys(), variant
             for key in want:
-                torch.testing.assert_close(got[key], want[key], rtol=1e-6, atol=1e-6)  # (Megatron initialises in float32)
+                # (Megatron initialises the weights in float32)
+                torch.testing.assert_close(got[key], want[key], rtol=1e-6, atol=1e-6)

@@ -255,8 +255,7 @@ def test_fsdp2_x_tp_every_hook_kind_and_store(seq):
     over tp) before the dp meeting: S=3 equal to one process under every hook kind, read,
     hinted or edited, stored on rank 0, on the replica leaders, on every rank, or overlapped;
     S=2 (one token per rank) refused on every rank for a computed tensor, the split layer's
-    own tensor equal (forward, forward-pre, full-backward; full-backward-pre: see
-    test_split_layers_own_tensor_refused_one_token_per_rank)."""
+    own tensor equal under every hook kind."""
     for variant in ("act", "piece"):
         for kind in KINDS:
             for name in ("read", "read_open_hint", "leader", "replicated"):
@@ -265,8 +264,7 @@ def test_fsdp2_x_tp_every_hook_kind_and_store(seq):
                         continue  # (time)
                     got = _dp_tp_check(variant, (seq, seq), [("point", kind, HOOK_KW[name])],
                                        **FLEX_KW[flex])
-                    want = "refused" if seq == 2 and (
-                        variant == "act" or kind == "full_backward_pre") else "equal"
+                    want = "refused" if seq == 2 and variant == "act" else "equal"
                     assert got == want, (variant, kind, name, flex)
 
 
@@ -282,40 +280,25 @@ def test_fsdp2_x_tp_replicas_of_different_lengths_refused_everywhere(variant):
         assert _dp_tp_check(variant, (3, 2), [("point", "forward", {})]) == "refused"
 
 
-# == strict xfails ========================================================================
+# == findings: fixed, or pinned as a strict xfail where still wrong ====================
 @pytest.mark.xfail(strict=True, reason=(
-    "silent wrong value: one process stores y[:, :2] (2, 2, 8); tp stores the two pieces "
-    "joined, (2, 3, 8) for S=3 and (2, 4, 8) for S=4. LayoutInference._inherited (layout.py) "
-    "gives Doubt(SURE) to any tensor of the piece's shape holding 2+ tokens, and "
-    "Doubt.settle (layout_specs.py) lets one sure rank settle an unsure one ('the same code "
-    "made every rank's tensor'): the first k tokens, with k the largest piece, has the "
-    "piece's shape on the rank holding k (an alias with its every geometry, which "
-    "TPTracker.vouched refuses only at size 1) and on the one holding fewer"))
+    "silent wrong value (documented in docs/parallel.md, layouts item 4, as not caught): one "
+    "process stores y[:, :2], (2, 2, 8); the ranks' slices are joined, (2, 3, 8) for S=3 and "
+    "(2, 4, 8) for S=4. A slice along the sequence as long as the largest piece is the whole "
+    "piece on every rank (an alias with its every geometry), which shapes cannot tell from "
+    "y[:] (LayoutInference._inherited: Doubt(SURE) at 2+ tokens, Doubt.settle lets a sure "
+    "rank settle an unsure one); telling them apart needs the op that made the tensor"))
 @pytest.mark.parametrize("seq", [3, 4], ids=["one_rank_one_token", "two_tokens_each"])
 @distributed(world_size=2, timeout_s=30)
 def test_first_tokens_as_many_as_the_largest_piece(seq):
     assert _seq_check("first_k", seq, [("point", "forward", {})], k=2) in ("equal", "refused")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "silent wrong value: point called on y.sum(1, keepdim=True), then on y; the statistic's "
-    "gradient (one process (2, 1, 8)) is joined as a piece, (2, 2, 8). _Produced.vouched is "
-    "compare=False, so TPTracker._remember (_same_layout) takes the two calls' entry/exit "
-    "states as one layout and keeps the last call's, vouched; _tp_spec (layout.py) then "
-    "vouches for every backward call of the module through state.vouched (forward asks "
-    "TPTracker.vouched per tensor and refuses)"))
 @distributed(world_size=2, timeout_s=30)
 def test_module_called_on_a_statistic_then_on_the_piece_backward():
     assert _seq_check("stat_then_piece", 2, [("point", "full_backward", {})]) == "refused"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "silent wrong value: two(y, y.sum(1, keepdim=True)) with a full-backward hook on its "
-    "second input (unpack_idx=1, expected_shape=(None, None, None)): joined (2, 2, 8) for "
-    "one process's (2, 1, 8). TPTracker._vouching (layout_tracker.py) vouches for the entry "
-    "state from the FIRST tensor of args only, and LayoutInference._tp_spec applies "
-    "state.vouched to any tensor of the module's gradients; the forward-pre hook on the same "
-    "tensor is refused"))
 @distributed(world_size=2, timeout_s=30)
 def test_second_input_gradient_vouched_by_the_first():
     hook = dict(unpack_idx=1, expected_shape=(None, None, None))
@@ -323,14 +306,11 @@ def test_second_input_gradient_vouched_by_the_first():
     assert _seq_check("pair", 2, [("two", "full_backward", hook)]) == "refused"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "rank-divergent error (a crash in gloo, a hang elsewhere): replicas of 3 and 2 tokens, "
-    "the tensor computed from the piece. DistributedRuntime.layout_of settles the doubt with "
-    "exchange_sizes over the tp group only, before the dp meeting (retrieve's _meeting): "
-    "replica 1 (one token per rank) raises there while replica 0 (sure) goes on into the "
-    "stage's exchange; with expected_shape the stage-wide agreement settles it everywhere"))
 @distributed(world_size=4, timeout_s=20)
 def test_fsdp2_x_tp_replicas_of_different_lengths_without_expected_shape():
+    """Replicas of 3 and 2 tokens (the second one token per rank), a tensor computed from the
+    piece, no hint: the second replica's refusal is settled over the whole stage, so every
+    rank of both replicas raises."""
     assert _dp_tp_check("act", (3, 2), [("point", "forward", {})]) == "refused"
 
 
@@ -345,17 +325,11 @@ def _own_tensor_case(case):
     return _seq_check("piece", 2, hooks)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "false refusal (one token per rank): the tensor the split layer returned, which the "
-    "commit says keeps its description at any size, is refused: (1) with a full-backward(-pre) "
-    "hook on the hook point, torch's BackwardHook hands the module an alias of y, so "
-    "_Taken.is_ fails in TPTracker.vouched for forward hooks on its output and for the exit "
-    "table (full_backward_pre); (2) after an editing hook on the split layer, keep_like "
-    "records the edited piece without by_layer; (3) after a column layer took y, "
-    "TPTracker.vouched stops at that look-through record (by_layer False), and with its "
-    "known sizes (1, 1) _inherited raises"))
 @pytest.mark.parametrize("case", ["full_backward_pre", "forward_beside_full_backward",
                                   "after_an_edit_of_the_layer", "taken_by_a_column_layer"])
 @distributed(world_size=2, timeout_s=30)
-def test_split_layers_own_tensor_refused_one_token_per_rank(case):
+def test_split_layers_own_tensor_one_token_per_rank_equals_one_process(case):
+    """The tensor the split layer returned, as the model sees it beside a full-backward hook
+    (torch hands the module aliases of it), after an edit of the layer, or after a column
+    layer took it: equal to one process with one token per rank."""
     assert _own_tensor_case(case) == "equal"

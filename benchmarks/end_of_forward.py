@@ -197,28 +197,49 @@ def _fsdp1_backward(x: torch.Tensor, reps: int) -> dict:
     watch = runtime._watch_reductions
     xg = x.clone().requires_grad_(True)
 
-    def step(announced: bool) -> tuple[dict, list]:
-        if announced:
-            runtime._watch_reductions = watch
-        else:
-            runtime._unwatch_reductions()
-            runtime._watch_reductions = functools.partial(lambda: None)
-            assert not runtime._reductions
+    def run() -> tuple[dict, list]:
         model.zero_grad(set_to_none=True)
         flex(xg).sum().backward()
         got = {k: list(v) for k, v in stored.items()}
         stored.clear()
         return got, [None if p.grad is None else p.grad.clone() for p in model.parameters()]
 
+    def step(announced: bool) -> tuple[dict, list]:  # the reductions (the unshards both ways)
+        if announced:
+            runtime._watch_reductions = watch
+        else:
+            runtime._unwatch_reductions()
+            runtime._unshards = runtime._watch_unshards()  # (which that removed too)
+            runtime._watch_reductions = functools.partial(lambda: None)
+            assert not runtime._reductions
+        return run()
+
     step(True)  # FSDP1 registers its hooks in its first forward
-    from flex_surgery.parallel.site_tags import GRADIENT_REDUCTION
+    from flex_surgery.parallel.site_tags import BACKWARD_UNSHARD, GRADIENT_REDUCTION
 
     reductions, result = _with_and_without(step, runtime, GRADIENT_REDUCTION, reps, "fsdp1")
     units = sum(1 for m in model.modules() if isinstance(m, FSDP) and m._handle is not None)
     assert reductions == units == BLOCKS, (reductions, units)  # each unit's, once
     runtime._watch_reductions = watch
+    # the all-gathers in the backward: every unit's pre-backward, the root's too (its
+    # outputs' gradient arrives after the backward's end is watched)
+    unshards, gathers = _with_and_without(lambda announced: _toggle_unshards(
+        runtime, announced) or run(), runtime, BACKWARD_UNSHARD, reps, "fsdp1_unshard")
+    assert unshards == BLOCKS + 1, unshards
+    _toggle_unshards(runtime, True)
     flex.close()
-    return result
+    return {**result, **gathers}
+
+
+def _toggle_unshards(runtime, announced: bool) -> None:
+    """The forward hooks that announce the FSDP units' all-gathers in the backward, on or
+    off (``DistributedRuntime._watch_unshards``)."""
+    if announced and not runtime._unshards:
+        runtime._unshards = runtime._watch_unshards()
+    elif not announced:
+        for handle in runtime._unshards:
+            handle.remove()
+        runtime._unshards = []
 
 
 def _fsdp2_backward(x: torch.Tensor, reps: int) -> dict:
@@ -246,12 +267,7 @@ def _fsdp2_backward(x: torch.Tensor, reps: int) -> dict:
     xg = x.clone().requires_grad_(True)
 
     def step(announced: bool) -> tuple[dict, list]:
-        if announced and not runtime._unshards:
-            runtime._unshards = runtime._watch_unshards()
-        elif not announced:
-            for handle in runtime._unshards:
-                handle.remove()
-            runtime._unshards = []
+        _toggle_unshards(runtime, announced)
         model.zero_grad(set_to_none=True)
         flex(xg).sum().backward()
         got = {k: list(v) for k, v in stored.items()}
@@ -327,6 +343,10 @@ def main() -> None:
               f"retrieval hooks) {r['fsdp1_backward_ms']:.1f} ms without the reductions "
               f"announced; added {r['fsdp1_added_ms']:.2f} ms = {100 * r['fsdp1_share']:.1f} % "
               f"({r['fsdp1_per_unit_us']:.0f} us per unit)")
+        print(f"[dp{world}] FSDP1, the same: {r['fsdp1_unshard_backward_ms']:.1f} ms without "
+              f"the all-gathers announced; added {r['fsdp1_unshard_added_ms']:.2f} ms = "
+              f"{100 * r['fsdp1_unshard_share']:.1f} % ({r['fsdp1_unshard_per_unit_us']:.0f} "
+              f"us per unit)")
         print(f"[dp{world}] FSDP2, {BLOCKS} units, forward + backward ({BLOCKS} "
               f"full_backward retrieval hooks) {r['fsdp2_backward_ms']:.1f} ms without the "
               f"all-gathers announced; added {r['fsdp2_added_ms']:.2f} ms = "

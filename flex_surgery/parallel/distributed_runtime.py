@@ -75,7 +75,7 @@ from flex_surgery.parallel.runtime import (
     defer,
     store_copy,
 )
-from flex_surgery.parallel.shape_agreement import agree_on_whole_shape
+from flex_surgery.parallel.shape_agreement import agree_on_doubt, agree_on_whole_shape
 from flex_surgery.parallel.site_tags import (
     BACKWARD_UNSHARD,
     END_OF_BACKWARD,
@@ -220,9 +220,10 @@ class DistributedRuntime(Runtime):
     def layout_of(self, local: torch.Tensor, site: HookSite, settle: bool = True) -> Layout:
         """The layout of the tensor a hook at ``site`` sees (see :mod:`.layout`), its
         data-parallel split stamped with the site (see :mod:`.site_tags`). A sequence split
-        inferred with a :class:`~flex_surgery.parallel.layout_specs.Doubt` is settled here by
-        the exchange of its sizes (every rank of its axis has one), unless not ``settle``:
-        then the caller settles it (:meth:`whole_shape`, in its agreement)."""
+        inferred with a :class:`~flex_surgery.parallel.layout_specs.Doubt` is settled here on
+        every rank of the stage (:func:`~flex_surgery.parallel.shape_agreement.agree_on_doubt`:
+        every rank has one), unless not ``settle``: then the caller settles it
+        (:meth:`whole_shape`, in its agreement)."""
         agreed, self._agreed = self._agreed, None
         if agreed is not None and agreed[0]() is local and agreed[1] is site:
             return agreed[2]  # just inferred (and agreed) by whole_shape for this very call
@@ -235,10 +236,14 @@ class DistributedRuntime(Runtime):
                                      site.expected_shape, site.unpack_idx)
         doubted = _doubted(layout)
         if doubted is not None and settle:
-            sizes = exchange_sizes(_local_of(local).detach(), doubted.dim,
-                                   self.mesh.group(doubted.axis), doubted.rows, doubted.site,
-                                   doubted.doubt)
-            layout = _with_spec(layout, doubted, replace(doubted, sizes=sizes, doubt=None))
+            # Settled over the whole stage (a replica's refusal stops the others too), after
+            # the data-parallel ranks met at this call: the gather that follows skips its
+            # meeting (as after whole_shape).
+            self.walk.announce_site(self._meeting(local, site))
+            agree_on_doubt(self.mesh, _local_of(local), doubted.doubt, site,
+                           stamp(site.tag, self._pass_of_call()))
+            self._met = (weakref.ref(local), site, self._pass_of_call())
+            layout = _with_spec(layout, doubted, replace(doubted, doubt=None))
         dp = next((s for s in layout.shards if s.axis == "dp"), None)
         if dp is None:  # not split over dp (a partial sum of it is no gather of pieces)
             return layout

@@ -34,8 +34,10 @@ class Doubt:
     ``why`` (this rank's own error text, empty when it has none).
 
     Which ranks can tell depends on their local sizes, which differ, so no rank decides
-    alone: the exchange of the pieces' sizes carries every rank's level
-    (:func:`~flex_surgery.parallel.piece_transfer.exchange_sizes`), and every rank raises when
+    alone: a small exchange over the stage carries every rank's level
+    (:func:`~flex_surgery.parallel.shape_agreement.agree_on_doubt`, or
+    :func:`~flex_surgery.parallel.shape_agreement.agree_on_whole_shape` for a hook with
+    ``expected_shape``), and every rank raises when
     any rank refuses (its piece is not of the shape the split's layer made) or when two or
     more ranks are unsure and no rank is sure (each holds one token, and a statistic over the
     sequence -- ``sum(1, keepdim=True)``, the first token -- has the piece's shape). A rank
@@ -101,7 +103,8 @@ class ShardSpec:
 
     ``doubt``: for a sequence split inherited under sequence parallelism, what this rank can
     say of it (:class:`Doubt`); set on every rank of the axis alike, with ``sizes`` ``None``,
-    and settled by the exchange of sizes before anything is gathered. Not part of the identity.
+    and settled among the ranks of the stage before anything is gathered. Not part of the
+    identity.
     """
 
     axis: str

@@ -163,8 +163,22 @@ class _Taken:
         return self._aliases(t)
 
     def is_(self, t: torch.Tensor) -> bool:
-        """Whether ``t`` is the recorded tensor itself (not an alias of it)."""
-        return self._ref() is t
+        """Whether ``t`` is the recorded tensor itself (not an alias of it), or what torch
+        hands a module with full backward hooks in its place (aliases made by its
+        ``BackwardHookFunction``, whose input is, in the end, the recorded tensor itself)."""
+        taken = self._ref()
+        if taken is None:
+            return False
+        if taken is t:
+            return True
+        node, nr = t.grad_fn, t.output_nr
+        if node is None or taken.grad_fn is None:
+            return False
+        hooked = False  # (an input alias, then an output alias of a module returning it)
+        while node is not None and type(node).__name__ == "BackwardHookFunctionBackward":
+            node, nr = node.next_functions[nr]
+            hooked = True
+        return hooked and node is taken.grad_fn and nr == taken.output_nr
 
     def written(self, t: torch.Tensor) -> bool:
         """Whether ``t`` is the memory this record describes, written in place since."""
@@ -367,14 +381,14 @@ class TPTracker:
         self._remember(self._exit, self._left, module, "left", self._vouching(state, output))
 
     def _vouching(self, state: _Produced | None, value) -> _Produced | None:
-        """``state``, vouched for where the first tensor of ``value`` is one a TP layer made
-        and ``state`` describes it (see :meth:`vouched`); under sequence parallelism only,
-        where it is asked."""
+        """``state``, vouched for where every tensor of ``value`` is one a TP layer made and
+        ``state`` describes it (see :meth:`vouched`): a backward hook may see the gradient of
+        any of them. Under sequence parallelism only, where it is asked."""
         if not self._sequence_parallel or state is None or state.spec is None:
             return state
-        first = next(iter(_tensors(value)), None)
-        return replace(state, vouched=True) if first is not None and \
-            self.vouched(first, state) else state
+        tensors = _tensors(value)
+        return replace(state, vouched=True) if tensors and \
+            all(self.vouched(t, state) for t in tensors) else state
 
     def vouched(self, t: torch.Tensor, state: _Produced | None) -> bool:
         """Whether ``t`` is the very tensor a TP layer returned, unchanged since, and ``state``
@@ -386,10 +400,9 @@ class TPTracker:
             records = self._taken.get(t.data_ptr())
         except (RuntimeError, NotImplementedError):  # no storage (DTensor, fake tensors)
             return False
-        for record in reversed(records or ()):
-            if record.holds(t):
-                return record.by_layer and record.before is state and record.is_(t)
-        return False
+        # (another layer may have taken it since, with a record of its own: any record)
+        return any(record.by_layer and record.is_(t) and record.holds(t) and
+                   self._same_layout(record.before, state) for record in records or ())
 
     def _keep_made(self, output, state: _Produced | None, by_layer: bool = False) -> None:
         """Remember what describes the tensors a module returned, as they are made: a hook
@@ -415,7 +428,8 @@ class TPTracker:
         returns in place of ``old``), where a record describes ``old``."""
         state = self._through(_UNRECORDED, old)
         if state is not _UNRECORDED and new is not old:
-            self._keep_made(new, state)
+            # in place of a TP layer's own output, it is that layer's (see vouched)
+            self._keep_made(new, state, by_layer=self.vouched(old, state))
 
     def _through(self, state: _Produced | None, t: torch.Tensor) -> _Produced | None:
         """The state that describes ``t``: ``state`` (what the TP layer that ran last
@@ -470,12 +484,15 @@ class TPTracker:
         places, say after a column and a row layer), it has none: its gradients' layout is
         unknown rather than the last call's."""
         if module in seen:
-            if not self._same_layout(table.get(module), state):
+            before = table.get(module)
+            if not self._same_layout(before, state):
                 state = _Produced(
                     state.shape if state is not None else (), None,
                     f"{self._describe(module)} {what} more than once in one forward, after "
                     "tensors of different layouts, and a backward hook cannot tell which "
                     "call's gradient it sees")
+            elif state is not None and state.vouched and not (before and before.vouched):
+                state = replace(state, vouched=False)  # vouched for only if every call was
         else:
             seen.add(module)
         table[module] = state

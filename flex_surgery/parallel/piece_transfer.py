@@ -24,7 +24,6 @@ import torch.distributed as dist
 
 from flex_surgery.parallel.failures import names_lost_ranks, naming_lost_ranks
 from flex_surgery.parallel.frameworks.base import LayoutError
-from flex_surgery.parallel.layout_specs import Doubt
 from flex_surgery.parallel.site_tags import (
     NO_SITE,
     HookSiteMismatchError,
@@ -43,8 +42,7 @@ def _group_rank(group: Group) -> int:
 
 @names_lost_ranks
 def exchange_sizes(local: torch.Tensor, dim: int, group: Group,
-                   rows: int | None = None, site: int = NO_SITE,
-                   doubt: Doubt | None = None) -> tuple[int, ...]:
+                   rows: int | None = None, site: int = NO_SITE) -> tuple[int, ...]:
     """Every rank's size along ``dim`` (a tiny all-gather of every rank's shape).
 
     The pieces are then padded along ``dim`` only, so they must agree in every other dim:
@@ -55,28 +53,20 @@ def exchange_sizes(local: torch.Tensor, dim: int, group: Group,
     broadcast over the batch, not a piece of it. Every rank of ``group`` sees the same rows, so
     every one of them raises ``LayoutError`` here, together. ``site``: the hook site this
     exchange serves (:mod:`~flex_surgery.parallel.site_tags`); ranks at different sites raise
-    ``HookSiteMismatchError``, together. ``doubt``: what this rank can say of an inherited
-    sequence split (:class:`~flex_surgery.parallel.layout_specs.Doubt`), settled here on
-    every rank together (``UnknownLayoutError``) before the sizes are read.
+    ``HookSiteMismatchError``, together.
     """
     n = dist.get_world_size(group)
-    level = doubt.level if doubt is not None else _NO_DOUBT
     if local.ndim >= _SHAPE_DIMS:  # more dims than a shape row holds: the sizes alone
-        size = local.shape[dim] if dim < local.ndim else -1
-        mine = torch.tensor([size, site, level], dtype=torch.int64, device=local.device)
+        mine = torch.tensor([local.shape[dim], site], dtype=torch.int64, device=local.device)
         out = [torch.empty_like(mine) for _ in range(n)]
         dist.all_gather(out, mine, group=group)
         check_same_site({_global(group, i): int(t[1]) for i, t in enumerate(out)}, _WHERE)
-        if doubt is not None:
-            doubt.settle([{_global(group, i): int(t[2]) for i, t in enumerate(out)}])
         return tuple(int(t[0]) for t in out)
-    mine = _shape_row(local, rows, site, dim=dim, doubt=level).to(local.device)
+    mine = _shape_row(local, rows, site, dim=dim).to(local.device)
     out = [torch.empty_like(mine) for _ in range(n)]
     dist.all_gather(out, mine, group=group)
     table = [t.tolist() for t in out]
     check_same_site({_global(group, i): r[_SITE] for i, r in enumerate(table)}, _WHERE)
-    if doubt is not None:
-        doubt.settle([{_global(group, i): r[_DOUBT] for i, r in enumerate(table)}])
     shapes = [_row_shape(r) for r in table]
     others = {tuple(s[:dim] + s[dim + 1:]) if len(s) == local.ndim else None for s in shapes}
     if len(others) > 1 or None in others:
@@ -317,9 +307,7 @@ _SHAPE_DIMS = 17  # a sent shape: [ndim, dims..., -1...] (up to 16 dims; ndim -1
 # (see _shape_row), and a digest of its contents where its batch size is not its input's rows
 _ROWS, _SITE, _SENDS, _ITEM = _SHAPE_DIMS, _SHAPE_DIMS + 1, _SHAPE_DIMS + 2, _SHAPE_DIMS + 3
 _DIGEST = _SHAPE_DIMS + 4
-_DOUBT = _SHAPE_DIMS + 5  # what the rank can say of an inherited sequence split (Doubt.level)
-_HEAD = _SHAPE_DIMS + 6
-_NO_DOUBT = -1
+_HEAD = _SHAPE_DIMS + 5
 _DIGEST_SAMPLES = 4096  # elements a digest reads, evenly spaced
 _WHERE = "the exchange of the pieces' shapes"
 
@@ -528,16 +516,15 @@ def _what(pieces: bool) -> str:
 
 
 def _shape_row(t: torch.Tensor, rows: int | None = None, site: int = NO_SITE,
-               sends: bool = True, dim: int | None = None,
-               doubt: int = _NO_DOUBT) -> torch.Tensor:
-    """``[ndim, dims..., -1..., rows, site, sends, item, digest, doubt]``: a piece's shape (up to 16
+               sends: bool = True, dim: int | None = None) -> torch.Tensor:
+    """``[ndim, dims..., -1..., rows, site, sends, item, digest]``: a piece's shape (up to 16
     dims; ndim -1: more), its rank's input rows (-1: unknown, see
     :func:`_broadcast_over_batch`), the hook site it is sent for
     (:mod:`~flex_surgery.parallel.site_tags`), whether the piece follows
     (:func:`collect_pieces`: a replica that sends none still sends its row), its element size
     (a leader at another site may hold another dtype: it receives the bytes) and, where its
     size along the batch ``dim`` is not its input's ``rows``, a :func:`_digest` of it (0:
-    none), and the level of its ``doubt`` (:func:`exchange_sizes`)."""
+    none)."""
     row = torch.full((_HEAD,), -1, dtype=torch.int64)
     if t.ndim < _SHAPE_DIMS:
         row[0] = t.ndim
@@ -549,7 +536,6 @@ def _shape_row(t: torch.Tensor, rows: int | None = None, site: int = NO_SITE,
     row[_ITEM] = t.element_size()
     row[_DIGEST] = _digest(t) if rows is not None and dim is not None and \
         0 <= dim < t.ndim and t.shape[dim] != rows else 0
-    row[_DOUBT] = doubt
     return row
 
 

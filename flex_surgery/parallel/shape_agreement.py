@@ -26,7 +26,7 @@ from flex_surgery.parallel.mesh import ParallelMesh
 from flex_surgery.parallel.runtime import HookSite
 from flex_surgery.parallel.site_tags import check_same_site
 
-__all__ = ["agree_on_whole_shape"]
+__all__ = ["agree_on_doubt", "agree_on_whole_shape"]
 
 
 def agree_on_whole_shape(mesh: ParallelMesh, plain: torch.Tensor, layout: Layout | None,
@@ -46,27 +46,16 @@ def agree_on_whole_shape(mesh: ParallelMesh, plain: torch.Tensor, layout: Layout
     ``doubt``: what this rank can say of a sequence split it inherited, settled here per
     tensor-parallel group (:class:`~flex_surgery.parallel.layout_specs.Doubt`).
     """
-    row = _describe(mesh, plain, layout, failure is not None, stamped, doubt)
-    group = mesh.stage_group
-    rows = [torch.empty_like(row) for _ in range(dist.get_world_size(group))]
-    with naming_lost_ranks(group, "layout agreement"):
-        dist.all_gather(rows, row, group=group)
-    table = [r.tolist() for r in rows]
-    ranks = dist.get_process_group_ranks(group) if group is not None else \
-        list(range(dist.get_world_size()))
-    where = f"{site.module_name!r} ({site.role} of a {site.hook_type} hook)"
-    check_same_site({ranks[i]: r[_SITE] for i, r in enumerate(table)}, where)
+    table, ranks, where = _exchange(mesh, _describe(mesh, plain, layout, failure is not None,
+                                                    stamped, doubt), site)
     failed = [ranks[i] for i, r in enumerate(table) if r[0]]
     if failure is not None:
         raise failure
     if failed:
         raise LayoutError(f"{where}: rank(s) {failed} could not tell how the tensor is split "
                           "(their error says why); every rank stops at this call")
-    if doubt is not None:  # every rank has one (the same split): settled per replica's tp group
-        groups: dict[int, dict[int, int]] = {}
-        for i, r in enumerate(table):
-            groups.setdefault(r[2], {})[ranks[i]] = r[_DOUBT]
-        doubt.settle(list(groups.values()))
+    if doubt is not None:
+        _settle(doubt, table, ranks)
     signatures = {tuple(r[3:8]) for r in table}
     if len(signatures) > 1:
         seen = "; ".join(f"rank {ranks[i]}: {_signature_text(r)}"
@@ -77,6 +66,42 @@ def agree_on_whole_shape(mesh: ParallelMesh, plain: torch.Tensor, layout: Layout
     shape = _whole_shape(table, ranks, where)
     _check_same_over_dp(mesh, plain, layout, site, where)
     return shape
+
+
+def agree_on_doubt(mesh: ParallelMesh, plain: torch.Tensor, doubt: Doubt, site: HookSite,
+                   stamped: int) -> None:
+    """Settle, on every rank of the stage, what each rank can say of a sequence split it
+    inherited (:class:`~flex_surgery.parallel.layout_specs.Doubt`: every rank has one, the
+    same split), for a hook without ``expected_shape``: the same small all-gather over the
+    stage as :func:`agree_on_whole_shape`, so that a refusal in one replica's tensor-parallel
+    group (its sequence a token per rank, another replica's longer) is raised in every
+    replica too, never leaving them in the gather that follows."""
+    table, ranks, _ = _exchange(mesh, _describe(mesh, plain, None, False, stamped, doubt), site)
+    _settle(doubt, table, ranks)
+
+
+def _exchange(mesh: ParallelMesh, row: torch.Tensor,
+              site: HookSite) -> tuple[list[list[int]], list[int], str]:
+    """Every rank's row of the stage (one all-gather), checked for the same hook site: (the
+    rows, the ranks' global ranks, the site's name for errors)."""
+    group = mesh.stage_group
+    rows = [torch.empty_like(row) for _ in range(dist.get_world_size(group))]
+    with naming_lost_ranks(group, "layout agreement"):
+        dist.all_gather(rows, row, group=group)
+    table = [r.tolist() for r in rows]
+    ranks = dist.get_process_group_ranks(group) if group is not None else \
+        list(range(dist.get_world_size()))
+    where = f"{site.module_name!r} ({site.role} of a {site.hook_type} hook)"
+    check_same_site({ranks[i]: r[_SITE] for i, r in enumerate(table)}, where)
+    return table, ranks, where
+
+
+def _settle(doubt: Doubt, table: list[list[int]], ranks: list[int]) -> None:
+    """Settle the doubt per replica's tensor-parallel group (the rows' dp coordinate)."""
+    groups: dict[int, dict[int, int]] = {}
+    for i, r in enumerate(table):
+        groups.setdefault(r[2], {})[ranks[i]] = r[_DOUBT]
+    doubt.settle(list(groups.values()))
 
 
 def _check_same_over_dp(mesh: ParallelMesh, plain: torch.Tensor, layout: Layout,
