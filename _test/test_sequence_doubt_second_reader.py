@@ -1,6 +1,6 @@
-"""Second reading of 76f48cd (sequence splits: an inherited sequence split carries a Doubt,
-settled by every rank together; one token per rank refused unless the split layer's own tensor,
-vouched by identity).
+"""Second reading of the sequence-split doubts: an inherited sequence split carries a Doubt,
+settled by every rank of the stage together; one token per rank is refused unless the tensor
+is the split layer's own.
 
 Every check compares a tensor-parallel run with one process of the same weights and inputs
 (float64): the values hooks store, the output (this rank's sequence piece: the models here end
@@ -12,12 +12,13 @@ or a tensor made of it.
 Pinned as working: sequences that do not divide (3 and 5 over 2: one rank holds one token, or
 two and three) under every hook kind, reading, ``expected_shape`` left open, editing on the
 leader or replicated, ``reduce=``, ``store_on="all"`` and ``overlap_retrieval``; FSDP2 x TP
-(2 x 2) with those and ``store_on="replica_leaders"`` (the tp exchange of the doubt in
-``layout_of`` before the dp meeting breaks nothing there); one token per rank under FSDP2 x TP
+(2 x 2) with those and ``store_on="replica_leaders"``; one token per rank under FSDP2 x TP
 (refused on every rank, or equal for the split layer's own tensor); replicas of different
-lengths with ``expected_shape`` (the agreement over the stage settles every replica's doubt).
+lengths, with and without ``expected_shape`` (refused on every rank of both replicas); the
+split layer's own tensor beside full-backward hooks, after an edit, after a column layer took
+it; a module called on a statistic then on the piece, and a second input's gradient (refused).
 
-Strict xfails pin what goes wrong; see each reason.
+A strict xfail pins what still goes wrong; see its reason.
 """
 
 from __future__ import annotations
