@@ -34,6 +34,7 @@ from __future__ import annotations
 import bisect
 import collections
 import math
+import threading
 import weakref
 from collections.abc import Callable
 from dataclasses import replace
@@ -94,6 +95,7 @@ STORE_ON = ("rank0", "all", "replica_leaders")
 #: Passes whose backward hooks can still be told apart (a backward through more forwards
 #: than this at once stamps the older ones alike: they meet as one pass).
 _PASSES_REMEMBERED = 1024
+_UNNUMBERED = 2**63  # autograd numbers nodes no forward made (AccumulateGrad) 2**64 - 1
 
 
 class DistributedRuntime(Runtime):
@@ -161,6 +163,7 @@ class DistributedRuntime(Runtime):
             # backward hook call belongs to (_pass_of_call): (first sequence number, pass).
             self._pass_starts: collections.deque[tuple[int, int]] = collections.deque(
                 maxlen=_PASSES_REMEMBERED)
+            self._pass_thread = threading.get_ident()  # the thread that numbers them
             self._announcing = -1  # the graph task whose end of backward is queued
             # Pre-hooks before the gradient collectives FSDP1 runs inside the backward.
             # By id of the FlatParameter: (a weak reference to it, its AccumulateGrad node,
@@ -282,6 +285,7 @@ class DistributedRuntime(Runtime):
         self.passes += 1
         if self.meets_at_sites:
             self._pass_starts.append((torch._C._autograd._get_sequence_nr(), self.passes))
+            self._pass_thread = threading.get_ident()  # (sequence numbers are per thread)
 
     def _pass_of_call(self) -> int:
         """The pass a hook call belongs to, stamped into its first message. In forward, the
@@ -294,7 +298,8 @@ class DistributedRuntime(Runtime):
         if torch._C._current_graph_task_id() == -1 or not self._pass_starts:
             return self.passes
         node = torch._C._current_autograd_node()
-        if node is None:
+        if node is None or node._sequence_nr() >= _UNNUMBERED:
+            # no forward made it (a leaf's AccumulateGrad): the last pass, on every rank
             return self.passes
         return self._pass_of_sequence_nr(node._sequence_nr())
 
@@ -385,14 +390,21 @@ class DistributedRuntime(Runtime):
         forward hook: a forward hook put in front of it hooks them first. FSDP1 hooks them
         inside its forward, before any forward hook of the unit runs (and a tensor's hooks run
         in the order they were added), so a forward hook hands on views of the outputs instead,
-        through :class:`_Announcing`, whose backward runs before any hook on the outputs
-        themselves. Returns the forward hooks' handles."""
+        hooked: a view's gradient comes before its base's. A forward recomputed in the backward
+        (activation checkpointing) unshards the unit before it runs: a forward pre-hook put in
+        front of FSDP's announces that too. Returns the hooks' handles."""
         runtime = weakref.ref(self)
 
         def announce(*grads: Any) -> None:
             held = runtime()
             if held is not None and held._announcing == torch._C._current_graph_task_id():
                 held.walk.announce_site(stamp(BACKWARD_UNSHARD, held._pass_of_call()))
+
+        def recomputing(unit: nn.Module, args: Any) -> None:
+            # A forward run again inside the backward (activation checkpointing around the
+            # unit) unshards the unit before it runs: announced first, as in the backward.
+            if torch._C._current_graph_task_id() != -1:
+                announce()
 
         def fsdp2_returned(unit: nn.Module, args: Any, output: Any) -> None:
             if not torch.is_grad_enabled() or torch._C._current_graph_task_id() != -1:
@@ -407,20 +419,27 @@ class DistributedRuntime(Runtime):
                 return None
             seen = [None]  # the graph task announced in: once per call and backward, as FSDP1
 
-            def first_gradient() -> None:
+            def first_gradient(grad: torch.Tensor) -> None:
                 task = torch._C._current_graph_task_id()
                 if seen[0] != task:
                     seen[0] = task
                     announce()
 
-            return _apply_to_tensors(lambda t: _Announcing.apply(t, first_gradient)
-                                     if t.requires_grad else t, output)
+            def viewed(t: torch.Tensor) -> torch.Tensor:
+                # A plain view (in-place ops on it stay allowed, as on the output itself): its
+                # gradient, and so this hook, comes before the output's and FSDP1's hook on it.
+                view = t.view_as(t)
+                view.register_hook(first_gradient)
+                return view
+
+            return _apply_to_tensors(lambda t: viewed(t) if t.requires_grad else t, output)
 
         fsdp1, fsdp2 = frameworks.FSDP1(), frameworks.FSDP2()
-        return [unit.register_forward_hook(fsdp2_returned, prepend=True)
-                for unit in self.module.modules() if fsdp2.owns(unit)] + \
-            [unit.register_forward_hook(fsdp1_returned, prepend=True)
-             for unit in self.module.modules() if fsdp1.owns(unit)]
+        units = [unit for unit in self.module.modules() if fsdp1.owns(unit) or fsdp2.owns(unit)]
+        return [unit.register_forward_hook(
+                    fsdp1_returned if fsdp1.owns(unit) else fsdp2_returned, prepend=True)
+                for unit in units] + \
+            [unit.register_forward_pre_hook(recomputing, prepend=True) for unit in units]
 
     def watch_recomputation(self, module: nn.Module) -> None:
         """A reentrant checkpoint (``torch.utils.checkpoint(..., use_reentrant=True)``) runs
@@ -443,7 +462,11 @@ class DistributedRuntime(Runtime):
                 return
             held = runtime()
             node = torch._C._current_autograd_node()
-            if held is None or node is None or not held._pass_starts:
+            # a reentrant checkpoint's recomputation (a non-reentrant one makes no nodes that
+            # hooks fire on), on the thread whose sequence numbers the passes' starts hold
+            if held is None or node is None or not held._pass_starts or \
+                    type(node).__name__ != "CheckpointFunctionBackward" or \
+                    threading.get_ident() != held._pass_thread:
                 return
             seen = held._pass_of_sequence_nr(node._sequence_nr())
             if held._pass_starts[-1][1] != seen:  # (the same pass goes on: nothing new)
@@ -735,22 +758,6 @@ class _ThroughGather(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return grad, None
-
-
-class _Announcing(torch.autograd.Function):
-    """A view of ``t`` whose backward calls ``announce`` before handing the gradient on to
-    ``t`` (and to the hooks on ``t``: FSDP1's pre-backward unshard, see
-    ``DistributedRuntime._watch_unshards``)."""
-
-    @staticmethod
-    def forward(ctx, t: torch.Tensor, announce: Callable[[], None]) -> torch.Tensor:
-        ctx.announce = announce
-        return t.view_as(t)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        ctx.announce()
         return grad, None
 
 
