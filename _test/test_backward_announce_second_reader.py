@@ -52,7 +52,13 @@ from test_dp_meeting_edge_cases import (
     _side_group,
     _x,
 )
-from test_dp_meeting_second_reader import _fsdp1, _full_grads, _namer, _plain
+from test_dp_meeting_second_reader import (
+    AroundTheBranch,
+    _fsdp1,
+    _full_grads,
+    _namer,
+    _plain,
+)
 from test_dtensor_sequence_output_edge_cases import _lin, _mesh_2d
 from torch import nn
 
@@ -404,26 +410,16 @@ def test_fsdp1_unit_in_a_checkpointed_region_a_branch_backward_hook_raises(reent
 
 # == 0e0fc0a: the pass of a forward recomputed in the backward =================================
 
-class BranchInRegion(Branchy):
+class BranchInRegion(AroundTheBranch):
     """side on a branch inside a checkpointed region (up too); first before it."""
 
-    reentrant = True
-
-    def forward(self, x):
-        from torch.utils.checkpoint import checkpoint
-
-        take = x[:, 0, 0] > 0
-
-        def region(t):
-            if take.any():
-                t = torch.where(take[:, None, None], t + self.side(t), t)
-            return torch.relu(self.up(t))
-
-        return self.down(checkpoint(region, self.first(x), use_reentrant=self.reentrant))
+    def __init__(self):
+        super().__init__(True)
 
 
 class BranchInRegionNonReentrant(BranchInRegion):
-    reentrant = False
+    def __init__(self):
+        AroundTheBranch.__init__(self, False)
 
 
 def _branch_in_region(reentrant: bool):
