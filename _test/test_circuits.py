@@ -325,6 +325,42 @@ def test_bad_input_is_refused_and_nothing_is_modified():
         circuit.use_masks(False, ["down"])
 
 
+def test_neurosurgeon_names_mask_params_on_the_layers_l0_term_and_layer_modes():
+    """What NeuroSurgeon's own tests read (_test/test_neurosurgeon_compat.py): a masked layer's
+    ``weight_mask_params`` / ``bias_mask_params`` (here the logits of ``mask_logits``, as plain
+    attributes: not parameters of the model), ``_compute_l0_loss`` (0.0 in eval mode), the
+    masked layers following the circuit's mode under ``freeze_base``, and ``use_masks`` by
+    ``wrapped_model.<layer>`` names."""
+    model = _Net()
+    tree = _tree(model)
+    state = set(model.state_dict())
+    circuit = CircuitModel(_config(mask_bias=True, mask_init_value=-0.3), model)
+    assert model.up.weight_mask_params is circuit.mask_logits["up-weight"]
+    assert model.down.bias_mask_params is circuit.mask_logits["down-bias"]
+    assert set(model.state_dict()) == state
+    assert {n for n, _ in model.named_parameters()} == {n for n, _ in _Net().named_parameters()}
+
+    assert model.up.training and model.down.training and not model.drop.training
+    x = torch.randn(3, 6)
+    assert torch.equal(circuit._compute_l0_loss(), circuit.l0_loss())
+    circuit.eval()
+    assert not model.up.training and not model.down.training
+    assert circuit._compute_l0_loss() == 0.0
+    masked = circuit(x)
+    circuit.use_masks(False, ["wrapped_model.up", "wrapped_model.down"])
+    assert torch.equal(circuit(x), model.eval()(x)) and not torch.equal(masked, circuit(x))
+
+    # a second circuit on a model that still carries one is refused before anything changes
+    inner = _tree(model)
+    with pytest.raises(ValueError, match=r"already carry mask parameters: \['up.weight_mask"):
+        CircuitModel(_config(), model)
+    assert _tree(model) == inner
+    circuit.remove_masks()
+    assert not hasattr(model.up, "weight_mask_params")
+    assert not hasattr(model.down, "bias_mask_params")
+    assert _tree(model) == tree
+
+
 def test_temperature_schedule():
     assert temperature_at(0, 10, 200.0) == 1.0
     assert temperature_at(10, 10, 200.0) == pytest.approx(200.0)

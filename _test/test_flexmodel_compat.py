@@ -28,13 +28,11 @@ import shutil
 import socket
 import subprocess
 import sys
-import xml.etree.ElementTree as ET
 import zipfile
 from pathlib import Path
 
-import pytest
+from peer_tests import REPO, peer_wheel, python_env, run_peer_tests
 
-REPO = Path(__file__).resolve().parent.parent
 REQUIREMENT = "flex-model==0.1.0"
 CACHE = Path(os.environ.get("FLEX_MODEL_WHEEL_CACHE", REPO / ".cache" / "flex_model-0.1.0"))
 CONFTEST = Path(__file__).resolve().parent / "flexmodel_compat_conftest.py"
@@ -66,27 +64,7 @@ PRIVATE_ATTRIBUTE_TESTS = {
 
 def _wheel() -> Path:
     """FlexModel 0.1.0's wheel, downloaded into the cache the first time."""
-    found = sorted(CACHE.glob("flex_model-0.1.0-*.whl"))
-    if found:
-        return found[0]
-    CACHE.mkdir(parents=True, exist_ok=True)
-    try:
-        done = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-             "--timeout", "20", "--retries", "1", REQUIREMENT, "-d", str(CACHE)],
-            capture_output=True, text=True, timeout=180)
-    except subprocess.TimeoutExpired:
-        pytest.skip(f"pip download {REQUIREMENT} timed out: no package index reachable")
-    found = sorted(CACHE.glob("flex_model-0.1.0-*.whl"))
-    if done.returncode != 0 or not found:
-        reason = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        pytest.skip(f"cannot download {REQUIREMENT} (no package index reachable?): {reason}")
-    return found[0]
-
-
-def _python_env(*front: Path) -> dict[str, str]:
-    path = [*map(str, front), str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+    return peer_wheel(REQUIREMENT, CACHE, "flex_model-0.1.0-*.whl")
 
 
 def _run_flexmodel_tests(wheel: Path, workdir: Path) -> tuple[dict[str, str], str]:
@@ -97,26 +75,9 @@ def _run_flexmodel_tests(wheel: Path, workdir: Path) -> tuple[dict[str, str], st
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(archive.read(name))
     shutil.copy(CONFTEST, workdir / "conftest.py")
-    (workdir / "pytest.ini").write_text("[pytest]\n")
-    report = workdir / "report.xml"
     # A pure-Python wheel imports from its zip.
-    env = _python_env(wheel) if AGAINST_FLEX_MODEL else _python_env()
-    timeout = float(os.environ.get("FLEX_TEST_TIMEOUT", "600"))
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir",
-         str(workdir), "-c", str(workdir / "pytest.ini"), f"--junitxml={report}",
-         *TEST_FILES],
-        cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
-    output = done.stdout + done.stderr
-    assert report.exists(), f"FlexModel's tests did not run:\n{output[-4000:]}"
-    outcomes = {}
-    for case in ET.parse(report).getroot().iter("testcase"):
-        module = case.get("classname", "").rsplit(".", 1)[-1]
-        failed = case.find("failure") is not None or case.find("error") is not None
-        skipped = case.find("skipped") is not None
-        outcome = "failed" if failed else "skipped" if skipped else "passed"
-        outcomes[f"{module}.{case.get('name')}"] = outcome
-    return outcomes, output
+    env = python_env(wheel) if AGAINST_FLEX_MODEL else python_env()
+    return run_peer_tests(workdir, TEST_FILES, env)
 
 
 def test_flexmodel_0_1_0_behaviour_tests_pass_on_flex_surgery(tmp_path):
@@ -137,7 +98,7 @@ def _probe(target: str, wheel: Path) -> dict:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    env = {**_python_env(wheel), "PROBE_PORT": str(port)}
+    env = {**python_env(wheel), "PROBE_PORT": str(port)}
     done = subprocess.run([sys.executable, str(Path(__file__).parent / "flexmodel_compat_probe.py"),
                            target], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"probe on {target} failed:\n{done.stderr[-4000:]}"

@@ -116,7 +116,16 @@ class CircuitModel(nn.Module):
         self._saved_flags = ([p.requires_grad for p in model.parameters()],
                              [m.training for m in model.modules()])
         self._handles: list[Any] = []
+        clashes = [f"{layer.name}.{p}_mask_params" for layer in layers for p in layer.params
+                   if hasattr(layer.module, f"{p}_mask_params")]
+        if clashes:
+            raise ValueError(f"these layers already carry mask parameters: {clashes} (is the "
+                             "model inside another CircuitModel? remove_masks() that one first)")
         for layer in layers:
+            # NeuroSurgeon's name for a layer's mask logits, as a plain attribute: not in the
+            # model's parameters or state dict (they are this module's ``mask_logits``)
+            for p, mp in layer.params.items():
+                layer.module.__dict__[f"{p}_mask_params"] = mp.logits
             self._handles.append(layer.module.register_forward_pre_hook(self._pre_hook(layer)))
             self._handles.append(layer.module.register_forward_hook(
                 self._post_hook(layer), prepend=True, always_call=True))
@@ -150,10 +159,14 @@ class CircuitModel(nn.Module):
 
     # -- modes -------------------------------------------------------------------------------
     def train(self, mode: bool = True) -> CircuitModel:
-        """Masks train (soft) or evaluate (hard); with ``freeze_base`` the model's own modules
-        stay in eval mode (dropout off), as in NeuroSurgeon."""
+        """Masks train (soft) or evaluate (hard); with ``freeze_base`` the model's modules stay
+        in eval mode (dropout off) but for the masked layers themselves, which follow ``mode``
+        as NeuroSurgeon's mask layers do (a plain linear or convolution computes the same in
+        either mode; the mask follows this module's own mode)."""
         self.training = mode
         self.wrapped_model.train(False if self.config.freeze_base else mode)
+        for layer in self._layers.values():
+            layer.module.training = mode
         return self
 
     @property
@@ -184,7 +197,9 @@ class CircuitModel(nn.Module):
 
     def use_masks(self, on: bool, names: Iterable[str] | None = None) -> None:
         """Turn the masks of all layers (or of the named ones) on or off."""
-        chosen = list(self._layers) if names is None else [clean_name(n) for n in names]
+        # NeuroSurgeon names layers as this module's submodules: "wrapped_model.<layer>"
+        chosen = list(self._layers) if names is None else \
+            [clean_name(n.removeprefix("wrapped_model.")) for n in names]
         unknown = [n for n in chosen if n not in self._layers]
         if unknown:
             raise ValueError(f"no masks on {unknown}; masked layers: {list(self._layers)}")
@@ -214,6 +229,11 @@ class CircuitModel(nn.Module):
         total = leader.detach().clone()
         dist.all_reduce(total, group=group)
         return local + (total - local.detach())
+
+    def _compute_l0_loss(self) -> torch.Tensor | float:
+        """NeuroSurgeon's name for the L0 term of the loss: :meth:`l0_loss` while training,
+        ``0.0`` in eval mode (where NeuroSurgeon adds no L0 to the loss)."""
+        return self.l0_loss() if self.training else 0.0
 
     @torch.no_grad()
     def compute_l0_statistics(self) -> dict[str, Any]:
@@ -253,6 +273,9 @@ class CircuitModel(nn.Module):
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        for layer in self._layers.values():
+            for p in layer.params:
+                layer.module.__dict__.pop(f"{p}_mask_params", None)
         grads, modes = self._saved_flags
         for p, g in zip(self.wrapped_model.parameters(), grads):
             p.requires_grad_(g)
