@@ -18,9 +18,10 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
-def peer_wheel(requirement: str, cache: Path, pattern: str) -> Path:
-    """The wheel of ``requirement`` (``name==version``), downloaded into ``cache`` the first
-    time; the test is skipped, with pip's reason, when no package index is reachable."""
+def peer_wheel(requirement: str, cache: Path, pattern: str, source: bool = False) -> Path:
+    """The wheel of ``requirement`` (``name==version``), or its source archive (``source``:
+    where the tests are not in the wheel), downloaded into ``cache`` the first time; the test
+    is skipped, with pip's reason, when no package index is reachable."""
     found = sorted(cache.glob(pattern))
     if found:
         return found[0]
@@ -28,7 +29,8 @@ def peer_wheel(requirement: str, cache: Path, pattern: str) -> Path:
     try:
         done = subprocess.run(
             [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-             "--timeout", "20", "--retries", "1", requirement, "-d", str(cache)],
+             "--timeout", "20", "--retries", "1", *(["--no-binary", ":all:"] if source else []),
+             requirement, "-d", str(cache)],
             capture_output=True, text=True, timeout=180)
     except subprocess.TimeoutExpired:
         pytest.skip(f"pip download {requirement} timed out: no package index reachable")

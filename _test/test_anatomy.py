@@ -4,6 +4,7 @@ models resolve through their wrappers, and unknown architectures or missing part
 from __future__ import annotations
 
 import pytest
+import torch
 from torch import nn
 
 from flex_surgery.anatomy import (
@@ -87,6 +88,47 @@ def test_register_a_custom_architecture():
         assert block_names(Tiny()) == ["stack.0"]
     finally:
         del ANATOMIES["Tiny"]
+
+
+def _neox_bloom_neo(name: str):
+    import transformers as tf
+
+    configs = {
+        "GPTNeoX": tf.GPTNeoXConfig(vocab_size=32, hidden_size=16, num_hidden_layers=3,
+                                    num_attention_heads=2, intermediate_size=32),
+        "Bloom": tf.BloomConfig(vocab_size=32, hidden_size=16, n_layer=3, n_head=2),
+        "GPTNeo": tf.GPTNeoConfig(vocab_size=32, hidden_size=16, num_layers=3, num_heads=2,
+                                  attention_types=[[["global", "local"], 1], [["global"], 1]],
+                                  bos_token_id=0, eos_token_id=0),
+    }
+    torch.manual_seed(0)
+    return getattr(tf, f"{name}ForCausalLM")(configs[name]).eval()
+
+
+@pytest.mark.parametrize("name", ["GPTNeoX", "Bloom", "GPTNeo"])
+def test_neox_bloom_and_neo_parts_and_their_lens_at_the_last_block_is_the_models_answer(name):
+    """The entries point at the real modules (the causal LM and its base model), and the lens,
+    which decodes a block's output through the final norm and the head, gives at the last
+    block the model's own prediction: the parts are the ones the model computes with."""
+    from flex_surgery.lens import LogitLens
+
+    model = _neox_bloom_neo(name)
+    base = model.base_model
+    loc, base_loc = locate(model), locate(base)
+    assert loc.blocks is base_loc.blocks and len(loc.blocks) == 3
+    assert loc.module("final_norm") is base_loc.module("final_norm")
+    assert isinstance(loc.module("final_norm"), nn.LayerNorm)
+    assert loc.module("unembed") is model.get_output_embeddings()
+    assert loc.module("embed") is base.get_input_embeddings()
+    with pytest.raises(MissingPart):
+        base_loc.module("unembed")
+    ids = torch.randint(0, 32, (2, 5), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    with LogitLens(model, top_k=1) as lens:
+        got = lens(input_ids=ids)
+    assert got.tokens.shape[0] == 3
+    assert torch.equal(got.tokens[-1, ..., 0], logits.argmax(-1))
 
 
 def test_table_has_no_silent_gaps():

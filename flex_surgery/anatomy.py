@@ -71,6 +71,16 @@ ANATOMIES: dict[str, Anatomy] = {
                               "model.decoder.embed_tokens", "lm_head"),
     "OPTModel": Anatomy("decoder.layers", "decoder.final_layer_norm", "decoder.embed_tokens",
                         None),
+    # GPT-NeoX (Pythia), Bloom, GPT-Neo: pre-norm decoders, the head after one final norm.
+    "GPTNeoXForCausalLM": Anatomy("gpt_neox.layers", "gpt_neox.final_layer_norm",
+                                  "gpt_neox.embed_in", "lm_head"),
+    "GPTNeoXModel": Anatomy("layers", "final_layer_norm", "embed_in", None),
+    "BloomForCausalLM": Anatomy("transformer.h", "transformer.ln_f",
+                                "transformer.word_embeddings", "lm_head"),
+    "BloomModel": Anatomy("h", "ln_f", "word_embeddings", None),
+    "GPTNeoForCausalLM": Anatomy("transformer.h", "transformer.ln_f", "transformer.wte",
+                                 "lm_head"),
+    "GPTNeoModel": Anatomy("h", "ln_f", "wte", None),
     # BERT: post-norm blocks, no final norm. The masked-LM head runs its transform (dense,
     # activation, LayerNorm) before the decoder; it stands where a final norm would, so that
     # the lens decodes as the head does.
@@ -92,8 +102,9 @@ class UnknownArchitecture(KeyError):
         return str(self.args[0])
 
 
-class MissingPart(LookupError):
-    """The architecture has no such part (e.g. BERT's final norm)."""
+class MissingPart(LookupError, ValueError):
+    """The architecture has no such part (e.g. BERT's final norm). A ``LookupError``, and a
+    ``ValueError`` as tuned-lens's ``get_final_norm`` raises for a model without one."""
 
 
 def register_anatomy(class_name: str, anatomy: Anatomy) -> None:

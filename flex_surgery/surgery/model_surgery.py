@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, TypeVar, Union
 
 import torch.distributed as dist
 from torch import nn
@@ -45,7 +45,9 @@ from flex_surgery.parallel.frameworks.base import LayoutError
 from flex_surgery.surgery.layers import LayerSurgery, _parent_and_attr
 from flex_surgery.surgery.theater import SurgeryError
 
-__all__ = ["ModelSurgery", "ShardingMismatchError"]
+__all__ = ["ModelSurgery", "Norm", "ShardingMismatchError", "assign_key_path", "delete_layers",
+           "get_final_norm", "get_key_path", "get_transformer_layers", "get_unembedding_matrix",
+           "permute_layers", "permute_layers_", "replace_layers", "set_key_path_"]
 
 
 class ShardingMismatchError(SurgeryError):
@@ -419,3 +421,112 @@ def sharding_problems(block: nn.Module, replacement: nn.Module, what: str) -> li
             f"the tensor-parallel block it replaces ({type(block).__name__}): "
             + "; ".join(problems)]
 
+
+
+# -- tuned-lens's module-level names (``tuned_lens.model_surgery``) ---------------------------
+# ``from tuned_lens import model_surgery`` becomes ``from flex_surgery.surgery import
+# model_surgery``: the same functions, each a one-call :class:`ModelSurgery` (so the parts come
+# from the anatomy table, the context managers reinstall the original container, and a
+# FlexModel's pipeline stages are handled as by the class).
+
+T = TypeVar("T", bound=nn.Module)
+Norm = Union[nn.LayerNorm, nn.Module]  # tuned-lens's alias: what get_final_norm returns
+
+
+def get_transformer_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """``(path, layers)`` of the blocks (tuned-lens); ``path`` is usable with
+    :func:`get_key_path`."""
+    return ModelSurgery(model).get_transformer_layers()
+
+
+def get_final_norm(model: nn.Module) -> nn.Module:
+    """The final norm (tuned-lens). A model without one raises
+    :class:`~flex_surgery.anatomy.MissingPart`, a ``ValueError`` as tuned-lens raises."""
+    return ModelSurgery(model).get_final_norm()
+
+
+def get_unembedding_matrix(model: nn.Module) -> nn.Linear:
+    """The unembedding (tuned-lens): an ``nn.Linear``, else ``ValueError`` as tuned-lens."""
+    head = ModelSurgery(model).get_unembedding()
+    if not isinstance(head, nn.Linear):
+        raise ValueError(f"the unembedding is a {type(head).__name__}; tuned-lens's "
+                         "get_unembedding_matrix supports nn.Linear only (ModelSurgery."
+                         "get_unembedding returns any module)")
+    return head
+
+
+def delete_layers(model: T, indices: Sequence[int]) -> contextlib.AbstractContextManager[T]:
+    """Run without the blocks at ``indices`` while in the context; yields the model."""
+    return ModelSurgery(model).delete_layers(indices)
+
+
+@contextlib.contextmanager
+def permute_layers(model: T, indices: Sequence[int]) -> Iterator[T]:
+    """Run the blocks ``indices`` in that order while in the context; as in tuned-lens, blocks
+    may be dropped or repeated (in one process: under pipelining only a permutation within
+    each stage, :meth:`ModelSurgery.permute_layers`). Yields the model."""
+    surgery = ModelSurgery(model)
+    indices = list(indices)
+    n = surgery.num_layers
+    permutation = len(indices) == n and all(
+        isinstance(i, int) and -n <= i < n for i in indices) and \
+        sorted(i % n for i in indices) == list(range(n))
+    if permutation or len(surgery.stage_sizes) > 1:
+        with surgery.permute_layers(indices):
+            yield model
+    else:
+        with LayerSurgery(model, order=indices, container=surgery.container):
+            yield model
+
+
+def permute_layers_(model: nn.Module, indices: Sequence[int]) -> None:
+    """Install the blocks ``indices`` in that order for good (tuned-lens's in-place variant;
+    not restored). One process only."""
+    surgery = ModelSurgery(model)
+    if len(surgery.stage_sizes) > 1:
+        raise SurgeryError("permute_layers_ changes the blocks for good; under pipelining use "
+                           "the permute_layers context manager (blocks stay on their stage)")
+    layers = surgery.get_transformer_layers()[1]
+    order = [layers[i] for i in indices]  # an IndexError names a bad index before any change
+    parent, attr = _parent_and_attr(surgery.root, surgery.container)
+    setattr(parent, attr, nn.ModuleList(order))
+
+
+def replace_layers(model: T, indices: Sequence[int],
+                   replacements: Sequence[nn.Module]) -> contextlib.AbstractContextManager[T]:
+    """Run with ``replacements[k]`` in place of block ``indices[k]`` while in the context;
+    yields the model."""
+    return ModelSurgery(model).replace_layers(indices, replacements)
+
+
+def _key(obj: Any, key: str) -> Any:
+    return obj[int(key)] if key.isdigit() else getattr(obj, key)
+
+
+def get_key_path(model: nn.Module, key_path: str) -> Any:
+    """The value at a dotted key path, e.g. ``transformer.h.0.attn`` (digits index lists)."""
+    for key in key_path.split("."):
+        model = _key(model, key)
+    return model
+
+
+def set_key_path_(model: nn.Module, key_path: str, value: Any) -> None:
+    """Set the value at a dotted key path in place (tuned-lens)."""
+    *path, last = key_path.split(".")
+    parent = get_key_path(model, ".".join(path)) if path else model
+    if last.isdigit():
+        parent[int(last)] = value
+    else:
+        setattr(parent, last, value)
+
+
+@contextlib.contextmanager
+def assign_key_path(model: T, key_path: str, value: Any) -> Iterator[T]:
+    """Set the value at a dotted key path while in the context; the old value comes back on
+    exit, whatever happens inside. Yields the model."""
+    old = get_key_path(model, key_path)
+    set_key_path_(model, key_path, value)
+    try:
+        yield model
+    finally:
+        set_key_path_(model, key_path, old)
