@@ -10,6 +10,10 @@ in as the root ``conftest.py``. ``TUNED_LENS_COMPAT_TARGET=tuned_lens`` runs the
 against tuned-lens's own ``tuned_lens/model_surgery.py`` (its package ``__init__``, which
 imports the lens and its training dependencies, left out), which must pass them all too: the
 proof that the harness is fair.
+
+Two more checks run tuned-lens's own code beside ours: its model-surgery context managers
+against ours on a tiny GPT-2 (``tuned_lens_compat_probe.py``), and its ``TunedLens`` against
+flex_surgery's lens given the same translators (``tuned_lens_translator_check.py``).
 """
 
 from __future__ import annotations
@@ -87,3 +91,21 @@ def test_context_managers_do_what_tuned_lens_0_2_0_does(tmp_path):
     assert len({theirs["base"], theirs["delete_1"][2], theirs["drop"][2]}) == 3
     for key, value in theirs.items():
         assert ours[key] == value, key
+
+
+def test_a_tuned_lens_plugs_into_the_lens_as_translators(tmp_path):
+    """docs/lens.md: a trained ``tuned_lens.TunedLens`` plugs in as ``{i: tuned[i + 1]}``;
+    tuned-lens's own package (from its archive) decodes, and flex_surgery's lens must agree."""
+    archive_path = peer_wheel(REQUIREMENT, CACHE, "tuned-lens-0.2.0.tar.gz", source=True)
+    with tarfile.open(archive_path) as archive:
+        for member in archive.getmembers():
+            name = member.name.removeprefix("tuned-lens-0.2.0/")
+            if name.startswith("tuned_lens/") and member.isfile():
+                target = tmp_path / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(archive.extractfile(member).read())
+    check = Path(__file__).parent / "tuned_lens_translator_check.py"
+    done = subprocess.run([sys.executable, str(check)], env=python_env(tmp_path),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
+    assert "3 blocks equal" in done.stdout
