@@ -632,6 +632,16 @@ def test_flexmodel_0_1_0_attribute_names():
     assert flex.output_dict is second
     flex.register_trainable_module("probe", nn.Linear(2, 2))
     assert flex.all_modules_names == ["", "0", "probe"]
+    # private names FlexModel 0.1.0's code reads: views of the FlexModel's own objects
+    hook = HookFunction("0")
+    assert hook._shared_state is None
+    flex.register_forward_hook(hook)
+    assert hook._shared_state.output_ptr is flex.output_dict is second
+    assert hook._shared_state.save_ctx is flex.save_ctx
+    assert hook._shared_state.modules is flex.trainable_modules
+    assert flex._hook_fn_group_manager.hook_fn_to_groups_map == {hook: {"all"}}
+    flex.update_hook_groups(hook, "mine")
+    assert flex._hook_fn_group_manager.hook_fn_to_groups_map == {hook: {"all", "mine"}}
     flex.close()
 
 

@@ -10,9 +10,11 @@ tests start and destroy the default process group. What the tests need from a GP
 ``conftest.py``. ``FLEX_COMPAT_TARGET=flex_model`` runs the same files against FlexModel 0.1.0
 itself, which must then pass all 12: the proof that the harness is fair.
 
-Every behaviour test must pass. The others inspect FlexModel's private attributes
-(``_shared_state``, ``_hook_fn_group_manager``), which flex_surgery does not have; they are
-listed, with why, in docs/migration.md.
+Every behaviour test must pass, and so must the tests that read FlexModel's private attributes
+(``HookFunction._shared_state``, ``FlexModel._hook_fn_group_manager``: flex_surgery keeps those
+names for code that reads them) but one: ``test_FlexModel_group_creation`` compares stored values
+with ``torch.allclose`` as if they were tensors (they are lists, as on FlexModel 0.1.0, where the
+test passes only because its ``create_hook_group`` creates no hook; docs/migration.md).
 
 FlexModel's tests only look at the first stored tensor, so ``flexmodel_compat_probe.py`` also
 runs one script against FlexModel 0.1.0 itself and against flex_surgery and requires the same
@@ -60,6 +62,11 @@ PRIVATE_ATTRIBUTE_TESTS = {
     "test_wrapper.test_FlexModel_group_all": "FlexModel._hook_fn_group_manager",
     "test_wrapper.test_FlexModel_group_creation": "FlexModel._hook_fn_group_manager",
 }
+# Not passing on flex_surgery, and why (docs/migration.md).
+NOT_PASSING = {
+    "test_wrapper.test_FlexModel_group_creation":
+        "torch.allclose on output_dict values, which are lists (as on FlexModel 0.1.0)",
+}
 
 
 def _wheel() -> Path:
@@ -84,14 +91,15 @@ def test_flexmodel_0_1_0_behaviour_tests_pass_on_flex_surgery(tmp_path):
     outcomes, output = _run_flexmodel_tests(_wheel(), tmp_path)
     assert set(outcomes) == BEHAVIOUR_TESTS | set(PRIVATE_ATTRIBUTE_TESTS), (
         f"FlexModel's test files hold other tests than expected: {sorted(outcomes)}")
-    must_pass = set(outcomes) if AGAINST_FLEX_MODEL else BEHAVIOUR_TESTS
-    not_passed = {t: o for t, o in outcomes.items() if t in must_pass and o != "passed"}
-    assert not not_passed, f"FlexModel behaviour tests not passing: {not_passed}\n{output[-6000:]}"
     passed = sum(o == "passed" for o in outcomes.values())
     target = "FlexModel 0.1.0 itself" if AGAINST_FLEX_MODEL else "flex_surgery"
     print(f"FlexModel 0.1.0's tests on {target}: {passed} passed, "
-          f"{len(outcomes) - passed} failed (private attributes: "
-          f"{sorted(t for t in PRIVATE_ATTRIBUTE_TESTS if outcomes[t] != 'passed')})")
+          f"{len(outcomes) - passed} failed "
+          f"({sorted(t for t, o in outcomes.items() if o != 'passed')})")
+    expected = set() if AGAINST_FLEX_MODEL else set(NOT_PASSING)
+    not_passed = {t for t, o in outcomes.items() if o != "passed"}
+    assert not_passed == expected, (f"FlexModel's tests not passing: {sorted(not_passed)}, "
+                                    f"expected: {sorted(expected)}\n{output[-6000:]}")
 
 
 def _probe(target: str, wheel: Path) -> dict:

@@ -14,6 +14,7 @@ change, not per forward call: repeating the same ``groups=`` costs one compariso
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from types import SimpleNamespace
 from typing import Any
 
 from torch import nn
@@ -138,6 +139,12 @@ class HookGroupAPI:
         if hook_function is not None:
             return self._groups.groups_of(hook_function)
         return {hf: self._groups.groups_of(hf) for hf in self._groups.hook_functions()}
+
+    @property
+    def _hook_fn_group_manager(self) -> SimpleNamespace:
+        """FlexModel 0.1.0's group manager, for code that reads it: ``hook_fn_to_groups_map``
+        is :meth:`get_hook_function_groups` (a snapshot taken at each access)."""
+        return SimpleNamespace(hook_fn_to_groups_map=self.get_hook_function_groups())
 
     def get_group_hook_functions(self, group_name: str) -> list[HookFunction]:
         """The hook functions in ``group_name``, in registration order."""

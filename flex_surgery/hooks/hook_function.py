@@ -106,6 +106,11 @@ class SharedState:
     #: and logits are batch-first in a ``[s, b, h]`` model): ``frameworks.batch_dims``.
     batch_dims: dict = field(default_factory=dict)
 
+    @property
+    def output_ptr(self) -> dict[str, Any] | None:
+        """FlexModel 0.1.0's name for :attr:`output_dict`."""
+        return self.output_dict
+
     def batch_dim_of(self, site: Any) -> int:
         """The batch dim of the tensor a hook at ``site`` sees (what ``reduce=`` reduces)."""
         dims = self.batch_dims.get(site.module) if site is not None else None
@@ -219,6 +224,14 @@ class HookFunction:
         """The FlexModel this hook function is registered with (``None`` when unregistered,
         or when that FlexModel was dropped)."""
         return None if self._owner is None else self._owner()
+
+    @property
+    def _shared_state(self) -> SharedState | None:
+        """FlexModel 0.1.0's name for what the hooks of one FlexModel share: ``output_ptr``
+        (the ``output_dict``), ``save_ctx`` and ``modules`` (the trainable modules), the same
+        objects as the FlexModel's. ``None`` until registered (and for a hook of another
+        pipeline stage)."""
+        return self._shared
 
     # -- binding (called by FlexModel) -----------------------------------------------------
 
