@@ -36,11 +36,11 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def _train(circuit: CircuitModel, x: torch.Tensor, y: torch.Tensor) -> list[float]:
+def _train(circuit: CircuitModel, x: torch.Tensor, y: torch.Tensor, full=_full) -> list[float]:
     opt = torch.optim.SGD(circuit.mask_logits.parameters(), lr=2.0)
     l0 = []
     for step in range(STEPS):
-        loss = F.mse_loss(_full(circuit(x)), y) + circuit.config.l0_lambda * circuit.l0_loss()
+        loss = F.mse_loss(full(circuit(x)), y) + circuit.config.l0_lambda * circuit.l0_loss()
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -49,18 +49,23 @@ def _train(circuit: CircuitModel, x: torch.Tensor, y: torch.Tensor) -> list[floa
     return l0
 
 
-def _compare(par_model, hp: dict, rows: slice | None = None) -> None:
-    """Train the sharded circuit and a one-process twin on the same data; compare everything."""
+def _compare(par_model, hp: dict, rows: slice | None = None, *, ref_model=None,
+             targets: list[str] = TARGETS, data=_data, full=_full) -> None:
+    """Train the sharded circuit and a one-process twin (default ``plain_net(0)``) on the same
+    data; compare everything. ``targets[0]`` must be split over 2 ranks; ``full`` turns the
+    sharded model's output into the whole one (differentiably)."""
     flags = [(p.requires_grad, p.data_ptr()) for p in par_model.parameters()]
     hooks = [(len(m._forward_pre_hooks), len(m._forward_hooks)) for m in par_model.modules()]
-    ref = CircuitModel(_config(hp), plain_net(0))
-    par = CircuitModel(_config(hp), par_model)
-    shard = par._layers["blocks.0.up"].params["weight"].logits
-    assert 2 * shard.numel() == ref._layers["blocks.0.up"].params["weight"].logits.numel()
-    x, y = _data()
+    config = _config(hp)
+    config.target_layers = targets
+    ref = CircuitModel(config, ref_model if ref_model is not None else plain_net(0))
+    par = CircuitModel(config, par_model)
+    shard = par._layers[targets[0]].params["weight"].logits
+    assert 2 * shard.numel() == ref._layers[targets[0]].params["weight"].logits.numel()
+    x, y = data()
     ref_l0 = _train(ref, x, y)
-    px, py = _data(rows)
-    par_l0 = _train(par, px, py)
+    px, py = data(rows)
+    par_l0 = _train(par, px, py, full)
     assert par_l0 == ref_l0  # hard-mask L0 after every step: exact
     moved = 0
     for name, layer in par._layers.items():
@@ -77,7 +82,7 @@ def _compare(par_model, hp: dict, rows: slice | None = None) -> None:
         for mode in ("none", "zero_ablate", "randomly_sampled", "complement_sampled",
                      "random_ablate"):
             par.set_ablate_mode(mode), ref.set_ablate_mode(mode)
-            torch.testing.assert_close(_full(par(px)), ref(px),
+            torch.testing.assert_close(full(par(px)), ref(px),
                                        rtol=1e-5, atol=1e-5)
             if mode != "random_ablate":
                 got, want = par.hard_masks(), ref.hard_masks()
@@ -87,10 +92,10 @@ def _compare(par_model, hp: dict, rows: slice | None = None) -> None:
                 assert stats == ref.compute_l0_statistics(), mode
         # The trained circuit as a hard mask through MaskTheater, on the sharded model itself.
         par.set_ablate_mode("none"), ref.set_ablate_mode("none")
-        masks, want = par.hard_masks(), _full(par(px))
+        masks, want = par.hard_masks(), full(par(px))
         par.use_masks(False)
         with MaskTheater(par.wrapped_model, masks):
-            torch.testing.assert_close(_full(par.wrapped_model(px)), want, rtol=0, atol=0)
+            torch.testing.assert_close(full(par.wrapped_model(px)), want, rtol=0, atol=0)
     before = {n: p.detach().clone() for n, p in par.wrapped_model.named_parameters()}
     model = par.remove_masks()
     for n, p in model.named_parameters():
@@ -109,6 +114,35 @@ def test_fairscale_tp(hp):
         _compare(fairscale_net(plain_net(0)), hp)
     finally:
         fs.destroy_model_parallel()
+
+
+def _megatron_data(rows: slice | None = None):
+    from megatron_cases import B, H, S, token_ids
+
+    ids = token_ids(seed=4)
+    y = torch.randn(S, B, H, generator=torch.Generator().manual_seed(5))
+    return ids, y
+
+
+@pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp", "sequence-parallel"])
+@pytest.mark.parametrize("hp", HPARAMS, ids=["weight", "neuron"])
+@distributed(world_size=2)
+def test_megatron_core_tp(hp, sequence_parallel):
+    """Megatron-core's ColumnParallelLinear / RowParallelLinear (TP=2, CPU; also with sequence
+    parallelism): each rank trains the mask of its shard, equal to the one-process circuit on
+    the same weights. Under sequence parallelism the row-parallel bias is replicated but sees
+    only this rank's tokens: its mask gradient is summed over the group (without that, the
+    bias masks drift from one process's and the L0 differs after the first step)."""
+    from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+    from megatron_cases import megatron_mlp, megatron_parallel, plain_mlp
+
+    def sequence_gathered(out: torch.Tensor) -> torch.Tensor:  # the loss is on every rank
+        return gather_from_sequence_parallel_region(out, tensor_parallel_output_grad=False)
+
+    with megatron_parallel(tensor_parallel=2):
+        model = megatron_mlp(plain_mlp(0), sequence_parallel=sequence_parallel)
+        _compare(model, hp, ref_model=plain_mlp(0), targets=["up", "down"],
+                 data=_megatron_data, full=sequence_gathered if sequence_parallel else _full)
 
 
 @pytest.mark.parametrize("hp", HPARAMS, ids=["weight", "neuron"])
@@ -232,3 +266,22 @@ def test_fairscale_tp_with_data_parallel_replicas_is_refused():
         assert [p.requires_grad for p in model.parameters()] == flags
     finally:
         fs.destroy_model_parallel()
+
+
+@distributed(world_size=4)
+def test_megatron_core_tp_with_data_parallel_replicas_is_refused():
+    """Megatron-core TP=2 on 4 ranks: as with fairscale, nothing averages the mask gradients of
+    the two data-parallel replicas, so the masks are refused on every rank."""
+    from megatron_cases import megatron_mlp, megatron_parallel
+
+    from flex_surgery.parallel.frameworks import UnknownLayoutError
+
+    with megatron_parallel(tensor_parallel=2):
+        model = megatron_mlp()
+        flags = [p.requires_grad for p in model.parameters()]
+        config = _config(HPARAMS[0])
+        config.target_layers = ["up", "down"]
+        with pytest.raises(UnknownLayoutError, match="2 data-parallel replicas"):
+            CircuitModel(config, model)
+        assert [p.requires_grad for p in model.parameters()] == flags
+        assert not any(m._forward_pre_hooks for m in model.modules())

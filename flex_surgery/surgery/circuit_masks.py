@@ -285,6 +285,13 @@ class LayerMask:
                 mp.full_shape[mp.shard.partition_dim] == 1 and \
                 mp.param_full_shape[mp.shard.partition_dim] > 1:
             return _AllReduceGrad.apply(local, mp.tp_group)
+        if mp.tp_group is not None and mp.shard.partition_dim is None and \
+                getattr(stored, "sequence_parallel", False):
+            # Megatron-core's mark of a parameter replicated over the tensor-parallel group but
+            # applied to this rank's piece of the sequence (a row-parallel bias, a norm under
+            # sequence parallelism): each rank's gradient covers its own tokens only, and
+            # Megatron sums such gradients over the group after the backward; so does the mask.
+            return _AllReduceGrad.apply(local, mp.tp_group)
         return local
 
     def _lift_values(self, mp: MaskedParam, local: torch.Tensor,

@@ -30,6 +30,7 @@ __all__ = ["SUPPORTED_LAYERS", "check_ablation", "elect_leaders", "layer_views",
 
 SUPPORTED_LAYERS = ("nn.Linear", "nn.Conv1d", "nn.Conv2d", "transformers Conv1D",
                     "fairscale ColumnParallelLinear", "fairscale RowParallelLinear",
+                    "Megatron-core ColumnParallelLinear", "Megatron-core RowParallelLinear",
                     "DTensor-TP and FSDP2 nn.Linear")
 
 
@@ -48,7 +49,12 @@ def _supported(module: nn.Module) -> bool:
     if tf is not None and type(module) is tf.Conv1D:
         return True
     fs = sys.modules.get("fairscale.nn.model_parallel.layers")
-    return fs is not None and type(module) in (fs.ColumnParallelLinear, fs.RowParallelLinear)
+    if fs is not None and type(module) in (fs.ColumnParallelLinear, fs.RowParallelLinear):
+        return True
+    # Megatron-core's own layers (their forward reads ``self.weight`` / ``self.bias``, which
+    # the mask's pre-hook swaps); Transformer Engine's fused layers are not among them.
+    mc = sys.modules.get("megatron.core.tensor_parallel.layers")
+    return mc is not None and type(module) in (mc.ColumnParallelLinear, mc.RowParallelLinear)
 
 
 def resolve_targets(model: nn.Module, names: Iterable[str]) -> dict[str, nn.Module]:
@@ -106,10 +112,11 @@ def layer_views(model: nn.Module, targets: dict[str, nn.Module],
                     f"{name}.{pname} is a DTensor on a {param.device_mesh.ndim}-D mesh (FSDP2 "
                     "over tensor parallelism); circuit masks follow 1-D DTensor layouts only")
             view = frameworks.parameter_view(f"{name}.{pname}", module, pname, param, tp_group)
-            if view.kind not in ("plain", "fairscale", "dtensor"):
+            if view.kind not in ("plain", "fairscale", "megatron", "dtensor"):
                 raise frameworks.UnknownLayoutError(
                     f"{name}.{pname} is a {view.kind} shard; circuit masks follow plain, "
-                    "fairscale-TP, DTensor-TP and FSDP2 parameters (use FSDP2 instead of FSDP1)")
+                    "fairscale-TP, Megatron-core-TP, DTensor-TP and FSDP2 parameters (use "
+                    "FSDP2 instead of FSDP1)")
             views[name][pname] = view
     _refuse_unaveraged_replicas(views, tp_group,
                                 any(frameworks.is_dtensor(p) for p in model.parameters()))
