@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from flex_surgery.parallel.frameworks import tp_grad_partial_op
 from flex_surgery.parallel.frameworks.views import BlockRegion, IndexRegion, LocalShard, Region
 from flex_surgery.surgery.masks import hard_mask
 from flex_surgery.surgery.theater import noise_seed
@@ -74,20 +75,24 @@ def _region_key(region: Region) -> tuple:
 
 
 class _AllReduceGrad(torch.autograd.Function):
-    """Identity forward, gradient summed over ``group``: a mask replicated on every rank of a
-    tensor-parallel group that multiplies a weight sharded over it gets a partial gradient on
-    each rank (fairscale's ``copy_to_model_parallel_region``, for any group)."""
+    """Identity forward, gradient summed (or averaged) over ``group``: a mask replicated on
+    every rank of a tensor-parallel group that multiplies a weight sharded over it, or a
+    parameter its framework reduces after backward, gets a partial gradient on each rank
+    (fairscale's ``copy_to_model_parallel_region``, for any group)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-        ctx.group = group
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup, mean: bool = False
+                ) -> torch.Tensor:
+        ctx.group, ctx.mean = group, mean
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         grad = grad.contiguous()
         dist.all_reduce(grad, group=ctx.group)
-        return grad, None
+        if ctx.mean:
+            grad = grad / dist.get_world_size(ctx.group)
+        return grad, None, None
 
 
 @dataclass
@@ -107,6 +112,10 @@ class MaskedParam:
     param_full_shape: torch.Size
     shard: LocalShard
     tp_group: dist.ProcessGroup | None
+    # How the parameter's framework reduces its gradient over tp after backward ("sum" for
+    # Megatron's sequence-parallel parameters, "avg", or None: whole on every rank); the
+    # mask's gradient is reduced the same way.
+    grad_partial: str | None = None
     leader: bool = True
     sampled: torch.Tensor | None = field(default=None, repr=False)
     random_values: torch.Tensor | None = field(default=None, repr=False)
@@ -171,8 +180,11 @@ class LayerMask:
             local_shape = tuple(region.take(torch.empty(full_shape, device="meta")).shape)
             logits = nn.Parameter(torch.full(local_shape, float(mask_init_value),
                                              dtype=view.local.dtype, device=view.local.device))
+            partial = None
+            if tp_group is not None and view.partition_dim is None and view.owners:
+                partial = tp_grad_partial_op(module, view.owners[0], name)
             self.params[pname] = MaskedParam(pname, logits, full_shape, region, view.full_shape,
-                                             view, tp_group)
+                                             view, tp_group, grad_partial=partial)
 
     # -- masks -------------------------------------------------------------------------------
     def mask(self, pname: str, training: bool, temperature: float) -> torch.Tensor:
@@ -285,13 +297,11 @@ class LayerMask:
                 mp.full_shape[mp.shard.partition_dim] == 1 and \
                 mp.param_full_shape[mp.shard.partition_dim] > 1:
             return _AllReduceGrad.apply(local, mp.tp_group)
-        if mp.tp_group is not None and mp.shard.partition_dim is None and \
-                getattr(stored, "sequence_parallel", False):
-            # Megatron-core's mark of a parameter replicated over the tensor-parallel group but
-            # applied to this rank's piece of the sequence (a row-parallel bias, a norm under
-            # sequence parallelism): each rank's gradient covers its own tokens only, and
-            # Megatron sums such gradients over the group after the backward; so does the mask.
-            return _AllReduceGrad.apply(local, mp.tp_group)
+        if mp.tp_group is not None and mp.grad_partial is not None:
+            # A parameter replicated over the tensor-parallel group whose gradient its framework
+            # reduces after backward (Megatron's sequence-parallel parameters, e.g. a
+            # row-parallel bias added to this rank's tokens only): the mask's too.
+            return _AllReduceGrad.apply(local, mp.tp_group, mp.grad_partial == "avg")
         return local
 
     def _lift_values(self, mp: MaskedParam, local: torch.Tensor,
