@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from parallel_cases import H, dtensor_plan, fairscale_net, plain_net
+from parallel_cases import H, dtensor_plan, fairscale_net, local_group, plain_net
 from rank_pool import distributed
 
 from flex_surgery.surgery import MaskTheater
@@ -50,7 +50,8 @@ def _train(circuit: CircuitModel, x: torch.Tensor, y: torch.Tensor, full=_full) 
 
 
 def _compare(par_model, hp: dict, rows: slice | None = None, *, ref_model=None,
-             targets: list[str] = TARGETS, data=_data, full=_full) -> None:
+             targets: list[str] = TARGETS, data=_data, full=_full, group=None,
+             ref_group=None) -> None:
     """Train the sharded circuit and a one-process twin (default ``plain_net(0)``) on the same
     data; compare everything. ``targets[0]`` must be split over 2 ranks; ``full`` turns the
     sharded model's output into the whole one (differentiably)."""
@@ -58,8 +59,9 @@ def _compare(par_model, hp: dict, rows: slice | None = None, *, ref_model=None,
     hooks = [(len(m._forward_pre_hooks), len(m._forward_hooks)) for m in par_model.modules()]
     config = _config(hp)
     config.target_layers = targets
-    ref = CircuitModel(config, ref_model if ref_model is not None else plain_net(0))
-    par = CircuitModel(config, par_model)
+    ref = CircuitModel(config, ref_model if ref_model is not None else plain_net(0),
+                       process_group=ref_group)
+    par = CircuitModel(config, par_model, process_group=group)
     shard = par._layers[targets[0]].params["weight"].logits
     assert 2 * shard.numel() == ref._layers[targets[0]].params["weight"].logits.numel()
     x, y = data()
@@ -285,3 +287,18 @@ def test_megatron_core_tp_with_data_parallel_replicas_is_refused():
             CircuitModel(config, model)
         assert [p.requires_grad for p in model.parameters()] == flags
         assert not any(m._forward_pre_hooks for m in model.modules())
+
+
+@distributed(world_size=4)
+def test_fairscale_tp_replicas_each_train_their_own_circuit_given_their_group():
+    """fairscale TP=2 on 4 ranks, each replica's CircuitModel given its tensor-parallel group
+    (what the refusal above suggests): each replica trains its own circuit, equal to the
+    one-process circuit on the same data; no collective reaches the other replica."""
+    from fairscale.nn.model_parallel import initialize as fs
+
+    fs.initialize_model_parallel(2)
+    try:
+        _compare(fairscale_net(plain_net(0)), HPARAMS[0], group=fs.get_model_parallel_group(),
+                 ref_group=local_group())
+    finally:
+        fs.destroy_model_parallel()

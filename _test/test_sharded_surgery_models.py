@@ -210,22 +210,79 @@ def test_megatron_layer_surgery_equals_tp1():
     assert not torch.allclose(want[0], want[-1])
 
 
-@distributed(world_size=2)
-def test_megatron_circuit_masks_are_refused_on_every_rank():
-    """Megatron layers are not a supported circuit target: the same ValueError everywhere,
-    nothing modified."""
+MEGATRON_CIRCUIT_TARGETS = ["decoder.layers.0.self_attention.linear_qkv",
+                            "decoder.layers.0.self_attention.linear_proj",
+                            "decoder.layers.1.mlp.linear_fc1", "decoder.layers.1.mlp.linear_fc2",
+                            "output_layer"]
+
+
+def _megatron_circuit(model, unit: str, group=None):
     from flex_surgery.surgery.circuits import CircuitConfig, CircuitModel
 
+    config = CircuitConfig(mask_hparams=dict(mask_unit=unit, mask_bias=True),
+                           target_layers=MEGATRON_CIRCUIT_TARGETS, l0_lambda=0.0, seed=3)
+    circuit = CircuitModel(config, model, process_group=group)
+    _set_logits(circuit)
+    return circuit
+
+
+def _megatron_circuit_run(circuit) -> dict:
+    """As _circuit_run, on a Megatron GPTModel's ``(ids, positions, mask)``."""
+    out = {}
+    inputs = gpt_inputs()
+    circuit.train()
+    circuit.temperature = 2.0
+    logits = circuit(*inputs)
+    ((logits * torch.linspace(-1, 1, logits.numel(), dtype=logits.dtype).view(logits.shape)
+      ).sum() + 1e-3 * circuit.l0_loss()).backward()
+    out["train"] = logits.detach().clone()
+    for name, layer in circuit._layers.items():
+        for pname, mp in layer.params.items():
+            out[f"grad {name}.{pname}"] = mp.gather(mp.logits.grad)
+    circuit.eval()
+    out["l0"] = circuit.compute_l0_statistics()
+    for mode in ("none", "zero_ablate", "randomly_sampled", "random_ablate"):
+        circuit.set_ablate_mode(mode)
+        with torch.no_grad():
+            out[mode] = circuit(*inputs).detach().clone()
+    circuit.set_ablate_mode("none")
+    out["hard"] = {n: m.clone() for n, m in circuit.hard_masks().items()}
+    return out
+
+
+@pytest.mark.parametrize("unit", ["weight", "neuron"])
+@pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp2", "tp2-sp"])
+@pytest.mark.parametrize("gated", [False, True], ids=["gelu", "gated"])
+@distributed(world_size=2, timeout_s=120)
+def test_megatron_gpt_circuit_masks_equal_tp1(gated, sequence_parallel, unit):
+    """NeuroSurgeon-style circuit masks on a Megatron-core GPTModel at TP=2 (attention's fused
+    qkv, the row-parallel projections, the gated fc1 whose halves are split separately, the
+    vocab-parallel head; with and without sequence parallelism): the soft-mask logits, every
+    mask gradient, L0, the ablations and the hard masks equal the TP=1 twin's (built on every
+    rank with a one-rank process group); the model comes back untouched."""
+    extra = GATED if gated else {}
+    with gpt_parallel(tp=1):
+        want = _megatron_circuit_run(_megatron_circuit(build_gpt(tp=1, **extra), unit,
+                                                       local_group()))
     with gpt_parallel(tp=2):
-        model = build_gpt(tp=2, **GATED)
+        model = build_gpt(tp=2, sequence_parallel=sequence_parallel, **extra)
         before = _snapshot(model)
-        hooks = [len(m._forward_pre_hooks) for m in model.modules()]
-        with pytest.raises(ValueError, match="not a supported layer"):
-            CircuitModel(CircuitConfig(target_layers=["decoder.layers.0.mlp.linear_fc1"]),
-                         model)
+        par = _megatron_circuit(model, unit)
+        got = _megatron_circuit_run(par)
+        par.remove_masks()
         _assert_restored(model, before)
-        assert hooks == [len(m._forward_pre_hooks) for m in model.modules()]
-        assert all(p.requires_grad for p in model.parameters())
+    problems = []
+    for key, value in want.items():
+        if key == "l0":
+            if got[key] != value:
+                problems.append(f"l0: {got[key]} != {value}")
+        elif key == "hard":
+            problems += [f"hard mask {n} differs" for n, m in value.items()
+                         if not torch.equal(got[key][n], m)]
+        elif not torch.allclose(got[key], value, rtol=1e-9, atol=1e-11):
+            problems.append(f"{key}: differs by up to {(got[key] - value).abs().max():.3g}")
+    assert not problems, "\n".join(problems)
+    assert not torch.allclose(want["zero_ablate"], want["none"])
 
 
 # -- HF transformers under tp_plan="auto" -------------------------------------------------------

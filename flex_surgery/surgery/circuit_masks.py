@@ -43,11 +43,13 @@ ABLATIONS = ("none", "zero_ablate", "random_ablate", "randomly_sampled", "comple
 MASK_UNITS = ("weight", "neuron")
 
 
-def world_group() -> dist.ProcessGroup | None:
-    """The group every rank holding the model belongs to (``None`` in one process)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return dist.group.WORLD
-    return None
+def world_group(process_group: dist.ProcessGroup | None = None) -> dist.ProcessGroup | None:
+    """The group of the ranks that hold the model: ``process_group``, by default every rank;
+    ``None`` when that is one rank (one process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    group = process_group if process_group is not None else dist.group.WORLD
+    return group if dist.get_world_size(group) > 1 else None
 
 
 def neuron_dim(module: nn.Module) -> int:
@@ -112,6 +114,8 @@ class MaskedParam:
     param_full_shape: torch.Size
     shard: LocalShard
     tp_group: dist.ProcessGroup | None
+    # The ranks that hold the model (CircuitModel's process_group; None: one process).
+    group: dist.ProcessGroup | None = None
     # How the parameter's framework reduces its gradient over tp after backward ("sum" for
     # Megatron's sequence-parallel parameters, "avg", or None: whole on every rank); the
     # mask's gradient is reduced the same way.
@@ -136,7 +140,7 @@ class MaskedParam:
         """The full mask from each rank's local part (collective; exact: one leader writes each
         element, every other rank adds zeros), in the local part's dtype, as in one process (a
         float64 logit below float32's range would otherwise turn 0 and change the count)."""
-        group = world_group()
+        group = self.group
         if group is None:
             return local.detach().reshape(self.full_shape).clone()
         full = torch.zeros(math.prod(self.full_shape), dtype=local.dtype, device=local.device)
@@ -161,7 +165,8 @@ class LayerMask:
 
     def __init__(self, name: str, module: nn.Module, views: dict[str, LocalShard], *,
                  mask_unit: str, mask_bias: bool, mask_init_value: float, seed: int,
-                 tp_group: dist.ProcessGroup | None) -> None:
+                 tp_group: dist.ProcessGroup | None,
+                 group: dist.ProcessGroup | None = None) -> None:
         self.name, self.module, self.seed = name, module, seed
         self.mask_unit, self.mask_init_value = mask_unit, mask_init_value
         self.ablation = "none"
@@ -184,7 +189,8 @@ class LayerMask:
             if tp_group is not None and view.partition_dim is None and view.owners:
                 partial = tp_grad_partial_op(module, view.owners[0], name)
             self.params[pname] = MaskedParam(pname, logits, full_shape, region, view.full_shape,
-                                             view, tp_group, grad_partial=partial)
+                                             view, tp_group, group=group,
+                                             grad_partial=partial)
 
     # -- masks -------------------------------------------------------------------------------
     def mask(self, pname: str, training: bool, temperature: float) -> torch.Tensor:

@@ -23,7 +23,7 @@ from torch import nn
 from flex_surgery.naming import clean_name, modules_by_clean_name
 from flex_surgery.parallel import frameworks
 from flex_surgery.parallel.frameworks.base import differs_across
-from flex_surgery.surgery.circuit_masks import ABLATIONS, LayerMask, world_group
+from flex_surgery.surgery.circuit_masks import ABLATIONS, LayerMask
 
 __all__ = ["SUPPORTED_LAYERS", "check_ablation", "elect_leaders", "layer_views",
            "resolve_targets"]
@@ -83,8 +83,8 @@ def resolve_targets(model: nn.Module, names: Iterable[str]) -> dict[str, nn.Modu
     return found
 
 
-def layer_views(model: nn.Module, targets: dict[str, nn.Module],
-                 mask_bias: bool) -> dict[str, dict[str, frameworks.LocalShard]]:
+def layer_views(model: nn.Module, targets: dict[str, nn.Module], mask_bias: bool,
+                group: dist.ProcessGroup | None) -> dict[str, dict[str, frameworks.LocalShard]]:
     """This rank's shard view of each masked parameter (the one place that asks the framework
     registry how a weight is split); refuses layouts a mask cannot follow."""
     wrappers = {frameworks.wrapper_kind(m) for m in model.modules()} - {None, "FSDP2"}
@@ -119,7 +119,8 @@ def layer_views(model: nn.Module, targets: dict[str, nn.Module],
                     "FSDP2 instead of FSDP1)")
             views[name][pname] = view
     _refuse_unaveraged_replicas(views, tp_group,
-                                any(frameworks.is_dtensor(p) for p in model.parameters()))
+                                any(frameworks.is_dtensor(p) for p in model.parameters()),
+                                dist.get_world_size(group) if group is not None else 1)
     plain = [(n, v["weight"]) for n, v in views.items() if v["weight"].kind == "plain"]
     if tp_group is not None and plain:
         differ = differs_across([v.local for _, v in plain], tp_group)
@@ -133,7 +134,7 @@ def layer_views(model: nn.Module, targets: dict[str, nn.Module],
 
 def _refuse_unaveraged_replicas(views: dict[str, dict[str, frameworks.LocalShard]],
                                tp_group: dist.ProcessGroup | None,
-                               sharded_model: bool = False) -> None:
+                               sharded_model: bool, world: int) -> None:
     """Refuse masks held whole by data-parallel replicas that nothing averages over.
 
     A mask is trained consistently only over the ranks whose framework splits (or averages) its
@@ -149,7 +150,6 @@ def _refuse_unaveraged_replicas(views: dict[str, dict[str, frameworks.LocalShard
     model that is otherwise sharded (``sharded_model``: DTensor parameters, e.g. a head left
     outside every ``fully_shard`` unit) is a data-parallel replica like the others.
     """
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     tp = dist.get_world_size(tp_group) if tp_group is not None else 1
     bad = []
     for name, params in views.items():
@@ -164,15 +164,17 @@ def _refuse_unaveraged_replicas(views: dict[str, dict[str, frameworks.LocalShard
     if bad:
         raise frameworks.UnknownLayoutError(
             f"circuit masks on {bad} would be trained by {world // max(1, tp)} data-parallel "
-            "replicas that nothing averages mask gradients over (fairscale tensor parallelism "
-            "with a data-parallel group, or DTensor on a sub-mesh); use FSDP2 for "
-            "data parallelism, or give each replica its own process group")
+            "replicas that nothing averages mask gradients over (fairscale or Megatron-core "
+            "tensor parallelism with a data-parallel group, or DTensor on a sub-mesh); use "
+            "FSDP2 for data parallelism, or give each replica its own circuit "
+            "(CircuitModel(config, model, process_group=<the replica's tensor-parallel "
+            "group>))")
 
 
-def elect_leaders(layers: list[LayerMask]) -> None:
-    """One rank per distinct region of each mask counts it in global sums (collective);
-    regions that do not tile the full mask exactly are refused."""
-    group = world_group()
+def elect_leaders(layers: list[LayerMask], group: dist.ProcessGroup | None) -> None:
+    """One rank per distinct region of each mask counts it in global sums (collective over
+    ``group``, the ranks that hold the model); regions that do not tile the full mask exactly
+    are refused."""
     if group is None:
         return
     mine = [layer.region_keys() for layer in layers]

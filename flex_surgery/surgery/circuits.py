@@ -89,23 +89,28 @@ class CircuitConfig:
 class CircuitModel(nn.Module):
     """Wrap ``model`` with trainable continuous-sparsification masks on ``config.target_layers``.
 
-    Every rank of a sharded model builds it with the same config (construction is collective).
-    Train the masks (``circuit.parameters()`` are the masks when ``freeze_base``), anneal
+    Every rank of a sharded model builds it with the same config (construction is collective
+    over ``process_group``: the ranks that hold this model, by default every rank; a group of
+    one rank is one process, e.g. a one-process twin built on every rank of a job, or one
+    circuit per data-parallel replica given its tensor-parallel group). Train the masks (``circuit.parameters()`` are the masks when ``freeze_base``), anneal
     :attr:`temperature`, then evaluate the hard mask (``circuit.eval()``), ablate it
     (:meth:`set_ablate_mode`) or hand it to :class:`~flex_surgery.surgery.masks.MaskTheater`
     (:meth:`hard_masks`).
     """
 
-    def __init__(self, config: CircuitConfig, model: nn.Module) -> None:
+    def __init__(self, config: CircuitConfig, model: nn.Module,
+                 process_group: dist.ProcessGroup | None = None) -> None:
         super().__init__()
         hp = config.hparams()
+        self._group = world_group(process_group)
         targets = resolve_targets(model, config.target_layers)
-        views = layer_views(model, targets, hp["mask_bias"])
+        views = layer_views(model, targets, hp["mask_bias"], self._group)
         tp_group = frameworks.tensor_parallel_group(model=model)
         layers = [LayerMask(name, targets[name], views[name], mask_unit=hp["mask_unit"],
                             mask_bias=hp["mask_bias"], mask_init_value=hp["mask_init_value"],
-                            seed=config.seed, tp_group=tp_group) for name in targets]
-        elect_leaders(layers)
+                            seed=config.seed, tp_group=tp_group, group=self._group)
+                  for name in targets]
+        elect_leaders(layers, self._group)
         self.config = config
         self.wrapped_model = model
         self.mask_logits = nn.ParameterDict({
@@ -223,7 +228,7 @@ class CircuitModel(nn.Module):
             t, lead = layer.l0_terms(self.training, self._temperature)
             local = t if local is None else local + t
             leader = lead if leader is None else leader + lead
-        group = world_group()
+        group = self._group
         if group is None:
             return local
         total = leader.detach().clone()
@@ -242,7 +247,7 @@ class CircuitModel(nn.Module):
         names = list(self._layers)
         values = torch.stack([self._layers[n].l0_terms(False, self._temperature)[1].double()
                               for n in names])
-        group = world_group()
+        group = self._group
         if group is not None:
             dist.all_reduce(values, group=group)
         layer2l0 = {n: float(v) for n, v in zip(names, values.tolist())}
