@@ -317,7 +317,11 @@ def test_bad_input_is_refused_and_nothing_is_modified():
     refused("target_layers is empty", target_layers=[])
     refused(r"unknown mask_hparams \['mask_init_percentage'\]",
             mask_hparams={"mask_init_percentage": 0.5})
-    refused("mask_method 'hard_concrete' is not supported", mask_method="hard_concrete")
+    refused("mask_method 'magnitude_pruning' is not supported", mask_method="magnitude_pruning")
+    refused(r"mask_init_percentage 1.5 is outside", mask_method="hard_concrete",
+            mask_hparams={"mask_init_percentage": 1.5})
+    refused(r"unknown mask_hparams \['mask_init_value'\] for hard_concrete",
+            mask_method="hard_concrete", mask_hparams={"mask_init_value": 0.5})
     refused("ablation 'zero'", mask_hparams={"ablation": "zero"})
     refused("mask_unit 'row'", mask_hparams={"mask_unit": "row"})
     circuit = CircuitModel(CircuitConfig(target_layers=["up"]), model)
@@ -359,6 +363,64 @@ def test_neurosurgeon_names_mask_params_on_the_layers_l0_term_and_layer_modes():
     assert not hasattr(model.up, "weight_mask_params")
     assert not hasattr(model.down, "bias_mask_params")
     assert _tree(model) == tree
+
+
+def test_hard_concrete_gates_follow_louizos_and_neurosurgeon():
+    """``mask_method="hard_concrete"`` (NeuroSurgeon's HardConcreteLayer, written out here):
+    logits start at log(p / (1 - p)); in training each forward draws new gates
+    ``clamp(sigmoid((log u - log(1 - u) + a) / (2/3)) * 1.2 - 0.1, 0, 1)`` with ``u`` from the
+    circuit's seeded generator, and L0 is the expected number of open gates,
+    ``sum(sigmoid(a - 2/3 log(0.1 / 1.1)))``; in eval the mask is NeuroSurgeon's
+    ``clamp(sigmoid(a) * 1.2 - 0.1, 0, 1) > 0.5`` and L0 counts it."""
+    from flex_surgery.surgery.circuit_masks import _generator
+
+    model = _Net()
+    config = CircuitConfig(mask_method="hard_concrete", target_layers=["up"], seed=5,
+                           mask_hparams={"mask_init_percentage": 0.7, "mask_bias": True})
+    circuit = CircuitModel(config, model)
+    logits = circuit.mask_logits
+    assert torch.allclose(logits["up-weight"], torch.full((10, 6), math.log(0.7 / 0.3)))
+    with torch.no_grad():  # a spread of logits, some negative
+        logits["up-weight"].copy_(torch.linspace(-3, 3, 60).view(10, 6))
+        logits["up-bias"].copy_(torch.linspace(-1, 2, 10))
+    x = torch.randn(4, 6)
+
+    def gates(name: str, draw: int, a: torch.Tensor) -> torch.Tensor:
+        u = torch.rand(a.shape, generator=_generator(5, f"up.{name}/gates", draw,
+                                                     torch.device("cpu")),
+                       dtype=torch.float64).clamp_(1e-4, 1 - 1e-4).float()
+        s = torch.sigmoid((torch.log(u) - torch.log(1 - u) + a) / (2 / 3))
+        return torch.clamp(s * 1.2 - 0.1, 0, 1)
+
+    def reference(wmask: torch.Tensor, bmask: torch.Tensor) -> torch.Tensor:
+        up = F.linear(x, model.up.weight * wmask, model.up.bias * bmask)
+        return model.down(model.drop(F.gelu(up)))
+
+    a_w, a_b = logits["up-weight"].detach(), logits["up-bias"].detach()
+    outs = []
+    for draw in range(2):  # new gates at every forward
+        got = circuit(x)
+        want = reference(gates("weight", draw, a_w), gates("bias", draw, a_b))
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+        outs.append(got)
+    assert not torch.equal(outs[0], outs[1])
+    shift = (2 / 3) * math.log(0.1 / 1.1)
+    want_l0 = torch.sigmoid(a_w - shift).sum() + torch.sigmoid(a_b - shift).sum()
+    torch.testing.assert_close(circuit.l0_loss().float(), want_l0, rtol=1e-6, atol=1e-5)
+    circuit.l0_loss().backward()  # the L0 term has a gradient for every logit
+    assert logits["up-weight"].grad is not None and bool((logits["up-weight"].grad > 0).all())
+
+    circuit.eval()
+    neuro_hard = lambda a: torch.clamp(torch.sigmoid(a) * 1.2 - 0.1, 0, 1) > 0.5  # noqa: E731
+    torch.testing.assert_close(circuit(x), reference(neuro_hard(a_w).float(),
+                                                     neuro_hard(a_b).float()))
+    assert circuit.compute_l0_statistics()["total_l0"] == \
+        int(neuro_hard(a_w).sum() + neuro_hard(a_b).sum())
+    masks = circuit.hard_masks()
+    assert torch.equal(masks["up.weight"], neuro_hard(a_w))
+    with pytest.warns(UserWarning, match="temperature is ignored by hard_concrete"):
+        circuit.temperature = 5.0
+    circuit.remove_masks()
 
 
 def test_temperature_schedule():

@@ -37,10 +37,22 @@ from flex_surgery.parallel.frameworks.views import BlockRegion, IndexRegion, Loc
 from flex_surgery.surgery.masks import hard_mask
 from flex_surgery.surgery.theater import noise_seed
 
-__all__ = ["ABLATIONS", "MASK_UNITS", "LayerMask", "world_group"]
+__all__ = ["ABLATIONS", "MASK_UNITS", "LayerMask", "hard_concrete_logit", "world_group"]
 
 ABLATIONS = ("none", "zero_ablate", "random_ablate", "randomly_sampled", "complement_sampled")
 MASK_UNITS = ("weight", "neuron")
+
+
+# Hard concrete gates (Louizos et al., 2018, with NeuroSurgeon's constants): a concrete variable
+# of temperature 2/3 stretched to (-0.1, 1.1) and clamped to [0, 1].
+HC_TEMPERATURE, HC_LEFT, HC_RIGHT = 2 / 3, -0.1, 1.1
+
+
+def hard_concrete_logit(open_share: float) -> float:
+    """The initial gate logit that leaves about ``open_share`` of the gates open (NeuroSurgeon's
+    ``log(p / (1 - p))``, ``p`` kept inside [0.0001, 0.9999])."""
+    p = min(max(float(open_share), 1e-4), 1 - 1e-4)
+    return math.log(p / (1 - p))
 
 
 def world_group(process_group: dist.ProcessGroup | None = None) -> dist.ProcessGroup | None:
@@ -125,6 +137,7 @@ class MaskedParam:
     random_values: torch.Tensor | None = field(default=None, repr=False)
     draws: int = 0
     resample: bool = False  # draw a new sampled mask at its next use (force_resample)
+    noise_draws: int = 0  # hard concrete: the training masks drawn so far
 
     @property
     def fan(self) -> int:
@@ -157,7 +170,8 @@ def _generator(seed: int, name: str, draw: int, device: torch.device) -> torch.G
 
 
 class LayerMask:
-    """The continuous-sparsification mask of one target layer (weight, optionally bias).
+    """The continuous-sparsification or hard-concrete mask of one target layer (weight,
+    optionally bias).
 
     Built by :class:`~flex_surgery.surgery.circuits.CircuitModel`; ``views`` are the layer's
     :class:`LocalShard` views by parameter name.
@@ -166,8 +180,9 @@ class LayerMask:
     def __init__(self, name: str, module: nn.Module, views: dict[str, LocalShard], *,
                  mask_unit: str, mask_bias: bool, mask_init_value: float, seed: int,
                  tp_group: dist.ProcessGroup | None,
-                 group: dist.ProcessGroup | None = None) -> None:
-        self.name, self.module, self.seed = name, module, seed
+                 group: dist.ProcessGroup | None = None,
+                 method: str = "continuous_sparsification") -> None:
+        self.name, self.module, self.seed, self.method = name, module, seed, method
         self.mask_unit, self.mask_init_value = mask_unit, mask_init_value
         self.ablation = "none"
         self.use_masks = True
@@ -195,8 +210,10 @@ class LayerMask:
     # -- masks -------------------------------------------------------------------------------
     def mask(self, pname: str, training: bool, temperature: float) -> torch.Tensor:
         """This rank's mask of ``pname`` (neuron masks unexpanded), as NeuroSurgeon's
-        ``_compute_mask``: soft ``sigmoid(temperature * logits)`` while training, else the hard
-        mask, its complement (``zero_ablate``/``random_ablate``) or a sampled one."""
+        ``_compute_mask``: while training, soft ``sigmoid(temperature * logits)`` (continuous
+        sparsification) or a sampled hard-concrete gate (:meth:`_gates`); else the hard mask
+        (:meth:`_hard`), its complement (``zero_ablate``/``random_ablate``) or a sampled
+        one."""
         mp = self.params[pname]
         logits = mp.logits
         hard = not training or not logits.requires_grad
@@ -204,12 +221,37 @@ class LayerMask:
             if self.ablation != "none":
                 raise ValueError(f"ablation {self.ablation!r} is for evaluation: call "
                                  "circuit.eval() first (masks cannot be ablated while training)")
+            if self.method == "hard_concrete":
+                return self._gates(mp)
             return torch.sigmoid(temperature * logits)
         if self.ablation == "none":
-            return hard_mask(logits).to(logits.dtype)
+            return self._hard(logits).to(logits.dtype)
         if self.ablation in ("zero_ablate", "random_ablate"):
-            return (logits <= 0).to(logits.dtype)
+            return (~self._hard(logits)).to(logits.dtype)
         return self._sampled(mp).to(logits.dtype)
+
+    def _hard(self, logits: torch.Tensor) -> torch.Tensor:
+        """The eval mask as NeuroSurgeon computes it, in the logits' dtype: ``logits > 0``
+        (continuous sparsification); ``clamp(sigmoid(logits) * (r - l) + l, 0, 1) > 0.5``
+        (hard concrete: the same but at a logit of exactly 0, which that rounding keeps)."""
+        if self.method == "hard_concrete":
+            stretched = torch.sigmoid(logits) * (HC_RIGHT - HC_LEFT) + HC_LEFT
+            return torch.clamp(stretched, 0.0, 1.0) > 0.5
+        return hard_mask(logits)
+
+    def _gates(self, mp: MaskedParam) -> torch.Tensor:
+        """A hard-concrete training mask: ``clamp(sigmoid((log u - log(1 - u) + logits) / T)
+        * (r - l) + l, 0, 1)`` with ``u`` uniform in [0.0001, 0.9999], drawn anew at every
+        call. ``u`` is drawn at the full mask's shape from a generator seeded by
+        ``(seed, layer, draw)`` and cut to this rank's region, so every rank and every layout
+        gates each weight as one process does (NeuroSurgeon draws from the global RNG)."""
+        gen = _generator(self.seed, f"{self.name}.{mp.pname}/gates", mp.noise_draws,
+                         torch.device("cpu"))
+        mp.noise_draws += 1
+        u = torch.rand(mp.full_shape, generator=gen, dtype=torch.float64).clamp_(1e-4, 1 - 1e-4)
+        u = mp.region.take(u).to(device=mp.logits.device, dtype=mp.logits.dtype)
+        s = torch.sigmoid((torch.log(u) - torch.log(1 - u) + mp.logits) / HC_TEMPERATURE)
+        return torch.clamp(s * (HC_RIGHT - HC_LEFT) + HC_LEFT, 0.0, 1.0)
 
     def _sampled(self, mp: MaskedParam) -> torch.Tensor:
         """A random mask removing as many elements as the trained mask keeps, drawn at the full
@@ -219,13 +261,14 @@ class LayerMask:
             return mp.sampled
         mp.resample = False  # per parameter: the weight's draw must not use up the bias's
         full = mp.gather(mp.logits)
-        keep = int((full > 0).sum())
+        kept = self._hard(full)
+        keep = int(kept.sum())
         gen = _generator(self.seed, f"{self.name}.{mp.pname}/{self.ablation}", mp.draws,
                          torch.device("cpu"))
         mp.draws += 1
         flat = full.reshape(-1).cpu()
         if self.ablation == "complement_sampled":
-            complement = (flat <= 0).nonzero().flatten()  # what the hard mask removes
+            complement = (~kept.reshape(-1).cpu()).nonzero().flatten()  # what it removes
             if keep > complement.numel():
                 raise ValueError(f"{self.name}.{mp.pname}: complement_sampled needs at most half "
                                  f"of the mask kept ({keep} kept, {complement.numel()} removed)")
@@ -266,7 +309,14 @@ class LayerMask:
         for mp in self.params.values():
             # Summed in float64: in the model's dtype a bf16 sum of 771 ones is 772, an fp16
             # sum of 90,000 is inf (float32 is exact only below 2**24 elements).
-            part = self.mask(mp.pname, training, temperature).sum(dtype=torch.float64) * mp.fan
+            if self.method == "hard_concrete" and training and mp.logits.requires_grad:
+                # the expected number of open gates (Louizos et al.), not a sampled mask's
+                open_ = torch.sigmoid(mp.logits - HC_TEMPERATURE *
+                                      math.log(-HC_LEFT / HC_RIGHT))
+                part = open_.sum(dtype=torch.float64) * mp.fan
+            else:
+                part = self.mask(mp.pname, training, temperature).sum(dtype=torch.float64) * \
+                    mp.fan
             total = part if total is None else total + part
             lead = part if mp.leader else torch.zeros_like(part)
             leader = lead if leader is None else leader + lead

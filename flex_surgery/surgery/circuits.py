@@ -16,6 +16,7 @@ back the original model unchanged.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,7 +27,12 @@ from torch import nn
 
 from flex_surgery.naming import clean_name
 from flex_surgery.parallel import frameworks
-from flex_surgery.surgery.circuit_masks import MASK_UNITS, LayerMask, world_group
+from flex_surgery.surgery.circuit_masks import (
+    MASK_UNITS,
+    LayerMask,
+    hard_concrete_logit,
+    world_group,
+)
 from flex_surgery.surgery.circuit_targets import SUPPORTED_LAYERS as SUPPORTED_LAYERS
 from flex_surgery.surgery.circuit_targets import (
     check_ablation,
@@ -37,9 +43,14 @@ from flex_surgery.surgery.circuit_targets import (
 
 __all__ = ["CircuitConfig", "CircuitModel", "anneal_temperature", "temperature_at"]
 
-MASK_METHODS = ("continuous_sparsification",)
-_HPARAM_DEFAULTS: dict[str, Any] = {"ablation": "none", "mask_unit": "weight",
-                                    "mask_bias": False, "mask_init_value": 0.0}
+MASK_METHODS = ("continuous_sparsification", "hard_concrete")
+_COMMON_DEFAULTS: dict[str, Any] = {"ablation": "none", "mask_unit": "weight",
+                                    "mask_bias": False}
+# Each method's own initial value (NeuroSurgeon's names): a logit, or the share of gates open.
+_HPARAM_DEFAULTS: dict[str, dict[str, Any]] = {
+    "continuous_sparsification": {**_COMMON_DEFAULTS, "mask_init_value": 0.0},
+    "hard_concrete": {**_COMMON_DEFAULTS, "mask_init_percentage": 0.5},
+}
 
 
 @dataclass
@@ -47,10 +58,13 @@ class CircuitConfig:
     """What to mask and how (NeuroSurgeon's ``CircuitConfig``).
 
     Args:
-        mask_method: ``"continuous_sparsification"`` (the only method here).
+        mask_method: ``"continuous_sparsification"`` (Savarese et al., 2020) or
+            ``"hard_concrete"`` (Louizos et al., 2018).
         mask_hparams: ``ablation`` (one of :data:`ABLATIONS`, default ``"none"``),
-            ``mask_unit`` (``"weight"`` or ``"neuron"``), ``mask_bias`` (mask biases too),
-            ``mask_init_value`` (initial mask logit; positive keeps weights at first).
+            ``mask_unit`` (``"weight"`` or ``"neuron"``), ``mask_bias`` (mask biases too);
+            continuous sparsification: ``mask_init_value`` (initial mask logit; positive keeps
+            weights at first); hard concrete: ``mask_init_percentage`` (the share of gates
+            open at first, in [0, 1]).
         target_layers: module names of the layers to mask (as in ``named_modules()`` of the
             unwrapped model).
         freeze_base: keep the model's own parameters frozen and its modules in eval mode.
@@ -73,11 +87,15 @@ class CircuitConfig:
         if self.mask_method not in MASK_METHODS:
             raise ValueError(f"mask_method {self.mask_method!r} is not supported; expected one "
                              f"of {MASK_METHODS}")
-        unknown = sorted(set(self.mask_hparams) - set(_HPARAM_DEFAULTS))
+        defaults = _HPARAM_DEFAULTS[self.mask_method]
+        unknown = sorted(set(self.mask_hparams) - set(defaults))
         if unknown:
-            raise ValueError(f"unknown mask_hparams {unknown}; expected keys "
-                             f"{sorted(_HPARAM_DEFAULTS)}")
-        hp = {**_HPARAM_DEFAULTS, **self.mask_hparams}
+            raise ValueError(f"unknown mask_hparams {unknown} for {self.mask_method}; expected "
+                             f"keys {sorted(defaults)}")
+        hp = {**defaults, **self.mask_hparams}
+        if "mask_init_percentage" in hp and not 0.0 <= hp["mask_init_percentage"] <= 1.0:
+            raise ValueError(f"mask_init_percentage {hp['mask_init_percentage']} is outside "
+                             "[0, 1]")
         check_ablation(hp["ablation"])
         if hp["mask_unit"] not in MASK_UNITS:
             raise ValueError(f"mask_unit {hp['mask_unit']!r}; expected one of {MASK_UNITS}")
@@ -87,13 +105,15 @@ class CircuitConfig:
 
 
 class CircuitModel(nn.Module):
-    """Wrap ``model`` with trainable continuous-sparsification masks on ``config.target_layers``.
+    """Wrap ``model`` with trainable masks (continuous sparsification or hard concrete) on
+    ``config.target_layers``.
 
     Every rank of a sharded model builds it with the same config (construction is collective
     over ``process_group``: the ranks that hold this model, by default every rank; a group of
     one rank is one process, e.g. a one-process twin built on every rank of a job, or one
-    circuit per data-parallel replica given its tensor-parallel group). Train the masks (``circuit.parameters()`` are the masks when ``freeze_base``), anneal
-    :attr:`temperature`, then evaluate the hard mask (``circuit.eval()``), ablate it
+    circuit per data-parallel replica given its tensor-parallel group). Train the masks
+    (``circuit.parameters()`` are the masks when ``freeze_base``), anneal :attr:`temperature`
+    (continuous sparsification), then evaluate the hard mask (``circuit.eval()``), ablate it
     (:meth:`set_ablate_mode`) or hand it to :class:`~flex_surgery.surgery.masks.MaskTheater`
     (:meth:`hard_masks`).
     """
@@ -106,9 +126,12 @@ class CircuitModel(nn.Module):
         targets = resolve_targets(model, config.target_layers)
         views = layer_views(model, targets, hp["mask_bias"], self._group)
         tp_group = frameworks.tensor_parallel_group(model=model)
+        init = hp["mask_init_value"] if config.mask_method == "continuous_sparsification" \
+            else hard_concrete_logit(hp["mask_init_percentage"])
         layers = [LayerMask(name, targets[name], views[name], mask_unit=hp["mask_unit"],
-                            mask_bias=hp["mask_bias"], mask_init_value=hp["mask_init_value"],
-                            seed=config.seed, tp_group=tp_group, group=self._group)
+                            mask_bias=hp["mask_bias"], mask_init_value=init,
+                            seed=config.seed, tp_group=tp_group, group=self._group,
+                            method=config.mask_method)
                   for name in targets]
         elect_leaders(layers, self._group)
         self.config = config
@@ -183,6 +206,9 @@ class CircuitModel(nn.Module):
     def temperature(self, value: float) -> None:
         if not value > 0:
             raise ValueError(f"temperature must be > 0, got {value}")
+        if self.config.mask_method != "continuous_sparsification":
+            warnings.warn(f"the temperature is ignored by {self.config.mask_method} masks "
+                          "(their gates have a fixed temperature of 2/3)", stacklevel=2)
         self._temperature = float(value)
 
     def set_ablate_mode(self, ablation: str, force_resample: bool = False) -> None:
