@@ -356,7 +356,8 @@ def test_neurosurgeon_names_mask_params_on_the_layers_l0_term_and_layer_modes():
 
     # a second circuit on a model that still carries one is refused before anything changes
     inner = _tree(model)
-    with pytest.raises(ValueError, match=r"already carry mask parameters: \['up.weight_mask"):
+    with pytest.raises(ValueError,
+                       match=r"inside another CircuitModel \(masked layers \['down', 'up'\]"):
         CircuitModel(_config(), model)
     assert _tree(model) == inner
     circuit.remove_masks()

@@ -104,6 +104,62 @@ class CircuitConfig:
         return hp
 
 
+_MASKED_BY = "_flex_surgery_circuit"  # a masked layer's __dict__: (its CircuitModel, LayerMask)
+
+
+def _refuse_masked_model(model: nn.Module, layers: list[LayerMask],
+                         group: dist.ProcessGroup | None) -> None:
+    """Refuse, on every rank of ``group`` alike, a model that is inside another CircuitModel
+    (any of its modules masked: a second circuit would also take the first one's frozen flags
+    for the model's own) or whose target layers already have an attribute named like the mask
+    parameters. Checked before anything is modified; the ranks agree first, so a model left
+    masked on one rank only raises on every rank instead of leaving the others in a
+    collective."""
+    inside = sorted({name for name, m in model.named_modules() if _MASKED_BY in m.__dict__})
+    clashes = [f"{layer.name}.{p}_mask_params" for layer in layers for p in layer.params
+               if hasattr(layer.module, f"{p}_mask_params")]
+    problem = None
+    if inside:
+        problem = (f"the model is inside another CircuitModel (masked layers {inside}); "
+                   "remove_masks() that one first")
+    elif clashes:
+        problem = f"these layers already have attributes named {clashes}"
+    problems = [problem]
+    if group is not None:
+        problems = [None] * dist.get_world_size(group)
+        dist.all_gather_object(problems, problem, group=group)
+    found = [(rank, p) for rank, p in enumerate(problems) if p is not None]
+    if found:
+        rank, first = found[0]
+        where = f" (on rank {rank} of the circuit's group)" if group is not None else ""
+        raise ValueError(f"cannot mask this model: {first}{where}")
+
+
+def _apply_mask(module: nn.Module, args: Any) -> None:
+    """Forward pre-hook of a masked layer: ``weight * mask`` (and the bias's) in the parameter
+    slots for the duration of the layer's forward."""
+    circuit, layer = module.__dict__[_MASKED_BY]
+    for p, mp in layer.params.items():
+        if module.__dict__.get(f"{p}_mask_params") is not mp.logits:
+            raise ValueError(
+                f"{layer.name}.{p}_mask_params was replaced or deleted, but the circuit masks "
+                f"with its own logits: change them in place ({layer.name}.{p}_mask_params"
+                ".data.copy_(...), or through circuit.mask_logits)")
+    live = {p: module._parameters[p] for p in layer.params}
+    layer.saved.append(live)
+    if layer.use_masks:
+        for p, value in live.items():
+            module._parameters[p] = layer.masked(p, value, circuit.training,
+                                                 circuit._temperature)
+
+
+def _restore_parameters(module: nn.Module, args: Any, output: Any) -> None:
+    """Forward hook (run even when the forward raises): the original parameters back."""
+    _, layer = module.__dict__[_MASKED_BY]
+    if layer.saved:
+        module._parameters.update(layer.saved.pop())
+
+
 class CircuitModel(nn.Module):
     """Wrap ``model`` with trainable masks (continuous sparsification or hard concrete) on
     ``config.target_layers``.
@@ -144,46 +200,25 @@ class CircuitModel(nn.Module):
         self._saved_flags = ([p.requires_grad for p in model.parameters()],
                              [m.training for m in model.modules()])
         self._handles: list[Any] = []
-        clashes = [f"{layer.name}.{p}_mask_params" for layer in layers for p in layer.params
-                   if hasattr(layer.module, f"{p}_mask_params")]
-        if clashes:
-            raise ValueError(f"these layers already carry mask parameters: {clashes} (is the "
-                             "model inside another CircuitModel? remove_masks() that one first)")
+        self._removed = False
+        _refuse_masked_model(model, layers, self._group)
         for layer in layers:
             # NeuroSurgeon's name for a layer's mask logits, as a plain attribute: not in the
             # model's parameters or state dict (they are this module's ``mask_logits``)
             for p, mp in layer.params.items():
                 layer.module.__dict__[f"{p}_mask_params"] = mp.logits
-            self._handles.append(layer.module.register_forward_pre_hook(self._pre_hook(layer)))
+            layer.saved = []  # type: ignore[attr-defined]
+            # The hooks find the circuit and the mask through the module itself, so that a
+            # deep copy of the circuit (or of the model inside it) masks with its own copies.
+            layer.module.__dict__[_MASKED_BY] = (self, layer)
+            self._handles.append(layer.module.register_forward_pre_hook(_apply_mask))
             self._handles.append(layer.module.register_forward_hook(
-                self._post_hook(layer), prepend=True, always_call=True))
+                _restore_parameters, prepend=True, always_call=True))
         if config.freeze_base:
             for p in model.parameters():
                 p.requires_grad_(False)
         self.set_ablate_mode(hp["ablation"])
         self.train(True)
-
-    # -- hooks -------------------------------------------------------------------------------
-    def _pre_hook(self, layer: LayerMask):
-        saved: list[dict[str, torch.Tensor]] = []
-        layer.saved = saved  # type: ignore[attr-defined]
-
-        def pre(module: nn.Module, args: Any) -> None:
-            live = {p: module._parameters[p] for p in layer.params}
-            saved.append(live)
-            if layer.use_masks:
-                for p, value in live.items():
-                    module._parameters[p] = layer.masked(p, value, self.training,
-                                                         self._temperature)
-        return pre
-
-    @staticmethod
-    def _post_hook(layer: LayerMask):
-        def post(module: nn.Module, args: Any, output: Any) -> None:
-            saved = layer.saved  # type: ignore[attr-defined]
-            if saved:
-                module._parameters.update(saved.pop())
-        return post
 
     # -- modes -------------------------------------------------------------------------------
     def train(self, mode: bool = True) -> CircuitModel:
@@ -230,7 +265,8 @@ class CircuitModel(nn.Module):
         """Turn the masks of all layers (or of the named ones) on or off."""
         # NeuroSurgeon names layers as this module's submodules: "wrapped_model.<layer>"
         chosen = list(self._layers) if names is None else \
-            [clean_name(n.removeprefix("wrapped_model.")) for n in names]
+            [n if n in self._layers else clean_name(n.removeprefix("wrapped_model."))
+             for n in (clean_name(n) for n in names)]
         unknown = [n for n in chosen if n not in self._layers]
         if unknown:
             raise ValueError(f"no masks on {unknown}; masked layers: {list(self._layers)}")
@@ -301,12 +337,17 @@ class CircuitModel(nn.Module):
     def remove_masks(self) -> nn.Module:
         """Take the masks off and give back the model as it was: hooks removed, the original
         ``requires_grad`` and train/eval flags restored (its weights were never written)."""
+        if self._removed:  # once: a second call must not undo what was done since
+            return self.wrapped_model
+        self._removed = True
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
         for layer in self._layers.values():
-            for p in layer.params:
-                layer.module.__dict__.pop(f"{p}_mask_params", None)
+            for p, mp in layer.params.items():
+                if layer.module.__dict__.get(f"{p}_mask_params") is mp.logits:
+                    del layer.module.__dict__[f"{p}_mask_params"]
+            layer.module.__dict__.pop(_MASKED_BY, None)
         grads, modes = self._saved_flags
         for p, g in zip(self.wrapped_model.parameters(), grads):
             p.requires_grad_(g)

@@ -12,6 +12,7 @@ Block indices follow :mod:`flex_surgery.anatomy`; other ``ModuleList``\\ s can b
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -44,6 +45,28 @@ def _parent_and_attr(root: nn.Module, name: str) -> tuple[nn.Module, str]:
     raise ValueError(f"no nn.ModuleList named {name!r}")
 
 
+def as_block_index(i: Any) -> Any:
+    """``i`` as a Python ``int`` when it is an integer of any kind (numpy's, a 0-d torch
+    tensor's: ``list(np.random.permutation(n))`` is a list of them), else ``i`` unchanged (to be
+    refused). ``True``/``False`` stay as they are: a bool is not a block index."""
+    if isinstance(i, bool):
+        return i
+    try:
+        return operator.index(i)
+    except TypeError:
+        return i
+
+
+def refuse_more_blocks(requested: int, n: int, container: str) -> None:
+    """More blocks than the container holds is an error: transformers models run only the
+    first ``config.num_hidden_layers`` blocks, so the extra ones would be skipped silently."""
+    if requested > n:
+        raise ValueError(
+            f"{requested} blocks requested but {container} has {n}: transformers models run "
+            "only the first config.num_hidden_layers blocks, so extra ones would be skipped "
+            "silently")
+
+
 class LayerSurgery:
     """Context manager: run the model with a different list of blocks, then put the old back.
 
@@ -69,8 +92,8 @@ class LayerSurgery:
 
             container = locate(self.root).name("blocks")
         self.container = container
-        self.order = list(order) if order is not None else None
-        self.replace = dict(replace or {})
+        self.order = [as_block_index(i) for i in order] if order is not None else None
+        self.replace = {as_block_index(i): m for i, m in (replace or {}).items()}
         self._parent: nn.Module | None = None
         self._original: nn.ModuleList | None = None
         self._installed: nn.ModuleList | None = None
@@ -85,12 +108,7 @@ class LayerSurgery:
         for i in [*order, *self.replace]:
             if isinstance(i, bool) or not isinstance(i, int) or not -n <= i < n:
                 raise IndexError(f"{self.container} has {n} blocks (0..{n - 1}); got {i!r}")
-        if len(order) > n:
-            raise ValueError(
-                f"{len(order)} blocks requested but {self.container} has {n}: transformers "
-                "models run only the first config.num_hidden_layers blocks, so extra ones would "
-                "be skipped silently"
-            )
+        refuse_more_blocks(len(order), n, self.container)
         replace = {i % n: m for i, m in self.replace.items()}
         blocks = [replace.get(i % n, original[i % n]) for i in order]
         new = nn.ModuleList(blocks)
@@ -153,6 +171,7 @@ def delete_blocks(model: nn.Module, indices: Sequence[int], **kw: Any) -> LayerS
     root = unwrap_model(model)
     container = kw.pop("container", None) or locate(root).name("blocks")
     n = len(getattr(*_parent_and_attr(root, container)))
+    indices = [as_block_index(i) for i in indices]
     for i in indices:
         if isinstance(i, bool) or not isinstance(i, int) or not -n <= i < n:
             raise IndexError(f"{container} has {n} blocks (0..{n - 1}); got {i!r}")

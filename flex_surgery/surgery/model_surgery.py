@@ -42,7 +42,12 @@ from flex_surgery.naming import (
     unwrap_model,
 )
 from flex_surgery.parallel.frameworks.base import LayoutError
-from flex_surgery.surgery.layers import LayerSurgery, _parent_and_attr
+from flex_surgery.surgery.layers import (
+    LayerSurgery,
+    _parent_and_attr,
+    as_block_index,
+    refuse_more_blocks,
+)
 from flex_surgery.surgery.theater import SurgeryError
 
 __all__ = ["ModelSurgery", "Norm", "ShardingMismatchError", "assign_key_path", "delete_layers",
@@ -207,7 +212,7 @@ class ModelSurgery:
 
         Yields the model, as Arrakis does. Deleting every block of a pipeline stage is an error.
         """
-        indices = list(indices)
+        indices = [as_block_index(i) for i in indices]
         for i in indices:
             self._check_index(i)
         drop = {i % self.num_layers for i in indices}
@@ -235,7 +240,7 @@ class ModelSurgery:
         allows repeats). Under pipelining a block stays on its stage: ``order`` may only
         reorder blocks within each stage.
         """
-        order = list(order)
+        order = [as_block_index(i) for i in order]
         n = self.num_layers
         if len(order) != n:
             raise ValueError(f"permute_layers needs a permutation of all {n} block indices "
@@ -271,7 +276,7 @@ class ModelSurgery:
         Under tensor parallelism each replacement is checked against the block it replaces
         (see the module docstring) and :class:`ShardingMismatchError` names what differs.
         """
-        indices, replacements = list(indices), list(replacements)
+        indices, replacements = [as_block_index(i) for i in indices], list(replacements)
         if len(indices) != len(replacements):
             raise ValueError(f"replace_layers got {len(indices)} indices but "
                              f"{len(replacements)} replacements; give one module per index")
@@ -464,9 +469,11 @@ def delete_layers(model: T, indices: Sequence[int]) -> contextlib.AbstractContex
 def permute_layers(model: T, indices: Sequence[int]) -> Iterator[T]:
     """Run the blocks ``indices`` in that order while in the context; as in tuned-lens, blocks
     may be dropped or repeated (in one process: under pipelining only a permutation within
-    each stage, :meth:`ModelSurgery.permute_layers`). Yields the model."""
+    each stage, :meth:`ModelSurgery.permute_layers`). Yields the model. Unlike tuned-lens,
+    more blocks than the model has is refused: models that run only their first
+    ``config.num_hidden_layers`` blocks would skip the extra ones silently."""
     surgery = ModelSurgery(model)
-    indices = list(indices)
+    indices = [as_block_index(i) for i in indices]
     n = surgery.num_layers
     permutation = len(indices) == n and all(
         isinstance(i, int) and -n <= i < n for i in indices) and \
@@ -487,7 +494,9 @@ def permute_layers_(model: nn.Module, indices: Sequence[int]) -> None:
         raise SurgeryError("permute_layers_ changes the blocks for good; under pipelining use "
                            "the permute_layers context manager (blocks stay on their stage)")
     layers = surgery.get_transformer_layers()[1]
-    order = [layers[i] for i in indices]  # an IndexError names a bad index before any change
+    refuse_more_blocks(len(indices), len(layers), surgery.container)
+    # an IndexError names a bad index before any change
+    order = [layers[as_block_index(i)] for i in indices]
     parent, attr = _parent_and_attr(surgery.root, surgery.container)
     setattr(parent, attr, nn.ModuleList(order))
 
@@ -514,10 +523,7 @@ def set_key_path_(model: nn.Module, key_path: str, value: Any) -> None:
     """Set the value at a dotted key path in place (tuned-lens)."""
     *path, last = key_path.split(".")
     parent = get_key_path(model, ".".join(path)) if path else model
-    if last.isdigit():
-        parent[int(last)] = value
-    else:
-        setattr(parent, last, value)
+    setattr(parent, last, value)  # as tuned-lens: a ModuleList / ModuleDict block by its name
 
 
 @contextlib.contextmanager
