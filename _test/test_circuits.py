@@ -317,7 +317,7 @@ def test_bad_input_is_refused_and_nothing_is_modified():
     refused("target_layers is empty", target_layers=[])
     refused(r"unknown mask_hparams \['mask_init_percentage'\]",
             mask_hparams={"mask_init_percentage": 0.5})
-    refused("mask_method 'magnitude_pruning' is not supported", mask_method="magnitude_pruning")
+    refused("mask_method 'pruning' is not supported", mask_method="pruning")
     refused(r"mask_init_percentage 1.5 is outside", mask_method="hard_concrete",
             mask_hparams={"mask_init_percentage": 1.5})
     refused(r"unknown mask_hparams \['mask_init_value'\] for hard_concrete",
@@ -422,6 +422,50 @@ def test_hard_concrete_gates_follow_louizos_and_neurosurgeon():
     with pytest.warns(UserWarning, match="temperature is ignored by hard_concrete"):
         circuit.temperature = 5.0
     circuit.remove_masks()
+
+
+def test_magnitude_pruning_removes_the_smallest_magnitudes_of_the_weights_as_they_are():
+    """``mask_method="magnitude_pruning"``: nothing trains; each parameter keeps the weights
+    whose magnitude is at least its ``prune_percentage`` quantile (all above it at 1.0), from
+    the weights as they are at each forward; the ablations and statistics follow the mask."""
+    model = _Net()
+    x = torch.randn(5, 6)
+    with torch.no_grad():
+        plain = model.eval()(x)
+
+    def circuit_for(p: float) -> CircuitModel:
+        return CircuitModel(CircuitConfig(mask_method="magnitude_pruning", target_layers=["up"],
+                                          mask_hparams={"prune_percentage": p,
+                                                        "mask_bias": True}), model)
+
+    circuit = circuit_for(0.5)
+    assert not any(p.requires_grad for p in circuit.parameters())
+    w, b = model.up.weight.detach(), model.up.bias.detach()
+    keep_w = w.abs() >= torch.quantile(w.abs().reshape(-1), 0.5)
+    keep_b = b.abs() >= torch.quantile(b.abs(), 0.5)
+    want = model.down(F.gelu(F.linear(x, w * keep_w, b * keep_b)))
+    torch.testing.assert_close(circuit(x), want)
+    l0_half = circuit.compute_l0_statistics()["total_l0"]
+    assert l0_half == int(keep_w.sum() + keep_b.sum()) == 35
+    assert torch.equal(circuit.hard_masks()["up.weight"], keep_w)
+    circuit.eval()
+    circuit.set_ablate_mode("zero_ablate")
+    torch.testing.assert_close(circuit(x), model.down(F.gelu(F.linear(x, w * ~keep_w,
+                                                                      b * ~keep_b))))
+    circuit.set_ablate_mode("none")
+    circuit.use_masks(False)
+    torch.testing.assert_close(circuit(x), plain)
+    circuit.use_masks(True)
+    with torch.no_grad():  # the weights change (an unfrozen base): so does the mask
+        model.up.weight.mul_(torch.linspace(0.1, 3.0, 60).view(10, 6))
+    assert not torch.equal(circuit.hard_masks()["up.weight"], keep_w)
+    with torch.no_grad():
+        model.up.weight.div_(torch.linspace(0.1, 3.0, 60).view(10, 6))
+    circuit.remove_masks()
+    assert circuit_for(0.75).compute_l0_statistics()["total_l0"] == 15 + 3
+    with pytest.raises(ValueError, match="mask_unit must be 'weight'"):
+        CircuitConfig(mask_method="magnitude_pruning", target_layers=["up"],
+                      mask_hparams={"mask_unit": "neuron"}).hparams()
 
 
 def test_temperature_schedule():

@@ -21,13 +21,16 @@ STEPS = 6
 HPARAMS = [dict(mask_unit="weight", mask_bias=True), dict(mask_unit="neuron", mask_bias=True)]
 # Hard concrete gates (drawn anew at every forward from the circuit's seed): logits 0.04.
 HARD_CONCRETE = dict(mask_method="hard_concrete", mask_unit="weight", mask_bias=True)
+# Magnitude pruning (not trained; the quantile is the whole parameter's): 60 % removed.
+MAGNITUDE = dict(mask_method="magnitude_pruning", mask_bias=True)
 
 
 def _config(hp: dict) -> CircuitConfig:
     hp = dict(hp)
     method = hp.pop("mask_method", "continuous_sparsification")
-    init = dict(mask_init_value=0.05) if method == "continuous_sparsification" else \
-        dict(mask_init_percentage=0.51)
+    init = {"continuous_sparsification": dict(mask_init_value=0.05),
+            "hard_concrete": dict(mask_init_percentage=0.51),
+            "magnitude_pruning": dict(prune_percentage=0.6)}[method]
     return CircuitConfig(mask_method=method, mask_hparams=dict(**init, **hp),
                          target_layers=TARGETS, l0_lambda=2e-2, seed=3)
 
@@ -47,7 +50,8 @@ def _train(circuit: CircuitModel, x: torch.Tensor, y: torch.Tensor, full=_full) 
     l0 = []
     for step in range(STEPS):
         loss = F.mse_loss(full(circuit(x)), y) + circuit.config.l0_lambda * circuit.l0_loss()
-        loss.backward()
+        if loss.requires_grad:  # magnitude pruning trains nothing
+            loss.backward()
         opt.step()
         opt.zero_grad()
         if circuit.config.mask_method == "continuous_sparsification":
@@ -118,7 +122,8 @@ def _compare(par_model, hp: dict, rows: slice | None = None, *, ref_model=None,
     assert [(len(m._forward_pre_hooks), len(m._forward_hooks)) for m in model.modules()] == hooks
 
 
-@pytest.mark.parametrize("hp", [*HPARAMS, HARD_CONCRETE], ids=["weight", "neuron", "hc"])
+@pytest.mark.parametrize("hp", [*HPARAMS, HARD_CONCRETE, MAGNITUDE],
+                         ids=["weight", "neuron", "hc", "magnitude"])
 @distributed(world_size=2)
 def test_fairscale_tp(hp):
     from fairscale.nn.model_parallel import initialize as fs
@@ -139,7 +144,8 @@ def _megatron_data(rows: slice | None = None):
 
 
 @pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp", "sequence-parallel"])
-@pytest.mark.parametrize("hp", [*HPARAMS, HARD_CONCRETE], ids=["weight", "neuron", "hc"])
+@pytest.mark.parametrize("hp", [*HPARAMS, HARD_CONCRETE, MAGNITUDE],
+                         ids=["weight", "neuron", "hc", "magnitude"])
 @distributed(world_size=2)
 def test_megatron_core_tp(hp, sequence_parallel):
     """Megatron-core's ColumnParallelLinear / RowParallelLinear (TP=2, CPU; also with sequence
@@ -159,7 +165,8 @@ def test_megatron_core_tp(hp, sequence_parallel):
                  data=_megatron_data, full=sequence_gathered if sequence_parallel else _full)
 
 
-@pytest.mark.parametrize("hp", [*HPARAMS, HARD_CONCRETE], ids=["weight", "neuron", "hc"])
+@pytest.mark.parametrize("hp", [*HPARAMS, HARD_CONCRETE, MAGNITUDE],
+                         ids=["weight", "neuron", "hc", "magnitude"])
 @distributed(world_size=2)
 def test_dtensor_tp(hp):
     from torch.distributed.device_mesh import init_device_mesh
@@ -169,7 +176,8 @@ def test_dtensor_tp(hp):
     _compare(parallelize_module(plain_net(0), mesh, dtensor_plan(use_local_output=True)), hp)
 
 
-@pytest.mark.parametrize("hp", [*HPARAMS, HARD_CONCRETE], ids=["weight", "neuron", "hc"])
+@pytest.mark.parametrize("hp", [*HPARAMS, HARD_CONCRETE, MAGNITUDE],
+                         ids=["weight", "neuron", "hc", "magnitude"])
 @distributed(world_size=2)
 def test_fsdp2(hp):
     """Data parallel: each rank trains on half of the batch; the mask gradients are averaged

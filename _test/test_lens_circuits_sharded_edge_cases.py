@@ -9,8 +9,6 @@ boundary, the lens at the first / last block only, and theaters that raise part-
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -201,23 +199,6 @@ def _train_circuit(circuit: CircuitModel, x, y, steps: int = 4) -> list[float]:
         circuit.temperature = 1.0 + 3.0 * (step + 1)
         l0.append(circuit.compute_l0_statistics()["total_l0"])
     return l0
-
-
-@contextlib.contextmanager
-def _without_distribution():
-    """Circuit code asks ``world_group()`` whether it runs distributed; inside, it does not:
-    a model built here is the one-process run (no collective, nothing counted across ranks)."""
-    from flex_surgery.surgery import circuit_masks, circuit_targets, circuits
-
-    modules = (circuit_masks, circuit_targets, circuits)
-    saved = [m.world_group for m in modules]
-    try:
-        for m in modules:
-            m.world_group = lambda: None
-        yield
-    finally:
-        for m, f in zip(modules, saved):
-            m.world_group = f
 
 
 def _compare_circuits(par_model, ff: int, out: int, rows: slice | None = None,
@@ -554,14 +535,14 @@ def test_sampled_ablation_of_a_float64_circuit_with_tiny_positive_logits(mode):
     config = CircuitConfig(mask_hparams=dict(mask_unit="weight", mask_bias=True),
                            target_layers=CIRCUIT_TARGETS[:4], seed=3)
     x = torch.randn(6, H, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    with _without_distribution():  # the one-process run: no process group at all
-        ref = CircuitModel(config, OddNet(FF, 4).double())
-        set_logits(ref)
-        ref.eval()
-        none_stats = ref.compute_l0_statistics()
-        ref.set_ablate_mode(mode)
-        with torch.no_grad():
-            want_stats, want, want_out = ref.compute_l0_statistics(), ref.hard_masks(), ref(x)
+    # the one-process run: a one-rank group, nothing counted across ranks
+    ref = CircuitModel(config, OddNet(FF, 4).double(), process_group=local_group())
+    set_logits(ref)
+    ref.eval()
+    none_stats = ref.compute_l0_statistics()
+    ref.set_ablate_mode(mode)
+    with torch.no_grad():
+        want_stats, want, want_out = ref.compute_l0_statistics(), ref.hard_masks(), ref(x)
     kept = {n: int(v) for n, v in none_stats["layer2l0"].items()}
     assert all(want_stats["layer2l0"][n] == none_stats["layer2maxl0"][n] - kept[n]
                for n in kept)  # one process: the sampled mask removes as many as are kept

@@ -64,8 +64,6 @@ NOT_PASSING = {
         "asserts the masked layer is a NeuroSurgeon MaskLayer: here layers stay in place",
     "test_other_models.test_replace_layers_resnet":
         "asserts the masked layer is a NeuroSurgeon MaskLayer: here layers stay in place",
-    "test_circuit_model_bert.test_magnitude_pruning_bert":
-        "mask_method='magnitude_pruning' is not implemented (ValueError)",
 }
 
 

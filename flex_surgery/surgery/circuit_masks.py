@@ -55,6 +55,15 @@ def hard_concrete_logit(open_share: float) -> float:
     return math.log(p / (1 - p))
 
 
+def _quantile(values: torch.Tensor, q: float) -> torch.Tensor:
+    """``torch.quantile(values, q)`` (linear interpolation) for any number of values (torch's
+    refuses inputs of more than 2**24 elements, a 70B model's layers hold more)."""
+    ordered = values.sort().values
+    pos = q * (ordered.numel() - 1)
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
 def world_group(process_group: dist.ProcessGroup | None = None) -> dist.ProcessGroup | None:
     """The group of the ranks that hold the model: ``process_group``, by default every rank;
     ``None`` when that is one rank (one process)."""
@@ -181,8 +190,10 @@ class LayerMask:
                  mask_unit: str, mask_bias: bool, mask_init_value: float, seed: int,
                  tp_group: dist.ProcessGroup | None,
                  group: dist.ProcessGroup | None = None,
-                 method: str = "continuous_sparsification") -> None:
+                 method: str = "continuous_sparsification",
+                 prune_percentage: float = 0.0) -> None:
         self.name, self.module, self.seed, self.method = name, module, seed, method
+        self.prune_percentage = prune_percentage
         self.mask_unit, self.mask_init_value = mask_unit, mask_init_value
         self.ablation = "none"
         self.use_masks = True
@@ -199,7 +210,8 @@ class LayerMask:
                 region = _collapse(region, keep, view.full_shape)
             local_shape = tuple(region.take(torch.empty(full_shape, device="meta")).shape)
             logits = nn.Parameter(torch.full(local_shape, float(mask_init_value),
-                                             dtype=view.local.dtype, device=view.local.device))
+                                             dtype=view.local.dtype, device=view.local.device),
+                                  requires_grad=method != "magnitude_pruning")
             partial = None
             if tp_group is not None and view.partition_dim is None and view.owners:
                 partial = tp_grad_partial_op(module, view.owners[0], name)
@@ -215,6 +227,8 @@ class LayerMask:
         (:meth:`_hard`), its complement (``zero_ablate``/``random_ablate``) or a sampled
         one."""
         mp = self.params[pname]
+        if self.method == "magnitude_pruning":
+            self._rank_by_magnitude(mp)  # not trained: always the hard mask of the weights now
         logits = mp.logits
         hard = not training or not logits.requires_grad
         if not hard:
@@ -238,6 +252,21 @@ class LayerMask:
             stretched = torch.sigmoid(logits) * (HC_RIGHT - HC_LEFT) + HC_LEFT
             return torch.clamp(stretched, 0.0, 1.0) > 0.5
         return hard_mask(logits)
+
+    @torch.no_grad()
+    def _rank_by_magnitude(self, mp: MaskedParam) -> None:
+        """Magnitude pruning: keep the weights whose magnitude is at least the
+        ``prune_percentage`` quantile of the whole parameter's magnitudes (all of them above it
+        at 1.0, as NeuroSurgeon), from the weights as they are now (a collective over the ranks
+        that share the parameter: the quantile is the whole parameter's). The result is kept
+        in ``logits`` as +1 / -1, so the hard mask, its ablations and the statistics are the
+        other methods'. NeuroSurgeon 0.1.0 ranks the signed values instead of the magnitudes,
+        contrary to its own description."""
+        full = mp.shard.gather().detach().abs()
+        threshold = _quantile(full.reshape(-1).double(), self.prune_percentage)
+        keep = full > threshold if self.prune_percentage == 1.0 else full >= threshold
+        local = mp.region.take(keep).to(device=mp.logits.device)
+        mp.logits.copy_(local.to(mp.logits.dtype) * 2 - 1)
 
     def _gates(self, mp: MaskedParam) -> torch.Tensor:
         """A hard-concrete training mask: ``clamp(sigmoid((log u - log(1 - u) + logits) / T)

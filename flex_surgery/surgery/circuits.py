@@ -43,13 +43,14 @@ from flex_surgery.surgery.circuit_targets import (
 
 __all__ = ["CircuitConfig", "CircuitModel", "anneal_temperature", "temperature_at"]
 
-MASK_METHODS = ("continuous_sparsification", "hard_concrete")
+MASK_METHODS = ("continuous_sparsification", "hard_concrete", "magnitude_pruning")
 _COMMON_DEFAULTS: dict[str, Any] = {"ablation": "none", "mask_unit": "weight",
                                     "mask_bias": False}
 # Each method's own initial value (NeuroSurgeon's names): a logit, or the share of gates open.
 _HPARAM_DEFAULTS: dict[str, dict[str, Any]] = {
     "continuous_sparsification": {**_COMMON_DEFAULTS, "mask_init_value": 0.0},
     "hard_concrete": {**_COMMON_DEFAULTS, "mask_init_percentage": 0.5},
+    "magnitude_pruning": {**_COMMON_DEFAULTS, "prune_percentage": 0.5},
 }
 
 
@@ -58,13 +59,15 @@ class CircuitConfig:
     """What to mask and how (NeuroSurgeon's ``CircuitConfig``).
 
     Args:
-        mask_method: ``"continuous_sparsification"`` (Savarese et al., 2020) or
-            ``"hard_concrete"`` (Louizos et al., 2018).
+        mask_method: ``"continuous_sparsification"`` (Savarese et al., 2020),
+            ``"hard_concrete"`` (Louizos et al., 2018) or ``"magnitude_pruning"`` (not trained:
+            the ``prune_percentage`` smallest-magnitude weights of each parameter removed).
         mask_hparams: ``ablation`` (one of :data:`ABLATIONS`, default ``"none"``),
             ``mask_unit`` (``"weight"`` or ``"neuron"``), ``mask_bias`` (mask biases too);
             continuous sparsification: ``mask_init_value`` (initial mask logit; positive keeps
             weights at first); hard concrete: ``mask_init_percentage`` (the share of gates
-            open at first, in [0, 1]).
+            open at first, in [0, 1]); magnitude pruning: ``prune_percentage`` (the share
+            removed, in [0, 1]).
         target_layers: module names of the layers to mask (as in ``named_modules()`` of the
             unwrapped model).
         freeze_base: keep the model's own parameters frozen and its modules in eval mode.
@@ -93,9 +96,12 @@ class CircuitConfig:
             raise ValueError(f"unknown mask_hparams {unknown} for {self.mask_method}; expected "
                              f"keys {sorted(defaults)}")
         hp = {**defaults, **self.mask_hparams}
-        if "mask_init_percentage" in hp and not 0.0 <= hp["mask_init_percentage"] <= 1.0:
-            raise ValueError(f"mask_init_percentage {hp['mask_init_percentage']} is outside "
-                             "[0, 1]")
+        for key in ("mask_init_percentage", "prune_percentage"):
+            if key in hp and not 0.0 <= hp[key] <= 1.0:
+                raise ValueError(f"{key} {hp[key]} is outside [0, 1]")
+        if self.mask_method == "magnitude_pruning" and hp["mask_unit"] != "weight":
+            raise ValueError("magnitude_pruning masks single weights: mask_unit must be "
+                             f"'weight', got {hp['mask_unit']!r}")
         check_ablation(hp["ablation"])
         if hp["mask_unit"] not in MASK_UNITS:
             raise ValueError(f"mask_unit {hp['mask_unit']!r}; expected one of {MASK_UNITS}")
@@ -147,10 +153,10 @@ def _apply_mask(module: nn.Module, args: Any) -> None:
                 ".data.copy_(...), or through circuit.mask_logits)")
     live = {p: module._parameters[p] for p in layer.params}
     layer.saved.append(live)
-    if layer.use_masks:
-        for p, value in live.items():
-            module._parameters[p] = layer.masked(p, value, circuit.training,
-                                                 circuit._temperature)
+    if layer.use_masks:  # every mask made before any slot changes (a mask may read them)
+        module._parameters.update({p: layer.masked(p, value, circuit.training,
+                                                   circuit._temperature)
+                                   for p, value in live.items()})
 
 
 def _restore_parameters(module: nn.Module, args: Any, output: Any) -> None:
@@ -182,12 +188,14 @@ class CircuitModel(nn.Module):
         targets = resolve_targets(model, config.target_layers)
         views = layer_views(model, targets, hp["mask_bias"], self._group)
         tp_group = frameworks.tensor_parallel_group(model=model)
-        init = hp["mask_init_value"] if config.mask_method == "continuous_sparsification" \
-            else hard_concrete_logit(hp["mask_init_percentage"])
+        init = {"continuous_sparsification": lambda: hp["mask_init_value"],
+                "hard_concrete": lambda: hard_concrete_logit(hp["mask_init_percentage"]),
+                "magnitude_pruning": lambda: 1.0}[config.mask_method]()
         layers = [LayerMask(name, targets[name], views[name], mask_unit=hp["mask_unit"],
                             mask_bias=hp["mask_bias"], mask_init_value=init,
                             seed=config.seed, tp_group=tp_group, group=self._group,
-                            method=config.mask_method)
+                            method=config.mask_method,
+                            prune_percentage=hp.get("prune_percentage", 0.0))
                   for name in targets]
         elect_leaders(layers, self._group)
         self.config = config
@@ -242,8 +250,8 @@ class CircuitModel(nn.Module):
         if not value > 0:
             raise ValueError(f"temperature must be > 0, got {value}")
         if self.config.mask_method != "continuous_sparsification":
-            warnings.warn(f"the temperature is ignored by {self.config.mask_method} masks "
-                          "(their gates have a fixed temperature of 2/3)", stacklevel=2)
+            warnings.warn(f"the temperature is ignored by {self.config.mask_method} masks",
+                          stacklevel=2)
         self._temperature = float(value)
 
     def set_ablate_mode(self, ablation: str, force_resample: bool = False) -> None:
