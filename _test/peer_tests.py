@@ -70,3 +70,12 @@ def run_peer_tests(workdir: Path, files: tuple[str, ...],
         outcome = "failed" if failed else "skipped" if skipped else "passed"
         outcomes[f"{module}.{case.get('name')}"] = outcome
     return outcomes, output
+
+
+def report(what: str, target: str, outcomes: dict[str, str]) -> list[str]:
+    """Print the score line the docs quote (``<what> on <target>: N passed, M not: [...]``) and
+    return the tests that did not pass."""
+    not_passed = sorted(t for t, o in outcomes.items() if o != "passed")
+    print(f"{what} on {target}: {len(outcomes) - len(not_passed)} passed, "
+          f"{len(not_passed)} not: {not_passed}")
+    return not_passed

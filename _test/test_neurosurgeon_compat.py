@@ -24,7 +24,7 @@ import shutil
 import zipfile
 from pathlib import Path
 
-from peer_tests import REPO, peer_wheel, python_env, run_peer_tests
+from peer_tests import REPO, peer_wheel, python_env, report, run_peer_tests
 
 REQUIREMENT = "NeuroSurgeon==0.1.0"
 CACHE = Path(os.environ.get("NEUROSURGEON_WHEEL_CACHE",
@@ -90,15 +90,10 @@ def _run(workdir: Path) -> tuple[dict[str, str], str]:
 
 def test_neurosurgeon_0_1_0_model_tests_on_flex_surgery(tmp_path):
     outcomes, output = _run(tmp_path)
-    print(output[-3000:])
-    passed = sorted(t for t, o in outcomes.items() if o == "passed")
     target = "NeuroSurgeon 0.1.0 itself" if AGAINST_NEUROSURGEON else "flex_surgery"
-    print(f"NeuroSurgeon 0.1.0's model tests on {target}: {len(passed)} passed, "
-          f"{len(outcomes) - len(passed)} not: "
-          f"{sorted(t for t, o in outcomes.items() if o != 'passed')}")
+    not_passed = report("NeuroSurgeon 0.1.0's model tests", target, outcomes)
     assert len(outcomes) == 23, f"NeuroSurgeon's test files hold other tests: {sorted(outcomes)}"
     expected_failures = set(VIT_NAMES if AGAINST_NEUROSURGEON else NOT_PASSING)
-    not_passed = {t: o for t, o in outcomes.items() if o != "passed"}
     assert set(not_passed) == expected_failures, (
         f"not passing: {sorted(not_passed)}, expected: {sorted(expected_failures)}\n"
         f"{output[-6000:]}")

@@ -210,6 +210,24 @@ def test_megatron_layer_surgery_equals_tp1():
     assert not torch.allclose(want[0], want[-1])
 
 
+def _assert_same_circuit_run(got: dict, want: dict, **tol) -> None:
+    """What a sharded circuit run gave (:func:`_circuit_run`) against one process's: the same
+    L0 statistics and hard masks, every tensor within ``tol``; the ablations did something."""
+    problems = []
+    for key, value in want.items():
+        if key == "l0":
+            if got[key] != value:
+                problems.append(f"l0: {got[key]} != {value}")
+        elif key == "hard":
+            problems += [f"hard mask {n} differs" for n, m in value.items()
+                         if not torch.equal(got[key][n].to(m.dtype), m)]
+        elif not torch.allclose(got[key].to(value.dtype), value, **tol):
+            diff = (got[key].to(value.dtype) - value).abs().max().item()
+            problems.append(f"{key}: differs by up to {diff:.3g}")
+    assert not problems, "\n".join(problems)
+    assert not torch.allclose(want["zero_ablate"], want["none"])
+
+
 MEGATRON_CIRCUIT_TARGETS = ["decoder.layers.0.self_attention.linear_qkv",
                             "decoder.layers.0.self_attention.linear_proj",
                             "decoder.layers.1.mlp.linear_fc1", "decoder.layers.1.mlp.linear_fc2",
@@ -271,18 +289,7 @@ def test_megatron_gpt_circuit_masks_equal_tp1(gated, sequence_parallel, unit):
         got = _megatron_circuit_run(par)
         par.remove_masks()
         _assert_restored(model, before)
-    problems = []
-    for key, value in want.items():
-        if key == "l0":
-            if got[key] != value:
-                problems.append(f"l0: {got[key]} != {value}")
-        elif key == "hard":
-            problems += [f"hard mask {n} differs" for n, m in value.items()
-                         if not torch.equal(got[key][n], m)]
-        elif not torch.allclose(got[key], value, rtol=1e-9, atol=1e-11):
-            problems.append(f"{key}: differs by up to {(got[key] - value).abs().max():.3g}")
-    assert not problems, "\n".join(problems)
-    assert not torch.allclose(want["zero_ablate"], want["none"])
+    _assert_same_circuit_run(got, want, rtol=1e-9, atol=1e-11)
 
 
 # -- HF transformers under tp_plan="auto" -------------------------------------------------------
@@ -404,20 +411,7 @@ def test_hf_tp_circuit_equals_one_process(tmp_path, arch, unit):
     got = _circuit_run(par)
     par.remove_masks()
     _assert_hf_restored(model, before)
-    problems = []
-    for key, value in want.items():
-        if key == "l0":
-            if got[key] != value:
-                problems.append(f"l0: {got[key]} != {value}")
-        elif key == "hard":
-            for n, m in value.items():
-                if not torch.equal(got[key][n].to(m.dtype), m):
-                    problems.append(f"hard mask {n} differs")
-        elif not torch.allclose(got[key].to(value.dtype), value, **HF_TOL):
-            diff = (got[key].to(value.dtype) - value).abs().max().item()
-            problems.append(f"{key}: differs by up to {diff:.3g}")
-    assert not problems, "\n".join(problems)
-    assert not torch.allclose(want["zero_ablate"], want["none"])
+    _assert_same_circuit_run(got, want, **HF_TOL)
 
 
 @pytest.mark.parametrize("arch", ["qwen3", "phi3", "mixtral"])

@@ -26,7 +26,7 @@ import sys
 import tarfile
 from pathlib import Path
 
-from peer_tests import REPO, peer_wheel, python_env, run_peer_tests
+from peer_tests import REPO, peer_wheel, python_env, report, run_peer_tests
 
 REQUIREMENT = "tuned-lens==0.2.0"
 CACHE = Path(os.environ.get("TUNED_LENS_SDIST_CACHE", REPO / ".cache" / "tuned-lens-0.2.0"))
@@ -64,13 +64,10 @@ def _run(workdir: Path) -> tuple[dict[str, str], str]:
 
 def test_tuned_lens_0_2_0_model_surgery_tests_pass_on_flex_surgery(tmp_path):
     outcomes, output = _run(tmp_path)
-    passed = sorted(t for t, o in outcomes.items() if o == "passed")
     target = "tuned-lens 0.2.0 itself" if AGAINST_TUNED_LENS else "flex_surgery"
-    print(f"tuned-lens 0.2.0's model-surgery tests on {target}: {len(passed)} passed, "
-          f"{len(outcomes) - len(passed)} not: "
-          f"{sorted(t for t, o in outcomes.items() if o != 'passed')}")
+    not_passed = report("tuned-lens 0.2.0's model-surgery tests", target, outcomes)
     assert len(outcomes) == 13, f"tuned-lens's test file holds other tests: {sorted(outcomes)}"
-    assert len(passed) == len(outcomes), output[-6000:]
+    assert not not_passed, output[-6000:]
 
 
 def _probe(workdir: Path) -> dict:

@@ -248,8 +248,8 @@ class LayerMask:
         """The eval mask as NeuroSurgeon computes it, in the logits' dtype: ``logits > 0``
         (continuous sparsification); ``clamp(sigmoid(logits) * (r - l) + l, 0, 1) > 0.5``
         (hard concrete: the same but at a logit of exactly 0, which that rounding keeps)."""
-        if self.method == "hard_concrete":
-            stretched = torch.sigmoid(logits) * (HC_RIGHT - HC_LEFT) + HC_LEFT
+        if self.method == "hard_concrete":  # in float32, NeuroSurgeon's mask dtype
+            stretched = torch.sigmoid(logits.float()) * (HC_RIGHT - HC_LEFT) + HC_LEFT
             return torch.clamp(stretched, 0.0, 1.0) > 0.5
         return hard_mask(logits)
 
@@ -262,7 +262,7 @@ class LayerMask:
         in ``logits`` as +1 / -1, so the hard mask, its ablations and the statistics are the
         other methods'. NeuroSurgeon 0.1.0 ranks the signed values instead of the magnitudes,
         contrary to its own description."""
-        full = mp.shard.gather().detach().abs()
+        full = mp.shard.gather().detach().abs().double()  # compared unrounded
         threshold = _quantile(full.reshape(-1).double(), self.prune_percentage)
         keep = full > threshold if self.prune_percentage == 1.0 else full >= threshold
         local = mp.region.take(keep).to(device=mp.logits.device)
@@ -274,6 +274,12 @@ class LayerMask:
         call. ``u`` is drawn at the full mask's shape from a generator seeded by
         ``(seed, layer, draw)`` and cut to this rank's region, so every rank and every layout
         gates each weight as one process does (NeuroSurgeon draws from the global RNG)."""
+        if torch._C._current_graph_task_id() != -1:
+            raise ValueError(
+                f"{self.name}: hard-concrete gates drawn inside a backward (an activation "
+                "checkpoint recomputing the layer) would differ from the forward's, so the "
+                "gradients would belong to other gates; train hard-concrete masks without "
+                "activation checkpointing around masked layers")
         gen = _generator(self.seed, f"{self.name}.{mp.pname}/gates", mp.noise_draws,
                          torch.device("cpu"))
         mp.noise_draws += 1
@@ -339,10 +345,11 @@ class LayerMask:
             # Summed in float64: in the model's dtype a bf16 sum of 771 ones is 772, an fp16
             # sum of 90,000 is inf (float32 is exact only below 2**24 elements).
             if self.method == "hard_concrete" and training and mp.logits.requires_grad:
-                # the expected number of open gates (Louizos et al.), not a sampled mask's
+                # the expected number of open gates (Louizos et al.), not a sampled mask's; one
+                # per gate, a neuron's too (NeuroSurgeon's calculate_l0 in training)
                 open_ = torch.sigmoid(mp.logits - HC_TEMPERATURE *
                                       math.log(-HC_LEFT / HC_RIGHT))
-                part = open_.sum(dtype=torch.float64) * mp.fan
+                part = open_.sum(dtype=torch.float64)
             else:
                 part = self.mask(mp.pname, training, temperature).sum(dtype=torch.float64) * \
                     mp.fan

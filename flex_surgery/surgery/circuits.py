@@ -188,6 +188,13 @@ class CircuitModel(nn.Module):
         targets = resolve_targets(model, config.target_layers)
         views = layer_views(model, targets, hp["mask_bias"], self._group)
         tp_group = frameworks.tensor_parallel_group(model=model)
+        held_by = dist.get_world_size(self._group) if self._group is not None else 1
+        split = any(v.kind != "plain" for layer in views.values() for v in layer.values())
+        if split and tp_group is not None and dist.get_world_size(tp_group) > held_by:
+            raise frameworks.UnknownLayoutError(
+                f"process_group holds {held_by} rank(s) but the model is split over a "
+                f"tensor-parallel group of {dist.get_world_size(tp_group)}: give the ranks "
+                "that hold the model (at least its tensor-parallel group)")
         init = {"continuous_sparsification": lambda: hp["mask_init_value"],
                 "hard_concrete": lambda: hard_concrete_logit(hp["mask_init_percentage"]),
                 "magnitude_pruning": lambda: 1.0}[config.mask_method]()
