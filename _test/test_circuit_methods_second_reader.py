@@ -165,13 +165,6 @@ def test_magnitude_pruning_of_bf16_weights_keeps_what_float32_keeps():
     assert torch.equal(kept(torch.bfloat16), kept(torch.float32))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "magnitude_pruning ranks a stale tensor after the model's tensors are replaced: "
-    "LayerMask._rank_by_magnitude calls mp.shard.gather(), whose closure (views.plain_shard) "
-    "holds the weight's .data captured at construction; circuit.to(dtype/device) rebinds "
-    "param.data (load_state_dict(assign=True) replaces the parameter: the same), so with an "
-    "unfrozen base the mask keeps ranking the old weights ('from the "
-    "weights at each forward' in the docs); NeuroSurgeon reads self.weight at every forward"))
 def test_magnitude_pruning_ranks_the_weights_after_the_circuit_is_moved():
     model = _Net()
     circuit = CircuitModel(_mag(0.5, freeze_base=False), model)
@@ -186,12 +179,27 @@ def test_magnitude_pruning_ranks_the_weights_after_the_circuit_is_moved():
                                                              model.up.bias))))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "copy.deepcopy of a magnitude_pruning circuit is not independent: the copy's "
-    "mp.shard.gather is the original's closure (functions are not deep-copied), so the copy "
-    "ranks the ORIGINAL model's weights; changing the original's weights changes the copy's "
-    "mask and the copy's own weights are never read (docs/circuits.md: 'copy.deepcopy(circuit) "
-    "is an independent circuit')"))
+def test_magnitude_pruning_ranks_the_weights_loaded_with_assign():
+    model = _Net()
+    circuit = CircuitModel(_mag(0.5), model)
+    other = _Net(seed=3).state_dict()
+    model.load_state_dict(other, assign=True)  # new Parameter objects in the slots
+    want = _magnitude_mask(other["up.weight"], 0.5)
+    assert torch.equal(circuit.hard_masks()["up.weight"], want)
+    circuit.eval()
+    torch.testing.assert_close(
+        circuit(_X), model.down(torch.tanh(F.linear(_X, other["up.weight"] * want,
+                                                    other["up.bias"]))))
+
+
+def test_magnitude_pruning_refuses_a_parameter_of_another_shape():
+    model = _Net()
+    circuit = CircuitModel(_mag(0.5), model)
+    model.up.weight = nn.Parameter(torch.randn(5, 4))
+    with pytest.raises(ValueError, match=r"up\.weight is now \(5, 4\).*\(6, 4\)"):
+        circuit.hard_masks()
+
+
 def test_deepcopy_of_a_magnitude_circuit_ranks_its_own_weights():
     model = _Net()
     circuit = CircuitModel(_mag(0.5), model)

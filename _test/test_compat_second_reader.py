@@ -206,13 +206,34 @@ def test_use_masks_takes_the_names_masked_layers_reports():
         circuit.use_masks(False, [name])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "torch.save(circuit) (whole-module pickling, which works on NeuroSurgeon's CircuitModel) "
-    "fails with \"Can't pickle local object 'CircuitModel._post_hook.<locals>.post'\": the "
-    "masks live in closures registered as forward hooks on the model's layers"))
-def test_torch_save_of_a_circuit():
-    circuit = CircuitModel(_config(["a"]), Net())
-    torch.save(circuit, io.BytesIO())
+@pytest.mark.parametrize("method", ["continuous_sparsification", "hard_concrete",
+                                    "magnitude_pruning"])
+def test_torch_save_of_a_circuit_loads_an_independent_equal_circuit(method):
+    hp = {"magnitude_pruning": {"prune_percentage": 0.5},
+          "hard_concrete": {"mask_init_percentage": 0.7}}.get(method, {"mask_init_value": 0.5})
+    circuit = CircuitModel(CircuitConfig(mask_method=method, mask_hparams=hp,
+                                         target_layers=["a"]), Net())
+    if method != "magnitude_pruning":
+        with torch.no_grad():
+            circuit.mask_logits["a-weight"].copy_(torch.randn(4, 4, generator=
+                                                              torch.Generator().manual_seed(2)))
+    circuit.eval()
+    buffer = io.BytesIO()
+    torch.save(circuit, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert torch.equal(loaded(_x()), circuit(_x()))
+    masks = circuit.hard_masks()["a.weight"]
+    assert torch.equal(loaded.hard_masks()["a.weight"], masks)
+    with torch.no_grad():  # the loaded circuit masks with its own logits and weights
+        loaded.wrapped_model.a.weight.mul_(torch.linspace(0.1, 3.0, 16).view(4, 4))
+        if method != "magnitude_pruning":
+            loaded.mask_logits["a-weight"].neg_()
+    assert not torch.equal(loaded(_x()), circuit(_x()))
+    assert torch.equal(circuit.hard_masks()["a.weight"], masks)
+    model = loaded.remove_masks()
+    assert "weight_mask_params" not in model.a.__dict__
+    assert not model.a._forward_pre_hooks
 
 
 
@@ -491,7 +512,7 @@ def _grads_equal_one_process(sequence_parallel: bool, hp: dict, *, freeze_base: 
                 if getattr(base, "sequence_parallel", False):
                     dist.all_reduce(grad)  # what Megatron's finalize_model_grads does
                 want = getattr(getattr(reference, name), pname).grad
-                torch.testing.assert_close(grad, mp.shard.region.take(want), rtol=1e-5,
+                torch.testing.assert_close(grad, mp.param_region.take(want), rtol=1e-5,
                                            atol=1e-6, msg=f"{name}.{pname}")
         par.remove_masks()
 

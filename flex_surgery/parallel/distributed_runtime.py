@@ -55,6 +55,7 @@ from flex_surgery.parallel.collectives import (
     start_gather,
 )
 from flex_surgery.parallel.failures import host_status_group
+from flex_surgery.parallel.frameworks.ddp import join_enabled
 from flex_surgery.parallel.group_lifetime import OwnedGroups, RefusedOnEveryRank, free_dropped
 from flex_surgery.parallel.layout import (
     GATHER_ORDER,
@@ -180,6 +181,9 @@ class DistributedRuntime(Runtime):
             if batch_dim is None:
                 batch_dim = frameworks.batch_dim(module)
             self.layouts = LayoutInference(mesh, batch_dim)
+            # DDP modules, whose join setting each hooked forward checks (start_pass)
+            self._ddps = [(n, m) for n, m in module.named_modules()
+                          if frameworks.wrapper_kind(m) == "DDP"]
             self._finalizer = weakref.finalize(self, self.layouts.unwatch)
             self.layouts.watch(module)
             self.trainable = TrainableSync(mesh)
@@ -281,7 +285,21 @@ class DistributedRuntime(Runtime):
         return shape
 
     def start_pass(self) -> None:
-        """A hooked forward of the wrapped module begins (every rank runs the same ones)."""
+        """A hooked forward of the wrapped module begins (every rank runs the same ones).
+
+        Refused, before the module runs, on a DDP model given to ``Join`` when it is split
+        over data-parallel ranks: ranks that joined take no part in the hooks' gathers (see
+        :func:`~flex_surgery.parallel.frameworks.ddp.join_enabled`; the same on every rank)."""
+        if self.mesh.dp_size > 1:
+            joined = join_enabled(self._ddps)
+            if joined:
+                raise RuntimeError(
+                    f"hooks on a DDP model under torch.distributed.algorithms.join.Join "
+                    f"(DDP modules {joined}) are not supported: with uneven inputs a rank that "
+                    "has joined takes no part in the hooks' gathers over the data-parallel "
+                    "ranks, and the others would wait for it forever. Run hooked forwards with "
+                    "the same number of batches on every rank, on a DDP module never given to "
+                    "Join (Join keeps DDP's join setting on after its block ends)")
         self.passes += 1
         if self.meets_at_sites:
             self._pass_starts.append((torch._C._autograd._get_sequence_nr(), self.passes))

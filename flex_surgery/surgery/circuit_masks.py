@@ -124,8 +124,14 @@ class MaskedParam:
 
     ``logits`` are this rank's mask parameters; ``full_shape``/``region`` place them in the
     full mask (for a neuron mask the full shape is the weight's with 1 on every non-neuron dim);
-    ``param_full_shape`` is the full shape of the masked parameter; ``leader`` says whether this
-    rank counts its region in global sums (one rank per distinct region).
+    ``param_full_shape``/``param_region`` are the masked parameter's full shape and this rank's
+    part of it, ``partition_dim`` the dim its framework splits over tensor-parallel ranks;
+    ``stored`` is the parameter object its framework keeps (a DTensor under FSDP2, whose
+    layout the mask follows while the forward computes with the unsharded weight); ``leader``
+    says whether this rank counts its region in global sums (one rank per distinct region).
+
+    No view of the weight's memory is kept: the weight is read from the layer when needed
+    (magnitude pruning), so a moved, copied or reloaded model is ranked by its own weights.
     """
 
     pname: str
@@ -133,7 +139,9 @@ class MaskedParam:
     full_shape: torch.Size
     region: Region
     param_full_shape: torch.Size
-    shard: LocalShard
+    param_region: Region
+    partition_dim: int | None
+    stored: nn.Parameter | None
     tp_group: dist.ProcessGroup | None
     # The ranks that hold the model (CircuitModel's process_group; None: one process).
     group: dist.ProcessGroup | None = None
@@ -215,9 +223,11 @@ class LayerMask:
             partial = None
             if tp_group is not None and view.partition_dim is None and view.owners:
                 partial = tp_grad_partial_op(module, view.owners[0], name)
-            self.params[pname] = MaskedParam(pname, logits, full_shape, region, view.full_shape,
-                                             view, tp_group, group=group,
-                                             grad_partial=partial)
+            self.params[pname] = MaskedParam(
+                pname, logits, full_shape, region, view.full_shape, view.region,
+                view.partition_dim, view.owners[0] if view.owners else None, tp_group,
+                group=group, grad_partial=partial)
+        self.saved: list[dict[str, torch.Tensor]] = []  # the slots' own parameters, per call
 
     # -- masks -------------------------------------------------------------------------------
     def mask(self, pname: str, training: bool, temperature: float) -> torch.Tensor:
@@ -262,11 +272,29 @@ class LayerMask:
         in ``logits`` as +1 / -1, so the hard mask, its ablations and the statistics are the
         other methods'. NeuroSurgeon 0.1.0 ranks the signed values instead of the magnitudes,
         contrary to its own description."""
-        full = mp.shard.gather().detach().abs().double()  # compared unrounded
+        full = self._whole_parameter(mp).detach().abs().double()  # compared unrounded
         threshold = _quantile(full.reshape(-1).double(), self.prune_percentage)
         keep = full > threshold if self.prune_percentage == 1.0 else full >= threshold
         local = mp.region.take(keep).to(device=mp.logits.device)
         mp.logits.copy_(local.to(mp.logits.dtype) * 2 - 1)
+
+    def _whole_parameter(self, mp: MaskedParam) -> torch.Tensor:
+        """The whole masked parameter as the layer holds it now (collective over the ranks
+        that share it), read through the layer's parameter slot -- the parameter of the
+        outermost call when the layer is inside its own forward (the slot then holds the
+        masked weight) -- so that a model moved (``.to``), deep-copied or reloaded with
+        ``assign=True`` after the circuit was built is read as it is, not as it was."""
+        from flex_surgery.parallel import frameworks
+
+        slot = self.saved[0][mp.pname] if self.saved else self.module._parameters[mp.pname]
+        whole = frameworks.parameter_view(f"{self.name}.{mp.pname}", self.module, mp.pname,
+                                          slot, mp.tp_group).gather()
+        if whole.shape != mp.param_full_shape:
+            raise ValueError(
+                f"{self.name}.{mp.pname} is now {tuple(whole.shape)} as a whole, but its mask "
+                f"was made for {tuple(mp.param_full_shape)}: build a new CircuitModel after "
+                "changing the model's parameters' shapes")
+        return whole
 
     def _gates(self, mp: MaskedParam) -> torch.Tensor:
         """A hard-concrete training mask: ``clamp(sigmoid((log u - log(1 - u) + logits) / T)
@@ -319,10 +347,14 @@ class LayerMask:
         """Fresh values for ``random_ablate`` at the parameter's full shape (Kaiming-uniform
         weights, uniform(+-1/sqrt(fan_in)) biases, as ``nn.Linear`` initialises), seeded, cut
         to this rank's shard."""
+        like = mp.logits  # the circuit's dtype and device, which follow circuit.to(...)
+        if mp.random_values is not None and (mp.random_values.dtype, mp.random_values.device) \
+                != (like.dtype, like.device):
+            mp.random_values = mp.random_values.to(device=like.device, dtype=like.dtype)
         if mp.random_values is None:
             gen = _generator(self.seed, f"{self.name}.{mp.pname}", -1, torch.device("cpu"))
             weight_shape = self.params["weight"].param_full_shape if "weight" in self.params \
-                else mp.shard.full_shape
+                else mp.param_full_shape
             if mp.pname == "weight":
                 full = torch.empty(mp.param_full_shape)
                 nn.init.kaiming_uniform_(full, a=math.sqrt(5), generator=gen)
@@ -331,9 +363,8 @@ class LayerMask:
                                                                                device="meta"))
                 bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0.0
                 full = torch.empty(mp.param_full_shape).uniform_(-bound, bound, generator=gen)
-            local = mp.shard.local
-            mp.random_values = mp.shard.region.take(full).to(device=local.device,
-                                                             dtype=local.dtype)
+            mp.random_values = mp.param_region.take(full).to(device=like.device,
+                                                             dtype=like.dtype)
         return mp.random_values
 
     # -- statistics --------------------------------------------------------------------------
@@ -376,7 +407,7 @@ class LayerMask:
         """Bring a local mask to the form of the weight the module computes with."""
         from flex_surgery.parallel.frameworks import is_dtensor
 
-        stored = mp.shard.owners[0] if mp.shard.owners else None
+        stored = mp.stored
         if is_dtensor(live):  # DTensor tensor parallelism: a DTensor mask of the same layout
             return self._as_dtensor(mp, local, live)
         if stored is not None and is_dtensor(stored):  # FSDP2 mid-forward: the full weight
@@ -385,9 +416,9 @@ class LayerMask:
             placements = stored.placements
             return self._as_dtensor(mp, local, stored).full_tensor(
                 grad_placements=[Partial("avg")] * len(placements))
-        if mp.tp_group is not None and mp.shard.partition_dim is not None and \
-                mp.full_shape[mp.shard.partition_dim] == 1 and \
-                mp.param_full_shape[mp.shard.partition_dim] > 1:
+        if mp.tp_group is not None and mp.partition_dim is not None and \
+                mp.full_shape[mp.partition_dim] == 1 and \
+                mp.param_full_shape[mp.partition_dim] > 1:
             return _AllReduceGrad.apply(local, mp.tp_group)
         if mp.tp_group is not None and mp.grad_partial is not None:
             # A parameter replicated over the tensor-parallel group whose gradient its framework
@@ -405,7 +436,7 @@ class LayerMask:
 
             return DTensor.from_local(local, live.device_mesh, live.placements,
                                       shape=live.shape, stride=live.stride())
-        stored = mp.shard.owners[0] if mp.shard.owners else None
+        stored = mp.stored
         if stored is not None and is_dtensor(stored):
             from torch.distributed.tensor import DTensor
 

@@ -222,7 +222,6 @@ class CircuitModel(nn.Module):
             # model's parameters or state dict (they are this module's ``mask_logits``)
             for p, mp in layer.params.items():
                 layer.module.__dict__[f"{p}_mask_params"] = mp.logits
-            layer.saved = []  # type: ignore[attr-defined]
             # The hooks find the circuit and the mask through the module itself, so that a
             # deep copy of the circuit (or of the model inside it) masks with its own copies.
             layer.module.__dict__[_MASKED_BY] = (self, layer)

@@ -15,7 +15,20 @@ from flex_surgery.parallel.frameworks.base import Framework
 if TYPE_CHECKING:
     from flex_surgery.parallel.mesh import ParallelMesh
 
-__all__ = ["DDP"]
+__all__ = ["DDP", "join_enabled"]
+
+
+def join_enabled(ddps: list[tuple[str, nn.Module]]) -> list[str]:
+    """Names of the DDP modules among ``ddps`` (``(name, module)`` pairs) that have been given
+    to ``torch.distributed.algorithms.join.Join`` (uneven inputs).
+
+    Under ``Join`` a rank that runs out of batches stops calling the model and only shadows
+    DDP's own collectives, so any other collective over the data-parallel ranks -- a hook's
+    gather -- waits for it forever. DDP keeps the setting once given (``Join`` does not reset
+    ``_join_config`` when its block ends; DDP goes on announcing each forward to the join
+    context), so this answers "may be under Join", the same on every rank."""
+    return [name or "<the model>" for name, m in ddps
+            if getattr(getattr(m, "_join_config", None), "enable", False)]
 
 
 class DDP(Framework):
