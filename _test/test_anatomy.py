@@ -155,3 +155,28 @@ def test_locate_does_not_guess_inside_an_unknown_architecture_with_two_known_par
     with pytest.raises(UnknownArchitecture, match="ViTModel at 'encoder'.*GPT2LMHeadModel"):
         locate(model)
     assert locate(model.decoder).arch == "GPT2LMHeadModel"
+
+
+def test_a_part_named_differently_across_releases_is_found_under_either_name():
+    """ViT's blocks are ``layers`` in transformers 5 and ``encoder.layer`` in 4: whichever the
+    model holds is the part; a model holding neither raises MissingPart naming both."""
+    def vit(blocks_at: str | None) -> nn.Module:
+        model = type("ViTModel", (nn.Module,), {})()
+        model.layernorm = nn.LayerNorm(4)
+        model.embeddings = nn.Module()
+        model.embeddings.patch_embeddings = nn.Module()
+        model.embeddings.patch_embeddings.projection = nn.Conv2d(3, 4, 2)
+        if blocks_at == "encoder.layer":
+            model.encoder = nn.Module()
+            model.encoder.layer = nn.ModuleList([nn.Linear(4, 4) for _ in range(3)])
+        elif blocks_at == "layers":
+            model.layers = nn.ModuleList([nn.Linear(4, 4) for _ in range(2)])
+        return model
+
+    old = vit("encoder.layer")
+    assert locate(old).blocks is old.encoder.layer
+    assert locate(old).block_name(-1) == "encoder.layer.2"
+    new = vit("layers")
+    assert locate(new).blocks is new.layers
+    with pytest.raises(MissingPart, match=r"\['layers', 'encoder.layer'\]"):
+        locate(vit(None)).module("blocks")

@@ -385,12 +385,6 @@ def test_new_anatomy_entries_answer_as_tuned_lens(tuned_lens_ms, arch, bare):
 
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "anatomy.py's GPTNeoXForCausalLM entry hard-codes the head as 'lm_head', transformers 5's "
-    "name; transformers 4.x (setup.py supports transformers>=4.40) names it 'embed_out' "
-    "(transformers 5's conversion_mapping renames ^embed_out. -> lm_head.), so on Pythia "
-    "under 4.x get_unembedding_matrix (and the lens) fails where tuned-lens, which asks "
-    "get_output_embeddings(), returns the head. Simulated here with the 4.x layout"))
 def test_gpt_neox_head_under_transformers_4_layout(tuned_lens_ms):
     import transformers as tr
 

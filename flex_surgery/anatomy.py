@@ -39,13 +39,15 @@ class Anatomy:
     """Dotted paths, relative to the model class the entry is keyed by.
 
     ``blocks`` is the ``nn.ModuleList`` of transformer blocks; ``final_norm``, ``embed`` and
-    ``unembed`` are modules, or ``None`` where the architecture has none.
+    ``unembed`` are modules, or ``None`` where the architecture has none. A part may be a tuple
+    of paths where releases of a library name it differently (GPT-NeoX's head is ``embed_out``
+    in transformers 4, ``lm_head`` in 5): the first one the model holds is the part.
     """
 
-    blocks: str
-    final_norm: str | None
-    embed: str | None
-    unembed: str | None
+    blocks: str | tuple[str, ...]
+    final_norm: str | tuple[str, ...] | None
+    embed: str | tuple[str, ...] | None
+    unembed: str | tuple[str, ...] | None
 
 
 _LLAMA_LM = Anatomy("model.layers", "model.norm", "model.embed_tokens", "lm_head")
@@ -73,7 +75,7 @@ ANATOMIES: dict[str, Anatomy] = {
                         None),
     # GPT-NeoX (Pythia), Bloom, GPT-Neo: pre-norm decoders, the head after one final norm.
     "GPTNeoXForCausalLM": Anatomy("gpt_neox.layers", "gpt_neox.final_layer_norm",
-                                  "gpt_neox.embed_in", "lm_head"),
+                                  "gpt_neox.embed_in", ("lm_head", "embed_out")),
     "GPTNeoXModel": Anatomy("layers", "final_layer_norm", "embed_in", None),
     "BloomForCausalLM": Anatomy("transformer.h", "transformer.ln_f",
                                 "transformer.word_embeddings", "lm_head"),
@@ -87,9 +89,10 @@ ANATOMIES: dict[str, Anatomy] = {
     "BertModel": Anatomy("encoder.layer", None, "embeddings.word_embeddings", None),
     "BertForMaskedLM": Anatomy("bert.encoder.layer", "cls.predictions.transform",
                                "bert.embeddings.word_embeddings", "cls.predictions.decoder"),
-    # ViT (transformers 5 keeps the blocks at ``layers``).
-    "ViTModel": Anatomy("layers", "layernorm", "embeddings.patch_embeddings.projection", None),
-    "ViTForImageClassification": Anatomy("vit.layers", "vit.layernorm",
+    # ViT (transformers 5 keeps the blocks at ``layers``, 4 at ``encoder.layer``).
+    "ViTModel": Anatomy(("layers", "encoder.layer"), "layernorm",
+                        "embeddings.patch_embeddings.projection", None),
+    "ViTForImageClassification": Anatomy(("vit.layers", "vit.encoder.layer"), "vit.layernorm",
                                          "vit.embeddings.patch_embeddings.projection",
                                          "classifier"),
 }
@@ -125,15 +128,32 @@ class Located:
     prefix: str
     anatomy: Anatomy
 
-    def _path(self, part: str) -> str:
+    def _candidates(self, part: str) -> list[str]:
         rel = getattr(self.anatomy, part)
         if rel is None:
             raise MissingPart(f"{self.arch} has no {part.replace('_', ' ')}")
-        return f"{self.prefix}.{rel}" if self.prefix else rel
+        return [f"{self.prefix}.{r}" if self.prefix else r
+                for r in ((rel,) if isinstance(rel, str) else rel)]
+
+    def _path(self, part: str) -> str:
+        """The part's clean name: of several paths, the first the model holds (the first one
+        when it holds none, e.g. a pipeline stage without the head)."""
+        candidates = self._candidates(part)
+        if len(candidates) > 1:
+            table = modules_by_clean_name(self.root, outermost=True)
+            return next((c for c in candidates if c in table), candidates[0])
+        return candidates[0]
 
     def module(self, part: str) -> nn.Module:
         """The module of ``part`` (``"blocks"``, ``"final_norm"``, ``"embed"``, ``"unembed"``)."""
-        return _module_by_clean_name(self.root, self._path(part))
+        candidates = self._candidates(part)
+        if len(candidates) == 1:
+            return _module_by_clean_name(self.root, candidates[0])
+        table = modules_by_clean_name(self.root, outermost=True)
+        for c in candidates:
+            if c in table:
+                return table[c]
+        raise MissingPart(f"{self.arch}: no module named any of {candidates}")
 
     def name(self, part: str) -> str:
         return self._path(part)
