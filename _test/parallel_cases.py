@@ -106,6 +106,19 @@ def fairscale_net(plain: Net) -> Net:
     return Net(blocks, column_like(plain.head, gather_output=True))
 
 
+def fsdp2_net(model: Net) -> Net:
+    """``model`` sharded by FSDP2 over every rank (a CPU mesh): each block a unit, the rest the
+    root's."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
 def dtensor_plan(use_local_output: bool):
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from parallel_cases import H, dtensor_plan, fairscale_net, local_group, plain_net
+from parallel_cases import H, dtensor_plan, fairscale_net, fsdp2_net, local_group, plain_net
 from rank_pool import distributed
 from test_circuits_distributed import _compare, _megatron_data
 from torch import nn
@@ -91,24 +91,19 @@ class _Checkpointed(nn.Module):
     """``_Net`` with its masked layer under activation checkpointing (HF's
     ``gradient_checkpointing_enable``, Megatron's activation recompute)."""
 
-    def __init__(self, use_checkpoint: bool) -> None:
+    def __init__(self, use_checkpoint: bool, **kw) -> None:
         super().__init__()
         self.net, self.use_checkpoint = _Net(), use_checkpoint
+        self.kw = {"use_reentrant": False, **kw}
 
     def forward(self, x):
         if self.use_checkpoint:
-            return checkpoint(self.net, x, use_reentrant=False)
+            if self.kw["use_reentrant"]:  # its backward runs only for inputs that need grad
+                x = x.detach().requires_grad_()
+            return checkpoint(self.net, x, **self.kw)
         return self.net(x)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "hard_concrete under activation checkpointing trains on the wrong gates: the recomputed "
-    "forward runs the pre-hook again and LayerMask._gates draws the NEXT gates "
-    "(mp.noise_draws += 1), so the output comes from draw 0 and the gradient of the mask logits "
-    "from draw 1, silently. NeuroSurgeon draws u from the global RNG, which checkpoint restores "
-    "for the recompute: its gradients are the same with and without checkpointing. Now "
-    "refused with a ValueError from the recompute (no silent value); supporting it needs the "
-    "recompute to reuse the forward's draw"))
 def test_hard_concrete_gates_are_the_same_in_a_checkpoint_recompute():
     def grads(use_checkpoint: bool):
         circuit = CircuitModel(CircuitConfig(mask_method="hard_concrete", seed=1,
@@ -452,16 +447,8 @@ def test_hard_concrete_neuron_masks_under_dtensor_tp():
 
 @distributed(world_size=2)
 def test_hard_concrete_neuron_masks_under_fsdp2():
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    mesh = init_device_mesh("cpu", (2,))
-    model = plain_net(0)
-    for block in model.blocks:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
     rank = dist.get_rank()
-    _compare(model, HC_NEURON, rows=slice(4 * rank, 4 * rank + 4))
+    _compare(fsdp2_net(plain_net(0)), HC_NEURON, rows=slice(4 * rank, 4 * rank + 4))
 
 
 class _Tiny(nn.Module):
@@ -514,9 +501,50 @@ def test_fsdp2_tiny_and_uneven_layers_equal_one_process(method, out):
         assert par.compute_l0_statistics() == ref.compute_l0_statistics(), mode
 
 
-def test_hard_concrete_gates_in_a_checkpoint_recompute_are_refused():
-    """Until a recompute can reuse the forward's gates, it raises rather than train on others."""
+def _hc_training(use_checkpoint: bool, steps: int, micro: int, **kw):
+    """``steps`` SGD steps of a hard-concrete circuit, each over ``micro`` forwards summed into
+    one backward; the outputs and the logits' gradients of every step."""
     circuit = CircuitModel(CircuitConfig(mask_method="hard_concrete", seed=1,
-                                         target_layers=["net.up"]), _Checkpointed(True))
+                                         target_layers=["net.up"],
+                                         mask_hparams={"mask_init_percentage": 0.6,
+                                                       "mask_bias": True}),
+                           _Checkpointed(use_checkpoint, **kw))
+    opt = torch.optim.SGD(circuit.parameters(), lr=0.5)
+    torch.manual_seed(7)  # the run's own dropout-like draws: the same in both runs
+    seen = []
+    for _ in range(steps):
+        outs = [circuit(_X * (i + 1)) for i in range(micro)]
+        sum(o.pow(2).sum() for o in outs).backward()
+        seen.append(([o.detach() for o in outs],
+                     [p.grad.clone() for p in circuit.mask_logits.values()]))
+        opt.step()
+        opt.zero_grad()
+    return seen, torch.rand(3)  # and the global generator afterwards
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+def test_hard_concrete_training_under_checkpointing_equals_training_without(reentrant):
+    """Several steps, two micro-batches per backward: the recomputes find their forwards'
+    gates, and the global generator ends where a run without checkpointing leaves it."""
+    (want, rng_want), (got, rng_got) = (_hc_training(c, steps=3, micro=2,
+                                                     use_reentrant=reentrant)
+                                        for c in (False, True))
+    for (outs, grads), (outs_w, grads_w) in zip(got, want):
+        assert all(torch.equal(a, b) for a, b in zip(outs, outs_w))
+        assert all(torch.equal(a, b) for a, b in zip(grads, grads_w))
+    assert torch.equal(rng_got, rng_want)
+
+
+def test_hard_concrete_recompute_without_its_forward_is_refused():
+    """A checkpoint that does not restore the generator (preserve_rng_state=False), or a
+    generator reseeded between two forwards of one backward: no draw known, ValueError."""
+    with pytest.raises(ValueError, match="preserve_rng_state=True"):
+        _hc_training(True, steps=1, micro=1, preserve_rng_state=False)
+    circuit = CircuitModel(CircuitConfig(mask_method="hard_concrete", target_layers=["net.up"]),
+                           _Checkpointed(True))
+    outs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        outs.append(circuit(_X))
     with pytest.raises(ValueError, match="activation checkpointing"):
-        circuit(_X).pow(2).sum().backward()
+        sum(o.sum() for o in outs).backward()

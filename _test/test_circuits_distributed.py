@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from parallel_cases import H, dtensor_plan, fairscale_net, local_group, plain_net
+from parallel_cases import H, dtensor_plan, fairscale_net, fsdp2_net, local_group, plain_net
 from rank_pool import distributed
 
 from flex_surgery.surgery import MaskTheater
@@ -183,16 +183,38 @@ def test_fsdp2(hp):
     """Data parallel: each rank trains on half of the batch; the mask gradients are averaged
     over the ranks as FSDP averages weight gradients, so the one-process twin sees the whole
     batch."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    mesh = init_device_mesh("cpu", (2,))
-    model = plain_net(0)
-    for block in model.blocks:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
     rank = dist.get_rank()
-    _compare(model, hp, rows=slice(4 * rank, 4 * rank + 4))
+    _compare(fsdp2_net(plain_net(0)), hp, rows=slice(4 * rank, 4 * rank + 4))
+
+
+def _checkpointed(model):
+    """``model`` with each block under (non-reentrant) activation checkpointing."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        apply_activation_checkpointing,
+    )
+
+    blocks = set(model.blocks)
+    apply_activation_checkpointing(model, check_fn=lambda m: m in blocks)
+    return model
+
+
+@pytest.mark.parametrize("layout", ["fairscale", "fsdp2"])
+@distributed(world_size=2)
+def test_hard_concrete_with_checkpointed_blocks(layout):
+    """Blocks recomputed in the backward draw the gates of the forward they recompute: the
+    sharded, checkpointed run trains as the one-process run without checkpointing."""
+    if layout == "fsdp2":
+        rank = dist.get_rank()
+        _compare(fsdp2_net(_checkpointed(plain_net(0))), HARD_CONCRETE,
+                 rows=slice(4 * rank, 4 * rank + 4))
+        return
+    from fairscale.nn.model_parallel import initialize as fs
+
+    fs.initialize_model_parallel(2)
+    try:
+        _compare(_checkpointed(fairscale_net(plain_net(0))), HARD_CONCRETE)
+    finally:
+        fs.destroy_model_parallel()
 
 
 @distributed(world_size=2)

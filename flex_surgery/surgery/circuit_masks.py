@@ -25,6 +25,8 @@ when the forward raises) puts the original object back.
 
 from __future__ import annotations
 
+import collections
+import hashlib
 import math
 from dataclasses import dataclass, field
 
@@ -46,6 +48,9 @@ MASK_UNITS = ("weight", "neuron")
 # Hard concrete gates (Louizos et al., 2018, with NeuroSurgeon's constants): a concrete variable
 # of temperature 2/3 stretched to (-0.1, 1.1) and clamped to [0, 1].
 HC_TEMPERATURE, HC_LEFT, HC_RIGHT = 2 / 3, -0.1, 1.1
+# Training forwards whose gates a recompute can still find, per masked parameter: more than the
+# forwards a step runs before its backward (micro-batches accumulated, a pipeline's in flight).
+GATE_DRAWS_REMEMBERED = 256
 
 
 def hard_concrete_logit(open_share: float) -> float:
@@ -155,6 +160,10 @@ class MaskedParam:
     draws: int = 0
     resample: bool = False  # draw a new sampled mask at its next use (force_resample)
     noise_draws: int = 0  # hard concrete: the training masks drawn so far
+    # hard concrete: the draw of each recent training forward, by the state of torch's CPU
+    # generator when it was drawn (None: two draws saw one state), for a recompute to find
+    gate_draws: collections.OrderedDict[bytes, int | None] = field(
+        default_factory=collections.OrderedDict, repr=False)
 
     @property
     def fan(self) -> int:
@@ -302,19 +311,48 @@ class LayerMask:
         call. ``u`` is drawn at the full mask's shape from a generator seeded by
         ``(seed, layer, draw)`` and cut to this rank's region, so every rank and every layout
         gates each weight as one process does (NeuroSurgeon draws from the global RNG)."""
-        if torch._C._current_graph_task_id() != -1:
-            raise ValueError(
-                f"{self.name}: hard-concrete gates drawn inside a backward (an activation "
-                "checkpoint recomputing the layer) would differ from the forward's, so the "
-                "gradients would belong to other gates; train hard-concrete masks without "
-                "activation checkpointing around masked layers")
-        gen = _generator(self.seed, f"{self.name}.{mp.pname}/gates", mp.noise_draws,
+        gen = _generator(self.seed, f"{self.name}.{mp.pname}/gates", self._gate_draw(mp),
                          torch.device("cpu"))
-        mp.noise_draws += 1
         u = torch.rand(mp.full_shape, generator=gen, dtype=torch.float64).clamp_(1e-4, 1 - 1e-4)
         u = mp.region.take(u).to(device=mp.logits.device, dtype=mp.logits.dtype)
         s = torch.sigmoid((torch.log(u) - torch.log(1 - u) + mp.logits) / HC_TEMPERATURE)
         return torch.clamp(s * (HC_RIGHT - HC_LEFT) + HC_LEFT, 0.0, 1.0)
+
+    def _gate_draw(self, mp: MaskedParam) -> int:
+        """The draw of this call's gates: the next one in a forward; in a forward recomputed
+        inside the backward (activation checkpointing), the draw of the forward it recomputes,
+        so the gradient belongs to the gates that made the output.
+
+        Which forward that is, torch's checkpoint says through the CPU generator: it saves the
+        generator's state at the start of the region and restores it for the recompute, so the
+        layer's call sees the state its forward call saw (this is how dropout masks repeat).
+        Each call records that state with its draw, and takes one number from the generator so
+        that no two calls see the same state (NeuroSurgeon draws its gates from that generator
+        too). A recompute that finds no draw for its state -- ``preserve_rng_state=False``, a
+        forward older than :data:`GATE_DRAWS_REMEMBERED` forwards, two forwards at one state
+        (the generator reseeded) -- raises rather than train on other gates."""
+        state = hashlib.blake2b(torch.get_rng_state().numpy().tobytes(),
+                                digest_size=16).digest()
+        torch.empty((), dtype=torch.int64).random_()  # the next call sees another state
+        if torch._C._current_graph_task_id() == -1:
+            draw = mp.noise_draws
+            mp.noise_draws += 1
+            mp.gate_draws[state] = None if state in mp.gate_draws else draw
+            mp.gate_draws.move_to_end(state)
+            while len(mp.gate_draws) > GATE_DRAWS_REMEMBERED:
+                mp.gate_draws.popitem(last=False)
+            return draw
+        draw = mp.gate_draws.get(state)
+        if draw is None:
+            raise ValueError(
+                f"{self.name}.{mp.pname}: hard-concrete gates are drawn in a forward recomputed "
+                "inside the backward (activation checkpointing) that does not match a recent "
+                "training forward of this layer by the CPU generator's state, so its gates -- "
+                "and the gradients -- would be other ones. Checkpoint with "
+                "preserve_rng_state=True (the default), do not reseed torch between the "
+                "forwards of one backward, and backpropagate within "
+                f"{GATE_DRAWS_REMEMBERED} forwards")
+        return draw
 
     def _sampled(self, mp: MaskedParam) -> torch.Tensor:
         """A random mask removing as many elements as the trained mask keeps, drawn at the full
