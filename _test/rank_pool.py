@@ -172,11 +172,15 @@ def close_all_pools() -> None:
     _POOLS.clear()
 
 
-def distributed(world_size: int, timeout_s: float | None = None) -> Callable:
+def distributed(world_size: int, timeout_s: float | None = None,
+                spends_pool: bool = False) -> Callable:
     """Decorate a module-level test body so that pytest runs it on ``world_size`` forked ranks.
 
     The body keeps its own signature, so ``pytest.mark.parametrize`` and picklable fixtures
-    (``tmp_path``) work unchanged; the test returns the per-rank results.
+    (``tmp_path``) work unchanged; the test returns the per-rank results. ``spends_pool``: the
+    ranks are closed after the body, however it ends, and the next test forks new ones -- for
+    a body whose failure leaves collectives unmatched (an error inside DDP's backward leaves
+    its gradient all-reduce posted on some ranks), which would meet the next test's.
     """
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -186,7 +190,13 @@ def distributed(world_size: int, timeout_s: float | None = None) -> Callable:
 
         @functools.wraps(fn)
         def test(**kwargs: Any) -> None:
-            get_pool(world_size).run(fn, kwargs, timeout_s)
+            try:
+                get_pool(world_size).run(fn, kwargs, timeout_s)
+            finally:
+                if spends_pool:
+                    pool = _POOLS.pop(world_size, None)
+                    if pool is not None:
+                        pool.close(force=True)
 
         test.world_size = world_size  # type: ignore[attr-defined]
         return test

@@ -344,3 +344,49 @@ def test_fairscale_tp_replicas_each_train_their_own_circuit_given_their_group():
                  ref_group=local_group())
     finally:
         fs.destroy_model_parallel()
+
+
+@pytest.mark.parametrize("hp", [HPARAMS[0], HARD_CONCRETE, MAGNITUDE],
+                         ids=["weight", "hc", "magnitude"])
+@distributed(world_size=2)
+def test_fsdp2_mixed_precision(hp):
+    """FSDP2 computing in bf16 from float32 shards (MixedPrecisionPolicy): the masks (float32
+    logits) multiply the bf16 weight the forward computes with, as in one process whose model
+    computes in bf16 with float32 mask logits; magnitude pruning ranks those bf16 weights in a
+    forward and in hard_masks() alike."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    def net():
+        model = plain_net(0)
+        with torch.no_grad():  # magnitudes that bf16 rounds into ties: the ranking differs
+            w = model.blocks[0].up.weight
+            w.copy_(1 + torch.arange(w.numel(), dtype=w.dtype).view_as(w) / 4096)
+        return model
+
+    mesh = init_device_mesh("cpu", (2,))
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    model = net()
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    config = _config(hp)
+    par = CircuitModel(config, model)
+    ref = CircuitModel(config, net(), process_group=local_group())
+    ref.wrapped_model.to(torch.bfloat16)  # the logits stay float32, as the shards' are
+    x, _ = _data()
+    rank = dist.get_rank()
+    rows = slice(4 * rank, 4 * rank + 4)
+    got, want = par(x[rows]), ref(x.bfloat16())
+    assert got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want[rows], rtol=2e-2, atol=2e-2)
+    if hp.get("mask_method") != "magnitude_pruning":
+        got.float().pow(2).mean().backward()
+        want.float().pow(2).mean().backward()
+        for name, mp in par._layers[TARGETS[0]].params.items():
+            ref_grad = ref._layers[TARGETS[0]].params[name].logits.grad
+            torch.testing.assert_close(mp.logits.grad, mp.region.take(ref_grad),
+                                       rtol=5e-2, atol=5e-3)
+    par.eval(), ref.eval()
+    masks, ref_masks = par.hard_masks(), ref.hard_masks()
+    assert all(torch.equal(masks[k], ref_masks[k]) for k in ref_masks)

@@ -308,31 +308,6 @@ def test_activation_checkpointing_under_ddp_fsdp1_fsdp2():
         _compare(*_run(fsdp2, xs, both, squash, full_grads=_dtensor_grads), want, want_grads)
 
 
-# -- hangs last: each one costs its timeout and a fresh pool ---------------------------------
-
-@pytest.mark.xfail(strict=True, reason=(
-    "refused, not stored: DDP(find_unused_parameters=True), a branch rank 1 does not take; a "
-    "gradient hook on the branch's parameter fires on rank 0 only, and meets rank 1's end of "
-    "the backward (DistributedRuntime.watch_backward): both raise HookSiteMismatchError (it "
-    "hung before). One process stores the gradient of the rows that take the branch, which "
-    "DDP's average of (g0, 0) reproduces; storing it would need the ranks whose parameter is "
-    "unused to take part with a zero gradient (flex_surgery/parallel/distributed_runtime.py:"
-    "DistributedRuntime.register_parameter_hook)"))
-@distributed(world_size=2, timeout_s=2)
-def test_ddp_find_unused_parameters_hook_on_the_branch():
-    """One process gets the branch's parameter gradient from the rows that take it; DDP's
-    average of (rank 0's, rank 1's zero) is the same number: the hook should store it."""
-    (x,) = _batches(1)
-    x[:2, 0, 0] = 5.0   # rank 0's rows take the branch
-    x[2:, 0, 0] = -5.0  # rank 1's rows do not
-    sites = dict(sites=[], param_sites=["side.weight"])
-    want, want_grads = _reference([x], model=BranchNet(), **sites)
-    assert want[0]["side.weight:grad"]
-    got = _run(DDP(BranchNet(), find_unused_parameters=True), [x], [contextlib.nullcontext],
-               **sites)
-    _compare(*got, want, want_grads)
-
-
 @distributed(world_size=2, timeout_s=20)
 def test_ddp_join_with_hooks_is_refused_on_every_rank():
     """Under Join (uneven inputs: rank 0 two micro-batches, rank 1 one) a rank that has joined
@@ -359,3 +334,28 @@ def test_ddp_join_with_hooks_is_refused_on_every_rank():
     flex(mine[0]).pow(2).mean().backward()
     flex.close()
     _compare([clean_keys(stored)], {}, want, {})
+
+
+# -- hangs last: each one costs its timeout and a fresh pool ---------------------------------
+
+@pytest.mark.xfail(strict=True, reason=(
+    "refused, not stored: DDP(find_unused_parameters=True), a branch rank 1 does not take; a "
+    "gradient hook on the branch's parameter fires on rank 0 only, and meets rank 1's end of "
+    "the backward (DistributedRuntime.watch_backward): both raise HookSiteMismatchError (it "
+    "hung before). One process stores the gradient of the rows that take the branch, which "
+    "DDP's average of (g0, 0) reproduces; storing it would need the ranks whose parameter is "
+    "unused to take part with a zero gradient (flex_surgery/parallel/distributed_runtime.py:"
+    "DistributedRuntime.register_parameter_hook)"))
+@distributed(world_size=2, timeout_s=2, spends_pool=True)
+def test_ddp_find_unused_parameters_hook_on_the_branch():
+    """One process gets the branch's parameter gradient from the rows that take it; DDP's
+    average of (rank 0's, rank 1's zero) is the same number: the hook should store it."""
+    (x,) = _batches(1)
+    x[:2, 0, 0] = 5.0   # rank 0's rows take the branch
+    x[2:, 0, 0] = -5.0  # rank 1's rows do not
+    sites = dict(sites=[], param_sites=["side.weight"])
+    want, want_grads = _reference([x], model=BranchNet(), **sites)
+    assert want[0]["side.weight:grad"]
+    got = _run(DDP(BranchNet(), find_unused_parameters=True), [x], [contextlib.nullcontext],
+               **sites)
+    _compare(*got, want, want_grads)

@@ -29,6 +29,7 @@ import collections
 import hashlib
 import math
 from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -123,6 +124,24 @@ class _AllReduceGrad(torch.autograd.Function):
         return grad, None, None
 
 
+class StoredLayout(NamedTuple):
+    """How a DTensor parameter is laid out -- what a mask needs of it, without the tensor (a
+    parameter replaced later, e.g. by ``load_state_dict(assign=True)``, is not kept alive)."""
+
+    device_mesh: Any
+    placements: tuple
+    shape: torch.Size
+    stride: tuple[int, ...]
+
+
+def stored_layout(param: torch.Tensor | None) -> StoredLayout | None:
+    from flex_surgery.parallel.frameworks import is_dtensor
+
+    if param is None or not is_dtensor(param):
+        return None
+    return StoredLayout(param.device_mesh, tuple(param.placements), param.shape, param.stride())
+
+
 @dataclass
 class MaskedParam:
     """The mask of one parameter (``weight`` or ``bias``) of a target layer.
@@ -131,8 +150,9 @@ class MaskedParam:
     full mask (for a neuron mask the full shape is the weight's with 1 on every non-neuron dim);
     ``param_full_shape``/``param_region`` are the masked parameter's full shape and this rank's
     part of it, ``partition_dim`` the dim its framework splits over tensor-parallel ranks;
-    ``stored`` is the parameter object its framework keeps (a DTensor under FSDP2, whose
-    layout the mask follows while the forward computes with the unsharded weight); ``leader``
+    ``stored`` is the layout of the parameter its framework keeps when that is a DTensor
+    (FSDP2: the mask follows it while the forward computes with the unsharded weight);
+    ``leader``
     says whether this rank counts its region in global sums (one rank per distinct region).
 
     No view of the weight's memory is kept: the weight is read from the layer when needed
@@ -146,7 +166,7 @@ class MaskedParam:
     param_full_shape: torch.Size
     param_region: Region
     partition_dim: int | None
-    stored: nn.Parameter | None
+    stored: StoredLayout | None
     tp_group: dist.ProcessGroup | None
     # The ranks that hold the model (CircuitModel's process_group; None: one process).
     group: dist.ProcessGroup | None = None
@@ -160,9 +180,13 @@ class MaskedParam:
     draws: int = 0
     resample: bool = False  # draw a new sampled mask at its next use (force_resample)
     noise_draws: int = 0  # hard concrete: the training masks drawn so far
+    # The dtype the forward computes with when it is not the stored one (FSDP2's mixed
+    # precision casts the shards to it): magnitudes are ranked in it, inside a forward or not.
+    compute_dtype: torch.dtype | None = None
     # hard concrete: the draw of each recent training forward, by the state of torch's CPU
-    # generator when it was drawn (None: two draws saw one state), for a recompute to find
-    gate_draws: collections.OrderedDict[bytes, int | None] = field(
+    # generator when it was drawn, for a recompute to find: (draw, whether a backward that
+    # freed its graph has recomputed it), or None where two live forwards saw one state
+    gate_draws: collections.OrderedDict[bytes, tuple[int, bool] | None] = field(
         default_factory=collections.OrderedDict, repr=False)
 
     @property
@@ -234,7 +258,8 @@ class LayerMask:
                 partial = tp_grad_partial_op(module, view.owners[0], name)
             self.params[pname] = MaskedParam(
                 pname, logits, full_shape, region, view.full_shape, view.region,
-                view.partition_dim, view.owners[0] if view.owners else None, tp_group,
+                view.partition_dim, stored_layout(view.owners[0] if view.owners else None),
+                tp_group,
                 group=group, grad_partial=partial)
         self.saved: list[dict[str, torch.Tensor]] = []  # the slots' own parameters, per call
 
@@ -298,6 +323,8 @@ class LayerMask:
         slot = self.saved[0][mp.pname] if self.saved else self.module._parameters[mp.pname]
         whole = frameworks.parameter_view(f"{self.name}.{mp.pname}", self.module, mp.pname,
                                           slot, mp.tp_group).gather()
+        if mp.compute_dtype is not None:  # the stored shards, as the forward sees them
+            whole = whole.to(mp.compute_dtype)
         if whole.shape != mp.param_full_shape:
             raise ValueError(
                 f"{self.name}.{mp.pname} is now {tuple(whole.shape)} as a whole, but its mask "
@@ -328,22 +355,26 @@ class LayerMask:
         layer's call sees the state its forward call saw (this is how dropout masks repeat).
         Each call records that state with its draw, and takes one number from the generator so
         that no two calls see the same state (NeuroSurgeon draws its gates from that generator
-        too). A recompute that finds no draw for its state -- ``preserve_rng_state=False``, a
-        forward older than :data:`GATE_DRAWS_REMEMBERED` forwards, two forwards at one state
-        (the generator reseeded) -- raises rather than train on other gates."""
+        too). The generator reseeded to one state (a fixed-seed validation between steps) gives
+        a later forward the state of an earlier one: the later one takes it over when the
+        earlier one's graph is gone (a backward without ``retain_graph`` recomputed it), and
+        otherwise neither can be told apart. A recompute that finds no draw for its state --
+        ``preserve_rng_state=False``, a forward older than :data:`GATE_DRAWS_REMEMBERED`
+        forwards, two live forwards at one state -- raises rather than train on other gates."""
         state = hashlib.blake2b(torch.get_rng_state().numpy().tobytes(),
                                 digest_size=16).digest()
         torch.empty((), dtype=torch.int64).random_()  # the next call sees another state
         if torch._C._current_graph_task_id() == -1:
             draw = mp.noise_draws
             mp.noise_draws += 1
-            mp.gate_draws[state] = None if state in mp.gate_draws else draw
+            earlier = mp.gate_draws.get(state, (0, True))
+            mp.gate_draws[state] = (draw, False) if earlier is not None and earlier[1] else None
             mp.gate_draws.move_to_end(state)
             while len(mp.gate_draws) > GATE_DRAWS_REMEMBERED:
                 mp.gate_draws.popitem(last=False)
             return draw
-        draw = mp.gate_draws.get(state)
-        if draw is None:
+        entry = mp.gate_draws.get(state)
+        if entry is None:
             raise ValueError(
                 f"{self.name}.{mp.pname}: hard-concrete gates are drawn in a forward recomputed "
                 "inside the backward (activation checkpointing) that does not match a recent "
@@ -352,6 +383,11 @@ class LayerMask:
                 "preserve_rng_state=True (the default), do not reseed torch between the "
                 "forwards of one backward, and backpropagate within "
                 f"{GATE_DRAWS_REMEMBERED} forwards")
+        draw, _ = entry
+        # a backward that does not keep the graph frees the forward's: nothing recomputes it
+        # again, so a later forward may take its state over
+        spent = not torch._C._autograd._get_current_graph_task_keep_graph()
+        mp.gate_draws[state] = (draw, spent)
         return draw
 
     def _sampled(self, mp: MaskedParam) -> torch.Tensor:
@@ -386,10 +422,8 @@ class LayerMask:
         weights, uniform(+-1/sqrt(fan_in)) biases, as ``nn.Linear`` initialises), seeded, cut
         to this rank's shard."""
         like = mp.logits  # the circuit's dtype and device, which follow circuit.to(...)
-        if mp.random_values is not None and (mp.random_values.dtype, mp.random_values.device) \
-                != (like.dtype, like.device):
-            mp.random_values = mp.random_values.to(device=like.device, dtype=like.dtype)
-        if mp.random_values is None:
+        if mp.random_values is None or (mp.random_values.dtype, mp.random_values.device) \
+                != (like.dtype, like.device):  # drawn again: a cast would keep a rounding
             gen = _generator(self.seed, f"{self.name}.{mp.pname}", -1, torch.device("cpu"))
             weight_shape = self.params["weight"].param_full_shape if "weight" in self.params \
                 else mp.param_full_shape
@@ -435,9 +469,11 @@ class LayerMask:
                temperature: float) -> torch.Tensor:
         """``live * mask`` (or the ``random_ablate`` blend) in the form ``live`` has now."""
         mp = self.params[pname]
-        mask = self._lift(mp, self.mask(pname, training, temperature), live)
+        # in the weight's dtype: under mixed precision (FSDP2's param_dtype) the forward's
+        # weight is not in the logits' dtype, and the layer computes in the weight's
+        mask = self._lift(mp, self.mask(pname, training, temperature), live).to(live.dtype)
         if self.ablation == "random_ablate" and not (training and mp.logits.requires_grad):
-            rand = self._lift_values(mp, self._random_values(mp), live)
+            rand = self._lift_values(mp, self._random_values(mp), live).to(live.dtype)
             return live * mask + (1 - mask) * rand
         return live * mask
 
@@ -448,7 +484,7 @@ class LayerMask:
         stored = mp.stored
         if is_dtensor(live):  # DTensor tensor parallelism: a DTensor mask of the same layout
             return self._as_dtensor(mp, local, live)
-        if stored is not None and is_dtensor(stored):  # FSDP2 mid-forward: the full weight
+        if stored is not None:  # FSDP2 mid-forward: the full weight
             from torch.distributed.tensor import Partial
 
             placements = stored.placements
@@ -475,15 +511,15 @@ class LayerMask:
             return DTensor.from_local(local, live.device_mesh, live.placements,
                                       shape=live.shape, stride=live.stride())
         stored = mp.stored
-        if stored is not None and is_dtensor(stored):
+        if stored is not None:
             from torch.distributed.tensor import DTensor
 
             return DTensor.from_local(local, stored.device_mesh, stored.placements,
-                                      shape=stored.shape, stride=stored.stride()).full_tensor()
+                                      shape=stored.shape, stride=stored.stride).full_tensor()
         return local
 
     @staticmethod
-    def _as_dtensor(mp: MaskedParam, local: torch.Tensor, like: torch.Tensor):
+    def _as_dtensor(mp: MaskedParam, local: torch.Tensor, like: Any):
         from torch.distributed.tensor import DTensor, Replicate
 
         placements = [Replicate() if p.is_shard() and mp.full_shape[p.dim] == 1

@@ -205,6 +205,10 @@ class CircuitModel(nn.Module):
                             prune_percentage=hp.get("prune_percentage", 0.0))
                   for name in targets]
         elect_leaders(layers, self._group)
+        compute_dtypes = frameworks.fsdp2_compute_dtypes(model)
+        for layer in layers:
+            for p, mp in layer.params.items():
+                mp.compute_dtype = compute_dtypes.get((id(layer.module), p))
         self.config = config
         self.wrapped_model = model
         self.mask_logits = nn.ParameterDict({

@@ -50,6 +50,7 @@ from flex_surgery.parallel.frameworks.fsdp import FSDP2 as FSDP2
 from flex_surgery.parallel.frameworks.fsdp import (
     fsdp1_gradient_accumulators as fsdp1_gradient_accumulators,
 )
+from flex_surgery.parallel.frameworks.fsdp import fsdp2_compute_dtypes as fsdp2_compute_dtypes
 from flex_surgery.parallel.frameworks.megatron import MegatronCore as MegatronCore
 from flex_surgery.parallel.frameworks.megatron import MegatronLayoutError as MegatronLayoutError
 from flex_surgery.parallel.frameworks.parameters import (

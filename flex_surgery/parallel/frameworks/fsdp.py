@@ -33,7 +33,8 @@ from flex_surgery.parallel.frameworks.views import FlatRegion, LocalShard
 if TYPE_CHECKING:
     from flex_surgery.parallel.mesh import ParallelMesh
 
-__all__ = ["FSDP1", "FSDP2", "fsdp1_gradient_accumulators", "fsdp1_param_offsets"]
+__all__ = ["FSDP1", "FSDP2", "fsdp1_gradient_accumulators", "fsdp1_param_offsets",
+           "fsdp2_compute_dtypes"]
 
 
 def _fsdp1_class():
@@ -149,6 +150,36 @@ class FSDP2(Framework):
                 "reshard() (a forward or backward still in flight, or one that raised): an "
                 "edit of its shards would not reach the next forward. Call reset_iter_state() "
                 "on the root FSDP module after the exception, or finish the iteration first")
+
+
+def fsdp2_compute_dtypes(model: nn.Module) -> dict[tuple[int, str], torch.dtype]:
+    """``{(id(module), parameter name): dtype}`` of the parameters that FSDP2 units of ``model``
+    compute with in another dtype than they store (``MixedPrecisionPolicy.param_dtype``): the
+    unsharded weight a forward sees is the stored shards cast to that dtype, element by
+    element. Read from FSDP2's unit state, which torch keeps private: a unit whose state is
+    not where this looks raises ``UnknownLayoutError`` rather than guess the dtype."""
+    from flex_surgery.parallel.frameworks.registry import UnknownLayoutError
+
+    found: dict[tuple[int, str], torch.dtype] = {}
+    fsdp2 = FSDP2()
+    for name, unit in model.named_modules():
+        if not fsdp2.owns(unit):
+            continue
+        try:
+            state = unit._get_fsdp_state()
+            policy_dtype = state._mp_policy.param_dtype
+            params = [(fp._module_info.module, fp._module_info.param_name, fp.sharded_param)
+                      for group in state._fsdp_param_groups for fp in group.fsdp_params]
+        except AttributeError as exc:
+            raise UnknownLayoutError(
+                f"FSDP2 unit {name or '<root>'}: this torch's FSDP2 does not expose its "
+                f"mixed-precision policy where flex_surgery looks ({exc}), so the dtype its "
+                "forward computes with is unknown") from exc
+        for module, pname, sharded in params:
+            if policy_dtype is not None and policy_dtype != sharded.dtype and \
+                    sharded.dtype.is_floating_point:  # FSDPParam.init_dtype_attrs's rule
+                found[(id(module), pname)] = policy_dtype
+    return found
 
 
 def _fsdp2_sharded(module: nn.Module) -> bool | None:
