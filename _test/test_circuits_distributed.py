@@ -217,6 +217,40 @@ def test_hard_concrete_with_checkpointed_blocks(layout):
         fs.destroy_model_parallel()
 
 
+@pytest.mark.parametrize("layout", ["fairscale", "fsdp2"])
+@distributed(world_size=2, timeout_s=60)
+def test_hard_concrete_recompute_ambiguous_on_one_rank_is_refused_on_every_rank(layout):
+    """Two micro-batches, each forward seeded by its sample (as a data pipeline may): rank 0's
+    two are seeded alike, so its generator cannot tell their recomputes apart, rank 1's can.
+    Every rank raises (before, rank 0 raised alone and rank 1 waited in the layer's
+    collectives); a step without the reseeding then trains."""
+    rank = dist.get_rank()
+    if layout == "fsdp2":
+        model = fsdp2_net(_checkpointed(plain_net(0)))
+    else:
+        from fairscale.nn.model_parallel import initialize as fs
+
+        fs.initialize_model_parallel(2)
+        model = _checkpointed(fairscale_net(plain_net(0)))
+    try:
+        circuit = CircuitModel(_config(HARD_CONCRETE), model)
+        x, y = _data(slice(0, 4))
+        loss = 0
+        for seed in ([7, 7] if rank == 0 else [7, 8]):
+            torch.manual_seed(seed)
+            loss = loss + F.mse_loss(_full(circuit(x)), y)
+        with pytest.raises(ValueError, match="does not match a recent training forward") as err:
+            loss.backward()
+        assert ("this rank's" in str(err.value)) == (rank == 0)
+        if layout == "fairscale":
+            F.mse_loss(circuit(x), y).backward()
+            assert all(mp.logits.grad is not None for layer in circuit._layers.values()
+                       for mp in layer.params.values())
+    finally:
+        if layout == "fairscale":
+            fs.destroy_model_parallel()
+
+
 @distributed(world_size=2)
 def test_unknown_layout_is_refused_and_nothing_is_modified():
     """A plain nn.Linear whose weight differs across the TP ranks: no framework says how it is

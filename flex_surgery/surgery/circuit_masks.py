@@ -374,21 +374,41 @@ class LayerMask:
                 mp.gate_draws.popitem(last=False)
             return draw
         entry = mp.gate_draws.get(state)
-        if entry is None:
-            raise ValueError(
-                f"{self.name}.{mp.pname}: hard-concrete gates are drawn in a forward recomputed "
-                "inside the backward (activation checkpointing) that does not match a recent "
-                "training forward of this layer by the CPU generator's state, so its gates -- "
-                "and the gradients -- would be other ones. Checkpoint with "
-                "preserve_rng_state=True (the default), do not reseed torch between the "
-                "forwards of one backward, and backpropagate within "
-                f"{GATE_DRAWS_REMEMBERED} forwards")
-        draw, _ = entry
+        draw = self._agreed_recompute_draw(mp, None if entry is None else entry[0])
         # a backward that does not keep the graph frees the forward's: nothing recomputes it
         # again, so a later forward may take its state over
         spent = not torch._C._autograd._get_current_graph_task_keep_graph()
         mp.gate_draws[state] = (draw, spent)
         return draw
+
+    def _agreed_recompute_draw(self, mp: MaskedParam, mine: int | None) -> int:
+        """The draw a recompute uses, agreed by the ranks that hold the layer (one collective
+        over the circuit's group): each rank finds its draw from its own generator's history,
+        so one rank may miss (or find another) where its peers do not. Every rank then raises
+        alike -- one rank raising alone would leave the others waiting in the layer's
+        collectives -- and ranks that found different draws would gate their parts of the
+        weight with different masks, which no one process does."""
+        low = high = -1 if mine is None else mine
+        if mp.group is not None:
+            bounds = torch.tensor([high, -low], dtype=torch.int64, device=mp.logits.device)
+            dist.all_reduce(bounds, op=dist.ReduceOp.MAX, group=mp.group)
+            high, low = int(bounds[0]), -int(bounds[1])
+        if low >= 0 and low == high:
+            return low
+        if mine is None:
+            where = "this rank's"
+        elif low < 0:
+            where = "another rank's (this rank found its draw)"
+        else:
+            where = f"the ranks' (they found draws {low} to {high}, this rank {mine})"
+        raise ValueError(
+            f"{self.name}.{mp.pname}: hard-concrete gates are drawn in a forward recomputed "
+            "inside the backward (activation checkpointing) that does not match a recent "
+            f"training forward of this layer by {where} CPU generator state, so its gates -- "
+            "and the gradients -- would be other ones. Checkpoint with "
+            "preserve_rng_state=True (the default), do not reseed torch between the "
+            "forwards of one backward (nor differently on different ranks), and "
+            f"backpropagate within {GATE_DRAWS_REMEMBERED} forwards")
 
     def _sampled(self, mp: MaskedParam) -> torch.Tensor:
         """A random mask removing as many elements as the trained mask keeps, drawn at the full
