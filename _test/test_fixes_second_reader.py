@@ -1,7 +1,7 @@
 """Second reading of four changes: circuits that read their weights through the layer (magnitude
 pruning, ``random_ablate`` values, whole-circuit ``torch.save``), hard-concrete gates under
 activation checkpointing (``LayerMask._gate_draw``), the refusal of hooked DDP forwards under
-``Join`` (``DistributedRuntime.start_pass``) and anatomy parts with alternative paths.
+``Join`` (``DistributedRuntime.start_pass``, ``frameworks.ddp.JoinRefusal``) and anatomy parts with alternative paths.
 
 Strict xfails are bugs found (each says what is wrong, where, and what the right behaviour is);
 the plain tests pin behaviour checked and found right.
@@ -471,23 +471,56 @@ def test_join_over_a_one_rank_ddp_or_disabled_is_not_refused():
     flex.close()
 
 
-# -- hangs last: a hang costs its timeout and a fresh pool ---------------------------------
+# -- Join with a rank out of batches (it hung before: short timeouts) ----------------------
 
-@pytest.mark.xfail(strict=True, reason=(
-    "hang, documented (docs/layouts/ddp.md): the refusal of hooked forwards under Join is in "
-    "DistributedRuntime.start_pass (flex_surgery/parallel/distributed_runtime.py), i.e. only on "
-    "ranks that run a hooked forward: with uneven inputs where a rank has no batch, that rank "
-    "goes straight into Join.__exit__ and waits in its all_reduce for the others, which raised "
-    "and left -- until the process group's timeout (without hooks the same loop ends). Right: "
-    "every rank raises; reaching the rank inside Join's exit needs a collective it takes part "
-    "in (DDP's join hook), which FlexModel does not add"))
-@distributed(world_size=2, timeout_s=4)
-def test_join_with_a_rank_without_batches_raises_on_every_rank():
+@pytest.mark.parametrize("batches", [(1, 0), (2, 0), (0, 0), (2, 1)],
+                         ids=["one_and_none", "two_and_none", "none_anywhere", "two_and_one"])
+@distributed(world_size=2, timeout_s=20)
+def test_join_with_a_rank_without_batches_raises_on_every_rank(batches):
+    """A rank with no batch left waits in Join's exit: the refusing ranks tell it there, and it
+    raises the same error (before, it waited until the process group's timeout). Nothing is
+    left pending: the flex model closes and a collective then meets on every rank."""
     model, flex = _join_model()
     rank = dist.get_rank()
-    mine = [torch.randn(2, H)] if rank == 0 else []
-    with pytest.raises(RuntimeError, match="Join"):
+    mine = [torch.randn(2, H) for _ in range(batches[rank])]
+    if batches == (0, 0):  # nothing refused: Join syncs and exits as without hooks
+        with Join([model]):
+            pass
+    else:
+        with pytest.raises(RuntimeError, match="under torch.distributed.algorithms.join.Join"):
+            with Join([model]):
+                for x in mine:
+                    flex(x).sum().backward()
+    flex.close()
+    assert "join_hook" not in vars(model)  # the runtime's wrapper is gone with it
+    met = torch.ones(1)
+    dist.all_reduce(met)
+    assert met.item() == 2
+
+
+@distributed(world_size=2, timeout_s=20)
+def test_join_without_hooked_forwards_trains_as_without_flex():
+    """Uneven inputs under Join with the hooks disabled: DDP's shadowing and its final sync
+    work through the wrapped join hook (its one extra all-reduce meets on every rank); the
+    parameters equal a DDP run under Join without FlexModel."""
+    rank = dist.get_rank()
+    gen = torch.Generator().manual_seed(5)
+    xs = [torch.randn(2, H, generator=gen) for _ in range(3)]
+    mine = xs if rank == 0 else xs[:1]
+
+    def train(flexed: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = DDP(plain_net(0))
+        flex = FlexModel(model, {}) if flexed else None
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
         with Join([model]):
             for x in mine:
-                flex(x).sum().backward()
-    # (no flex.close(): its collectives would meet the waiting rank's Join all_reduce)
+                model(x).pow(2).mean().backward()
+                opt.step()
+                opt.zero_grad()
+        if flex is not None:
+            flex.close()
+        return [p.detach().clone() for p in model.parameters()]
+
+    for got, want in zip(train(True), train(False), strict=True):
+        assert torch.equal(got, want)

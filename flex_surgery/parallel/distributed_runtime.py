@@ -55,7 +55,7 @@ from flex_surgery.parallel.collectives import (
     start_gather,
 )
 from flex_surgery.parallel.failures import host_status_group
-from flex_surgery.parallel.frameworks.ddp import join_enabled
+from flex_surgery.parallel.frameworks.ddp import JoinRefusal
 from flex_surgery.parallel.group_lifetime import OwnedGroups, RefusedOnEveryRank, free_dropped
 from flex_surgery.parallel.layout import (
     GATHER_ORDER,
@@ -97,6 +97,13 @@ STORE_ON = ("rank0", "all", "replica_leaders")
 #: than this at once stamps the older ones alike: they meet as one pass).
 _PASSES_REMEMBERED = 1024
 _UNNUMBERED = 2**63  # autograd numbers nodes no forward made (AccumulateGrad) 2**64 - 1
+
+
+def _release_model(layouts: LayoutInference, join_refusal: JoinRefusal | None) -> None:
+    """Take this runtime's hooks off the model: the layout tracker's, the DDP join hooks'."""
+    layouts.unwatch()
+    if join_refusal is not None:
+        join_refusal.remove()
 
 
 class DistributedRuntime(Runtime):
@@ -182,9 +189,11 @@ class DistributedRuntime(Runtime):
                 batch_dim = frameworks.batch_dim(module)
             self.layouts = LayoutInference(mesh, batch_dim)
             # DDP modules, whose join setting each hooked forward checks (start_pass)
-            self._ddps = [(n, m) for n, m in module.named_modules()
-                          if frameworks.wrapper_kind(m) == "DDP"]
-            self._finalizer = weakref.finalize(self, self.layouts.unwatch)
+            ddps = [(n, m) for n, m in module.named_modules()
+                    if frameworks.wrapper_kind(m) == "DDP"]
+            self._join_refusal = JoinRefusal(ddps) if ddps and mesh.dp_size > 1 else None
+            self._finalizer = weakref.finalize(self, _release_model, self.layouts,
+                                               self._join_refusal)
             self.layouts.watch(module)
             self.trainable = TrainableSync(mesh)
             # Editing hooks agree on their outcome on the host (no device sync per edit).
@@ -203,7 +212,7 @@ class DistributedRuntime(Runtime):
         exception. A second call (or :meth:`close` after it) does nothing."""
         self._unwatch_reductions()
         if self._finalizer is not None:
-            self._finalizer()  # layouts.unwatch, once
+            self._finalizer()  # _release_model, once
         self._mesh_finalizer()  # OwnedGroups.drop, once
 
     def close(self) -> None:
@@ -214,7 +223,7 @@ class DistributedRuntime(Runtime):
             return  # abandoned: the groups are queued
         self._finalizer.detach()
         self._mesh_finalizer.detach()
-        self.layouts.unwatch()
+        _release_model(self.layouts, self._join_refusal)
         self._unwatch_reductions()
         self._owned.free()
 
@@ -290,16 +299,8 @@ class DistributedRuntime(Runtime):
         Refused, before the module runs, on a DDP model given to ``Join`` when it is split
         over data-parallel ranks: ranks that joined take no part in the hooks' gathers (see
         :func:`~flex_surgery.parallel.frameworks.ddp.join_enabled`; the same on every rank)."""
-        if self.mesh.dp_size > 1:
-            joined = join_enabled(self._ddps)
-            if joined:
-                raise RuntimeError(
-                    f"hooks on a DDP model under torch.distributed.algorithms.join.Join "
-                    f"(DDP modules {joined}) are not supported: with uneven inputs a rank that "
-                    "has joined takes no part in the hooks' gathers over the data-parallel "
-                    "ranks, and the others would wait for it forever. Run hooked forwards with "
-                    "the same number of batches on every rank, on a DDP module never given to "
-                    "Join (Join keeps DDP's join setting on after its block ends)")
+        if self._join_refusal is not None:
+            self._join_refusal.check()
         self.passes += 1
         if self.meets_at_sites:
             self._pass_starts.append((torch._C._autograd._get_sequence_nr(), self.passes))

@@ -6,16 +6,20 @@ DDP splits nothing but the batch; its only answers are its wrapper label and its
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import functools
+from typing import TYPE_CHECKING, Any
 
+import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.algorithms.join import JoinHook
 
 from flex_surgery.parallel.frameworks.base import Framework
 
 if TYPE_CHECKING:
     from flex_surgery.parallel.mesh import ParallelMesh
 
-__all__ = ["DDP", "join_enabled"]
+__all__ = ["DDP", "JoinRefusal", "join_enabled", "join_refused"]
 
 
 def join_enabled(ddps: list[tuple[str, nn.Module]]) -> list[str]:
@@ -29,6 +33,83 @@ def join_enabled(ddps: list[tuple[str, nn.Module]]) -> list[str]:
     context), so this answers "may be under Join", the same on every rank."""
     return [name or "<the model>" for name, m in ddps
             if getattr(getattr(m, "_join_config", None), "enable", False)]
+
+
+class JoinRefusal:
+    """Carries a refusal of hooked forwards under ``Join`` to the ranks that have joined.
+
+    A rank with no batch left never runs a hooked forward: it sits in ``Join.__exit__``, in
+    the all-reduce that counts the ranks still running. The ranks that refuse (before DDP's
+    forward) meet it there, counting themselves as joined, then meet it once more in DDP's
+    post-hook, which this class wraps (``join_hook``, shadowed on each DDP instance while the
+    runtime lives): there every rank adds whether it refused, and a rank that has joined
+    raises the same error instead of syncing the final model. Without a refusal the wrapped
+    post-hook costs one one-element all-reduce per ``Join`` block, then does what DDP's does.
+
+    Assumes that the joinables given to ``Join`` before a wrapped DDP do no collective in their
+    post-hooks (DDP's and ZeroRedundancyOptimizer's do none)."""
+
+    def __init__(self, ddps: list[tuple[str, nn.Module]]) -> None:
+        self.ddps = ddps
+        self._wrapped: list[nn.Module] = []
+        for name, ddp in ddps:
+            if "join_hook" in vars(ddp):
+                continue  # another runtime's refusal already carries it
+            # a partial of the DDP, not a closure: a deep copy of the DDP gets its own
+            ddp.__dict__["join_hook"] = functools.partial(_refusal_aware_join_hook, ddp,
+                                                          name or "<the model>")
+            self._wrapped.append(ddp)
+
+    def check(self) -> None:
+        """At the start of a hooked forward: raise if a DDP module has been given to ``Join``,
+        after telling the ranks that have joined (the count of ``Join.__exit__``, this rank
+        counted as joined, then the refusal, over that DDP's join group)."""
+        enabled = join_enabled(self.ddps)
+        if not enabled:
+            return
+        ddp = next(m for n, m in self.ddps if (n or "<the model>") == enabled[0])
+        for refused in (0.0, 1.0):
+            flag = torch.full((1,), refused, device=ddp.join_device)
+            dist.all_reduce(flag, group=ddp.join_process_group)
+        raise join_refused(enabled)
+
+    def remove(self) -> None:
+        for ddp in self._wrapped:
+            hook = vars(ddp).get("join_hook")
+            if isinstance(hook, functools.partial) and hook.args[0] is ddp:
+                del ddp.__dict__["join_hook"]
+        self._wrapped = []
+
+
+def join_refused(names: list[str]) -> RuntimeError:
+    """The error of a hooked forward of the DDP modules ``names`` under ``Join``."""
+    return RuntimeError(
+        f"hooks on a DDP model under torch.distributed.algorithms.join.Join (DDP modules "
+        f"{names}) are not supported: with uneven inputs a rank that has joined takes no part "
+        "in the hooks' gathers over the data-parallel ranks, and the others would wait for it "
+        "forever. Run hooked forwards with the same number of batches on every rank, on a DDP "
+        "module never given to Join (Join keeps DDP's join setting on after its block ends)")
+
+
+def _refusal_aware_join_hook(ddp: nn.Module, name: str, **kwargs: Any) -> JoinHook:
+    return _RefusalAwareJoinHook(ddp, name, type(ddp).join_hook(ddp, **kwargs))
+
+
+class _RefusalAwareJoinHook(JoinHook):
+    """DDP's join hook, whose post-hook first learns whether another rank refused."""
+
+    def __init__(self, ddp: nn.Module, name: str, inner: JoinHook) -> None:
+        self.ddp, self.name, self.inner = ddp, name, inner
+
+    def main_hook(self) -> None:
+        self.inner.main_hook()
+
+    def post_hook(self, is_last_joiner: bool) -> None:
+        refused = torch.zeros(1, device=self.ddp.join_device)
+        dist.all_reduce(refused, group=self.ddp.join_process_group)
+        if refused.item() > 0:
+            raise join_refused([self.name])
+        self.inner.post_hook(is_last_joiner)
 
 
 class DDP(Framework):
