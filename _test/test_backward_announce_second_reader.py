@@ -18,14 +18,10 @@ a parameter gradient hook or FSDP1's gradient reduction after a recomputed branc
 removed or unselected hook on it (an ``AccumulateGrad`` node is stamped with the last pass on
 every rank).
 
-Still wrong, pinned as strict xfails (see each reason):
-
-* nested reentrant checkpoints: the inner checkpoint's node is made before the outer
-  recomputation's entry, so the inner region's hooks get the last forward's pass (branch hooks
-  of different forwards joined silently);
-* a backward run on another thread than the forwards (as the autograd engine does for CUDA
-  tensors, on its device threads): its sequence numbers are that thread's, so no entry is
-  made for the recomputation (the last forward's pass, as before).
+Also pinned: nested reentrant checkpoints, whose inner checkpoint's node is made before the
+outer recomputation's first hooked module notes its forward (the inner region belongs to the
+outer one's forward), and a backward run on another thread than the forwards (as the autograd
+engine does for CUDA tensors), whose recomputed nodes are numbered on that thread.
 """
 
 import contextlib
@@ -593,14 +589,7 @@ def _across_the_branch(flex, model, rank):
 
 
 @pytest.mark.parametrize("reentrant", [
-    pytest.param(True, id="reentrant", marks=pytest.mark.xfail(strict=True, reason=(
-        "silent wrong value: side's backward hook of forward 1 on rank 0 and of forward 2 on "
-        "rank 1 meet as one call and their rows are joined. In forward 1's outer "
-        "recomputation the inner checkpoint's CheckpointFunctionBackward node is made (its "
-        "sequence number taken) before side's pre-hook appends (sequence number, forward 1) "
-        "(DistributedRuntime.watch_recomputation); so in the inner recomputation entered() "
-        "reads forward 2 from that node (_pass_of_sequence_nr) and appends (.., forward 2): "
-        "rank 0 stamps side's call with forward 2, as rank 1 does"))),
+    pytest.param(True, id="reentrant"),
     pytest.param(False, id="non_reentrant")])
 @distributed(world_size=2, timeout_s=15)
 def test_nested_checkpoints_branch_hook_of_different_forwards_on_different_ranks_raise(
@@ -629,20 +618,62 @@ def _across_the_branch_on_a_thread(flex, model, rank):
         raise errors[0]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "silent wrong value: the recomputed region's autograd nodes are made on the thread that "
-    "runs the backward, whose sequence numbers (thread-local, from 0) are not the forwards'; "
-    "DistributedRuntime.watch_recomputation appends no entry there (another thread), and "
-    "_pass_of_sequence_nr reads the region's small numbers against the forwards' entries: "
-    "side's forward-2 call on rank 1 is stamped as an earlier forward, as rank 0's forward-1 "
-    "call is, and the two are joined. The autograd engine runs the backward of CUDA tensors "
-    "on its own device threads, so this is the case of every reentrant checkpoint on the GPU "
-    "under 'cpu:gloo,cuda:nccl' (reasoned, not run: no GPU here)"))
 @distributed(world_size=2, timeout_s=15)
 def test_reentrant_checkpoint_backward_on_another_thread_branch_on_different_ranks_raise():
     _refused_then_equal(BranchInRegion, lambda: [("full_backward", HookFunction("side"))],
                         _across_the_branch_on_a_thread)
 
+
+
+def _on_a_thread(run):
+    """``run()`` on another thread (as the autograd engine runs a CUDA backward); its
+    exception re-raised here."""
+    errors, result = [], []
+
+    def body():
+        try:
+            result.append(run())
+        except BaseException as exc:  # noqa: BLE001 (re-raised on the calling thread)
+            errors.append(exc)
+
+    worker = threading.Thread(target=body)
+    worker.start()
+    worker.join()
+    if errors:
+        raise errors[0]
+    return result[0]
+
+
+def _three_forwards_backward_on_a_thread(flex, model, part, scale):
+    outs = [flex(part(_x(seed))) for seed in (1, 2, 3)]
+    _on_a_thread(lambda: (sum(o.pow(2).sum() for o in outs) * scale).backward())
+    return outs
+
+
+@pytest.mark.parametrize("model_fn", [BranchInRegion, NestedCheckpoints],
+                         ids=["region", "nested"])
+@distributed(world_size=2, timeout_s=30)
+def test_reentrant_backward_on_another_thread_accumulated_forwards_equal_one_process(
+        model_fn):
+    """Every rank takes the branch; three forwards, one backward on another thread: the
+    recomputed regions' hooks (numbered on that thread) equal one process."""
+    hooks = lambda: [("full_backward", HookFunction("side")),  # noqa: E731
+                     ("full_backward", HookFunction("up")),
+                     ("full_backward_pre", HookFunction("first")),
+                     ("forward", HookFunction("side")),
+                     ("hook", HookFunction("first.weight"))]
+    _equal_run(model_fn, hooks, _three_forwards_backward_on_a_thread)
+
+
+def _across_the_branch_nested_on_a_thread(flex, model, rank):
+    outs = [flex(_half(_x(1, skipper=1), rank)), flex(_half(_x(2, skipper=0), rank))]
+    _on_a_thread(lambda: sum(o.pow(2).sum() for o in outs).backward())
+
+
+@distributed(world_size=2, timeout_s=15)
+def test_nested_checkpoints_backward_on_another_thread_branch_on_different_ranks_raise():
+    _refused_then_equal(NestedCheckpoints, lambda: [("full_backward", HookFunction("side"))],
+                        _across_the_branch_nested_on_a_thread)
 
 # == 1a02744: a doubted sequence split met over dp before its agreement =======================
 

@@ -172,6 +172,13 @@ class DistributedRuntime(Runtime):
             self._pass_starts: collections.deque[tuple[int, int]] = collections.deque(
                 maxlen=_PASSES_REMEMBERED)
             self._pass_thread = threading.get_ident()  # the thread that numbers them
+            # The same for the nodes a reentrant checkpoint's recomputation makes on another
+            # thread than the forwards' (the autograd engine's device threads): by thread.
+            self._recompute_starts: dict[int, collections.deque[tuple[int, int]]] = {}
+            # (graph task, pass) of the latest reentrant recomputation that the backward
+            # through the wrapped module's outputs ran: checkpoints nested in its region
+            # belong to its forward.
+            self._outer_recompute: tuple[int, int] | None = None
             self._announcing = -1  # the graph task whose end of backward is queued
             # Pre-hooks before the gradient collectives FSDP1 runs inside the backward.
             # By id of the FlatParameter: (a weak reference to it, its AccumulateGrad node,
@@ -317,17 +324,35 @@ class DistributedRuntime(Runtime):
         if torch._C._current_graph_task_id() == -1 or not self._pass_starts:
             return self.passes
         node = torch._C._current_autograd_node()
-        if node is None or node._sequence_nr() >= _UNNUMBERED:
+        starts = self._numbering()
+        if node is None or node._sequence_nr() >= _UNNUMBERED or not starts:
             # no forward made it (a leaf's AccumulateGrad): the last pass, on every rank
             return self.passes
-        return self._pass_of_sequence_nr(node._sequence_nr())
+        return self._pass_of_sequence_nr(node._sequence_nr(), starts)
 
-    def _pass_of_sequence_nr(self, seq: int) -> int:
-        """The pass whose forward made the autograd node numbered ``seq`` (see
-        :meth:`_pass_of_call`; a forward recomputed in backward: :meth:`_watch_recomputation`)."""
-        first = bisect.bisect_right(self._pass_starts, (seq, math.inf)) - 1
+    def _numbering(self) -> collections.deque[tuple[int, int]]:
+        """The passes' starts in the numbering of the autograd nodes that the current graph
+        task runs. Sequence numbers are per thread: the forwards' nodes are numbered on the
+        thread that ran them, and so are the nodes that a reentrant checkpoint's
+        recomputation makes inside the backward -- on the thread running the backward, which
+        for CUDA tensors is the autograd engine's device thread. The backward that reached the
+        wrapped module's outputs (:meth:`watch_backward`) runs forward-made nodes; a nested
+        one (the recomputed region's own backward) runs nodes its recomputation made."""
+        thread = threading.get_ident()
+        if thread == self._pass_thread or \
+                torch._C._current_graph_task_id() == self._announcing:
+            return self._pass_starts
+        return self._recompute_starts.setdefault(
+            thread, collections.deque(maxlen=_PASSES_REMEMBERED))
+
+    def _pass_of_sequence_nr(self, seq: int, starts: collections.deque[tuple[int, int]]
+                             ) -> int:
+        """The pass whose forward made the autograd node numbered ``seq`` in the numbering
+        whose passes' starts are ``starts`` (see :meth:`_pass_of_call`; a forward recomputed
+        in backward: :meth:`watch_recomputation`)."""
+        first = bisect.bisect_right(starts, (seq, math.inf)) - 1
         # before the passes remembered: no pass of them (each rank forgets the same ones)
-        return self._pass_starts[first][1] if first >= 0 else self._pass_starts[0][1] - 1
+        return starts[first][1] if first >= 0 else starts[0][1] - 1
 
     def end_of_hooked_forward(self) -> None:
         """Under data parallelism on the CPU, every rank of the stage announces to the stage
@@ -469,7 +494,13 @@ class DistributedRuntime(Runtime):
         pre-hook on ``module`` (which has a backward hook) notes, as its forward runs again,
         which pass the node running it (the checkpoint's, made in that forward) belongs to, as
         a new entry of the passes' starts: the nodes its backward hooks fire on, made next,
-        map to it. Outside a backward it returns at once; on the modules with backward hooks
+        map to it. The entry goes to the starts of the thread that runs the recomputation (the
+        autograd engine's device thread for CUDA tensors), whose numbering those nodes have
+        (:meth:`_numbering`). A checkpoint nested in the region was made by the outer
+        recomputation, after which the backward through the outputs has moved on to no other
+        forward: its recomputation belongs to the outer one's forward. Assumes the backward
+        reaches the wrapped module's outputs (:meth:`watch_backward`), as every loss of them
+        does. Outside a backward it returns at once; on the modules with backward hooks
         only (a pre-hook takes a module call off torch's fast path: about 1 us). Under
         :attr:`meets_at_sites` only, where the stamps are compared."""
         if not self.meets_at_sites or module in self._recomputing:
@@ -482,14 +513,29 @@ class DistributedRuntime(Runtime):
             held = runtime()
             node = torch._C._current_autograd_node()
             # a reentrant checkpoint's recomputation (a non-reentrant one makes no nodes that
-            # hooks fire on), on the thread whose sequence numbers the passes' starts hold
+            # hooks fire on)
             if held is None or node is None or not held._pass_starts or \
-                    type(node).__name__ != "CheckpointFunctionBackward" or \
-                    threading.get_ident() != held._pass_thread:
+                    type(node).__name__ != "CheckpointFunctionBackward":
                 return
-            seen = held._pass_of_sequence_nr(node._sequence_nr())
-            if held._pass_starts[-1][1] != seen:  # (the same pass goes on: nothing new)
-                held._pass_starts.append((torch._C._autograd._get_sequence_nr(), seen))
+            task = torch._C._current_graph_task_id()
+            outer = held._outer_recompute
+            if task != held._announcing and outer is not None and outer[0] == held._announcing:
+                # a checkpoint nested in the region whose recomputation the backward through
+                # the outputs runs now: its node was made there, its forward is that one's
+                seen = outer[1]
+            else:
+                of_node = held._numbering()  # the numbering of the checkpoint's node
+                if not of_node:
+                    return
+                seen = held._pass_of_sequence_nr(node._sequence_nr(), of_node)
+                if task == held._announcing:
+                    held._outer_recompute = (task, seen)
+            # the nodes made next are numbered on this thread
+            made = held._pass_starts if threading.get_ident() == held._pass_thread else \
+                held._recompute_starts.setdefault(
+                    threading.get_ident(), collections.deque(maxlen=_PASSES_REMEMBERED))
+            if not made or made[-1][1] != seen:  # (the same pass goes on: nothing new)
+                made.append((torch._C._autograd._get_sequence_nr(), seen))
 
         self._recomputing[module] = module.register_forward_pre_hook(entered)
 
