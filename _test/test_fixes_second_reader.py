@@ -1,7 +1,8 @@
 """Second reading of four changes: circuits that read their weights through the layer (magnitude
 pruning, ``random_ablate`` values, whole-circuit ``torch.save``), hard-concrete gates under
 activation checkpointing (``LayerMask._gate_draw``), the refusal of hooked DDP forwards under
-``Join`` (``DistributedRuntime.start_pass``, ``frameworks.ddp.JoinRefusal``) and anatomy parts with alternative paths.
+``Join`` (``DistributedRuntime.start_pass``, ``frameworks.ddp.JoinRefusal``) and anatomy parts
+with alternative paths.
 
 Strict xfails are bugs found (each says what is wrong, where, and what the right behaviour is);
 the plain tests pin behaviour checked and found right.
