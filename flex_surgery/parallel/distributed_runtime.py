@@ -174,7 +174,8 @@ class DistributedRuntime(Runtime):
             self._pass_thread = threading.get_ident()  # the thread that numbers them
             # The same for the nodes a reentrant checkpoint's recomputation makes on another
             # thread than the forwards' (the autograd engine's device threads): by thread.
-            self._recompute_starts: dict[int, collections.deque[tuple[int, int]]] = {}
+            # (a thread-local: a new thread may get a finished one's ident, not its numbers)
+            self._recompute_starts = threading.local()
             # (graph task, pass) of the latest reentrant recomputation that the backward
             # through the wrapped module's outputs ran: checkpoints nested in its region
             # belong to its forward.
@@ -338,12 +339,20 @@ class DistributedRuntime(Runtime):
         for CUDA tensors is the autograd engine's device thread. The backward that reached the
         wrapped module's outputs (:meth:`watch_backward`) runs forward-made nodes; a nested
         one (the recomputed region's own backward) runs nodes its recomputation made."""
-        thread = threading.get_ident()
-        if thread == self._pass_thread or \
+        outer = self._outer_recompute
+        if threading.get_ident() == self._pass_thread or outer is None or \
+                outer[0] != self._announcing or \
                 torch._C._current_graph_task_id() == self._announcing:
-            return self._pass_starts
-        return self._recompute_starts.setdefault(
-            thread, collections.deque(maxlen=_PASSES_REMEMBERED))
+            return self._pass_starts  # forward-made nodes (no recomputation under way)
+        return self._thread_recompute_starts()
+
+    def _thread_recompute_starts(self) -> collections.deque[tuple[int, int]]:
+        """This thread's passes' starts of the nodes its recomputations made."""
+        starts = getattr(self._recompute_starts, "starts", None)
+        if starts is None:
+            starts = self._recompute_starts.starts = collections.deque(
+                maxlen=_PASSES_REMEMBERED)
+        return starts
 
     def _pass_of_sequence_nr(self, seq: int, starts: collections.deque[tuple[int, int]]
                              ) -> int:
@@ -389,6 +398,7 @@ class DistributedRuntime(Runtime):
             task = torch._C._current_graph_task_id()
             if held is not None and held._announcing != task:  # once per backward
                 held._announcing = task
+                held._outer_recompute = None  # (a backward that raised left its own)
                 torch.autograd.Variable._execution_engine.queue_callback(
                     lambda: _announce_end_of_backward(runtime))
 
@@ -532,8 +542,7 @@ class DistributedRuntime(Runtime):
                     held._outer_recompute = (task, seen)
             # the nodes made next are numbered on this thread
             made = held._pass_starts if threading.get_ident() == held._pass_thread else \
-                held._recompute_starts.setdefault(
-                    threading.get_ident(), collections.deque(maxlen=_PASSES_REMEMBERED))
+                held._thread_recompute_starts()
             if not made or made[-1][1] != seen:  # (the same pass goes on: nothing new)
                 made.append((torch._C._autograd._get_sequence_nr(), seen))
 
@@ -829,6 +838,7 @@ class _ThroughGather(torch.autograd.Function):
 def _announce_end_of_backward(runtime: weakref.ref) -> None:
     held = runtime()
     if held is not None:
+        held._outer_recompute = None  # a later backward's recomputations are its own
         held.walk.announce_site(stamp(END_OF_BACKWARD, held.passes))
 
 

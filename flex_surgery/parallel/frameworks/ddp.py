@@ -7,6 +7,7 @@ DDP splits nothing but the batch; its only answers are its wrapper label and its
 from __future__ import annotations
 
 import functools
+import weakref
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -46,18 +47,32 @@ class JoinRefusal:
     raises the same error instead of syncing the final model. Without a refusal the wrapped
     post-hook costs one one-element all-reduce per ``Join`` block, then does what DDP's does.
 
-    Assumes that the joinables given to ``Join`` before a wrapped DDP do no collective in their
-    post-hooks (DDP's and ZeroRedundancyOptimizer's do none)."""
+    The refusal is read in the wrapped DDP's post-hook: the joinables listed before it in
+    ``Join([...])`` must do no collective in theirs (ZeroRedundancyOptimizer's does none; another
+    DDP's does: it syncs the final model), so list the FlexModel's DDP first. A DDP already
+    given to a ``Join`` when the runtime is built is refused then (that ``Join`` holds DDP's own
+    hook)."""
 
     def __init__(self, ddps: list[tuple[str, nn.Module]]) -> None:
+        # A Join built before this runtime holds DDP's own hooks, which no shadow reaches (and
+        # Join leaves the setting on after its block): refused now, on every rank alike.
+        enabled = join_enabled(ddps)
+        if enabled:
+            raise join_refused(enabled)
+        for name, ddp in ddps:
+            hook = vars(ddp).get("join_hook")
+            if hook is not None and not _is_shadow(hook, ddp):
+                raise RuntimeError(f"DDP module {name or '<the model>'!r} has a join_hook "
+                                   "attribute of its own: FlexModel cannot carry its refusal "
+                                   "of hooked forwards under Join to the ranks that joined")
         self.ddps = ddps
         self._wrapped: list[nn.Module] = []
         for name, ddp in ddps:
-            if "join_hook" in vars(ddp):
-                continue  # another runtime's refusal already carries it
-            # a partial of the DDP, not a closure: a deep copy of the DDP gets its own
-            ddp.__dict__["join_hook"] = functools.partial(_refusal_aware_join_hook, ddp,
-                                                          name or "<the model>")
+            if "join_hook" not in vars(ddp):
+                # a partial of the DDP, not a closure: a deep copy of the DDP gets its own
+                ddp.__dict__["join_hook"] = functools.partial(_refusal_aware_join_hook, ddp,
+                                                              name or "<the model>")
+            _SHADOW_USERS[ddp] = _SHADOW_USERS.get(ddp, 0) + 1  # runtimes relying on it
             self._wrapped.append(ddp)
 
     def check(self) -> None:
@@ -74,11 +89,25 @@ class JoinRefusal:
         raise join_refused(enabled)
 
     def remove(self) -> None:
+        """This runtime no longer relies on the shadows; the last one to go removes each."""
         for ddp in self._wrapped:
-            hook = vars(ddp).get("join_hook")
-            if isinstance(hook, functools.partial) and hook.args[0] is ddp:
+            users = _SHADOW_USERS.get(ddp, 1) - 1
+            if users > 0:
+                _SHADOW_USERS[ddp] = users
+                continue
+            _SHADOW_USERS.pop(ddp, None)
+            if _is_shadow(vars(ddp).get("join_hook"), ddp):
                 del ddp.__dict__["join_hook"]
         self._wrapped = []
+
+
+# DDP -> how many live runtimes rely on its shadowed join hook.
+_SHADOW_USERS: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
+
+
+def _is_shadow(hook: Any, ddp: nn.Module) -> bool:
+    return isinstance(hook, functools.partial) and hook.func is _refusal_aware_join_hook \
+        and hook.args[0] is ddp
 
 
 def join_refused(names: list[str]) -> RuntimeError:
