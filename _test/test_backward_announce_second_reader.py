@@ -600,31 +600,6 @@ def test_nested_checkpoints_branch_hook_of_different_forwards_on_different_ranks
                         _across_the_branch)
 
 
-def _across_the_branch_on_a_thread(flex, model, rank):
-    """As _across_the_branch, the backward run on another thread than the forwards."""
-    outs = [flex(_half(_x(1, skipper=1), rank)), flex(_half(_x(2, skipper=0), rank))]
-    errors = []
-
-    def backward():
-        try:
-            sum(o.pow(2).sum() for o in outs).backward()
-        except BaseException as exc:  # noqa: BLE001 (re-raised on the calling thread)
-            errors.append(exc)
-
-    worker = threading.Thread(target=backward)
-    worker.start()
-    worker.join()
-    if errors:
-        raise errors[0]
-
-
-@distributed(world_size=2, timeout_s=15)
-def test_reentrant_checkpoint_backward_on_another_thread_branch_on_different_ranks_raise():
-    _refused_then_equal(BranchInRegion, lambda: [("full_backward", HookFunction("side"))],
-                        _across_the_branch_on_a_thread)
-
-
-
 def _on_a_thread(run):
     """``run()`` on another thread (as the autograd engine runs a CUDA backward); its
     exception re-raised here."""
@@ -642,6 +617,19 @@ def _on_a_thread(run):
     if errors:
         raise errors[0]
     return result[0]
+
+
+def _across_the_branch_on_a_thread(flex, model, rank):
+    """As _across_the_branch, the backward run on another thread than the forwards."""
+    outs = [flex(_half(_x(1, skipper=1), rank)), flex(_half(_x(2, skipper=0), rank))]
+    _on_a_thread(lambda: sum(o.pow(2).sum() for o in outs).backward())
+
+
+@distributed(world_size=2, timeout_s=15)
+def test_reentrant_checkpoint_backward_on_another_thread_branch_on_different_ranks_raise():
+    _refused_then_equal(BranchInRegion, lambda: [("full_backward", HookFunction("side"))],
+                        _across_the_branch_on_a_thread)
+
 
 
 def _three_forwards_backward_on_a_thread(flex, model, part, scale):
@@ -665,15 +653,10 @@ def test_reentrant_backward_on_another_thread_accumulated_forwards_equal_one_pro
     _equal_run(model_fn, hooks, _three_forwards_backward_on_a_thread)
 
 
-def _across_the_branch_nested_on_a_thread(flex, model, rank):
-    outs = [flex(_half(_x(1, skipper=1), rank)), flex(_half(_x(2, skipper=0), rank))]
-    _on_a_thread(lambda: sum(o.pow(2).sum() for o in outs).backward())
-
-
 @distributed(world_size=2, timeout_s=15)
 def test_nested_checkpoints_backward_on_another_thread_branch_on_different_ranks_raise():
     _refused_then_equal(NestedCheckpoints, lambda: [("full_backward", HookFunction("side"))],
-                        _across_the_branch_nested_on_a_thread)
+                        _across_the_branch_on_a_thread)
 
 # == 1a02744: a doubted sequence split met over dp before its agreement =======================
 

@@ -38,6 +38,7 @@ from test_dp_meeting_edge_cases import (
     _grads,
     _half,
     _halves,
+    _one_process,
     _outcome_everywhere,
     _register,
     _x,
@@ -309,16 +310,8 @@ def _three_forwards(flex, model, part, scale):
 def _equal(model_fn, hooks, body) -> None:
     """``body`` in one process on the whole batch (stored values, outputs) and on this rank's
     rows (gradients), against two data-parallel ranks."""
-    torch.set_default_dtype(torch.float64)
     rank = dist.get_rank()
-    want = {}
-    with FlexModel(model_fn(), want, process_group=local_group()) as flex:
-        _register(flex, hooks)
-        want_outs = body(flex, flex.module, lambda x: x, 0.5)
-    mine = model_fn()
-    with FlexModel(mine, {}, process_group=local_group()) as flex:
-        _register(flex, hooks)
-        body(flex, mine, lambda x: _half(x, rank), 1.0)
+    want, want_outs, mine = _one_process(model_fn, hooks, body)
     stored, model = {}, model_fn()
     with FlexModel(model, stored) as flex:
         _register(flex, hooks)
