@@ -699,6 +699,36 @@ def test_second_flexmodel_refuses_under_join_while_the_first_lives():
 
 # -- may hang: short timeouts, last ------------------------------------------------------------
 
+@distributed(world_size=2, timeout_s=8)
+def test_flexmodel_built_inside_join_refuses_on_every_rank():
+    """A Join built before the FlexModel holds DDP's own join hook, which the runtime's shadow
+    cannot reach: the FlexModel is refused at construction, on every rank alike."""
+    model = _ddp()
+    with pytest.raises(RuntimeError, match=JOIN_ERROR):
+        with Join([model]):
+            _hooked(model)
+            for x in _batches((1, 0)):
+                model(x).sum().backward()
+    assert "join_hook" not in vars(model)
+    _meets()
+
+
+@distributed(world_size=2, timeout_s=8)
+def test_second_flexmodel_keeps_the_join_refusal_after_the_first_closes():
+    model = _ddp()
+    first = FlexModel(model, {})
+    around = _Around(model)
+    second = FlexModel(around, {})
+    second.register_forward_hook(HookFunction(_named(around, "blocks.0.up")))
+    first.close()
+    with pytest.raises(RuntimeError, match=JOIN_ERROR):
+        with Join([model]):
+            for x in _batches((1, 0)):
+                second(x).sum().backward()
+    second.close()
+    _meets()
+
+
 @pytest.mark.xfail(strict=True, reason=(
     "documented limit of JoinRefusal (the joinables before a wrapped DDP must do no collective "
     "in their post-hooks), but DDP's post-hook (_DDPJoinHook.post_hook -> "
@@ -719,34 +749,4 @@ def test_join_with_another_ddp_first_refuses_on_every_rank():
             for x in _batches((1, 0)):
                 (flex(x).sum() + other(x).sum()).backward()
     flex.close()
-    _meets()
-
-
-@distributed(world_size=2, timeout_s=8, spends_pool=True)
-def test_flexmodel_built_inside_join_refuses_on_every_rank():
-    """A Join built before the FlexModel holds DDP's own join hook, which the runtime's shadow
-    cannot reach: the FlexModel is refused at construction, on every rank alike."""
-    model = _ddp()
-    with pytest.raises(RuntimeError, match=JOIN_ERROR):
-        with Join([model]):
-            _hooked(model)
-            for x in _batches((1, 0)):
-                model(x).sum().backward()
-    assert "join_hook" not in vars(model)
-    _meets()
-
-
-@distributed(world_size=2, timeout_s=8, spends_pool=True)
-def test_second_flexmodel_keeps_the_join_refusal_after_the_first_closes():
-    model = _ddp()
-    first = FlexModel(model, {})
-    around = _Around(model)
-    second = FlexModel(around, {})
-    second.register_forward_hook(HookFunction(_named(around, "blocks.0.up")))
-    first.close()
-    with pytest.raises(RuntimeError, match=JOIN_ERROR):
-        with Join([model]):
-            for x in _batches((1, 0)):
-                second(x).sum().backward()
-    second.close()
     _meets()
