@@ -60,9 +60,37 @@ def _reset_rank_state() -> None:
         from fairscale.nn.model_parallel import initialize as fs_init
 
         if fs_init.model_parallel_is_initialized():
-            fs_init.destroy_model_parallel()
+            destroy_fairscale_model_parallel()
     except ImportError:  # fairscale is optional for the pool itself
         pass
+
+
+def destroy_fairscale_model_parallel() -> None:
+    """fairscale's ``destroy_model_parallel``, and its groups destroyed too.
+
+    ``destroy_model_parallel`` only forgets fairscale's groups; each gloo group keeps three
+    threads and its sockets for the life of the process, so a long-lived rank that initialises
+    fairscale in every body would pile up hundreds. Every rank ran the same body and calls
+    this at the same point, in the same order, so the groups are torn down together."""
+    import torch.distributed as dist
+    from fairscale.nn.model_parallel import initialize as fs_init
+
+    getters = ("get_model_parallel_group", "get_data_parallel_group",
+               "get_pipeline_parallel_group")
+    groups = []
+    for getter in getters:
+        try:
+            group = getattr(fs_init, getter)()
+        except (AssertionError, AttributeError):
+            continue
+        if group is not None and not any(group is g for g in groups):
+            groups.append(group)
+    fs_init.destroy_model_parallel()
+    world = dist.distributed_c10d._world
+    default = dist.distributed_c10d._get_default_group()
+    for group in groups:
+        if group is not default and group in world.pg_map:
+            dist.destroy_process_group(group)
 
 
 def _serve(conn: Connection) -> None:

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from parallel_cases import H, dtensor_plan, fairscale_net, fsdp2_net, local_group, plain_net
-from rank_pool import distributed
+from rank_pool import destroy_fairscale_model_parallel, distributed
 from test_circuits_distributed import _compare, _megatron_data
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -223,7 +223,7 @@ def test_one_rank_process_group_on_a_tensor_parallel_model_is_refused_or_exact()
         par.eval()
         assert par.compute_l0_statistics() == ref.compute_l0_statistics()
     finally:
-        fs.destroy_model_parallel()
+        destroy_fairscale_model_parallel()
 
 
 # -- checked and found right ------------------------------------------------------------------
@@ -418,7 +418,7 @@ def test_hard_concrete_neuron_masks_under_fairscale_tp():
     try:
         _compare(fairscale_net(plain_net(0)), HC_NEURON)
     finally:
-        fs.destroy_model_parallel()
+        destroy_fairscale_model_parallel()
 
 
 @distributed(world_size=2)

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from parallel_cases import H, dtensor_plan, fairscale_net, fsdp2_net, local_group, plain_net
-from rank_pool import distributed
+from rank_pool import destroy_fairscale_model_parallel, distributed
 
 from flex_surgery.surgery import MaskTheater
 from flex_surgery.surgery.circuits import CircuitConfig, CircuitModel, anneal_temperature
@@ -132,7 +132,7 @@ def test_fairscale_tp(hp):
     try:
         _compare(fairscale_net(plain_net(0)), hp)
     finally:
-        fs.destroy_model_parallel()
+        destroy_fairscale_model_parallel()
 
 
 def _megatron_data(rows: slice | None = None):
@@ -214,7 +214,7 @@ def test_hard_concrete_with_checkpointed_blocks(layout):
     try:
         _compare(_checkpointed(fairscale_net(plain_net(0))), HARD_CONCRETE)
     finally:
-        fs.destroy_model_parallel()
+        destroy_fairscale_model_parallel()
 
 
 @pytest.mark.parametrize("layout", ["fairscale", "fsdp2"])
@@ -248,7 +248,7 @@ def test_hard_concrete_recompute_ambiguous_on_one_rank_is_refused_on_every_rank(
                        for mp in layer.params.values())
     finally:
         if layout == "fairscale":
-            fs.destroy_model_parallel()
+            destroy_fairscale_model_parallel()
 
 
 @distributed(world_size=2)
@@ -272,7 +272,7 @@ def test_unknown_layout_is_refused_and_nothing_is_modified():
                 for m in model.modules()] == hooks
         assert [p.requires_grad for p in model.parameters()] == flags
     finally:
-        fs.destroy_model_parallel()
+        destroy_fairscale_model_parallel()
 
 
 @distributed(world_size=2)
@@ -343,7 +343,7 @@ def test_fairscale_tp_with_data_parallel_replicas_is_refused():
                 for m in model.modules()] == hooks
         assert [p.requires_grad for p in model.parameters()] == flags
     finally:
-        fs.destroy_model_parallel()
+        destroy_fairscale_model_parallel()
 
 
 @distributed(world_size=4)
@@ -377,7 +377,7 @@ def test_fairscale_tp_replicas_each_train_their_own_circuit_given_their_group():
         _compare(fairscale_net(plain_net(0)), HPARAMS[0], group=fs.get_model_parallel_group(),
                  ref_group=local_group())
     finally:
-        fs.destroy_model_parallel()
+        destroy_fairscale_model_parallel()
 
 
 @pytest.mark.parametrize("hp", [HPARAMS[0], HARD_CONCRETE, MAGNITUDE],

@@ -27,7 +27,7 @@ from parallel_cases import (
     local_group,
     plain_net,
 )
-from rank_pool import distributed
+from rank_pool import destroy_fairscale_model_parallel, distributed
 from test_circuits_distributed import HARD_CONCRETE, _compare
 from torch import nn
 from torch.distributed.algorithms.join import Join
@@ -389,7 +389,7 @@ def test_hard_concrete_with_reentrant_checkpointed_blocks_under_fairscale():
     try:
         _compare(_checkpointed(fairscale_net(plain_net(0)), reentrant=True), HARD_CONCRETE)
     finally:
-        fs.destroy_model_parallel()
+        destroy_fairscale_model_parallel()
 
 
 def _magnitude_moved(par_model, ref_model, rows=None):
@@ -432,7 +432,7 @@ def test_magnitude_pruning_after_to_float64_under_sharding_equals_one_process(la
         try:
             _magnitude_moved(fairscale_net(plain_net(0)), plain_net(0))
         finally:
-            fs.destroy_model_parallel()
+            destroy_fairscale_model_parallel()
     elif layout == "dtensor":
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.tensor.parallel import parallelize_module

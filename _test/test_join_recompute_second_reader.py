@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from parallel_cases import H, actual_names, local_group, plain_net
-from rank_pool import distributed
+from rank_pool import destroy_fairscale_model_parallel, distributed
 from test_branch_hooks_edge_cases import Branchy
 from test_dp_meeting_edge_cases import (
     TOL,
@@ -200,7 +200,7 @@ def test_hard_concrete_agreement_stays_inside_each_replicas_circuit():
                 torch.testing.assert_close(par._layers[name].params["weight"].logits.grad,
                                            whole[tp * n:(tp + 1) * n])
     finally:
-        fs.destroy_model_parallel()
+        destroy_fairscale_model_parallel()
     met = torch.ones(1)
     dist.all_reduce(met)
     assert met.item() == 4

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from parallel_cases import Block, local_group, seeded_linear
-from rank_pool import distributed
+from rank_pool import destroy_fairscale_model_parallel, distributed
 from torch import nn
 
 from flex_surgery.anatomy import Anatomy, UnknownArchitecture, register_anatomy
@@ -429,7 +429,7 @@ def test_fairscale_heads_equal_one_process(head):
                 got = lens(ids)
             assert_same(got, tokens, logprobs)
     finally:
-        fs.destroy_model_parallel()
+        destroy_fairscale_model_parallel()
 
 
 @pytest.mark.parametrize("bias", TIE_BIASES)
@@ -452,7 +452,7 @@ def test_tied_logits_under_tensor_parallelism_equal_one_process(bias):
                     assert lens._unembed.weight.shape[0] == V // 2
                     assert_same_ties(lens(ids), tokens, logprobs)
     finally:
-        fs.destroy_model_parallel()
+        destroy_fairscale_model_parallel()
 
 
 @distributed(world_size=2)
@@ -479,7 +479,7 @@ def test_a_plain_head_that_differs_across_ranks_is_an_error():
         with pytest.raises(LensError, match=r"vocabularies of sizes \[20, 19\]"):
             LogitLens(model, tensor_parallel_size=2)
     finally:
-        fs.destroy_model_parallel()
+        destroy_fairscale_model_parallel()
 
 
 @distributed(world_size=2)
@@ -596,7 +596,7 @@ def test_tensor_parallel_pipeline_stages_equal_one_process():
             got = lens.result(link)
         assert_same(got, tokens, logprobs)
     finally:
-        fs.destroy_model_parallel()
+        destroy_fairscale_model_parallel()
 
 
 # -- the command line ---------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from parallel_cases import Block, local_group, seeded_linear
-from rank_pool import distributed
+from rank_pool import destroy_fairscale_model_parallel, distributed
 from test_surgery_lora import _lora_model
 from torch import nn
 
@@ -131,7 +131,7 @@ def test_lens_fairscale_replicated_head_with_an_odd_vocabulary_and_no_bias():
         got = logit_lens(par, ids, top_k=4, tensor_parallel_size=2)
         _assert_lens_equal(got, want)
     finally:
-        fs.destroy_model_parallel()
+        destroy_fairscale_model_parallel()
 
 
 @pytest.mark.parametrize("sequence_parallel", [False, True])
@@ -439,7 +439,7 @@ def test_theater_body_raising_on_fairscale_tp_restores_every_rank(kind):
         with torch.no_grad():
             torch.testing.assert_close(par(ids), want, **TIGHT)
     finally:
-        fs.destroy_model_parallel()
+        destroy_fairscale_model_parallel()
 
 
 LORA_EDITS = {

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from parallel_cases import Block
-from rank_pool import distributed
+from rank_pool import destroy_fairscale_model_parallel, distributed
 from test_lens import N_BLOCKS, H, fairscale_lm, ids_for, plain_lm
 from test_lens import _stage as pipeline_stage
 from torch import nn
@@ -183,7 +183,7 @@ def test_tensor_parallel_replacements_are_checked_for_sharding():
                 want = plain(ids)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     finally:
-        fs.destroy_model_parallel()
+        destroy_fairscale_model_parallel()
 
 
 @distributed(world_size=4)
@@ -204,7 +204,7 @@ def test_a_mismatched_replacement_on_one_pipeline_stage_raises_on_every_rank():
                 pass
         assert stage.blocks is container and list(stage.blocks) == blocks
     finally:
-        fs.destroy_model_parallel()
+        destroy_fairscale_model_parallel()
 
 
 @distributed(world_size=2)

@@ -16,7 +16,7 @@ from parallel_cases import (
     run_flex,
     times_two,
 )
-from rank_pool import distributed
+from rank_pool import destroy_fairscale_model_parallel, distributed
 from torch import nn
 
 from flex_surgery.hooks.hook_function import HookFunction
@@ -149,7 +149,7 @@ def test_whole_parameters_under_tp():
     for name in ("blocks.0.up.weight", "blocks.0.up.bias", "blocks.1.down.weight",
                  "blocks.1.down.bias", "head.weight"):
         assert torch.equal(flex.get_module_parameter(name), plain.get_parameter(name))
-    fs.destroy_model_parallel()
+    destroy_fairscale_model_parallel()
     mesh = init_device_mesh("cpu", (2,))
     flex = FlexModel(parallelize_module(plain_net(), mesh, dtensor_plan(True)), {})
     for name in ("blocks.0.up.weight", "blocks.1.down.weight"):

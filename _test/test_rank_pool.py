@@ -36,6 +36,34 @@ def test_parameters_reach_every_rank(scale, tmp_path):
 
 
 @distributed(world_size=2)
+def _live_groups():
+    from flex_surgery.parallel.group_lifetime import live_group_count
+
+    return live_group_count()
+
+
+@distributed(world_size=2)
+def _initialise_fairscale(destroy_in_body):
+    from fairscale.nn.model_parallel import initialize as fs
+    from rank_pool import destroy_fairscale_model_parallel
+
+    fs.initialize_model_parallel(2)
+    if destroy_in_body:
+        destroy_fairscale_model_parallel()
+
+
+@pytest.mark.parametrize("destroy_in_body", [False, True])
+def test_fairscale_groups_do_not_outlive_the_body(destroy_in_body):
+    """fairscale's destroy_model_parallel only forgets its groups: a pool rank that lives for
+    the session would keep three gloo groups (threads, sockets) per fairscale body."""
+    pool = get_pool(2)
+    before = pool.run(_live_groups)
+    for _ in range(3):
+        pool.run(_initialise_fairscale, dict(destroy_in_body=destroy_in_body))
+    assert pool.run(_live_groups) == before
+
+
+@distributed(world_size=2)
 def _fails_on_rank_one():
     if dist.get_rank() == 1:
         raise ValueError("boom from rank one")
