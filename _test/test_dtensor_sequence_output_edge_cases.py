@@ -273,23 +273,31 @@ def _titan_tp(out="replicate"):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("mode", MODES)
 @distributed(world_size=2, timeout_s=90)
-def test_titan_every_module_one_hook_at_a_time(mode, kind):
+def test_titan_every_module_one_hook_at_a_time(kind):
     """A hook of one kind on each module of the torchtitan-like model in turn (no
     expected_shape): stored values, logits and parameter gradients equal one process. The
     embedding, wo and w2 outputs, the residual stream and the SequenceParallel norms' plain
-    inputs are sequence pieces now described by the declared Shard(1)."""
+    inputs are sequence pieces now described by the declared Shard(1).
+
+    Each module is read alone, then edited alone on one path: the leader path and the
+    replicated one alternate along the modules and swap from one hook kind to the next, so
+    each path edits each module under two of the four kinds (every module under every kind and
+    both paths at once is test_titan_every_hook_at_once_editing)."""
     torch.set_default_dtype(torch.float64)
     ids = _titan_ids()
-    for name in TITAN_MODULES:
+    # One sharded model for every module: each FlexModel is closed (its hooks removed) and the
+    # gradients cleared before the next one is built.
+    model = _titan_tp()
+    for i, name in enumerate(TITAN_MODULES):
         if name == "tok_embeddings" and kind == "full_backward":
             continue  # integer ids: no grad_input in one process either
-        hooks = [(name, kind, mode)]
-        want = _run(Titan(), ids, hooks, process_group=local_group())
-        model = _titan_tp()
-        assert _equal_or_refused(want, lambda m=model, h=hooks: _run(m, ids, h), hooks,
-                                 allow_refusal=False) == "equal"
+        edit_mode = ("leader", "replicated")[(i + KINDS.index(kind)) % 2]
+        for mode in (None, edit_mode):
+            hooks = [(name, kind, mode)]
+            want = _run(Titan(), ids, hooks, process_group=local_group())
+            assert _equal_or_refused(want, lambda m=model, h=hooks: _run(m, ids, h), hooks,
+                                     allow_refusal=False) == "equal"
 
 
 @pytest.mark.parametrize("out", ["replicate", "loss_parallel"])

@@ -256,17 +256,22 @@ def test_fsdp2_x_tp_every_hook_kind_and_store(seq):
     over tp) before the dp meeting: S=3 equal to one process under every hook kind, read,
     hinted or edited, stored on rank 0, on the replica leaders, on every rank, or overlapped;
     S=2 (one token per rank) refused on every rank for a computed tensor, the split layer's
-    own tensor equal under every hook kind."""
-    for variant in ("act", "piece"):
-        for kind in KINDS:
-            for name in ("read", "read_open_hint", "leader", "replicated"):
-                for flex in ("rank0", "replica_leaders", "all", "overlap"):
-                    if seq == 2 and flex in ("all", "overlap"):
-                        continue  # (time)
-                    got = _dp_tp_check(variant, (seq, seq), [("point", kind, HOOK_KW[name])],
-                                       **FLEX_KW[flex])
-                    want = "refused" if seq == 2 and variant == "act" else "equal"
-                    assert got == want, (variant, kind, name, flex)
+    own tensor equal under every hook kind.
+
+    Every (variant, hook kind, hook) runs once, with the store chosen by a Latin square: for
+    each variant, every hook kind meets every store once and every hook meets every store once
+    (S=2: the two stores alternate), and the square shifts from one variant to the other."""
+    names = ("read", "read_open_hint", "leader", "replicated")
+    flexes = ("rank0", "replica_leaders", "all", "overlap") if seq == 3 else \
+        ("rank0", "replica_leaders")  # S=2: two stores (time)
+    for v, variant in enumerate(("act", "piece")):
+        for k, kind in enumerate(KINDS):
+            for n, name in enumerate(names):
+                flex = flexes[(k + n + v) % len(flexes)]
+                got = _dp_tp_check(variant, (seq, seq), [("point", kind, HOOK_KW[name])],
+                                   **FLEX_KW[flex])
+                want = "refused" if seq == 2 and variant == "act" else "equal"
+                assert got == want, (variant, kind, name, flex)
 
 
 @pytest.mark.parametrize("variant", ["act", "piece"])
