@@ -48,6 +48,27 @@ def python_env(*front: Path) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
 
 
+def run_side_by_side(runs: list[tuple[list[str], dict[str, str]]],
+                     timeout_s: float = 300) -> list[str]:
+    """Run each ``(command, env)`` of ``runs`` at once and return each one's standard output,
+    in order; a run that fails fails the test with its standard error. Most of a probe's time
+    is importing torch, so two probes side by side take little more than one."""
+    procs = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for command, env in runs]
+    outputs = []
+    try:
+        for (command, _), proc in zip(runs, procs):
+            out, err = proc.communicate(timeout=timeout_s)
+            assert proc.returncode == 0, f"{' '.join(command[1:])} failed:\n{err[-4000:]}"
+            outputs.append(out)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return outputs
+
+
 def run_peer_tests(workdir: Path, files: tuple[str, ...],
                    env: dict[str, str]) -> tuple[dict[str, str], str]:
     """Run the test ``files`` (paths under ``workdir``, which holds their conftest) in a

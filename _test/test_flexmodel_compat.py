@@ -28,12 +28,11 @@ import json
 import os
 import shutil
 import socket
-import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
-from peer_tests import REPO, peer_wheel, python_env, run_peer_tests
+from peer_tests import REPO, peer_wheel, python_env, run_peer_tests, run_side_by_side
 
 REQUIREMENT = "flex-model==0.1.0"
 CACHE = Path(os.environ.get("FLEX_MODEL_WHEEL_CACHE", REPO / ".cache" / "flex_model-0.1.0"))
@@ -102,20 +101,26 @@ def test_flexmodel_0_1_0_behaviour_tests_pass_on_flex_surgery(tmp_path):
                                     f"expected: {sorted(expected)}\n{output[-6000:]}")
 
 
-def _probe(target: str, wheel: Path) -> dict:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {**python_env(wheel), "PROBE_PORT": str(port)}
-    done = subprocess.run([sys.executable, str(Path(__file__).parent / "flexmodel_compat_probe.py"),
-                           target], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, f"probe on {target} failed:\n{done.stderr[-4000:]}"
-    return json.loads(done.stdout.strip().splitlines()[-1])
+def _probes(wheel: Path, *targets: str) -> list[dict]:
+    """The probe's answers on each of ``targets``, the processes run side by side (most of
+    each one's time is importing torch), each with a port of its own."""
+    socks = [socket.socket() for _ in targets]
+    try:
+        for sock in socks:  # all bound at once: two free ports, never the same one twice
+            sock.bind(("127.0.0.1", 0))
+        ports = [sock.getsockname()[1] for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+    probe = str(Path(__file__).parent / "flexmodel_compat_probe.py")
+    outputs = run_side_by_side([([sys.executable, probe, target],
+                                 {**python_env(wheel), "PROBE_PORT": str(port)})
+                                for target, port in zip(targets, ports)])
+    return [json.loads(out.strip().splitlines()[-1]) for out in outputs]
 
 
 def test_output_dict_and_dropped_wrapper_equal_flexmodel_0_1_0_itself():
-    wheel = _wheel()
-    theirs, ours = _probe("flex_model", wheel), _probe("flex_surgery", wheel)
+    theirs, ours = _probes(_wheel(), "flex_model", "flex_surgery")
     assert theirs["hooks_while_wrapped"] > 0 and theirs["hooks_left_after_drop"] == 0
     assert theirs["stored"].keys() == ours["stored"].keys()
     for key, value in theirs["stored"].items():

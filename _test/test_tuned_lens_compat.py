@@ -26,7 +26,7 @@ import sys
 import tarfile
 from pathlib import Path
 
-from peer_tests import REPO, peer_wheel, python_env, report, run_peer_tests
+from peer_tests import REPO, peer_wheel, python_env, report, run_peer_tests, run_side_by_side
 
 REQUIREMENT = "tuned-lens==0.2.0"
 CACHE = Path(os.environ.get("TUNED_LENS_SDIST_CACHE", REPO / ".cache" / "tuned-lens-0.2.0"))
@@ -70,20 +70,20 @@ def test_tuned_lens_0_2_0_model_surgery_tests_pass_on_flex_surgery(tmp_path):
     assert not not_passed, output[-6000:]
 
 
-def _probe(workdir: Path) -> dict:
-    probe = Path(__file__).parent / "tuned_lens_compat_probe.py"
-    done = subprocess.run([sys.executable, str(probe)], env=python_env(workdir),
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, f"probe failed:\n{done.stderr[-4000:]}"
-    return json.loads(done.stdout.strip().splitlines()[-1])
+def _probes(*workdirs: Path) -> list[dict]:
+    """The probe's answers with each of ``workdirs`` in front of the path, the processes run
+    side by side (most of each one's time is importing torch and transformers)."""
+    probe = str(Path(__file__).parent / "tuned_lens_compat_probe.py")
+    outputs = run_side_by_side([([sys.executable, probe], python_env(w)) for w in workdirs])
+    return [json.loads(out.strip().splitlines()[-1]) for out in outputs]
 
 
 def test_context_managers_do_what_tuned_lens_0_2_0_does(tmp_path):
     """delete / permute (with drops and repeats) / replace / assign_key_path / set_key_path_ /
     permute_layers_ on a tiny GPT-2: the same logits inside, the same model after, the same
     objects handed back, as tuned-lens's own module."""
-    theirs = _probe(_workdir(tmp_path / "tuned_lens", theirs_module=True))
-    ours = _probe(_workdir(tmp_path / "flex_surgery", theirs_module=False))
+    theirs, ours = _probes(_workdir(tmp_path / "tuned_lens", theirs_module=True),
+                           _workdir(tmp_path / "flex_surgery", theirs_module=False))
     assert theirs["layers"] == [3, True] and theirs["delete_1"][:2] == [True, 2]
     assert len({theirs["base"], theirs["delete_1"][2], theirs["drop"][2]}) == 3
     for key, value in theirs.items():
