@@ -1,6 +1,9 @@
-"""Session-wide test set-up: the forked rank pools (see rank_pool.py) and CPU determinism."""
+"""Session-wide test set-up: the forked rank pools (see rank_pool.py), the peers' own test runs
+(see peer_tests.py) and CPU determinism."""
 
 import os
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,12 +30,18 @@ def pytest_collection_finish(session):
              if hasattr(item, "function")}
     for world_size in sorted(s for s in sizes if s):
         get_pool(world_size)
+    # The peers' own test runs, started now (after the fork) at the lowest priority.
+    from peer_tests import start_early
+
+    start_early(session.items, Path(tempfile.mkdtemp(prefix="flex-peer-runs-")))
 
 
 def pytest_sessionfinish(session, exitstatus):
+    from peer_tests import stop_early
     from rank_pool import close_all_pools
 
     close_all_pools()
+    stop_early()
 
 
 @pytest.fixture(autouse=True)

@@ -2,15 +2,18 @@
 
 A compatibility claim is measured by the peer's own test files, unchanged, run in a separate
 pytest process (their packages and conftests must not meet ours). Used by
-``test_flexmodel_compat.py`` and ``test_neurosurgeon_compat.py``.
+``test_flexmodel_compat.py``, ``test_neurosurgeon_compat.py`` and ``test_tuned_lens_compat.py``;
+their runs start when the session starts (:func:`start_early`) and their tests read the result.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -69,19 +72,83 @@ def run_side_by_side(runs: list[tuple[list[str], dict[str, str]]],
     return outputs
 
 
-def run_peer_tests(workdir: Path, files: tuple[str, ...],
-                   env: dict[str, str]) -> tuple[dict[str, str], str]:
-    """Run the test ``files`` (paths under ``workdir``, which holds their conftest) in a
-    separate pytest process: the outcome of each test, ``"module.test" -> "passed" | "failed"
-    | "skipped"``, and pytest's output."""
+PeerRun = tuple[tuple[str, ...], dict[str, str]]  # the test files, the environment
+
+
+def run_peer_tests(workdir: Path, prepare: Callable[[Path], PeerRun]) -> tuple[dict[str, str],
+                                                                              str]:
+    """Run a peer's test files in a separate pytest process: the outcome of each test,
+    ``"module.test" -> "passed" | "failed" | "skipped"``, and pytest's output.
+
+    ``prepare(workdir)`` writes the files (the tests, their conftest) into ``workdir`` and
+    returns the test files to run and the environment. When the same ``prepare`` was started
+    early (:func:`start_early`, at the start of the session), that run's result is taken."""
+    early = _EARLY.pop(prepare, None)
+    if early is not None:
+        proc, workdir = early
+        output, _ = proc.communicate(timeout=_timeout_s())
+        return _outcomes(workdir, output)
+    files, env = prepare(workdir)
+    done = subprocess.run(_pytest_command(workdir, files), cwd=workdir, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=_timeout_s())
+    return _outcomes(workdir, done.stdout)
+
+
+def start_early(items: list[pytest.Item], workdir: Path) -> None:
+    """Start the peer runs of the selected test modules (a module's ``PEER_RUNS``: the
+    ``prepare`` functions its tests give :func:`run_peer_tests`) at the lowest CPU priority,
+    each in a folder of ``workdir``.
+
+    Such a run spends seconds importing torch and transformers; started when the session
+    starts, it uses the cores the rank pools leave idle, and its test only reads the result. A
+    run whose preparation fails or skips (no package index) is not started: its test prepares
+    it again and reports why."""
+    modules = {id(item.module): item.module for item in items
+               if isinstance(item, pytest.Function)}
+    _EARLY_FOLDERS.append(workdir)
+    for module in modules.values():
+        for prepare in getattr(module, "PEER_RUNS", ()):
+            folder = workdir / f"{module.__name__}.{prepare.__name__}"
+            folder.mkdir(parents=True)
+            try:
+                files, env = prepare(folder)
+            except (Exception, pytest.skip.Exception):  # noqa: BLE001 - the test reports it
+                continue
+            _EARLY[prepare] = (subprocess.Popen(
+                ["nice", "-n", "19", *_pytest_command(folder, files)], cwd=folder, env=env,
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), folder)
+
+
+def stop_early() -> None:
+    """End the early runs no test collected (a session stopped early); remove their folders."""
+    while _EARLY:
+        proc, _ = _EARLY.popitem()[1]
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+    while _EARLY_FOLDERS:
+        shutil.rmtree(_EARLY_FOLDERS.pop(), ignore_errors=True)
+
+
+# prepare -> (the early run's process, its folder)
+_EARLY: dict[Callable[[Path], PeerRun], tuple[subprocess.Popen, Path]] = {}
+_EARLY_FOLDERS: list[Path] = []
+
+
+def _timeout_s() -> float:
+    return float(os.environ.get("FLEX_TEST_TIMEOUT", "600"))
+
+
+def _pytest_command(workdir: Path, files: tuple[str, ...]) -> list[str]:
     (workdir / "pytest.ini").write_text("[pytest]\n")
+    return [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir",
+            str(workdir), "-c", str(workdir / "pytest.ini"),
+            f"--junitxml={workdir / 'report.xml'}", *files]
+
+
+def _outcomes(workdir: Path, output: str) -> tuple[dict[str, str], str]:
     report = workdir / "report.xml"
-    timeout = float(os.environ.get("FLEX_TEST_TIMEOUT", "600"))
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir",
-         str(workdir), "-c", str(workdir / "pytest.ini"), f"--junitxml={report}", *files],
-        cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
-    output = done.stdout + done.stderr
     assert report.exists(), f"the peer's tests did not run:\n{output[-4000:]}"
     outcomes = {}
     for case in ET.parse(report).getroot().iter("testcase"):

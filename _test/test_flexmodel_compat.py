@@ -73,8 +73,9 @@ def _wheel() -> Path:
     return peer_wheel(REQUIREMENT, CACHE, "flex_model-0.1.0-*.whl")
 
 
-def _run_flexmodel_tests(wheel: Path, workdir: Path) -> tuple[dict[str, str], str]:
-    """Run FlexModel's test files from ``wheel`` in ``workdir``; outcome per test, output."""
+def _prepare_flexmodel_tests(workdir: Path) -> tuple[tuple[str, ...], dict[str, str]]:
+    """FlexModel's test files from its wheel in ``workdir``: the files to run, the env."""
+    wheel = _wheel()
     with zipfile.ZipFile(wheel) as archive:
         for name in TEST_FILES + SUPPORT_FILES:
             target = workdir / name
@@ -82,12 +83,14 @@ def _run_flexmodel_tests(wheel: Path, workdir: Path) -> tuple[dict[str, str], st
             target.write_bytes(archive.read(name))
     shutil.copy(CONFTEST, workdir / "conftest.py")
     # A pure-Python wheel imports from its zip.
-    env = python_env(wheel) if AGAINST_FLEX_MODEL else python_env()
-    return run_peer_tests(workdir, TEST_FILES, env)
+    return TEST_FILES, python_env(wheel) if AGAINST_FLEX_MODEL else python_env()
+
+
+PEER_RUNS = (_prepare_flexmodel_tests,)  # started when the session starts (peer_tests)
 
 
 def test_flexmodel_0_1_0_behaviour_tests_pass_on_flex_surgery(tmp_path):
-    outcomes, output = _run_flexmodel_tests(_wheel(), tmp_path)
+    outcomes, output = run_peer_tests(tmp_path, _prepare_flexmodel_tests)
     assert set(outcomes) == BEHAVIOUR_TESTS | set(PRIVATE_ATTRIBUTE_TESTS), (
         f"FlexModel's test files hold other tests than expected: {sorted(outcomes)}")
     passed = sum(o == "passed" for o in outcomes.values())

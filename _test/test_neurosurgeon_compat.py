@@ -71,7 +71,8 @@ def _wheel() -> Path:
     return peer_wheel(REQUIREMENT, CACHE, "NeuroSurgeon-0.1.0-*.whl")
 
 
-def _run(workdir: Path) -> tuple[dict[str, str], str]:
+def _prepare(workdir: Path) -> tuple[tuple[str, ...], dict[str, str]]:
+    """NeuroSurgeon's test files and their shim in ``workdir``: the files to run, the env."""
     with zipfile.ZipFile(_wheel()) as archive:
         if AGAINST_NEUROSURGEON:  # the whole package but its __init__ (matplotlib plots)
             names = [n for n in archive.namelist() if n.startswith("NeuroSurgeon/")]
@@ -85,11 +86,14 @@ def _run(workdir: Path) -> tuple[dict[str, str], str]:
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(data)
     shutil.copy(CONFTEST, workdir / "conftest.py")
-    return run_peer_tests(workdir, TEST_FILES, python_env())
+    return TEST_FILES, python_env()
+
+
+PEER_RUNS = (_prepare,)  # started when the session starts (peer_tests)
 
 
 def test_neurosurgeon_0_1_0_model_tests_on_flex_surgery(tmp_path):
-    outcomes, output = _run(tmp_path)
+    outcomes, output = run_peer_tests(tmp_path, _prepare)
     target = "NeuroSurgeon 0.1.0 itself" if AGAINST_NEUROSURGEON else "flex_surgery"
     not_passed = report("NeuroSurgeon 0.1.0's model tests", target, outcomes)
     assert len(outcomes) == 23, f"NeuroSurgeon's test files hold other tests: {sorted(outcomes)}"

@@ -58,12 +58,17 @@ def _workdir(workdir: Path, theirs_module: bool) -> Path:
     return workdir
 
 
-def _run(workdir: Path) -> tuple[dict[str, str], str]:
-    return run_peer_tests(_workdir(workdir, AGAINST_TUNED_LENS), (TEST_FILE,), python_env())
+def _prepare(workdir: Path) -> tuple[tuple[str, ...], dict[str, str]]:
+    """tuned-lens's test file and its package in ``workdir``: the files to run, the env."""
+    _workdir(workdir, AGAINST_TUNED_LENS)
+    return (TEST_FILE,), python_env()
+
+
+PEER_RUNS = (_prepare,)  # started when the session starts (peer_tests)
 
 
 def test_tuned_lens_0_2_0_model_surgery_tests_pass_on_flex_surgery(tmp_path):
-    outcomes, output = _run(tmp_path)
+    outcomes, output = run_peer_tests(tmp_path, _prepare)
     target = "tuned-lens 0.2.0 itself" if AGAINST_TUNED_LENS else "flex_surgery"
     not_passed = report("tuned-lens 0.2.0's model-surgery tests", target, outcomes)
     assert len(outcomes) == 13, f"tuned-lens's test file holds other tests: {sorted(outcomes)}"
