@@ -86,7 +86,12 @@ def run_peer_tests(workdir: Path, prepare: Callable[[Path], PeerRun]) -> tuple[d
     early = _EARLY.pop(prepare, None)
     if early is not None:
         proc, workdir = early
-        output, _ = proc.communicate(timeout=_timeout_s())
+        try:
+            output, _ = proc.communicate(timeout=_timeout_s())
+        finally:
+            if proc.poll() is None:  # timed out: not left running past its test
+                proc.kill()
+                proc.communicate()
         return _outcomes(workdir, output)
     files, env = prepare(workdir)
     done = subprocess.run(_pytest_command(workdir, files), cwd=workdir, env=env,
