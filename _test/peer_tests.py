@@ -66,9 +66,7 @@ def run_side_by_side(runs: list[tuple[list[str], dict[str, str]]],
             outputs.append(out)
     finally:
         for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+            _end(proc)
     return outputs
 
 
@@ -89,9 +87,7 @@ def run_peer_tests(workdir: Path, prepare: Callable[[Path], PeerRun]) -> tuple[d
         try:
             output, _ = proc.communicate(timeout=_timeout_s())
         finally:
-            if proc.poll() is None:  # timed out: not left running past its test
-                proc.kill()
-                proc.communicate()
+            _end(proc)  # timed out: not left running past its test
         return _outcomes(workdir, output)
     files, env = prepare(workdir)
     done = subprocess.run(_pytest_command(workdir, files), cwd=workdir, env=env,
@@ -128,10 +124,7 @@ def start_early(items: list[pytest.Item], workdir: Path) -> None:
 def stop_early() -> None:
     """End the early runs no test collected (a session stopped early); remove their folders."""
     while _EARLY:
-        proc, _ = _EARLY.popitem()[1]
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate()
+        _end(_EARLY.popitem()[1][0])
     while _EARLY_FOLDERS:
         shutil.rmtree(_EARLY_FOLDERS.pop(), ignore_errors=True)
 
@@ -139,6 +132,13 @@ def stop_early() -> None:
 # prepare -> (the early run's process, its folder)
 _EARLY: dict[Callable[[Path], PeerRun], tuple[subprocess.Popen, Path]] = {}
 _EARLY_FOLDERS: list[Path] = []
+
+
+def _end(proc: subprocess.Popen) -> None:
+    """Kill ``proc`` if it still runs, and reap it (its pipes read to the end)."""
+    if proc.poll() is None:
+        proc.kill()
+    proc.communicate()
 
 
 def _timeout_s() -> float:
