@@ -729,24 +729,57 @@ def test_second_flexmodel_keeps_the_join_refusal_after_the_first_closes():
     _meets()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "documented limit of JoinRefusal (the joinables before a wrapped DDP must do no collective "
-    "in their post-hooks), but DDP's post-hook (_DDPJoinHook.post_hook -> "
-    "_sync_final_model) all-reduces (MAX) and broadcasts. Join([other_ddp, flexed_ddp]) with "
-    "a rank out of batches: the refusing rank's refusal flag (all_reduce SUM of a float 1.0) "
-    "meets the joined rank's _find_common_rank all-reduce (int64) of other_ddp instead of the "
-    "wrapped post-hook: on gloo here the refusing rank's process is aborted (EnforceNotMet "
-    "'op.preamble.length <= op.nbytes. 8 vs 4') and the joined rank fails with a connection "
-    "reset; elsewhere the joined rank waits in the final broadcast. Right: every rank raises "
-    "the refusal -- e.g. shadow the join hook of the Join's first joinable too (the refusal "
-    "read before any post-hook runs), or refuse at Join's count itself"))
-@distributed(world_size=2, timeout_s=8, spends_pool=True)
+@distributed(world_size=2, timeout_s=8)
 def test_join_with_another_ddp_first_refuses_on_every_rank():
+    """Join([other_ddp, flexed_ddp]): DDP's post-hook syncs the final model (an all-reduce and
+    broadcasts), so the refusal read in the flexed DDP's post-hook would meet the other DDP's
+    collectives instead (on gloo: an abort, elsewhere a hang). The Join is refused as it is
+    built, on every rank, before any batch; both DDPs stay usable and unjoined."""
     flexed, other = _ddp(0), _ddp(1)
     flex = _hooked(flexed)
-    with pytest.raises(RuntimeError, match=JOIN_ERROR):
+    with pytest.raises(RuntimeError, match="List the FlexModel's DDP first"):
         with Join([other, flexed]):
             for x in _batches((1, 0)):
                 (flex(x).sum() + other(x).sum()).backward()
+    assert not getattr(getattr(flexed, "_join_config", None), "enable", False)
+    for x in _batches((1, 1)):  # the refusal left the FlexModel usable
+        flex(x).sum().backward()
+    assert flex.output_dict or dist.get_rank() != 0
+    flex.close()
+    _meets()
+
+
+@distributed(world_size=2, timeout_s=20)
+def test_join_with_the_flexed_ddp_first_and_another_ddp_after_refuses_on_every_rank():
+    """The order the refusal allows: the flexed DDP first, another DDP after it. A hooked
+    forward with a rank out of batches raises the refusal on every rank (the rank without
+    batches reads it in the flexed DDP's post-hook, before the other DDP's)."""
+    flexed, other = _ddp(0), _ddp(1)
+    flex = _hooked(flexed)
+    with pytest.raises(RuntimeError, match=JOIN_ERROR):
+        with Join([flexed, other]):
+            for x in _batches((1, 0)):
+                (flex(x).sum() + other(x).sum()).backward()
+    flex.close()
+    _meets()
+
+
+@distributed(world_size=2, timeout_s=20)
+def test_join_with_zero_listed_first_is_built():
+    """ZeroRedundancyOptimizer does no collective in its post-hook: listed before the flexed
+    DDP, the Join is built, and training under it runs to the end. (Even batches: with
+    ZeroRedundancyOptimizer first, its notice of each iteration comes in ``step()``, after
+    DDP's collectives, which torch's Join cannot shadow -- list the model first for uneven
+    inputs, as torch's own example does.)"""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    flexed = _ddp(0)
+    flex = FlexModel(flexed, {})
+    zero = ZeroRedundancyOptimizer(flexed.parameters(), optimizer_class=torch.optim.SGD,
+                                   lr=0.1)
+    with Join([zero, flexed]):
+        for x in _batches((2, 2)):
+            flexed(x).sum().backward()
+            zero.step()
     flex.close()
     _meets()

@@ -7,6 +7,7 @@ DDP splits nothing but the batch; its only answers are its wrapper label and its
 from __future__ import annotations
 
 import functools
+import sys
 import weakref
 from typing import TYPE_CHECKING, Any
 
@@ -49,7 +50,8 @@ class JoinRefusal:
 
     The refusal is read in the wrapped DDP's post-hook: the joinables listed before it in
     ``Join([...])`` must do no collective in theirs (ZeroRedundancyOptimizer's does none; another
-    DDP's does: it syncs the final model), so list the FlexModel's DDP first. A DDP already
+    DDP's does: it syncs the final model), so a ``Join`` that lists any other joinable first
+    is refused as it is built, on every rank (``_refuse_unsafe_join_order``). A DDP already
     given to a ``Join`` when the runtime is built is refused then (that ``Join`` holds DDP's own
     hook)."""
 
@@ -121,7 +123,58 @@ def join_refused(names: list[str]) -> RuntimeError:
 
 
 def _refusal_aware_join_hook(ddp: nn.Module, name: str, **kwargs: Any) -> JoinHook:
+    _refuse_unsafe_join_order(ddp, name)
     return _RefusalAwareJoinHook(ddp, name, type(ddp).join_hook(ddp, **kwargs))
+
+
+def _constructing_join() -> Any:
+    """The ``Join`` whose constructor is asking for a join hook (``Join.__init__`` calls
+    ``joinable.join_hook()`` for each joinable in order, its joinables already set), or
+    ``None`` when the hook is asked for some other way."""
+    from torch.distributed.algorithms.join import Join
+
+    frame = sys._getframe(1)
+    for _ in range(8):  # the shadow, its partial, Join's list comprehension, Join.__init__
+        if frame is None:
+            return None
+        if frame.f_code is Join.__init__.__code__:
+            join = frame.f_locals.get("self")
+            return join if isinstance(join, Join) else None
+        frame = frame.f_back
+    return None
+
+
+def _refuse_unsafe_join_order(ddp: nn.Module, name: str) -> None:
+    """Raise, at ``Join([...])`` and so on every rank alike, when a joinable listed before
+    the FlexModel's DDP may run collectives in its post-hook.
+
+    The refusal of a hooked forward reaches the ranks that have joined in the wrapped DDP's
+    post-hook; ``Join`` runs the post-hooks in the listed order, so an earlier joinable's
+    collectives (another DDP syncs its final model there) would meet the refusing rank's
+    flag instead: a mismatched collective, then an abort or a hang. Known to do none there:
+    ``ZeroRedundancyOptimizer`` and DDPs whose hook the runtime shadows (their post-hook reads
+    the same flag). Anything else is refused, because it cannot be told safe."""
+    join = _constructing_join()
+    if join is None:
+        return
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    earlier = []
+    for joinable in join._joinables:
+        if joinable is ddp:
+            break
+        safe = isinstance(joinable, ZeroRedundancyOptimizer) or \
+            _is_shadow(vars(joinable).get("join_hook"), joinable)
+        if not safe:
+            earlier.append(type(joinable).__name__)
+    if earlier:
+        raise RuntimeError(
+            f"Join([...]) lists {earlier} before DDP module {name!r}, which a FlexModel "
+            "hooks: a hooked forward under torch.distributed.algorithms.join.Join is refused "
+            "on every rank in that DDP's post-hook, and Join runs the post-hooks in the listed "
+            "order, so an earlier joinable's collectives (another DDP syncs its final model "
+            "there) would meet the refusal instead and abort or hang. List the FlexModel's "
+            "DDP first in Join([...]) (or close the FlexModel before building the Join)")
 
 
 class _RefusalAwareJoinHook(JoinHook):
