@@ -187,3 +187,33 @@ def test_bad_input_is_a_clear_error_and_leaves_nothing_modified(case, error, mes
     t = torch.ones(1)
     dist.all_reduce(t)
     assert t.item() == 2
+
+
+
+@pytest.mark.parametrize("hooked", [False, True], ids=["wrapped", "hooked"])
+@distributed(world_size=2, timeout_s=20)
+def test_deepcopy_of_a_model_under_a_distributed_flexmodel_says_what_to_do(hooked):
+    """copy.deepcopy of a DDP a FlexModel wraps reaches the FlexModel's process groups through
+    its hooks: a TypeError that says to copy before wrapping or to close first (torch's own
+    was "cannot pickle ProcessGroup"). After close() the copy is made and computes what the
+    original does."""
+    import copy
+
+    from parallel_cases import actual_names
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = DDP(plain_net(0))
+    flex = FlexModel(model, {})
+    if hooked:
+        flex.register_forward_hook(HookFunction(actual_names(model)["blocks.0.up"]))
+    with pytest.raises(TypeError, match="Deep-copy the model before wrapping it"):
+        copy.deepcopy(model)
+    flex.close()
+    twin = copy.deepcopy(model)
+    x = torch.randn(2, H, generator=torch.Generator().manual_seed(dist.get_rank()))
+    out, twin_out = model(x), twin(x)
+    assert torch.equal(out, twin_out)
+    out.sum().backward()
+    twin_out.sum().backward()
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(p.grad, q.grad)

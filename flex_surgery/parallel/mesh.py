@@ -54,6 +54,16 @@ class ParallelMesh:
     source: str = "built"
     device_mesh: object | None = field(default=None, repr=False)
 
+    def __deepcopy__(self, memo: dict) -> ParallelMesh:
+        """Refused with a message that says what to do. A deep copy of a model a distributed
+        FlexModel hooks reaches its mesh through the hooks; a copied process group would not
+        be a group the other ranks know (torch refuses with "cannot pickle ProcessGroup")."""
+        raise TypeError(
+            "a model hooked by a distributed FlexModel cannot be deep-copied with its hooks: "
+            "they hold the FlexModel's process groups, which cannot be copied. Deep-copy the "
+            "model before wrapping it, or close() the FlexModel first (its hooks leave the "
+            "model)")
+
     # -- queries ---------------------------------------------------------------------------
     def size(self, axis: str) -> int:
         return self.sizes[axis]
