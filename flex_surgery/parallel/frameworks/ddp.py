@@ -164,7 +164,7 @@ def _refuse_unsafe_join_order(ddp: nn.Module, name: str) -> None:
         if joinable is ddp:
             break
         safe = isinstance(joinable, ZeroRedundancyOptimizer) or \
-            _is_shadow(vars(joinable).get("join_hook"), joinable)
+            _is_shadow(getattr(joinable, "__dict__", {}).get("join_hook"), joinable)
         if not safe:
             earlier.append(type(joinable).__name__)
     if earlier:
