@@ -338,15 +338,7 @@ def test_ddp_join_with_hooks_is_refused_on_every_rank():
 
 # -- hangs last: each one costs its timeout and a fresh pool ---------------------------------
 
-@pytest.mark.xfail(strict=True, reason=(
-    "refused, not stored: DDP(find_unused_parameters=True), a branch rank 1 does not take; a "
-    "gradient hook on the branch's parameter fires on rank 0 only, and meets rank 1's end of "
-    "the backward (DistributedRuntime.watch_backward): both raise HookSiteMismatchError (it "
-    "hung before). One process stores the gradient of the rows that take the branch, which "
-    "DDP's average of (g0, 0) reproduces; storing it would need the ranks whose parameter is "
-    "unused to take part with a zero gradient (flex_surgery/parallel/distributed_runtime.py:"
-    "DistributedRuntime.register_parameter_hook)"))
-@distributed(world_size=2, timeout_s=2, spends_pool=True)
+@distributed(world_size=2, timeout_s=20)
 def test_ddp_find_unused_parameters_hook_on_the_branch():
     """One process gets the branch's parameter gradient from the rows that take it; DDP's
     average of (rank 0's, rank 1's zero) is the same number: the hook should store it."""
@@ -359,3 +351,73 @@ def test_ddp_find_unused_parameters_hook_on_the_branch():
     got = _run(DDP(BranchNet(), find_unused_parameters=True), [x], [contextlib.nullcontext],
                **sites)
     _compare(*got, want, want_grads)
+
+
+def _branch_batches(takers_per_step):
+    """Micro-batches of 4 rows (2 per rank) where the ranks in each step's ``takers`` take
+    ``BranchNet``'s branch and the others do not."""
+    xs = _batches(len(takers_per_step))
+    for x, takers in zip(xs, takers_per_step, strict=True):
+        for rank in (0, 1):
+            x[2 * rank:2 * rank + 2, 0, 0] = 5.0 if rank in takers else -5.0
+    return xs
+
+
+@pytest.mark.parametrize("accumulate", [False, True], ids=["synced", "no_sync"])
+@distributed(world_size=2, timeout_s=20)
+def test_ddp_find_unused_parameters_branch_users_change_from_step_to_step(accumulate):
+    """The branch's users change from step to step (rank 0, rank 1, both), beside gradient
+    hooks on parameters every rank uses and module backward hooks: each step stores what one
+    process stores, and the gradients match, with or without no_sync accumulation."""
+    xs = _branch_batches([(0,), (1,), (0, 1)])
+    sites = dict(sites=SITES, param_sites=["side.weight", *PARAM_SITES])
+    want, want_grads = _reference(xs, model=BranchNet(), **sites)
+    model = DDP(BranchNet(), find_unused_parameters=True)
+    contexts = [model.no_sync, model.no_sync, contextlib.nullcontext] if accumulate else \
+        [contextlib.nullcontext] * 3
+    got = _run(model, xs, contexts, **sites)
+    _compare(*got, want, want_grads)
+
+
+@distributed(world_size=2, timeout_s=20)
+def test_ddp_find_unused_parameters_edit_on_the_branch_is_refused_on_every_rank():
+    """An editing gradient hook on a parameter only some ranks used: its gradient is known
+    at the end of the backward, after autograd accumulated it, so the edit is refused there,
+    on every rank, and the ranks still meet afterwards."""
+    (x,) = _branch_batches([(0,)])
+    model = DDP(BranchNet(), find_unused_parameters=True)
+    flex, stored = _hooked(model, squash, sites=[], param_sites=["side.weight"])
+    with pytest.raises(RuntimeError, match="retrieved there but not edited"):
+        flex(_shard(x, dist.get_rank(), 2)).pow(2).mean().backward()
+    assert stored == {}
+    flex.close()
+    met = torch.ones(1)
+    dist.all_reduce(met)
+    assert met.item() == 2
+
+
+@distributed(world_size=2, timeout_s=20)
+def test_ddp_find_unused_parameters_two_forwards_one_backward():
+    """Losses of two forwards summed into one backward (under no_sync: DDP reduces one
+    forward per backward): rank 0 takes the branch in the first, rank 1 in the second. Each
+    forward alone defers the branch's hook; it runs once, at the end of the one backward, with
+    the gradient of both forwards, as in one process."""
+    xs = _branch_batches([(0,), (1,)])
+    sites = dict(sites=[], param_sites=["side.weight", "blocks.1.up.weight"])
+
+    def both(flex, stored, xs):
+        (flex(xs[0]).pow(2).mean() + flex(xs[1]).pow(2).mean()).backward()
+        return clean_keys(stored)
+
+    ref = BranchNet()
+    flex, stored = _hooked(ref, None, local_group(), **sites)
+    want = both(flex, stored, xs)
+    flex.close()
+    assert sorted(want) == ["blocks.1.up.weight:grad", "side.weight:grad"], sorted(want)
+    model = DDP(BranchNet(), find_unused_parameters=True)
+    flex, stored = _hooked(model, **sites)
+    rank = dist.get_rank()
+    with model.no_sync():  # DDP reduces one forward per backward; the hooks gather anyway
+        got = both(flex, stored, [_shard(x, rank, 2) for x in xs])
+    flex.close()
+    _compare([got], {}, [want], {})

@@ -232,8 +232,9 @@ class HookRegistration:
         ):
             self._params_without_hooks_before.append(parameter)
         # Through the runtime: under FSDP the tensor autograd sees is not the registered one.
-        return self.runtime.register_parameter_hook(hf.module_name, parameter, owner,
-                                                    hf.torch_hook())
+        return self.runtime.register_parameter_hook(
+            hf.module_name, parameter, owner, hf.torch_hook(),
+            edits=lambda: hf._enabled and hf.editing_function is not None)
 
     def remove_hook_function(self, hook_function: HookFunction) -> None:
         """Unregister one hook function: its PyTorch hook and its group memberships go."""

@@ -122,6 +122,8 @@ def hooked_passes(module: nn.Module, flex_ref: weakref.ref) -> list:
         flex = flex_ref()
         if flex is not None and flex._hooks_selected and flex._backward_hooks_selected and \
                 torch._C._current_graph_task_id() == -1:
+            # which gradient hooks wait for the backward's end (DDP's unused parameters)
+            flex.runtime.agree_parameter_use(output)
             flex.runtime.watch_backward(output)  # what the module's own hooks returned
 
     # ``ends`` before the module's other forward hooks: its hook on the output then runs

@@ -87,6 +87,7 @@ from flex_surgery.parallel.site_tags import (
     stamp,
 )
 from flex_surgery.parallel.trainable_sync import TrainableSync
+from flex_surgery.parallel.unused_parameters import UnusedParameterHooks
 from flex_surgery.store.hooks import Rows
 
 __all__ = ["DistributedRuntime", "build_runtime"]
@@ -208,6 +209,9 @@ class DistributedRuntime(Runtime):
             self.status_group, made = host_status_group(mesh.stage_group, mesh_parent)
             if made:
                 self._owned.groups.append(self.status_group)
+            # Gradient hooks on parameters DDP may leave unused on some ranks
+            self._unused = UnusedParameterHooks([m for _, m in ddps], self.status_group) \
+                if ddps and mesh.dp_size > 1 else None
             announce_process()  # lets a survivor of a failed collective name the lost rank
         except BaseException:
             self.abandon()  # the failure may be this rank's alone: no collective
@@ -389,7 +393,8 @@ class DistributedRuntime(Runtime):
         FlexModel when backward hooks are selected (the same on every rank), so every rank that
         runs the backward announces its end. A loss computed from none of the outputs (from a
         tensor kept aside in forward) announces nothing."""
-        if not self.meets_at_sites or not torch.is_grad_enabled():
+        deferring = self._unused is not None and self._unused.deferring
+        if not (self.meets_at_sites or deferring) or not torch.is_grad_enabled():
             return
         runtime = weakref.ref(self)
 
@@ -407,7 +412,16 @@ class DistributedRuntime(Runtime):
         for t in pytree.tree_leaves(output):
             if isinstance(t, torch.Tensor) and t.requires_grad:
                 t.register_hook(arrived)
-        self._watch_reductions()
+        if self.meets_at_sites:
+            self._watch_reductions()
+
+    def agree_parameter_use(self, output: Any) -> None:
+        """Under DDP with ``find_unused_parameters=True``: which hooked parameters some ranks
+        used in this forward and others did not (one all-reduce over the stage); their
+        gradient hooks run at the end of the backward (:mod:`~flex_surgery.parallel.
+        unused_parameters`). Every rank calls this after the same hooked forwards."""
+        if self._unused is not None and torch.is_grad_enabled():
+            self._unused.agree(output)
 
     def _watch_reductions(self) -> None:
         """FSDP1 reduce-scatters a unit's gradient inside the backward, as soon as it is
@@ -796,8 +810,12 @@ class DistributedRuntime(Runtime):
     # -- parameters -------------------------------------------------------------------------------
     def register_parameter_hook(self, name: str, parameter: torch.Tensor,
                                 owner: nn.Module | None,
-                                hook: Callable[[torch.Tensor], Any]) -> Any:
-        """Under FSDP1/FSDP2 the hook goes on the tensor the owner really uses in forward.
+                                hook: Callable[[torch.Tensor], Any],
+                                edits: Callable[[], bool] = lambda: False) -> Any:
+        """Under DDP with ``find_unused_parameters=True`` the hook may wait for the end of
+        the backward (:class:`~flex_surgery.parallel.unused_parameters.UnusedParameterHooks`).
+
+        Under FSDP1/FSDP2 the hook goes on the tensor the owner really uses in forward.
 
         FSDP1 sets fresh unsharded views as the owner's attributes before each forward; FSDP2
         swaps in one unsharded parameter that lives across steps. A forward-pre hook on the
@@ -806,6 +824,8 @@ class DistributedRuntime(Runtime):
         average, and the (edited) value returned is what FSDP then reduce-scatters.
         """
         if owner is None or not frameworks.substitutes_parameters(self.module):
+            if self._unused is not None and self._unused.covers(parameter):
+                return self._unused.register(name, parameter, hook, edits)
             return parameter.register_hook(hook)
         return hook_live_parameter(owner, name.rpartition(".")[2], hook, root=self.module)
 
@@ -839,7 +859,10 @@ def _announce_end_of_backward(runtime: weakref.ref) -> None:
     held = runtime()
     if held is not None:
         held._outer_recompute = None  # a later backward's recomputations are its own
-        held.walk.announce_site(stamp(END_OF_BACKWARD, held.passes))
+        if held._unused is not None:
+            held._unused.run_deferred()  # gradient hooks of parameters some ranks skipped
+        if held.meets_at_sites:
+            held.walk.announce_site(stamp(END_OF_BACKWARD, held.passes))
 
 
 def _announce_reduction(runtime: weakref.ref) -> None:

@@ -194,15 +194,23 @@ class Runtime:
 
     def register_parameter_hook(self, name: str, parameter: torch.Tensor,
                                 owner: nn.Module | None,
-                                hook: Callable[[torch.Tensor], Any]) -> Any:
+                                hook: Callable[[torch.Tensor], Any],
+                                edits: Callable[[], bool] = lambda: False) -> Any:
         """Call ``hook(grad)`` whenever ``parameter``'s gradient is computed; return a handle
-        with ``remove()``.
+        with ``remove()``. ``edits()`` says whether the hook would change the gradient now.
 
         In one process (and under DDP or tensor parallelism) that is ``parameter.register_hook``.
         FSDP runs forward with tensors that stand in for the registered parameters (unsharded
-        views / parameters), so a distributed runtime attaches the hook to those instead.
+        views / parameters), so a distributed runtime attaches the hook to those instead; under
+        DDP with ``find_unused_parameters=True`` it may run the hook at the end of the backward
+        (:mod:`~flex_surgery.parallel.unused_parameters`).
         """
         return parameter.register_hook(hook)
+
+    def agree_parameter_use(self, output: Any) -> None:
+        """After a hooked forward with gradient hooks selected, ``output`` being what the
+        wrapped module returned: nothing in one process (see the distributed runtime)."""
+        return None
 
     def full_parameter(self, name: str, parameter: torch.Tensor,
                        owner: nn.Module | None) -> torch.Tensor:

@@ -33,8 +33,10 @@ at a hook raise with it instead of waiting while it goes on into the model's own
 hooked forward with backward hooks selected ends, for a backward hook on a branch when no later
 backward hook fires. What it cannot catch: on an NCCL-only stage group, two hooks whose first
 exchanges are different collectives (one with an ``expected_shape``, whose shape agreement is
-an all-gather over the stage, and one without) or a rank that reaches no further hook; gradient
-hooks that DDP's ``find_unused_parameters`` skips (see docs/failure.md).
+an all-gather over the stage, and one without) or a rank that reaches no further hook. Gradient
+hooks on parameters DDP's ``find_unused_parameters`` leaves unused on some ranks never meet
+mid-backward: they run at the end of the backward on every rank
+(:mod:`~flex_surgery.parallel.unused_parameters`).
 """
 
 from __future__ import annotations
