@@ -404,6 +404,8 @@ class DistributedRuntime(Runtime):
             if held is not None and held._announcing != task:  # once per backward
                 held._announcing = task
                 held._outer_recompute = None  # (a backward that raised left its own)
+                if held._unused is not None:
+                    held._unused.begin_backward()  # which gradient hooks wait for its end
                 torch.autograd.Variable._execution_engine.queue_callback(
                     lambda: _announce_end_of_backward(runtime))
 

@@ -9,17 +9,22 @@ them. DDP itself counts the unused rank's gradient as zero and averages, and one
 the whole batch gets exactly that average, so the right value to store is the gather of the
 used ranks' gradients with zeros for the others.
 
-So after each hooked forward, every rank walks the autograd graph of the outputs for the
-hooked parameters it reached, as DDP does, and the ranks agree on the counts (one small
-all-reduce). A parameter reached by some ranks and not all is *deferred*: where its gradient
-arrives the hook keeps a copy and returns, and at the end of the backward through the model
-every rank runs the hook in the same order -- the kept gradient, or zeros where none came.
-Parameters reached by every rank keep their hook in the backward, as before.
+So after each hooked forward (with gradient hooks on such parameters), every rank walks the
+autograd graph of the outputs for the DDPs' parameters it reached, as DDP does, and the ranks
+agree on the counts (one all-reduce of an integer per parameter). A parameter reached by some
+ranks and not all is *deferred* in every backward through that forward (for as long as its
+graph lives): where its gradient arrives the hook keeps a copy and returns, and at the end of
+the backward through the model every rank runs the hook in the same order -- the kept
+gradient, or zeros where none came -- if any rank's gradient came (a second all-reduce), as
+one process runs it only when the parameter gets a gradient. Parameters reached by every rank
+keep their hook in the backward, as before. A reentrant activation checkpoint hides its
+region's parameters from the walk (it runs the region again inside the backward): with one in
+a rank's graph, every hook that only retrieves is deferred.
 
 A deferred hook can only retrieve: an editing function changes the gradient autograd
 accumulates, which has been accumulated by then. Editing a deferred parameter's gradient is
-refused on every rank, at the end of that backward (the rank that used the parameter has
-already accumulated the unedited gradient).
+refused on every rank, at the end of that backward, after DDP's own end of backward (so the
+model stays usable).
 """
 
 from __future__ import annotations
@@ -45,14 +50,33 @@ class _Hook:
     edits: Callable[[], bool]
 
 
-def reached_parameters(output: Any) -> set[int]:
+class _Deferral:
+    """What one forward's agreement found: the parameters some ranks reached and others did
+    not, and whether a rank's graph holds a region the walk cannot see. Held by a hook on that
+    forward's outputs, so it lives exactly as long as the forward's autograd graph can still be
+    backpropagated through: a forward nobody backpropagates through (evaluation with grad
+    enabled, a skipped step) lets it go, and a graph kept for a second backward
+    (``retain_graph=True``) keeps it."""
+
+    def __init__(self, mixed: frozenset[int], unseen: bool) -> None:
+        self.mixed, self.unseen = mixed, unseen
+
+
+# Autograd nodes whose backward runs a graph the walk cannot see: a reentrant checkpoint runs
+# its region again, under grad, inside its backward.
+_OPAQUE_NODES = ("CheckpointFunctionBackward",)
+
+
+def reached_parameters(output: Any) -> tuple[set[int], bool]:
     """Ids of the leaf tensors (parameters) whose ``AccumulateGrad`` the autograd graph of
-    ``output``'s tensors reaches: those a backward from them would give a gradient. The same
-    walk DDP's ``find_unused_parameters`` makes after each forward."""
+    ``output``'s tensors reaches: those a backward from them would give a gradient (the walk
+    DDP's ``find_unused_parameters`` makes after each forward); and whether the graph holds a
+    node whose backward reaches parameters the walk cannot see (a reentrant checkpoint)."""
     stack = [t.grad_fn for t in pytree.tree_leaves(output)
              if isinstance(t, torch.Tensor) and t.grad_fn is not None]
     seen: set[Any] = set()
     found: set[int] = set()
+    opaque = False
     while stack:
         node = stack.pop()
         if node in seen:
@@ -61,9 +85,10 @@ def reached_parameters(output: Any) -> set[int]:
         variable = getattr(node, "variable", None)  # an AccumulateGrad node
         if isinstance(variable, torch.Tensor):
             found.add(id(variable))
+        opaque = opaque or type(node).__name__ in _OPAQUE_NODES
         stack.extend(next_node for next_node, _ in node.next_functions
                      if next_node is not None)
-    return found
+    return found, opaque
 
 
 class UnusedParameterHooks:
@@ -75,24 +100,28 @@ class UnusedParameterHooks:
     """
 
     def __init__(self, ddps: list[torch.nn.Module], group: Group) -> None:
-        self._params = {id(p) for ddp in ddps
-                        if getattr(ddp, "find_unused_parameters", False)
-                        for p in ddp.parameters()}
+        # Every parameter of those DDPs, in their order (the same on every rank): the
+        # agreement covers them all, so a hook registered between a forward and its backward
+        # is deferred as well.
+        self._order = [id(p) for ddp in ddps if getattr(ddp, "find_unused_parameters", False)
+                       for p in ddp.parameters()]
+        self._params = set(self._order)
         self.group = group
         # By key: the parameter's name and the hook's number (several hooks may share one
         # parameter); every rank registers the same hooks in the same order.
         self._hooks: dict[str, _Hook] = {}
         self._registered = 0
-        self._deferred: set[str] = set()  # agreed after a forward, run at the backward's end
+        # The deferrals of the forwards whose graphs are alive (see _Deferral).
+        self._deferrals: weakref.WeakSet[_Deferral] = weakref.WeakSet()
+        # Deferred in the backward under way: the live deferrals when it reached the model.
+        self._active: frozenset[str] = frozenset()
         self._kept: dict[str, torch.Tensor] = {}  # the gradients that came, by key
-        # The backward (autograd graph task) they came in: one that raised before its end
-        # leaves its gradients behind, and they must not be added to the next one's.
-        self._kept_task = -1
 
     @property
     def deferring(self) -> bool:
-        """Whether a backward has hooks to run at its end (the same on every rank)."""
-        return bool(self._deferred)
+        """Whether a backward through a live forward may have hooks to run at its end (the
+        same on every rank: every rank ran the same forwards and keeps the same graphs)."""
+        return any(True for _ in self._deferrals)
 
     def covers(self, parameter: torch.Tensor) -> bool:
         return id(parameter) in self._params
@@ -108,11 +137,8 @@ class UnusedParameterHooks:
 
         def deferring(grad: torch.Tensor) -> Any:
             held = holder()
-            if held is None or key not in held._deferred:
+            if held is None or key not in held._active:
                 return hook(grad)
-            task = torch._C._current_graph_task_id()
-            if task != held._kept_task:
-                held._kept, held._kept_task = {}, task
             kept = held._kept.get(key)
             # a backward through several forwards gives the gradient once; kept as a sum anyway
             held._kept[key] = grad.detach().clone() if kept is None else kept + grad.detach()
@@ -121,47 +147,76 @@ class UnusedParameterHooks:
         return _Handle(parameter.register_hook(deferring), holder, key)
 
     def agree(self, output: Any) -> None:
-        """After a hooked forward, on every rank of :attr:`group`: which hooked parameters
-        some ranks reached and others did not. Those wait for the end of the backward."""
+        """After a hooked forward, on every rank of :attr:`group` (one all-reduce): which of
+        the DDPs' parameters some ranks reached and others did not, and whether a rank's graph
+        holds a reentrant checkpoint (its region's parameters are reached only inside the
+        backward). Their hooks wait for the end of a backward through this forward; with a
+        checkpoint, every hook that retrieves does."""
         if not self._hooks:
             return
-        names = sorted(self._hooks)
-        reached = reached_parameters(output)
-        counts = torch.tensor([int(id(self._hooks[n].parameter()) in reached) for n in names],
+        reached, opaque = reached_parameters(output)
+        counts = torch.tensor([int(i in reached) for i in self._order] + [int(opaque)],
                               dtype=torch.int64)
         dist.all_reduce(counts, group=self.group)
         everyone = dist.get_world_size(self.group)
-        self._deferred |= {n for n, c in zip(names, counts.tolist(), strict=True)
-                           if 0 < c < everyone}
+        *used, unseen = counts.tolist()
+        mixed = frozenset(i for i, c in zip(self._order, used, strict=True) if 0 < c < everyone)
+        if mixed or unseen:
+            deferral = _Deferral(mixed, bool(unseen))
+            self._deferrals.add(deferral)
+            for t in pytree.tree_leaves(output):
+                if isinstance(t, torch.Tensor) and t.requires_grad:
+                    t.register_hook(lambda grad, held=deferral: None)  # lives with the graph
+
+    def begin_backward(self) -> None:
+        """A backward reaches the model's outputs: the hooks the live deferrals name wait for
+        its end, and what an earlier backward that raised left behind is dropped."""
+        deferrals = list(self._deferrals)
+        mixed = frozenset().union(*(d.mixed for d in deferrals))
+        unseen = any(d.unseen for d in deferrals)
+        self._active = frozenset(
+            k for k, h in self._hooks.items()
+            if id(h.parameter()) in mixed or (unseen and not h.edits()))
+        self._kept = {}
 
     def run_deferred(self) -> None:
-        """At the end of the backward, on every rank: each deferred hook, in name order, on
-        the gradient that came or on zeros. An editing hook among them is refused first, on
-        every rank (which hooks edit is the same everywhere)."""
-        names, self._deferred = sorted(self._deferred), set()
-        kept = self._kept if self._kept_task == torch._C._current_graph_task_id() else {}
-        self._kept, self._kept_task = {}, -1
-        hooks = [(n, self._hooks[n]) for n in names if n in self._hooks]
-        editing = sorted({n.rpartition("#")[0] for n, h in hooks if h.edits()})
+        """At the end of the backward, on every rank: each deferred hook, in key order, on
+        the gradient that came or on zeros -- if any rank's gradient came (a backward that
+        does not reach the parameter runs no hook, as in one process; one all-reduce). An
+        editing hook among them is refused on every rank instead, after the callbacks
+        already queued (DDP's end of backward), so the model stays usable."""
+        keys, self._active = sorted(self._active), frozenset()
+        kept, self._kept = self._kept, {}
+        hooks = [(k, self._hooks[k]) for k in keys if k in self._hooks]
+        if not hooks:
+            return
+        editing = sorted({k.rpartition("#")[0] for k, h in hooks if h.edits()})
         if editing:
-            raise RuntimeError(
-                f"gradient hooks with an editing function on {editing}: under "
-                "DistributedDataParallel(find_unused_parameters=True) some data-parallel ranks "
-                "did not use these parameters in this forward, so their gradient is known only "
-                "at the end of the backward, after autograd has accumulated it: it can be "
-                "retrieved there but not edited. Edit it after the backward (p.grad), or hook "
-                "a parameter every rank uses")
-        for name, h in hooks:
+            torch.autograd.Variable._execution_engine.queue_callback(
+                lambda: _refuse_edits(editing))
+            return
+        came = torch.tensor([int(k in kept) for k, _ in hooks], dtype=torch.int64)
+        dist.all_reduce(came, group=self.group)
+        for (key, h), count in zip(hooks, came.tolist(), strict=True):
             parameter = h.parameter()
-            if parameter is None:
+            if parameter is None or not count:
                 continue
-            grad = kept.pop(name, None)
+            grad = kept.pop(key, None)
             h.hook(torch.zeros_like(parameter) if grad is None else grad)
 
     def forget(self, key: str) -> None:
         self._hooks.pop(key, None)
-        self._deferred.discard(key)
         self._kept.pop(key, None)
+
+
+def _refuse_edits(names: list[str]) -> None:
+    raise RuntimeError(
+        f"gradient hooks with an editing function on {names}: under "
+        "DistributedDataParallel(find_unused_parameters=True) some data-parallel ranks did "
+        "not use these parameters in this forward, so their gradient is known only at the "
+        "end of the backward, after autograd has accumulated it: it can be retrieved there "
+        "but not edited. Edit it after the backward (p.grad), or hook a parameter every rank "
+        "uses")
 
 
 class _Handle:
