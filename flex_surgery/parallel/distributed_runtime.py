@@ -393,10 +393,11 @@ class DistributedRuntime(Runtime):
         FlexModel when backward hooks are selected (the same on every rank), so every rank that
         runs the backward announces its end. A loss computed from none of the outputs (from a
         tensor kept aside in forward) announces nothing."""
-        deferring = self._unused is not None and self._unused.deferring
+        deferring = self._unused is not None and self._unused.defers(self.passes)
         if not (self.meets_at_sites or deferring) or not torch.is_grad_enabled():
             return
         runtime = weakref.ref(self)
+        pass_ = self.passes
 
         def arrived(grad: torch.Tensor) -> None:
             held = runtime()
@@ -405,9 +406,11 @@ class DistributedRuntime(Runtime):
                 held._announcing = task
                 held._outer_recompute = None  # (a backward that raised left its own)
                 if held._unused is not None:
-                    held._unused.begin_backward()  # which gradient hooks wait for its end
+                    held._unused.begin_backward()
                 torch.autograd.Variable._execution_engine.queue_callback(
                     lambda: _announce_end_of_backward(runtime))
+            if held is not None and held._unused is not None:
+                held._unused.reached(pass_)  # its deferred gradient hooks wait for the end
 
         # Every output that requires grad: a loss may use any of them, and which of them
         # require grad may differ between ranks (a head on a branch).
@@ -423,7 +426,7 @@ class DistributedRuntime(Runtime):
         gradient hooks run at the end of the backward (:mod:`~flex_surgery.parallel.
         unused_parameters`). Every rank calls this after the same hooked forwards."""
         if self._unused is not None and torch.is_grad_enabled():
-            self._unused.agree(output)
+            self._unused.agree(output, self.passes)
 
     def _watch_reductions(self) -> None:
         """FSDP1 reduce-scatters a unit's gradient inside the backward, as soon as it is
@@ -861,10 +864,10 @@ def _announce_end_of_backward(runtime: weakref.ref) -> None:
     held = runtime()
     if held is not None:
         held._outer_recompute = None  # a later backward's recomputations are its own
+        if held.meets_at_sites:  # first: a rank left at a hook the others skipped raises
+            held.walk.announce_site(stamp(END_OF_BACKWARD, held.passes))
         if held._unused is not None:
             held._unused.run_deferred()  # gradient hooks of parameters some ranks skipped
-        if held.meets_at_sites:
-            held.walk.announce_site(stamp(END_OF_BACKWARD, held.passes))
 
 
 def _announce_reduction(runtime: weakref.ref) -> None:

@@ -12,11 +12,17 @@ used ranks' gradients with zeros for the others.
 So after each hooked forward (with gradient hooks on such parameters), every rank walks the
 autograd graph of the outputs for the DDPs' parameters it reached, as DDP does, and the ranks
 agree on the counts (one all-reduce of an integer per parameter). A parameter reached by some
-ranks and not all is *deferred* in every backward through that forward (for as long as its
-graph lives): where its gradient arrives the hook keeps a copy and returns, and at the end of
-the backward through the model every rank runs the hook in the same order -- the kept
-gradient, or zeros where none came -- if any rank's gradient came (a second all-reduce), as
-one process runs it only when the parameter gets a gradient. Parameters reached by every rank
+ranks and not all is *deferred* in each backward through that forward, from the moment the
+backward reaches the forward's outputs (before any of its parameters gets a gradient): where
+its gradient arrives the hook keeps a copy and returns, and at the end of the backward through
+the model every rank runs the hook in the same order -- the kept gradient, or zeros where none
+came -- if any rank's gradient came (a second all-reduce), as one process runs it only when
+the parameter gets a gradient. What a backward defers follows from the forwards its graph
+reaches, the same on every rank; a forward never backpropagated through defers nothing later.
+One case is caught but not served: losses of several forwards summed into one backward, a
+parameter every rank uses in one of them and only some in another -- a rank may then reach the
+parameter's gradient before the second forward's outputs, run its hook mid-backward while the
+others keep theirs, and all raise ``HookSiteMismatchError``. Parameters reached by every rank
 keep their hook in the backward, as before. A reentrant activation checkpoint hides its
 region's parameters from the walk (it runs the region again inside the backward): with one in
 a rank's graph, every hook that only retrieves is deferred.
@@ -29,6 +35,7 @@ model stays usable).
 
 from __future__ import annotations
 
+import collections
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -52,11 +59,8 @@ class _Hook:
 
 class _Deferral:
     """What one forward's agreement found: the parameters some ranks reached and others did
-    not, and whether a rank's graph holds a region the walk cannot see. Held by a hook on that
-    forward's outputs, so it lives exactly as long as the forward's autograd graph can still be
-    backpropagated through: a forward nobody backpropagates through (evaluation with grad
-    enabled, a skipped step) lets it go, and a graph kept for a second backward
-    (``retain_graph=True``) keeps it."""
+    not, and whether a rank's graph holds a region the walk cannot see. A backward applies it
+    when it reaches that forward's outputs (the same on every rank: the graph is the same)."""
 
     def __init__(self, mixed: frozenset[int], unseen: bool) -> None:
         self.mixed, self.unseen = mixed, unseen
@@ -65,6 +69,9 @@ class _Deferral:
 # Autograd nodes whose backward runs a graph the walk cannot see: a reentrant checkpoint runs
 # its region again, under grad, inside its backward.
 _OPAQUE_NODES = ("CheckpointFunctionBackward",)
+
+#: Forwards whose deferrals are remembered (a backward through an older one defers nothing).
+_PASSES_REMEMBERED = 1024
 
 
 def reached_parameters(output: Any) -> tuple[set[int], bool]:
@@ -111,17 +118,17 @@ class UnusedParameterHooks:
         # parameter); every rank registers the same hooks in the same order.
         self._hooks: dict[str, _Hook] = {}
         self._registered = 0
-        # The deferrals of the forwards whose graphs are alive (see _Deferral).
-        self._deferrals: weakref.WeakSet[_Deferral] = weakref.WeakSet()
-        # Deferred in the backward under way: the live deferrals when it reached the model.
+        # The deferrals of the latest forwards, by pass (the runtime's count of hooked
+        # forwards, the same on every rank); the oldest are forgotten.
+        self._by_pass: collections.OrderedDict[int, _Deferral] = collections.OrderedDict()
+        # Deferred in the backward under way: the deferrals of the forwards whose outputs it
+        # has reached so far.
         self._active: frozenset[str] = frozenset()
         self._kept: dict[str, torch.Tensor] = {}  # the gradients that came, by key
 
-    @property
-    def deferring(self) -> bool:
-        """Whether a backward through a live forward may have hooks to run at its end (the
-        same on every rank: every rank ran the same forwards and keeps the same graphs)."""
-        return any(True for _ in self._deferrals)
+    def defers(self, pass_: int) -> bool:
+        """Whether forward ``pass_`` deferred hooks (the same on every rank)."""
+        return pass_ in self._by_pass
 
     def covers(self, parameter: torch.Tensor) -> bool:
         return id(parameter) in self._params
@@ -146,13 +153,14 @@ class UnusedParameterHooks:
 
         return _Handle(parameter.register_hook(deferring), holder, key)
 
-    def agree(self, output: Any) -> None:
-        """After a hooked forward, on every rank of :attr:`group` (one all-reduce): which of
-        the DDPs' parameters some ranks reached and others did not, and whether a rank's graph
-        holds a reentrant checkpoint (its region's parameters are reached only inside the
-        backward). Their hooks wait for the end of a backward through this forward; with a
-        checkpoint, every hook that retrieves does."""
-        if not self._hooks:
+    def agree(self, output: Any, pass_: int) -> None:
+        """After hooked forward ``pass_``, on every rank of :attr:`group` (one all-reduce):
+        which of the DDPs' parameters some ranks reached and others did not, and whether a
+        rank's graph holds a reentrant checkpoint (its region's parameters are reached only
+        inside the backward). Their hooks wait for the end of each backward through this
+        forward; with a checkpoint, every hook that retrieves does. Made whether or not a
+        parameter has a hook yet: one may be registered before the backward."""
+        if not self._order:
             return
         reached, opaque = reached_parameters(output)
         counts = torch.tensor([int(i in reached) for i in self._order] + [int(opaque)],
@@ -161,23 +169,29 @@ class UnusedParameterHooks:
         everyone = dist.get_world_size(self.group)
         *used, unseen = counts.tolist()
         mixed = frozenset(i for i, c in zip(self._order, used, strict=True) if 0 < c < everyone)
+        self._by_pass.pop(pass_, None)
         if mixed or unseen:
-            deferral = _Deferral(mixed, bool(unseen))
-            self._deferrals.add(deferral)
-            for t in pytree.tree_leaves(output):
-                if isinstance(t, torch.Tensor) and t.requires_grad:
-                    t.register_hook(lambda grad, held=deferral: None)  # lives with the graph
+            self._by_pass[pass_] = _Deferral(mixed, bool(unseen))
+            while len(self._by_pass) > _PASSES_REMEMBERED:
+                self._by_pass.popitem(last=False)
 
     def begin_backward(self) -> None:
-        """A backward reaches the model's outputs: the hooks the live deferrals name wait for
-        its end, and what an earlier backward that raised left behind is dropped."""
-        deferrals = list(self._deferrals)
-        mixed = frozenset().union(*(d.mixed for d in deferrals))
-        unseen = any(d.unseen for d in deferrals)
-        self._active = frozenset(
-            k for k, h in self._hooks.items()
-            if id(h.parameter()) in mixed or (unseen and not h.edits()))
+        """A backward reaches the model's outputs: nothing is deferred until it reaches a
+        deferring forward's (:meth:`reached`), and what an earlier backward that raised left
+        behind is dropped."""
+        self._active = frozenset()
         self._kept = {}
+
+    def reached(self, pass_: int) -> None:
+        """The backward under way reached the outputs of forward ``pass_`` (before any
+        parameter that forward used gets its gradient): that forward's deferred hooks wait
+        for the backward's end."""
+        deferral = self._by_pass.get(pass_)
+        if deferral is None:
+            return
+        self._active |= {k for k, h in self._hooks.items()
+                         if id(h.parameter()) in deferral.mixed or
+                         (deferral.unseen and not h.edits())}
 
     def run_deferred(self) -> None:
         """At the end of the backward, on every rank: each deferred hook, in key order, on
