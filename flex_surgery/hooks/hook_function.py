@@ -324,8 +324,11 @@ class HookFunction:
     def _full_backward_pre_hook(self, module: nn.Module, grad_output: tuple) -> Any:
         return self._call(grad_output) if self._enabled else None
 
-    def _tensor_hook(self, grad: torch.Tensor) -> Any:
-        return self._call(grad) if self._enabled else None
+    def _tensor_hook(self, grad: torch.Tensor | None) -> Any:
+        # None: autograd calls a parameter's hooks with no gradient when it reached the
+        # parameter only through an output the loss does not use (DDP with
+        # find_unused_parameters marks such outputs); one process has nothing to store either
+        return self._call(grad) if self._enabled and grad is not None else None
 
     # -- one hook call ---------------------------------------------------------------------
 

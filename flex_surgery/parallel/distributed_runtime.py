@@ -87,7 +87,7 @@ from flex_surgery.parallel.site_tags import (
     stamp,
 )
 from flex_surgery.parallel.trainable_sync import TrainableSync
-from flex_surgery.parallel.unused_parameters import UnusedParameterHooks
+from flex_surgery.parallel.unused_parameters import UnusedParameterHooks, output_tensors
 from flex_surgery.store.hooks import Rows
 
 __all__ = ["DistributedRuntime", "build_runtime"]
@@ -414,8 +414,8 @@ class DistributedRuntime(Runtime):
 
         # Every output that requires grad: a loss may use any of them, and which of them
         # require grad may differ between ranks (a head on a branch).
-        for t in pytree.tree_leaves(output):
-            if isinstance(t, torch.Tensor) and t.requires_grad:
+        for t in output_tensors(output):
+            if t.requires_grad:
                 t.register_hook(arrived)
         if self.meets_at_sites:
             self._watch_reductions()
@@ -427,6 +427,8 @@ class DistributedRuntime(Runtime):
         unused_parameters`). Every rank calls this after the same hooked forwards."""
         if self._unused is not None and torch.is_grad_enabled():
             self._unused.agree(output, self.passes)
+            if self._unused.defers(self.passes):  # its backward's end runs the deferred hooks
+                self.watch_backward(output)
 
     def _watch_reductions(self) -> None:
         """FSDP1 reduce-scatters a unit's gradient inside the backward, as soon as it is

@@ -9,8 +9,9 @@ them. DDP itself counts the unused rank's gradient as zero and averages, and one
 the whole batch gets exactly that average, so the right value to store is the gather of the
 used ranks' gradients with zeros for the others.
 
-So after each hooked forward (with gradient hooks on such parameters), every rank walks the
-autograd graph of the outputs for the DDPs' parameters it reached, as DDP does, and the ranks
+So after each hooked forward under grad (a gradient hook may be chosen or registered before
+its backward), every rank walks the autograd graph of the outputs for the DDPs' parameters it
+reached, as DDP does (its tensors found as DDP finds them), and the ranks
 agree on the counts (one all-reduce of an integer per parameter). A parameter reached by some
 ranks and not all is *deferred* in each backward through that forward, from the moment the
 backward reaches the forward's outputs (before any of its parameters gets a gradient): where
@@ -25,7 +26,9 @@ parameter's gradient before the second forward's outputs, run its hook mid-backw
 others keep theirs, and all raise ``HookSiteMismatchError``. Parameters reached by every rank
 keep their hook in the backward, as before. A reentrant activation checkpoint hides its
 region's parameters from the walk (it runs the region again inside the backward): with one in
-a rank's graph, every hook that only retrieves is deferred.
+a rank's graph, every hook that only retrieves is deferred. (A reentrant checkpoint around the
+whole hooked call runs its forward under ``no_grad``: no agreement is made, and a branch in it
+raises ``HookSiteMismatchError`` as before.)
 
 A deferred hook can only retrieve: an editing function changes the gradient autograd
 accumulates, which has been accumulated by then. Editing a deferred parameter's gradient is
@@ -36,6 +39,7 @@ model stays usable).
 from __future__ import annotations
 
 import collections
+import dataclasses
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,7 +49,7 @@ import torch
 import torch.distributed as dist
 from torch.utils import _pytree as pytree
 
-__all__ = ["UnusedParameterHooks", "reached_parameters"]
+__all__ = ["UnusedParameterHooks", "output_tensors", "reached_parameters"]
 
 Group = dist.ProcessGroup | None
 
@@ -74,13 +78,26 @@ _OPAQUE_NODES = ("CheckpointFunctionBackward",)
 _PASSES_REMEMBERED = 1024
 
 
+def output_tensors(output: Any) -> list[torch.Tensor]:
+    """The tensors of a module's output, found as DDP finds them: in lists, tuples, dicts
+    (and the containers torch's pytree knows, a transformers ``ModelOutput`` among them) and
+    in the fields of dataclasses, which pytree takes as leaves."""
+    found: list[torch.Tensor] = []
+    for leaf in pytree.tree_leaves(output):
+        if isinstance(leaf, torch.Tensor):
+            found.append(leaf)
+        elif dataclasses.is_dataclass(leaf) and not isinstance(leaf, type):
+            for field in dataclasses.fields(leaf):
+                found.extend(output_tensors(getattr(leaf, field.name)))
+    return found
+
+
 def reached_parameters(output: Any) -> tuple[set[int], bool]:
     """Ids of the leaf tensors (parameters) whose ``AccumulateGrad`` the autograd graph of
     ``output``'s tensors reaches: those a backward from them would give a gradient (the walk
     DDP's ``find_unused_parameters`` makes after each forward); and whether the graph holds a
     node whose backward reaches parameters the walk cannot see (a reentrant checkpoint)."""
-    stack = [t.grad_fn for t in pytree.tree_leaves(output)
-             if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+    stack = [t.grad_fn for t in output_tensors(output) if t.grad_fn is not None]
     seen: set[Any] = set()
     found: set[int] = set()
     opaque = False
@@ -142,10 +159,12 @@ class UnusedParameterHooks:
         self._hooks[key] = _Hook(weakref.ref(parameter), hook, edits)
         holder = weakref.ref(self)
 
-        def deferring(grad: torch.Tensor) -> Any:
+        def deferring(grad: torch.Tensor | None) -> Any:
             held = holder()
             if held is None or key not in held._active:
                 return hook(grad)
+            if grad is None:  # an output the loss does not use: no gradient came here
+                return None
             kept = held._kept.get(key)
             # a backward through several forwards gives the gradient once; kept as a sum anyway
             held._kept[key] = grad.detach().clone() if kept is None else kept + grad.detach()
