@@ -120,13 +120,14 @@ def hooked_passes(module: nn.Module, flex_ref: weakref.ref) -> list:
 
     def ends_after_others(mod: nn.Module, args: Any, output: Any) -> None:
         flex = flex_ref()
-        if flex is not None and flex._hooks_selected and \
-                torch._C._current_graph_task_id() == -1:
-            # which gradient hooks wait for the backward's end (DDP's unused parameters): after
-            # every hooked forward, as a hook may be chosen or registered before its backward
-            flex.runtime.agree_parameter_use(output)
-            if flex._backward_hooks_selected:
-                flex.runtime.watch_backward(output)  # what the module's own hooks returned
+        if flex is None or torch._C._current_graph_task_id() != -1:
+            return
+        # which gradient hooks wait for the backward's end (DDP's unused parameters): after
+        # every forward, hooked or not, as a hook may be chosen or registered before the
+        # backward, and its losses summed with a hooked forward's
+        flex.runtime.agree_parameter_use(output)
+        if flex._hooks_selected and flex._backward_hooks_selected:
+            flex.runtime.watch_backward(output)  # what the module's own hooks returned
 
     # ``ends`` before the module's other forward hooks: its hook on the output then runs
     # first in the backward, and the end-of-backward callback it queues runs before those

@@ -380,7 +380,7 @@ class DistributedRuntime(Runtime):
         if self.meets_at_sites:
             self.walk.announce_site(stamp(END_OF_FORWARD, self.passes))
 
-    def watch_backward(self, output: Any) -> None:
+    def watch_backward(self, output: Any, deferral: int | None = None) -> None:
         """Under data parallelism on the CPU (:attr:`meets_at_sites`), make the backward
         through this forward end with the same announcement as the forward
         (:data:`~flex_surgery.parallel.site_tags.END_OF_BACKWARD`): a backward hook on a
@@ -392,12 +392,14 @@ class DistributedRuntime(Runtime):
         callback, so a rank that raised at a hook announces nothing more. Called by the
         FlexModel when backward hooks are selected (the same on every rank), so every rank that
         runs the backward announces its end. A loss computed from none of the outputs (from a
-        tensor kept aside in forward) announces nothing."""
-        deferring = self._unused is not None and self._unused.defers(self.passes)
-        if not (self.meets_at_sites or deferring) or not torch.is_grad_enabled():
+        tensor kept aside in forward) announces nothing.
+
+        ``deferral``: the number of the forward's agreement on unused parameters when it
+        deferred gradient hooks (:meth:`agree_parameter_use`); the backward applies it when it
+        reaches these outputs, and runs the deferred hooks at its end."""
+        if not (self.meets_at_sites or deferral is not None) or not torch.is_grad_enabled():
             return
         runtime = weakref.ref(self)
-        pass_ = self.passes
 
         def arrived(grad: torch.Tensor) -> None:
             held = runtime()
@@ -409,8 +411,8 @@ class DistributedRuntime(Runtime):
                     held._unused.begin_backward()
                 torch.autograd.Variable._execution_engine.queue_callback(
                     lambda: _announce_end_of_backward(runtime))
-            if held is not None and held._unused is not None:
-                held._unused.reached(pass_)  # its deferred gradient hooks wait for the end
+            if held is not None and held._unused is not None and deferral is not None:
+                held._unused.reached(deferral)  # its deferred gradient hooks wait for the end
 
         # Every output that requires grad: a loss may use any of them, and which of them
         # require grad may differ between ranks (a head on a branch).
@@ -421,14 +423,16 @@ class DistributedRuntime(Runtime):
             self._watch_reductions()
 
     def agree_parameter_use(self, output: Any) -> None:
-        """Under DDP with ``find_unused_parameters=True``: which hooked parameters some ranks
-        used in this forward and others did not (one all-reduce over the stage); their
-        gradient hooks run at the end of the backward (:mod:`~flex_surgery.parallel.
-        unused_parameters`). Every rank calls this after the same hooked forwards."""
+        """Under DDP with ``find_unused_parameters=True`` (or ``static_graph=True``): which
+        parameters some ranks used in this forward and others did not (one all-reduce over
+        the stage); their gradient hooks run at the end of the backward (:mod:`~flex_surgery.
+        parallel.unused_parameters`). After every forward of the wrapped module under grad,
+        hooks chosen or not (one may be registered or chosen before the backward); every rank
+        runs the same forwards."""
         if self._unused is not None and torch.is_grad_enabled():
-            self._unused.agree(output, self.passes)
-            if self._unused.defers(self.passes):  # its backward's end runs the deferred hooks
-                self.watch_backward(output)
+            deferral = self._unused.agree(output)
+            if deferral is not None:  # its backward's end runs the deferred hooks
+                self.watch_backward(output, deferral)
 
     def _watch_reductions(self) -> None:
         """FSDP1 reduce-scatters a unit's gradient inside the backward, as soon as it is

@@ -208,8 +208,8 @@ class Runtime:
         return parameter.register_hook(hook)
 
     def agree_parameter_use(self, output: Any) -> None:
-        """After a hooked forward with gradient hooks selected, ``output`` being what the
-        wrapped module returned: nothing in one process (see the distributed runtime)."""
+        """After each forward of the wrapped module, ``output`` being what it returned:
+        nothing in one process (see the distributed runtime)."""
         return None
 
     def full_parameter(self, name: str, parameter: torch.Tensor,

@@ -9,9 +9,10 @@ them. DDP itself counts the unused rank's gradient as zero and averages, and one
 the whole batch gets exactly that average, so the right value to store is the gather of the
 used ranks' gradients with zeros for the others.
 
-So after each hooked forward under grad (a gradient hook may be chosen or registered before
-its backward), every rank walks the autograd graph of the outputs for the DDPs' parameters it
-reached, as DDP does (its tensors found as DDP finds them), and the ranks
+(``static_graph=True`` allows such parameters too and is covered the same way.) So after each
+forward of the wrapped module under grad, hooked or not (a gradient hook may be chosen or
+registered before its backward), every rank walks the autograd graph of the outputs for the
+DDPs' parameters it reached, as DDP does (its tensors found as DDP finds them), and the ranks
 agree on the counts (one all-reduce of an integer per parameter). A parameter reached by some
 ranks and not all is *deferred* in each backward through that forward, from the moment the
 backward reaches the forward's outputs (before any of its parameters gets a gradient): where
@@ -115,9 +116,17 @@ def reached_parameters(output: Any) -> tuple[set[int], bool]:
     return found, opaque
 
 
+def _may_leave_unused(ddp: torch.nn.Module) -> bool:
+    """Whether ``ddp`` allows parameters some ranks leave without a gradient: with
+    ``find_unused_parameters=True``, and with ``static_graph=True`` (which finds them once)."""
+    return bool(getattr(ddp, "find_unused_parameters", False) or
+                getattr(ddp, "static_graph", False))
+
+
 class UnusedParameterHooks:
     """The gradient hooks of one runtime on parameters of DDP modules with
-    ``find_unused_parameters=True``, and which of them wait for the end of the backward.
+    ``find_unused_parameters=True`` or ``static_graph=True``, and which of them wait for the
+    end of the backward.
 
     ``group`` is a host group over the ranks that must agree (the stage: its data-parallel
     ranks, and its tensor-parallel ranks, which see the same rows).
@@ -127,7 +136,7 @@ class UnusedParameterHooks:
         # Every parameter of those DDPs, in their order (the same on every rank): the
         # agreement covers them all, so a hook registered between a forward and its backward
         # is deferred as well.
-        self._order = [id(p) for ddp in ddps if getattr(ddp, "find_unused_parameters", False)
+        self._order = [id(p) for ddp in ddps if _may_leave_unused(ddp)
                        for p in ddp.parameters()]
         self._params = set(self._order)
         self.group = group
@@ -138,14 +147,11 @@ class UnusedParameterHooks:
         # The deferrals of the latest forwards, by pass (the runtime's count of hooked
         # forwards, the same on every rank); the oldest are forgotten.
         self._by_pass: collections.OrderedDict[int, _Deferral] = collections.OrderedDict()
+        self._forwards = 0  # agreements made (one per forward under grad, on every rank)
         # Deferred in the backward under way: the deferrals of the forwards whose outputs it
         # has reached so far.
         self._active: frozenset[str] = frozenset()
         self._kept: dict[str, torch.Tensor] = {}  # the gradients that came, by key
-
-    def defers(self, pass_: int) -> bool:
-        """Whether forward ``pass_`` deferred hooks (the same on every rank)."""
-        return pass_ in self._by_pass
 
     def covers(self, parameter: torch.Tensor) -> bool:
         return id(parameter) in self._params
@@ -172,15 +178,17 @@ class UnusedParameterHooks:
 
         return _Handle(parameter.register_hook(deferring), holder, key)
 
-    def agree(self, output: Any, pass_: int) -> None:
-        """After hooked forward ``pass_``, on every rank of :attr:`group` (one all-reduce):
+    def agree(self, output: Any) -> int | None:
+        """After a forward under grad, on every rank of :attr:`group` (one all-reduce):
         which of the DDPs' parameters some ranks reached and others did not, and whether a
         rank's graph holds a reentrant checkpoint (its region's parameters are reached only
         inside the backward). Their hooks wait for the end of each backward through this
         forward; with a checkpoint, every hook that retrieves does. Made whether or not a
         parameter has a hook yet: one may be registered before the backward."""
         if not self._order:
-            return
+            return None
+        self._forwards += 1
+        pass_ = self._forwards
         reached, opaque = reached_parameters(output)
         counts = torch.tensor([int(i in reached) for i in self._order] + [int(opaque)],
                               dtype=torch.int64)
@@ -188,11 +196,12 @@ class UnusedParameterHooks:
         everyone = dist.get_world_size(self.group)
         *used, unseen = counts.tolist()
         mixed = frozenset(i for i, c in zip(self._order, used, strict=True) if 0 < c < everyone)
-        self._by_pass.pop(pass_, None)
-        if mixed or unseen:
-            self._by_pass[pass_] = _Deferral(mixed, bool(unseen))
-            while len(self._by_pass) > _PASSES_REMEMBERED:
-                self._by_pass.popitem(last=False)
+        if not (mixed or unseen):
+            return None
+        self._by_pass[pass_] = _Deferral(mixed, bool(unseen))
+        while len(self._by_pass) > _PASSES_REMEMBERED:
+            self._by_pass.popitem(last=False)
+        return pass_
 
     def begin_backward(self) -> None:
         """A backward reaches the model's outputs: nothing is deferred until it reaches a
