@@ -42,6 +42,7 @@ from flex_surgery.parallel.runtime import (
     store_copy,
     stores_pending,
 )
+from flex_surgery.parallel.site_tags import HookSiteMismatchError
 from flex_surgery.store.hooks import host_copies_landed, store_call
 from flex_surgery.store.reduce import apply_reduce, check_reduce_input, resolve_reduce
 
@@ -335,8 +336,21 @@ class HookFunction:
     def _call(self, value: Any, store: bool = True, inputs: bool = False) -> Any:
         """One hook call on ``value`` (``(args, kwargs)`` when ``inputs``).
 
-        ``store=False`` for a forward re-run by activation checkpointing.
+        ``store=False`` for a forward re-run by activation checkpointing. An error raised
+        inside a backward leaves the model's data-parallel wrappers ready for the next
+        iteration (:meth:`~flex_surgery.parallel.runtime.Runtime.abandon_backward`).
         """
+        try:
+            return self._hook_call(value, store, inputs)
+        except BaseException as exc:
+            # Every error of a hook call but a site mismatch is agreed by all ranks at this
+            # same call; a mismatch means the ranks are at different points
+            runtime = self._runtime
+            if runtime is not None and _current_graph_task_id() != -1:
+                runtime.abandon_backward(ranks_apart=isinstance(exc, HookSiteMismatchError))
+            raise
+
+    def _hook_call(self, value: Any, store: bool, inputs: bool) -> Any:
         if self.editing_function is None and not store:
             return None
         if inputs:

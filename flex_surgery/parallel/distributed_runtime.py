@@ -84,6 +84,7 @@ from flex_surgery.parallel.site_tags import (
     END_OF_FORWARD,
     GRADIENT_REDUCTION,
     NO_SITE,
+    HookSiteMismatchError,
     stamp,
 )
 from flex_surgery.parallel.trainable_sync import TrainableSync
@@ -226,6 +227,25 @@ class DistributedRuntime(Runtime):
         if self._finalizer is not None:
             self._finalizer()  # _release_model, once
         self._mesh_finalizer()  # OwnedGroups.drop, once
+
+    def abandon_backward(self, ranks_apart: bool = False) -> None:
+        # No collective: each rank that raised resets its own wrappers (see Runtime). DDP only
+        # where every rank launched the same bucket all-reduces before the error (they are not
+        # announced): the ranks raised at the same hook call, in a backward that reached no
+        # forward whose ranks used different parameters (find_unused_parameters). Otherwise
+        # one rank may have launched an all-reduce another never will, which the next
+        # collective would meet; DDP's own error then says the iteration did not finish.
+        uneven = self._unused is not None and self._unused.uneven_backward()
+        frameworks.abandon_backward(self.module.modules(), ddp=not (ranks_apart or uneven))
+
+    def announce_in_backward(self, site: int) -> None:
+        """``walk.announce_site(site)`` inside a backward; where the ranks turn out to be at
+        different points, the backward is abandoned (:meth:`abandon_backward`) first."""
+        try:
+            self.walk.announce_site(site)
+        except HookSiteMismatchError:
+            self.abandon_backward(ranks_apart=True)
+            raise
 
     def close(self) -> None:
         """Remove the layout tracker's hooks from the model and destroy the process groups
@@ -441,8 +461,10 @@ class DistributedRuntime(Runtime):
         reduction, in a backward whose end is announced (the same on every rank), every rank
         announces it (:data:`~flex_surgery.parallel.site_tags.GRADIENT_REDUCTION`): one
         round trip per FSDP1 unit and backward, and a rank at another hook raises with them.
-        (FSDP2 reduces in a callback at the end of the backward, which the end-of-backward
-        announcement precedes: see ``hooked_passes``.)"""
+        (FSDP2 reduces a unit's gradient in the backward of a node on the unit's inputs,
+        announced from a pre-hook on it (``_watch_unshards``), and the root's in a callback at
+        the end of the backward, which the end-of-backward announcement precedes: see
+        ``hooked_passes``.)"""
         if self._fsdp1_units is None:  # the model's FSDP1 units, found once
             self._fsdp1_units = [m for m in self.module.modules() if frameworks.FSDP1().owns(m)]
         runtime = weakref.ref(self)
@@ -477,7 +499,7 @@ class DistributedRuntime(Runtime):
         def announce(*grads: Any) -> None:
             held = runtime()
             if held is not None and held._announcing == torch._C._current_graph_task_id():
-                held.walk.announce_site(stamp(BACKWARD_UNSHARD, held._pass_of_call()))
+                held.announce_in_backward(stamp(BACKWARD_UNSHARD, held._pass_of_call()))
 
         def recomputing(unit: nn.Module, args: Any) -> None:
             # A forward run again inside the backward (activation checkpointing around the
@@ -513,12 +535,31 @@ class DistributedRuntime(Runtime):
 
             return _apply_to_tensors(lambda t: viewed(t) if t.requires_grad else t, output)
 
+        def fsdp2_reduces(unit: nn.Module, args: Any, kwargs: Any) -> None:
+            # FSDP2 reduce-scatters a unit's gradients in the backward of the node its own
+            # pre-forward hook put on the unit's inputs (RegisterPostBackwardFunction), once the
+            # unit's backward is done; the root's, and a unit's whose inputs need no gradient,
+            # at the end of the backward, which its announcement precedes. A pre-hook on that
+            # node announces the reduction (GRADIENT_REDUCTION), as a pre-hook on an FSDP1
+            # unit's AccumulateGrad does, so a rank whose branch hook the others skipped
+            # raises with them there instead of meeting their reduce-scatter.
+            if not torch.is_grad_enabled():
+                return
+            nodes = {t.grad_fn for t in pytree.tree_leaves((args, kwargs))
+                     if isinstance(t, torch.Tensor) and t.grad_fn is not None and
+                     type(t.grad_fn).__name__ == "RegisterPostBackwardFunctionBackward"}
+            for node in nodes:
+                node.register_prehook(lambda grads: _announce_reduction(runtime))
+
         fsdp1, fsdp2 = frameworks.FSDP1(), frameworks.FSDP2()
         units = [unit for unit in self.module.modules() if fsdp1.owns(unit) or fsdp2.owns(unit)]
+        # (after FSDP2's own pre-forward hook, which is prepended: the inputs it returns)
         return [unit.register_forward_hook(
                     fsdp1_returned if fsdp1.owns(unit) else fsdp2_returned, prepend=True)
                 for unit in units] + \
-            [unit.register_forward_pre_hook(recomputing, prepend=True) for unit in units]
+            [unit.register_forward_pre_hook(recomputing, prepend=True) for unit in units] + \
+            [unit.register_forward_pre_hook(fsdp2_reduces, with_kwargs=True)
+             for unit in units if fsdp2.owns(unit)]
 
     def watch_recomputation(self, module: nn.Module) -> None:
         """A reentrant checkpoint (``torch.utils.checkpoint(..., use_reentrant=True)``) runs
@@ -871,7 +912,7 @@ def _announce_end_of_backward(runtime: weakref.ref) -> None:
     if held is not None:
         held._outer_recompute = None  # a later backward's recomputations are its own
         if held.meets_at_sites:  # first: a rank left at a hook the others skipped raises
-            held.walk.announce_site(stamp(END_OF_BACKWARD, held.passes))
+            held.announce_in_backward(stamp(END_OF_BACKWARD, held.passes))
         if held._unused is not None:
             held._unused.run_deferred()  # gradient hooks of parameters some ranks skipped
 
@@ -879,7 +920,7 @@ def _announce_end_of_backward(runtime: weakref.ref) -> None:
 def _announce_reduction(runtime: weakref.ref) -> None:
     held = runtime()
     if held is not None and held._announcing == torch._C._current_graph_task_id():
-        held.walk.announce_site(stamp(GRADIENT_REDUCTION, held._pass_of_call()))
+        held.announce_in_backward(stamp(GRADIENT_REDUCTION, held._pass_of_call()))
 
 
 def _doubted(layout: Layout) -> ShardSpec | None:

@@ -93,6 +93,16 @@ class EditContext:
 class Runtime:
     """Interface of a hook runtime; :class:`LocalRuntime` is the one-process implementation."""
 
+    def abandon_backward(self, ranks_apart: bool = False) -> None:
+        """Called where flex_surgery raises inside a backward, on every rank that raises: the
+        model's data-parallel wrappers (DDP, FSDP1, FSDP2) are put back between two
+        iterations and the gradients of that backward dropped, so that the model trains on
+        once the exception is caught. ``ranks_apart``: the ranks raised at different points
+        (``HookSiteMismatchError``); then FSDP only, whose every collective in a backward is
+        announced first, so none was launched by some ranks only. Nothing in one process: no
+        wrapper ends iterations there."""
+        return None
+
     def retrieve(self, local: torch.Tensor, site: HookSite,
                  store: Callable[[torch.Tensor], None]) -> None:
         """Call ``store(full_detached_cpu_tensor)`` on the storing rank(s); no-op elsewhere."""

@@ -152,6 +152,7 @@ class UnusedParameterHooks:
         # has reached so far.
         self._active: frozenset[str] = frozenset()
         self._kept: dict[str, torch.Tensor] = {}  # the gradients that came, by key
+        self._uneven = False  # see uneven_backward
 
     def covers(self, parameter: torch.Tensor) -> bool:
         return id(parameter) in self._params
@@ -209,6 +210,13 @@ class UnusedParameterHooks:
         behind is dropped."""
         self._active = frozenset()
         self._kept = {}
+        self._uneven = False
+
+    def uneven_backward(self) -> bool:
+        """Whether the backward under way reached a forward in which the ranks used different
+        parameters (or one the walk could not see through): their gradient reductions may
+        differ from rank to rank."""
+        return self._uneven
 
     def reached(self, pass_: int) -> None:
         """The backward under way reached the outputs of forward ``pass_`` (before any
@@ -217,6 +225,7 @@ class UnusedParameterHooks:
         deferral = self._by_pass.get(pass_)
         if deferral is None:
             return
+        self._uneven = True
         self._active |= {k for k, h in self._hooks.items()
                          if id(h.parameter()) in deferral.mixed or
                          (deferral.unseen and not h.edits())}

@@ -96,7 +96,8 @@ if TYPE_CHECKING:
 # The registry itself (.registry) and the parameter questions (.parameters) live in their own
 # files; the protocol's types in .base and .views. Every name is importable from here.
 __all__ = [
-    "FRAMEWORKS", "UnknownLayoutError", "adopt_groups", "batch_dim", "batch_dims", "check_whole",
+    "FRAMEWORKS", "UnknownLayoutError", "abandon_backward", "adopt_groups", "batch_dim",
+    "batch_dims", "check_whole",
     "first_input_only", "fsdp1_root", "tp_layers_within",
     "full_parameter", "keeps_unsharded_copies", "owner", "parameter_view", "parameter_views",
     "reshard", "sequence_parallel", "split_unknown_modules", "substitutes_parameters",
@@ -196,6 +197,17 @@ def reshard(modules: Iterable[nn.Module]) -> None:
     for module in modules:
         FSDP_1.reshard(module)
         FSDP_2.reshard(module)
+
+
+def abandon_backward(modules: Iterable[nn.Module], ddp: bool = True) -> None:
+    """After a backward that raised: put every data-parallel wrapper among ``modules`` (DDP
+    unless ``ddp`` is false, FSDP1 and FSDP2 roots) back between two iterations and drop the
+    gradients that backward left on their parameters (see ``Framework.abandon_backward``).
+    No collective."""
+    wrappers = (DDP_, FSDP_1, FSDP_2) if ddp else (FSDP_1, FSDP_2)
+    for module in modules:
+        for framework in wrappers:
+            framework.abandon_backward(module)
 
 
 def adopt_groups(model: nn.Module | None) -> ParallelMesh | None:

@@ -217,6 +217,19 @@ class Framework:
         in-place edit of the shard is what the next forward uses."""
         return None
 
+    def abandon_backward(self, module: nn.Module) -> None:
+        """After a backward through ``module`` (one of this framework's data-parallel wrappers)
+        raised, put the wrapper back in its state between two iterations and drop the
+        gradients that backward left on its parameters.
+
+        A data-parallel wrapper finishes each iteration in a callback at the end of the
+        backward, which autograd does not run when the backward raises: left as it is, the
+        next iteration fails (DDP: "Expected to have finished reduction in the prior
+        iteration"; FSDP: still in its backward) or mixes the failed backward's partial,
+        per-rank gradients into the next one. No collective: every rank that raised resets on
+        its own."""
+        return None
+
 
 def loaded(module_name: str) -> bool:
     """Whether a library is imported already (its classes can only be instances if it is)."""

@@ -211,3 +211,18 @@ class DDP(Framework):
         from flex_surgery.parallel.frameworks.fsdp import _data_parallel_mesh
 
         return _data_parallel_mesh(model.process_group, "data_parallel_wrapper")
+
+    def abandon_backward(self, module: nn.Module) -> None:
+        if not self.owns(module):
+            return
+        reset = getattr(module.reducer, "_reset_state", None)
+        if reset is None:  # a torch without it: DDP's own error names the state at next forward
+            return
+        # The reducer's own recovery ("ensure forward can run despite previous backward not
+        # succeeding"): no pending reduction, unused-parameter accounting zeroed, buckets
+        # rebuilt from the next backward's order (on every rank alike).
+        reset()
+        # What the failed backward accumulated is this rank's own, unreduced gradient of some
+        # parameters: kept, the replicas would differ from the next step on.
+        module.zero_grad(set_to_none=True)
+

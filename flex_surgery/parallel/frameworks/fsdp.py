@@ -75,6 +75,31 @@ class FSDP1(Framework):
             handle.reshard(True)
             handle.post_reshard()
 
+    def abandon_backward(self, module: nn.Module) -> None:
+        # On the root (its end-of-backward callback finishes every unit of the tree): torch's
+        # own end of backward, with the failed backward's gradients dropped first (a unit not
+        # yet reduced holds this rank's unreduced gradient, one reduced holds a shard of the
+        # reduction: neither is a gradient of the step) and again after (where the end of
+        # backward moves a saved shard to .grad).
+        if not self.owns(module) or getattr(module, "_is_root", None) is not True:
+            return
+        from torch.distributed.fsdp._runtime_utils import _post_backward_final_callback
+
+        def drop_gradients() -> None:
+            for state in module._all_fsdp_states:
+                if state._handle is None:
+                    continue
+                flat_param = state._handle.flat_param
+                flat_param.grad = None
+                if hasattr(flat_param, "_saved_grad_shard"):
+                    delattr(flat_param, "_saved_grad_shard")
+                flat_param._post_backward_called = False
+            module.zero_grad(set_to_none=True)  # the original parameters' views too
+
+        drop_gradients()
+        _post_backward_final_callback(module, module)  # reshard, unhook, states IDLE
+        drop_gradients()
+
     def model_shards(self, model: nn.Module) -> tuple[list[LocalShard],
                                                        set[tuple[int, str]]]:
         shards: list[LocalShard] = []
@@ -150,6 +175,34 @@ class FSDP2(Framework):
                 "reshard() (a forward or backward still in flight, or one that raised): an "
                 "edit of its shards would not reach the next forward. Call reset_iter_state() "
                 "on the root FSDP module after the exception, or finish the iteration first")
+
+
+    def abandon_backward(self, module: nn.Module) -> None:
+        # torch's recovery is reset_iter_state() on the root; it leaves the gradients a unit's
+        # unsharded parameters accumulated before the failure (torch 2.13), which the next
+        # backward would add to its own and reduce: dropped here. Only where every private
+        # name this needs is where it looks: otherwise nothing is reset, and the next forward
+        # fails in FSDP2's own state check rather than reduce a wrong gradient.
+        if not self.owns(module):
+            return
+        try:
+            state = module._get_fsdp_state()
+            if state._is_root is not True:
+                return
+            fsdp_params = [fp for unit in state._state_ctx.all_states
+                           for group in unit._fsdp_param_groups for fp in group.fsdp_params]
+            if not hasattr(module, "reset_iter_state") or \
+                    not all(hasattr(fp, "unsharded_accumulated_grad") for fp in fsdp_params):
+                return
+        except AttributeError:
+            return
+        module.reset_iter_state()
+        for fp in fsdp_params:
+            unsharded = getattr(fp, "_unsharded_param", None)  # made at the first unshard
+            if unsharded is not None:
+                unsharded.grad = None
+            fp.unsharded_accumulated_grad = None
+        module.zero_grad(set_to_none=True)
 
 
 def fsdp2_compute_dtypes(model: nn.Module) -> dict[tuple[int, str], torch.dtype]:
