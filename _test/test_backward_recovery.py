@@ -25,6 +25,7 @@ from parallel_cases import (
     plain_net,
 )
 from rank_pool import distributed
+from torch import nn
 
 from flex_surgery import FlexModel, HookFunction
 from flex_surgery.parallel.failures import RemoteEditError
@@ -216,3 +217,42 @@ def test_fsdp_step_after_ranks_met_at_different_backward_hooks_equals_one_proces
         torch.testing.assert_close(stored[name][0], ref_stored, **TOL)
     assert_grads_equal(_whole_grads(kind, model), ref_grads, **TOL)
     flex.close()
+
+
+class _Branchy(nn.Module):
+    """``plain_net`` whose block 1 a rank may skip (a branch taken on the data)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = plain_net()
+        self.skip = False
+
+    def forward(self, x):
+        for i, block in enumerate(self.net.blocks):
+            if not (self.skip and i == 1):
+                x = block(x)
+        return self.net.head(x)
+
+
+@distributed(world_size=2, timeout_s=60)
+def test_ddp_after_ranks_met_at_different_backward_hooks_refuses_the_next_forward():
+    """Rank 1 skips block 1, so the ranks meet at different points of DDP's backward, where one
+    may have launched a bucket's all-reduce the other never will: DDP is not reset, and the
+    next hooked forward raises on every rank, saying why and what to do, before DDP's own
+    misleading "parameters that were not used in producing loss"."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    _, local_x = _setup()
+    group = dist.new_group([0, 1])  # the stray all-reduce stays on this test's own group
+    branchy = _Branchy()
+    model = DDP(branchy, find_unused_parameters=True, process_group=group)
+    flex = FlexModel(model, {})
+    flex.register_full_backward_hook(HookFunction("module.net.blocks.1.up",
+                                                  editing_function=_times_two))
+    branchy.skip = dist.get_rank() == 1
+    with pytest.raises(HookSiteMismatchError):
+        _loss(flex(local_x)).backward()
+    branchy.skip = False
+    for _ in range(2):  # every hooked forward, not only the first
+        with pytest.raises(RuntimeError, match="were at different hooks.*restart the job"):
+            flex(local_x)

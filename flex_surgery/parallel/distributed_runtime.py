@@ -202,6 +202,8 @@ class DistributedRuntime(Runtime):
             ddps = [(n, m) for n, m in module.named_modules()
                     if frameworks.wrapper_kind(m) == "DDP"]
             self._join_refusal = JoinRefusal(ddps) if ddps and mesh.dp_size > 1 else None
+            self._ddp_unfinished: str | None = None  # see abandon_backward
+            self._has_ddp = bool(ddps) and mesh.dp_size > 1
             self._finalizer = weakref.finalize(self, _release_model, self.layouts,
                                                self._join_refusal)
             self.layouts.watch(module)
@@ -237,6 +239,16 @@ class DistributedRuntime(Runtime):
         # collective would meet; DDP's own error then says the iteration did not finish.
         uneven = self._unused is not None and self._unused.uneven_backward()
         frameworks.abandon_backward(self.module.modules(), ddp=not (ranks_apart or uneven))
+        if (ranks_apart or uneven) and self._has_ddp:
+            self._ddp_unfinished = (
+                "a backward through this DDP model raised inside flex_surgery while the "
+                "data-parallel ranks " + ("were at different hooks" if ranks_apart else
+                                           "had used different parameters") +
+                ", so some ranks may have started gradient all-reduces that the others never "
+                "will: DDP cannot finish that iteration or run another (its own check says "
+                "\"Expected to have finished reduction in the prior iteration\"), and a "
+                "collective on its process group could meet the stray all-reduce. Save what "
+                "you need and restart the job (or build new process groups and a new DDP)")
 
     def announce_in_backward(self, site: int) -> None:
         """``walk.announce_site(site)`` inside a backward; where the ranks turn out to be at
@@ -333,6 +345,8 @@ class DistributedRuntime(Runtime):
         :func:`~flex_surgery.parallel.frameworks.ddp.join_enabled`; the same on every rank)."""
         if self._join_refusal is not None:
             self._join_refusal.check()
+        if self._ddp_unfinished is not None:  # the same on every rank: each raised there
+            raise RuntimeError(self._ddp_unfinished)
         self.passes += 1
         if self.meets_at_sites:
             self._pass_starts.append((torch._C._autograd._get_sequence_nr(), self.passes))
