@@ -55,7 +55,11 @@ from flex_surgery.parallel.collectives import (
     start_gather,
 )
 from flex_surgery.parallel.failures import host_status_group
-from flex_surgery.parallel.frameworks.ddp import JoinRefusal
+from flex_surgery.parallel.frameworks.ddp import (
+    JoinRefusal,
+    backward_reduces,
+    learns_static_graph,
+)
 from flex_surgery.parallel.group_lifetime import OwnedGroups, RefusedOnEveryRank, free_dropped
 from flex_surgery.parallel.layout import (
     GATHER_ORDER,
@@ -203,7 +207,10 @@ class DistributedRuntime(Runtime):
                     if frameworks.wrapper_kind(m) == "DDP"]
             self._join_refusal = JoinRefusal(ddps) if ddps and mesh.dp_size > 1 else None
             self._ddp_unfinished: str | None = None  # see abandon_backward
-            self._has_ddp = bool(ddps) and mesh.dp_size > 1
+            # DDPs split over data-parallel ranks, and whether a backward through the latest
+            # forward under grad is a static-graph DDP's first (see agree_parameter_use)
+            self._ddps = [m for _, m in ddps] if mesh.dp_size > 1 else []
+            self._learning_static_graph = False
             self._finalizer = weakref.finalize(self, _release_model, self.layouts,
                                                self._join_refusal)
             self.layouts.watch(module)
@@ -231,24 +238,34 @@ class DistributedRuntime(Runtime):
         self._mesh_finalizer()  # OwnedGroups.drop, once
 
     def abandon_backward(self, ranks_apart: bool = False) -> None:
-        # No collective: each rank that raised resets its own wrappers (see Runtime). DDP only
-        # where every rank launched the same bucket all-reduces before the error (they are not
-        # announced): the ranks raised at the same hook call, in a backward that reached no
-        # forward whose ranks used different parameters (find_unused_parameters). Otherwise
-        # one rank may have launched an all-reduce another never will, which the next
-        # collective would meet; DDP's own error then says the iteration did not finish.
+        # No collective: each rank that raised resets its own wrappers (see Runtime), from what
+        # every rank shares. DDP only where every rank launched the same bucket all-reduces
+        # before the error (they are not announced): the ranks raised at the same hook call,
+        # in a backward that reached no forward whose ranks used different parameters
+        # (find_unused_parameters) -- or the backward reduces nothing (no_sync). Otherwise one
+        # rank may have launched an all-reduce another never will, which the next collective
+        # would meet. Nor the first backward of a static-graph DDP, which records the graph.
+        reduces = any(backward_reduces(d) for d in self._ddps)
         uneven = self._unused is not None and self._unused.uneven_backward()
-        frameworks.abandon_backward(self.module.modules(), ddp=not (ranks_apart or uneven))
-        if (ranks_apart or uneven) and self._has_ddp:
+        apart = reduces and (ranks_apart or uneven)
+        learning = reduces and self._learning_static_graph
+        frameworks.abandon_backward(self.module.modules(), ddp=not (apart or learning))
+        if apart:
             self._ddp_unfinished = (
                 "a backward through this DDP model raised inside flex_surgery while the "
                 "data-parallel ranks " + ("were at different hooks" if ranks_apart else
                                            "had used different parameters") +
                 ", so some ranks may have started gradient all-reduces that the others never "
-                "will: DDP cannot finish that iteration or run another (its own check says "
-                "\"Expected to have finished reduction in the prior iteration\"), and a "
-                "collective on its process group could meet the stray all-reduce. Save what "
-                "you need and restart the job (or build new process groups and a new DDP)")
+                "will: DDP cannot finish that iteration or run another, and a collective on "
+                "its process group could meet the stray all-reduce. Save what you need and "
+                "restart the job (or build new process groups and a new DDP)")
+        elif learning:
+            self._ddp_unfinished = (
+                "the first backward through this DistributedDataParallel(static_graph=True) "
+                "raised inside flex_surgery: DDP records the training graph in that backward "
+                "and cannot record it again (its next backward would say 'Your training graph "
+                "has changed'). Save what you need and restart the job (or build a new DDP); "
+                "a failure in a later backward is recovered from")
 
     def announce_in_backward(self, site: int) -> None:
         """``walk.announce_site(site)`` inside a backward; where the ranks turn out to be at
@@ -464,6 +481,7 @@ class DistributedRuntime(Runtime):
         hooks chosen or not (one may be registered or chosen before the backward); every rank
         runs the same forwards."""
         if self._unused is not None and torch.is_grad_enabled():
+            self._learning_static_graph = any(learns_static_graph(d) for d in self._ddps)
             deferral = self._unused.agree(output)
             if deferral is not None:  # its backward's end runs the deferred hooks
                 self.watch_backward(output, deferral)

@@ -233,19 +233,22 @@ class UnusedParameterHooks:
     def run_deferred(self) -> None:
         """At the end of the backward, on every rank: each deferred hook, in key order, on
         the gradient that came or on zeros -- if any rank's gradient came (a backward that
-        does not reach the parameter runs no hook, as in one process; one all-reduce). An
-        editing hook among them is refused on every rank instead, after the callbacks
-        already queued (DDP's end of backward), so the model stays usable."""
+        does not reach the parameter runs no hook, as in one process; one all-reduce). They
+        run after the callbacks already queued (DDP's end of backward), so a hook that raises
+        there (a shape that does not match) leaves DDP's iteration finished, as in one
+        process; an editing hook among them is refused on every rank there instead."""
         keys, self._active = sorted(self._active), frozenset()
         kept, self._kept = self._kept, {}
         hooks = [(k, self._hooks[k]) for k in keys if k in self._hooks]
         if not hooks:
             return
         editing = sorted({k.rpartition("#")[0] for k, h in hooks if h.edits()})
-        if editing:
-            torch.autograd.Variable._execution_engine.queue_callback(
-                lambda: _refuse_edits(editing))
-            return
+        late = (lambda: _refuse_edits(editing)) if editing else \
+            (lambda: self._run(hooks, kept))
+        torch.autograd.Variable._execution_engine.queue_callback(late)
+
+    def _run(self, hooks: list[tuple[str, _Hook]], kept: dict[str, torch.Tensor]) -> None:
+        self._uneven = False  # DDP has finished the backward: every rank reduced alike
         came = torch.tensor([int(k in kept) for k, _ in hooks], dtype=torch.int64)
         dist.all_reduce(came, group=self.group)
         for (key, h), count in zip(hooks, came.tolist(), strict=True):

@@ -21,7 +21,24 @@ from flex_surgery.parallel.frameworks.base import Framework
 if TYPE_CHECKING:
     from flex_surgery.parallel.mesh import ParallelMesh
 
-__all__ = ["DDP", "JoinRefusal", "join_enabled", "join_refused"]
+__all__ = ["DDP", "JoinRefusal", "backward_reduces", "join_enabled", "join_refused",
+           "learns_static_graph"]
+
+
+def backward_reduces(ddp: nn.Module) -> bool:
+    """Whether a backward through ``ddp``'s latest forward all-reduces gradients: false for a
+    forward under ``no_sync()``, for which DDP prepared no reduction (its reducer ignores that
+    backward's gradients). The same on every rank, as DDP itself requires."""
+    return bool(getattr(ddp, "require_forward_param_sync", True))
+
+
+def learns_static_graph(ddp: nn.Module) -> bool:
+    """Read right after a forward: whether the backward through it is the first of a
+    ``static_graph=True`` DDP, in which DDP records which parameters get gradients (it marks
+    that backward begun when it starts). A failure there cannot be reset: the reducer keeps
+    the partial record and its next backward says the training graph has changed."""
+    return bool(getattr(ddp, "static_graph", False)) and \
+        not getattr(ddp, "_static_graph_delay_allreduce_enqueued", True)
 
 
 def join_enabled(ddps: list[tuple[str, nn.Module]]) -> list[str]:

@@ -98,6 +98,15 @@ class FSDP1(Framework):
 
         drop_gradients()
         _post_backward_final_callback(module, module)  # reshard, unhook, states IDLE
+        for state in module._all_fsdp_states:
+            handle = state._handle
+            if handle is not None and handle._use_orig_params and \
+                    not handle.uses_sharded_strategy:
+                # NO_SHARD: the end of backward takes its flat parameter for resharded
+                # already, so the original parameters a unit's backward never finished
+                # would stay the plain tensors its forward made them (not nn.Parameters:
+                # named_parameters() and an optimizer would miss them)
+                handle._use_sharded_views()
         drop_gradients()
 
     def model_shards(self, model: nn.Module) -> tuple[list[LocalShard],
