@@ -207,10 +207,11 @@ class DistributedRuntime(Runtime):
                     if frameworks.wrapper_kind(m) == "DDP"]
             self._join_refusal = JoinRefusal(ddps) if ddps and mesh.dp_size > 1 else None
             self._ddp_unfinished: str | None = None  # see abandon_backward
-            # DDPs split over data-parallel ranks, and whether a backward through the latest
-            # forward under grad is a static-graph DDP's first (see agree_parameter_use)
+            # DDPs split over data-parallel ranks, and what a backward through the latest
+            # forward under grad does in them (see agree_parameter_use): whether it reduces
+            # gradients, and whether it is a static-graph DDP's first
             self._ddps = [m for _, m in ddps] if mesh.dp_size > 1 else []
-            self._learning_static_graph = False
+            self._ddp_reduces = self._learning_static_graph = False
             self._finalizer = weakref.finalize(self, _release_model, self.layouts,
                                                self._join_refusal)
             self.layouts.watch(module)
@@ -245,11 +246,19 @@ class DistributedRuntime(Runtime):
         # (find_unused_parameters) -- or the backward reduces nothing (no_sync). Otherwise one
         # rank may have launched an all-reduce another never will, which the next collective
         # would meet. Nor the first backward of a static-graph DDP, which records the graph.
-        reduces = any(backward_reduces(d) for d in self._ddps)
-        uneven = self._unused is not None and self._unused.uneven_backward()
-        apart = reduces and (ranks_apart or uneven)
-        learning = reduces and self._learning_static_graph
+        # What DDP does in this backward follows from the forwards it reached (a forward under
+        # no_sync() reduces nothing); it has finished where a deferred gradient hook raised
+        # after DDP's end of backward. A backward that reached no forward's outputs: the
+        # latest forward's.
+        unused = self._unused
+        state = None if unused is None else unused.ddp_backward()
+        reduces, learning = (self._ddp_reduces, self._learning_static_graph) \
+            if state is None else state
+        apart = reduces and (ranks_apart or (unused is not None and unused.uneven_backward()))
+        learning = reduces and learning
         frameworks.abandon_backward(self.module.modules(), ddp=not (apart or learning))
+        if unused is not None:
+            unused.reset_backward()  # nothing of the failed backward is left for the next
         if apart:
             self._ddp_unfinished = (
                 "a backward through this DDP model raised inside flex_surgery while the "
@@ -431,7 +440,7 @@ class DistributedRuntime(Runtime):
         if self.meets_at_sites:
             self.walk.announce_site(stamp(END_OF_FORWARD, self.passes))
 
-    def watch_backward(self, output: Any, deferral: int | None = None) -> None:
+    def watch_backward(self, output: Any) -> None:
         """Under data parallelism on the CPU (:attr:`meets_at_sites`), make the backward
         through this forward end with the same announcement as the forward
         (:data:`~flex_surgery.parallel.site_tags.END_OF_BACKWARD`): a backward hook on a
@@ -441,14 +450,11 @@ class DistributedRuntime(Runtime):
         arrives (the start of the backward through the model); the callback runs when that
         backward has finished, after every backward hook of it. A backward that raises runs no
         callback, so a rank that raised at a hook announces nothing more. Called by the
-        FlexModel when backward hooks are selected (the same on every rank), so every rank that
-        runs the backward announces its end. A loss computed from none of the outputs (from a
-        tensor kept aside in forward) announces nothing.
-
-        ``deferral``: the number of the forward's agreement on unused parameters when it
-        deferred gradient hooks (:meth:`agree_parameter_use`); the backward applies it when it
-        reaches these outputs, and runs the deferred hooks at its end."""
-        if not (self.meets_at_sites or deferral is not None) or not torch.is_grad_enabled():
+        FlexModel when backward hooks are selected, and after a forward that deferred gradient
+        hooks (:meth:`agree_parameter_use`; the same on every rank), so every rank that runs
+        the backward announces its end. A loss computed from none of the outputs (from a
+        tensor kept aside in forward) announces nothing."""
+        if not self.meets_at_sites or not torch.is_grad_enabled():
             return
         runtime = weakref.ref(self)
 
@@ -458,33 +464,53 @@ class DistributedRuntime(Runtime):
             if held is not None and held._announcing != task:  # once per backward
                 held._announcing = task
                 held._outer_recompute = None  # (a backward that raised left its own)
-                if held._unused is not None:
-                    held._unused.begin_backward()
                 torch.autograd.Variable._execution_engine.queue_callback(
                     lambda: _announce_end_of_backward(runtime))
-            if held is not None and held._unused is not None and deferral is not None:
-                held._unused.reached(deferral)  # its deferred gradient hooks wait for the end
 
         # Every output that requires grad: a loss may use any of them, and which of them
         # require grad may differ between ranks (a head on a branch).
         for t in output_tensors(output):
             if t.requires_grad:
                 t.register_hook(arrived)
-        if self.meets_at_sites:
-            self._watch_reductions()
+        self._watch_reductions()
 
     def agree_parameter_use(self, output: Any) -> None:
-        """Under DDP with ``find_unused_parameters=True`` (or ``static_graph=True``): which
-        parameters some ranks used in this forward and others did not (one all-reduce over
-        the stage); their gradient hooks run at the end of the backward (:mod:`~flex_surgery.
-        parallel.unused_parameters`). After every forward of the wrapped module under grad,
-        hooks chosen or not (one may be registered or chosen before the backward); every rank
-        runs the same forwards."""
+        """Under DDP split over data-parallel ranks, after every forward of the wrapped module
+        under grad, hooks chosen or not (one may be registered or chosen before the backward);
+        every rank runs the same forwards. With ``find_unused_parameters=True`` (or
+        ``static_graph=True``): which parameters some ranks used in this forward and others
+        did not (one all-reduce over the stage); their gradient hooks run at the end of the
+        backward (:mod:`~flex_surgery.parallel.unused_parameters`). For every DDP: what DDP
+        does in a backward through this forward (reduce or not, record a static graph or
+        not), for :meth:`abandon_backward`; a backward through it follows both from the
+        moment it reaches the outputs (:meth:`_follow_backward`)."""
         if self._unused is not None and torch.is_grad_enabled():
+            # Read here, under grad: a forward under no_grad in between changes DDP's flags
+            # but is no forward a backward goes through.
+            self._ddp_reduces = any(backward_reduces(d) for d in self._ddps)
             self._learning_static_graph = any(learns_static_graph(d) for d in self._ddps)
-            deferral = self._unused.agree(output)
-            if deferral is not None:  # its backward's end runs the deferred hooks
-                self.watch_backward(output, deferral)
+            pass_ = self._unused.agree(output, self._ddp_reduces, self._learning_static_graph)
+            self._follow_backward(output, pass_)
+            if self._unused.defers(pass_):  # the deferred hooks run at its end: announced
+                self.watch_backward(output)
+
+    def _follow_backward(self, output: Any, pass_: int) -> None:
+        """Tell :attr:`_unused` when a backward reaches forward ``pass_``'s outputs (a hook on
+        each that requires grad; once per backward, a callback at its end runs the deferred
+        gradient hooks). Queued after :meth:`watch_backward`'s callback where both are on the
+        same outputs (its hooks are registered first), so the end is announced first."""
+        runtime = weakref.ref(self)
+
+        def arrived(grad: torch.Tensor) -> None:
+            held = runtime()
+            if held is not None and held._unused is not None and \
+                    held._unused.arrive(torch._C._current_graph_task_id(), pass_):
+                torch.autograd.Variable._execution_engine.queue_callback(
+                    lambda: _end_of_backward(runtime))
+
+        for t in output_tensors(output):
+            if t.requires_grad:
+                t.register_hook(arrived)
 
     def _watch_reductions(self) -> None:
         """FSDP1 reduce-scatters a unit's gradient inside the backward, as soon as it is
@@ -943,10 +969,14 @@ def _announce_end_of_backward(runtime: weakref.ref) -> None:
     held = runtime()
     if held is not None:
         held._outer_recompute = None  # a later backward's recomputations are its own
-        if held.meets_at_sites:  # first: a rank left at a hook the others skipped raises
+        if held.meets_at_sites:  # a rank left at a hook the others skipped raises
             held.announce_in_backward(stamp(END_OF_BACKWARD, held.passes))
-        if held._unused is not None:
-            held._unused.run_deferred()  # gradient hooks of parameters some ranks skipped
+
+
+def _end_of_backward(runtime: weakref.ref) -> None:
+    held = runtime()
+    if held is not None and held._unused is not None:
+        held._unused.run_deferred()  # gradient hooks of parameters some ranks skipped
 
 
 def _announce_reduction(runtime: weakref.ref) -> None:
