@@ -383,13 +383,15 @@ def test_ddp_find_unused_parameters_branch_users_change_from_step_to_step(accumu
 def test_ddp_find_unused_parameters_edit_on_the_branch_is_refused_on_every_rank():
     """An editing gradient hook on a parameter only some ranks used: its gradient is known
     at the end of the backward, after autograd accumulated it, so the edit is refused there,
-    on every rank, and the ranks still meet afterwards."""
+    on every rank, and the ranks still meet afterwards. Like any backward in which a hook
+    raised, it leaves no gradient (the one asked for was not made)."""
     (x,) = _branch_batches([(0,)])
     model = DDP(BranchNet(), find_unused_parameters=True)
     flex, stored = _hooked(model, squash, sites=[], param_sites=["side.weight"])
     with pytest.raises(RuntimeError, match="retrieved there but not edited"):
         flex(_shard(x, dist.get_rank(), 2)).pow(2).mean().backward()
     assert stored == {}
+    assert [n for n, p in model.named_parameters() if p.grad is not None] == []
     flex.close()
     met = torch.ones(1)
     dist.all_reduce(met)

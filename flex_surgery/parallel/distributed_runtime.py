@@ -976,7 +976,14 @@ def _announce_end_of_backward(runtime: weakref.ref) -> None:
 def _end_of_backward(runtime: weakref.ref) -> None:
     held = runtime()
     if held is not None and held._unused is not None:
-        held._unused.run_deferred()  # gradient hooks of parameters some ranks skipped
+        # gradient hooks of parameters some ranks skipped
+        held._unused.run_deferred(lambda: _abandon_backward(runtime))
+
+
+def _abandon_backward(runtime: weakref.ref) -> None:
+    held = runtime()
+    if held is not None:
+        held.abandon_backward()
 
 
 def _announce_reduction(runtime: weakref.ref) -> None:

@@ -270,21 +270,28 @@ class UnusedParameterHooks:
                              (deferral.unseen and not h.edits())}
         return first
 
-    def run_deferred(self) -> None:
+    def run_deferred(self, abandon: Callable[[], None]) -> None:
         """At the end of the backward, on every rank: each deferred hook, in key order, on
         the gradient that came or on zeros -- if any rank's gradient came (a backward that
         does not reach the parameter runs no hook, as in one process; one all-reduce). They
         run after the callbacks already queued (DDP's end of backward), so a hook that raises
         there (a shape that does not match) leaves DDP's iteration finished, as in one
-        process; an editing hook among them is refused on every rank there instead."""
+        process; an editing hook among them is refused on every rank there instead, after
+        ``abandon()`` (the runtime's recovery from a backward that raised: DDP reset, every
+        gradient dropped, as after any hook that raised in a backward)."""
         keys, self._active = sorted(self._active), frozenset()
         kept, self._kept = self._kept, {}
         hooks = [(k, self._hooks[k]) for k in keys if k in self._hooks]
         if not hooks:
             return
         editing = sorted({k.rpartition("#")[0] for k, h in hooks if h.edits()})
-        late = (lambda: _refuse_edits(editing)) if editing else \
-            (lambda: self._run(hooks, kept))
+
+        def refuse() -> None:
+            self._ddp_finished = True
+            abandon()
+            _refuse_edits(editing)
+
+        late = refuse if editing else (lambda: self._run(hooks, kept))
         torch.autograd.Variable._execution_engine.queue_callback(late)
 
     def _run(self, hooks: list[tuple[str, _Hook]], kept: dict[str, torch.Tensor]) -> None:
