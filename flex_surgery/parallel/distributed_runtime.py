@@ -207,11 +207,10 @@ class DistributedRuntime(Runtime):
                     if frameworks.wrapper_kind(m) == "DDP"]
             self._join_refusal = JoinRefusal(ddps) if ddps and mesh.dp_size > 1 else None
             self._ddp_unfinished: str | None = None  # see abandon_backward
-            # DDPs split over data-parallel ranks, and what a backward through the latest
-            # forward under grad does in them (see agree_parameter_use): whether it reduces
-            # gradients, and whether it is a static-graph DDP's first
+            # DDPs split over data-parallel ranks, and what their next end of backward
+            # finishes (see agree_parameter_use): a gradient reduction, a static graph's record
             self._ddps = [m for _, m in ddps] if mesh.dp_size > 1 else []
-            self._ddp_reduces = self._learning_static_graph = False
+            self._ddp_reducing = self._ddp_learning = False
             self._finalizer = weakref.finalize(self, _release_model, self.layouts,
                                                self._join_refusal)
             self.layouts.watch(module)
@@ -246,17 +245,16 @@ class DistributedRuntime(Runtime):
         # (find_unused_parameters) -- or the backward reduces nothing (no_sync). Otherwise one
         # rank may have launched an all-reduce another never will, which the next collective
         # would meet. Nor the first backward of a static-graph DDP, which records the graph.
-        # What DDP does in this backward follows from the forwards it reached (a forward under
-        # no_sync() reduces nothing); it has finished where a deferred gradient hook raised
-        # after DDP's end of backward. A backward that reached no forward's outputs: the
-        # latest forward's.
+        # What DDP does in this backward: a reduction prepared by a forward under grad since
+        # its last end of backward (not under no_sync), a static graph's first record; none
+        # once DDP's end of backward has run (a deferred gradient hook raising after it).
         unused = self._unused
-        state = None if unused is None else unused.ddp_backward()
-        reduces, learning = (self._ddp_reduces, self._learning_static_graph) \
-            if state is None else state
+        reduces = self._ddp_reducing
         apart = reduces and (ranks_apart or (unused is not None and unused.uneven_backward()))
-        learning = reduces and learning
+        learning = reduces and self._ddp_learning
         frameworks.abandon_backward(self.module.modules(), ddp=not (apart or learning))
+        if not (apart or learning):  # reset: DDP expects nothing more
+            self._ddp_reducing = self._ddp_learning = False
         if unused is not None:
             unused.reset_backward()  # nothing of the failed backward is left for the next
         if apart:
@@ -467,10 +465,11 @@ class DistributedRuntime(Runtime):
                 torch.autograd.Variable._execution_engine.queue_callback(
                     lambda: _announce_end_of_backward(runtime))
 
-        # Every output that requires grad: a loss may use any of them, and which of them
-        # require grad may differ between ranks (a head on a branch).
+        # Every output an autograd node made: a loss may use any of them, and which of them
+        # require grad may differ between ranks (a head on a branch). Not a leaf (a parameter
+        # the model returns): its hook would stay for every later backward.
         for t in output_tensors(output):
-            if t.requires_grad:
+            if t.grad_fn is not None:
                 t.register_hook(arrived)
         self._watch_reductions()
 
@@ -481,24 +480,28 @@ class DistributedRuntime(Runtime):
         ``static_graph=True``): which parameters some ranks used in this forward and others
         did not (one all-reduce over the stage); their gradient hooks run at the end of the
         backward (:mod:`~flex_surgery.parallel.unused_parameters`). For every DDP: what DDP
-        does in a backward through this forward (reduce or not, record a static graph or
-        not), for :meth:`abandon_backward`; a backward through it follows both from the
-        moment it reaches the outputs (:meth:`_follow_backward`)."""
+        prepares for its next end of backward (a gradient reduction unless under
+        ``no_sync()``, a static graph's first record), for :meth:`abandon_backward`; and a
+        backward through this forward is followed from the moment it reaches the outputs
+        (:meth:`_follow_backward`)."""
         if self._unused is not None and torch.is_grad_enabled():
-            # Read here, under grad: a forward under no_grad in between changes DDP's flags
-            # but is no forward a backward goes through.
-            self._ddp_reduces = any(backward_reduces(d) for d in self._ddps)
-            self._learning_static_graph = any(learns_static_graph(d) for d in self._ddps)
-            pass_ = self._unused.agree(output, self._ddp_reduces, self._learning_static_graph)
+            # A forward under grad (not under no_sync) prepares DDP's reducer, which then
+            # reduces in the next backward through any forward, until its end of backward
+            # (_after_ddp_end_of_backward): pending till then, whatever forwards follow (under
+            # no_grad or no_sync they leave the reducer as it is). The same on every rank.
+            self._ddp_reducing |= any(backward_reduces(d) for d in self._ddps)
+            self._ddp_learning |= any(learns_static_graph(d) for d in self._ddps)
+            pass_ = self._unused.agree(output)
             self._follow_backward(output, pass_)
             if self._unused.defers(pass_):  # the deferred hooks run at its end: announced
                 self.watch_backward(output)
 
     def _follow_backward(self, output: Any, pass_: int) -> None:
         """Tell :attr:`_unused` when a backward reaches forward ``pass_``'s outputs (a hook on
-        each that requires grad; once per backward, a callback at its end runs the deferred
-        gradient hooks). Queued after :meth:`watch_backward`'s callback where both are on the
-        same outputs (its hooks are registered first), so the end is announced first."""
+        each made by an autograd node: a leaf's hook would stay for every later backward; once
+        per backward, a callback at its end runs the deferred gradient hooks). Queued after
+        :meth:`watch_backward`'s callback where both are on the same outputs (its hooks are
+        registered first), so the end is announced first."""
         runtime = weakref.ref(self)
 
         def arrived(grad: torch.Tensor) -> None:
@@ -509,7 +512,7 @@ class DistributedRuntime(Runtime):
                     lambda: _end_of_backward(runtime))
 
         for t in output_tensors(output):
-            if t.requires_grad:
+            if t.grad_fn is not None:
                 t.register_hook(arrived)
 
     def _watch_reductions(self) -> None:
@@ -976,8 +979,21 @@ def _announce_end_of_backward(runtime: weakref.ref) -> None:
 def _end_of_backward(runtime: weakref.ref) -> None:
     held = runtime()
     if held is not None and held._unused is not None:
-        # gradient hooks of parameters some ranks skipped
+        torch.autograd.Variable._execution_engine.queue_callback(
+            lambda: _after_ddp_end_of_backward(runtime))
+        # gradient hooks of parameters some ranks skipped, after that
         held._unused.run_deferred(lambda: _abandon_backward(runtime))
+
+
+def _after_ddp_end_of_backward(runtime: weakref.ref) -> None:
+    """After the callbacks queued inside the backward -- DDP's end of backward (its
+    gradients reduced; a static graph's record made) among them -- and before the deferred
+    gradient hooks: DDP expects nothing more, and the backward is over."""
+    held = runtime()
+    if held is not None:
+        held._ddp_reducing = held._ddp_learning = False
+        if held._unused is not None:
+            held._unused.reset_backward()
 
 
 def _abandon_backward(runtime: weakref.ref) -> None:

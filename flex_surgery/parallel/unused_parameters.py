@@ -31,11 +31,6 @@ a rank's graph, every hook that only retrieves is deferred. (A reentrant checkpo
 whole hooked call runs its forward under ``no_grad``: no agreement is made, and a branch in it
 raises ``HookSiteMismatchError`` as before.)
 
-The same bookkeeping follows what DDP does in each backward, for the recovery after a hook
-raised inside it (``DistributedRuntime.abandon_backward``): whether a forward it reached
-reduces gradients (not under ``no_sync()``) or is a static-graph DDP's first, recorded after
-each forward under grad, and whether DDP's end of backward has run.
-
 A deferred hook can only retrieve: an editing function changes the gradient autograd
 accumulates, which has been accumulated by then. Editing a deferred parameter's gradient is
 refused on every rank, at the end of that backward, after DDP's own end of backward (so the
@@ -153,19 +148,12 @@ class UnusedParameterHooks:
         # forwards, the same on every rank); the oldest are forgotten.
         self._by_pass: collections.OrderedDict[int, _Deferral] = collections.OrderedDict()
         self._forwards = 0  # forwards under grad (one agreement each where needed)
-        # What DDP does in a backward through each of the latest forwards, where it is not
-        # the usual (reduce gradients, not a static graph's first backward): by pass, as
-        # (reduces, learns_static_graph). A backward through a forward not here reduces.
-        self._ddp_by_pass: collections.OrderedDict[int, tuple[bool, bool]] = \
-            collections.OrderedDict()
         self._task: int | None = None  # the graph task of the backward under way
         # Deferred in the backward under way: the deferrals of the forwards whose outputs it
         # has reached so far.
         self._active: frozenset[str] = frozenset()
         self._kept: dict[str, torch.Tensor] = {}  # the gradients that came, by key
         self._uneven = False  # see uneven_backward
-        self._reduces = self._learning = False  # see ddp_backward
-        self._ddp_finished = False  # see ddp_backward
 
     def covers(self, parameter: torch.Tensor) -> bool:
         return id(parameter) in self._params
@@ -192,21 +180,16 @@ class UnusedParameterHooks:
 
         return _Handle(parameter.register_hook(deferring), holder, key)
 
-    def agree(self, output: Any, reduces: bool = True, learning: bool = False) -> int:
+    def agree(self, output: Any) -> int:
         """After a forward under grad, on every rank of :attr:`group` (one all-reduce, for
         DDPs that may leave parameters unused): which of the DDPs' parameters some ranks
         reached and others did not, and whether a rank's graph holds a reentrant checkpoint
         (its region's parameters are reached only inside the backward). Their hooks wait for
         the end of each backward through this forward; with a checkpoint, every hook that
         retrieves does. Made whether or not a parameter has a hook yet: one may be registered
-        before the backward. ``reduces`` and ``learning``: what DDP does in a backward through
-        this forward (:func:`~flex_surgery.parallel.frameworks.ddp.backward_reduces`,
-        :func:`~flex_surgery.parallel.frameworks.ddp.learns_static_graph`), read by every rank
-        alike. Returns the forward's number, for :meth:`arrive`."""
+        before the backward. Returns the forward's number, for :meth:`arrive`."""
         self._forwards += 1
         pass_ = self._forwards
-        if (reduces, learning) != (True, False):
-            _remember(self._ddp_by_pass, pass_, (reduces, learning))
         if not self._order:
             return pass_
         reached, opaque = reached_parameters(output)
@@ -217,7 +200,9 @@ class UnusedParameterHooks:
         *used, unseen = counts.tolist()
         mixed = frozenset(i for i, c in zip(self._order, used, strict=True) if 0 < c < everyone)
         if mixed or unseen:
-            _remember(self._by_pass, pass_, _Deferral(mixed, bool(unseen)))
+            self._by_pass[pass_] = _Deferral(mixed, bool(unseen))
+            while len(self._by_pass) > _PASSES_REMEMBERED:
+                self._by_pass.popitem(last=False)
         return pass_
 
     def defers(self, pass_: int) -> bool:
@@ -225,11 +210,12 @@ class UnusedParameterHooks:
         return pass_ in self._by_pass
 
     def reset_backward(self) -> None:
-        """Forget the backward under way (one that raised): the next backward starts afresh."""
+        """Forget the backward under way (one that finished, or raised): the next backward
+        starts afresh."""
         self._task = None
         self._active = frozenset()
         self._kept = {}
-        self._uneven = self._reduces = self._learning = self._ddp_finished = False
+        self._uneven = False
 
     def uneven_backward(self) -> bool:
         """Whether the backward under way reached a forward in which the ranks used different
@@ -237,31 +223,16 @@ class UnusedParameterHooks:
         differ from rank to rank."""
         return self._uneven
 
-    def ddp_backward(self) -> tuple[bool, bool] | None:
-        """What DDP does in the backward under way: whether it reduces gradients (a forward it
-        reached did, not under ``no_sync()``) and whether it records a static graph (a
-        static-graph DDP's first backward) -- both false once DDP's end of that backward has
-        run (the deferred hooks run after it). ``None`` where the backward reached no
-        forward's outputs (a loss from a tensor kept aside). The same on every rank."""
-        if self._task is None:
-            return None
-        if self._ddp_finished:
-            return False, False
-        return self._reduces, self._learning
-
     def arrive(self, task: int, pass_: int) -> bool:
         """The backward ``task`` reached the outputs of forward ``pass_`` (before any parameter
         that forward used gets its gradient): that forward's deferred hooks wait for the
-        backward's end, and what DDP does in it counts. True at the backward's first arrival
+        backward's end. True at the backward's first arrival
         (what an earlier backward left behind is dropped): the caller queues
         :meth:`run_deferred` for its end."""
         first = task != self._task
         if first:
             self.reset_backward()
             self._task = task
-        reduces, learning = self._ddp_by_pass.get(pass_, (True, False))
-        self._reduces |= reduces
-        self._learning |= learning
         deferral = self._by_pass.get(pass_)
         if deferral is not None:
             self._uneven = True
@@ -287,7 +258,6 @@ class UnusedParameterHooks:
         editing = sorted({k.rpartition("#")[0] for k, h in hooks if h.edits()})
 
         def refuse() -> None:
-            self._ddp_finished = True
             abandon()
             _refuse_edits(editing)
 
@@ -295,7 +265,6 @@ class UnusedParameterHooks:
         torch.autograd.Variable._execution_engine.queue_callback(late)
 
     def _run(self, hooks: list[tuple[str, _Hook]], kept: dict[str, torch.Tensor]) -> None:
-        self._ddp_finished = True  # (and its static graph recorded, in its first backward)
         came = torch.tensor([int(k in kept) for k, _ in hooks], dtype=torch.int64)
         dist.all_reduce(came, group=self.group)
         for (key, h), count in zip(hooks, came.tolist(), strict=True):
@@ -308,13 +277,6 @@ class UnusedParameterHooks:
     def forget(self, key: str) -> None:
         self._hooks.pop(key, None)
         self._kept.pop(key, None)
-
-
-def _remember(by_pass: collections.OrderedDict, pass_: int, value: Any) -> None:
-    """``by_pass[pass_] = value``, the oldest forgotten beyond :data:`_PASSES_REMEMBERED`."""
-    by_pass[pass_] = value
-    while len(by_pass) > _PASSES_REMEMBERED:
-        by_pass.popitem(last=False)
 
 
 def _refuse_edits(names: list[str]) -> None:
