@@ -234,7 +234,7 @@ class _Branchy(nn.Module):
         return self.net.head(x)
 
 
-@distributed(world_size=2, timeout_s=60)
+@distributed(world_size=2, timeout_s=60, spends_pool=True)  # a stray all-reduce
 def test_ddp_after_ranks_met_at_different_backward_hooks_refuses_the_next_forward():
     """Rank 1 skips block 1, so the ranks meet at different points of DDP's backward, where one
     may have launched a bucket's all-reduce the other never will: DDP is not reset, and the

@@ -130,7 +130,7 @@ def _refused_on(flex):
 
 @pytest.mark.parametrize("order", [
     "no_sync, synced", "synced, no_sync"])
-@distributed(world_size=2, timeout_s=60)
+@distributed(world_size=2, timeout_s=60, spends_pool=True)  # a stray all-reduce
 def test_summed_losses_of_a_no_sync_and_a_synced_forward_ranks_apart_is_refused(order):
     """Losses of a ``no_sync`` forward and a synced forward summed into one backward: DDP
     reduces in it, so ranks at different hooks refuse the next hooked forward on every rank
@@ -157,7 +157,7 @@ def test_summed_losses_of_a_no_sync_and_a_synced_forward_ranks_apart_is_refused(
     flex.close()
 
 
-@distributed(world_size=2, timeout_s=60)
+@distributed(world_size=2, timeout_s=60, spends_pool=True)  # a stray all-reduce
 def test_backward_through_a_no_sync_forward_after_a_synced_one_ranks_apart_is_refused():
     """A synced forward (DDP prepares its reduction), then a ``no_sync`` forward, and a
     backward through the ``no_sync`` forward only: DDP all-reduces in it (checked with a
@@ -206,7 +206,7 @@ def test_summed_losses_of_two_no_sync_forwards_ranks_apart_reset_then_equal_one_
     flex.close()
 
 
-@distributed(world_size=2, timeout_s=60)
+@distributed(world_size=2, timeout_s=60, spends_pool=True)  # a stray all-reduce
 def test_backward_through_one_of_two_outputs_of_a_synced_forward_ranks_apart_is_refused():
     """A model with two outputs, the loss from the second only (the first gets no gradient):
     the backward still reaches the forward, which reduces; ranks apart are refused."""

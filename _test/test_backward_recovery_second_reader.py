@@ -580,7 +580,7 @@ def test_fsdp2_x_tp_failure_then_step_equals_one_process(site, hook_kind):
     flex.close()
 
 
-@distributed(world_size=2, timeout_s=60)
+@distributed(world_size=2, timeout_s=60, spends_pool=True)  # a stray all-reduce
 def test_ddp_ranks_apart_in_first_iteration_bare_model_says_iteration_did_not_finish():
     from torch.nn.parallel import DistributedDataParallel as DDP
 

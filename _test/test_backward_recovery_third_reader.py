@@ -122,7 +122,7 @@ def test_no_sync_micro_batch_ranks_apart_then_accumulation_equals_one_process():
     "synced, no_grad",
     "synced, no_sync",
     "no_sync, synced"])
-@distributed(world_size=2, timeout_s=60)
+@distributed(world_size=2, timeout_s=60, spends_pool=True)  # a stray all-reduce
 def test_ranks_apart_in_a_reducing_backward_is_refused_whatever_forward_came_after(order):
     """The backward runs through a synced forward (DDP reduces in it) and the ranks meet at
     different hooks: refused, also when another forward (an evaluation under ``no_grad``, a

@@ -802,7 +802,7 @@ def test_pp_x_dp_backward_hooks_on_both_stages_equal_one_process():
 
 
 @pytest.mark.parametrize("skipper", [0, 1], ids=["leader_skips", "other_skips"])
-@distributed(world_size=2, timeout_s=30)
+@distributed(world_size=2, timeout_s=30, spends_pool=True)  # a stray all-reduce
 def test_ddp_find_unused_the_last_backward_hook_on_a_branch_raises(skipper):
     """DDP(find_unused_parameters=True), a forward edit on the trunk and side's full_backward
     hook (the only backward hook) on the branch ``skipper`` skips: both raise in the backward

@@ -288,7 +288,7 @@ def test_dp_x_tp_branch_and_sharded_trunk_hooks():
     _compare(got, grads, want, want_grads)
 
 
-@distributed(world_size=2, timeout_s=20)
+@distributed(world_size=2, timeout_s=20, spends_pool=True)  # a stray all-reduce
 def test_find_unused_parameters_off_raises_site_mismatch_on_every_rank():
     """``find_unused_parameters=False`` with a branch rank 1 skips: nothing is deferred, and the
     branch's hook (rank 0) meets rank 1's end of backward: ``HookSiteMismatchError`` naming
@@ -460,7 +460,7 @@ def test_first_parameter_hook_registered_between_forward_and_backward():
             torch.testing.assert_close(got[k][0], want[k][0], **TOL)
 
 
-@distributed(world_size=2, timeout_s=6)
+@distributed(world_size=2, timeout_s=6, spends_pool=True)  # a stray all-reduce
 def test_branch_module_backward_hook_with_deferred_parameter_hook_raises_not_hangs():
     """A module backward hook on the branch (fires on rank 0 only) beside the branch's deferred
     parameter hook: the end of the backward is announced before the deferred hooks' collectives,
