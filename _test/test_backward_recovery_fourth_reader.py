@@ -22,6 +22,16 @@ from parallel_cases import (
     plain_net,
 )
 from rank_pool import distributed
+from recovery_cases import (
+    BATCH,
+    TOL,
+    Branchy,
+    batch,
+    ddp_grads,
+    fails_on,
+    square_loss,
+    times_two,
+)
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
     CheckpointImpl,
@@ -34,60 +44,11 @@ from flex_surgery import FlexModel, HookFunction
 from flex_surgery.parallel.failures import RemoteEditError
 from flex_surgery.parallel.site_tags import HookSiteMismatchError
 
-TOL = dict(rtol=1e-9, atol=1e-12)
-BATCH = 4
 SITE = "blocks.1.up"
 RESTART = "were at different hooks.*restart the job"
 
 
-def _setup(seed=1):
-    torch.set_default_dtype(torch.float64)
-    x = torch.randn(BATCH, 3, 8, generator=torch.Generator().manual_seed(seed))
-    n = BATCH // 2
-    return x, x[dist.get_rank() * n:(dist.get_rank() + 1) * n]
-
-
-def _loss(out):
-    return out.pow(2).mean()
-
-
-def _times_two(module, grad, ctx, modules):
-    return grad * 2
-
-
-def _fails_on(*failing):
-    calls = [0]
-
-    def edit(module, grad, ctx, modules):  # runs on the edit leader only
-        calls[0] += 1
-        if calls[0] in failing:
-            raise ValueError(f"a bug in the editing function (call {calls[0]})")
-        return grad * 2
-
-    return edit
-
-
-class _Branchy(nn.Module):
-    """``plain_net`` whose block 1 a rank may skip."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = plain_net()
-        self.skip = False
-
-    def forward(self, x):
-        for i, block in enumerate(self.net.blocks):
-            if not (self.skip and i == 1):
-                x = block(x)
-        return self.net.head(x)
-
-
-def _ddp_grads(model):
-    return {clean(n).removeprefix("net."): p.grad.clone() for n, p in model.named_parameters()
-            if p.grad is not None}
-
-
-def _ref(steps, site=SITE, edit=_times_two, register="register_full_backward_hook"):
+def _ref(steps, site=SITE, edit=times_two, register="register_full_backward_hook"):
     """One process: each step a list of inputs whose losses are summed into one backward.
     The values stored at ``site`` in the last step, and every gradient accumulated."""
     model = plain_net()
@@ -96,13 +57,13 @@ def _ref(steps, site=SITE, edit=_times_two, register="register_full_backward_hoo
     getattr(flex, register)(HookFunction(site, editing_function=edit))
     for xs in steps:
         stored.clear()
-        sum(_loss(flex(x)) for x in xs).backward()
+        sum(square_loss(flex(x)) for x in xs).backward()
     flex.close()
     return stored[site], plain_grads(model)
 
 
 def _ranks_apart_model(group=None):
-    branchy = _Branchy()
+    branchy = Branchy()
     model = DDP(branchy, find_unused_parameters=True,
                 process_group=dist.new_group([0, 1]) if group is None else group)
     return branchy, model
@@ -113,10 +74,11 @@ def _compare(stored, name, ref_stored, model, ref_grads):
         assert len(stored[name]) == len(ref_stored)
         for got, want in zip(stored[name], ref_stored, strict=True):
             torch.testing.assert_close(got, want, **TOL)
-    assert_grads_equal(_ddp_grads(model), ref_grads, **TOL)
+    assert_grads_equal(ddp_grads(model), ref_grads, **TOL)
 
 
 # -- several forwards in one backward ---------------------------------------------------------
+
 
 def _refused_on(flex):
     """Which ranks refuse the next hooked forward (``abandon_backward`` kept DDP as it is),
@@ -135,11 +97,11 @@ def test_summed_losses_of_a_no_sync_and_a_synced_forward_ranks_apart_is_refused(
     """Losses of a ``no_sync`` forward and a synced forward summed into one backward: DDP
     reduces in it, so ranks at different hooks refuse the next hooked forward on every rank
     -- in either order of the forwards."""
-    _, local_x = _setup()
+    _, local_x = batch()
     branchy, model = _ranks_apart_model()
     flex = FlexModel(model, {})
     flex.register_full_backward_hook(HookFunction("module.net." + SITE,
-                                                  editing_function=_times_two))
+                                                  editing_function=times_two))
     branchy.skip = dist.get_rank() == 1
     outs = []
     for synced in ([False, True] if order == "no_sync, synced" else [True, False]):
@@ -149,7 +111,7 @@ def test_summed_losses_of_a_no_sync_and_a_synced_forward_ranks_apart_is_refused(
             with model.no_sync():
                 outs.append(flex(local_x))
     with pytest.raises(HookSiteMismatchError):
-        (_loss(outs[0]) + _loss(outs[1])).backward()
+        (square_loss(outs[0]) + square_loss(outs[1])).backward()
     branchy.skip = False
     assert _refused_on(flex) == [1, 1]
     with pytest.raises(RuntimeError, match=RESTART):
@@ -162,17 +124,17 @@ def test_backward_through_a_no_sync_forward_after_a_synced_one_ranks_apart_is_re
     """A synced forward (DDP prepares its reduction), then a ``no_sync`` forward, and a
     backward through the ``no_sync`` forward only: DDP all-reduces in it (checked with a
     bare DDP: the gradients come out averaged), so ranks at different hooks are refused."""
-    _, local_x = _setup()
+    _, local_x = batch()
     branchy, model = _ranks_apart_model()
     flex = FlexModel(model, {})
     flex.register_full_backward_hook(HookFunction("module.net." + SITE,
-                                                  editing_function=_times_two))
+                                                  editing_function=times_two))
     branchy.skip = dist.get_rank() == 1
     flex(local_x)
     with model.no_sync():
         out = flex(local_x)
     with pytest.raises(HookSiteMismatchError):
-        _loss(out).backward()
+        square_loss(out).backward()
     branchy.skip = False
     assert _refused_on(flex) == [1, 1]
     flex.close()
@@ -183,25 +145,25 @@ def test_summed_losses_of_two_no_sync_forwards_ranks_apart_reset_then_equal_one_
     """Both forwards under ``no_sync``: DDP reduced nothing, so ranks at different hooks reset
     it. The accumulation started again (two ``no_sync`` forwards summed, then one synced
     step) equals one process."""
-    xa, local_a = _setup(1)
-    xb, local_b = _setup(2)
+    xa, local_a = batch(1)
+    xb, local_b = batch(2)
     ref_stored, ref_grads = _ref([[xa, xb], [xb]])
     branchy, model = _ranks_apart_model()
     stored = {}
     flex = FlexModel(model, stored)
     name = "module.net." + SITE
-    flex.register_full_backward_hook(HookFunction(name, editing_function=_times_two))
+    flex.register_full_backward_hook(HookFunction(name, editing_function=times_two))
     branchy.skip = dist.get_rank() == 1
     with model.no_sync():
         outs = [flex(local_a), flex(local_b)]
         with pytest.raises(HookSiteMismatchError):
-            (_loss(outs[0]) + _loss(outs[1])).backward()
+            (square_loss(outs[0]) + square_loss(outs[1])).backward()
     branchy.skip = False
     assert all(p.grad is None for p in model.parameters())
     with model.no_sync():
-        (_loss(flex(local_a)) + _loss(flex(local_b))).backward()
+        (square_loss(flex(local_a)) + square_loss(flex(local_b))).backward()
     stored.clear()
-    _loss(flex(local_b)).backward()
+    square_loss(flex(local_b)).backward()
     _compare(stored, name, ref_stored, model, ref_grads)
     flex.close()
 
@@ -211,18 +173,18 @@ def test_backward_through_one_of_two_outputs_of_a_synced_forward_ranks_apart_is_
     """A model with two outputs, the loss from the second only (the first gets no gradient):
     the backward still reaches the forward, which reduces; ranks apart are refused."""
 
-    class TwoOut(_Branchy):
+    class TwoOut(Branchy):
         def forward(self, x):
             y = super().forward(x)
             return y * 3.0, y
 
     group = dist.new_group([0, 1])
-    _, local_x = _setup()
+    _, local_x = batch()
     branchy = TwoOut()
     model = DDP(branchy, find_unused_parameters=True, process_group=group)
     flex = FlexModel(model, {})
     flex.register_full_backward_hook(HookFunction("module.net." + SITE,
-                                                  editing_function=_times_two))
+                                                  editing_function=times_two))
     branchy.skip = dist.get_rank() == 1
     with model.no_sync():
         flex(local_x)  # the latest forward before the synced one ran under no_sync
@@ -230,7 +192,7 @@ def test_backward_through_one_of_two_outputs_of_a_synced_forward_ranks_apart_is_
     with model.no_sync():
         flex(local_x)  # ... and the latest after it too
     with pytest.raises(HookSiteMismatchError):
-        _loss(second).backward()
+        square_loss(second).backward()
     branchy.skip = False
     with pytest.raises(RuntimeError, match=RESTART):
         flex(local_x)
@@ -239,28 +201,29 @@ def test_backward_through_one_of_two_outputs_of_a_synced_forward_ranks_apart_is_
 
 # -- backward by other means ------------------------------------------------------------------
 
+
 @distributed(world_size=2, timeout_s=60)
 def test_retain_graph_second_backward_fails_under_no_sync_then_step_equals_one_process():
     """A ``no_sync`` forward backpropagated twice (``retain_graph=True``), the edit failing in
     the second: reset (each backward is its own graph task, both reach the forward). The next
     steps equal one process's."""
-    xa, local_a = _setup(1)
-    xb, local_b = _setup(2)
+    xa, local_a = batch(1)
+    xb, local_b = batch(2)
     ref_stored, ref_grads = _ref([[xa], [xb]])
     model = DDP(plain_net(), process_group=dist.new_group([0, 1]))
     stored = {}
     flex = FlexModel(model, stored)
     name = "module." + SITE
-    flex.register_full_backward_hook(HookFunction(name, editing_function=_fails_on(2)))
+    flex.register_full_backward_hook(HookFunction(name, editing_function=fails_on(2)))
     with model.no_sync():
-        loss = _loss(flex(local_a))
+        loss = square_loss(flex(local_a))
         loss.backward(retain_graph=True)
         with pytest.raises(RemoteEditError):
             loss.backward()
         assert all(p.grad is None for p in model.parameters())
-        _loss(flex(local_a)).backward()
+        square_loss(flex(local_a)).backward()
     stored.clear()
-    _loss(flex(local_b)).backward()
+    square_loss(flex(local_b)).backward()
     _compare(stored, name, ref_stored, model, {k.removeprefix("module."): v
                                                for k, v in ref_grads.items()})
     flex.close()
@@ -270,27 +233,28 @@ def test_retain_graph_second_backward_fails_under_no_sync_then_step_equals_one_p
 def test_autograd_grad_under_no_sync_ranks_apart_resets_then_step_equals_one_process():
     """``torch.autograd.grad`` (not ``.backward()``) through a ``no_sync`` forward, the ranks at
     different hooks: DDP reduced nothing, so it is reset; the next step equals one process."""
-    x, local_x = _setup()
+    x, local_x = batch()
     ref_stored, ref_grads = _ref([[x]])
     branchy, model = _ranks_apart_model()
     stored = {}
     flex = FlexModel(model, stored)
     name = "module.net." + SITE
-    flex.register_full_backward_hook(HookFunction(name, editing_function=_times_two))
+    flex.register_full_backward_hook(HookFunction(name, editing_function=times_two))
     branchy.skip = dist.get_rank() == 1
     inp = local_x.clone().requires_grad_()
     with model.no_sync():
         out = flex(inp)
         with pytest.raises(HookSiteMismatchError):
-            torch.autograd.grad(_loss(out), [inp])
+            torch.autograd.grad(square_loss(out), [inp])
     branchy.skip = False
     stored.clear()
-    _loss(flex(local_x)).backward()
+    square_loss(flex(local_x)).backward()
     _compare(stored, name, ref_stored, model, ref_grads)
     flex.close()
 
 
 # -- many forwards between a forward and its backward -----------------------------------------
+
 
 @distributed(world_size=2, timeout_s=60)
 def test_generation_loop_under_no_grad_between_a_no_sync_forward_and_its_backward():
@@ -298,13 +262,13 @@ def test_generation_loop_under_no_grad_between_a_no_sync_forward_and_its_backwar
     than the forwards remembered), then its backward with the ranks apart: the no_grad
     forwards do not count, so the forward is still known to reduce nothing and DDP is reset.
     The next step equals one process."""
-    x, local_x = _setup()
+    x, local_x = batch()
     ref_stored, ref_grads = _ref([[x]])
     branchy, model = _ranks_apart_model()
     stored = {}
     flex = FlexModel(model, stored)
     name = "module.net." + SITE
-    flex.register_full_backward_hook(HookFunction(name, editing_function=_times_two))
+    flex.register_full_backward_hook(HookFunction(name, editing_function=times_two))
     branchy.skip = dist.get_rank() == 1
     with model.no_sync():
         out = flex(local_x)
@@ -312,10 +276,10 @@ def test_generation_loop_under_no_grad_between_a_no_sync_forward_and_its_backwar
         for _ in range(1100):
             model(local_x[:, :1])
     with pytest.raises(HookSiteMismatchError):
-        _loss(out).backward()
+        square_loss(out).backward()
     branchy.skip = False
     stored.clear()
-    _loss(flex(local_x)).backward()
+    square_loss(flex(local_x)).backward()
     _compare(stored, name, ref_stored, model, ref_grads)
     flex.close()
 
@@ -325,11 +289,11 @@ def test_backward_through_an_old_no_sync_forward_ranks_apart_is_reset():
     """1025 ``no_sync`` forwards under grad kept, then a backward through the oldest, ranks
     apart: no forward prepared a reduction, so DDP is reset (no refusal) and no gradient is
     left; the next step runs."""
-    _, local_x = _setup()
+    _, local_x = batch()
     branchy, model = _ranks_apart_model()
     flex = FlexModel(model, {})
     flex.register_full_backward_hook(HookFunction("module.net." + SITE,
-                                                  editing_function=_times_two))
+                                                  editing_function=times_two))
     branchy.skip = dist.get_rank() == 1
     small = local_x[:, :1]
     with model.no_sync():
@@ -337,15 +301,16 @@ def test_backward_through_an_old_no_sync_forward_ranks_apart_is_reset():
         for _ in range(1024):
             model(small)
         with pytest.raises(HookSiteMismatchError):
-            _loss(oldest).backward()
+            square_loss(oldest).backward()
     assert [n for n, p in model.named_parameters() if p.grad is not None] == []
     branchy.skip = False
-    _loss(flex(local_x)).backward()
+    square_loss(flex(local_x)).backward()
     assert all(p.grad is not None for p in model.parameters())
     flex.close()
 
 
 # -- activation checkpointing -----------------------------------------------------------------
+
 
 @pytest.mark.parametrize("sync", [True, False], ids=["synced", "no_sync"])
 @distributed(world_size=2, timeout_s=60)
@@ -353,7 +318,7 @@ def test_failure_inside_a_non_reentrant_checkpointed_block_then_step_equals_one_
     """Every block under a non-reentrant activation checkpoint (recomputed inside the
     backward); the edit of a backward hook inside block 1 fails: reset, no gradient left; the
     next step equals one process."""
-    x, local_x = _setup()
+    x, local_x = batch()
     ref_stored, ref_grads = _ref([[x]])
     net = plain_net()
     apply_activation_checkpointing(
@@ -364,21 +329,22 @@ def test_failure_inside_a_non_reentrant_checkpointed_block_then_step_equals_one_
     stored = {}
     flex = FlexModel(model, stored)
     name = next(n for n, _ in model.named_modules() if clean(n) == SITE)
-    flex.register_full_backward_hook(HookFunction(name, editing_function=_fails_on(1)))
+    flex.register_full_backward_hook(HookFunction(name, editing_function=fails_on(1)))
     with pytest.raises(RemoteEditError, match="call 1"):
         if sync:
-            _loss(flex(local_x)).backward()
+            square_loss(flex(local_x)).backward()
         else:
             with model.no_sync():
-                _loss(flex(local_x)).backward()
+                square_loss(flex(local_x)).backward()
     assert all(p.grad is None for p in model.parameters())
     stored.clear()
-    _loss(flex(local_x)).backward()
+    square_loss(flex(local_x)).backward()
     _compare(stored, name, ref_stored, model, ref_grads)
     flex.close()
 
 
 # -- a refused edit of a deferred gradient hook -----------------------------------------------
+
 
 def _branch_x(seed=3, takers=(0,)):
     torch.set_default_dtype(torch.float64)
@@ -397,7 +363,7 @@ def _branch_reference(xs):
     flex.register_hook(HookFunction("side.weight"))
     for x in xs:
         stored.clear()
-        _loss(flex(x)).backward()
+        square_loss(flex(x)).backward()
     flex.close()
     return stored["side.weight"], plain_grads(model)
 
@@ -420,16 +386,16 @@ def test_refused_deferred_edit_after_no_sync_micro_batch_drops_all_then_equals_o
     flex = FlexModel(model, stored)
     if options == "find_unused_parameters":
         with model.no_sync():
-            _loss(flex(local_x)).backward()
+            square_loss(flex(local_x)).backward()
         assert any(p.grad is not None for p in model.parameters())
-    hook = HookFunction("module.side.weight", editing_function=_times_two)
+    hook = HookFunction("module.side.weight", editing_function=times_two)
     flex.register_hook(hook)
     with pytest.raises(RuntimeError, match="retrieved there but not edited"):
-        _loss(flex(local_x)).backward()
+        square_loss(flex(local_x)).backward()
     assert stored == {}
     assert all(p.grad is None for p in model.parameters())
     hook.editing_function = None
-    _loss(flex(local_x)).backward()
+    square_loss(flex(local_x)).backward()
     if dist.get_rank() == 0:
         torch.testing.assert_close(stored["module.side.weight"][0], ref_stored[0], **TOL)
     assert_grads_equal({clean(n): p.grad for n, p in model.named_parameters()
@@ -438,6 +404,7 @@ def test_refused_deferred_edit_after_no_sync_micro_batch_drops_all_then_equals_o
 
 
 # -- the per-forward output hooks -------------------------------------------------------------
+
 
 class _ScaleOut(nn.Module):
     """Returns a parameter of its own beside the output (a temperature, a logit scale)."""
@@ -456,26 +423,26 @@ def test_outputs_followed_per_forward_do_not_change_values_or_gradients():
     """Three steps of a model that also returns one of its parameters, hooks on a module and
     a parameter: what is stored and every gradient equal one process (the hooks on the
     outputs only watch)."""
-    x, local_x = _setup()
+    x, local_x = batch()
     ref = _ScaleOut()
     ref_stored = {}
     ref_flex = FlexModel(ref, ref_stored, process_group=local_group())
     ref_flex.register_full_backward_hook(HookFunction("net." + SITE,
-                                                      editing_function=_times_two))
+                                                      editing_function=times_two))
     ref_flex.register_hook(HookFunction("scale"))
     for _ in range(3):
         out, scale = ref_flex(x)
-        (_loss(out) + scale).backward()
+        (square_loss(out) + scale).backward()
     ref_flex.close()
     model = DDP(_ScaleOut(), process_group=dist.new_group([0, 1]))
     stored = {}
     flex = FlexModel(model, stored)
     flex.register_full_backward_hook(HookFunction("module.net." + SITE,
-                                                  editing_function=_times_two))
+                                                  editing_function=times_two))
     flex.register_hook(HookFunction("module.scale"))
     for _ in range(3):
         out, scale = flex(local_x)
-        (_loss(out) + scale).backward()
+        (square_loss(out) + scale).backward()
     if dist.get_rank() == 0:
         for key in ("net." + SITE, "scale"):
             assert len(stored["module." + key]) == len(ref_stored[key]) == 3
@@ -493,7 +460,7 @@ def test_a_parameter_returned_by_the_model_does_not_collect_a_hook_per_forward()
     ``close()``): a training loop would grow them without bound, each run in every backward.
     Only a forward hook is registered: no backward hook is selected, so only the new
     per-forward following puts hooks on the outputs."""
-    _, local_x = _setup()
+    _, local_x = batch()
     inner = _ScaleOut()
     model = DDP(inner, process_group=dist.new_group([0, 1]))
     flex = FlexModel(model, {})
@@ -501,7 +468,7 @@ def test_a_parameter_returned_by_the_model_does_not_collect_a_hook_per_forward()
     before = len(inner.scale._backward_hooks or {})
     for _ in range(20):
         out, scale = flex(local_x)
-        (_loss(out) + scale).backward()
+        (square_loss(out) + scale).backward()
     during = len(inner.scale._backward_hooks or {})
     flex.close()
     after = len(inner.scale._backward_hooks or {})

@@ -11,7 +11,6 @@ import pytest
 import torch
 import torch.distributed as dist
 from parallel_cases import (
-    Block,
     actual_names,
     assert_grads_equal,
     clean,
@@ -20,65 +19,25 @@ from parallel_cases import (
     plain_net,
 )
 from rank_pool import distributed
+from recovery_cases import (
+    TOL,
+    WRAPPERS,
+    Branchy,
+    SkippableUp,
+    batch,
+    fails_on,
+    square_loss,
+    times_two,
+    whole_grads,
+    wrap,
+)
 
 from flex_surgery import FlexModel, HookFunction
 from flex_surgery.parallel.failures import RemoteEditError
 
-TOL = dict(rtol=1e-9, atol=1e-12)
-BATCH = 4
-WRAPPERS = ["ddp", "fsdp1", "fsdp1_flat", "fsdp2"]
 REGISTER = {"full_backward": "register_full_backward_hook",
             "full_backward_pre": "register_full_backward_pre_hook",
             "forward": "register_forward_hook", "tensor": "register_hook"}
-
-
-def _setup(seed=1):
-    torch.set_default_dtype(torch.float64)  # reset by the rank pool after each body
-    x = torch.randn(BATCH, 3, 8, generator=torch.Generator().manual_seed(seed))
-    n = BATCH // 2
-    return x, x[dist.get_rank() * n:(dist.get_rank() + 1) * n]
-
-
-def _loss(out):
-    return out.pow(2).mean()
-
-
-def _wrap(kind, model, **options):
-    if kind == "ddp":
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        return DDP(model, **options)
-    if kind.startswith("fsdp1"):
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
-
-        return FSDP(model, auto_wrap_policy=ModuleWrapPolicy({Block}),
-                    use_orig_params=kind == "fsdp1", device_id=torch.device("cpu"), **options)
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    mesh = init_device_mesh("cpu", (2,))
-    for block in model.blocks:
-        fully_shard(block, mesh=mesh, **options)
-    return fully_shard(model, mesh=mesh, **options)
-
-
-def _whole_grads(kind, model):
-    if kind == "ddp":
-        return {clean(n): p.grad.clone() for n, p in model.named_parameters()
-                if p.grad is not None}
-    if kind == "fsdp2":
-        return {clean(n): p.grad.full_tensor() for n, p in model.named_parameters()
-                if p.grad is not None}
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-    def whole():
-        with FSDP.summon_full_params(model, writeback=False):
-            return {clean(n): p.detach().clone() for n, p in model.named_parameters()}
-
-    before = whole()
-    torch.optim.SGD(model.parameters(), lr=1.0).step()
-    return {k: before[k] - v for k, v in whole().items()}
 
 
 def _whole_params(kind, model):
@@ -92,24 +51,7 @@ def _whole_params(kind, model):
         return {clean(n): p.detach().clone() for n, p in model.named_parameters()}
 
 
-def _times_two(module, grad, ctx, modules):
-    return grad * 2
-
-
-def _fails_on(*failing):
-    """An editing function that raises at the given calls (1-based) and doubles otherwise."""
-    calls = [0]
-
-    def edit(module, grad, ctx, modules):
-        calls[0] += 1
-        if calls[0] in failing:
-            raise ValueError(f"a bug in the editing function (call {calls[0]})")
-        return grad * 2
-
-    return edit
-
-
-def _reference(x, site, hook_kind, edit=_times_two, steps=1):
+def _reference(x, site, hook_kind, edit=times_two, steps=1):
     """One process: what the hook stored in the last step and the accumulated gradients."""
     model = plain_net()
     stored = {}
@@ -117,7 +59,7 @@ def _reference(x, site, hook_kind, edit=_times_two, steps=1):
     getattr(flex, REGISTER[hook_kind])(HookFunction(site, editing_function=edit))
     for _ in range(steps):
         stored.clear()
-        _loss(flex(x)).backward()
+        square_loss(flex(x)).backward()
     flex.close()
     return stored[site], plain_grads(model)
 
@@ -138,20 +80,20 @@ def _assert_stored(stored, name, want):
 
 
 def _fail_then_step(kind, site, hook_kind, failing=(1,), wrap_options=None):
-    x, local_x = _setup()
+    x, local_x = batch()
     ref_stored, ref_grads = _reference(x, site, hook_kind)
-    model = _wrap(kind, plain_net(), **(wrap_options or {}))
+    model = wrap(kind, plain_net(), **(wrap_options or {}))
     stored = {}
     flex = FlexModel(model, stored)
     name = _actual(model, site)
-    getattr(flex, REGISTER[hook_kind])(HookFunction(name, editing_function=_fails_on(*failing)))
+    getattr(flex, REGISTER[hook_kind])(HookFunction(name, editing_function=fails_on(*failing)))
     for _ in failing:
         with pytest.raises(RemoteEditError, match="a bug in the editing function"):
-            _loss(flex(local_x)).backward()
+            square_loss(flex(local_x)).backward()
     stored.clear()
-    _loss(flex(local_x)).backward()  # no zero_grad: the failed backwards' gradients are gone
+    square_loss(flex(local_x)).backward()  # no zero_grad: the failed backwards' gradients are gone
     _assert_stored(stored, name, ref_stored)
-    assert_grads_equal(_whole_grads(kind, model), ref_grads, **TOL)
+    assert_grads_equal(whole_grads(kind, model), ref_grads, **TOL)
     flex.close()
 
 
@@ -191,13 +133,13 @@ def test_ddp_static_graph_failure_in_the_first_backward_is_refused_clearly():
     """``static_graph=True`` records the graph in its first backward: that one fails. DDP
     cannot record it again (reset, its next backward would say the training graph has
     changed), so every later hooked forward raises saying so, on every rank."""
-    _, local_x = _setup()
-    model = _wrap("ddp", plain_net(), static_graph=True)
+    _, local_x = batch()
+    model = wrap("ddp", plain_net(), static_graph=True)
     flex = FlexModel(model, {})
     flex.register_full_backward_hook(HookFunction("module.blocks.1.up",
-                                                  editing_function=_fails_on(1)))
+                                                  editing_function=fails_on(1)))
     with pytest.raises(RemoteEditError, match="a bug in the editing function"):
-        _loss(flex(local_x)).backward()
+        square_loss(flex(local_x)).backward()
     with pytest.raises(RuntimeError, match=r"first backward .*static_graph=True"):
         flex(local_x)
     flex.close()
@@ -209,21 +151,21 @@ def test_ddp_static_graph_failure_in_a_later_backward_equals_one_process():
     zeroed after the first)."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    x, local_x = _setup()
+    x, local_x = batch()
     ref_stored, ref_grads = _reference(x, "blocks.1.up", "full_backward")
     model = DDP(plain_net(), static_graph=True)
     stored = {}
     flex = FlexModel(model, stored)
     flex.register_full_backward_hook(HookFunction("module.blocks.1.up",
-                                                  editing_function=_fails_on(2)))
-    _loss(flex(local_x)).backward()  # a good first iteration: the static graph is learnt
+                                                  editing_function=fails_on(2)))
+    square_loss(flex(local_x)).backward()  # a good first iteration: the static graph is learnt
     model.zero_grad(set_to_none=True)
     with pytest.raises(RemoteEditError, match="a bug in the editing function"):
-        _loss(flex(local_x)).backward()
+        square_loss(flex(local_x)).backward()
     stored.clear()
-    _loss(flex(local_x)).backward()
+    square_loss(flex(local_x)).backward()
     _assert_stored(stored, "module.blocks.1.up", ref_stored)
-    assert_grads_equal(_whole_grads("ddp", model), ref_grads, **TOL)
+    assert_grads_equal(whole_grads("ddp", model), ref_grads, **TOL)
     flex.close()
 
 
@@ -248,22 +190,22 @@ def test_forward_hook_failure_keeps_the_earlier_gradients(kind):
     """A good step, then a forward whose forward hook's editing function raises (outside any
     backward), then another good step without zeroing: the first step's gradients are kept,
     the sum equals one process running both steps."""
-    x, local_x = _setup()
+    x, local_x = batch()
     ref_stored, ref_grads = _reference(x, "blocks.1.up", "forward", steps=2)
-    model = _wrap(kind, plain_net())
+    model = wrap(kind, plain_net())
     stored = {}
     flex = FlexModel(model, stored)
     name = _actual(model, "blocks.1.up")
-    flex.register_forward_hook(HookFunction(name, editing_function=_fails_on(2)))
-    _loss(flex(local_x)).backward()
+    flex.register_forward_hook(HookFunction(name, editing_function=fails_on(2)))
+    square_loss(flex(local_x)).backward()
     with pytest.raises(RemoteEditError, match="a bug in the editing function"):
         flex(local_x)
     if kind == "fsdp2":  # FSDP2's own recovery after an exception in its forward
         model.reset_iter_state()
     stored.clear()
-    _loss(flex(local_x)).backward()
+    square_loss(flex(local_x)).backward()
     _assert_stored(stored, name, ref_stored)
-    assert_grads_equal(_whole_grads(kind, model), ref_grads, **TOL)
+    assert_grads_equal(whole_grads(kind, model), ref_grads, **TOL)
     flex.close()
 
 
@@ -291,43 +233,43 @@ def test_failure_in_an_accumulated_micro_batch_then_restart_equals_one_process(k
     """Two micro-batches, the first without gradient sync (``no_sync`` /
     ``set_requires_gradient_sync(False)``); one of their backwards fails. The sequence is
     started again: both micro-batches equal one process's two accumulated backwards."""
-    xa, local_a = _setup(1)
-    xb, local_b = _setup(2)
+    xa, local_a = batch(1)
+    xb, local_b = batch(2)
     model = plain_net()
     ref_stored = {}
     ref_flex = FlexModel(model, ref_stored, process_group=local_group())
     ref_flex.register_full_backward_hook(HookFunction("blocks.0.down",
-                                                      editing_function=_times_two))
-    _loss(ref_flex(xa)).backward()
+                                                      editing_function=times_two))
+    square_loss(ref_flex(xa)).backward()
     ref_stored.clear()
-    _loss(ref_flex(xb)).backward()
+    square_loss(ref_flex(xb)).backward()
     ref_flex.close()
     ref_grads = plain_grads(model)
 
-    model = _wrap(kind, plain_net())
+    model = wrap(kind, plain_net())
     stored = {}
     flex = FlexModel(model, stored)
     name = _actual(model, "blocks.0.down")
     flex.register_full_backward_hook(HookFunction(
-        name, editing_function=_fails_on(1 if fail_in == "first" else 2)))
+        name, editing_function=fails_on(1 if fail_in == "first" else 2)))
     with _no_sync(kind, model):
         if fail_in == "first":
             with pytest.raises(RemoteEditError):
-                _loss(flex(local_a)).backward()
+                square_loss(flex(local_a)).backward()
         else:
-            _loss(flex(local_a)).backward()
+            square_loss(flex(local_a)).backward()
     _sync(kind, model)
     if fail_in == "second":
         with pytest.raises(RemoteEditError):
-            _loss(flex(local_b)).backward()
+            square_loss(flex(local_b)).backward()
     # the sequence again, from its start
     with _no_sync(kind, model):
-        _loss(flex(local_a)).backward()
+        square_loss(flex(local_a)).backward()
     _sync(kind, model)
     stored.clear()
-    _loss(flex(local_b)).backward()
+    square_loss(flex(local_b)).backward()
     _assert_stored(stored, name, ref_stored["blocks.0.down"])
-    assert_grads_equal(_whole_grads(kind, model), ref_grads, **TOL)
+    assert_grads_equal(whole_grads(kind, model), ref_grads, **TOL)
     flex.close()
 
 
@@ -349,29 +291,29 @@ def test_failure_in_a_recomputed_forward_equals_one_process(kind):
     """A forward hook inside a checkpointed block whose editing function raises when the
     block's forward runs again inside the backward (its second call): raised in the backward,
     the next step equals one process."""
-    x, local_x = _setup()
+    x, local_x = batch()
     ref_model = plain_net()
     ref_model.__class__ = _CheckpointedNet
     ref_stored = {}
     ref_flex = FlexModel(ref_model, ref_stored, process_group=local_group())
-    ref_flex.register_forward_hook(HookFunction("blocks.1.up", editing_function=_times_two))
-    _loss(ref_flex(x)).backward()
+    ref_flex.register_forward_hook(HookFunction("blocks.1.up", editing_function=times_two))
+    square_loss(ref_flex(x)).backward()
     ref_flex.close()
     ref_grads = plain_grads(ref_model)
 
     model = plain_net()
     model.__class__ = _CheckpointedNet
-    model = _wrap(kind, model)
+    model = wrap(kind, model)
     stored = {}
     flex = FlexModel(model, stored)
     name = _actual(model, "blocks.1.up")
-    flex.register_forward_hook(HookFunction(name, editing_function=_fails_on(2)))
+    flex.register_forward_hook(HookFunction(name, editing_function=fails_on(2)))
     with pytest.raises(RemoteEditError, match="a bug in the editing function"):
-        _loss(flex(local_x)).backward()
+        square_loss(flex(local_x)).backward()
     stored.clear()
-    _loss(flex(local_x)).backward()
+    square_loss(flex(local_x)).backward()
     _assert_stored(stored, name, ref_stored["blocks.1.up"])
-    assert_grads_equal(_whole_grads(kind, model), ref_grads, **TOL)
+    assert_grads_equal(whole_grads(kind, model), ref_grads, **TOL)
     flex.close()
 
 
@@ -381,21 +323,21 @@ def test_failure_in_a_recomputed_forward_equals_one_process(kind):
 @pytest.mark.parametrize("kind", WRAPPERS)
 @distributed(world_size=2, timeout_s=60)
 def test_close_then_a_new_flexmodel_equals_one_process(kind):
-    x, local_x = _setup()
+    x, local_x = batch()
     ref_stored, ref_grads = _reference(x, "blocks.0", "full_backward_pre")
-    model = _wrap(kind, plain_net())
+    model = wrap(kind, plain_net())
     flex = FlexModel(model, {})
     name = _actual(model, "blocks.0")
-    flex.register_full_backward_pre_hook(HookFunction(name, editing_function=_fails_on(1)))
+    flex.register_full_backward_pre_hook(HookFunction(name, editing_function=fails_on(1)))
     with pytest.raises(RemoteEditError):
-        _loss(flex(local_x)).backward()
+        square_loss(flex(local_x)).backward()
     flex.close()
     stored = {}
     flex = FlexModel(model, stored)
-    flex.register_full_backward_pre_hook(HookFunction(name, editing_function=_times_two))
-    _loss(flex(local_x)).backward()
+    flex.register_full_backward_pre_hook(HookFunction(name, editing_function=times_two))
+    square_loss(flex(local_x)).backward()
     _assert_stored(stored, name, ref_stored)
-    assert_grads_equal(_whole_grads(kind, model), ref_grads, **TOL)
+    assert_grads_equal(whole_grads(kind, model), ref_grads, **TOL)
     flex.close()
 
 
@@ -405,28 +347,28 @@ def test_adam_steps_around_a_failure_equal_one_process(kind):
     """Adam: a good step of the bare model, a failed backward through a FlexModel followed by
     ``optimizer.step()`` (every gradient dropped: nothing moves), then a good step: the
     weights equal one process's after its two good steps."""
-    x, local_x = _setup()
+    x, local_x = batch()
     ref = plain_net()
     ref_opt = torch.optim.Adam(ref.parameters(), lr=0.01)
     for _ in range(2):
         ref_opt.zero_grad()
-        _loss(ref(x)).backward()
+        square_loss(ref(x)).backward()
         ref_opt.step()
-    model = _wrap(kind, plain_net())
+    model = wrap(kind, plain_net())
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
     opt.zero_grad()
-    _loss(model(local_x)).backward()
+    square_loss(model(local_x)).backward()
     opt.step()
     flex = FlexModel(model, {})
     flex.register_full_backward_hook(HookFunction(_actual(model, "blocks.0.down"),
-                                                  editing_function=_fails_on(1)))
+                                                  editing_function=fails_on(1)))
     opt.zero_grad()
     with pytest.raises(RemoteEditError):
-        _loss(flex(local_x)).backward()
+        square_loss(flex(local_x)).backward()
     opt.step()  # every gradient was dropped: no parameter moves
     flex.close()
     opt.zero_grad()
-    _loss(model(local_x)).backward()
+    square_loss(model(local_x)).backward()
     opt.step()
     got, want = _whole_params(kind, model), {clean(n): p for n, p in ref.named_parameters()}
     assert_grads_equal(got, want, rtol=1e-7, atol=1e-9)
@@ -450,39 +392,24 @@ def _fails_on_rank_1_once():
 @pytest.mark.parametrize("kind", WRAPPERS)
 @distributed(world_size=2, timeout_s=60)
 def test_replicate_edit_failing_on_one_rank_then_step_equals_one_process(kind):
-    x, local_x = _setup()
+    x, local_x = batch()
     ref_stored, ref_grads = _reference(x, "blocks.0.down", "full_backward")
-    model = _wrap(kind, plain_net())
+    model = wrap(kind, plain_net())
     stored = {}
     flex = FlexModel(model, stored)
     name = _actual(model, "blocks.0.down")
     flex.register_full_backward_hook(HookFunction(name, editing_function=_fails_on_rank_1_once(),
                                                   replicate_edit=True))
     with pytest.raises(RemoteEditError):
-        _loss(flex(local_x)).backward()
+        square_loss(flex(local_x)).backward()
     stored.clear()
-    _loss(flex(local_x)).backward()
+    square_loss(flex(local_x)).backward()
     _assert_stored(stored, name, ref_stored)
-    assert_grads_equal(_whole_grads(kind, model), ref_grads, **TOL)
+    assert_grads_equal(whole_grads(kind, model), ref_grads, **TOL)
     flex.close()
 
 
 # -- DDP with find_unused_parameters: a failure at the end of the backward ---------------------
-
-
-class _Branchy(torch.nn.Module):
-    """``plain_net`` whose block 1 a rank may skip (a branch taken on the data)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = plain_net()
-        self.skip = False
-
-    def forward(self, x):
-        for i, block in enumerate(self.net.blocks):
-            if not (self.skip and i == 1):
-                x = block(x)
-        return self.net.head(x)
 
 
 @distributed(world_size=2, timeout_s=60)
@@ -491,33 +418,26 @@ def test_ddp_unused_parameters_deferred_hook_failure_at_end_of_backward_recovers
 
     from flex_surgery.hooks.errors import ShapeMismatchError
 
-    x, local_x = _setup()
-    ref = _Branchy()
-    _loss(ref(x)).backward()
+    x, local_x = batch()
+    ref = Branchy()
+    square_loss(ref(x)).backward()
     ref_grads = plain_grads(ref)
 
     group = dist.new_group([0, 1])  # any stray all-reduce stays on this test's own group
-    branchy = _Branchy()
+    branchy = Branchy()
     model = DDP(branchy, find_unused_parameters=True, process_group=group)
     flex = FlexModel(model, {})
     flex.register_hook(HookFunction("module.net.blocks.1.up.weight", expected_shape=(1, 2)))
     branchy.skip = dist.get_rank() == 1
     with pytest.raises(ShapeMismatchError):
-        _loss(flex(local_x)).backward()
+        square_loss(flex(local_x)).backward()
     branchy.skip = False
     flex.close()
-    _loss(model(local_x)).backward()
-    assert_grads_equal(_whole_grads("ddp", model), ref_grads, **TOL)
+    square_loss(model(local_x)).backward()
+    assert_grads_equal(whole_grads("ddp", model), ref_grads, **TOL)
 
 
 # -- FSDP2: ranks at different hooks in the unit whose reduction is at the end -----------------
-
-
-class _SkippableUp(Block):
-    skip = False
-
-    def forward(self, x):
-        return x + self.down(self.act(x.repeat(1, 1, 2) if self.skip else self.up(x)))
 
 
 @pytest.mark.parametrize("kind", ["fsdp1", "fsdp2"])
@@ -528,25 +448,25 @@ def test_fsdp_ranks_apart_in_block_0_then_step_equals_one_process(kind):
     ``HookSiteMismatchError``, and the next step equals one process."""
     from flex_surgery.parallel.site_tags import HookSiteMismatchError
 
-    x, local_x = _setup()
+    x, local_x = batch()
     ref_stored, ref_grads = _reference(x, "blocks.0.up", "full_backward_pre")
     model = plain_net()
-    model.blocks[0].__class__ = _SkippableUp
-    model = _wrap(kind, model)
+    model.blocks[0].__class__ = SkippableUp
+    model = wrap(kind, model)
     stored = {}
     flex = FlexModel(model, stored)
     name = _actual(model, "blocks.0.up")
-    flex.register_full_backward_pre_hook(HookFunction(name, editing_function=_times_two))
-    _SkippableUp.skip = dist.get_rank() == 1
+    flex.register_full_backward_pre_hook(HookFunction(name, editing_function=times_two))
+    SkippableUp.skip = dist.get_rank() == 1
     try:
         with pytest.raises(HookSiteMismatchError):
-            _loss(flex(local_x)).backward()
+            square_loss(flex(local_x)).backward()
     finally:
-        _SkippableUp.skip = False
+        SkippableUp.skip = False
     stored.clear()
-    _loss(flex(local_x)).backward()
+    square_loss(flex(local_x)).backward()
     _assert_stored(stored, name, ref_stored)
-    assert_grads_equal(_whole_grads(kind, model), ref_grads, **TOL)
+    assert_grads_equal(whole_grads(kind, model), ref_grads, **TOL)
     flex.close()
 
 
@@ -561,7 +481,7 @@ def test_fsdp2_x_tp_failure_then_step_equals_one_process(site, hook_kind):
     from test_fsdp2_tp_mesh import _dp_slice, _dtensor_grads, _fsdp2, _mesh_2d
     from torch.distributed.tensor.parallel import parallelize_module
 
-    x, _ = _setup()
+    x, _ = batch()
     ref_stored, ref_grads = _reference(x, site, hook_kind)
     mesh = _mesh_2d()
     local_x = _dp_slice(x, mesh.get_local_rank("dp"), 2)
@@ -570,11 +490,11 @@ def test_fsdp2_x_tp_failure_then_step_equals_one_process(site, hook_kind):
     stored = {}
     flex = FlexModel(model, stored)
     name = _actual(model, site)
-    getattr(flex, REGISTER[hook_kind])(HookFunction(name, editing_function=_fails_on(1)))
+    getattr(flex, REGISTER[hook_kind])(HookFunction(name, editing_function=fails_on(1)))
     with pytest.raises(RemoteEditError):
-        _loss(flex(local_x)).backward()
+        square_loss(flex(local_x)).backward()
     stored.clear()
-    _loss(flex(local_x)).backward()
+    square_loss(flex(local_x)).backward()
     _assert_stored(stored, name, ref_stored)
     assert_grads_equal(_dtensor_grads(model), ref_grads, **TOL)
     flex.close()
@@ -586,16 +506,16 @@ def test_ddp_ranks_apart_in_first_iteration_bare_model_says_iteration_did_not_fi
 
     from flex_surgery.parallel.site_tags import HookSiteMismatchError
 
-    _, local_x = _setup()
+    _, local_x = batch()
     group = dist.new_group([0, 1])  # the stray all-reduce stays on this test's own group
-    branchy = _Branchy()
+    branchy = Branchy()
     model = DDP(branchy, find_unused_parameters=True, process_group=group)
     flex = FlexModel(model, {})
     flex.register_full_backward_hook(HookFunction("module.net.blocks.1.up",
-                                                  editing_function=_times_two))
+                                                  editing_function=times_two))
     branchy.skip = dist.get_rank() == 1
     with pytest.raises(HookSiteMismatchError):
-        _loss(flex(local_x)).backward()
+        square_loss(flex(local_x)).backward()
     branchy.skip = False
     flex.close()
     # DDP's own error, as docs/failure.md says: which one depends on the rank and iteration
@@ -625,32 +545,32 @@ def test_fsdp2_mixed_precision_reduce_dtype_accumulation_failure_equals_one_proc
     ``unsharded_accumulated_grad``: a failure in either micro-batch, then the sequence again."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    xa, local_a = _setup(1)
-    xb, local_b = _setup(2)
+    xa, local_a = batch(1)
+    xb, local_b = batch(2)
     ref = plain_net()
-    _loss(ref(xa)).backward()
-    _loss(ref(xb)).backward()
+    square_loss(ref(xa)).backward()
+    square_loss(ref(xb)).backward()
     ref_grads = plain_grads(ref)
-    model = _wrap("fsdp2", plain_net(),
+    model = wrap("fsdp2", plain_net(),
                   mp_policy=MixedPrecisionPolicy(reduce_dtype=torch.float32))
     flex = FlexModel(model, {})
     flex.register_full_backward_pre_hook(HookFunction(
-        _actual(model, "blocks.0"), editing_function=_fails_on(1 if fail_in == "first" else 2)))
+        _actual(model, "blocks.0"), editing_function=fails_on(1 if fail_in == "first" else 2)))
     model.set_requires_gradient_sync(False)
     if fail_in == "first":
         with pytest.raises(RemoteEditError):
-            _loss(flex(local_a)).backward()
+            square_loss(flex(local_a)).backward()
     else:
-        _loss(flex(local_a)).backward()
+        square_loss(flex(local_a)).backward()
         model.set_requires_gradient_sync(True)
         with pytest.raises(RemoteEditError):
-            _loss(flex(local_b)).backward()
+            square_loss(flex(local_b)).backward()
     flex.close()  # the sequence again, on the bare model
     model.set_requires_gradient_sync(False)
-    _loss(model(local_a)).backward()
+    square_loss(model(local_a)).backward()
     model.set_requires_gradient_sync(True)
-    _loss(model(local_b)).backward()
-    assert_grads_equal(_whole_grads("fsdp2", model), ref_grads, rtol=1e-5, atol=1e-6)
+    square_loss(model(local_b)).backward()
+    assert_grads_equal(whole_grads("fsdp2", model), ref_grads, rtol=1e-5, atol=1e-6)
 
 
 # -- what is dropped ---------------------------------------------------------------------------
@@ -662,17 +582,17 @@ def test_failed_backward_drops_every_gradient_also_earlier_ones(kind):
     """As docs/failure.md says: a backward that raised leaves no gradient at all -- also none
     that an earlier, completed backward accumulated on parameters the failed one never reached
     (block 0 here): an accumulation over micro-batches starts again."""
-    _, local_x = _setup()
-    model = _wrap(kind, plain_net())
-    _loss(model(local_x)).backward()  # a complete step: reduced gradients everywhere
+    _, local_x = batch()
+    model = wrap(kind, plain_net())
+    square_loss(model(local_x)).backward()  # a complete step: reduced gradients everywhere
     assert any(p.grad is not None for p in model.parameters())
     flex = FlexModel(model, {})
     # the first backward hook of the model: the failed backward reaches nothing before it but
     # the head
     flex.register_full_backward_pre_hook(HookFunction(_actual(model, "blocks.1"),
-                                                      editing_function=_fails_on(1)))
+                                                      editing_function=fails_on(1)))
     with pytest.raises(RemoteEditError):
-        _loss(flex(local_x)).backward()
+        square_loss(flex(local_x)).backward()
     flex.close()
     assert [n for n, p in model.named_parameters() if p.grad is not None] == []
 
@@ -681,13 +601,13 @@ def test_failed_backward_drops_every_gradient_also_earlier_ones(kind):
 def test_fsdp1_no_shard_orig_params_stay_parameters_after_a_failure():
     from torch.distributed.fsdp import ShardingStrategy
 
-    _, local_x = _setup()
-    model = _wrap("fsdp1", plain_net(), sharding_strategy=ShardingStrategy.NO_SHARD)
+    _, local_x = batch()
+    model = wrap("fsdp1", plain_net(), sharding_strategy=ShardingStrategy.NO_SHARD)
     names = sorted(clean(n) for n, _ in model.named_parameters())
     flex = FlexModel(model, {})
     flex.register_full_backward_pre_hook(HookFunction(_actual(model, "blocks.0"),
-                                                      editing_function=_fails_on(1)))
+                                                      editing_function=fails_on(1)))
     with pytest.raises(RemoteEditError):
-        _loss(flex(local_x)).backward()
+        square_loss(flex(local_x)).backward()
     flex.close()
     assert sorted(clean(n) for n, _ in model.named_parameters()) == names

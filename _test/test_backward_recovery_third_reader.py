@@ -19,69 +19,31 @@ from parallel_cases import (
     plain_net,
 )
 from rank_pool import distributed
+from recovery_cases import (
+    BATCH,
+    TOL,
+    Branchy,
+    batch,
+    ddp_grads,
+    fails_on,
+    square_loss,
+    times_two,
+)
 from torch import nn
 
 from flex_surgery import FlexModel, HookFunction
 from flex_surgery.parallel.failures import RemoteEditError
 from flex_surgery.parallel.site_tags import HookSiteMismatchError
 
-TOL = dict(rtol=1e-9, atol=1e-12)
-BATCH = 4
 
-
-def _setup(seed=1):
-    torch.set_default_dtype(torch.float64)
-    x = torch.randn(BATCH, 3, 8, generator=torch.Generator().manual_seed(seed))
-    n = BATCH // 2
-    return x, x[dist.get_rank() * n:(dist.get_rank() + 1) * n]
-
-
-def _loss(out):
-    return out.pow(2).mean()
-
-
-def _times_two(module, grad, ctx, modules):
-    return grad * 2
-
-
-def _fails_on(*failing):
-    calls = [0]
-
-    def edit(module, grad, ctx, modules):
-        calls[0] += 1
-        if calls[0] in failing:
-            raise ValueError(f"a bug in the editing function (call {calls[0]})")
-        return grad * 2
-
-    return edit
-
-
-class _Branchy(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = plain_net()
-        self.skip = False
-
-    def forward(self, x):
-        for i, block in enumerate(self.net.blocks):
-            if not (self.skip and i == 1):
-                x = block(x)
-        return self.net.head(x)
-
-
-def _ddp_grads(model):
-    return {clean(n).removeprefix("net."): p.grad.clone() for n, p in model.named_parameters()
-            if p.grad is not None}
-
-
-def _ref_accumulated(xs, site="blocks.1.up", edit=_times_two):
+def _ref_accumulated(xs, site="blocks.1.up", edit=times_two):
     model = plain_net()
     stored = {}
     flex = FlexModel(model, stored, process_group=local_group())
     flex.register_full_backward_hook(HookFunction(site, editing_function=edit))
     for x in xs:
         stored.clear()
-        _loss(flex(x)).backward()
+        square_loss(flex(x)).backward()
     flex.close()
     return stored[site][0], plain_grads(model)
 
@@ -93,28 +55,28 @@ def test_no_sync_micro_batch_ranks_apart_then_accumulation_equals_one_process():
     micro-batch, then the synced one) equals one process's two backwards."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    xa, local_a = _setup(1)
-    xb, local_b = _setup(2)
+    xa, local_a = batch(1)
+    xb, local_b = batch(2)
     ref_stored, ref_grads = _ref_accumulated([xa, xb])
     group = dist.new_group([0, 1])
-    branchy = _Branchy()
+    branchy = Branchy()
     model = DDP(branchy, find_unused_parameters=True, process_group=group)
     stored = {}
     flex = FlexModel(model, stored)
     name = "module.net.blocks.1.up"
-    flex.register_full_backward_hook(HookFunction(name, editing_function=_times_two))
+    flex.register_full_backward_hook(HookFunction(name, editing_function=times_two))
     branchy.skip = dist.get_rank() == 1
     with model.no_sync():
         with pytest.raises(HookSiteMismatchError):
-            _loss(flex(local_a)).backward()
+            square_loss(flex(local_a)).backward()
     branchy.skip = False
     with model.no_sync():
-        _loss(flex(local_a)).backward()
+        square_loss(flex(local_a)).backward()
     stored.clear()
-    _loss(flex(local_b)).backward()
+    square_loss(flex(local_b)).backward()
     if dist.get_rank() == 0:
         torch.testing.assert_close(stored[name][0], ref_stored, **TOL)
-    assert_grads_equal(_ddp_grads(model), ref_grads, **TOL)
+    assert_grads_equal(ddp_grads(model), ref_grads, **TOL)
     flex.close()
 
 
@@ -129,13 +91,13 @@ def test_ranks_apart_in_a_reducing_backward_is_refused_whatever_forward_came_aft
     micro-batch under ``no_sync``) came between the forward and its backward."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    _, local_x = _setup()
+    _, local_x = batch()
     group = dist.new_group([0, 1])  # the stray all-reduce stays on this test's own group
-    branchy = _Branchy()
+    branchy = Branchy()
     model = DDP(branchy, find_unused_parameters=True, process_group=group)
     flex = FlexModel(model, {})
     flex.register_full_backward_hook(HookFunction("module.net.blocks.1.up",
-                                                  editing_function=_times_two))
+                                                  editing_function=times_two))
     branchy.skip = dist.get_rank() == 1
     if order == "no_sync, synced":
         with model.no_sync():
@@ -148,7 +110,7 @@ def test_ranks_apart_in_a_reducing_backward_is_refused_whatever_forward_came_aft
         with model.no_sync():
             flex(local_x)
     with pytest.raises(HookSiteMismatchError):
-        _loss(out).backward()
+        square_loss(out).backward()
     branchy.skip = False
     with pytest.raises(RuntimeError, match="were at different hooks.*restart the job"):
         flex(local_x)
@@ -159,16 +121,16 @@ def test_ranks_apart_in_a_reducing_backward_is_refused_whatever_forward_came_aft
 def test_static_graph_failed_first_backward_after_a_no_grad_forward_is_refused():
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    _, local_x = _setup()
+    _, local_x = batch()
     model = DDP(plain_net(), static_graph=True, process_group=dist.new_group([0, 1]))
     flex = FlexModel(model, {})
     flex.register_full_backward_hook(HookFunction("module.blocks.1.up",
-                                                  editing_function=_fails_on(1)))
+                                                  editing_function=fails_on(1)))
     out = flex(local_x)
     with torch.no_grad():
         model(local_x)  # an evaluation between the forward and its backward
     with pytest.raises(RemoteEditError):
-        _loss(out).backward()
+        square_loss(out).backward()
     with pytest.raises(RuntimeError, match=r"first backward .*static_graph=True"):
         flex(local_x)
     flex.close()
@@ -180,24 +142,24 @@ def test_static_graph_failure_in_a_new_flexmodel_after_a_good_first_iteration_re
     first backward fails (DDP's second): reset, the next step equals one process."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    x, local_x = _setup()
+    x, local_x = batch()
     ref_stored, ref_grads = _ref_accumulated([x])
     model = DDP(plain_net(), static_graph=True, process_group=dist.new_group([0, 1]))
     first = FlexModel(model, {})
-    _loss(first(local_x)).backward()
+    square_loss(first(local_x)).backward()
     first.close()
     model.zero_grad(set_to_none=True)
     stored = {}
     flex = FlexModel(model, stored)
     name = "module.blocks.1.up"
-    flex.register_full_backward_hook(HookFunction(name, editing_function=_fails_on(1)))
+    flex.register_full_backward_hook(HookFunction(name, editing_function=fails_on(1)))
     with pytest.raises(RemoteEditError):
-        _loss(flex(local_x)).backward()
+        square_loss(flex(local_x)).backward()
     stored.clear()
-    _loss(flex(local_x)).backward()
+    square_loss(flex(local_x)).backward()
     if dist.get_rank() == 0:
         torch.testing.assert_close(stored[name][0], ref_stored, **TOL)
-    assert_grads_equal(_ddp_grads(model), ref_grads, **TOL)
+    assert_grads_equal(ddp_grads(model), ref_grads, **TOL)
     flex.close()
 
 
@@ -216,9 +178,9 @@ def _branch_reference(x, edit_site=None):
     stored = {}
     flex = FlexModel(model, stored, process_group=local_group())
     if edit_site is not None:
-        flex.register_full_backward_hook(HookFunction(edit_site, editing_function=_times_two))
+        flex.register_full_backward_hook(HookFunction(edit_site, editing_function=times_two))
     flex.register_hook(HookFunction("side.weight"))
-    _loss(flex(x)).backward()
+    square_loss(flex(x)).backward()
     flex.close()
     return {k: v[0] for k, v in stored.items()}, plain_grads(model)
 
@@ -241,21 +203,21 @@ def test_deferred_hook_failure_with_an_editing_hook_then_step_equals_one_process
     stored = {}
     flex = FlexModel(model, stored, overlap_retrieval=overlap)
     flex.register_full_backward_hook(HookFunction("module.blocks.1.down",
-                                                  editing_function=_times_two))
+                                                  editing_function=times_two))
     deferred = HookFunction("module.side.weight", expected_shape=(1, 2))
     flex.register_hook(deferred)
     with pytest.raises(ShapeMismatchError):
-        _loss(flex(local_x)).backward()
+        square_loss(flex(local_x)).backward()
     deferred.expected_shape = (8, 8)
     stored.clear()
-    _loss(flex(local_x)).backward()  # no zero_grad
+    square_loss(flex(local_x)).backward()  # no zero_grad
     if dist.get_rank() == 0:
         assert sorted(stored) == ["module.blocks.1.down", "module.side.weight"]
         torch.testing.assert_close(stored["module.side.weight"][0], ref_stored["side.weight"],
                                    **TOL)
         torch.testing.assert_close(stored["module.blocks.1.down"][0],
                                    ref_stored["blocks.1.down"], **TOL)
-    assert_grads_equal(_ddp_grads(model), ref_grads, **TOL)
+    assert_grads_equal(ddp_grads(model), ref_grads, **TOL)
     flex.close()
 
 
@@ -277,14 +239,14 @@ def test_static_graph_deferred_hook_failure_in_first_backward_leaves_the_model_u
     deferred = HookFunction("module.side.weight", expected_shape=(1, 2))
     flex.register_hook(deferred)
     with pytest.raises(ShapeMismatchError):
-        _loss(flex(local_x)).backward()
+        square_loss(flex(local_x)).backward()
     deferred.expected_shape = (8, 8)
     stored.clear()
-    _loss(flex(local_x)).backward()
+    square_loss(flex(local_x)).backward()
     if dist.get_rank() == 0:
         torch.testing.assert_close(stored["module.side.weight"][0], ref_stored["side.weight"],
                                    **TOL)
-    assert_grads_equal(_ddp_grads(model), ref_grads, **TOL)
+    assert_grads_equal(ddp_grads(model), ref_grads, **TOL)
     flex.close()
 
 
@@ -318,12 +280,12 @@ def test_fsdp1_mixed_no_shard_optimizer_made_before_the_failure_steps_as_one_pro
     """FSDP1 ``use_orig_params=True`` with NO_SHARD and FULL_SHARD units mixed: after the
     abandon, ``model.parameters()`` are the very nn.Parameters an optimizer made before the
     failure holds, and its step after a good backward equals one process's SGD step."""
-    x, local_x = _setup()
+    x, local_x = batch()
     ref = plain_net()
     ref_stored = {}
     ref_flex = FlexModel(ref, ref_stored, process_group=local_group())
-    getattr(ref_flex, register)(HookFunction(site, editing_function=_times_two))
-    _loss(ref_flex(x)).backward()
+    getattr(ref_flex, register)(HookFunction(site, editing_function=times_two))
+    square_loss(ref_flex(x)).backward()
     ref_flex.close()
     want = {n: p.detach() - p.grad for n, p in ref.named_parameters()}
     model = _fsdp1_mixed(strategies)
@@ -332,14 +294,14 @@ def test_fsdp1_mixed_no_shard_optimizer_made_before_the_failure_steps_as_one_pro
     stored = {}
     flex = FlexModel(model, stored)
     name = actual_names(model)[site]
-    getattr(flex, register)(HookFunction(name, editing_function=_fails_on(1)))
+    getattr(flex, register)(HookFunction(name, editing_function=fails_on(1)))
     with pytest.raises(RemoteEditError):
-        _loss(flex(local_x)).backward()
+        square_loss(flex(local_x)).backward()
     after = list(model.parameters())
     assert len(after) == len(params) and all(a is b for a, b in zip(after, params, strict=True))
     assert all(type(p) is nn.Parameter for p in after)
     stored.clear()
-    _loss(flex(local_x)).backward()
+    square_loss(flex(local_x)).backward()
     opt.step()
     if dist.get_rank() == 0:
         torch.testing.assert_close(stored[name][0], ref_stored[site][0], **TOL)
@@ -365,13 +327,13 @@ def test_even_failure_after_an_uneven_backward_without_gradient_hooks_recovers()
     flex = FlexModel(model, stored)
     flex.runtime.meets_at_sites = False  # as under NCCL
     name = "module.blocks.1.down"
-    flex.register_full_backward_hook(HookFunction(name, editing_function=_fails_on(2)))
-    _loss(flex(local_x)).backward()  # uneven, completes
+    flex.register_full_backward_hook(HookFunction(name, editing_function=fails_on(2)))
+    square_loss(flex(local_x)).backward()  # uneven, completes
     with pytest.raises(RemoteEditError):
-        _loss(flex(local_both)).backward()
+        square_loss(flex(local_both)).backward()
     stored.clear()
-    _loss(flex(local_both)).backward()
+    square_loss(flex(local_both)).backward()
     if dist.get_rank() == 0:
         torch.testing.assert_close(stored[name][0], ref_stored["blocks.1.down"], **TOL)
-    assert_grads_equal(_ddp_grads(model), ref_grads, **TOL)
+    assert_grads_equal(ddp_grads(model), ref_grads, **TOL)
     flex.close()
