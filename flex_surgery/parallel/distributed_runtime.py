@@ -239,15 +239,13 @@ class DistributedRuntime(Runtime):
 
     def abandon_backward(self, ranks_apart: bool = False) -> None:
         # No collective: each rank that raised resets its own wrappers (see Runtime), from what
-        # every rank shares. DDP only where every rank launched the same bucket all-reduces
-        # before the error (they are not announced): the ranks raised at the same hook call,
-        # in a backward that reached no forward whose ranks used different parameters
-        # (find_unused_parameters) -- or the backward reduces nothing (no_sync). Otherwise one
-        # rank may have launched an all-reduce another never will, which the next collective
-        # would meet. Nor the first backward of a static-graph DDP, which records the graph.
-        # What DDP does in this backward: a reduction prepared by a forward under grad since
-        # its last end of backward (not under no_sync), a static graph's first record; none
-        # once DDP's end of backward has run (a deferred gradient hook raising after it).
+        # every rank shares. DDP is kept as it is (and refused from now on) where it reduces in
+        # this backward -- a forward under grad outside no_sync() since its last end of
+        # backward, which a deferred gradient hook raising after it has passed -- and either
+        # one rank may have launched a bucket all-reduce another never will (they are not
+        # announced: ranks at different hooks, or a backward through a forward whose ranks used
+        # different parameters), or it is a static-graph DDP's first backward, which records
+        # the graph once.
         unused = self._unused
         reduces = self._ddp_reducing
         apart = reduces and (ranks_apart or (unused is not None and unused.uneven_backward()))

@@ -26,9 +26,10 @@ __all__ = ["DDP", "JoinRefusal", "backward_reduces", "join_enabled", "join_refus
 
 
 def backward_reduces(ddp: nn.Module) -> bool:
-    """Whether a backward through ``ddp``'s latest forward all-reduces gradients: false for a
-    forward under ``no_sync()``, for which DDP prepared no reduction (its reducer ignores that
-    backward's gradients). The same on every rank, as DDP itself requires."""
+    """Read right after a forward under grad: whether it prepared ``ddp``'s reducer for a
+    gradient reduction (false under ``no_sync()``). Prepared, the reducer all-reduces in the
+    next backward, through whichever forward, until its end of backward. The same on every
+    rank, as DDP itself requires."""
     return bool(getattr(ddp, "require_forward_param_sync", True))
 
 
