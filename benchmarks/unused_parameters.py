@@ -10,6 +10,11 @@ n_head=2)``, batch 2 x 32 tokens) against the forward that made the graph, inter
 own. Correctness is asserted: the walk finds exactly the parameters a backward gives a
 gradient, on the plain model (all of them) and with the last block's MLP skipped.
 
+Also timed, the same way: what every forward under grad of a DDP split over data-parallel
+ranks pays to follow its backward (``DistributedRuntime._follow_backward``: a hook on each
+output an autograd node made, which tells the runtime when a backward reaches them). Asserted:
+a backward calls it once, with the forward's number.
+
     python benchmarks/unused_parameters.py [--layers 6 24] [--reps 20]
 
 Prints the walk's median time and its ratio to the forward, and writes
@@ -68,19 +73,45 @@ def check(model: torch.nn.Module, ids: torch.Tensor) -> None:
     assert not reached & {id(p) for p in mlp.parameters()}, "the walk saw the skipped MLP"
 
 
+class _Follower:
+    """What ``DistributedRuntime._follow_backward`` reads of its runtime: the arrivals."""
+
+    def __init__(self) -> None:
+        self._unused = self
+        self.arrivals: list[int] = []
+
+    def arrive(self, task: int, pass_: int) -> bool:
+        self.arrivals.append(pass_)
+        return False  # nothing queued for the backward's end
+
+
+def check_follow(model: torch.nn.Module, ids: torch.Tensor) -> None:
+    from flex_surgery.parallel.distributed_runtime import DistributedRuntime
+
+    follower = _Follower()
+    out = model(ids).logits
+    DistributedRuntime._follow_backward(follower, out, 7)
+    out.sum().backward()
+    model.zero_grad(set_to_none=True)
+    assert follower.arrivals == [7], follower.arrivals
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, nargs="+", default=[6, 24])
     parser.add_argument("--reps", type=int, default=20)
     args = parser.parse_args()
+    from flex_surgery.parallel.distributed_runtime import DistributedRuntime
     from flex_surgery.parallel.unused_parameters import reached_parameters
 
     results: dict = {}
+    follower = _Follower()
     for n_layer in args.layers:
         model = build(n_layer)
         ids = torch.randint(0, model.config.vocab_size, (2, 32),
                             generator=torch.Generator().manual_seed(0))
         check(model, ids)
+        check_follow(model, ids)
         kept = {}
 
         def forward(model=model, ids=ids, kept=kept) -> None:
@@ -88,17 +119,22 @@ def main() -> None:
 
         forward()
         times = rounds({"forward": forward,
-                        "walk": lambda kept=kept: reached_parameters(kept["out"])},
+                        "walk": lambda kept=kept: reached_parameters(kept["out"]),
+                        "follow": lambda kept=kept: DistributedRuntime._follow_backward(
+                            follower, kept["out"], 1)},
                        args.reps, wall, inner=3)
         r = ratio(times, "walk", "forward")
+        f = ratio(times, "follow", "forward")
         params = sum(1 for _ in model.parameters())
         print(f"[unused_parameters] GPT-2 {n_layer} blocks ({params} parameters): walk "
               f"{statistics.median(times['walk']) * 1e3:.2f} ms, {r['ratio']:.3f}x the forward "
               f"({statistics.median(times['forward']) * 1e3:.1f} ms; per-round 25..75%: "
-              f"{r['q25']:.3f}..{r['q75']:.3f})")
+              f"{r['q25']:.3f}..{r['q75']:.3f}); following its backward "
+              f"{statistics.median(times['follow']) * 1e6:.1f} us, {f['ratio']:.4f}x")
         results[f"gpt2_{n_layer}"] = dict(
             parameters=params, walk_ms=statistics.median(times["walk"]) * 1e3,
-            forward_ms=statistics.median(times["forward"]) * 1e3, walk_over_forward=r)
+            forward_ms=statistics.median(times["forward"]) * 1e3, walk_over_forward=r,
+            follow_us=statistics.median(times["follow"]) * 1e6, follow_over_forward=f)
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     print(f"[unused_parameters] wrote {RESULTS}")
