@@ -116,3 +116,21 @@ class SkippableUp(Block):
 
     def forward(self, x):
         return x + self.down(self.act(x.repeat(1, 1, 2) if self.skip else self.up(x)))
+
+
+def ranks_apart_ddp(stored: dict | None = None, module: Branchy | None = None):
+    """``module`` (a new :class:`Branchy` by default) under ``DDP(find_unused_parameters=True)``
+    on a group of its own (a bucket all-reduce one rank posts and the other never joins stays
+    there), in a FlexModel storing into ``stored``, with a doubling backward hook on block 1's
+    ``up``, which rank 1 skips from now on. Returns the module, the DDP and the FlexModel."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from flex_surgery import FlexModel, HookFunction
+
+    branchy = Branchy() if module is None else module
+    model = DDP(branchy, find_unused_parameters=True, process_group=dist.new_group([0, 1]))
+    flex = FlexModel(model, {} if stored is None else stored)
+    flex.register_full_backward_hook(HookFunction("module.net.blocks.1.up",
+                                                  editing_function=times_two))
+    branchy.skip = dist.get_rank() == 1
+    return branchy, model, flex

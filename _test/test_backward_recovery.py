@@ -25,10 +25,10 @@ from rank_pool import distributed
 from recovery_cases import (
     TOL,
     WRAPPERS,
-    Branchy,
     SkippableUp,
     batch,
     fails_on,
+    ranks_apart_ddp,
     square_loss,
     times_two,
     whole_grads,
@@ -151,16 +151,9 @@ def test_ddp_after_ranks_met_at_different_backward_hooks_refuses_the_next_forwar
     may have launched a bucket's all-reduce the other never will: DDP is not reset, and the
     next hooked forward raises on every rank, saying why and what to do, before DDP's own
     misleading "parameters that were not used in producing loss"."""
-    from torch.nn.parallel import DistributedDataParallel as DDP
 
     _, local_x = batch()
-    group = dist.new_group([0, 1])  # the stray all-reduce stays on this test's own group
-    branchy = Branchy()
-    model = DDP(branchy, find_unused_parameters=True, process_group=group)
-    flex = FlexModel(model, {})
-    flex.register_full_backward_hook(HookFunction("module.net.blocks.1.up",
-                                                  editing_function=times_two))
-    branchy.skip = dist.get_rank() == 1
+    branchy, model, flex = ranks_apart_ddp()
     with pytest.raises(HookSiteMismatchError):
         square_loss(flex(local_x)).backward()
     branchy.skip = False

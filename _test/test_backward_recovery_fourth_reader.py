@@ -29,6 +29,7 @@ from recovery_cases import (
     batch,
     ddp_grads,
     fails_on,
+    ranks_apart_ddp,
     square_loss,
     times_two,
 )
@@ -178,14 +179,8 @@ def test_backward_through_one_of_two_outputs_of_a_synced_forward_ranks_apart_is_
             y = super().forward(x)
             return y * 3.0, y
 
-    group = dist.new_group([0, 1])
     _, local_x = batch()
-    branchy = TwoOut()
-    model = DDP(branchy, find_unused_parameters=True, process_group=group)
-    flex = FlexModel(model, {})
-    flex.register_full_backward_hook(HookFunction("module.net." + SITE,
-                                                  editing_function=times_two))
-    branchy.skip = dist.get_rank() == 1
+    branchy, model, flex = ranks_apart_ddp(module=TwoOut())
     with model.no_sync():
         flex(local_x)  # the latest forward before the synced one ran under no_sync
     _, second = flex(local_x)

@@ -26,6 +26,7 @@ from recovery_cases import (
     SkippableUp,
     batch,
     fails_on,
+    ranks_apart_ddp,
     square_loss,
     times_two,
     whole_grads,
@@ -502,18 +503,11 @@ def test_fsdp2_x_tp_failure_then_step_equals_one_process(site, hook_kind):
 
 @distributed(world_size=2, timeout_s=60, spends_pool=True)  # a stray all-reduce
 def test_ddp_ranks_apart_in_first_iteration_bare_model_says_iteration_did_not_finish():
-    from torch.nn.parallel import DistributedDataParallel as DDP
 
     from flex_surgery.parallel.site_tags import HookSiteMismatchError
 
     _, local_x = batch()
-    group = dist.new_group([0, 1])  # the stray all-reduce stays on this test's own group
-    branchy = Branchy()
-    model = DDP(branchy, find_unused_parameters=True, process_group=group)
-    flex = FlexModel(model, {})
-    flex.register_full_backward_hook(HookFunction("module.net.blocks.1.up",
-                                                  editing_function=times_two))
-    branchy.skip = dist.get_rank() == 1
+    branchy, model, flex = ranks_apart_ddp()
     with pytest.raises(HookSiteMismatchError):
         square_loss(flex(local_x)).backward()
     branchy.skip = False

@@ -22,10 +22,10 @@ from rank_pool import distributed
 from recovery_cases import (
     BATCH,
     TOL,
-    Branchy,
     batch,
     ddp_grads,
     fails_on,
+    ranks_apart_ddp,
     square_loss,
     times_two,
 )
@@ -53,19 +53,13 @@ def test_no_sync_micro_batch_ranks_apart_then_accumulation_equals_one_process():
     """A micro-batch under ``no_sync()`` whose ranks meet at different hooks (rank 1 skips
     block 1): DDP reduced nothing, so it is reset; the accumulation started again (no_sync
     micro-batch, then the synced one) equals one process's two backwards."""
-    from torch.nn.parallel import DistributedDataParallel as DDP
 
     xa, local_a = batch(1)
     xb, local_b = batch(2)
     ref_stored, ref_grads = _ref_accumulated([xa, xb])
-    group = dist.new_group([0, 1])
-    branchy = Branchy()
-    model = DDP(branchy, find_unused_parameters=True, process_group=group)
     stored = {}
-    flex = FlexModel(model, stored)
+    branchy, model, flex = ranks_apart_ddp(stored)
     name = "module.net.blocks.1.up"
-    flex.register_full_backward_hook(HookFunction(name, editing_function=times_two))
-    branchy.skip = dist.get_rank() == 1
     with model.no_sync():
         with pytest.raises(HookSiteMismatchError):
             square_loss(flex(local_a)).backward()
@@ -89,16 +83,9 @@ def test_ranks_apart_in_a_reducing_backward_is_refused_whatever_forward_came_aft
     """The backward runs through a synced forward (DDP reduces in it) and the ranks meet at
     different hooks: refused, also when another forward (an evaluation under ``no_grad``, a
     micro-batch under ``no_sync``) came between the forward and its backward."""
-    from torch.nn.parallel import DistributedDataParallel as DDP
 
     _, local_x = batch()
-    group = dist.new_group([0, 1])  # the stray all-reduce stays on this test's own group
-    branchy = Branchy()
-    model = DDP(branchy, find_unused_parameters=True, process_group=group)
-    flex = FlexModel(model, {})
-    flex.register_full_backward_hook(HookFunction("module.net.blocks.1.up",
-                                                  editing_function=times_two))
-    branchy.skip = dist.get_rank() == 1
+    branchy, model, flex = ranks_apart_ddp()
     if order == "no_sync, synced":
         with model.no_sync():
             flex(local_x)
